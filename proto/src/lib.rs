@@ -1,0 +1,20 @@
+//! Starling protocol definitions.
+//!
+//! * [`v1`]: the gRPC control API (`starling.v1`: `AdminService`, `ViewerService`,
+//!   `EdgeService`), generated at build time from `proto/starling.proto` with protox
+//!   (no system `protoc` needed).
+//! * [`wire`]: the binary chunk wire protocol spoken between SDKs, data-plane nodes and
+//!   (later) peers, as a sans-IO codec that never panics and caps every length. The
+//!   format is specified in `docs/PROTOCOL.md`.
+
+pub mod wire;
+
+/// Generated gRPC types and services for package `starling.v1`.
+#[allow(clippy::all, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("starling.v1");
+
+    /// Encoded `FileDescriptorSet` of `starling.proto`, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/starling_descriptor.bin"));
+}

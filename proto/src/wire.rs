@@ -1,0 +1,890 @@
+//! The chunk wire protocol, as a sans-IO codec.
+//!
+//! Specified byte by byte in `docs/PROTOCOL.md`. Every frame is an 8-byte header
+//! (`type u8 | flags u8 | reserved u16 = 0 | payload_len u32`, big endian) followed by
+//! `payload_len` bytes. The decoder checks the declared length against a per-type limit
+//! *before* buffering the payload, never panics on any input, and returns a typed
+//! [`WireError`] for everything malformed. Chunk payloads are handed out as
+//! [`Bytes`] slices of the receive buffer (no copy).
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Protocol magic sent in `HELLO`.
+pub const MAGIC: [u8; 4] = *b"STRL";
+/// The highest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The lowest protocol version this build speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Length of every frame header.
+pub const HEADER_LEN: usize = 8;
+/// Length of the fixed part of a `CHUNK` payload (seq, timestamp, duration).
+pub const CHUNK_FIXED_LEN: usize = 20;
+/// Hard cap on a `CHUNK` payload, whatever the configured limits say.
+pub const ABSOLUTE_MAX_CHUNK: u32 = 16 * 1024 * 1024;
+/// Longest broadcast id accepted on the wire.
+pub const MAX_BROADCAST_ID: usize = 128;
+/// Longest token accepted in `HELLO`.
+pub const MAX_TOKEN: usize = 4096;
+/// Longest human-readable message in `ERROR` / `GOODBYE`.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// Frame type codes.
+pub mod frame_type {
+    pub const HELLO: u8 = 0x01;
+    pub const HELLO_ACK: u8 = 0x02;
+    pub const SUBSCRIBE: u8 = 0x03;
+    pub const STREAM_INFO: u8 = 0x04;
+    pub const CHUNK: u8 = 0x05;
+    pub const PING: u8 = 0x06;
+    pub const PONG: u8 = 0x07;
+    pub const ERROR: u8 = 0x08;
+    pub const GOODBYE: u8 = 0x09;
+}
+
+/// Chunk flag bits (header `flags` byte of a `CHUNK` frame).
+pub mod chunk_flags {
+    /// The chunk starts at a random access point (and, for MPEG-TS, with PAT/PMT).
+    pub const RANDOM_ACCESS: u8 = 0x01;
+    /// Chunks were skipped before this one (slow receiver, source reconnect).
+    pub const DISCONTINUITY: u8 = 0x02;
+    /// All bits defined by version 1.
+    pub const ALL: u8 = RANDOM_ACCESS | DISCONTINUITY;
+}
+
+/// Role announced in `HELLO`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Viewer,
+    Edge,
+    Peer,
+}
+
+impl Role {
+    fn to_u8(self) -> u8 {
+        match self {
+            Role::Viewer => 1,
+            Role::Edge => 2,
+            Role::Peer => 3,
+        }
+    }
+    fn from_u8(v: u8) -> Option<Role> {
+        match v {
+            1 => Some(Role::Viewer),
+            2 => Some(Role::Edge),
+            3 => Some(Role::Peer),
+            _ => None,
+        }
+    }
+}
+
+/// Error / goodbye reason codes (u16 on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    UnsupportedVersion,
+    MalformedFrame,
+    FrameTooLarge,
+    UnexpectedFrame,
+    UnknownBroadcast,
+    BroadcastStopped,
+    SeqOutOfWindow,
+    TooSlow,
+    Unauthorized,
+    ServerBusy,
+    ShuttingDown,
+    IdleTimeout,
+    Normal,
+    Internal,
+    /// A code this build does not know (sent by a newer peer).
+    Other(u16),
+}
+
+impl ErrorCode {
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::Normal => 0,
+            ErrorCode::UnsupportedVersion => 1,
+            ErrorCode::MalformedFrame => 2,
+            ErrorCode::FrameTooLarge => 3,
+            ErrorCode::UnexpectedFrame => 4,
+            ErrorCode::UnknownBroadcast => 5,
+            ErrorCode::BroadcastStopped => 6,
+            ErrorCode::SeqOutOfWindow => 7,
+            ErrorCode::TooSlow => 8,
+            ErrorCode::Unauthorized => 9,
+            ErrorCode::ServerBusy => 10,
+            ErrorCode::ShuttingDown => 11,
+            ErrorCode::IdleTimeout => 12,
+            ErrorCode::Internal => 255,
+            ErrorCode::Other(v) => v,
+        }
+    }
+    pub fn from_u16(v: u16) -> ErrorCode {
+        match v {
+            0 => ErrorCode::Normal,
+            1 => ErrorCode::UnsupportedVersion,
+            2 => ErrorCode::MalformedFrame,
+            3 => ErrorCode::FrameTooLarge,
+            4 => ErrorCode::UnexpectedFrame,
+            5 => ErrorCode::UnknownBroadcast,
+            6 => ErrorCode::BroadcastStopped,
+            7 => ErrorCode::SeqOutOfWindow,
+            8 => ErrorCode::TooSlow,
+            9 => ErrorCode::Unauthorized,
+            10 => ErrorCode::ServerBusy,
+            11 => ErrorCode::ShuttingDown,
+            12 => ErrorCode::IdleTimeout,
+            255 => ErrorCode::Internal,
+            other => ErrorCode::Other(other),
+        }
+    }
+}
+
+/// `HELLO`: first frame from the connecting side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    pub role: Role,
+    /// Signed chunk token (opaque here; may be empty).
+    pub token: Bytes,
+}
+
+/// `HELLO_ACK`: the accepting side's answer, with the chosen version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloAck {
+    pub version: u16,
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// The most recent random-access chunk.
+    Live,
+    /// A given sequence number (resume); if it left the window, the server starts at
+    /// the live edge and marks the first chunk `DISCONTINUITY`.
+    Seq(u64),
+}
+
+/// `SUBSCRIBE`: ask for a broadcast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscribe {
+    pub broadcast_id: String,
+    pub start: StartAt,
+}
+
+/// `STREAM_INFO`: sent by the server once per subscription, before the first chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub broadcast_id: String,
+    pub content_type: String,
+    pub chunk_duration_ms: u32,
+    pub substreams: u16,
+    /// Sequence of the first chunk the server will send.
+    pub first_seq: u64,
+    /// Newest sequence in the server's window when the subscription started.
+    pub live_seq: u64,
+}
+
+/// `CHUNK`: one numbered piece of the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub seq: u64,
+    /// See [`chunk_flags`].
+    pub flags: u8,
+    /// Unix time in ms when the data plane cut this chunk.
+    pub timestamp_ms: u64,
+    /// Media duration (or wall-clock span for formats without timestamps), in ms.
+    pub duration_ms: u32,
+    pub payload: Bytes,
+}
+
+impl Chunk {
+    pub fn is_random_access(&self) -> bool {
+        self.flags & chunk_flags::RANDOM_ACCESS != 0
+    }
+}
+
+/// `ERROR` (fatal for the connection) and `GOODBYE` (clean close) bodies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reason {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Every frame of protocol version 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    HelloAck(HelloAck),
+    Subscribe(Subscribe),
+    StreamInfo(StreamInfo),
+    Chunk(Chunk),
+    Ping(u64),
+    Pong(u64),
+    Error(Reason),
+    Goodbye(Reason),
+}
+
+/// Everything that can be wrong with bytes on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownFrameType(u8),
+    #[error("frame type 0x{ty:02x} declares {len} bytes, limit is {max}")]
+    FrameTooLarge { ty: u8, len: u32, max: u32 },
+    #[error("reserved header bits are not zero")]
+    ReservedBits,
+    #[error("malformed frame type 0x{ty:02x}: {reason}")]
+    Malformed { ty: u8, reason: &'static str },
+    #[error("bad magic in HELLO")]
+    BadMagic,
+    #[error("cannot encode: {0}")]
+    Encode(&'static str),
+}
+
+impl WireError {
+    /// The code to send to the peer before closing.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            WireError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            WireError::BadMagic => ErrorCode::UnsupportedVersion,
+            _ => ErrorCode::MalformedFrame,
+        }
+    }
+}
+
+/// Per-connection limits for the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest payload of any non-chunk frame.
+    pub max_control_payload: u32,
+    /// Largest `CHUNK` payload (including its 20-byte fixed part); capped at
+    /// [`ABSOLUTE_MAX_CHUNK`].
+    pub max_chunk_payload: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_control_payload: 8 * 1024,
+            max_chunk_payload: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// Limits for a server that never receives chunks from this connection.
+    pub fn control_only() -> Self {
+        Limits {
+            max_control_payload: 8 * 1024,
+            max_chunk_payload: 0,
+        }
+    }
+}
+
+/// Sans-IO frame decoder: feed it the receive buffer, take frames out.
+#[derive(Debug, Clone, Default)]
+pub struct Decoder {
+    limits: Limits,
+}
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub ty: u8,
+    pub flags: u8,
+    pub len: u32,
+}
+
+impl Decoder {
+    pub fn new(limits: Limits) -> Self {
+        Decoder { limits }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn max_for(&self, ty: u8) -> Result<u32, WireError> {
+        use frame_type::*;
+        match ty {
+            CHUNK => Ok(self.limits.max_chunk_payload.min(ABSOLUTE_MAX_CHUNK)),
+            HELLO | HELLO_ACK | SUBSCRIBE | STREAM_INFO | PING | PONG | ERROR | GOODBYE => {
+                Ok(self.limits.max_control_payload)
+            }
+            other => Err(WireError::UnknownFrameType(other)),
+        }
+    }
+
+    /// Checks a header without consuming anything. `Ok(None)` = fewer than 8 bytes.
+    pub fn peek_header(&self, buf: &[u8]) -> Result<Option<Header>, WireError> {
+        if buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let ty = buf[0];
+        let flags = buf[1];
+        if buf[2] != 0 || buf[3] != 0 {
+            return Err(WireError::ReservedBits);
+        }
+        let len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        let max = self.max_for(ty)?;
+        if len > max {
+            return Err(WireError::FrameTooLarge { ty, len, max });
+        }
+        Ok(Some(Header { ty, flags, len }))
+    }
+
+    /// Bytes still needed before the next frame can be decoded (0 if one is ready or
+    /// the header is invalid). Useful to size reads.
+    pub fn bytes_needed(&self, buf: &[u8]) -> usize {
+        match self.peek_header(buf) {
+            Ok(None) => HEADER_LEN - buf.len(),
+            Ok(Some(h)) => (HEADER_LEN + h.len as usize).saturating_sub(buf.len()),
+            Err(_) => 0,
+        }
+    }
+
+    /// Decodes one frame from the front of `buf`, consuming it. `Ok(None)` means more
+    /// bytes are needed; the buffer is then left untouched. After an `Err` the
+    /// connection must be closed: the stream position is lost.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        let Some(h) = self.peek_header(buf)? else {
+            return Ok(None);
+        };
+        let total = HEADER_LEN + h.len as usize;
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        buf.advance(HEADER_LEN);
+        let payload = buf.split_to(h.len as usize).freeze();
+        parse_payload(h, payload).map(Some)
+    }
+}
+
+struct Reader {
+    ty: u8,
+    b: Bytes,
+}
+
+impl Reader {
+    fn err(&self, reason: &'static str) -> WireError {
+        WireError::Malformed {
+            ty: self.ty,
+            reason,
+        }
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        if self.b.remaining() < 1 {
+            return Err(self.err("truncated"));
+        }
+        Ok(self.b.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        if self.b.remaining() < 2 {
+            return Err(self.err("truncated"));
+        }
+        Ok(self.b.get_u16())
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        if self.b.remaining() < 4 {
+            return Err(self.err("truncated"));
+        }
+        Ok(self.b.get_u32())
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        if self.b.remaining() < 8 {
+            return Err(self.err("truncated"));
+        }
+        Ok(self.b.get_u64())
+    }
+    fn bytes(&mut self, n: usize) -> Result<Bytes, WireError> {
+        if self.b.remaining() < n {
+            return Err(self.err("truncated"));
+        }
+        Ok(self.b.split_to(n))
+    }
+    fn str8(&mut self, max: usize) -> Result<String, WireError> {
+        let n = self.u8()? as usize;
+        self.string(n, max)
+    }
+    fn str16(&mut self, max: usize) -> Result<String, WireError> {
+        let n = self.u16()? as usize;
+        self.string(n, max)
+    }
+    fn string(&mut self, n: usize, max: usize) -> Result<String, WireError> {
+        if n > max {
+            return Err(self.err("string too long"));
+        }
+        let raw = self.bytes(n)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| self.err("string is not UTF-8"))
+    }
+    fn finish(self) -> Result<(), WireError> {
+        if self.b.has_remaining() {
+            return Err(self.err("trailing bytes"));
+        }
+        Ok(())
+    }
+}
+
+fn parse_payload(h: Header, payload: Bytes) -> Result<Frame, WireError> {
+    use frame_type::*;
+    let mut r = Reader {
+        ty: h.ty,
+        b: payload,
+    };
+    let frame = match h.ty {
+        HELLO => {
+            let magic = r.bytes(4)?;
+            if magic.as_ref() != MAGIC {
+                return Err(WireError::BadMagic);
+            }
+            let min_version = r.u16()?;
+            let max_version = r.u16()?;
+            if min_version > max_version {
+                return Err(r.err("min_version > max_version"));
+            }
+            let role = Role::from_u8(r.u8()?).ok_or_else(|| r.err("unknown role"))?;
+            let n = r.u16()? as usize;
+            if n > MAX_TOKEN {
+                return Err(r.err("token too long"));
+            }
+            let token = r.bytes(n)?;
+            Frame::Hello(Hello {
+                min_version,
+                max_version,
+                role,
+                token,
+            })
+        }
+        HELLO_ACK => Frame::HelloAck(HelloAck { version: r.u16()? }),
+        SUBSCRIBE => {
+            let broadcast_id = r.str8(MAX_BROADCAST_ID)?;
+            if broadcast_id.is_empty() {
+                return Err(r.err("empty broadcast id"));
+            }
+            let mode = r.u8()?;
+            let seq = r.u64()?;
+            let start = match mode {
+                0 => StartAt::Live,
+                1 => StartAt::Seq(seq),
+                _ => return Err(r.err("unknown start mode")),
+            };
+            Frame::Subscribe(Subscribe {
+                broadcast_id,
+                start,
+            })
+        }
+        STREAM_INFO => Frame::StreamInfo(StreamInfo {
+            broadcast_id: r.str8(MAX_BROADCAST_ID)?,
+            content_type: r.str8(255)?,
+            chunk_duration_ms: r.u32()?,
+            substreams: r.u16()?,
+            first_seq: r.u64()?,
+            live_seq: r.u64()?,
+        }),
+        CHUNK => {
+            if h.flags & !chunk_flags::ALL != 0 {
+                return Err(r.err("unknown chunk flags"));
+            }
+            let seq = r.u64()?;
+            let timestamp_ms = r.u64()?;
+            let duration_ms = r.u32()?;
+            let payload = std::mem::take(&mut r.b);
+            Frame::Chunk(Chunk {
+                seq,
+                flags: h.flags,
+                timestamp_ms,
+                duration_ms,
+                payload,
+            })
+        }
+        PING => Frame::Ping(r.u64()?),
+        PONG => Frame::Pong(r.u64()?),
+        ERROR | GOODBYE => {
+            let code = ErrorCode::from_u16(r.u16()?);
+            let message = r.str16(MAX_MESSAGE)?;
+            let reason = Reason { code, message };
+            if h.ty == ERROR {
+                Frame::Error(reason)
+            } else {
+                Frame::Goodbye(reason)
+            }
+        }
+        other => return Err(WireError::UnknownFrameType(other)),
+    };
+    r.finish()?;
+    Ok(frame)
+}
+
+fn put_header(dst: &mut BytesMut, ty: u8, flags: u8, len: usize) -> Result<(), WireError> {
+    let len = u32::try_from(len).map_err(|_| WireError::Encode("payload too long"))?;
+    dst.put_u8(ty);
+    dst.put_u8(flags);
+    dst.put_u16(0);
+    dst.put_u32(len);
+    Ok(())
+}
+
+fn put_str8(dst: &mut BytesMut, s: &str, max: usize) -> Result<(), WireError> {
+    if s.len() > max.min(255) {
+        return Err(WireError::Encode("string too long"));
+    }
+    dst.put_u8(s.len() as u8);
+    dst.put_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_str16(dst: &mut BytesMut, s: &str, max: usize) {
+    // Messages are informative: truncate (on a char boundary) rather than fail.
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    dst.put_u16(end as u16);
+    dst.put_slice(&s.as_bytes()[..end]);
+}
+
+/// The header of a `CHUNK` frame plus its fixed fields: write these 28 bytes, then the
+/// payload itself, to send a chunk without copying its payload in user space.
+pub fn chunk_prefix(
+    seq: u64,
+    flags: u8,
+    timestamp_ms: u64,
+    duration_ms: u32,
+    payload_len: usize,
+) -> Result<[u8; HEADER_LEN + CHUNK_FIXED_LEN], WireError> {
+    let body = CHUNK_FIXED_LEN + payload_len;
+    if body > ABSOLUTE_MAX_CHUNK as usize {
+        return Err(WireError::Encode("chunk too large"));
+    }
+    if flags & !chunk_flags::ALL != 0 {
+        return Err(WireError::Encode("unknown chunk flags"));
+    }
+    let mut out = [0u8; HEADER_LEN + CHUNK_FIXED_LEN];
+    out[0] = frame_type::CHUNK;
+    out[1] = flags;
+    out[4..8].copy_from_slice(&(body as u32).to_be_bytes());
+    out[8..16].copy_from_slice(&seq.to_be_bytes());
+    out[16..24].copy_from_slice(&timestamp_ms.to_be_bytes());
+    out[24..28].copy_from_slice(&duration_ms.to_be_bytes());
+    Ok(out)
+}
+
+/// Appends the encoding of `frame` to `dst`. Fails (without writing a partial frame
+/// header) when a field exceeds its wire limit.
+pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
+    use frame_type::*;
+    let mut body = BytesMut::new();
+    let (ty, flags) = match frame {
+        Frame::Hello(h) => {
+            if h.token.len() > MAX_TOKEN {
+                return Err(WireError::Encode("token too long"));
+            }
+            body.put_slice(&MAGIC);
+            body.put_u16(h.min_version);
+            body.put_u16(h.max_version);
+            body.put_u8(h.role.to_u8());
+            body.put_u16(h.token.len() as u16);
+            body.put_slice(&h.token);
+            (HELLO, 0)
+        }
+        Frame::HelloAck(a) => {
+            body.put_u16(a.version);
+            (HELLO_ACK, 0)
+        }
+        Frame::Subscribe(s) => {
+            if s.broadcast_id.is_empty() {
+                return Err(WireError::Encode("empty broadcast id"));
+            }
+            put_str8(&mut body, &s.broadcast_id, MAX_BROADCAST_ID)?;
+            match s.start {
+                StartAt::Live => {
+                    body.put_u8(0);
+                    body.put_u64(0);
+                }
+                StartAt::Seq(seq) => {
+                    body.put_u8(1);
+                    body.put_u64(seq);
+                }
+            }
+            (SUBSCRIBE, 0)
+        }
+        Frame::StreamInfo(i) => {
+            put_str8(&mut body, &i.broadcast_id, MAX_BROADCAST_ID)?;
+            put_str8(&mut body, &i.content_type, 255)?;
+            body.put_u32(i.chunk_duration_ms);
+            body.put_u16(i.substreams);
+            body.put_u64(i.first_seq);
+            body.put_u64(i.live_seq);
+            (STREAM_INFO, 0)
+        }
+        Frame::Chunk(c) => {
+            let prefix = chunk_prefix(
+                c.seq,
+                c.flags,
+                c.timestamp_ms,
+                c.duration_ms,
+                c.payload.len(),
+            )?;
+            dst.reserve(prefix.len() + c.payload.len());
+            dst.put_slice(&prefix);
+            dst.put_slice(&c.payload);
+            return Ok(());
+        }
+        Frame::Ping(n) => {
+            body.put_u64(*n);
+            (PING, 0)
+        }
+        Frame::Pong(n) => {
+            body.put_u64(*n);
+            (PONG, 0)
+        }
+        Frame::Error(r) | Frame::Goodbye(r) => {
+            body.put_u16(r.code.to_u16());
+            put_str16(&mut body, &r.message, MAX_MESSAGE);
+            (
+                if matches!(frame, Frame::Error(_)) {
+                    ERROR
+                } else {
+                    GOODBYE
+                },
+                0,
+            )
+        }
+    };
+    dst.reserve(HEADER_LEN + body.len());
+    put_header(dst, ty, flags, body.len())?;
+    dst.put_slice(&body);
+    Ok(())
+}
+
+/// Convenience: encode into a fresh buffer.
+pub fn encode_to_bytes(frame: &Frame) -> Result<Bytes, WireError> {
+    let mut b = BytesMut::new();
+    encode(frame, &mut b)?;
+    Ok(b.freeze())
+}
+
+/// Version negotiation: the highest version both sides speak, if any.
+pub fn negotiate(min_version: u16, max_version: u16) -> Option<u16> {
+    let hi = max_version.min(PROTOCOL_VERSION);
+    let lo = min_version.max(MIN_PROTOCOL_VERSION);
+    (lo <= hi).then_some(hi)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(f: Frame) {
+        let mut buf = BytesMut::new();
+        encode(&f, &mut buf).unwrap();
+        let mut dec = Decoder::new(Limits::default());
+        // Byte-by-byte feeding must give the same frame.
+        let all = buf.clone();
+        let mut partial = BytesMut::new();
+        let mut out = None;
+        for b in all.iter() {
+            assert!(out.is_none(), "frame decoded before its last byte");
+            partial.put_u8(*b);
+            out = dec.decode(&mut partial).unwrap();
+        }
+        assert_eq!(out.as_ref(), Some(&f));
+        assert!(partial.is_empty());
+        assert_eq!(dec.decode(&mut buf).unwrap(), Some(f));
+    }
+
+    #[test]
+    fn roundtrip_every_frame() {
+        roundtrip(Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 3,
+            role: Role::Viewer,
+            token: Bytes::from_static(b"tok"),
+        }));
+        roundtrip(Frame::HelloAck(HelloAck { version: 1 }));
+        roundtrip(Frame::Subscribe(Subscribe {
+            broadcast_id: "b-1".into(),
+            start: StartAt::Live,
+        }));
+        roundtrip(Frame::Subscribe(Subscribe {
+            broadcast_id: "b-1".into(),
+            start: StartAt::Seq(u64::MAX),
+        }));
+        roundtrip(Frame::StreamInfo(StreamInfo {
+            broadcast_id: "x".into(),
+            content_type: "video/mp2t".into(),
+            chunk_duration_ms: 1000,
+            substreams: 4,
+            first_seq: 7,
+            live_seq: 9,
+        }));
+        roundtrip(Frame::Chunk(Chunk {
+            seq: 42,
+            flags: chunk_flags::RANDOM_ACCESS,
+            timestamp_ms: 1_700_000_000_000,
+            duration_ms: 1000,
+            payload: Bytes::from(vec![0x47; 188 * 3]),
+        }));
+        roundtrip(Frame::Ping(5));
+        roundtrip(Frame::Pong(6));
+        roundtrip(Frame::Error(Reason {
+            code: ErrorCode::UnknownBroadcast,
+            message: "no such broadcast".into(),
+        }));
+        roundtrip(Frame::Goodbye(Reason {
+            code: ErrorCode::Other(999),
+            message: String::new(),
+        }));
+    }
+
+    #[test]
+    fn oversized_frame_rejected_before_buffering() {
+        let mut dec = Decoder::new(Limits::default());
+        let mut buf = BytesMut::new();
+        buf.put_u8(frame_type::CHUNK);
+        buf.put_u8(0);
+        buf.put_u16(0);
+        buf.put_u32(u32::MAX);
+        assert!(matches!(
+            dec.decode(&mut buf),
+            Err(WireError::FrameTooLarge { .. })
+        ));
+        let mut dec = Decoder::new(Limits::control_only());
+        let mut buf = BytesMut::from(
+            &encode_to_bytes(&Frame::Chunk(Chunk {
+                seq: 1,
+                flags: 0,
+                timestamp_ms: 0,
+                duration_ms: 0,
+                payload: Bytes::from_static(b"x"),
+            }))
+            .unwrap()[..],
+        );
+        assert_eq!(
+            dec.decode(&mut buf).unwrap_err().code(),
+            ErrorCode::FrameTooLarge
+        );
+    }
+
+    #[test]
+    fn malformed_frames_rejected() {
+        let mut dec = Decoder::default();
+        // Unknown type.
+        let mut b = BytesMut::from(&[0x7f, 0, 0, 0, 0, 0, 0, 0][..]);
+        assert_eq!(dec.decode(&mut b), Err(WireError::UnknownFrameType(0x7f)));
+        // Reserved bits.
+        let mut b = BytesMut::from(&[frame_type::PING, 0, 1, 0, 0, 0, 0, 8][..]);
+        assert_eq!(dec.decode(&mut b), Err(WireError::ReservedBits));
+        // Truncated ping body.
+        let mut b = BytesMut::from(&[frame_type::PING, 0, 0, 0, 0, 0, 0, 2, 1, 2][..]);
+        assert!(matches!(
+            dec.decode(&mut b),
+            Err(WireError::Malformed { .. })
+        ));
+        // Trailing bytes.
+        let mut b = BytesMut::from(&[frame_type::HELLO_ACK, 0, 0, 0, 0, 0, 0, 3, 0, 1, 9][..]);
+        assert!(matches!(
+            dec.decode(&mut b),
+            Err(WireError::Malformed { .. })
+        ));
+        // Bad magic.
+        let mut b = BytesMut::from(
+            &[
+                frame_type::HELLO,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                11,
+                b'H',
+                b'T',
+                b'T',
+                b'P',
+                0,
+                1,
+                0,
+                1,
+                1,
+                0,
+                0,
+            ][..],
+        );
+        assert_eq!(dec.decode(&mut b), Err(WireError::BadMagic));
+        // Unknown chunk flag.
+        let mut b = BytesMut::new();
+        b.put_slice(&chunk_prefix(1, 0, 0, 0, 0).unwrap());
+        b[1] = 0x80;
+        assert!(matches!(
+            dec.decode(&mut b),
+            Err(WireError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn version_negotiation() {
+        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 9), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate(2, 9), None);
+        assert_eq!(negotiate(0, 0), None);
+    }
+
+    #[test]
+    fn long_messages_truncated_on_char_boundary() {
+        let msg = "é".repeat(MAX_MESSAGE);
+        let f = Frame::Error(Reason {
+            code: ErrorCode::Internal,
+            message: msg,
+        });
+        let mut b = BytesMut::from(&encode_to_bytes(&f).unwrap()[..]);
+        match Decoder::default().decode(&mut b).unwrap() {
+            Some(Frame::Error(r)) => assert_eq!(r.message.len(), MAX_MESSAGE),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let mut dec = Decoder::new(Limits::default());
+            let mut buf = BytesMut::from(&data[..]);
+            // Keep decoding until an error or a need for more bytes.
+            for _ in 0..1000 {
+                match dec.decode(&mut buf) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_body_after_valid_header(ty in 1u8..=9, flags in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::new();
+            buf.put_u8(ty);
+            buf.put_u8(flags);
+            buf.put_u16(0);
+            buf.put_u32(body.len() as u32);
+            buf.put_slice(&body);
+            let _ = Decoder::default().decode(&mut buf);
+        }
+
+        #[test]
+        fn chunk_roundtrip(seq in any::<u64>(), ts in any::<u64>(), d in any::<u32>(), ra in any::<bool>(), payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let f = Frame::Chunk(Chunk { seq, flags: if ra { chunk_flags::RANDOM_ACCESS } else { 0 }, timestamp_ms: ts, duration_ms: d, payload: Bytes::from(payload) });
+            let mut buf = BytesMut::from(&encode_to_bytes(&f).unwrap()[..]);
+            prop_assert_eq!(Decoder::default().decode(&mut buf).unwrap(), Some(f));
+        }
+
+        #[test]
+        fn subscribe_roundtrip(id in "[a-zA-Z0-9_-]{1,128}", seq in proptest::option::of(any::<u64>())) {
+            let f = Frame::Subscribe(Subscribe { broadcast_id: id, start: seq.map_or(StartAt::Live, StartAt::Seq) });
+            let mut buf = BytesMut::from(&encode_to_bytes(&f).unwrap()[..]);
+            prop_assert_eq!(Decoder::default().decode(&mut buf).unwrap(), Some(f));
+        }
+    }
+}
