@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# Media end-to-end test with real components, no mocks:
+#   ffmpeg encodes an H.264/AAC MPEG-TS test pattern and pushes it to icecast2 (the
+#   broadcaster's media server); starling-controlplane (embedded SQLite) and
+#   starling-dataplane run as real processes; a broadcast is created and started through
+#   the gRPC admin API (starling-admin); three viewers join through the SDK
+#   (starling-play) at different times; ffmpeg decodes each viewer's local HTTP stream
+#   for >= 20 s and must print nothing at -v error; the data plane's plain HTTP endpoint
+#   must decode the same way. Then the bad-input cases: unknown and stopped broadcasts,
+#   an unreachable source that comes back, garbage and oversized frames on the wire port.
+#
+# Needs: ffmpeg, icecast2, python3, curl, and the binaries in $STARLING_BIN_DIR
+# (default target/debug). Run through scripts/test.sh, or directly after `cargo build`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${STARLING_BIN_DIR:-$(pwd)/target/debug}
+DECODE_SECS=${E2E_DECODE_SECS:-20}
+WORK=$(mktemp -d /tmp/starling-e2e.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+DECODERS=()
+FAILED=0
+
+log() { printf '[e2e %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# fail is also called from background subshells: failures are recorded in a file.
+fail() { log "FAIL: $*"; echo "$*" >>"$WORK/FAILURES"; FAILED=1; }
+failed() { [ "$FAILED" = 1 ] || [ -s "$WORK/FAILURES" ]; }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.5
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  if failed; then
+    log "logs kept in $WORK"
+    for f in "$WORK"/*.log "$WORK"/ice/log/error.log; do
+      [ -f "$f" ] || continue
+      echo "----- $f (last 40 lines)" >&2
+      tail -n 40 "$f" >&2
+    done
+  else
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_port() { # host port seconds
+  for _ in $(seq 1 $(($3 * 10))); do
+    if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+bg() { # name cmd... : start in background, log to $WORK/name.log
+  local name=$1; shift
+  "$@" >"$WORK/$name.log" 2>&1 &
+  PIDS+=($!)
+  eval "PID_${name//-/_}=$!"
+}
+# decode_check NAME URL: decodes URL for DECODE_SECS seconds of media; asserts no error
+# line and that at least DECODE_SECS seconds were decoded.
+decode_check() {
+  local name=$1 url=$2
+  local err="$WORK/decode-$name.err" prog="$WORK/decode-$name.progress"
+  timeout $((DECODE_SECS + 40)) ffmpeg -nostdin -hide_banner -v error -i "$url" \
+    -t "$DECODE_SECS" -f null - -progress "$prog" 2>"$err" || true
+  local us
+  us=$(grep '^out_time_us=' "$prog" 2>/dev/null | tail -1 | cut -d= -f2)
+  us=${us:-0}
+  local secs=$((us / 1000000))
+  if [ -s "$err" ]; then
+    fail "$name: ffmpeg printed $(wc -l <"$err") error lines, first: $(head -3 "$err")"
+  elif [ "$secs" -lt $((DECODE_SECS - 1)) ]; then
+    fail "$name: decoded only ${secs}s of media (wanted $DECODE_SECS)"
+  else
+    log "ok: $name decoded ${secs}s with zero errors"
+  fi
+}
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+for b in starling-controlplane starling-dataplane starling-admin starling-play; do
+  [ -x "$BIN/$b" ] || { log "missing $BIN/$b (cargo build --workspace --bins)"; exit 1; }
+done
+
+ICE_PORT=$(free_port); CP_PORT=$(free_port); WIRE_PORT=$(free_port); HTTP_PORT=$(free_port)
+CONTROL=http://127.0.0.1:$CP_PORT
+
+# --- icecast2, the broadcaster's media server -------------------------------------
+mkdir -p "$WORK/ice/log"
+ICE_USER=$(id -un)
+if [ "$(id -u)" = 0 ]; then
+  # icecast2 refuses to run as root unless it drops privileges.
+  ICE_USER=nobody
+  chown -R nobody "$WORK/ice/log"
+fi
+ICE_GROUP=$(id -gn "$ICE_USER")
+cat >"$WORK/ice/icecast.xml" <<XML
+<icecast>
+  <limits><clients>100</clients><sources>4</sources><burst-size>65536</burst-size></limits>
+  <authentication>
+    <source-password>e2e-source</source-password>
+    <admin-user>admin</admin-user><admin-password>e2e-admin</admin-password>
+  </authentication>
+  <hostname>127.0.0.1</hostname>
+  <listen-socket><port>$ICE_PORT</port><bind-address>127.0.0.1</bind-address></listen-socket>
+  <paths>
+    <basedir>/usr/share/icecast2</basedir>
+    <logdir>$WORK/ice/log</logdir>
+    <webroot>/usr/share/icecast2/web</webroot>
+    <adminroot>/usr/share/icecast2/admin</adminroot>
+  </paths>
+  <logging><accesslog>access.log</accesslog><errorlog>error.log</errorlog><loglevel>3</loglevel></logging>
+  <security><chroot>0</chroot>$([ "$(id -u)" = 0 ] && echo "<changeowner><user>$ICE_USER</user><group>$ICE_GROUP</group></changeowner>")</security>
+</icecast>
+XML
+bg icecast icecast2 -c "$WORK/ice/icecast.xml"
+wait_port 127.0.0.1 "$ICE_PORT" 15 || { fail "icecast2 did not start"; exit 1; }
+log "icecast2 on :$ICE_PORT"
+
+# push_source MOUNT: ffmpeg test pattern (H.264 1 s GOP + AAC) into icecast at real time.
+push_source() {
+  bg "ffmpeg-$1" ffmpeg -nostdin -hide_banner -loglevel error -re \
+    -f lavfi -i "testsrc=size=320x240:rate=25" -f lavfi -i "sine=frequency=440:sample_rate=44100" \
+    -c:v libx264 -preset ultrafast -tune zerolatency -g 25 -pix_fmt yuv420p -b:v 400k \
+    -c:a aac -b:a 64k -f mpegts -content_type video/mp2t \
+    "icecast://source:e2e-source@127.0.0.1:$ICE_PORT/$1"
+}
+push_source live.ts
+
+# --- control plane (embedded SQLite) and data plane --------------------------------
+bg controlplane "$BIN/starling-controlplane" --listen "127.0.0.1:$CP_PORT" --data-dir "$WORK/cp-data"
+wait_port 127.0.0.1 "$CP_PORT" 30 || { fail "control plane did not start"; exit 1; }
+bg dataplane "$BIN/starling-dataplane" --control-url "$CONTROL" \
+  --wire-listen "127.0.0.1:$WIRE_PORT" --http-listen "127.0.0.1:$HTTP_PORT" --advertise-host 127.0.0.1
+wait_port 127.0.0.1 "$HTTP_PORT" 30 || { fail "data plane did not start"; exit 1; }
+log "control plane :$CP_PORT, data plane wire :$WIRE_PORT http :$HTTP_PORT"
+
+admin() { "$BIN/starling-admin" --control-url "$CONTROL" "$@"; }
+
+ID=$(admin create --name e2e-live --source "http://127.0.0.1:$ICE_PORT/live.ts" --id-only)
+log "created broadcast $ID"
+admin start "$ID" >/dev/null
+admin wait "$ID" --health up --timeout 30s || { fail "source never came up"; exit 1; }
+log "broadcast $ID is live"
+
+# --- three SDK viewers joining at different times, each decoded by ffmpeg ---------------
+VPORTS=()
+for i in 1 2 3; do
+  p=$(free_port); VPORTS+=("$p")
+  bg "viewer$i" "$BIN/starling-play" --control-url "$CONTROL" --broadcast "$ID" \
+    --http-listen "127.0.0.1:$p" -o "$WORK/viewer$i.ts" --duration $((DECODE_SECS + 45))s
+  wait_port 127.0.0.1 "$p" 20 || fail "viewer$i local endpoint did not open"
+  decode_check "viewer$i" "http://127.0.0.1:$p/live/$ID" &
+  DECODERS+=($!)
+  if [ "$i" -lt 3 ]; then sleep 4; fi
+done
+# The plain HTTP endpoint, and bad input on the wire port, while the viewers play.
+decode_check "plain-http" "http://127.0.0.1:$HTTP_PORT/live/$ID" &
+DECODERS+=($!)
+
+sleep 2
+python3 - "$WIRE_PORT" <<'PY' || fail "garbage / oversized frame connections were not closed"
+import os, socket, struct, sys
+port = int(sys.argv[1])
+def closed_after(payload):
+    s = socket.create_connection(("127.0.0.1", port), timeout=15)
+    try:
+        s.sendall(payload)
+        while True:
+            d = s.recv(65536)
+            if not d:
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        s.close()
+ok = closed_after(os.urandom(4096))
+# A CHUNK header declaring 4 GiB, then some bytes.
+ok = closed_after(struct.pack(">BBHI", 5, 0, 0, 0xFFFFFFFF) + b"x" * 100) and ok
+# A valid HELLO followed by a SUBSCRIBE declaring a 1 MiB control payload.
+hello = b"STRL" + struct.pack(">HHBH", 1, 1, 1, 0)
+ok = closed_after(struct.pack(">BBHI", 1, 0, 0, len(hello)) + hello + struct.pack(">BBHI", 3, 0, 0, 1 << 20)) and ok
+print("garbage closed:", ok)
+sys.exit(0 if ok else 1)
+PY
+log "garbage and oversized frames: connections closed"
+
+DP_RSS=$(rss_kib "$PID_dataplane")
+log "data plane RSS with 3 SDK viewers + 1 HTTP viewer (+ decoders): ${DP_RSS} KiB"
+for d in "${DECODERS[@]}"; do wait "$d" || true; done
+for i in 1 2 3; do
+  if [ -s "$WORK/viewer$i.ts" ]; then
+    errs=$(ffmpeg -nostdin -v error -i "$WORK/viewer$i.ts" -f null - 2>&1 | wc -l)
+    [ "$errs" = 0 ] && log "ok: viewer$i's -o file decodes with zero errors" \
+      || fail "viewer$i's -o file has $errs decode error lines"
+  else
+    fail "viewer$i wrote no output file"
+  fi
+done
+
+# --- bad input --------------------------------------------------------------------
+# Unknown broadcast: clear gRPC status from Join.
+if "$BIN/starling-play" --control-url "$CONTROL" --broadcast no-such-broadcast --duration 5s -o /dev/null 2>"$WORK/unknown.err"; then
+  fail "joining an unknown broadcast succeeded"
+elif grep -qi "not.found" "$WORK/unknown.err"; then
+  log "ok: unknown broadcast -> $(grep -i 'not.found' "$WORK/unknown.err" | head -1)"
+else
+  fail "unknown broadcast: unexpected error: $(cat "$WORK/unknown.err")"
+fi
+
+# Unreachable source: the mount does not exist yet -> DOWN; it appears -> UP.
+LATE=$(admin create --name e2e-late --source "http://127.0.0.1:$ICE_PORT/late.ts" --id-only)
+admin start "$LATE" >/dev/null
+if admin wait "$LATE" --health down --timeout 20s; then
+  log "ok: unreachable source reported down"
+else
+  fail "unreachable source never reported down"
+fi
+push_source late.ts
+if admin wait "$LATE" --health up --timeout 30s; then
+  log "ok: source recovered and reported up"
+else
+  fail "source did not recover"
+fi
+
+# Stopped broadcast: viewers are told, new joins get a clear status.
+admin stop "$ID" >/dev/null
+if "$BIN/starling-play" --control-url "$CONTROL" --broadcast "$ID" --duration 5s -o /dev/null 2>"$WORK/stopped.err"; then
+  fail "joining a stopped broadcast succeeded"
+elif grep -qiE "stopped|failed.?precondition" "$WORK/stopped.err"; then
+  log "ok: stopped broadcast -> $(grep -iE 'stopped|precondition' "$WORK/stopped.err" | head -1)"
+else
+  fail "stopped broadcast: unexpected error: $(cat "$WORK/stopped.err")"
+fi
+
+if failed; then
+  log "media end-to-end FAILED:"
+  cat "$WORK/FAILURES" >&2
+  exit 1
+fi
+log "media end-to-end passed (data plane RSS ${DP_RSS} KiB with 4 viewers)"

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs every Starling test on a fresh Debian machine, installing what it needs:
+#   - Debian packages: ffmpeg (makes and decodes test streams), icecast2 (the broadcaster's
+#     media server in the end-to-end test), prometheus (promtool), postgresql (only when no
+#     server binaries are present);
+#   - a throwaway PostgreSQL cluster when DATABASE_URL is unset (stopped on exit).
+# Then: rustfmt check, clippy -D warnings, every unit/integration test (against both
+# SQLite and Postgres), and the media end-to-end test (scripts/e2e-media.sh).
+#
+# Environment: DATABASE_URL (use this Postgres instead of a throwaway one),
+# STARLING_SKIP_E2E=1 (skip the media end-to-end test), CI=true (set by CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+log() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
+
+SUDO=()
+[ "$(id -u)" = 0 ] || SUDO=(sudo)
+
+need_pkgs=()
+command -v ffmpeg >/dev/null || need_pkgs+=(ffmpeg)
+command -v icecast2 >/dev/null || need_pkgs+=(icecast2)
+command -v promtool >/dev/null || need_pkgs+=(prometheus)
+command -v curl >/dev/null || need_pkgs+=(curl)
+command -v python3 >/dev/null || need_pkgs+=(python3)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "${DATABASE_URL:-}" ] || need_pkgs+=(postgresql)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  log "installing ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${SUDO[@]}" apt-get install -y -q "${need_pkgs[@]}" \
+    || { "${SUDO[@]}" apt-get update -q && "${SUDO[@]}" apt-get install -y -q "${need_pkgs[@]}"; }
+fi
+
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+
+if [ -z "${DATABASE_URL:-}" ]; then
+  log "starting a throwaway PostgreSQL"
+  eval "$(scripts/pg-throwaway.sh start)"
+  trap 'scripts/pg-throwaway.sh stop' EXIT
+fi
+export DATABASE_URL
+export STARLING_REQUIRE_POSTGRES=1
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "cargo build (binaries for the end-to-end tests)"
+cargo build --workspace --bins --locked
+
+log "cargo test"
+cargo test --workspace --locked
+
+if [ "${STARLING_SKIP_E2E:-0}" != 1 ]; then
+  log "media end-to-end (icecast2 + ffmpeg + control plane + data plane + SDK viewers)"
+  STARLING_BIN_DIR="$ROOT/target/debug" scripts/e2e-media.sh
+fi
+
+log "all tests passed"
