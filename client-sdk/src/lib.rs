@@ -1,1 +1,46 @@
-//! placeholder
+//! Starling client SDK (the ICD client).
+//!
+//! Join a broadcast through the control plane ([`Viewer::join`]) or straight at a
+//! data-plane node ([`Viewer::connect_direct`]); the SDK speaks the chunk wire protocol
+//! ([`starling_proto::wire`]), answers pings, reorders and de-duplicates chunks by
+//! sequence number ([`reorder`]), reconnects with capped exponential backoff and
+//! resumes where it left off, heartbeats the control plane, and hands the in-order
+//! stream to
+//!
+//! * async consumers: [`Viewer::subscribe`] returns a bounded [`Subscription`]
+//!   (a `Stream` of [`bytes::Bytes`]) that starts at a random access chunk;
+//! * media players: a local HTTP endpoint at [`Viewer::local_url`]
+//!   (`ffplay http://127.0.0.1:PORT/live/{broadcast}`).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), starling_sdk::SdkError> {
+//! use starling_sdk::{Viewer, ViewerConfig};
+//! let mut cfg = ViewerConfig::new("my-broadcast");
+//! cfg.control_url = "http://127.0.0.1:7000".into();
+//! let viewer = Viewer::join(cfg).await?;
+//! println!("open {:?} in a player", viewer.local_url());
+//! let mut sub = viewer.subscribe();
+//! while let Some(bytes) = sub.next_bytes().await {
+//!     // feed a demuxer
+//! #   let _ = bytes;
+//! }
+//! viewer.leave().await
+//! # }
+//! ```
+
+mod conn;
+mod control;
+mod error;
+pub mod grid;
+mod http;
+mod hub;
+pub mod reorder;
+mod stats;
+mod viewer;
+
+pub use error::SdkError;
+pub use hub::Subscription;
+pub use reorder::ReorderConfig;
+pub use starling_proto::wire::ErrorCode;
+pub use stats::Stats;
+pub use viewer::{Viewer, ViewerConfig};

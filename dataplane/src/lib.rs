@@ -1,1 +1,46 @@
-//! placeholder
+//! Starling data plane (the ICD server).
+//!
+//! * [`chunker`]: sans-IO chunking of progressive live streams (MPEG-TS, MP3, ADTS,
+//!   Ogg, WebM, raw) into numbered chunks.
+//! * [`ring`]: per-broadcast window of recent chunks shared by all executors, viewer
+//!   cursors, source health.
+//! * [`ingest`]: HTTP ingest with reconnect/backoff (tokio, hyper-util).
+//! * [`control`]: control-plane link (tonic `EdgeService`).
+//! * [`node`]: wiring: glommio executors (one per core, SO_REUSEPORT listeners for
+//!   the wire protocol and plain HTTP) plus one tokio thread.
+//!
+//! In-process use (tests, load tests):
+//!
+//! ```no_run
+//! use starling_dataplane::{Config, Node, StaticBroadcast};
+//! let cfg = Config {
+//!     static_broadcasts: vec!["demo=http://127.0.0.1:8000/live.ts".parse().unwrap()],
+//!     wire_listen: "127.0.0.1:0".parse().unwrap(),
+//!     http_listen: "127.0.0.1:0".parse().unwrap(),
+//!     cores: 1,
+//!     ..Config::default()
+//! };
+//! let node = Node::start(cfg).unwrap();
+//! println!("wire {} http {}", node.wire_addr(), node.http_addr());
+//! node.shutdown();
+//! node.join().unwrap();
+//! ```
+//!
+//! Invariants: the data plane never talks to the database; the control plane is not on
+//! the chunk path (viewers keep being served when it is down); each chunk payload
+//! exists once in memory however many viewers read it.
+
+pub mod chunker;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod ingest;
+pub mod node;
+pub mod ring;
+mod serve;
+
+pub use config::{Config, StaticBroadcast, Timeouts};
+pub use error::{Error, IngestError};
+pub use ingest::IngestSpec;
+pub use node::Node;
+pub use ring::{BroadcastStatus, SourceHealth};

@@ -9,13 +9,13 @@ use sqlx::SqlSafeStr;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 
 macro_rules! migrations {
-    ($dir:literal: $(($version:literal, $name:literal)),* $(,)?) => {
+    ($dir:literal: $(($version:literal, $name:literal, $file:literal)),* $(,)?) => {
         vec![$(
             Migration::new(
                 $version,
                 $name.into(),
                 MigrationType::Simple,
-                include_str!(concat!("../", $dir, "/", stringify!($version), "_", $name, ".sql")).into_sql_str(),
+                include_str!(concat!("../", $dir, "/", $file)).into_sql_str(),
                 false,
             ),
         )*]
@@ -24,12 +24,12 @@ macro_rules! migrations {
 
 /// Migrations for PostgreSQL.
 pub fn postgres() -> Migrator {
-    Migrator::with_migrations(migrations!("postgres": (0001, "initial")))
+    Migrator::with_migrations(migrations!("postgres": (1, "initial", "0001_initial.sql")))
 }
 
 /// Migrations for SQLite.
 pub fn sqlite() -> Migrator {
-    Migrator::with_migrations(migrations!("sqlite": (0001, "initial")))
+    Migrator::with_migrations(migrations!("sqlite": (1, "initial", "0001_initial.sql")))
 }
 
 #[cfg(test)]

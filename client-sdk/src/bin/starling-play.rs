@@ -1,0 +1,264 @@
+//! `starling-play`: join a Starling broadcast and play it.
+//!
+//! Serves the stream on a local HTTP URL for any media player and, with `-o`, writes
+//! the in-order stream to a file or to stdout (`starling-play --broadcast X -o - | ffplay -`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use starling_sdk::{Viewer, ViewerConfig};
+
+/// Play a Starling broadcast: join it through the control plane (or straight at a data
+/// plane with --dataplane), serve it on a local HTTP URL for any media player, and
+/// optionally write the stream to a file or stdout.
+///
+/// Examples:
+///   starling-play --broadcast demo                 # then open the printed URL in VLC/ffplay
+///   starling-play --broadcast demo -o - | ffplay -
+///   starling-play --broadcast demo --dataplane 127.0.0.1:7100 -o out.ts --duration 20s
+#[derive(Debug, Parser)]
+#[command(name = "starling-play", version, verbatim_doc_comment)]
+struct Args {
+    /// gRPC URL of the control plane.
+    #[arg(
+        long,
+        env = "STARLING_CONTROL_URL",
+        default_value = "http://127.0.0.1:7000"
+    )]
+    control_url: String,
+
+    /// Broadcast id to play.
+    #[arg(long = "broadcast", env = "STARLING_BROADCAST", value_name = "ID")]
+    broadcast: String,
+
+    /// Connect straight to this data-plane wire address (host:port), bypassing the
+    /// control plane.
+    #[arg(long, env = "STARLING_DATAPLANE", value_name = "ADDR")]
+    dataplane: Option<String>,
+
+    /// Viewer credential (JWT) passed to Join.
+    #[arg(long, env = "STARLING_CREDENTIAL", hide_env_values = true)]
+    credential: Option<String>,
+
+    /// Address of the local HTTP endpoint for media players (port 0 = any free port).
+    #[arg(long, env = "STARLING_HTTP_LISTEN", default_value = "127.0.0.1:0")]
+    http_listen: SocketAddr,
+
+    /// Write the in-order stream to this file, or to stdout with "-" (stdout then
+    /// carries only media bytes; messages go to stderr).
+    #[arg(short = 'o', long, env = "STARLING_OUTPUT", value_name = "PATH|-")]
+    output: Option<PathBuf>,
+
+    /// Stop after this long (e.g. 20s, 1500ms, 2m, 1h; a bare number is seconds).
+    #[arg(long, env = "STARLING_DURATION", value_parser = parse_duration)]
+    duration: Option<Duration>,
+
+    /// Log filter (tracing env-filter syntax, e.g. "info" or "starling_sdk=debug").
+    #[arg(long, env = "STARLING_LOG", default_value = "warn")]
+    log: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (try 20s, 1500ms, 2m)"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m, h)")),
+    };
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Writes the output on a plain thread (blocking file/pipe writes, no async
+/// runtime features needed). Dropping the sender ends it; it ends on its own (and drops
+/// its receiver) when a write fails, e.g. when the player at the end of a pipe exits.
+fn spawn_writer(
+    path: &std::path::Path,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Sender<bytes::Bytes>,
+    std::thread::JoinHandle<std::io::Result<()>>,
+)> {
+    use std::io::Write;
+    let mut out: Box<dyn Write + Send> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        ))
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+    let handle = std::thread::Builder::new()
+        .name("starling-play-output".into())
+        .spawn(move || {
+            while let Some(b) = rx.blocking_recv() {
+                out.write_all(&b)?;
+                out.flush()?;
+            }
+            out.flush()
+        })
+        .context("cannot start the output thread")?;
+    Ok((tx, handle))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .with_context(|| format!("bad --log filter {:?}", args.log))?,
+        )
+        .init();
+
+    let mut cfg = ViewerConfig::new(args.broadcast.clone());
+    cfg.control_url = args.control_url.clone();
+    cfg.credential = args.credential.clone();
+    cfg.http_listen = Some(args.http_listen);
+
+    let mut sink = match &args.output {
+        None => None,
+        Some(p) => Some(spawn_writer(p)?),
+    };
+
+    let viewer = match &args.dataplane {
+        Some(addr) => Viewer::connect_direct(addr.clone(), cfg).await,
+        None => Viewer::join(cfg).await,
+    }
+    .with_context(|| format!("cannot play broadcast {:?}", args.broadcast))?;
+    // Subscribe at once so the output starts at the first random access chunk.
+    let mut sub = sink.as_ref().map(|_| viewer.subscribe());
+    if let Some(url) = viewer.local_url() {
+        eprintln!(
+            "starling-play: playing broadcast {} at {url}",
+            viewer.broadcast_id()
+        );
+    }
+
+    let deadline = async {
+        match args.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut outcome: anyhow::Result<()> = Ok(());
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("starling-play: interrupted");
+                break;
+            }
+            _ = &mut deadline => break,
+            r = viewer.closed() => {
+                outcome = end_outcome(r);
+                // Drain what is still queued for the output.
+                if let (Some(s), Some((tx, _))) = (sub.as_mut(), sink.as_ref()) {
+                    while let Some(b) = s.next_bytes().await {
+                        if tx.send(b).await.is_err() { break; }
+                    }
+                }
+                break;
+            }
+            b = next_output(&mut sub) => {
+                let Some(b) = b else {
+                    // The stream ended: the viewer stopped.
+                    outcome = end_outcome(viewer.closed().await);
+                    break;
+                };
+                if let Some((tx, _)) = sink.as_ref()
+                    && tx.send(b).await.is_err()
+                {
+                    // The writer stopped: its error is collected below.
+                    break;
+                }
+            }
+        }
+    }
+    if let Some((tx, handle)) = sink.take() {
+        drop(tx);
+        let r = tokio::task::spawn_blocking(move || handle.join()).await;
+        match r {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                // The player at the end of the pipe went away: a normal way to stop.
+            }
+            Ok(Ok(Err(e))) => {
+                if outcome.is_ok() {
+                    outcome = Err(anyhow::Error::new(e).context("writing the output"));
+                }
+            }
+            _ => {
+                if outcome.is_ok() {
+                    outcome = Err(anyhow::anyhow!("the output thread failed"));
+                }
+            }
+        }
+    }
+    let stats = viewer.stats();
+    if let Err(e) = viewer.leave().await {
+        tracing::debug!("leave: {e}");
+    }
+    eprintln!("starling-play: {stats}");
+    if let Err(e) = outcome {
+        bail!("{e:#}");
+    }
+    Ok(())
+}
+
+/// How the viewer stopping maps to the exit status: the broadcast ending is a normal
+/// end of playback.
+fn end_outcome(r: Result<(), starling_sdk::SdkError>) -> anyhow::Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(starling_sdk::SdkError::BroadcastEnded(msg)) => {
+            eprintln!("starling-play: broadcast ended {msg}");
+            Ok(())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("playback stopped")),
+    }
+}
+
+/// The next output bytes; never resolves when there is no output.
+async fn next_output(sub: &mut Option<starling_sdk::Subscription>) -> Option<bytes::Bytes> {
+    match sub {
+        Some(s) => s.next_bytes().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("20"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}

@@ -1,0 +1,181 @@
+//! One wire-protocol session with a data-plane node: connect, `HELLO` / `HELLO_ACK`,
+//! `SUBSCRIBE` / `STREAM_INFO`, then frames.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use starling_proto::wire::{
+    self, Decoder, ErrorCode, Frame, Hello, Limits, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Role,
+    StartAt, StreamInfo, Subscribe,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::error::SdkError;
+
+/// Read buffer grows by at least this much per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+pub(crate) struct WireConn {
+    stream: TcpStream,
+    decoder: Decoder,
+    buf: BytesMut,
+    pub(crate) info: StreamInfo,
+    pub(crate) addr: String,
+}
+
+/// Parameters of one connection attempt.
+pub(crate) struct OpenParams<'a> {
+    pub addr: &'a str,
+    pub token: &'a Bytes,
+    pub broadcast_id: &'a str,
+    pub start: StartAt,
+    pub limits: Limits,
+    pub timeout: Duration,
+}
+
+/// Connects and runs the handshake up to `STREAM_INFO`. Any `ERROR` from the server is
+/// returned as [`SdkError::Server`].
+pub(crate) async fn open(p: OpenParams<'_>) -> Result<WireConn, SdkError> {
+    match tokio::time::timeout(p.timeout, open_inner(&p)).await {
+        Ok(r) => r,
+        Err(_) => Err(SdkError::Timeout("connecting to the data plane")),
+    }
+}
+
+async fn open_inner(p: &OpenParams<'_>) -> Result<WireConn, SdkError> {
+    let stream = TcpStream::connect(p.addr)
+        .await
+        .map_err(|e| SdkError::Connect {
+            addr: p.addr.to_string(),
+            source: e.into(),
+        })?;
+    // Chunks are written whole; small control frames should not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    let mut conn = WireConn {
+        stream,
+        decoder: Decoder::new(p.limits),
+        buf: BytesMut::with_capacity(READ_CHUNK),
+        info: StreamInfo {
+            broadcast_id: String::new(),
+            content_type: String::new(),
+            chunk_duration_ms: 0,
+            substreams: 0,
+            first_seq: 0,
+            live_seq: 0,
+        },
+        addr: p.addr.to_string(),
+    };
+    conn.send(&Frame::Hello(Hello {
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        role: Role::Viewer,
+        token: p.token.clone(),
+    }))
+    .await?;
+    loop {
+        match conn.next_frame().await? {
+            Frame::HelloAck(ack) => {
+                if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&ack.version) {
+                    return Err(SdkError::VersionMismatch(ack.version));
+                }
+                break;
+            }
+            Frame::Ping(n) => conn.send(&Frame::Pong(n)).await?,
+            other => return Err(unexpected(other, "HELLO_ACK")),
+        }
+    }
+    conn.send(&Frame::Subscribe(Subscribe {
+        broadcast_id: p.broadcast_id.to_string(),
+        start: p.start,
+    }))
+    .await?;
+    loop {
+        match conn.next_frame().await? {
+            Frame::StreamInfo(info) => {
+                if info.broadcast_id != p.broadcast_id {
+                    tracing::warn!(
+                        expected = p.broadcast_id,
+                        got = info.broadcast_id,
+                        "STREAM_INFO names another broadcast"
+                    );
+                }
+                conn.info = info;
+                return Ok(conn);
+            }
+            Frame::Ping(n) => conn.send(&Frame::Pong(n)).await?,
+            Frame::Pong(_) => {}
+            other => return Err(unexpected(other, "STREAM_INFO")),
+        }
+    }
+}
+
+/// Maps a frame that is not the expected one to an error.
+fn unexpected(frame: Frame, wanted: &str) -> SdkError {
+    match frame {
+        Frame::Error(r) => SdkError::Server {
+            code: r.code,
+            message: r.message,
+        },
+        Frame::Goodbye(r) if r.code == ErrorCode::BroadcastStopped => {
+            SdkError::BroadcastEnded(r.message)
+        }
+        Frame::Goodbye(r) => SdkError::Server {
+            code: r.code,
+            message: r.message,
+        },
+        other => SdkError::Protocol(format!(
+            "expected {wanted}, got frame type 0x{:02x}",
+            frame_code(&other)
+        )),
+    }
+}
+
+fn frame_code(f: &Frame) -> u8 {
+    use wire::frame_type::*;
+    match f {
+        Frame::Hello(_) => HELLO,
+        Frame::HelloAck(_) => HELLO_ACK,
+        Frame::Subscribe(_) => SUBSCRIBE,
+        Frame::StreamInfo(_) => STREAM_INFO,
+        Frame::Chunk(_) => CHUNK,
+        Frame::Ping(_) => PING,
+        Frame::Pong(_) => PONG,
+        Frame::Error(_) => ERROR,
+        Frame::Goodbye(_) => GOODBYE,
+    }
+}
+
+impl WireConn {
+    /// Reads the next frame. Cancel-safe: bytes read are kept in the buffer.
+    pub(crate) async fn next_frame(&mut self) -> Result<Frame, SdkError> {
+        loop {
+            if let Some(f) = self.decoder.decode(&mut self.buf)? {
+                return Ok(f);
+            }
+            let need = self.decoder.bytes_needed(&self.buf).max(READ_CHUNK);
+            self.buf.reserve(need);
+            let n = self.stream.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(SdkError::Closed);
+            }
+        }
+    }
+
+    pub(crate) async fn send(&mut self, frame: &Frame) -> Result<(), SdkError> {
+        let bytes = wire::encode_to_bytes(frame)?;
+        self.stream.write_all(&bytes).await?;
+        Ok(())
+    }
+
+    /// Says goodbye (best effort) and closes.
+    pub(crate) async fn close(mut self) {
+        let bye = Frame::Goodbye(wire::Reason {
+            code: ErrorCode::Normal,
+            message: "viewer leaving".into(),
+        });
+        let _ =
+            tokio::time::timeout(Duration::from_millis(500), async { self.send(&bye).await }).await;
+        let _ = self.stream.shutdown().await;
+    }
+}

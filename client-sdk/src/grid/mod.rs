@@ -1,0 +1,44 @@
+//! The peer's side of the relaying grid, as pure (sans-IO) state machines.
+//!
+//! A broadcast's chunks are split into `K` substreams (`seq mod K`). The control plane
+//! gives this peer one parent per substream (another peer or the data plane), a few mesh
+//! neighbours, and children that subscribed to some substreams of it.
+//! [`PeerScheduler`] decides, from events and `now` only, what the networking layer does:
+//!
+//! * **push**: every new chunk of a substream goes to that substream's children at once
+//!   ([`Action::Push`]), whichever source it came from;
+//! * **pull (mesh repair)**: a chunk still missing [`SchedulerConfig::repair_lead`] before
+//!   its play-out deadline is requested from a neighbour whose [`BufferMap`] has it,
+//!   fewest requests in flight first; unanswered after
+//!   [`SchedulerConfig::request_timeout`] or answered not-found, from another one; from
+//!   the data plane only when no neighbour has it and the deadline is
+//!   [`SchedulerConfig::server_lead`] away;
+//! * **play-out**: chunk `seq` is due at `base + seq·d + target_lag`, `base` being the
+//!   earliest observed `arrival − seq·d` when playing starts; at its deadline it is played
+//!   or skipped ([`Action::Play`] / [`Action::Skip`]);
+//! * **quality monitor**: a substream whose parent delivers
+//!   [`SchedulerConfig::late_strikes`] chunks in a row later than
+//!   [`SchedulerConfig::late_threshold`] after availability, or nothing for
+//!   [`SchedulerConfig::silence_timeout`] after a chunk became available, is re-searched
+//!   ([`Action::ReSearch`], excluding that parent) while the buffer and mesh repair cover
+//!   the gap;
+//! * **serving**: requests are answered from the held window ([`Action::Serve`] /
+//!   [`Action::NotFound`]); buffer maps go to every neighbour every
+//!   [`SchedulerConfig::buffer_map_interval`].
+//!
+//! Everything is bounded: the held window ([`SchedulerConfig::window`] chunks), requests
+//! in flight ([`SchedulerConfig::max_outstanding`]), repair state (seqs between the play
+//! point and the live edge), buffer maps ([`MAX_BUFFER_MAP_BITS`]).
+
+mod buffer_map;
+mod scheduler;
+#[cfg(test)]
+mod sim;
+
+pub use buffer_map::{BUFFER_MAP_HEADER_LEN, BufferMap, BufferMapError, MAX_BUFFER_MAP_BITS};
+pub use scheduler::{
+    Action, PeerScheduler, SchedulerConfig, SchedulerError, SchedulerStats, Source, Upstream,
+};
+
+/// A peer's identity within a broadcast (the control plane's session number).
+pub type PeerId = u64;

@@ -1,0 +1,631 @@
+//! [`PeerScheduler`]: one peer's push, pull, play-out and quality decisions.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use super::buffer_map::{BufferMap, MAX_BUFFER_MAP_BITS};
+use super::PeerId;
+
+/// Where a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Pushed by this peer's parent for the given substream (a peer or the data plane).
+    Parent(u16),
+    /// Pulled from a mesh neighbour.
+    Neighbour(PeerId),
+    /// Pulled from the data plane (last resort).
+    Server,
+}
+
+/// Who feeds one substream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    /// The data plane.
+    Server,
+    /// Another peer.
+    Peer(PeerId),
+}
+
+/// A decision for the networking layer (drain with [`PeerScheduler::poll_action`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send chunk `seq` (held) to child `child`.
+    Push { child: PeerId, seq: u64 },
+    /// Ask neighbour `neighbour` for chunk `seq`.
+    Request { neighbour: PeerId, seq: u64 },
+    /// Ask the data plane for chunk `seq`.
+    RequestFromServer { seq: u64 },
+    /// Send this buffer map to neighbour `to`.
+    SendBufferMap { to: PeerId, map: BufferMap },
+    /// Ask the control plane for a new parent for `substream`, excluding `exclude`.
+    ReSearch {
+        substream: u16,
+        exclude: Option<PeerId>,
+    },
+    /// Hand chunk `seq` (held) to the player now.
+    Play { seq: u64 },
+    /// Chunk `seq` missed its play-out deadline: the player continues without it.
+    Skip { seq: u64 },
+    /// Answer a request: send chunk `seq` (held) to `to`.
+    Serve { to: PeerId, seq: u64 },
+    /// Answer a request: chunk `seq` is not held.
+    NotFound { to: PeerId, seq: u64 },
+}
+
+/// Tunables of a [`PeerScheduler`]. All durations are on the caller's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Number of substreams `K` (1..=64); chunk `seq` belongs to substream `seq mod K`.
+    pub substreams: u16,
+    /// Duration of one chunk (the live timeline advances one seq per chunk duration).
+    pub chunk_duration: Duration,
+    /// Play-out point behind the earliest observed arrival of each chunk. Default 2 s:
+    /// the p99 lag bar is 3 s; this leaves ~1 s for tree delivery, then mesh repair and
+    /// a server fetch before the deadline, and ~1 s of margin for the estimate.
+    pub target_lag: Duration,
+    /// A missing chunk is pulled from a neighbour once its deadline is this close.
+    /// Default 1 s (half the lag: healthy tree delivery is not pre-empted).
+    pub repair_lead: Duration,
+    /// A missing chunk no neighbour has is pulled from the server once its deadline is
+    /// this close. Default 400 ms (one data-plane round trip plus the chunk).
+    pub server_lead: Duration,
+    /// A request unanswered this long is abandoned and retried elsewhere. Default 300 ms.
+    pub request_timeout: Duration,
+    /// Most requests in flight. Default 16.
+    pub max_outstanding: usize,
+    /// Most requests in flight to one neighbour. Default 4.
+    pub max_per_neighbour: usize,
+    /// A parent's chunk is late if it arrives this long after the chunk's earliest
+    /// observed availability. Default 1 s.
+    pub late_threshold: Duration,
+    /// Consecutive late chunks from a substream's parent before a re-search. Default 3.
+    pub late_strikes: u32,
+    /// A parent that has not delivered a chunk this long after it became available is
+    /// replaced. Default 1.5 s.
+    pub silence_timeout: Duration,
+    /// A re-search not answered by [`PeerScheduler::on_parent_changed`] is repeated after
+    /// this long. Default 5 s.
+    pub research_retry: Duration,
+    /// Interval between buffer maps sent to each neighbour. Default 500 ms.
+    pub buffer_map_interval: Duration,
+    /// Chunks held (and described in buffer maps) behind the newest; the networking layer
+    /// keeps the same number of payloads. Default 64, at most 1024.
+    pub window: u16,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            substreams: 4,
+            chunk_duration: Duration::from_secs(1),
+            target_lag: Duration::from_secs(2),
+            repair_lead: Duration::from_millis(1000),
+            server_lead: Duration::from_millis(400),
+            request_timeout: Duration::from_millis(300),
+            max_outstanding: 16,
+            max_per_neighbour: 4,
+            late_threshold: Duration::from_millis(1000),
+            late_strikes: 3,
+            silence_timeout: Duration::from_millis(1500),
+            research_retry: Duration::from_secs(5),
+            buffer_map_interval: Duration::from_millis(500),
+            window: 64,
+        }
+    }
+}
+
+/// A scheduler configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedulerError {
+    /// The configuration is unusable.
+    #[error("invalid scheduler configuration: {0}")]
+    InvalidConfig(&'static str),
+}
+
+/// Counters for reports and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SchedulerStats {
+    /// Chunks played on time.
+    pub played: u64,
+    /// Chunks that missed their deadline.
+    pub skipped: u64,
+    /// New chunks pushed by parents.
+    pub from_parent: u64,
+    /// New chunks pulled from neighbours.
+    pub from_neighbour: u64,
+    /// New chunks pulled from the data plane.
+    pub from_server: u64,
+    /// Chunks received again, too late or out of range.
+    pub duplicates: u64,
+    /// Requests sent to neighbours.
+    pub neighbour_requests: u64,
+    /// Requests sent to the data plane.
+    pub server_requests: u64,
+    /// Re-searches emitted.
+    pub researches: u64,
+    /// Chunks pushed to children.
+    pub pushed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Repair {
+    tried: Vec<PeerId>,
+    server_tries: u8,
+    /// In flight: to a neighbour (`Some`) or the server (`None`), until the deadline.
+    outstanding: Option<(Option<PeerId>, i64)>,
+}
+
+#[derive(Debug, Default)]
+struct Neighbour {
+    map: Option<BufferMap>,
+    outstanding: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Substream {
+    parent: Option<Upstream>,
+    strikes: u32,
+    last_seq: Option<u64>,
+    since_ms: i64,
+    research_at: Option<i64>,
+}
+
+/// One peer's scheduling state machine (sans-IO): feed it events with `now`, drain
+/// [`Action`]s. See the [module docs](super).
+#[derive(Debug)]
+pub struct PeerScheduler {
+    cfg: SchedulerConfig,
+    k: u64,
+    d_ms: i64,
+    /// Earliest observed `arrival − seq·d`: when seq 0 would have become available.
+    live_base: Option<i64>,
+    /// The play-out schedule, fixed when playing starts.
+    play_base: Option<i64>,
+    play_next: Option<u64>,
+    newest: Option<u64>,
+    have: BTreeSet<u64>,
+    repairs: BTreeMap<u64, Repair>,
+    outstanding: usize,
+    neighbours: BTreeMap<PeerId, Neighbour>,
+    children: BTreeMap<PeerId, u64>,
+    subs: Vec<Substream>,
+    next_map_at: i64,
+    actions: VecDeque<Action>,
+    stats: SchedulerStats,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl PeerScheduler {
+    /// A scheduler with no parents, children or neighbours yet.
+    ///
+    /// # Errors
+    /// [`SchedulerError::InvalidConfig`] for `substreams` outside 1..=64, a zero chunk
+    /// duration, a window outside 1..=1024 or `server_lead > repair_lead`.
+    pub fn new(cfg: SchedulerConfig) -> Result<Self, SchedulerError> {
+        if cfg.substreams == 0 || cfg.substreams > 64 {
+            return Err(SchedulerError::InvalidConfig("substreams must be in 1..=64"));
+        }
+        if cfg.chunk_duration.is_zero() {
+            return Err(SchedulerError::InvalidConfig("chunk_duration must be > 0"));
+        }
+        if cfg.window == 0 || cfg.window > MAX_BUFFER_MAP_BITS {
+            return Err(SchedulerError::InvalidConfig("window must be in 1..=1024"));
+        }
+        if cfg.server_lead > cfg.repair_lead {
+            return Err(SchedulerError::InvalidConfig(
+                "server_lead must not exceed repair_lead",
+            ));
+        }
+        Ok(PeerScheduler {
+            k: u64::from(cfg.substreams),
+            d_ms: ms(cfg.chunk_duration).max(1),
+            cfg,
+            live_base: None,
+            play_base: None,
+            play_next: None,
+            newest: None,
+            have: BTreeSet::new(),
+            repairs: BTreeMap::new(),
+            outstanding: 0,
+            neighbours: BTreeMap::new(),
+            children: BTreeMap::new(),
+            subs: vec![Substream::default(); usize::from(cfg.substreams)],
+            next_map_at: 0,
+            actions: VecDeque::new(),
+            stats: SchedulerStats::default(),
+        })
+    }
+
+    /// The next decision, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats
+    }
+
+    /// True if chunk `seq` is held (its payload must be kept by the caller).
+    pub fn has(&self, seq: u64) -> bool {
+        self.have.contains(&seq)
+    }
+
+    /// The next sequence number to be played, once playing has started.
+    pub fn play_next(&self) -> Option<u64> {
+        self.play_next
+    }
+
+    /// The current buffer map (the window behind the newest chunk held).
+    pub fn buffer_map(&self) -> BufferMap {
+        let window = u64::from(self.cfg.window);
+        let base = self
+            .newest
+            .map_or(0, |n| n.saturating_sub(window.saturating_sub(1)));
+        let mut map = BufferMap::new(base, self.cfg.window);
+        for &s in self.have.range(base..) {
+            map.set(s);
+        }
+        map
+    }
+
+    /// A chunk arrived (already verified). Returns true if it is new, i.e. the caller
+    /// must store its payload; false for a duplicate or a chunk too late to play.
+    pub fn on_chunk(&mut self, seq: u64, from: Source, now: Duration) -> bool {
+        let now_ms = ms(now);
+        let seq_ms = i64::try_from(seq)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(self.d_ms);
+        let avail = now_ms.saturating_sub(seq_ms);
+        self.live_base = Some(self.live_base.map_or(avail, |b| b.min(avail)));
+        if let Source::Parent(s) = from {
+            if u64::from(s) == seq % self.k {
+                self.monitor_parent(s, seq, now_ms);
+            }
+        }
+        let too_far = self
+            .newest
+            .is_some_and(|n| seq > n.saturating_add(4 * u64::from(self.cfg.window)));
+        if self.play_next.is_some_and(|p| seq < p) || self.have.contains(&seq) || too_far {
+            self.stats.duplicates += 1;
+            return false;
+        }
+        self.have.insert(seq);
+        if self.newest.is_none_or(|n| seq > n) {
+            self.newest = Some(seq);
+        }
+        let floor = self
+            .newest
+            .map_or(0, |n| n.saturating_sub(u64::from(self.cfg.window) - 1));
+        while self.have.first().is_some_and(|&f| f < floor) {
+            self.have.pop_first();
+        }
+        if let Some(r) = self.repairs.remove(&seq) {
+            self.cancel(r);
+        }
+        match from {
+            Source::Parent(_) => self.stats.from_parent += 1,
+            Source::Neighbour(_) => self.stats.from_neighbour += 1,
+            Source::Server => self.stats.from_server += 1,
+        }
+        let bit = 1u64 << (seq % self.k);
+        for (&child, &mask) in &self.children {
+            if mask & bit != 0 {
+                self.actions.push_back(Action::Push { child, seq });
+                self.stats.pushed += 1;
+            }
+        }
+        true
+    }
+
+    /// A neighbour's buffer map arrived. Maps from peers that are not neighbours are
+    /// ignored.
+    pub fn on_buffer_map(&mut self, neighbour: PeerId, map: BufferMap, _now: Duration) {
+        if let Some(n) = self.neighbours.get_mut(&neighbour) {
+            n.map = Some(map);
+        }
+    }
+
+    /// The control plane assigned `parent` to `substream` (`None`: no parent).
+    pub fn on_parent_changed(&mut self, substream: u16, parent: Option<Upstream>, now: Duration) {
+        if let Some(sub) = self.subs.get_mut(usize::from(substream)) {
+            sub.parent = parent;
+            sub.strikes = 0;
+            sub.since_ms = ms(now);
+            sub.research_at = None;
+        }
+    }
+
+    /// A child subscribed to `substreams`. The chunks of those substreams still ahead of
+    /// this peer's play-out point are pushed to it at once, to bridge its re-parenting.
+    pub fn on_child_added(&mut self, child: PeerId, substreams: &[u16]) {
+        let mask = self.mask(substreams);
+        *self.children.entry(child).or_insert(0) |= mask;
+        let from = self.play_next.unwrap_or(0);
+        for &seq in self.have.range(from..) {
+            if mask & (1u64 << (seq % self.k)) != 0 {
+                self.actions.push_back(Action::Push { child, seq });
+                self.stats.pushed += 1;
+            }
+        }
+    }
+
+    /// A child unsubscribed from `substreams` (an empty slice: from all; it is gone).
+    pub fn on_child_removed(&mut self, child: PeerId, substreams: &[u16]) {
+        let mask = if substreams.is_empty() {
+            u64::MAX
+        } else {
+            self.mask(substreams)
+        };
+        if let Some(m) = self.children.get_mut(&child) {
+            *m &= !mask;
+            if *m == 0 {
+                self.children.remove(&child);
+            }
+        }
+    }
+
+    /// A mesh neighbour was added; it is sent a buffer map at once.
+    pub fn on_neighbour_added(&mut self, neighbour: PeerId) {
+        self.neighbours.entry(neighbour).or_default();
+        let map = self.buffer_map();
+        self.actions.push_back(Action::SendBufferMap { to: neighbour, map });
+    }
+
+    /// A mesh neighbour is gone; requests in flight to it are retried elsewhere.
+    pub fn on_neighbour_removed(&mut self, neighbour: PeerId) {
+        if self.neighbours.remove(&neighbour).is_none() {
+            return;
+        }
+        for r in self.repairs.values_mut() {
+            if matches!(r.outstanding, Some((Some(n), _)) if n == neighbour) {
+                r.outstanding = None;
+                r.tried.push(neighbour);
+                self.outstanding -= 1;
+            }
+        }
+    }
+
+    /// A peer asked for chunk `seq`: answered with [`Action::Serve`] or
+    /// [`Action::NotFound`].
+    pub fn on_request(&mut self, from_peer: PeerId, seq: u64) {
+        self.actions.push_back(if self.have.contains(&seq) {
+            Action::Serve { to: from_peer, seq }
+        } else {
+            Action::NotFound { to: from_peer, seq }
+        });
+    }
+
+    /// A neighbour answered a request with not-found: it is retried elsewhere.
+    pub fn on_not_found(&mut self, from_peer: PeerId, seq: u64, _now: Duration) {
+        if let Some(r) = self.repairs.get_mut(&seq) {
+            if matches!(r.outstanding, Some((Some(n), _)) if n == from_peer) {
+                r.outstanding = None;
+                r.tried.push(from_peer);
+                self.outstanding -= 1;
+                if let Some(n) = self.neighbours.get_mut(&from_peer) {
+                    n.outstanding = n.outstanding.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Advances time: play-out decisions, parent quality checks, request timeouts and
+    /// new requests, periodic buffer maps. Call at least every chunk duration / 4.
+    pub fn tick(&mut self, now: Duration) {
+        let now_ms = ms(now);
+        self.play_out(now_ms);
+        self.check_parents(now_ms);
+        self.expire_requests(now_ms);
+        self.request_missing(now_ms);
+        if now_ms >= self.next_map_at && !self.neighbours.is_empty() {
+            let map = self.buffer_map();
+            for &to in self.neighbours.keys() {
+                self.actions.push_back(Action::SendBufferMap {
+                    to,
+                    map: map.clone(),
+                });
+            }
+            self.next_map_at = now_ms.saturating_add(ms(self.cfg.buffer_map_interval));
+        }
+    }
+
+    // ----- internals -------------------------------------------------------------------
+
+    fn mask(&self, substreams: &[u16]) -> u64 {
+        substreams
+            .iter()
+            .filter(|&&s| u64::from(s) < self.k)
+            .fold(0, |m, &s| m | (1u64 << s))
+    }
+
+    fn seq_ms(&self, seq: u64) -> i64 {
+        i64::try_from(seq)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(self.d_ms)
+    }
+
+    fn deadline(&self, seq: u64) -> Option<i64> {
+        Some(
+            self.play_base?
+                .saturating_add(self.seq_ms(seq))
+                .saturating_add(ms(self.cfg.target_lag)),
+        )
+    }
+
+    fn cancel(&mut self, r: Repair) {
+        if let Some((who, _)) = r.outstanding {
+            self.outstanding -= 1;
+            if let Some(n) = who.and_then(|w| self.neighbours.get_mut(&w)) {
+                n.outstanding = n.outstanding.saturating_sub(1);
+            }
+        }
+    }
+
+    fn monitor_parent(&mut self, s: u16, seq: u64, now_ms: i64) {
+        let late_ms = ms(self.cfg.late_threshold);
+        let lateness = self
+            .live_base
+            .map_or(0, |b| now_ms.saturating_sub(b.saturating_add(self.seq_ms(seq))));
+        let strikes_needed = self.cfg.late_strikes;
+        let sub = &mut self.subs[usize::from(s)];
+        if sub.last_seq.is_none_or(|l| seq > l) {
+            sub.last_seq = Some(seq);
+        }
+        if lateness > late_ms {
+            sub.strikes += 1;
+        } else {
+            sub.strikes = 0;
+        }
+        if sub.strikes >= strikes_needed {
+            self.research(s, now_ms);
+        }
+    }
+
+    fn research(&mut self, s: u16, now_ms: i64) {
+        let retry = ms(self.cfg.research_retry);
+        let sub = &mut self.subs[usize::from(s)];
+        if sub.research_at.is_some_and(|t| now_ms < t.saturating_add(retry)) {
+            return;
+        }
+        sub.research_at = Some(now_ms);
+        let exclude = match sub.parent {
+            Some(Upstream::Peer(p)) => Some(p),
+            _ => None,
+        };
+        self.actions.push_back(Action::ReSearch {
+            substream: s,
+            exclude,
+        });
+        self.stats.researches += 1;
+    }
+
+    fn play_out(&mut self, now_ms: i64) {
+        if self.play_base.is_none() {
+            match (self.live_base, self.have.first()) {
+                (Some(b), Some(&first)) => {
+                    self.play_base = Some(b);
+                    self.play_next = Some(first);
+                }
+                _ => return,
+            }
+        }
+        let Some(mut next) = self.play_next else {
+            return;
+        };
+        let mut budget = 4 * u32::from(self.cfg.window);
+        while budget > 0 && self.deadline(next).is_some_and(|d| d <= now_ms) {
+            budget -= 1;
+            self.actions.push_back(if self.have.contains(&next) {
+                self.stats.played += 1;
+                Action::Play { seq: next }
+            } else {
+                self.stats.skipped += 1;
+                Action::Skip { seq: next }
+            });
+            next += 1;
+        }
+        self.play_next = Some(next);
+        while let Some(entry) = self.repairs.first_entry() {
+            if *entry.key() >= next {
+                break;
+            }
+            let r = entry.remove();
+            self.cancel(r);
+        }
+    }
+
+    fn check_parents(&mut self, now_ms: i64) {
+        let (Some(base), Some(start)) = (self.live_base, self.play_next) else {
+            return;
+        };
+        let silence = ms(self.cfg.silence_timeout);
+        for s in 0..self.subs.len() {
+            let sub = self.subs[s];
+            if sub.parent.is_none() {
+                continue;
+            }
+            let s64 = s as u64;
+            let from = sub.last_seq.map_or(start, |l| l + 1).max(start);
+            let next = from + (s64 + self.k - from % self.k) % self.k;
+            let expected = base.saturating_add(self.seq_ms(next)).max(sub.since_ms);
+            if now_ms > expected.saturating_add(silence) {
+                self.research(s as u16, now_ms);
+            }
+        }
+    }
+
+    fn expire_requests(&mut self, now_ms: i64) {
+        for r in self.repairs.values_mut() {
+            if let Some((who, until)) = r.outstanding {
+                if until <= now_ms {
+                    r.outstanding = None;
+                    self.outstanding -= 1;
+                    if let Some(w) = who {
+                        r.tried.push(w);
+                        if let Some(n) = self.neighbours.get_mut(&w) {
+                            n.outstanding = n.outstanding.saturating_sub(1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn request_missing(&mut self, now_ms: i64) {
+        let (Some(base), Some(start)) = (self.live_base, self.play_next) else {
+            return;
+        };
+        let live = u64::try_from(now_ms.saturating_sub(base) / self.d_ms).unwrap_or(0);
+        let end = live.min(start.saturating_add(u64::from(self.cfg.window)));
+        let repair_lead = ms(self.cfg.repair_lead);
+        let server_lead = ms(self.cfg.server_lead);
+        let timeout = ms(self.cfg.request_timeout);
+        let mut seq = start;
+        while seq <= end && self.outstanding < self.cfg.max_outstanding {
+            let Some(deadline) = self.deadline(seq) else {
+                return;
+            };
+            let lead = deadline.saturating_sub(now_ms);
+            if lead > repair_lead {
+                break;
+            }
+            if self.have.contains(&seq) {
+                seq += 1;
+                continue;
+            }
+            let r = self.repairs.entry(seq).or_default();
+            if r.outstanding.is_none() {
+                let pick = self
+                    .neighbours
+                    .iter()
+                    .filter(|(id, n)| {
+                        n.outstanding < self.cfg.max_per_neighbour
+                            && !r.tried.contains(id)
+                            && n.map.as_ref().is_some_and(|m| m.contains(seq))
+                    })
+                    .min_by_key(|(id, n)| (n.outstanding, **id))
+                    .map(|(id, _)| *id);
+                if let Some(nb) = pick {
+                    r.outstanding = Some((Some(nb), now_ms.saturating_add(timeout)));
+                    self.outstanding += 1;
+                    if let Some(n) = self.neighbours.get_mut(&nb) {
+                        n.outstanding += 1;
+                    }
+                    self.actions.push_back(Action::Request { neighbour: nb, seq });
+                    self.stats.neighbour_requests += 1;
+                } else if lead <= server_lead && r.server_tries < 3 {
+                    r.server_tries += 1;
+                    r.outstanding = Some((None, now_ms.saturating_add(timeout)));
+                    self.outstanding += 1;
+                    self.actions.push_back(Action::RequestFromServer { seq });
+                    self.stats.server_requests += 1;
+                }
+            }
+            seq += 1;
+        }
+    }
+}

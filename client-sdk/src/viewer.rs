@@ -1,0 +1,787 @@
+//! The viewer: join, receive, reorder, fan out; reconnect and re-join; heartbeat.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use starling_proto::wire::{ErrorCode, Frame, Limits, MAX_BROADCAST_ID, StartAt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::conn::{self, OpenParams, WireConn};
+use crate::control::{Control, JoinInfo};
+use crate::error::{SdkError, is_fatal_code};
+use crate::hub::{Hub, HubLimits, Subscription};
+use crate::reorder::{Output, PushOutcome, ReorderBuffer, ReorderConfig};
+use crate::{http, stats::Stats};
+
+/// Everything a viewer can be tuned with. [`ViewerConfig::new`] gives sane defaults.
+#[derive(Debug, Clone)]
+pub struct ViewerConfig {
+    /// The broadcast to play.
+    pub broadcast_id: String,
+    /// gRPC URL of the control plane (used by [`Viewer::join`]).
+    pub control_url: String,
+    /// Viewer credential (JWT from the broadcaster's backend), passed to `Join`.
+    pub credential: Option<String>,
+    /// Chunk token for [`Viewer::connect_direct`] (`Join` supplies its own).
+    pub chunk_token: Bytes,
+    /// Where the local HTTP endpoint listens; `None` disables it.
+    pub http_listen: Option<SocketAddr>,
+    /// Limit for one connection attempt (TCP connect + handshake) and control calls.
+    pub connect_timeout: Duration,
+    /// A data-plane connection silent for this long is considered dead.
+    pub idle_timeout: Duration,
+    /// First reconnect delay; doubled after each failure up to `reconnect_max`.
+    pub reconnect_initial: Duration,
+    /// Cap of the reconnect delay.
+    pub reconnect_max: Duration,
+    /// Consecutive failed connection attempts after which `Join` is called again (the
+    /// broadcast may have moved to another node). Only with a control plane.
+    pub rejoin_after_failures: u32,
+    /// Reorder window and gap timeout.
+    pub reorder: ReorderConfig,
+    /// How many recent chunks are kept so that a new consumer starts at once.
+    pub history_chunks: usize,
+    /// Byte cap of that history.
+    pub history_bytes: usize,
+    /// Per-consumer queue bound, in chunks. A consumer that falls further behind skips
+    /// to the next random-access chunk.
+    pub subscriber_queue_chunks: usize,
+    /// Largest chunk accepted from the network.
+    pub max_chunk_bytes: u32,
+    /// Sent to the control plane in `Join`.
+    pub client_version: String,
+}
+
+impl ViewerConfig {
+    /// Defaults for `broadcast_id`: control plane at `http://127.0.0.1:7000`, HTTP
+    /// endpoint on `127.0.0.1:0`, reconnect 100 ms .. 5 s.
+    pub fn new(broadcast_id: impl Into<String>) -> ViewerConfig {
+        ViewerConfig {
+            broadcast_id: broadcast_id.into(),
+            control_url: "http://127.0.0.1:7000".into(),
+            credential: None,
+            chunk_token: Bytes::new(),
+            http_listen: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(15),
+            reconnect_initial: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            rejoin_after_failures: 3,
+            reorder: ReorderConfig::default(),
+            history_chunks: 64,
+            history_bytes: 32 * 1024 * 1024,
+            subscriber_queue_chunks: 64,
+            max_chunk_bytes: 4 * 1024 * 1024,
+            client_version: concat!("starling-sdk/", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), SdkError> {
+        if self.broadcast_id.is_empty() || self.broadcast_id.len() > MAX_BROADCAST_ID {
+            return Err(SdkError::Config(format!(
+                "broadcast id must be 1..={MAX_BROADCAST_ID} bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_chunk_payload: self.max_chunk_bytes.saturating_add(32),
+            ..Limits::default()
+        }
+    }
+}
+
+/// Control-plane session state (changes on re-join).
+#[derive(Debug, Clone)]
+struct Session {
+    id: String,
+    heartbeat: Duration,
+}
+
+pub(crate) struct Shared {
+    pub(crate) broadcast_id: String,
+    pub(crate) hub: Hub,
+    stats: Mutex<Stats>,
+    started: Instant,
+    /// `None` while running; the end result once stopping.
+    end: watch::Sender<Option<Result<(), SdkError>>>,
+    session: Mutex<Option<Session>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// Records why the viewer stops (the first reason wins) and tells every task.
+    fn finish(&self, result: Result<(), SdkError>) {
+        self.end.send_if_modified(|end| {
+            if end.is_none() {
+                *end = Some(result);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub(crate) fn stop_signal(&self) -> watch::Receiver<Option<Result<(), SdkError>>> {
+        self.end.subscribe()
+    }
+
+    fn stats_mut(&self) -> MutexGuard<'_, Stats> {
+        lock(&self.stats)
+    }
+}
+
+/// Resolves when the viewer is stopping.
+pub(crate) async fn stopped(rx: &mut watch::Receiver<Option<Result<(), SdkError>>>) {
+    let _ = rx.wait_for(|e| e.is_some()).await;
+}
+
+/// A joined broadcast. Dropping it stops everything (and leaves, best effort).
+pub struct Viewer {
+    shared: Arc<Shared>,
+    control: Option<Control>,
+    local_addr: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    left: bool,
+}
+
+impl std::fmt::Debug for Viewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Viewer")
+            .field("broadcast_id", &self.shared.broadcast_id)
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Viewer {
+    /// Joins `config.broadcast_id` through the control plane at `config.control_url`,
+    /// connects to the data-plane node it names and subscribes at the live edge.
+    /// Returns once the data plane has accepted the subscription (`STREAM_INFO`);
+    /// refusals (unknown broadcast, no rights...) come back as typed errors.
+    pub async fn join(config: ViewerConfig) -> Result<Viewer, SdkError> {
+        config.validate()?;
+        let started = Instant::now();
+        let listener = bind_http(&config).await?;
+        let control = Control::new(
+            &config.control_url,
+            &config.broadcast_id,
+            config.credential.as_deref(),
+            &config.client_version,
+            config.connect_timeout,
+        )?;
+        let join = control.join().await?;
+        let target = Target {
+            wire_addr: join.wire_addr.clone(),
+            token: join.token.clone(),
+        };
+        let first = match open_conn(&config, &target, StartAt::Live).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ =
+                    tokio::time::timeout(config.connect_timeout, control.leave(&join.session_id))
+                        .await;
+                return Err(e);
+            }
+        };
+        Ok(Viewer::start(
+            config,
+            started,
+            listener,
+            Some((control, join)),
+            target,
+            first,
+        ))
+    }
+
+    /// Connects straight to a data-plane wire address (`host:port`), without a control
+    /// plane: for standalone data planes and tests. `config.chunk_token` is sent in
+    /// `HELLO`.
+    pub async fn connect_direct(
+        wire_addr: impl Into<String>,
+        config: ViewerConfig,
+    ) -> Result<Viewer, SdkError> {
+        config.validate()?;
+        let started = Instant::now();
+        let listener = bind_http(&config).await?;
+        let target = Target {
+            wire_addr: wire_addr.into(),
+            token: config.chunk_token.clone(),
+        };
+        let first = open_conn(&config, &target, StartAt::Live).await?;
+        Ok(Viewer::start(
+            config, started, listener, None, target, first,
+        ))
+    }
+
+    fn start(
+        config: ViewerConfig,
+        started: Instant,
+        listener: Option<TcpListener>,
+        control: Option<(Control, JoinInfo)>,
+        target: Target,
+        first: WireConn,
+    ) -> Viewer {
+        let hub = Hub::new(HubLimits {
+            history_chunks: config.history_chunks,
+            history_bytes: config.history_bytes,
+            queue_chunks: config.subscriber_queue_chunks,
+        });
+        if let Some(ct) = control
+            .as_ref()
+            .and_then(|(_, j)| j.params.as_ref())
+            .map(|p| p.content_type.as_str())
+        {
+            hub.set_content_type(ct);
+        }
+        let (end, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            broadcast_id: config.broadcast_id.clone(),
+            hub,
+            stats: Mutex::new(Stats::default()),
+            started,
+            end,
+            session: Mutex::new(control.as_ref().map(|(_, j)| Session {
+                id: j.session_id.clone(),
+                heartbeat: j.heartbeat,
+            })),
+        });
+        let mut tasks = Vec::new();
+        let local_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(listener) = listener {
+            tasks.push(tokio::spawn(http::serve(listener, shared.clone())));
+        }
+        let control = control.map(|(c, _)| c);
+        if let Some(c) = &control {
+            tasks.push(tokio::spawn(heartbeat_loop(c.clone(), shared.clone())));
+        }
+        let receiver = Receiver {
+            shared: shared.clone(),
+            reorder: ReorderBuffer::new(config.reorder),
+            control: control.clone(),
+            target,
+            config,
+        };
+        tasks.push(tokio::spawn(receiver.run(first)));
+        Viewer {
+            shared,
+            control,
+            local_addr,
+            tasks,
+            left: false,
+        }
+    }
+
+    /// A new in-order byte stream of the broadcast, starting at the newest random
+    /// access chunk held (or the next one). Bounded: see [`Subscription`].
+    pub fn subscribe(&self) -> Subscription {
+        self.shared.hub.subscribe()
+    }
+
+    /// Address of the local HTTP endpoint, if enabled.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// URL any media player can open (`http://127.0.0.1:PORT/live/{broadcast}`), if the
+    /// local HTTP endpoint is enabled.
+    pub fn local_url(&self) -> Option<String> {
+        let mut addr = self.local_addr?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            });
+        }
+        Some(format!("http://{addr}/live/{}", self.shared.broadcast_id))
+    }
+
+    /// The broadcast this viewer plays.
+    pub fn broadcast_id(&self) -> &str {
+        &self.shared.broadcast_id
+    }
+
+    /// MIME type of the stream, once known (e.g. `video/mp2t`).
+    pub fn content_type(&self) -> Option<String> {
+        self.shared.hub.content_type()
+    }
+
+    /// Control-plane session id (`None` for [`Viewer::connect_direct`]).
+    pub fn session_id(&self) -> Option<String> {
+        lock(&self.shared.session).as_ref().map(|s| s.id.clone())
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.shared.stats_mut().clone();
+        s.consumer_drops = self
+            .shared
+            .hub
+            .consumer_drops
+            .load(std::sync::atomic::Ordering::Relaxed);
+        s.consumers = self.shared.hub.consumers();
+        s
+    }
+
+    /// True once the viewer has stopped (or is stopping).
+    pub fn is_closed(&self) -> bool {
+        self.shared.end.borrow().is_some()
+    }
+
+    /// Waits until the viewer stops on its own: `Ok(())` after [`Viewer::leave`],
+    /// otherwise the reason (broadcast ended, session inactive, fatal refusal...).
+    pub async fn closed(&self) -> Result<(), SdkError> {
+        let mut rx = self.shared.stop_signal();
+        match rx.wait_for(|e| e.is_some()).await {
+            Ok(end) => end.clone().unwrap_or(Ok(())),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Stops receiving, ends every consumer's stream, closes the local endpoint and
+    /// tells the control plane (`Leave`), if any.
+    pub async fn leave(mut self) -> Result<(), SdkError> {
+        self.left = true;
+        self.shared.finish(Ok(()));
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in tasks {
+            // The tasks watch the stop signal; give them a moment to finish cleanly.
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        let session = lock(&self.shared.session).take();
+        match (&self.control, session) {
+            (Some(c), Some(s)) => {
+                match tokio::time::timeout(Duration::from_secs(3), c.leave(&s.id)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(SdkError::Timeout("sending Leave")),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Viewer {
+    fn drop(&mut self) {
+        self.shared.finish(Ok(()));
+        for t in &self.tasks {
+            t.abort();
+        }
+        if self.left {
+            return;
+        }
+        if let (Some(c), Some(s), Ok(rt)) = (
+            self.control.clone(),
+            lock(&self.shared.session).take(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(3), c.leave(&s.id)).await;
+            });
+        }
+    }
+}
+
+async fn bind_http(config: &ViewerConfig) -> Result<Option<TcpListener>, SdkError> {
+    match config.http_listen {
+        None => Ok(None),
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|e| SdkError::HttpBind {
+                addr: addr.to_string(),
+                source: e.into(),
+            }),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Target {
+    wire_addr: String,
+    token: Bytes,
+}
+
+async fn open_conn(
+    config: &ViewerConfig,
+    target: &Target,
+    start: StartAt,
+) -> Result<WireConn, SdkError> {
+    conn::open(OpenParams {
+        addr: &target.wire_addr,
+        token: &target.token,
+        broadcast_id: &config.broadcast_id,
+        start,
+        limits: config.limits(),
+        timeout: config.connect_timeout,
+    })
+    .await
+}
+
+async fn heartbeat_loop(control: Control, shared: Arc<Shared>) {
+    let mut stop = shared.stop_signal();
+    loop {
+        let Some(session) = lock(&shared.session).clone() else {
+            return;
+        };
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tokio::time::sleep(session.heartbeat) => {}
+        }
+        let call = tokio::time::timeout(session.heartbeat.max(Duration::from_secs(1)), async {
+            control.heartbeat(&session.id).await
+        });
+        let r = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            r = call => r,
+        };
+        match r {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                // A re-join may have replaced the session meanwhile: only stop if the
+                // inactive one is still current.
+                let current = lock(&shared.session).as_ref().map(|s| s.id.clone());
+                if current.as_deref() == Some(session.id.as_str()) {
+                    tracing::info!(session = session.id, "control plane: session inactive");
+                    shared.finish(Err(SdkError::SessionInactive));
+                    return;
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("heartbeat failed (still playing): {e}"),
+            Err(_) => tracing::warn!("heartbeat timed out (still playing)"),
+        }
+    }
+}
+
+/// How a data-plane session ended.
+enum SessionEnd {
+    /// The viewer is stopping.
+    Stop,
+    /// Cannot continue with this node/token.
+    Fatal(SdkError),
+    /// Connection lost or transient refusal: reconnect.
+    Lost(SdkError),
+}
+
+struct Receiver {
+    shared: Arc<Shared>,
+    config: ViewerConfig,
+    control: Option<Control>,
+    target: Target,
+    reorder: ReorderBuffer,
+}
+
+impl Receiver {
+    async fn run(mut self, first: WireConn) {
+        let result = self.run_inner(first).await;
+        match &result {
+            Ok(()) => tracing::debug!("receiver stopped"),
+            Err(e) => tracing::warn!("viewer stopped: {e}"),
+        }
+        self.shared.finish(result);
+        self.shared.hub.close();
+        self.shared.stats_mut().connected = false;
+    }
+
+    async fn run_inner(&mut self, first: WireConn) -> Result<(), SdkError> {
+        let mut stop = self.shared.stop_signal();
+        let mut conn = Some(first);
+        let mut backoff = self.config.reconnect_initial;
+        let mut failures: u32 = 0;
+        let mut need_rejoin = false;
+        // Whether the last fatal refusal came right after a fresh Join (then a re-join
+        // cannot help).
+        let mut fresh_join = true;
+        loop {
+            let c = match conn.take() {
+                Some(c) => c,
+                None => {
+                    tokio::select! {
+                        _ = stopped(&mut stop) => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.config.reconnect_max);
+                    if need_rejoin {
+                        match self.rejoin(&mut stop).await {
+                            Ok(true) => {
+                                need_rejoin = false;
+                                fresh_join = true;
+                                failures = 0;
+                            }
+                            Ok(false) => return Ok(()),
+                            Err(e) if e.is_fatal() => return Err(e),
+                            // Control plane down: keep trying the node we know.
+                            Err(e) => tracing::warn!("re-join failed: {e}"),
+                        }
+                    }
+                    let start = self
+                        .reorder
+                        .next_expected()
+                        .map_or(StartAt::Live, StartAt::Seq);
+                    tracing::info!(addr = self.target.wire_addr, ?start, "reconnecting");
+                    let r = tokio::select! {
+                        _ = stopped(&mut stop) => return Ok(()),
+                        r = open_conn(&self.config, &self.target, start) => r,
+                    };
+                    match r {
+                        Ok(c) => {
+                            self.shared.stats_mut().reconnects += 1;
+                            c
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            tracing::warn!(failures, "reconnect failed: {e}");
+                            if let Some(err) = self.classify(e, &mut need_rejoin, fresh_join) {
+                                return Err(err);
+                            }
+                            if self.control.is_some()
+                                && failures >= self.config.rejoin_after_failures.max(1)
+                            {
+                                need_rejoin = true;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let before = self.shared.stats_mut().chunks_received;
+            match self.serve(c, &mut stop).await {
+                SessionEnd::Stop => return Ok(()),
+                SessionEnd::Fatal(e) | SessionEnd::Lost(e) if self.made_progress(before) => {
+                    // The session worked for a while: start over with a short delay.
+                    failures = 0;
+                    fresh_join = false;
+                    backoff = self.config.reconnect_initial;
+                    tracing::info!("data-plane session ended: {e}");
+                    if let Some(err) = self.classify(e, &mut need_rejoin, false) {
+                        return Err(err);
+                    }
+                }
+                SessionEnd::Fatal(e) | SessionEnd::Lost(e) => {
+                    failures += 1;
+                    tracing::warn!("data-plane session ended: {e}");
+                    if let Some(err) = self.classify(e, &mut need_rejoin, fresh_join) {
+                        return Err(err);
+                    }
+                }
+            }
+        }
+    }
+
+    fn made_progress(&self, chunks_before: u64) -> bool {
+        self.shared.stats_mut().chunks_received > chunks_before
+    }
+
+    /// Decides what an error means: `Some(err)` = stop with it; otherwise retry, maybe
+    /// after a re-join.
+    fn classify(&self, e: SdkError, need_rejoin: &mut bool, fresh_join: bool) -> Option<SdkError> {
+        match &e {
+            SdkError::BroadcastEnded(_) | SdkError::VersionMismatch(_) | SdkError::Config(_) => {
+                Some(e)
+            }
+            SdkError::Server { code, .. } if *code == ErrorCode::BroadcastStopped => {
+                Some(SdkError::BroadcastEnded(e.to_string()))
+            }
+            SdkError::Server { code, .. } if is_fatal_code(*code) => {
+                // The node may have lost the broadcast (moved) or the token expired: a
+                // fresh Join can fix both, once.
+                if self.control.is_some() && !fresh_join {
+                    *need_rejoin = true;
+                    None
+                } else {
+                    Some(e)
+                }
+            }
+            SdkError::Server { code, .. } if *code == ErrorCode::ShuttingDown => {
+                if self.control.is_some() {
+                    *need_rejoin = true;
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Calls `Join` again. `Ok(false)` = the viewer is stopping.
+    async fn rejoin(
+        &mut self,
+        stop: &mut watch::Receiver<Option<Result<(), SdkError>>>,
+    ) -> Result<bool, SdkError> {
+        let Some(control) = self.control.clone() else {
+            return Ok(true);
+        };
+        let join = tokio::select! {
+            _ = stopped(stop) => return Ok(false),
+            r = control.join() => r?,
+        };
+        tracing::info!(
+            addr = join.wire_addr,
+            session = join.session_id,
+            "re-joined via the control plane"
+        );
+        let old = lock(&self.shared.session).replace(Session {
+            id: join.session_id.clone(),
+            heartbeat: join.heartbeat,
+        });
+        if let Some(old) = old.filter(|o| o.id != join.session_id) {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(3), control.leave(&old.id)).await;
+            });
+        }
+        if let Some(p) = &join.params {
+            self.shared.hub.set_content_type(&p.content_type);
+        }
+        self.target = Target {
+            wire_addr: join.wire_addr,
+            token: join.token,
+        };
+        self.shared.stats_mut().rejoins += 1;
+        Ok(true)
+    }
+
+    async fn serve(
+        &mut self,
+        mut conn: WireConn,
+        stop: &mut watch::Receiver<Option<Result<(), SdkError>>>,
+    ) -> SessionEnd {
+        tracing::debug!(addr = conn.addr, info = ?conn.info, "subscribed");
+        self.shared.hub.set_content_type(&conn.info.content_type);
+        {
+            let mut s = self.shared.stats_mut();
+            s.connected = true;
+            s.live_seq = Some(conn.info.live_seq);
+        }
+        if let Some(next) = self.reorder.next_expected()
+            && conn.info.first_seq > next
+        {
+            // The server cannot resume where we are: it starts later.
+            self.reorder.skip_before(conn.info.first_seq);
+            self.flush();
+        }
+        let end = loop {
+            let deadline = self.reorder.deadline();
+            let frame = tokio::select! {
+                _ = stopped(stop) => {
+                    conn.close().await;
+                    return SessionEnd::Stop;
+                }
+                _ = sleep_until_opt(deadline) => {
+                    self.reorder.handle_timeout(Instant::now());
+                    self.flush();
+                    continue;
+                }
+                r = tokio::time::timeout(self.config.idle_timeout, conn.next_frame()) => match r {
+                    Ok(Ok(f)) => f,
+                    Ok(Err(e)) => break SessionEnd::Lost(e),
+                    Err(_) => break SessionEnd::Lost(SdkError::Timeout("waiting for data")),
+                },
+            };
+            match frame {
+                Frame::Chunk(c) => {
+                    let len = c.payload.len() as u64;
+                    let outcome = self.reorder.push(c, Instant::now());
+                    {
+                        let mut s = self.shared.stats_mut();
+                        s.chunks_received += 1;
+                        s.bytes_received += len;
+                        if outcome != PushOutcome::Accepted {
+                            s.duplicates += 1;
+                        }
+                    }
+                    self.flush();
+                }
+                Frame::Ping(n) => {
+                    if let Err(e) = conn.send(&Frame::Pong(n)).await {
+                        break SessionEnd::Lost(e);
+                    }
+                }
+                Frame::Pong(_) => {}
+                Frame::StreamInfo(info) => {
+                    self.shared.hub.set_content_type(&info.content_type);
+                    self.shared.stats_mut().live_seq = Some(info.live_seq);
+                }
+                Frame::Error(r) => {
+                    let e = SdkError::Server {
+                        code: r.code,
+                        message: r.message,
+                    };
+                    break if is_fatal_code(r.code) {
+                        SessionEnd::Fatal(e)
+                    } else {
+                        SessionEnd::Lost(e)
+                    };
+                }
+                Frame::Goodbye(r) => {
+                    break if r.code == ErrorCode::BroadcastStopped {
+                        SessionEnd::Fatal(SdkError::BroadcastEnded(r.message))
+                    } else {
+                        SessionEnd::Lost(SdkError::Server {
+                            code: r.code,
+                            message: r.message,
+                        })
+                    };
+                }
+                Frame::Hello(_) | Frame::HelloAck(_) | Frame::Subscribe(_) => {
+                    break SessionEnd::Lost(SdkError::Protocol(
+                        "unexpected handshake frame mid-stream".into(),
+                    ));
+                }
+            }
+        };
+        self.shared.stats_mut().connected = false;
+        end
+    }
+
+    /// Moves everything the reorder buffer has ready to the consumers.
+    fn flush(&mut self) {
+        while let Some(out) = self.reorder.pop() {
+            match out {
+                Output::Chunk(c) => {
+                    {
+                        let mut s = self.shared.stats_mut();
+                        if s.startup_time.is_none() {
+                            s.startup_time = Some(self.shared.started.elapsed());
+                        }
+                        s.chunks_out += 1;
+                        s.bytes_out += c.payload.len() as u64;
+                        s.current_seq = Some(c.seq);
+                        if s.live_seq.is_none_or(|l| l < c.seq) {
+                            s.live_seq = Some(c.seq);
+                        }
+                    }
+                    self.shared.hub.publish(c);
+                }
+                Output::Discontinuity {
+                    expected,
+                    resumed_at,
+                    reason,
+                } => {
+                    tracing::info!(expected, resumed_at, ?reason, "discontinuity");
+                    self.shared.stats_mut().discontinuities += 1;
+                    self.shared.hub.discontinuity();
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

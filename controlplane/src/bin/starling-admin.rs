@@ -1,0 +1,476 @@
+//! `starling-admin`: command-line client of the Starling AdminService.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use starling_proto::v1::admin_service_client::AdminServiceClient;
+use starling_proto::v1::{
+    Broadcast, BroadcastRef, BroadcastState, CreateBroadcastRequest, ListBroadcastsRequest,
+    SourceHealth,
+};
+use tonic::transport::{Channel, Endpoint};
+
+/// Starling admin CLI: create, start, stop, inspect and wait for broadcasts.
+///
+/// Exit status: 0 on success, 1 when a call fails (the gRPC status is printed on
+/// stderr), 2 on bad usage, 3 when `wait` times out.
+///
+/// Scripting: `id=$(starling-admin create --name radio --source http://host:8000/live --id-only)`
+#[derive(Debug, Parser)]
+#[command(name = "starling-admin", version, about, long_about)]
+struct Args {
+    /// Control-plane gRPC URL.
+    #[arg(
+        long,
+        env = "STARLING_CONTROL_URL",
+        default_value = "http://127.0.0.1:7000",
+        global = true
+    )]
+    control_url: String,
+
+    /// Deadline of each gRPC call (e.g. 10s, 500ms).
+    #[arg(long, env = "STARLING_ADMIN_CALL_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
+    call_timeout: Duration,
+
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a broadcast. Prints its id alone on the first line of stdout, then the
+    /// details (or only the id with --id-only, or JSON with --json).
+    Create {
+        /// Human-readable name (1..=200 bytes).
+        #[arg(long)]
+        name: String,
+        /// http:// URL of the live source (Icecast mount, HTTP origin...). https:// is
+        /// not supported by ingest yet.
+        #[arg(long)]
+        source: String,
+        /// Target chunk duration in ms (100..=10000; default 1000).
+        #[arg(long)]
+        chunk_ms: Option<u32>,
+        /// Number of substreams for the peer grid (1..=64; default 4).
+        #[arg(long)]
+        substreams: Option<u32>,
+        /// Print only the new id.
+        #[arg(long, conflicts_with = "json")]
+        id_only: bool,
+        /// Print the broadcast as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a broadcast (CREATED or STOPPED -> LIVE; no-op when already LIVE).
+    Start {
+        /// Broadcast id.
+        id: String,
+        /// Print the broadcast as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a broadcast (-> STOPPED): ingest stops, viewer sessions end.
+    Stop {
+        /// Broadcast id.
+        id: String,
+        /// Print the broadcast as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one broadcast.
+    Get {
+        /// Broadcast id.
+        id: String,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List broadcasts (created and live; --all adds stopped ones).
+    List {
+        /// Include stopped broadcasts.
+        #[arg(long)]
+        all: bool,
+        /// Print as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Poll a broadcast until its source health (and optionally state) matches, e.g.
+    /// `wait ID --health up --timeout 30s`. Connection errors are retried until the
+    /// timeout. Exits 3 on timeout.
+    Wait {
+        /// Broadcast id.
+        id: String,
+        /// Source health to wait for.
+        #[arg(long, value_enum, default_value_t = HealthArg::Up)]
+        health: HealthArg,
+        /// Also require this state.
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        /// Give up after this long (e.g. 30s, 2m, 500ms).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Polling interval.
+        #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+        interval: Duration,
+        /// Print the broadcast as JSON once it matches.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum HealthArg {
+    Unknown,
+    Connecting,
+    Up,
+    Down,
+}
+
+impl HealthArg {
+    fn proto(self) -> SourceHealth {
+        match self {
+            HealthArg::Unknown => SourceHealth::Unknown,
+            HealthArg::Connecting => SourceHealth::Connecting,
+            HealthArg::Up => SourceHealth::Up,
+            HealthArg::Down => SourceHealth::Down,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StateArg {
+    Created,
+    Live,
+    Stopped,
+}
+
+impl StateArg {
+    fn proto(self) -> BroadcastState {
+        match self {
+            StateArg::Created => BroadcastState::Created,
+            StateArg::Live => BroadcastState::Live,
+            StateArg::Stopped => BroadcastState::Stopped,
+        }
+    }
+}
+
+/// Parses `30s`, `500ms`, `2m`, `1h` or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (examples: 30s, 500ms, 2m)"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+fn state_str(v: i32) -> &'static str {
+    match BroadcastState::try_from(v) {
+        Ok(BroadcastState::Created) => "created",
+        Ok(BroadcastState::Live) => "live",
+        Ok(BroadcastState::Stopped) => "stopped",
+        _ => "unspecified",
+    }
+}
+
+fn health_str(v: i32) -> &'static str {
+    match SourceHealth::try_from(v) {
+        Ok(SourceHealth::Unknown) => "unknown",
+        Ok(SourceHealth::Connecting) => "connecting",
+        Ok(SourceHealth::Up) => "up",
+        Ok(SourceHealth::Down) => "down",
+        _ => "unspecified",
+    }
+}
+
+fn to_json(b: &Broadcast) -> serde_json::Value {
+    serde_json::json!({
+        "id": b.id,
+        "name": b.name,
+        "source_url": b.source_url,
+        "chunk_duration_ms": b.chunk_duration_ms,
+        "substreams": b.substreams,
+        "state": state_str(b.state),
+        "source_health": health_str(b.source_health),
+        "source_error": b.source_error,
+        "node_id": b.node_id,
+        "node_wire_addr": b.node_wire_addr,
+        "node_http_addr": b.node_http_addr,
+        "viewers_now": b.viewers_now,
+        "last_seq": b.last_seq,
+        "content_type": b.content_type,
+        "created_at_unix_ms": b.created_at_unix_ms,
+        "updated_at_unix_ms": b.updated_at_unix_ms,
+    })
+}
+
+fn print_details(b: &Broadcast) {
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    println!("id:            {}", b.id);
+    println!("name:          {}", b.name);
+    println!("source_url:    {}", b.source_url);
+    println!("state:         {}", state_str(b.state));
+    println!("source_health: {}", health_str(b.source_health));
+    if !b.source_error.is_empty() {
+        println!("source_error:  {}", b.source_error);
+    }
+    println!("node:          {}", dash(&b.node_id));
+    println!("node_wire:     {}", dash(&b.node_wire_addr));
+    println!("node_http:     {}", dash(&b.node_http_addr));
+    println!("chunk_ms:      {}", b.chunk_duration_ms);
+    println!("substreams:    {}", b.substreams);
+    println!("viewers_now:   {}", b.viewers_now);
+    println!("last_seq:      {}", b.last_seq);
+    println!("content_type:  {}", dash(&b.content_type));
+}
+
+fn print_broadcast(b: &Broadcast, json: bool) {
+    if json {
+        println!("{}", to_json(b));
+    } else {
+        print_details(b);
+    }
+}
+
+enum Failure {
+    Status(tonic::Status),
+    Connect(String),
+    Timeout(String),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Failure::Status(s)
+    }
+}
+
+async fn connect(args: &Args) -> Result<AdminServiceClient<Channel>, Failure> {
+    let endpoint = Endpoint::from_shared(args.control_url.clone())
+        .map_err(|e| {
+            Failure::Connect(format!("invalid --control-url {:?}: {e}", args.control_url))
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(args.call_timeout);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure::Connect(format!("cannot connect to {}: {e}", args.control_url)))?;
+    Ok(AdminServiceClient::new(channel))
+}
+
+async fn run(args: Args) -> Result<(), Failure> {
+    match &args.command {
+        Cmd::Create {
+            name,
+            source,
+            chunk_ms,
+            substreams,
+            id_only,
+            json,
+        } => {
+            let mut client = connect(&args).await?;
+            let b = client
+                .create_broadcast(CreateBroadcastRequest {
+                    name: name.clone(),
+                    source_url: source.clone(),
+                    chunk_duration_ms: chunk_ms.unwrap_or(0),
+                    substreams: substreams.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            if *json {
+                println!("{}", to_json(&b));
+            } else {
+                println!("{}", b.id);
+                if !*id_only {
+                    print_details(&b);
+                }
+            }
+        }
+        Cmd::Start { id, json } => {
+            let mut client = connect(&args).await?;
+            let b = client
+                .start_broadcast(BroadcastRef { id: id.clone() })
+                .await?
+                .into_inner();
+            print_broadcast(&b, *json);
+        }
+        Cmd::Stop { id, json } => {
+            let mut client = connect(&args).await?;
+            let b = client
+                .stop_broadcast(BroadcastRef { id: id.clone() })
+                .await?
+                .into_inner();
+            print_broadcast(&b, *json);
+        }
+        Cmd::Get { id, json } => {
+            let mut client = connect(&args).await?;
+            let b = client
+                .get_broadcast(BroadcastRef { id: id.clone() })
+                .await?
+                .into_inner();
+            print_broadcast(&b, *json);
+        }
+        Cmd::List { all, json } => {
+            let mut client = connect(&args).await?;
+            let list = client
+                .list_broadcasts(ListBroadcastsRequest {
+                    include_stopped: *all,
+                })
+                .await?
+                .into_inner()
+                .broadcasts;
+            if *json {
+                let arr: Vec<_> = list.iter().map(to_json).collect();
+                println!("{}", serde_json::Value::Array(arr));
+            } else {
+                println!(
+                    "{:<18} {:<8} {:<11} {:<20} {:>8}  NAME",
+                    "ID", "STATE", "HEALTH", "NODE", "VIEWERS"
+                );
+                for b in &list {
+                    println!(
+                        "{:<18} {:<8} {:<11} {:<20} {:>8}  {}",
+                        b.id,
+                        state_str(b.state),
+                        health_str(b.source_health),
+                        if b.node_id.is_empty() {
+                            "-"
+                        } else {
+                            &b.node_id
+                        },
+                        b.viewers_now,
+                        b.name
+                    );
+                }
+            }
+        }
+        Cmd::Wait {
+            id,
+            health,
+            state,
+            timeout,
+            interval,
+            json,
+        } => {
+            let deadline = Instant::now() + *timeout;
+            let mut client: Option<AdminServiceClient<Channel>> = None;
+            let mut last = String::from("no answer yet");
+            loop {
+                if client.is_none() {
+                    match connect(&args).await {
+                        Ok(c) => client = Some(c),
+                        Err(Failure::Connect(m)) => last = m,
+                        Err(other) => return Err(other),
+                    }
+                }
+                if let Some(c) = client.as_mut() {
+                    match c.get_broadcast(BroadcastRef { id: id.clone() }).await {
+                        Ok(resp) => {
+                            let b = resp.into_inner();
+                            let health_ok = b.source_health == health.proto() as i32;
+                            let state_ok = state.is_none_or(|s| b.state == s.proto() as i32);
+                            if health_ok && state_ok {
+                                print_broadcast(&b, *json);
+                                return Ok(());
+                            }
+                            last = format!(
+                                "state {}, source health {}{}",
+                                state_str(b.state),
+                                health_str(b.source_health),
+                                if b.source_error.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" ({})", b.source_error)
+                                }
+                            );
+                        }
+                        Err(s)
+                            if matches!(
+                                s.code(),
+                                tonic::Code::Unavailable
+                                    | tonic::Code::DeadlineExceeded
+                                    | tonic::Code::Unknown
+                            ) =>
+                        {
+                            last = format!("{:?}: {}", s.code(), s.message());
+                        }
+                        Err(s) => return Err(Failure::Status(s)),
+                    }
+                }
+                if Instant::now() + *interval > deadline {
+                    return Err(Failure::Timeout(format!(
+                        "timed out after {timeout:?} waiting for broadcast {id} to have source health {}; last seen: {last}",
+                        health_str(health.proto() as i32)
+                    )));
+                }
+                tokio::time::sleep(*interval).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Status(s)) => {
+            eprintln!("starling-admin: {:?}: {}", s.code(), s.message());
+            ExitCode::from(1)
+        }
+        Err(Failure::Connect(m)) => {
+            eprintln!("starling-admin: {m}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Timeout(m)) => {
+            eprintln!("starling-admin: {m}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}

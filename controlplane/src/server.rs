@@ -1,0 +1,293 @@
+//! Wiring: database, gRPC server (three services + health + reflection), liveness
+//! task, graceful shutdown. Usable in-process by tests and the load generator.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use starling_proto::v1::admin_service_server::AdminServiceServer;
+use starling_proto::v1::edge_service_server::EdgeServiceServer;
+use starling_proto::v1::viewer_service_server::ViewerServiceServer;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+use crate::service::{Api, Core, ServiceConfig, now_ms};
+use crate::store::{DatabaseConfig, Store, StoreError};
+
+/// How long graceful shutdown waits for in-flight calls before giving up.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Control-plane configuration (built by the binary from its flags, or by tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free port (see [`ControlPlane::local_addr`]).
+    pub listen: SocketAddr,
+    /// Database backend.
+    pub database: DatabaseConfig,
+    /// Service tunables (heartbeat interval, node timeout...).
+    pub service: ServiceConfig,
+}
+
+impl Config {
+    /// A configuration with default service tunables.
+    pub fn new(listen: SocketAddr, database: DatabaseConfig) -> Self {
+        Config {
+            listen,
+            database,
+            service: ServiceConfig::default(),
+        }
+    }
+}
+
+/// Errors starting or running the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The reflection service could not be built from the descriptor set.
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A control plane with its database open and its socket bound, not yet serving.
+#[derive(Debug)]
+pub struct ControlPlane {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    core: Arc<Core>,
+}
+
+impl ControlPlane {
+    /// Opens (and migrates) the database and binds the listen address.
+    pub async fn bind(config: Config) -> Result<ControlPlane, ServeError> {
+        let store = Store::connect(&config.database).await?;
+        Self::bind_with_store(config.listen, store, config.service).await
+    }
+
+    /// Like [`ControlPlane::bind`] with an already connected and migrated store.
+    pub async fn bind_with_store(
+        listen: SocketAddr,
+        store: Store,
+        service: ServiceConfig,
+    ) -> Result<ControlPlane, ServeError> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
+        Ok(ControlPlane {
+            listener,
+            local_addr,
+            core: Core::new(store, service),
+        })
+    }
+
+    /// The bound address (with the real port when the configured one was 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// "postgres" or "sqlite".
+    pub fn backend_name(&self) -> &'static str {
+        self.core.store().backend_name()
+    }
+
+    /// The store (e.g. for tests that inspect the database).
+    pub fn store(&self) -> &Store {
+        self.core.store()
+    }
+
+    /// Serves until `shutdown` completes, then shuts down gracefully: health turns
+    /// NOT_SERVING, node command streams end, in-flight calls get a grace period.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        let ControlPlane {
+            listener,
+            local_addr,
+            core,
+        } = self;
+        let api = Api::new(core.clone());
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<AdminServiceServer<Api>>()
+            .await;
+        health_reporter
+            .set_serving::<ViewerServiceServer<Api>>()
+            .await;
+        health_reporter
+            .set_serving::<EdgeServiceServer<Api>>()
+            .await;
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(starling_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(starling_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let liveness = tokio::spawn(liveness_loop(core.clone()));
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let shutdown_core = core.clone();
+        let shutdown_health = health_reporter.clone();
+        let shutdown_signal = async move {
+            shutdown.await;
+            tracing::info!("control plane shutting down");
+            shutdown_health
+                .set_not_serving::<AdminServiceServer<Api>>()
+                .await;
+            shutdown_health
+                .set_not_serving::<ViewerServiceServer<Api>>()
+                .await;
+            shutdown_health
+                .set_not_serving::<EdgeServiceServer<Api>>()
+                .await;
+            shutdown_health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            shutdown_core.close_streams();
+            let _ = stop_tx.send(true);
+        };
+
+        tracing::info!(%local_addr, backend = core.store().backend_name(), "control plane serving");
+        let server = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(AdminServiceServer::new(api.clone()))
+            .add_service(ViewerServiceServer::new(api.clone()))
+            .add_service(EdgeServiceServer::new(api))
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown_signal,
+            );
+
+        let mut stop_rx_grace = stop_rx.clone();
+        let grace = async move {
+            // Resolves SHUTDOWN_GRACE after shutdown began; never before.
+            while !*stop_rx_grace.borrow_and_update() {
+                if stop_rx_grace.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+
+        let result = tokio::select! {
+            r = server => r.map_err(ServeError::from),
+            () = grace => {
+                tracing::warn!("graceful shutdown timed out; dropping remaining calls");
+                Ok(())
+            }
+        };
+        liveness.abort();
+        core.close_streams();
+        core.store().close().await;
+        drop(stop_rx);
+        result
+    }
+
+    /// Spawns [`ControlPlane::run`] on the current runtime and returns a handle to
+    /// stop it.
+    pub fn spawn(self) -> ControlPlaneHandle {
+        let local_addr = self.local_addr;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(self.run(async move {
+            let _ = rx.await;
+        }));
+        ControlPlaneHandle {
+            local_addr,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+}
+
+/// Binds and serves until `shutdown` completes. `on_bound` is called with the bound
+/// address before serving starts.
+pub async fn serve(
+    config: Config,
+    on_bound: impl FnOnce(SocketAddr, &'static str),
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let cp = ControlPlane::bind(config).await?;
+    on_bound(cp.local_addr(), cp.backend_name());
+    cp.run(shutdown).await
+}
+
+/// A control plane running in a background task.
+#[derive(Debug)]
+pub struct ControlPlaneHandle {
+    local_addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl ControlPlaneHandle {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `http://addr`, ready for a tonic client.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    /// Shuts down gracefully and waits for the server to finish.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "control plane task failed");
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for ControlPlaneHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn liveness_loop(core: Arc<Core>) {
+    let mut ticker = tokio::time::interval(core_tick(&core));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(e) = core.liveness_tick(now_ms()).await {
+            tracing::error!(error = %e, "liveness check failed");
+        }
+    }
+}
+
+fn core_tick(core: &Core) -> Duration {
+    core.liveness_tick_interval().max(Duration::from_millis(10))
+}

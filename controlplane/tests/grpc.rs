@@ -1,0 +1,748 @@
+//! gRPC integration tests: the real server in-process on a loopback socket, real tonic
+//! clients, on SQLite and (when `DATABASE_URL` is set) Postgres.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use starling_controlplane::{ControlPlane, ControlPlaneHandle, ServiceConfig, Store};
+use starling_proto::v1::admin_service_client::AdminServiceClient;
+use starling_proto::v1::edge_service_client::EdgeServiceClient;
+use starling_proto::v1::node_command::Command;
+use starling_proto::v1::viewer_service_client::ViewerServiceClient;
+use starling_proto::v1::{
+    BroadcastRef, BroadcastState, CommandsRequest, CreateBroadcastRequest, HealthReport,
+    HeartbeatRequest, IngestCommand, IngestHealth, JoinRequest, LeaveRequest,
+    ListBroadcastsRequest, NodeCommand, RegisterNodeRequest, SourceHealth,
+};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Upper bound for waiting on an event that should happen (a hang guard, not a
+/// timing assertion).
+const PATIENCE: Duration = Duration::from_secs(20);
+
+struct Harness {
+    cp: ControlPlaneHandle,
+    channel: Channel,
+}
+
+impl Harness {
+    /// A control plane whose nodes time out after 10 s (tests not about node death,
+    /// so a loaded machine cannot make them flaky).
+    async fn start(store: Store) -> Harness {
+        Self::start_with_node_timeout(store, Duration::from_secs(10)).await
+    }
+
+    async fn start_with_node_timeout(store: Store, node_timeout: Duration) -> Harness {
+        let service = ServiceConfig {
+            heartbeat_interval: Duration::from_millis(100),
+            node_timeout,
+            liveness_tick: Duration::from_millis(50),
+            command_buffer: 64,
+        };
+        let cp = ControlPlane::bind_with_store("127.0.0.1:0".parse().unwrap(), store, service)
+            .await
+            .unwrap();
+        assert_ne!(cp.local_addr().port(), 0);
+        let cp = cp.spawn();
+        let channel = Channel::from_shared(cp.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Harness { cp, channel }
+    }
+
+    fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel.clone())
+    }
+
+    fn viewer(&self) -> ViewerServiceClient<Channel> {
+        ViewerServiceClient::new(self.channel.clone())
+    }
+
+    fn edge(&self) -> EdgeServiceClient<Channel> {
+        EdgeServiceClient::new(self.channel.clone())
+    }
+
+    async fn create(&self, name: &str) -> String {
+        self.admin()
+            .create_broadcast(CreateBroadcastRequest {
+                name: name.into(),
+                source_url: "http://127.0.0.1:8000/live.ts".into(),
+                chunk_duration_ms: 0,
+                substreams: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    }
+
+    async fn shutdown(self) {
+        drop(self.channel);
+        self.cp.shutdown().await.unwrap();
+    }
+}
+
+/// A fake data-plane node speaking the real EdgeService.
+struct FakeNode {
+    id: String,
+    commands: tonic::Streaming<NodeCommand>,
+}
+
+impl FakeNode {
+    async fn register(h: &Harness, name: &str) -> FakeNode {
+        let mut edge = h.edge();
+        let reg = edge
+            .register(RegisterNodeRequest {
+                node_name: name.into(),
+                wire_addr: format!("{name}.test:9000"),
+                http_addr: format!("{name}.test:9080"),
+                cores: 2,
+                capacity_viewers: 1000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!reg.node_id.is_empty());
+        assert_eq!(reg.heartbeat_interval_ms, 100);
+        let commands = edge
+            .commands(CommandsRequest {
+                node_id: reg.node_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        FakeNode {
+            id: reg.node_id,
+            commands,
+        }
+    }
+
+    async fn next_command(&mut self) -> Command {
+        tokio::time::timeout(PATIENCE, self.commands.next())
+            .await
+            .expect("no command within the patience bound")
+            .expect("command stream ended")
+            .expect("command stream error")
+            .command
+            .expect("empty command")
+    }
+
+    async fn expect_ingest(&mut self) -> IngestCommand {
+        match self.next_command().await {
+            Command::Ingest(i) => i,
+            other => panic!("expected ingest, got {other:?}"),
+        }
+    }
+
+    /// Reports health every 30 ms in the background until the returned sender drops.
+    fn keep_reporting(&self, h: &Harness) -> tokio::sync::oneshot::Sender<()> {
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let mut edge = h.edge();
+        let node_id = self.id.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = edge
+                    .report_health(HealthReport {
+                        node_id: node_id.clone(),
+                        ingests: vec![],
+                        viewers: 0,
+                    })
+                    .await;
+                tokio::select! {
+                    _ = &mut rx => return,
+                    () = tokio::time::sleep(Duration::from_millis(30)) => {}
+                }
+            }
+        });
+        tx
+    }
+}
+
+async fn admin_lifecycle(store: Store) {
+    let h = Harness::start(store).await;
+    let mut admin = h.admin();
+    let b = admin
+        .create_broadcast(CreateBroadcastRequest {
+            name: "  Radio One ".into(),
+            source_url: "http://127.0.0.1:8000/live.ts".into(),
+            chunk_duration_ms: 0,
+            substreams: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.name, "Radio One");
+    assert_eq!(b.chunk_duration_ms, 1000);
+    assert_eq!(b.substreams, 4);
+    assert_eq!(b.state, BroadcastState::Created as i32);
+    assert_eq!(b.source_health, SourceHealth::Unknown as i32);
+    assert!(!b.id.is_empty() && b.id.len() <= 128);
+    assert!(
+        b.id.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    );
+
+    let got = admin
+        .get_broadcast(BroadcastRef { id: b.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, b);
+
+    let other = h.create("other").await;
+    let list = admin
+        .list_broadcasts(ListBroadcastsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .broadcasts;
+    assert_eq!(
+        list.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(),
+        vec![b.id.as_str(), other.as_str()]
+    );
+
+    // No node: LIVE, unassigned.
+    let started = admin
+        .start_broadcast(BroadcastRef { id: b.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.state, BroadcastState::Live as i32);
+    assert_eq!(started.node_id, "");
+    // Idempotent.
+    let again = admin
+        .start_broadcast(BroadcastRef { id: b.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.state, BroadcastState::Live as i32);
+
+    let stopped = admin
+        .stop_broadcast(BroadcastRef { id: b.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.state, BroadcastState::Stopped as i32);
+    let list = admin
+        .list_broadcasts(ListBroadcastsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .broadcasts;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].id, other);
+    let all = admin
+        .list_broadcasts(ListBroadcastsRequest {
+            include_stopped: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .broadcasts;
+    assert_eq!(all.len(), 2);
+
+    // A stopped broadcast can be restarted.
+    let restarted = admin
+        .start_broadcast(BroadcastRef { id: b.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(restarted.state, BroadcastState::Live as i32);
+    h.shutdown().await;
+}
+
+async fn admin_errors(store: Store) {
+    let h = Harness::start(store).await;
+    let mut admin = h.admin();
+    for call in ["get", "start", "stop"] {
+        let r = BroadcastRef { id: "nope".into() };
+        let err = match call {
+            "get" => admin.get_broadcast(r).await.unwrap_err(),
+            "start" => admin.start_broadcast(r).await.unwrap_err(),
+            _ => admin.stop_broadcast(r).await.unwrap_err(),
+        };
+        assert_eq!(err.code(), Code::NotFound, "{call}: {err:?}");
+        assert!(err.message().contains("nope"), "{call}: {err:?}");
+    }
+    let err = admin
+        .get_broadcast(BroadcastRef { id: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let bad = |name: &str, url: &str, ms: u32, subs: u32| CreateBroadcastRequest {
+        name: name.into(),
+        source_url: url.into(),
+        chunk_duration_ms: ms,
+        substreams: subs,
+    };
+    for (req, needle) in [
+        (
+            bad("x", "https://h/live", 0, 0),
+            "https:// is not supported by ingest yet",
+        ),
+        (bad("x", "rtmp://h/live", 0, 0), "use an http:// URL"),
+        (bad("x", "::nonsense", 0, 0), "not a valid URL"),
+        (bad("", "http://h/live", 0, 0), "name must not be empty"),
+        (bad(&"n".repeat(201), "http://h/live", 0, 0), "at most 200"),
+        (
+            bad("x", "http://h/live", 50, 0),
+            "chunk_duration_ms 50 out of range",
+        ),
+        (
+            bad("x", "http://h/live", 0, 65),
+            "substreams 65 out of range",
+        ),
+    ] {
+        let err = admin.create_broadcast(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(needle), "{needle}: {err:?}");
+    }
+    h.shutdown().await;
+}
+
+async fn join_errors(store: Store) {
+    let h = Harness::start(store).await;
+    let mut viewer = h.viewer();
+    let join = |id: &str| JoinRequest {
+        broadcast_id: id.into(),
+        credential: "ignored".into(),
+        client_version: "test".into(),
+    };
+    let err = viewer.join(join("nope")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let id = h.create("j").await;
+    let err = viewer.join(join(&id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("not started"), "{err:?}");
+
+    h.admin()
+        .start_broadcast(BroadcastRef { id: id.clone() })
+        .await
+        .unwrap();
+    let err = viewer.join(join(&id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("retry"), "{err:?}");
+
+    h.admin()
+        .stop_broadcast(BroadcastRef { id: id.clone() })
+        .await
+        .unwrap();
+    let err = viewer.join(join(&id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("stopped"), "{err:?}");
+
+    let err = viewer.join(join("")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // Unknown sessions are inactive; leaving is idempotent.
+    let hb = viewer
+        .heartbeat(HeartbeatRequest {
+            session_id: "ghost".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!hb.active);
+    viewer
+        .leave(LeaveRequest {
+            session_id: "ghost".into(),
+        })
+        .await
+        .unwrap();
+    h.shutdown().await;
+}
+
+async fn node_ingests_viewers_join_and_stop(store: Store) {
+    let h = Harness::start(store).await;
+    let mut node = FakeNode::register(&h, "edge1").await;
+    let _reporting = node.keep_reporting(&h);
+    let id = h.create("live").await;
+    let started = h
+        .admin()
+        .start_broadcast(BroadcastRef { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.node_id, node.id);
+    assert_eq!(started.node_wire_addr, "edge1.test:9000");
+    assert_eq!(started.node_http_addr, "edge1.test:9080");
+
+    let ingest = node.expect_ingest().await;
+    assert_eq!(
+        ingest,
+        IngestCommand {
+            broadcast_id: id.clone(),
+            source_url: "http://127.0.0.1:8000/live.ts".into(),
+            chunk_duration_ms: 1000,
+            substreams: 4,
+        }
+    );
+
+    let ack = h
+        .edge()
+        .report_health(HealthReport {
+            node_id: node.id.clone(),
+            ingests: vec![IngestHealth {
+                broadcast_id: id.clone(),
+                health: SourceHealth::Up as i32,
+                error: String::new(),
+                last_seq: 12,
+                content_type: "video/mp2t".into(),
+                viewers: 3,
+            }],
+            viewers: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ack.known);
+    let b = h
+        .admin()
+        .get_broadcast(BroadcastRef { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.source_health, SourceHealth::Up as i32);
+    assert_eq!(b.last_seq, 12);
+    assert_eq!(b.content_type, "video/mp2t");
+    assert_eq!(b.viewers_now, 3);
+
+    let mut viewer = h.viewer();
+    let joined = viewer
+        .join(JoinRequest {
+            broadcast_id: id.clone(),
+            credential: String::new(),
+            client_version: "starling-sdk/test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!joined.session_id.is_empty());
+    assert_eq!(joined.dataplane_wire_addr, "edge1.test:9000");
+    assert_eq!(joined.dataplane_http_addr, "edge1.test:9080");
+    assert_eq!(joined.heartbeat_interval_ms, 100);
+    let params = joined.params.unwrap();
+    assert_eq!(params.broadcast_id, id);
+    assert_eq!(params.content_type, "video/mp2t");
+    assert_eq!(params.chunk_duration_ms, 1000);
+    assert_eq!(params.substreams, 4);
+    let session = joined.session_id;
+    assert!(
+        viewer
+            .heartbeat(HeartbeatRequest {
+                session_id: session.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .active
+    );
+
+    h.admin()
+        .stop_broadcast(BroadcastRef { id: id.clone() })
+        .await
+        .unwrap();
+    match node.next_command().await {
+        Command::Stop(s) => assert_eq!(s.broadcast_id, id),
+        other => panic!("expected stop, got {other:?}"),
+    }
+    assert!(
+        !viewer
+            .heartbeat(HeartbeatRequest {
+                session_id: session.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .active,
+        "sessions end when the broadcast stops"
+    );
+    h.shutdown().await;
+}
+
+async fn desired_state_is_replayed_when_a_node_arrives(store: Store) {
+    let h = Harness::start(store).await;
+    let id = h.create("early").await;
+    let started = h
+        .admin()
+        .start_broadcast(BroadcastRef { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.node_id, "", "no node yet");
+    let mut node = FakeNode::register(&h, "late").await;
+    let _reporting = node.keep_reporting(&h);
+    let ingest = node.expect_ingest().await;
+    assert_eq!(ingest.broadcast_id, id);
+    let b = h
+        .admin()
+        .get_broadcast(BroadcastRef { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.node_id, node.id);
+
+    // Reopening the stream replays the ingest again.
+    let mut again = h
+        .edge()
+        .commands(CommandsRequest {
+            node_id: node.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cmd = tokio::time::timeout(PATIENCE, again.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(cmd.command, Some(Command::Ingest(ingest)));
+    // The previous stream of the same node ended.
+    let old = tokio::time::timeout(PATIENCE, node.commands.next())
+        .await
+        .unwrap();
+    assert!(old.is_none() || old.is_some_and(|r| r.is_err()));
+    h.shutdown().await;
+}
+
+async fn stray_ingest_gets_a_stop(store: Store) {
+    let h = Harness::start(store).await;
+    let mut node = FakeNode::register(&h, "stray").await;
+    let ack = h
+        .edge()
+        .report_health(HealthReport {
+            node_id: node.id.clone(),
+            ingests: vec![IngestHealth {
+                broadcast_id: "not-mine".into(),
+                health: SourceHealth::Up as i32,
+                ..Default::default()
+            }],
+            viewers: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ack.known);
+    match node.next_command().await {
+        Command::Stop(s) => assert_eq!(s.broadcast_id, "not-mine"),
+        other => panic!("expected stop, got {other:?}"),
+    }
+    // Unknown node ids are told to re-register; bad ones are rejected.
+    let ack = h
+        .edge()
+        .report_health(HealthReport {
+            node_id: "n-ghost".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ack.known);
+    let err = h
+        .edge()
+        .commands(CommandsRequest {
+            node_id: "n-ghost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = h
+        .edge()
+        .register(RegisterNodeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    h.shutdown().await;
+}
+
+async fn silent_node_is_declared_dead_and_its_broadcast_moves(store: Store) {
+    let h = Harness::start_with_node_timeout(store, Duration::from_millis(300)).await;
+    let mut a = FakeNode::register(&h, "a").await;
+    let stop_a = a.keep_reporting(&h);
+    let id = h.create("moving").await;
+    let started = h
+        .admin()
+        .start_broadcast(BroadcastRef { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.node_id, a.id);
+    assert_eq!(a.expect_ingest().await.broadcast_id, id);
+
+    let mut b = FakeNode::register(&h, "b").await;
+    let _reporting_b = b.keep_reporting(&h);
+    // A goes silent.
+    drop(stop_a);
+    let ingest = b.expect_ingest().await;
+    assert_eq!(ingest.broadcast_id, id);
+    let moved = h
+        .admin()
+        .get_broadcast(BroadcastRef { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.node_id, b.id);
+    assert_eq!(moved.node_wire_addr, "b.test:9000");
+    assert_eq!(moved.state, BroadcastState::Live as i32);
+
+    // A's stream ended, and A is told to re-register.
+    let end = tokio::time::timeout(PATIENCE, a.commands.next())
+        .await
+        .unwrap();
+    assert!(end.is_none() || end.is_some_and(|r| r.is_err()));
+    let ack = h
+        .edge()
+        .report_health(HealthReport {
+            node_id: a.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ack.known);
+    h.shutdown().await;
+}
+
+async fn last_node_dies_broadcast_waits_unassigned(store: Store) {
+    let h = Harness::start_with_node_timeout(store, Duration::from_millis(300)).await;
+    let mut a = FakeNode::register(&h, "only").await;
+    let stop_a = a.keep_reporting(&h);
+    let id = h.create("orphan").await;
+    h.admin()
+        .start_broadcast(BroadcastRef { id: id.clone() })
+        .await
+        .unwrap();
+    a.expect_ingest().await;
+    drop(stop_a);
+    // Wait for A's stream to end: it is closed when A is declared dead.
+    let end = tokio::time::timeout(PATIENCE, a.commands.next())
+        .await
+        .unwrap();
+    assert!(end.is_none() || end.is_some_and(|r| r.is_err()));
+    let b = h
+        .admin()
+        .get_broadcast(BroadcastRef { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.state, BroadcastState::Live as i32);
+    assert_eq!(b.node_id, "");
+    assert_eq!(b.source_health, SourceHealth::Unknown as i32);
+    let err = h
+        .viewer()
+        .join(JoinRequest {
+            broadcast_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    // A new node picks it up.
+    let mut c = FakeNode::register(&h, "new").await;
+    let _reporting = c.keep_reporting(&h);
+    assert_eq!(c.expect_ingest().await.broadcast_id, id);
+    h.shutdown().await;
+}
+
+async fn health_and_reflection(store: Store) {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let h = Harness::start(store).await;
+    let mut health = HealthClient::new(h.channel.clone());
+    for service in [
+        "",
+        "starling.v1.AdminService",
+        "starling.v1.ViewerService",
+        "starling.v1.EdgeService",
+    ] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    let mut reflection = ServerReflectionClient::new(h.channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+        panic!("unexpected reflection response {first:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "starling.v1.AdminService",
+        "starling.v1.ViewerService",
+        "starling.v1.EdgeService",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+
+    // v1alpha too (older grpcurl / grpcio clients).
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let mut reflection = ServerReflectionClient::new(h.channel.clone());
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "starling.v1.ViewerService".into(),
+            )),
+        };
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = responses.next().await.unwrap().unwrap();
+        assert!(
+            matches!(
+                first.message_response,
+                Some(MessageResponse::FileDescriptorResponse(_))
+            ),
+            "{first:?}"
+        );
+    }
+    h.shutdown().await;
+}
+
+on_both_backends!(
+    admin_lifecycle,
+    admin_errors,
+    join_errors,
+    node_ingests_viewers_join_and_stop,
+    desired_state_is_replayed_when_a_node_arrives,
+    stray_ingest_gets_a_stop,
+    silent_node_is_declared_dead_and_its_broadcast_moves,
+    last_node_dies_broadcast_waits_unassigned,
+    health_and_reflection,
+);

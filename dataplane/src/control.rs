@@ -1,0 +1,177 @@
+//! Control-plane link (tokio + tonic): Register, hold the Commands stream, heartbeat
+//! with ReportHealth. Re-registers with capped backoff on `known = false` or any stream
+//! failure. The chunk path never depends on this: if the control plane is down,
+//! ingests and viewers carry on.
+
+use crate::ingest::{Backoff, IngestManager, IngestSpec};
+use crate::ring::Registry;
+use starling_proto::v1::edge_service_client::EdgeServiceClient;
+use starling_proto::v1::{
+    CommandsRequest, HealthReport, IngestHealth, RegisterNodeRequest, node_command,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// What the node announces about itself.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub node_name: String,
+    pub wire_addr: String,
+    pub http_addr: String,
+    pub cores: u32,
+    pub capacity_viewers: u32,
+}
+
+/// Builds the health report for every broadcast on this node.
+pub fn health_report(node_id: &str, registry: &Registry) -> HealthReport {
+    let mut ingests = Vec::new();
+    let mut viewers = 0;
+    for b in registry.all() {
+        let s = b.status();
+        viewers += s.viewers;
+        ingests.push(IngestHealth {
+            broadcast_id: s.broadcast_id,
+            health: s.health.to_proto() as i32,
+            error: s.error,
+            last_seq: s.last_seq.unwrap_or(0),
+            content_type: s.content_type,
+            viewers: s.viewers,
+        });
+    }
+    HealthReport {
+        node_id: node_id.to_owned(),
+        ingests,
+        viewers,
+    }
+}
+
+/// Runs the link until `shutdown` flips to true.
+pub async fn run(
+    url: String,
+    node: NodeInfo,
+    registry: Arc<Registry>,
+    ingest: Arc<IngestManager>,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(backoff_min, backoff_max);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let res = tokio::select! {
+            r = session(&url, &node, &registry, &ingest) => r,
+            _ = shutdown.changed() => return,
+        };
+        match res {
+            Ok(()) => {
+                // A session that ran (registered) resets the backoff.
+                backoff.reset();
+            }
+            Err(e) => warn!(control = %url, error = %e, "control-plane link failed"),
+        }
+        let d = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// One registration: returns `Ok` when the session ended in a way that calls for a
+/// prompt re-registration (known=false, stream closed), `Err` on failures.
+async fn session(
+    url: &str,
+    node: &NodeInfo,
+    registry: &Registry,
+    ingest: &IngestManager,
+) -> Result<(), String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| format!("bad control URL: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut client = EdgeServiceClient::new(channel);
+    let reg = client
+        .register(RegisterNodeRequest {
+            node_name: node.node_name.clone(),
+            wire_addr: node.wire_addr.clone(),
+            http_addr: node.http_addr.clone(),
+            cores: node.cores,
+            capacity_viewers: node.capacity_viewers,
+        })
+        .await
+        .map_err(|s| format!("register: {s}"))?
+        .into_inner();
+    let node_id = reg.node_id;
+    let hb = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.clamp(100, 60_000)));
+    info!(node_id = %node_id, heartbeat_ms = hb.as_millis() as u64, "registered with the control plane");
+    let mut stream = client
+        .commands(CommandsRequest {
+            node_id: node_id.clone(),
+        })
+        .await
+        .map_err(|s| format!("commands: {s}"))?
+        .into_inner();
+    let mut tick = tokio::time::interval(hb);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed_reports = 0u32;
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                match msg {
+                    Ok(Some(cmd)) => match cmd.command {
+                        Some(node_command::Command::Ingest(c)) => {
+                            let substreams = u16::try_from(c.substreams.clamp(1, 64)).unwrap_or(1);
+                            let chunk_ms = if c.chunk_duration_ms == 0 { 1000 } else { c.chunk_duration_ms.clamp(100, 10_000) };
+                            if c.broadcast_id.is_empty() || c.broadcast_id.len() > starling_proto::wire::MAX_BROADCAST_ID {
+                                warn!(id = %c.broadcast_id, "ignoring ingest command with a bad broadcast id");
+                                continue;
+                            }
+                            ingest.start(IngestSpec {
+                                broadcast_id: c.broadcast_id,
+                                source_url: c.source_url,
+                                chunk_duration_ms: chunk_ms,
+                                substreams,
+                            });
+                        }
+                        Some(node_command::Command::Stop(s)) => ingest.stop(&s.broadcast_id),
+                        None => {}
+                    },
+                    Ok(None) => return Err("command stream closed".into()),
+                    Err(s) => return Err(format!("command stream: {s}")),
+                }
+            }
+            _ = tick.tick() => {
+                let report = health_report(&node_id, registry);
+                match tokio::time::timeout(hb.max(Duration::from_secs(2)), client.report_health(report)).await {
+                    Ok(Ok(ack)) => {
+                        failed_reports = 0;
+                        if !ack.into_inner().known {
+                            info!(node_id = %node_id, "control plane does not know this node: re-registering");
+                            return Ok(());
+                        }
+                    }
+                    Ok(Err(s)) => {
+                        failed_reports += 1;
+                        warn!(error = %s, "health report failed");
+                    }
+                    Err(_) => {
+                        failed_reports += 1;
+                        warn!("health report timed out");
+                    }
+                }
+                if failed_reports >= 3 {
+                    return Err("health reports keep failing".into());
+                }
+            }
+        }
+    }
+}

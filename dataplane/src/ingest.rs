@@ -1,0 +1,291 @@
+//! Ingest: HTTP GET of a progressive live stream (tokio + hyper-util legacy client,
+//! http/1, no TLS), fed through the [`Chunker`] into the broadcast's ring. Reconnects
+//! forever with capped exponential backoff until stopped; never panics on a bad source.
+
+use crate::chunker::{Chunker, ChunkerConfig};
+use crate::config::Timeouts;
+use crate::error::IngestError;
+use crate::ring::{Broadcast, Registry, SourceHealth, StreamParams};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// What to ingest (from an `IngestCommand` or a `--static-broadcast`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestSpec {
+    pub broadcast_id: String,
+    pub source_url: String,
+    pub chunk_duration_ms: u32,
+    pub substreams: u16,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Capped exponential backoff.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    cur: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff { min, max, cur: min }
+    }
+    /// The delay to wait now; the next one doubles (up to the cap).
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.cur;
+        self.cur = (self.cur * 2).min(self.max);
+        d
+    }
+    pub fn reset(&mut self) {
+        self.cur = self.min;
+    }
+}
+
+struct Running {
+    spec: IngestSpec,
+    cancel: watch::Sender<bool>,
+}
+
+/// Starts and stops ingests; must be used from within the tokio runtime.
+pub struct IngestManager {
+    registry: Arc<Registry>,
+    window_ms: u64,
+    max_chunk_bytes: usize,
+    timeouts: Timeouts,
+    running: Mutex<HashMap<String, Running>>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl IngestManager {
+    pub fn new(
+        registry: Arc<Registry>,
+        window_ms: u64,
+        max_chunk_bytes: usize,
+        timeouts: Timeouts,
+    ) -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_connect_timeout(Some(timeouts.source_connect));
+        conn.enforce_http(true);
+        conn.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(conn);
+        IngestManager {
+            registry,
+            window_ms,
+            max_chunk_bytes,
+            timeouts,
+            running: Mutex::new(HashMap::new()),
+            client,
+        }
+    }
+
+    /// Starts ingesting (idempotent: the same spec again is a no-op; a changed spec
+    /// restarts the ingest, keeping the window and the numbering).
+    pub fn start(&self, spec: IngestSpec) {
+        let mut running = match self.running.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(r) = running.get(&spec.broadcast_id) {
+            if r.spec == spec && !r.cancel.is_closed() {
+                debug!(broadcast = %spec.broadcast_id, "ingest already running");
+                return;
+            }
+            let _ = r.cancel.send(true);
+        }
+        let b = self.registry.get_or_insert(&spec.broadcast_id, || {
+            Broadcast::new(
+                &spec.broadcast_id,
+                self.window_ms,
+                StreamParams {
+                    content_type: String::new(),
+                    chunk_duration_ms: spec.chunk_duration_ms,
+                    substreams: spec.substreams,
+                },
+            )
+        });
+        b.set_params(|p| {
+            p.chunk_duration_ms = spec.chunk_duration_ms;
+            p.substreams = spec.substreams;
+        });
+        let (tx, rx) = watch::channel(false);
+        info!(broadcast = %spec.broadcast_id, url = %spec.source_url, "starting ingest");
+        let task = IngestTask {
+            spec: spec.clone(),
+            broadcast: b,
+            client: self.client.clone(),
+            cfg: ChunkerConfig {
+                target_ms: spec.chunk_duration_ms,
+                max_bytes: self.max_chunk_bytes,
+            },
+            timeouts: self.timeouts,
+        };
+        tokio::spawn(task.run(rx));
+        running.insert(spec.broadcast_id.clone(), Running { spec, cancel: tx });
+    }
+
+    /// Stops an ingest and ends its viewers with `GOODBYE(BroadcastStopped)`.
+    pub fn stop(&self, broadcast_id: &str) {
+        let r = {
+            let mut running = match self.running.lock() {
+                Ok(r) => r,
+                Err(p) => p.into_inner(),
+            };
+            running.remove(broadcast_id)
+        };
+        if let Some(r) = r {
+            let _ = r.cancel.send(true);
+        }
+        if self.registry.remove(broadcast_id).is_some() {
+            info!(broadcast = %broadcast_id, "broadcast stopped");
+        }
+    }
+
+    /// Broadcast ids being ingested.
+    pub fn ids(&self) -> Vec<String> {
+        match self.running.lock() {
+            Ok(r) => r.keys().cloned().collect(),
+            Err(p) => p.into_inner().keys().cloned().collect(),
+        }
+    }
+}
+
+struct IngestTask {
+    spec: IngestSpec,
+    broadcast: Arc<Broadcast>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+    cfg: ChunkerConfig,
+    timeouts: Timeouts,
+}
+
+impl IngestTask {
+    async fn run(self, mut cancel: watch::Receiver<bool>) {
+        let mut chunker = Chunker::new(self.cfg, self.broadcast.next_seq());
+        if self.broadcast.next_seq() > 0 {
+            chunker.mark_discontinuity();
+        }
+        let mut backoff = Backoff::new(self.timeouts.backoff_min, self.timeouts.backoff_max);
+        let id = &self.spec.broadcast_id;
+        loop {
+            if *cancel.borrow() {
+                break;
+            }
+            self.broadcast.set_health(SourceHealth::Connecting, "");
+            let started = tokio::time::Instant::now();
+            let mut got_data = false;
+            let result = tokio::select! {
+                r = self.session(&mut chunker, &mut got_data) => r,
+                _ = cancel.changed() => break,
+            };
+            let mut out = Vec::new();
+            chunker.flush(now_ms(), &mut out);
+            for c in out {
+                self.broadcast.push(c);
+            }
+            let err = match result {
+                Ok(()) => IngestError::Eof,
+                Err(e) => e,
+            };
+            warn!(broadcast = %id, error = %err, "source session ended");
+            self.broadcast
+                .set_health(SourceHealth::Down, err.to_string());
+            if got_data && started.elapsed() > self.timeouts.backoff_max {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.changed() => break,
+            }
+        }
+        debug!(broadcast = %id, "ingest task ended");
+    }
+
+    async fn session(&self, chunker: &mut Chunker, got_data: &mut bool) -> Result<(), IngestError> {
+        let uri: hyper::Uri = self
+            .spec
+            .source_url
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| IngestError::BadUrl(e.to_string()))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(IngestError::BadUrl(format!(
+                "{}: only http:// URLs are supported",
+                self.spec.source_url
+            )));
+        }
+        let req = hyper::Request::get(uri)
+            .header(hyper::header::USER_AGENT, "starling-dataplane/0.1")
+            .header(hyper::header::ACCEPT, "*/*")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| IngestError::BadUrl(e.to_string()))?;
+        let resp = tokio::time::timeout(self.timeouts.source_connect * 2, self.client.request(req))
+            .await
+            .map_err(|_| IngestError::HeadTimeout)?
+            .map_err(|e| IngestError::Request(error_chain(&e)))?;
+        if resp.status() != hyper::StatusCode::OK {
+            return Err(IngestError::Status(resp.status().as_u16()));
+        }
+        let ct = resp
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        chunker.reset(ct.as_deref());
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        loop {
+            let frame = tokio::time::timeout(self.timeouts.source_idle, body.frame())
+                .await
+                .map_err(|_| IngestError::Idle(self.timeouts.source_idle))?;
+            let Some(frame) = frame else {
+                return Ok(());
+            };
+            let frame = frame.map_err(|e| IngestError::Body(error_chain(&e)))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if !*got_data {
+                *got_data = true;
+                self.broadcast.set_health(SourceHealth::Up, "");
+            }
+            chunker.push(&data, now_ms(), &mut out);
+            if let Some(ct) = chunker.content_type()
+                && self.broadcast.params().content_type != ct
+            {
+                self.broadcast.set_params(|p| p.content_type = ct);
+            }
+            for c in out.drain(..) {
+                self.broadcast.push(c);
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

@@ -1,0 +1,411 @@
+//! The in-memory window of recent chunks, per broadcast, shared by every executor.
+//!
+//! One `Arc<Chunk>` per chunk whose payload is a [`bytes::Bytes`]: however many
+//! viewers, the payload exists once; viewers hold a cursor (a sequence number), never a
+//! queue of chunks. New chunks are announced through a `tokio::sync::watch` channel,
+//! which works from any thread and any executor (glommio included).
+
+use crate::chunker::Chunk;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::watch;
+
+/// Health of a broadcast's source, as reported to the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceHealth {
+    Connecting,
+    Up,
+    Down,
+}
+
+impl SourceHealth {
+    pub fn to_proto(self) -> starling_proto::v1::SourceHealth {
+        match self {
+            SourceHealth::Connecting => starling_proto::v1::SourceHealth::Connecting,
+            SourceHealth::Up => starling_proto::v1::SourceHealth::Up,
+            SourceHealth::Down => starling_proto::v1::SourceHealth::Down,
+        }
+    }
+}
+
+/// Stream parameters announced in `STREAM_INFO` / HTTP headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamParams {
+    pub content_type: String,
+    pub chunk_duration_ms: u32,
+    pub substreams: u16,
+}
+
+/// Snapshot of a broadcast's status (health reports, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastStatus {
+    pub broadcast_id: String,
+    pub health: SourceHealth,
+    pub error: String,
+    pub last_seq: Option<u64>,
+    pub content_type: String,
+    pub viewers: u32,
+    pub chunks_in_window: usize,
+}
+
+#[derive(Debug)]
+struct HealthState {
+    health: SourceHealth,
+    error: String,
+}
+
+/// One broadcast: its window of chunks and its state.
+#[derive(Debug)]
+pub struct Broadcast {
+    id: String,
+    window_ms: u64,
+    chunks: RwLock<VecDeque<Arc<Chunk>>>,
+    /// Sum of the durations in `chunks`.
+    window_dur: Mutex<u64>,
+    params: RwLock<StreamParams>,
+    health: Mutex<HealthState>,
+    /// Newest sequence + 1 (0 = no chunk yet); bumped on stop as well.
+    notify: watch::Sender<u64>,
+    stopped: AtomicBool,
+    viewers: AtomicU32,
+}
+
+/// Where a viewer cursor stands.
+#[derive(Debug)]
+pub enum Next {
+    /// Send this chunk; `discontinuity` = chunks were skipped before it.
+    Chunk(Arc<Chunk>, bool),
+    /// Nothing new yet: wait for a notification.
+    Wait,
+    /// The broadcast was stopped.
+    Stopped,
+    /// The viewer fell behind the window too often.
+    TooSlow,
+}
+
+/// A viewer's position in a broadcast: a sequence number, no buffered chunks.
+#[derive(Debug, Clone)]
+pub struct Cursor {
+    next_seq: Option<u64>,
+    pending_disc: bool,
+    pub skips: u32,
+    max_skips: u32,
+}
+
+impl Cursor {
+    /// Start at the newest random-access chunk.
+    pub fn live(max_skips: u32) -> Self {
+        Cursor {
+            next_seq: None,
+            pending_disc: false,
+            skips: 0,
+            max_skips,
+        }
+    }
+
+    /// Resume at `seq` if the window still holds it (or it is the next one to come);
+    /// otherwise start live with `DISCONTINUITY`.
+    pub fn resume(b: &Broadcast, seq: u64, max_skips: u32) -> Self {
+        let (front, next) = b.range();
+        let ok = matches!((front, next), (Some(f), n) if seq >= f && seq <= n);
+        Cursor {
+            next_seq: ok.then_some(seq),
+            pending_disc: !ok,
+            skips: 0,
+            max_skips,
+        }
+    }
+
+    /// Sequence the cursor will deliver next, once known.
+    pub fn position(&self) -> Option<u64> {
+        self.next_seq
+    }
+
+    /// The next step for this viewer.
+    pub fn next(&mut self, b: &Broadcast) -> Next {
+        if b.is_stopped() {
+            return Next::Stopped;
+        }
+        let chunks = match b.chunks.read() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        let Some(front) = chunks.front().map(|c| c.seq) else {
+            return Next::Wait;
+        };
+        let mut seq = match self.next_seq {
+            Some(s) => s,
+            None => match newest_rap(&chunks) {
+                Some(s) => s,
+                None => return Next::Wait,
+            },
+        };
+        if seq < front {
+            // Fell out of the window: skip to the live edge.
+            self.skips += 1;
+            if self.skips > self.max_skips {
+                return Next::TooSlow;
+            }
+            self.pending_disc = true;
+            match newest_rap(&chunks) {
+                Some(s) => seq = s,
+                None => {
+                    self.next_seq = None;
+                    return Next::Wait;
+                }
+            }
+        }
+        match find(&chunks, seq) {
+            Some(c) => {
+                let c = Arc::clone(c);
+                self.next_seq = Some(c.seq + 1);
+                let disc = std::mem::take(&mut self.pending_disc);
+                Next::Chunk(c, disc)
+            }
+            None => {
+                self.next_seq = Some(seq);
+                Next::Wait
+            }
+        }
+    }
+}
+
+fn newest_rap(chunks: &VecDeque<Arc<Chunk>>) -> Option<u64> {
+    chunks
+        .iter()
+        .rev()
+        .find(|c| c.is_random_access())
+        .map(|c| c.seq)
+}
+
+fn find(chunks: &VecDeque<Arc<Chunk>>, seq: u64) -> Option<&Arc<Chunk>> {
+    let front = chunks.front()?.seq;
+    let idx = usize::try_from(seq.checked_sub(front)?).ok()?;
+    match chunks.get(idx) {
+        Some(c) if c.seq == seq => Some(c),
+        // Gaps (should not happen): fall back to a search.
+        _ => chunks
+            .binary_search_by_key(&seq, |c| c.seq)
+            .ok()
+            .and_then(|i| chunks.get(i)),
+    }
+}
+
+impl Broadcast {
+    pub fn new(id: &str, window_ms: u64, params: StreamParams) -> Self {
+        let (notify, _) = watch::channel(0);
+        Broadcast {
+            id: id.to_owned(),
+            window_ms: window_ms.max(1000),
+            chunks: RwLock::new(VecDeque::new()),
+            window_dur: Mutex::new(0),
+            params: RwLock::new(params),
+            health: Mutex::new(HealthState {
+                health: SourceHealth::Connecting,
+                error: String::new(),
+            }),
+            notify,
+            stopped: AtomicBool::new(false),
+            viewers: AtomicU32::new(0),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn params(&self) -> StreamParams {
+        match self.params.read() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set_params(&self, f: impl FnOnce(&mut StreamParams)) {
+        let mut g = match self.params.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut g);
+    }
+
+    /// (oldest seq in the window, newest seq + 1).
+    pub fn range(&self) -> (Option<u64>, u64) {
+        let chunks = match self.chunks.read() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        (
+            chunks.front().map(|c| c.seq),
+            chunks.back().map_or(0, |c| c.seq + 1),
+        )
+    }
+
+    /// Newest sequence number in the window.
+    pub fn newest_seq(&self) -> Option<u64> {
+        let chunks = match self.chunks.read() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        chunks.back().map(|c| c.seq)
+    }
+
+    /// Sequence number the next ingested chunk should get (numbering continues when
+    /// an ingest is restarted).
+    pub fn next_seq(&self) -> u64 {
+        self.range().1
+    }
+
+    /// Adds a chunk, evicts what left the window, wakes the viewers.
+    pub fn push(&self, chunk: Chunk) {
+        let seq = chunk.seq;
+        {
+            let mut chunks = match self.chunks.write() {
+                Ok(c) => c,
+                Err(p) => p.into_inner(),
+            };
+            let mut dur = match self.window_dur.lock() {
+                Ok(d) => d,
+                Err(p) => p.into_inner(),
+            };
+            *dur += u64::from(chunk.duration_ms);
+            let newest_ts = chunk.timestamp_ms;
+            chunks.push_back(Arc::new(chunk));
+            while chunks.len() > 1 {
+                let Some(front) = chunks.front() else { break };
+                let by_duration = *dur - u64::from(front.duration_ms) >= self.window_ms;
+                let by_age = newest_ts.saturating_sub(front.timestamp_ms) > 2 * self.window_ms;
+                if !(by_duration || by_age) {
+                    break;
+                }
+                *dur -= u64::from(front.duration_ms);
+                chunks.pop_front();
+            }
+        }
+        self.notify.send_replace(seq + 1);
+    }
+
+    /// A receiver woken on every new chunk and on stop.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.notify.send_modify(|v| *v = v.wrapping_add(0));
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    pub fn set_health(&self, health: SourceHealth, error: impl Into<String>) {
+        let mut h = match self.health.lock() {
+            Ok(h) => h,
+            Err(p) => p.into_inner(),
+        };
+        h.health = health;
+        h.error = error.into();
+    }
+
+    pub fn viewers(&self) -> u32 {
+        self.viewers.load(Ordering::Relaxed)
+    }
+
+    /// Counts a viewer for as long as the guard lives.
+    pub fn viewer_guard(self: &Arc<Self>) -> ViewerGuard {
+        self.viewers.fetch_add(1, Ordering::Relaxed);
+        ViewerGuard(Arc::clone(self))
+    }
+
+    pub fn status(&self) -> BroadcastStatus {
+        let (health, error) = {
+            let h = match self.health.lock() {
+                Ok(h) => h,
+                Err(p) => p.into_inner(),
+            };
+            (h.health, h.error.clone())
+        };
+        let chunks_in_window = match self.chunks.read() {
+            Ok(c) => c.len(),
+            Err(p) => p.into_inner().len(),
+        };
+        BroadcastStatus {
+            broadcast_id: self.id.clone(),
+            health,
+            error,
+            last_seq: self.newest_seq(),
+            content_type: self.params().content_type,
+            viewers: self.viewers(),
+            chunks_in_window,
+        }
+    }
+}
+
+/// Decrements the viewer count on drop.
+#[derive(Debug)]
+pub struct ViewerGuard(Arc<Broadcast>);
+
+impl Drop for ViewerGuard {
+    fn drop(&mut self) {
+        self.0.viewers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// All broadcasts on this node.
+#[derive(Debug, Default)]
+pub struct Registry {
+    map: RwLock<HashMap<String, Arc<Broadcast>>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Broadcast>> {
+        let m = match self.map.read() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.get(id).cloned()
+    }
+
+    /// Returns the broadcast, creating it with `make` when absent.
+    pub fn get_or_insert(&self, id: &str, make: impl FnOnce() -> Broadcast) -> Arc<Broadcast> {
+        let mut m = match self.map.write() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        Arc::clone(m.entry(id.to_owned()).or_insert_with(|| Arc::new(make())))
+    }
+
+    /// Removes and stops a broadcast (its viewers get `GOODBYE(BroadcastStopped)`).
+    pub fn remove(&self, id: &str) -> Option<Arc<Broadcast>> {
+        let b = {
+            let mut m = match self.map.write() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            m.remove(id)
+        };
+        if let Some(b) = &b {
+            b.stop();
+        }
+        b
+    }
+
+    pub fn all(&self) -> Vec<Arc<Broadcast>> {
+        let m = match self.map.read() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.values().cloned().collect()
+    }
+
+    /// Viewers over all broadcasts.
+    pub fn total_viewers(&self) -> u32 {
+        self.all().iter().map(|b| b.viewers()).sum()
+    }
+}

@@ -1,0 +1,262 @@
+//! The control-plane link against a fake EdgeService: register, ingest command,
+//! health reports, re-register on known=false, stop, and viewers surviving the
+//! control plane's death. Needs ffmpeg.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::{Result, bail};
+use starling_dataplane::{Config, Node, SourceHealth};
+use starling_proto::v1::edge_service_server::{EdgeService, EdgeServiceServer};
+use starling_proto::v1::{
+    CommandsRequest, HealthReport, HealthReportAck, IngestCommand, NodeCommand,
+    RegisterNodeRequest, RegisterNodeResponse, StopIngestCommand, node_command,
+};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+#[derive(Default)]
+struct Fake {
+    registers: AtomicU32,
+    known: AtomicBool,
+    source_url: String,
+    reports: Mutex<Vec<HealthReport>>,
+    registrations: Mutex<Vec<RegisterNodeRequest>>,
+    streams: Mutex<Vec<mpsc::Sender<Result<NodeCommand, Status>>>>,
+}
+
+struct Svc(Arc<Fake>);
+
+#[tonic::async_trait]
+impl EdgeService for Svc {
+    async fn register(
+        &self,
+        r: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeResponse>, Status> {
+        let n = self.0.registers.fetch_add(1, Ordering::SeqCst) + 1;
+        self.0.known.store(true, Ordering::SeqCst);
+        self.0.registrations.lock().unwrap().push(r.into_inner());
+        Ok(Response::new(RegisterNodeResponse {
+            node_id: format!("node-{n}"),
+            heartbeat_interval_ms: 200,
+        }))
+    }
+    type CommandsStream = ReceiverStream<Result<NodeCommand, Status>>;
+    async fn commands(
+        &self,
+        _r: Request<CommandsRequest>,
+    ) -> Result<Response<Self::CommandsStream>, Status> {
+        let (tx, rx) = mpsc::channel(8);
+        let _ = tx
+            .send(Ok(NodeCommand {
+                command: Some(node_command::Command::Ingest(IngestCommand {
+                    broadcast_id: "cp".into(),
+                    source_url: self.0.source_url.clone(),
+                    chunk_duration_ms: 1000,
+                    substreams: 4,
+                })),
+            }))
+            .await;
+        self.0.streams.lock().unwrap().push(tx);
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+    async fn report_health(
+        &self,
+        r: Request<HealthReport>,
+    ) -> Result<Response<HealthReportAck>, Status> {
+        self.0.reports.lock().unwrap().push(r.into_inner());
+        Ok(Response::new(HealthReportAck {
+            known: self.0.known.load(Ordering::SeqCst),
+        }))
+    }
+}
+
+/// Endless paced MPEG-TS-ish source: ffmpeg-free, TS null packets with a PAT/PMT are
+/// enough for the control test (health, last_seq), so use real TS from ffmpeg.
+fn start_source() -> SocketAddr {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.ts");
+    let ok = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi"])
+        .args([
+            "-i",
+            "testsrc=size=160x120:rate=25",
+            "-c:v",
+            "libx264",
+            "-g",
+            "25",
+        ])
+        .args(["-t", "30", "-f", "mpegts"])
+        .arg(&out)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let ts = std::fs::read(out).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let ts = ts.clone();
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut b = [0u8; 2048];
+                let _ = c.read(&mut b);
+                let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Type: video/mp2t\r\n\r\n");
+                let per = ts.len() / 30 / 10;
+                for piece in ts.chunks(per.max(188)) {
+                    if c.write_all(piece).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        }
+    });
+    a
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("gave up waiting for {what}")
+}
+
+#[test]
+fn control_plane_link() -> Result<()> {
+    let src = start_source();
+    let fake = Arc::new(Fake {
+        source_url: format!("http://{src}/live.ts"),
+        ..Fake::default()
+    });
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let cp_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let svc = EdgeServiceServer::new(Svc(Arc::clone(&fake)));
+    rt.spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve(cp_addr)
+            .await;
+    });
+
+    let node = Node::start(Config {
+        control_url: Some(format!("http://{cp_addr}")),
+        wire_listen: "127.0.0.1:0".parse()?,
+        http_listen: "127.0.0.1:0".parse()?,
+        advertise_host: "10.1.2.3".into(),
+        node_name: "test-node".into(),
+        cores: 1,
+        io_memory_kib: 256,
+        ..Config::default()
+    })?;
+    wait_for("registration", || {
+        fake.registers.load(Ordering::SeqCst) >= 1
+    })?;
+    {
+        let regs = fake.registrations.lock().unwrap();
+        assert_eq!(regs[0].node_name, "test-node");
+        assert_eq!(
+            regs[0].wire_addr,
+            format!("10.1.2.3:{}", node.wire_addr().port())
+        );
+        assert_eq!(
+            regs[0].http_addr,
+            format!("10.1.2.3:{}", node.http_addr().port())
+        );
+        assert_eq!(regs[0].cores, 1);
+    }
+    wait_for("an UP report with chunks", || {
+        fake.reports.lock().unwrap().iter().any(|r| {
+            r.ingests.iter().any(|i| {
+                i.broadcast_id == "cp"
+                    && i.health == starling_proto::v1::SourceHealth::Up as i32
+                    && i.last_seq > 0
+                    && i.content_type == "video/mp2t"
+            })
+        })
+    })?;
+    assert_eq!(node.status("cp").map(|s| s.health), Some(SourceHealth::Up));
+
+    // known=false: the node registers again (and the replayed ingest is idempotent).
+    fake.known.store(false, Ordering::SeqCst);
+    wait_for("re-registration", || {
+        fake.registers.load(Ordering::SeqCst) >= 2
+    })?;
+    let seq_before = node.status("cp").and_then(|s| s.last_seq);
+
+    // A viewer connected over HTTP keeps receiving while the control plane dies.
+    let mut viewer = TcpStream::connect(node.http_addr())?;
+    viewer.set_read_timeout(Some(Duration::from_secs(30)))?;
+    viewer.write_all(b"GET /live/cp HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut buf = vec![0u8; 65536];
+    let n = viewer.read(&mut buf)?;
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    rt.shutdown_background();
+    let mut got = 0usize;
+    let start_seq = node.status("cp").and_then(|s| s.last_seq);
+    wait_for("chunks after the control plane died", || {
+        if let Ok(n) = viewer.read(&mut buf) {
+            got += n;
+        }
+        got > 50_000 && node.status("cp").and_then(|s| s.last_seq) > start_seq
+    })?;
+    assert!(node.status("cp").and_then(|s| s.last_seq) > seq_before);
+    node.shutdown();
+    node.join()?;
+    Ok(())
+}
+
+#[test]
+fn stop_command_removes_broadcast() -> Result<()> {
+    let src = start_source();
+    let fake = Arc::new(Fake {
+        source_url: format!("http://{src}/live.ts"),
+        ..Fake::default()
+    });
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let cp_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let svc = EdgeServiceServer::new(Svc(Arc::clone(&fake)));
+    rt.spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve(cp_addr)
+            .await;
+    });
+    let node = Node::start(Config {
+        control_url: Some(format!("http://{cp_addr}")),
+        wire_listen: "127.0.0.1:0".parse()?,
+        http_listen: "127.0.0.1:0".parse()?,
+        cores: 1,
+        io_memory_kib: 256,
+        ..Config::default()
+    })?;
+    wait_for("ingest", || node.status("cp").is_some())?;
+    let tx = fake.streams.lock().unwrap().last().cloned().unwrap();
+    rt.block_on(tx.send(Ok(NodeCommand {
+        command: Some(node_command::Command::Stop(StopIngestCommand {
+            broadcast_id: "cp".into(),
+        })),
+    })))?;
+    wait_for("stop", || node.status("cp").is_none())?;
+    node.shutdown();
+    node.join()?;
+    rt.shutdown_background();
+    Ok(())
+}
