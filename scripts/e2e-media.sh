@@ -26,9 +26,11 @@ log() { printf '[e2e %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 fail() { log "FAIL: $*"; echo "$*" >>"$WORK/FAILURES"; FAILED=1; }
 failed() { [ "$FAILED" = 1 ] || [ -s "$WORK/FAILURES" ]; }
 cleanup() {
+  set +e
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 0.5
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+  wait 2>/dev/null
   if failed; then
     log "logs kept in $WORK"
     for f in "$WORK"/*.log "$WORK"/ice/log/error.log; do
@@ -56,7 +58,8 @@ bg() { # name cmd... : start in background, log to $WORK/name.log
   local name=$1; shift
   "$@" >"$WORK/$name.log" 2>&1 &
   PIDS+=($!)
-  eval "PID_${name//-/_}=$!"
+  local var=${name//[^a-zA-Z0-9]/_}
+  eval "PID_$var=$!"
 }
 # decode_check NAME URL: decodes URL for DECODE_SECS seconds of media; asserts no error
 # line and that at least DECODE_SECS seconds were decoded.
@@ -141,7 +144,7 @@ admin() { "$BIN/starling-admin" --control-url "$CONTROL" "$@"; }
 ID=$(admin create --name e2e-live --source "http://127.0.0.1:$ICE_PORT/live.ts" --id-only)
 log "created broadcast $ID"
 admin start "$ID" >/dev/null
-admin wait "$ID" --health up --timeout 30s || { fail "source never came up"; exit 1; }
+admin wait "$ID" --health up --timeout 30s >/dev/null || { fail "source never came up"; exit 1; }
 log "broadcast $ID is live"
 
 # --- three SDK viewers joining at different times, each decoded by ffmpeg ---------------
@@ -214,13 +217,13 @@ fi
 # Unreachable source: the mount does not exist yet -> DOWN; it appears -> UP.
 LATE=$(admin create --name e2e-late --source "http://127.0.0.1:$ICE_PORT/late.ts" --id-only)
 admin start "$LATE" >/dev/null
-if admin wait "$LATE" --health down --timeout 20s; then
+if admin wait "$LATE" --health down --timeout 20s >/dev/null; then
   log "ok: unreachable source reported down"
 else
   fail "unreachable source never reported down"
 fi
 push_source late.ts
-if admin wait "$LATE" --health up --timeout 30s; then
+if admin wait "$LATE" --health up --timeout 30s >/dev/null; then
   log "ok: source recovered and reported up"
 else
   fail "source did not recover"

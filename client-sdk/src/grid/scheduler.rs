@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use super::buffer_map::{BufferMap, MAX_BUFFER_MAP_BITS};
 use super::PeerId;
+use super::buffer_map::{BufferMap, MAX_BUFFER_MAP_BITS};
 
 /// Where a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +206,9 @@ impl PeerScheduler {
     /// duration, a window outside 1..=1024 or `server_lead > repair_lead`.
     pub fn new(cfg: SchedulerConfig) -> Result<Self, SchedulerError> {
         if cfg.substreams == 0 || cfg.substreams > 64 {
-            return Err(SchedulerError::InvalidConfig("substreams must be in 1..=64"));
+            return Err(SchedulerError::InvalidConfig(
+                "substreams must be in 1..=64",
+            ));
         }
         if cfg.chunk_duration.is_zero() {
             return Err(SchedulerError::InvalidConfig("chunk_duration must be > 0"));
@@ -281,10 +283,10 @@ impl PeerScheduler {
             .saturating_mul(self.d_ms);
         let avail = now_ms.saturating_sub(seq_ms);
         self.live_base = Some(self.live_base.map_or(avail, |b| b.min(avail)));
-        if let Source::Parent(s) = from {
-            if u64::from(s) == seq % self.k {
-                self.monitor_parent(s, seq, now_ms);
-            }
+        if let Source::Parent(s) = from
+            && u64::from(s) == seq % self.k
+        {
+            self.monitor_parent(s, seq, now_ms);
         }
         let too_far = self
             .newest
@@ -339,12 +341,16 @@ impl PeerScheduler {
         }
     }
 
-    /// A child subscribed to `substreams`. The chunks of those substreams still ahead of
-    /// this peer's play-out point are pushed to it at once, to bridge its re-parenting.
+    /// A child subscribed to `substreams`. The newest held chunk of each of those
+    /// substreams is pushed to it at once (the one its re-parenting most likely missed;
+    /// older gaps are left to its mesh repair, so as not to flood this peer's uplink).
     pub fn on_child_added(&mut self, child: PeerId, substreams: &[u16]) {
         let mask = self.mask(substreams);
         *self.children.entry(child).or_insert(0) |= mask;
-        let from = self.play_next.unwrap_or(0);
+        let from = self
+            .newest
+            .map_or(0, |n| n.saturating_sub(self.k - 1))
+            .max(self.play_next.unwrap_or(0));
         for &seq in self.have.range(from..) {
             if mask & (1u64 << (seq % self.k)) != 0 {
                 self.actions.push_back(Action::Push { child, seq });
@@ -372,7 +378,8 @@ impl PeerScheduler {
     pub fn on_neighbour_added(&mut self, neighbour: PeerId) {
         self.neighbours.entry(neighbour).or_default();
         let map = self.buffer_map();
-        self.actions.push_back(Action::SendBufferMap { to: neighbour, map });
+        self.actions
+            .push_back(Action::SendBufferMap { to: neighbour, map });
     }
 
     /// A mesh neighbour is gone; requests in flight to it are retried elsewhere.
@@ -401,14 +408,14 @@ impl PeerScheduler {
 
     /// A neighbour answered a request with not-found: it is retried elsewhere.
     pub fn on_not_found(&mut self, from_peer: PeerId, seq: u64, _now: Duration) {
-        if let Some(r) = self.repairs.get_mut(&seq) {
-            if matches!(r.outstanding, Some((Some(n), _)) if n == from_peer) {
-                r.outstanding = None;
-                r.tried.push(from_peer);
-                self.outstanding -= 1;
-                if let Some(n) = self.neighbours.get_mut(&from_peer) {
-                    n.outstanding = n.outstanding.saturating_sub(1);
-                }
+        if let Some(r) = self.repairs.get_mut(&seq)
+            && matches!(r.outstanding, Some((Some(n), _)) if n == from_peer)
+        {
+            r.outstanding = None;
+            r.tried.push(from_peer);
+            self.outstanding -= 1;
+            if let Some(n) = self.neighbours.get_mut(&from_peer) {
+                n.outstanding = n.outstanding.saturating_sub(1);
             }
         }
     }
@@ -467,9 +474,9 @@ impl PeerScheduler {
 
     fn monitor_parent(&mut self, s: u16, seq: u64, now_ms: i64) {
         let late_ms = ms(self.cfg.late_threshold);
-        let lateness = self
-            .live_base
-            .map_or(0, |b| now_ms.saturating_sub(b.saturating_add(self.seq_ms(seq))));
+        let lateness = self.live_base.map_or(0, |b| {
+            now_ms.saturating_sub(b.saturating_add(self.seq_ms(seq)))
+        });
         let strikes_needed = self.cfg.late_strikes;
         let sub = &mut self.subs[usize::from(s)];
         if sub.last_seq.is_none_or(|l| seq > l) {
@@ -488,7 +495,10 @@ impl PeerScheduler {
     fn research(&mut self, s: u16, now_ms: i64) {
         let retry = ms(self.cfg.research_retry);
         let sub = &mut self.subs[usize::from(s)];
-        if sub.research_at.is_some_and(|t| now_ms < t.saturating_add(retry)) {
+        if sub
+            .research_at
+            .is_some_and(|t| now_ms < t.saturating_add(retry))
+        {
             return;
         }
         sub.research_at = Some(now_ms);
@@ -560,15 +570,15 @@ impl PeerScheduler {
 
     fn expire_requests(&mut self, now_ms: i64) {
         for r in self.repairs.values_mut() {
-            if let Some((who, until)) = r.outstanding {
-                if until <= now_ms {
-                    r.outstanding = None;
-                    self.outstanding -= 1;
-                    if let Some(w) = who {
-                        r.tried.push(w);
-                        if let Some(n) = self.neighbours.get_mut(&w) {
-                            n.outstanding = n.outstanding.saturating_sub(1);
-                        }
+            if let Some((who, until)) = r.outstanding
+                && until <= now_ms
+            {
+                r.outstanding = None;
+                self.outstanding -= 1;
+                if let Some(w) = who {
+                    r.tried.push(w);
+                    if let Some(n) = self.neighbours.get_mut(&w) {
+                        n.outstanding = n.outstanding.saturating_sub(1);
                     }
                 }
             }
@@ -615,7 +625,8 @@ impl PeerScheduler {
                     if let Some(n) = self.neighbours.get_mut(&nb) {
                         n.outstanding += 1;
                     }
-                    self.actions.push_back(Action::Request { neighbour: nb, seq });
+                    self.actions
+                        .push_back(Action::Request { neighbour: nb, seq });
                     self.stats.neighbour_requests += 1;
                 } else if lead <= server_lead && r.server_tries < 3 {
                     r.server_tries += 1;
@@ -627,5 +638,15 @@ impl PeerScheduler {
             }
             seq += 1;
         }
+    }
+}
+
+#[cfg(test)]
+impl PeerScheduler {
+    pub(super) fn repairs_len(&self) -> usize {
+        self.repairs.len()
+    }
+    pub(super) fn held_len(&self) -> usize {
+        self.have.len()
     }
 }

@@ -213,17 +213,19 @@ impl GridAssigner {
         for s in order {
             let best = self.best_parent(idx, s, &[], now_ms, false);
             let best_depth = best.map(|b| self.peer(b).depth[usize::from(s)]);
-            if s == home && self.peer(idx).used < cap {
-                if let Some(&(leaf_depth, leaf)) = self.leaf_idx[usize::from(s)].first() {
-                    if best_depth.is_none_or(|d| leaf_depth <= d) {
-                        let leaf_parent = self.peer(leaf).parents[usize::from(s)];
-                        self.detach(leaf, s);
-                        self.attach(idx, s, leaf_parent);
-                        self.attach(leaf, s, idx);
-                        moved.push(self.reassignment(leaf, s));
-                        continue;
-                    }
-                }
+            // Displacement: take the place of the shallowest leaf not homed here and
+            // adopt it, if that is no deeper than a free slot.
+            if s == home
+                && self.peer(idx).used < cap
+                && let Some(&(leaf_depth, leaf)) = self.leaf_idx[usize::from(s)].first()
+                && best_depth.is_none_or(|d| leaf_depth <= d)
+            {
+                let leaf_parent = self.peer(leaf).parents[usize::from(s)];
+                self.detach(leaf, s);
+                self.attach(idx, s, leaf_parent);
+                self.attach(leaf, s, idx);
+                moved.push(self.reassignment(leaf, s));
+                continue;
             }
             self.attach(idx, s, best.unwrap_or(SERVER));
         }

@@ -123,13 +123,7 @@ fn children_are_reparented_on_leave() {
     check(&g);
     // Every subscription that pointed at 1 now points elsewhere, and each is reported.
     for id in 2..=6 {
-        for (s, p) in g.parents(id).unwrap().into_iter().enumerate() {
-            assert_ne!(p, Parent::Peer(1));
-            let was_child = moved
-                .iter()
-                .any(|m| m.child == id && usize::from(m.substream) == s);
-            let _ = was_child;
-        }
+        assert!(!g.parents(id).unwrap().contains(&Parent::Peer(1)));
     }
     assert!(moved.iter().all(|m| m.parent != Parent::Peer(1)));
     assert!(moved.len() >= 16);
@@ -252,7 +246,7 @@ fn profile(name: &str, i: u64, rng: &mut u64) -> u32 {
         "uniform 0..2r" => (x * 2) as u32,
         "uniform 0..r (scarce)" => x as u32,
         "third free-riders, rest 0.5..2r" => {
-            if i % 3 == 0 {
+            if i.is_multiple_of(3) {
                 0
             } else {
                 (500 + x * 3 / 2) as u32

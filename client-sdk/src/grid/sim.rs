@@ -1,0 +1,715 @@
+//! Test-only deterministic network: virtual clock, per-link latency, per-peer upload
+//! serialization, a source emitting one chunk per chunk duration, a hand-made parent
+//! topology and a tiny controller answering re-searches.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::time::Duration;
+
+use super::*;
+
+const SERVER_UPLINK_KBPS: u64 = 1_000_000;
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Emit(u64),
+    Deliver {
+        to: PeerId,
+        seq: u64,
+        src: Source,
+        sender: Option<PeerId>,
+    },
+    Map {
+        to: PeerId,
+        from: PeerId,
+        map: BufferMap,
+    },
+    Req {
+        to: PeerId,
+        from: PeerId,
+        seq: u64,
+    },
+    NotFound {
+        to: PeerId,
+        from: PeerId,
+        seq: u64,
+    },
+    Tick(PeerId),
+    Reparent {
+        child: PeerId,
+        substream: u16,
+        exclude: Option<PeerId>,
+    },
+    Kill(PeerId),
+    NeighbourGone {
+        to: PeerId,
+        gone: PeerId,
+    },
+}
+
+struct SimPeer {
+    sched: PeerScheduler,
+    alive: bool,
+    upload_kbps: u64,
+    upload_free_at: u64,
+    extra_latency_ms: u64,
+    parents: Vec<Upstream>,
+    neighbours: Vec<PeerId>,
+    research_log: Vec<(u64, u16, Option<PeerId>)>,
+}
+
+/// The simulated swarm.
+pub(super) struct Sim {
+    pub now: u64,
+    seq_no: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, Ev>,
+    peers: BTreeMap<PeerId, SimPeer>,
+    pub cfg: SchedulerConfig,
+    pub latency_ms: u64,
+    pub chunk_bytes: u64,
+    pub ctrl_rtt_ms: u64,
+    pub server_pushes: u64,
+    pub server_pulls: u64,
+    tick_ms: u64,
+}
+
+impl Sim {
+    /// `n` peers (ids 1..=n) with the given uploads; every substream tree is a fan-out-4
+    /// tree over a rotation of the peers (interior-disjoint), root fed by the server;
+    /// neighbours i±1, i±3 (mod n).
+    pub fn new(cfg: SchedulerConfig, n: u64, upload_kbps: u64, stream_kbps: u64) -> Sim {
+        let k = u64::from(cfg.substreams);
+        let mut peers = BTreeMap::new();
+        for id in 1..=n {
+            peers.insert(
+                id,
+                SimPeer {
+                    sched: PeerScheduler::new(cfg).unwrap(),
+                    alive: true,
+                    upload_kbps,
+                    upload_free_at: 0,
+                    extra_latency_ms: 0,
+                    parents: vec![Upstream::Server; usize::from(cfg.substreams)],
+                    neighbours: Vec::new(),
+                    research_log: Vec::new(),
+                },
+            );
+        }
+        let chunk_ms = cfg.chunk_duration.as_millis() as u64;
+        let mut sim = Sim {
+            now: 0,
+            seq_no: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            peers,
+            cfg,
+            latency_ms: 30,
+            chunk_bytes: stream_kbps * chunk_ms / 8,
+            ctrl_rtt_ms: 60,
+            server_pushes: 0,
+            server_pulls: 0,
+            tick_ms: 50,
+        };
+        for s in 0..k {
+            let order: Vec<u64> = (0..n).map(|i| (i + s * n / k) % n + 1).collect();
+            for (i, &p) in order.iter().enumerate() {
+                let parent = if i == 0 {
+                    Upstream::Server
+                } else {
+                    Upstream::Peer(order[(i - 1) / 4])
+                };
+                sim.set_parent(p, s as u16, parent);
+            }
+        }
+        for id in 1..=n {
+            for off in [1, 3] {
+                let nb = (id - 1 + off) % n + 1;
+                sim.link_neighbours(id, nb);
+            }
+        }
+        sim.schedule(chunk_ms, Ev::Emit(0));
+        for id in 1..=n {
+            sim.schedule(id % sim.tick_ms, Ev::Tick(id));
+        }
+        sim
+    }
+
+    fn link_neighbours(&mut self, a: PeerId, b: PeerId) {
+        if a == b || self.peers[&a].neighbours.contains(&b) {
+            return;
+        }
+        for (x, y) in [(a, b), (b, a)] {
+            let p = self.peers.get_mut(&x).unwrap();
+            p.neighbours.push(y);
+            p.sched.on_neighbour_added(y);
+        }
+    }
+
+    fn set_parent(&mut self, child: PeerId, s: u16, parent: Upstream) {
+        let now = Duration::from_millis(self.now);
+        let old = self.peers[&child].parents[usize::from(s)];
+        if let Upstream::Peer(o) = old
+            && let Some(p) = self.peers.get_mut(&o)
+        {
+            p.sched.on_child_removed(child, &[s]);
+        }
+        if let Upstream::Peer(p) = parent {
+            self.peers
+                .get_mut(&p)
+                .unwrap()
+                .sched
+                .on_child_added(child, &[s]);
+            self.drain(p);
+        }
+        let c = self.peers.get_mut(&child).unwrap();
+        c.parents[usize::from(s)] = parent;
+        c.sched.on_parent_changed(s, Some(parent), now);
+    }
+
+    fn schedule(&mut self, at: u64, ev: Ev) {
+        self.seq_no += 1;
+        self.queue.push(Reverse((at, self.seq_no)));
+        self.events.insert(self.seq_no, ev);
+    }
+
+    /// Schedules a peer's death.
+    pub fn kill_at(&mut self, at: u64, id: PeerId) {
+        self.schedule(at, Ev::Kill(id));
+    }
+
+    /// Adds latency to everything `id` sends, from now on.
+    pub fn slow_down(&mut self, id: PeerId, extra_ms: u64) {
+        self.peers.get_mut(&id).unwrap().extra_latency_ms = extra_ms;
+    }
+
+    /// The children of `id` in substream `s`.
+    pub fn children(&self, id: PeerId, s: u16) -> Vec<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.alive && p.parents[usize::from(s)] == Upstream::Peer(id))
+            .map(|(&c, _)| c)
+            .collect()
+    }
+
+    pub fn researches(&self, id: PeerId) -> &[(u64, u16, Option<PeerId>)] {
+        &self.peers[&id].research_log
+    }
+
+    pub fn stats(&self, id: PeerId) -> SchedulerStats {
+        self.peers[&id].sched.stats()
+    }
+
+    pub fn alive(&self) -> Vec<PeerId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.alive)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// Runs until virtual time `until` ms.
+    pub fn run_until(&mut self, until: u64) {
+        while let Some(&Reverse((at, no))) = self.queue.peek() {
+            if at > until {
+                break;
+            }
+            self.queue.pop();
+            self.now = at;
+            let ev = self.events.remove(&no).unwrap();
+            self.handle(ev);
+        }
+        self.now = until;
+    }
+
+    fn send_chunk(&mut self, from: PeerId, to: PeerId, seq: u64, src: Source) {
+        let bytes = self.chunk_bytes;
+        let lat = self.latency_ms;
+        let now = self.now;
+        let p = self.peers.get_mut(&from).unwrap();
+        let tx_ms = bytes * 8 / p.upload_kbps.max(1);
+        let start = p.upload_free_at.max(now);
+        p.upload_free_at = start + tx_ms;
+        let at = start + tx_ms + lat + p.extra_latency_ms;
+        self.schedule(
+            at,
+            Ev::Deliver {
+                to,
+                seq,
+                src,
+                sender: Some(from),
+            },
+        );
+    }
+
+    fn drain(&mut self, id: PeerId) {
+        let now = self.now;
+        let k = u64::from(self.cfg.substreams);
+        loop {
+            let Some(p) = self.peers.get_mut(&id) else {
+                return;
+            };
+            if !p.alive {
+                return;
+            }
+            let extra = p.extra_latency_ms;
+            let Some(a) = p.sched.poll_action() else {
+                return;
+            };
+            let lat = self.latency_ms + extra;
+            match a {
+                Action::Push { child, seq } => {
+                    self.send_chunk(id, child, seq, Source::Parent((seq % k) as u16))
+                }
+                Action::Serve { to, seq } => self.send_chunk(id, to, seq, Source::Neighbour(id)),
+                Action::Request { neighbour, seq } => self.schedule(
+                    now + lat,
+                    Ev::Req {
+                        to: neighbour,
+                        from: id,
+                        seq,
+                    },
+                ),
+                Action::NotFound { to, seq } => {
+                    self.schedule(now + lat, Ev::NotFound { to, from: id, seq })
+                }
+                Action::RequestFromServer { seq } => {
+                    self.server_pulls += 1;
+                    let chunk_ms = self.cfg.chunk_duration.as_millis() as u64;
+                    // Served once emitted; the server's uplink is ample.
+                    let avail = (seq + 1) * chunk_ms;
+                    let tx = self.chunk_bytes * 8 / SERVER_UPLINK_KBPS;
+                    let at = (now + self.latency_ms).max(avail) + tx + self.latency_ms;
+                    self.schedule(
+                        at,
+                        Ev::Deliver {
+                            to: id,
+                            seq,
+                            src: Source::Server,
+                            sender: None,
+                        },
+                    );
+                }
+                Action::SendBufferMap { to, map } => {
+                    self.schedule(now + lat, Ev::Map { to, from: id, map })
+                }
+                Action::ReSearch { substream, exclude } => {
+                    self.peers
+                        .get_mut(&id)
+                        .unwrap()
+                        .research_log
+                        .push((now, substream, exclude));
+                    self.schedule(
+                        now + self.ctrl_rtt_ms,
+                        Ev::Reparent {
+                            child: id,
+                            substream,
+                            exclude,
+                        },
+                    );
+                }
+                Action::Play { .. } | Action::Skip { .. } => {}
+            }
+        }
+    }
+
+    /// The tiny controller: a living peer with a spare slot that is neither excluded nor
+    /// in the child's subtree, else the server.
+    fn choose_parent(&self, child: PeerId, s: u16, exclude: Option<PeerId>) -> Upstream {
+        let slot_kbps = self.chunk_bytes * 8 * 1000
+            / (self.cfg.chunk_duration.as_millis() as u64)
+            / 1000
+            / u64::from(self.cfg.substreams);
+        for (&id, p) in &self.peers {
+            if !p.alive || id == child || Some(id) == exclude {
+                continue;
+            }
+            let used: usize = (0..self.cfg.substreams)
+                .map(|ss| self.children(id, ss).len())
+                .sum();
+            if (used as u64 + 1) * slot_kbps > p.upload_kbps {
+                continue;
+            }
+            // Not in the child's subtree.
+            let mut x = Upstream::Peer(id);
+            let mut inside = false;
+            while let Upstream::Peer(y) = x {
+                if y == child {
+                    inside = true;
+                    break;
+                }
+                x = self.peers[&y].parents[usize::from(s)];
+            }
+            if !inside {
+                return Upstream::Peer(id);
+            }
+        }
+        Upstream::Server
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        let now = Duration::from_millis(self.now);
+        match ev {
+            Ev::Emit(seq) => {
+                let k = u64::from(self.cfg.substreams);
+                let s = (seq % k) as u16;
+                let roots: Vec<PeerId> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, p)| p.alive && p.parents[usize::from(s)] == Upstream::Server)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in roots {
+                    self.server_pushes += 1;
+                    let at = self.now + self.latency_ms;
+                    self.schedule(
+                        at,
+                        Ev::Deliver {
+                            to: id,
+                            seq,
+                            src: Source::Parent(s),
+                            sender: None,
+                        },
+                    );
+                }
+                let next = self.now + self.cfg.chunk_duration.as_millis() as u64;
+                self.schedule(next, Ev::Emit(seq + 1));
+            }
+            Ev::Deliver {
+                to,
+                seq,
+                src,
+                sender,
+            } => {
+                if sender.is_some_and(|s| !self.peers[&s].alive) {
+                    return;
+                }
+                if let Some(p) = self.peers.get_mut(&to).filter(|p| p.alive) {
+                    p.sched.on_chunk(seq, src, now);
+                    self.drain(to);
+                }
+            }
+            Ev::Map { to, from, map } => {
+                if let Some(p) = self.peers.get_mut(&to).filter(|p| p.alive) {
+                    p.sched.on_buffer_map(from, map, now);
+                }
+            }
+            Ev::Req { to, from, seq } => {
+                if let Some(p) = self.peers.get_mut(&to).filter(|p| p.alive) {
+                    p.sched.on_request(from, seq);
+                    self.drain(to);
+                }
+            }
+            Ev::NotFound { to, from, seq } => {
+                if let Some(p) = self.peers.get_mut(&to).filter(|p| p.alive) {
+                    p.sched.on_not_found(from, seq, now);
+                    self.drain(to);
+                }
+            }
+            Ev::Tick(id) => {
+                if let Some(p) = self.peers.get_mut(&id).filter(|p| p.alive) {
+                    p.sched.tick(now);
+                    self.drain(id);
+                    let at = self.now + self.tick_ms;
+                    self.schedule(at, Ev::Tick(id));
+                }
+            }
+            Ev::Reparent {
+                child,
+                substream,
+                exclude,
+            } => {
+                if self.peers[&child].alive {
+                    let parent = self.choose_parent(child, substream, exclude);
+                    self.set_parent(child, substream, parent);
+                    self.drain(child);
+                }
+            }
+            Ev::Kill(id) => {
+                let p = self.peers.get_mut(&id).unwrap();
+                p.alive = false;
+                for nb in p.neighbours.clone() {
+                    self.schedule(self.now + 1000, Ev::NeighbourGone { to: nb, gone: id });
+                }
+            }
+            Ev::NeighbourGone { to, gone } => {
+                if let Some(p) = self.peers.get_mut(&to).filter(|p| p.alive) {
+                    p.sched.on_neighbour_removed(gone);
+                    self.drain(to);
+                }
+            }
+        }
+    }
+}
+
+fn cfg() -> SchedulerConfig {
+    SchedulerConfig {
+        substreams: 4,
+        chunk_duration: Duration::from_millis(250),
+        ..SchedulerConfig::default()
+    }
+}
+
+/// Every listed peer played every chunk from its first one on, skipping none.
+fn assert_continuity(sim: &Sim, ids: &[PeerId], min_played: u64) {
+    for &id in ids {
+        let st = sim.stats(id);
+        assert_eq!(
+            st.skipped,
+            0,
+            "peer {id} skipped chunks: {st:?}, re-searches {:?}",
+            sim.researches(id)
+        );
+        assert!(st.played >= min_played, "peer {id} played too few: {st:?}");
+    }
+}
+
+#[test]
+fn healthy_swarm_has_full_continuity_from_peers() {
+    let mut sim = Sim::new(cfg(), 16, 2000, 1000);
+    sim.run_until(60_000);
+    let alive = sim.alive();
+    assert_continuity(&sim, &alive, 220);
+    let peer_chunks: u64 = alive.iter().map(|&id| sim.stats(id).from_parent).sum();
+    let researches: usize = alive.iter().map(|&id| sim.researches(id).len()).sum();
+    assert_eq!(researches, 0);
+    assert_eq!(sim.server_pulls, 0);
+    // 4 substream roots: the server sends one copy of the stream.
+    assert_eq!(sim.server_pushes, 240);
+    eprintln!(
+        "healthy: {} chunks pushed by parents, server pushes {}",
+        peer_chunks, sim.server_pushes
+    );
+}
+
+#[test]
+fn parent_loss_is_repaired_without_missing_a_deadline() {
+    let mut sim = Sim::new(cfg(), 16, 2000, 1000);
+    sim.run_until(20_000);
+    // An interior peer of substream 0's tree (the root's first child).
+    let victim = 2;
+    let orphans = sim.children(victim, 0);
+    assert!(!orphans.is_empty());
+    sim.kill_at(20_001, victim);
+    sim.run_until(60_000);
+    let alive = sim.alive();
+    assert_continuity(&sim, &alive, 220);
+    for &o in &orphans {
+        let rs = sim.researches(o);
+        assert!(
+            rs.iter()
+                .any(|&(t, s, ex)| s == 0 && ex == Some(victim) && t < 23_000),
+            "orphan {o} did not re-search promptly: {rs:?}"
+        );
+        assert_ne!(sim.peers[&o].parents[0], Upstream::Peer(victim));
+    }
+    let repaired: u64 = alive.iter().map(|&id| sim.stats(id).from_neighbour).sum();
+    let researches: usize = alive.iter().map(|&id| sim.researches(id).len()).sum();
+    let first: Vec<u64> = orphans
+        .iter()
+        .filter_map(|&o| sim.researches(o).first().map(|r| r.0 - 20_001))
+        .collect();
+    eprintln!(
+        "parent loss: orphans {orphans:?} re-searched after {first:?} ms; {researches} \
+         re-searches in all; {repaired} chunks repaired from neighbours, {} from the server",
+        sim.server_pulls
+    );
+}
+
+#[test]
+fn slow_parent_is_replaced() {
+    let mut sim = Sim::new(cfg(), 16, 2000, 1000);
+    sim.run_until(20_000);
+    let slow = 2;
+    let kids = sim.children(slow, 0);
+    assert!(!kids.is_empty());
+    sim.slow_down(slow, 1500);
+    sim.run_until(60_000);
+    let alive = sim.alive();
+    assert_continuity(&sim, &alive, 220);
+    for &c in &kids {
+        assert!(
+            sim.researches(c)
+                .iter()
+                .any(|&(_, s, ex)| s == 0 && ex == Some(slow)),
+            "child {c} kept its slow parent"
+        );
+        assert_ne!(sim.peers[&c].parents[0], Upstream::Peer(slow));
+    }
+}
+
+// ----- scheduler-only unit tests ---------------------------------------------------------
+
+fn at(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+fn drain(s: &mut PeerScheduler) -> Vec<Action> {
+    std::iter::from_fn(|| s.poll_action()).collect()
+}
+
+/// A scheduler that has seen chunks 0..=3 arrive on time (1 s chunks, seq n at n s).
+fn started() -> PeerScheduler {
+    let mut s = PeerScheduler::new(SchedulerConfig::default()).unwrap();
+    for seq in 0..4u16 {
+        s.on_parent_changed(seq, Some(Upstream::Server), at(0));
+    }
+    for seq in 0..4 {
+        assert!(s.on_chunk(seq, Source::Parent(seq as u16), at(seq * 1000)));
+    }
+    s.tick(at(3000));
+    drain(&mut s);
+    s
+}
+
+#[test]
+fn missing_chunk_comes_from_a_neighbour_that_has_it() {
+    let mut s = started();
+    s.on_neighbour_added(7);
+    s.on_neighbour_added(8);
+    let mut map = BufferMap::new(0, 16);
+    map.set(4);
+    s.on_buffer_map(8, map, at(4100));
+    drain(&mut s);
+    // seq 4 is due at 4000 + 2000 = 6000; repair starts at 5000.
+    s.tick(at(4900));
+    assert!(
+        !drain(&mut s)
+            .iter()
+            .any(|a| matches!(a, Action::Request { .. }))
+    );
+    s.tick(at(5000));
+    let acts = drain(&mut s);
+    assert!(acts.contains(&Action::Request {
+        neighbour: 8,
+        seq: 4
+    }));
+    assert!(
+        !acts
+            .iter()
+            .any(|a| matches!(a, Action::RequestFromServer { .. }))
+    );
+    assert!(s.on_chunk(4, Source::Neighbour(8), at(5100)));
+    s.tick(at(6000));
+    assert!(drain(&mut s).contains(&Action::Play { seq: 4 }));
+    assert_eq!(s.stats().skipped, 0);
+}
+
+#[test]
+fn server_is_asked_only_when_no_neighbour_has_it_and_the_deadline_is_near() {
+    let mut s = started();
+    s.on_neighbour_added(7);
+    s.on_buffer_map(7, BufferMap::new(0, 16), at(4000));
+    drain(&mut s);
+    s.tick(at(5000));
+    assert!(
+        drain(&mut s)
+            .iter()
+            .all(|a| !matches!(a, Action::Request { .. } | Action::RequestFromServer { .. }))
+    );
+    s.tick(at(5600));
+    assert!(drain(&mut s).contains(&Action::RequestFromServer { seq: 4 }));
+    assert!(s.on_chunk(4, Source::Server, at(5700)));
+    s.tick(at(6000));
+    assert!(drain(&mut s).contains(&Action::Play { seq: 4 }));
+}
+
+#[test]
+fn unanswered_request_is_retried_elsewhere_then_skipped_at_the_deadline() {
+    let mut s = started();
+    for nb in [7, 8] {
+        s.on_neighbour_added(nb);
+        let mut map = BufferMap::new(0, 16);
+        map.set(4);
+        s.on_buffer_map(nb, map, at(4000));
+    }
+    drain(&mut s);
+    s.tick(at(5000));
+    assert!(drain(&mut s).contains(&Action::Request {
+        neighbour: 7,
+        seq: 4
+    }));
+    s.tick(at(5300));
+    assert!(drain(&mut s).contains(&Action::Request {
+        neighbour: 8,
+        seq: 4
+    }));
+    s.on_not_found(8, 4, at(5350));
+    s.tick(at(5600));
+    assert!(drain(&mut s).contains(&Action::RequestFromServer { seq: 4 }));
+    s.tick(at(6000));
+    assert!(drain(&mut s).contains(&Action::Skip { seq: 4 }));
+    assert_eq!(s.stats().skipped, 1);
+}
+
+#[test]
+fn pushes_to_children_and_answers_requests() {
+    let mut s = started();
+    s.on_child_added(50, &[0, 2]);
+    s.on_child_added(51, &[1]);
+    drain(&mut s);
+    s.on_chunk(4, Source::Parent(0), at(4020));
+    s.on_chunk(5, Source::Parent(1), at(5020));
+    s.on_chunk(6, Source::Neighbour(9), at(6020));
+    assert_eq!(
+        drain(&mut s),
+        vec![
+            Action::Push { child: 50, seq: 4 },
+            Action::Push { child: 51, seq: 5 },
+            Action::Push { child: 50, seq: 6 },
+        ]
+    );
+    assert!(!s.on_chunk(4, Source::Neighbour(9), at(6030)));
+    s.on_request(9, 5);
+    s.on_request(9, 99);
+    assert_eq!(
+        drain(&mut s),
+        vec![
+            Action::Serve { to: 9, seq: 5 },
+            Action::NotFound { to: 9, seq: 99 }
+        ]
+    );
+    s.on_child_removed(50, &[]);
+    s.on_chunk(8, Source::Parent(0), at(8020));
+    assert!(drain(&mut s).is_empty());
+}
+
+#[test]
+fn silent_parent_is_re_searched_once() {
+    let mut s = started();
+    s.on_parent_changed(0, Some(Upstream::Peer(3)), at(3100));
+    // seq 4 (substream 0) becomes available at ~4000; silence after 5500.
+    for t in [4000, 5000, 5400] {
+        s.tick(at(t));
+        assert!(
+            !drain(&mut s)
+                .iter()
+                .any(|a| matches!(a, Action::ReSearch { .. }))
+        );
+    }
+    s.tick(at(5600));
+    let acts = drain(&mut s);
+    assert!(acts.contains(&Action::ReSearch {
+        substream: 0,
+        exclude: Some(3)
+    }));
+    s.tick(at(5700));
+    assert!(
+        !drain(&mut s)
+            .iter()
+            .any(|a| matches!(a, Action::ReSearch { .. }))
+    );
+}
+
+#[test]
+fn state_stays_bounded() {
+    let mut s = started();
+    for seq in 4..10_000u64 {
+        s.on_chunk(seq, Source::Parent((seq % 4) as u16), at(seq * 1000 + 20));
+        s.tick(at(seq * 1000 + 30));
+        drain(&mut s);
+    }
+    assert!(s.buffer_map().len() <= 64);
+    assert!(s.repairs_len() <= 64 && s.held_len() <= 64);
+}
