@@ -6,7 +6,7 @@
 # Builds the workspace (release), then starts:
 #   - a built-in test source: an ffmpeg test pattern (H.264 + AAC in MPEG-TS) served over
 #     HTTP at real time (ffmpeg is installed with apt-get if missing);
-#   - starling-controlplane on embedded SQLite (./starling-data);
+#   - starling-controlplane on embedded SQLite (a fresh database in the run folder);
 #   - starling-dataplane, registered with it;
 #   - a broadcast created and started through the gRPC admin API;
 #   - three SDK viewers (starling-play), joining a few seconds apart;
@@ -21,8 +21,11 @@ CP_ADDR=${STARLING_DEMO_CONTROL:-127.0.0.1:7000}
 WIRE_ADDR=${STARLING_DEMO_WIRE:-127.0.0.1:7100}
 HTTP_ADDR=${STARLING_DEMO_HTTP:-127.0.0.1:7180}
 SRC_PORT=${STARLING_DEMO_SOURCE_PORT:-7190}
-DATA=${STARLING_DATA_DIR:-$(pwd)/starling-data}
+DATA=${STARLING_DEMO_DATA_DIR:-}
 RUN=$(mktemp -d /tmp/starling-demo.XXXXXX)
+# A fresh SQLite database per run (previous demos' broadcasts would compete for the
+# single-client test source); set STARLING_DEMO_DATA_DIR to keep one.
+DATA=${DATA:-$RUN/data}
 PIDS=()
 
 say() { printf '\033[1mdemo:\033[0m %s\n' "$*" >&2; }
@@ -103,14 +106,16 @@ while true; do
   health=$(sed -n 's/.*source_health: *\([A-Za-z_]*\).*/\1/p' <<<"$info")
   seq=$(sed -n 's/.*last_seq: *\([0-9]*\).*/\1/p' <<<"$info")
   viewers=$(sed -n 's/.*viewers_now: *\([0-9]*\).*/\1/p' <<<"$info")
+  share=$(sed -n 's/.*peer_share: *\([0-9.]*\) %.*/\1/p' <<<"$info")
+  booster=$(sed -n 's/.*booster [0-9]* slots (\([0-9]*\) kbps.*/\1/p' <<<"$info")
   bytes=""
   for i in $(seq 1 "$VIEWERS"); do
     sz=$(stat -c %s "$RUN/viewer$i.ts" 2>/dev/null || echo 0)
     bytes+="$((sz / 1024))K "
   done
   rss=$(awk '/VmRSS/ {print int($2/1024)}' "/proc/$DP_PID/status" 2>/dev/null || echo "?")
-  printf '\r\033[K[%4ss] source=%s chunk=%s viewers=%s received=[%s] dataplane_rss=%sMiB' \
-    "$t" "${health:-?}" "${seq:-?}" "${viewers:-?}" "${bytes% }" "$rss" >&2
+  printf '\r\033[K[%4ss] source=%s chunk=%s viewers=%s peer_share=%s%% booster=%skbps received=[%s] dataplane_rss=%sMiB' \
+    "$t" "${health:-?}" "${seq:-?}" "${viewers:-?}" "${share:-?}" "${booster:-?}" "${bytes% }" "$rss" >&2
   if [ "$DURATION" != 0 ] && [ "$t" -ge "$DURATION" ]; then break; fi
   sleep 1
 done

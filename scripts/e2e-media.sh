@@ -4,7 +4,8 @@
 #   broadcaster's media server); starling-controlplane (embedded SQLite) and
 #   starling-dataplane run as real processes; a broadcast is created and started through
 #   the gRPC admin API (starling-admin); three viewers join through the SDK
-#   (starling-play) at different times; ffmpeg decodes each viewer's local HTTP stream
+#   (starling-play) at different times and relay to each other (the peer grid: later
+#   viewers get their substreams from earlier ones); ffmpeg decodes each viewer's local HTTP stream
 #   for >= 20 s and must print nothing at -v error; the data plane's plain HTTP endpoint
 #   must decode the same way. Then the bad-input cases: unknown and stopped broadcasts,
 #   an unreachable source that comes back, garbage and oversized frames on the wire port.
@@ -152,7 +153,8 @@ VPORTS=()
 for i in 1 2 3; do
   p=$(free_port); VPORTS+=("$p")
   bg "viewer$i" "$BIN/starling-play" --control-url "$CONTROL" --broadcast "$ID" \
-    --http-listen "127.0.0.1:$p" -o "$WORK/viewer$i.ts" --duration $((DECODE_SECS + 45))s
+    --http-listen "127.0.0.1:$p" -o "$WORK/viewer$i.ts" --duration $((DECODE_SECS + 45))s \
+    --upload-kbps 4000 --peer-listen 127.0.0.1:0
   wait_port 127.0.0.1 "$p" 20 || fail "viewer$i local endpoint did not open"
   decode_check "viewer$i" "http://127.0.0.1:$p/live/$ID" &
   DECODERS+=($!)
@@ -194,6 +196,29 @@ log "garbage and oversized frames: connections closed"
 DP_RSS=$(rss_kib "$PID_dataplane")
 log "data plane RSS with 3 SDK viewers + 1 HTTP viewer (+ decoders): ${DP_RSS} KiB"
 for d in "${DECODERS[@]}"; do wait "$d" || true; done
+GRID=$(admin get "$ID" --json 2>/dev/null | tr -d '\n ' || true)
+log "grid figures: $(grep -oE '"(peers|booster_slots|peer_share|max_depth)":[^,}]*' <<<"$GRID" | tr '\n' ' ')"
+
+# Stop the viewers (Ctrl-C) and read their exit statistics: who got bytes from peers.
+for i in 1 2 3; do
+  v="PID_viewer$i"
+  kill -INT "${!v}" 2>/dev/null || true
+done
+MOSTLY_PEERS=0
+for i in 1 2 3; do
+  v="PID_viewer$i"
+  for _ in $(seq 1 50); do kill -0 "${!v}" 2>/dev/null || break; sleep 0.1; done
+  line=$(grep -o 'from server [0-9]* bytes, from peers [0-9]* bytes, uploaded [0-9]* bytes, played [0-9]*, skipped [0-9]*' "$WORK/viewer$i.log" | tail -1)
+  if [ -z "$line" ]; then fail "viewer$i printed no exit statistics"; continue; fi
+  read -r srv peers up played skipped < <(sed -E 's/from server ([0-9]*) bytes, from peers ([0-9]*) bytes, uploaded ([0-9]*) bytes, played ([0-9]*), skipped ([0-9]*)/\1 \2 \3 \4 \5/' <<<"$line")
+  log "viewer$i: from data plane ${srv} B, from peers ${peers} B, uploaded ${up} B, chunks played ${played}, skipped ${skipped}"
+  if [ "$peers" -gt "$srv" ]; then MOSTLY_PEERS=$((MOSTLY_PEERS + 1)); fi
+done
+if [ "$MOSTLY_PEERS" -ge 1 ]; then
+  log "ok: $MOSTLY_PEERS viewer(s) got most of their bytes from other viewers"
+else
+  fail "no viewer got most of its bytes from peers"
+fi
 for i in 1 2 3; do
   if [ -s "$WORK/viewer$i.ts" ]; then
     errs=$(ffmpeg -nostdin -v error -i "$WORK/viewer$i.ts" -f null - 2>&1 | wc -l)

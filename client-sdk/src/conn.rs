@@ -8,8 +8,9 @@ use starling_proto::wire::{
     self, Decoder, ErrorCode, Frame, Hello, Limits, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Role,
     StartAt, StreamInfo, Subscribe,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::error::SdkError;
 
@@ -32,6 +33,10 @@ pub(crate) struct OpenParams<'a> {
     pub start: StartAt,
     pub limits: Limits,
     pub timeout: Duration,
+    /// `Viewer` towards a data-plane node, `Peer` towards another viewer.
+    pub role: Role,
+    /// Substreams to be pushed ([`wire::ALL_SUBSTREAMS`] = the whole stream).
+    pub mask: u64,
 }
 
 /// Connects and runs the handshake up to `STREAM_INFO`. Any `ERROR` from the server is
@@ -69,7 +74,7 @@ async fn open_inner(p: &OpenParams<'_>) -> Result<WireConn, SdkError> {
     conn.send(&Frame::Hello(Hello {
         min_version: MIN_PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
-        role: Role::Viewer,
+        role: p.role,
         token: p.token.clone(),
     }))
     .await?;
@@ -88,6 +93,7 @@ async fn open_inner(p: &OpenParams<'_>) -> Result<WireConn, SdkError> {
     conn.send(&Frame::Subscribe(Subscribe {
         broadcast_id: p.broadcast_id.to_string(),
         start: p.start,
+        substream_mask: p.mask,
     }))
     .await?;
     loop {
@@ -132,34 +138,81 @@ fn unexpected(frame: Frame, wanted: &str) -> SdkError {
 }
 
 fn frame_code(f: &Frame) -> u8 {
-    use wire::frame_type::*;
-    match f {
-        Frame::Hello(_) => HELLO,
-        Frame::HelloAck(_) => HELLO_ACK,
-        Frame::Subscribe(_) => SUBSCRIBE,
-        Frame::StreamInfo(_) => STREAM_INFO,
-        Frame::Chunk(_) => CHUNK,
-        Frame::Ping(_) => PING,
-        Frame::Pong(_) => PONG,
-        Frame::Error(_) => ERROR,
-        Frame::Goodbye(_) => GOODBYE,
+    f.frame_type()
+}
+
+/// Reads one frame from `stream` into `buf`. Cancel-safe: bytes read are kept in the
+/// buffer.
+async fn read_frame<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    decoder: &mut Decoder,
+    buf: &mut BytesMut,
+) -> Result<Frame, SdkError> {
+    loop {
+        if let Some(f) = decoder.decode(buf)? {
+            return Ok(f);
+        }
+        let need = decoder.bytes_needed(buf).max(READ_CHUNK);
+        buf.reserve(need);
+        let n = stream.read_buf(buf).await?;
+        if n == 0 {
+            return Err(SdkError::Closed);
+        }
+    }
+}
+
+/// The receiving half of a split connection.
+pub(crate) struct FrameReader {
+    stream: OwnedReadHalf,
+    decoder: Decoder,
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    /// Reads the next frame. Cancel-safe.
+    pub(crate) async fn next_frame(&mut self) -> Result<Frame, SdkError> {
+        read_frame(&mut self.stream, &mut self.decoder, &mut self.buf).await
     }
 }
 
 impl WireConn {
+    /// A connection accepted by the peer listener (the handshake is run by the caller
+    /// with [`WireConn::next_frame`] / [`WireConn::send`]).
+    pub(crate) fn accepted(stream: TcpStream, limits: Limits, addr: String) -> WireConn {
+        let _ = stream.set_nodelay(true);
+        WireConn {
+            stream,
+            decoder: Decoder::new(limits),
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            info: StreamInfo {
+                broadcast_id: String::new(),
+                content_type: String::new(),
+                chunk_duration_ms: 0,
+                substreams: 0,
+                first_seq: 0,
+                live_seq: 0,
+            },
+            addr,
+        }
+    }
+
+    /// Splits into a frame reader and the raw write half (bytes already buffered stay
+    /// with the reader).
+    pub(crate) fn into_split(self) -> (FrameReader, OwnedWriteHalf) {
+        let (r, w) = self.stream.into_split();
+        (
+            FrameReader {
+                stream: r,
+                decoder: self.decoder,
+                buf: self.buf,
+            },
+            w,
+        )
+    }
+
     /// Reads the next frame. Cancel-safe: bytes read are kept in the buffer.
     pub(crate) async fn next_frame(&mut self) -> Result<Frame, SdkError> {
-        loop {
-            if let Some(f) = self.decoder.decode(&mut self.buf)? {
-                return Ok(f);
-            }
-            let need = self.decoder.bytes_needed(&self.buf).max(READ_CHUNK);
-            self.buf.reserve(need);
-            let n = self.stream.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                return Err(SdkError::Closed);
-            }
-        }
+        read_frame(&mut self.stream, &mut self.decoder, &mut self.buf).await
     }
 
     pub(crate) async fn send(&mut self, frame: &Frame) -> Result<(), SdkError> {

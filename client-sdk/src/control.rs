@@ -1,16 +1,57 @@
-//! The control-plane side: `ViewerService` Join / Heartbeat / Leave over gRPC.
+//! The control-plane side: `ViewerService` Join / Heartbeat / Leave / Reparent over gRPC.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use starling_proto::v1::viewer_service_client::ViewerServiceClient;
-use starling_proto::v1::{HeartbeatRequest, JoinRequest, LeaveRequest, StreamParams};
+use starling_proto::v1::{
+    HeartbeatRequest, JoinRequest, LeaveRequest, PeerRef, ReparentRequest, StreamParams,
+    SubstreamParent,
+};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::SdkError;
 
 /// Heartbeat interval used when the control plane does not say.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// A peer of the grid as the control plane names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Peer {
+    pub id: u64,
+    pub addr: String,
+}
+
+impl Peer {
+    fn from_ref(r: PeerRef) -> Option<Peer> {
+        // A peer without an address cannot be connected to: treated as absent.
+        (!r.addr.is_empty()).then_some(Peer {
+            id: r.peer_id,
+            addr: r.addr,
+        })
+    }
+}
+
+/// One substream's parent: `None` = the data plane.
+pub(crate) type Parent = Option<Peer>;
+
+/// The grid assignment carried by `Join` and `Heartbeat`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Assignment {
+    /// `(substream, parent)`, as sent (possibly incomplete or empty).
+    pub parents: Vec<(u32, Parent)>,
+    pub neighbours: Vec<Peer>,
+}
+
+fn assignment(parents: Vec<SubstreamParent>, neighbours: Vec<PeerRef>) -> Assignment {
+    Assignment {
+        parents: parents
+            .into_iter()
+            .map(|p| (p.substream, p.peer.and_then(Peer::from_ref)))
+            .collect(),
+        neighbours: neighbours.into_iter().filter_map(Peer::from_ref).collect(),
+    }
+}
 
 /// What `Join` gave us.
 #[derive(Debug, Clone)]
@@ -20,6 +61,33 @@ pub(crate) struct JoinInfo {
     pub params: Option<StreamParams>,
     pub token: Bytes,
     pub heartbeat: Duration,
+    pub peer_id: u64,
+    pub assignment: Assignment,
+    pub stream_kbps: u32,
+    pub child_slots: u32,
+}
+
+/// What this viewer offers the grid in `Join`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Offer {
+    /// `host:port` of the peer listener; empty = does not relay.
+    pub peer_addr: String,
+    pub upload_kbps: u32,
+}
+
+/// Cumulative counters reported in `Heartbeat`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Counters {
+    pub bytes_from_server: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_uploaded: u64,
+}
+
+/// The answer to `Heartbeat`.
+#[derive(Debug, Clone)]
+pub(crate) struct HeartbeatInfo {
+    pub active: bool,
+    pub assignment: Assignment,
 }
 
 #[derive(Clone)]
@@ -53,7 +121,7 @@ impl Control {
         })
     }
 
-    pub(crate) async fn join(&self) -> Result<JoinInfo, SdkError> {
+    pub(crate) async fn join(&self, offer: &Offer) -> Result<JoinInfo, SdkError> {
         let resp = self
             .client
             .clone()
@@ -61,6 +129,8 @@ impl Control {
                 broadcast_id: self.broadcast_id.clone(),
                 credential: self.credential.clone(),
                 client_version: self.client_version.clone(),
+                peer_addr: offer.peer_addr.clone(),
+                upload_kbps: offer.upload_kbps,
             })
             .await
             .map_err(|s| SdkError::from_status("Join", s))?
@@ -80,20 +150,56 @@ impl Control {
             params: resp.params,
             token: Bytes::from(resp.chunk_token),
             heartbeat,
+            peer_id: resp.peer_id,
+            assignment: assignment(resp.parents, resp.neighbours),
+            stream_kbps: resp.stream_kbps,
+            child_slots: resp.child_slots,
         })
     }
 
-    /// `Ok(false)` when the control plane says the session is over.
-    pub(crate) async fn heartbeat(&self, session_id: &str) -> Result<bool, SdkError> {
+    /// `active == false` when the control plane says the session is over.
+    pub(crate) async fn heartbeat(
+        &self,
+        session_id: &str,
+        counters: Counters,
+    ) -> Result<HeartbeatInfo, SdkError> {
         let resp = self
             .client
             .clone()
             .heartbeat(HeartbeatRequest {
                 session_id: session_id.to_string(),
+                bytes_from_server: counters.bytes_from_server,
+                bytes_from_peers: counters.bytes_from_peers,
+                bytes_uploaded: counters.bytes_uploaded,
             })
             .await
-            .map_err(|s| SdkError::from_status("Heartbeat", s))?;
-        Ok(resp.into_inner().active)
+            .map_err(|s| SdkError::from_status("Heartbeat", s))?
+            .into_inner();
+        Ok(HeartbeatInfo {
+            active: resp.active,
+            assignment: assignment(resp.parents, resp.neighbours),
+        })
+    }
+
+    /// A new parent for `substream` (`None` = the data plane).
+    pub(crate) async fn reparent(
+        &self,
+        session_id: &str,
+        substream: u16,
+        exclude: Vec<u64>,
+    ) -> Result<Parent, SdkError> {
+        let resp = self
+            .client
+            .clone()
+            .reparent(ReparentRequest {
+                session_id: session_id.to_string(),
+                substream: u32::from(substream),
+                exclude_peer_ids: exclude,
+            })
+            .await
+            .map_err(|s| SdkError::from_status("Reparent", s))?
+            .into_inner();
+        Ok(resp.parent.and_then(|p| p.peer).and_then(Peer::from_ref))
     }
 
     pub(crate) async fn leave(&self, session_id: &str) -> Result<(), SdkError> {

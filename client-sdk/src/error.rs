@@ -64,6 +64,13 @@ pub enum SdkError {
         #[source]
         source: Arc<std::io::Error>,
     },
+    /// The peer listener (for relaying) could not be bound.
+    #[error("cannot bind the peer listener on {addr}: {source}")]
+    PeerBind {
+        addr: String,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
     /// Other I/O error.
     #[error("i/o error: {0}")]
     Io(#[source] Arc<std::io::Error>),
@@ -106,7 +113,8 @@ impl SdkError {
             | SdkError::VersionMismatch(_)
             | SdkError::BroadcastEnded(_)
             | SdkError::SessionInactive
-            | SdkError::HttpBind { .. } => true,
+            | SdkError::HttpBind { .. }
+            | SdkError::PeerBind { .. } => true,
             SdkError::ControlRejected { code, .. } => matches!(
                 code,
                 tonic::Code::NotFound

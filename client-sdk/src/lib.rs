@@ -12,6 +12,13 @@
 //! * media players: a local HTTP endpoint at [`Viewer::local_url`]
 //!   (`ffplay http://127.0.0.1:PORT/live/{broadcast}`).
 //!
+//! When the control plane assigns a peer grid (parents per substream, neighbours,
+//! child slots), the viewer also relays: it accepts peer connections
+//! ([`RelayConfig`]), receives each substream from its parent, repairs gaps from mesh
+//! neighbours (the data plane as last resort), re-parents when a parent is lost, late
+//! or silent, and plays out [`ViewerConfig::target_lag`] behind live. [`Stats`] counts
+//! bytes from the server and from peers, bytes uploaded, and chunks played and skipped.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), starling_sdk::SdkError> {
 //! use starling_sdk::{Viewer, ViewerConfig};
@@ -34,6 +41,7 @@ mod error;
 pub mod grid;
 mod http;
 mod hub;
+mod relay;
 pub mod reorder;
 mod stats;
 mod viewer;
@@ -43,4 +51,4 @@ pub use hub::Subscription;
 pub use reorder::ReorderConfig;
 pub use starling_proto::wire::ErrorCode;
 pub use stats::Stats;
-pub use viewer::{Viewer, ViewerConfig};
+pub use viewer::{RelayConfig, Viewer, ViewerConfig};

@@ -1,9 +1,9 @@
 //! Sans-IO reorder buffer: chunks in (any order, duplicates allowed), chunks out in
 //! sequence order exactly once, with explicit discontinuities when a gap is given up.
 //!
-//! Today chunks come from one data-plane connection (in order, except for the overlap
-//! after a reconnect); the peer grid will deliver them out of order from several
-//! sources. The buffer holds at most [`ReorderConfig::window`] chunks ahead of the next
+//! Used on the direct path (one data-plane connection: in order, except for the overlap
+//! after a reconnect); in the peer grid, the [`crate::grid::PeerScheduler`]'s play-out
+//! orders chunks from several sources instead. The buffer holds at most [`ReorderConfig::window`] chunks ahead of the next
 //! expected sequence number; a gap is given up when a later chunk has waited
 //! [`ReorderConfig::gap_timeout`], when a chunk arrives too far ahead to fit in the
 //! window, or when the server marks a chunk `DISCONTINUITY`. No clock is read here:

@@ -33,6 +33,53 @@ pub struct Stats {
     pub live_seq: Option<u64>,
     /// Whether a data-plane session is up now.
     pub connected: bool,
+    /// Chunk payload bytes received from the data plane (pushed or pulled; duplicates
+    /// included).
+    pub bytes_from_server: u64,
+    /// Chunk payload bytes received from other peers (parents and neighbours;
+    /// duplicates included).
+    pub bytes_from_peers: u64,
+    /// Chunk payload bytes sent to other peers (pushes to children, answers to
+    /// requests).
+    pub bytes_uploaded: u64,
+    /// Chunks handed to the player on time (peer grid) or in order (direct).
+    pub chunks_played: u64,
+    /// Chunks that missed their play-out deadline (peer grid) or were given up as a
+    /// gap (direct). Continuity = played / (played + skipped), see
+    /// [`Stats::continuity`].
+    pub chunks_skipped: u64,
+    /// Times a substream's parent changed (re-search, heartbeat re-assignment, parent
+    /// lost).
+    pub parent_changes: u64,
+    /// Child links relaying from this viewer now.
+    pub children: usize,
+    /// Mesh neighbour links now (outgoing and incoming).
+    pub neighbours: usize,
+    /// This viewer's id in the peer grid (`None` without a grid assignment).
+    pub peer_id: Option<u64>,
+}
+
+impl Stats {
+    /// Chunks played on time over chunks due: `played / (played + skipped)`, 1.0 when
+    /// nothing was due yet.
+    pub fn continuity(&self) -> f64 {
+        let due = self.chunks_played + self.chunks_skipped;
+        if due == 0 {
+            1.0
+        } else {
+            self.chunks_played as f64 / due as f64
+        }
+    }
+
+    /// Share of received bytes that came from peers (0.0 when nothing was received).
+    pub fn peer_share(&self) -> f64 {
+        let all = self.bytes_from_server + self.bytes_from_peers;
+        if all == 0 {
+            0.0
+        } else {
+            self.bytes_from_peers as f64 / all as f64
+        }
+    }
 }
 
 impl std::fmt::Display for Stats {
@@ -40,7 +87,9 @@ impl std::fmt::Display for Stats {
         write!(
             f,
             "received {} bytes in {} chunks ({} duplicate), played {} bytes in {} chunks, \
-             reconnects {}, rejoins {}, discontinuities {}, consumer drops {}, startup {}, seq {}",
+             reconnects {}, rejoins {}, discontinuities {}, consumer drops {}, startup {}, seq {}; \
+             from server {} bytes, from peers {} bytes, uploaded {} bytes, played {}, skipped {}, \
+             parent changes {}",
             self.bytes_received,
             self.chunks_received,
             self.duplicates,
@@ -54,6 +103,12 @@ impl std::fmt::Display for Stats {
                 .map_or_else(|| "-".to_string(), |d| format!("{} ms", d.as_millis())),
             self.current_seq
                 .map_or_else(|| "-".to_string(), |s| s.to_string()),
+            self.bytes_from_server,
+            self.bytes_from_peers,
+            self.bytes_uploaded,
+            self.chunks_played,
+            self.chunks_skipped,
+            self.parent_changes,
         )
     }
 }

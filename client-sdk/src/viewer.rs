@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::conn::{self, OpenParams, WireConn};
-use crate::control::{Control, JoinInfo};
+use crate::control::{Control, Counters, JoinInfo, Offer};
 use crate::error::{SdkError, is_fatal_code};
 use crate::hub::{Hub, HubLimits, Subscription};
 use crate::reorder::{Output, PushOutcome, ReorderBuffer, ReorderConfig};
@@ -54,6 +54,66 @@ pub struct ViewerConfig {
     pub max_chunk_bytes: u32,
     /// Sent to the control plane in `Join`.
     pub client_version: String,
+    /// Peer relaying: where to accept peer connections and how much to upload.
+    pub relay: RelayConfig,
+    /// Play-out lag behind the live edge in the peer grid: chunk `seq` is handed to the
+    /// player at its earliest observed availability plus this much, which leaves time
+    /// for tree delivery, mesh repair and a last-resort fetch from the data plane.
+    /// Default 2 s (the scheduler's default; the p99 lag bar is 3 s). Viewers without a
+    /// grid assignment ([`Viewer::connect_direct`], older control planes) play as soon
+    /// as chunks are in order, as before.
+    pub target_lag: Duration,
+}
+
+/// Peer relaying settings ([`ViewerConfig::relay`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Where the peer listener binds. Default `0.0.0.0:0` (any interface, a free port).
+    pub listen: SocketAddr,
+    /// Host (name or IP) other peers should connect to; the port is the listener's.
+    /// `None`: the local IP of the socket this viewer uses to reach the control plane
+    /// (the address the network routes to; behind NAT this is the private address, so
+    /// set it explicitly when peers are elsewhere).
+    pub advertise_host: Option<String>,
+    /// Upload budget offered for relaying, in kbit/s. `Some(0)`: never relay (no
+    /// listener, `Join` says `upload_kbps = 0`). `None`: the SDK does **not** measure the
+    /// uplink yet; it offers [`RelayConfig::DEFAULT_UPLOAD_KBPS`], a conservative figure
+    /// for a residential uplink, and the control plane turns it into child slots. Pushes
+    /// to children are additionally paced to the budget over a 2 s window.
+    pub max_upload_kbps: Option<u32>,
+}
+
+impl RelayConfig {
+    /// Upload budget offered when [`RelayConfig::max_upload_kbps`] is `None`.
+    pub const DEFAULT_UPLOAD_KBPS: u32 = 2_000;
+
+    /// Defaults: listen on `0.0.0.0:0`, advertise the local IP, estimated budget.
+    pub fn new() -> RelayConfig {
+        RelayConfig {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            advertise_host: None,
+            max_upload_kbps: None,
+        }
+    }
+
+    /// A configuration that never relays.
+    pub fn disabled() -> RelayConfig {
+        RelayConfig {
+            max_upload_kbps: Some(0),
+            ..RelayConfig::new()
+        }
+    }
+
+    /// The budget offered to the control plane, kbit/s (0 = never relay).
+    pub fn upload_kbps(&self) -> u32 {
+        self.max_upload_kbps.unwrap_or(Self::DEFAULT_UPLOAD_KBPS)
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig::new()
+    }
 }
 
 impl ViewerConfig {
@@ -77,6 +137,8 @@ impl ViewerConfig {
             subscriber_queue_chunks: 64,
             max_chunk_bytes: 4 * 1024 * 1024,
             client_version: concat!("starling-sdk/", env!("CARGO_PKG_VERSION")).into(),
+            relay: RelayConfig::new(),
+            target_lag: crate::grid::SchedulerConfig::default().target_lag,
         }
     }
 
@@ -85,6 +147,11 @@ impl ViewerConfig {
             return Err(SdkError::Config(format!(
                 "broadcast id must be 1..={MAX_BROADCAST_ID} bytes"
             )));
+        }
+        if self.target_lag.is_zero() || self.target_lag > Duration::from_secs(60) {
+            return Err(SdkError::Config(
+                "target_lag must be in (0, 60 s]".to_string(),
+            ));
         }
         Ok(())
     }
@@ -99,16 +166,16 @@ impl ViewerConfig {
 
 /// Control-plane session state (changes on re-join).
 #[derive(Debug, Clone)]
-struct Session {
-    id: String,
-    heartbeat: Duration,
+pub(crate) struct Session {
+    pub(crate) id: String,
+    pub(crate) heartbeat: Duration,
 }
 
 pub(crate) struct Shared {
     pub(crate) broadcast_id: String,
     pub(crate) hub: Hub,
     stats: Mutex<Stats>,
-    started: Instant,
+    pub(crate) started: Instant,
     /// `None` while running; the end result once stopping.
     end: watch::Sender<Option<Result<(), SdkError>>>,
     session: Mutex<Option<Session>>,
@@ -119,8 +186,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// True once the viewer is stopping.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.end.borrow().is_some()
+    }
+
+    /// Replaces the control-plane session (after a re-join); returns the old one.
+    pub(crate) fn replace_session(&self, s: Session) -> Option<Session> {
+        lock(&self.session).replace(s)
+    }
+
     /// Records why the viewer stops (the first reason wins) and tells every task.
-    fn finish(&self, result: Result<(), SdkError>) {
+    pub(crate) fn finish(&self, result: Result<(), SdkError>) {
         self.end.send_if_modified(|end| {
             if end.is_none() {
                 *end = Some(result);
@@ -135,7 +212,7 @@ impl Shared {
         self.end.subscribe()
     }
 
-    fn stats_mut(&self) -> MutexGuard<'_, Stats> {
+    pub(crate) fn stats_mut(&self) -> MutexGuard<'_, Stats> {
         lock(&self.stats)
     }
 }
@@ -150,6 +227,7 @@ pub struct Viewer {
     shared: Arc<Shared>,
     control: Option<Control>,
     local_addr: Option<SocketAddr>,
+    peer_addr: Option<String>,
     tasks: Vec<JoinHandle<()>>,
     left: bool,
 }
@@ -168,6 +246,12 @@ impl Viewer {
     /// connects to the data-plane node it names and subscribes at the live edge.
     /// Returns once the data plane has accepted the subscription (`STREAM_INFO`);
     /// refusals (unknown broadcast, no rights...) come back as typed errors.
+    ///
+    /// With a grid assignment (a control plane that returns parents), the viewer also
+    /// relays: it listens for peer connections ([`ViewerConfig::relay`]), receives each
+    /// substream from its assigned parent, repairs gaps from mesh neighbours and plays
+    /// out [`ViewerConfig::target_lag`] behind live. Without one (an older control
+    /// plane), it receives the whole stream from the data plane as before.
     pub async fn join(config: ViewerConfig) -> Result<Viewer, SdkError> {
         config.validate()?;
         let started = Instant::now();
@@ -179,12 +263,20 @@ impl Viewer {
             &config.client_version,
             config.connect_timeout,
         )?;
-        let join = control.join().await?;
+        let (peer_listener, offer) = prepare_relay(&config).await?;
+        let join = control.join(&offer).await?;
         let target = Target {
             wire_addr: join.wire_addr.clone(),
             token: join.token.clone(),
         };
-        let first = match open_conn(&config, &target, StartAt::Live).await {
+        let grid = !join.assignment.parents.is_empty();
+        let k = grid_substreams(&join);
+        let first_mask = if grid {
+            first_dp_mask(&join, k)
+        } else {
+            starling_proto::wire::ALL_SUBSTREAMS
+        };
+        let first = match open_conn(&config, &target, StartAt::Live, first_mask).await {
             Ok(c) => c,
             Err(e) => {
                 let _ =
@@ -193,14 +285,104 @@ impl Viewer {
                 return Err(e);
             }
         };
-        Ok(Viewer::start(
+        if !grid {
+            drop(peer_listener);
+            return Ok(Viewer::start(
+                config,
+                started,
+                listener,
+                Some((control, join)),
+                target,
+                first,
+            ));
+        }
+        Viewer::start_grid(
             config,
             started,
             listener,
-            Some((control, join)),
-            target,
+            control,
+            join,
+            offer,
+            peer_listener,
             first,
-        ))
+            first_mask,
+            k,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_grid(
+        config: ViewerConfig,
+        started: Instant,
+        listener: Option<TcpListener>,
+        control: Control,
+        join: JoinInfo,
+        offer: Offer,
+        peer_listener: Option<TcpListener>,
+        first: WireConn,
+        first_mask: u64,
+        k: u16,
+    ) -> Result<Viewer, SdkError> {
+        let shared = new_shared(&config, started, Some(&join));
+        shared.stats_mut().peer_id = Some(join.peer_id);
+        let mut tasks = Vec::new();
+        let local_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(listener) = listener {
+            tasks.push(tokio::spawn(http::serve(listener, shared.clone())));
+        }
+        let chunk_ms = join
+            .params
+            .as_ref()
+            .map(|p| p.chunk_duration_ms)
+            .filter(|&ms| ms > 0)
+            .unwrap_or(if first.info.chunk_duration_ms > 0 {
+                first.info.chunk_duration_ms
+            } else {
+                1000
+            });
+        tracing::info!(
+            peer_id = join.peer_id,
+            substreams = k,
+            chunk_ms,
+            child_slots = join.child_slots,
+            stream_kbps = join.stream_kbps,
+            peer_addr = offer.peer_addr,
+            "joined the peer grid"
+        );
+        let peer_addr = (!offer.peer_addr.is_empty()).then(|| offer.peer_addr.clone());
+        let (events, engine_tasks) = crate::relay::start(crate::relay::GridSetup {
+            shared: shared.clone(),
+            control: control.clone(),
+            join,
+            offer,
+            first,
+            first_mask,
+            listener: peer_listener,
+            k,
+            chunk: Duration::from_millis(u64::from(chunk_ms)),
+            lag: config.target_lag,
+            upload_kbps: config.relay.upload_kbps(),
+            limits: config.limits(),
+            idle: config.idle_timeout,
+            connect_timeout: config.connect_timeout,
+            reconnect_initial: config.reconnect_initial,
+            reconnect_max: config.reconnect_max,
+            rejoin_after_failures: config.rejoin_after_failures,
+        })?;
+        tasks.extend(engine_tasks);
+        tasks.push(tokio::spawn(heartbeat_loop(
+            control.clone(),
+            shared.clone(),
+            Some(events),
+        )));
+        Ok(Viewer {
+            shared,
+            control: Some(control),
+            local_addr,
+            peer_addr,
+            tasks,
+            left: false,
+        })
     }
 
     /// Connects straight to a data-plane wire address (`host:port`), without a control
@@ -217,7 +399,13 @@ impl Viewer {
             wire_addr: wire_addr.into(),
             token: config.chunk_token.clone(),
         };
-        let first = open_conn(&config, &target, StartAt::Live).await?;
+        let first = open_conn(
+            &config,
+            &target,
+            StartAt::Live,
+            starling_proto::wire::ALL_SUBSTREAMS,
+        )
+        .await?;
         Ok(Viewer::start(
             config, started, listener, None, target, first,
         ))
@@ -231,30 +419,7 @@ impl Viewer {
         target: Target,
         first: WireConn,
     ) -> Viewer {
-        let hub = Hub::new(HubLimits {
-            history_chunks: config.history_chunks,
-            history_bytes: config.history_bytes,
-            queue_chunks: config.subscriber_queue_chunks,
-        });
-        if let Some(ct) = control
-            .as_ref()
-            .and_then(|(_, j)| j.params.as_ref())
-            .map(|p| p.content_type.as_str())
-        {
-            hub.set_content_type(ct);
-        }
-        let (end, _) = watch::channel(None);
-        let shared = Arc::new(Shared {
-            broadcast_id: config.broadcast_id.clone(),
-            hub,
-            stats: Mutex::new(Stats::default()),
-            started,
-            end,
-            session: Mutex::new(control.as_ref().map(|(_, j)| Session {
-                id: j.session_id.clone(),
-                heartbeat: j.heartbeat,
-            })),
-        });
+        let shared = new_shared(&config, started, control.as_ref().map(|(_, j)| j));
         let mut tasks = Vec::new();
         let local_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(listener) = listener {
@@ -262,7 +427,11 @@ impl Viewer {
         }
         let control = control.map(|(c, _)| c);
         if let Some(c) = &control {
-            tasks.push(tokio::spawn(heartbeat_loop(c.clone(), shared.clone())));
+            tasks.push(tokio::spawn(heartbeat_loop(
+                c.clone(),
+                shared.clone(),
+                None,
+            )));
         }
         let receiver = Receiver {
             shared: shared.clone(),
@@ -276,6 +445,7 @@ impl Viewer {
             shared,
             control,
             local_addr,
+            peer_addr: None,
             tasks,
             left: false,
         }
@@ -303,6 +473,17 @@ impl Viewer {
             });
         }
         Some(format!("http://{addr}/live/{}", self.shared.broadcast_id))
+    }
+
+    /// `host:port` where this viewer accepts peer connections, as reported to the
+    /// control plane (`None` when it does not relay or has no grid assignment).
+    pub fn peer_addr(&self) -> Option<&str> {
+        self.peer_addr.as_deref()
+    }
+
+    /// This viewer's id in the peer grid (`None` without a grid assignment).
+    pub fn peer_id(&self) -> Option<u64> {
+        self.shared.stats_mut().peer_id
     }
 
     /// The broadcast this viewer plays.
@@ -397,6 +578,143 @@ impl Drop for Viewer {
     }
 }
 
+fn new_shared(config: &ViewerConfig, started: Instant, join: Option<&JoinInfo>) -> Arc<Shared> {
+    let hub = Hub::new(HubLimits {
+        history_chunks: config.history_chunks,
+        history_bytes: config.history_bytes,
+        queue_chunks: config.subscriber_queue_chunks,
+    });
+    if let Some(ct) = join
+        .and_then(|j| j.params.as_ref())
+        .map(|p| p.content_type.as_str())
+    {
+        hub.set_content_type(ct);
+    }
+    let (end, _) = watch::channel(None);
+    Arc::new(Shared {
+        broadcast_id: config.broadcast_id.clone(),
+        hub,
+        stats: Mutex::new(Stats::default()),
+        started,
+        end,
+        session: Mutex::new(join.map(|j| Session {
+            id: j.session_id.clone(),
+            heartbeat: j.heartbeat,
+        })),
+    })
+}
+
+/// Number of substreams of a grid assignment: the stream parameters', else as many as
+/// the parents list covers (1..=64).
+fn grid_substreams(join: &JoinInfo) -> u16 {
+    let k = join.params.as_ref().map_or(0, |p| p.substreams);
+    let k = if k == 0 {
+        join.assignment
+            .parents
+            .iter()
+            .map(|(s, _)| s.saturating_add(1))
+            .max()
+            .unwrap_or(1)
+    } else {
+        k
+    };
+    u16::try_from(k.clamp(1, 64)).unwrap_or(64)
+}
+
+/// The substreams the data plane feeds in a join's assignment (all = the whole stream).
+fn first_dp_mask(join: &JoinInfo, k: u16) -> u64 {
+    let all = if k >= 64 { u64::MAX } else { (1u64 << k) - 1 };
+    let mut mask = all;
+    for (s, p) in &join.assignment.parents {
+        if *s < u32::from(k)
+            && let Some(p) = p
+            && p.id != join.peer_id
+        {
+            mask &= !(1u64 << s);
+        }
+    }
+    if mask == all {
+        starling_proto::wire::ALL_SUBSTREAMS
+    } else {
+        mask
+    }
+}
+
+/// Binds the peer listener (unless relaying is off) and works out what to offer in
+/// `Join`.
+async fn prepare_relay(config: &ViewerConfig) -> Result<(Option<TcpListener>, Offer), SdkError> {
+    let upload = config.relay.upload_kbps();
+    if upload == 0 {
+        return Ok((None, Offer::default()));
+    }
+    let listen = config.relay.listen;
+    let l = TcpListener::bind(listen)
+        .await
+        .map_err(|e| SdkError::PeerBind {
+            addr: listen.to_string(),
+            source: e.into(),
+        })?;
+    let port = l.local_addr()?.port();
+    let host = match &config.relay.advertise_host {
+        Some(h) if !h.is_empty() => h.clone(),
+        _ => local_ip(listen, &config.control_url).await.to_string(),
+    };
+    let peer_addr = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Ok((
+        Some(l),
+        Offer {
+            peer_addr,
+            upload_kbps: upload,
+        },
+    ))
+}
+
+/// The IP other peers should use: the listener's if it is bound to one, else the local
+/// address of a (never used) UDP socket connected towards the control plane, else
+/// loopback.
+async fn local_ip(listen: SocketAddr, control_url: &str) -> IpAddr {
+    if !listen.ip().is_unspecified() {
+        return listen.ip();
+    }
+    let authority = control_url
+        .split("://")
+        .nth(1)
+        .unwrap_or(control_url)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let authority = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    if let Ok(Ok(mut addrs)) =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(authority)).await
+        && let Some(a) = addrs.next()
+    {
+        let bind: SocketAddr = if a.is_ipv4() {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+        } else {
+            SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0)
+        };
+        if let Ok(u) = tokio::net::UdpSocket::bind(bind).await
+            && u.connect(a).await.is_ok()
+            && let Ok(la) = u.local_addr()
+            && !la.ip().is_unspecified()
+        {
+            return la.ip();
+        }
+    }
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
+
 async fn bind_http(config: &ViewerConfig) -> Result<Option<TcpListener>, SdkError> {
     match config.http_listen {
         None => Ok(None),
@@ -420,6 +738,7 @@ async fn open_conn(
     config: &ViewerConfig,
     target: &Target,
     start: StartAt,
+    mask: u64,
 ) -> Result<WireConn, SdkError> {
     conn::open(OpenParams {
         addr: &target.wire_addr,
@@ -428,11 +747,17 @@ async fn open_conn(
         start,
         limits: config.limits(),
         timeout: config.connect_timeout,
+        role: starling_proto::wire::Role::Viewer,
+        mask,
     })
     .await
 }
 
-async fn heartbeat_loop(control: Control, shared: Arc<Shared>) {
+async fn heartbeat_loop(
+    control: Control,
+    shared: Arc<Shared>,
+    grid: Option<tokio::sync::mpsc::Sender<crate::relay::Ev>>,
+) {
     let mut stop = shared.stop_signal();
     loop {
         let Some(session) = lock(&shared.session).clone() else {
@@ -442,16 +767,31 @@ async fn heartbeat_loop(control: Control, shared: Arc<Shared>) {
             _ = stopped(&mut stop) => return,
             _ = tokio::time::sleep(session.heartbeat) => {}
         }
+        let counters = {
+            let s = shared.stats_mut();
+            Counters {
+                bytes_from_server: s.bytes_from_server,
+                bytes_from_peers: s.bytes_from_peers,
+                bytes_uploaded: s.bytes_uploaded,
+            }
+        };
         let call = tokio::time::timeout(session.heartbeat.max(Duration::from_secs(1)), async {
-            control.heartbeat(&session.id).await
+            control.heartbeat(&session.id, counters).await
         });
         let r = tokio::select! {
             _ = stopped(&mut stop) => return,
             r = call => r,
         };
         match r {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => {
+            Ok(Ok(hb)) if hb.active => {
+                if let Some(g) = &grid
+                    && !hb.assignment.parents.is_empty()
+                {
+                    // A full engine queue only delays the update to the next beat.
+                    let _ = g.try_send(crate::relay::Ev::Assignment(hb.assignment));
+                }
+            }
+            Ok(Ok(_)) => {
                 // A re-join may have replaced the session meanwhile: only stop if the
                 // inactive one is still current.
                 let current = lock(&shared.session).as_ref().map(|s| s.id.clone());
@@ -535,7 +875,7 @@ impl Receiver {
                     tracing::info!(addr = self.target.wire_addr, ?start, "reconnecting");
                     let r = tokio::select! {
                         _ = stopped(&mut stop) => return Ok(()),
-                        r = open_conn(&self.config, &self.target, start) => r,
+                        r = open_conn(&self.config, &self.target, start, starling_proto::wire::ALL_SUBSTREAMS) => r,
                     };
                     match r {
                         Ok(c) => {
@@ -624,9 +964,10 @@ impl Receiver {
         let Some(control) = self.control.clone() else {
             return Ok(true);
         };
+        let offer = Offer::default();
         let join = tokio::select! {
             _ = stopped(stop) => return Ok(false),
-            r = control.join() => r?,
+            r = control.join(&offer) => r?,
         };
         tracing::info!(
             addr = join.wire_addr,
@@ -698,6 +1039,7 @@ impl Receiver {
                         let mut s = self.shared.stats_mut();
                         s.chunks_received += 1;
                         s.bytes_received += len;
+                        s.bytes_from_server += len;
                         if outcome != PushOutcome::Accepted {
                             s.duplicates += 1;
                         }
@@ -709,7 +1051,8 @@ impl Receiver {
                         break SessionEnd::Lost(e);
                     }
                 }
-                Frame::Pong(_) => {}
+                // Peer-grid frames are not used on the data-plane session yet.
+                Frame::Pong(_) | Frame::BufferMap(_) | Frame::Request(_) | Frame::NotFound(_) => {}
                 Frame::StreamInfo(info) => {
                     self.shared.hub.set_content_type(&info.content_type);
                     self.shared.stats_mut().live_seq = Some(info.live_seq);
@@ -757,6 +1100,7 @@ impl Receiver {
                             s.startup_time = Some(self.shared.started.elapsed());
                         }
                         s.chunks_out += 1;
+                        s.chunks_played += 1;
                         s.bytes_out += c.payload.len() as u64;
                         s.current_seq = Some(c.seq);
                         if s.live_seq.is_none_or(|l| l < c.seq) {
@@ -771,7 +1115,10 @@ impl Receiver {
                     reason,
                 } => {
                     tracing::info!(expected, resumed_at, ?reason, "discontinuity");
-                    self.shared.stats_mut().discontinuities += 1;
+                    let mut s = self.shared.stats_mut();
+                    s.discontinuities += 1;
+                    s.chunks_skipped += resumed_at.saturating_sub(expected);
+                    drop(s);
                     self.shared.hub.discontinuity();
                 }
             }

@@ -281,6 +281,12 @@ mod fake_control {
 
     #[tonic::async_trait]
     impl ViewerService for Fake {
+        async fn reparent(
+            &self,
+            _req: Request<starling_proto::v1::ReparentRequest>,
+        ) -> Result<Response<starling_proto::v1::ReparentResponse>, Status> {
+            Err(Status::unimplemented("not in this fixture"))
+        }
         async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
             let req = req.into_inner();
             if req.broadcast_id != "cp" {
@@ -303,6 +309,7 @@ mod fake_control {
                 dataplane_http_addr: String::new(),
                 chunk_token: b"signed".to_vec(),
                 heartbeat_interval_ms: 100,
+                ..Default::default()
             }))
         }
         async fn heartbeat(
@@ -315,6 +322,7 @@ mod fake_control {
                 .push(req.into_inner().session_id);
             Ok(Response::new(HeartbeatResponse {
                 active: self.active.load(Ordering::SeqCst),
+                ..Default::default()
             }))
         }
         async fn leave(

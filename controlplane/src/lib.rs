@@ -8,11 +8,15 @@
 //! * [`store`]: one storage interface over Postgres and SQLite.
 //! * [`assign`]: sans-IO decisions (which node ingests what, which nodes are dead).
 //! * [`validate`]: request validation and id generation.
+//! * [`grid`]: the peer grid's sans-IO assignment and booster logic ([`grid::GridAssigner`]).
+//! * [`live`]: this process's live grids (one assigner per LIVE broadcast, sessions ↔
+//!   peers, byte counters).
 //! * [`service`]: the tonic service implementations.
 //! * [`server`]: wiring and in-process serving ([`ControlPlane`], [`serve`]).
 
 pub mod assign;
 pub mod grid;
+pub mod live;
 pub mod server;
 pub mod service;
 pub mod store;

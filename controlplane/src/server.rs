@@ -285,6 +285,9 @@ async fn liveness_loop(core: Arc<Core>) {
         if let Err(e) = core.liveness_tick(now_ms()).await {
             tracing::error!(error = %e, "liveness check failed");
         }
+        if let Err(e) = core.expire_sessions().await {
+            tracing::error!(error = %e, "session expiry failed");
+        }
     }
 }
 

@@ -10,6 +10,10 @@
 //!   A command that cannot be delivered (no stream, full buffer) is not lost: the
 //!   desired state is replayed when the node reopens its stream, and stray ingests
 //!   reported by a node are answered with a stop command.
+//! * The peer grid ([`crate::live`]) is live state of this process only: one
+//!   [`crate::grid::GridAssigner`] per LIVE broadcast with viewers, created at the first
+//!   join and dropped by `StopBroadcast`. Sessions are written to the database as before
+//!   (the record of the audience); parents, neighbours and byte counters live in memory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +28,8 @@ use starling_proto::v1::{
     Broadcast, BroadcastRef, BroadcastState, CommandsRequest, CreateBroadcastRequest, HealthReport,
     HealthReportAck, HeartbeatRequest, HeartbeatResponse, IngestCommand, JoinRequest, JoinResponse,
     LeaveRequest, LeaveResponse, ListBroadcastsRequest, ListBroadcastsResponse, NodeCommand,
-    RegisterNodeRequest, RegisterNodeResponse, SourceHealth, StopIngestCommand, StreamParams,
+    RegisterNodeRequest, RegisterNodeResponse, ReparentRequest, ReparentResponse, SourceHealth,
+    StopIngestCommand, StreamParams,
 };
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -32,6 +37,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::assign::{self, CandidateNode, LiveBroadcast, NodeLiveness};
+use crate::grid::GridError;
+use crate::live::{self, JoinInput, JoinRefused, LiveGrids, ReparentRefused};
 use crate::store::{
     BroadcastRecord, IngestReport, NewBroadcast, NewNode, NewSession, NodeRecord, Store, StoreError,
 };
@@ -50,6 +57,10 @@ pub struct ServiceConfig {
     /// Commands buffered per node stream before it is considered stuck and closed (the
     /// node then reconnects and gets a full replay).
     pub command_buffer: usize,
+    /// A viewer session silent (no heartbeat) for this many heartbeat intervals is ended
+    /// and leaves the peer grid (its children are re-parented). Default 3. Relative to
+    /// `heartbeat_interval` so that changing the interval alone stays safe.
+    pub missed_heartbeats: u32,
 }
 
 impl Default for ServiceConfig {
@@ -59,6 +70,7 @@ impl Default for ServiceConfig {
             node_timeout: Duration::from_millis(5000),
             liveness_tick: Duration::from_millis(500),
             command_buffer: 64,
+            missed_heartbeats: 3,
         }
     }
 }
@@ -150,6 +162,7 @@ pub struct Core {
     links: std::sync::Mutex<HashMap<String, NodeLink>>,
     assign_lock: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
+    grids: LiveGrids,
 }
 
 impl Core {
@@ -161,6 +174,7 @@ impl Core {
             links: std::sync::Mutex::new(HashMap::new()),
             assign_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
+            grids: LiveGrids::new(),
         })
     }
 
@@ -335,6 +349,34 @@ impl Core {
         result
     }
 
+    /// How long a viewer session may stay silent before it is expired.
+    pub fn session_timeout(&self) -> Duration {
+        self.config
+            .heartbeat_interval
+            .saturating_mul(self.config.missed_heartbeats.max(1))
+    }
+
+    /// Ends every session silent for [`Core::session_timeout`]: it leaves the peer grid
+    /// (its children are re-parented; they learn it at their next heartbeat) and is ended
+    /// in the database. Returns how many sessions expired.
+    pub async fn expire_sessions(&self) -> Result<usize, StoreError> {
+        let timeout = self.session_timeout();
+        let expired = self.grids.expire(timeout);
+        let now = now_ms();
+        for e in &expired {
+            tracing::info!(
+                session_id = %e.session_id,
+                broadcast_id = %e.broadcast_id,
+                peer_id = e.peer_id,
+                reparented = e.moved,
+                timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                "viewer session expired (missed heartbeats)"
+            );
+            self.store.end_session(&e.session_id, now).await?;
+        }
+        Ok(expired.len())
+    }
+
     async fn node_addrs(&self, node_id: Option<&str>) -> Result<Option<NodeRecord>, StoreError> {
         match node_id {
             Some(id) => self.store.get_node(id).await,
@@ -360,12 +402,41 @@ impl Core {
             content_type: b.content_type,
             created_at_unix_ms: b.created_at_ms,
             updated_at_unix_ms: b.updated_at_ms,
+            ..Default::default()
         }
+    }
+
+    /// Fills the peer-grid figures of a broadcast view from this process's memory.
+    ///
+    /// `booster_slots`/`booster_kbps` count every substream subscription the data plane
+    /// feeds (including the one root per substream that even a lone viewer needs), so
+    /// `booster_kbps` is the broadcast's data-plane egress to SDK viewers and compares
+    /// directly with `fluid_bound_kbps`. (The assigner's own `GridStats::booster_slots`
+    /// excludes the roots.)
+    fn with_grid(&self, mut view: Broadcast) -> Broadcast {
+        let measured = self.grids.rate(&view.id);
+        if view.state == BroadcastState::Live as i32
+            && let Some(f) = self.grids.figures(&view.id)
+        {
+            let st = f.stats;
+            view.stream_kbps = measured.unwrap_or(st.stream_kbps);
+            view.peers = u32::try_from(st.peers).unwrap_or(u32::MAX);
+            view.demand_slots = st.demand;
+            view.peer_supply_slots = st.peer_supply;
+            view.booster_slots = st.server_slots_used;
+            view.booster_kbps = st.server_egress_kbps();
+            view.peer_share = f.peer_share;
+            view.max_depth = u32::from(st.max_depth);
+            view.fluid_bound_kbps = st.fluid_bound_kbps();
+        } else {
+            view.stream_kbps = measured.unwrap_or(0);
+        }
+        view
     }
 
     async fn broadcast_view(&self, b: BroadcastRecord) -> ApiResult<Broadcast> {
         let node = self.node_addrs(b.node_id.as_deref()).await?;
-        Ok(Self::to_proto(b, node.as_ref()))
+        Ok(self.with_grid(Self::to_proto(b, node.as_ref())))
     }
 
     async fn require_broadcast(&self, id: &str) -> ApiResult<BroadcastRecord> {
@@ -419,6 +490,8 @@ impl Core {
         self.store
             .set_broadcast_state(id, BroadcastState::Live, now_ms())
             .await?;
+        // A grid left by a join that raced the last stop would be stale: start afresh.
+        self.grids.drop_broadcast(id);
         tracing::info!(broadcast_id = %id, "broadcast started");
         self.reconcile_locked().await?;
         let b = self.require_broadcast(id).await?;
@@ -444,7 +517,8 @@ impl Core {
             self.send(node_id, Self::stop_command(id));
         }
         let ended = self.store.end_broadcast_sessions(id, now).await?;
-        tracing::info!(broadcast_id = %id, sessions_ended = ended, "broadcast stopped");
+        let grid_peers = self.grids.drop_broadcast(id);
+        tracing::info!(broadcast_id = %id, sessions_ended = ended, grid_peers, "broadcast stopped");
         self.broadcast_view(updated).await
     }
 
@@ -466,7 +540,7 @@ impl Core {
             .into_iter()
             .map(|b| {
                 let node = b.node_id.as_ref().and_then(|id| nodes.get(id));
-                Self::to_proto(b.clone(), node)
+                self.with_grid(Self::to_proto(b.clone(), node))
             })
             .collect();
         Ok(ListBroadcastsResponse { broadcasts })
@@ -474,9 +548,14 @@ impl Core {
 
     // ------------------------------------------------------------------ viewer
 
-    async fn join(&self, req: JoinRequest) -> ApiResult<JoinResponse> {
+    async fn join(
+        &self,
+        req: JoinRequest,
+        remote: Option<std::net::SocketAddr>,
+    ) -> ApiResult<JoinResponse> {
         validate::id("broadcast_id", &req.broadcast_id)?;
         validate::short_text("client_version", &req.client_version, false)?;
+        validate::peer_addr(&req.peer_addr)?;
         // `req.credential` is accepted and deliberately not checked here: verifying
         // viewer JWTs and minting chunk tokens belongs to the rights-management work,
         // which plugs in at this point.
@@ -504,21 +583,79 @@ impl Core {
             .await?
             .filter(|n| n.alive)
             .ok_or_else(unavailable)?;
-        let session = self
+        let substreams = u16::try_from(b.substreams).map_err(|_| {
+            ApiError::FailedPrecondition(format!(
+                "broadcast {id} has {} substreams, more than the grid supports",
+                b.substreams
+            ))
+        })?;
+        // A node's viewer connections each carry up to K substreams; 0 = no declared limit.
+        let server_slots = match node.capacity_viewers {
+            0 => u64::MAX,
+            c => u64::from(c).saturating_mul(u64::from(substreams)),
+        };
+        let peer_addr = live::dialable_addr(req.peer_addr.trim(), remote);
+        let upload_kbps = if peer_addr.is_empty() {
+            0
+        } else {
+            req.upload_kbps
+        };
+        let session_id = validate::new_session_id();
+        let grid = self
+            .grids
+            .join(JoinInput {
+                broadcast_id: id,
+                substreams,
+                server_slots,
+                session_id: &session_id,
+                addr_prefix: live::addr_prefix(&peer_addr, remote),
+                peer_addr,
+                upload_kbps,
+            })
+            .map_err(|e| match e {
+                JoinRefused::Grid(GridError::NoCapacity) => ApiError::Unavailable(format!(
+                    "broadcast {id}: no free peer slot and the data plane is at capacity; retry"
+                )),
+                JoinRefused::Grid(GridError::InvalidConfig(why)) => {
+                    ApiError::FailedPrecondition(format!("broadcast {id}: peer grid: {why}"))
+                }
+                JoinRefused::Grid(e) => {
+                    ApiError::Unavailable(format!("broadcast {id}: peer grid: {e}; retry"))
+                }
+                JoinRefused::Stopped => {
+                    ApiError::FailedPrecondition(format!("broadcast {id} is stopped"))
+                }
+            })?;
+        let created = self
             .store
             .create_session(
                 &NewSession {
-                    id: validate::new_session_id(),
+                    id: session_id.clone(),
                     broadcast_id: b.id.clone(),
                     client_version: req.client_version.clone(),
                     node_id: Some(node.id.clone()),
                 },
                 now_ms(),
             )
-            .await?;
-        tracing::debug!(session_id = %session.id, broadcast_id = %id, node_id = %node.id, "viewer joined");
+            .await;
+        if let Err(e) = created {
+            // Undo the grid admission: the viewer never learns its session id.
+            self.grids.leave(&session_id);
+            return Err(e.into());
+        }
+        tracing::debug!(
+            session_id = %session_id,
+            broadcast_id = %id,
+            node_id = %node.id,
+            peer_id = grid.peer_id,
+            upload_kbps,
+            child_slots = grid.child_slots,
+            server_parents = grid.parents.iter().filter(|p| p.peer.is_none()).count(),
+            reparented = grid.moved,
+            "viewer joined"
+        );
         Ok(JoinResponse {
-            session_id: session.id,
+            session_id,
             params: Some(StreamParams {
                 broadcast_id: b.id,
                 content_type: b.content_type,
@@ -530,6 +667,11 @@ impl Core {
             chunk_token: Vec::new(),
             heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
+            peer_id: grid.peer_id,
+            parents: grid.parents,
+            neighbours: grid.neighbours,
+            stream_kbps: grid.stream_kbps,
+            child_slots: grid.child_slots,
         })
     }
 
@@ -540,16 +682,79 @@ impl Core {
         let active = self.store.touch_session(&req.session_id, now_ms()).await?;
         if !active {
             tracing::debug!(session_id = %req.session_id, "heartbeat for unknown or ended session");
+            return Ok(HeartbeatResponse::default());
         }
-        Ok(HeartbeatResponse { active })
+        let counters = [
+            req.bytes_from_server,
+            req.bytes_from_peers,
+            req.bytes_uploaded,
+        ];
+        match self.grids.heartbeat(&req.session_id, counters) {
+            Some(view) => Ok(HeartbeatResponse {
+                active: true,
+                parents: view.parents,
+                neighbours: view.neighbours,
+            }),
+            None => {
+                // Active in the database but not in this process's grid (the control
+                // plane restarted, or the session expired a moment ago): no news, the
+                // viewer keeps its current parents.
+                tracing::debug!(session_id = %req.session_id, "heartbeat for a session without grid state");
+                Ok(HeartbeatResponse {
+                    active: true,
+                    ..Default::default()
+                })
+            }
+        }
     }
 
     async fn leave(&self, req: LeaveRequest) -> ApiResult<LeaveResponse> {
         validate::id("session_id", &req.session_id)?;
         // Idempotent: leaving twice, or leaving an unknown session, is not an error.
         let ended = self.store.end_session(&req.session_id, now_ms()).await?;
-        tracing::debug!(session_id = %req.session_id, ended, "viewer left");
+        let grid = self.grids.leave(&req.session_id);
+        tracing::debug!(
+            session_id = %req.session_id,
+            ended,
+            peer_id = grid.map(|(p, _)| p),
+            reparented = grid.map_or(0, |(_, m)| m),
+            "viewer left"
+        );
         Ok(LeaveResponse {})
+    }
+
+    async fn reparent(&self, req: ReparentRequest) -> ApiResult<ReparentResponse> {
+        validate::id("session_id", &req.session_id)?;
+        if req.exclude_peer_ids.len() > live::MAX_EXCLUDE {
+            return Err(ApiError::InvalidArgument(format!(
+                "exclude_peer_ids has {} entries, at most {} allowed",
+                req.exclude_peer_ids.len(),
+                live::MAX_EXCLUDE
+            )));
+        }
+        let (parent, moved) = self
+            .grids
+            .reparent(&req.session_id, req.substream, &req.exclude_peer_ids)
+            .map_err(|e| match e {
+                ReparentRefused::UnknownSession => ApiError::NotFound(format!(
+                    "session {} is unknown, ended or expired; join again",
+                    req.session_id
+                )),
+                e @ ReparentRefused::InvalidSubstream { .. } => {
+                    ApiError::InvalidArgument(e.to_string())
+                }
+            })?;
+        tracing::debug!(
+            session_id = %req.session_id,
+            substream = req.substream,
+            excluded = ?req.exclude_peer_ids,
+            parent = parent.peer.as_ref().map_or(0, |p| p.peer_id),
+            reparented = moved,
+            "viewer re-parented"
+        );
+        Ok(ReparentResponse {
+            parent: Some(parent),
+        })
     }
 
     // ------------------------------------------------------------------ edge
@@ -684,7 +889,10 @@ impl Core {
                 .store
                 .record_ingest_health(node_id, &report, now)
                 .await?;
-            if !applied {
+            if applied {
+                self.grids
+                    .set_rate(&ingest.broadcast_id, ingest.bitrate_kbps);
+            } else {
                 // Not live on this node (stopped, reassigned, unknown): the node missed
                 // a stop command, or never should have ingested it.
                 tracing::info!(node_id, broadcast_id = %ingest.broadcast_id, "node reports an ingest it should not run; sending stop");
@@ -769,8 +977,9 @@ impl AdminService for Api {
 #[tonic::async_trait]
 impl ViewerService for Api {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let remote = request.remote_addr();
         self.core
-            .join(request.into_inner())
+            .join(request.into_inner(), remote)
             .await
             .map(Response::new)
             .map_err(|e| e.into_status("Join"))
@@ -796,6 +1005,17 @@ impl ViewerService for Api {
             .await
             .map(Response::new)
             .map_err(|e| e.into_status("Leave"))
+    }
+
+    async fn reparent(
+        &self,
+        request: Request<ReparentRequest>,
+    ) -> Result<Response<ReparentResponse>, Status> {
+        self.core
+            .reparent(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status("Reparent"))
     }
 }
 

@@ -13,8 +13,9 @@ use starling_proto::v1::node_command::Command;
 use starling_proto::v1::viewer_service_client::ViewerServiceClient;
 use starling_proto::v1::{
     BroadcastRef, BroadcastState, CommandsRequest, CreateBroadcastRequest, HealthReport,
-    HeartbeatRequest, IngestCommand, IngestHealth, JoinRequest, LeaveRequest,
-    ListBroadcastsRequest, NodeCommand, RegisterNodeRequest, SourceHealth,
+    HeartbeatRequest, HeartbeatResponse, IngestCommand, IngestHealth, JoinRequest, JoinResponse,
+    LeaveRequest, ListBroadcastsRequest, NodeCommand, RegisterNodeRequest, ReparentRequest,
+    SourceHealth, SubstreamParent,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -37,11 +38,22 @@ impl Harness {
     }
 
     async fn start_with_node_timeout(store: Store, node_timeout: Duration) -> Harness {
+        // Sessions do not expire (600 x 100 ms) during tests not about expiry.
+        Self::start_with_timeouts(store, node_timeout, 600).await
+    }
+
+    /// Heartbeat interval 100 ms; sessions expire after `missed_heartbeats` of them.
+    async fn start_with_timeouts(
+        store: Store,
+        node_timeout: Duration,
+        missed_heartbeats: u32,
+    ) -> Harness {
         let service = ServiceConfig {
             heartbeat_interval: Duration::from_millis(100),
             node_timeout,
             liveness_tick: Duration::from_millis(50),
             command_buffer: 64,
+            missed_heartbeats,
         };
         let cp = ControlPlane::bind_with_store("127.0.0.1:0".parse().unwrap(), store, service)
             .await
@@ -179,7 +191,7 @@ async fn admin_lifecycle(store: Store) {
         .into_inner();
     assert_eq!(b.name, "Radio One");
     assert_eq!(b.chunk_duration_ms, 1000);
-    assert_eq!(b.substreams, 4);
+    assert_eq!(b.substreams, 8);
     assert_eq!(b.state, BroadcastState::Created as i32);
     assert_eq!(b.source_health, SourceHealth::Unknown as i32);
     assert!(!b.id.is_empty() && b.id.len() <= 128);
@@ -314,6 +326,7 @@ async fn join_errors(store: Store) {
         broadcast_id: id.into(),
         credential: "ignored".into(),
         client_version: "test".into(),
+        ..Default::default()
     };
     let err = viewer.join(join("nope")).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -341,11 +354,22 @@ async fn join_errors(store: Store) {
 
     let err = viewer.join(join("")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    let err = viewer
+        .join(JoinRequest {
+            peer_addr: "no-port".into(),
+            upload_kbps: 1000,
+            ..join(&id)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("peer_addr"), "{err:?}");
 
     // Unknown sessions are inactive; leaving is idempotent.
     let hb = viewer
         .heartbeat(HeartbeatRequest {
             session_id: "ghost".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -382,7 +406,7 @@ async fn node_ingests_viewers_join_and_stop(store: Store) {
             broadcast_id: id.clone(),
             source_url: "http://127.0.0.1:8000/live.ts".into(),
             chunk_duration_ms: 1000,
-            substreams: 4,
+            substreams: 8,
         }
     );
 
@@ -397,6 +421,7 @@ async fn node_ingests_viewers_join_and_stop(store: Store) {
                 last_seq: 12,
                 content_type: "video/mp2t".into(),
                 viewers: 3,
+                bitrate_kbps: 0,
             }],
             viewers: 3,
         })
@@ -421,6 +446,7 @@ async fn node_ingests_viewers_join_and_stop(store: Store) {
             broadcast_id: id.clone(),
             credential: String::new(),
             client_version: "starling-sdk/test".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -433,12 +459,13 @@ async fn node_ingests_viewers_join_and_stop(store: Store) {
     assert_eq!(params.broadcast_id, id);
     assert_eq!(params.content_type, "video/mp2t");
     assert_eq!(params.chunk_duration_ms, 1000);
-    assert_eq!(params.substreams, 4);
+    assert_eq!(params.substreams, 8);
     let session = joined.session_id;
     assert!(
         viewer
             .heartbeat(HeartbeatRequest {
-                session_id: session.clone()
+                session_id: session.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -457,7 +484,8 @@ async fn node_ingests_viewers_join_and_stop(store: Store) {
     assert!(
         !viewer
             .heartbeat(HeartbeatRequest {
-                session_id: session.clone()
+                session_id: session.clone(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -735,6 +763,433 @@ async fn health_and_reflection(store: Store) {
     h.shutdown().await;
 }
 
+// ---------------------------------------------------------------------------- peer grid
+
+/// A live broadcast with `substreams` substreams on a fake node that reported a measured
+/// stream rate of `kbps` (so one substream slot is `kbps / substreams`).
+struct LiveGrid {
+    id: String,
+    _node: FakeNode,
+    _reporting: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn live_grid(h: &Harness, substreams: u32, kbps: u32) -> LiveGrid {
+    let mut node = FakeNode::register(h, "grid").await;
+    let reporting = node.keep_reporting(h);
+    let id = h
+        .admin()
+        .create_broadcast(CreateBroadcastRequest {
+            name: "grid".into(),
+            source_url: "http://127.0.0.1:8000/live.ts".into(),
+            chunk_duration_ms: 0,
+            substreams,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    h.admin()
+        .start_broadcast(BroadcastRef { id: id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(node.expect_ingest().await.broadcast_id, id);
+    let ack = h
+        .edge()
+        .report_health(HealthReport {
+            node_id: node.id.clone(),
+            ingests: vec![IngestHealth {
+                broadcast_id: id.clone(),
+                health: SourceHealth::Up as i32,
+                bitrate_kbps: kbps,
+                ..Default::default()
+            }],
+            viewers: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ack.known);
+    LiveGrid {
+        id,
+        _node: node,
+        _reporting: reporting,
+    }
+}
+
+async fn join_peer(h: &Harness, id: &str, peer_addr: &str, upload_kbps: u32) -> JoinResponse {
+    h.viewer()
+        .join(JoinRequest {
+            broadcast_id: id.into(),
+            client_version: "grid-test".into(),
+            peer_addr: peer_addr.into(),
+            upload_kbps,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn heartbeat(h: &Harness, session: &str, counters: [u64; 3]) -> HeartbeatResponse {
+    h.viewer()
+        .heartbeat(HeartbeatRequest {
+            session_id: session.into(),
+            bytes_from_server: counters[0],
+            bytes_from_peers: counters[1],
+            bytes_uploaded: counters[2],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn get(h: &Harness, id: &str) -> starling_proto::v1::Broadcast {
+    h.admin()
+        .get_broadcast(BroadcastRef { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Parent peer ids of a parent list (data plane = None).
+fn parent_ids(parents: &[SubstreamParent]) -> Vec<Option<u64>> {
+    parents
+        .iter()
+        .map(|p| p.peer.as_ref().map(|r| r.peer_id))
+        .collect()
+}
+
+fn assert_one_per_substream(parents: &[SubstreamParent], k: u32) {
+    assert_eq!(
+        parents.iter().map(|p| p.substream).collect::<Vec<_>>(),
+        (0..k).collect::<Vec<_>>(),
+        "{parents:?}"
+    );
+}
+
+async fn grid_join_assigns_parents_neighbours_and_booster(store: Store) {
+    let h = Harness::start(store).await;
+    // K = 4 at 1000 kbps: one slot = 250 kbps.
+    let g = live_grid(&h, 4, 1000).await;
+    let k = 4;
+
+    // The first viewer is fed by the data plane on every substream.
+    let a = join_peer(&h, &g.id, "10.0.0.1:7001", 1000).await;
+    assert_ne!(a.peer_id, 0);
+    assert_eq!(a.stream_kbps, 1000, "the measured rate is used");
+    assert_eq!(a.child_slots, 4);
+    assert_one_per_substream(&a.parents, k);
+    assert!(a.parents.iter().all(|p| p.peer.is_none()), "{a:?}");
+    assert!(a.neighbours.is_empty());
+    let b0 = get(&h, &g.id).await;
+    assert_eq!(b0.peers, 1);
+    assert_eq!(b0.stream_kbps, 1000);
+    assert_eq!(b0.demand_slots, 4);
+    assert_eq!(b0.peer_supply_slots, 4);
+    assert_eq!(
+        b0.booster_slots,
+        u64::from(k),
+        "a lone viewer: K data-plane slots"
+    );
+    assert_eq!(b0.booster_kbps, 1000);
+    assert_eq!(b0.fluid_bound_kbps, 1000);
+    assert_eq!(b0.max_depth, 1);
+
+    // Once capacity exists, a viewer is fed by peers: all four substreams by A. It
+    // reports a 0.0.0.0 bind address: others are told the address it called from.
+    let b = join_peer(&h, &g.id, "0.0.0.0:7002", 0).await;
+    assert_ne!(b.peer_id, a.peer_id);
+    assert_eq!(b.child_slots, 0);
+    assert_one_per_substream(&b.parents, k);
+    for p in &b.parents {
+        let r = p.peer.as_ref().expect("fed by a peer");
+        assert_eq!((r.peer_id, r.addr.as_str()), (a.peer_id, "10.0.0.1:7001"));
+    }
+    assert_eq!(b.neighbours.len(), 1);
+    assert_eq!(b.neighbours[0].peer_id, a.peer_id);
+    assert_eq!(b.neighbours[0].addr, "10.0.0.1:7001");
+    let hb = heartbeat(&h, &a.session_id, [0; 3]).await;
+    assert!(hb.active);
+    assert_eq!(hb.neighbours.len(), 1);
+    assert_eq!(hb.neighbours[0].peer_id, b.peer_id);
+    assert_eq!(hb.neighbours[0].addr, "127.0.0.1:7002");
+    assert_eq!(get(&h, &g.id).await.booster_slots, u64::from(k));
+
+    // The grid is full: viewers that do not relay (upload claimed without an address
+    // counts as 0) are boosted by the data plane.
+    let c = join_peer(&h, &g.id, "", 5000).await;
+    assert_eq!(c.child_slots, 0);
+    assert!(c.parents.iter().all(|p| p.peer.is_none()), "{c:?}");
+    let d = join_peer(&h, &g.id, "", 0).await;
+    assert!(d.parents.iter().all(|p| p.peer.is_none()), "{d:?}");
+    let full = get(&h, &g.id).await;
+    assert_eq!(full.peers, 4);
+    assert_eq!(full.demand_slots, 16);
+    assert_eq!(full.peer_supply_slots, 4);
+    assert_eq!(full.booster_slots, 12);
+    assert_eq!(full.booster_kbps, 12 * 250);
+    assert_eq!(full.fluid_bound_kbps, 3000);
+
+    // A high-capacity relay joins: boosted viewers move under it, the booster drops.
+    let e = join_peer(&h, &g.id, "10.0.0.5:7005", 4000).await;
+    assert_eq!(e.child_slots, 16);
+    let after = get(&h, &g.id).await;
+    assert_eq!(after.peers, 5);
+    assert_eq!(after.demand_slots, 20);
+    assert_eq!(after.peer_supply_slots, 20);
+    assert!(
+        after.booster_slots < full.booster_slots && after.booster_slots >= u64::from(k),
+        "{after:?}"
+    );
+    assert_eq!(after.booster_kbps, after.booster_slots * 250);
+    assert!(after.max_depth >= 2);
+
+    // Everyone learns its current parents by heartbeat; viewers with upload 0 (B, D)
+    // or without an address (C) are never anyone's parent, and never a neighbour
+    // without an address.
+    let never_parents = [b.peer_id, c.peer_id, d.peer_id];
+    let mut fed_by_e = 0;
+    for s in [&a, &b, &c, &d, &e] {
+        let hb = heartbeat(&h, &s.session_id, [0; 3]).await;
+        assert!(hb.active);
+        assert_one_per_substream(&hb.parents, k);
+        for id in parent_ids(&hb.parents).into_iter().flatten() {
+            assert!(!never_parents.contains(&id), "{id} is a parent: {hb:?}");
+            assert_ne!(id, s.peer_id);
+            fed_by_e += usize::from(id == e.peer_id);
+        }
+        for n in &hb.neighbours {
+            assert!(
+                ![c.peer_id, d.peer_id, s.peer_id].contains(&n.peer_id),
+                "{hb:?}"
+            );
+            assert!(!n.addr.is_empty());
+        }
+    }
+    assert!(fed_by_e > 0, "the new relay took boosted children");
+    let listed = h
+        .admin()
+        .list_broadcasts(ListBroadcastsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .broadcasts;
+    let mine = listed.iter().find(|x| x.id == g.id).unwrap();
+    assert_eq!(mine.peers, 5);
+    assert_eq!(mine.booster_slots, after.booster_slots);
+    h.shutdown().await;
+}
+
+async fn grid_leave_of_a_parent_reparents_its_children(store: Store) {
+    let h = Harness::start(store).await;
+    let g = live_grid(&h, 4, 1000).await;
+    let a = join_peer(&h, &g.id, "10.0.0.1:7001", 1000).await;
+    let f = join_peer(&h, &g.id, "10.0.0.2:7001", 1000).await;
+    let b = join_peer(&h, &g.id, "", 0).await;
+    let hb = heartbeat(&h, &b.session_id, [0; 3]).await;
+    let parent = parent_ids(&hb.parents)
+        .into_iter()
+        .flatten()
+        .next()
+        .expect("B has a peer parent");
+    let leaver = [&a, &f].into_iter().find(|s| s.peer_id == parent).unwrap();
+    h.viewer()
+        .leave(LeaveRequest {
+            session_id: leaver.session_id.clone(),
+        })
+        .await
+        .unwrap();
+    let hb = heartbeat(&h, &b.session_id, [0; 3]).await;
+    assert!(hb.active);
+    assert_one_per_substream(&hb.parents, 4);
+    assert!(
+        !parent_ids(&hb.parents).contains(&Some(parent)),
+        "the leaver is still a parent: {hb:?}"
+    );
+    assert!(!heartbeat(&h, &leaver.session_id, [0; 3]).await.active);
+    assert_eq!(get(&h, &g.id).await.peers, 2);
+    h.shutdown().await;
+}
+
+async fn grid_missed_heartbeats_expire_a_session_and_reparent_its_children(store: Store) {
+    // Heartbeat every 100 ms; a session silent for 3 of them (300 ms) expires.
+    let h = Harness::start_with_timeouts(store, Duration::from_secs(10), 3).await;
+    let g = live_grid(&h, 4, 1000).await;
+    let a = join_peer(&h, &g.id, "10.0.0.1:7001", 1000).await;
+    let b = join_peer(&h, &g.id, "10.0.0.2:7002", 0).await;
+    let first = heartbeat(&h, &b.session_id, [0; 3]).await;
+    assert!(parent_ids(&first.parents).contains(&Some(a.peer_id)));
+    // B keeps heartbeating; A falls silent.
+    let reparented = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let hb = heartbeat(&h, &b.session_id, [0; 3]).await;
+            assert!(hb.active, "B heartbeats and must stay active");
+            if !parent_ids(&hb.parents).contains(&Some(a.peer_id)) {
+                return hb;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("A's session never expired");
+    assert!(reparented.parents.iter().all(|p| p.peer.is_none()));
+    assert!(reparented.neighbours.is_empty(), "{reparented:?}");
+    assert!(!heartbeat(&h, &a.session_id, [0; 3]).await.active);
+    let b_now = get(&h, &g.id).await;
+    assert_eq!(b_now.peers, 1);
+    let err = h
+        .viewer()
+        .reparent(ReparentRequest {
+            session_id: a.session_id.clone(),
+            substream: 0,
+            exclude_peer_ids: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    h.shutdown().await;
+}
+
+async fn grid_reparent_excludes_the_given_peer(store: Store) {
+    let h = Harness::start(store).await;
+    let g = live_grid(&h, 4, 1000).await;
+    let a = join_peer(&h, &g.id, "10.0.0.1:7001", 2000).await;
+    let f = join_peer(&h, &g.id, "10.0.0.2:7001", 2000).await;
+    let b = join_peer(&h, &g.id, "", 0).await;
+    let hb = heartbeat(&h, &b.session_id, [0; 3]).await;
+    let old = hb.parents[2].peer.as_ref().expect("peer-fed").peer_id;
+    let other = if old == a.peer_id { &f } else { &a };
+    let got = h
+        .viewer()
+        .reparent(ReparentRequest {
+            session_id: b.session_id.clone(),
+            substream: 2,
+            exclude_peer_ids: vec![old],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .parent
+        .unwrap();
+    assert_eq!(got.substream, 2);
+    let new = got.peer.expect("another relay has free slots");
+    assert_ne!(new.peer_id, old);
+    assert_eq!(new.peer_id, other.peer_id);
+    assert!(new.addr.starts_with("10.0.0."), "{new:?}");
+    let hb = heartbeat(&h, &b.session_id, [0; 3]).await;
+    assert_eq!(hb.parents[2].peer.as_ref().unwrap().peer_id, other.peer_id);
+
+    // Excluding every relay leaves the data plane.
+    let got = h
+        .viewer()
+        .reparent(ReparentRequest {
+            session_id: b.session_id.clone(),
+            substream: 2,
+            exclude_peer_ids: vec![a.peer_id, f.peer_id],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .parent
+        .unwrap();
+    assert!(got.peer.is_none(), "{got:?}");
+
+    for (req, code, needle) in [
+        (
+            ReparentRequest {
+                session_id: b.session_id.clone(),
+                substream: 4,
+                exclude_peer_ids: vec![],
+            },
+            Code::InvalidArgument,
+            "substream 4 out of range",
+        ),
+        (
+            ReparentRequest {
+                session_id: b.session_id.clone(),
+                substream: u32::MAX,
+                exclude_peer_ids: vec![],
+            },
+            Code::InvalidArgument,
+            "out of range",
+        ),
+        (
+            ReparentRequest {
+                session_id: b.session_id.clone(),
+                substream: 0,
+                exclude_peer_ids: vec![1; 65],
+            },
+            Code::InvalidArgument,
+            "exclude_peer_ids",
+        ),
+        (
+            ReparentRequest {
+                session_id: "s-ghost".into(),
+                substream: 0,
+                exclude_peer_ids: vec![],
+            },
+            Code::NotFound,
+            "s-ghost",
+        ),
+        (
+            ReparentRequest::default(),
+            Code::InvalidArgument,
+            "session_id",
+        ),
+    ] {
+        let err = h.viewer().reparent(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(needle), "{needle}: {err:?}");
+    }
+    h.shutdown().await;
+}
+
+async fn grid_peer_share_from_heartbeats_and_stop_drops_the_grid(store: Store) {
+    let h = Harness::start(store).await;
+    let g = live_grid(&h, 8, 2000).await;
+    let a = join_peer(&h, &g.id, "10.0.0.1:7001", 2000).await;
+    assert_eq!(a.stream_kbps, 2000);
+    assert_eq!(a.child_slots, 8);
+    assert_one_per_substream(&a.parents, 8);
+    let b = join_peer(&h, &g.id, "10.0.0.2:7001", 0).await;
+    assert_eq!(
+        get(&h, &g.id).await.peer_share,
+        0.0,
+        "nothing delivered yet"
+    );
+    heartbeat(&h, &a.session_id, [1000, 0, 3000]).await;
+    heartbeat(&h, &b.session_id, [0, 3000, 0]).await;
+    assert!((get(&h, &g.id).await.peer_share - 0.75).abs() < 1e-9);
+    // Counters are cumulative: repeating them adds nothing.
+    heartbeat(&h, &b.session_id, [0, 3000, 0]).await;
+    assert!((get(&h, &g.id).await.peer_share - 0.75).abs() < 1e-9);
+    heartbeat(&h, &b.session_id, [0, 5000, 0]).await;
+    let share = get(&h, &g.id).await.peer_share;
+    assert!((share - 5000.0 / 6000.0).abs() < 1e-9, "{share}");
+
+    let stopped = h
+        .admin()
+        .stop_broadcast(BroadcastRef { id: g.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.peers, 0);
+    assert_eq!(stopped.demand_slots, 0);
+    assert_eq!(stopped.peer_share, 0.0);
+    assert!(!heartbeat(&h, &b.session_id, [0; 3]).await.active);
+    let err = h
+        .viewer()
+        .reparent(ReparentRequest {
+            session_id: b.session_id.clone(),
+            substream: 0,
+            exclude_peer_ids: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    h.shutdown().await;
+}
+
 on_both_backends!(
     admin_lifecycle,
     admin_errors,
@@ -745,4 +1200,9 @@ on_both_backends!(
     silent_node_is_declared_dead_and_its_broadcast_moves,
     last_node_dies_broadcast_waits_unassigned,
     health_and_reflection,
+    grid_join_assigns_parents_neighbours_and_booster,
+    grid_leave_of_a_parent_reparents_its_children,
+    grid_missed_heartbeats_expire_a_session_and_reparent_its_children,
+    grid_reparent_excludes_the_given_peer,
+    grid_peer_share_from_heartbeats_and_stop_drops_the_grid,
 );

@@ -42,6 +42,11 @@ pub struct Timeouts {
     pub source_idle: Duration,
     /// Connect + response-head timeout for sources.
     pub source_connect: Duration,
+    /// A wire connection to which nothing was sent for this long gets a `PING`.
+    pub keepalive: Duration,
+    /// A subscribed wire connection from which nothing (not even `PONG`) was received
+    /// for this long is closed with `ERROR(IDLE_TIMEOUT)`.
+    pub idle: Duration,
     /// Skips to the live edge allowed before `GOODBYE(TooSlow)`.
     pub max_skips: u32,
     /// First reconnect delay; doubles up to `backoff_max`.
@@ -56,6 +61,8 @@ impl Default for Timeouts {
             write_stall: Duration::from_secs(10),
             source_idle: Duration::from_secs(10),
             source_connect: Duration::from_secs(5),
+            keepalive: Duration::from_secs(5),
+            idle: Duration::from_secs(30),
             max_skips: 3,
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(5),
@@ -72,6 +79,8 @@ pub struct Config {
     pub static_broadcasts: Vec<StaticBroadcast>,
     /// Target chunk duration of static broadcasts.
     pub static_chunk_ms: u32,
+    /// Substreams K of static broadcasts (1..=64; the control plane sends its own K).
+    pub static_substreams: u16,
     pub wire_listen: SocketAddr,
     pub http_listen: SocketAddr,
     /// Host advertised to the control plane (with the bound ports).
@@ -93,6 +102,7 @@ impl Default for Config {
             control_url: None,
             static_broadcasts: Vec::new(),
             static_chunk_ms: 1000,
+            static_substreams: 4,
             wire_listen: SocketAddr::from(([0, 0, 0, 0], 7100)),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 7180)),
             advertise_host: "127.0.0.1".into(),

@@ -5,6 +5,7 @@
 use crate::chunker::{Chunker, ChunkerConfig};
 use crate::config::Timeouts;
 use crate::error::IngestError;
+use crate::metrics::Metrics;
 use crate::ring::{Broadcast, Registry, SourceHealth, StreamParams};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -128,6 +129,7 @@ impl IngestManager {
         let task = IngestTask {
             spec: spec.clone(),
             broadcast: b,
+            metrics: Arc::clone(self.registry.metrics()),
             client: self.client.clone(),
             cfg: ChunkerConfig {
                 target_ms: spec.chunk_duration_ms,
@@ -168,6 +170,7 @@ impl IngestManager {
 struct IngestTask {
     spec: IngestSpec,
     broadcast: Arc<Broadcast>,
+    metrics: Arc<Metrics>,
     client: Client<HttpConnector, Empty<Bytes>>,
     cfg: ChunkerConfig,
     timeouts: Timeouts,
@@ -181,9 +184,13 @@ impl IngestTask {
         }
         let mut backoff = Backoff::new(self.timeouts.backoff_min, self.timeouts.backoff_max);
         let id = &self.spec.broadcast_id;
+        let mut first = true;
         loop {
             if *cancel.borrow() {
                 break;
+            }
+            if !std::mem::take(&mut first) {
+                self.broadcast.count_reconnect();
             }
             self.broadcast.set_health(SourceHealth::Connecting, "");
             let started = tokio::time::Instant::now();
@@ -195,7 +202,7 @@ impl IngestTask {
             let mut out = Vec::new();
             chunker.flush(now_ms(), &mut out);
             for c in out {
-                self.broadcast.push(c);
+                self.push(c);
             }
             let err = match result {
                 Ok(()) => IngestError::Eof,
@@ -214,6 +221,11 @@ impl IngestTask {
             }
         }
         debug!(broadcast = %id, "ingest task ended");
+    }
+
+    fn push(&self, c: crate::chunker::Chunk) {
+        self.metrics.chunk_ingested(c.payload.len());
+        self.broadcast.push(c);
     }
 
     async fn session(&self, chunker: &mut Chunker, got_data: &mut bool) -> Result<(), IngestError> {
@@ -273,7 +285,7 @@ impl IngestTask {
                 self.broadcast.set_params(|p| p.content_type = ct);
             }
             for c in out.drain(..) {
-                self.broadcast.push(c);
+                self.push(c);
             }
         }
     }

@@ -6,8 +6,11 @@
 //!   cursors, source health.
 //! * [`ingest`]: HTTP ingest with reconnect/backoff (tokio, hyper-util).
 //! * [`control`]: control-plane link (tonic `EdgeService`).
+//! * [`metrics`]: Prometheus counters and gauges, rendered on `GET /metrics`.
 //! * [`node`]: wiring: glommio executors (one per core, SO_REUSEPORT listeners for
 //!   the wire protocol and plain HTTP) plus one tokio thread.
+//! * `serve`: the wire protocol (substream masks, REQUEST/NOT_FOUND, keep-alive) and
+//!   plain HTTP (`/live/{id}`, `/healthz`, `/metrics`) on the executors.
 //!
 //! In-process use (tests, load tests):
 //!
@@ -35,6 +38,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod ingest;
+pub mod metrics;
 pub mod node;
 pub mod ring;
 mod serve;

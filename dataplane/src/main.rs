@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 /// Starling data plane: pulls live streams over HTTP, cuts them into numbered chunks,
 /// keeps a window of recent chunks in memory and serves viewers over the Starling wire
-/// protocol and plain HTTP (`GET /live/{broadcast}`).
+/// protocol and plain HTTP (`GET /live/{broadcast}`, `GET /metrics`).
 ///
 /// Runs under a control plane (`--control-url`) and/or standalone with
 /// `--static-broadcast ID=URL` broadcasts.
@@ -32,11 +32,28 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(100..=10000))]
     static_chunk_ms: u32,
 
+    /// Substreams (K) of --static-broadcast broadcasts: chunk seq % K. Broadcasts from
+    /// the control plane carry their own K.
+    #[arg(long, env = "STARLING_STATIC_SUBSTREAMS", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    static_substreams: u16,
+
+    /// Seconds without anything sent on a wire connection before a keep-alive PING.
+    #[arg(long, env = "STARLING_KEEPALIVE_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    keepalive_secs: u64,
+
+    /// Seconds without anything received (not even PONG) before a subscribed wire
+    /// connection is closed with ERROR(IDLE_TIMEOUT).
+    #[arg(long, env = "STARLING_IDLE_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(2..=3600))]
+    idle_timeout_secs: u64,
+
     /// Wire-protocol listen address (bound on every executor with SO_REUSEPORT).
     #[arg(long, env = "STARLING_WIRE_LISTEN", default_value = "0.0.0.0:7100")]
     wire_listen: SocketAddr,
 
-    /// Plain HTTP listen address (GET /live/{broadcast}, GET /healthz).
+    /// Plain HTTP listen address (GET /live/{broadcast}, GET /healthz, GET /metrics).
     #[arg(long, env = "STARLING_HTTP_LISTEN", default_value = "0.0.0.0:7180")]
     http_listen: SocketAddr,
 
@@ -95,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         control_url: args.control_url,
         static_broadcasts: args.static_broadcasts,
         static_chunk_ms: args.static_chunk_ms,
+        static_substreams: args.static_substreams,
         wire_listen: args.wire_listen,
         http_listen: args.http_listen,
         advertise_host: args.advertise_host,
@@ -104,7 +122,11 @@ fn main() -> anyhow::Result<()> {
         max_chunk_bytes: args.max_chunk_bytes,
         io_memory_kib: args.io_memory_kib,
         capacity_viewers: args.capacity_viewers,
-        timeouts: Timeouts::default(),
+        timeouts: Timeouts {
+            keepalive: std::time::Duration::from_secs(args.keepalive_secs),
+            idle: std::time::Duration::from_secs(args.idle_timeout_secs),
+            ..Timeouts::default()
+        },
     };
     let node = Node::start(cfg).context("starting the data plane")?;
     eprintln!(

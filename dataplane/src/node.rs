@@ -40,6 +40,16 @@ impl Node {
         if cfg.control_url.is_none() && cfg.static_broadcasts.is_empty() {
             return Err(Error::NothingToDo);
         }
+        if !(1..=64).contains(&cfg.static_substreams) {
+            return Err(Error::Config("--static-substreams must be 1..=64".into()));
+        }
+        if cfg.timeouts.keepalive < std::time::Duration::from_millis(10)
+            || cfg.timeouts.idle < std::time::Duration::from_millis(10)
+        {
+            return Err(Error::Config(
+                "keep-alive and idle timeouts must be at least 10 ms".into(),
+            ));
+        }
         if cfg.window_secs == 0 {
             return Err(Error::Config("--window-secs must be at least 1".into()));
         }
@@ -286,7 +296,7 @@ async fn tokio_main(
             broadcast_id: sb.id.clone(),
             source_url: sb.url.clone(),
             chunk_duration_ms: cfg.static_chunk_ms,
-            substreams: 1,
+            substreams: cfg.static_substreams.clamp(1, 64),
         });
     }
     let control = cfg.control_url.clone().map(|url| {

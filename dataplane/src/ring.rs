@@ -6,8 +6,9 @@
 //! which works from any thread and any executor (glommio included).
 
 use crate::chunker::Chunk;
+use crate::metrics::Metrics;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
 
@@ -47,6 +48,15 @@ pub struct BroadcastStatus {
     pub content_type: String,
     pub viewers: u32,
     pub chunks_in_window: usize,
+    /// Stream rate over the window, kbps (see [`Broadcast::bitrate_bps`]).
+    pub bitrate_kbps: u32,
+}
+
+/// Totals over the chunks currently in the window.
+#[derive(Debug, Default, Clone, Copy)]
+struct WindowTotals {
+    duration_ms: u64,
+    bytes: u64,
 }
 
 #[derive(Debug)]
@@ -61,14 +71,19 @@ pub struct Broadcast {
     id: String,
     window_ms: u64,
     chunks: RwLock<VecDeque<Arc<Chunk>>>,
-    /// Sum of the durations in `chunks`.
-    window_dur: Mutex<u64>,
+    /// Sums over `chunks` (durations for eviction, bytes for the bitrate).
+    totals: Mutex<WindowTotals>,
     params: RwLock<StreamParams>,
+    /// Mirror of `params.substreams`, read on every pushed chunk.
+    substreams: AtomicU16,
     health: Mutex<HealthState>,
     /// Newest sequence + 1 (0 = no chunk yet); bumped on stop as well.
     notify: watch::Sender<u64>,
     stopped: AtomicBool,
     viewers: AtomicU32,
+    chunks_ingested: AtomicU64,
+    bytes_ingested: AtomicU64,
+    reconnects: AtomicU64,
 }
 
 /// Where a viewer cursor stands.
@@ -199,7 +214,8 @@ impl Broadcast {
             id: id.to_owned(),
             window_ms: window_ms.max(1000),
             chunks: RwLock::new(VecDeque::new()),
-            window_dur: Mutex::new(0),
+            totals: Mutex::new(WindowTotals::default()),
+            substreams: AtomicU16::new(params.substreams.clamp(1, 64)),
             params: RwLock::new(params),
             health: Mutex::new(HealthState {
                 health: SourceHealth::Connecting,
@@ -208,6 +224,9 @@ impl Broadcast {
             notify,
             stopped: AtomicBool::new(false),
             viewers: AtomicU32::new(0),
+            chunks_ingested: AtomicU64::new(0),
+            bytes_ingested: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
         }
     }
 
@@ -228,6 +247,62 @@ impl Broadcast {
             Err(p) => p.into_inner(),
         };
         f(&mut g);
+        self.substreams
+            .store(g.substreams.clamp(1, 64), Ordering::Relaxed);
+    }
+
+    /// Number of substreams K (chunk `seq` belongs to substream `seq % K`), 1..=64.
+    pub fn substreams(&self) -> u16 {
+        self.substreams.load(Ordering::Relaxed)
+    }
+
+    /// The chunk with sequence `seq`, if the window holds it (answers `REQUEST`).
+    pub fn chunk(&self, seq: u64) -> Option<Arc<Chunk>> {
+        let chunks = match self.chunks.read() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        find(&chunks, seq).cloned()
+    }
+
+    /// Stream rate in bits per second: payload bytes of the chunks in the window over
+    /// the sum of their durations (a moving average over the window; 0 until the window
+    /// holds a chunk with a non-zero duration).
+    pub fn bitrate_bps(&self) -> u64 {
+        let t = match self.totals.lock() {
+            Ok(t) => *t,
+            Err(p) => *p.into_inner(),
+        };
+        if t.duration_ms == 0 {
+            return 0;
+        }
+        let bps = u128::from(t.bytes) * 8 * 1000 / u128::from(t.duration_ms);
+        u64::try_from(bps).unwrap_or(u64::MAX)
+    }
+
+    /// [`Broadcast::bitrate_bps`] in kbps (rounded), as reported to the control plane.
+    pub fn bitrate_kbps(&self) -> u32 {
+        u32::try_from(self.bitrate_bps().saturating_add(500) / 1000).unwrap_or(u32::MAX)
+    }
+
+    /// Chunks cut from the source since the broadcast was created.
+    pub fn chunks_ingested(&self) -> u64 {
+        self.chunks_ingested.load(Ordering::Relaxed)
+    }
+
+    /// Payload bytes of those chunks.
+    pub fn bytes_ingested(&self) -> u64 {
+        self.bytes_ingested.load(Ordering::Relaxed)
+    }
+
+    /// Source connection attempts after the first.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Counts a source reconnection attempt.
+    pub fn count_reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 
     /// (oldest seq in the window, newest seq + 1).
@@ -265,21 +340,26 @@ impl Broadcast {
                 Ok(c) => c,
                 Err(p) => p.into_inner(),
             };
-            let mut dur = match self.window_dur.lock() {
+            let mut tot = match self.totals.lock() {
                 Ok(d) => d,
                 Err(p) => p.into_inner(),
             };
-            *dur += u64::from(chunk.duration_ms);
+            let len = chunk.payload.len() as u64;
+            tot.duration_ms += u64::from(chunk.duration_ms);
+            tot.bytes += len;
+            self.chunks_ingested.fetch_add(1, Ordering::Relaxed);
+            self.bytes_ingested.fetch_add(len, Ordering::Relaxed);
             let newest_ts = chunk.timestamp_ms;
             chunks.push_back(Arc::new(chunk));
             while chunks.len() > 1 {
                 let Some(front) = chunks.front() else { break };
-                let by_duration = *dur - u64::from(front.duration_ms) >= self.window_ms;
+                let by_duration = tot.duration_ms - u64::from(front.duration_ms) >= self.window_ms;
                 let by_age = newest_ts.saturating_sub(front.timestamp_ms) > 2 * self.window_ms;
                 if !(by_duration || by_age) {
                     break;
                 }
-                *dur -= u64::from(front.duration_ms);
+                tot.duration_ms -= u64::from(front.duration_ms);
+                tot.bytes -= front.payload.len() as u64;
                 chunks.pop_front();
             }
         }
@@ -339,6 +419,7 @@ impl Broadcast {
             content_type: self.params().content_type,
             viewers: self.viewers(),
             chunks_in_window,
+            bitrate_kbps: self.bitrate_kbps(),
         }
     }
 }
@@ -357,11 +438,17 @@ impl Drop for ViewerGuard {
 #[derive(Debug, Default)]
 pub struct Registry {
     map: RwLock<HashMap<String, Arc<Broadcast>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Registry {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Node-wide counters (served on `GET /metrics`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Broadcast>> {
@@ -407,5 +494,77 @@ impl Registry {
     /// Viewers over all broadcasts.
     pub fn total_viewers(&self) -> u32 {
         self.all().iter().map(|b| b.viewers()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn chunk(seq: u64, bytes: usize, duration_ms: u32) -> Chunk {
+        Chunk {
+            seq,
+            flags: starling_proto::wire::chunk_flags::RANDOM_ACCESS,
+            timestamp_ms: 1_000_000 + seq * u64::from(duration_ms),
+            duration_ms,
+            payload: Bytes::from(vec![0u8; bytes]),
+            inserted_len: 0,
+        }
+    }
+
+    fn params() -> StreamParams {
+        StreamParams {
+            content_type: "video/mp2t".into(),
+            chunk_duration_ms: 1000,
+            substreams: 4,
+        }
+    }
+
+    #[test]
+    fn bitrate_is_window_bytes_over_window_duration() {
+        let b = Broadcast::new("b", 5_000, params());
+        assert_eq!(b.bitrate_bps(), 0);
+        // 1 Mbit/s: 125,000 bytes per 1 s chunk.
+        for seq in 0..10 {
+            b.push(chunk(seq, 125_000, 1000));
+        }
+        assert_eq!(b.bitrate_bps(), 1_000_000);
+        assert_eq!(b.bitrate_kbps(), 1000);
+        // The rate drops to 500 kbit/s: once the 5 s window holds only new chunks, the
+        // average is exactly the new rate; in between it is a mix.
+        b.push(chunk(10, 62_500, 1000));
+        let mixed = b.bitrate_kbps();
+        assert!(mixed > 500 && mixed < 1000, "{mixed}");
+        for seq in 11..20 {
+            b.push(chunk(seq, 62_500, 1000));
+        }
+        assert_eq!(b.bitrate_kbps(), 500);
+        assert_eq!(b.chunks_ingested(), 20);
+        assert_eq!(b.bytes_ingested(), 10 * 125_000 + 10 * 62_500);
+        // A paced source of uneven chunk sizes (key frames) averages out.
+        let b = Broadcast::new("c", 10_000, params());
+        for seq in 0..40 {
+            let bytes = if seq % 4 == 0 { 40_000 } else { 20_000 };
+            b.push(chunk(seq, bytes, 500));
+        }
+        // 100,000 bytes per 2 s = 400 kbit/s.
+        assert_eq!(b.bitrate_kbps(), 400);
+        assert_eq!(b.status().bitrate_kbps, 400);
+    }
+
+    #[test]
+    fn chunk_lookup_and_substreams() {
+        let b = Broadcast::new("b", 3_000, params());
+        for seq in 0..6 {
+            b.push(chunk(seq, 10, 1000));
+        }
+        assert!(b.chunk(0).is_none(), "evicted");
+        assert_eq!(b.chunk(5).map(|c| c.seq), Some(5));
+        assert!(b.chunk(6).is_none(), "not cut yet");
+        assert!(b.chunk(u64::MAX).is_none());
+        assert_eq!(b.substreams(), 4);
+        b.set_params(|p| p.substreams = 0);
+        assert_eq!(b.substreams(), 1, "clamped");
     }
 }

@@ -4,8 +4,26 @@
 //! Each connection is one local task holding a socket, a small receive buffer and a
 //! [`Cursor`] into the shared ring: no per-viewer chunk queue, no payload copy (the
 //! 28-byte chunk prefix is written, then the shared payload `Bytes`).
+//!
+//! Wire sessions after `SUBSCRIBE`:
+//! * the cursor walks every chunk; only those whose substream (`seq % K`, K from the
+//!   broadcast) is in the connection's `substream_mask` are pushed. A later `SUBSCRIBE`
+//!   for the same broadcast replaces the mask for the chunks pushed after it is read
+//!   (its `start` is ignored, no second `STREAM_INFO`); another broadcast is
+//!   `ERROR(UNEXPECTED_FRAME)`.
+//! * `REQUEST(seq)` is answered inline, in order, with the chunk from the window (the
+//!   same prefix + shared payload, flags as cut, never `DISCONTINUITY` from the cursor)
+//!   or `NOT_FOUND(seq)`. Frames are read 64 bytes at a time and the next read only
+//!   happens once every answer is in the socket, so at most 4 requests are ever
+//!   decoded but unanswered and a client that does not read stalls only itself (and is
+//!   dropped after `write_stall`). `BUFFER_MAP`, `PONG` and `NOT_FOUND` are ignored.
+//! * keep-alive: after `keepalive` (5 s) with nothing written, a `PING`; if nothing at
+//!   all is received within `idle` (30 s) of the first unanswered `PING`, the node
+//!   closes with `ERROR(IDLE_TIMEOUT)`.
 
+use crate::chunker::Chunk;
 use crate::config::Timeouts;
+use crate::metrics::{self, ChunkKind, CloseReason, Listener, Metrics, SentKind};
 use crate::ring::{Broadcast, Cursor, Next, Registry};
 use bytes::BytesMut;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -14,7 +32,7 @@ use starling_proto::wire::{
     self, Decoder, ErrorCode, Frame, HelloAck, Limits, Reason, StartAt, StreamInfo,
 };
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::{debug, info};
 
 /// What every connection handler needs.
@@ -36,8 +54,11 @@ pub(crate) enum ConnError {
     Closed,
 }
 
-/// Read buffer granularity (kept small: per-viewer memory).
+/// Read buffer granularity during the handshake.
 const READ_STEP: usize = 256;
+/// Read granularity once subscribed (kept small: per-viewer memory, and it bounds the
+/// REQUESTs decoded but not yet answered to 4).
+const STREAM_READ_STEP: usize = 64;
 
 async fn with_timeout<T>(
     d: Duration,
@@ -50,14 +71,15 @@ async fn with_timeout<T>(
     .await
 }
 
-async fn send(s: &mut TcpStream, f: &Frame) -> Result<(), ConnError> {
+async fn send(s: &mut TcpStream, m: &Metrics, kind: SentKind, f: &Frame) -> Result<(), ConnError> {
     let mut b = BytesMut::new();
     wire::encode(f, &mut b)?;
     s.write_all(&b).await?;
+    m.sent(kind, b.len());
     Ok(())
 }
 
-async fn send_reason(s: &mut TcpStream, error: bool, code: ErrorCode, msg: &str) {
+async fn send_reason(s: &mut TcpStream, m: &Metrics, error: bool, code: ErrorCode, msg: &str) {
     let r = Reason {
         code,
         message: msg.to_owned(),
@@ -68,7 +90,11 @@ async fn send_reason(s: &mut TcpStream, error: bool, code: ErrorCode, msg: &str)
         Frame::Goodbye(r)
     };
     // Best effort, bounded: the peer may be gone or stalled.
-    let _ = with_timeout(Duration::from_secs(1), send(s, &f)).await;
+    let _ = with_timeout(
+        Duration::from_secs(1),
+        send(s, m, SentKind::WireControl, &f),
+    )
+    .await;
 }
 
 /// Reads until one frame is decoded.
@@ -92,99 +118,130 @@ async fn read_frame(
 
 /// Serves one wire-protocol connection until it ends; never panics.
 pub(crate) async fn wire_conn(mut s: TcpStream, ctx: Arc<ServeCtx>) {
+    let m = Arc::clone(ctx.registry.metrics());
+    m.accepted(Listener::Wire);
     let peer = s.peer_addr().ok();
     let _ = s.set_nodelay(true);
     let _ = s.set_write_timeout(Some(ctx.timeouts.write_stall));
-    match wire_session(&mut s, &ctx).await {
-        Ok(()) | Err(ConnError::Closed) => {}
+    let reason = match wire_session(&mut s, &ctx, &m).await {
+        Ok(r) => r,
+        Err(ConnError::Closed) => CloseReason::PeerClosed,
         Err(ConnError::Wire(e)) => {
             info!(peer = ?peer, error = %e, "wire protocol error: closing connection");
-            send_reason(&mut s, true, e.code(), &e.to_string()).await;
+            send_reason(&mut s, &m, true, e.code(), &e.to_string()).await;
+            CloseReason::ProtocolError
         }
         Err(ConnError::Timeout) => {
             info!(peer = ?peer, "wire handshake timed out");
-            send_reason(&mut s, true, ErrorCode::IdleTimeout, "handshake timeout").await;
+            send_reason(
+                &mut s,
+                &m,
+                true,
+                ErrorCode::IdleTimeout,
+                "handshake timeout",
+            )
+            .await;
+            CloseReason::HandshakeTimeout
         }
-        Err(ConnError::Io(e)) => debug!(peer = ?peer, error = %e, "wire connection i/o error"),
-    }
+        Err(ConnError::Io(e)) => {
+            debug!(peer = ?peer, error = %e, "wire connection i/o error");
+            io_reason(&e)
+        }
+    };
+    m.closed(Listener::Wire, reason);
     let _ = s.close().await;
 }
 
-async fn wire_session(s: &mut TcpStream, ctx: &ServeCtx) -> Result<(), ConnError> {
+/// A write that timed out (`write_stall`) is a receiver that accepts nothing.
+fn io_reason(e: &std::io::Error) -> CloseReason {
+    match e.kind() {
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => CloseReason::TooSlow,
+        _ => CloseReason::IoError,
+    }
+}
+
+async fn wire_session(
+    s: &mut TcpStream,
+    ctx: &ServeCtx,
+    m: &Metrics,
+) -> Result<CloseReason, ConnError> {
     let mut dec = Decoder::new(Limits::control_only());
     let mut buf = BytesMut::new();
     let hs = ctx.timeouts.handshake;
 
-    // HELLO.
+    // HELLO. Every role (viewer, edge node, peer) is served alike.
     let hello = match with_timeout(hs, read_frame(s, &mut buf, &mut dec)).await? {
         Frame::Hello(h) => h,
         other => {
-            send_reason(
-                s,
-                true,
-                ErrorCode::UnexpectedFrame,
-                &unexpected(&other, "HELLO"),
-            )
-            .await;
-            return Ok(());
+            let msg = unexpected(&other, "HELLO");
+            send_reason(s, m, true, ErrorCode::UnexpectedFrame, &msg).await;
+            return Ok(CloseReason::UnexpectedFrame);
         }
     };
     // hello.token: hook for chunk-token verification (accepted as is for now).
     let Some(version) = wire::negotiate(hello.min_version, hello.max_version) else {
-        send_reason(
-            s,
-            true,
-            ErrorCode::UnsupportedVersion,
-            &format!(
-                "this server speaks versions {}..={}",
-                wire::MIN_PROTOCOL_VERSION,
-                wire::PROTOCOL_VERSION
-            ),
-        )
-        .await;
-        return Ok(());
+        let msg = format!(
+            "this server speaks versions {}..={}",
+            wire::MIN_PROTOCOL_VERSION,
+            wire::PROTOCOL_VERSION
+        );
+        send_reason(s, m, true, ErrorCode::UnsupportedVersion, &msg).await;
+        return Ok(CloseReason::UnsupportedVersion);
     };
-    send(s, &Frame::HelloAck(HelloAck { version })).await?;
+    send(
+        s,
+        m,
+        SentKind::WireControl,
+        &Frame::HelloAck(HelloAck { version }),
+    )
+    .await?;
 
-    // SUBSCRIBE (PINGs allowed meanwhile).
+    // SUBSCRIBE (PING answered, PONG and BUFFER_MAP ignored meanwhile).
     let sub = loop {
         match with_timeout(hs, read_frame(s, &mut buf, &mut dec)).await? {
             Frame::Subscribe(sub) => break sub,
-            Frame::Ping(n) => send(s, &Frame::Pong(n)).await?,
-            Frame::Goodbye(_) => return Ok(()),
+            Frame::Ping(n) => send(s, m, SentKind::WireControl, &Frame::Pong(n)).await?,
+            Frame::Pong(_) | Frame::BufferMap(_) => {}
+            Frame::Goodbye(_) => return Ok(CloseReason::Normal),
+            Frame::Error(r) => {
+                debug!(code = ?r.code, message = %r.message, "client sent ERROR");
+                return Ok(CloseReason::ClientError);
+            }
             other => {
-                send_reason(
-                    s,
-                    true,
-                    ErrorCode::UnexpectedFrame,
-                    &unexpected(&other, "SUBSCRIBE"),
-                )
-                .await;
-                return Ok(());
+                let msg = unexpected(&other, "SUBSCRIBE");
+                send_reason(s, m, true, ErrorCode::UnexpectedFrame, &msg).await;
+                return Ok(CloseReason::UnexpectedFrame);
             }
         }
     };
     let Some(b) = ctx.registry.get(&sub.broadcast_id) else {
-        send_reason(
-            s,
-            true,
-            ErrorCode::UnknownBroadcast,
-            &format!("unknown broadcast {:?}", sub.broadcast_id),
-        )
-        .await;
-        return Ok(());
+        let msg = format!("unknown broadcast {:?}", sub.broadcast_id);
+        send_reason(s, m, true, ErrorCode::UnknownBroadcast, &msg).await;
+        return Ok(CloseReason::UnknownBroadcast);
     };
     if ctx.registry.total_viewers() >= ctx.capacity_viewers {
-        send_reason(s, true, ErrorCode::ServerBusy, "node at viewer capacity").await;
-        return Ok(());
+        send_reason(s, m, true, ErrorCode::ServerBusy, "node at viewer capacity").await;
+        return Ok(CloseReason::ServerBusy);
     }
     let _guard = b.viewer_guard();
     let max_skips = ctx.timeouts.max_skips;
-    let mut cursor = match sub.start {
+    let cursor = match sub.start {
         StartAt::Live => Cursor::live(max_skips),
         StartAt::Seq(n) => Cursor::resume(&b, n, max_skips),
     };
-    stream_chunks(s, &b, &mut cursor, &mut buf, &mut dec).await
+    let mut st = Stream {
+        b: &b,
+        m,
+        ctx,
+        cursor,
+        mask: sub.substream_mask,
+        sent_info: false,
+        carry_disc: false,
+        last_tx: Instant::now(),
+        unanswered_since: None,
+        ping_nonce: 0,
+    };
+    st.run(s, &mut buf, &mut dec).await
 }
 
 fn unexpected(f: &Frame, wanted: &str) -> String {
@@ -198,6 +255,9 @@ fn unexpected(f: &Frame, wanted: &str) -> String {
         Frame::Pong(_) => "PONG",
         Frame::Error(_) => "ERROR",
         Frame::Goodbye(_) => "GOODBYE",
+        Frame::BufferMap(_) => "BUFFER_MAP",
+        Frame::Request(_) => "REQUEST",
+        Frame::NotFound(_) => "NOT_FOUND",
     };
     format!("expected {wanted}, got {name}")
 }
@@ -205,126 +265,272 @@ fn unexpected(f: &Frame, wanted: &str) -> String {
 enum Event {
     Read(std::io::Result<usize>),
     Ring,
+    Timer,
 }
 
-async fn stream_chunks(
-    s: &mut TcpStream,
-    b: &Arc<Broadcast>,
-    cursor: &mut Cursor,
-    buf: &mut BytesMut,
-    dec: &mut Decoder,
-) -> Result<(), ConnError> {
-    let mut rx = b.subscribe();
-    let mut sent_info = false;
-    let mut tmp = [0u8; 64];
-    loop {
-        rx.borrow_and_update();
+/// What a frame from the client asks for once the session streams.
+enum After {
+    Continue,
+    End(CloseReason),
+}
+
+/// A subscribed wire connection: cursor, substream mask and keep-alive state. No
+/// chunk queue: the cursor points into the shared ring.
+struct Stream<'a> {
+    b: &'a Arc<Broadcast>,
+    m: &'a Metrics,
+    ctx: &'a ServeCtx,
+    cursor: Cursor,
+    /// Substreams pushed (bit i = chunks with seq % K == i).
+    mask: u64,
+    sent_info: bool,
+    /// A cursor skip happened on a chunk outside the mask: flag the next pushed one.
+    carry_disc: bool,
+    /// When something was last written (keep-alive PING after `keepalive` of silence).
+    last_tx: Instant,
+    /// First keep-alive PING sent since the client last sent anything.
+    unanswered_since: Option<Instant>,
+    ping_nonce: u64,
+}
+
+impl Stream<'_> {
+    async fn run(
+        &mut self,
+        s: &mut TcpStream,
+        buf: &mut BytesMut,
+        dec: &mut Decoder,
+    ) -> Result<CloseReason, ConnError> {
+        let mut rx = self.b.subscribe();
+        let mut tmp = [0u8; STREAM_READ_STEP];
+        let keepalive = self.ctx.timeouts.keepalive;
+        let idle = self.ctx.timeouts.idle;
         loop {
-            match cursor.next(b) {
-                Next::Chunk(c, disc) => {
-                    if !sent_info {
-                        sent_info = true;
-                        let p = b.params();
-                        let info = StreamInfo {
-                            broadcast_id: b.id().to_owned(),
-                            content_type: p.content_type,
-                            chunk_duration_ms: p.chunk_duration_ms,
-                            substreams: p.substreams,
-                            first_seq: c.seq,
-                            live_seq: b.newest_seq().unwrap_or(c.seq),
-                        };
-                        send(s, &Frame::StreamInfo(info)).await?;
-                    }
-                    let mut flags = c.flags;
-                    if disc {
-                        flags |= wire::chunk_flags::DISCONTINUITY;
-                    }
-                    let prefix = wire::chunk_prefix(
-                        c.seq,
-                        flags,
-                        c.timestamp_ms,
-                        c.duration_ms,
-                        c.payload.len(),
-                    )?;
-                    s.write_all(&prefix).await?;
-                    s.write_all(&c.payload).await?;
-                }
-                Next::Wait => break,
-                Next::Stopped => {
-                    send_reason(s, false, ErrorCode::BroadcastStopped, "broadcast stopped").await;
-                    return Ok(());
-                }
-                Next::TooSlow => {
-                    send_reason(s, false, ErrorCode::TooSlow, "viewer too slow").await;
-                    return Ok(());
-                }
+            rx.borrow_and_update();
+            if let Some(end) = self.push_available(s).await? {
+                return Ok(end);
             }
-        }
-        let ev = futures_lite::future::or(async { Event::Read(s.read(&mut tmp).await) }, async {
-            let _ = rx.changed().await;
-            Event::Ring
-        })
-        .await;
-        match ev {
-            Event::Ring => {}
-            Event::Read(Ok(0)) => return Err(ConnError::Closed),
-            Event::Read(Err(e)) => return Err(e.into()),
-            Event::Read(Ok(n)) => {
-                buf.extend_from_slice(&tmp[..n]);
-                while let Some(f) = dec.decode(buf)? {
-                    match f {
-                        Frame::Ping(n) => send(s, &Frame::Pong(n)).await?,
-                        Frame::Pong(_) => {}
-                        Frame::Goodbye(_) => return Ok(()),
-                        other => {
-                            send_reason(
-                                s,
-                                true,
-                                ErrorCode::UnexpectedFrame,
-                                &unexpected(&other, "PING"),
-                            )
-                            .await;
-                            return Ok(());
+            let mut wake_at = self.last_tx + keepalive;
+            if let Some(t) = self.unanswered_since {
+                wake_at = wake_at.min(t + idle);
+            }
+            let wait = wake_at.saturating_duration_since(Instant::now());
+            let ev = futures_lite::future::or(
+                async { Event::Read(s.read(&mut tmp).await) },
+                futures_lite::future::or(
+                    async {
+                        let _ = rx.changed().await;
+                        Event::Ring
+                    },
+                    async {
+                        glommio::timer::sleep(wait).await;
+                        Event::Timer
+                    },
+                ),
+            )
+            .await;
+            match ev {
+                Event::Ring => {}
+                Event::Timer => {
+                    let now = Instant::now();
+                    if self.unanswered_since.is_some_and(|t| now >= t + idle) {
+                        let msg = "no answer to keep-alive PINGs";
+                        send_reason(s, self.m, true, ErrorCode::IdleTimeout, msg).await;
+                        return Ok(CloseReason::IdleTimeout);
+                    }
+                    if now >= self.last_tx + keepalive {
+                        self.ping_nonce = self.ping_nonce.wrapping_add(1);
+                        let ping = Frame::Ping(self.ping_nonce);
+                        self.m.ping_sent();
+                        send(s, self.m, SentKind::WireControl, &ping).await?;
+                        self.last_tx = now;
+                        self.unanswered_since.get_or_insert(now);
+                    }
+                }
+                Event::Read(Ok(0)) => return Err(ConnError::Closed),
+                Event::Read(Err(e)) => return Err(e.into()),
+                Event::Read(Ok(n)) => {
+                    self.unanswered_since = None;
+                    buf.extend_from_slice(&tmp[..n]);
+                    // Frames are handled inline, in order: at most one read's worth
+                    // (READ_STEP bytes, i.e. a few REQUESTs) is ever pending, and the
+                    // next read only happens once every answer is in the socket.
+                    while let Some(f) = dec.decode(buf)? {
+                        if let After::End(r) = self.on_frame(s, f).await? {
+                            return Ok(r);
                         }
                     }
-                }
-                if buf.is_empty() && buf.capacity() > 4096 {
-                    *buf = BytesMut::new();
+                    if buf.is_empty() && buf.capacity() > 4096 {
+                        *buf = BytesMut::new();
+                    }
                 }
             }
         }
     }
+
+    /// Pushes every chunk the cursor can deliver now (those in the mask).
+    async fn push_available(
+        &mut self,
+        s: &mut TcpStream,
+    ) -> Result<Option<CloseReason>, ConnError> {
+        loop {
+            match self.cursor.next(self.b) {
+                Next::Chunk(c, disc) => {
+                    if !self.sent_info {
+                        self.sent_info = true;
+                        let p = self.b.params();
+                        let info = StreamInfo {
+                            broadcast_id: self.b.id().to_owned(),
+                            content_type: p.content_type,
+                            chunk_duration_ms: p.chunk_duration_ms,
+                            substreams: p.substreams,
+                            first_seq: c.seq,
+                            live_seq: self.b.newest_seq().unwrap_or(c.seq),
+                        };
+                        send(s, self.m, SentKind::WireControl, &Frame::StreamInfo(info)).await?;
+                        self.last_tx = Instant::now();
+                    }
+                    let disc = disc || self.carry_disc;
+                    if !wire::mask_wants(self.mask, c.seq, self.b.substreams()) {
+                        self.carry_disc = disc;
+                        continue;
+                    }
+                    self.carry_disc = false;
+                    let mut flags = c.flags;
+                    if disc {
+                        flags |= wire::chunk_flags::DISCONTINUITY;
+                    }
+                    write_chunk(s, self.m, &c, flags, SentKind::WirePush).await?;
+                    self.m.chunk_sent(ChunkKind::WirePush);
+                    self.last_tx = Instant::now();
+                }
+                Next::Wait => return Ok(None),
+                Next::Stopped => {
+                    let msg = "broadcast stopped";
+                    send_reason(s, self.m, false, ErrorCode::BroadcastStopped, msg).await;
+                    return Ok(Some(CloseReason::BroadcastStopped));
+                }
+                Next::TooSlow => {
+                    send_reason(s, self.m, false, ErrorCode::TooSlow, "viewer too slow").await;
+                    return Ok(Some(CloseReason::TooSlow));
+                }
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, s: &mut TcpStream, f: Frame) -> Result<After, ConnError> {
+        match f {
+            Frame::Ping(n) => {
+                send(s, self.m, SentKind::WireControl, &Frame::Pong(n)).await?;
+                self.last_tx = Instant::now();
+            }
+            Frame::Pong(_) | Frame::BufferMap(_) | Frame::NotFound(_) => {}
+            Frame::Request(seq) => {
+                match self.b.chunk(seq) {
+                    Some(c) => {
+                        self.m.request_served();
+                        self.m.chunk_sent(ChunkKind::WireRequest);
+                        write_chunk(s, self.m, &c, c.flags, SentKind::WireRequest).await?;
+                    }
+                    None => {
+                        self.m.request_not_found();
+                        send(s, self.m, SentKind::WireRequest, &Frame::NotFound(seq)).await?;
+                    }
+                }
+                self.last_tx = Instant::now();
+                glommio::yield_if_needed().await;
+            }
+            Frame::Subscribe(sub) => {
+                if sub.broadcast_id != self.b.id() {
+                    let msg = "a later SUBSCRIBE may not change the broadcast";
+                    send_reason(s, self.m, true, ErrorCode::UnexpectedFrame, msg).await;
+                    return Ok(After::End(CloseReason::UnexpectedFrame));
+                }
+                // Only the mask changes; the cursor (and `start`) stay as they are.
+                self.mask = sub.substream_mask;
+                self.m.mask_updated();
+            }
+            Frame::Goodbye(_) => return Ok(After::End(CloseReason::Normal)),
+            Frame::Error(r) => {
+                debug!(code = ?r.code, message = %r.message, "client sent ERROR");
+                return Ok(After::End(CloseReason::ClientError));
+            }
+            other @ (Frame::Hello(_)
+            | Frame::HelloAck(_)
+            | Frame::StreamInfo(_)
+            | Frame::Chunk(_)) => {
+                let msg = unexpected(&other, "PING, PONG, SUBSCRIBE, REQUEST or BUFFER_MAP");
+                send_reason(s, self.m, true, ErrorCode::UnexpectedFrame, &msg).await;
+                return Ok(After::End(CloseReason::UnexpectedFrame));
+            }
+        }
+        Ok(After::Continue)
+    }
+}
+
+/// Writes a CHUNK frame: the 28-byte prefix, then the shared payload (no copy).
+async fn write_chunk(
+    s: &mut TcpStream,
+    m: &Metrics,
+    c: &Chunk,
+    flags: u8,
+    kind: SentKind,
+) -> Result<(), ConnError> {
+    let prefix = wire::chunk_prefix(c.seq, flags, c.timestamp_ms, c.duration_ms, c.payload.len())?;
+    s.write_all(&prefix).await?;
+    s.write_all(&c.payload).await?;
+    m.sent(kind, prefix.len() + c.payload.len());
+    Ok(())
 }
 
 /// Longest HTTP request head accepted.
 const MAX_HTTP_HEAD: usize = 8 * 1024;
 
-async fn http_reply(s: &mut TcpStream, status: &str, body: &str) {
+async fn http_reply(s: &mut TcpStream, m: &Metrics, status: &str, ctype: &str, body: &str) {
     let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-cache\r\n\r\n{body}",
         body.len()
     );
-    let _ = with_timeout(Duration::from_secs(2), async {
+    let r = with_timeout(Duration::from_secs(2), async {
         s.write_all(resp.as_bytes()).await?;
         Ok(())
     })
     .await;
+    if r.is_ok() {
+        m.sent(SentKind::Http, resp.len());
+    }
 }
+
+const TEXT: &str = "text/plain";
 
 /// Serves one plain HTTP connection (one request, then close).
 pub(crate) async fn http_conn(mut s: TcpStream, ctx: Arc<ServeCtx>) {
+    let m = Arc::clone(ctx.registry.metrics());
+    m.accepted(Listener::Http);
     let _ = s.set_write_timeout(Some(ctx.timeouts.write_stall));
     let peer = s.peer_addr().ok();
-    match http_session(&mut s, &ctx).await {
-        Ok(()) | Err(ConnError::Closed) => {}
-        Err(ConnError::Timeout) => http_reply(&mut s, "408 Request Timeout", "timeout\n").await,
-        Err(e) => debug!(peer = ?peer, error = %e, "http connection ended"),
-    }
+    let reason = match http_session(&mut s, &ctx, &m).await {
+        Ok(r) => r,
+        Err(ConnError::Closed) => CloseReason::PeerClosed,
+        Err(ConnError::Timeout) => {
+            http_reply(&mut s, &m, "408 Request Timeout", TEXT, "timeout\n").await;
+            CloseReason::HandshakeTimeout
+        }
+        Err(ConnError::Io(e)) => {
+            debug!(peer = ?peer, error = %e, "http connection ended");
+            io_reason(&e)
+        }
+        Err(e) => {
+            debug!(peer = ?peer, error = %e, "http connection ended");
+            CloseReason::ProtocolError
+        }
+    };
+    m.closed(Listener::Http, reason);
     let _ = s.close().await;
 }
 
 enum Head {
     Healthz,
+    Metrics,
     Live(String),
     Bad(&'static str, &'static str),
 }
@@ -346,6 +552,9 @@ fn parse_head(buf: &[u8]) -> Option<Head> {
             if path == "/healthz" {
                 return Some(Head::Healthz);
             }
+            if path == "/metrics" {
+                return Some(Head::Metrics);
+            }
             match path.strip_prefix("/live/") {
                 Some(id) if !id.is_empty() && !id.contains('/') => Some(Head::Live(id.to_owned())),
                 _ => Some(Head::Bad("404 Not Found", "not found\n")),
@@ -354,7 +563,11 @@ fn parse_head(buf: &[u8]) -> Option<Head> {
     }
 }
 
-async fn http_session(s: &mut TcpStream, ctx: &ServeCtx) -> Result<(), ConnError> {
+async fn http_session(
+    s: &mut TcpStream,
+    ctx: &ServeCtx,
+    m: &Metrics,
+) -> Result<CloseReason, ConnError> {
     let head = with_timeout(ctx.timeouts.handshake, async {
         let mut buf = Vec::with_capacity(512);
         loop {
@@ -378,22 +591,34 @@ async fn http_session(s: &mut TcpStream, ctx: &ServeCtx) -> Result<(), ConnError
     .await?;
     let id = match head {
         Head::Healthz => {
-            http_reply(s, "200 OK", "ok").await;
-            return Ok(());
+            http_reply(s, m, "200 OK", TEXT, "ok").await;
+            return Ok(CloseReason::Normal);
+        }
+        Head::Metrics => {
+            let body = metrics::render(&ctx.registry);
+            http_reply(s, m, "200 OK", metrics::CONTENT_TYPE, &body).await;
+            return Ok(CloseReason::Normal);
         }
         Head::Bad(status, body) => {
-            http_reply(s, status, body).await;
-            return Ok(());
+            http_reply(s, m, status, TEXT, body).await;
+            return Ok(CloseReason::ProtocolError);
         }
         Head::Live(id) => id,
     };
     let Some(b) = ctx.registry.get(&id) else {
-        http_reply(s, "404 Not Found", "unknown broadcast\n").await;
-        return Ok(());
+        http_reply(s, m, "404 Not Found", TEXT, "unknown broadcast\n").await;
+        return Ok(CloseReason::UnknownBroadcast);
     };
     if ctx.registry.total_viewers() >= ctx.capacity_viewers {
-        http_reply(s, "503 Service Unavailable", "node at viewer capacity\n").await;
-        return Ok(());
+        http_reply(
+            s,
+            m,
+            "503 Service Unavailable",
+            TEXT,
+            "node at viewer capacity\n",
+        )
+        .await;
+        return Ok(CloseReason::ServerBusy);
     }
     let _guard = b.viewer_guard();
     let mut cursor = Cursor::live(ctx.timeouts.max_skips);
@@ -404,7 +629,7 @@ async fn http_session(s: &mut TcpStream, ctx: &ServeCtx) -> Result<(), ConnError
         loop {
             match cursor.next(&b) {
                 Next::Chunk(c, disc) => {
-                    if !sent_head {
+                    let body = if !sent_head {
                         sent_head = true;
                         let mut ct = b.params().content_type;
                         if ct.is_empty() || ct.contains(['\r', '\n']) {
@@ -415,27 +640,35 @@ async fn http_session(s: &mut TcpStream, ctx: &ServeCtx) -> Result<(), ConnError
                             c.seq
                         );
                         s.write_all(head.as_bytes()).await?;
-                        s.write_all(&c.payload).await?;
+                        m.sent(SentKind::Http, head.len());
+                        &c.payload[..]
                     } else if disc {
-                        s.write_all(&c.payload).await?;
+                        &c.payload[..]
                     } else {
                         // Stream headers the chunker inserted are only needed at the
                         // start: later chunks go out as the source sent them.
-                        s.write_all(&c.payload[c.inserted_len.min(c.payload.len())..])
-                            .await?;
-                    }
+                        &c.payload[c.inserted_len.min(c.payload.len())..]
+                    };
+                    s.write_all(body).await?;
+                    m.sent(SentKind::Http, body.len());
+                    m.chunk_sent(ChunkKind::Http);
                 }
                 Next::Wait => break,
                 Next::Stopped | Next::TooSlow => {
                     if !sent_head {
-                        http_reply(s, "410 Gone", "broadcast stopped\n").await;
+                        http_reply(s, m, "410 Gone", TEXT, "broadcast stopped\n").await;
+                        return Ok(CloseReason::BroadcastStopped);
                     }
-                    return Ok(());
+                    return Ok(if b.is_stopped() {
+                        CloseReason::BroadcastStopped
+                    } else {
+                        CloseReason::TooSlow
+                    });
                 }
             }
         }
         if rx.changed().await.is_err() {
-            return Ok(());
+            return Ok(CloseReason::BroadcastStopped);
         }
     }
 }

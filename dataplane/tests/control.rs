@@ -185,6 +185,7 @@ fn control_plane_link() -> Result<()> {
                     && i.health == starling_proto::v1::SourceHealth::Up as i32
                     && i.last_seq > 0
                     && i.content_type == "video/mp2t"
+                    && i.bitrate_kbps > 0
             })
         })
     })?;

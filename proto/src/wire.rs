@@ -39,7 +39,15 @@ pub mod frame_type {
     pub const PONG: u8 = 0x07;
     pub const ERROR: u8 = 0x08;
     pub const GOODBYE: u8 = 0x09;
+    pub const BUFFER_MAP: u8 = 0x0A;
+    pub const REQUEST: u8 = 0x0B;
+    pub const NOT_FOUND: u8 = 0x0C;
 }
+
+/// `substream_mask` value meaning "every substream" (the whole stream).
+pub const ALL_SUBSTREAMS: u64 = u64::MAX;
+/// Largest number of bits a `BUFFER_MAP` may carry.
+pub const MAX_BUFFER_MAP_BITS: u16 = 1024;
 
 /// Chunk flag bits (header `flags` byte of a `CHUNK` frame).
 pub mod chunk_flags {
@@ -165,11 +173,41 @@ pub enum StartAt {
     Seq(u64),
 }
 
-/// `SUBSCRIBE`: ask for a broadcast.
+/// `SUBSCRIBE`: ask for a broadcast, or for some of its substreams.
+///
+/// Substream `i` is the chunks with `seq % K == i` (K from `STREAM_INFO.substreams`).
+/// Bit `i` of `substream_mask` asks for substream `i` to be pushed; [`ALL_SUBSTREAMS`]
+/// asks for the whole stream and `0` for nothing (a link used only for `REQUEST`s and
+/// buffer maps). A later `SUBSCRIBE` on the same connection replaces the mask.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscribe {
     pub broadcast_id: String,
     pub start: StartAt,
+    pub substream_mask: u64,
+}
+
+impl Subscribe {
+    /// Whether chunk `seq` belongs to a subscribed substream, with `k` substreams.
+    pub fn wants(&self, seq: u64, k: u16) -> bool {
+        mask_wants(self.substream_mask, seq, k)
+    }
+}
+
+/// Whether chunk `seq` is in `mask`, with `k` substreams (`k == 0` is treated as 1).
+pub fn mask_wants(mask: u64, seq: u64, k: u16) -> bool {
+    let k = u64::from(k.clamp(1, 64));
+    mask & (1u64 << (seq % k)) != 0
+}
+
+/// `BUFFER_MAP`: which chunks the sender holds: bit `i` (most significant bit of the
+/// first byte first) says whether it holds `base + i`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BufferMapFrame {
+    pub base: u64,
+    /// Number of meaningful bits, at most [`MAX_BUFFER_MAP_BITS`].
+    pub len: u16,
+    /// `ceil(len / 8)` bytes; padding bits are zero.
+    pub bits: Bytes,
 }
 
 /// `STREAM_INFO`: sent by the server once per subscription, before the first chunk.
@@ -223,6 +261,31 @@ pub enum Frame {
     Pong(u64),
     Error(Reason),
     Goodbye(Reason),
+    BufferMap(BufferMapFrame),
+    /// Ask for one chunk by sequence; answered with `CHUNK` or `NOT_FOUND`.
+    Request(u64),
+    NotFound(u64),
+}
+
+impl Frame {
+    /// The frame's type code (see [`frame_type`]).
+    pub fn frame_type(&self) -> u8 {
+        use frame_type::*;
+        match self {
+            Frame::Hello(_) => HELLO,
+            Frame::HelloAck(_) => HELLO_ACK,
+            Frame::Subscribe(_) => SUBSCRIBE,
+            Frame::StreamInfo(_) => STREAM_INFO,
+            Frame::Chunk(_) => CHUNK,
+            Frame::Ping(_) => PING,
+            Frame::Pong(_) => PONG,
+            Frame::Error(_) => ERROR,
+            Frame::Goodbye(_) => GOODBYE,
+            Frame::BufferMap(_) => BUFFER_MAP,
+            Frame::Request(_) => REQUEST,
+            Frame::NotFound(_) => NOT_FOUND,
+        }
+    }
 }
 
 /// Everything that can be wrong with bytes on the wire.
@@ -309,9 +372,8 @@ impl Decoder {
         use frame_type::*;
         match ty {
             CHUNK => Ok(self.limits.max_chunk_payload.min(ABSOLUTE_MAX_CHUNK)),
-            HELLO | HELLO_ACK | SUBSCRIBE | STREAM_INFO | PING | PONG | ERROR | GOODBYE => {
-                Ok(self.limits.max_control_payload)
-            }
+            HELLO | HELLO_ACK | SUBSCRIBE | STREAM_INFO | PING | PONG | ERROR | GOODBYE
+            | BUFFER_MAP | REQUEST | NOT_FOUND => Ok(self.limits.max_control_payload),
             other => Err(WireError::UnknownFrameType(other)),
         }
     }
@@ -465,6 +527,7 @@ fn parse_payload(h: Header, payload: Bytes) -> Result<Frame, WireError> {
             }
             let mode = r.u8()?;
             let seq = r.u64()?;
+            let substream_mask = r.u64()?;
             let start = match mode {
                 0 => StartAt::Live,
                 1 => StartAt::Seq(seq),
@@ -473,6 +536,7 @@ fn parse_payload(h: Header, payload: Bytes) -> Result<Frame, WireError> {
             Frame::Subscribe(Subscribe {
                 broadcast_id,
                 start,
+                substream_mask,
             })
         }
         STREAM_INFO => Frame::StreamInfo(StreamInfo {
@@ -500,6 +564,26 @@ fn parse_payload(h: Header, payload: Bytes) -> Result<Frame, WireError> {
             })
         }
         PING => Frame::Ping(r.u64()?),
+        REQUEST => Frame::Request(r.u64()?),
+        NOT_FOUND => Frame::NotFound(r.u64()?),
+        BUFFER_MAP => {
+            let base = r.u64()?;
+            let len = r.u16()?;
+            if len > MAX_BUFFER_MAP_BITS {
+                return Err(r.err("buffer map too long"));
+            }
+            if base.checked_add(u64::from(len)).is_none() {
+                return Err(r.err("buffer map range overflows"));
+            }
+            let bits = r.bytes(usize::from(len).div_ceil(8))?;
+            if let Some(last) = bits.last() {
+                let used = len % 8;
+                if used != 0 && last & (0xFFu8 >> used) != 0 {
+                    return Err(r.err("buffer map padding bits set"));
+                }
+            }
+            Frame::BufferMap(BufferMapFrame { base, len, bits })
+        }
         PONG => Frame::Pong(r.u64()?),
         ERROR | GOODBYE => {
             let code = ErrorCode::from_u16(r.u16()?);
@@ -608,6 +692,7 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
                     body.put_u64(seq);
                 }
             }
+            body.put_u64(s.substream_mask);
             (SUBSCRIBE, 0)
         }
         Frame::StreamInfo(i) => {
@@ -639,6 +724,30 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
         Frame::Pong(n) => {
             body.put_u64(*n);
             (PONG, 0)
+        }
+        Frame::Request(n) => {
+            body.put_u64(*n);
+            (REQUEST, 0)
+        }
+        Frame::NotFound(n) => {
+            body.put_u64(*n);
+            (NOT_FOUND, 0)
+        }
+        Frame::BufferMap(m) => {
+            if m.len > MAX_BUFFER_MAP_BITS || m.bits.len() != usize::from(m.len).div_ceil(8) {
+                return Err(WireError::Encode("buffer map length mismatch"));
+            }
+            let used = m.len % 8;
+            if used != 0 && m.bits.last().is_some_and(|b| b & (0xFFu8 >> used) != 0) {
+                return Err(WireError::Encode("buffer map padding bits set"));
+            }
+            if m.base.checked_add(u64::from(m.len)).is_none() {
+                return Err(WireError::Encode("buffer map range overflows"));
+            }
+            body.put_u64(m.base);
+            body.put_u16(m.len);
+            body.put_slice(&m.bits);
+            (BUFFER_MAP, 0)
         }
         Frame::Error(r) | Frame::Goodbye(r) => {
             body.put_u16(r.code.to_u16());
@@ -709,10 +818,19 @@ mod tests {
         roundtrip(Frame::Subscribe(Subscribe {
             broadcast_id: "b-1".into(),
             start: StartAt::Live,
+            substream_mask: ALL_SUBSTREAMS,
         }));
         roundtrip(Frame::Subscribe(Subscribe {
             broadcast_id: "b-1".into(),
             start: StartAt::Seq(u64::MAX),
+            substream_mask: 0b1010,
+        }));
+        roundtrip(Frame::Request(17));
+        roundtrip(Frame::NotFound(18));
+        roundtrip(Frame::BufferMap(BufferMapFrame {
+            base: 100,
+            len: 12,
+            bits: Bytes::from_static(&[0xFF, 0xF0]),
         }));
         roundtrip(Frame::StreamInfo(StreamInfo {
             broadcast_id: "x".into(),
@@ -827,6 +945,46 @@ mod tests {
     }
 
     #[test]
+    fn buffer_map_validation() {
+        let mut dec = Decoder::default();
+        // Padding bit set: len 4 uses the top 4 bits only.
+        let mut b = BytesMut::new();
+        b.put_slice(&[frame_type::BUFFER_MAP, 0, 0, 0, 0, 0, 0, 11]);
+        b.put_u64(0);
+        b.put_u16(4);
+        b.put_u8(0x0F);
+        assert!(matches!(
+            dec.decode(&mut b),
+            Err(WireError::Malformed { .. })
+        ));
+        // Too long.
+        let mut b = BytesMut::new();
+        b.put_slice(&[frame_type::BUFFER_MAP, 0, 0, 0, 0, 0, 0, 10]);
+        b.put_u64(0);
+        b.put_u16(MAX_BUFFER_MAP_BITS + 1);
+        assert!(matches!(
+            dec.decode(&mut b),
+            Err(WireError::Malformed { .. })
+        ));
+        // Encoder refuses inconsistent maps.
+        let bad = Frame::BufferMap(BufferMapFrame {
+            base: 0,
+            len: 9,
+            bits: Bytes::from_static(&[0xFF]),
+        });
+        assert!(encode_to_bytes(&bad).is_err());
+    }
+
+    #[test]
+    fn substream_masks() {
+        assert!(mask_wants(ALL_SUBSTREAMS, 12345, 4));
+        assert!(!mask_wants(0, 0, 4));
+        assert!(mask_wants(0b0100, 6, 4));
+        assert!(!mask_wants(0b0100, 7, 4));
+        assert!(mask_wants(1, 99, 0));
+    }
+
+    #[test]
     fn version_negotiation() {
         assert_eq!(negotiate(1, 1), Some(1));
         assert_eq!(negotiate(1, 9), Some(PROTOCOL_VERSION));
@@ -863,7 +1021,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_body_after_valid_header(ty in 1u8..=9, flags in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn arbitrary_body_after_valid_header(ty in 1u8..=12, flags in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut buf = BytesMut::new();
             buf.put_u8(ty);
             buf.put_u8(flags);
@@ -881,8 +1039,8 @@ mod tests {
         }
 
         #[test]
-        fn subscribe_roundtrip(id in "[a-zA-Z0-9_-]{1,128}", seq in proptest::option::of(any::<u64>())) {
-            let f = Frame::Subscribe(Subscribe { broadcast_id: id, start: seq.map_or(StartAt::Live, StartAt::Seq) });
+        fn subscribe_roundtrip(id in "[a-zA-Z0-9_-]{1,128}", seq in proptest::option::of(any::<u64>()), mask in any::<u64>()) {
+            let f = Frame::Subscribe(Subscribe { broadcast_id: id, start: seq.map_or(StartAt::Live, StartAt::Seq), substream_mask: mask });
             let mut buf = BytesMut::from(&encode_to_bytes(&f).unwrap()[..]);
             prop_assert_eq!(Decoder::default().decode(&mut buf).unwrap(), Some(f));
         }

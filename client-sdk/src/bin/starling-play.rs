@@ -56,6 +56,29 @@ struct Args {
     #[arg(long, env = "STARLING_DURATION", value_parser = parse_duration)]
     duration: Option<Duration>,
 
+    /// Upload budget for relaying to other viewers, kbit/s (0 = don't relay). Default:
+    /// the SDK's estimate (a fixed conservative figure; see RelayConfig).
+    #[arg(long, env = "STARLING_UPLOAD_KBPS", value_name = "KBPS")]
+    upload_kbps: Option<u32>,
+
+    /// Where to accept peer connections (relaying).
+    #[arg(
+        long,
+        env = "STARLING_PEER_LISTEN",
+        default_value = "0.0.0.0:0",
+        value_name = "ADDR"
+    )]
+    peer_listen: SocketAddr,
+
+    /// Host other peers should connect to (default: the local IP towards the control
+    /// plane).
+    #[arg(long, env = "STARLING_ADVERTISE_HOST", value_name = "HOST")]
+    advertise_host: Option<String>,
+
+    /// Play-out lag behind live in the peer grid (e.g. 2s, 1500ms).
+    #[arg(long, env = "STARLING_TARGET_LAG", value_parser = parse_duration)]
+    target_lag: Option<Duration>,
+
     /// Log filter (tracing env-filter syntax, e.g. "info" or "starling_sdk=debug").
     #[arg(long, env = "STARLING_LOG", default_value = "warn")]
     log: String,
@@ -130,6 +153,12 @@ async fn main() -> anyhow::Result<()> {
     cfg.control_url = args.control_url.clone();
     cfg.credential = args.credential.clone();
     cfg.http_listen = Some(args.http_listen);
+    cfg.relay.listen = args.peer_listen;
+    cfg.relay.advertise_host = args.advertise_host.clone();
+    cfg.relay.max_upload_kbps = args.upload_kbps;
+    if let Some(lag) = args.target_lag {
+        cfg.target_lag = lag;
+    }
 
     let mut sink = match &args.output {
         None => None,
@@ -148,6 +177,9 @@ async fn main() -> anyhow::Result<()> {
             "starling-play: playing broadcast {} at {url}",
             viewer.broadcast_id()
         );
+    }
+    if let Some(addr) = viewer.peer_addr() {
+        eprintln!("starling-play: relaying to other viewers from {addr}");
     }
 
     let deadline = async {

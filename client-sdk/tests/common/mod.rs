@@ -264,3 +264,4 @@ async fn serve_conn(mut s: TcpStream, script: Script, log: Arc<Mutex<Log>>, firs
         }
     }
 }
+pub mod live;

@@ -216,6 +216,15 @@ fn to_json(b: &Broadcast) -> serde_json::Value {
         "content_type": b.content_type,
         "created_at_unix_ms": b.created_at_unix_ms,
         "updated_at_unix_ms": b.updated_at_unix_ms,
+        "stream_kbps": b.stream_kbps,
+        "peers": b.peers,
+        "demand_slots": b.demand_slots,
+        "peer_supply_slots": b.peer_supply_slots,
+        "booster_slots": b.booster_slots,
+        "booster_kbps": b.booster_kbps,
+        "peer_share": b.peer_share,
+        "max_depth": b.max_depth,
+        "fluid_bound_kbps": b.fluid_bound_kbps,
     })
 }
 
@@ -243,6 +252,18 @@ fn print_details(b: &Broadcast) {
     println!("viewers_now:   {}", b.viewers_now);
     println!("last_seq:      {}", b.last_seq);
     println!("content_type:  {}", dash(&b.content_type));
+    println!("stream_kbps:   {}", b.stream_kbps);
+    println!(
+        "grid:          {} peers, demand {} slots, peer supply {} slots, booster {} slots ({} kbps, fluid bound {} kbps), max depth {}",
+        b.peers,
+        b.demand_slots,
+        b.peer_supply_slots,
+        b.booster_slots,
+        b.booster_kbps,
+        b.fluid_bound_kbps,
+        b.max_depth
+    );
+    println!("peer_share:    {:.1} %", b.peer_share * 100.0);
 }
 
 fn print_broadcast(b: &Broadcast, json: bool) {

@@ -162,9 +162,10 @@ impl GridStats {
 /// Tunables of a [`GridAssigner`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GridConfig {
-    /// Number of substreams `K` (1..=64). Default 4, the broadcast default: few parents
-    /// per viewer; larger `K` lowers the slot-rounding loss (on average `r/2K` per relaying
-    /// peer) at the cost of more connections.
+    /// Number of substreams `K` (1..=64). Default 4 (broadcasts default to
+    /// [`crate::validate::DEFAULT_SUBSTREAMS`], 8): few parents per viewer; larger `K`
+    /// lowers the slot-rounding loss (on average `r/2K` per relaying peer) at the cost of
+    /// more connections.
     pub substreams: u16,
     /// Stream rate `r` in kbps (> 0).
     pub stream_kbps: u32,

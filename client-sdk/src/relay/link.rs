@@ -1,0 +1,394 @@
+//! Peer-grid connections: one reader and one writer task per link, talking to the
+//! engine over bounded channels; outgoing dials; the peer listener.
+//!
+//! A link's writer owns a bounded queue. The engine only ever `try_send`s into it, so a
+//! slow receiver never blocks the engine or other links: when its queue is full, the
+//! engine closes it (`GOODBYE(TOO_SLOW)` for a child). Chunks are queued as the shared
+//! [`Chunk`] (reference-counted payload) and written as the 28-byte prefix plus the
+//! payload, without copying it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use starling_proto::wire::{
+    self, Chunk, ErrorCode, Frame, HelloAck, Limits, Reason, Role, StartAt, StreamInfo, Subscribe,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::AbortHandle;
+
+use super::Ev;
+use crate::conn::{self, FrameReader, OpenParams, WireConn};
+use crate::error::SdkError;
+
+/// Engine-local identity of one connection (never reused).
+pub(crate) type LinkId = u64;
+
+/// Frames queued per link. A child whose queue is full is closed as too slow.
+pub(crate) const LINK_QUEUE: usize = 96;
+/// Keep-alive: every link sends a `PING` this often (the other side's idle timeout
+/// then only fires on a dead connection).
+const PING_EVERY: Duration = Duration::from_secs(3);
+/// Handshake limit for accepted connections (as the data plane's).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most accepted peer connections alive at once (children, neighbours, handshakes).
+const MAX_INCOMING: usize = 256;
+
+/// Something to write on a link.
+#[derive(Debug)]
+pub(crate) enum Out {
+    /// An encoded control frame.
+    Frame(Bytes),
+    /// A chunk: prefix, then the shared payload.
+    Chunk(Chunk),
+}
+
+/// The engine's handle on a link's writer.
+#[derive(Debug)]
+pub(crate) struct LinkHandle {
+    tx: mpsc::Sender<Out>,
+    kill: Option<oneshot::Sender<Frame>>,
+}
+
+/// Why an item could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueueError {
+    Full,
+    Closed,
+}
+
+impl LinkHandle {
+    pub(crate) fn send(&self, out: Out) -> Result<(), QueueError> {
+        self.tx.try_send(out).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => QueueError::Full,
+            mpsc::error::TrySendError::Closed(_) => QueueError::Closed,
+        })
+    }
+
+    pub(crate) fn send_frame(&self, f: &Frame) -> Result<(), QueueError> {
+        match wire::encode_to_bytes(f) {
+            Ok(b) => self.send(Out::Frame(b)),
+            Err(e) => {
+                tracing::warn!("cannot encode a frame: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes the link after writing `last` (an `ERROR` or `GOODBYE`); queued frames
+    /// not yet written are dropped.
+    pub(crate) fn close(mut self, last: Frame) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(last);
+        }
+    }
+}
+
+pub(crate) fn reason(code: ErrorCode, message: &str) -> Reason {
+    Reason {
+        code,
+        message: message.to_string(),
+    }
+}
+
+/// Starts the reader and writer tasks of an established connection.
+pub(crate) fn spawn_link(
+    link: LinkId,
+    conn: WireConn,
+    events: mpsc::Sender<Ev>,
+    idle: Duration,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> LinkHandle {
+    let (reader, writer) = conn.into_split();
+    let (tx, rx) = mpsc::channel(LINK_QUEUE);
+    let (kill_tx, kill_rx) = oneshot::channel();
+    let r = tokio::spawn(read_loop(
+        link,
+        reader,
+        events.clone(),
+        tx.clone(),
+        idle,
+        permit,
+    ));
+    tokio::spawn(write_loop(
+        link,
+        writer,
+        rx,
+        kill_rx,
+        r.abort_handle(),
+        events,
+    ));
+    LinkHandle {
+        tx,
+        kill: Some(kill_tx),
+    }
+}
+
+async fn read_loop(
+    link: LinkId,
+    mut r: FrameReader,
+    events: mpsc::Sender<Ev>,
+    tx: mpsc::Sender<Out>,
+    idle: Duration,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let reason = loop {
+        match tokio::time::timeout(idle, r.next_frame()).await {
+            Err(_) => break SdkError::Timeout("waiting for a frame on a grid link"),
+            Ok(Err(e)) => break e,
+            Ok(Ok(Frame::Ping(n))) => {
+                if let Ok(b) = wire::encode_to_bytes(&Frame::Pong(n)) {
+                    let _ = tx.try_send(Out::Frame(b));
+                }
+            }
+            Ok(Ok(Frame::Pong(_))) => {}
+            Ok(Ok(frame)) => {
+                if events.send(Ev::Frame { link, frame }).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = events.send(Ev::LinkDown { link, reason }).await;
+}
+
+async fn write_out(w: &mut OwnedWriteHalf, out: &Out) -> std::io::Result<()> {
+    match out {
+        Out::Frame(b) => w.write_all(b).await,
+        Out::Chunk(c) => {
+            let prefix = wire::chunk_prefix(
+                c.seq,
+                c.flags,
+                c.timestamp_ms,
+                c.duration_ms,
+                c.payload.len(),
+            )
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            w.write_all(&prefix).await?;
+            w.write_all(&c.payload).await
+        }
+    }
+}
+
+async fn write_loop(
+    link: LinkId,
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Out>,
+    mut kill: oneshot::Receiver<Frame>,
+    reader: AbortHandle,
+    events: mpsc::Sender<Ev>,
+) {
+    let normal = || Frame::Goodbye(reason(ErrorCode::Normal, "closing"));
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut nonce = 0u64;
+    // `None`: the stream position is undefined (write failed or was cut): no goodbye.
+    let last: Option<Frame> = loop {
+        let out = tokio::select! {
+            biased;
+            k = &mut kill => break Some(k.unwrap_or_else(|_| normal())),
+            m = rx.recv() => match m {
+                Some(out) => out,
+                None => break Some(normal()),
+            },
+            _ = ping.tick() => {
+                nonce = nonce.wrapping_add(1);
+                match wire::encode_to_bytes(&Frame::Ping(nonce)) {
+                    Ok(b) => Out::Frame(b),
+                    Err(_) => continue,
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            k = &mut kill => {
+                // Cut in the middle of a frame: the peer will see a malformed stream
+                // or EOF, which is what a kill means anyway.
+                drop(k);
+                break None;
+            }
+            r = write_out(&mut w, &out) => if r.is_err() { break None; },
+        }
+    };
+    if let Some(f) = last
+        && let Ok(b) = wire::encode_to_bytes(&f)
+    {
+        let _ = tokio::time::timeout(Duration::from_millis(500), w.write_all(&b)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(500), w.shutdown()).await;
+    reader.abort();
+    let _ = events.try_send(Ev::LinkDown {
+        link,
+        reason: SdkError::Closed,
+    });
+}
+
+/// Everything needed to dial a link.
+#[derive(Debug, Clone)]
+pub(crate) struct Dial {
+    pub addr: String,
+    pub token: Bytes,
+    pub broadcast_id: String,
+    pub start: StartAt,
+    pub limits: Limits,
+    pub timeout: Duration,
+    pub idle: Duration,
+    pub role: Role,
+    pub mask: u64,
+}
+
+/// Connects, handshakes and reports `Connected` or `ConnectFailed`.
+pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>) {
+    let r = conn::open(OpenParams {
+        addr: &d.addr,
+        token: &d.token,
+        broadcast_id: &d.broadcast_id,
+        start: d.start,
+        limits: d.limits,
+        timeout: d.timeout,
+        role: d.role,
+        mask: d.mask,
+    })
+    .await;
+    let ev = match r {
+        Ok(c) if c.info.broadcast_id != d.broadcast_id => Ev::ConnectFailed {
+            link,
+            err: SdkError::Protocol(format!(
+                "{} serves broadcast {:?}, not {:?}",
+                d.addr, c.info.broadcast_id, d.broadcast_id
+            )),
+        },
+        Ok(c) => {
+            let info = c.info.clone();
+            let handle = spawn_link(link, c, events.clone(), d.idle, None);
+            Ev::Connected { link, handle, info }
+        }
+        Err(err) => Ev::ConnectFailed { link, err },
+    };
+    let _ = events.send(ev).await;
+}
+
+/// Shared by the listener's handshake tasks.
+#[derive(Clone)]
+pub(crate) struct AcceptCtx {
+    pub shared: Arc<crate::viewer::Shared>,
+    pub limits: Limits,
+    pub idle: Duration,
+    pub events: mpsc::Sender<Ev>,
+    pub ids: Arc<AtomicU64>,
+}
+
+/// Accepts peer connections until the task is aborted.
+pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
+    let slots = Arc::new(Semaphore::new(MAX_INCOMING));
+    let mut stop = ctx.shared.stop_signal();
+    loop {
+        let r = tokio::select! {
+            _ = crate::viewer::stopped(&mut stop) => return,
+            r = listener.accept() => r,
+        };
+        let (stream, addr) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("peer listener accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%addr, "too many peer connections: refused");
+            drop(stream);
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let conn = WireConn::accepted(stream, ctx.limits, addr.to_string());
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(conn, &ctx)).await {
+                Ok(Ok((conn, sub))) => {
+                    let link = ctx.ids.fetch_add(1, Ordering::Relaxed);
+                    let handle = spawn_link(link, conn, ctx.events.clone(), ctx.idle, Some(permit));
+                    let _ = ctx
+                        .events
+                        .send(Ev::Incoming {
+                            link,
+                            sub,
+                            handle,
+                            addr: addr.to_string(),
+                        })
+                        .await;
+                }
+                Ok(Err(e)) => tracing::debug!(%addr, "peer handshake failed: {e}"),
+                Err(_) => tracing::debug!(%addr, "peer handshake timed out"),
+            }
+        });
+    }
+}
+
+/// `HELLO(peer)` → `HELLO_ACK`, then `SUBSCRIBE` for our broadcast. Refusals are sent
+/// as `ERROR` before failing.
+async fn handshake(mut conn: WireConn, ctx: &AcceptCtx) -> Result<(WireConn, Subscribe), SdkError> {
+    async fn refuse(conn: &mut WireConn, code: ErrorCode, msg: &str) -> SdkError {
+        let _ = conn.send(&Frame::Error(reason(code, msg))).await;
+        SdkError::Protocol(msg.to_string())
+    }
+    let hello = match conn.next_frame().await? {
+        Frame::Hello(h) => h,
+        _ => return Err(refuse(&mut conn, ErrorCode::UnexpectedFrame, "expected HELLO").await),
+    };
+    if hello.role != Role::Peer {
+        return Err(refuse(&mut conn, ErrorCode::UnexpectedFrame, "peer links only").await);
+    }
+    let Some(version) = wire::negotiate(hello.min_version, hello.max_version) else {
+        return Err(refuse(
+            &mut conn,
+            ErrorCode::UnsupportedVersion,
+            "no common version",
+        )
+        .await);
+    };
+    conn.send(&Frame::HelloAck(HelloAck { version })).await?;
+    let sub = loop {
+        match conn.next_frame().await? {
+            Frame::Subscribe(s) => break s,
+            Frame::Ping(n) => conn.send(&Frame::Pong(n)).await?,
+            Frame::Pong(_) => {}
+            _ => {
+                return Err(
+                    refuse(&mut conn, ErrorCode::UnexpectedFrame, "expected SUBSCRIBE").await,
+                );
+            }
+        }
+    };
+    if sub.broadcast_id != ctx.shared.broadcast_id {
+        return Err(refuse(
+            &mut conn,
+            ErrorCode::UnknownBroadcast,
+            "not relaying that broadcast",
+        )
+        .await);
+    }
+    Ok((conn, sub))
+}
+
+/// `STREAM_INFO` for an accepted link.
+pub(crate) fn stream_info(
+    broadcast_id: &str,
+    content_type: &str,
+    chunk_duration_ms: u32,
+    substreams: u16,
+    first_seq: u64,
+    live_seq: u64,
+) -> Frame {
+    Frame::StreamInfo(StreamInfo {
+        broadcast_id: broadcast_id.to_string(),
+        content_type: content_type.chars().take(255).collect(),
+        chunk_duration_ms,
+        substreams,
+        first_seq,
+        live_seq,
+    })
+}

@@ -1,0 +1,1389 @@
+//! The peer-grid networking around the sans-IO [`PeerScheduler`].
+//!
+//! One engine task owns the scheduler, a chunk store keyed by sequence number (the
+//! scheduler's bounded window) and the table of links. Every connection has a reader
+//! and a writer task ([`link`]) that talk to the engine over bounded channels. The
+//! engine turns frames, link events, control-plane answers and a periodic tick into
+//! scheduler events, and executes the scheduler's [`Action`]s: pushes and answers go
+//! into the per-link queues, play-out goes to the [`crate::hub::Hub`].
+//!
+//! Links:
+//! * the **data plane**, always open (reconnected with backoff), subscribed with the
+//!   mask of the substreams it feeds (0 = none, then only used for `REQUEST`s);
+//! * one **outgoing peer link** per distinct parent or neighbour peer, subscribed with
+//!   the mask of the substreams that peer feeds us (0 for a pure neighbour);
+//! * **incoming links** from the peer listener: children (mask ≠ 0, admitted up to
+//!   the `child_slots` substream subscriptions in total, `ERROR(SERVER_BUSY)` beyond)
+//!   and neighbours (mask 0: buffer maps both ways, `REQUEST`/`NOT_FOUND`).
+//!
+//! Misbehaviour (malformed frames, chunks nobody asked for, a wrong broadcast) costs the
+//! offending link only.
+
+pub(crate) mod link;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use starling_proto::wire::{
+    self, BufferMapFrame, Chunk, ErrorCode, Frame, Limits, Role, StartAt, StreamInfo, Subscribe,
+    chunk_flags,
+};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::control::{Assignment, Control, JoinInfo, Offer, Parent, Peer};
+use crate::error::{SdkError, is_fatal_code};
+use crate::grid::{Action, BufferMap, PeerScheduler, SchedulerConfig, Source, Upstream};
+use crate::viewer::{Session, Shared, stopped};
+use link::{AcceptCtx, Dial, LinkHandle, LinkId, Out, QueueError, reason};
+
+/// Capacity of the engine's event channel (readers wait when it is full).
+const EVENTS: usize = 1024;
+
+/// Events for the engine.
+pub(crate) enum Ev {
+    /// A frame read on a link (`PING`/`PONG` are handled by the reader).
+    Frame { link: LinkId, frame: Frame },
+    /// A link's reader or writer ended.
+    LinkDown { link: LinkId, reason: SdkError },
+    /// An outgoing dial completed its handshake.
+    Connected {
+        link: LinkId,
+        handle: LinkHandle,
+        info: StreamInfo,
+    },
+    /// An outgoing dial failed.
+    ConnectFailed { link: LinkId, err: SdkError },
+    /// The listener accepted a peer that subscribed.
+    Incoming {
+        link: LinkId,
+        sub: Subscribe,
+        handle: LinkHandle,
+        addr: String,
+    },
+    /// The control plane's current assignment (from a heartbeat).
+    Assignment(Assignment),
+    /// Answer to a `Reparent` call.
+    Reparented {
+        substream: u16,
+        excluded: Vec<u64>,
+        result: Result<Parent, SdkError>,
+    },
+    /// Answer to a re-`Join`.
+    Rejoined(Result<JoinInfo, SdkError>),
+}
+
+/// Who feeds a substream now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Feed {
+    Server,
+    Peer(Peer),
+    /// The parent is gone; a `Reparent` call is under way (mesh repair covers).
+    Pending,
+}
+
+impl Feed {
+    fn from_parent(p: Parent, me: u64) -> Feed {
+        match p {
+            Some(p) if p.id != me => Feed::Peer(p),
+            _ => Feed::Server,
+        }
+    }
+    fn upstream(&self) -> Option<Upstream> {
+        match self {
+            Feed::Server => Some(Upstream::Server),
+            Feed::Peer(p) => Some(Upstream::Peer(p.id)),
+            Feed::Pending => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    DataPlane,
+    /// Dialled by us to a parent and/or neighbour peer.
+    Out(Peer),
+    /// Accepted by the listener.
+    In,
+}
+
+struct Link {
+    kind: Kind,
+    /// `None` while dialling.
+    handle: Option<LinkHandle>,
+    /// Outgoing: the mask we want pushed. Incoming: what the remote subscribed to.
+    mask: u64,
+    /// Outgoing: the mask of the last `SUBSCRIBE` sent.
+    sent_mask: u64,
+    /// Wanted as a mesh neighbour (outgoing) / registered with the scheduler.
+    want_neighbour: bool,
+    neighbour: bool,
+    /// Chunks requested on this link and not answered yet (others are unsolicited).
+    requested: BTreeSet<u64>,
+}
+
+impl Link {
+    fn new(kind: Kind, mask: u64) -> Link {
+        Link {
+            kind,
+            handle: None,
+            mask,
+            sent_mask: mask,
+            want_neighbour: false,
+            neighbour: false,
+            requested: BTreeSet::new(),
+        }
+    }
+}
+
+/// The play-out clock handed to the scheduler. The scheduler assumes one chunk per
+/// nominal chunk duration; a data plane that cuts at key frames produces chunks of a
+/// different mean duration. This clock runs at `nominal / measured` (measured from the
+/// chunks' cut timestamps over the last few dozen chunks), so the scheduler's
+/// timeline stays aligned with the stream. All its durations (lag, timeouts) are then
+/// in stream time.
+struct PlayClock {
+    last: Instant,
+    virt: Duration,
+    rate: f64,
+    nominal_ms: f64,
+    stamps: BTreeMap<u64, u64>,
+}
+
+impl PlayClock {
+    fn new(nominal: Duration) -> PlayClock {
+        PlayClock {
+            last: Instant::now(),
+            virt: Duration::ZERO,
+            rate: 1.0,
+            nominal_ms: nominal.as_secs_f64() * 1000.0,
+            stamps: BTreeMap::new(),
+        }
+    }
+
+    fn now(&mut self) -> Duration {
+        let t = Instant::now();
+        self.virt += t.saturating_duration_since(self.last).mul_f64(self.rate);
+        self.last = t;
+        self.virt
+    }
+
+    /// Chunk `seq` was cut at `timestamp_ms` (data-plane clock; 0 = unknown).
+    fn observe(&mut self, seq: u64, timestamp_ms: u64) {
+        if timestamp_ms == 0 {
+            return;
+        }
+        self.stamps.insert(seq, timestamp_ms);
+        while self.stamps.len() > 64 {
+            self.stamps.pop_first();
+        }
+        let (Some((&s0, &t0)), Some((&s1, &t1))) =
+            (self.stamps.first_key_value(), self.stamps.last_key_value())
+        else {
+            return;
+        };
+        if s1.saturating_sub(s0) < 16 || t1 <= t0 {
+            return;
+        }
+        let measured = (t1 - t0) as f64 / (s1 - s0) as f64;
+        let rate = (self.nominal_ms / measured).clamp(0.25, 4.0);
+        // Bring the clock up to date at the old rate before changing it; ignore noise.
+        if (rate - self.rate).abs() > 0.02 {
+            self.now();
+            self.rate = if (rate - 1.0).abs() <= 0.02 {
+                1.0
+            } else {
+                rate
+            };
+        }
+    }
+}
+
+/// The scheduler's tunables for a stream and a target lag: the defaults are tuned for a
+/// 2 s lag; the lag-relative ones are scaled with it.
+pub(crate) fn scheduler_config(k: u16, chunk: Duration, lag: Duration) -> SchedulerConfig {
+    let def = SchedulerConfig::default();
+    let f = lag.as_secs_f64() / def.target_lag.as_secs_f64();
+    let scale = |d: Duration| d.mul_f64(f);
+    let chunk_ms = chunk.as_millis().max(1);
+    // The held window covers the lag twice over plus slack (for neighbours' repairs).
+    let window = (2 * lag.as_millis() / chunk_ms + 16).clamp(64, 1024) as u16;
+    SchedulerConfig {
+        substreams: k.clamp(1, 64),
+        chunk_duration: chunk,
+        target_lag: lag,
+        repair_lead: scale(def.repair_lead),
+        server_lead: scale(def.server_lead),
+        request_timeout: def.request_timeout.min(lag / 4),
+        late_threshold: scale(def.late_threshold),
+        silence_timeout: scale(def.silence_timeout),
+        window,
+        ..def
+    }
+}
+
+/// Everything the engine starts with.
+pub(crate) struct GridSetup {
+    pub shared: Arc<Shared>,
+    pub control: Control,
+    pub join: JoinInfo,
+    pub offer: Offer,
+    pub first: crate::conn::WireConn,
+    pub first_mask: u64,
+    pub listener: Option<TcpListener>,
+    pub k: u16,
+    pub chunk: Duration,
+    pub lag: Duration,
+    pub upload_kbps: u32,
+    pub limits: Limits,
+    pub idle: Duration,
+    pub connect_timeout: Duration,
+    pub reconnect_initial: Duration,
+    pub reconnect_max: Duration,
+    pub rejoin_after_failures: u32,
+}
+
+/// Starts the engine (and the peer listener). Returns the event sender (for the
+/// heartbeat loop) and the tasks.
+pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandle<()>>), SdkError> {
+    let cfg = scheduler_config(setup.k, setup.chunk, setup.lag);
+    let sched = PeerScheduler::new(cfg).map_err(|e| SdkError::Config(e.to_string()))?;
+    let (tx, rx) = mpsc::channel(EVENTS);
+    let ids = Arc::new(AtomicU64::new(1));
+    let mut tasks = Vec::new();
+    if let Some(l) = setup.listener {
+        tasks.push(tokio::spawn(link::listen(
+            l,
+            AcceptCtx {
+                shared: setup.shared.clone(),
+                limits: setup.limits,
+                idle: setup.idle,
+                events: tx.clone(),
+                ids: ids.clone(),
+            },
+        )));
+    }
+    let k = cfg.substreams;
+    let rate_bytes = f64::from(setup.upload_kbps) * 1000.0 / 8.0;
+    let content_type = setup
+        .join
+        .params
+        .as_ref()
+        .map(|p| p.content_type.clone())
+        .unwrap_or_default();
+    let mut engine = Engine {
+        shared: setup.shared,
+        control: setup.control,
+        session_id: setup.join.session_id.clone(),
+        me: setup.join.peer_id,
+        offer: setup.offer,
+        sched,
+        clock: PlayClock::new(setup.chunk),
+        store: BTreeMap::new(),
+        links: HashMap::new(),
+        peer_links: HashMap::new(),
+        dp: None,
+        dp_target: (setup.join.wire_addr.clone(), setup.join.token.clone()),
+        dp_retry_at: None,
+        dp_backoff: setup.reconnect_initial,
+        dp_failures: 0,
+        rejoining: false,
+        feeds: vec![Feed::Server; usize::from(k)],
+        reparenting: vec![false; usize::from(k)],
+        neighbours: Vec::new(),
+        child_slots: setup.join.child_slots,
+        used_slots: 0,
+        k,
+        chunk_ms: u32::try_from(setup.chunk.as_millis()).unwrap_or(u32::MAX),
+        content_type,
+        limits: setup.limits,
+        idle: setup.idle,
+        connect_timeout: setup.connect_timeout,
+        reconnect_initial: setup.reconnect_initial,
+        reconnect_max: setup.reconnect_max,
+        rejoin_after_failures: setup.rejoin_after_failures.max(1),
+        ids,
+        events: tx.clone(),
+        tokens: rate_bytes * 2.0,
+        rate_bytes,
+        last_refill: Instant::now(),
+        skipping: false,
+        failed: HashMap::new(),
+    };
+    let now = engine.clock.now();
+    for s in 0..k {
+        engine
+            .sched
+            .on_parent_changed(s, Some(Upstream::Server), now);
+    }
+    // The first data-plane connection is already up.
+    let dp = engine.new_id();
+    let mut l = Link::new(Kind::DataPlane, setup.first_mask);
+    let info = setup.first.info.clone();
+    l.handle = Some(link::spawn_link(
+        dp,
+        setup.first,
+        tx.clone(),
+        engine.idle,
+        None,
+    ));
+    engine.links.insert(dp, l);
+    engine.dp = Some(dp);
+    engine.on_dp_info(&info);
+    engine.apply_assignment(setup.join.assignment, true);
+    tasks.push(tokio::spawn(engine.run(rx)));
+    Ok((tx, tasks))
+}
+
+struct Engine {
+    shared: Arc<Shared>,
+    control: Control,
+    session_id: String,
+    me: u64,
+    offer: Offer,
+    sched: PeerScheduler,
+    clock: PlayClock,
+    store: BTreeMap<u64, Chunk>,
+    links: HashMap<LinkId, Link>,
+    /// Outgoing peer links by remote peer id.
+    peer_links: HashMap<u64, LinkId>,
+    dp: Option<LinkId>,
+    dp_target: (String, Bytes),
+    dp_retry_at: Option<tokio::time::Instant>,
+    dp_backoff: Duration,
+    dp_failures: u32,
+    rejoining: bool,
+    feeds: Vec<Feed>,
+    reparenting: Vec<bool>,
+    neighbours: Vec<Peer>,
+    child_slots: u32,
+    used_slots: u32,
+    k: u16,
+    chunk_ms: u32,
+    content_type: String,
+    limits: Limits,
+    idle: Duration,
+    connect_timeout: Duration,
+    reconnect_initial: Duration,
+    reconnect_max: Duration,
+    rejoin_after_failures: u32,
+    ids: Arc<AtomicU64>,
+    events: mpsc::Sender<Ev>,
+    /// Upload pacing (token bucket over 2 s, bytes).
+    tokens: f64,
+    rate_bytes: f64,
+    last_refill: Instant,
+    /// The last play-out decision was a skip (one discontinuity per run of skips).
+    skipping: bool,
+    /// Parent peers whose link failed recently: a heartbeat that still names one (the
+    /// control plane has not noticed yet) does not make us dial it again.
+    failed: HashMap<u64, Instant>,
+}
+
+/// How long a failed parent is not adopted again from a heartbeat.
+const FAILED_PARENT_MEMORY: Duration = Duration::from_secs(10);
+
+fn popcount(mask: u64) -> u32 {
+    mask.count_ones()
+}
+
+impl Engine {
+    fn new_id(&self) -> LinkId {
+        self.ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn all_mask(&self) -> u64 {
+        if self.k >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.k) - 1
+        }
+    }
+
+    fn substreams(&self, mask: u64) -> Vec<u16> {
+        (0..self.k).filter(|s| mask & (1u64 << s) != 0).collect()
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Ev>) {
+        let mut stop = self.shared.stop_signal();
+        let tick_every = Duration::from_millis(u64::from(self.chunk_ms / 8).clamp(10, 100));
+        let mut tick = tokio::time::interval(tick_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let retry = self.dp_retry_at;
+            tokio::select! {
+                _ = stopped(&mut stop) => break,
+                ev = rx.recv() => match ev {
+                    Some(ev) => self.handle(ev),
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    let now = self.clock.now();
+                    self.sched.tick(now);
+                }
+                _ = sleep_until_opt(retry) => {
+                    self.dp_retry_at = None;
+                    self.dial_dp();
+                }
+            }
+            self.drain_actions();
+            if self.shared.is_finished() {
+                break;
+            }
+        }
+        for (_, l) in self.links.drain() {
+            if let Some(h) = l.handle {
+                h.close(Frame::Goodbye(reason(ErrorCode::Normal, "viewer leaving")));
+            }
+        }
+        self.shared.hub.close();
+        self.shared.stats_mut().connected = false;
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Frame { link, frame } => self.on_frame(link, frame),
+            Ev::LinkDown { link, reason } => {
+                if self.links.contains_key(&link) {
+                    tracing::debug!(link, "grid link down: {reason}");
+                    self.drop_link(link, None, Some(reason));
+                }
+            }
+            Ev::Connected { link, handle, info } => self.on_connected(link, handle, info),
+            Ev::ConnectFailed { link, err } => {
+                if self.links.contains_key(&link) {
+                    tracing::info!(link, "grid dial failed: {err}");
+                    self.drop_link(link, None, Some(err));
+                }
+            }
+            Ev::Incoming {
+                link,
+                sub,
+                handle,
+                addr,
+            } => self.on_incoming(link, sub, handle, addr),
+            Ev::Assignment(a) => self.apply_assignment(a, false),
+            Ev::Reparented {
+                substream,
+                excluded,
+                result,
+            } => self.on_reparented(substream, excluded, result),
+            Ev::Rejoined(r) => self.on_rejoined(r),
+        }
+    }
+
+    // ----- control-plane assignment -----------------------------------------------
+
+    fn apply_assignment(&mut self, a: Assignment, initial: bool) {
+        if a.parents.is_empty() {
+            // An older control plane: keep what we have.
+            return;
+        }
+        let now = self.clock.now();
+        self.failed
+            .retain(|_, t| t.elapsed() < FAILED_PARENT_MEMORY);
+        for (s, p) in a.parents {
+            let Ok(s) = u16::try_from(s) else { continue };
+            if s >= self.k {
+                continue;
+            }
+            let feed = Feed::from_parent(p, self.me);
+            if let Feed::Peer(p) = &feed
+                && self.failed.contains_key(&p.id)
+            {
+                if self.feeds[usize::from(s)] != feed {
+                    let id = p.id;
+                    self.research(s, vec![id]);
+                }
+                continue;
+            }
+            self.set_feed(s, feed, now, !initial);
+        }
+        let mut seen = BTreeSet::new();
+        self.neighbours = a
+            .neighbours
+            .into_iter()
+            .filter(|n| n.id != self.me && seen.insert(n.id))
+            .collect();
+        self.reconcile();
+    }
+
+    fn set_feed(&mut self, s: u16, feed: Feed, now: Duration, count: bool) {
+        let i = usize::from(s);
+        if self.feeds[i] == feed {
+            return;
+        }
+        tracing::debug!(substream = s, ?feed, "parent changed");
+        self.sched.on_parent_changed(s, feed.upstream(), now);
+        self.feeds[i] = feed;
+        if count {
+            self.shared.stats_mut().parent_changes += 1;
+        }
+    }
+
+    /// Opens, re-subscribes and closes links to match `feeds` and `neighbours`.
+    fn reconcile(&mut self) {
+        let mut want: BTreeMap<u64, (Peer, u64, bool)> = BTreeMap::new();
+        let mut dp_mask = 0u64;
+        for (s, f) in self.feeds.iter().enumerate() {
+            match f {
+                Feed::Server => dp_mask |= 1u64 << s,
+                Feed::Peer(p) => {
+                    want.entry(p.id).or_insert_with(|| (p.clone(), 0, false)).1 |= 1u64 << s;
+                }
+                Feed::Pending => {}
+            }
+        }
+        for n in &self.neighbours {
+            want.entry(n.id).or_insert_with(|| (n.clone(), 0, false)).2 = true;
+        }
+        // Whole stream from the data plane: ask for it literally, as before the grid.
+        if dp_mask == self.all_mask() {
+            dp_mask = wire::ALL_SUBSTREAMS;
+        }
+        if let Some(dp) = self.dp {
+            self.set_out_mask(dp, dp_mask);
+        }
+        // Close links nobody wants (or whose address changed).
+        let stale: Vec<(u64, LinkId)> = self
+            .peer_links
+            .iter()
+            .filter(|(id, l)| {
+                want.get(id).is_none_or(|(p, _, _)| {
+                    self.links
+                        .get(l)
+                        .is_some_and(|l| !matches!(&l.kind, Kind::Out(q) if q.addr == p.addr))
+                })
+            })
+            .map(|(&id, &l)| (id, l))
+            .collect();
+        for (_, l) in stale {
+            self.drop_link(
+                l,
+                Some(Frame::Goodbye(reason(ErrorCode::Normal, "re-assigned"))),
+                None,
+            );
+        }
+        for (id, (peer, mask, neighbour)) in want {
+            match self.peer_links.get(&id).copied() {
+                Some(l) => {
+                    self.set_out_mask(l, mask);
+                    if let Some(link) = self.links.get_mut(&l) {
+                        link.want_neighbour = neighbour;
+                    }
+                    self.sync_neighbour(l);
+                }
+                None => {
+                    let l = self.new_id();
+                    let mut link = Link::new(Kind::Out(peer.clone()), mask);
+                    link.want_neighbour = neighbour;
+                    self.links.insert(l, link);
+                    self.peer_links.insert(id, l);
+                    let d = self.dial_params(&peer.addr, Role::Peer, mask, self.resume_at());
+                    tokio::spawn(link::dial(l, d, self.events.clone()));
+                }
+            }
+        }
+    }
+
+    fn sync_neighbour(&mut self, l: LinkId) {
+        let Some(link) = self.links.get_mut(&l) else {
+            return;
+        };
+        let want = link.want_neighbour && link.handle.is_some();
+        if want && !link.neighbour {
+            link.neighbour = true;
+            self.sched.on_neighbour_added(l);
+        } else if !want && link.neighbour {
+            link.neighbour = false;
+            self.sched.on_neighbour_removed(l);
+        }
+    }
+
+    fn set_out_mask(&mut self, l: LinkId, mask: u64) {
+        let resume = self.resume_at();
+        let Some(link) = self.links.get_mut(&l) else {
+            return;
+        };
+        link.mask = mask;
+        if link.sent_mask == mask {
+            return;
+        }
+        if let Some(h) = &link.handle {
+            let f = Frame::Subscribe(Subscribe {
+                broadcast_id: self.shared.broadcast_id.clone(),
+                start: resume,
+                substream_mask: mask,
+            });
+            match h.send_frame(&f) {
+                Ok(()) => link.sent_mask = mask,
+                Err(_) => {
+                    // Cannot even queue a control frame: the link is useless.
+                    self.drop_link(l, None, Some(SdkError::Timeout("link queue full")));
+                }
+            }
+        }
+    }
+
+    /// Where a (re)subscription should start: after the newest chunk held.
+    fn resume_at(&self) -> StartAt {
+        match self.store.last_key_value() {
+            Some((&n, _)) => StartAt::Seq(n + 1),
+            None => self.sched.play_next().map_or(StartAt::Live, StartAt::Seq),
+        }
+    }
+
+    fn dial_params(&self, addr: &str, role: Role, mask: u64, start: StartAt) -> Dial {
+        Dial {
+            addr: addr.to_string(),
+            token: self.dp_target.1.clone(),
+            broadcast_id: self.shared.broadcast_id.clone(),
+            start,
+            limits: self.limits,
+            timeout: self.connect_timeout,
+            idle: self.idle,
+            role,
+            mask,
+        }
+    }
+
+    fn research(&mut self, s: u16, exclude: Vec<u64>) {
+        let i = usize::from(s);
+        if self.reparenting[i] {
+            return;
+        }
+        self.reparenting[i] = true;
+        let control = self.control.clone();
+        let session = self.session_id.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let result = control.reparent(&session, s, exclude.clone()).await;
+            let _ = events
+                .send(Ev::Reparented {
+                    substream: s,
+                    excluded: exclude,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    fn on_reparented(&mut self, s: u16, excluded: Vec<u64>, result: Result<Parent, SdkError>) {
+        let i = usize::from(s);
+        if i >= self.feeds.len() {
+            return;
+        }
+        self.reparenting[i] = false;
+        let now = self.clock.now();
+        let feed = match result {
+            Ok(Some(p)) if excluded.contains(&p.id) => Feed::Server,
+            Ok(p) => Feed::from_parent(p, self.me),
+            Err(e) => {
+                tracing::warn!(substream = s, "Reparent failed: {e}");
+                if self.feeds[i] == Feed::Pending {
+                    // The parent is gone and the control plane cannot help: the data
+                    // plane feeds this substream until the next assignment.
+                    Feed::Server
+                } else {
+                    return;
+                }
+            }
+        };
+        tracing::info!(substream = s, ?feed, "re-parented");
+        self.set_feed(s, feed, now, true);
+        self.reconcile();
+    }
+
+    /// A parent peer's link failed: every substream it fed is re-searched at once.
+    fn parent_lost(&mut self, peer: &Peer) {
+        let now = self.clock.now();
+        let fed_us = self
+            .feeds
+            .iter()
+            .any(|f| matches!(f, Feed::Peer(p) if p.id == peer.id));
+        if fed_us {
+            self.failed.insert(peer.id, Instant::now());
+        }
+        for s in 0..self.k {
+            if matches!(&self.feeds[usize::from(s)], Feed::Peer(p) if p.id == peer.id) {
+                self.set_feed(s, Feed::Pending, now, false);
+                self.research(s, vec![peer.id]);
+            }
+        }
+    }
+
+    // ----- data plane ----------------------------------------------------------------
+
+    fn dp_mask(&self) -> u64 {
+        let mut m = 0u64;
+        for (s, f) in self.feeds.iter().enumerate() {
+            if *f == Feed::Server {
+                m |= 1u64 << s;
+            }
+        }
+        if m == self.all_mask() {
+            wire::ALL_SUBSTREAMS
+        } else {
+            m
+        }
+    }
+
+    fn dial_dp(&mut self) {
+        if self.dp.is_some() {
+            return;
+        }
+        if self.dp_failures >= self.rejoin_after_failures && !self.rejoining {
+            self.rejoin();
+            return;
+        }
+        let id = self.new_id();
+        let mask = self.dp_mask();
+        self.links.insert(id, Link::new(Kind::DataPlane, mask));
+        self.dp = Some(id);
+        let addr = self.dp_target.0.clone();
+        tracing::info!(addr, "reconnecting to the data plane");
+        let d = self.dial_params(&addr, Role::Viewer, mask, self.resume_at());
+        tokio::spawn(link::dial(id, d, self.events.clone()));
+    }
+
+    fn schedule_dp_retry(&mut self) {
+        self.dp_retry_at = Some(tokio::time::Instant::now() + self.dp_backoff);
+        self.dp_backoff = (self.dp_backoff * 2).min(self.reconnect_max);
+    }
+
+    fn on_dp_info(&mut self, info: &StreamInfo) {
+        if !info.content_type.is_empty() {
+            self.content_type.clone_from(&info.content_type);
+            self.shared.hub.set_content_type(&info.content_type);
+        }
+        if info.substreams != 0 && info.substreams != self.k {
+            tracing::warn!(
+                data_plane = info.substreams,
+                control_plane = self.k,
+                "substream counts differ"
+            );
+        }
+        let mut s = self.shared.stats_mut();
+        s.connected = true;
+        s.live_seq = Some(s.live_seq.map_or(info.live_seq, |l| l.max(info.live_seq)));
+    }
+
+    fn rejoin(&mut self) {
+        self.rejoining = true;
+        let control = self.control.clone();
+        let offer = self.offer.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let r = control.join(&offer).await;
+            let _ = events.send(Ev::Rejoined(r)).await;
+        });
+    }
+
+    fn on_rejoined(&mut self, r: Result<JoinInfo, SdkError>) {
+        self.rejoining = false;
+        self.dp_failures = 0;
+        match r {
+            Ok(join) => {
+                tracing::info!(
+                    addr = join.wire_addr,
+                    session = join.session_id,
+                    "re-joined via the control plane"
+                );
+                let old = self.shared.replace_session(Session {
+                    id: join.session_id.clone(),
+                    heartbeat: join.heartbeat,
+                });
+                if let Some(old) = old.filter(|o| o.id != join.session_id) {
+                    let c = self.control.clone();
+                    tokio::spawn(async move {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(3), c.leave(&old.id)).await;
+                    });
+                }
+                self.session_id = join.session_id;
+                self.me = join.peer_id;
+                self.child_slots = join.child_slots;
+                self.dp_target = (join.wire_addr, join.token);
+                {
+                    let mut s = self.shared.stats_mut();
+                    s.rejoins += 1;
+                    s.peer_id = Some(join.peer_id);
+                }
+                self.apply_assignment(join.assignment, false);
+            }
+            Err(e) if e.is_fatal() => {
+                self.shared.finish(Err(e));
+                return;
+            }
+            Err(e) => tracing::warn!("re-join failed: {e}"),
+        }
+        self.schedule_dp_retry();
+    }
+
+    // ----- links ---------------------------------------------------------------------
+
+    fn on_connected(&mut self, l: LinkId, handle: LinkHandle, info: StreamInfo) {
+        let Some(link) = self.links.get_mut(&l) else {
+            // Dropped while dialling.
+            handle.close(Frame::Goodbye(reason(
+                ErrorCode::Normal,
+                "not needed any more",
+            )));
+            return;
+        };
+        link.handle = Some(handle);
+        let kind = link.kind.clone();
+        let mask = link.mask;
+        if kind == Kind::DataPlane {
+            self.dp_failures = 0;
+            self.dp_backoff = self.reconnect_initial;
+            self.shared.stats_mut().reconnects += 1;
+            self.on_dp_info(&info);
+        } else if info.substreams != 0 && info.substreams != self.k {
+            tracing::warn!(
+                l,
+                "peer reports {} substreams, not {}",
+                info.substreams,
+                self.k
+            );
+        }
+        // The wanted mask may have changed while dialling.
+        self.set_out_mask(l, mask);
+        self.sync_neighbour(l);
+        self.count_links();
+    }
+
+    fn on_incoming(&mut self, l: LinkId, sub: Subscribe, handle: LinkHandle, addr: String) {
+        let mask = sub.substream_mask & self.all_mask();
+        let need = popcount(mask);
+        if need > 0 && self.used_slots + need > self.child_slots {
+            tracing::info!(
+                addr,
+                need,
+                used = self.used_slots,
+                slots = self.child_slots,
+                "child refused: no free slot"
+            );
+            handle.close(Frame::Error(reason(
+                ErrorCode::ServerBusy,
+                "no free child slot",
+            )));
+            return;
+        }
+        let newest = self.store.last_key_value().map_or(0, |(&n, _)| n);
+        let first = self.sched.play_next().unwrap_or(newest);
+        let info = link::stream_info(
+            &self.shared.broadcast_id,
+            &self.content_type,
+            self.chunk_ms,
+            self.k,
+            first,
+            newest,
+        );
+        if handle.send_frame(&info).is_err() {
+            return;
+        }
+        let mut link = Link::new(Kind::In, mask);
+        link.handle = Some(handle);
+        tracing::debug!(l, addr, mask, "peer link accepted");
+        self.links.insert(l, link);
+        self.admit(l, mask);
+        self.count_links();
+    }
+
+    /// Registers an incoming link's (new) mask: a child for `mask ≠ 0`, a neighbour for
+    /// `mask == 0`.
+    fn admit(&mut self, l: LinkId, mask: u64) {
+        let subs = self.substreams(mask);
+        let Some(link) = self.links.get_mut(&l) else {
+            return;
+        };
+        link.mask = mask;
+        if mask != 0 {
+            self.used_slots += popcount(mask);
+            self.sched.on_child_added(l, &subs);
+            if link.neighbour {
+                link.neighbour = false;
+                self.sched.on_neighbour_removed(l);
+            }
+        } else if !link.neighbour {
+            link.neighbour = true;
+            self.sched.on_neighbour_added(l);
+        }
+    }
+
+    fn count_links(&mut self) {
+        let mut children = 0;
+        let mut neighbours = 0;
+        for l in self.links.values() {
+            if l.kind == Kind::In && l.mask != 0 {
+                children += 1;
+            }
+            if l.neighbour {
+                neighbours += 1;
+            }
+        }
+        let mut s = self.shared.stats_mut();
+        s.children = children;
+        s.neighbours = neighbours;
+    }
+
+    /// Removes a link: optionally sends `last` first; `err` says it failed (then a lost
+    /// parent is re-searched and a lost data-plane link redialled).
+    fn drop_link(&mut self, l: LinkId, last: Option<Frame>, err: Option<SdkError>) {
+        let Some(link) = self.links.remove(&l) else {
+            return;
+        };
+        if link.neighbour {
+            self.sched.on_neighbour_removed(l);
+        }
+        if let Some(h) = link.handle {
+            match last {
+                Some(f) => h.close(f),
+                None => drop(h),
+            }
+        }
+        match &link.kind {
+            Kind::In => {
+                if link.mask != 0 {
+                    self.sched.on_child_removed(l, &[]);
+                    self.used_slots = self.used_slots.saturating_sub(popcount(link.mask));
+                }
+            }
+            Kind::Out(peer) => {
+                if self.peer_links.get(&peer.id) == Some(&l) {
+                    self.peer_links.remove(&peer.id);
+                }
+                if err.is_some() {
+                    self.parent_lost(peer);
+                }
+            }
+            Kind::DataPlane => {
+                if self.dp == Some(l) {
+                    self.dp = None;
+                    self.shared.stats_mut().connected = false;
+                    if let Some(e) = err {
+                        self.on_dp_error(e);
+                    } else {
+                        self.schedule_dp_retry();
+                    }
+                }
+            }
+        }
+        self.count_links();
+    }
+
+    fn on_dp_error(&mut self, e: SdkError) {
+        let fatal = match &e {
+            SdkError::BroadcastEnded(_) => {
+                self.shared.finish(Err(e));
+                return;
+            }
+            SdkError::Server { code, .. } if *code == ErrorCode::BroadcastStopped => {
+                self.shared
+                    .finish(Err(SdkError::BroadcastEnded(e.to_string())));
+                return;
+            }
+            SdkError::Server { code, .. } => {
+                is_fatal_code(*code) || *code == ErrorCode::ShuttingDown
+            }
+            _ => false,
+        };
+        tracing::warn!("data-plane link lost: {e}");
+        self.dp_failures += 1;
+        if fatal {
+            // The node lost the broadcast or the token expired: a fresh Join can fix it.
+            self.dp_failures = self.dp_failures.max(self.rejoin_after_failures);
+        }
+        self.schedule_dp_retry();
+    }
+
+    // ----- frames --------------------------------------------------------------------
+
+    fn on_frame(&mut self, l: LinkId, frame: Frame) {
+        let Some(link) = self.links.get(&l) else {
+            return;
+        };
+        let kind = link.kind.clone();
+        match frame {
+            Frame::Chunk(c) => self.on_chunk(l, c),
+            Frame::Request(seq) => {
+                if kind != Kind::DataPlane {
+                    self.sched.on_request(l, seq);
+                }
+            }
+            Frame::NotFound(seq) => {
+                if let Some(link) = self.links.get_mut(&l) {
+                    link.requested.remove(&seq);
+                }
+                let now = self.clock.now();
+                self.sched.on_not_found(l, seq, now);
+            }
+            Frame::BufferMap(m) => match to_buffer_map(&m) {
+                Some(map) => {
+                    let now = self.clock.now();
+                    self.sched.on_buffer_map(l, map, now);
+                }
+                None => self.misbehaved(l, "malformed buffer map"),
+            },
+            Frame::Subscribe(sub) => {
+                if kind != Kind::In || sub.broadcast_id != self.shared.broadcast_id {
+                    self.misbehaved(l, "unexpected SUBSCRIBE");
+                    return;
+                }
+                self.resubscribe(l, sub.substream_mask & self.all_mask());
+            }
+            Frame::StreamInfo(info) => {
+                if info.broadcast_id != self.shared.broadcast_id {
+                    self.misbehaved(l, "STREAM_INFO for another broadcast");
+                } else if kind == Kind::DataPlane {
+                    self.on_dp_info(&info);
+                }
+            }
+            Frame::Error(r) | Frame::Goodbye(r) => {
+                let err = if r.code == ErrorCode::BroadcastStopped {
+                    SdkError::BroadcastEnded(r.message)
+                } else {
+                    SdkError::Server {
+                        code: r.code,
+                        message: r.message,
+                    }
+                };
+                tracing::debug!(l, "link closed by the other side: {err}");
+                self.drop_link(l, None, Some(err));
+            }
+            Frame::Hello(_) | Frame::HelloAck(_) => {
+                self.misbehaved(l, "handshake frame mid-stream");
+            }
+            Frame::Ping(_) | Frame::Pong(_) => {}
+        }
+    }
+
+    fn misbehaved(&mut self, l: LinkId, what: &str) {
+        tracing::info!(l, "closing a grid link: {what}");
+        self.drop_link(
+            l,
+            Some(Frame::Error(reason(ErrorCode::UnexpectedFrame, what))),
+            Some(SdkError::Protocol(what.to_string())),
+        );
+    }
+
+    fn resubscribe(&mut self, l: LinkId, mask: u64) {
+        let Some(link) = self.links.get(&l) else {
+            return;
+        };
+        let old = link.mask;
+        if old == mask {
+            return;
+        }
+        let others = self.used_slots.saturating_sub(popcount(old));
+        if mask != 0 && others + popcount(mask) > self.child_slots {
+            self.drop_link(
+                l,
+                Some(Frame::Error(reason(
+                    ErrorCode::ServerBusy,
+                    "no free child slot",
+                ))),
+                None,
+            );
+            return;
+        }
+        if old != 0 {
+            self.sched.on_child_removed(l, &[]);
+            self.used_slots = others;
+        }
+        self.admit(l, mask);
+        self.count_links();
+    }
+
+    fn on_chunk(&mut self, l: LinkId, c: Chunk) {
+        let Some(link) = self.links.get_mut(&l) else {
+            return;
+        };
+        let len = c.payload.len() as u64;
+        let s = u16::try_from(c.seq % u64::from(self.k)).unwrap_or(0);
+        let bit = 1u64 << s;
+        let feed = &self.feeds[usize::from(s)];
+        let src = match &link.kind {
+            Kind::DataPlane => {
+                if link.mask & bit != 0 && *feed == Feed::Server {
+                    Source::Parent(s)
+                } else {
+                    link.requested.remove(&c.seq);
+                    Source::Server
+                }
+            }
+            Kind::Out(peer) => {
+                if link.mask & bit != 0 && matches!(feed, Feed::Peer(p) if p.id == peer.id) {
+                    Source::Parent(s)
+                } else if link.requested.remove(&c.seq) {
+                    Source::Neighbour(l)
+                } else {
+                    // Not asked for (e.g. in flight across a mask change): ignored.
+                    return;
+                }
+            }
+            Kind::In => {
+                if link.requested.remove(&c.seq) {
+                    Source::Neighbour(l)
+                } else {
+                    return;
+                }
+            }
+        };
+        {
+            let mut st = self.shared.stats_mut();
+            st.chunks_received += 1;
+            st.bytes_received += len;
+            if link.kind == Kind::DataPlane {
+                st.bytes_from_server += len;
+            } else {
+                st.bytes_from_peers += len;
+            }
+        }
+        self.clock.observe(c.seq, c.timestamp_ms);
+        let now = self.clock.now();
+        if self.sched.on_chunk(c.seq, src, now) {
+            // The receiver-specific DISCONTINUITY flag is not relayed.
+            let chunk = Chunk {
+                flags: c.flags & chunk_flags::RANDOM_ACCESS,
+                ..c
+            };
+            self.store.insert(chunk.seq, chunk);
+            while let Some((&first, _)) = self.store.first_key_value() {
+                if self.sched.has(first) {
+                    break;
+                }
+                self.store.pop_first();
+            }
+            let newest = self.store.last_key_value().map(|(&n, _)| n);
+            let mut st = self.shared.stats_mut();
+            if let Some(n) = newest
+                && st.live_seq.is_none_or(|x| x < n)
+            {
+                st.live_seq = Some(n);
+            }
+        } else {
+            self.shared.stats_mut().duplicates += 1;
+        }
+    }
+
+    // ----- actions -------------------------------------------------------------------
+
+    fn refill(&mut self) {
+        let t = Instant::now();
+        let dt = t.saturating_duration_since(self.last_refill).as_secs_f64();
+        self.last_refill = t;
+        self.tokens = (self.tokens + dt * self.rate_bytes).min(self.rate_bytes * 2.0);
+    }
+
+    fn drain_actions(&mut self) {
+        let mut refilled = false;
+        while let Some(a) = self.sched.poll_action() {
+            if !refilled && matches!(a, Action::Push { .. } | Action::Serve { .. }) {
+                self.refill();
+                refilled = true;
+            }
+            self.execute(a);
+        }
+    }
+
+    fn execute(&mut self, a: Action) {
+        match a {
+            Action::Push { child, seq } => self.upload(child, seq, true),
+            Action::Serve { to, seq } => self.upload(to, seq, false),
+            Action::NotFound { to, seq } => self.send_to(to, &Frame::NotFound(seq)),
+            Action::Request { neighbour, seq } => {
+                if let Some(link) = self.links.get_mut(&neighbour) {
+                    if link.requested.len() >= 4096 {
+                        link.requested.pop_first();
+                    }
+                    link.requested.insert(seq);
+                }
+                self.send_to(neighbour, &Frame::Request(seq));
+            }
+            Action::RequestFromServer { seq } => {
+                if let Some(dp) = self.dp {
+                    self.send_to(dp, &Frame::Request(seq));
+                }
+            }
+            Action::SendBufferMap { to, map } => {
+                if let Some(f) = from_buffer_map(&map) {
+                    self.send_to(to, &Frame::BufferMap(f));
+                }
+            }
+            Action::ReSearch { substream, exclude } => {
+                tracing::info!(substream, ?exclude, "parent late or silent: re-searching");
+                self.research(substream, exclude.into_iter().collect());
+            }
+            Action::Play { seq } => self.play(seq),
+            Action::Skip { seq } => {
+                tracing::debug!(seq, "chunk missed its play-out deadline");
+                let mut st = self.shared.stats_mut();
+                st.chunks_skipped += 1;
+                if !self.skipping {
+                    st.discontinuities += 1;
+                    drop(st);
+                    self.shared.hub.discontinuity();
+                }
+                self.skipping = true;
+            }
+        }
+    }
+
+    fn play(&mut self, seq: u64) {
+        let Some(c) = self.store.get(&seq).cloned() else {
+            // Cannot happen (played chunks are held); count it as a skip.
+            self.execute(Action::Skip { seq });
+            return;
+        };
+        self.skipping = false;
+        {
+            let mut s = self.shared.stats_mut();
+            if s.startup_time.is_none() {
+                s.startup_time = Some(self.shared.started.elapsed());
+            }
+            s.chunks_out += 1;
+            s.chunks_played += 1;
+            s.bytes_out += c.payload.len() as u64;
+            s.current_seq = Some(seq);
+        }
+        self.shared.hub.publish(c);
+    }
+
+    /// Sends a held chunk to a child (push) or a requester (serve).
+    fn upload(&mut self, to: LinkId, seq: u64, push: bool) {
+        let Some(c) = self.store.get(&seq).cloned() else {
+            if !push {
+                self.send_to(to, &Frame::NotFound(seq));
+            }
+            return;
+        };
+        let len = c.payload.len() as f64;
+        if self.tokens <= 0.0 {
+            // Over the upload budget: answers become NOT_FOUND (the requester tries
+            // elsewhere); pushes are dropped (the child's repair covers, and a parent
+            // that stays over budget gets replaced by its children's re-search).
+            if !push {
+                self.send_to(to, &Frame::NotFound(seq));
+            }
+            return;
+        }
+        let Some(link) = self.links.get(&to) else {
+            return;
+        };
+        let Some(h) = &link.handle else {
+            return;
+        };
+        match h.send(Out::Chunk(c)) {
+            Ok(()) => {
+                self.tokens -= len;
+                self.shared.stats_mut().bytes_uploaded += len as u64;
+            }
+            Err(QueueError::Full) if push => {
+                tracing::info!(to, "child too slow: closing its link");
+                self.drop_link(
+                    to,
+                    Some(Frame::Goodbye(reason(ErrorCode::TooSlow, "child too slow"))),
+                    None,
+                );
+            }
+            Err(QueueError::Full) => {}
+            Err(QueueError::Closed) => {
+                self.drop_link(to, None, Some(SdkError::Closed));
+            }
+        }
+    }
+
+    fn send_to(&mut self, to: LinkId, f: &Frame) {
+        let Some(link) = self.links.get(&to) else {
+            return;
+        };
+        let Some(h) = &link.handle else {
+            return;
+        };
+        if let Err(QueueError::Closed) = h.send_frame(f) {
+            self.drop_link(to, None, Some(SdkError::Closed));
+        }
+    }
+}
+
+/// The wire frame for a scheduler buffer map (same bit layout).
+fn from_buffer_map(m: &BufferMap) -> Option<BufferMapFrame> {
+    let b = m.to_bytes();
+    let bits = Bytes::copy_from_slice(b.get(crate::grid::BUFFER_MAP_HEADER_LEN..)?);
+    Some(BufferMapFrame {
+        base: m.base(),
+        len: m.len(),
+        bits,
+    })
+}
+
+/// A received buffer map as the scheduler's type (`None` if inconsistent).
+fn to_buffer_map(f: &BufferMapFrame) -> Option<BufferMap> {
+    let mut v = Vec::with_capacity(crate::grid::BUFFER_MAP_HEADER_LEN + f.bits.len());
+    v.extend_from_slice(&f.base.to_be_bytes());
+    v.extend_from_slice(&f.len.to_be_bytes());
+    v.extend_from_slice(&f.bits);
+    BufferMap::decode(&v).ok()
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_map_conversion_roundtrips() {
+        let mut m = BufferMap::new(100, 13);
+        m.set(100);
+        m.set(112);
+        let f = from_buffer_map(&m).unwrap();
+        assert_eq!(f.base, 100);
+        assert_eq!(f.len, 13);
+        assert_eq!(f.bits.len(), 2);
+        // The wire codec accepts it.
+        let bytes = wire::encode_to_bytes(&Frame::BufferMap(f.clone())).unwrap();
+        let mut buf = bytes::BytesMut::from(&bytes[..]);
+        let back = wire::Decoder::default().decode(&mut buf).unwrap().unwrap();
+        assert_eq!(back, Frame::BufferMap(f.clone()));
+        assert_eq!(to_buffer_map(&f).unwrap(), m);
+    }
+
+    #[test]
+    fn scheduler_config_scales_with_the_lag() {
+        let c = scheduler_config(4, Duration::from_millis(200), Duration::from_secs(1));
+        assert_eq!(c.target_lag, Duration::from_secs(1));
+        assert_eq!(c.repair_lead, Duration::from_millis(500));
+        assert_eq!(c.server_lead, Duration::from_millis(200));
+        assert!(PeerScheduler::new(c).is_ok());
+        let d = scheduler_config(4, Duration::from_secs(1), Duration::from_secs(2));
+        assert_eq!(d.repair_lead, SchedulerConfig::default().repair_lead);
+        assert_eq!(d.window, 64);
+    }
+
+    #[test]
+    fn play_clock_follows_the_measured_chunk_rate() {
+        let mut c = PlayClock::new(Duration::from_millis(1000));
+        for s in 0..40u64 {
+            c.observe(s, 1_000_000 + s * 2000);
+        }
+        assert!((c.rate - 0.5).abs() < 1e-9, "{}", c.rate);
+        let mut d = PlayClock::new(Duration::from_millis(1000));
+        for s in 0..40u64 {
+            d.observe(s, 1_000_000 + s * 1005);
+        }
+        assert_eq!(d.rate, 1.0);
+    }
+}

@@ -1,0 +1,206 @@
+//! Shared helpers of the integration tests: an ffmpeg-made MPEG-TS file served at real
+//! time by a tiny HTTP source, node configs, a blocking wire-protocol client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::{Result, bail};
+use bytes::BytesMut;
+use starling_dataplane::{Config, Node, StaticBroadcast, Timeouts};
+use starling_proto::wire::{self, Decoder, Frame, Hello, Limits, Role, StartAt, Subscribe};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const TS_SECS: f64 = 20.0;
+
+pub fn test_ts() -> &'static [u8] {
+    static TS: OnceLock<Vec<u8>> = OnceLock::new();
+    TS.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.ts");
+        let status = Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-y"])
+            .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25"])
+            .args(["-f", "lavfi", "-i", "sine", "-c:v", "libx264", "-g", "25"])
+            .args(["-c:a", "aac", "-t", "20", "-f", "mpegts"])
+            .arg(&out)
+            .status()
+            .expect("ffmpeg must be installed");
+        assert!(status.success());
+        std::fs::read(out).unwrap()
+    })
+}
+
+/// Serves the test TS at roughly real time to every connection on `listener`.
+pub fn serve_source(listener: TcpListener) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut req = [0u8; 2048];
+                let _ = conn.read(&mut req);
+                let ts = test_ts();
+                let _ = conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Type: video/mp2t\r\n\r\n");
+                let bytes_per_sec = ts.len() as f64 / TS_SECS;
+                let piece = 188 * 20;
+                let start = Instant::now();
+                // Icecast-like burst of ~1 s, then real time.
+                let mut sent = 0usize;
+                while sent < ts.len() {
+                    let n = piece.min(ts.len() - sent);
+                    if conn.write_all(&ts[sent..sent + n]).is_err() {
+                        return;
+                    }
+                    sent += n;
+                    let due = Duration::from_secs_f64((sent as f64 / bytes_per_sec - 1.0).max(0.0));
+                    if let Some(wait) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            });
+        }
+    });
+}
+
+pub fn start_source() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    serve_source(l);
+    a
+}
+
+pub fn config(static_broadcasts: Vec<StaticBroadcast>, cores: usize) -> Config {
+    Config {
+        static_broadcasts,
+        wire_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        cores,
+        io_memory_kib: 256,
+        timeouts: Timeouts {
+            backoff_max: Duration::from_secs(1),
+            ..Timeouts::default()
+        },
+        ..Config::default()
+    }
+}
+
+pub fn node_with_source(cores: usize) -> (Node, SocketAddr) {
+    let src = start_source();
+    let sb: StaticBroadcast = format!("test=http://{src}/live.ts").parse().unwrap();
+    (Node::start(config(vec![sb], cores)).unwrap(), src)
+}
+
+pub struct Client {
+    pub s: TcpStream,
+    pub buf: BytesMut,
+    pub dec: Decoder,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Result<Client> {
+        Self::from_stream(TcpStream::connect(addr)?)
+    }
+    pub fn from_stream(s: TcpStream) -> Result<Client> {
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Client {
+            s,
+            buf: BytesMut::new(),
+            dec: Decoder::new(Limits::default()),
+        })
+    }
+    pub fn send(&mut self, f: &Frame) -> Result<()> {
+        self.s.write_all(&wire::encode_to_bytes(f)?)?;
+        Ok(())
+    }
+    /// Next frame; PINGs are answered and skipped.
+    pub fn recv(&mut self) -> Result<Frame> {
+        loop {
+            match self.recv_raw()? {
+                Frame::Ping(n) => self.send(&Frame::Pong(n))?,
+                f => return Ok(f),
+            }
+        }
+    }
+    /// Next frame, PINGs included (not answered).
+    pub fn recv_raw(&mut self) -> Result<Frame> {
+        loop {
+            if let Some(f) = self.dec.decode(&mut self.buf)? {
+                return Ok(f);
+            }
+            let mut tmp = [0u8; 65536];
+            let n = self.s.read(&mut tmp)?;
+            if n == 0 {
+                bail!("connection closed");
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+    pub fn handshake(addr: SocketAddr, id: &str, start: StartAt) -> Result<Client> {
+        Self::handshake_mask(addr, id, start, wire::ALL_SUBSTREAMS)
+    }
+    pub fn handshake_mask(
+        addr: SocketAddr,
+        id: &str,
+        start: StartAt,
+        substream_mask: u64,
+    ) -> Result<Client> {
+        let mut c = Client::connect(addr)?;
+        c.send(&Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            role: Role::Viewer,
+            token: bytes::Bytes::new(),
+        }))?;
+        match c.recv()? {
+            Frame::HelloAck(a) => assert_eq!(a.version, 1),
+            other => bail!("expected HELLO_ACK, got {other:?}"),
+        }
+        c.send(&Frame::Subscribe(Subscribe {
+            broadcast_id: id.into(),
+            start,
+            substream_mask,
+        }))?;
+        Ok(c)
+    }
+}
+
+pub fn pid(p: &[u8]) -> u16 {
+    (u16::from(p[1] & 0x1F) << 8) | u16::from(p[2])
+}
+
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("gave up waiting for {what}")
+}
+
+/// A node ingesting the test source as broadcast `test`, with `f` applied to its config.
+pub fn node_with(cores: usize, f: impl FnOnce(&mut Config)) -> (Node, SocketAddr) {
+    let src = start_source();
+    let sb: StaticBroadcast = format!("test=http://{src}/live.ts").parse().unwrap();
+    let mut cfg = config(vec![sb], cores);
+    f(&mut cfg);
+    let node = Node::start(cfg).unwrap();
+    // Static broadcasts are registered by the tokio thread, just after start returns.
+    wait_for("the broadcast", || node.status("test").is_some()).unwrap();
+    (node, src)
+}
+
+/// `GET path` on a plain HTTP listener; returns (head, body) of a complete response.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(String, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut r = String::new();
+    s.read_to_string(&mut r)?;
+    match r.split_once("\r\n\r\n") {
+        Some((h, b)) => Ok((h.to_owned(), b.to_owned())),
+        None => bail!("no complete HTTP response: {r:?}"),
+    }
+}

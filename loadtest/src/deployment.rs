@@ -1,0 +1,260 @@
+//! A whole Starling deployment in-process: control plane (embedded SQLite in a temporary
+//! directory), one data-plane node, the synthetic source, and one started broadcast.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use starling_controlplane::{ControlPlane, ControlPlaneHandle, DatabaseConfig, ServiceConfig};
+use starling_proto::v1::admin_service_client::AdminServiceClient;
+use starling_proto::v1::{Broadcast, BroadcastRef, CreateBroadcastRequest, SourceHealth};
+use tonic::transport::Channel;
+
+use crate::error::HarnessError;
+use crate::source::{SourceConfig, SyntheticSource};
+
+fn wire_bytes_sent(registry: &starling_dataplane::ring::Registry) -> u64 {
+    use starling_dataplane::metrics::SentKind;
+    let m = registry.metrics();
+    m.bytes_sent(SentKind::WirePush)
+        + m.bytes_sent(SentKind::WireRequest)
+        + m.bytes_sent(SentKind::WireControl)
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct DeploymentConfig {
+    /// Stream rate of the synthetic source, kbit/s.
+    pub bitrate_kbps: u32,
+    /// Key of the source's byte pattern.
+    pub seed: u64,
+    /// Target chunk duration. Peers relay whole chunks, so shorter chunks mean less
+    /// delay per hop (and more frames).
+    pub chunk_ms: u32,
+    /// Substreams of the peer grid (K); 0 = the control plane's default.
+    pub substreams: u32,
+    /// SDK heartbeat / node health interval handed out by the control plane.
+    pub heartbeat_interval: Duration,
+    /// Data-plane executors.
+    pub dataplane_cores: usize,
+    /// io_uring registered memory per executor, KiB.
+    pub io_memory_kib: usize,
+    /// Directory for the SQLite database; `None` = a fresh temporary directory.
+    pub data_dir: Option<PathBuf>,
+    /// How long to wait for the broadcast's source to be UP.
+    pub ready_timeout: Duration,
+}
+
+impl Default for DeploymentConfig {
+    fn default() -> Self {
+        DeploymentConfig {
+            bitrate_kbps: 500,
+            seed: 0x5eed_0001,
+            chunk_ms: 250,
+            substreams: 4,
+            heartbeat_interval: Duration::from_millis(500),
+            dataplane_cores: 1,
+            io_memory_kib: 512,
+            data_dir: None,
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A running in-process deployment. Stop it with [`Deployment::shutdown`] (dropping it
+/// stops everything too, without waiting).
+pub struct Deployment {
+    config: DeploymentConfig,
+    source: SyntheticSource,
+    control: Option<ControlPlaneHandle>,
+    node: Option<starling_dataplane::Node>,
+    admin: AdminServiceClient<Channel>,
+    broadcast: Broadcast,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deployment")
+            .field("broadcast_id", &self.broadcast.id)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Deployment {
+    /// Starts the source, the control plane and the data plane, creates and starts a
+    /// broadcast of the source over the admin API, and waits until the data plane
+    /// reports the source UP and has cut a chunk.
+    pub async fn start(config: DeploymentConfig) -> Result<Deployment, HarnessError> {
+        let source = SyntheticSource::start(SourceConfig {
+            bitrate_kbps: config.bitrate_kbps,
+            seed: config.seed,
+            ..SourceConfig::default()
+        })
+        .await
+        .map_err(|e| HarnessError::Start(format!("synthetic source: {e}")))?;
+
+        let (dir, data_dir) = match &config.data_dir {
+            Some(d) => (None, d.clone()),
+            None => {
+                let d = tempfile::Builder::new()
+                    .prefix("starling-loadtest-")
+                    .tempdir()
+                    .map_err(|e| HarnessError::Start(format!("temporary directory: {e}")))?;
+                let p = d.path().to_path_buf();
+                (Some(d), p)
+            }
+        };
+        let mut cp_config = starling_controlplane::Config::new(
+            ([127, 0, 0, 1], 0).into(),
+            DatabaseConfig::Sqlite {
+                path: data_dir.join("starling.db"),
+            },
+        );
+        cp_config.service = ServiceConfig {
+            heartbeat_interval: config.heartbeat_interval,
+            ..ServiceConfig::default()
+        };
+        let control = ControlPlane::bind(cp_config)
+            .await
+            .map_err(|e| HarnessError::Start(format!("control plane: {e}")))?
+            .spawn();
+        let control_url = control.url();
+
+        let node_cfg = starling_dataplane::Config {
+            control_url: Some(control_url.clone()),
+            wire_listen: ([127, 0, 0, 1], 0).into(),
+            http_listen: ([127, 0, 0, 1], 0).into(),
+            advertise_host: "127.0.0.1".into(),
+            node_name: "loadtest-node".into(),
+            cores: config.dataplane_cores.max(1),
+            io_memory_kib: config.io_memory_kib,
+            ..starling_dataplane::Config::default()
+        };
+        let node = tokio::task::spawn_blocking(move || starling_dataplane::Node::start(node_cfg))
+            .await
+            .map_err(|e| HarnessError::Start(format!("data plane: {e}")))?
+            .map_err(|e| HarnessError::Start(format!("data plane: {e}")))?;
+
+        let mut admin = AdminServiceClient::connect(control_url.clone())
+            .await
+            .map_err(|e| HarnessError::Start(format!("admin client: {e}")))?;
+        let created = admin
+            .create_broadcast(CreateBroadcastRequest {
+                name: "loadtest".into(),
+                source_url: source.url(),
+                chunk_duration_ms: config.chunk_ms,
+                substreams: config.substreams,
+            })
+            .await
+            .map_err(|s| HarnessError::Admin(format!("CreateBroadcast: {}", s.message())))?
+            .into_inner();
+        admin
+            .start_broadcast(BroadcastRef {
+                id: created.id.clone(),
+            })
+            .await
+            .map_err(|s| HarnessError::Admin(format!("StartBroadcast: {}", s.message())))?;
+
+        let mut dep = Deployment {
+            config,
+            source,
+            control: Some(control),
+            node: Some(node),
+            admin,
+            broadcast: created,
+            _dir: dir,
+        };
+        dep.wait_ready().await?;
+        Ok(dep)
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), HarnessError> {
+        let deadline = tokio::time::Instant::now() + self.config.ready_timeout;
+        loop {
+            let b = self.broadcast().await?;
+            let up = b.source_health == SourceHealth::Up as i32;
+            if up && b.last_seq >= 1 && !b.node_wire_addr.is_empty() {
+                self.broadcast = b;
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HarnessError::Start(format!(
+                    "broadcast not live after {:?}: health {:?}, error {:?}, node {:?}, last_seq {}",
+                    self.config.ready_timeout,
+                    SourceHealth::try_from(b.source_health).unwrap_or(SourceHealth::Unspecified),
+                    b.source_error,
+                    b.node_id,
+                    b.last_seq
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The configuration it was started with.
+    pub fn config(&self) -> &DeploymentConfig {
+        &self.config
+    }
+
+    /// The broadcast's id.
+    pub fn broadcast_id(&self) -> &str {
+        &self.broadcast.id
+    }
+
+    /// The control plane's gRPC URL (for SDK viewers).
+    pub fn control_url(&self) -> String {
+        self.control.as_ref().map(|c| c.url()).unwrap_or_default()
+    }
+
+    /// The synthetic source.
+    pub fn source(&self) -> &SyntheticSource {
+        &self.source
+    }
+
+    /// The data-plane node.
+    pub fn node(&self) -> Option<&starling_dataplane::Node> {
+        self.node.as_ref()
+    }
+
+    /// An admin API client.
+    pub fn admin(&self) -> AdminServiceClient<Channel> {
+        self.admin.clone()
+    }
+
+    /// The broadcast as the admin API reports it now (`GetBroadcast`: health, viewers,
+    /// grid figures).
+    pub async fn broadcast(&self) -> Result<Broadcast, HarnessError> {
+        self.admin
+            .clone()
+            .get_broadcast(BroadcastRef {
+                id: self.broadcast.id.clone(),
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| HarnessError::Admin(format!("GetBroadcast: {}", s.message())))
+    }
+
+    /// Bytes the data plane has written to wire-protocol viewers (chunk pushes,
+    /// answers to REQUEST and control frames, framing included), from its metrics.
+    pub fn dataplane_egress_bytes(&self) -> Option<u64> {
+        self.node.as_ref().map(|n| wire_bytes_sent(n.registry()))
+    }
+
+    /// A probe of [`Deployment::dataplane_egress_bytes`] that outlives the borrow.
+    pub fn egress_probe(&self) -> Option<impl Fn() -> Option<u64> + Send + Sync + 'static> {
+        let registry = self.node.as_ref()?.registry().clone();
+        Some(move || Some(wire_bytes_sent(&registry)))
+    }
+
+    /// Stops the data plane, the control plane and the source, and waits for them.
+    pub async fn shutdown(mut self) {
+        if let Some(node) = self.node.take() {
+            node.shutdown();
+            let _ = tokio::task::spawn_blocking(move || node.join()).await;
+        }
+        if let Some(cp) = self.control.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), cp.shutdown()).await;
+        }
+    }
+}

@@ -1,0 +1,448 @@
+//! A swarm of real SDK viewers on loopback sockets, joined to one [`Deployment`], with
+//! per-peer counters and a byte-identity check of every peer's output.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use starling_sdk::{RelayConfig, Stats, Viewer, ViewerConfig};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::deployment::Deployment;
+use crate::error::HarnessError;
+use crate::pattern::{OutputCheck, Pattern};
+use crate::report::{PeerCounters, PeerSample, PeerState, Sample};
+
+/// Upload budgets of the peers, as multiples of the stream rate, assigned in turn
+/// (peer `i` gets `multiples[i % len]`). 0 = the peer never relays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadProfile {
+    /// Multiples of the stream rate.
+    pub multiples: Vec<f64>,
+}
+
+impl UploadProfile {
+    /// A third of the peers never relay, the rest offer 1× to 3× the stream rate
+    /// (`0, 1, 2, 0, 1.5, 3`; mean 1.25×).
+    pub fn mixed() -> UploadProfile {
+        UploadProfile {
+            multiples: vec![0.0, 1.0, 2.0, 0.0, 1.5, 3.0],
+        }
+    }
+
+    /// Every peer offers `multiple` × the stream rate.
+    pub fn uniform(multiple: f64) -> UploadProfile {
+        UploadProfile {
+            multiples: vec![multiple],
+        }
+    }
+
+    /// Parses a comma-separated list of multiples, e.g. `0,1,2,0,1.5,3`.
+    pub fn parse(s: &str) -> Result<UploadProfile, HarnessError> {
+        let multiples = s
+            .split(',')
+            .map(|p| {
+                p.trim()
+                    .trim_end_matches('x')
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|m| m.is_finite() && *m >= 0.0)
+                    .ok_or_else(|| {
+                        HarnessError::Config(format!(
+                            "upload profile: {p:?} is not a non-negative number"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if multiples.is_empty() {
+            return Err(HarnessError::Config("upload profile is empty".into()));
+        }
+        Ok(UploadProfile { multiples })
+    }
+
+    /// Upload budget of peer `index`, kbit/s.
+    pub fn upload_kbps(&self, index: usize, stream_kbps: u32) -> u32 {
+        let m = self
+            .multiples
+            .get(index % self.multiples.len().max(1))
+            .copied()
+            .unwrap_or(0.0);
+        (m * f64::from(stream_kbps)).round() as u32
+    }
+
+    /// Mean multiple.
+    pub fn mean(&self) -> f64 {
+        if self.multiples.is_empty() {
+            0.0
+        } else {
+            self.multiples.iter().sum::<f64>() / self.multiples.len() as f64
+        }
+    }
+}
+
+/// How to build the swarm.
+#[derive(Debug, Clone)]
+pub struct SwarmConfig {
+    /// Number of peers.
+    pub peers: usize,
+    /// Upload budgets.
+    pub upload: UploadProfile,
+    /// Joins started per second; 0 = all at once.
+    pub join_rate: f64,
+    /// Play-out lag behind live; `None` = the SDK default.
+    pub target_lag: Option<Duration>,
+    /// Attempts per peer before its join counts as failed.
+    pub join_attempts: u32,
+    /// Check every peer's output against the source (costs one pass over every byte).
+    pub check_identity: bool,
+}
+
+impl Default for SwarmConfig {
+    fn default() -> Self {
+        SwarmConfig {
+            peers: 100,
+            upload: UploadProfile::mixed(),
+            join_rate: 50.0,
+            target_lag: None,
+            join_attempts: 3,
+            check_identity: true,
+        }
+    }
+}
+
+/// The loopback address of peer `index`: 127.1.0.1, 127.1.0.2, … (250 per /24), so that
+/// every peer listens on its own address and ports never run out.
+pub fn peer_ip(index: usize) -> Ipv4Addr {
+    let i = u32::try_from(index).unwrap_or(u32::MAX);
+    let b = 1 + (i / 62_500) % 254;
+    let c = (i / 250) % 250;
+    let d = i % 250 + 1;
+    Ipv4Addr::new(127, b as u8, c as u8, d as u8)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct PeerShared {
+    index: usize,
+    upload_kbps: u32,
+    ip: Ipv4Addr,
+    state: Mutex<PeerState>,
+    viewer: Mutex<Option<Viewer>>,
+    /// Counters frozen when the peer left (its viewer is gone then).
+    final_stats: Mutex<Option<Stats>>,
+    check: Mutex<OutputCheck>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+    join_ms: Mutex<Option<u64>>,
+}
+
+impl PeerShared {
+    fn sample(&self) -> PeerSample {
+        let mut state = lock(&self.state).clone();
+        let stats = match lock(&self.viewer).as_ref() {
+            Some(v) => {
+                if v.is_closed() && state == PeerState::Active {
+                    state = PeerState::Closed("the viewer stopped on its own".into());
+                }
+                Some(v.stats())
+            }
+            None => lock(&self.final_stats).clone(),
+        };
+        PeerSample {
+            index: self.index,
+            upload_kbps: self.upload_kbps,
+            state,
+            startup: stats.as_ref().and_then(|s| s.startup_time),
+            join_rpc_ms: *lock(&self.join_ms),
+            counters: stats
+                .as_ref()
+                .map(PeerCounters::from_stats)
+                .unwrap_or_default(),
+            check: lock(&self.check).clone(),
+        }
+    }
+}
+
+/// A running swarm. Cheap to clone (clones share the peers), so peers can be added
+/// from one task while another samples.
+#[derive(Clone)]
+pub struct Swarm {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    peers: Mutex<Vec<Arc<PeerShared>>>,
+    pattern: Pattern,
+    stream_kbps: u32,
+    control_url: String,
+    broadcast_id: String,
+    started: Instant,
+    egress: Mutex<Option<EgressProbe>>,
+}
+
+type EgressProbe = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
+
+impl std::fmt::Debug for Swarm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Swarm")
+            .field("peers", &self.len())
+            .field("stream_kbps", &self.inner.stream_kbps)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Swarm {
+    /// An empty swarm for `deployment`'s broadcast; add peers with
+    /// [`Swarm::add_peers`].
+    pub fn new(deployment: &Deployment) -> Swarm {
+        let swarm = Swarm {
+            inner: Arc::new(Inner {
+                peers: Mutex::new(Vec::new()),
+                pattern: deployment.source().pattern(),
+                stream_kbps: deployment.source().bitrate_kbps(),
+                control_url: deployment.control_url(),
+                broadcast_id: deployment.broadcast_id().to_owned(),
+                started: Instant::now(),
+                egress: Mutex::new(None),
+            }),
+        };
+        if let Some(probe) = deployment.egress_probe() {
+            swarm.set_egress_probe(probe);
+        }
+        swarm
+    }
+
+    /// Joins `config.peers` viewers to `deployment`'s broadcast at `config.join_rate`,
+    /// and returns once every join has succeeded or failed (failures are reported in
+    /// the samples, not returned).
+    pub async fn join(deployment: &Deployment, config: SwarmConfig) -> Swarm {
+        let swarm = Swarm::new(deployment);
+        swarm.add_peers(&config).await;
+        swarm
+    }
+
+    /// Sets a probe of the data plane's egress counter, sampled with the peers.
+    pub fn set_egress_probe(&self, probe: impl Fn() -> Option<u64> + Send + Sync + 'static) {
+        *lock(&self.inner.egress) = Some(Arc::new(probe));
+    }
+
+    fn peers(&self) -> Vec<Arc<PeerShared>> {
+        lock(&self.inner.peers).clone()
+    }
+
+    /// Joins `config.peers` more peers (indices continue after the existing ones) at
+    /// `config.join_rate`; returns once every join has succeeded or failed.
+    pub async fn add_peers(&self, config: &SwarmConfig) {
+        let start = Instant::now();
+        let mut joins = Vec::with_capacity(config.peers);
+        for n in 0..config.peers {
+            if config.join_rate > 0.0 {
+                let at = start + Duration::from_secs_f64(n as f64 / config.join_rate);
+                tokio::time::sleep_until(at).await;
+            }
+            let peer = {
+                let mut peers = lock(&self.inner.peers);
+                let index = peers.len();
+                let peer = Arc::new(PeerShared {
+                    index,
+                    upload_kbps: config.upload.upload_kbps(index, self.inner.stream_kbps),
+                    ip: peer_ip(index),
+                    state: Mutex::new(PeerState::Joining),
+                    viewer: Mutex::new(None),
+                    final_stats: Mutex::new(None),
+                    check: Mutex::new(OutputCheck::default()),
+                    reader: Mutex::new(None),
+                    join_ms: Mutex::new(None),
+                });
+                peers.push(peer.clone());
+                peer
+            };
+            let vc = self.viewer_config(&peer, config);
+            joins.push(tokio::spawn(join_peer(
+                peer,
+                vc,
+                config.join_attempts.max(1),
+                config.check_identity.then_some(self.inner.pattern),
+            )));
+        }
+        for j in joins {
+            let _ = j.await;
+        }
+    }
+
+    fn viewer_config(&self, peer: &PeerShared, config: &SwarmConfig) -> ViewerConfig {
+        let mut vc = ViewerConfig::new(self.inner.broadcast_id.clone());
+        vc.control_url = self.inner.control_url.clone();
+        // No local HTTP endpoint: the harness reads a subscription (one socket less).
+        vc.http_listen = None;
+        vc.client_version = concat!("starling-loadtest/", env!("CARGO_PKG_VERSION")).into();
+        vc.relay = RelayConfig {
+            listen: SocketAddr::new(IpAddr::V4(peer.ip), 0),
+            advertise_host: Some(peer.ip.to_string()),
+            max_upload_kbps: Some(peer.upload_kbps),
+        };
+        if let Some(lag) = config.target_lag {
+            vc.target_lag = lag;
+        }
+        vc
+    }
+
+    /// Number of peers ever added.
+    pub fn len(&self) -> usize {
+        lock(&self.inner.peers).len()
+    }
+
+    /// Whether no peer was ever added.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stream rate, kbit/s.
+    pub fn stream_kbps(&self) -> u32 {
+        self.inner.stream_kbps
+    }
+
+    /// Indices of the peers playing now.
+    pub fn active(&self) -> Vec<usize> {
+        self.peers()
+            .iter()
+            .filter(|p| *lock(&p.state) == PeerState::Active)
+            .map(|p| p.index)
+            .collect()
+    }
+
+    /// A snapshot of every peer's counters and output check.
+    pub fn sample(&self) -> Sample {
+        let probe = lock(&self.inner.egress).clone();
+        Sample {
+            elapsed: self.inner.started.elapsed(),
+            stream_kbps: self.inner.stream_kbps,
+            peers: self.peers().iter().map(|p| p.sample()).collect(),
+            dataplane_egress_bytes: probe.and_then(|f| f()),
+        }
+    }
+
+    /// Makes `fraction` of the active peers leave at once (cleanly, with `Leave`),
+    /// chosen by a seeded shuffle; returns their indices once they have all left.
+    pub async fn churn(&self, fraction: f64, seed: u64) -> Vec<usize> {
+        let mut active = self.active();
+        let n = ((active.len() as f64) * fraction.clamp(0.0, 1.0)).round() as usize;
+        let key = Pattern::new(seed);
+        active.sort_by_key(|i| key.word(*i as u64));
+        let chosen: Vec<usize> = active.into_iter().take(n).collect();
+        let peers = self.peers();
+        let leaves: Vec<_> = chosen
+            .iter()
+            .filter_map(|i| peers.get(*i).cloned())
+            .map(|p| tokio::spawn(async move { leave_peer(&p).await }))
+            .collect();
+        for l in leaves {
+            let _ = l.await;
+        }
+        let mut chosen = chosen;
+        chosen.sort_unstable();
+        chosen
+    }
+
+    /// Makes every remaining peer leave.
+    pub async fn shutdown(&self) {
+        let leaves: Vec<_> = self
+            .peers()
+            .into_iter()
+            .map(|p| tokio::spawn(async move { leave_peer(&p).await }))
+            .collect();
+        for l in leaves {
+            let _ = l.await;
+        }
+    }
+}
+
+async fn join_peer(
+    peer: Arc<PeerShared>,
+    vc: ViewerConfig,
+    attempts: u32,
+    pattern: Option<Pattern>,
+) {
+    let mut last_err = String::new();
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
+        }
+        let t0 = Instant::now();
+        match Viewer::join(vc.clone()).await {
+            Ok(viewer) => {
+                *lock(&peer.join_ms) = Some(t0.elapsed().as_millis() as u64);
+                let reader = pattern.map(|pattern| {
+                    let mut sub = viewer.subscribe();
+                    let p = peer.clone();
+                    tokio::spawn(async move {
+                        while let Some(bytes) = sub.next_bytes().await {
+                            lock(&p.check).feed(&pattern, &bytes);
+                        }
+                    })
+                });
+                *lock(&peer.reader) = reader;
+                *lock(&peer.viewer) = Some(viewer);
+                *lock(&peer.state) = PeerState::Active;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(peer = peer.index, attempt, "join failed: {e}");
+                last_err = e.to_string();
+            }
+        }
+    }
+    *lock(&peer.state) = PeerState::JoinFailed(last_err);
+}
+
+async fn leave_peer(peer: &PeerShared) {
+    let viewer = lock(&peer.viewer).take();
+    let Some(viewer) = viewer else { return };
+    *lock(&peer.final_stats) = Some(viewer.stats());
+    {
+        let mut st = lock(&peer.state);
+        if *st == PeerState::Active {
+            *st = PeerState::Left;
+        }
+    }
+    if let Err(e) = viewer.leave().await {
+        tracing::debug!(peer = peer.index, "leave: {e}");
+    }
+    if let Some(r) = lock(&peer.reader).take() {
+        r.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_ips_are_distinct_loopback() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..20_000 {
+            let ip = peer_ip(i);
+            assert!(ip.is_loopback());
+            assert_ne!(ip.octets()[3], 0);
+            assert!(seen.insert(ip), "duplicate {ip} at {i}");
+        }
+    }
+
+    #[test]
+    fn profile() {
+        let p = UploadProfile::mixed();
+        let budgets: Vec<u32> = (0..6).map(|i| p.upload_kbps(i, 500)).collect();
+        assert_eq!(budgets, vec![0, 500, 1000, 0, 750, 1500]);
+        assert!((p.mean() - 1.25).abs() < 1e-9);
+        assert_eq!(
+            UploadProfile::parse("0, 1x,2.5").ok(),
+            Some(UploadProfile {
+                multiples: vec![0.0, 1.0, 2.5]
+            })
+        );
+        assert!(UploadProfile::parse("a").is_err());
+        assert!(UploadProfile::parse("-1").is_err());
+    }
+}
