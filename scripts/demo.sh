@@ -72,7 +72,7 @@ wait_port() { # addr seconds
 PIDS+=($!)
 
 mkdir -p "$DATA"
-"$B/starling-controlplane" --listen "$CP_ADDR" --data-dir "$DATA" >"$RUN/controlplane.log" 2>&1 &
+"$B/starling-controlplane" --listen "$CP_ADDR" --data-dir "$DATA" --metrics-listen "${STARLING_DEMO_METRICS:-127.0.0.1:7091}" >"$RUN/controlplane.log" 2>&1 &
 PIDS+=($!)
 wait_port "$CP_ADDR" 30
 "$B/starling-dataplane" --control-url "http://$CP_ADDR" --wire-listen "$WIRE_ADDR" \
@@ -81,8 +81,9 @@ DP_PID=$!
 PIDS+=($DP_PID)
 wait_port "$HTTP_ADDR" 30
 
-admin() { "$B/starling-admin" --control-url "http://$CP_ADDR" "$@"; }
-ID=$(admin create --name "demo $(date +%H:%M)" --source "http://127.0.0.1:$SRC_PORT/live.ts" --id-only)
+# Zero-setup admin auth: the control plane wrote a random admin key into its data dir.
+admin() { "$B/starling-admin" --control-url "http://$CP_ADDR" --admin-key-file "$DATA/admin.key" "$@"; }
+ID=$(admin create --name "demo $(date +%H:%M)" --source "http://127.0.0.1:$SRC_PORT/live.ts" --public --id-only)
 admin start "$ID" >/dev/null
 say "broadcast $ID started; waiting for the source"
 admin wait "$ID" --health up --timeout 60s >/dev/null

@@ -88,6 +88,7 @@ for b in starling-controlplane starling-dataplane starling-admin starling-play; 
 done
 
 ICE_PORT=$(free_port); CP_PORT=$(free_port); WIRE_PORT=$(free_port); HTTP_PORT=$(free_port)
+MET_PORT=$(free_port)
 CONTROL=http://127.0.0.1:$CP_PORT
 
 # --- icecast2, the broadcaster's media server -------------------------------------
@@ -133,16 +134,25 @@ push_source() {
 push_source live.ts
 
 # --- control plane (embedded SQLite) and data plane --------------------------------
-bg controlplane "$BIN/starling-controlplane" --listen "127.0.0.1:$CP_PORT" --data-dir "$WORK/cp-data"
+bg controlplane "$BIN/starling-controlplane" --listen "127.0.0.1:$CP_PORT" --data-dir "$WORK/cp-data" \
+  --metrics-listen "127.0.0.1:$MET_PORT"
 wait_port 127.0.0.1 "$CP_PORT" 30 || { fail "control plane did not start"; exit 1; }
 bg dataplane "$BIN/starling-dataplane" --control-url "$CONTROL" \
   --wire-listen "127.0.0.1:$WIRE_PORT" --http-listen "127.0.0.1:$HTTP_PORT" --advertise-host 127.0.0.1
 wait_port 127.0.0.1 "$HTTP_PORT" 30 || { fail "data plane did not start"; exit 1; }
 log "control plane :$CP_PORT, data plane wire :$WIRE_PORT http :$HTTP_PORT"
 
-admin() { "$BIN/starling-admin" --control-url "$CONTROL" "$@"; }
+# Zero-setup admin auth: the control plane wrote a random admin key into its data dir.
+admin() { "$BIN/starling-admin" --control-url "$CONTROL" --admin-key-file "$WORK/cp-data/admin.key" "$@"; }
+if "$BIN/starling-admin" --control-url "$CONTROL" --admin-key "not-the-admin-key-at-all" list >/dev/null 2>"$WORK/noauth.err"; then
+  fail "an admin call with a wrong admin key succeeded"
+elif grep -qi "unauthenticated" "$WORK/noauth.err"; then
+  log "ok: admin call with a wrong key -> $(head -1 "$WORK/noauth.err")"
+else
+  fail "admin call with a wrong key: unexpected error: $(cat "$WORK/noauth.err")"
+fi
 
-ID=$(admin create --name e2e-live --source "http://127.0.0.1:$ICE_PORT/live.ts" --id-only)
+ID=$(admin create --name e2e-live --source "http://127.0.0.1:$ICE_PORT/live.ts" --public --id-only)
 log "created broadcast $ID"
 admin start "$ID" >/dev/null
 admin wait "$ID" --health up --timeout 30s >/dev/null || { fail "source never came up"; exit 1; }
@@ -253,6 +263,27 @@ if admin wait "$LATE" --health up --timeout 30s >/dev/null; then
 else
   fail "source did not recover"
 fi
+
+# The late broadcast is not public: a viewer without a credential cannot join it.
+if "$BIN/starling-play" --control-url "$CONTROL" --broadcast "$LATE" --duration 5s -o /dev/null 2>"$WORK/nocred.err"; then
+  fail "joining a non-public broadcast without a credential succeeded"
+elif grep -qi "unauthenticated" "$WORK/nocred.err"; then
+  log "ok: no credential -> $(grep -i 'unauthenticated' "$WORK/nocred.err" | head -1)"
+else
+  fail "no credential: unexpected error: $(cat "$WORK/nocred.err")"
+fi
+
+# Both servers' Prometheus metrics pass promtool.
+for m in "control-plane http://127.0.0.1:$MET_PORT/metrics" "data-plane http://127.0.0.1:$HTTP_PORT/metrics"; do
+  name=${m%% *}; url=${m#* }
+  if ! curl -fsS "$url" >"$WORK/$name.metrics"; then
+    fail "$name: cannot fetch $url"
+  elif out=$(promtool check metrics <"$WORK/$name.metrics" 2>&1) && [ -z "$out" ]; then
+    log "ok: $name /metrics passes promtool ($(grep -vc '^#' "$WORK/$name.metrics") samples)"
+  else
+    fail "$name /metrics: promtool: $out"
+  fi
+done
 
 # Stopped broadcast: viewers are told, new joins get a clear status.
 admin stop "$ID" >/dev/null

@@ -1,16 +1,18 @@
-//! The control-plane side: `ViewerService` Join / Heartbeat / Leave / Reparent over gRPC.
+//! The control-plane side: `ViewerService` Join / Heartbeat / Leave / Reparent /
+//! ReportPeer / Report over gRPC.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use starling_proto::v1::viewer_service_client::ViewerServiceClient;
 use starling_proto::v1::{
-    HeartbeatRequest, JoinRequest, LeaveRequest, PeerRef, ReparentRequest, StreamParams,
-    SubstreamParent,
+    HeartbeatRequest, JoinRequest, LeaveRequest, PeerRef, PublicKey, ReparentRequest,
+    ReportPeerRequest, ReportRequest, StreamParams, SubstreamParent, ViewerReport,
 };
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::SdkError;
+use crate::rights::KeyMaterial;
 
 /// Heartbeat interval used when the control plane does not say.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -65,6 +67,20 @@ pub(crate) struct JoinInfo {
     pub assignment: Assignment,
     pub stream_kbps: u32,
     pub child_slots: u32,
+    /// Expiry of `token` (unix ms; 0 = not said).
+    pub token_expires_at_ms: u64,
+    pub token_keys: Vec<KeyMaterial>,
+    pub chunk_keys: Vec<KeyMaterial>,
+    /// How often to report (`None`: the control plane did not say).
+    pub report_interval: Option<Duration>,
+}
+
+fn keys(v: Vec<PublicKey>) -> Vec<KeyMaterial> {
+    v.into_iter().map(|k| (k.key_id, k.ed25519)).collect()
+}
+
+fn ms(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
 }
 
 /// What this viewer offers the grid in `Join`.
@@ -88,6 +104,12 @@ pub(crate) struct Counters {
 pub(crate) struct HeartbeatInfo {
     pub active: bool,
     pub assignment: Assignment,
+    /// A renewed chunk token (empty = keep the current one).
+    pub token: Bytes,
+    pub token_expires_at_ms: u64,
+    pub revoked: Vec<u64>,
+    pub token_keys: Vec<KeyMaterial>,
+    pub chunk_keys: Vec<KeyMaterial>,
 }
 
 #[derive(Clone)]
@@ -154,6 +176,11 @@ impl Control {
             assignment: assignment(resp.parents, resp.neighbours),
             stream_kbps: resp.stream_kbps,
             child_slots: resp.child_slots,
+            token_expires_at_ms: ms(resp.token_expires_at_unix_ms),
+            token_keys: keys(resp.token_keys),
+            chunk_keys: keys(resp.chunk_keys),
+            report_interval: (resp.report_interval_ms > 0)
+                .then(|| Duration::from_millis(u64::from(resp.report_interval_ms).max(100))),
         })
     }
 
@@ -178,6 +205,11 @@ impl Control {
         Ok(HeartbeatInfo {
             active: resp.active,
             assignment: assignment(resp.parents, resp.neighbours),
+            token: Bytes::from(resp.chunk_token),
+            token_expires_at_ms: ms(resp.token_expires_at_unix_ms),
+            revoked: resp.revoked_peer_ids,
+            token_keys: keys(resp.token_keys),
+            chunk_keys: keys(resp.chunk_keys),
         })
     }
 
@@ -200,6 +232,44 @@ impl Control {
             .map_err(|s| SdkError::from_status("Reparent", s))?
             .into_inner();
         Ok(resp.parent.and_then(|p| p.peer).and_then(Peer::from_ref))
+    }
+
+    /// Tells the control plane that `peer_id` sent a chunk that failed its check.
+    pub(crate) async fn report_peer(
+        &self,
+        session_id: &str,
+        peer_id: u64,
+        reason: &str,
+    ) -> Result<(), SdkError> {
+        self.client
+            .clone()
+            .report_peer(ReportPeerRequest {
+                session_id: session_id.to_string(),
+                peer_id,
+                reason: reason.to_string(),
+            })
+            .await
+            .map_err(|s| SdkError::from_status("ReportPeer", s))?;
+        Ok(())
+    }
+
+    /// Sends quality reports; returns the highest `report_seq` the control plane holds.
+    pub(crate) async fn report(
+        &self,
+        session_id: &str,
+        reports: Vec<ViewerReport>,
+    ) -> Result<u64, SdkError> {
+        let resp = self
+            .client
+            .clone()
+            .report(ReportRequest {
+                session_id: session_id.to_string(),
+                reports,
+            })
+            .await
+            .map_err(|s| SdkError::from_status("Report", s))?
+            .into_inner();
+        Ok(resp.acked_seq)
     }
 
     pub(crate) async fn leave(&self, session_id: &str) -> Result<(), SdkError> {

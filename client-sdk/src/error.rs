@@ -129,13 +129,15 @@ impl SdkError {
 }
 
 /// Wire error codes after which reconnecting to the same node with the same token is
-/// pointless.
+/// pointless (a fresh `Join` may still help, except after [`ErrorCode::Revoked`]).
 pub(crate) fn is_fatal_code(code: ErrorCode) -> bool {
     matches!(
         code,
         ErrorCode::UnknownBroadcast
             | ErrorCode::BroadcastStopped
             | ErrorCode::Unauthorized
+            | ErrorCode::TokenExpired
+            | ErrorCode::Revoked
             | ErrorCode::UnsupportedVersion
     )
 }

@@ -238,6 +238,7 @@ mod tests {
             flags: if rap { chunk_flags::RANDOM_ACCESS } else { 0 },
             timestamp_ms: 0,
             duration_ms: 0,
+            signature: Bytes::new(),
             payload: Bytes::from(format!("[{seq}]")),
         }
     }

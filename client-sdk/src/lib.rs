@@ -19,6 +19,16 @@
 //! or silent, and plays out [`ViewerConfig::target_lag`] behind live. [`Stats`] counts
 //! bytes from the server and from peers, bytes uploaded, and chunks played and skipped.
 //!
+//! Rights and integrity: the chunk token from `Join` is presented in `HELLO` on every
+//! link and renewed with `TOKEN` frames when a heartbeat renews it; peers connecting to
+//! this viewer must present a valid token (checked offline with the control plane's
+//! keys; expired, renewed and revoked tokens are tracked per link). Every chunk, from
+//! the data plane or a peer, is checked against the data plane's signature before it
+//! is stored, played or relayed; a peer that sends a bad chunk is disconnected,
+//! reported (`ReportPeer`) and never used again. Quality reports
+//! (`ViewerService.Report`) go out every [`ViewerConfig::report_interval`] from a
+//! bounded queue, with a final one on [`Viewer::leave`].
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), starling_sdk::SdkError> {
 //! use starling_sdk::{Viewer, ViewerConfig};
@@ -43,6 +53,8 @@ mod http;
 mod hub;
 mod relay;
 pub mod reorder;
+mod report;
+mod rights;
 mod stats;
 mod viewer;
 

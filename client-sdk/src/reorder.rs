@@ -267,6 +267,7 @@ mod tests {
             flags: 0,
             timestamp_ms: 0,
             duration_ms: 1000,
+            signature: Bytes::new(),
             payload: Bytes::from(seq.to_be_bytes().to_vec()),
         }
     }

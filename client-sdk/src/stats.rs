@@ -57,6 +57,42 @@ pub struct Stats {
     pub neighbours: usize,
     /// This viewer's id in the peer grid (`None` without a grid assignment).
     pub peer_id: Option<u64>,
+    /// Peer links open now (parents, children, neighbours; the data plane excluded).
+    pub peer_links: usize,
+    /// Stalls: times the output was starved. In the peer grid, each run of consecutive
+    /// chunks that missed their play-out deadline (`Skip`) is one stall; on the direct
+    /// path, each gap given up in the output is one. See [`Stats::stall_time`].
+    pub stalls: u64,
+    /// Total duration of the stalls: the skipped chunks times the chunk duration.
+    pub stall_time: std::time::Duration,
+    /// Lag behind live at the last chunk played: wall clock when it was handed to the
+    /// player minus the time the data plane cut it (`None` before the first chunk, or
+    /// when the data plane does not stamp chunks).
+    pub lag: Option<std::time::Duration>,
+    /// Play-out buffer: chunks held ahead of the play-out point times the chunk
+    /// duration (peer grid), or chunks waiting in the reorder buffer (direct).
+    pub buffer: std::time::Duration,
+    /// Chunks whose signature and payload hash were checked and found authentic.
+    pub chunks_verified: u64,
+    /// Chunks accepted without a check because `Join` returned no chunk keys.
+    pub chunks_unverified: u64,
+    /// Chunks from peers that failed the check (dropped; the peer was disconnected,
+    /// reported and excluded).
+    pub bad_chunks_from_peers: u64,
+    /// Chunks from the data plane that failed the check (dropped and logged).
+    pub bad_chunks_from_server: u64,
+    /// `ReportPeer` calls made (peers that sent a bad chunk).
+    pub peers_reported: u64,
+    /// Peer connections refused or closed for their token (missing, invalid, expired,
+    /// revoked).
+    pub peers_refused: u64,
+    /// Renewed chunk tokens received from the control plane.
+    pub token_renewals: u64,
+    /// Quality reports acknowledged by the control plane.
+    pub reports_sent: u64,
+    /// Quality reports dropped unsent because the queue was full (control plane
+    /// unreachable for too long).
+    pub reports_dropped: u64,
 }
 
 impl Stats {
@@ -89,7 +125,8 @@ impl std::fmt::Display for Stats {
             "received {} bytes in {} chunks ({} duplicate), played {} bytes in {} chunks, \
              reconnects {}, rejoins {}, discontinuities {}, consumer drops {}, startup {}, seq {}; \
              from server {} bytes, from peers {} bytes, uploaded {} bytes, played {}, skipped {}, \
-             parent changes {}",
+             parent changes {}, stalls {} ({} ms); chunks verified {}, unverified {}, \
+             bad from peers {}, bad from server {}, peers reported {}, peers refused {}",
             self.bytes_received,
             self.chunks_received,
             self.duplicates,
@@ -109,6 +146,14 @@ impl std::fmt::Display for Stats {
             self.chunks_played,
             self.chunks_skipped,
             self.parent_changes,
+            self.stalls,
+            self.stall_time.as_millis(),
+            self.chunks_verified,
+            self.chunks_unverified,
+            self.bad_chunks_from_peers,
+            self.bad_chunks_from_server,
+            self.peers_reported,
+            self.peers_refused,
         )
     }
 }

@@ -15,6 +15,8 @@ use crate::control::{Control, Counters, JoinInfo, Offer};
 use crate::error::{SdkError, is_fatal_code};
 use crate::hub::{Hub, HubLimits, Subscription};
 use crate::reorder::{Output, PushOutcome, ReorderBuffer, ReorderConfig};
+use crate::report::{Baseline, ReportQueue};
+use crate::rights::{ChunkCheck, OwnToken, Rights, unix_ms};
 use crate::{http, stats::Stats};
 
 /// Everything a viewer can be tuned with. [`ViewerConfig::new`] gives sane defaults.
@@ -63,7 +65,19 @@ pub struct ViewerConfig {
     /// grid assignment ([`Viewer::connect_direct`], older control planes) play as soon
     /// as chunks are in order, as before.
     pub target_lag: Duration,
+    /// How often to send a quality report (`ViewerService.Report`). `None`: the
+    /// interval `Join` returns, or 5 s if it returns none.
+    pub report_interval: Option<Duration>,
+    /// Most reports kept while the control plane is unreachable; beyond it the oldest
+    /// are dropped (and counted in [`Stats::reports_dropped`]).
+    pub report_queue: usize,
+    /// Clock-skew tolerance when checking the chunk tokens of peers that connect to us
+    /// (not yet valid / expired). Default 5 s.
+    pub token_skew: Duration,
 }
+
+/// Report interval when neither the config nor `Join` says.
+const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Peer relaying settings ([`ViewerConfig::relay`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +153,9 @@ impl ViewerConfig {
             client_version: concat!("starling-sdk/", env!("CARGO_PKG_VERSION")).into(),
             relay: RelayConfig::new(),
             target_lag: crate::grid::SchedulerConfig::default().target_lag,
+            report_interval: None,
+            report_queue: 64,
+            token_skew: Duration::from_secs(5),
         }
     }
 
@@ -151,6 +168,14 @@ impl ViewerConfig {
         if self.target_lag.is_zero() || self.target_lag > Duration::from_secs(60) {
             return Err(SdkError::Config(
                 "target_lag must be in (0, 60 s]".to_string(),
+            ));
+        }
+        if self
+            .report_interval
+            .is_some_and(|d| d < Duration::from_millis(10))
+        {
+            return Err(SdkError::Config(
+                "report_interval must be at least 10 ms".to_string(),
             ));
         }
         Ok(())
@@ -169,6 +194,8 @@ impl ViewerConfig {
 pub(crate) struct Session {
     pub(crate) id: String,
     pub(crate) heartbeat: Duration,
+    /// The counters when this session started (its reports count from there).
+    pub(crate) baseline: Baseline,
 }
 
 pub(crate) struct Shared {
@@ -179,6 +206,9 @@ pub(crate) struct Shared {
     /// `None` while running; the end result once stopping.
     end: watch::Sender<Option<Result<(), SdkError>>>,
     session: Mutex<Option<Session>>,
+    /// Our token, the key sets, revoked peers.
+    pub(crate) rights: Rights,
+    reports: Mutex<ReportQueue>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -191,9 +221,55 @@ impl Shared {
         self.end.borrow().is_some()
     }
 
-    /// Replaces the control-plane session (after a re-join); returns the old one.
-    pub(crate) fn replace_session(&self, s: Session) -> Option<Session> {
-        lock(&self.session).replace(s)
+    /// Replaces the control-plane session (after a re-join); returns the old one. The
+    /// new session's reports count from the counters now.
+    pub(crate) fn replace_session(&self, id: String, heartbeat: Duration) -> Option<Session> {
+        let baseline = Baseline::of(&self.stats_mut());
+        lock(&self.session).replace(Session {
+            id,
+            heartbeat,
+            baseline,
+        })
+    }
+
+    /// The current session and the counters its reports start from.
+    pub(crate) fn session_for_report(&self) -> Option<(String, Baseline)> {
+        lock(&self.session)
+            .as_ref()
+            .map(|s| (s.id.clone(), s.baseline))
+    }
+
+    pub(crate) fn reports(&self) -> MutexGuard<'_, ReportQueue> {
+        lock(&self.reports)
+    }
+
+    /// A chunk was handed to the player: counters, start-up time, lag behind live.
+    pub(crate) fn played(&self, c: &starling_proto::wire::Chunk) {
+        let mut s = self.stats_mut();
+        if s.startup_time.is_none() {
+            s.startup_time = Some(self.started.elapsed());
+        }
+        s.chunks_out += 1;
+        s.chunks_played += 1;
+        s.bytes_out += c.payload.len() as u64;
+        s.current_seq = Some(c.seq);
+        if c.timestamp_ms > 0 {
+            s.lag = Some(Duration::from_millis(
+                unix_ms().saturating_sub(c.timestamp_ms),
+            ));
+        }
+    }
+
+    /// Checks a received chunk and counts the outcome (bad chunks are counted by the
+    /// caller, which knows where the chunk came from).
+    pub(crate) fn check_chunk(&self, c: &starling_proto::wire::Chunk) -> ChunkCheck {
+        let r = self.rights.check_chunk(c);
+        match &r {
+            ChunkCheck::Verified { .. } => self.stats_mut().chunks_verified += 1,
+            ChunkCheck::Unverified => self.stats_mut().chunks_unverified += 1,
+            ChunkCheck::Bad(_) => {}
+        }
+        r
     }
 
     /// Records why the viewer stops (the first reason wins) and tells every task.
@@ -267,7 +343,6 @@ impl Viewer {
         let join = control.join(&offer).await?;
         let target = Target {
             wire_addr: join.wire_addr.clone(),
-            token: join.token.clone(),
         };
         let grid = !join.assignment.parents.is_empty();
         let k = grid_substreams(&join);
@@ -276,7 +351,8 @@ impl Viewer {
         } else {
             starling_proto::wire::ALL_SUBSTREAMS
         };
-        let first = match open_conn(&config, &target, StartAt::Live, first_mask).await {
+        let first = match open_conn(&config, &target, &join.token, StartAt::Live, first_mask).await
+        {
             Ok(c) => c,
             Err(e) => {
                 let _ =
@@ -325,6 +401,7 @@ impl Viewer {
     ) -> Result<Viewer, SdkError> {
         let shared = new_shared(&config, started, Some(&join));
         shared.stats_mut().peer_id = Some(join.peer_id);
+        let report_every = report_interval(&config, &join);
         let mut tasks = Vec::new();
         let local_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(listener) = listener {
@@ -375,6 +452,11 @@ impl Viewer {
             shared.clone(),
             Some(events),
         )));
+        tasks.push(tokio::spawn(crate::report::report_loop(
+            control.clone(),
+            shared.clone(),
+            report_every,
+        )));
         Ok(Viewer {
             shared,
             control: Some(control),
@@ -397,11 +479,11 @@ impl Viewer {
         let listener = bind_http(&config).await?;
         let target = Target {
             wire_addr: wire_addr.into(),
-            token: config.chunk_token.clone(),
         };
         let first = open_conn(
             &config,
             &target,
+            &config.chunk_token,
             StartAt::Live,
             starling_proto::wire::ALL_SUBSTREAMS,
         )
@@ -425,6 +507,7 @@ impl Viewer {
         if let Some(listener) = listener {
             tasks.push(tokio::spawn(http::serve(listener, shared.clone())));
         }
+        let report_every = control.as_ref().map(|(_, j)| report_interval(&config, j));
         let control = control.map(|(c, _)| c);
         if let Some(c) = &control {
             tasks.push(tokio::spawn(heartbeat_loop(
@@ -432,6 +515,13 @@ impl Viewer {
                 shared.clone(),
                 None,
             )));
+            if let Some(every) = report_every {
+                tasks.push(tokio::spawn(crate::report::report_loop(
+                    c.clone(),
+                    shared.clone(),
+                    every,
+                )));
+            }
         }
         let receiver = Receiver {
             shared: shared.clone(),
@@ -439,6 +529,7 @@ impl Viewer {
             control: control.clone(),
             target,
             config,
+            chunk_ms: 1000,
         };
         tasks.push(tokio::spawn(receiver.run(first)));
         Viewer {
@@ -544,6 +635,15 @@ impl Viewer {
                 abort.abort();
             }
         }
+        if let Some(c) = &self.control {
+            // The final report, then whatever is still queued (bounded in time).
+            crate::report::enqueue(&self.shared, true);
+            let _ = tokio::time::timeout(
+                Duration::from_secs(3),
+                crate::report::flush(c, &self.shared),
+            )
+            .await;
+        }
         let session = lock(&self.shared.session).take();
         match (&self.control, session) {
             (Some(c), Some(s)) => {
@@ -591,6 +691,28 @@ fn new_shared(config: &ViewerConfig, started: Instant, join: Option<&JoinInfo>) 
         hub.set_content_type(ct);
     }
     let (end, _) = watch::channel(None);
+    let rights = match join {
+        Some(j) => Rights::new(
+            &config.broadcast_id,
+            config.token_skew,
+            OwnToken {
+                token: j.token.clone(),
+                expires_at_ms: j.token_expires_at_ms,
+            },
+            &j.token_keys,
+            &j.chunk_keys,
+        ),
+        None => Rights::new(
+            &config.broadcast_id,
+            config.token_skew,
+            OwnToken {
+                token: config.chunk_token.clone(),
+                expires_at_ms: 0,
+            },
+            &[],
+            &[],
+        ),
+    };
     Arc::new(Shared {
         broadcast_id: config.broadcast_id.clone(),
         hub,
@@ -600,8 +722,19 @@ fn new_shared(config: &ViewerConfig, started: Instant, join: Option<&JoinInfo>) 
         session: Mutex::new(join.map(|j| Session {
             id: j.session_id.clone(),
             heartbeat: j.heartbeat,
+            baseline: Baseline::default(),
         })),
+        rights,
+        reports: Mutex::new(ReportQueue::new(config.report_queue)),
     })
+}
+
+/// The report interval: the config's override, else `Join`'s, else 5 s.
+fn report_interval(config: &ViewerConfig, join: &JoinInfo) -> Duration {
+    config
+        .report_interval
+        .or(join.report_interval)
+        .unwrap_or(DEFAULT_REPORT_INTERVAL)
 }
 
 /// Number of substreams of a grid assignment: the stream parameters', else as many as
@@ -731,18 +864,18 @@ async fn bind_http(config: &ViewerConfig) -> Result<Option<TcpListener>, SdkErro
 #[derive(Debug, Clone)]
 struct Target {
     wire_addr: String,
-    token: Bytes,
 }
 
 async fn open_conn(
     config: &ViewerConfig,
     target: &Target,
+    token: &Bytes,
     start: StartAt,
     mask: u64,
 ) -> Result<WireConn, SdkError> {
     conn::open(OpenParams {
         addr: &target.wire_addr,
-        token: &target.token,
+        token,
         broadcast_id: &config.broadcast_id,
         start,
         limits: config.limits(),
@@ -784,6 +917,27 @@ async fn heartbeat_loop(
         };
         match r {
             Ok(Ok(hb)) if hb.active => {
+                let current = lock(&shared.session).as_ref().map(|s| s.id.clone());
+                if current.as_deref() != Some(session.id.as_str()) {
+                    // Answer for a session replaced meanwhile (re-join): stale.
+                    continue;
+                }
+                shared.rights.update_keys(&hb.token_keys, &hb.chunk_keys);
+                if !hb.token.is_empty() {
+                    shared.rights.set_token(OwnToken {
+                        token: hb.token,
+                        expires_at_ms: hb.token_expires_at_ms,
+                    });
+                    shared.stats_mut().token_renewals += 1;
+                }
+                if !hb.revoked.is_empty() {
+                    shared.rights.revoke(&hb.revoked);
+                    if let Some(g) = &grid {
+                        // Also closes links with them; if the queue is full, the next
+                        // beat repeats the list.
+                        let _ = g.try_send(crate::relay::Ev::Revoked(hb.revoked));
+                    }
+                }
                 if let Some(g) = &grid
                     && !hb.assignment.parents.is_empty()
                 {
@@ -823,6 +977,8 @@ struct Receiver {
     control: Option<Control>,
     target: Target,
     reorder: ReorderBuffer,
+    /// Duration of the last chunk received (for stall durations).
+    chunk_ms: u64,
 }
 
 impl Receiver {
@@ -873,9 +1029,10 @@ impl Receiver {
                         .next_expected()
                         .map_or(StartAt::Live, StartAt::Seq);
                     tracing::info!(addr = self.target.wire_addr, ?start, "reconnecting");
+                    let token = self.shared.rights.token();
                     let r = tokio::select! {
                         _ = stopped(&mut stop) => return Ok(()),
-                        r = open_conn(&self.config, &self.target, start, starling_proto::wire::ALL_SUBSTREAMS) => r,
+                        r = open_conn(&self.config, &self.target, &token, start, starling_proto::wire::ALL_SUBSTREAMS) => r,
                     };
                     match r {
                         Ok(c) => {
@@ -936,6 +1093,8 @@ impl Receiver {
             SdkError::Server { code, .. } if *code == ErrorCode::BroadcastStopped => {
                 Some(SdkError::BroadcastEnded(e.to_string()))
             }
+            // Revoked: no Join will help.
+            SdkError::Server { code, .. } if *code == ErrorCode::Revoked => Some(e),
             SdkError::Server { code, .. } if is_fatal_code(*code) => {
                 // The node may have lost the broadcast (moved) or the token expired: a
                 // fresh Join can fix both, once.
@@ -974,10 +1133,9 @@ impl Receiver {
             session = join.session_id,
             "re-joined via the control plane"
         );
-        let old = lock(&self.shared.session).replace(Session {
-            id: join.session_id.clone(),
-            heartbeat: join.heartbeat,
-        });
+        let old = self
+            .shared
+            .replace_session(join.session_id.clone(), join.heartbeat);
         if let Some(old) = old.filter(|o| o.id != join.session_id) {
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(3), control.leave(&old.id)).await;
@@ -986,9 +1144,16 @@ impl Receiver {
         if let Some(p) = &join.params {
             self.shared.hub.set_content_type(&p.content_type);
         }
+        self.shared.rights.rejoined(
+            OwnToken {
+                token: join.token.clone(),
+                expires_at_ms: join.token_expires_at_ms,
+            },
+            &join.token_keys,
+            &join.chunk_keys,
+        );
         self.target = Target {
             wire_addr: join.wire_addr,
-            token: join.token,
         };
         self.shared.stats_mut().rejoins += 1;
         Ok(true)
@@ -1013,12 +1178,25 @@ impl Receiver {
             self.reorder.skip_before(conn.info.first_seq);
             self.flush();
         }
+        let mut token = self.shared.rights.watch_token();
+        token.mark_unchanged();
         let end = loop {
             let deadline = self.reorder.deadline();
             let frame = tokio::select! {
                 _ = stopped(stop) => {
                     conn.close().await;
                     return SessionEnd::Stop;
+                }
+                r = token.changed() => {
+                    if r.is_ok() {
+                        let t = token.borrow_and_update().token.clone();
+                        if !t.is_empty()
+                            && let Err(e) = conn.send(&Frame::Token(t)).await
+                        {
+                            break SessionEnd::Lost(e);
+                        }
+                    }
+                    continue;
                 }
                 _ = sleep_until_opt(deadline) => {
                     self.reorder.handle_timeout(Instant::now());
@@ -1032,20 +1210,42 @@ impl Receiver {
                 },
             };
             match frame {
-                Frame::Chunk(c) => {
+                Frame::Chunk(mut c) => {
                     let len = c.payload.len() as u64;
-                    let outcome = self.reorder.push(c, Instant::now());
                     {
                         let mut s = self.shared.stats_mut();
                         s.chunks_received += 1;
                         s.bytes_received += len;
                         s.bytes_from_server += len;
-                        if outcome != PushOutcome::Accepted {
-                            s.duplicates += 1;
+                    }
+                    match self.shared.check_chunk(&c) {
+                        ChunkCheck::Verified { flags } => {
+                            // Keep the per-receiver DISCONTINUITY hint for the reorder
+                            // buffer; the stored flags are the signed ones otherwise.
+                            c.flags = flags
+                                | (c.flags & starling_proto::wire::chunk_flags::DISCONTINUITY);
                         }
+                        ChunkCheck::Unverified => {}
+                        ChunkCheck::Bad(e) => {
+                            tracing::warn!(
+                                seq = c.seq,
+                                "data plane sent a bad chunk (dropped): {e}"
+                            );
+                            self.shared.stats_mut().bad_chunks_from_server += 1;
+                            continue;
+                        }
+                    }
+                    if c.duration_ms > 0 {
+                        self.chunk_ms = u64::from(c.duration_ms);
+                    }
+                    let outcome = self.reorder.push(c, Instant::now());
+                    if outcome != PushOutcome::Accepted {
+                        self.shared.stats_mut().duplicates += 1;
                     }
                     self.flush();
                 }
+                // We are the client on this link: a TOKEN from the server means nothing.
+                Frame::Token(_) => {}
                 Frame::Ping(n) => {
                     if let Err(e) = conn.send(&Frame::Pong(n)).await {
                         break SessionEnd::Lost(e);
@@ -1094,15 +1294,9 @@ impl Receiver {
         while let Some(out) = self.reorder.pop() {
             match out {
                 Output::Chunk(c) => {
+                    self.shared.played(&c);
                     {
                         let mut s = self.shared.stats_mut();
-                        if s.startup_time.is_none() {
-                            s.startup_time = Some(self.shared.started.elapsed());
-                        }
-                        s.chunks_out += 1;
-                        s.chunks_played += 1;
-                        s.bytes_out += c.payload.len() as u64;
-                        s.current_seq = Some(c.seq);
                         if s.live_seq.is_none_or(|l| l < c.seq) {
                             s.live_seq = Some(c.seq);
                         }
@@ -1115,14 +1309,23 @@ impl Receiver {
                     reason,
                 } => {
                     tracing::info!(expected, resumed_at, ?reason, "discontinuity");
+                    let skipped = resumed_at.saturating_sub(expected);
                     let mut s = self.shared.stats_mut();
                     s.discontinuities += 1;
-                    s.chunks_skipped += resumed_at.saturating_sub(expected);
+                    s.chunks_skipped += skipped;
+                    // A gap in the output is a stall of the skipped chunks' duration.
+                    if skipped > 0 {
+                        s.stalls += 1;
+                        s.stall_time +=
+                            Duration::from_millis(skipped.saturating_mul(self.chunk_ms));
+                    }
                     drop(s);
                     self.shared.hub.discontinuity();
                 }
             }
         }
+        let waiting = self.reorder.pending_len() as u64;
+        self.shared.stats_mut().buffer = Duration::from_millis(waiting * self.chunk_ms);
     }
 }
 

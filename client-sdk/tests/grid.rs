@@ -26,9 +26,68 @@ const CHUNK_MS: u64 = 100;
 
 mod fake_grid {
     use super::*;
+    use starling_proto::token::{Scopes, TokenClaims, TokenSigner};
     use starling_proto::v1::viewer_service_server::{ViewerService, ViewerServiceServer};
     use starling_proto::v1::*;
     use tonic::{Request, Response, Status};
+
+    pub fn now_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    }
+
+    /// The fake control plane's keys: it signs chunk tokens (key id 1) and hands out
+    /// the data plane's chunk key, if any.
+    #[derive(Clone)]
+    pub struct Keys {
+        pub tokens: Arc<TokenSigner>,
+        pub chunk_key: Option<(u32, Vec<u8>)>,
+        /// Lifetime of the tokens issued (and renewed in every heartbeat).
+        pub token_ms: u64,
+    }
+
+    impl Keys {
+        pub fn new(chunk_key: Option<(u32, Vec<u8>)>) -> Keys {
+            let pkcs8 = starling_proto::token::generate_pkcs8().unwrap();
+            Keys {
+                tokens: Arc::new(TokenSigner::new(1, &pkcs8).unwrap()),
+                chunk_key,
+                token_ms: 60_000,
+            }
+        }
+
+        pub fn token(&self, broadcast: &str, peer_id: u64, iat: u64, exp: u64) -> bytes::Bytes {
+            self.tokens
+                .sign(&TokenClaims {
+                    broadcast_id: broadcast.into(),
+                    peer_id,
+                    session_id: peer_id,
+                    scopes: Scopes::PLAY | Scopes::RELAY,
+                    issued_at_ms: iat,
+                    expires_at_ms: exp,
+                })
+                .unwrap()
+        }
+
+        fn token_keys(&self) -> Vec<PublicKey> {
+            vec![PublicKey {
+                key_id: self.tokens.key_id(),
+                ed25519: self.tokens.public_key().to_vec(),
+            }]
+        }
+
+        fn chunk_keys(&self) -> Vec<PublicKey> {
+            self.chunk_key
+                .iter()
+                .map(|(id, k)| PublicKey {
+                    key_id: *id,
+                    ed25519: k.clone(),
+                })
+                .collect()
+        }
+    }
 
     /// Who feeds a substream / who is a neighbour, in a plan.
     #[derive(Clone, Debug)]
@@ -56,6 +115,10 @@ mod fake_grid {
         pub reparents: Vec<(String, u32, Vec<u64>)>,
         pub heartbeats: Vec<HeartbeatRequest>,
         pub leaves: Vec<String>,
+        /// (session, peer, reason) of every ReportPeer.
+        pub report_peers: Vec<(String, u64, String)>,
+        /// Peers revoked: sent in every heartbeat.
+        pub revoked: Vec<u64>,
     }
 
     #[derive(Clone)]
@@ -64,6 +127,11 @@ mod fake_grid {
         pub wire_addr: String,
         pub plans: Arc<Vec<Plan>>,
         pub state: Arc<Mutex<State>>,
+        pub keys: Keys,
+    }
+
+    fn session_peer(session: &str) -> u64 {
+        session.trim_start_matches('s').parse().unwrap_or(0)
     }
 
     fn resolve(st: &State, r: &Ref) -> Option<PeerRef> {
@@ -114,6 +182,9 @@ mod fake_grid {
                 .collect();
             st.parents.insert(session.clone(), ps.clone());
             st.neighbours.insert(session.clone(), ns.clone());
+            let now = now_ms();
+            let exp = now + self.keys.token_ms;
+            let token = self.keys.token(&self.broadcast, i as u64 + 1, now, exp);
             Ok(Response::new(JoinResponse {
                 session_id: session,
                 params: Some(StreamParams {
@@ -124,7 +195,11 @@ mod fake_grid {
                 }),
                 dataplane_wire_addr: self.wire_addr.clone(),
                 dataplane_http_addr: String::new(),
-                chunk_token: b"token".to_vec(),
+                chunk_token: token.to_vec(),
+                token_expires_at_unix_ms: exp as i64,
+                token_keys: self.keys.token_keys(),
+                chunk_keys: self.keys.chunk_keys(),
+                report_interval_ms: 0,
                 heartbeat_interval_ms: 200,
                 peer_id: i as u64 + 1,
                 parents: parents(&ps),
@@ -151,11 +226,22 @@ mod fake_grid {
                 .cloned()
                 .unwrap_or_default();
             let active = !st.leaves.contains(&req.session_id);
+            let now = now_ms();
+            let exp = now + self.keys.token_ms;
+            let token = self
+                .keys
+                .token(&self.broadcast, session_peer(&req.session_id), now, exp);
+            let revoked = st.revoked.clone();
             st.heartbeats.push(req);
             Ok(Response::new(HeartbeatResponse {
                 active,
                 parents: parents(&ps),
                 neighbours: ns,
+                chunk_token: token.to_vec(),
+                token_expires_at_unix_ms: exp as i64,
+                revoked_peer_ids: revoked,
+                token_keys: self.keys.token_keys(),
+                chunk_keys: self.keys.chunk_keys(),
             }))
         }
 
@@ -169,6 +255,29 @@ mod fake_grid {
                 .leaves
                 .push(req.into_inner().session_id);
             Ok(Response::new(LeaveResponse {}))
+        }
+
+        async fn report_peer(
+            &self,
+            req: Request<ReportPeerRequest>,
+        ) -> Result<Response<ReportPeerResponse>, Status> {
+            let req = req.into_inner();
+            self.state
+                .lock()
+                .unwrap()
+                .report_peers
+                .push((req.session_id, req.peer_id, req.reason));
+            Ok(Response::new(ReportPeerResponse {}))
+        }
+
+        async fn report(
+            &self,
+            req: Request<ReportRequest>,
+        ) -> Result<Response<ReportResponse>, Status> {
+            let req = req.into_inner();
+            Ok(Response::new(ReportResponse {
+                acked_seq: req.reports.iter().map(|r| r.report_seq).max().unwrap_or(0),
+            }))
         }
 
         /// Always answers the data plane.
@@ -195,11 +304,21 @@ mod fake_grid {
     }
 
     pub async fn start(broadcast: &str, wire_addr: SocketAddr, plans: Vec<Plan>) -> (String, Fake) {
+        start_with(broadcast, wire_addr, plans, Keys::new(None)).await
+    }
+
+    pub async fn start_with(
+        broadcast: &str,
+        wire_addr: SocketAddr,
+        plans: Vec<Plan>,
+        keys: Keys,
+    ) -> (String, Fake) {
         let fake = Fake {
             broadcast: broadcast.into(),
             wire_addr: wire_addr.to_string(),
             plans: Arc::new(plans),
             state: Default::default(),
+            keys,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -212,7 +331,7 @@ mod fake_grid {
     }
 }
 
-use fake_grid::{Plan, Ref};
+use fake_grid::{Keys, Plan, Ref, now_ms};
 
 fn config(broadcast: &str, control_url: &str, upload_kbps: u32) -> ViewerConfig {
     let mut c = ViewerConfig::new(broadcast);
@@ -284,7 +403,7 @@ async fn wait_played(v: &Viewer, n: u64) -> Stats {
 }
 
 /// A raw peer connection: HELLO(peer), SUBSCRIBE(mask); returns the first frame.
-async fn raw_subscribe(addr: &str, broadcast: &str, mask: u64) -> Frame {
+async fn raw_subscribe(addr: &str, broadcast: &str, mask: u64, token: bytes::Bytes) -> Frame {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut out = BytesMut::new();
     wire::encode(
@@ -292,7 +411,7 @@ async fn raw_subscribe(addr: &str, broadcast: &str, mask: u64) -> Frame {
             min_version: 1,
             max_version: 1,
             role: Role::Peer,
-            token: Default::default(),
+            token,
         }),
         &mut out,
     )
@@ -313,7 +432,10 @@ async fn raw_subscribe(addr: &str, broadcast: &str, mask: u64) -> Frame {
     tokio::time::timeout(GUARD, async {
         while frames.len() < 2 {
             while let Some(f) = dec.decode(&mut buf).unwrap() {
-                frames.push(f);
+                // The link's keep-alive PING may come before the answer.
+                if !matches!(f, Frame::Ping(_)) {
+                    frames.push(f);
+                }
             }
             if frames.len() >= 2 || s.read_buf(&mut buf).await.unwrap() == 0 {
                 break;
@@ -387,15 +509,18 @@ async fn tree_relays_refuses_beyond_slots_and_survives_parent_leaving() {
     assert_eq!(sa.peer_share(), 0.0);
 
     // A has no slot left: a third child is refused, a neighbour link is not.
-    let refused = raw_subscribe(a.peer_addr().unwrap(), "g1", 0b1).await;
+    let tok = cp
+        .keys
+        .token("g1", 77, fake_grid::now_ms(), fake_grid::now_ms() + 60_000);
+    let refused = raw_subscribe(a.peer_addr().unwrap(), "g1", 0b1, tok.clone()).await;
     assert!(
         matches!(&refused, Frame::Error(r) if r.code == ErrorCode::ServerBusy),
         "{refused:?}"
     );
-    let neighbour = raw_subscribe(a.peer_addr().unwrap(), "g1", 0).await;
+    let neighbour = raw_subscribe(a.peer_addr().unwrap(), "g1", 0, tok.clone()).await;
     assert!(matches!(neighbour, Frame::StreamInfo(_)), "{neighbour:?}");
     // A wrong broadcast is refused too.
-    let wrong = raw_subscribe(a.peer_addr().unwrap(), "other", 0b1).await;
+    let wrong = raw_subscribe(a.peer_addr().unwrap(), "other", 0b1, tok).await;
     assert!(
         matches!(&wrong, Frame::Error(r) if r.code == ErrorCode::UnknownBroadcast),
         "{wrong:?}"
@@ -459,10 +584,8 @@ async fn chunk_missing_from_the_parent_is_pulled_from_a_neighbour() {
     let lossy = LiveServer::start(
         src.clone(),
         Opts {
-            broadcast: "g2".into(),
-            role: Role::Peer,
             drop: lossy_drop.clone(),
-            window: 300,
+            ..Opts::peer("g2")
         },
     )
     .await;
@@ -527,4 +650,390 @@ impl MaxByPlayed for Stats {
             other
         }
     }
+}
+
+// ---------------------------------------------------------------------------------
+// Rights and integrity
+// ---------------------------------------------------------------------------------
+
+use bytes::Bytes;
+use starling_proto::integrity::{ChunkSigner, generate_pkcs8};
+
+/// A chunk signer (the data plane's key, id 7) and the fake control plane's keys that
+/// hand it out.
+fn signing() -> (Arc<ChunkSigner>, Keys) {
+    let signer = Arc::new(ChunkSigner::new(7, &generate_pkcs8().unwrap()).unwrap());
+    let keys = Keys::new(Some((7, signer.public_key().to_vec())));
+    (signer, keys)
+}
+
+/// A raw peer connection to a viewer's peer listener.
+struct RawPeer {
+    s: tokio::net::TcpStream,
+    dec: Decoder,
+    buf: BytesMut,
+}
+
+impl RawPeer {
+    /// Connects and sends HELLO(peer, token) and SUBSCRIBE(mask) at once.
+    async fn connect(addr: &str, broadcast: &str, mask: u64, token: Bytes) -> RawPeer {
+        let mut p = RawPeer {
+            s: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            dec: Decoder::new(Limits::default()),
+            buf: BytesMut::new(),
+        };
+        p.send(&Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            role: Role::Peer,
+            token,
+        }))
+        .await;
+        p.send(&Frame::Subscribe(Subscribe {
+            broadcast_id: broadcast.into(),
+            start: StartAt::Live,
+            substream_mask: mask,
+        }))
+        .await;
+        p
+    }
+
+    async fn send(&mut self, f: &Frame) {
+        let b = wire::encode_to_bytes(f).unwrap();
+        let _ = self.s.write_all(&b).await;
+    }
+
+    /// The next frame; `None` at EOF or on a reset.
+    async fn next(&mut self) -> Option<Frame> {
+        tokio::time::timeout(GUARD, async {
+            loop {
+                if let Some(f) = self.dec.decode(&mut self.buf).unwrap() {
+                    return Some(f);
+                }
+                match self.s.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("no frame")
+    }
+
+    /// HELLO_ACK then STREAM_INFO (accepted).
+    async fn expect_accepted(&mut self, who: &str) {
+        let f = self.next().await;
+        assert!(matches!(f, Some(Frame::HelloAck(_))), "{who}: {f:?}");
+        // The link's keep-alive PING may come first.
+        let f = loop {
+            match self.next().await {
+                Some(Frame::Ping(n)) => self.send(&Frame::Pong(n)).await,
+                f => break f,
+            }
+        };
+        assert!(matches!(f, Some(Frame::StreamInfo(_))), "{who}: {f:?}");
+    }
+
+    /// Reads until an ERROR or GOODBYE (answering pings); returns its code.
+    async fn closed_with(&mut self) -> Option<ErrorCode> {
+        loop {
+            match self.next().await? {
+                Frame::Error(r) | Frame::Goodbye(r) => return Some(r.code),
+                Frame::Ping(n) => self.send(&Frame::Pong(n)).await,
+                _ => {}
+            }
+        }
+    }
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    tokio::time::timeout(GUARD, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_chunks_verify_play_and_relay_with_tokens_renewed() {
+    let (signer, keys) = signing();
+    let src = Source::signed(K, CHUNK_MS, "s1", signer);
+    let dp = LiveServer::start(src.clone(), Opts::data_plane("s1")).await;
+    src.wait_for(RAP_EVERY).await;
+    let plans = vec![
+        Plan {
+            parents: vec![Ref::DataPlane; K as usize],
+            neighbours: vec![],
+            child_slots: 8,
+        },
+        Plan {
+            parents: vec![Ref::Joiner(0); K as usize],
+            neighbours: vec![],
+            child_slots: 0,
+        },
+    ];
+    let (url, cp) = fake_grid::start_with("s1", dp.addr, plans, keys).await;
+    let a = Viewer::join(config("s1", &url, 10_000)).await.unwrap();
+    let b = Viewer::join(config("s1", &url, 0)).await.unwrap();
+    let out = collect(&b);
+    let sb = wait_played(&b, 30).await;
+    // Heartbeats renew the token every 200 ms: the data plane gets TOKEN frames, and
+    // A keeps B (its renewals are accepted).
+    wait_until("TOKEN frames at the data plane", || {
+        dp.log.lock().unwrap().token_frames.len() >= 2
+    })
+    .await;
+    let sb = wait_played(&b, sb.chunks_played + 10).await;
+    let sa = a.stats();
+    for (who, s) in [("A", &sa), ("B", &sb)] {
+        assert!(s.chunks_verified > 0, "{who}: {s}");
+        assert_eq!(s.chunks_unverified, 0, "{who}: {s}");
+        assert_eq!(
+            s.bad_chunks_from_peers + s.bad_chunks_from_server,
+            0,
+            "{who}: {s}"
+        );
+        assert!(s.token_renewals > 0, "{who}: {s:?}");
+    }
+    assert_eq!(sb.chunks_skipped, 0, "{sb}");
+    assert!(sb.peer_share() >= 0.9, "B is fed by A: {sb}");
+    assert_eq!(sa.children, 1, "{sa:?}");
+    assert_eq!(sa.peers_refused, 0, "{sa:?}");
+    // Every HELLO to the data plane carried a token of the fake control plane.
+    for t in dp.log.lock().unwrap().hello_tokens.iter() {
+        let (_, claims) = starling_proto::token::peek_unverified(t).unwrap();
+        assert_eq!(claims.broadcast_id, "s1");
+    }
+    assert!(cp.state.lock().unwrap().report_peers.is_empty());
+    b.leave().await.unwrap();
+    a.leave().await.unwrap();
+    assert_identical(&out.await.unwrap(), "B");
+    src.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polluting_parents_are_dropped_reported_and_replaced_without_a_gap() {
+    let (signer, keys) = signing();
+    let src = Source::signed(K, CHUNK_MS, "p1", signer);
+    let dp = LiveServer::start(src.clone(), Opts::data_plane("p1")).await;
+    // 98 feeds substreams 0 and 1 and corrupts one payload byte of chunk 33; 99 feeds
+    // 2 and 3 and re-signs chunk 38 with its own key.
+    let (corrupt, forge) = (33u64, 38u64);
+    let m1 = LiveServer::start(
+        src.clone(),
+        Opts {
+            corrupt: [corrupt].into(),
+            ..Opts::peer("p1")
+        },
+    )
+    .await;
+    let m2 = LiveServer::start(
+        src.clone(),
+        Opts {
+            forge: [forge].into(),
+            ..Opts::peer("p1")
+        },
+    )
+    .await;
+    src.wait_for(RAP_EVERY).await;
+    let p98 = Ref::Fixed(98, m1.addr.to_string());
+    let p99 = Ref::Fixed(99, m2.addr.to_string());
+    let plans = vec![
+        // D: fed by the data plane, E's neighbour.
+        Plan {
+            parents: vec![Ref::DataPlane; K as usize],
+            neighbours: vec![],
+            child_slots: 0,
+        },
+        // E: fed by the two polluters.
+        Plan {
+            parents: vec![p98.clone(), p98, p99.clone(), p99],
+            neighbours: vec![Ref::Joiner(0)],
+            child_slots: 0,
+        },
+    ];
+    let (url, cp) = fake_grid::start_with("p1", dp.addr, plans, keys).await;
+    let d = Viewer::join(config("p1", &url, 10_000)).await.unwrap();
+    let e = Viewer::join(config("p1", &url, 0)).await.unwrap();
+    let out = collect(&e);
+    tokio::time::timeout(GUARD, async {
+        while e.stats().current_seq.is_none_or(|s| s < 50) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("E stalled: {}", e.stats()));
+    let se = e.stats();
+    assert_eq!(se.bad_chunks_from_peers, 2, "{se}");
+    assert_eq!(se.peers_reported, 2, "{se}");
+    assert_eq!(se.chunks_skipped, 0, "continuity lost: {se}");
+    assert_eq!(se.stalls, 0, "{se}");
+    assert!(se.chunks_verified > 0 && se.chunks_unverified == 0, "{se}");
+    // Both polluters were told why and disconnected, and never dialled again.
+    for (who, m, bad) in [("98", &m1, corrupt), ("99", &m2, forge)] {
+        let log = m.log.lock().unwrap();
+        assert_eq!(log.bad_sent, vec![bad], "{who}");
+        assert_eq!(log.closes, vec![ErrorCode::BadChunk], "{who}");
+        assert_eq!(log.connections, 1, "{who} was dialled again");
+    }
+    {
+        let st = cp.state.lock().unwrap();
+        let mut reported: Vec<u64> = st
+            .report_peers
+            .iter()
+            .filter(|(s, _, _)| s == "s2")
+            .map(|(_, p, _)| *p)
+            .collect();
+        reported.sort_unstable();
+        assert_eq!(reported, vec![98, 99], "{:?}", st.report_peers);
+        for (peer, subs) in [(98u64, [0u32, 1]), (99, [2, 3])] {
+            for sub in subs {
+                assert!(
+                    st.reparents
+                        .iter()
+                        .any(|(s, x, ex)| s == "s2" && *x == sub && ex.contains(&peer)),
+                    "substream {sub} not re-parented away from {peer}: {:?}",
+                    st.reparents
+                );
+            }
+        }
+    }
+    e.leave().await.unwrap();
+    d.leave().await.unwrap();
+    let (first, last) = assert_identical(&out.await.unwrap(), "E");
+    assert!(first < corrupt && last > forge, "{first}..{last}");
+    src.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_tokens_are_checked_renewed_and_expire() {
+    let (signer, keys) = signing();
+    let src = Source::signed(K, CHUNK_MS, "t1", signer);
+    let dp = LiveServer::start(src.clone(), Opts::data_plane("t1")).await;
+    src.wait_for(RAP_EVERY).await;
+    let plans = vec![Plan {
+        parents: vec![Ref::DataPlane; K as usize],
+        neighbours: vec![],
+        child_slots: 8,
+    }];
+    let (url, cp) = fake_grid::start_with("t1", dp.addr, plans, keys).await;
+    let mut cfg = config("t1", &url, 10_000);
+    cfg.token_skew = Duration::from_millis(200);
+    let a = Viewer::join(cfg).await.unwrap();
+    let addr = a.peer_addr().unwrap().to_string();
+    let k = &cp.keys;
+    let now = now_ms();
+    let refused = [
+        ("no token", Bytes::new()),
+        ("garbage", Bytes::from_static(b"not a token")),
+        ("expired", k.token("t1", 50, now - 120_000, now - 60_000)),
+        ("other broadcast", k.token("t2", 50, now, now + 60_000)),
+        (
+            "unknown key",
+            Keys::new(None).token("t1", 50, now, now + 60_000),
+        ),
+    ];
+    for (what, token) in refused {
+        let mut p = RawPeer::connect(&addr, "t1", 0, token).await;
+        let f = p.next().await;
+        assert!(
+            matches!(&f, Some(Frame::Error(r)) if r.code == ErrorCode::Unauthorized),
+            "{what}: {f:?}"
+        );
+    }
+    // A valid token: accepted as a child.
+    let mut ok = RawPeer::connect(&addr, "t1", 0b1, k.token("t1", 50, now, now + 60_000)).await;
+    ok.expect_accepted("valid").await;
+    // Short-lived tokens: one is never renewed, one is renewed, one is "renewed" with
+    // another peer's token.
+    let short = |peer| k.token("t1", peer, now - 1_000, now_ms() + 800);
+    let mut lapsing = RawPeer::connect(&addr, "t1", 0, short(51)).await;
+    lapsing.expect_accepted("lapsing").await;
+    let mut renewed = RawPeer::connect(&addr, "t1", 0, short(52)).await;
+    renewed.expect_accepted("renewed").await;
+    renewed
+        .send(&Frame::Token(k.token("t1", 52, now, now + 60_000)))
+        .await;
+    let mut impostor = RawPeer::connect(&addr, "t1", 0, short(53)).await;
+    impostor.expect_accepted("impostor").await;
+    impostor
+        .send(&Frame::Token(k.token("t1", 54, now, now + 60_000)))
+        .await;
+    assert_eq!(impostor.closed_with().await, Some(ErrorCode::Unauthorized));
+    assert_eq!(lapsing.closed_with().await, Some(ErrorCode::TokenExpired));
+    // The renewed link outlives the lapsed one (same original expiry) for a while.
+    let more = tokio::time::timeout(Duration::from_secs(1), renewed.closed_with()).await;
+    assert!(more.is_err(), "renewed link closed: {more:?}");
+    let more = tokio::time::timeout(Duration::from_millis(100), ok.closed_with()).await;
+    assert!(more.is_err(), "valid link closed: {more:?}");
+    let sa = a.stats();
+    assert_eq!(sa.peers_refused, 5 + 2, "{sa:?}");
+    assert_eq!(sa.children, 1, "{sa:?}");
+    a.leave().await.unwrap();
+    src.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_peers_lose_their_links_and_are_refused() {
+    let (signer, keys) = signing();
+    let src = Source::signed(K, CHUNK_MS, "r1", signer);
+    let dp = LiveServer::start(src.clone(), Opts::data_plane("r1")).await;
+    src.wait_for(RAP_EVERY).await;
+    let plans = vec![
+        // A (peer 1): fed by the data plane, relays.
+        Plan {
+            parents: vec![Ref::DataPlane; K as usize],
+            neighbours: vec![],
+            child_slots: 8,
+        },
+        // B (peer 2): every substream from A.
+        Plan {
+            parents: vec![Ref::Joiner(0); K as usize],
+            neighbours: vec![],
+            child_slots: 0,
+        },
+    ];
+    let (url, cp) = fake_grid::start_with("r1", dp.addr, plans, keys).await;
+    let a = Viewer::join(config("r1", &url, 10_000)).await.unwrap();
+    let b = Viewer::join(config("r1", &url, 0)).await.unwrap();
+    let sb = wait_played(&b, 20).await;
+    assert!(sb.peer_share() > 0.5, "{sb}");
+    let addr = a.peer_addr().unwrap().to_string();
+    let now = now_ms();
+    let token77 = cp.keys.token("r1", 77, now, now + 60_000);
+    let mut p = RawPeer::connect(&addr, "r1", 0, token77.clone()).await;
+    p.expect_accepted("77").await;
+
+    // The control plane revokes peer 77 and A (peer 1).
+    cp.state.lock().unwrap().revoked = vec![77, 1];
+    // A closes its link with 77...
+    assert_eq!(p.closed_with().await, Some(ErrorCode::Revoked));
+    // ... and refuses it from now on.
+    let mut again = RawPeer::connect(&addr, "r1", 0, token77).await;
+    let f = again.next().await;
+    assert!(
+        matches!(&f, Some(Frame::Error(r)) if r.code == ErrorCode::Revoked),
+        "{f:?}"
+    );
+    // B drops A and re-parents every substream away from it.
+    wait_until("B re-parenting away from A", || {
+        let st = cp.state.lock().unwrap();
+        let subs: BTreeSet<u32> = st
+            .reparents
+            .iter()
+            .filter(|(s, _, ex)| s == "s2" && ex.contains(&1))
+            .map(|(_, sub, _)| *sub)
+            .collect();
+        subs.len() == usize::from(K)
+    })
+    .await;
+    wait_until("A without children", || a.stats().children == 0).await;
+    let sb2 = wait_played(&b, sb.chunks_played + 20).await;
+    assert_eq!(sb2.peer_links, 0, "{sb2:?}");
+    assert!(sb2.bytes_from_server > sb.bytes_from_server, "{sb2}");
+    b.leave().await.unwrap();
+    a.leave().await.unwrap();
+    src.stop();
 }

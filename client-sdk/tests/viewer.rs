@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -277,10 +277,39 @@ mod fake_control {
         pub joins: Arc<Mutex<Vec<JoinRequest>>>,
         pub heartbeats: Arc<Mutex<Vec<String>>>,
         pub leaves: Arc<Mutex<Vec<String>>>,
+        /// Every report received (retries included), in order.
+        pub reports: Arc<Mutex<Vec<(String, ViewerReport)>>>,
+        /// While set, `Report` fails with `UNAVAILABLE` (counted in `report_failures`).
+        pub fail_reports: Arc<AtomicBool>,
+        pub report_failures: Arc<AtomicUsize>,
+        /// `Leave` calls see this many reports already received (final-before-leave).
+        pub reports_at_leave: Arc<Mutex<Option<usize>>>,
     }
 
     #[tonic::async_trait]
     impl ViewerService for Fake {
+        async fn report_peer(
+            &self,
+            _req: Request<ReportPeerRequest>,
+        ) -> Result<Response<ReportPeerResponse>, Status> {
+            Ok(Response::new(ReportPeerResponse {}))
+        }
+        async fn report(
+            &self,
+            req: Request<ReportRequest>,
+        ) -> Result<Response<ReportResponse>, Status> {
+            if self.fail_reports.load(Ordering::SeqCst) {
+                self.report_failures.fetch_add(1, Ordering::SeqCst);
+                return Err(Status::unavailable("database down"));
+            }
+            let req = req.into_inner();
+            let mut all = self.reports.lock().unwrap();
+            for r in &req.reports {
+                all.push((req.session_id.clone(), *r));
+            }
+            let acked = all.iter().map(|(_, r)| r.report_seq).max().unwrap_or(0);
+            Ok(Response::new(ReportResponse { acked_seq: acked }))
+        }
         async fn reparent(
             &self,
             _req: Request<starling_proto::v1::ReparentRequest>,
@@ -309,6 +338,7 @@ mod fake_control {
                 dataplane_http_addr: String::new(),
                 chunk_token: b"signed".to_vec(),
                 heartbeat_interval_ms: 100,
+                report_interval_ms: 100,
                 ..Default::default()
             }))
         }
@@ -329,6 +359,7 @@ mod fake_control {
             &self,
             req: Request<LeaveRequest>,
         ) -> Result<Response<LeaveResponse>, Status> {
+            *self.reports_at_leave.lock().unwrap() = Some(self.reports.lock().unwrap().len());
             self.leaves
                 .lock()
                 .unwrap()
@@ -344,6 +375,10 @@ mod fake_control {
             joins: Default::default(),
             heartbeats: Default::default(),
             leaves: Default::default(),
+            reports: Default::default(),
+            fail_reports: Default::default(),
+            report_failures: Default::default(),
+            reports_at_leave: Default::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -432,4 +467,104 @@ async fn join_errors_are_typed() {
     cfg.control_url = dead;
     let err = Viewer::join(cfg).await.unwrap_err();
     assert!(matches!(err, SdkError::ControlUnavailable(_)), "{err:?}");
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    tokio::time::timeout(GUARD, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+#[tokio::test]
+async fn reports_are_numbered_retried_without_gaps_and_final_on_leave() {
+    let script = Script::numbered("cp", 20);
+    let expected = script.expected_bytes();
+    let fx = Fixture::start(script).await;
+    let (url, fake) = fake_control::start(fx.addr).await;
+    let mut cfg = config("cp");
+    cfg.control_url = url;
+    // Overrides the 100 ms that Join says.
+    cfg.report_interval = Some(Duration::from_millis(30));
+    let viewer = Viewer::join(cfg).await.unwrap();
+    let mut sub = viewer.subscribe();
+    assert_eq!(read_n(&mut sub, expected.len()).await, expected);
+    wait_until("3 reports", || fake.reports.lock().unwrap().len() >= 3).await;
+
+    // The control plane fails for a while: reports are kept and sent afterwards.
+    fake.fail_reports.store(true, Ordering::SeqCst);
+    let before = fake.reports.lock().unwrap().len();
+    wait_until("3 failed report calls", || {
+        fake.report_failures.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    fake.fail_reports.store(false, Ordering::SeqCst);
+    wait_until("reports after the failure", || {
+        fake.reports.lock().unwrap().len() >= before + 4
+    })
+    .await;
+
+    let stats = viewer.stats();
+    assert_eq!(stats.chunks_played, 20, "{stats}");
+    assert!(stats.reports_sent >= 7, "{stats:?}");
+    assert_eq!(stats.reports_dropped, 0);
+    viewer.leave().await.unwrap();
+
+    let reports = fake.reports.lock().unwrap().clone();
+    let seqs: Vec<u64> = reports.iter().map(|(_, r)| r.report_seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=reports.len() as u64).collect::<Vec<_>>(),
+        "reports must arrive in order, once each, without gaps"
+    );
+    assert!(reports.iter().all(|(s, _)| s == "s1"));
+    let (last, earlier) = reports.split_last().unwrap();
+    assert!(last.1.r#final, "the last report is the final one");
+    assert!(earlier.iter().all(|(_, r)| !r.r#final));
+    // The final report went out before Leave.
+    assert_eq!(*fake.reports_at_leave.lock().unwrap(), Some(reports.len()));
+    // Cumulative counters never go down, and the final one matches the viewer's stats.
+    for w in reports.windows(2) {
+        assert!(w[1].1.bytes_from_server >= w[0].1.bytes_from_server);
+        assert!(w[1].1.chunks_played >= w[0].1.chunks_played);
+        assert!(w[1].1.at_unix_ms >= w[0].1.at_unix_ms);
+    }
+    let r = &last.1;
+    assert_eq!(r.bytes_from_server, stats.bytes_from_server);
+    assert_eq!(r.bytes_from_peers, 0);
+    assert_eq!(r.bytes_uploaded, 0);
+    assert_eq!(r.chunks_played, stats.chunks_played);
+    assert_eq!(r.chunks_skipped, stats.chunks_skipped);
+    assert_eq!(r.stalls as u64, stats.stalls);
+    assert_eq!(
+        r.startup_ms,
+        (stats.startup_time.unwrap().as_millis() as u32).max(1)
+    );
+    assert_eq!(r.peers, 0);
+}
+
+#[tokio::test]
+async fn report_queue_is_bounded_while_the_control_plane_fails() {
+    let fx = Fixture::start(Script::numbered("cp", 3)).await;
+    let (url, fake) = fake_control::start(fx.addr).await;
+    fake.fail_reports.store(true, Ordering::SeqCst);
+    let mut cfg = config("cp");
+    cfg.control_url = url;
+    cfg.report_interval = Some(Duration::from_millis(20));
+    cfg.report_queue = 3;
+    let viewer = Viewer::join(cfg).await.unwrap();
+    wait_until("dropped reports", || viewer.stats().reports_dropped >= 2).await;
+    fake.fail_reports.store(false, Ordering::SeqCst);
+    wait_until("reports", || !fake.reports.lock().unwrap().is_empty()).await;
+    let dropped = viewer.stats().reports_dropped;
+    viewer.leave().await.unwrap();
+    let reports = fake.reports.lock().unwrap().clone();
+    // The oldest were dropped: what arrives starts later than 1, then has no gap.
+    let seqs: Vec<u64> = reports.iter().map(|(_, r)| r.report_seq).collect();
+    assert!(seqs[0] > 1, "{seqs:?}");
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert!(dropped >= seqs[0] - 1, "{dropped} {seqs:?}");
 }

@@ -6,22 +6,37 @@
 //! session liveness. Viewers who have joined keep playing if it goes down.
 //!
 //! * [`store`]: one storage interface over Postgres and SQLite.
+//! * [`credential`]: viewer and admin JWT verification (EdDSA, RS256...).
+//! * [`auth`]: the admin interceptor, the viewer credential check and their config
+//!   ([`AuthConfig`]).
+//! * [`tokens`]: chunk-token signing keys (persisted, rotated), issuing, revocations.
 //! * [`assign`]: sans-IO decisions (which node ingests what, which nodes are dead).
 //! * [`validate`]: request validation and id generation.
 //! * [`grid`]: the peer grid's sans-IO assignment and booster logic ([`grid::GridAssigner`]).
 //! * [`live`]: this process's live grids (one assigner per LIVE broadcast, sessions ↔
 //!   peers, byte counters).
 //! * [`service`]: the tonic service implementations.
+//! * [`reports`]: viewer reports: bounded write queue, batch writer, per-minute roll-ups,
+//!   retention ([`ReportConfig`]).
+//! * [`metrics`]: Prometheus metrics (`/metrics` on a separate listener), gRPC metrics
+//!   layer.
 //! * [`server`]: wiring and in-process serving ([`ControlPlane`], [`serve`]).
 
 pub mod assign;
+pub mod auth;
+pub mod credential;
 pub mod grid;
 pub mod live;
+pub mod metrics;
+pub mod reports;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tokens;
 pub mod validate;
 
+pub use auth::{AuthConfig, BearerInterceptor};
+pub use reports::ReportConfig;
 pub use server::{Config, ControlPlane, ControlPlaneHandle, ServeError, serve};
 pub use service::ServiceConfig;
 pub use store::{DatabaseConfig, Store, StoreError};

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use starling_proto::token::Scopes;
 use starling_proto::v1::{PeerRef, SubstreamParent};
 
 use crate::grid::{GridAssigner, GridConfig, GridError, GridStats, Parent, PeerId, PeerInfo};
@@ -31,6 +32,10 @@ pub const DEFAULT_STREAM_KBPS: u32 = 1000;
 
 /// Longest `exclude_peer_ids` list a re-search may carry.
 pub const MAX_EXCLUDE: usize = 64;
+
+/// Most distinct peers one session may report bad (`ReportPeer`): an honest viewer meets
+/// few polluters, and a malicious one cannot exclude the whole grid from relaying.
+pub const MAX_REPORTS_PER_SESSION: usize = 16;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves its map consistent before anything can panic (the
@@ -62,6 +67,70 @@ pub struct HeartbeatView {
     pub parents: Vec<SubstreamParent>,
     /// Its current mesh neighbours.
     pub neighbours: Vec<PeerRef>,
+    /// The viewer's peer id.
+    pub peer_id: PeerId,
+    /// Its broadcast.
+    pub broadcast_id: String,
+    /// The chunk token it holds (scopes, expiry), if one was issued.
+    pub token: Option<TokenState>,
+}
+
+/// The chunk token a session holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenState {
+    /// Its scopes (renewals keep them).
+    pub scopes: Scopes,
+    /// Its expiry, unix ms.
+    pub expires_at_ms: i64,
+}
+
+/// Which sessions an admin revokes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokeTarget<'a> {
+    /// Every session whose credential had this `sub`.
+    Subject(&'a str),
+    /// One session.
+    Session(&'a str),
+}
+
+/// A session removed from its grid by a revocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// Session id.
+    pub session_id: String,
+    /// Its peer id.
+    pub peer_id: PeerId,
+    /// Peers re-parented because it left.
+    pub moved: usize,
+    /// Expiry of the session's credential (unix seconds), if it had one.
+    pub credential_expires_at: Option<u64>,
+}
+
+/// The outcome of a bad-peer report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadPeerReport {
+    /// The reporter's broadcast.
+    pub broadcast_id: String,
+    /// The reporter's peer id.
+    pub reporter: PeerId,
+    /// Whether the reported peer is (still) in the reporter's grid.
+    pub known_peer: bool,
+    /// Peers re-parented away from it (0 when it was already marked bad).
+    pub moved: usize,
+}
+
+/// Why a bad-peer report was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportRefused {
+    /// The reporting session is not in any grid of this process.
+    #[error("unknown session")]
+    UnknownSession,
+    /// A peer reporting itself.
+    #[error("a peer cannot report itself")]
+    SelfReport,
+    /// The session already reported [`MAX_REPORTS_PER_SESSION`] other peers.
+    #[error("this session already reported {MAX_REPORTS_PER_SESSION} peers")]
+    TooManyReports,
 }
 
 /// Grid figures of one broadcast, for `GetBroadcast`.
@@ -117,6 +186,12 @@ pub struct JoinInput<'a> {
     pub upload_kbps: u32,
     /// Network prefix for the "nearby" preference (see [`addr_prefix`]).
     pub addr_prefix: u32,
+    /// The `sub` of the viewer's credential (`None` for public broadcasts), for
+    /// revocation by subject.
+    pub subject: Option<String>,
+    /// Expiry of that credential (unix seconds), to know how long a revocation by
+    /// subject must refuse it.
+    pub credential_expires_at: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -208,6 +283,14 @@ struct SessionEntry {
     last_seen: Duration,
     /// Last cumulative counters reported: from server, from peers, uploaded.
     counters: [u64; 3],
+    /// The credential's subject.
+    subject: Option<String>,
+    /// The credential's expiry, unix seconds.
+    credential_expires_at: Option<u64>,
+    /// The chunk token last issued.
+    token: Option<TokenState>,
+    /// Peers this session reported bad.
+    reported: Vec<PeerId>,
 }
 
 /// A session removed from the grid by expiry.
@@ -231,6 +314,7 @@ pub struct LiveGrids {
     broadcasts: Mutex<HashMap<String, Arc<BroadcastGrid>>>,
     sessions: Mutex<HashMap<String, SessionEntry>>,
     rates: Mutex<HashMap<String, u32>>,
+    bad_peer_reports: AtomicU64,
 }
 
 impl Default for LiveGrids {
@@ -249,6 +333,7 @@ impl LiveGrids {
             broadcasts: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
+            bad_peer_reports: AtomicU64::new(0),
         }
     }
 
@@ -374,6 +459,10 @@ impl LiveGrids {
                 peer_id,
                 last_seen: now,
                 counters: [0; 3],
+                subject: input.subject,
+                credential_expires_at: input.credential_expires_at,
+                token: None,
+                reported: Vec::new(),
             },
         );
         Ok(view)
@@ -384,14 +473,20 @@ impl LiveGrids {
     /// of this process.
     pub fn heartbeat(&self, session_id: &str, counters: [u64; 3]) -> Option<HeartbeatView> {
         let now = self.now();
-        let (grid, peer_id, delta) = {
+        let (grid, peer_id, delta, broadcast_id, token) = {
             let mut sessions = lock(&self.sessions);
             let e = sessions.get_mut(session_id)?;
             e.last_seen = now;
             let delta: [u64; 3] =
                 std::array::from_fn(|i| counters[i].saturating_sub(e.counters[i]));
             e.counters = counters;
-            (e.grid.clone(), e.peer_id, delta)
+            (
+                e.grid.clone(),
+                e.peer_id,
+                delta,
+                e.broadcast_id.clone(),
+                e.token,
+            )
         };
         for (total, d) in [&grid.from_server, &grid.from_peers, &grid.uploaded]
             .into_iter()
@@ -421,7 +516,111 @@ impl LiveGrids {
         Some(HeartbeatView {
             parents: st.parents_of(peer_id),
             neighbours: neighbours.iter().map(|&n| st.peer_ref(n)).collect(),
+            peer_id,
+            broadcast_id,
+            token,
         })
+    }
+
+    /// Records the chunk token issued to a session (join or renewal). Returns false when
+    /// the session is no longer in a grid (left, expired or revoked meanwhile).
+    pub fn set_token(&self, session_id: &str, token: TokenState) -> bool {
+        match lock(&self.sessions).get_mut(session_id) {
+            Some(e) => {
+                e.token = Some(token);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The peer id and broadcast of a session in a grid of this process.
+    pub fn session_peer(&self, session_id: &str) -> Option<(PeerId, String)> {
+        lock(&self.sessions)
+            .get(session_id)
+            .map(|e| (e.peer_id, e.broadcast_id.clone()))
+    }
+
+    /// Removes the sessions of `broadcast_id` matching `target` from the grid (their
+    /// children are re-parented) and returns them, for the caller to end in the database
+    /// and announce.
+    pub fn revoke(&self, broadcast_id: &str, target: RevokeTarget<'_>) -> Vec<Revoked> {
+        let now = self.now();
+        let removed: Vec<(String, SessionEntry)> = {
+            let mut sessions = lock(&self.sessions);
+            let ids: Vec<String> = sessions
+                .iter()
+                .filter(|(id, e)| {
+                    e.broadcast_id == broadcast_id
+                        && match target {
+                            RevokeTarget::Subject(sub) => e.subject.as_deref() == Some(sub),
+                            RevokeTarget::Session(s) => id.as_str() == s,
+                        }
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| sessions.remove(&id).map(|e| (id, e)))
+                .collect()
+        };
+        removed
+            .into_iter()
+            .map(|(session_id, e)| Revoked {
+                moved: lock(&e.grid.state).remove_peer(e.peer_id, now),
+                session_id,
+                peer_id: e.peer_id,
+                credential_expires_at: e.credential_expires_at,
+            })
+            .collect()
+    }
+
+    /// A viewer reports that `peer_id` sent it a chunk failing verification: the peer is
+    /// never assigned as a parent again in that broadcast and its children are
+    /// re-parented (they learn it at their next heartbeat).
+    ///
+    /// # Errors
+    /// [`ReportRefused`] for an unknown session, a self-report, or too many reports.
+    pub fn report_bad_peer(
+        &self,
+        session_id: &str,
+        peer_id: PeerId,
+    ) -> Result<BadPeerReport, ReportRefused> {
+        let now = self.now();
+        let (grid, reporter, broadcast_id) = {
+            let mut sessions = lock(&self.sessions);
+            let e = sessions
+                .get_mut(session_id)
+                .ok_or(ReportRefused::UnknownSession)?;
+            if e.peer_id == peer_id {
+                return Err(ReportRefused::SelfReport);
+            }
+            if !e.reported.contains(&peer_id) {
+                if e.reported.len() >= MAX_REPORTS_PER_SESSION {
+                    return Err(ReportRefused::TooManyReports);
+                }
+                e.reported.push(peer_id);
+            }
+            (e.grid.clone(), e.peer_id, e.broadcast_id.clone())
+        };
+        self.bad_peer_reports.fetch_add(1, Ordering::Relaxed);
+        let mut st = lock(&grid.state);
+        let known_peer = st.peers.contains_key(&peer_id);
+        let moved = if known_peer {
+            st.assigner.report_bad_peer(peer_id, now).len()
+        } else {
+            0
+        };
+        Ok(BadPeerReport {
+            broadcast_id,
+            reporter,
+            known_peer,
+            moved,
+        })
+    }
+
+    /// Bad-peer reports accepted since start.
+    pub fn bad_peer_reports(&self) -> u64 {
+        self.bad_peer_reports.load(Ordering::Relaxed)
     }
 
     /// A new parent for one substream of a session (quality re-search).
@@ -582,6 +781,24 @@ pub fn dialable_addr(peer_addr: &str, remote: Option<SocketAddr>) -> String {
     }
 }
 
+// Metrics (issue 5): read at scrape time.
+impl LiveGrids {
+    /// `(broadcast id, peers in its grid)` of every grid of this process.
+    pub fn peer_counts(&self) -> Vec<(String, usize)> {
+        let grids: Vec<(String, Arc<BroadcastGrid>)> = lock(&self.broadcasts)
+            .iter()
+            .map(|(id, g)| (id.clone(), g.clone()))
+            .collect();
+        grids
+            .into_iter()
+            .map(|(id, g)| {
+                let n = lock(&g.state).peers.len();
+                (id, n)
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -596,6 +813,8 @@ mod tests {
             peer_addr: addr.to_string(),
             upload_kbps: upload,
             addr_prefix: 0,
+            subject: None,
+            credential_expires_at: None,
         }
     }
 
@@ -687,6 +906,80 @@ mod tests {
         assert_eq!(g.drop_broadcast("b"), 1);
         assert!(g.figures("b").is_none());
         assert!(g.heartbeat("sc", [0; 3]).is_none());
+    }
+
+    #[test]
+    fn revoke_by_subject_or_session_and_report_bad_peer() {
+        let g = LiveGrids::new();
+        let mut a = input("sa", "10.0.0.1:1", 100_000);
+        a.subject = Some("alice".into());
+        let a = g.join(a).unwrap();
+        let mut b_in = input("sb", "", 0);
+        b_in.subject = Some("bob".into());
+        let b = g.join(b_in).unwrap();
+        let c = g.join(input("sc", "", 0)).unwrap();
+        assert!(g.set_token(
+            "sb",
+            TokenState {
+                scopes: Scopes::PLAY,
+                expires_at_ms: 5
+            }
+        ));
+        let hb = g.heartbeat("sb", [0; 3]).unwrap();
+        assert_eq!(hb.peer_id, b.peer_id);
+        assert_eq!(hb.broadcast_id, "b");
+        assert_eq!(hb.token.map(|t| t.expires_at_ms), Some(5));
+        assert_eq!(g.session_peer("sc"), Some((c.peer_id, "b".to_string())));
+
+        // Reports: not oneself, unknown sessions refused; a report re-parents children.
+        assert_eq!(
+            g.report_bad_peer("sb", b.peer_id),
+            Err(ReportRefused::SelfReport)
+        );
+        assert_eq!(
+            g.report_bad_peer("nope", a.peer_id),
+            Err(ReportRefused::UnknownSession)
+        );
+        let r = g.report_bad_peer("sb", a.peer_id).unwrap();
+        assert!(r.known_peer);
+        assert_eq!(r.reporter, b.peer_id);
+        assert!(r.moved > 0);
+        assert_eq!(g.bad_peer_reports(), 1);
+        for s in ["sb", "sc"] {
+            let hb = g.heartbeat(s, [0; 3]).unwrap();
+            assert!(hb.parents.iter().all(|p| p.peer.is_none()), "{s}");
+        }
+        let d = g.join(input("sd", "", 0)).unwrap();
+        assert!(d.parents.iter().all(|p| p.peer.is_none()));
+        // A peer id that never existed: accepted, no effect.
+        assert!(!g.report_bad_peer("sb", 9_999).unwrap().known_peer);
+        // Bounded per session.
+        for id in 10_000..10_000 + MAX_REPORTS_PER_SESSION as u64 {
+            let _ = g.report_bad_peer("sc", id);
+        }
+        assert_eq!(
+            g.report_bad_peer("sc", 1),
+            Err(ReportRefused::TooManyReports)
+        );
+
+        // Revocation by subject, in the right broadcast only.
+        assert!(g.revoke("other", RevokeTarget::Subject("alice")).is_empty());
+        let gone = g.revoke("b", RevokeTarget::Subject("alice"));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].peer_id, a.peer_id);
+        assert!(g.heartbeat("sa", [0; 3]).is_none());
+        assert!(!g.set_token(
+            "sa",
+            TokenState {
+                scopes: Scopes::PLAY,
+                expires_at_ms: 9
+            }
+        ));
+        let gone = g.revoke("b", RevokeTarget::Session("sc"));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].session_id, "sc");
+        assert!(g.revoke("b", RevokeTarget::Session("sc")).is_empty());
+        assert_eq!(g.figures("b").unwrap().stats.peers, 2);
     }
 
     #[test]

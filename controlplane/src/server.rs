@@ -12,30 +12,44 @@ use starling_proto::v1::viewer_service_server::ViewerServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use crate::auth::{AdminInterceptor, AuthConfig, AuthConfigError, Authenticator};
 use crate::service::{Api, Core, ServiceConfig, now_ms};
 use crate::store::{DatabaseConfig, Store, StoreError};
+use crate::tokens::{TokenKeyError, TokenKeys};
 
 /// How long graceful shutdown waits for in-flight calls before giving up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// How long shutdown waits for queued viewer reports to be written.
+const REPORT_FLUSH_GRACE: Duration = Duration::from_secs(5);
+
 /// Control-plane configuration (built by the binary from its flags, or by tests).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Address to listen on; port 0 picks a free port (see [`ControlPlane::local_addr`]).
     pub listen: SocketAddr,
     /// Database backend.
     pub database: DatabaseConfig,
-    /// Service tunables (heartbeat interval, node timeout...).
+    /// Service tunables (heartbeat interval, node timeout, token lifetime...).
     pub service: ServiceConfig,
+    /// Credentials: admin key / admin JWT keys, viewer JWT keys, leeway, key rotation.
+    pub auth: AuthConfig,
+    /// Where to serve Prometheus `GET /metrics` over HTTP; `None` = not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
-    /// A configuration with default service tunables.
+    /// A configuration with default service tunables and the in-process zero-setup
+    /// credentials: a fresh random static admin key (`auth.admin_key`: send it as
+    /// `authorization: Bearer <key>`, e.g. with [`crate::auth::BearerInterceptor`]) and no
+    /// viewer keys (only public broadcasts can be joined).
     pub fn new(listen: SocketAddr, database: DatabaseConfig) -> Self {
         Config {
             listen,
             database,
             service: ServiceConfig::default(),
+            auth: AuthConfig::with_random_admin_key(),
+            metrics_listen: None,
         }
     }
 }
@@ -60,6 +74,12 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The credentials configuration is unusable.
+    #[error("credentials: {0}")]
+    Auth(#[from] AuthConfigError),
+    /// The chunk-token signing keys could not be loaded or created.
+    #[error("chunk-token keys: {0}")]
+    TokenKeys(#[from] TokenKeyError),
 }
 
 /// A control plane with its database open and its socket bound, not yet serving.
@@ -68,21 +88,54 @@ pub struct ControlPlane {
     listener: TcpListener,
     local_addr: SocketAddr,
     core: Arc<Core>,
+    /// The bound `/metrics` listener, if any.
+    metrics: Option<(TcpListener, SocketAddr)>,
 }
 
 impl ControlPlane {
     /// Opens (and migrates) the database and binds the listen address.
     pub async fn bind(config: Config) -> Result<ControlPlane, ServeError> {
         let store = Store::connect(&config.database).await?;
-        Self::bind_with_store(config.listen, store, config.service).await
+        let mut cp =
+            Self::bind_with_store(config.listen, store, config.service, &config.auth).await?;
+        if let Some(addr) = config.metrics_listen {
+            cp.bind_metrics(addr).await?;
+        }
+        Ok(cp)
     }
 
-    /// Like [`ControlPlane::bind`] with an already connected and migrated store.
+    /// Binds the Prometheus `/metrics` HTTP listener (served by [`ControlPlane::run`]);
+    /// returns its address (with the real port when `addr`'s was 0).
+    pub async fn bind_metrics(&mut self, addr: SocketAddr) -> Result<SocketAddr, ServeError> {
+        let bound = crate::metrics::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        let local = bound.1;
+        self.metrics = Some(bound);
+        Ok(local)
+    }
+
+    /// The bound `/metrics` address, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, a)| *a)
+    }
+
+    /// Viewer-report recording (e.g. for tests that wait for the queue to drain).
+    pub fn reports(&self) -> Arc<crate::reports::Reports> {
+        self.core.reports().clone()
+    }
+
+    /// Like [`ControlPlane::bind`] with an already connected and migrated store. Loads
+    /// (or creates, or rotates) the chunk-token signing keys in that store.
     pub async fn bind_with_store(
         listen: SocketAddr,
         store: Store,
         service: ServiceConfig,
+        auth: &AuthConfig,
     ) -> Result<ControlPlane, ServeError> {
+        let authenticator = Arc::new(Authenticator::new(auth)?);
+        let tokens =
+            TokenKeys::load(&store, service.token_ttl, auth.rotate_token_key, now_ms()).await?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| ServeError::Bind {
@@ -96,7 +149,8 @@ impl ControlPlane {
         Ok(ControlPlane {
             listener,
             local_addr,
-            core: Core::new(store, service),
+            core: Core::new(store, service, authenticator, tokens),
+            metrics: None,
         })
     }
 
@@ -122,8 +176,15 @@ impl ControlPlane {
             listener,
             local_addr,
             core,
+            metrics,
         } = self;
+        let report_tasks = core.reports().spawn();
+        let metrics_task = metrics.map(|(l, addr)| {
+            tracing::info!(%addr, "serving Prometheus metrics on http://{addr}/metrics");
+            tokio::spawn(crate::metrics::serve(l, core.clone()))
+        });
         let api = Api::new(core.clone());
+        let admin_guard = AdminInterceptor::new(core.authenticator().clone());
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -171,10 +232,18 @@ impl ControlPlane {
 
         tracing::info!(%local_addr, backend = core.store().backend_name(), "control plane serving");
         let server = tonic::transport::Server::builder()
+            // One span per RPC (exported over OTLP when configured).
+            .trace_fn(|req| {
+                tracing::info_span!("grpc", otel.name = %req.uri().path(), otel.kind = "server")
+            })
+            .layer(crate::metrics::RpcMetricsLayer::new(core.metrics().clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(AdminServiceServer::new(api.clone()))
+            .add_service(AdminServiceServer::with_interceptor(
+                api.clone(),
+                admin_guard,
+            ))
             .add_service(ViewerServiceServer::new(api.clone()))
             .add_service(EdgeServiceServer::new(api))
             .serve_with_incoming_shutdown(
@@ -202,6 +271,19 @@ impl ControlPlane {
         };
         liveness.abort();
         core.close_streams();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        // Queued reports get a few seconds to reach the database.
+        if !core.reports().flush(REPORT_FLUSH_GRACE).await {
+            tracing::warn!(
+                queued = core.reports().queue_depth(),
+                "shutting down with viewer reports not yet written; they are lost"
+            );
+        }
+        for t in report_tasks {
+            t.abort();
+        }
         core.store().close().await;
         drop(stop_rx);
         result
@@ -280,8 +362,15 @@ impl Drop for ControlPlaneHandle {
 async fn liveness_loop(core: Arc<Core>) {
     let mut ticker = tokio::time::interval(core_tick(&core));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_rights = tokio::time::Instant::now();
     loop {
         ticker.tick().await;
+        if last_rights.elapsed() >= core.key_refresh_interval() {
+            last_rights = tokio::time::Instant::now();
+            if let Err(e) = core.rights_tick(now_ms()).await {
+                tracing::error!(error = %e, "chunk-token key refresh failed");
+            }
+        }
         if let Err(e) = core.liveness_tick(now_ms()).await {
             tracing::error!(error = %e, "liveness check failed");
         }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use starling_proto::token::Scopes;
 use starling_proto::v1::admin_service_server::AdminService;
 use starling_proto::v1::edge_service_server::EdgeService;
 use starling_proto::v1::node_command::Command;
@@ -27,9 +28,10 @@ use starling_proto::v1::viewer_service_server::ViewerService;
 use starling_proto::v1::{
     Broadcast, BroadcastRef, BroadcastState, CommandsRequest, CreateBroadcastRequest, HealthReport,
     HealthReportAck, HeartbeatRequest, HeartbeatResponse, IngestCommand, JoinRequest, JoinResponse,
-    LeaveRequest, LeaveResponse, ListBroadcastsRequest, ListBroadcastsResponse, NodeCommand,
-    RegisterNodeRequest, RegisterNodeResponse, ReparentRequest, ReparentResponse, SourceHealth,
-    StopIngestCommand, StreamParams,
+    KeysCommand, LeaveRequest, LeaveResponse, ListBroadcastsRequest, ListBroadcastsResponse,
+    NodeCommand, PublicKey, RegisterNodeRequest, RegisterNodeResponse, ReparentRequest,
+    ReparentResponse, ReportPeerRequest, ReportPeerResponse, RevokeCommand, RevokeViewerRequest,
+    RevokeViewerResponse, SourceHealth, StopIngestCommand, StreamParams,
 };
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -37,11 +39,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::assign::{self, CandidateNode, LiveBroadcast, NodeLiveness};
+use crate::auth::{Authenticator, ViewerIdentity};
 use crate::grid::GridError;
-use crate::live::{self, JoinInput, JoinRefused, LiveGrids, ReparentRefused};
-use crate::store::{
-    BroadcastRecord, IngestReport, NewBroadcast, NewNode, NewSession, NodeRecord, Store, StoreError,
+use crate::live::{
+    self, JoinInput, JoinRefused, LiveGrids, ReparentRefused, ReportRefused, RevokeTarget,
+    TokenState,
 };
+use crate::store::{
+    BroadcastRecord, IngestReport, NewBroadcast, NewNode, NewSession, NodeKey, NodeRecord, Store,
+    StoreError,
+};
+use crate::tokens::{Revocations, SKEW_MARGIN, TokenKeys};
 use crate::validate::{self, Invalid};
 
 /// Tunables of the services.
@@ -61,6 +69,18 @@ pub struct ServiceConfig {
     /// and leaves the peer grid (its children are re-parented). Default 3. Relative to
     /// `heartbeat_interval` so that changing the interval alone stays safe.
     pub missed_heartbeats: u32,
+    /// Lifetime of the chunk tokens issued at join and renewed by heartbeats (renewed
+    /// when less than half remains). Clamped to 1 s..=120 s. Default 120 s.
+    pub token_ttl: Duration,
+    /// How often viewers send `ViewerService.Report` (`JoinResponse.report_interval_ms`).
+    /// Default 5 s.
+    pub report_interval: Duration,
+    /// How often the chunk-token keys are reloaded from the database (a rotation by
+    /// another replica, keys whose retire time passed; nodes get a changed set as a
+    /// `KeysCommand`) and old revocations forgotten. Default 5 s.
+    pub key_refresh: Duration,
+    /// Report recording: write queue bound, batching, retention ([`crate::reports`]).
+    pub reports: crate::reports::ReportConfig,
 }
 
 impl Default for ServiceConfig {
@@ -71,6 +91,10 @@ impl Default for ServiceConfig {
             liveness_tick: Duration::from_millis(500),
             command_buffer: 64,
             missed_heartbeats: 3,
+            token_ttl: crate::tokens::DEFAULT_TOKEN_TTL,
+            report_interval: Duration::from_millis(5000),
+            key_refresh: Duration::from_secs(5),
+            reports: crate::reports::ReportConfig::default(),
         }
     }
 }
@@ -90,6 +114,10 @@ pub enum ApiError {
     /// Temporarily impossible; retry later.
     #[error("{0}")]
     Unavailable(String),
+    /// No valid credential (`UNAUTHENTICATED`) or not allowed (`PERMISSION_DENIED`): the
+    /// status as built by [`crate::auth`], whose message never holds a secret.
+    #[error("{}", .0.message())]
+    Auth(Status),
     /// The database failed.
     #[error("storage: {0}")]
     Storage(#[from] StoreError),
@@ -119,6 +147,10 @@ impl ApiError {
             ApiError::Unavailable(m) => {
                 tracing::info!(rpc, error = %m, "rejected: unavailable");
                 Status::unavailable(m)
+            }
+            ApiError::Auth(status) => {
+                tracing::info!(rpc, code = ?status.code(), error = status.message(), "rejected: credential");
+                status
             }
             ApiError::Storage(e) => {
                 tracing::error!(rpc, error = %e, "storage error");
@@ -163,18 +195,150 @@ pub struct Core {
     assign_lock: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
     grids: LiveGrids,
+    auth: Arc<Authenticator>,
+    tokens: TokenKeys,
+    revocations: Revocations,
+    /// Chunk-signing keys of the alive nodes (node id, key), refreshed whenever the alive
+    /// nodes are listed (registration, liveness check).
+    chunk_keys: std::sync::RwLock<Vec<(String, PublicKey)>>,
+    /// Viewer reports: write queue, batch writer, roll-ups ([`crate::reports`]).
+    reports: Arc<crate::reports::Reports>,
+    /// Prometheus counters ([`crate::metrics`]).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Core {
-    /// Creates the services' state over an already migrated store.
-    pub fn new(store: Store, config: ServiceConfig) -> Arc<Core> {
+    /// Creates the services' state over an already migrated store, with the credential
+    /// checks and the chunk-token keys (see [`TokenKeys::load`]).
+    pub fn new(
+        store: Store,
+        config: ServiceConfig,
+        auth: Arc<Authenticator>,
+        tokens: TokenKeys,
+    ) -> Arc<Core> {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let reports =
+            crate::reports::Reports::new(config.reports.clone(), store.clone(), metrics.clone());
         Arc::new(Core {
+            reports,
+            metrics,
             store,
             config,
             links: std::sync::Mutex::new(HashMap::new()),
             assign_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             grids: LiveGrids::new(),
+            auth,
+            tokens,
+            revocations: Revocations::new(),
+            chunk_keys: std::sync::RwLock::new(Vec::new()),
+        })
+    }
+
+    /// Viewer-report recording (its tasks are started by the server).
+    pub fn reports(&self) -> &Arc<crate::reports::Reports> {
+        &self.reports
+    }
+
+    /// The Prometheus counters.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// This process's live grids.
+    pub(crate) fn grids(&self) -> &LiveGrids {
+        &self.grids
+    }
+
+    /// The credential checks (shared with the admin interceptor).
+    pub fn authenticator(&self) -> &Arc<Authenticator> {
+        &self.auth
+    }
+
+    /// The chunk-token keys.
+    pub fn token_keys(&self) -> &TokenKeys {
+        &self.tokens
+    }
+
+    /// Period of the rights housekeeping ([`Core::rights_tick`]).
+    pub fn key_refresh_interval(&self) -> Duration {
+        self.config.key_refresh
+    }
+
+    /// Bad-peer reports (`ReportPeer`) accepted since start.
+    pub fn bad_peer_reports(&self) -> u64 {
+        self.grids.bad_peer_reports()
+    }
+
+    /// Periodic rights housekeeping: reloads the token keys (rotation by another replica,
+    /// retired keys) and pushes a changed set to every node; forgets old revocations.
+    pub async fn rights_tick(&self, now: i64) -> Result<(), crate::tokens::TokenKeyError> {
+        self.revocations.prune(now);
+        if self.tokens.refresh(&self.store, now).await? {
+            let keys = self.tokens.public_keys();
+            let node_ids: Vec<String> = self.links().keys().cloned().collect();
+            for node_id in node_ids {
+                self.send(
+                    &node_id,
+                    Command::Keys(KeysCommand {
+                        token_keys: keys.clone(),
+                    }),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn set_chunk_keys(&self, alive: &[NodeRecord]) {
+        let keys: Vec<(String, PublicKey)> = alive
+            .iter()
+            .filter_map(|n| {
+                n.chunk_key.as_ref().map(|k| {
+                    (
+                        n.id.clone(),
+                        PublicKey {
+                            key_id: k.key_id,
+                            ed25519: k.ed25519.clone(),
+                        },
+                    )
+                })
+            })
+            .collect();
+        *self
+            .chunk_keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+    }
+
+    /// The alive nodes' chunk-signing keys, `first_node`'s first, one per key id (a
+    /// verifier indexes keys by id; on a clash the first wins), at most
+    /// [`starling_proto::integrity::MAX_KEYS`].
+    fn chunk_keys(&self, first_node: Option<&str>) -> Vec<PublicKey> {
+        let all = self
+            .chunk_keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<PublicKey> = Vec::new();
+        let first = all.iter().filter(|(id, _)| Some(id.as_str()) == first_node);
+        let rest = all.iter().filter(|(id, _)| Some(id.as_str()) != first_node);
+        for (_, k) in first.chain(rest) {
+            if out.len() >= starling_proto::integrity::MAX_KEYS {
+                break;
+            }
+            if !out.iter().any(|o| o.key_id == k.key_id) {
+                out.push(k.clone());
+            }
+        }
+        out
+    }
+
+    fn revoke_command(&self, broadcast_id: &str, now: i64) -> Option<Command> {
+        let peer_ids = self.revocations.list(broadcast_id, now);
+        (!peer_ids.is_empty()).then(|| {
+            Command::Revoke(RevokeCommand {
+                broadcast_id: broadcast_id.to_string(),
+                peer_ids,
+            })
         })
     }
 
@@ -245,6 +409,7 @@ impl Core {
             source_url: b.source_url.clone(),
             chunk_duration_ms: b.chunk_duration_ms,
             substreams: b.substreams,
+            public: b.public,
         })
     }
 
@@ -257,6 +422,7 @@ impl Core {
     /// Assigns every live broadcast without an alive node. Caller holds `assign_lock`.
     async fn reconcile_locked(&self) -> Result<(), StoreError> {
         let alive = self.store.list_alive_nodes().await?;
+        self.set_chunk_keys(&alive);
         let live = self
             .store
             .list_broadcasts_in_state(BroadcastState::Live)
@@ -291,6 +457,10 @@ impl Core {
                         "broadcast assigned"
                     );
                     self.send(node_id, Self::ingest_command(&b));
+                    // The new node must refuse the broadcast's revoked peers too.
+                    if let Some(revoke) = self.revoke_command(&b.id, now) {
+                        self.send(node_id, revoke);
+                    }
                 }
                 (None, Some(b)) => tracing::warn!(
                     broadcast_id = %b.id,
@@ -402,6 +572,7 @@ impl Core {
             content_type: b.content_type,
             created_at_unix_ms: b.created_at_ms,
             updated_at_unix_ms: b.updated_at_ms,
+            public: b.public,
             ..Default::default()
         }
     }
@@ -431,6 +602,7 @@ impl Core {
         } else {
             view.stream_kbps = measured.unwrap_or(0);
         }
+        view.peer_share_last_minute = self.reports.peer_share_last_minute(&view.id, now_ms());
         view
     }
 
@@ -460,10 +632,11 @@ impl Core {
                 source_url: params.source_url.clone(),
                 chunk_duration_ms: params.chunk_duration_ms,
                 substreams: params.substreams,
+                public: req.public,
             };
             match self.store.create_broadcast(&new, now_ms()).await {
                 Ok(b) => {
-                    tracing::info!(broadcast_id = %b.id, name = %b.name, source_url = %b.source_url, "broadcast created");
+                    tracing::info!(broadcast_id = %b.id, name = %b.name, source_url = %b.source_url, public = b.public, "broadcast created");
                     return Ok(Self::to_proto(b, None));
                 }
                 Err(e @ StoreError::AlreadyExists { .. }) => last_err = Some(e),
@@ -556,15 +729,33 @@ impl Core {
         validate::id("broadcast_id", &req.broadcast_id)?;
         validate::short_text("client_version", &req.client_version, false)?;
         validate::peer_addr(&req.peer_addr)?;
-        // `req.credential` is accepted and deliberately not checked here: verifying
-        // viewer JWTs and minting chunk tokens belongs to the rights-management work,
-        // which plugs in at this point.
         let id = req.broadcast_id.as_str();
         let b = self
             .store
             .get_broadcast(id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("broadcast {id} not found")))?;
+        // The credential is checked before anything about the broadcast's state is told.
+        let (subject, credential_expires_at) = match self
+            .auth
+            .check_viewer(id, b.public, &req.credential)
+            .map_err(ApiError::Auth)?
+        {
+            ViewerIdentity::Anonymous => (None, None),
+            ViewerIdentity::Credential(c) => {
+                let now_s = u64::try_from(now_ms() / 1000).unwrap_or(0);
+                if self
+                    .revocations
+                    .subject_blocked(id, &c.subject, c.issued_at, now_s)
+                {
+                    return Err(ApiError::Auth(Status::permission_denied(format!(
+                        "this viewer was revoked from broadcast {id}; a credential issued \
+                         after the revocation is needed"
+                    ))));
+                }
+                (Some(c.subject), Some(c.expires_at))
+            }
+        };
         if b.state != BroadcastState::Live {
             return Err(ApiError::FailedPrecondition(format!(
                 "broadcast {id} is {}",
@@ -611,6 +802,8 @@ impl Core {
                 addr_prefix: live::addr_prefix(&peer_addr, remote),
                 peer_addr,
                 upload_kbps,
+                subject: subject.clone(),
+                credential_expires_at,
             })
             .map_err(|e| match e {
                 JoinRefused::Grid(GridError::NoCapacity) => ApiError::Unavailable(format!(
@@ -626,6 +819,27 @@ impl Core {
                     ApiError::FailedPrecondition(format!("broadcast {id} is stopped"))
                 }
             })?;
+        let scopes = if upload_kbps > 0 {
+            Scopes::PLAY | Scopes::RELAY
+        } else {
+            Scopes::PLAY
+        };
+        let token = match self.tokens.issue(id, grid.peer_id, scopes, now_ms()) {
+            Ok(t) => t,
+            Err(e) => {
+                self.grids.leave(&session_id);
+                return Err(ApiError::FailedPrecondition(format!(
+                    "broadcast {id}: cannot issue a chunk token: {e}"
+                )));
+            }
+        };
+        self.grids.set_token(
+            &session_id,
+            TokenState {
+                scopes,
+                expires_at_ms: token.expires_at_ms,
+            },
+        );
         let created = self
             .store
             .create_session(
@@ -652,8 +866,11 @@ impl Core {
             child_slots = grid.child_slots,
             server_parents = grid.parents.iter().filter(|p| p.peer.is_none()).count(),
             reparented = grid.moved,
+            subject = subject.as_deref().unwrap_or(""),
+            token_key_id = self.tokens.signing_key_id(),
             "viewer joined"
         );
+        let chunk_keys = self.chunk_keys(Some(&node.id));
         Ok(JoinResponse {
             session_id,
             params: Some(StreamParams {
@@ -664,7 +881,7 @@ impl Core {
             }),
             dataplane_wire_addr: node.wire_addr,
             dataplane_http_addr: node.http_addr,
-            chunk_token: Vec::new(),
+            chunk_token: token.token,
             heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
             peer_id: grid.peer_id,
@@ -672,6 +889,11 @@ impl Core {
             neighbours: grid.neighbours,
             stream_kbps: grid.stream_kbps,
             child_slots: grid.child_slots,
+            token_expires_at_unix_ms: token.expires_at_ms,
+            token_keys: self.tokens.public_keys(),
+            chunk_keys,
+            report_interval_ms: u32::try_from(self.config.report_interval.as_millis())
+                .unwrap_or(u32::MAX),
         })
     }
 
@@ -689,19 +911,62 @@ impl Core {
             req.bytes_from_peers,
             req.bytes_uploaded,
         ];
+        let token_keys = self.tokens.public_keys();
+        let chunk_keys = self.chunk_keys(None);
         match self.grids.heartbeat(&req.session_id, counters) {
-            Some(view) => Ok(HeartbeatResponse {
-                active: true,
-                parents: view.parents,
-                neighbours: view.neighbours,
-            }),
+            Some(view) => {
+                let now = now_ms();
+                let mut chunk_token = Vec::new();
+                let mut expires = view.token.map_or(0, |t| t.expires_at_ms);
+                if let Some(t) = view.token
+                    && self.tokens.needs_renewal(t.expires_at_ms, now)
+                {
+                    match self
+                        .tokens
+                        .issue(&view.broadcast_id, view.peer_id, t.scopes, now)
+                    {
+                        // Recorded only if the session is still in its grid: a session
+                        // revoked meanwhile gets nothing.
+                        Ok(renewed)
+                            if self.grids.set_token(
+                                &req.session_id,
+                                TokenState {
+                                    scopes: t.scopes,
+                                    expires_at_ms: renewed.expires_at_ms,
+                                },
+                            ) =>
+                        {
+                            tracing::debug!(session_id = %req.session_id, peer_id = view.peer_id, expires_at_ms = renewed.expires_at_ms, "chunk token renewed");
+                            chunk_token = renewed.token;
+                            expires = renewed.expires_at_ms;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(session_id = %req.session_id, error = %e, "cannot renew chunk token");
+                        }
+                    }
+                }
+                Ok(HeartbeatResponse {
+                    active: true,
+                    parents: view.parents,
+                    neighbours: view.neighbours,
+                    chunk_token,
+                    token_expires_at_unix_ms: expires,
+                    revoked_peer_ids: self.revocations.list(&view.broadcast_id, now),
+                    token_keys,
+                    chunk_keys,
+                })
+            }
             None => {
                 // Active in the database but not in this process's grid (the control
                 // plane restarted, or the session expired a moment ago): no news, the
-                // viewer keeps its current parents.
+                // viewer keeps its current parents. Its token cannot be renewed here (the
+                // peer id is unknown): the SDK joins again before it expires.
                 tracing::debug!(session_id = %req.session_id, "heartbeat for a session without grid state");
                 Ok(HeartbeatResponse {
                     active: true,
+                    token_keys,
+                    chunk_keys,
                     ..Default::default()
                 })
             }
@@ -757,12 +1022,156 @@ impl Core {
         })
     }
 
+    async fn report_peer(&self, req: ReportPeerRequest) -> ApiResult<ReportPeerResponse> {
+        validate::id("session_id", &req.session_id)?;
+        if req.peer_id == 0 {
+            return Err(ApiError::InvalidArgument("peer_id must not be 0".into()));
+        }
+        let reason = validate::truncate(&req.reason, validate::MAX_SHORT_TEXT_BYTES);
+        let report = self
+            .grids
+            .report_bad_peer(&req.session_id, req.peer_id)
+            .map_err(|e| match e {
+                ReportRefused::UnknownSession => ApiError::NotFound(format!(
+                    "session {} is unknown, ended or expired; join again",
+                    req.session_id
+                )),
+                ReportRefused::SelfReport => ApiError::InvalidArgument(e.to_string()),
+                ReportRefused::TooManyReports => ApiError::FailedPrecondition(e.to_string()),
+            })?;
+        tracing::warn!(
+            session_id = %req.session_id,
+            broadcast_id = %report.broadcast_id,
+            reporter = report.reporter,
+            peer_id = req.peer_id,
+            known_peer = report.known_peer,
+            reparented = report.moved,
+            reason = %reason,
+            total_reports = self.grids.bad_peer_reports(),
+            "peer reported bad; never a parent again"
+        );
+        Ok(ReportPeerResponse {})
+    }
+
+    // ------------------------------------------------------------------ rights (admin)
+
+    async fn revoke_viewer(&self, req: RevokeViewerRequest) -> ApiResult<RevokeViewerResponse> {
+        validate::id("broadcast_id", &req.broadcast_id)?;
+        let subject = req.subject.trim();
+        let session = req.session_id.trim();
+        let target = match (subject.is_empty(), session.is_empty()) {
+            (false, true) => {
+                if subject.len() > crate::credential::MAX_SUBJECT {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "subject is {} bytes, at most {} allowed",
+                        subject.len(),
+                        crate::credential::MAX_SUBJECT
+                    )));
+                }
+                RevokeTarget::Subject(subject)
+            }
+            (true, false) => {
+                validate::id("session_id", session)?;
+                RevokeTarget::Session(session)
+            }
+            _ => {
+                return Err(ApiError::InvalidArgument(
+                    "give exactly one of subject or session_id".into(),
+                ));
+            }
+        };
+        let id = req.broadcast_id.as_str();
+        let _guard = self.assign_lock.lock().await;
+        let b = self.require_broadcast(id).await?;
+        let revoked = self.grids.revoke(id, target);
+        let now = now_ms();
+        let mut count = 0u32;
+        for r in &revoked {
+            self.store.end_session(&r.session_id, now).await?;
+            count += 1;
+        }
+        // A session active in the database but not in this process's grid (e.g. joined
+        // before a restart): ending it stops its heartbeats (and so its renewals).
+        if let RevokeTarget::Session(s) = target
+            && revoked.is_empty()
+            && let Some(rec) = self.store.get_session(s).await?
+            && rec.broadcast_id == id
+            && rec.left_at_ms.is_none()
+            && self.store.end_session(s, now).await?
+        {
+            count += 1;
+        }
+        if count == 0 {
+            return Err(ApiError::NotFound(match target {
+                RevokeTarget::Subject(_) => {
+                    format!("no active session of broadcast {id} has that subject")
+                }
+                RevokeTarget::Session(s) => {
+                    format!("session {s} is not an active session of broadcast {id}")
+                }
+            }));
+        }
+        // A revoked subject cannot join again with a credential issued before now.
+        if let RevokeTarget::Subject(sub) = target {
+            let now_s = u64::try_from(now / 1000).unwrap_or(0);
+            let until = revoked
+                .iter()
+                .filter_map(|r| r.credential_expires_at)
+                .max()
+                .unwrap_or(now_s)
+                .saturating_add(self.auth.leeway_secs());
+            self.revocations.block_subject(id, sub, now_s, until);
+        }
+        let peer_ids: Vec<u64> = revoked.iter().map(|r| r.peer_id).collect();
+        let ttl = self.tokens.ttl().saturating_add(SKEW_MARGIN);
+        self.revocations.add(
+            id,
+            &peer_ids,
+            now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
+        );
+        if let Some(node_id) = &b.node_id
+            && !peer_ids.is_empty()
+        {
+            self.send(
+                node_id,
+                Command::Revoke(RevokeCommand {
+                    broadcast_id: id.to_string(),
+                    peer_ids: peer_ids.clone(),
+                }),
+            );
+        }
+        tracing::warn!(
+            broadcast_id = %id,
+            by = match target { RevokeTarget::Subject(_) => "subject", RevokeTarget::Session(_) => "session" },
+            sessions = count,
+            peer_ids = ?peer_ids,
+            reparented = revoked.iter().map(|r| r.moved).sum::<usize>(),
+            "viewer revoked"
+        );
+        Ok(RevokeViewerResponse {
+            revoked_sessions: count,
+        })
+    }
+
     // ------------------------------------------------------------------ edge
 
     async fn register(&self, req: RegisterNodeRequest) -> ApiResult<RegisterNodeResponse> {
         validate::short_text("node_name", &req.node_name, false)?;
         validate::short_text("wire_addr", &req.wire_addr, true)?;
         validate::short_text("http_addr", &req.http_addr, true)?;
+        let chunk_key = match &req.chunk_signing_key {
+            None => None,
+            Some(k) if k.ed25519.len() == 32 => Some(NodeKey {
+                key_id: k.key_id,
+                ed25519: k.ed25519.clone(),
+            }),
+            Some(k) => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "chunk_signing_key.ed25519 is {} bytes, a raw Ed25519 public key has 32",
+                    k.ed25519.len()
+                )));
+            }
+        };
         let now = now_ms();
         let _guard = self.assign_lock.lock().await;
         let node = self
@@ -775,6 +1184,7 @@ impl Core {
                     http_addr: req.http_addr.clone(),
                     cores: req.cores,
                     capacity_viewers: req.capacity_viewers,
+                    chunk_key,
                 },
                 now,
             )
@@ -793,13 +1203,18 @@ impl Core {
             http_addr = %node.http_addr,
             cores = node.cores,
             capacity_viewers = node.capacity_viewers,
+            chunk_key_id = node.chunk_key.as_ref().map(|k| k.key_id),
             "data-plane node registered"
         );
+        if node.chunk_key.is_none() {
+            tracing::warn!(node_id = %node.id, "node declared no chunk-signing key: viewers cannot check its chunks");
+        }
         self.reconcile_locked().await?;
         Ok(RegisterNodeResponse {
             node_id: node.id,
             heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
+            token_keys: self.tokens.public_keys(),
         })
     }
 
@@ -828,10 +1243,20 @@ impl Core {
             .into_iter()
             .filter(|b| b.node_id.as_deref() == Some(node_id))
             .collect();
-        let (tx, rx) = mpsc::channel(self.config.command_buffer.max(1) + replay.len());
+        // The replay: the current token keys, then every ingest, each followed by the
+        // broadcast's recent revocations.
+        let now = now_ms();
+        let mut commands = vec![Command::Keys(KeysCommand {
+            token_keys: self.tokens.public_keys(),
+        })];
         for b in &replay {
+            commands.push(Self::ingest_command(b));
+            commands.extend(self.revoke_command(&b.id, now));
+        }
+        let (tx, rx) = mpsc::channel(self.config.command_buffer.max(1) + commands.len());
+        for command in commands {
             tx.try_send(Ok(NodeCommand {
-                command: Some(Self::ingest_command(b)),
+                command: Some(command),
             }))
             .map_err(|_| ApiError::Unavailable("command stream closed during replay".into()))?;
         }
@@ -900,6 +1325,54 @@ impl Core {
             }
         }
         Ok(HealthReportAck { known: true })
+    }
+}
+
+// ---------------------------------------------------------------------- reports (issue 5)
+
+impl Core {
+    async fn report(
+        &self,
+        req: starling_proto::v1::ReportRequest,
+    ) -> ApiResult<starling_proto::v1::ReportResponse> {
+        use crate::reports::SubmitError;
+        validate::id("session_id", &req.session_id)?;
+        let acked_seq = self
+            .reports
+            .submit(&req.session_id, req.reports, now_ms())
+            .await
+            .map_err(|e| match e {
+                SubmitError::InvalidArgument(m) => ApiError::InvalidArgument(m),
+                SubmitError::NotFound(id) => {
+                    ApiError::NotFound(format!("session {id} not found; join again"))
+                }
+                e @ SubmitError::QueueFull(_) => ApiError::Unavailable(e.to_string()),
+                SubmitError::Storage(e) => ApiError::Storage(e),
+            })?;
+        Ok(starling_proto::v1::ReportResponse { acked_seq })
+    }
+
+    async fn get_audience(
+        &self,
+        req: starling_proto::v1::GetAudienceRequest,
+    ) -> ApiResult<starling_proto::v1::GetAudienceResponse> {
+        use crate::reports::AudienceError;
+        let b = self.require_broadcast(&req.broadcast_id).await?;
+        let points = self
+            .reports
+            .audience(
+                &b.id,
+                req.from_unix_ms,
+                req.to_unix_ms,
+                req.step_s,
+                now_ms(),
+            )
+            .await
+            .map_err(|e| match e {
+                AudienceError::InvalidArgument(m) => ApiError::InvalidArgument(m),
+                AudienceError::Storage(e) => ApiError::Storage(e),
+            })?;
+        Ok(starling_proto::v1::GetAudienceResponse { points })
     }
 }
 
@@ -972,6 +1445,28 @@ impl AdminService for Api {
             .map(Response::new)
             .map_err(|e| e.into_status("ListBroadcasts"))
     }
+
+    async fn revoke_viewer(
+        &self,
+        request: Request<RevokeViewerRequest>,
+    ) -> Result<Response<RevokeViewerResponse>, Status> {
+        self.core
+            .revoke_viewer(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status("RevokeViewer"))
+    }
+
+    async fn get_audience(
+        &self,
+        request: Request<starling_proto::v1::GetAudienceRequest>,
+    ) -> Result<Response<starling_proto::v1::GetAudienceResponse>, Status> {
+        self.core
+            .get_audience(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status("GetAudience"))
+    }
 }
 
 #[tonic::async_trait]
@@ -1016,6 +1511,28 @@ impl ViewerService for Api {
             .await
             .map(Response::new)
             .map_err(|e| e.into_status("Reparent"))
+    }
+
+    async fn report_peer(
+        &self,
+        request: Request<ReportPeerRequest>,
+    ) -> Result<Response<ReportPeerResponse>, Status> {
+        self.core
+            .report_peer(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status("ReportPeer"))
+    }
+
+    async fn report(
+        &self,
+        request: Request<starling_proto::v1::ReportRequest>,
+    ) -> Result<Response<starling_proto::v1::ReportResponse>, Status> {
+        self.core
+            .report(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status("Report"))
     }
 }
 

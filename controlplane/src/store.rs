@@ -121,6 +121,8 @@ pub struct BroadcastRecord {
     pub created_at_ms: i64,
     /// Last update time, unix ms.
     pub updated_at_ms: i64,
+    /// Viewers may join without a credential.
+    pub public: bool,
 }
 
 /// Input of [`Store::create_broadcast`].
@@ -136,6 +138,8 @@ pub struct NewBroadcast {
     pub chunk_duration_ms: u32,
     /// Substreams.
     pub substreams: u32,
+    /// Viewers may join without a credential.
+    pub public: bool,
 }
 
 /// A data-plane node as stored.
@@ -161,6 +165,40 @@ pub struct NodeRecord {
     pub registered_at_ms: i64,
     /// Last health report (or registration), unix ms.
     pub last_seen_ms: i64,
+    /// The key the node signs chunks with, if it declared one.
+    pub chunk_key: Option<NodeKey>,
+}
+
+/// An Ed25519 public key with its key id (a node's chunk-signing key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeKey {
+    /// Key id chosen by the node.
+    pub key_id: u32,
+    /// 32 raw bytes.
+    pub ed25519: Vec<u8>,
+}
+
+/// A chunk-token signing key of the control plane as stored.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenKeyRecord {
+    /// Key id (the highest one signs).
+    pub key_id: u32,
+    /// PKCS#8 private key.
+    pub pkcs8: Vec<u8>,
+    /// Creation time, unix ms.
+    pub created_at_ms: i64,
+    /// Set when a newer key replaced it: still accepted until then.
+    pub retire_at_ms: Option<i64>,
+}
+
+impl std::fmt::Debug for TokenKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenKeyRecord")
+            .field("key_id", &self.key_id)
+            .field("created_at_ms", &self.created_at_ms)
+            .field("retire_at_ms", &self.retire_at_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Input of [`Store::register_node`].
@@ -178,6 +216,8 @@ pub struct NewNode {
     pub cores: u32,
     /// Capacity.
     pub capacity_viewers: u32,
+    /// Chunk-signing key.
+    pub chunk_key: Option<NodeKey>,
 }
 
 /// One broadcast's health as reported by its ingesting node.
@@ -253,14 +293,14 @@ macro_rules! broadcast_cols {
     () => {
         "id, name, source_url, chunk_duration_ms, substreams, state, source_health, \
          source_error, node_id, last_seq, content_type, viewers_now, created_at_ms, \
-         updated_at_ms"
+         updated_at_ms, public"
     };
 }
 
 macro_rules! node_cols {
     () => {
         "id, name, wire_addr, http_addr, cores, capacity_viewers, alive, viewers, \
-         registered_at_ms, last_seen_ms"
+         registered_at_ms, last_seen_ms, chunk_key_id, chunk_key"
     };
 }
 
@@ -297,6 +337,7 @@ where
     &'static str: ColumnIndex<R>,
     String: Decode<'r, R::Database> + Type<R::Database>,
     Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    bool: Decode<'r, R::Database> + Type<R::Database>,
     i32: Decode<'r, R::Database> + Type<R::Database>,
     i64: Decode<'r, R::Database> + Type<R::Database>,
 {
@@ -321,6 +362,7 @@ where
         viewers_now: to_u32(get(row, "viewers_now")?, "viewers_now")?,
         created_at_ms: get(row, "created_at_ms")?,
         updated_at_ms: get(row, "updated_at_ms")?,
+        public: get(row, "public")?,
     })
 }
 
@@ -332,7 +374,19 @@ where
     bool: Decode<'r, R::Database> + Type<R::Database>,
     i32: Decode<'r, R::Database> + Type<R::Database>,
     i64: Decode<'r, R::Database> + Type<R::Database>,
+    Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
+    Option<Vec<u8>>: Decode<'r, R::Database> + Type<R::Database>,
 {
+    let key_id: Option<i64> = get(row, "chunk_key_id")?;
+    let key: Option<Vec<u8>> = get(row, "chunk_key")?;
+    let chunk_key = match (key_id, key) {
+        (Some(id), Some(k)) => Some(NodeKey {
+            key_id: u32::try_from(id)
+                .map_err(|_| StoreError::Corrupt(format!("chunk_key_id out of range: {id}")))?,
+            ed25519: k,
+        }),
+        _ => None,
+    };
     Ok(NodeRecord {
         id: get(row, "id")?,
         name: get(row, "name")?,
@@ -344,6 +398,7 @@ where
         viewers: to_u32(get(row, "viewers")?, "viewers")?,
         registered_at_ms: get(row, "registered_at_ms")?,
         last_seen_ms: get(row, "last_seen_ms")?,
+        chunk_key,
     })
 }
 
@@ -447,8 +502,8 @@ impl Store {
         const SQL: &str = concat!(
             "INSERT INTO broadcasts (id, name, source_url, chunk_duration_ms, substreams, \
              state, source_health, source_error, node_id, last_seq, content_type, \
-             viewers_now, created_at_ms, updated_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, '', NULL, 0, '', 0, $8, $8) RETURNING ",
+             viewers_now, created_at_ms, updated_at_ms, public) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, '', NULL, 0, '', 0, $8, $8, $9) RETURNING ",
             broadcast_cols!()
         );
         on_pool!(self, pool => {
@@ -461,6 +516,7 @@ impl Store {
                 .bind(BroadcastState::Created as i32)
                 .bind(SourceHealth::Unknown as i32)
                 .bind(now_ms)
+                .bind(new.public)
                 .fetch_one(pool)
                 .await
                 .map_err(|e| unique_violation(e, "broadcast", &new.id))?;
@@ -637,8 +693,8 @@ impl Store {
     ) -> Result<NodeRecord, StoreError> {
         const SQL: &str = concat!(
             "INSERT INTO nodes (id, name, wire_addr, http_addr, cores, capacity_viewers, \
-             alive, viewers, registered_at_ms, last_seen_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $8) RETURNING ",
+             alive, viewers, registered_at_ms, last_seen_ms, chunk_key_id, chunk_key) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $8, $9, $10) RETURNING ",
             node_cols!()
         );
         on_pool!(self, pool => {
@@ -651,6 +707,8 @@ impl Store {
                 .bind(to_i32(new.capacity_viewers))
                 .bind(true)
                 .bind(now_ms)
+                .bind(new.chunk_key.as_ref().map(|k| i64::from(k.key_id)))
+                .bind(new.chunk_key.as_ref().map(|k| k.ed25519.clone()))
                 .fetch_one(pool)
                 .await
                 .map_err(|e| unique_violation(e, "node", &new.id))?;
@@ -802,6 +860,63 @@ impl Store {
             let row = sqlx::query(SQL).bind(broadcast_id).fetch_one(pool).await?;
             let n: i64 = get(&row, "n")?;
             Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
+    // ------------------------------------------------------------------ token keys
+
+    /// Every chunk-token signing key, lowest key id first.
+    pub async fn list_token_keys(&self) -> Result<Vec<TokenKeyRecord>, StoreError> {
+        const SQL: &str = "SELECT key_id, pkcs8, created_at_ms, retire_at_ms FROM token_keys \
+             ORDER BY key_id";
+        on_pool!(self, pool => {
+            let rows = sqlx::query(SQL).fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| {
+                    let id: i64 = get(row, "key_id")?;
+                    Ok(TokenKeyRecord {
+                        key_id: u32::try_from(id).map_err(|_| {
+                            StoreError::Corrupt(format!("token key id out of range: {id}"))
+                        })?,
+                        pkcs8: get(row, "pkcs8")?,
+                        created_at_ms: get(row, "created_at_ms")?,
+                        retire_at_ms: get(row, "retire_at_ms")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Adds a signing key with the next key id (1 for the first) and retires every
+    /// current key at `retire_at_ms` (keys already retiring keep their earlier time), in
+    /// one transaction. Returns the new key id. Two replicas racing get distinct ids (one
+    /// of them fails on the primary key and is reported as [`StoreError::AlreadyExists`]).
+    pub async fn add_token_key(
+        &self,
+        pkcs8: &[u8],
+        now_ms: i64,
+        retire_at_ms: i64,
+    ) -> Result<u32, StoreError> {
+        const NEXT: &str = "SELECT COALESCE(MAX(key_id), 0) + 1 AS next FROM token_keys";
+        const RETIRE: &str = "UPDATE token_keys SET retire_at_ms = $1 WHERE retire_at_ms IS NULL";
+        const INSERT: &str = "INSERT INTO token_keys (key_id, pkcs8, created_at_ms, retire_at_ms) \
+             VALUES ($1, $2, $3, NULL)";
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let row = sqlx::query(NEXT).fetch_one(&mut *tx).await?;
+            let next: i64 = get(&row, "next")?;
+            let key_id = u32::try_from(next)
+                .map_err(|_| StoreError::Corrupt(format!("token key id out of range: {next}")))?;
+            sqlx::query(RETIRE).bind(retire_at_ms).execute(&mut *tx).await?;
+            sqlx::query(INSERT)
+                .bind(next)
+                .bind(pkcs8)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| unique_violation(e, "token key", &next.to_string()))?;
+            tx.commit().await?;
+            Ok(key_id)
         })
     }
 }

@@ -239,6 +239,7 @@ mod tests {
             source_url: url.into(),
             chunk_duration_ms: ms,
             substreams: subs,
+            public: false,
         }
     }
 

@@ -14,12 +14,19 @@ use starling_proto::v1::{
 };
 use tokio_stream::StreamExt;
 
+/// The zero-setup admin key file written by the server under test.
+static ADMIN_KEY_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 fn admin(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_starling-admin"))
-        .env("STARLING_CONTROL_URL", url)
-        .args(args)
-        .output()
-        .unwrap()
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_starling-admin"));
+    cmd.env("STARLING_CONTROL_URL", url)
+        .env_remove("STARLING_ADMIN_KEY")
+        .env_remove("STARLING_ADMIN_JWT")
+        .env_remove("STARLING_ADMIN_KEY_FILE");
+    if let Some(path) = ADMIN_KEY_FILE.get() {
+        cmd.env("STARLING_ADMIN_KEY_FILE", path);
+    }
+    cmd.args(args).output().unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -38,6 +45,8 @@ async fn binaries_end_to_end_on_sqlite() {
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .env_remove("DATABASE_URL")
+        .env_remove("STARLING_ADMIN_KEY")
+        .env_remove("STARLING_ADMIN_JWT_KEYS")
         .env("STARLING_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -68,6 +77,29 @@ async fn binaries_end_to_end_on_sqlite() {
         .expect("server did not print its address");
     assert!(dir.path().join("data").join("starling.db").exists());
     let url = format!("http://{addr}");
+
+    // Zero-setup mode: the admin key was written to <data-dir>/admin.key (0600); without
+    // it admin calls are refused.
+    let key_file = dir.path().join("data").join("admin.key");
+    assert!(key_file.exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let out = admin(&url, &["list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("Unauthenticated"), "{}", stderr(&out));
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_starling-admin"))
+        .env("STARLING_CONTROL_URL", &url)
+        .env("STARLING_ADMIN_KEY", key.trim())
+        .args(["list"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    ADMIN_KEY_FILE.set(key_file).unwrap();
 
     // create --id-only: the id alone on stdout.
     let out = admin(
@@ -147,6 +179,7 @@ async fn binaries_end_to_end_on_sqlite() {
             http_addr: "127.0.0.1:9080".into(),
             cores: 1,
             capacity_viewers: 10,
+            chunk_signing_key: None,
         })
         .await
         .unwrap()
@@ -159,6 +192,16 @@ async fn binaries_end_to_end_on_sqlite() {
         .await
         .unwrap()
         .into_inner();
+    // The stream starts with the chunk-token keys.
+    let keys = tokio::time::timeout(Duration::from_secs(20), commands.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&keys.command, Some(NodeCmd::Keys(k)) if k.token_keys.len() == 1),
+        "{keys:?}"
+    );
     let cmd = tokio::time::timeout(Duration::from_secs(20), commands.next())
         .await
         .unwrap()

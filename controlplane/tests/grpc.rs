@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use starling_controlplane::{ControlPlane, ControlPlaneHandle, ServiceConfig, Store};
+use starling_controlplane::{
+    AuthConfig, BearerInterceptor, ControlPlane, ControlPlaneHandle, ServiceConfig, Store,
+};
 use starling_proto::v1::admin_service_client::AdminServiceClient;
 use starling_proto::v1::edge_service_client::EdgeServiceClient;
 use starling_proto::v1::node_command::Command;
@@ -19,7 +21,12 @@ use starling_proto::v1::{
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// The static admin key of the test control planes (admin auth is covered by
+/// `tests/rights.rs`).
+const ADMIN_KEY: &str = "grpc-test-admin-key-0123456789";
 
 /// Upper bound for waiting on an event that should happen (a hang guard, not a
 /// timing assertion).
@@ -54,10 +61,16 @@ impl Harness {
             liveness_tick: Duration::from_millis(50),
             command_buffer: 64,
             missed_heartbeats,
+            ..ServiceConfig::default()
         };
-        let cp = ControlPlane::bind_with_store("127.0.0.1:0".parse().unwrap(), store, service)
-            .await
-            .unwrap();
+        let auth = AuthConfig {
+            admin_key: Some(ADMIN_KEY.into()),
+            ..AuthConfig::default()
+        };
+        let cp =
+            ControlPlane::bind_with_store("127.0.0.1:0".parse().unwrap(), store, service, &auth)
+                .await
+                .unwrap();
         assert_ne!(cp.local_addr().port(), 0);
         let cp = cp.spawn();
         let channel = Channel::from_shared(cp.url())
@@ -68,8 +81,11 @@ impl Harness {
         Harness { cp, channel }
     }
 
-    fn admin(&self) -> AdminServiceClient<Channel> {
-        AdminServiceClient::new(self.channel.clone())
+    fn admin(&self) -> AdminServiceClient<InterceptedService<Channel, BearerInterceptor>> {
+        AdminServiceClient::with_interceptor(
+            self.channel.clone(),
+            BearerInterceptor::new(ADMIN_KEY).unwrap(),
+        )
     }
 
     fn viewer(&self) -> ViewerServiceClient<Channel> {
@@ -87,6 +103,7 @@ impl Harness {
                 source_url: "http://127.0.0.1:8000/live.ts".into(),
                 chunk_duration_ms: 0,
                 substreams: 0,
+                public: true,
             })
             .await
             .unwrap()
@@ -116,6 +133,7 @@ impl FakeNode {
                 http_addr: format!("{name}.test:9080"),
                 cores: 2,
                 capacity_viewers: 1000,
+                chunk_signing_key: None,
             })
             .await
             .unwrap()
@@ -135,14 +153,20 @@ impl FakeNode {
         }
     }
 
+    /// The next command other than a `KeysCommand` (every stream starts with one).
     async fn next_command(&mut self) -> Command {
-        tokio::time::timeout(PATIENCE, self.commands.next())
-            .await
-            .expect("no command within the patience bound")
-            .expect("command stream ended")
-            .expect("command stream error")
-            .command
-            .expect("empty command")
+        loop {
+            let command = tokio::time::timeout(PATIENCE, self.commands.next())
+                .await
+                .expect("no command within the patience bound")
+                .expect("command stream ended")
+                .expect("command stream error")
+                .command
+                .expect("empty command");
+            if !matches!(command, Command::Keys(_)) {
+                return command;
+            }
+        }
     }
 
     async fn expect_ingest(&mut self) -> IngestCommand {
@@ -185,6 +209,7 @@ async fn admin_lifecycle(store: Store) {
             source_url: "http://127.0.0.1:8000/live.ts".into(),
             chunk_duration_ms: 0,
             substreams: 0,
+            public: true,
         })
         .await
         .unwrap()
@@ -293,6 +318,7 @@ async fn admin_errors(store: Store) {
         source_url: url.into(),
         chunk_duration_ms: ms,
         substreams: subs,
+        public: false,
     };
     for (req, needle) in [
         (
@@ -407,6 +433,7 @@ async fn node_ingests_viewers_join_and_stop(store: Store) {
             source_url: "http://127.0.0.1:8000/live.ts".into(),
             chunk_duration_ms: 1000,
             substreams: 8,
+            public: true,
         }
     );
 
@@ -527,12 +554,18 @@ async fn desired_state_is_replayed_when_a_node_arrives(store: Store) {
         .await
         .unwrap()
         .into_inner();
-    let cmd = tokio::time::timeout(PATIENCE, again.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(cmd.command, Some(Command::Ingest(ingest)));
+    let mut replay = Vec::new();
+    for _ in 0..2 {
+        let cmd = tokio::time::timeout(PATIENCE, again.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        replay.push(cmd.command.unwrap());
+    }
+    // The replay starts with the token keys, then the desired state.
+    assert!(matches!(&replay[0], Command::Keys(k) if !k.token_keys.is_empty()));
+    assert_eq!(replay[1], Command::Ingest(ingest));
     // The previous stream of the same node ended.
     let old = tokio::time::timeout(PATIENCE, node.commands.next())
         .await
@@ -783,6 +816,7 @@ async fn live_grid(h: &Harness, substreams: u32, kbps: u32) -> LiveGrid {
             source_url: "http://127.0.0.1:8000/live.ts".into(),
             chunk_duration_ms: 0,
             substreams,
+            public: true,
         })
         .await
         .unwrap()

@@ -5,7 +5,7 @@
 mod common;
 
 use starling_controlplane::store::{
-    IngestReport, NewBroadcast, NewNode, NewSession, Store, StoreError,
+    IngestReport, NewBroadcast, NewNode, NewSession, NodeKey, Store, StoreError,
 };
 use starling_proto::v1::{BroadcastState, SourceHealth};
 
@@ -16,6 +16,7 @@ fn new_broadcast(id: &str) -> NewBroadcast {
         source_url: "http://127.0.0.1:8000/live".into(),
         chunk_duration_ms: 1000,
         substreams: 4,
+        public: false,
     }
 }
 
@@ -27,6 +28,7 @@ fn new_node(id: &str) -> NewNode {
         http_addr: "127.0.0.1:9080".into(),
         cores: 2,
         capacity_viewers: 10_000,
+        chunk_key: None,
     }
 }
 
@@ -388,7 +390,53 @@ async fn sessions_lifecycle(store: Store) {
     ));
 }
 
+async fn public_flag_and_node_chunk_keys(store: Store) {
+    let mut nb = new_broadcast("pub");
+    nb.public = true;
+    let b = store.create_broadcast(&nb, 1).await.unwrap();
+    assert!(b.public);
+    assert!(store.get_broadcast("pub").await.unwrap().unwrap().public);
+    let p = store
+        .create_broadcast(&new_broadcast("priv"), 1)
+        .await
+        .unwrap();
+    assert!(!p.public);
+    let mut n = new_node("keyed");
+    n.chunk_key = Some(NodeKey {
+        key_id: u32::MAX,
+        ed25519: vec![7; 32],
+    });
+    let rec = store.register_node(&n, 5).await.unwrap();
+    assert_eq!(rec.chunk_key, n.chunk_key);
+    store.register_node(&new_node("plain"), 6).await.unwrap();
+    let alive = store.list_alive_nodes().await.unwrap();
+    assert_eq!(alive.len(), 2);
+    assert_eq!(alive[0].chunk_key, n.chunk_key);
+    assert_eq!(alive[1].chunk_key, None);
+}
+
+async fn token_keys_add_and_rotate(store: Store) {
+    assert!(store.list_token_keys().await.unwrap().is_empty());
+    assert_eq!(store.add_token_key(b"first", 10, 1_000).await.unwrap(), 1);
+    let keys = store.list_token_keys().await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].pkcs8, b"first");
+    assert_eq!(keys[0].created_at_ms, 10);
+    assert_eq!(keys[0].retire_at_ms, None);
+    // Rotation: the new key gets the next id, the old one a retire time.
+    assert_eq!(store.add_token_key(b"second", 20, 2_000).await.unwrap(), 2);
+    assert_eq!(store.add_token_key(b"third", 30, 3_000).await.unwrap(), 3);
+    let keys = store.list_token_keys().await.unwrap();
+    let summary: Vec<(u32, Option<i64>)> =
+        keys.iter().map(|k| (k.key_id, k.retire_at_ms)).collect();
+    // A key already retiring keeps its earlier time.
+    assert_eq!(summary, vec![(1, Some(2_000)), (2, Some(3_000)), (3, None)]);
+    assert_eq!(keys[2].pkcs8, b"third");
+}
+
 on_both_backends!(
+    public_flag_and_node_chunk_keys,
+    token_keys_add_and_rotate,
     migrations_are_idempotent,
     broadcast_create_get_list,
     broadcast_state_and_assignment,

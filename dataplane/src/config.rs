@@ -31,6 +31,90 @@ impl std::str::FromStr for StaticBroadcast {
     }
 }
 
+/// A trusted chunk-token public key (`--token-key ID=BASE64`), for standalone nodes;
+/// under a control plane the keys come from `RegisterNodeResponse` / `KeysCommand`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenKey {
+    pub key_id: u32,
+    /// Raw 32-byte Ed25519 public key.
+    pub ed25519: [u8; 32],
+}
+
+/// Decodes base64 (standard or URL-safe alphabet, padding optional).
+pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    let t = s.trim().trim_end_matches('=');
+    URL_SAFE_NO_PAD
+        .decode(t)
+        .or_else(|_| STANDARD_NO_PAD.decode(t))
+        .ok()
+}
+
+impl std::str::FromStr for TokenKey {
+    type Err = String;
+    /// `ID=BASE64` (key id as a decimal u32; 32-byte key, standard or URL-safe base64).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (id, key) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected KEY_ID=BASE64_PUBLIC_KEY, got {s:?}"))?;
+        let key_id = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("key id must be a u32, got {id:?}"))?;
+        let ed25519 = decode_base64(key)
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+            .ok_or_else(|| {
+                "the key must be 32 bytes of base64 (raw Ed25519 public key)".to_owned()
+            })?;
+        Ok(TokenKey { key_id, ed25519 })
+    }
+}
+
+/// A chunk-signing private key as PKCS#8 DER (never printed by `Debug`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChunkKey(pub Vec<u8>);
+
+impl std::fmt::Debug for ChunkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkKey(<redacted>)")
+    }
+}
+
+impl ChunkKey {
+    /// Reads the PKCS#8 key at `path`, or generates one and writes it there (mode 0600)
+    /// when the file does not exist.
+    pub fn load_or_create(path: &std::path::Path) -> Result<ChunkKey, crate::Error> {
+        match std::fs::read(path) {
+            Ok(der) => {
+                starling_proto::integrity::ChunkSigner::new(0, &der).map_err(|e| {
+                    crate::Error::Config(format!("chunk key file {}: {e}", path.display()))
+                })?;
+                Ok(ChunkKey(der))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let der = starling_proto::integrity::generate_pkcs8()
+                    .map_err(|e| crate::Error::Config(e.to_string()))?;
+                let mut opts = std::fs::OpenOptions::new();
+                opts.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+                let write = opts
+                    .open(path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, &der));
+                write.map_err(|e| {
+                    crate::Error::Config(format!("cannot write chunk key {}: {e}", path.display()))
+                })?;
+                Ok(ChunkKey(der))
+            }
+            Err(e) => Err(crate::Error::Config(format!(
+                "cannot read chunk key {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+}
+
 /// Timeouts and slow-viewer policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -94,6 +178,20 @@ pub struct Config {
     pub io_memory_kib: usize,
     pub capacity_viewers: u32,
     pub timeouts: Timeouts,
+    /// Chunk-signing key (PKCS#8); `None` = a fresh key for this run. Its key id is
+    /// the first 4 bytes (big endian) of the public key.
+    pub chunk_key: Option<ChunkKey>,
+    /// Token keys trusted in addition to the control plane's (standalone mode).
+    pub token_keys: Vec<TokenKey>,
+    /// Static broadcasts accept viewers without a chunk token (default); false = a
+    /// valid token (from `token_keys`) is required.
+    pub static_public: bool,
+    /// Clock skew tolerated on token `issued_at` / `expires_at`.
+    pub token_skew: Duration,
+    /// How long a revoked peer's tokens stay refused (at least the longest token
+    /// lifetime the control plane issues; extended to the expiry of any of the peer's
+    /// tokens this node has seen).
+    pub revocation_hold: Duration,
 }
 
 impl Default for Config {
@@ -113,6 +211,11 @@ impl Default for Config {
             io_memory_kib: 512,
             capacity_viewers: 10_000,
             timeouts: Timeouts::default(),
+            chunk_key: None,
+            token_keys: Vec::new(),
+            static_public: true,
+            token_skew: Duration::from_secs(5),
+            revocation_hold: Duration::from_secs(300),
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::ingest::{Backoff, IngestManager, IngestSpec};
 use crate::ring::Registry;
 use starling_proto::v1::edge_service_client::EdgeServiceClient;
 use starling_proto::v1::{
-    CommandsRequest, HealthReport, IngestHealth, RegisterNodeRequest, node_command,
+    CommandsRequest, HealthReport, IngestHealth, PublicKey, RegisterNodeRequest, node_command,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,9 @@ pub struct NodeInfo {
     pub http_addr: String,
     pub cores: u32,
     pub capacity_viewers: u32,
+    /// The key this node signs chunks with (announced in `Register`).
+    pub chunk_key_id: u32,
+    pub chunk_public_key: [u8; 32],
 }
 
 /// Builds the health report for every broadcast on this node.
@@ -107,11 +110,17 @@ async fn session(
             http_addr: node.http_addr.clone(),
             cores: node.cores,
             capacity_viewers: node.capacity_viewers,
+            chunk_signing_key: Some(PublicKey {
+                key_id: node.chunk_key_id,
+                ed25519: node.chunk_public_key.to_vec(),
+            }),
         })
         .await
         .map_err(|s| format!("register: {s}"))?
         .into_inner();
     let node_id = reg.node_id;
+    registry.auth().set_keys(&reg.token_keys);
+    info!(token_keys = ?registry.auth().key_ids(), "token keys from the control plane");
     let hb = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.clamp(100, 60_000)));
     info!(node_id = %node_id, heartbeat_ms = hb.as_millis() as u64, "registered with the control plane");
     let mut stream = client
@@ -141,9 +150,18 @@ async fn session(
                                 source_url: c.source_url,
                                 chunk_duration_ms: chunk_ms,
                                 substreams,
+                                public: c.public,
                             });
                         }
                         Some(node_command::Command::Stop(s)) => ingest.stop(&s.broadcast_id),
+                        Some(node_command::Command::Revoke(r)) => {
+                            info!(broadcast = %r.broadcast_id, peers = ?r.peer_ids, "revoking peers");
+                            registry.revoke(&r.broadcast_id, &r.peer_ids, crate::ingest::now_ms());
+                        }
+                        Some(node_command::Command::Keys(k)) => {
+                            registry.auth().set_keys(&k.token_keys);
+                            info!(token_keys = ?registry.auth().key_ids(), "token keys rotated");
+                        }
                         None => {}
                     },
                     Ok(None) => return Err("command stream closed".into()),

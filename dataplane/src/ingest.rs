@@ -12,9 +12,11 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use starling_proto::integrity::{ChunkMeta, ChunkSigner};
+use starling_proto::wire::chunk_flags;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -25,6 +27,8 @@ pub struct IngestSpec {
     pub source_url: String,
     pub chunk_duration_ms: u32,
     pub substreams: u16,
+    /// Viewers need no chunk token (`IngestCommand.public`).
+    pub public: bool,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -69,6 +73,7 @@ pub struct IngestManager {
     timeouts: Timeouts,
     running: Mutex<HashMap<String, Running>>,
     client: Client<HttpConnector, Empty<Bytes>>,
+    signer: Arc<ChunkSigner>,
 }
 
 impl IngestManager {
@@ -77,6 +82,7 @@ impl IngestManager {
         window_ms: u64,
         max_chunk_bytes: usize,
         timeouts: Timeouts,
+        signer: Arc<ChunkSigner>,
     ) -> Self {
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(timeouts.source_connect));
@@ -92,25 +98,20 @@ impl IngestManager {
             timeouts,
             running: Mutex::new(HashMap::new()),
             client,
+            signer,
         }
     }
 
     /// Starts ingesting (idempotent: the same spec again is a no-op; a changed spec
-    /// restarts the ingest, keeping the window and the numbering).
+    /// restarts the ingest, keeping the window and the numbering; a change of `public`
+    /// alone only updates the broadcast).
     pub fn start(&self, spec: IngestSpec) {
         let mut running = match self.running.lock() {
             Ok(r) => r,
             Err(p) => p.into_inner(),
         };
-        if let Some(r) = running.get(&spec.broadcast_id) {
-            if r.spec == spec && !r.cancel.is_closed() {
-                debug!(broadcast = %spec.broadcast_id, "ingest already running");
-                return;
-            }
-            let _ = r.cancel.send(true);
-        }
-        let b = self.registry.get_or_insert(&spec.broadcast_id, || {
-            Broadcast::new(
+        let make = || {
+            let b = Broadcast::new(
                 &spec.broadcast_id,
                 self.window_ms,
                 StreamParams {
@@ -118,8 +119,27 @@ impl IngestManager {
                     chunk_duration_ms: spec.chunk_duration_ms,
                     substreams: spec.substreams,
                 },
-            )
-        });
+            );
+            b.set_public(spec.public);
+            b
+        };
+        if let Some(r) = running.get_mut(&spec.broadcast_id) {
+            let same_source = IngestSpec {
+                public: r.spec.public,
+                ..spec.clone()
+            } == r.spec;
+            if same_source && !r.cancel.is_closed() {
+                debug!(broadcast = %spec.broadcast_id, "ingest already running");
+                self.registry
+                    .get_or_insert(&spec.broadcast_id, make)
+                    .set_public(spec.public);
+                r.spec.public = spec.public;
+                return;
+            }
+            let _ = r.cancel.send(true);
+        }
+        let b = self.registry.get_or_insert(&spec.broadcast_id, make);
+        b.set_public(spec.public);
         b.set_params(|p| {
             p.chunk_duration_ms = spec.chunk_duration_ms;
             p.substreams = spec.substreams;
@@ -131,6 +151,7 @@ impl IngestManager {
             broadcast: b,
             metrics: Arc::clone(self.registry.metrics()),
             client: self.client.clone(),
+            signer: Arc::clone(&self.signer),
             cfg: ChunkerConfig {
                 target_ms: spec.chunk_duration_ms,
                 max_bytes: self.max_chunk_bytes,
@@ -172,6 +193,7 @@ struct IngestTask {
     broadcast: Arc<Broadcast>,
     metrics: Arc<Metrics>,
     client: Client<HttpConnector, Empty<Bytes>>,
+    signer: Arc<ChunkSigner>,
     cfg: ChunkerConfig,
     timeouts: Timeouts,
 }
@@ -223,8 +245,20 @@ impl IngestTask {
         debug!(broadcast = %id, "ingest task ended");
     }
 
-    fn push(&self, c: crate::chunker::Chunk) {
+    fn push(&self, mut c: crate::chunker::Chunk) {
         self.metrics.chunk_ingested(c.payload.len());
+        let started = Instant::now();
+        match sign_chunk(&self.signer, &self.spec.broadcast_id, &c) {
+            Ok(sig) => {
+                c.signature = sig;
+                let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                self.metrics.chunk_signed(ns);
+            }
+            Err(e) => {
+                self.metrics.chunk_sign_failed();
+                warn!(broadcast = %self.spec.broadcast_id, seq = c.seq, error = %e, "cannot sign chunk: served unsigned");
+            }
+        }
         self.broadcast.push(c);
     }
 
@@ -289,6 +323,29 @@ impl IngestTask {
             }
         }
     }
+}
+
+/// The signature block of a chunk, made once when it enters the ring. The signed
+/// flags are the chunk's flags without `DISCONTINUITY`, which is receiver-specific
+/// (a server sets it for a receiver it skipped chunks for): verifiers clear it too.
+pub fn sign_chunk(
+    signer: &ChunkSigner,
+    broadcast_id: &str,
+    c: &crate::chunker::Chunk,
+) -> Result<Bytes, starling_proto::integrity::IntegrityError> {
+    let meta = ChunkMeta {
+        seq: c.seq,
+        flags: signed_flags(c.flags),
+        timestamp_ms: c.timestamp_ms,
+        duration_ms: c.duration_ms,
+    };
+    signer.sign(broadcast_id, &meta, &c.payload)
+}
+
+/// The flags a chunk signature covers: everything but `DISCONTINUITY` (and `SIGNED`,
+/// which the codec owns).
+pub fn signed_flags(flags: u8) -> u8 {
+    flags & !(chunk_flags::DISCONTINUITY | chunk_flags::SIGNED)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -6,6 +6,7 @@
 //!   cursors, source health.
 //! * [`ingest`]: HTTP ingest with reconnect/backoff (tokio, hyper-util).
 //! * [`control`]: control-plane link (tonic `EdgeService`).
+//! * [`auth`]: chunk-token checks (offline, Ed25519) and revocations.
 //! * [`metrics`]: Prometheus counters and gauges, rendered on `GET /metrics`.
 //! * [`node`]: wiring: glommio executors (one per core, SO_REUSEPORT listeners for
 //!   the wire protocol and plain HTTP) plus one tokio thread.
@@ -33,6 +34,7 @@
 //! the chunk path (viewers keep being served when it is down); each chunk payload
 //! exists once in memory however many viewers read it.
 
+pub mod auth;
 pub mod chunker;
 pub mod config;
 pub mod control;
@@ -43,7 +45,7 @@ pub mod node;
 pub mod ring;
 mod serve;
 
-pub use config::{Config, StaticBroadcast, Timeouts};
+pub use config::{ChunkKey, Config, StaticBroadcast, Timeouts, TokenKey};
 pub use error::{Error, IngestError};
 pub use ingest::IngestSpec;
 pub use node::Node;

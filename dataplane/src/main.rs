@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use starling_dataplane::{Config, Node, StaticBroadcast, Timeouts};
+use starling_dataplane::{ChunkKey, Config, Node, StaticBroadcast, Timeouts, TokenKey};
 use std::net::SocketAddr;
 
 /// Starling data plane: pulls live streams over HTTP, cuts them into numbered chunks,
@@ -87,20 +87,163 @@ struct Args {
     #[arg(long, env = "STARLING_CAPACITY_VIEWERS", default_value_t = 10_000)]
     capacity_viewers: u32,
 
+    /// File holding this node's chunk-signing key (Ed25519, PKCS#8 DER); created (mode
+    /// 0600) when missing. Without it, a fresh key is made at every start (its key id
+    /// and public key are logged at info level and announced to the control plane).
+    #[arg(long, env = "STARLING_CHUNK_KEY_FILE")]
+    chunk_key_file: Option<std::path::PathBuf>,
+
+    /// Chunk-token public key trusted without a control plane, as KEY_ID=BASE64 (raw
+    /// 32-byte Ed25519 key). Repeatable; comma-separated in the env var. Keys from the
+    /// control plane are trusted in addition.
+    #[arg(long = "token-key", env = "STARLING_TOKEN_KEYS", value_delimiter = ',')]
+    token_keys: Vec<TokenKey>,
+
+    /// Make --static-broadcast broadcasts require a valid chunk token (default: public).
+    #[arg(long, env = "STARLING_STATIC_REQUIRE_TOKEN")]
+    static_require_token: bool,
+
+    /// Clock skew tolerated on chunk-token validity times, ms.
+    #[arg(long, env = "STARLING_TOKEN_SKEW_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    token_skew_ms: u64,
+
+    /// Seconds a revoked peer's tokens stay refused (at least the longest chunk-token
+    /// lifetime the control plane issues).
+    #[arg(long, env = "STARLING_REVOCATION_HOLD_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    revocation_hold_secs: u64,
+
     /// Log filter (tracing EnvFilter syntax), e.g. info or starling_dataplane=debug.
     #[arg(long = "log", env = "STARLING_LOG", default_value = "info")]
     log: String,
+
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector, e.g.
+    /// http://127.0.0.1:4317 (plain http only: no TLS). Off by default; falls back to
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then OTEL_EXPORTER_OTLP_ENDPOINT; `off`
+    /// disables it. Spans are sent in batches (OTEL_BSP_* tune them); an unreachable
+    /// collector is logged and never stops the node.
+    #[arg(long, env = "STARLING_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
+
+    /// service.name of the exported traces (default: OTEL_SERVICE_NAME, then
+    /// starling-dataplane).
+    #[arg(long, env = "STARLING_OTLP_SERVICE_NAME", value_name = "NAME")]
+    otlp_service_name: Option<String>,
+}
+
+/// The OTLP endpoint from the flag or the standard OTEL_* variables; `None` when unset,
+/// empty or `off`.
+fn otlp_endpoint(flag: Option<&str>) -> Option<String> {
+    let endpoint = match flag {
+        Some(s) => s.to_string(),
+        None => std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            .ok()?,
+    };
+    let endpoint = endpoint.trim();
+    (!endpoint.is_empty() && !endpoint.eq_ignore_ascii_case("off")).then(|| endpoint.to_string())
+}
+
+/// OTLP trace export: batches are sent from the batch processor's thread over a gRPC
+/// channel driven by a one-worker Tokio runtime of its own (the node runs on glommio).
+struct Otlp {
+    provider: opentelemetry_sdk::trace::SdkTracerProvider,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Otlp {
+    fn start(endpoint: &str, service_name: Option<&str>) -> anyhow::Result<Otlp> {
+        use opentelemetry_otlp::WithExportConfig as _;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("otlp-export")
+            .enable_all()
+            .build()
+            .context("OTLP export runtime")?;
+        let exporter = {
+            let _rt = runtime.enter();
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .with_context(|| format!("--otlp-endpoint {endpoint:?}"))?
+        };
+        let service_name = service_name
+            .map(str::to_string)
+            .or_else(|| std::env::var("OTEL_SERVICE_NAME").ok())
+            .unwrap_or_else(|| "starling-dataplane".to_string());
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(service_name)
+                    .build(),
+            )
+            .build();
+        Ok(Otlp { provider, runtime })
+    }
+
+    /// Flushes the spans still queued and stops the exporter (bounded: an unreachable
+    /// collector only costs a warning).
+    fn shutdown(self) {
+        if let Err(e) = self
+            .provider
+            .shutdown_with_timeout(std::time::Duration::from_secs(5))
+        {
+            tracing::warn!(error = %e, "OTLP trace export: final flush failed");
+        }
+        self.runtime
+            .shutdown_timeout(std::time::Duration::from_secs(1));
+    }
+}
+
+fn init_logging(filter: &str, otlp: Option<&Otlp>) -> anyhow::Result<()> {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let env_filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("bad --log filter {filter:?}"))?;
+    // The exporter's own transport (tonic/h2/hyper) is never traced: at debug level
+    // each export would produce spans to export.
+    let otel = otlp.map(|o| {
+        tracing_opentelemetry::layer()
+            .with_tracer(o.provider.tracer("starling-dataplane"))
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                !["h2", "hyper", "tonic", "tower", "opentelemetry"]
+                    .iter()
+                    .any(|t| m.target().starts_with(t))
+            }))
+    });
+    tracing_subscriber::registry()
+        .with(env_filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(otel)
+        .init();
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log)
-                .with_context(|| format!("bad --log filter {:?}", args.log))?,
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let endpoint = otlp_endpoint(args.otlp_endpoint.as_deref());
+    let otlp = endpoint
+        .as_deref()
+        .map(|endpoint| Otlp::start(endpoint, args.otlp_service_name.as_deref()))
+        .transpose()?;
+    init_logging(&args.log, otlp.as_ref())?;
+    if let Some(endpoint) = &endpoint {
+        tracing::info!(endpoint, "exporting traces over OTLP/gRPC");
+    }
+    let result = run(args);
+    if let Some(otlp) = otlp {
+        otlp.shutdown();
+    }
+    result
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let node_name = args.node_name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_owned())
@@ -108,6 +251,10 @@ fn main() -> anyhow::Result<()> {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "dataplane".into())
     });
+    let chunk_key = match &args.chunk_key_file {
+        Some(p) => Some(ChunkKey::load_or_create(p)?),
+        None => None,
+    };
     let cfg = Config {
         control_url: args.control_url,
         static_broadcasts: args.static_broadcasts,
@@ -127,32 +274,64 @@ fn main() -> anyhow::Result<()> {
             idle: std::time::Duration::from_secs(args.idle_timeout_secs),
             ..Timeouts::default()
         },
+        chunk_key,
+        token_keys: args.token_keys,
+        static_public: !args.static_require_token,
+        token_skew: std::time::Duration::from_millis(args.token_skew_ms),
+        revocation_hold: std::time::Duration::from_secs(args.revocation_hold_secs),
     };
-    let node = Node::start(cfg).context("starting the data plane")?;
-    eprintln!(
-        "starling-dataplane: wire listening on {}, http listening on {}",
-        node.wire_addr(),
-        node.http_addr()
-    );
+    let node = tracing::info_span!("dataplane.start", node = %cfg.node_name)
+        .in_scope(|| Node::start(cfg))
+        .context("starting the data plane")?;
+    // SIGTERM/SIGINT are caught from before the "listening" line on (a supervisor may
+    // stop the node as soon as it sees it).
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (tx, rx) = std::sync::mpsc::channel();
     let _signals = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            use tokio::signal::unix::{Signal, SignalKind, signal};
+            async fn recv(s: Option<&mut Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
             if let Ok(rt) = rt {
                 rt.block_on(async {
-                    let mut term =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                    let mut term = signal(SignalKind::terminate()).ok();
+                    let mut int = signal(SignalKind::interrupt()).ok();
+                    let _ = ready_tx.send(());
                     tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+                        _ = recv(term.as_mut()) => {}
+                        _ = recv(int.as_mut()) => {}
                     }
                 });
             }
             let _ = tx.send(());
         })?;
+    let _ = ready_rx.recv();
+    eprintln!(
+        "starling-dataplane: wire listening on {}, http listening on {}",
+        node.wire_addr(),
+        node.http_addr()
+    );
+    {
+        use base64::Engine as _;
+        eprintln!(
+            "starling-dataplane: chunk signing key id {} public key {}",
+            node.chunk_key_id(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(node.chunk_public_key())
+        );
+    }
     let _ = rx.recv();
     eprintln!("starling-dataplane: shutting down");
+    let _span = tracing::info_span!("dataplane.shutdown").entered();
     node.shutdown();
     node.join()?;
     Ok(())

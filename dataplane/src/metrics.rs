@@ -8,6 +8,7 @@
 //! [`Broadcast`](crate::ring::Broadcast) at scrape time, so label cardinality is bounded
 //! by the broadcasts this node serves and their series disappear with them.
 
+use crate::auth::Denied;
 use crate::ring::{Registry, SourceHealth};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,10 +59,16 @@ pub enum CloseReason {
     ClientError,
     /// Any other socket error.
     IoError,
+    /// No valid chunk token (wire `ERROR(UNAUTHORIZED)`, HTTP 401/403).
+    Unauthorized,
+    /// The peer was revoked (`GOODBYE`/`ERROR(REVOKED)`).
+    Revoked,
+    /// The chunk token expired without renewal (`GOODBYE(TOKEN_EXPIRED)`).
+    TokenExpired,
 }
 
 impl CloseReason {
-    const COUNT: usize = 13;
+    const COUNT: usize = 16;
     const ALL: [CloseReason; Self::COUNT] = [
         CloseReason::Normal,
         CloseReason::PeerClosed,
@@ -76,6 +83,9 @@ impl CloseReason {
         CloseReason::TooSlow,
         CloseReason::ClientError,
         CloseReason::IoError,
+        CloseReason::Unauthorized,
+        CloseReason::Revoked,
+        CloseReason::TokenExpired,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -92,6 +102,9 @@ impl CloseReason {
             CloseReason::TooSlow => "too_slow",
             CloseReason::ClientError => "client_error",
             CloseReason::IoError => "io_error",
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::Revoked => "revoked",
+            CloseReason::TokenExpired => "token_expired",
         }
     }
 }
@@ -179,6 +192,13 @@ pub struct Metrics {
     chunk_size_buckets: [AtomicU64; CHUNK_SIZE_BUCKETS.len() + 1],
     chunk_size_sum: AtomicU64,
     chunk_size_count: AtomicU64,
+    token_rejections: [AtomicU64; Denied::LABELS.len()],
+    tokens_accepted: AtomicU64,
+    token_renewals: AtomicU64,
+    revocations: AtomicU64,
+    chunks_signed: AtomicU64,
+    chunk_sign_nanos: AtomicU64,
+    chunk_sign_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -216,6 +236,44 @@ impl Metrics {
         add(&self.chunk_size_buckets[i], 1);
         add(&self.chunk_size_sum, b);
         add(&self.chunk_size_count, 1);
+    }
+
+    /// A token (or its absence) was refused.
+    pub fn token_rejected(&self, d: &Denied) {
+        add(&self.token_rejections[d.index()], 1);
+    }
+    /// A token was accepted when a connection subscribed.
+    pub fn token_accepted(&self) {
+        add(&self.tokens_accepted, 1);
+    }
+    /// A `TOKEN` frame renewed a connection's token.
+    pub fn token_renewed(&self) {
+        add(&self.token_renewals, 1);
+    }
+    /// Peer ids revoked by `RevokeCommand`s.
+    pub fn revoked(&self, peers: usize) {
+        add(&self.revocations, peers as u64);
+    }
+    /// A chunk was hashed and signed in `nanos`.
+    pub fn chunk_signed(&self, nanos: u64) {
+        add(&self.chunks_signed, 1);
+        add(&self.chunk_sign_nanos, nanos);
+    }
+    /// A chunk could not be signed (it is served unsigned).
+    pub fn chunk_sign_failed(&self) {
+        add(&self.chunk_sign_failures, 1);
+    }
+
+    /// Token refusals so far with this label (see [`Denied::LABELS`]).
+    pub fn token_rejections(&self, label: &str) -> u64 {
+        Denied::LABELS
+            .iter()
+            .position(|&l| l == label)
+            .map_or(0, |i| get(&self.token_rejections[i]))
+    }
+    /// Chunks signed so far and the total time spent hashing and signing them (ns).
+    pub fn chunks_signed(&self) -> (u64, u64) {
+        (get(&self.chunks_signed), get(&self.chunk_sign_nanos))
     }
 
     /// Requests answered with a CHUNK so far.
@@ -380,6 +438,80 @@ pub fn render(registry: &Registry) -> String {
         "SUBSCRIBE frames that replaced the substream mask of a live connection.",
     );
     let _ = writeln!(o, "{n} {}", get(&m.mask_updates));
+
+    let n = "starling_dataplane_token_rejections_total";
+    head(
+        &mut o,
+        n,
+        "counter",
+        "Chunk tokens refused (wire SUBSCRIBE or TOKEN, HTTP), by reason.",
+    );
+    for (i, l) in Denied::LABELS.iter().enumerate() {
+        let _ = writeln!(o, "{n}{{reason=\"{l}\"}} {}", get(&m.token_rejections[i]));
+    }
+
+    let n = "starling_dataplane_tokens_accepted_total";
+    head(
+        &mut o,
+        n,
+        "counter",
+        "Chunk tokens accepted when a connection subscribed.",
+    );
+    let _ = writeln!(o, "{n} {}", get(&m.tokens_accepted));
+
+    let n = "starling_dataplane_token_renewals_total";
+    head(
+        &mut o,
+        n,
+        "counter",
+        "TOKEN frames that renewed a connection's chunk token.",
+    );
+    let _ = writeln!(o, "{n} {}", get(&m.token_renewals));
+
+    let n = "starling_dataplane_revocations_total";
+    head(
+        &mut o,
+        n,
+        "counter",
+        "Peer ids revoked by the control plane (RevokeCommand).",
+    );
+    let _ = writeln!(o, "{n} {}", get(&m.revocations));
+
+    let n = "starling_dataplane_revoked_peers";
+    head(
+        &mut o,
+        n,
+        "gauge",
+        "(broadcast, peer) pairs remembered as revoked until their tokens expire.",
+    );
+    let _ = writeln!(o, "{n} {}", registry.auth().revoked_len());
+
+    let n = "starling_dataplane_chunks_signed_total";
+    head(
+        &mut o,
+        n,
+        "counter",
+        "Chunks hashed and signed when cut (one Ed25519 signature each).",
+    );
+    let _ = writeln!(o, "{n} {}", get(&m.chunks_signed));
+
+    let n = "starling_dataplane_chunk_signing_seconds_total";
+    head(
+        &mut o,
+        n,
+        "counter",
+        "CPU time spent hashing and signing chunks.",
+    );
+    let _ = writeln!(o, "{n} {}", get(&m.chunk_sign_nanos) as f64 / 1e9);
+
+    let n = "starling_dataplane_chunk_signing_failures_total";
+    head(
+        &mut o,
+        n,
+        "counter",
+        "Chunks that could not be signed (served unsigned).",
+    );
+    let _ = writeln!(o, "{n} {}", get(&m.chunk_sign_failures));
 
     let n = "starling_dataplane_ingested_chunks_total";
     head(

@@ -2,15 +2,17 @@
 //! bound with SO_REUSEPORT on each, plus one tokio thread for the control-plane link
 //! and the ingest clients.
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::control::{self, NodeInfo};
 use crate::error::Error;
 use crate::ingest::{IngestManager, IngestSpec};
-use crate::ring::{BroadcastStatus, Registry};
+use crate::ring::{Broadcast, BroadcastStatus, Registry, StreamParams};
 use crate::serve::{self, ServeCtx};
 use futures_lite::StreamExt;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
+use starling_proto::integrity::ChunkSigner;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -28,9 +30,25 @@ pub struct Node {
     wire_addr: SocketAddr,
     http_addr: SocketAddr,
     registry: Arc<Registry>,
+    chunk_key_id: u32,
+    chunk_public_key: [u8; 32],
     shutdown: watch::Sender<bool>,
     cmds: mpsc::UnboundedSender<Cmd>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// The chunk signer of a node: `cfg.chunk_key` or a fresh key; key id = the first 4
+/// bytes (big endian) of the public key.
+fn chunk_signer(cfg: &Config) -> Result<ChunkSigner, Error> {
+    let der = match &cfg.chunk_key {
+        Some(k) => k.0.clone(),
+        None => starling_proto::integrity::generate_pkcs8()
+            .map_err(|e| Error::Config(format!("chunk key: {e}")))?,
+    };
+    let probe = ChunkSigner::new(0, &der).map_err(|e| Error::Config(format!("chunk key: {e}")))?;
+    let pk = probe.public_key();
+    let key_id = u32::from_be_bytes([pk[0], pk[1], pk[2], pk[3]]);
+    ChunkSigner::new(key_id, &der).map_err(|e| Error::Config(format!("chunk key: {e}")))
 }
 
 impl Node {
@@ -53,7 +71,41 @@ impl Node {
         if cfg.window_secs == 0 {
             return Err(Error::Config("--window-secs must be at least 1".into()));
         }
-        let registry = Arc::new(Registry::new());
+        let signer = Arc::new(chunk_signer(&cfg)?);
+        let chunk_key_id = signer.key_id();
+        let chunk_public_key = signer.public_key();
+        {
+            use base64::Engine as _;
+            info!(
+                key_id = chunk_key_id,
+                public_key = %base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(chunk_public_key),
+                "chunk signing key"
+            );
+        }
+        let registry = Arc::new(Registry::with_auth(Auth::new(
+            cfg.token_keys
+                .iter()
+                .map(|k| (k.key_id, k.ed25519))
+                .collect(),
+            u64::try_from(cfg.token_skew.as_millis()).unwrap_or(u64::MAX),
+            u64::try_from(cfg.revocation_hold.as_millis()).unwrap_or(u64::MAX),
+        )));
+        // Static broadcasts exist as soon as `start` returns (viewers connecting at once
+        // wait for the first chunk instead of getting UNKNOWN_BROADCAST).
+        for sb in &cfg.static_broadcasts {
+            let b = registry.get_or_insert(&sb.id, || {
+                Broadcast::new(
+                    &sb.id,
+                    u64::from(cfg.window_secs) * 1000,
+                    StreamParams {
+                        content_type: String::new(),
+                        chunk_duration_ms: cfg.static_chunk_ms,
+                        substreams: cfg.static_substreams.clamp(1, 64),
+                    },
+                )
+            });
+            b.set_public(cfg.static_public);
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let ctx = Arc::new(ServeCtx {
             registry: Arc::clone(&registry),
@@ -111,17 +163,23 @@ impl Node {
             http_addr: format!("{}:{}", cfg.advertise_host, http_addr.port()),
             cores: u32::try_from(n).unwrap_or(u32::MAX),
             capacity_viewers: cfg.capacity_viewers,
+            chunk_key_id,
+            chunk_public_key,
         };
         let reg = Arc::clone(&registry);
         let t = std::thread::Builder::new()
             .name("starling-dp-tokio".into())
-            .spawn(move || rt.block_on(tokio_main(cfg, node_info, reg, cmd_rx, shutdown_rx)))
+            .spawn(move || {
+                rt.block_on(tokio_main(cfg, node_info, reg, signer, cmd_rx, shutdown_rx))
+            })
             .map_err(|e| Error::Thread(e.to_string()))?;
         threads.push(t);
         Ok(Node {
             wire_addr,
             http_addr,
             registry,
+            chunk_key_id,
+            chunk_public_key,
             shutdown,
             cmds,
             threads,
@@ -141,6 +199,28 @@ impl Node {
     /// The shared registry of broadcasts (and their rings).
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// Key id of the key this node signs chunks with.
+    pub fn chunk_key_id(&self) -> u32 {
+        self.chunk_key_id
+    }
+
+    /// Raw Ed25519 public key this node signs chunks with (verify with
+    /// `starling_proto::integrity::ChunkVerifier`).
+    pub fn chunk_public_key(&self) -> [u8; 32] {
+        self.chunk_public_key
+    }
+
+    /// Revokes peers on a broadcast (as a `RevokeCommand` would).
+    pub fn revoke(&self, broadcast_id: &str, peer_ids: &[u64]) {
+        self.registry
+            .revoke(broadcast_id, peer_ids, crate::ingest::now_ms());
+    }
+
+    /// Replaces the control plane's token keys (as a `KeysCommand` would).
+    pub fn set_token_keys(&self, keys: &[starling_proto::v1::PublicKey]) {
+        self.registry.auth().set_keys(keys);
     }
 
     /// Status of one broadcast.
@@ -282,6 +362,7 @@ async fn tokio_main(
     cfg: Config,
     node: NodeInfo,
     registry: Arc<Registry>,
+    signer: Arc<ChunkSigner>,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -290,6 +371,7 @@ async fn tokio_main(
         u64::from(cfg.window_secs) * 1000,
         cfg.max_chunk_bytes,
         cfg.timeouts,
+        signer,
     ));
     for sb in &cfg.static_broadcasts {
         ingest.start(IngestSpec {
@@ -297,6 +379,7 @@ async fn tokio_main(
             source_url: sb.url.clone(),
             chunk_duration_ms: cfg.static_chunk_ms,
             substreams: cfg.static_substreams.clamp(1, 64),
+            public: cfg.static_public,
         });
     }
     let control = cfg.control_url.clone().map(|url| {

@@ -5,6 +5,7 @@
 //! queue of chunks. New chunks are announced through a `tokio::sync::watch` channel,
 //! which works from any thread and any executor (glommio included).
 
+use crate::auth::Auth;
 use crate::chunker::Chunk;
 use crate::metrics::Metrics;
 use std::collections::{HashMap, VecDeque};
@@ -80,6 +81,8 @@ pub struct Broadcast {
     /// Newest sequence + 1 (0 = no chunk yet); bumped on stop as well.
     notify: watch::Sender<u64>,
     stopped: AtomicBool,
+    /// Viewers need no chunk token (`IngestCommand.public`); false until told.
+    public: AtomicBool,
     viewers: AtomicU32,
     chunks_ingested: AtomicU64,
     bytes_ingested: AtomicU64,
@@ -223,6 +226,7 @@ impl Broadcast {
             }),
             notify,
             stopped: AtomicBool::new(false),
+            public: AtomicBool::new(false),
             viewers: AtomicU32::new(0),
             chunks_ingested: AtomicU64::new(0),
             bytes_ingested: AtomicU64::new(0),
@@ -380,6 +384,20 @@ impl Broadcast {
         self.stopped.load(Ordering::SeqCst)
     }
 
+    /// Whether viewers may watch without a chunk token.
+    pub fn is_public(&self) -> bool {
+        self.public.load(Ordering::SeqCst)
+    }
+
+    pub fn set_public(&self, public: bool) {
+        self.public.store(public, Ordering::SeqCst);
+    }
+
+    /// Wakes every viewer task without a new chunk (they re-check revocations).
+    pub fn poke(&self) {
+        self.notify.send_modify(|_| {});
+    }
+
     pub fn set_health(&self, health: SourceHealth, error: impl Into<String>) {
         let mut h = match self.health.lock() {
             Ok(h) => h,
@@ -439,11 +457,38 @@ impl Drop for ViewerGuard {
 pub struct Registry {
     map: RwLock<HashMap<String, Arc<Broadcast>>>,
     metrics: Arc<Metrics>,
+    auth: Auth,
 }
 
 impl Registry {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A registry checking tokens with `auth`.
+    pub fn with_auth(auth: Auth) -> Self {
+        Registry {
+            auth,
+            ..Self::default()
+        }
+    }
+
+    /// Token keys and revocations (node-wide).
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// Revokes `peers` on `broadcast`: their connections (on every executor) close with
+    /// `GOODBYE(REVOKED)` and their tokens are refused until they expire.
+    pub fn revoke(&self, broadcast: &str, peers: &[u64], now_ms: u64) {
+        if peers.is_empty() {
+            return;
+        }
+        self.auth.revoke(broadcast, peers, now_ms);
+        self.metrics.revoked(peers.len());
+        if let Some(b) = self.get(broadcast) {
+            b.poke();
+        }
     }
 
     /// Node-wide counters (served on `GET /metrics`).
@@ -510,6 +555,7 @@ mod tests {
             duration_ms,
             payload: Bytes::from(vec![0u8; bytes]),
             inserted_len: 0,
+            signature: Bytes::new(),
         }
     }
 

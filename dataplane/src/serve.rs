@@ -20,9 +20,19 @@
 //! * keep-alive: after `keepalive` (5 s) with nothing written, a `PING`; if nothing at
 //!   all is received within `idle` (30 s) of the first unanswered `PING`, the node
 //!   closes with `ERROR(IDLE_TIMEOUT)`.
+//!
+//! Rights ([`crate::auth`]): the token of `HELLO` (or of a `TOKEN` frame sent before
+//! `SUBSCRIBE`) is checked when the connection subscribes; a `TOKEN` frame later
+//! replaces it (same peer only). A connection whose token expired (+ skew) gets
+//! `GOODBYE(TOKEN_EXPIRED)`; one whose peer is revoked gets `GOODBYE(REVOKED)`, noticed
+//! when the task wakes up and the node's revocation generation has moved. Chunks go
+//! out with their signature block (`chunk_prefix_signed`: prefix + signature from the
+//! ring, then the shared payload).
 
+use crate::auth::{Denied, Grant};
 use crate::chunker::Chunk;
 use crate::config::Timeouts;
+use crate::ingest::now_ms;
 use crate::metrics::{self, ChunkKind, CloseReason, Listener, Metrics, SentKind};
 use crate::ring::{Broadcast, Cursor, Next, Registry};
 use bytes::BytesMut;
@@ -170,7 +180,7 @@ async fn wire_session(
     let hs = ctx.timeouts.handshake;
 
     // HELLO. Every role (viewer, edge node, peer) is served alike.
-    let hello = match with_timeout(hs, read_frame(s, &mut buf, &mut dec)).await? {
+    let mut hello = match with_timeout(hs, read_frame(s, &mut buf, &mut dec)).await? {
         Frame::Hello(h) => h,
         other => {
             let msg = unexpected(&other, "HELLO");
@@ -178,7 +188,6 @@ async fn wire_session(
             return Ok(CloseReason::UnexpectedFrame);
         }
     };
-    // hello.token: hook for chunk-token verification (accepted as is for now).
     let Some(version) = wire::negotiate(hello.min_version, hello.max_version) else {
         let msg = format!(
             "this server speaks versions {}..={}",
@@ -200,6 +209,8 @@ async fn wire_session(
     let sub = loop {
         match with_timeout(hs, read_frame(s, &mut buf, &mut dec)).await? {
             Frame::Subscribe(sub) => break sub,
+            // A renewed token before SUBSCRIBE replaces the one from HELLO.
+            Frame::Token(t) => hello.token = t,
             Frame::Ping(n) => send(s, m, SentKind::WireControl, &Frame::Pong(n)).await?,
             Frame::Pong(_) | Frame::BufferMap(_) => {}
             Frame::Goodbye(_) => return Ok(CloseReason::Normal),
@@ -219,6 +230,23 @@ async fn wire_session(
         send_reason(s, m, true, ErrorCode::UnknownBroadcast, &msg).await;
         return Ok(CloseReason::UnknownBroadcast);
     };
+    let auth = ctx.registry.auth();
+    // Read before the check: a revocation racing with it is seen by the stream loop.
+    let auth_gen = auth.generation();
+    let grant = match auth.admit(&hello.token, b.id(), b.is_public(), now_ms()) {
+        Ok(g) => g,
+        Err(d) => {
+            m.token_rejected(&d);
+            info!(peer = ?s.peer_addr().ok(), broadcast = %b.id(), reason = d.label(), "wire viewer refused");
+            send_reason(s, m, true, d.code(), &d.message()).await;
+            return Ok(denied_reason(&d));
+        }
+    };
+    if grant.peer_id.is_some() {
+        m.token_accepted();
+    }
+    // The token is not kept (it may share the receive buffer's allocation).
+    drop(hello);
     if ctx.registry.total_viewers() >= ctx.capacity_viewers {
         send_reason(s, m, true, ErrorCode::ServerBusy, "node at viewer capacity").await;
         return Ok(CloseReason::ServerBusy);
@@ -240,8 +268,57 @@ async fn wire_session(
         last_tx: Instant::now(),
         unanswered_since: None,
         ping_nonce: 0,
+        grant,
+        auth_gen,
     };
     st.run(s, &mut buf, &mut dec).await
+}
+
+fn denied_reason(d: &Denied) -> CloseReason {
+    match d {
+        Denied::Revoked => CloseReason::Revoked,
+        _ => CloseReason::Unauthorized,
+    }
+}
+
+/// Whether a connection holding `grant` must end now: its peer was revoked (checked
+/// only when the revocation generation moved since `seen_gen`) or its token expired.
+fn rights_lapsed(
+    ctx: &ServeCtx,
+    broadcast: &str,
+    grant: &Grant,
+    seen_gen: &mut u64,
+    now_ms: u64,
+) -> Option<CloseReason> {
+    let auth = ctx.registry.auth();
+    let gen_now = auth.generation();
+    if gen_now != *seen_gen {
+        *seen_gen = gen_now;
+        if let Some(p) = grant.peer_id
+            && auth.is_revoked(broadcast, p, now_ms)
+        {
+            if let Some(exp) = grant.expires_at_ms {
+                auth.extend_revocation(broadcast, p, exp);
+            }
+            return Some(CloseReason::Revoked);
+        }
+    }
+    if let Some(exp) = grant.expires_at_ms
+        && now_ms >= exp.saturating_add(auth.skew_ms())
+    {
+        return Some(CloseReason::TokenExpired);
+    }
+    None
+}
+
+/// When the token of `grant` stops being valid (`None`: never), as an `Instant`.
+fn expiry_instant(ctx: &ServeCtx, grant: &Grant, now_ms: u64) -> Option<Instant> {
+    let deadline = grant
+        .expires_at_ms?
+        .saturating_add(ctx.registry.auth().skew_ms());
+    // One extra millisecond: the check is `now >= deadline`.
+    let ms = deadline.saturating_sub(now_ms).saturating_add(1);
+    Instant::now().checked_add(Duration::from_millis(ms))
 }
 
 fn unexpected(f: &Frame, wanted: &str) -> String {
@@ -258,6 +335,7 @@ fn unexpected(f: &Frame, wanted: &str) -> String {
         Frame::BufferMap(_) => "BUFFER_MAP",
         Frame::Request(_) => "REQUEST",
         Frame::NotFound(_) => "NOT_FOUND",
+        Frame::Token(_) => "TOKEN",
     };
     format!("expected {wanted}, got {name}")
 }
@@ -291,6 +369,10 @@ struct Stream<'a> {
     /// First keep-alive PING sent since the client last sent anything.
     unanswered_since: Option<Instant>,
     ping_nonce: u64,
+    /// Peer id and token expiry of this connection.
+    grant: Grant,
+    /// Revocation generation last checked.
+    auth_gen: u64,
 }
 
 impl Stream<'_> {
@@ -306,12 +388,31 @@ impl Stream<'_> {
         let idle = self.ctx.timeouts.idle;
         loop {
             rx.borrow_and_update();
+            let now = now_ms();
+            if let Some(end) =
+                rights_lapsed(self.ctx, self.b.id(), &self.grant, &mut self.auth_gen, now)
+            {
+                let (code, msg) = match end {
+                    CloseReason::Revoked => {
+                        (ErrorCode::Revoked, "revoked: this viewer was revoked")
+                    }
+                    _ => (
+                        ErrorCode::TokenExpired,
+                        "token_expired: the chunk token expired without renewal",
+                    ),
+                };
+                send_reason(s, self.m, false, code, msg).await;
+                return Ok(end);
+            }
             if let Some(end) = self.push_available(s).await? {
                 return Ok(end);
             }
             let mut wake_at = self.last_tx + keepalive;
             if let Some(t) = self.unanswered_since {
                 wake_at = wake_at.min(t + idle);
+            }
+            if let Some(t) = expiry_instant(self.ctx, &self.grant, now) {
+                wake_at = wake_at.min(t);
             }
             let wait = wake_at.saturating_duration_since(Instant::now());
             let ev = futures_lite::future::or(
@@ -449,6 +550,21 @@ impl Stream<'_> {
                 self.mask = sub.substream_mask;
                 self.m.mask_updated();
             }
+            Frame::Token(t) => {
+                let auth = self.ctx.registry.auth();
+                match auth.renew(self.grant, &t, self.b.id(), self.b.is_public(), now_ms()) {
+                    Ok(g) => {
+                        self.grant = g;
+                        self.m.token_renewed();
+                    }
+                    Err(d) => {
+                        self.m.token_rejected(&d);
+                        info!(broadcast = %self.b.id(), reason = d.label(), "token renewal refused");
+                        send_reason(s, self.m, true, d.code(), &d.message()).await;
+                        return Ok(After::End(denied_reason(&d)));
+                    }
+                }
+            }
             Frame::Goodbye(_) => return Ok(After::End(CloseReason::Normal)),
             Frame::Error(r) => {
                 debug!(code = ?r.code, message = %r.message, "client sent ERROR");
@@ -467,7 +583,8 @@ impl Stream<'_> {
     }
 }
 
-/// Writes a CHUNK frame: the 28-byte prefix, then the shared payload (no copy).
+/// Writes a CHUNK frame: the 28-byte prefix and the chunk's signature block (built on
+/// the stack from the ring's copy), then the shared payload (no copy).
 async fn write_chunk(
     s: &mut TcpStream,
     m: &Metrics,
@@ -475,10 +592,18 @@ async fn write_chunk(
     flags: u8,
     kind: SentKind,
 ) -> Result<(), ConnError> {
-    let prefix = wire::chunk_prefix(c.seq, flags, c.timestamp_ms, c.duration_ms, c.payload.len())?;
-    s.write_all(&prefix).await?;
+    let prefix = wire::chunk_prefix_signed(
+        c.seq,
+        flags,
+        c.timestamp_ms,
+        c.duration_ms,
+        &c.signature,
+        c.payload.len(),
+    )?;
+    let head = prefix.as_bytes();
+    s.write_all(head).await?;
     s.write_all(&c.payload).await?;
-    m.sent(kind, prefix.len() + c.payload.len());
+    m.sent(kind, head.len() + c.payload.len());
     Ok(())
 }
 
@@ -486,8 +611,20 @@ async fn write_chunk(
 const MAX_HTTP_HEAD: usize = 8 * 1024;
 
 async fn http_reply(s: &mut TcpStream, m: &Metrics, status: &str, ctype: &str, body: &str) {
+    http_reply_with(s, m, status, ctype, "", body).await;
+}
+
+/// `extra` is inserted as is among the headers (each line ending in CRLF).
+async fn http_reply_with(
+    s: &mut TcpStream,
+    m: &Metrics,
+    status: &str,
+    ctype: &str,
+    extra: &str,
+    body: &str,
+) {
     let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-cache\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-cache\r\n{extra}\r\n{body}",
         body.len()
     );
     let r = with_timeout(Duration::from_secs(2), async {
@@ -531,8 +668,41 @@ pub(crate) async fn http_conn(mut s: TcpStream, ctx: Arc<ServeCtx>) {
 enum Head {
     Healthz,
     Metrics,
-    Live(String),
+    /// Broadcast id and the chunk token shown (`?token=` or `Authorization: Bearer`):
+    /// `None` = no token, `Some(Err)` = not base64url.
+    Live(String, Option<Result<Vec<u8>, ()>>),
     Bad(&'static str, &'static str),
+}
+
+/// The `token` query parameter, or an `Authorization: Bearer` token, base64url-decoded
+/// (standard base64 and padding, also as `%3D`, are accepted).
+fn request_token(
+    query: Option<&str>,
+    headers: &[httparse::Header<'_>],
+) -> Option<Result<Vec<u8>, ()>> {
+    let from_query = query.and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("token="))
+            .map(str::to_owned)
+    });
+    let from_header = || {
+        headers.iter().find_map(|h| {
+            if !h.name.eq_ignore_ascii_case("authorization") {
+                return None;
+            }
+            let v = std::str::from_utf8(h.value).ok()?.trim();
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| rest.trim().to_owned())
+        })
+    };
+    let raw = from_query.or_else(from_header)?;
+    let raw = raw.replace("%3D", "=").replace("%3d", "=");
+    if raw.is_empty() {
+        return None;
+    }
+    Some(crate::config::decode_base64(&raw).ok_or(()))
 }
 
 fn parse_head(buf: &[u8]) -> Option<Head> {
@@ -548,7 +718,10 @@ fn parse_head(buf: &[u8]) -> Option<Head> {
             if method != "GET" {
                 return Some(Head::Bad("405 Method Not Allowed", "only GET\n"));
             }
-            let path = path.split('?').next().unwrap_or("");
+            let (path, query) = match path.split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (path, None),
+            };
             if path == "/healthz" {
                 return Some(Head::Healthz);
             }
@@ -556,7 +729,9 @@ fn parse_head(buf: &[u8]) -> Option<Head> {
                 return Some(Head::Metrics);
             }
             match path.strip_prefix("/live/") {
-                Some(id) if !id.is_empty() && !id.contains('/') => Some(Head::Live(id.to_owned())),
+                Some(id) if !id.is_empty() && !id.contains('/') => {
+                    Some(Head::Live(id.to_owned(), request_token(query, req.headers)))
+                }
                 _ => Some(Head::Bad("404 Not Found", "not found\n")),
             }
         }
@@ -589,7 +764,7 @@ async fn http_session(
         }
     })
     .await?;
-    let id = match head {
+    let (id, token) = match head {
         Head::Healthz => {
             http_reply(s, m, "200 OK", TEXT, "ok").await;
             return Ok(CloseReason::Normal);
@@ -603,12 +778,40 @@ async fn http_session(
             http_reply(s, m, status, TEXT, body).await;
             return Ok(CloseReason::ProtocolError);
         }
-        Head::Live(id) => id,
+        Head::Live(id, token) => (id, token),
     };
     let Some(b) = ctx.registry.get(&id) else {
         http_reply(s, m, "404 Not Found", TEXT, "unknown broadcast\n").await;
         return Ok(CloseReason::UnknownBroadcast);
     };
+    let auth = ctx.registry.auth();
+    let mut auth_gen = auth.generation();
+    let admitted = match token {
+        None => auth.admit(&[], b.id(), b.is_public(), now_ms()),
+        Some(Ok(t)) => auth.admit(&t, b.id(), b.is_public(), now_ms()),
+        Some(Err(())) if b.is_public() => auth.admit(&[], b.id(), true, now_ms()),
+        Some(Err(())) => Err(Denied::Token(starling_proto::token::TokenError::Malformed(
+            "token is not base64url",
+        ))),
+    };
+    let grant = match admitted {
+        Ok(g) => g,
+        Err(d) => {
+            m.token_rejected(&d);
+            info!(peer = ?s.peer_addr().ok(), broadcast = %b.id(), reason = d.label(), "http viewer refused");
+            let extra = if d.http_status().starts_with("401") {
+                "WWW-Authenticate: Bearer realm=\"starling\"\r\n"
+            } else {
+                ""
+            };
+            let body = format!("{}\n", d.message());
+            http_reply_with(s, m, d.http_status(), TEXT, extra, &body).await;
+            return Ok(denied_reason(&d));
+        }
+    };
+    if grant.peer_id.is_some() {
+        m.token_accepted();
+    }
     if ctx.registry.total_viewers() >= ctx.capacity_viewers {
         http_reply(
             s,
@@ -626,6 +829,11 @@ async fn http_session(
     let mut sent_head = false;
     loop {
         rx.borrow_and_update();
+        let now = now_ms();
+        if let Some(end) = rights_lapsed(ctx, b.id(), &grant, &mut auth_gen, now) {
+            // Mid-body: nothing more can be said than closing.
+            return Ok(end);
+        }
         loop {
             match cursor.next(&b) {
                 Next::Chunk(c, disc) => {
@@ -667,7 +875,18 @@ async fn http_session(
                 }
             }
         }
-        if rx.changed().await.is_err() {
+        let changed = match expiry_instant(ctx, &grant, now) {
+            None => rx.changed().await.is_ok(),
+            Some(t) => {
+                let wait = t.saturating_duration_since(Instant::now());
+                futures_lite::future::or(async { rx.changed().await.is_ok() }, async {
+                    glommio::timer::sleep(wait).await;
+                    true
+                })
+                .await
+            }
+        };
+        if !changed {
             return Ok(CloseReason::BroadcastStopped);
         }
     }

@@ -1,15 +1,20 @@
 //! The control-plane link against a fake EdgeService: register, ingest command,
-//! health reports, re-register on known=false, stop, and viewers surviving the
-//! control plane's death. Needs ffmpeg.
+//! health reports, re-register on known=false, stop, viewers surviving the control
+//! plane's death, token keys (register, rotation) and revocation. Needs ffmpeg.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use anyhow::{Result, bail};
 use starling_dataplane::{Config, Node, SourceHealth};
+use starling_proto::token::{TokenSigner, generate_pkcs8};
 use starling_proto::v1::edge_service_server::{EdgeService, EdgeServiceServer};
 use starling_proto::v1::{
-    CommandsRequest, HealthReport, HealthReportAck, IngestCommand, NodeCommand,
-    RegisterNodeRequest, RegisterNodeResponse, StopIngestCommand, node_command,
+    CommandsRequest, HealthReport, HealthReportAck, IngestCommand, KeysCommand, NodeCommand,
+    PublicKey, RegisterNodeRequest, RegisterNodeResponse, RevokeCommand, StopIngestCommand,
+    node_command,
 };
+use starling_proto::wire::{self, ErrorCode, Frame, StartAt};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -27,6 +32,10 @@ struct Fake {
     reports: Mutex<Vec<HealthReport>>,
     registrations: Mutex<Vec<RegisterNodeRequest>>,
     streams: Mutex<Vec<mpsc::Sender<Result<NodeCommand, Status>>>>,
+    /// Token keys answered in RegisterNodeResponse.
+    token_keys: Vec<PublicKey>,
+    /// Broadcast `cp` requires tokens.
+    private: bool,
 }
 
 struct Svc(Arc<Fake>);
@@ -43,6 +52,7 @@ impl EdgeService for Svc {
         Ok(Response::new(RegisterNodeResponse {
             node_id: format!("node-{n}"),
             heartbeat_interval_ms: 200,
+            token_keys: self.0.token_keys.clone(),
         }))
     }
     type CommandsStream = ReceiverStream<Result<NodeCommand, Status>>;
@@ -58,6 +68,7 @@ impl EdgeService for Svc {
                     source_url: self.0.source_url.clone(),
                     chunk_duration_ms: 1000,
                     substreams: 4,
+                    public: !self.0.private,
                 })),
             }))
             .await;
@@ -256,6 +267,123 @@ fn stop_command_removes_broadcast() -> Result<()> {
         })),
     })))?;
     wait_for("stop", || node.status("cp").is_none())?;
+    node.shutdown();
+    node.join()?;
+    rt.shutdown_background();
+    Ok(())
+}
+
+fn public_key(s: &TokenSigner) -> PublicKey {
+    PublicKey {
+        key_id: s.key_id(),
+        ed25519: s.public_key().to_vec(),
+    }
+}
+
+/// A wire viewer of `cp` with `token`, past STREAM_INFO and one chunk.
+fn cp_viewer(addr: SocketAddr, token: bytes::Bytes) -> Result<common::Client> {
+    let mut c =
+        common::Client::handshake_token(addr, "cp", StartAt::Live, wire::ALL_SUBSTREAMS, token)?;
+    match c.recv()? {
+        Frame::StreamInfo(_) => {}
+        other => bail!("expected STREAM_INFO, got {other:?}"),
+    }
+    common::next_chunk(&mut c)?;
+    Ok(c)
+}
+
+fn refusal(addr: SocketAddr, token: bytes::Bytes) -> Result<wire::Reason> {
+    let mut c =
+        common::Client::handshake_token(addr, "cp", StartAt::Live, wire::ALL_SUBSTREAMS, token)?;
+    match c.recv()? {
+        Frame::Error(r) => Ok(r),
+        other => bail!("expected ERROR, got {other:?}"),
+    }
+}
+
+#[test]
+fn revoke_and_key_rotation_from_the_control_plane() -> Result<()> {
+    let src = start_source();
+    let k7 = TokenSigner::new(7, &generate_pkcs8().unwrap()).unwrap();
+    let k8 = TokenSigner::new(8, &generate_pkcs8().unwrap()).unwrap();
+    let fake = Arc::new(Fake {
+        source_url: format!("http://{src}/live.ts"),
+        token_keys: vec![public_key(&k7)],
+        private: true,
+        ..Fake::default()
+    });
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let cp_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let svc = EdgeServiceServer::new(Svc(Arc::clone(&fake)));
+    rt.spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve(cp_addr)
+            .await;
+    });
+    let node = Node::start(Config {
+        control_url: Some(format!("http://{cp_addr}")),
+        wire_listen: "127.0.0.1:0".parse()?,
+        http_listen: "127.0.0.1:0".parse()?,
+        cores: 2,
+        io_memory_kib: 256,
+        ..Config::default()
+    })?;
+    wait_for("chunks", || {
+        node.status("cp").is_some_and(|s| s.chunks_in_window >= 1)
+    })?;
+    {
+        let regs = fake.registrations.lock().unwrap();
+        let key = regs[0]
+            .chunk_signing_key
+            .clone()
+            .expect("chunk_signing_key");
+        assert_eq!(key.key_id, node.chunk_key_id());
+        assert_eq!(key.ed25519, node.chunk_public_key().to_vec());
+    }
+    let addr = node.wire_addr();
+    // IngestCommand.public = false: no token, no stream.
+    let r = refusal(addr, bytes::Bytes::new())?;
+    assert_eq!(r.code, ErrorCode::Unauthorized);
+    let tok1 = common::play_token(&k7, "cp", 1, 60_000);
+    let mut a = cp_viewer(addr, tok1.clone())?;
+    let mut b = cp_viewer(addr, common::play_token(&k7, "cp", 2, 60_000))?;
+
+    let tx = fake.streams.lock().unwrap().last().cloned().unwrap();
+    rt.block_on(tx.send(Ok(NodeCommand {
+        command: Some(node_command::Command::Revoke(RevokeCommand {
+            broadcast_id: "cp".into(),
+            peer_ids: vec![1],
+        })),
+    })))?;
+    let (is_error, r) = common::until_close(&mut a)?;
+    assert!(!is_error, "{r:?}");
+    assert_eq!(r.code, ErrorCode::Revoked);
+    // The other viewer keeps receiving.
+    let v = common::chunk_verifier(&node, "cp");
+    for _ in 0..2 {
+        common::verify_chunk(&v, &common::next_chunk(&mut b)?)?;
+    }
+    // The revoked peer cannot come back with its token.
+    let r = refusal(addr, tok1)?;
+    assert_eq!(r.code, ErrorCode::Revoked, "{r:?}");
+
+    // Key rotation (KeysCommand): key 7 is replaced by key 8; connected viewers stay.
+    rt.block_on(tx.send(Ok(NodeCommand {
+        command: Some(node_command::Command::Keys(KeysCommand {
+            token_keys: vec![public_key(&k8)],
+        })),
+    })))?;
+    wait_for("rotation", || {
+        refusal(addr, common::play_token(&k7, "cp", 3, 60_000))
+            .is_ok_and(|r| r.message.starts_with("unknown_key:"))
+    })?;
+    cp_viewer(addr, common::play_token(&k8, "cp", 3, 60_000))?;
+    common::verify_chunk(&v, &common::next_chunk(&mut b)?)?;
     node.shutdown();
     node.join()?;
     rt.shutdown_background();

@@ -259,6 +259,7 @@ fn unreachable_source_goes_down_then_up() -> Result<()> {
         source_url: format!("http://{a404}/nope"),
         chunk_duration_ms: 1000,
         substreams: 1,
+        public: true,
     });
     wait_for("404 reported", || {
         node.status("missing")

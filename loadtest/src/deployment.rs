@@ -1,13 +1,38 @@
 //! A whole Starling deployment in-process: control plane (embedded SQLite in a temporary
-//! directory), one data-plane node, the synthetic source, and one started broadcast.
+//! directory, or Postgres with [`DeploymentConfig::database_url`]), one data-plane node,
+//! the synthetic source, and one started broadcast (public by default; non-public with
+//! the broadcaster's [`DeploymentConfig::viewer_jwt_keys`]). Admin calls carry the
+//! control plane's static admin key as a bearer ([`AdminClient`]).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use starling_controlplane::{ControlPlane, ControlPlaneHandle, DatabaseConfig, ServiceConfig};
+use starling_controlplane::credential::CredentialKey;
+use starling_controlplane::reports::Reports;
+use starling_controlplane::{
+    BearerInterceptor, ControlPlane, ControlPlaneHandle, DatabaseConfig, ServiceConfig,
+};
 use starling_proto::v1::admin_service_client::AdminServiceClient;
 use starling_proto::v1::{Broadcast, BroadcastRef, CreateBroadcastRequest, SourceHealth};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// An admin API client that sends the admin key as `authorization: Bearer <key>`.
+pub type AdminClient = AdminServiceClient<InterceptedService<Channel, BearerInterceptor>>;
+
+/// Connects an [`AdminClient`] to `control_url` with `admin_key`.
+pub async fn admin_client(control_url: &str, admin_key: &str) -> Result<AdminClient, HarnessError> {
+    let bearer = BearerInterceptor::new(admin_key)
+        .map_err(|e| HarnessError::Config(format!("admin key: {e}")))?;
+    let channel = tonic::transport::Endpoint::from_shared(control_url.to_owned())
+        .map_err(|e| HarnessError::Config(format!("control URL {control_url:?}: {e}")))?
+        .connect()
+        .await
+        .map_err(|e| HarnessError::Start(format!("admin client: {e}")))?;
+    Ok(AdminServiceClient::with_interceptor(channel, bearer))
+}
 
 use crate::error::HarnessError;
 use crate::source::{SourceConfig, SyntheticSource};
@@ -42,6 +67,21 @@ pub struct DeploymentConfig {
     pub data_dir: Option<PathBuf>,
     /// How long to wait for the broadcast's source to be UP.
     pub ready_timeout: Duration,
+    /// Create the broadcast public (joined without a credential). `false` needs
+    /// [`DeploymentConfig::viewer_jwt_keys`] for anyone to join.
+    pub public: bool,
+    /// Keys that verify viewer JWTs (the broadcaster's backend's public keys).
+    pub viewer_jwt_keys: Vec<CredentialKey>,
+    /// PostgreSQL URL for the control plane; `None` = embedded SQLite in
+    /// [`DeploymentConfig::data_dir`].
+    pub database_url: Option<String>,
+    /// Chunk-token lifetime handed out by the control plane; `None` = its default.
+    pub token_ttl: Option<Duration>,
+    /// Viewer report interval handed out by the control plane; `None` = its default.
+    pub report_interval: Option<Duration>,
+    /// Serve the control plane's Prometheus `/metrics` on a loopback port
+    /// ([`Deployment::control_metrics_url`]).
+    pub control_metrics: bool,
 }
 
 impl Default for DeploymentConfig {
@@ -56,6 +96,12 @@ impl Default for DeploymentConfig {
             io_memory_kib: 512,
             data_dir: None,
             ready_timeout: Duration::from_secs(30),
+            public: true,
+            viewer_jwt_keys: Vec::new(),
+            database_url: None,
+            token_ttl: None,
+            report_interval: None,
+            control_metrics: false,
         }
     }
 }
@@ -67,8 +113,11 @@ pub struct Deployment {
     source: SyntheticSource,
     control: Option<ControlPlaneHandle>,
     node: Option<starling_dataplane::Node>,
-    admin: AdminServiceClient<Channel>,
+    admin: AdminClient,
+    admin_key: String,
     broadcast: Broadcast,
+    reports: Arc<Reports>,
+    control_metrics: Option<SocketAddr>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -107,18 +156,26 @@ impl Deployment {
         };
         let mut cp_config = starling_controlplane::Config::new(
             ([127, 0, 0, 1], 0).into(),
-            DatabaseConfig::Sqlite {
-                path: data_dir.join("starling.db"),
-            },
+            DatabaseConfig::from_url_or_data_dir(config.database_url.as_deref(), &data_dir),
         );
+        let admin_key = cp_config.auth.admin_key.clone().unwrap_or_default();
+        cp_config.auth.viewer_jwt_keys = config.viewer_jwt_keys.clone();
+        let defaults = ServiceConfig::default();
         cp_config.service = ServiceConfig {
             heartbeat_interval: config.heartbeat_interval,
-            ..ServiceConfig::default()
+            token_ttl: config.token_ttl.unwrap_or(defaults.token_ttl),
+            report_interval: config.report_interval.unwrap_or(defaults.report_interval),
+            ..defaults
         };
-        let control = ControlPlane::bind(cp_config)
+        if config.control_metrics {
+            cp_config.metrics_listen = Some(([127, 0, 0, 1], 0).into());
+        }
+        let cp = ControlPlane::bind(cp_config)
             .await
-            .map_err(|e| HarnessError::Start(format!("control plane: {e}")))?
-            .spawn();
+            .map_err(|e| HarnessError::Start(format!("control plane: {e}")))?;
+        let reports = cp.reports();
+        let control_metrics = cp.metrics_addr();
+        let control = cp.spawn();
         let control_url = control.url();
 
         let node_cfg = starling_dataplane::Config {
@@ -136,15 +193,14 @@ impl Deployment {
             .map_err(|e| HarnessError::Start(format!("data plane: {e}")))?
             .map_err(|e| HarnessError::Start(format!("data plane: {e}")))?;
 
-        let mut admin = AdminServiceClient::connect(control_url.clone())
-            .await
-            .map_err(|e| HarnessError::Start(format!("admin client: {e}")))?;
+        let mut admin = admin_client(&control_url, &admin_key).await?;
         let created = admin
             .create_broadcast(CreateBroadcastRequest {
                 name: "loadtest".into(),
                 source_url: source.url(),
                 chunk_duration_ms: config.chunk_ms,
                 substreams: config.substreams,
+                public: config.public,
             })
             .await
             .map_err(|s| HarnessError::Admin(format!("CreateBroadcast: {}", s.message())))?
@@ -162,7 +218,10 @@ impl Deployment {
             control: Some(control),
             node: Some(node),
             admin,
+            admin_key,
             broadcast: created,
+            reports,
+            control_metrics,
             _dir: dir,
         };
         dep.wait_ready().await?;
@@ -218,8 +277,39 @@ impl Deployment {
     }
 
     /// An admin API client.
-    pub fn admin(&self) -> AdminServiceClient<Channel> {
+    pub fn admin(&self) -> AdminClient {
         self.admin.clone()
+    }
+
+    /// The control plane's admin key (send as `authorization: Bearer <key>`).
+    pub fn admin_key(&self) -> &str {
+        &self.admin_key
+    }
+
+    /// The control plane's viewer-report recording (queue depth, [`Reports::flush`]
+    /// before reading `GetAudience`).
+    pub fn reports(&self) -> Arc<Reports> {
+        self.reports.clone()
+    }
+
+    /// `http://addr/metrics` of the control plane, when
+    /// [`DeploymentConfig::control_metrics`] is set.
+    pub fn control_metrics_url(&self) -> Option<String> {
+        self.control_metrics.map(|a| format!("http://{a}/metrics"))
+    }
+
+    /// "postgres" or "sqlite".
+    pub fn database_backend(&self) -> &'static str {
+        if self
+            .config
+            .database_url
+            .as_deref()
+            .is_some_and(|u| !u.trim().is_empty())
+        {
+            "postgres"
+        } else {
+            "sqlite"
+        }
     }
 
     /// The broadcast as the admin API reports it now (`GetBroadcast`: health, viewers,

@@ -11,6 +11,10 @@
 //!   127.x.y.z address with an upload budget from an [`UploadProfile`]), reads each
 //!   one's output and checks it byte for byte against the source, and makes a fraction
 //!   of them leave at once ([`Swarm::churn`]).
+//! * [`run`]: the `starling-loadtest run` coordinator: a deployment (data plane in a
+//!   child process), N peers spread over [`worker`] processes driven over TCP, and one
+//!   merged [`run::RunReport`] (with the [`bound`] Kumar–Liu–Ross fluid bound integrated
+//!   over the peers' actual stays and upload budgets).
 //! * [`report`]: [`Sample`]s of every peer's counters and [`Report`]s over a window:
 //!   peer share, continuity, start-up times, re-parenting, server egress, identity.
 //!
@@ -26,16 +30,19 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bound;
 pub mod deployment;
 mod error;
 pub mod pattern;
 pub mod report;
+pub mod run;
 pub mod source;
 pub mod swarm;
+pub mod worker;
 
 pub use deployment::{Deployment, DeploymentConfig};
 pub use error::HarnessError;
 pub use pattern::{OutputCheck, Pattern};
 pub use report::{PeerCounters, PeerReport, PeerSample, PeerState, Percentiles, Report, Sample};
 pub use source::{SourceConfig, SyntheticSource};
-pub use swarm::{Swarm, SwarmConfig, UploadProfile, peer_ip};
+pub use swarm::{PeerPresence, Swarm, SwarmConfig, UploadProfile, peer_ip};

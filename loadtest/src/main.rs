@@ -1,5 +1,10 @@
 //! `starling-loadtest`: drives real SDK peers against a Starling deployment.
 //!
+//! `run` is the load test: a deployment (source and control plane in this process, the
+//! data plane in a child process) and `--peers` SDK peers spread over worker processes
+//! (`worker`, spawned from this executable, or started by hand on other machines with
+//! `starling-loadtest worker --coordinator HOST:PORT`), merged into one report.
+//!
 //! `demo` runs everything in-process (embedded SQLite, synthetic source, one data-plane
 //! node, N peers on loopback) until Ctrl-C or `--duration`, with a progress line on
 //! stderr every second and a short report at the end.
@@ -10,6 +15,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use starling_loadtest::run::{External, RunConfig};
+use starling_loadtest::worker::WorkerConfig;
 use starling_loadtest::{Deployment, DeploymentConfig, Report, Swarm, SwarmConfig, UploadProfile};
 
 #[derive(Debug, Parser)]
@@ -28,6 +35,120 @@ enum Command {
     /// Everything in-process: control plane (embedded SQLite), data plane, synthetic
     /// source and a swarm of SDK peers; runs until Ctrl-C or --duration.
     Demo(DemoArgs),
+    /// The load test: a deployment (or --control), --peers SDK peers spread over
+    /// worker processes, a progress line every second, and a merged report (text on
+    /// stdout, JSON with --json).
+    Run(Box<RunArgs>),
+    /// A worker process of `run`: connects to the coordinator, joins its share of the
+    /// peers, reports samples, obeys start/stop/churn. `run` spawns these itself; start
+    /// one by hand on another machine to add it to a run started with
+    /// `--remote-workers` and `--listen 0.0.0.0:PORT`.
+    Worker(WorkerArgs),
+    /// The data-plane child process of `run` (internal).
+    #[command(hide = true)]
+    Dataplane(DataplaneArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Number of peers.
+    #[arg(long, env = "STARLING_LOADTEST_PEERS", default_value_t = 10_000)]
+    peers: usize,
+    /// Worker processes (default: ceil(peers / 700); a process holds ~20 open files
+    /// per peer and the open-file limit is 20,000).
+    #[arg(long, env = "STARLING_LOADTEST_WORKERS")]
+    workers: Option<usize>,
+    /// Of --workers, how many connect on their own from other machines
+    /// (`starling-loadtest worker --coordinator HOST:PORT`); the rest are spawned here.
+    #[arg(long, env = "STARLING_LOADTEST_REMOTE_WORKERS", default_value_t = 0)]
+    remote_workers: usize,
+    /// Where workers connect (use 0.0.0.0:PORT for remote workers).
+    #[arg(long, env = "STARLING_LOADTEST_LISTEN", default_value = "127.0.0.1:0")]
+    listen: std::net::SocketAddr,
+    /// Steady phase after every peer has joined (e.g. `60s`, `10m`).
+    #[arg(long, env = "STARLING_LOADTEST_DURATION", value_parser = parse_duration, default_value = "60s")]
+    duration: Duration,
+    /// Stream rate of the synthetic source, kbit/s. 64 by default (an audio-rate
+    /// stream) so that 10,000 peers fit on a 2-core machine.
+    #[arg(long, env = "STARLING_LOADTEST_BITRATE_KBPS", default_value_t = 64)]
+    bitrate_kbps: u32,
+    /// Upload budgets as multiples of the stream rate, assigned to peers in turn
+    /// (0 = never relays). Default mean 1.25x.
+    #[arg(
+        long,
+        env = "STARLING_LOADTEST_UPLOAD_PROFILE",
+        default_value = "0,1,2,0,1.5,3"
+    )]
+    upload_profile: String,
+    /// Joins per second over all workers (0 = all at once).
+    #[arg(long, env = "STARLING_LOADTEST_JOIN_RATE", default_value_t = 100.0)]
+    join_rate: f64,
+    /// Leaves per minute during the steady phase, each followed by a new join.
+    #[arg(long, env = "STARLING_LOADTEST_CHURN", default_value_t = 0.0)]
+    churn: f64,
+    /// Chunk duration, ms. (250: the SDK's scheduler is tuned for it; 500 ms chunks
+    /// with the default 2 s play-out lag collapse the grid into server fetches.)
+    #[arg(long, env = "STARLING_LOADTEST_CHUNK_MS", default_value_t = 250)]
+    chunk_ms: u32,
+    /// Substreams (K).
+    #[arg(long, env = "STARLING_LOADTEST_SUBSTREAMS", default_value_t = 4)]
+    substreams: u32,
+    /// SDK heartbeat interval, ms.
+    #[arg(long, env = "STARLING_LOADTEST_HEARTBEAT_MS", default_value_t = 2000)]
+    heartbeat_ms: u64,
+    /// Play-out lag behind live, ms (default: the SDK's, 2 s).
+    #[arg(long, env = "STARLING_LOADTEST_TARGET_LAG_MS")]
+    target_lag_ms: Option<u64>,
+    /// Data-plane executors.
+    #[arg(long, env = "STARLING_LOADTEST_DATAPLANE_CORES", default_value_t = 1)]
+    dataplane_cores: usize,
+    /// Skip the byte-identity check of every peer's output.
+    #[arg(long, env = "STARLING_LOADTEST_NO_IDENTITY_CHECK")]
+    no_identity_check: bool,
+    /// Use this control plane instead of starting a deployment (needs --broadcast).
+    #[arg(long, env = "STARLING_LOADTEST_CONTROL")]
+    control: Option<String>,
+    /// With --control: the live, public broadcast to join.
+    #[arg(long, env = "STARLING_LOADTEST_BROADCAST", requires = "control")]
+    broadcast: Option<String>,
+    /// With --control: the admin key (sent as `authorization: Bearer`).
+    #[arg(
+        long,
+        env = "STARLING_ADMIN_KEY",
+        requires = "control",
+        hide_env_values = true
+    )]
+    admin_key: Option<String>,
+    /// With --control: the data plane's HTTP URL, to read its egress from /metrics.
+    #[arg(long, env = "STARLING_LOADTEST_DATAPLANE_HTTP", requires = "control")]
+    dataplane_http: Option<String>,
+    /// Also write the report as JSON to this file.
+    #[arg(long, env = "STARLING_LOADTEST_JSON")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct WorkerArgs {
+    /// The coordinator's HOST:PORT (printed by `run`).
+    #[arg(long, env = "STARLING_LOADTEST_COORDINATOR")]
+    coordinator: String,
+    /// How long to keep trying to connect, seconds.
+    #[arg(
+        long,
+        env = "STARLING_LOADTEST_CONNECT_TIMEOUT_S",
+        default_value_t = 30
+    )]
+    connect_timeout_s: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct DataplaneArgs {
+    #[arg(long)]
+    control: String,
+    #[arg(long, default_value_t = 1)]
+    cores: usize,
+    #[arg(long, default_value_t = 20_000)]
+    capacity_viewers: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -110,6 +231,18 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Demo(args) => rt.block_on(demo(args)),
+        Command::Run(args) => rt.block_on(run(*args)),
+        Command::Worker(args) => rt
+            .block_on(starling_loadtest::worker::run_worker(WorkerConfig {
+                coordinator: args.coordinator,
+                connect_timeout: Duration::from_secs(args.connect_timeout_s),
+            }))
+            .map_err(Into::into),
+        Command::Dataplane(args) => {
+            drop(rt);
+            starling_loadtest::run::dataplane_child(args.control, args.cores, args.capacity_viewers)
+                .map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -210,6 +343,47 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     swarm.shutdown().await;
     dep.shutdown().await;
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let upload = UploadProfile::parse(&args.upload_profile)?;
+    let external = match (args.control, args.broadcast) {
+        (Some(control_url), Some(broadcast_id)) => Some(External {
+            control_url,
+            broadcast_id,
+            admin_key: args.admin_key,
+            dataplane_http: args.dataplane_http,
+        }),
+        (Some(_), None) => return Err("--control needs --broadcast".into()),
+        _ => None,
+    };
+    let cfg = RunConfig {
+        peers: args.peers,
+        workers: args.workers.unwrap_or(0),
+        remote_workers: args.remote_workers,
+        duration: args.duration,
+        bitrate_kbps: args.bitrate_kbps,
+        upload,
+        join_rate: args.join_rate,
+        churn_per_min: args.churn,
+        chunk_ms: args.chunk_ms,
+        substreams: args.substreams,
+        heartbeat: Duration::from_millis(args.heartbeat_ms),
+        target_lag: args.target_lag_ms.map(Duration::from_millis),
+        check_identity: !args.no_identity_check,
+        dataplane_cores: args.dataplane_cores,
+        listen: args.listen,
+        exe: None,
+        external,
+        progress: true,
+    };
+    let report = starling_loadtest::run::run(cfg).await?;
+    println!("=== starling run report ===\n{report}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("report written to {}", path.display());
+    }
     Ok(())
 }
 

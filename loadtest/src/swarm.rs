@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use starling_sdk::{RelayConfig, Stats, Viewer, ViewerConfig};
+use starling_sdk::{RelayConfig, SdkError, Stats, Viewer, ViewerConfig};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -96,6 +96,10 @@ pub struct SwarmConfig {
     pub join_attempts: u32,
     /// Check every peer's output against the source (costs one pass over every byte).
     pub check_identity: bool,
+    /// Added to a peer's index to pick its address ([`peer_ip`]) and its upload budget
+    /// ([`UploadProfile::upload_kbps`]), so that swarms in several processes (the
+    /// `run` workers) use disjoint addresses. 0 for a single swarm.
+    pub index_offset: usize,
 }
 
 impl Default for SwarmConfig {
@@ -107,6 +111,7 @@ impl Default for SwarmConfig {
             target_lag: None,
             join_attempts: 3,
             check_identity: true,
+            index_offset: 0,
         }
     }
 }
@@ -136,6 +141,27 @@ struct PeerShared {
     check: Mutex<OutputCheck>,
     reader: Mutex<Option<JoinHandle<()>>>,
     join_ms: Mutex<Option<u64>>,
+    /// Since the swarm started: when its join succeeded, when it left.
+    joined_at: Mutex<Option<Duration>>,
+    left_at: Mutex<Option<Duration>>,
+}
+
+/// When a peer was in the swarm, with its budget and its latest SDK [`Stats`] (see
+/// [`Swarm::presence`]).
+#[derive(Debug, Clone)]
+pub struct PeerPresence {
+    /// Index in the swarm.
+    pub index: usize,
+    /// Upload budget, kbit/s.
+    pub upload_kbps: u32,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Since the swarm started: when its join succeeded (`None`: not joined).
+    pub joined_at: Option<Duration>,
+    /// Since the swarm started: when it left (`None`: still there, or never joined).
+    pub left_at: Option<Duration>,
+    /// The SDK's counters now (frozen at leave; `None` before the join succeeded).
+    pub stats: Option<Stats>,
 }
 
 impl PeerShared {
@@ -180,9 +206,11 @@ struct Inner {
     broadcast_id: String,
     started: Instant,
     egress: Mutex<Option<EgressProbe>>,
+    credentials: Mutex<Option<CredentialFn>>,
 }
 
 type EgressProbe = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
+type CredentialFn = Arc<dyn Fn(usize) -> Option<String> + Send + Sync>;
 
 impl std::fmt::Debug for Swarm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -197,21 +225,40 @@ impl Swarm {
     /// An empty swarm for `deployment`'s broadcast; add peers with
     /// [`Swarm::add_peers`].
     pub fn new(deployment: &Deployment) -> Swarm {
-        let swarm = Swarm {
-            inner: Arc::new(Inner {
-                peers: Mutex::new(Vec::new()),
-                pattern: deployment.source().pattern(),
-                stream_kbps: deployment.source().bitrate_kbps(),
-                control_url: deployment.control_url(),
-                broadcast_id: deployment.broadcast_id().to_owned(),
-                started: Instant::now(),
-                egress: Mutex::new(None),
-            }),
-        };
+        let swarm = Swarm::for_broadcast(
+            deployment.control_url(),
+            deployment.broadcast_id().to_owned(),
+            deployment.source().bitrate_kbps(),
+            deployment.source().pattern(),
+        );
         if let Some(probe) = deployment.egress_probe() {
             swarm.set_egress_probe(probe);
         }
         swarm
+    }
+
+    /// An empty swarm for broadcast `broadcast_id` of the control plane at
+    /// `control_url`, streamed at `stream_kbps` from a synthetic source with `pattern`
+    /// (used only when [`SwarmConfig::check_identity`] is set): a deployment elsewhere,
+    /// e.g. in another process.
+    pub fn for_broadcast(
+        control_url: String,
+        broadcast_id: String,
+        stream_kbps: u32,
+        pattern: Pattern,
+    ) -> Swarm {
+        Swarm {
+            inner: Arc::new(Inner {
+                peers: Mutex::new(Vec::new()),
+                pattern,
+                stream_kbps,
+                control_url,
+                broadcast_id,
+                started: Instant::now(),
+                egress: Mutex::new(None),
+                credentials: Mutex::new(None),
+            }),
+        }
     }
 
     /// Joins `config.peers` viewers to `deployment`'s broadcast at `config.join_rate`,
@@ -226,6 +273,47 @@ impl Swarm {
     /// Sets a probe of the data plane's egress counter, sampled with the peers.
     pub fn set_egress_probe(&self, probe: impl Fn() -> Option<u64> + Send + Sync + 'static) {
         *lock(&self.inner.egress) = Some(Arc::new(probe));
+    }
+
+    /// Sets the viewer credential (JWT) of the peers joined from now on: `f(index)`
+    /// for peer `index` (`None` = no credential).
+    pub fn set_credentials(&self, f: impl Fn(usize) -> Option<String> + Send + Sync + 'static) {
+        *lock(&self.inner.credentials) = Some(Arc::new(f));
+    }
+
+    /// Peer `index`'s SDK counters now (frozen at leave).
+    pub fn stats(&self, index: usize) -> Option<Stats> {
+        let p = self.peers().get(index).cloned()?;
+        let v = lock(&p.viewer);
+        match v.as_ref() {
+            Some(v) => Some(v.stats()),
+            None => lock(&p.final_stats).clone(),
+        }
+    }
+
+    /// Peer `index`'s control-plane session id (`None` when not joined or gone).
+    pub fn session_id(&self, index: usize) -> Option<String> {
+        let p = self.peers().get(index).cloned()?;
+        lock(&p.viewer).as_ref().and_then(Viewer::session_id)
+    }
+
+    /// Why peer `index`'s viewer stopped on its own (`Viewer::closed`): `None` while
+    /// it runs (or when it is not joined or has left), `Some(Err(reason))` after a
+    /// refusal, revocation, end of broadcast...
+    pub fn end_reason(&self, index: usize) -> Option<Result<(), SdkError>> {
+        let p = self.peers().get(index).cloned()?;
+        let v = lock(&p.viewer);
+        let v = v.as_ref()?;
+        if !v.is_closed() {
+            return None;
+        }
+        // Once closed, `closed()` is ready at its first poll.
+        let mut fut = std::pin::pin!(v.closed());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(r) => Some(r),
+            std::task::Poll::Pending => None,
+        }
     }
 
     fn peers(&self) -> Vec<Arc<PeerShared>> {
@@ -245,22 +333,26 @@ impl Swarm {
             let peer = {
                 let mut peers = lock(&self.inner.peers);
                 let index = peers.len();
+                let global = index + config.index_offset;
                 let peer = Arc::new(PeerShared {
                     index,
-                    upload_kbps: config.upload.upload_kbps(index, self.inner.stream_kbps),
-                    ip: peer_ip(index),
+                    upload_kbps: config.upload.upload_kbps(global, self.inner.stream_kbps),
+                    ip: peer_ip(global),
                     state: Mutex::new(PeerState::Joining),
                     viewer: Mutex::new(None),
                     final_stats: Mutex::new(None),
                     check: Mutex::new(OutputCheck::default()),
                     reader: Mutex::new(None),
                     join_ms: Mutex::new(None),
+                    joined_at: Mutex::new(None),
+                    left_at: Mutex::new(None),
                 });
                 peers.push(peer.clone());
                 peer
             };
             let vc = self.viewer_config(&peer, config);
             joins.push(tokio::spawn(join_peer(
+                self.inner.started,
                 peer,
                 vc,
                 config.join_attempts.max(1),
@@ -285,6 +377,9 @@ impl Swarm {
         };
         if let Some(lag) = config.target_lag {
             vc.target_lag = lag;
+        }
+        if let Some(f) = lock(&self.inner.credentials).clone() {
+            vc.credential = f(peer.index);
         }
         vc
     }
@@ -324,6 +419,24 @@ impl Swarm {
         }
     }
 
+    /// Every peer's presence interval, upload budget and SDK stats.
+    pub fn presence(&self) -> Vec<PeerPresence> {
+        self.peers()
+            .iter()
+            .map(|p| PeerPresence {
+                index: p.index,
+                upload_kbps: p.upload_kbps,
+                ip: p.ip,
+                joined_at: *lock(&p.joined_at),
+                left_at: *lock(&p.left_at),
+                stats: match lock(&p.viewer).as_ref() {
+                    Some(v) => Some(v.stats()),
+                    None => lock(&p.final_stats).clone(),
+                },
+            })
+            .collect()
+    }
+
     /// Makes `fraction` of the active peers leave at once (cleanly, with `Leave`),
     /// chosen by a seeded shuffle; returns their indices once they have all left.
     pub async fn churn(&self, fraction: f64, seed: u64) -> Vec<usize> {
@@ -336,7 +449,10 @@ impl Swarm {
         let leaves: Vec<_> = chosen
             .iter()
             .filter_map(|i| peers.get(*i).cloned())
-            .map(|p| tokio::spawn(async move { leave_peer(&p).await }))
+            .map(|p| {
+                let started = self.inner.started;
+                tokio::spawn(async move { leave_peer(started, &p).await })
+            })
             .collect();
         for l in leaves {
             let _ = l.await;
@@ -351,7 +467,10 @@ impl Swarm {
         let leaves: Vec<_> = self
             .peers()
             .into_iter()
-            .map(|p| tokio::spawn(async move { leave_peer(&p).await }))
+            .map(|p| {
+                let started = self.inner.started;
+                tokio::spawn(async move { leave_peer(started, &p).await })
+            })
             .collect();
         for l in leaves {
             let _ = l.await;
@@ -360,6 +479,7 @@ impl Swarm {
 }
 
 async fn join_peer(
+    started: Instant,
     peer: Arc<PeerShared>,
     vc: ViewerConfig,
     attempts: u32,
@@ -385,6 +505,7 @@ async fn join_peer(
                 });
                 *lock(&peer.reader) = reader;
                 *lock(&peer.viewer) = Some(viewer);
+                *lock(&peer.joined_at) = Some(started.elapsed());
                 *lock(&peer.state) = PeerState::Active;
                 return;
             }
@@ -397,10 +518,11 @@ async fn join_peer(
     *lock(&peer.state) = PeerState::JoinFailed(last_err);
 }
 
-async fn leave_peer(peer: &PeerShared) {
+async fn leave_peer(started: Instant, peer: &PeerShared) {
     let viewer = lock(&peer.viewer).take();
     let Some(viewer) = viewer else { return };
     *lock(&peer.final_stats) = Some(viewer.stats());
+    *lock(&peer.left_at) = Some(started.elapsed());
     {
         let mut st = lock(&peer.state);
         if *st == PeerState::Active {

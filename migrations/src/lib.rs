@@ -24,12 +24,20 @@ macro_rules! migrations {
 
 /// Migrations for PostgreSQL.
 pub fn postgres() -> Migrator {
-    Migrator::with_migrations(migrations!("postgres": (1, "initial", "0001_initial.sql")))
+    Migrator::with_migrations(migrations!("postgres":
+        (1, "initial", "0001_initial.sql"),
+        (2, "reports", "0002_reports.sql"),
+        (3, "broadcast_public", "0003_broadcast_public.sql"),
+    ))
 }
 
 /// Migrations for SQLite.
 pub fn sqlite() -> Migrator {
-    Migrator::with_migrations(migrations!("sqlite": (1, "initial", "0001_initial.sql")))
+    Migrator::with_migrations(migrations!("sqlite":
+        (1, "initial", "0001_initial.sql"),
+        (2, "reports", "0002_reports.sql"),
+        (3, "broadcast_public", "0003_broadcast_public.sql"),
+    ))
 }
 
 #[cfg(test)]

@@ -6,7 +6,13 @@
 //! * [`wire`]: the binary chunk wire protocol spoken between SDKs, data-plane nodes and
 //!   (later) peers, as a sans-IO codec that never panics and caps every length. The
 //!   format is specified in `docs/PROTOCOL.md`.
+//! * [`token`]: signed chunk tokens (Ed25519), issued by the control plane and checked
+//!   offline by data-plane nodes and relaying peers.
+//! * [`integrity`]: per-chunk signatures made by the data plane and checked by every
+//!   viewer before it plays or relays a chunk.
 
+pub mod integrity;
+pub mod token;
 pub mod wire;
 
 /// Generated gRPC types and services for package `starling.v1`.

@@ -25,6 +25,8 @@ pub const ABSOLUTE_MAX_CHUNK: u32 = 16 * 1024 * 1024;
 pub const MAX_BROADCAST_ID: usize = 128;
 /// Longest token accepted in `HELLO`.
 pub const MAX_TOKEN: usize = 4096;
+/// Longest chunk signature block carried in a `CHUNK` (see `integrity`).
+pub const MAX_CHUNK_SIGNATURE: usize = 512;
 /// Longest human-readable message in `ERROR` / `GOODBYE`.
 pub const MAX_MESSAGE: usize = 1024;
 
@@ -42,6 +44,7 @@ pub mod frame_type {
     pub const BUFFER_MAP: u8 = 0x0A;
     pub const REQUEST: u8 = 0x0B;
     pub const NOT_FOUND: u8 = 0x0C;
+    pub const TOKEN: u8 = 0x0D;
 }
 
 /// `substream_mask` value meaning "every substream" (the whole stream).
@@ -55,8 +58,11 @@ pub mod chunk_flags {
     pub const RANDOM_ACCESS: u8 = 0x01;
     /// Chunks were skipped before this one (slow receiver, source reconnect).
     pub const DISCONTINUITY: u8 = 0x02;
+    /// A signature block follows the fixed fields (`sig_len u16 | block`). Set and
+    /// cleared by the codec from [`super::Chunk::signature`]; never stored in `flags`.
+    pub const SIGNED: u8 = 0x04;
     /// All bits defined by version 1.
-    pub const ALL: u8 = RANDOM_ACCESS | DISCONTINUITY;
+    pub const ALL: u8 = RANDOM_ACCESS | DISCONTINUITY | SIGNED;
 }
 
 /// Role announced in `HELLO`.
@@ -100,6 +106,12 @@ pub enum ErrorCode {
     ServerBusy,
     ShuttingDown,
     IdleTimeout,
+    /// The session or viewer was revoked by an admin.
+    Revoked,
+    /// A chunk failed its integrity check (the sender is a polluter or broken).
+    BadChunk,
+    /// The chunk token expired and was not renewed.
+    TokenExpired,
     Normal,
     Internal,
     /// A code this build does not know (sent by a newer peer).
@@ -122,6 +134,9 @@ impl ErrorCode {
             ErrorCode::ServerBusy => 10,
             ErrorCode::ShuttingDown => 11,
             ErrorCode::IdleTimeout => 12,
+            ErrorCode::Revoked => 13,
+            ErrorCode::BadChunk => 14,
+            ErrorCode::TokenExpired => 15,
             ErrorCode::Internal => 255,
             ErrorCode::Other(v) => v,
         }
@@ -141,6 +156,9 @@ impl ErrorCode {
             10 => ErrorCode::ServerBusy,
             11 => ErrorCode::ShuttingDown,
             12 => ErrorCode::IdleTimeout,
+            13 => ErrorCode::Revoked,
+            14 => ErrorCode::BadChunk,
+            15 => ErrorCode::TokenExpired,
             255 => ErrorCode::Internal,
             other => ErrorCode::Other(other),
         }
@@ -233,6 +251,9 @@ pub struct Chunk {
     pub timestamp_ms: u64,
     /// Media duration (or wall-clock span for formats without timestamps), in ms.
     pub duration_ms: u32,
+    /// The data plane's signature block for this chunk (see `integrity`); empty when
+    /// the chunk is not signed.
+    pub signature: Bytes,
     pub payload: Bytes,
 }
 
@@ -265,6 +286,8 @@ pub enum Frame {
     /// Ask for one chunk by sequence; answered with `CHUNK` or `NOT_FOUND`.
     Request(u64),
     NotFound(u64),
+    /// A renewed chunk token for this connection (replaces the one from `HELLO`).
+    Token(Bytes),
 }
 
 impl Frame {
@@ -284,6 +307,7 @@ impl Frame {
             Frame::BufferMap(_) => BUFFER_MAP,
             Frame::Request(_) => REQUEST,
             Frame::NotFound(_) => NOT_FOUND,
+            Frame::Token(_) => TOKEN,
         }
     }
 }
@@ -373,7 +397,7 @@ impl Decoder {
         match ty {
             CHUNK => Ok(self.limits.max_chunk_payload.min(ABSOLUTE_MAX_CHUNK)),
             HELLO | HELLO_ACK | SUBSCRIBE | STREAM_INFO | PING | PONG | ERROR | GOODBYE
-            | BUFFER_MAP | REQUEST | NOT_FOUND => Ok(self.limits.max_control_payload),
+            | BUFFER_MAP | REQUEST | NOT_FOUND | TOKEN => Ok(self.limits.max_control_payload),
             other => Err(WireError::UnknownFrameType(other)),
         }
     }
@@ -554,18 +578,35 @@ fn parse_payload(h: Header, payload: Bytes) -> Result<Frame, WireError> {
             let seq = r.u64()?;
             let timestamp_ms = r.u64()?;
             let duration_ms = r.u32()?;
+            let signature = if h.flags & chunk_flags::SIGNED != 0 {
+                let n = usize::from(r.u16()?);
+                if n == 0 || n > MAX_CHUNK_SIGNATURE {
+                    return Err(r.err("bad signature length"));
+                }
+                r.bytes(n)?
+            } else {
+                Bytes::new()
+            };
             let payload = std::mem::take(&mut r.b);
             Frame::Chunk(Chunk {
                 seq,
-                flags: h.flags,
+                flags: h.flags & !chunk_flags::SIGNED,
                 timestamp_ms,
                 duration_ms,
+                signature,
                 payload,
             })
         }
         PING => Frame::Ping(r.u64()?),
         REQUEST => Frame::Request(r.u64()?),
         NOT_FOUND => Frame::NotFound(r.u64()?),
+        TOKEN => {
+            let n = r.b.len();
+            if n > MAX_TOKEN {
+                return Err(r.err("token too long"));
+            }
+            Frame::Token(r.bytes(n)?)
+        }
         BUFFER_MAP => {
             let base = r.u64()?;
             let len = r.u16()?;
@@ -655,6 +696,66 @@ pub fn chunk_prefix(
     Ok(out)
 }
 
+/// The start of a `CHUNK` frame up to (not including) the payload: header, fixed fields
+/// and, for a signed chunk, the signature block. Built on the stack; write
+/// [`ChunkPrefix::as_bytes`] and then the shared payload.
+#[derive(Clone)]
+pub struct ChunkPrefix {
+    buf: [u8; HEADER_LEN + CHUNK_FIXED_LEN + 2 + MAX_CHUNK_SIGNATURE],
+    len: usize,
+}
+
+impl ChunkPrefix {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::fmt::Debug for ChunkPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkPrefix({} bytes)", self.len)
+    }
+}
+
+/// Like [`chunk_prefix`], with the chunk's signature block (empty = unsigned).
+pub fn chunk_prefix_signed(
+    seq: u64,
+    flags: u8,
+    timestamp_ms: u64,
+    duration_ms: u32,
+    signature: &[u8],
+    payload_len: usize,
+) -> Result<ChunkPrefix, WireError> {
+    if signature.len() > MAX_CHUNK_SIGNATURE {
+        return Err(WireError::Encode("chunk signature too long"));
+    }
+    let flags = flags & !chunk_flags::SIGNED;
+    let (flags, sig_part) = if signature.is_empty() {
+        (flags, 0)
+    } else {
+        (flags | chunk_flags::SIGNED, 2 + signature.len())
+    };
+    let head = chunk_prefix(
+        seq,
+        flags,
+        timestamp_ms,
+        duration_ms,
+        sig_part + payload_len,
+    )?;
+    let mut out = ChunkPrefix {
+        buf: [0u8; HEADER_LEN + CHUNK_FIXED_LEN + 2 + MAX_CHUNK_SIGNATURE],
+        len: head.len(),
+    };
+    out.buf[..head.len()].copy_from_slice(&head);
+    if !signature.is_empty() {
+        let at = head.len();
+        out.buf[at..at + 2].copy_from_slice(&(signature.len() as u16).to_be_bytes());
+        out.buf[at + 2..at + 2 + signature.len()].copy_from_slice(signature);
+        out.len = at + 2 + signature.len();
+    }
+    Ok(out)
+}
+
 /// Appends the encoding of `frame` to `dst`. Fails (without writing a partial frame
 /// header) when a field exceeds its wire limit.
 pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
@@ -705,15 +806,16 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
             (STREAM_INFO, 0)
         }
         Frame::Chunk(c) => {
-            let prefix = chunk_prefix(
+            let prefix = chunk_prefix_signed(
                 c.seq,
                 c.flags,
                 c.timestamp_ms,
                 c.duration_ms,
+                &c.signature,
                 c.payload.len(),
             )?;
-            dst.reserve(prefix.len() + c.payload.len());
-            dst.put_slice(&prefix);
+            dst.reserve(prefix.as_bytes().len() + c.payload.len());
+            dst.put_slice(prefix.as_bytes());
             dst.put_slice(&c.payload);
             return Ok(());
         }
@@ -728,6 +830,13 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
         Frame::Request(n) => {
             body.put_u64(*n);
             (REQUEST, 0)
+        }
+        Frame::Token(t) => {
+            if t.len() > MAX_TOKEN {
+                return Err(WireError::Encode("token too long"));
+            }
+            body.put_slice(t);
+            (TOKEN, 0)
         }
         Frame::NotFound(n) => {
             body.put_u64(*n);
@@ -845,8 +954,18 @@ mod tests {
             flags: chunk_flags::RANDOM_ACCESS,
             timestamp_ms: 1_700_000_000_000,
             duration_ms: 1000,
+            signature: Bytes::new(),
             payload: Bytes::from(vec![0x47; 188 * 3]),
         }));
+        roundtrip(Frame::Chunk(Chunk {
+            seq: 43,
+            flags: chunk_flags::DISCONTINUITY,
+            timestamp_ms: 1,
+            duration_ms: 2,
+            signature: Bytes::from(vec![7u8; 130]),
+            payload: Bytes::from_static(b"payload"),
+        }));
+        roundtrip(Frame::Token(Bytes::from_static(b"renewed token")));
         roundtrip(Frame::Ping(5));
         roundtrip(Frame::Pong(6));
         roundtrip(Frame::Error(Reason {
@@ -878,6 +997,7 @@ mod tests {
                 flags: 0,
                 timestamp_ms: 0,
                 duration_ms: 0,
+                signature: Bytes::new(),
                 payload: Bytes::from_static(b"x"),
             }))
             .unwrap()[..],
@@ -1021,7 +1141,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_body_after_valid_header(ty in 1u8..=12, flags in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn arbitrary_body_after_valid_header(ty in 1u8..=13, flags in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut buf = BytesMut::new();
             buf.put_u8(ty);
             buf.put_u8(flags);
@@ -1032,8 +1152,8 @@ mod tests {
         }
 
         #[test]
-        fn chunk_roundtrip(seq in any::<u64>(), ts in any::<u64>(), d in any::<u32>(), ra in any::<bool>(), payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
-            let f = Frame::Chunk(Chunk { seq, flags: if ra { chunk_flags::RANDOM_ACCESS } else { 0 }, timestamp_ms: ts, duration_ms: d, payload: Bytes::from(payload) });
+        fn chunk_roundtrip(seq in any::<u64>(), ts in any::<u64>(), d in any::<u32>(), ra in any::<bool>(), sig in proptest::collection::vec(any::<u8>(), 0..=MAX_CHUNK_SIGNATURE), payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let f = Frame::Chunk(Chunk { seq, flags: if ra { chunk_flags::RANDOM_ACCESS } else { 0 }, timestamp_ms: ts, duration_ms: d, signature: Bytes::from(sig), payload: Bytes::from(payload) });
             let mut buf = BytesMut::from(&encode_to_bytes(&f).unwrap()[..]);
             prop_assert_eq!(Decoder::default().decode(&mut buf).unwrap(), Some(f));
         }

@@ -79,6 +79,11 @@ struct Args {
     #[arg(long, env = "STARLING_TARGET_LAG", value_parser = parse_duration)]
     target_lag: Option<Duration>,
 
+    /// How often to send quality reports to the control plane (e.g. 5s, 500ms).
+    /// Default: the interval the control plane asks for in Join (5 s if none).
+    #[arg(long, env = "STARLING_REPORT_INTERVAL", value_parser = parse_duration)]
+    report_interval: Option<Duration>,
+
     /// Log filter (tracing env-filter syntax, e.g. "info" or "starling_sdk=debug").
     #[arg(long, env = "STARLING_LOG", default_value = "warn")]
     log: String,
@@ -159,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(lag) = args.target_lag {
         cfg.target_lag = lag;
     }
+    cfg.report_interval = args.report_interval;
 
     let mut sink = match &args.output {
         None => None,
@@ -247,6 +253,20 @@ async fn main() -> anyhow::Result<()> {
         tracing::debug!("leave: {e}");
     }
     eprintln!("starling-play: {stats}");
+    eprintln!(
+        "starling-play: integrity: {} chunks verified, {} unverified (no keys from the control plane), \
+         bad chunks: {} from peers ({} peers reported), {} from the data plane; \
+         stalls {} ({} ms); reports sent {}, dropped {}",
+        stats.chunks_verified,
+        stats.chunks_unverified,
+        stats.bad_chunks_from_peers,
+        stats.peers_reported,
+        stats.bad_chunks_from_server,
+        stats.stalls,
+        stats.stall_time.as_millis(),
+        stats.reports_sent,
+        stats.reports_dropped,
+    );
     if let Err(e) = outcome {
         bail!("{e:#}");
     }

@@ -4,8 +4,14 @@
 //! A link's writer owns a bounded queue. The engine only ever `try_send`s into it, so a
 //! slow receiver never blocks the engine or other links: when its queue is full, the
 //! engine closes it (`GOODBYE(TOO_SLOW)` for a child). Chunks are queued as the shared
-//! [`Chunk`] (reference-counted payload) and written as the 28-byte prefix plus the
-//! payload, without copying it.
+//! [`Chunk`] (reference-counted payload) and written as the prefix (28 bytes plus the
+//! data plane's signature block) and the payload, without copying it: a relayed chunk
+//! is byte-identical to the one received.
+//!
+//! Every chunk read on a link is verified by that link's reader (signature block and
+//! SHA-256 of the payload, see [`crate::rights`]) before the engine sees it; a chunk
+//! that fails becomes [`Ev::BadChunk`]. The listener checks the chunk token in every
+//! peer's `HELLO` before answering it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +30,8 @@ use tokio::task::AbortHandle;
 use super::Ev;
 use crate::conn::{self, FrameReader, OpenParams, WireConn};
 use crate::error::SdkError;
+use crate::rights::{ChunkCheck, Grant};
+use crate::viewer::Shared;
 
 /// Engine-local identity of one connection (never reused).
 pub(crate) type LinkId = u64;
@@ -102,6 +110,7 @@ pub(crate) fn spawn_link(
     events: mpsc::Sender<Ev>,
     idle: Duration,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
 ) -> LinkHandle {
     let (reader, writer) = conn.into_split();
     let (tx, rx) = mpsc::channel(LINK_QUEUE);
@@ -113,6 +122,7 @@ pub(crate) fn spawn_link(
         tx.clone(),
         idle,
         permit,
+        shared,
     ));
     tokio::spawn(write_loop(
         link,
@@ -135,9 +145,35 @@ async fn read_loop(
     tx: mpsc::Sender<Out>,
     idle: Duration,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
 ) {
     let reason = loop {
         match tokio::time::timeout(idle, r.next_frame()).await {
+            Ok(Ok(Frame::Chunk(mut c))) => {
+                let ev = match shared.check_chunk(&c) {
+                    ChunkCheck::Verified { flags } => {
+                        // Stored and relayed with the signed flags.
+                        c.flags = flags;
+                        Ev::Frame {
+                            link,
+                            frame: Frame::Chunk(c),
+                        }
+                    }
+                    ChunkCheck::Unverified => Ev::Frame {
+                        link,
+                        frame: Frame::Chunk(c),
+                    },
+                    ChunkCheck::Bad(error) => Ev::BadChunk {
+                        link,
+                        seq: c.seq,
+                        len: c.payload.len() as u64,
+                        error,
+                    },
+                };
+                if events.send(ev).await.is_err() {
+                    return;
+                }
+            }
             Err(_) => break SdkError::Timeout("waiting for a frame on a grid link"),
             Ok(Err(e)) => break e,
             Ok(Ok(Frame::Ping(n))) => {
@@ -160,15 +196,16 @@ async fn write_out(w: &mut OwnedWriteHalf, out: &Out) -> std::io::Result<()> {
     match out {
         Out::Frame(b) => w.write_all(b).await,
         Out::Chunk(c) => {
-            let prefix = wire::chunk_prefix(
+            let prefix = wire::chunk_prefix_signed(
                 c.seq,
                 c.flags,
                 c.timestamp_ms,
                 c.duration_ms,
+                &c.signature,
                 c.payload.len(),
             )
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-            w.write_all(&prefix).await?;
+            w.write_all(prefix.as_bytes()).await?;
             w.write_all(&c.payload).await
         }
     }
@@ -242,7 +279,7 @@ pub(crate) struct Dial {
 }
 
 /// Connects, handshakes and reports `Connected` or `ConnectFailed`.
-pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>) {
+pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>, shared: Arc<Shared>) {
     let r = conn::open(OpenParams {
         addr: &d.addr,
         token: &d.token,
@@ -264,7 +301,7 @@ pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>) {
         },
         Ok(c) => {
             let info = c.info.clone();
-            let handle = spawn_link(link, c, events.clone(), d.idle, None);
+            let handle = spawn_link(link, c, events.clone(), d.idle, None, shared);
             Ev::Connected { link, handle, info }
         }
         Err(err) => Ev::ConnectFailed { link, err },
@@ -308,9 +345,16 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
         tokio::spawn(async move {
             let conn = WireConn::accepted(stream, ctx.limits, addr.to_string());
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(conn, &ctx)).await {
-                Ok(Ok((conn, sub))) => {
+                Ok(Ok((conn, sub, grant))) => {
                     let link = ctx.ids.fetch_add(1, Ordering::Relaxed);
-                    let handle = spawn_link(link, conn, ctx.events.clone(), ctx.idle, Some(permit));
+                    let handle = spawn_link(
+                        link,
+                        conn,
+                        ctx.events.clone(),
+                        ctx.idle,
+                        Some(permit),
+                        ctx.shared.clone(),
+                    );
                     let _ = ctx
                         .events
                         .send(Ev::Incoming {
@@ -318,6 +362,7 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
                             sub,
                             handle,
                             addr: addr.to_string(),
+                            grant,
                         })
                         .await;
                 }
@@ -328,9 +373,13 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
     }
 }
 
-/// `HELLO(peer)` → `HELLO_ACK`, then `SUBSCRIBE` for our broadcast. Refusals are sent
-/// as `ERROR` before failing.
-async fn handshake(mut conn: WireConn, ctx: &AcceptCtx) -> Result<(WireConn, Subscribe), SdkError> {
+/// `HELLO(peer)` with a valid chunk token → `HELLO_ACK`, then `SUBSCRIBE` for our
+/// broadcast. Refusals are sent as `ERROR` before failing: `UNAUTHORIZED` for a
+/// missing, invalid or expired token, `REVOKED` for a revoked peer.
+async fn handshake(
+    mut conn: WireConn,
+    ctx: &AcceptCtx,
+) -> Result<(WireConn, Subscribe, Grant), SdkError> {
     async fn refuse(conn: &mut WireConn, code: ErrorCode, msg: &str) -> SdkError {
         let _ = conn.send(&Frame::Error(reason(code, msg))).await;
         SdkError::Protocol(msg.to_string())
@@ -349,6 +398,14 @@ async fn handshake(mut conn: WireConn, ctx: &AcceptCtx) -> Result<(WireConn, Sub
             "no common version",
         )
         .await);
+    };
+    let grant = match ctx.shared.rights.check_peer_token(&hello.token) {
+        Ok(g) => g,
+        Err(r) => {
+            ctx.shared.stats_mut().peers_refused += 1;
+            tracing::info!(addr = conn.addr, code = ?r.code, "peer refused: {}", r.message);
+            return Err(refuse(&mut conn, r.code, &r.message).await);
+        }
     };
     conn.send(&Frame::HelloAck(HelloAck { version })).await?;
     let sub = loop {
@@ -371,7 +428,7 @@ async fn handshake(mut conn: WireConn, ctx: &AcceptCtx) -> Result<(WireConn, Sub
         )
         .await);
     }
-    Ok((conn, sub))
+    Ok((conn, sub, grant))
 }
 
 /// `STREAM_INFO` for an accepted link.

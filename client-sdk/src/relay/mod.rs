@@ -18,10 +18,20 @@
 //!
 //! Misbehaviour (malformed frames, chunks nobody asked for, a wrong broadcast) costs the
 //! offending link only.
+//!
+//! Rights and integrity: every link says `HELLO` with our current chunk token and gets
+//! a `TOKEN` frame when a heartbeat renews it. Peers connecting to us are admitted on a
+//! valid token (checked by the listener); the engine remembers each one's peer id and
+//! expiry, accepts `TOKEN` renewals for the same peer id, and closes a link whose token
+//! expired with `GOODBYE(TOKEN_EXPIRED)`. Revoked peers (heartbeat) lose their links
+//! with `GOODBYE(REVOKED)`. A peer whose chunk fails verification is closed with
+//! `ERROR(BAD_CHUNK)`, reported (`ReportPeer`) and never used again as a parent or
+//! neighbour by this viewer; the chunk stays missing for the scheduler, which fetches it
+//! elsewhere.
 
 pub(crate) mod link;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
@@ -38,8 +48,10 @@ use tokio::task::JoinHandle;
 use crate::control::{Assignment, Control, JoinInfo, Offer, Parent, Peer};
 use crate::error::{SdkError, is_fatal_code};
 use crate::grid::{Action, BufferMap, PeerScheduler, SchedulerConfig, Source, Upstream};
-use crate::viewer::{Session, Shared, stopped};
+use crate::rights::{Grant, OwnToken, unix_ms};
+use crate::viewer::{Shared, stopped};
 use link::{AcceptCtx, Dial, LinkHandle, LinkId, Out, QueueError, reason};
+use starling_proto::integrity::IntegrityError;
 
 /// Capacity of the engine's event channel (readers wait when it is full).
 const EVENTS: usize = 1024;
@@ -64,7 +76,17 @@ pub(crate) enum Ev {
         sub: Subscribe,
         handle: LinkHandle,
         addr: String,
+        grant: Grant,
     },
+    /// A chunk read on a link failed verification (it was not forwarded).
+    BadChunk {
+        link: LinkId,
+        seq: u64,
+        len: u64,
+        error: IntegrityError,
+    },
+    /// Peers revoked by the control plane (from a heartbeat).
+    Revoked(Vec<u64>),
     /// The control plane's current assignment (from a heartbeat).
     Assignment(Assignment),
     /// Answer to a `Reparent` call.
@@ -124,6 +146,8 @@ struct Link {
     neighbour: bool,
     /// Chunks requested on this link and not answered yet (others are unsolicited).
     requested: BTreeSet<u64>,
+    /// Incoming links: what the peer's token grants (peer id, expiry).
+    grant: Option<Grant>,
 }
 
 impl Link {
@@ -136,6 +160,7 @@ impl Link {
             want_neighbour: false,
             neighbour: false,
             requested: BTreeSet::new(),
+            grant: None,
         }
     }
 }
@@ -287,7 +312,7 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         links: HashMap::new(),
         peer_links: HashMap::new(),
         dp: None,
-        dp_target: (setup.join.wire_addr.clone(), setup.join.token.clone()),
+        dp_addr: setup.join.wire_addr.clone(),
         dp_retry_at: None,
         dp_backoff: setup.reconnect_initial,
         dp_failures: 0,
@@ -313,6 +338,9 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         last_refill: Instant::now(),
         skipping: false,
         failed: HashMap::new(),
+        banned: HashSet::new(),
+        fresh_join: false,
+        next_grant_check: Instant::now(),
     };
     let now = engine.clock.now();
     for s in 0..k {
@@ -330,6 +358,7 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         tx.clone(),
         engine.idle,
         None,
+        engine.shared.clone(),
     ));
     engine.links.insert(dp, l);
     engine.dp = Some(dp);
@@ -352,7 +381,8 @@ struct Engine {
     /// Outgoing peer links by remote peer id.
     peer_links: HashMap<u64, LinkId>,
     dp: Option<LinkId>,
-    dp_target: (String, Bytes),
+    /// Data-plane wire address (our token is in `shared.rights`).
+    dp_addr: String,
     dp_retry_at: Option<tokio::time::Instant>,
     dp_backoff: Duration,
     dp_failures: u32,
@@ -382,7 +412,20 @@ struct Engine {
     /// Parent peers whose link failed recently: a heartbeat that still names one (the
     /// control plane has not noticed yet) does not make us dial it again.
     failed: HashMap<u64, Instant>,
+    /// Peers that sent a bad chunk: never a parent or neighbour of ours again.
+    banned: HashSet<u64>,
+    /// No chunk came from the data plane since the last re-join: a refusal of our
+    /// token now means a re-join does not help.
+    fresh_join: bool,
+    next_grant_check: Instant,
 }
+
+/// Most peers remembered as polluters (a swarm with more is beyond saving anyway).
+const MAX_BANNED: usize = 1024;
+/// Most excluded peer ids sent in one `Reparent`.
+const MAX_EXCLUDE: usize = 32;
+/// How often the tokens of incoming links are checked for expiry.
+const GRANT_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// How long a failed parent is not adopted again from a heartbeat.
 const FAILED_PARENT_MEMORY: Duration = Duration::from_secs(10);
@@ -413,6 +456,8 @@ impl Engine {
         let tick_every = Duration::from_millis(u64::from(self.chunk_ms / 8).clamp(10, 100));
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut token = self.shared.rights.watch_token();
+        token.mark_unchanged();
         loop {
             let retry = self.dp_retry_at;
             tokio::select! {
@@ -424,6 +469,13 @@ impl Engine {
                 _ = tick.tick() => {
                     let now = self.clock.now();
                     self.sched.tick(now);
+                    self.on_tick();
+                }
+                r = token.changed() => {
+                    if r.is_ok() {
+                        let t = token.borrow_and_update().clone();
+                        self.send_token(t);
+                    }
                 }
                 _ = sleep_until_opt(retry) => {
                     self.dp_retry_at = None;
@@ -465,7 +517,15 @@ impl Engine {
                 sub,
                 handle,
                 addr,
-            } => self.on_incoming(link, sub, handle, addr),
+                grant,
+            } => self.on_incoming(link, sub, handle, addr, grant),
+            Ev::BadChunk {
+                link,
+                seq,
+                len,
+                error,
+            } => self.on_bad_chunk(link, seq, len, error),
+            Ev::Revoked(ids) => self.on_revoked(&ids),
             Ev::Assignment(a) => self.apply_assignment(a, false),
             Ev::Reparented {
                 substream,
@@ -493,7 +553,7 @@ impl Engine {
             }
             let feed = Feed::from_parent(p, self.me);
             if let Feed::Peer(p) = &feed
-                && self.failed.contains_key(&p.id)
+                && (self.failed.contains_key(&p.id) || self.excluded(p.id))
             {
                 if self.feeds[usize::from(s)] != feed {
                     let id = p.id;
@@ -504,10 +564,14 @@ impl Engine {
             self.set_feed(s, feed, now, !initial);
         }
         let mut seen = BTreeSet::new();
-        self.neighbours = a
+        let neighbours: Vec<Peer> = a
             .neighbours
             .into_iter()
             .filter(|n| n.id != self.me && seen.insert(n.id))
+            .collect();
+        self.neighbours = neighbours
+            .into_iter()
+            .filter(|n| !self.excluded(n.id))
             .collect();
         self.reconcile();
     }
@@ -584,7 +648,7 @@ impl Engine {
                     self.links.insert(l, link);
                     self.peer_links.insert(id, l);
                     let d = self.dial_params(&peer.addr, Role::Peer, mask, self.resume_at());
-                    tokio::spawn(link::dial(l, d, self.events.clone()));
+                    tokio::spawn(link::dial(l, d, self.events.clone(), self.shared.clone()));
                 }
             }
         }
@@ -640,7 +704,7 @@ impl Engine {
     fn dial_params(&self, addr: &str, role: Role, mask: u64, start: StartAt) -> Dial {
         Dial {
             addr: addr.to_string(),
-            token: self.dp_target.1.clone(),
+            token: self.shared.rights.token(),
             broadcast_id: self.shared.broadcast_id.clone(),
             start,
             limits: self.limits,
@@ -651,10 +715,20 @@ impl Engine {
         }
     }
 
-    fn research(&mut self, s: u16, exclude: Vec<u64>) {
+    fn research(&mut self, s: u16, mut exclude: Vec<u64>) {
         let i = usize::from(s);
         if self.reparenting[i] {
             return;
+        }
+        // Never offered a polluter again (the control plane is told too, but it may
+        // not have acted on the report yet).
+        for &b in &self.banned {
+            if exclude.len() >= MAX_EXCLUDE {
+                break;
+            }
+            if !exclude.contains(&b) {
+                exclude.push(b);
+            }
         }
         self.reparenting[i] = true;
         let control = self.control.clone();
@@ -680,7 +754,7 @@ impl Engine {
         self.reparenting[i] = false;
         let now = self.clock.now();
         let feed = match result {
-            Ok(Some(p)) if excluded.contains(&p.id) => Feed::Server,
+            Ok(Some(p)) if excluded.contains(&p.id) || self.excluded(p.id) => Feed::Server,
             Ok(p) => Feed::from_parent(p, self.me),
             Err(e) => {
                 tracing::warn!(substream = s, "Reparent failed: {e}");
@@ -744,10 +818,10 @@ impl Engine {
         let mask = self.dp_mask();
         self.links.insert(id, Link::new(Kind::DataPlane, mask));
         self.dp = Some(id);
-        let addr = self.dp_target.0.clone();
+        let addr = self.dp_addr.clone();
         tracing::info!(addr, "reconnecting to the data plane");
         let d = self.dial_params(&addr, Role::Viewer, mask, self.resume_at());
-        tokio::spawn(link::dial(id, d, self.events.clone()));
+        tokio::spawn(link::dial(id, d, self.events.clone(), self.shared.clone()));
     }
 
     fn schedule_dp_retry(&mut self) {
@@ -793,10 +867,9 @@ impl Engine {
                     session = join.session_id,
                     "re-joined via the control plane"
                 );
-                let old = self.shared.replace_session(Session {
-                    id: join.session_id.clone(),
-                    heartbeat: join.heartbeat,
-                });
+                let old = self
+                    .shared
+                    .replace_session(join.session_id.clone(), join.heartbeat);
                 if let Some(old) = old.filter(|o| o.id != join.session_id) {
                     let c = self.control.clone();
                     tokio::spawn(async move {
@@ -805,9 +878,36 @@ impl Engine {
                     });
                 }
                 self.session_id = join.session_id;
+                if join.peer_id != self.me {
+                    // A new identity: links dialled with the old token are closed (our
+                    // parents would refuse a TOKEN for another peer id); the new
+                    // assignment below opens what it needs.
+                    let outs: Vec<LinkId> = self
+                        .links
+                        .iter()
+                        .filter(|(_, l)| matches!(l.kind, Kind::Out(_)))
+                        .map(|(&id, _)| id)
+                        .collect();
+                    for l in outs {
+                        self.drop_link(
+                            l,
+                            Some(Frame::Goodbye(reason(ErrorCode::Normal, "re-joined"))),
+                            None,
+                        );
+                    }
+                }
                 self.me = join.peer_id;
                 self.child_slots = join.child_slots;
-                self.dp_target = (join.wire_addr, join.token);
+                self.dp_addr = join.wire_addr;
+                self.shared.rights.rejoined(
+                    OwnToken {
+                        token: join.token,
+                        expires_at_ms: join.token_expires_at_ms,
+                    },
+                    &join.token_keys,
+                    &join.chunk_keys,
+                );
+                self.fresh_join = true;
                 {
                     let mut s = self.shared.stats_mut();
                     s.rejoins += 1;
@@ -857,7 +957,22 @@ impl Engine {
         self.count_links();
     }
 
-    fn on_incoming(&mut self, l: LinkId, sub: Subscribe, handle: LinkHandle, addr: String) {
+    fn on_incoming(
+        &mut self,
+        l: LinkId,
+        sub: Subscribe,
+        handle: LinkHandle,
+        addr: String,
+        grant: Grant,
+    ) {
+        if let Some(id) = grant.peer_id
+            && (self.shared.rights.is_revoked(id) || self.banned.contains(&id))
+        {
+            // Revoked or banned between the handshake and now.
+            self.shared.stats_mut().peers_refused += 1;
+            handle.close(Frame::Error(reason(ErrorCode::Revoked, "peer revoked")));
+            return;
+        }
         let mask = sub.substream_mask & self.all_mask();
         let need = popcount(mask);
         if need > 0 && self.used_slots + need > self.child_slots {
@@ -889,6 +1004,7 @@ impl Engine {
         }
         let mut link = Link::new(Kind::In, mask);
         link.handle = Some(handle);
+        link.grant = Some(grant);
         tracing::debug!(l, addr, mask, "peer link accepted");
         self.links.insert(l, link);
         self.admit(l, mask);
@@ -919,6 +1035,7 @@ impl Engine {
     fn count_links(&mut self) {
         let mut children = 0;
         let mut neighbours = 0;
+        let mut peers = 0;
         for l in self.links.values() {
             if l.kind == Kind::In && l.mask != 0 {
                 children += 1;
@@ -926,10 +1043,14 @@ impl Engine {
             if l.neighbour {
                 neighbours += 1;
             }
+            if l.kind != Kind::DataPlane && l.handle.is_some() {
+                peers += 1;
+            }
         }
         let mut s = self.shared.stats_mut();
         s.children = children;
         s.neighbours = neighbours;
+        s.peer_links = peers;
     }
 
     /// Removes a link: optionally sends `last` first; `err` says it failed (then a lost
@@ -986,6 +1107,20 @@ impl Engine {
             SdkError::Server { code, .. } if *code == ErrorCode::BroadcastStopped => {
                 self.shared
                     .finish(Err(SdkError::BroadcastEnded(e.to_string())));
+                return;
+            }
+            SdkError::Server { code, .. } if *code == ErrorCode::Revoked => {
+                tracing::warn!("the data plane says this viewer is revoked: {e}");
+                self.shared.finish(Err(e));
+                return;
+            }
+            SdkError::Server { code, .. }
+                if matches!(code, ErrorCode::Unauthorized | ErrorCode::TokenExpired)
+                    && self.fresh_join =>
+            {
+                // Refused right after a fresh Join: another Join will not help.
+                tracing::warn!("the data plane refuses our fresh token: {e}");
+                self.shared.finish(Err(e));
                 return;
             }
             SdkError::Server { code, .. } => {
@@ -1058,6 +1193,12 @@ impl Engine {
             }
             Frame::Hello(_) | Frame::HelloAck(_) => {
                 self.misbehaved(l, "handshake frame mid-stream");
+            }
+            Frame::Token(t) => {
+                if kind == Kind::In {
+                    self.on_peer_token(l, &t);
+                }
+                // On links we dialled we are the client: a TOKEN means nothing.
             }
             Frame::Ping(_) | Frame::Pong(_) => {}
         }
@@ -1141,6 +1282,7 @@ impl Engine {
             st.bytes_received += len;
             if link.kind == Kind::DataPlane {
                 st.bytes_from_server += len;
+                self.fresh_join = false;
             } else {
                 st.bytes_from_peers += len;
             }
@@ -1148,10 +1290,16 @@ impl Engine {
         self.clock.observe(c.seq, c.timestamp_ms);
         let now = self.clock.now();
         if self.sched.on_chunk(c.seq, src, now) {
-            // The receiver-specific DISCONTINUITY flag is not relayed.
-            let chunk = Chunk {
-                flags: c.flags & chunk_flags::RANDOM_ACCESS,
-                ..c
+            // A signed chunk already carries the signed flags (set by the link reader)
+            // and is relayed byte-identical; for an unsigned one, the
+            // receiver-specific DISCONTINUITY flag is not relayed.
+            let chunk = if c.signature.is_empty() {
+                Chunk {
+                    flags: c.flags & chunk_flags::RANDOM_ACCESS,
+                    ..c
+                }
+            } else {
+                c
             };
             self.store.insert(chunk.seq, chunk);
             while let Some((&first, _)) = self.store.first_key_value() {
@@ -1170,6 +1318,215 @@ impl Engine {
         } else {
             self.shared.stats_mut().duplicates += 1;
         }
+    }
+
+    // ----- rights and integrity ------------------------------------------------------
+
+    /// A peer we must not use (revoked, or it sent us a bad chunk).
+    fn excluded(&self, id: u64) -> bool {
+        self.banned.contains(&id) || self.shared.rights.is_revoked(id)
+    }
+
+    /// The remote peer's id: from the assignment for links we dialled, from its token
+    /// for accepted ones (`None` for the data plane, or without rights management).
+    fn peer_id_of(&self, l: LinkId) -> Option<u64> {
+        let link = self.links.get(&l)?;
+        match &link.kind {
+            Kind::DataPlane => None,
+            Kind::Out(p) => Some(p.id),
+            Kind::In => link.grant.and_then(|g| g.peer_id),
+        }
+    }
+
+    /// Periodic work besides the scheduler's tick: the play-out buffer level, and the
+    /// expiry of the tokens of peers connected to us.
+    fn on_tick(&mut self) {
+        let buffered = self
+            .sched
+            .play_next()
+            .map_or(0, |p| self.store.range(p..).count() as u64);
+        self.shared.stats_mut().buffer = Duration::from_millis(buffered * u64::from(self.chunk_ms));
+        let now = Instant::now();
+        if now < self.next_grant_check {
+            return;
+        }
+        self.next_grant_check = now + GRANT_CHECK_EVERY;
+        let now_ms = unix_ms();
+        let expired: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                l.grant
+                    .is_some_and(|g| self.shared.rights.expired(&g, now_ms))
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for l in expired {
+            tracing::info!(l, peer = ?self.peer_id_of(l), "peer token expired: closing its link");
+            self.shared.stats_mut().peers_refused += 1;
+            self.drop_link(
+                l,
+                Some(Frame::Goodbye(reason(
+                    ErrorCode::TokenExpired,
+                    "chunk token expired",
+                ))),
+                None,
+            );
+        }
+    }
+
+    /// Our token was renewed: every link we dialled (the data plane, parents,
+    /// neighbours) gets it; new links say it in `HELLO`.
+    fn send_token(&mut self, t: OwnToken) {
+        if t.token.is_empty() {
+            return;
+        }
+        let f = Frame::Token(t.token);
+        let outs: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.kind != Kind::In && l.handle.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        for l in outs {
+            self.send_to(l, &f);
+        }
+    }
+
+    /// A peer connected to us renews its token: same peer id only.
+    fn on_peer_token(&mut self, l: LinkId, token: &[u8]) {
+        let Some(old) = self.links.get(&l).and_then(|link| link.grant) else {
+            return;
+        };
+        match self.shared.rights.check_peer_token(token) {
+            Ok(g) if old.peer_id.is_none() || g.peer_id == old.peer_id => {
+                if let Some(link) = self.links.get_mut(&l) {
+                    link.grant = Some(g);
+                }
+            }
+            Ok(_) => {
+                self.shared.stats_mut().peers_refused += 1;
+                self.drop_link(
+                    l,
+                    Some(Frame::Error(reason(
+                        ErrorCode::Unauthorized,
+                        "renewed token names another peer",
+                    ))),
+                    None,
+                );
+            }
+            Err(r) => {
+                tracing::info!(l, "peer token renewal refused: {}", r.message);
+                self.shared.stats_mut().peers_refused += 1;
+                self.drop_link(l, Some(Frame::Error(reason(r.code, &r.message))), None);
+            }
+        }
+    }
+
+    /// A chunk failed verification. From the data plane: dropped, logged and counted.
+    /// From a peer: dropped, the link closed with `ERROR(BAD_CHUNK)`, the peer reported
+    /// and excluded (re-parenting away from it); the chunk stays missing, so the
+    /// scheduler fetches it elsewhere.
+    fn on_bad_chunk(&mut self, l: LinkId, seq: u64, len: u64, error: IntegrityError) {
+        let Some(link) = self.links.get_mut(&l) else {
+            return;
+        };
+        link.requested.remove(&seq);
+        {
+            let mut st = self.shared.stats_mut();
+            st.chunks_received += 1;
+            st.bytes_received += len;
+            if link.kind == Kind::DataPlane {
+                st.bytes_from_server += len;
+                st.bad_chunks_from_server += 1;
+            } else {
+                st.bytes_from_peers += len;
+                st.bad_chunks_from_peers += 1;
+            }
+        }
+        if link.kind == Kind::DataPlane {
+            tracing::warn!(
+                seq,
+                "the data plane sent a chunk that fails its check (dropped): {error}"
+            );
+            // If it was a last-resort request, it is retried after the request timeout.
+            return;
+        }
+        let peer = self.peer_id_of(l);
+        tracing::warn!(
+            l,
+            seq,
+            ?peer,
+            "peer sent a bad chunk: {error}; disconnecting and reporting it"
+        );
+        // A request in flight to that link is free to go elsewhere now.
+        let now = self.clock.now();
+        self.sched.on_not_found(l, seq, now);
+        if let Some(id) = peer {
+            if self.banned.len() < MAX_BANNED {
+                self.banned.insert(id);
+            }
+            self.neighbours.retain(|n| n.id != id);
+            let control = self.control.clone();
+            let session = self.session_id.clone();
+            let why = format!("chunk {seq}: {error}");
+            self.shared.stats_mut().peers_reported += 1;
+            tokio::spawn(async move {
+                match tokio::time::timeout(
+                    Duration::from_secs(5),
+                    control.report_peer(&session, id, &why),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::info!(peer = id, "ReportPeer failed: {e}"),
+                    Err(_) => tracing::info!(peer = id, "ReportPeer timed out"),
+                }
+            });
+        }
+        // As a lost link: a parent's substreams are re-searched excluding it.
+        self.drop_link(
+            l,
+            Some(Frame::Error(reason(
+                ErrorCode::BadChunk,
+                &format!("chunk {seq} failed its integrity check"),
+            ))),
+            Some(SdkError::Protocol(format!("bad chunk {seq}: {error}"))),
+        );
+        self.reconcile();
+        self.count_links();
+    }
+
+    /// The control plane revoked these peers: close every link with them.
+    fn on_revoked(&mut self, ids: &[u64]) {
+        let ids: HashSet<u64> = ids.iter().copied().filter(|&id| id != self.me).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let doomed: Vec<LinkId> = self
+            .links
+            .keys()
+            .copied()
+            .filter(|&l| self.peer_id_of(l).is_some_and(|id| ids.contains(&id)))
+            .collect();
+        self.neighbours.retain(|n| !ids.contains(&n.id));
+        for l in doomed {
+            tracing::info!(l, peer = ?self.peer_id_of(l), "peer revoked: closing its link");
+            let err =
+                matches!(self.links.get(&l).map(|x| &x.kind), Some(Kind::Out(_))).then(|| {
+                    SdkError::Server {
+                        code: ErrorCode::Revoked,
+                        message: "peer revoked".into(),
+                    }
+                });
+            self.drop_link(
+                l,
+                Some(Frame::Goodbye(reason(ErrorCode::Revoked, "peer revoked"))),
+                err,
+            );
+        }
+        self.reconcile();
+        self.count_links();
     }
 
     // ----- actions -------------------------------------------------------------------
@@ -1225,7 +1582,11 @@ impl Engine {
                 tracing::debug!(seq, "chunk missed its play-out deadline");
                 let mut st = self.shared.stats_mut();
                 st.chunks_skipped += 1;
+                // The output starves for this chunk's duration; a run of skips is one
+                // stall.
+                st.stall_time += Duration::from_millis(u64::from(self.chunk_ms));
                 if !self.skipping {
+                    st.stalls += 1;
                     st.discontinuities += 1;
                     drop(st);
                     self.shared.hub.discontinuity();
@@ -1242,16 +1603,7 @@ impl Engine {
             return;
         };
         self.skipping = false;
-        {
-            let mut s = self.shared.stats_mut();
-            if s.startup_time.is_none() {
-                s.startup_time = Some(self.shared.started.elapsed());
-            }
-            s.chunks_out += 1;
-            s.chunks_played += 1;
-            s.bytes_out += c.payload.len() as u64;
-            s.current_seq = Some(seq);
-        }
+        self.shared.played(&c);
         self.shared.hub.publish(c);
     }
 

@@ -1,7 +1,8 @@
 //! A live in-test data plane: chunks are cut in real time, subscriptions honour
 //! substream masks (a later `SUBSCRIBE` replaces the mask), `REQUEST` is answered with
 //! `CHUNK` or `NOT_FOUND`. The same server, with `role = Peer` and some chunks left
-//! out, plays a lossy parent peer.
+//! out, corrupted or re-signed with a forged key, plays a lossy or polluting parent
+//! peer. A signed source signs every chunk as the data plane does.
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
@@ -9,7 +10,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use starling_proto::integrity::{ChunkMeta, ChunkSigner};
 use starling_proto::wire::{
     self, Chunk, Decoder, ErrorCode, Frame, HelloAck, Limits, Reason, Role, StartAt, StreamInfo,
     chunk_flags,
@@ -35,8 +37,17 @@ pub struct Source {
 }
 
 impl Source {
-    /// Cuts chunk 0 now and one more every `chunk_ms`.
+    /// Cuts chunk 0 now and one more every `chunk_ms` (unsigned chunks).
     pub fn start(k: u16, chunk_ms: u64) -> Source {
+        Source::start_inner(k, chunk_ms, None)
+    }
+
+    /// Like [`Source::start`], every chunk signed for `broadcast` with `signer`.
+    pub fn signed(k: u16, chunk_ms: u64, broadcast: &str, signer: Arc<ChunkSigner>) -> Source {
+        Source::start_inner(k, chunk_ms, Some((broadcast.to_string(), signer)))
+    }
+
+    fn start_inner(k: u16, chunk_ms: u64, signer: Option<(String, Arc<ChunkSigner>)>) -> Source {
         let chunks = Arc::new(Mutex::new(Vec::new()));
         let (tx, newest) = watch::channel(None);
         let c2 = chunks.clone();
@@ -47,16 +58,34 @@ impl Source {
                 let ts = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
+                let flags = if seq % RAP_EVERY == 0 {
+                    chunk_flags::RANDOM_ACCESS
+                } else {
+                    0
+                };
+                let p = payload(seq);
+                let signature = match &signer {
+                    Some((b, s)) => s
+                        .sign(
+                            b,
+                            &ChunkMeta {
+                                seq,
+                                flags,
+                                timestamp_ms: ts,
+                                duration_ms: chunk_ms as u32,
+                            },
+                            &p,
+                        )
+                        .unwrap(),
+                    None => Bytes::new(),
+                };
                 c2.lock().unwrap().push(Chunk {
                     seq,
-                    flags: if seq % RAP_EVERY == 0 {
-                        chunk_flags::RANDOM_ACCESS
-                    } else {
-                        0
-                    },
+                    flags,
                     timestamp_ms: ts,
                     duration_ms: chunk_ms as u32,
-                    payload: payload(seq),
+                    signature,
+                    payload: p,
                 });
                 let _ = tx.send(Some(seq));
             }
@@ -97,6 +126,13 @@ pub struct LiveLog {
     pub requests: Vec<u64>,
     pub bytes_pushed: u64,
     pub bytes_served: u64,
+    /// The token of every `HELLO`, and of every `TOKEN` frame.
+    pub hello_tokens: Vec<Bytes>,
+    pub token_frames: Vec<Bytes>,
+    /// Codes of the `ERROR`/`GOODBYE` frames received.
+    pub closes: Vec<ErrorCode>,
+    /// Bad chunks sent (corrupted or forged).
+    pub bad_sent: Vec<u64>,
 }
 
 pub struct LiveServer {
@@ -120,6 +156,10 @@ pub struct Opts {
     pub drop: BTreeSet<u64>,
     /// Chunks older than this many behind the newest are gone.
     pub window: u64,
+    /// Chunks sent with one payload byte flipped (signature unchanged).
+    pub corrupt: BTreeSet<u64>,
+    /// Chunks sent with a signature block made with a key of the attacker's.
+    pub forge: BTreeSet<u64>,
 }
 
 impl Opts {
@@ -129,8 +169,58 @@ impl Opts {
             role: Role::Viewer,
             drop: BTreeSet::new(),
             window: 300,
+            corrupt: BTreeSet::new(),
+            forge: BTreeSet::new(),
         }
     }
+
+    /// A fake peer (role `Peer`).
+    pub fn peer(broadcast: &str) -> Opts {
+        Opts {
+            role: Role::Peer,
+            ..Opts::data_plane(broadcast)
+        }
+    }
+}
+
+/// What a polluting sender makes of chunk `c`.
+fn tamper(c: Chunk, opts: &Opts, log: &Mutex<LiveLog>) -> Chunk {
+    if opts.corrupt.contains(&c.seq) {
+        log.lock().unwrap().bad_sent.push(c.seq);
+        let mut p = c.payload.to_vec();
+        let i = p.len() / 2;
+        p[i] ^= 0x40;
+        return Chunk {
+            payload: Bytes::from(p),
+            ..c
+        };
+    }
+    if opts.forge.contains(&c.seq) {
+        log.lock().unwrap().bad_sent.push(c.seq);
+        let key_id = starling_proto::integrity::parse_block(&c.signature)
+            .map(|b| b.key_id)
+            .unwrap_or(1);
+        let forger = ChunkSigner::new(
+            key_id,
+            &starling_proto::integrity::generate_pkcs8().unwrap(),
+        )
+        .unwrap();
+        let mut p = c.payload.to_vec();
+        p[0] ^= 0x01;
+        let meta = ChunkMeta {
+            seq: c.seq,
+            flags: c.flags,
+            timestamp_ms: c.timestamp_ms,
+            duration_ms: c.duration_ms,
+        };
+        let signature = forger.sign(&opts.broadcast, &meta, &p).unwrap();
+        return Chunk {
+            payload: Bytes::from(p),
+            signature,
+            ..c
+        };
+    }
+    c
 }
 
 impl LiveServer {
@@ -207,6 +297,7 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
     let Some(Frame::Hello(hello)) = read_frame(&mut r, &mut dec, &mut buf).await else {
         return;
     };
+    log.lock().unwrap().hello_tokens.push(hello.token.clone());
     if hello.role != opts.role {
         send(
             &mut w,
@@ -277,6 +368,7 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
         while let Some(c) = src.get(cursor) {
             if wants(mask, c.seq, src.k) && !opts.drop.contains(&c.seq) {
                 log.lock().unwrap().bytes_pushed += c.payload.len() as u64;
+                let c = tamper(c, &opts, &log);
                 if !send(&mut w, &Frame::Chunk(c)).await {
                     return;
                 }
@@ -304,7 +396,7 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
                     let reply = match src.get(seq) {
                         Some(c) if held => {
                             log.lock().unwrap().bytes_served += c.payload.len() as u64;
-                            Frame::Chunk(c)
+                            Frame::Chunk(tamper(c, &opts, &log))
                         }
                         _ => Frame::NotFound(seq),
                     };
@@ -317,7 +409,11 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
                         return;
                     }
                 }
-                Some(Frame::Goodbye(_)) | Some(Frame::Error(_)) => break,
+                Some(Frame::Token(t)) => log.lock().unwrap().token_frames.push(t),
+                Some(Frame::Goodbye(r)) | Some(Frame::Error(r)) => {
+                    log.lock().unwrap().closes.push(r.code);
+                    break;
+                }
                 Some(_) => {}
             },
         }

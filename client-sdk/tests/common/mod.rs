@@ -45,6 +45,7 @@ impl Script {
                 },
                 timestamp_ms: 1_700_000_000_000 + seq * 1000,
                 duration_ms: 1000,
+                signature: Bytes::new(),
                 payload: payload(seq),
             })
             .collect();
@@ -82,6 +83,7 @@ pub fn ts_chunks(ts: &[u8], packets_per_chunk: usize) -> Vec<Chunk> {
             },
             timestamp_ms: 0,
             duration_ms: 100,
+            signature: Bytes::new(),
             payload: Bytes::copy_from_slice(c),
         })
         .collect()

@@ -1,5 +1,6 @@
 //! `starling-admin`: command-line client of the Starling AdminService.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -7,9 +8,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 use starling_proto::v1::admin_service_client::AdminServiceClient;
 use starling_proto::v1::{
     Broadcast, BroadcastRef, BroadcastState, CreateBroadcastRequest, ListBroadcastsRequest,
-    SourceHealth,
+    RevokeViewerRequest, SourceHealth,
 };
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// Where the control plane writes its zero-setup admin key by default.
+const DEFAULT_ADMIN_KEY_FILE: &str = "./starling-data/admin.key";
 
 /// Starling admin CLI: create, start, stop, inspect and wait for broadcasts.
 ///
@@ -17,6 +23,11 @@ use tonic::transport::{Channel, Endpoint};
 /// stderr), 2 on bad usage, 3 when `wait` times out.
 ///
 /// Scripting: `id=$(starling-admin create --name radio --source http://host:8000/live --id-only)`
+///
+/// Authentication: every call carries `authorization: Bearer <token>`, from --admin-jwt,
+/// else --admin-key, else the file --admin-key-file (by default
+/// ./starling-data/admin.key, which a zero-setup control plane started in the same
+/// directory writes).
 #[derive(Debug, Parser)]
 #[command(name = "starling-admin", version, about, long_about)]
 struct Args {
@@ -32,6 +43,30 @@ struct Args {
     /// Deadline of each gRPC call (e.g. 10s, 500ms).
     #[arg(long, env = "STARLING_ADMIN_CALL_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
     call_timeout: Duration,
+
+    /// An admin JWT (`role: "admin"`, signed with a key the control plane trusts via
+    /// --admin-jwt-key). Takes precedence over the admin key.
+    #[arg(
+        long,
+        env = "STARLING_ADMIN_JWT",
+        hide_env_values = true,
+        global = true
+    )]
+    admin_jwt: Option<String>,
+
+    /// The control plane's static admin key (zero-setup mode).
+    #[arg(
+        long,
+        env = "STARLING_ADMIN_KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    admin_key: Option<String>,
+
+    /// File holding the static admin key [default: ./starling-data/admin.key when it
+    /// exists].
+    #[arg(long, env = "STARLING_ADMIN_KEY_FILE", global = true)]
+    admin_key_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Cmd,
@@ -52,9 +87,12 @@ enum Cmd {
         /// Target chunk duration in ms (100..=10000; default 1000).
         #[arg(long)]
         chunk_ms: Option<u32>,
-        /// Number of substreams for the peer grid (1..=64; default 4).
+        /// Number of substreams for the peer grid (1..=64; default 8).
         #[arg(long)]
         substreams: Option<u32>,
+        /// Viewers may join without a credential (demos, open streams).
+        #[arg(long)]
+        public: bool,
         /// Print only the new id.
         #[arg(long, conflicts_with = "json")]
         id_only: bool,
@@ -85,6 +123,19 @@ enum Cmd {
         /// Print as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Revoke a viewer of a broadcast: by credential subject (every session of that
+    /// viewer) or by session id. Its token is no longer renewed, the data plane drops it
+    /// at once, peers drop it when told and at the latest when its token expires.
+    Revoke {
+        /// Broadcast id.
+        id: String,
+        /// The `sub` claim of the viewer's credential.
+        #[arg(long, required_unless_present = "session", conflicts_with = "session")]
+        subject: Option<String>,
+        /// One session id.
+        #[arg(long)]
+        session: Option<String>,
     },
     /// List broadcasts (created and live; --all adds stopped ones).
     List {
@@ -225,6 +276,7 @@ fn to_json(b: &Broadcast) -> serde_json::Value {
         "peer_share": b.peer_share,
         "max_depth": b.max_depth,
         "fluid_bound_kbps": b.fluid_bound_kbps,
+        "public": b.public,
     })
 }
 
@@ -240,6 +292,14 @@ fn print_details(b: &Broadcast) {
     println!("name:          {}", b.name);
     println!("source_url:    {}", b.source_url);
     println!("state:         {}", state_str(b.state));
+    println!(
+        "public:        {}",
+        if b.public {
+            "yes"
+        } else {
+            "no (viewer credential needed)"
+        }
+    );
     println!("source_health: {}", health_str(b.source_health));
     if !b.source_error.is_empty() {
         println!("source_error:  {}", b.source_error);
@@ -286,7 +346,61 @@ impl From<tonic::Status> for Failure {
     }
 }
 
-async fn connect(args: &Args) -> Result<AdminServiceClient<Channel>, Failure> {
+/// Adds `authorization: Bearer …` to every call (nothing when no token was found: the
+/// control plane then answers UNAUTHENTICATED with a hint).
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// The bearer token: --admin-jwt, else --admin-key, else the key file.
+fn bearer(args: &Args) -> Result<Bearer, Failure> {
+    let token = if let Some(jwt) = args.admin_jwt.as_deref().filter(|s| !s.trim().is_empty()) {
+        Some(jwt.trim().to_string())
+    } else if let Some(key) = args.admin_key.as_deref().filter(|s| !s.trim().is_empty()) {
+        Some(key.trim().to_string())
+    } else {
+        let (path, explicit) = match &args.admin_key_file {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_ADMIN_KEY_FILE), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(s) => Some(s.trim().to_string()),
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(Failure::Connect(format!(
+                    "cannot read admin key file {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+    };
+    match token {
+        None => Ok(Bearer(None)),
+        Some(t) => {
+            let mut v: MetadataValue<Ascii> = format!("Bearer {t}").parse().map_err(|_| {
+                Failure::Connect("the admin key/JWT must be printable ASCII".into())
+            })?;
+            v.set_sensitive(true);
+            Ok(Bearer(Some(v)))
+        }
+    }
+}
+
+async fn connect(args: &Args) -> Result<Client, Failure> {
+    let bearer = bearer(args)?;
     let endpoint = Endpoint::from_shared(args.control_url.clone())
         .map_err(|e| {
             Failure::Connect(format!("invalid --control-url {:?}: {e}", args.control_url))
@@ -297,7 +411,7 @@ async fn connect(args: &Args) -> Result<AdminServiceClient<Channel>, Failure> {
         .connect()
         .await
         .map_err(|e| Failure::Connect(format!("cannot connect to {}: {e}", args.control_url)))?;
-    Ok(AdminServiceClient::new(channel))
+    Ok(AdminServiceClient::with_interceptor(channel, bearer))
 }
 
 async fn run(args: Args) -> Result<(), Failure> {
@@ -307,6 +421,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             source,
             chunk_ms,
             substreams,
+            public,
             id_only,
             json,
         } => {
@@ -317,6 +432,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                     source_url: source.clone(),
                     chunk_duration_ms: chunk_ms.unwrap_or(0),
                     substreams: substreams.unwrap_or(0),
+                    public: *public,
                 })
                 .await?
                 .into_inner();
@@ -352,6 +468,22 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .await?
                 .into_inner();
             print_broadcast(&b, *json);
+        }
+        Cmd::Revoke {
+            id,
+            subject,
+            session,
+        } => {
+            let mut client = connect(&args).await?;
+            let r = client
+                .revoke_viewer(RevokeViewerRequest {
+                    broadcast_id: id.clone(),
+                    subject: subject.clone().unwrap_or_default(),
+                    session_id: session.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            println!("revoked {} session(s)", r.revoked_sessions);
         }
         Cmd::List { all, json } => {
             let mut client = connect(&args).await?;
@@ -396,7 +528,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             json,
         } => {
             let deadline = Instant::now() + *timeout;
-            let mut client: Option<AdminServiceClient<Channel>> = None;
+            let mut client: Option<Client> = None;
             let mut last = String::from("no answer yet");
             loop {
                 if client.is_none() {

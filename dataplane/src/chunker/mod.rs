@@ -43,6 +43,9 @@ pub struct Chunk {
     /// Bytes at the front of `payload` that the chunker inserted (stream headers) and
     /// that were not at this position in the input.
     pub inserted_len: usize,
+    /// The data plane's signature block (`starling_proto::integrity`), made once when
+    /// the chunk enters the ring; empty when unsigned (the chunker never signs).
+    pub signature: Bytes,
 }
 
 impl Chunk {
@@ -193,6 +196,7 @@ impl Numbering {
             duration_ms: u32::try_from(duration_ms).unwrap_or(u32::MAX),
             payload: payload.freeze(),
             inserted_len,
+            signature: Bytes::new(),
         });
         self.next_seq += 1;
         self.emitted_any = true;

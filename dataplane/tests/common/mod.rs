@@ -145,12 +145,22 @@ impl Client {
         start: StartAt,
         substream_mask: u64,
     ) -> Result<Client> {
+        Self::handshake_token(addr, id, start, substream_mask, bytes::Bytes::new())
+    }
+    /// HELLO with `token`, then SUBSCRIBE.
+    pub fn handshake_token(
+        addr: SocketAddr,
+        id: &str,
+        start: StartAt,
+        substream_mask: u64,
+        token: bytes::Bytes,
+    ) -> Result<Client> {
         let mut c = Client::connect(addr)?;
         c.send(&Frame::Hello(Hello {
             min_version: 1,
             max_version: 1,
             role: Role::Viewer,
-            token: bytes::Bytes::new(),
+            token,
         }))?;
         match c.recv()? {
             Frame::HelloAck(a) => assert_eq!(a.version, 1),
@@ -202,5 +212,76 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(String, String)> {
     match r.split_once("\r\n\r\n") {
         Some((h, b)) => Ok((h.to_owned(), b.to_owned())),
         None => bail!("no complete HTTP response: {r:?}"),
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A PLAY token for `peer` on `broadcast`, valid from a second ago for `ttl_ms`.
+pub fn play_token(
+    signer: &starling_proto::token::TokenSigner,
+    broadcast: &str,
+    peer: u64,
+    ttl_ms: u64,
+) -> bytes::Bytes {
+    let now = now_ms();
+    signer
+        .sign(&starling_proto::token::TokenClaims {
+            broadcast_id: broadcast.into(),
+            peer_id: peer,
+            session_id: peer + 1000,
+            scopes: starling_proto::token::Scopes::PLAY,
+            issued_at_ms: now - 1000,
+            expires_at_ms: now + ttl_ms,
+        })
+        .unwrap()
+}
+
+/// A chunk verifier for `broadcast` trusting the node's chunk key.
+pub fn chunk_verifier(node: &Node, broadcast: &str) -> starling_proto::integrity::ChunkVerifier {
+    let mut v = starling_proto::integrity::ChunkVerifier::new(broadcast);
+    v.add_key(node.chunk_key_id(), &node.chunk_public_key())
+        .unwrap();
+    v
+}
+
+/// Checks a received CHUNK's signature block (DISCONTINUITY is receiver-specific and
+/// not covered by the signature).
+pub fn verify_chunk(v: &starling_proto::integrity::ChunkVerifier, c: &wire::Chunk) -> Result<()> {
+    if c.signature.is_empty() {
+        bail!("chunk {} carries no signature", c.seq);
+    }
+    let meta = starling_proto::integrity::ChunkMeta {
+        seq: c.seq,
+        flags: c.flags & !wire::chunk_flags::DISCONTINUITY,
+        timestamp_ms: c.timestamp_ms,
+        duration_ms: c.duration_ms,
+    };
+    v.verify(&meta, &c.payload, &c.signature, now_ms())
+        .map_err(|e| anyhow::anyhow!("chunk {}: {e}", c.seq))
+}
+
+/// Reads until a CHUNK (PINGs answered); fails on anything else.
+pub fn next_chunk(c: &mut Client) -> Result<wire::Chunk> {
+    match c.recv()? {
+        Frame::Chunk(ch) => Ok(ch),
+        other => bail!("expected CHUNK, got {other:?}"),
+    }
+}
+
+/// Reads (skipping CHUNKs) until an ERROR or GOODBYE; returns (is_error, reason).
+pub fn until_close(c: &mut Client) -> Result<(bool, wire::Reason)> {
+    loop {
+        match c.recv()? {
+            Frame::Chunk(_) | Frame::StreamInfo(_) => {}
+            Frame::Error(r) => return Ok((true, r)),
+            Frame::Goodbye(r) => return Ok((false, r)),
+            other => bail!("unexpected {other:?}"),
+        }
     }
 }

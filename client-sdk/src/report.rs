@@ -1,0 +1,251 @@
+//! Quality reports (`ViewerService.Report`): what this viewer experienced, every
+//! report interval and once more (`final`) on leave.
+//!
+//! Reports are built from [`crate::Stats`] into a bounded queue and sent by their own
+//! task, so a slow or absent control plane never touches the chunk path. Unsent reports
+//! stay queued and are retried with the next tick (oldest dropped and counted once the
+//! queue is full); the control plane acknowledges the highest `report_seq` it holds, and
+//! ignores one it already has, so retries are idempotent.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use starling_proto::v1::ViewerReport;
+
+use crate::control::Control;
+use crate::error::SdkError;
+use crate::rights::unix_ms;
+use crate::viewer::{Shared, stopped};
+
+/// Most reports sent in one call.
+const BATCH: usize = 32;
+/// Limit of one `Report` call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The counters a session's reports start from (a re-join starts a new session).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Baseline {
+    pub bytes_from_server: u64,
+    pub bytes_from_peers: u64,
+    pub bytes_uploaded: u64,
+    pub stalls: u64,
+    pub stall_ms: u64,
+    pub parent_changes: u64,
+    pub chunks_played: u64,
+    pub chunks_skipped: u64,
+}
+
+impl Baseline {
+    pub(crate) fn of(s: &crate::Stats) -> Baseline {
+        Baseline {
+            bytes_from_server: s.bytes_from_server,
+            bytes_from_peers: s.bytes_from_peers,
+            bytes_uploaded: s.bytes_uploaded,
+            stalls: s.stalls,
+            stall_ms: u64::try_from(s.stall_time.as_millis()).unwrap_or(u64::MAX),
+            parent_changes: s.parent_changes,
+            chunks_played: s.chunks_played,
+            chunks_skipped: s.chunks_skipped,
+        }
+    }
+}
+
+/// Reports waiting to be sent, each with its session.
+#[derive(Debug)]
+pub(crate) struct ReportQueue {
+    queue: VecDeque<(String, ViewerReport)>,
+    cap: usize,
+    /// The session `next_seq` counts for.
+    session: String,
+    next_seq: u64,
+    /// The control plane does not implement `Report`: nothing is queued any more.
+    disabled: bool,
+}
+
+impl ReportQueue {
+    pub(crate) fn new(cap: usize) -> ReportQueue {
+        ReportQueue {
+            queue: VecDeque::new(),
+            cap: cap.max(1),
+            session: String::new(),
+            next_seq: 1,
+            disabled: false,
+        }
+    }
+
+    /// Appends a report; returns how many old ones were dropped to make room.
+    fn push(&mut self, session: &str, mut r: ViewerReport) -> u64 {
+        if self.disabled {
+            return 0;
+        }
+        if self.session != session {
+            self.session = session.to_string();
+            self.next_seq = 1;
+        }
+        r.report_seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push_back((session.to_string(), r));
+        let mut dropped = 0;
+        while self.queue.len() > self.cap {
+            self.queue.pop_front();
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// The oldest reports of the oldest session, up to [`BATCH`].
+    fn batch(&self) -> Option<(String, Vec<ViewerReport>)> {
+        let (session, _) = self.queue.front()?;
+        let reports = self
+            .queue
+            .iter()
+            .take_while(|(s, _)| s == session)
+            .take(BATCH)
+            .map(|(_, r)| *r)
+            .collect();
+        Some((session.clone(), reports))
+    }
+
+    /// Removes `session`'s reports up to `acked`; returns how many.
+    fn ack(&mut self, session: &str, acked: u64) -> u64 {
+        let before = self.queue.len();
+        self.queue
+            .retain(|(s, r)| !(s == session && r.report_seq <= acked));
+        (before - self.queue.len()) as u64
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+/// Builds a report from the current counters and queues it.
+pub(crate) fn enqueue(shared: &Shared, final_report: bool) {
+    let Some((session, baseline)) = shared.session_for_report() else {
+        return;
+    };
+    let (report, dropped) = {
+        let mut st = shared.stats_mut();
+        let sub = |a: u64, b: u64| a.saturating_sub(b);
+        let r = ViewerReport {
+            report_seq: 0,
+            at_unix_ms: i64::try_from(unix_ms()).unwrap_or(i64::MAX),
+            bytes_from_server: sub(st.bytes_from_server, baseline.bytes_from_server),
+            bytes_from_peers: sub(st.bytes_from_peers, baseline.bytes_from_peers),
+            bytes_uploaded: sub(st.bytes_uploaded, baseline.bytes_uploaded),
+            startup_ms: st.startup_time.map_or(0, |d| {
+                u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
+            }),
+            stalls: u32::try_from(sub(st.stalls, baseline.stalls)).unwrap_or(u32::MAX),
+            stall_ms: sub(
+                u64::try_from(st.stall_time.as_millis()).unwrap_or(u64::MAX),
+                baseline.stall_ms,
+            ),
+            lag_ms: st
+                .lag
+                .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
+            buffer_ms: u32::try_from(st.buffer.as_millis()).unwrap_or(u32::MAX),
+            parent_changes: u32::try_from(sub(st.parent_changes, baseline.parent_changes))
+                .unwrap_or(u32::MAX),
+            peers: u32::try_from(st.peer_links).unwrap_or(u32::MAX),
+            r#final: final_report,
+            chunks_played: sub(st.chunks_played, baseline.chunks_played),
+            chunks_skipped: sub(st.chunks_skipped, baseline.chunks_skipped),
+        };
+        let dropped = shared.reports().push(&session, r);
+        st.reports_dropped += dropped;
+        (r, dropped)
+    };
+    if dropped > 0 {
+        tracing::warn!(dropped, "report queue full: oldest reports dropped");
+    }
+    tracing::trace!(?report, "report queued");
+}
+
+/// Sends queued reports until the queue is empty or a call fails. Returns false when a
+/// call failed (the reports stay queued).
+pub(crate) async fn flush(control: &Control, shared: &Shared) -> bool {
+    loop {
+        let Some((session, reports)) = shared.reports().batch() else {
+            return true;
+        };
+        let first = reports.first().map_or(0, |r| r.report_seq);
+        match tokio::time::timeout(CALL_TIMEOUT, control.report(&session, reports)).await {
+            Ok(Ok(acked)) => {
+                let n = shared.reports().ack(&session, acked);
+                shared.stats_mut().reports_sent += n;
+                if acked < first {
+                    // Nothing of this batch is held yet: try again next time.
+                    return false;
+                }
+            }
+            Ok(Err(SdkError::ControlRejected {
+                code: tonic::Code::Unimplemented,
+                ..
+            })) => {
+                tracing::info!("control plane does not take reports: not reporting");
+                let mut q = shared.reports();
+                q.disabled = true;
+                q.queue.clear();
+                return true;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!("report failed (kept for retry): {e}");
+                return false;
+            }
+            Err(_) => {
+                tracing::debug!("report timed out (kept for retry)");
+                return false;
+            }
+        }
+    }
+}
+
+/// Queues a report every `interval` and sends what is queued.
+pub(crate) async fn report_loop(control: Control, shared: Arc<Shared>, interval: Duration) {
+    let mut stop = shared.stop_signal();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tick.tick() => {}
+        }
+        enqueue(&shared, false);
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = flush(&control, &shared) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_numbers_bounds_and_acks() {
+        let mut q = ReportQueue::new(3);
+        for _ in 0..4 {
+            q.push("s1", ViewerReport::default());
+        }
+        assert_eq!(q.len(), 3);
+        let (s, b) = q.batch().unwrap();
+        assert_eq!(s, "s1");
+        assert_eq!(
+            b.iter().map(|r| r.report_seq).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        assert_eq!(q.ack("s1", 3), 2);
+        // A new session numbers from 1 again; batches never mix sessions.
+        q.push("s2", ViewerReport::default());
+        let (s, b) = q.batch().unwrap();
+        assert_eq!((s.as_str(), b.len()), ("s1", 1));
+        q.ack("s1", 4);
+        let (s, b) = q.batch().unwrap();
+        assert_eq!((s.as_str(), b[0].report_seq), ("s2", 1));
+    }
+}

@@ -1,0 +1,446 @@
+//! Rights and integrity on the SDK side: this viewer's own chunk token (sent in `HELLO`
+//! on every link, renewed with `TOKEN` frames), the checks of the tokens of peers that
+//! connect to us, the revoked peers, and the verification of every chunk against the
+//! data plane's signature block.
+//!
+//! Key sets come from `Join` and are replaced by heartbeats (rotation). They are held as
+//! an immutable snapshot behind an `Arc`, so that link readers verify chunks without
+//! holding a lock.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use starling_proto::integrity::{self, ChunkMeta, ChunkVerifier, IntegrityError};
+use starling_proto::token::{Scopes, TokenError, TokenVerifier};
+use starling_proto::wire::{Chunk, ErrorCode, chunk_flags};
+use tokio::sync::watch;
+
+/// Most revoked peer ids remembered (oldest forgotten first; their tokens expire soon
+/// after revocation anyway, since the control plane stops renewing them).
+const MAX_REVOKED: usize = 4096;
+
+/// A public key as the control plane sends it: `(key_id, raw Ed25519 key)`.
+pub(crate) type KeyMaterial = (u32, Vec<u8>);
+
+/// Unix time in milliseconds.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The key sets in force (replaced as a whole).
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    tokens: TokenVerifier,
+    /// Whether peers must present a valid token. False only when `Join` returned
+    /// neither a chunk token nor token keys (a control plane without rights
+    /// management, kept working for backward compatibility).
+    enforce_tokens: bool,
+    /// `None`: `Join` returned no chunk keys (legacy data plane or test fixture):
+    /// chunks are not verified (and counted as such).
+    chunks: Option<ChunkVerifier>,
+}
+
+/// What a peer's token grants on a link we accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Grant {
+    /// `None` when tokens are not enforced (legacy control plane).
+    pub peer_id: Option<u64>,
+    /// Unix ms after which (plus the skew) the link is closed unless renewed.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// Why a peer is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// The outcome of checking one chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ChunkCheck {
+    /// Authentic; the flags to store and relay are the signed ones (a receiver-specific
+    /// `DISCONTINUITY` added by the sender is removed).
+    Verified { flags: u8 },
+    /// No chunk keys: accepted without a check.
+    Unverified,
+    /// Drop it (and the link it came from, unless that is the data plane).
+    Bad(IntegrityError),
+}
+
+/// This viewer's own chunk token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct OwnToken {
+    pub token: Bytes,
+    /// Unix ms; 0 = unknown.
+    pub expires_at_ms: u64,
+}
+
+pub(crate) struct Rights {
+    broadcast_id: String,
+    skew_ms: u64,
+    keys: RwLock<Arc<Keys>>,
+    revoked: Mutex<(HashSet<u64>, VecDeque<u64>)>,
+    token: watch::Sender<OwnToken>,
+}
+
+fn build_tokens(keys: &[KeyMaterial]) -> TokenVerifier {
+    let mut v = TokenVerifier::new();
+    for (id, k) in keys {
+        if let Err(e) = v.add_key(*id, k) {
+            tracing::warn!(key_id = id, "ignoring a token key: {e}");
+        }
+    }
+    v
+}
+
+fn build_chunks(broadcast_id: &str, keys: &[KeyMaterial]) -> ChunkVerifier {
+    let mut v = ChunkVerifier::new(broadcast_id);
+    for (id, k) in keys {
+        if let Err(e) = v.add_key(*id, k) {
+            tracing::warn!(key_id = id, "ignoring a chunk key: {e}");
+        }
+    }
+    v
+}
+
+impl Rights {
+    /// `token`: our chunk token (from `Join`, or the configured one for direct
+    /// connections); empty key lists mean "no rights management" as described on
+    /// [`Keys`].
+    pub(crate) fn new(
+        broadcast_id: &str,
+        skew: Duration,
+        token: OwnToken,
+        token_keys: &[KeyMaterial],
+        chunk_keys: &[KeyMaterial],
+    ) -> Rights {
+        let keys = Keys {
+            tokens: build_tokens(token_keys),
+            enforce_tokens: !token.token.is_empty() || !token_keys.is_empty(),
+            chunks: (!chunk_keys.is_empty()).then(|| build_chunks(broadcast_id, chunk_keys)),
+        };
+        let (tx, _) = watch::channel(token);
+        Rights {
+            broadcast_id: broadcast_id.to_string(),
+            skew_ms: u64::try_from(skew.as_millis()).unwrap_or(u64::MAX),
+            keys: RwLock::new(Arc::new(keys)),
+            revoked: Mutex::new((HashSet::new(), VecDeque::new())),
+            token: tx,
+        }
+    }
+
+    fn keys(&self) -> Arc<Keys> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the key sets that are given (an empty list keeps the current set).
+    pub(crate) fn update_keys(&self, token_keys: &[KeyMaterial], chunk_keys: &[KeyMaterial]) {
+        if token_keys.is_empty() && chunk_keys.is_empty() {
+            return;
+        }
+        let mut guard = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let mut k = Keys::clone(&guard);
+        if !token_keys.is_empty() {
+            k.tokens = build_tokens(token_keys);
+            k.enforce_tokens = true;
+        }
+        if !chunk_keys.is_empty() {
+            k.chunks = Some(build_chunks(&self.broadcast_id, chunk_keys));
+        }
+        *guard = Arc::new(k);
+    }
+
+    /// After a re-join: its token decides enforcement again, its key sets replace ours.
+    pub(crate) fn rejoined(
+        &self,
+        token: OwnToken,
+        token_keys: &[KeyMaterial],
+        chunk_keys: &[KeyMaterial],
+    ) {
+        {
+            let mut guard = self.keys.write().unwrap_or_else(|e| e.into_inner());
+            let mut k = Keys::clone(&guard);
+            if !token_keys.is_empty() {
+                k.tokens = build_tokens(token_keys);
+            }
+            k.enforce_tokens = k.enforce_tokens || !token.token.is_empty();
+            if !chunk_keys.is_empty() {
+                k.chunks = Some(build_chunks(&self.broadcast_id, chunk_keys));
+            }
+            *guard = Arc::new(k);
+        }
+        self.set_token(token);
+    }
+
+    // ----- our own token -----------------------------------------------------------
+
+    pub(crate) fn token(&self) -> Bytes {
+        self.token.borrow().token.clone()
+    }
+
+    /// Replaces our token; links are told through [`Rights::watch_token`].
+    pub(crate) fn set_token(&self, t: OwnToken) {
+        self.token.send_if_modified(|cur| {
+            if *cur == t {
+                false
+            } else {
+                *cur = t;
+                true
+            }
+        });
+    }
+
+    pub(crate) fn watch_token(&self) -> watch::Receiver<OwnToken> {
+        self.token.subscribe()
+    }
+
+    // ----- peers' tokens and revocation --------------------------------------------
+
+    /// Checks the token a peer presents (in `HELLO` or a `TOKEN` frame).
+    pub(crate) fn check_peer_token(&self, token: &[u8]) -> Result<Grant, Refusal> {
+        let keys = self.keys();
+        if !keys.enforce_tokens {
+            return Ok(Grant {
+                peer_id: None,
+                expires_at_ms: None,
+            });
+        }
+        if token.is_empty() {
+            return Err(Refusal {
+                code: ErrorCode::Unauthorized,
+                message: "chunk token required".into(),
+            });
+        }
+        let claims = keys
+            .tokens
+            .verify(
+                token,
+                &self.broadcast_id,
+                Scopes::PLAY,
+                unix_ms(),
+                self.skew_ms,
+            )
+            .map_err(|e: TokenError| Refusal {
+                code: ErrorCode::Unauthorized,
+                message: e.to_string(),
+            })?;
+        if self.is_revoked(claims.peer_id) {
+            return Err(Refusal {
+                code: ErrorCode::Revoked,
+                message: "peer revoked".into(),
+            });
+        }
+        Ok(Grant {
+            peer_id: Some(claims.peer_id),
+            expires_at_ms: Some(claims.expires_at_ms),
+        })
+    }
+
+    /// True once `grant` has expired (past its expiry plus the clock-skew tolerance).
+    pub(crate) fn expired(&self, grant: &Grant, now_ms: u64) -> bool {
+        grant
+            .expires_at_ms
+            .is_some_and(|e| now_ms >= e.saturating_add(self.skew_ms))
+    }
+
+    pub(crate) fn revoke(&self, ids: &[u64]) {
+        let mut g = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        let (set, order) = &mut *g;
+        for &id in ids {
+            if set.insert(id) {
+                order.push_back(id);
+                if order.len() > MAX_REVOKED
+                    && let Some(old) = order.pop_front()
+                {
+                    set.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn is_revoked(&self, id: u64) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .contains(&id)
+    }
+
+    // ----- chunks ------------------------------------------------------------------
+
+    /// Checks a chunk against its signature block (SHA-256 of the payload included).
+    pub(crate) fn check_chunk(&self, c: &Chunk) -> ChunkCheck {
+        let keys = self.keys();
+        let Some(v) = &keys.chunks else {
+            return ChunkCheck::Unverified;
+        };
+        let mut meta = ChunkMeta {
+            seq: c.seq,
+            flags: c.flags,
+            timestamp_ms: c.timestamp_ms,
+            duration_ms: c.duration_ms,
+        };
+        // A sender sets DISCONTINUITY for its own receiver (it skipped chunks for it);
+        // that bit is not part of what was signed when the chunk was cut.
+        if c.flags & chunk_flags::DISCONTINUITY != 0
+            && let Ok(b) = integrity::parse_block(&c.signature)
+            && b.meta.flags == c.flags & !chunk_flags::DISCONTINUITY
+        {
+            meta.flags = b.meta.flags;
+        }
+        match v.verify(&meta, &c.payload, &c.signature, unix_ms()) {
+            Ok(()) => ChunkCheck::Verified { flags: meta.flags },
+            Err(e) => ChunkCheck::Bad(e),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use starling_proto::integrity::ChunkSigner;
+    use starling_proto::token::{TokenClaims, TokenSigner, generate_pkcs8};
+
+    fn chunk(seq: u64, flags: u8, signer: &ChunkSigner) -> Chunk {
+        let payload = Bytes::from(vec![seq as u8; 300]);
+        let meta = ChunkMeta {
+            seq,
+            flags,
+            timestamp_ms: 1_700_000_000_000,
+            duration_ms: 100,
+        };
+        Chunk {
+            seq,
+            flags,
+            timestamp_ms: meta.timestamp_ms,
+            duration_ms: 100,
+            signature: signer.sign("b", &meta, &payload).unwrap(),
+            payload,
+        }
+    }
+
+    #[test]
+    fn chunks_are_verified_and_the_receiver_discontinuity_is_tolerated() {
+        let signer = ChunkSigner::new(4, &generate_pkcs8().unwrap()).unwrap();
+        let r = Rights::new(
+            "b",
+            Duration::from_secs(5),
+            OwnToken::default(),
+            &[],
+            &[(4, signer.public_key().to_vec())],
+        );
+        let c = chunk(1, chunk_flags::RANDOM_ACCESS, &signer);
+        assert_eq!(
+            r.check_chunk(&c),
+            ChunkCheck::Verified {
+                flags: chunk_flags::RANDOM_ACCESS
+            }
+        );
+        let mut d = c.clone();
+        d.flags |= chunk_flags::DISCONTINUITY;
+        assert_eq!(
+            r.check_chunk(&d),
+            ChunkCheck::Verified {
+                flags: chunk_flags::RANDOM_ACCESS
+            }
+        );
+        // A DISCONTINUITY that was signed stays.
+        let s = chunk(2, chunk_flags::DISCONTINUITY, &signer);
+        assert_eq!(
+            r.check_chunk(&s),
+            ChunkCheck::Verified {
+                flags: chunk_flags::DISCONTINUITY
+            }
+        );
+        let mut bad = c.clone();
+        let mut p = bad.payload.to_vec();
+        p[10] ^= 1;
+        bad.payload = Bytes::from(p);
+        assert_eq!(
+            r.check_chunk(&bad),
+            ChunkCheck::Bad(IntegrityError::HashMismatch)
+        );
+        let mut unsigned = c.clone();
+        unsigned.signature = Bytes::new();
+        assert!(matches!(r.check_chunk(&unsigned), ChunkCheck::Bad(_)));
+        // Other header flags are not tolerated.
+        let mut hdr = c;
+        hdr.flags = 0;
+        assert_eq!(
+            r.check_chunk(&hdr),
+            ChunkCheck::Bad(IntegrityError::HeaderMismatch)
+        );
+        // Without keys: unverified.
+        let legacy = Rights::new("b", Duration::ZERO, OwnToken::default(), &[], &[]);
+        assert_eq!(legacy.check_chunk(&s), ChunkCheck::Unverified);
+    }
+
+    #[test]
+    fn peer_tokens() {
+        let signer = TokenSigner::new(1, &generate_pkcs8().unwrap()).unwrap();
+        let now = unix_ms();
+        let sign = |peer_id: u64, exp: u64| {
+            signer
+                .sign(&TokenClaims {
+                    broadcast_id: "b".into(),
+                    peer_id,
+                    session_id: 1,
+                    scopes: Scopes::PLAY | Scopes::RELAY,
+                    issued_at_ms: now - 60_000,
+                    expires_at_ms: exp,
+                })
+                .unwrap()
+        };
+        let own = OwnToken {
+            token: sign(1, now + 60_000),
+            expires_at_ms: now + 60_000,
+        };
+        let r = Rights::new(
+            "b",
+            Duration::from_secs(1),
+            own,
+            &[(1, signer.public_key().to_vec())],
+            &[],
+        );
+        let g = r.check_peer_token(&sign(7, now + 60_000)).unwrap();
+        assert_eq!(g.peer_id, Some(7));
+        assert!(!r.expired(&g, now));
+        assert!(r.expired(&g, now + 61_000));
+        assert_eq!(
+            r.check_peer_token(b"").unwrap_err().code,
+            ErrorCode::Unauthorized
+        );
+        assert_eq!(
+            r.check_peer_token(&sign(7, now - 2_000)).unwrap_err().code,
+            ErrorCode::Unauthorized
+        );
+        r.revoke(&[7]);
+        assert_eq!(
+            r.check_peer_token(&sign(7, now + 60_000)).unwrap_err().code,
+            ErrorCode::Revoked
+        );
+        // Legacy: no token, no keys.
+        let legacy = Rights::new("b", Duration::ZERO, OwnToken::default(), &[], &[]);
+        assert_eq!(legacy.check_peer_token(b"").unwrap().peer_id, None);
+        // A token but no keys: enforced (everyone refused until keys arrive).
+        let strict = Rights::new(
+            "b",
+            Duration::ZERO,
+            OwnToken {
+                token: Bytes::from_static(b"t"),
+                expires_at_ms: 0,
+            },
+            &[],
+            &[],
+        );
+        assert!(strict.check_peer_token(&sign(7, now + 60_000)).is_err());
+        strict.update_keys(&[(1, signer.public_key().to_vec())], &[]);
+        assert!(strict.check_peer_token(&sign(7, now + 60_000)).is_ok());
+    }
+}

@@ -1,0 +1,1093 @@
+//! Viewer and admin credentials: JWTs minted by the broadcaster's own backend.
+//!
+//! The control plane verifies them with the broadcaster's configured public key(s):
+//! EdDSA (Ed25519), RS256/384/512, PS256/384/512, ES256/ES384 from PEM, and HS256 from
+//! a shared secret for the zero-setup default only ([`CredentialKey::static_hmac_secret`]:
+//! whoever knows the secret can mint any credential).
+//!
+//! Claims:
+//! - viewer: `sub` (string), `broadcast` (a broadcast id, or `"*"` for every
+//!   broadcast), `exp`; optional `nbf`, `iat`.
+//! - admin: `sub`, `role: "admin"`, `exp`; optional `nbf`, `iat`. Admin tokens are
+//!   checked against the admin key set only (which may hold the same key as the
+//!   viewer set: the `role` claim is always required).
+//!
+//! `jsonwebtoken` checks the JWS structure, the algorithm and the signature; time and
+//! claim checks are done here against an explicit `now` (testable, and each failure
+//! gets its own [`CredentialError`]). Error messages never contain the token, the key
+//! or the secret.
+//!
+//! Crypto backend: the workspace builds `jsonwebtoken` with exactly one backend,
+//! `rust_crypto` (RustCrypto's ed25519-dalek, rsa, p256/p384, hmac), which it selects
+//! by itself; nothing needs to be installed at start-up.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+/// Longest credential accepted (bytes); longer input is refused before decoding.
+pub const MAX_JWT_LEN: usize = 8 * 1024;
+/// Most keys per key set.
+pub const MAX_KEYS: usize = 16;
+/// Longest `sub` accepted.
+pub const MAX_SUBJECT: usize = 256;
+/// Longest broadcast id (the wire's `MAX_BROADCAST_ID`).
+pub const MAX_BROADCAST_ID: usize = 128;
+/// `broadcast` claim value granting every broadcast.
+pub const ANY_BROADCAST: &str = "*";
+/// Default clock-skew leeway, seconds.
+pub const DEFAULT_LEEWAY_SECS: u64 = 60;
+
+/// How a failure should be reported to the caller (gRPC status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthStatus {
+    /// No valid credential: gRPC `UNAUTHENTICATED`.
+    Unauthenticated,
+    /// A valid credential that does not allow this: gRPC `PERMISSION_DENIED`.
+    PermissionDenied,
+}
+
+/// Why a credential is refused. Messages help the caller and never include the token,
+/// the key or the secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error("no credential given")]
+    Missing,
+    #[error("credential longer than {MAX_JWT_LEN} bytes")]
+    TooLarge,
+    #[error("malformed credential: {0}")]
+    Malformed(&'static str),
+    /// The `alg` is not one this deployment accepts (or `none`).
+    #[error("credential algorithm {alg:?} is not accepted here (accepted: {accepted})")]
+    UnsupportedAlgorithm { alg: String, accepted: String },
+    /// The `kid` names no configured key.
+    #[error("credential names an unknown key id")]
+    UnknownKey,
+    #[error("credential signature is not valid for the configured key")]
+    BadSignature,
+    #[error("credential expired at {exp} (now {now}, leeway {leeway}s)")]
+    Expired { exp: u64, now: u64, leeway: u64 },
+    #[error("credential not valid before {not_before} (now {now}, leeway {leeway}s)")]
+    NotYetValid {
+        not_before: u64,
+        now: u64,
+        leeway: u64,
+    },
+    #[error("credential lacks the {0:?} claim")]
+    MissingClaim(&'static str),
+    #[error("credential claim {claim:?} is invalid: {reason}")]
+    InvalidClaim {
+        claim: &'static str,
+        reason: &'static str,
+    },
+    #[error("credential is not for this broadcast")]
+    WrongBroadcast,
+    #[error("credential does not carry role \"admin\"")]
+    NotAdmin,
+    #[error("no key is configured for this kind of credential")]
+    NoKeyConfigured,
+}
+
+impl CredentialError {
+    pub fn status(&self) -> AuthStatus {
+        match self {
+            CredentialError::WrongBroadcast | CredentialError::NotAdmin => {
+                AuthStatus::PermissionDenied
+            }
+            _ => AuthStatus::Unauthenticated,
+        }
+    }
+}
+
+/// Configuration-time problems (never shown to viewers).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyConfigError {
+    #[error("not a valid {0} public key PEM")]
+    InvalidPem(&'static str),
+    #[error("algorithm {0:?} does not fit this kind of key")]
+    AlgorithmMismatch(Algorithm),
+    #[error("HMAC secret must be at least 32 bytes")]
+    WeakSecret,
+    #[error("too many keys (at most {MAX_KEYS})")]
+    TooManyKeys,
+}
+
+/// One trusted verification key, with its algorithm and optional key id.
+#[derive(Clone)]
+pub struct CredentialKey {
+    alg: Algorithm,
+    kid: Option<String>,
+    key: DecodingKey,
+}
+
+impl std::fmt::Debug for CredentialKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialKey")
+            .field("alg", &self.alg)
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CredentialKey {
+    /// An Ed25519 public key in PEM (`-----BEGIN PUBLIC KEY-----`, SPKI).
+    pub fn ed25519_pem(pem: &[u8]) -> Result<Self, KeyConfigError> {
+        let key =
+            DecodingKey::from_ed_pem(pem).map_err(|_| KeyConfigError::InvalidPem("Ed25519"))?;
+        if key.try_get_as_bytes().map(<[u8]>::len).ok() != Some(32) {
+            return Err(KeyConfigError::InvalidPem("Ed25519"));
+        }
+        Ok(CredentialKey {
+            alg: Algorithm::EdDSA,
+            kid: None,
+            key,
+        })
+    }
+
+    /// An Ed25519 public key as its 32 raw bytes.
+    pub fn ed25519_raw(public_key: &[u8]) -> Result<Self, KeyConfigError> {
+        if public_key.len() != 32 {
+            return Err(KeyConfigError::InvalidPem("Ed25519"));
+        }
+        Ok(CredentialKey {
+            alg: Algorithm::EdDSA,
+            kid: None,
+            key: DecodingKey::from_ed_der(public_key),
+        })
+    }
+
+    /// An RSA public key in PEM (SPKI `PUBLIC KEY` or PKCS#1 `RSA PUBLIC KEY`), for
+    /// `alg` in RS256/384/512 or PS256/384/512 (the `rsa` crate accepts moduli up to 4096 bits).
+    pub fn rsa_pem(alg: Algorithm, pem: &[u8]) -> Result<Self, KeyConfigError> {
+        if alg.family() != AlgorithmFamily::Rsa {
+            return Err(KeyConfigError::AlgorithmMismatch(alg));
+        }
+        let key = DecodingKey::from_rsa_pem(pem).map_err(|_| KeyConfigError::InvalidPem("RSA"))?;
+        Ok(CredentialKey {
+            alg,
+            kid: None,
+            key,
+        })
+    }
+
+    /// An EC public key in PEM, for ES256 (P-256) or ES384 (P-384).
+    pub fn ec_pem(alg: Algorithm, pem: &[u8]) -> Result<Self, KeyConfigError> {
+        if alg.family() != AlgorithmFamily::Ec {
+            return Err(KeyConfigError::AlgorithmMismatch(alg));
+        }
+        let key = DecodingKey::from_ec_pem(pem).map_err(|_| KeyConfigError::InvalidPem("EC"))?;
+        Ok(CredentialKey {
+            alg,
+            kid: None,
+            key,
+        })
+    }
+
+    /// ZERO-SETUP DEFAULT ONLY: an HS256 shared secret (≥ 32 bytes). Anyone who holds
+    /// it can mint any credential; use a broadcaster public key in production.
+    pub fn static_hmac_secret(secret: &[u8]) -> Result<Self, KeyConfigError> {
+        if secret.len() < 32 {
+            return Err(KeyConfigError::WeakSecret);
+        }
+        Ok(CredentialKey {
+            alg: Algorithm::HS256,
+            kid: None,
+            key: DecodingKey::from_secret(secret),
+        })
+    }
+
+    /// Only tokens whose header `kid` equals `kid` (or that carry no `kid`) are tried
+    /// against this key.
+    pub fn with_kid(mut self, kid: impl Into<String>) -> Self {
+        self.kid = Some(kid.into());
+        self
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.alg
+    }
+}
+
+/// What a viewer credential grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BroadcastGrant {
+    Any,
+    One(String),
+}
+
+/// A verified viewer credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewerClaims {
+    pub subject: String,
+    pub broadcast: BroadcastGrant,
+    /// Unix seconds.
+    pub expires_at: u64,
+    pub not_before: Option<u64>,
+    pub issued_at: Option<u64>,
+    pub key_id: Option<String>,
+    pub algorithm: Algorithm,
+}
+
+/// A verified admin credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminClaims {
+    pub subject: String,
+    pub expires_at: u64,
+    pub not_before: Option<u64>,
+    pub issued_at: Option<u64>,
+    pub key_id: Option<String>,
+    pub algorithm: Algorithm,
+}
+
+/// Verifies viewer and admin JWTs against configured keys.
+#[derive(Debug, Clone)]
+pub struct CredentialVerifier {
+    viewer_keys: Vec<CredentialKey>,
+    admin_keys: Vec<CredentialKey>,
+    leeway_secs: u64,
+}
+
+impl Default for CredentialVerifier {
+    fn default() -> Self {
+        Self::new(DEFAULT_LEEWAY_SECS)
+    }
+}
+
+struct Verified {
+    claims: Map<String, Value>,
+    kid: Option<String>,
+    alg: Algorithm,
+    subject: String,
+    expires_at: u64,
+    not_before: Option<u64>,
+    issued_at: Option<u64>,
+}
+
+impl CredentialVerifier {
+    /// No keys yet; `leeway_secs` of clock skew tolerated on `exp`, `nbf` and `iat`.
+    pub fn new(leeway_secs: u64) -> Self {
+        CredentialVerifier {
+            viewer_keys: Vec::new(),
+            admin_keys: Vec::new(),
+            leeway_secs,
+        }
+    }
+
+    pub fn add_viewer_key(&mut self, key: CredentialKey) -> Result<(), KeyConfigError> {
+        if self.viewer_keys.len() >= MAX_KEYS {
+            return Err(KeyConfigError::TooManyKeys);
+        }
+        self.viewer_keys.push(key);
+        Ok(())
+    }
+
+    pub fn add_admin_key(&mut self, key: CredentialKey) -> Result<(), KeyConfigError> {
+        if self.admin_keys.len() >= MAX_KEYS {
+            return Err(KeyConfigError::TooManyKeys);
+        }
+        self.admin_keys.push(key);
+        Ok(())
+    }
+
+    /// Removes every viewer / admin key with this `kid`; returns how many went.
+    pub fn remove_kid(&mut self, kid: &str) -> usize {
+        let before = self.viewer_keys.len() + self.admin_keys.len();
+        self.viewer_keys.retain(|k| k.kid.as_deref() != Some(kid));
+        self.admin_keys.retain(|k| k.kid.as_deref() != Some(kid));
+        before - self.viewer_keys.len() - self.admin_keys.len()
+    }
+
+    pub fn leeway_secs(&self) -> u64 {
+        self.leeway_secs
+    }
+
+    /// Verifies a viewer credential for `broadcast_id` at `now_unix_secs`.
+    pub fn verify_viewer(
+        &self,
+        jwt: &str,
+        broadcast_id: &str,
+        now_unix_secs: u64,
+    ) -> Result<ViewerClaims, CredentialError> {
+        let v = self.verify(jwt, &self.viewer_keys, now_unix_secs)?;
+        let grant = match v.claims.get("broadcast") {
+            None | Some(Value::Null) => return Err(CredentialError::MissingClaim("broadcast")),
+            Some(Value::String(s)) if s == ANY_BROADCAST => BroadcastGrant::Any,
+            Some(Value::String(s)) if s.is_empty() || s.len() > MAX_BROADCAST_ID => {
+                return Err(CredentialError::InvalidClaim {
+                    claim: "broadcast",
+                    reason: "must be a broadcast id of 1 to 128 bytes or \"*\"",
+                });
+            }
+            Some(Value::String(s)) => BroadcastGrant::One(s.clone()),
+            Some(_) => {
+                return Err(CredentialError::InvalidClaim {
+                    claim: "broadcast",
+                    reason: "must be a string",
+                });
+            }
+        };
+        if let BroadcastGrant::One(b) = &grant
+            && b != broadcast_id
+        {
+            return Err(CredentialError::WrongBroadcast);
+        }
+        Ok(ViewerClaims {
+            subject: v.subject,
+            broadcast: grant,
+            expires_at: v.expires_at,
+            not_before: v.not_before,
+            issued_at: v.issued_at,
+            key_id: v.kid,
+            algorithm: v.alg,
+        })
+    }
+
+    /// Verifies an admin credential (admin key set, `role: "admin"` required).
+    pub fn verify_admin(
+        &self,
+        jwt: &str,
+        now_unix_secs: u64,
+    ) -> Result<AdminClaims, CredentialError> {
+        let v = self.verify(jwt, &self.admin_keys, now_unix_secs)?;
+        match v.claims.get("role") {
+            Some(Value::String(r)) if r == "admin" => {}
+            _ => return Err(CredentialError::NotAdmin),
+        }
+        Ok(AdminClaims {
+            subject: v.subject,
+            expires_at: v.expires_at,
+            not_before: v.not_before,
+            issued_at: v.issued_at,
+            key_id: v.kid,
+            algorithm: v.alg,
+        })
+    }
+
+    fn verify(
+        &self,
+        jwt: &str,
+        keys: &[CredentialKey],
+        now: u64,
+    ) -> Result<Verified, CredentialError> {
+        let jwt = jwt.trim();
+        if jwt.is_empty() {
+            return Err(CredentialError::Missing);
+        }
+        if jwt.len() > MAX_JWT_LEN {
+            return Err(CredentialError::TooLarge);
+        }
+        if keys.is_empty() {
+            return Err(CredentialError::NoKeyConfigured);
+        }
+        let (alg, kid) = parse_header(jwt, keys)?;
+        let candidates: Vec<&CredentialKey> = keys
+            .iter()
+            .filter(|k| k.alg == alg)
+            .filter(|k| match (&k.kid, &kid) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err(CredentialError::UnknownKey);
+        }
+        let mut validation = Validation::new(alg);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims.clear();
+        let mut claims = None;
+        for key in candidates {
+            match jsonwebtoken::decode::<Value>(jwt, &key.key, &validation) {
+                Ok(data) => {
+                    claims = Some(data.claims);
+                    break;
+                }
+                Err(e) => match e.kind() {
+                    ErrorKind::InvalidSignature => continue,
+                    ErrorKind::Base64(_) => {
+                        return Err(CredentialError::Malformed("invalid base64url"));
+                    }
+                    ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
+                        return Err(CredentialError::Malformed("payload is not a JSON object"));
+                    }
+                    ErrorKind::InvalidToken => {
+                        return Err(CredentialError::Malformed(
+                            "expected header.payload.signature",
+                        ));
+                    }
+                    ErrorKind::InvalidAlgorithm
+                    | ErrorKind::UnsupportedAlgorithm
+                    | ErrorKind::MissingAlgorithm => {
+                        return Err(CredentialError::UnsupportedAlgorithm {
+                            alg: alg_name(alg).to_owned(),
+                            accepted: accepted(keys),
+                        });
+                    }
+                    // Key material the backend rejected at verification time (e.g. an
+                    // RSA modulus over 4096 bits) or a provider failure: not verified.
+                    _ => continue,
+                },
+            }
+        }
+        let Some(Value::Object(claims)) = claims else {
+            return Err(match claims {
+                None => CredentialError::BadSignature,
+                Some(_) => CredentialError::Malformed("payload is not a JSON object"),
+            });
+        };
+        let leeway = self.leeway_secs;
+        let expires_at =
+            numeric_date(&claims, "exp")?.ok_or(CredentialError::MissingClaim("exp"))?;
+        let not_before = numeric_date(&claims, "nbf")?;
+        let issued_at = numeric_date(&claims, "iat")?;
+        if now >= expires_at.saturating_add(leeway) {
+            return Err(CredentialError::Expired {
+                exp: expires_at,
+                now,
+                leeway,
+            });
+        }
+        for t in [not_before, issued_at].into_iter().flatten() {
+            if t > now.saturating_add(leeway) {
+                return Err(CredentialError::NotYetValid {
+                    not_before: t,
+                    now,
+                    leeway,
+                });
+            }
+        }
+        let subject = match claims.get("sub") {
+            None | Some(Value::Null) => return Err(CredentialError::MissingClaim("sub")),
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_SUBJECT => s.clone(),
+            Some(_) => {
+                return Err(CredentialError::InvalidClaim {
+                    claim: "sub",
+                    reason: "must be a string of 1 to 256 bytes",
+                });
+            }
+        };
+        Ok(Verified {
+            claims,
+            kid,
+            alg,
+            subject,
+            expires_at,
+            not_before,
+            issued_at,
+        })
+    }
+}
+
+fn alg_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        Algorithm::ES256 => "ES256",
+        Algorithm::ES384 => "ES384",
+        Algorithm::RS256 => "RS256",
+        Algorithm::RS384 => "RS384",
+        Algorithm::RS512 => "RS512",
+        Algorithm::PS256 => "PS256",
+        Algorithm::PS384 => "PS384",
+        Algorithm::PS512 => "PS512",
+        Algorithm::EdDSA => "EdDSA",
+        _ => "unknown",
+    }
+}
+
+fn accepted(keys: &[CredentialKey]) -> String {
+    let mut names: Vec<&str> = keys.iter().map(|k| alg_name(k.alg)).collect();
+    names.sort_unstable();
+    names.dedup();
+    names.join(", ")
+}
+
+/// Reads `alg` and `kid` from the header ourselves, so that `none`, unknown and
+/// unconfigured algorithms get a precise error.
+fn parse_header(
+    jwt: &str,
+    keys: &[CredentialKey],
+) -> Result<(Algorithm, Option<String>), CredentialError> {
+    let mut parts = jwt.split('.');
+    let (Some(h), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(CredentialError::Malformed(
+            "expected header.payload.signature",
+        ));
+    };
+    let raw = URL_SAFE_NO_PAD
+        .decode(h)
+        .map_err(|_| CredentialError::Malformed("header is not base64url"))?;
+    let Ok(Value::Object(header)) = serde_json::from_slice::<Value>(&raw) else {
+        return Err(CredentialError::Malformed("header is not a JSON object"));
+    };
+    let alg_str = match header.get("alg") {
+        Some(Value::String(s)) => s.as_str(),
+        _ => return Err(CredentialError::Malformed("header has no \"alg\"")),
+    };
+    let unsupported = || CredentialError::UnsupportedAlgorithm {
+        // Attacker-chosen text: keep it short and printable.
+        alg: alg_str
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .take(16)
+            .collect(),
+        accepted: accepted(keys),
+    };
+    let alg: Algorithm = alg_str.parse().map_err(|_| unsupported())?;
+    if !keys.iter().any(|k| k.alg == alg) {
+        return Err(unsupported());
+    }
+    let kid = match header.get("kid") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= 256 => Some(s.clone()),
+        Some(_) => {
+            return Err(CredentialError::Malformed(
+                "header \"kid\" is not a short string",
+            ));
+        }
+    };
+    Ok((alg, kid))
+}
+
+/// A NumericDate claim: a non-negative JSON number of seconds (fractions dropped).
+fn numeric_date(
+    claims: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<u64>, CredentialError> {
+    let invalid = CredentialError::InvalidClaim {
+        claim: name,
+        reason: "must be a non-negative number of seconds",
+    };
+    match claims.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            if let Some(v) = n.as_u64() {
+                Ok(Some(v))
+            } else {
+                match n.as_f64() {
+                    Some(f) if (0.0..1.8e19).contains(&f) => Ok(Some(f as u64)),
+                    _ => Err(invalid),
+                }
+            }
+        }
+        Some(_) => Err(invalid),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use proptest::prelude::*;
+    use ring::signature::KeyPair as _;
+    use serde_json::json;
+
+    /// Fixed 2048-bit RSA test key pair (generated with openssl for these tests only).
+    const RSA_PRIVATE_PEM: &str = r"-----BEGIN PRIVATE KEY-----
+MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCimTsFDG1OBEUl
+pLV3O7FvC2CQtUdYTk01zS7KFICMYMS39KRm27wjyzzLtnsI1loRyQ2YOZ7TUccM
+BgMukRRQrTE7y5janBtQ6d9uiIRyv//0sokbI+a2rdRpuOnP8nrqnLvCZD7q5Au/
+y0NOa3TWrRuJMYWckeh1Dz38NOjfsTA1VpKKdzx/biZAoTNjyWZ1720RJXpHio0Q
+8h3NKD+sn34SvliKMFrL3AIaIw3kJ09oyDSSgPblMZ1NJUgYGkXmExXk4c3pgMbd
+lAFohChtrRFKFiJVuB7h6YtVhF/67pjq1Unnt3+RWD+YiL3jqaZpY+/N9hqDh/q5
+XcckRSUnAgMBAAECggEAOZfYAW5I6zj0+yPvyPeCXkhj4G3tgvhdPeDbIWYIsHB4
+TYZgkzRi3DTZaHjO9K7kQWd7Ir/KI6TUQcyBZQWrcfYeucTgdBKWVF86ro65h2G9
+ukFg8hWR24QP+JCwdOE5K4/vq6fRZ2b2SG2pfgXu4Tl4xuwdHPvLoGcROBvPnqe1
+VfPVrGYB9TaGiiKd6oQOkaxtUI2FGGrwPUup5DVVfrVRfZ9XGMRPnR8s8GJAMuda
+njlgh8xLyLvjmaFpwzKB+OelfI1z6Ifr1oV244OezebdHWA0z24LgH+OTMg84R6V
+ipP1m7eEREWbWRmZSFHSyFYM+wzW5vlMpb0uU6ozmQKBgQDlnUyaQsOHtPK81aNO
+EaARfa2c0e//oImkRfMwaUIBEXJh93j+OIUi5ovnOKC6E4GIfoEp1YNdUPY26XrK
+RzvAv3AdrrqISShw1dzXRAJLrB/TiDW585Lb88Ram8Ge5oPM1oLAQAkOZNq1QB0j
+Q9ffAwLooWf1q1B4k4VqyGxEOQKBgQC1SHxx/ojGicZsAfyACxG/WXVgFKdGrYJ+
+LpueFVPUBPncNH50Jq1K/djf2NVbVwj1Kn5170OT3bzZZprVMg/le2cLVP56xrrp
+b/ociitdnmdG5Z7a2QH0slm4H96D/cm5mZ5ewmgT48RnysxqSJ6O1GcAciC2hDEY
+H6Nkap50XwKBgQDVTiWlgLRIU47UYdsNYU5EMW6hKl48KRT06I6cwIuyllSeMdnS
+wQrdezMon/CgLBK/jFXNWS5p+BZiuM97LmWSD8XFrVZX2S6ac/JugB1p0wLV7cmL
+b31Um8YjLmLWjOqP1g8tLc+78XFDw8XNxu65nACNv7PmAzoEaXcd1gbN8QKBgQCY
+p2B70b41iYE4JHgPDsM0Ic3QSbQOtT+EqBTNCuKbUFFjGCVAA+27j4VYAkyv7NuT
+L+RrxT5fvsIvQ9KwIsb2FHNSPJFKrBxrRKsV61fXLvOC5Qte+IxIFQOuI9AJz+VV
+0EFnREfGL++NA14dReeXGM9ftbtMVobM7J93iLzD+wKBgFTuSMut1JxUfW8BKbD/
+LixyVodjQIogKaJMI0DSSmVloezw9qCpf4Eggaa9L/8dcZ+I7KRmpJQsCZvgt/NV
+VqEpXaUZuzX69lTUpB/h9nGMg4vbKB/F9QfmEtLNycBxm2I1CwP2HJemM9JpAPrp
+BlggDmEKxjFHwNjIV1s5UMHR
+-----END PRIVATE KEY-----
+";
+    const RSA_PUBLIC_PEM: &str = r"-----BEGIN PUBLIC KEY-----
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAopk7BQxtTgRFJaS1dzux
+bwtgkLVHWE5NNc0uyhSAjGDEt/SkZtu8I8s8y7Z7CNZaEckNmDme01HHDAYDLpEU
+UK0xO8uY2pwbUOnfboiEcr//9LKJGyPmtq3Uabjpz/J66py7wmQ+6uQLv8tDTmt0
+1q0biTGFnJHodQ89/DTo37EwNVaSinc8f24mQKEzY8lmde9tESV6R4qNEPIdzSg/
+rJ9+Er5YijBay9wCGiMN5CdPaMg0koD25TGdTSVIGBpF5hMV5OHN6YDG3ZQBaIQo
+ba0RShYiVbge4emLVYRf+u6Y6tVJ57d/kVg/mIi946mmaWPvzfYag4f6uV3HJEUl
+JwIDAQAB
+-----END PUBLIC KEY-----
+";
+    /// Fixed Ed25519 test key pair in OpenSSL's PEM formats.
+    const ED_PRIVATE_PEM: &str = r"-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEICl/n6To2Ym7X/M/7XDCOP6iNy+MkyOPELdbZjVffOeq
+-----END PRIVATE KEY-----
+";
+    const ED_PUBLIC_PEM: &str = r"-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEApDsEZQ6LOeWJGJahPFJHM1c2Urp0PiQeYlE+0t/Foko=
+-----END PUBLIC KEY-----
+";
+
+    const NOW: u64 = 1_700_000_000;
+
+    fn viewer_claims() -> Value {
+        json!({"sub": "viewer-1", "broadcast": "b-1", "exp": NOW + 600, "iat": NOW})
+    }
+
+    fn ed_key() -> (EncodingKey, CredentialKey) {
+        let pkcs8 =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .unwrap();
+        let kp = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        (
+            EncodingKey::from_ed_der(pkcs8.as_ref()),
+            CredentialKey::ed25519_raw(kp.public_key().as_ref()).unwrap(),
+        )
+    }
+
+    fn sign(alg: Algorithm, key: &EncodingKey, claims: &Value) -> String {
+        encode(&Header::new(alg), claims, key).unwrap()
+    }
+
+    fn viewer_verifier(key: CredentialKey) -> CredentialVerifier {
+        let mut v = CredentialVerifier::new(30);
+        v.add_viewer_key(key).unwrap();
+        v
+    }
+
+    #[test]
+    fn eddsa_pem_viewer_accepted() {
+        let enc = EncodingKey::from_ed_pem(ED_PRIVATE_PEM.as_bytes()).unwrap();
+        let v = viewer_verifier(CredentialKey::ed25519_pem(ED_PUBLIC_PEM.as_bytes()).unwrap());
+        let jwt = sign(Algorithm::EdDSA, &enc, &viewer_claims());
+        let c = v.verify_viewer(&jwt, "b-1", NOW).unwrap();
+        assert_eq!(c.subject, "viewer-1");
+        assert_eq!(c.broadcast, BroadcastGrant::One("b-1".into()));
+        assert_eq!(c.expires_at, NOW + 600);
+        assert_eq!(c.issued_at, Some(NOW));
+        assert_eq!(c.algorithm, Algorithm::EdDSA);
+    }
+
+    #[test]
+    fn rs256_pem_viewer_accepted() {
+        let enc = EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap();
+        let v = viewer_verifier(
+            CredentialKey::rsa_pem(Algorithm::RS256, RSA_PUBLIC_PEM.as_bytes()).unwrap(),
+        );
+        let jwt = sign(Algorithm::RS256, &enc, &viewer_claims());
+        assert_eq!(
+            v.verify_viewer(&jwt, "b-1", NOW).unwrap().subject,
+            "viewer-1"
+        );
+        // PS256 with the same key pair.
+        let v = viewer_verifier(
+            CredentialKey::rsa_pem(Algorithm::PS256, RSA_PUBLIC_PEM.as_bytes()).unwrap(),
+        );
+        let jwt = sign(Algorithm::PS256, &enc, &viewer_claims());
+        assert!(v.verify_viewer(&jwt, "b-1", NOW).is_ok());
+    }
+
+    #[test]
+    fn wildcard_broadcast_and_float_dates_accepted() {
+        let (enc, key) = ed_key();
+        let v = viewer_verifier(key);
+        let jwt = sign(
+            Algorithm::EdDSA,
+            &enc,
+            &json!({"sub": "s", "broadcast": "*", "exp": (NOW + 10) as f64 + 0.5, "nbf": NOW - 5}),
+        );
+        let c = v.verify_viewer(&jwt, "anything", NOW).unwrap();
+        assert_eq!(c.broadcast, BroadcastGrant::Any);
+        assert_eq!(c.expires_at, NOW + 10);
+        assert_eq!(c.not_before, Some(NOW - 5));
+    }
+
+    #[test]
+    fn expired_rejected_with_leeway() {
+        let (enc, key) = ed_key();
+        let v = viewer_verifier(key);
+        let jwt = sign(
+            Algorithm::EdDSA,
+            &enc,
+            &json!({"sub": "s", "broadcast": "b-1", "exp": NOW}),
+        );
+        assert!(v.verify_viewer(&jwt, "b-1", NOW + 29).is_ok());
+        let e = v.verify_viewer(&jwt, "b-1", NOW + 30).unwrap_err();
+        assert_eq!(
+            e,
+            CredentialError::Expired {
+                exp: NOW,
+                now: NOW + 30,
+                leeway: 30
+            }
+        );
+        assert_eq!(e.status(), AuthStatus::Unauthenticated);
+    }
+
+    #[test]
+    fn not_yet_valid_rejected() {
+        let (enc, key) = ed_key();
+        let v = viewer_verifier(key);
+        let jwt = sign(
+            Algorithm::EdDSA,
+            &enc,
+            &json!({"sub": "s", "broadcast": "b-1", "exp": NOW + 600, "nbf": NOW + 100}),
+        );
+        assert!(matches!(
+            v.verify_viewer(&jwt, "b-1", NOW),
+            Err(CredentialError::NotYetValid { not_before, .. }) if not_before == NOW + 100
+        ));
+        assert!(v.verify_viewer(&jwt, "b-1", NOW + 70).is_ok());
+        // An iat far in the future is refused the same way.
+        let jwt = sign(
+            Algorithm::EdDSA,
+            &enc,
+            &json!({"sub": "s", "broadcast": "b-1", "exp": NOW + 600, "iat": NOW + 500}),
+        );
+        assert!(matches!(
+            v.verify_viewer(&jwt, "b-1", NOW),
+            Err(CredentialError::NotYetValid { .. })
+        ));
+    }
+
+    #[test]
+    fn wrong_broadcast_rejected() {
+        let (enc, key) = ed_key();
+        let v = viewer_verifier(key);
+        let jwt = sign(Algorithm::EdDSA, &enc, &viewer_claims());
+        let e = v.verify_viewer(&jwt, "b-2", NOW).unwrap_err();
+        assert_eq!(e, CredentialError::WrongBroadcast);
+        assert_eq!(e.status(), AuthStatus::PermissionDenied);
+    }
+
+    #[test]
+    fn bad_signature_rejected() {
+        // Signed by another Ed25519 key.
+        let (enc, _) = ed_key();
+        let (_, key) = ed_key();
+        let v = viewer_verifier(key);
+        let jwt = sign(Algorithm::EdDSA, &enc, &viewer_claims());
+        assert_eq!(
+            v.verify_viewer(&jwt, "b-1", NOW),
+            Err(CredentialError::BadSignature)
+        );
+        // RS256 token whose payload was edited after signing (broadcast → "*").
+        let enc = EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap();
+        let v = viewer_verifier(
+            CredentialKey::rsa_pem(Algorithm::RS256, RSA_PUBLIC_PEM.as_bytes()).unwrap(),
+        );
+        let jwt = sign(Algorithm::RS256, &enc, &viewer_claims());
+        let mut parts: Vec<String> = jwt.split('.').map(str::to_owned).collect();
+        let mut c = viewer_claims();
+        c["broadcast"] = json!("*");
+        parts[1] = URL_SAFE_NO_PAD.encode(c.to_string());
+        let forged = parts.join(".");
+        let e = v.verify_viewer(&forged, "b-9", NOW).unwrap_err();
+        assert_eq!(e, CredentialError::BadSignature);
+        assert!(!e.to_string().contains(&jwt[..20]));
+    }
+
+    #[test]
+    fn unsupported_algorithm_rejected() {
+        let (enc, key) = ed_key();
+        let v = viewer_verifier(key);
+        // alg "none" with an empty signature.
+        let h = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let p = URL_SAFE_NO_PAD.encode(viewer_claims().to_string());
+        let e = v
+            .verify_viewer(&format!("{h}.{p}."), "b-1", NOW)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            CredentialError::UnsupportedAlgorithm {
+                alg: "none".into(),
+                accepted: "EdDSA".into()
+            }
+        );
+        // HS256 signed with the (public) key bytes: algorithm confusion attempt.
+        let hs = EncodingKey::from_secret(ED_PUBLIC_PEM.as_bytes());
+        let jwt = sign(Algorithm::HS256, &hs, &viewer_claims());
+        assert!(matches!(
+            v.verify_viewer(&jwt, "b-1", NOW),
+            Err(CredentialError::UnsupportedAlgorithm { .. })
+        ));
+        // RS256 when only EdDSA is configured.
+        let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap();
+        let jwt = sign(Algorithm::RS256, &rsa, &viewer_claims());
+        let e = v.verify_viewer(&jwt, "b-1", NOW).unwrap_err();
+        assert!(e.to_string().contains("RS256") && e.to_string().contains("EdDSA"));
+        let _ = enc;
+    }
+
+    #[test]
+    fn malformed_rejected() {
+        let (enc, key) = ed_key();
+        let v = viewer_verifier(key);
+        for bad in [
+            "abc",
+            "a.b",
+            "a.b.c.d",
+            "!!!.e30.x",
+            "e30.e30.x",
+            "bm90anNvbg.e30.x",
+        ] {
+            assert!(
+                matches!(
+                    v.verify_viewer(bad, "b-1", NOW),
+                    Err(CredentialError::Malformed(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            v.verify_viewer("", "b-1", NOW),
+            Err(CredentialError::Missing)
+        );
+        assert_eq!(
+            v.verify_viewer(&"a".repeat(MAX_JWT_LEN + 1), "b-1", NOW),
+            Err(CredentialError::TooLarge)
+        );
+        // Authentic but with a non-object payload.
+        let jwt = sign(Algorithm::EdDSA, &enc, &json!([1, 2]));
+        assert!(matches!(
+            v.verify_viewer(&jwt, "b-1", NOW),
+            Err(CredentialError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn missing_and_invalid_claims_rejected() {
+        let (enc, key) = ed_key();
+        let v = viewer_verifier(key);
+        let cases = [
+            (
+                json!({"broadcast": "b-1", "exp": NOW + 60}),
+                CredentialError::MissingClaim("sub"),
+            ),
+            (
+                json!({"sub": "s", "exp": NOW + 60}),
+                CredentialError::MissingClaim("broadcast"),
+            ),
+            (
+                json!({"sub": "s", "broadcast": "b-1"}),
+                CredentialError::MissingClaim("exp"),
+            ),
+        ];
+        for (claims, want) in cases {
+            let jwt = sign(Algorithm::EdDSA, &enc, &claims);
+            assert_eq!(v.verify_viewer(&jwt, "b-1", NOW), Err(want));
+        }
+        for claims in [
+            json!({"sub": "s", "broadcast": "b-1", "exp": "tomorrow"}),
+            json!({"sub": "s", "broadcast": "b-1", "exp": -1}),
+            json!({"sub": 5, "broadcast": "b-1", "exp": NOW + 60}),
+            json!({"sub": "s", "broadcast": ["b-1"], "exp": NOW + 60}),
+            json!({"sub": "s", "broadcast": "", "exp": NOW + 60}),
+        ] {
+            let jwt = sign(Algorithm::EdDSA, &enc, &claims);
+            assert!(
+                matches!(
+                    v.verify_viewer(&jwt, "b-1", NOW),
+                    Err(CredentialError::InvalidClaim { .. })
+                ),
+                "{claims}"
+            );
+        }
+    }
+
+    #[test]
+    fn kid_selects_key_and_rotation_works() {
+        let (enc_a, key_a) = ed_key();
+        let (enc_b, key_b) = ed_key();
+        let mut v = CredentialVerifier::new(0);
+        v.add_viewer_key(key_a.with_kid("a")).unwrap();
+        v.add_viewer_key(key_b.with_kid("b")).unwrap();
+        let mut h = Header::new(Algorithm::EdDSA);
+        h.kid = Some("b".into());
+        let jwt_b = encode(&h, &viewer_claims(), &enc_b).unwrap();
+        assert!(v.verify_viewer(&jwt_b, "b-1", NOW).is_ok());
+        // No kid: every key of the algorithm is tried.
+        let jwt_a = sign(Algorithm::EdDSA, &enc_a, &viewer_claims());
+        assert!(v.verify_viewer(&jwt_a, "b-1", NOW).is_ok());
+        h.kid = Some("zzz".into());
+        let jwt = encode(&h, &viewer_claims(), &enc_a).unwrap();
+        assert_eq!(
+            v.verify_viewer(&jwt, "b-1", NOW),
+            Err(CredentialError::UnknownKey)
+        );
+        assert_eq!(v.remove_kid("b"), 1);
+        assert_eq!(
+            v.verify_viewer(&jwt_b, "b-1", NOW),
+            Err(CredentialError::UnknownKey)
+        );
+        // Without its kid, key b's token is tried against key a and fails.
+        let jwt_b_nokid = sign(Algorithm::EdDSA, &enc_b, &viewer_claims());
+        assert_eq!(
+            v.verify_viewer(&jwt_b_nokid, "b-1", NOW),
+            Err(CredentialError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn admin_requires_role_and_admin_key() {
+        let (enc, key) = ed_key();
+        let mut v = CredentialVerifier::new(0);
+        v.add_viewer_key(key.clone()).unwrap();
+        let admin = json!({"sub": "ops", "role": "admin", "exp": NOW + 60});
+        let jwt = sign(Algorithm::EdDSA, &enc, &admin);
+        // Not configured as an admin key yet.
+        assert_eq!(
+            v.verify_admin(&jwt, NOW),
+            Err(CredentialError::NoKeyConfigured)
+        );
+        v.add_admin_key(key).unwrap();
+        assert_eq!(v.verify_admin(&jwt, NOW).unwrap().subject, "ops");
+        // A viewer token from the same key is not an admin token.
+        let viewer = sign(Algorithm::EdDSA, &enc, &viewer_claims());
+        let e = v.verify_admin(&viewer, NOW).unwrap_err();
+        assert_eq!(e, CredentialError::NotAdmin);
+        assert_eq!(e.status(), AuthStatus::PermissionDenied);
+        let jwt = sign(
+            Algorithm::EdDSA,
+            &enc,
+            &json!({"sub": "ops", "role": "Admin", "exp": NOW + 60}),
+        );
+        assert_eq!(v.verify_admin(&jwt, NOW), Err(CredentialError::NotAdmin));
+        // Expired admin token.
+        assert!(matches!(
+            v.verify_admin(&sign(Algorithm::EdDSA, &enc, &admin), NOW + 60),
+            Err(CredentialError::Expired { .. })
+        ));
+    }
+
+    #[test]
+    fn static_hmac_admin_key() {
+        let secret = b"0123456789abcdef0123456789abcdef-dev-only";
+        let mut v = CredentialVerifier::new(0);
+        assert_eq!(
+            CredentialKey::static_hmac_secret(b"short").unwrap_err(),
+            KeyConfigError::WeakSecret
+        );
+        v.add_admin_key(CredentialKey::static_hmac_secret(secret).unwrap())
+            .unwrap();
+        let enc = EncodingKey::from_secret(secret);
+        let jwt = sign(
+            Algorithm::HS256,
+            &enc,
+            &json!({"sub": "ops", "role": "admin", "exp": NOW + 60}),
+        );
+        assert!(v.verify_admin(&jwt, NOW).is_ok());
+        let wrong = EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef-guessed!");
+        let jwt = sign(
+            Algorithm::HS256,
+            &wrong,
+            &json!({"sub": "ops", "role": "admin", "exp": NOW + 60}),
+        );
+        let e = v.verify_admin(&jwt, NOW).unwrap_err();
+        assert_eq!(e, CredentialError::BadSignature);
+        assert!(!e.to_string().contains("0123456789"));
+    }
+
+    #[test]
+    fn bad_key_config_rejected() {
+        assert!(
+            CredentialKey::ed25519_pem(
+                b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"
+            )
+            .is_err()
+        );
+        assert!(CredentialKey::ed25519_pem(RSA_PUBLIC_PEM.as_bytes()).is_err());
+        assert!(CredentialKey::rsa_pem(Algorithm::RS256, ED_PUBLIC_PEM.as_bytes()).is_err());
+        assert_eq!(
+            CredentialKey::rsa_pem(Algorithm::EdDSA, RSA_PUBLIC_PEM.as_bytes()).unwrap_err(),
+            KeyConfigError::AlgorithmMismatch(Algorithm::EdDSA)
+        );
+        assert!(CredentialKey::ed25519_raw(&[0u8; 31]).is_err());
+        let dbg = format!(
+            "{:?}",
+            CredentialKey::ed25519_pem(ED_PUBLIC_PEM.as_bytes()).unwrap()
+        );
+        assert!(!dbg.contains("MCow"));
+    }
+
+    /// `cargo test --release -- --ignored --nocapture jwt_verify_cost`
+    #[test]
+    #[ignore]
+    fn jwt_verify_cost() {
+        let ed = EncodingKey::from_ed_pem(ED_PRIVATE_PEM.as_bytes()).unwrap();
+        let rsa = EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap();
+        let ve = viewer_verifier(CredentialKey::ed25519_pem(ED_PUBLIC_PEM.as_bytes()).unwrap());
+        let vr = viewer_verifier(
+            CredentialKey::rsa_pem(Algorithm::RS256, RSA_PUBLIC_PEM.as_bytes()).unwrap(),
+        );
+        for (name, v, jwt) in [
+            ("EdDSA", &ve, sign(Algorithm::EdDSA, &ed, &viewer_claims())),
+            ("RS256", &vr, sign(Algorithm::RS256, &rsa, &viewer_claims())),
+        ] {
+            let n = 5_000u32;
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(v.verify_viewer(&jwt, "b-1", NOW).unwrap());
+            }
+            println!(
+                "{name} viewer JWT verify: {} ns",
+                t.elapsed().as_nanos() / u128::from(n)
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn never_panics_on_arbitrary_input(s in "\\PC{0,300}", dots in proptest::collection::vec("[A-Za-z0-9_-]{0,80}", 0..5)) {
+            let (_, key) = ed_key();
+            let mut v = viewer_verifier(key);
+            v.add_admin_key(CredentialKey::rsa_pem(Algorithm::RS256, RSA_PUBLIC_PEM.as_bytes()).unwrap()).unwrap();
+            prop_assert!(v.verify_viewer(&s, "b-1", NOW).is_err());
+            prop_assert!(v.verify_admin(&s, NOW).is_err());
+            let joined = dots.join(".");
+            prop_assert!(v.verify_viewer(&joined, "b-1", NOW).is_err());
+        }
+
+        #[test]
+        fn arbitrary_header_and_claims(alg in prop_oneof![Just("EdDSA".to_owned()), Just("RS256".to_owned()), Just("none".to_owned()), Just("HS256".to_owned()), "[A-Z0-9]{0,6}"], kid in proptest::option::of("[a-z]{0,4}"), claims in "\\PC{0,120}", sig in "[A-Za-z0-9_-]{0,400}") {
+            let (_, key) = ed_key();
+            let mut v = viewer_verifier(key);
+            v.add_viewer_key(CredentialKey::rsa_pem(Algorithm::RS256, RSA_PUBLIC_PEM.as_bytes()).unwrap()).unwrap();
+            let h = json!({"alg": alg, "kid": kid});
+            let jwt = format!("{}.{}.{}", URL_SAFE_NO_PAD.encode(h.to_string()), URL_SAFE_NO_PAD.encode(claims), sig);
+            prop_assert!(v.verify_viewer(&jwt, "b-1", NOW).is_err());
+        }
+
+        #[test]
+        fn bit_flips_in_valid_jwt_rejected(pos in any::<prop::sample::Index>(), repl in any::<u8>()) {
+            let (enc, key) = ed_key();
+            let v = viewer_verifier(key);
+            let jwt = sign(Algorithm::EdDSA, &enc, &viewer_claims());
+            let mut b = jwt.clone().into_bytes();
+            let i = pos.index(b.len());
+            let c = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."[usize::from(repl) % 65];
+            prop_assume!(b[i] != c);
+            b[i] = c;
+            let s = String::from_utf8(b).unwrap();
+            // A changed final base64 character may only alter padding bits of the
+            // signature: then the token is still the same token.
+            let same = URL_SAFE_NO_PAD.decode(s.rsplit('.').next().unwrap_or("")).ok()
+                == URL_SAFE_NO_PAD.decode(jwt.rsplit('.').next().unwrap_or("")).ok()
+                && s.rsplit_once('.').map(|x| x.0) == jwt.rsplit_once('.').map(|x| x.0);
+            prop_assume!(!same);
+            prop_assert!(v.verify_viewer(&s, "b-1", NOW).is_err());
+        }
+    }
+}

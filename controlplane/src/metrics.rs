@@ -1,0 +1,571 @@
+//! Prometheus metrics (text exposition format 0.0.4), hand-rolled like the data
+//! plane's: relaxed atomics updated on the request path (no lock, no registry), plus
+//! gauges read at scrape time (viewers per broadcast from the live grids, report queue
+//! depth, alive nodes from the database). Served on a separate HTTP listener
+//! (`--metrics-listen`, `GET /metrics`) by [`serve`].
+//!
+//! RPC metrics come from [`RpcMetricsLayer`], a tower layer around every gRPC service:
+//! one counter and one latency histogram per (service, method, status code), over a
+//! fixed table of methods so label cardinality is bounded (anything else is
+//! `method="other"`). The status code is the `grpc-status` header of the response
+//! (trailers-only responses, i.e. errors) and OK otherwise; for server streams the
+//! latency is the time to open the stream.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tonic::codegen::http;
+
+use crate::service::Core;
+
+/// `Content-Type` of the exposition.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// gRPC methods with their own series: (service as in the path, method).
+const METHODS: &[(&str, &str)] = &[
+    ("starling.v1.AdminService", "CreateBroadcast"),
+    ("starling.v1.AdminService", "StartBroadcast"),
+    ("starling.v1.AdminService", "StopBroadcast"),
+    ("starling.v1.AdminService", "GetBroadcast"),
+    ("starling.v1.AdminService", "ListBroadcasts"),
+    ("starling.v1.AdminService", "RevokeViewer"),
+    ("starling.v1.AdminService", "GetAudience"),
+    ("starling.v1.ViewerService", "Join"),
+    ("starling.v1.ViewerService", "Heartbeat"),
+    ("starling.v1.ViewerService", "Leave"),
+    ("starling.v1.ViewerService", "Reparent"),
+    ("starling.v1.ViewerService", "ReportPeer"),
+    ("starling.v1.ViewerService", "Report"),
+    ("starling.v1.EdgeService", "Register"),
+    ("starling.v1.EdgeService", "Commands"),
+    ("starling.v1.EdgeService", "ReportHealth"),
+    ("grpc.health.v1.Health", "Check"),
+    ("grpc.health.v1.Health", "Watch"),
+    ("other", "other"),
+];
+const JOIN: usize = 7;
+const CODES: usize = 17;
+const CODE_NAMES: [&str; CODES] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// Upper bounds (seconds) of the latency histograms (+Inf implicit).
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| s <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cum = 0;
+        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+            cum += get(&self.buckets[i]);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cum}");
+        }
+        let count = get(&self.count);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        #[allow(clippy::cast_precision_loss)]
+        let sum = get(&self.sum_ns) as f64 / 1e9;
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        } else {
+            let _ = writeln!(
+                out,
+                "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {count}"
+            );
+        }
+    }
+}
+
+fn get(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+fn add(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The control plane's counters and histograms.
+#[derive(Debug)]
+pub struct Metrics {
+    rpc: Vec<Histogram>,
+    reports_received: AtomicU64,
+    reports_accepted: AtomicU64,
+    reports_duplicate: AtomicU64,
+    reports_dropped: AtomicU64,
+    reports_stored: AtomicU64,
+    reports_stored_duplicate: AtomicU64,
+    reports_pruned: AtomicU64,
+    bytes_from_server: AtomicU64,
+    bytes_from_peers: AtomicU64,
+    db_batches: AtomicU64,
+    db_batch_errors: AtomicU64,
+    db_batch_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// All zero.
+    pub fn new() -> Self {
+        Metrics {
+            rpc: (0..METHODS.len() * CODES)
+                .map(|_| Histogram::default())
+                .collect(),
+            reports_received: AtomicU64::new(0),
+            reports_accepted: AtomicU64::new(0),
+            reports_duplicate: AtomicU64::new(0),
+            reports_dropped: AtomicU64::new(0),
+            reports_stored: AtomicU64::new(0),
+            reports_stored_duplicate: AtomicU64::new(0),
+            reports_pruned: AtomicU64::new(0),
+            bytes_from_server: AtomicU64::new(0),
+            bytes_from_peers: AtomicU64::new(0),
+            db_batches: AtomicU64::new(0),
+            db_batch_errors: AtomicU64::new(0),
+            db_batch_seconds: Histogram::default(),
+        }
+    }
+
+    fn method_index(path: &str) -> usize {
+        let mut parts = path.trim_start_matches('/').splitn(2, '/');
+        let (service, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        METHODS
+            .iter()
+            .position(|&(s, m)| s == service && m == method)
+            .unwrap_or(METHODS.len() - 1)
+    }
+
+    /// Records one finished RPC (`path` = `/package.Service/Method`).
+    pub fn rpc(&self, path: &str, code: usize, elapsed: Duration) {
+        let i = Self::method_index(path) * CODES + code.min(CODES - 1);
+        self.rpc[i].observe(elapsed);
+    }
+
+    /// Calls of one method with one status code so far (`code` = gRPC code number).
+    pub fn rpc_count(&self, service: &str, method: &str, code: usize) -> u64 {
+        let m = Self::method_index(&format!("/{service}/{method}"));
+        get(&self.rpc[m * CODES + code.min(CODES - 1)].count)
+    }
+
+    pub(crate) fn reports_received(&self, n: usize) {
+        add(&self.reports_received, n as u64);
+    }
+    pub(crate) fn reports_accepted(&self, n: usize, from_server: u64, from_peers: u64) {
+        add(&self.reports_accepted, n as u64);
+        add(&self.bytes_from_server, from_server);
+        add(&self.bytes_from_peers, from_peers);
+    }
+    pub(crate) fn reports_duplicate(&self, n: usize) {
+        add(&self.reports_duplicate, n as u64);
+    }
+    pub(crate) fn reports_dropped(&self, n: usize) -> u64 {
+        self.reports_dropped.fetch_add(n as u64, Ordering::Relaxed) + n as u64
+    }
+    pub(crate) fn batch_written(&self, inserted: usize, duplicates: usize, elapsed: Duration) {
+        add(&self.db_batches, 1);
+        add(&self.reports_stored, inserted as u64);
+        add(&self.reports_stored_duplicate, duplicates as u64);
+        self.db_batch_seconds.observe(elapsed);
+    }
+    pub(crate) fn batch_failed(&self) -> u64 {
+        self.db_batch_errors.fetch_add(1, Ordering::Relaxed) + 1
+    }
+    pub(crate) fn pruned(&self, n: u64) {
+        add(&self.reports_pruned, n);
+    }
+
+    /// Reports refused because the queue was full.
+    pub fn dropped_reports(&self) -> u64 {
+        get(&self.reports_dropped)
+    }
+    /// Reports written to the database.
+    pub fn stored_reports(&self) -> u64 {
+        get(&self.reports_stored)
+    }
+    /// Failed batch writes.
+    pub fn batch_errors(&self) -> u64 {
+        get(&self.db_batch_errors)
+    }
+}
+
+fn esc(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+fn head(out: &mut String, name: &str, ty: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}");
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    head(out, name, "counter", help);
+    let _ = writeln!(out, "{name} {v}");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    head(out, name, "gauge", help);
+    let _ = writeln!(out, "{name} {v}");
+}
+
+/// Renders every metric of the control plane. Reads the alive nodes from the database
+/// (bounded by a 1 s timeout; `starling_cp_db_up` says whether that worked).
+pub async fn render(core: &Core) -> String {
+    let m = core.metrics();
+    let mut out = String::with_capacity(16 * 1024);
+
+    let name = "starling_cp_grpc_server_handled_total";
+    head(
+        &mut out,
+        name,
+        "counter",
+        "gRPC calls completed, by service, method and status code.",
+    );
+    for (mi, (svc, meth)) in METHODS.iter().enumerate() {
+        for (ci, code) in CODE_NAMES.iter().enumerate() {
+            let n = get(&m.rpc[mi * CODES + ci].count);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "{name}{{grpc_service=\"{svc}\",grpc_method=\"{meth}\",grpc_code=\"{code}\"}} {n}"
+                );
+            }
+        }
+    }
+    let name = "starling_cp_grpc_server_handling_seconds";
+    head(
+        &mut out,
+        name,
+        "histogram",
+        "gRPC call latency (to the response headers), by service, method and status code.",
+    );
+    for (mi, (svc, meth)) in METHODS.iter().enumerate() {
+        for (ci, code) in CODE_NAMES.iter().enumerate() {
+            let h = &m.rpc[mi * CODES + ci];
+            if get(&h.count) > 0 {
+                let labels =
+                    format!("grpc_service=\"{svc}\",grpc_method=\"{meth}\",grpc_code=\"{code}\"");
+                h.render(&mut out, name, &labels);
+            }
+        }
+    }
+    counter(
+        &mut out,
+        "starling_cp_joins_total",
+        "Successful ViewerService.Join calls.",
+        get(&m.rpc[JOIN * CODES].count),
+    );
+
+    let name = "starling_cp_viewers";
+    head(
+        &mut out,
+        name,
+        "gauge",
+        "Viewer sessions in this process's peer grid, per broadcast.",
+    );
+    for (b, n) in core.grids().peer_counts() {
+        let _ = writeln!(out, "{name}{{broadcast_id=\"{}\"}} {n}", esc(&b));
+    }
+
+    let name = "starling_cp_viewer_bytes_total";
+    head(
+        &mut out,
+        name,
+        "counter",
+        "Bytes viewers received, by source, as reported (deltas of accepted reports).",
+    );
+    let _ = writeln!(
+        out,
+        "{name}{{source=\"server\"}} {}",
+        get(&m.bytes_from_server)
+    );
+    let _ = writeln!(
+        out,
+        "{name}{{source=\"peers\"}} {}",
+        get(&m.bytes_from_peers)
+    );
+
+    counter(
+        &mut out,
+        "starling_cp_reports_received_total",
+        "Viewer reports received in Report calls.",
+        get(&m.reports_received),
+    );
+    counter(
+        &mut out,
+        "starling_cp_reports_accepted_total",
+        "Viewer reports accepted into the write queue.",
+        get(&m.reports_accepted),
+    );
+    counter(
+        &mut out,
+        "starling_cp_reports_duplicate_total",
+        "Viewer reports ignored because their report_seq was already accepted.",
+        get(&m.reports_duplicate),
+    );
+    counter(
+        &mut out,
+        "starling_cp_reports_dropped_total",
+        "Viewer reports refused because the write queue was full (--report-queue-max).",
+        get(&m.reports_dropped),
+    );
+    counter(
+        &mut out,
+        "starling_cp_reports_stored_total",
+        "Viewer reports written to the database.",
+        get(&m.reports_stored),
+    );
+    counter(
+        &mut out,
+        "starling_cp_reports_stored_duplicate_total",
+        "Rows of retried batches that were already stored.",
+        get(&m.reports_stored_duplicate),
+    );
+    counter(
+        &mut out,
+        "starling_cp_reports_pruned_total",
+        "Raw viewer reports deleted after the retention period.",
+        get(&m.reports_pruned),
+    );
+    let r = core.reports();
+    gauge(
+        &mut out,
+        "starling_cp_report_queue_depth",
+        "Viewer reports waiting to be written to the database.",
+        r.queue_depth() as u64,
+    );
+    gauge(
+        &mut out,
+        "starling_cp_report_queue_capacity",
+        "Bound of the report write queue.",
+        r.queue_capacity() as u64,
+    );
+    gauge(
+        &mut out,
+        "starling_cp_report_sessions",
+        "Sessions whose last report this process remembers.",
+        r.tracked_sessions() as u64,
+    );
+    counter(
+        &mut out,
+        "starling_cp_db_write_batches_total",
+        "Report batches written to the database.",
+        get(&m.db_batches),
+    );
+    counter(
+        &mut out,
+        "starling_cp_db_write_errors_total",
+        "Report batch writes that failed (and were retried).",
+        get(&m.db_batch_errors),
+    );
+    let name = "starling_cp_db_write_batch_seconds";
+    head(
+        &mut out,
+        name,
+        "histogram",
+        "Time to write one report batch (one transaction).",
+    );
+    m.db_batch_seconds.render(&mut out, name, "");
+
+    let alive = tokio::time::timeout(Duration::from_secs(1), core.store().list_alive_nodes()).await;
+    match alive {
+        Ok(Ok(nodes)) => {
+            gauge(
+                &mut out,
+                "starling_cp_db_up",
+                "1 when the database answered this scrape.",
+                1,
+            );
+            gauge(
+                &mut out,
+                "starling_cp_nodes_alive",
+                "Data-plane nodes alive.",
+                nodes.len() as u64,
+            );
+        }
+        _ => gauge(
+            &mut out,
+            "starling_cp_db_up",
+            "1 when the database answered this scrape.",
+            0,
+        ),
+    }
+    out
+}
+
+/// Serves `GET /metrics` (and `GET /healthz`) over HTTP/1.1 until the task is aborted.
+pub async fn serve(listener: TcpListener, core: Arc<Core>) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Response, StatusCode};
+
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics listener accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let core = core.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let core = core.clone();
+                    async move {
+                        let resp = match (req.method(), req.uri().path()) {
+                            (&hyper::Method::GET, "/metrics") => Response::builder()
+                                .header("content-type", CONTENT_TYPE)
+                                .body(Full::new(Bytes::from(render(&core).await))),
+                            (&hyper::Method::GET, "/healthz") => {
+                                Response::builder().body(Full::new(Bytes::from_static(b"ok\n")))
+                            }
+                            _ => Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(Full::new(Bytes::from_static(b"not found\n"))),
+                        };
+                        resp.map_err(|e| std::io::Error::other(e.to_string()))
+                    }
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Binds the metrics listener (`None` when disabled).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr).await?;
+    let a = l.local_addr()?;
+    Ok((l, a))
+}
+
+/// Tower layer recording every gRPC call in [`Metrics`].
+#[derive(Debug, Clone)]
+pub struct RpcMetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RpcMetricsLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        RpcMetricsLayer { metrics }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetricsService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service of [`RpcMetricsLayer`].
+#[derive(Debug, Clone)]
+pub struct RpcMetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+fn grpc_code(headers: &http::HeaderMap) -> usize {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0)
+}
+
+impl<S, ReqB, ResB> tower_service::Service<http::Request<ReqB>> for RpcMetricsService<S>
+where
+    S: tower_service::Service<http::Request<ReqB>, Response = http::Response<ResB>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    ResB: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        let start = Instant::now();
+        let fut = self.inner.call(req);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let r = fut.await;
+            let code = match &r {
+                Ok(resp) => grpc_code(resp.headers()),
+                Err(_) => 2,
+            };
+            metrics.rpc(&path, code, start.elapsed());
+            r
+        })
+    }
+}

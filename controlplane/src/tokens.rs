@@ -1,0 +1,472 @@
+//! Chunk tokens on the control-plane side: the signing keys (persisted in the database,
+//! rotated at start-up on request), issuing and renewal decisions, and the recent
+//! revocations that viewers and nodes are told about.
+//!
+//! Token format and verification: [`starling_proto::token`].
+//!
+//! # Keys
+//!
+//! The Ed25519 signing keys live in the `token_keys` table (PKCS#8), for SQLite and
+//! Postgres alike: every replica on one Postgres database signs with the same key, and a
+//! restarted control plane keeps it, so tokens already handed out stay valid. Whoever can
+//! read that table can mint chunk tokens (see the trust model in ARCHITECTURE.md).
+//!
+//! The key with the highest id signs. A rotation ([`TokenKeys::load`] with `rotate`, the
+//! binary's `--rotate-token-key`) inserts a new key and marks every older one to retire
+//! [`RETIRE_AFTER`] later (the longest token lifetime plus a clock-skew margin): until
+//! then the old public key is still published, so tokens signed with it keep verifying
+//! and nobody is dropped. [`TokenKeys::refresh`] (run periodically) reloads the table, so
+//! other replicas pick up a rotation and retired keys stop being published; nodes get
+//! every change as a `KeysCommand`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use starling_proto::token::{KeyError, Scopes, TokenClaims, TokenError, TokenSigner};
+use starling_proto::v1::PublicKey;
+
+use crate::store::{Store, StoreError, TokenKeyRecord};
+
+/// Default chunk-token lifetime.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(120);
+/// Longest chunk-token lifetime accepted (the design's "≤ 120 s").
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(120);
+/// Shortest chunk-token lifetime accepted (renewal happens at half of it, and must fit
+/// a few heartbeats).
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(1);
+/// Clock-skew margin added to every "one token lifetime" (retiring keys, forgetting
+/// revocations): verifiers accept a token up to their own skew after its expiry.
+pub const SKEW_MARGIN: Duration = Duration::from_secs(30);
+/// How long a replaced signing key stays published: any token it signed has expired by
+/// then, whatever TTL the process that issued it used.
+pub const RETIRE_AFTER: Duration =
+    Duration::from_secs(MAX_TOKEN_TTL.as_secs() + SKEW_MARGIN.as_secs());
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Errors loading or rotating the signing keys.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenKeyError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored key is not a valid Ed25519 PKCS#8 key, or key generation failed.
+    #[error("chunk-token key {key_id}: {source}")]
+    Key {
+        /// The key id (0 for a key not stored yet).
+        key_id: u32,
+        /// Cause.
+        source: KeyError,
+    },
+    /// The table holds no usable key (should not happen after [`TokenKeys::load`]).
+    #[error("no chunk-token signing key")]
+    NoKey,
+}
+
+/// A token as handed to a viewer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    /// The encoded, signed token.
+    pub token: Vec<u8>,
+    /// Its expiry, unix ms.
+    pub expires_at_ms: i64,
+}
+
+/// The current key set: the signer plus the public keys to publish.
+#[derive(Debug)]
+struct KeySet {
+    signer: Arc<TokenSigner>,
+    /// Published keys (signer first), with the retire time of each (`None` = current).
+    published: Vec<(PublicKey, Option<i64>)>,
+}
+
+/// The chunk-token signing keys and the token lifetime.
+#[derive(Debug)]
+pub struct TokenKeys {
+    ttl: Duration,
+    set: RwLock<Arc<KeySet>>,
+}
+
+impl TokenKeys {
+    /// Loads the keys from the database, creating the first one if there is none, or a
+    /// new one (retiring the others after [`RETIRE_AFTER`]) when `rotate` is set.
+    ///
+    /// # Errors
+    /// The database failed, or a stored key is unusable.
+    pub async fn load(
+        store: &Store,
+        ttl: Duration,
+        rotate: bool,
+        now_ms: i64,
+    ) -> Result<TokenKeys, TokenKeyError> {
+        let ttl = ttl.clamp(MIN_TOKEN_TTL, MAX_TOKEN_TTL);
+        let mut records = store.list_token_keys().await?;
+        if records.is_empty() || rotate {
+            let pkcs8 = starling_proto::token::generate_pkcs8()
+                .map_err(|source| TokenKeyError::Key { key_id: 0, source })?;
+            // Two replicas creating the first key at once: one insert fails on the key
+            // id; the loser uses the winner's key (or, rotating, tries once more).
+            let mut attempt = 0;
+            loop {
+                match store
+                    .add_token_key(&pkcs8, now_ms, now_ms.saturating_add(ms(RETIRE_AFTER)))
+                    .await
+                {
+                    Ok(key_id) => {
+                        tracing::info!(
+                            key_id,
+                            rotated = !records.is_empty(),
+                            retire_previous_after_s = RETIRE_AFTER.as_secs(),
+                            "new chunk-token signing key"
+                        );
+                        break;
+                    }
+                    Err(StoreError::AlreadyExists { .. }) if attempt == 0 => {
+                        attempt += 1;
+                        if !rotate {
+                            break;
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            records = store.list_token_keys().await?;
+        }
+        let set = build_set(&records, now_ms, None)?;
+        tracing::info!(
+            signing_key_id = set.signer.key_id(),
+            published = set.published.len(),
+            ttl_ms = ms(ttl),
+            "chunk-token keys loaded"
+        );
+        Ok(TokenKeys {
+            ttl,
+            set: RwLock::new(Arc::new(set)),
+        })
+    }
+
+    fn current(&self) -> Arc<KeySet> {
+        self.set
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reloads the key table (a rotation by another replica, keys whose retire time
+    /// passed). Returns whether the published key set changed (then tell the nodes).
+    ///
+    /// # Errors
+    /// The database failed, or a stored key is unusable (the current set is kept).
+    pub async fn refresh(&self, store: &Store, now_ms: i64) -> Result<bool, TokenKeyError> {
+        let records = store.list_token_keys().await?;
+        let old = self.current();
+        let set = build_set(&records, now_ms, Some(&old.signer))?;
+        let changed = set.signer.key_id() != old.signer.key_id()
+            || set
+                .published
+                .iter()
+                .map(|(k, _)| k)
+                .ne(old.published.iter().map(|(k, _)| k));
+        if changed {
+            tracing::info!(
+                signing_key_id = set.signer.key_id(),
+                published = ?set.published.iter().map(|(k, _)| k.key_id).collect::<Vec<_>>(),
+                "chunk-token key set changed"
+            );
+            *self.set.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+        }
+        Ok(changed)
+    }
+
+    /// Token lifetime.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The id of the key that signs.
+    pub fn signing_key_id(&self) -> u32 {
+        self.current().signer.key_id()
+    }
+
+    /// Every public key a verifier must accept now (the signing key first).
+    pub fn public_keys(&self) -> Vec<PublicKey> {
+        self.current()
+            .published
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Signs a token for `peer_id` of `broadcast_id`, valid from `now_ms` for the TTL.
+    /// The token's `session_id` is the peer id (unique per session, never reused).
+    ///
+    /// # Errors
+    /// The claims cannot be encoded (e.g. an over-long broadcast id).
+    pub fn issue(
+        &self,
+        broadcast_id: &str,
+        peer_id: u64,
+        scopes: Scopes,
+        now_ms: i64,
+    ) -> Result<IssuedToken, TokenError> {
+        let issued = u64::try_from(now_ms).unwrap_or(0);
+        let expires =
+            issued.saturating_add(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX));
+        let token = self.current().signer.sign(&TokenClaims {
+            broadcast_id: broadcast_id.to_string(),
+            peer_id,
+            session_id: peer_id,
+            scopes,
+            issued_at_ms: issued,
+            expires_at_ms: expires,
+        })?;
+        Ok(IssuedToken {
+            token: token.to_vec(),
+            expires_at_ms: i64::try_from(expires).unwrap_or(i64::MAX),
+        })
+    }
+
+    /// Whether a token expiring at `expires_at_ms` should be replaced at `now_ms`: when
+    /// less than half of its lifetime remains.
+    pub fn needs_renewal(&self, expires_at_ms: i64, now_ms: i64) -> bool {
+        needs_renewal(expires_at_ms, self.ttl, now_ms)
+    }
+}
+
+/// Whether a token expiring at `expires_at_ms` with lifetime `ttl` should be renewed at
+/// `now_ms` (less than half of its lifetime left).
+pub fn needs_renewal(expires_at_ms: i64, ttl: Duration, now_ms: i64) -> bool {
+    expires_at_ms.saturating_sub(now_ms) < ms(ttl) / 2
+}
+
+/// The published set from the stored rows: keys not retired at `now_ms`, the highest id
+/// signing. `previous` is reused when it is still the signer (no re-parse).
+fn build_set(
+    records: &[TokenKeyRecord],
+    now_ms: i64,
+    previous: Option<&Arc<TokenSigner>>,
+) -> Result<KeySet, TokenKeyError> {
+    let newest = records
+        .iter()
+        .max_by_key(|r| r.key_id)
+        .ok_or(TokenKeyError::NoKey)?;
+    let signer = match previous {
+        Some(s) if s.key_id() == newest.key_id => s.clone(),
+        _ => Arc::new(
+            TokenSigner::new(newest.key_id, &newest.pkcs8).map_err(|source| {
+                TokenKeyError::Key {
+                    key_id: newest.key_id,
+                    source,
+                }
+            })?,
+        ),
+    };
+    let mut published = vec![(
+        PublicKey {
+            key_id: signer.key_id(),
+            ed25519: signer.public_key().to_vec(),
+        },
+        None,
+    )];
+    let mut older: Vec<&TokenKeyRecord> = records
+        .iter()
+        .filter(|r| r.key_id != newest.key_id)
+        .filter(|r| r.retire_at_ms.is_none_or(|t| t > now_ms))
+        .collect();
+    older.sort_by_key(|r| std::cmp::Reverse(r.key_id));
+    // A verifier holds at most MAX_KEYS keys; the newest ones matter.
+    for r in older
+        .into_iter()
+        .take(starling_proto::token::MAX_KEYS.saturating_sub(1))
+    {
+        match TokenSigner::new(r.key_id, &r.pkcs8) {
+            Ok(s) => published.push((
+                PublicKey {
+                    key_id: r.key_id,
+                    ed25519: s.public_key().to_vec(),
+                },
+                r.retire_at_ms,
+            )),
+            Err(e) => {
+                tracing::error!(key_id = r.key_id, error = %e, "unusable retiring chunk-token key; not published");
+            }
+        }
+    }
+    Ok(KeySet { signer, published })
+}
+
+/// Peers revoked recently, per broadcast: told to viewers (heartbeat) and nodes (replay)
+/// until every token they could still hold has expired. Also the subjects revoked per
+/// broadcast: a credential of theirs issued at or before the revocation (or without
+/// `iat`) is refused at join until the revoked credentials expire, so a revoked viewer
+/// cannot simply join again; one minted by the broadcaster after it is accepted.
+#[derive(Debug, Default)]
+pub struct Revocations {
+    by_broadcast: Mutex<HashMap<String, Vec<(u64, i64)>>>,
+    /// (broadcast, subject) → (revoked at, refused until), unix seconds.
+    subjects: Mutex<HashMap<(String, String), (u64, u64)>>,
+}
+
+impl Revocations {
+    /// Empty.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records `peer_ids` of `broadcast_id` as revoked until `until_ms`.
+    pub fn add(&self, broadcast_id: &str, peer_ids: &[u64], until_ms: i64) {
+        if peer_ids.is_empty() {
+            return;
+        }
+        let mut map = self
+            .by_broadcast
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let list = map.entry(broadcast_id.to_string()).or_default();
+        for &p in peer_ids {
+            match list.iter_mut().find(|(q, _)| *q == p) {
+                Some(e) => e.1 = e.1.max(until_ms),
+                None => list.push((p, until_ms)),
+            }
+        }
+    }
+
+    /// The peers of `broadcast_id` still revoked at `now_ms` (forgetting older ones).
+    pub fn list(&self, broadcast_id: &str, now_ms: i64) -> Vec<u64> {
+        let mut map = self
+            .by_broadcast
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(list) = map.get_mut(broadcast_id) else {
+            return Vec::new();
+        };
+        list.retain(|&(_, until)| until > now_ms);
+        let out: Vec<u64> = list.iter().map(|&(p, _)| p).collect();
+        if list.is_empty() {
+            map.remove(broadcast_id);
+        }
+        out
+    }
+
+    /// Forgets every expired entry (periodic housekeeping).
+    pub fn prune(&self, now_ms: i64) {
+        let mut map = self
+            .by_broadcast
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, list| {
+            list.retain(|&(_, until)| until > now_ms);
+            !list.is_empty()
+        });
+        drop(map);
+        let now_s = u64::try_from(now_ms / 1000).unwrap_or(0);
+        self.subjects
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, &mut (_, until)| until > now_s);
+    }
+
+    /// Refuses `subject`'s credentials for `broadcast_id` issued at or before
+    /// `revoked_at_s`, until `until_s` (unix seconds).
+    pub fn block_subject(
+        &self,
+        broadcast_id: &str,
+        subject: &str,
+        revoked_at_s: u64,
+        until_s: u64,
+    ) {
+        let mut map = self.subjects.lock().unwrap_or_else(PoisonError::into_inner);
+        let e = map
+            .entry((broadcast_id.to_string(), subject.to_string()))
+            .or_insert((revoked_at_s, until_s));
+        e.0 = e.0.max(revoked_at_s);
+        e.1 = e.1.max(until_s);
+    }
+
+    /// Whether a credential of `subject` issued at `issued_at_s` (`None`: no `iat`) is
+    /// refused for `broadcast_id` at `now_s`.
+    pub fn subject_blocked(
+        &self,
+        broadcast_id: &str,
+        subject: &str,
+        issued_at_s: Option<u64>,
+        now_s: u64,
+    ) -> bool {
+        let map = self.subjects.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get(&(broadcast_id.to_string(), subject.to_string())) {
+            Some(&(revoked_at, until)) if until > now_s => {
+                issued_at_s.is_none_or(|iat| iat <= revoked_at)
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn renewal_at_half_lifetime() {
+        let ttl = Duration::from_secs(120);
+        assert!(!needs_renewal(120_000, ttl, 0));
+        assert!(!needs_renewal(120_000, ttl, 60_000));
+        assert!(needs_renewal(120_000, ttl, 60_001));
+        assert!(needs_renewal(120_000, ttl, 200_000));
+    }
+
+    #[test]
+    fn revocations_expire() {
+        let r = Revocations::new();
+        r.add("b", &[1, 2], 100);
+        r.add("b", &[2], 300);
+        r.add("c", &[9], 100);
+        assert_eq!(r.list("b", 50), vec![1, 2]);
+        assert_eq!(r.list("b", 100), vec![2]);
+        assert!(r.list("x", 0).is_empty());
+        r.prune(150);
+        assert!(r.list("c", 0).is_empty());
+        r.block_subject("b", "alice", 1_000, 2_000);
+        assert!(r.subject_blocked("b", "alice", None, 1_500));
+        assert!(r.subject_blocked("b", "alice", Some(1_000), 1_500));
+        assert!(!r.subject_blocked("b", "alice", Some(1_001), 1_500));
+        assert!(!r.subject_blocked("b", "bob", None, 1_500));
+        assert!(!r.subject_blocked("c", "alice", None, 1_500));
+        assert!(!r.subject_blocked("b", "alice", None, 2_000));
+        assert_eq!(r.list("b", 299), vec![2]);
+        assert!(r.list("b", 300).is_empty());
+        r.prune(2_000_000);
+        assert!(!r.subject_blocked("b", "alice", None, 0));
+    }
+
+    fn record(key_id: u32, retire_at_ms: Option<i64>) -> TokenKeyRecord {
+        TokenKeyRecord {
+            key_id,
+            pkcs8: starling_proto::token::generate_pkcs8().unwrap(),
+            created_at_ms: 0,
+            retire_at_ms,
+        }
+    }
+
+    #[test]
+    fn newest_key_signs_and_retired_keys_go() {
+        let rows = vec![
+            record(1, Some(1_000)),
+            record(2, Some(5_000)),
+            record(3, None),
+        ];
+        let set = build_set(&rows, 2_000, None).unwrap();
+        assert_eq!(set.signer.key_id(), 3);
+        let ids: Vec<u32> = set.published.iter().map(|(k, _)| k.key_id).collect();
+        assert_eq!(ids, vec![3, 2]);
+        assert!(set.published.iter().all(|(k, _)| k.ed25519.len() == 32));
+        let later = build_set(&rows, 5_000, Some(&set.signer)).unwrap();
+        assert!(Arc::ptr_eq(&later.signer, &set.signer));
+        assert_eq!(later.published.len(), 1);
+        assert!(matches!(build_set(&[], 0, None), Err(TokenKeyError::NoKey)));
+    }
+}
