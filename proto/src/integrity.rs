@@ -35,12 +35,11 @@
 //! Checks are ordered cheapest first and the payload is hashed last, so a forged block
 //! costs a verifier one signature check and no hashing.
 
-use std::collections::HashMap;
-
 use bytes::{BufMut, Bytes, BytesMut};
 use ring::digest::{SHA256, digest};
-use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use ring::signature::{Ed25519KeyPair, KeyPair};
 
+use crate::ed25519::{EnvelopeError, KeySet, be_u32, be_u64, check_envelope};
 use crate::token::key_pair_from_pkcs8;
 pub use crate::token::{KeyError, generate_pkcs8};
 
@@ -48,7 +47,7 @@ pub use crate::token::{KeyError, generate_pkcs8};
 pub const BLOCK_VERSION: u8 = 1;
 /// Longest broadcast id a block may name.
 pub const MAX_BROADCAST_ID: usize = 128;
-pub const SIGNATURE_LEN: usize = 64;
+pub const SIGNATURE_LEN: usize = crate::ed25519::SIGNATURE_LEN;
 pub const HASH_LEN: usize = 32;
 /// Fixed part before the broadcast id (version .. broadcast_len).
 pub const FIXED_LEN: usize = 63;
@@ -111,6 +110,17 @@ pub enum IntegrityError {
     /// Signing side only.
     #[error("cannot sign chunk: {0}")]
     Encode(&'static str),
+}
+
+impl From<EnvelopeError> for IntegrityError {
+    fn from(e: EnvelopeError) -> Self {
+        match e {
+            EnvelopeError::Oversized => IntegrityError::Oversized,
+            EnvelopeError::Truncated => IntegrityError::Truncated,
+            EnvelopeError::UnsupportedVersion(v) => IntegrityError::UnsupportedVersion(v),
+            EnvelopeError::Malformed(m) => IntegrityError::Malformed(m),
+        }
+    }
 }
 
 /// SHA-256 of a payload.
@@ -213,47 +223,15 @@ pub struct BlockFields<'a> {
     signature: &'a [u8],
 }
 
-fn be_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
-
 /// Structural parse of a block, WITHOUT checking its signature.
 pub fn parse_block(block: &[u8]) -> Result<BlockFields<'_>, IntegrityError> {
-    if block.len() > MAX_BLOCK_LEN {
-        return Err(IntegrityError::Oversized);
-    }
-    let Some(&version) = block.first() else {
-        return Err(IntegrityError::Truncated);
-    };
-    if version != BLOCK_VERSION {
-        return Err(IntegrityError::UnsupportedVersion(version));
-    }
-    if block.len() < FIXED_LEN {
-        return Err(IntegrityError::Truncated);
-    }
-    let id_len = usize::from(block[FIXED_LEN - 1]);
-    if id_len == 0 {
-        return Err(IntegrityError::Malformed("empty broadcast id"));
-    }
-    if id_len > MAX_BROADCAST_ID {
-        return Err(IntegrityError::Malformed("broadcast id too long"));
-    }
-    let body_len = FIXED_LEN + id_len;
-    let total = body_len + SIGNATURE_LEN;
-    if block.len() < total {
-        return Err(IntegrityError::Truncated);
-    }
-    if block.len() > total {
-        return Err(IntegrityError::Malformed("trailing bytes"));
-    }
+    let body_len = check_envelope(
+        block,
+        MAX_BLOCK_LEN,
+        BLOCK_VERSION,
+        FIXED_LEN,
+        MAX_BROADCAST_ID,
+    )?;
     Ok(BlockFields {
         key_id: be_u32(block, 1),
         meta: ChunkMeta {
@@ -275,7 +253,7 @@ pub fn parse_block(block: &[u8]) -> Result<BlockFields<'_>, IntegrityError> {
 #[derive(Debug, Clone)]
 pub struct ChunkVerifier {
     broadcast_id: String,
-    keys: HashMap<u32, UnparsedPublicKey<[u8; 32]>>,
+    keys: KeySet,
     max_age_ms: Option<u64>,
     max_future_ms: u64,
 }
@@ -285,7 +263,7 @@ impl ChunkVerifier {
     pub fn new(broadcast_id: impl Into<String>) -> Self {
         ChunkVerifier {
             broadcast_id: broadcast_id.into(),
-            keys: HashMap::new(),
+            keys: KeySet::default(),
             max_age_ms: None,
             max_future_ms: 30_000,
         }
@@ -308,20 +286,12 @@ impl ChunkVerifier {
     /// Trusts `public_key` (32 raw Ed25519 bytes) under `key_id`, replacing any key
     /// with that id.
     pub fn add_key(&mut self, key_id: u32, public_key: &[u8]) -> Result<(), KeyError> {
-        let key: [u8; 32] = public_key
-            .try_into()
-            .map_err(|_| KeyError::InvalidPublicKey)?;
-        if !self.keys.contains_key(&key_id) && self.keys.len() >= MAX_KEYS {
-            return Err(KeyError::TooManyKeys(MAX_KEYS));
-        }
-        self.keys
-            .insert(key_id, UnparsedPublicKey::new(&ED25519, key));
-        Ok(())
+        self.keys.add(key_id, public_key, MAX_KEYS)
     }
 
     /// Stops trusting `key_id`; returns whether it was known.
     pub fn remove_key(&mut self, key_id: u32) -> bool {
-        self.keys.remove(&key_id).is_some()
+        self.keys.remove(key_id)
     }
 
     /// Checks a chunk against its signature block. Order: structure (`Oversized`,
@@ -372,7 +342,7 @@ impl ChunkVerifier {
         let b = parse_block(block)?;
         let key = self
             .keys
-            .get(&b.key_id)
+            .get(b.key_id)
             .ok_or(IntegrityError::UnknownKeyId(b.key_id))?;
         let mut msg = [0u8; SIGNING_CONTEXT.len() + FIXED_LEN + MAX_BROADCAST_ID];
         let n = SIGNING_CONTEXT.len() + b.signed.len();

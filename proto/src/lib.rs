@@ -11,6 +11,7 @@
 //! * [`integrity`]: per-chunk signatures made by the data plane and checked by every
 //!   viewer before it plays or relays a chunk.
 
+mod ed25519;
 pub mod integrity;
 pub mod token;
 pub mod wire;

@@ -17,18 +17,18 @@
 //! 104 to 231 bytes; anything longer than [`MAX_TOKEN_LEN`] is rejected before parsing.
 //! Verification never panics and returns a typed [`TokenError`] for every failure.
 
-use std::collections::HashMap;
-
 use bytes::{BufMut, Bytes, BytesMut};
 use ring::rand::SystemRandom;
-use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use ring::signature::{Ed25519KeyPair, KeyPair};
+
+use crate::ed25519::{EnvelopeError, KeySet, be_u32, be_u64, check_envelope};
 
 /// Token format version produced and accepted by this build.
 pub const TOKEN_VERSION: u8 = 1;
 /// Longest broadcast id a token may name (same as the wire's `MAX_BROADCAST_ID`).
 pub const MAX_BROADCAST_ID: usize = 128;
 /// Length of the Ed25519 signature that ends every token.
-pub const SIGNATURE_LEN: usize = 64;
+pub const SIGNATURE_LEN: usize = crate::ed25519::SIGNATURE_LEN;
 /// Length of the fixed part before the broadcast id (version .. broadcast_len).
 pub const FIXED_LEN: usize = 39;
 /// Shortest well-formed token (one-byte broadcast id).
@@ -117,6 +117,17 @@ pub enum TokenError {
     /// Signing side only: the claims cannot be encoded.
     #[error("cannot sign token: {0}")]
     Encode(&'static str),
+}
+
+impl From<EnvelopeError> for TokenError {
+    fn from(e: EnvelopeError) -> Self {
+        match e {
+            EnvelopeError::Oversized => TokenError::Oversized,
+            EnvelopeError::Truncated => TokenError::Truncated,
+            EnvelopeError::UnsupportedVersion(v) => TokenError::UnsupportedVersion(v),
+            EnvelopeError::Malformed(m) => TokenError::Malformed(m),
+        }
+    }
 }
 
 /// Problems with key material (construction and key-set management only).
@@ -212,7 +223,7 @@ impl TokenSigner {
 /// Data-plane / peer side: the control plane's public keys by key id.
 #[derive(Debug, Clone, Default)]
 pub struct TokenVerifier {
-    keys: HashMap<u32, UnparsedPublicKey<[u8; 32]>>,
+    keys: KeySet,
 }
 
 /// The parsed but not yet verified parts of a token.
@@ -228,47 +239,15 @@ struct Parsed<'a> {
     signature: &'a [u8],
 }
 
-fn be_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
-
 /// Structural parse; lengths are checked before every read.
 fn parse(token: &[u8]) -> Result<Parsed<'_>, TokenError> {
-    if token.len() > MAX_TOKEN_LEN {
-        return Err(TokenError::Oversized);
-    }
-    let Some(&version) = token.first() else {
-        return Err(TokenError::Truncated);
-    };
-    if version != TOKEN_VERSION {
-        return Err(TokenError::UnsupportedVersion(version));
-    }
-    if token.len() < FIXED_LEN {
-        return Err(TokenError::Truncated);
-    }
-    let id_len = usize::from(token[FIXED_LEN - 1]);
-    if id_len == 0 {
-        return Err(TokenError::Malformed("empty broadcast id"));
-    }
-    if id_len > MAX_BROADCAST_ID {
-        return Err(TokenError::Malformed("broadcast id too long"));
-    }
-    let body_len = FIXED_LEN + id_len;
-    let total = body_len + SIGNATURE_LEN;
-    if token.len() < total {
-        return Err(TokenError::Truncated);
-    }
-    if token.len() > total {
-        return Err(TokenError::Malformed("trailing bytes"));
-    }
+    let body_len = check_envelope(
+        token,
+        MAX_TOKEN_LEN,
+        TOKEN_VERSION,
+        FIXED_LEN,
+        MAX_BROADCAST_ID,
+    )?;
     Ok(Parsed {
         key_id: be_u32(token, 1),
         scopes_bits: token[5],
@@ -323,24 +302,16 @@ impl TokenVerifier {
     /// with that id. Several keys are valid at once: add the new key everywhere, start
     /// signing with it, remove the old one after the longest token lifetime.
     pub fn add_key(&mut self, key_id: u32, public_key: &[u8]) -> Result<(), KeyError> {
-        let key: [u8; 32] = public_key
-            .try_into()
-            .map_err(|_| KeyError::InvalidPublicKey)?;
-        if !self.keys.contains_key(&key_id) && self.keys.len() >= MAX_KEYS {
-            return Err(KeyError::TooManyKeys(MAX_KEYS));
-        }
-        self.keys
-            .insert(key_id, UnparsedPublicKey::new(&ED25519, key));
-        Ok(())
+        self.keys.add(key_id, public_key, MAX_KEYS)
     }
 
     /// Stops trusting `key_id`; returns whether it was known.
     pub fn remove_key(&mut self, key_id: u32) -> bool {
-        self.keys.remove(&key_id).is_some()
+        self.keys.remove(key_id)
     }
 
     pub fn key_ids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.keys.keys().copied()
+        self.keys.ids()
     }
 
     /// Checks, in this order: size and structure (`Oversized`, `Truncated`,
@@ -359,7 +330,7 @@ impl TokenVerifier {
         let p = parse(token)?;
         let key = self
             .keys
-            .get(&p.key_id)
+            .get(p.key_id)
             .ok_or(TokenError::UnknownKeyId(p.key_id))?;
         // The signed message is short (< 256 bytes): a stack buffer avoids allocating.
         let mut msg = [0u8; SIGNING_CONTEXT.len() + FIXED_LEN + MAX_BROADCAST_ID];
