@@ -377,6 +377,9 @@ async fn liveness_loop(core: Arc<Core>) {
         if let Err(e) = core.expire_sessions().await {
             tracing::error!(error = %e, "session expiry failed");
         }
+        if let Err(e) = core.flush_touches().await {
+            tracing::warn!(error = %e, "writing heartbeats to the database failed; retrying");
+        }
     }
 }
 

@@ -205,6 +205,11 @@ pub struct Core {
     reports: Arc<crate::reports::Reports>,
     /// Prometheus counters ([`crate::metrics`]).
     metrics: Arc<crate::metrics::Metrics>,
+    /// Heartbeats of sessions in a live grid not yet written to the database (session
+    /// id → time): liveness itself is decided in memory (the grid), so the database
+    /// only gets `last_seen_ms` in one batch per liveness tick instead of one write per
+    /// heartbeat. At most one entry per session in a grid.
+    touches: std::sync::Mutex<HashMap<String, i64>>,
 }
 
 impl Core {
@@ -228,6 +233,7 @@ impl Core {
             assign_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             grids: LiveGrids::new(),
+            touches: std::sync::Mutex::new(HashMap::new()),
             auth,
             tokens,
             revocations: Revocations::new(),
@@ -517,6 +523,34 @@ impl Core {
             links.remove(node_id);
         }
         result
+    }
+
+    fn pending_touches(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.touches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes the heartbeats recorded since the last call to the database in one batch.
+    /// On failure they are put back (newer heartbeats win) and retried on the next call.
+    /// Returns how many sessions were written.
+    pub async fn flush_touches(&self) -> Result<usize, StoreError> {
+        let batch: Vec<(String, i64)> = std::mem::take(&mut *self.pending_touches())
+            .into_iter()
+            .collect();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        match self.store.touch_sessions(&batch).await {
+            Ok(_) => Ok(batch.len()),
+            Err(e) => {
+                let mut pending = self.pending_touches();
+                for (id, t) in batch {
+                    pending.entry(id).or_insert(t);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// How long a viewer session may stay silent before it is expired.
@@ -899,21 +933,31 @@ impl Core {
 
     async fn heartbeat(&self, req: HeartbeatRequest) -> ApiResult<HeartbeatResponse> {
         validate::id("session_id", &req.session_id)?;
-        // Stopping a broadcast ends its sessions, so one update answers both "unknown
-        // or ended" and "broadcast stopped".
-        let active = self.store.touch_session(&req.session_id, now_ms()).await?;
-        if !active {
-            tracing::debug!(session_id = %req.session_id, "heartbeat for unknown or ended session");
-            return Ok(HeartbeatResponse::default());
-        }
         let counters = [
             req.bytes_from_server,
             req.bytes_from_peers,
             req.bytes_uploaded,
         ];
+        // A session in a live grid is active (leaving, expiry, revocation and stopping
+        // the broadcast all take it out of the grid): its heartbeat is recorded in
+        // memory and written to the database in a batch ([`Core::flush_touches`]).
+        let view = self.grids.heartbeat(&req.session_id, counters);
+        if view.is_some() {
+            self.pending_touches()
+                .insert(req.session_id.clone(), now_ms());
+        } else {
+            // Not in this process's grid: the database decides (stopping a broadcast
+            // ends its sessions, so one update answers both "unknown or ended" and
+            // "broadcast stopped").
+            let active = self.store.touch_session(&req.session_id, now_ms()).await?;
+            if !active {
+                tracing::debug!(session_id = %req.session_id, "heartbeat for unknown or ended session");
+                return Ok(HeartbeatResponse::default());
+            }
+        }
         let token_keys = self.tokens.public_keys();
         let chunk_keys = self.chunk_keys(None);
-        match self.grids.heartbeat(&req.session_id, counters) {
+        match view {
             Some(view) => {
                 let now = now_ms();
                 let mut chunk_token = Vec::new();

@@ -824,6 +824,42 @@ impl Store {
         })
     }
 
+    /// Records many heartbeats at once (session id, time), in one statement on Postgres
+    /// and one transaction on SQLite; ended and unknown sessions are skipped and a time
+    /// never moves backwards. Returns how many sessions were updated.
+    pub async fn touch_sessions(&self, touches: &[(String, i64)]) -> Result<u64, StoreError> {
+        if touches.is_empty() {
+            return Ok(0);
+        }
+        match self {
+            Store::Postgres(pool) => {
+                const SQL: &str = "UPDATE sessions AS s SET last_seen_ms = v.t \
+                     FROM UNNEST($1::text[], $2::bigint[]) AS v(id, t) \
+                     WHERE s.id = v.id AND s.left_at_ms IS NULL AND s.last_seen_ms < v.t";
+                let ids: Vec<&str> = touches.iter().map(|(id, _)| id.as_str()).collect();
+                let times: Vec<i64> = touches.iter().map(|&(_, t)| t).collect();
+                let done = sqlx::query(SQL).bind(ids).bind(times).execute(pool).await?;
+                Ok(done.rows_affected())
+            }
+            Store::Sqlite(pool) => {
+                const SQL: &str = "UPDATE sessions SET last_seen_ms = $2 \
+                     WHERE id = $1 AND left_at_ms IS NULL AND last_seen_ms < $2";
+                let mut tx = pool.begin().await?;
+                let mut n = 0;
+                for (id, t) in touches {
+                    n += sqlx::query(SQL)
+                        .bind(id)
+                        .bind(*t)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                tx.commit().await?;
+                Ok(n)
+            }
+        }
+    }
+
     /// Ends an active session. Returns false when unknown or already ended.
     pub async fn end_session(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
         const SQL: &str =

@@ -354,6 +354,25 @@ async fn sessions_lifecycle(store: Store) {
     );
     assert_eq!(store.count_active_sessions("a").await.unwrap(), 1);
 
+    // Batched heartbeats: ended (s1) and unknown sessions are skipped, and a time older
+    // than the recorded one (s3: 1_500 < its join at 2_000) does not win.
+    let batch = [
+        ("s1".to_string(), 3_500),
+        ("s2".to_string(), 3_600),
+        ("s3".to_string(), 1_500),
+        ("ghost".to_string(), 3_600),
+    ];
+    assert_eq!(store.touch_sessions(&batch).await.unwrap(), 1);
+    for (id, want, why) in [
+        ("s2", 3_600, "a batched heartbeat is recorded"),
+        ("s3", 2_000, "an older heartbeat does not win"),
+        ("s1", 2_500, "an ended session is not touched"),
+    ] {
+        let got = store.get_session(id).await.unwrap().unwrap().last_seen_ms;
+        assert_eq!(got, want, "{why}");
+    }
+    assert_eq!(store.touch_sessions(&[]).await.unwrap(), 0);
+
     assert_eq!(store.end_broadcast_sessions("a", 4_000).await.unwrap(), 1);
     assert_eq!(store.count_active_sessions("a").await.unwrap(), 0);
     assert_eq!(store.count_active_sessions("b").await.unwrap(), 1);

@@ -21,7 +21,11 @@
 //!   [`SchedulerConfig::late_threshold`] after availability, or nothing for
 //!   [`SchedulerConfig::silence_timeout`] after a chunk became available, is re-searched
 //!   ([`Action::ReSearch`], excluding that parent) while the buffer and mesh repair cover
-//!   the gap;
+//!   the gap. A parent is only blamed for a chunk that could be had elsewhere first (held
+//!   from a repair, or in a neighbour's buffer map): when everyone is late a new parent
+//!   cannot help. Re-searches of one substream are [`SchedulerConfig::research_retry`]
+//!   apart and back off (doubling up to [`SchedulerConfig::research_backoff_max`]) while
+//!   new parents keep failing;
 //! * **serving**: requests are answered from the held window ([`Action::Serve`] /
 //!   [`Action::NotFound`]); buffer maps go to every neighbour every
 //!   [`SchedulerConfig::buffer_map_interval`].

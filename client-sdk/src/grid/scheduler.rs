@@ -83,9 +83,15 @@ pub struct SchedulerConfig {
     /// A parent that has not delivered a chunk this long after it became available is
     /// replaced. Default 1.5 s.
     pub silence_timeout: Duration,
-    /// A re-search not answered by [`PeerScheduler::on_parent_changed`] is repeated after
-    /// this long. Default 5 s.
+    /// Least time between two re-searches of one substream (a re-search not answered by
+    /// [`PeerScheduler::on_parent_changed`] is repeated after this long). Each re-search
+    /// that follows the previous one within six of these (plus the wait) doubles the
+    /// wait, up to [`SchedulerConfig::research_backoff_max`]: a peer whose new parents
+    /// keep failing (more likely its own link or CPU than every parent) stops asking the
+    /// control plane every few seconds and leaves the gaps to mesh repair. Default 5 s.
     pub research_retry: Duration,
+    /// Longest wait between re-searches of one substream under back-off. Default 60 s.
+    pub research_backoff_max: Duration,
     /// Interval between buffer maps sent to each neighbour. Default 500 ms.
     pub buffer_map_interval: Duration,
     /// Chunks held (and described in buffer maps) behind the newest; the networking layer
@@ -108,6 +114,7 @@ impl Default for SchedulerConfig {
             late_strikes: 3,
             silence_timeout: Duration::from_millis(1500),
             research_retry: Duration::from_secs(5),
+            research_backoff_max: Duration::from_secs(60),
             buffer_map_interval: Duration::from_millis(500),
             window: 64,
         }
@@ -168,7 +175,13 @@ struct Substream {
     last_seq: Option<u64>,
     since_ms: i64,
     research_at: Option<i64>,
+    /// Re-searches in a row, each within `FLAP_WINDOW_RETRIES` retries of the previous.
+    flaps: u32,
 }
+
+/// A re-search this many [`SchedulerConfig::research_retry`]s after the previous one
+/// starts the back-off afresh.
+const FLAP_WINDOW_RETRIES: i64 = 6;
 
 /// One peer's scheduling state machine (sans-IO): feed it events with `now`, drain
 /// [`Action`]s. See the [module docs](super).
@@ -337,7 +350,8 @@ impl PeerScheduler {
             sub.parent = parent;
             sub.strikes = 0;
             sub.since_ms = ms(now);
-            sub.research_at = None;
+            // `research_at` is kept: the next re-search of this substream waits out the
+            // back-off from the last one (mesh repair covers the gap meanwhile).
         }
     }
 
@@ -478,11 +492,16 @@ impl PeerScheduler {
             now_ms.saturating_sub(b.saturating_add(self.seq_ms(seq)))
         });
         let strikes_needed = self.cfg.late_strikes;
+        // Late only counts against the parent if the chunk could be had elsewhere first
+        // (already held from a repair, or in a neighbour's buffer map): when the whole
+        // grid is late (the source, the data plane or this machine's CPU), changing
+        // parents cannot help and would only add load.
+        let elsewhere = lateness > late_ms && self.available_elsewhere(seq);
         let sub = &mut self.subs[usize::from(s)];
         if sub.last_seq.is_none_or(|l| seq > l) {
             sub.last_seq = Some(seq);
         }
-        if lateness > late_ms {
+        if elsewhere {
             sub.strikes += 1;
         } else {
             sub.strikes = 0;
@@ -492,15 +511,36 @@ impl PeerScheduler {
         }
     }
 
+    /// True if chunk `seq` is held already or some neighbour's buffer map has it.
+    fn available_elsewhere(&self, seq: u64) -> bool {
+        self.have.contains(&seq)
+            || self
+                .neighbours
+                .values()
+                .any(|n| n.map.as_ref().is_some_and(|m| m.contains(seq)))
+    }
+
     fn research(&mut self, s: u16, now_ms: i64) {
         let retry = ms(self.cfg.research_retry);
+        let max = ms(self.cfg.research_backoff_max).max(retry);
         let sub = &mut self.subs[usize::from(s)];
+        let wait = retry.saturating_mul(1i64 << sub.flaps.min(16)).min(max);
         if sub
             .research_at
-            .is_some_and(|t| now_ms < t.saturating_add(retry))
+            .is_some_and(|t| now_ms < t.saturating_add(wait))
         {
             return;
         }
+        let flapping = sub.research_at.is_some_and(|t| {
+            now_ms
+                < t.saturating_add(retry.saturating_mul(FLAP_WINDOW_RETRIES))
+                    .saturating_add(wait)
+        });
+        sub.flaps = if flapping {
+            sub.flaps.saturating_add(1)
+        } else {
+            0
+        };
         sub.research_at = Some(now_ms);
         let exclude = match sub.parent {
             Some(Upstream::Peer(p)) => Some(p),
@@ -562,7 +602,8 @@ impl PeerScheduler {
             let from = sub.last_seq.map_or(start, |l| l + 1).max(start);
             let next = from + (s64 + self.k - from % self.k) % self.k;
             let expected = base.saturating_add(self.seq_ms(next)).max(sub.since_ms);
-            if now_ms > expected.saturating_add(silence) {
+            // Silent only if the chunk could be had elsewhere (see `monitor_parent`).
+            if now_ms > expected.saturating_add(silence) && self.available_elsewhere(next) {
                 self.research(s as u16, now_ms);
             }
         }

@@ -57,6 +57,9 @@ struct SimPeer {
     parents: Vec<Upstream>,
     neighbours: Vec<PeerId>,
     research_log: Vec<(u64, u16, Option<PeerId>)>,
+    /// Parents this peer's re-searches excluded (the real control plane keeps them
+    /// excluded for a while, too).
+    excluded: Vec<PeerId>,
 }
 
 /// The simulated swarm.
@@ -94,6 +97,7 @@ impl Sim {
                     parents: vec![Upstream::Server; usize::from(cfg.substreams)],
                     neighbours: Vec::new(),
                     research_log: Vec::new(),
+                    excluded: Vec::new(),
                 },
             );
         }
@@ -314,15 +318,16 @@ impl Sim {
         }
     }
 
-    /// The tiny controller: a living peer with a spare slot that is neither excluded nor
-    /// in the child's subtree, else the server.
-    fn choose_parent(&self, child: PeerId, s: u16, exclude: Option<PeerId>) -> Upstream {
+    /// The tiny controller: a living peer with a spare slot that the child never excluded
+    /// and that is not in the child's subtree, else the server.
+    fn choose_parent(&self, child: PeerId, s: u16) -> Upstream {
+        let excluded = &self.peers[&child].excluded;
         let slot_kbps = self.chunk_bytes * 8 * 1000
             / (self.cfg.chunk_duration.as_millis() as u64)
             / 1000
             / u64::from(self.cfg.substreams);
         for (&id, p) in &self.peers {
-            if !p.alive || id == child || Some(id) == exclude {
+            if !p.alive || id == child || excluded.contains(&id) {
                 continue;
             }
             let used: usize = (0..self.cfg.substreams)
@@ -421,7 +426,12 @@ impl Sim {
                 exclude,
             } => {
                 if self.peers[&child].alive {
-                    let parent = self.choose_parent(child, substream, exclude);
+                    if let Some(x) = exclude
+                        && let Some(p) = self.peers.get_mut(&child)
+                    {
+                        p.excluded.push(x);
+                    }
+                    let parent = self.choose_parent(child, substream);
                     self.set_parent(child, substream, parent);
                     self.drain(child);
                 }
@@ -679,16 +689,22 @@ fn pushes_to_children_and_answers_requests() {
 fn silent_parent_is_re_searched_once() {
     let mut s = started();
     s.on_parent_changed(0, Some(Upstream::Peer(3)), at(3100));
-    // seq 4 (substream 0) becomes available at ~4000; silence after 5500.
-    for t in [4000, 5000, 5400] {
+    // seq 4 (substream 0) becomes available at ~4000; silence after 5500, but only once
+    // the chunk can be had elsewhere: here, once a neighbour's buffer map has it.
+    s.on_neighbour_added(9);
+    for t in [4000, 5000, 5400, 5600, 5800] {
         s.tick(at(t));
         assert!(
             !drain(&mut s)
                 .iter()
-                .any(|a| matches!(a, Action::ReSearch { .. }))
+                .any(|a| matches!(a, Action::ReSearch { .. })),
+            "re-searched at {t} though no one had the chunk"
         );
     }
-    s.tick(at(5600));
+    let mut map = BufferMap::new(0, 64);
+    map.set(4);
+    s.on_buffer_map(9, map, at(5850));
+    s.tick(at(5900));
     let acts = drain(&mut s);
     assert!(acts.contains(&Action::ReSearch {
         substream: 0,
@@ -712,4 +728,47 @@ fn state_stays_bounded() {
     }
     assert!(s.buffer_map().len() <= 64);
     assert!(s.repairs_len() <= 64 && s.held_len() <= 64);
+}
+
+#[test]
+fn re_searches_back_off_while_new_parents_keep_failing() {
+    let mut s = started();
+    s.on_neighbour_added(9);
+    let mut parent = 3;
+    s.on_parent_changed(0, Some(Upstream::Peer(parent)), at(3100));
+    let mut times = Vec::new();
+    // The neighbour has every chunk; no parent ever delivers substream 0.
+    for t in (3200..230_000u64).step_by(100) {
+        let live = t / 1000;
+        let mut map = BufferMap::new(live.saturating_sub(63), 64);
+        for q in live.saturating_sub(63)..=live {
+            map.set(q);
+        }
+        s.on_buffer_map(9, map, at(t));
+        s.tick(at(t));
+        for a in drain(&mut s) {
+            if let Action::ReSearch {
+                substream: 0,
+                exclude,
+            } = a
+            {
+                assert_eq!(exclude, Some(parent));
+                times.push(t);
+                parent += 1;
+                s.on_parent_changed(0, Some(Upstream::Peer(parent)), at(t + 50));
+            }
+        }
+    }
+    // Doubling from 5 s, capped at 60 s; each re-search waits for the next chunk of the
+    // substream to be overdue, so up to one round of K chunks (4 s) later than that.
+    let gaps: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    let least = [5000, 10_000, 20_000, 40_000, 60_000, 60_000];
+    assert_eq!(gaps.len(), least.len(), "re-searches at {times:?}");
+    for (g, l) in gaps.iter().zip(least) {
+        assert!(
+            (l..l + 4000).contains(g),
+            "gap {g} ms, expected {l}..{}: re-searches at {times:?}",
+            l + 4000
+        );
+    }
 }
