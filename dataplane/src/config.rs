@@ -133,6 +133,11 @@ pub struct Timeouts {
     pub idle: Duration,
     /// Skips to the live edge allowed before `GOODBYE(TooSlow)`.
     pub max_skips: u32,
+    /// A live start (wire `SUBSCRIBE` live, HTTP `GET /live/ID`) begins at the newest
+    /// random-access chunk at least this far behind the live edge: the viewer gets this
+    /// much stream at once and can start playing without waiting for its buffer to
+    /// fill. Zero: the newest random-access chunk.
+    pub live_start_behind: Duration,
     /// First reconnect delay; doubles up to `backoff_max`.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -148,6 +153,7 @@ impl Default for Timeouts {
             keepalive: Duration::from_secs(5),
             idle: Duration::from_secs(30),
             max_skips: 3,
+            live_start_behind: Duration::from_millis(1000),
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(5),
         }

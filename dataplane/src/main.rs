@@ -48,6 +48,13 @@ struct Args {
     #[arg(long, env = "STARLING_IDLE_TIMEOUT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(2..=3600))]
     idle_timeout_secs: u64,
+    /// A viewer starting live (SDK or plain HTTP) gets the stream from the newest
+    /// random-access chunk at least this many ms behind the live edge, at once, so its
+    /// player starts with a buffer instead of waiting for one (0: start at the newest
+    /// random-access chunk).
+    #[arg(long, env = "STARLING_LIVE_START_BEHIND_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    live_start_behind_ms: u64,
 
     /// Wire-protocol listen address (bound on every executor with SO_REUSEPORT).
     #[arg(long, env = "STARLING_WIRE_LISTEN", default_value = "0.0.0.0:7100")]
@@ -272,6 +279,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         timeouts: Timeouts {
             keepalive: std::time::Duration::from_secs(args.keepalive_secs),
             idle: std::time::Duration::from_secs(args.idle_timeout_secs),
+            live_start_behind: std::time::Duration::from_millis(args.live_start_behind_ms),
             ..Timeouts::default()
         },
         chunk_key,

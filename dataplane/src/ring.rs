@@ -109,16 +109,28 @@ pub struct Cursor {
     pending_disc: bool,
     pub skips: u32,
     max_skips: u32,
+    /// Where a live start begins: the newest random-access chunk at least this much
+    /// media behind the live edge (0: the newest random-access chunk).
+    behind_ms: u64,
 }
 
 impl Cursor {
     /// Start at the newest random-access chunk.
     pub fn live(max_skips: u32) -> Self {
+        Self::live_behind(max_skips, 0)
+    }
+
+    /// Start at the newest random-access chunk that begins at least `behind_ms` of
+    /// media behind the live edge (the newest random-access chunk if the window holds
+    /// none that old): a start-up burst that lets a player start at once with a buffer
+    /// instead of waiting for the live edge to fill it.
+    pub fn live_behind(max_skips: u32, behind_ms: u64) -> Self {
         Cursor {
             next_seq: None,
             pending_disc: false,
             skips: 0,
             max_skips,
+            behind_ms,
         }
     }
 
@@ -132,6 +144,7 @@ impl Cursor {
             pending_disc: !ok,
             skips: 0,
             max_skips,
+            behind_ms: 0,
         }
     }
 
@@ -154,7 +167,7 @@ impl Cursor {
         };
         let mut seq = match self.next_seq {
             Some(s) => s,
-            None => match newest_rap(&chunks) {
+            None => match start_rap(&chunks, self.behind_ms) {
                 Some(s) => s,
                 None => return Next::Wait,
             },
@@ -187,6 +200,19 @@ impl Cursor {
             }
         }
     }
+}
+
+fn start_rap(chunks: &VecDeque<Arc<Chunk>>, behind_ms: u64) -> Option<u64> {
+    if behind_ms > 0 {
+        let mut span = 0u64;
+        for c in chunks.iter().rev() {
+            span = span.saturating_add(u64::from(c.duration_ms));
+            if span >= behind_ms && c.is_random_access() {
+                return Some(c.seq);
+            }
+        }
+    }
+    newest_rap(chunks)
 }
 
 fn newest_rap(chunks: &VecDeque<Arc<Chunk>>) -> Option<u64> {
@@ -597,6 +623,35 @@ mod tests {
         // 100,000 bytes per 2 s = 400 kbit/s.
         assert_eq!(b.bitrate_kbps(), 400);
         assert_eq!(b.status().bitrate_kbps, 400);
+    }
+
+    #[test]
+    fn live_start_goes_back_to_a_random_access_chunk() {
+        let b = Broadcast::new("b", 10_000, params());
+        // 250 ms chunks; random access every 3rd (seq 0, 3, 6, 9).
+        for seq in 0..11 {
+            let mut c = chunk(seq, 10, 250);
+            if seq % 3 != 0 {
+                c.flags = 0;
+            }
+            b.push(c);
+        }
+        let first = |behind_ms| match Cursor::live_behind(3, behind_ms).next(&b) {
+            Next::Chunk(c, _) => c.seq,
+            _ => panic!("no chunk"),
+        };
+        // Live: the newest random-access chunk (9: 500 ms of media to the edge).
+        assert_eq!(first(0), 9);
+        assert_eq!(first(500), 9);
+        // 1 s back: seq 7 begins 1000 ms behind the edge but is no random-access
+        // chunk; seq 6 (1250 ms) is.
+        assert_eq!(first(1000), 6);
+        assert_eq!(first(1250), 6);
+        assert_eq!(first(1300), 3);
+        // More than the window holds: the newest random-access chunk.
+        assert_eq!(first(60_000), 9);
+        // `live` is `live_behind(0)`.
+        assert!(matches!(Cursor::live(3).next(&b), Next::Chunk(c, _) if c.seq == 9));
     }
 
     #[test]

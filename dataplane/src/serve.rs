@@ -163,6 +163,10 @@ pub(crate) async fn wire_conn(mut s: TcpStream, ctx: Arc<ServeCtx>) {
 }
 
 /// A write that timed out (`write_stall`) is a receiver that accepts nothing.
+fn behind_ms(ctx: &ServeCtx) -> u64 {
+    u64::try_from(ctx.timeouts.live_start_behind.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn io_reason(e: &std::io::Error) -> CloseReason {
     match e.kind() {
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => CloseReason::TooSlow,
@@ -254,7 +258,7 @@ async fn wire_session(
     let _guard = b.viewer_guard();
     let max_skips = ctx.timeouts.max_skips;
     let cursor = match sub.start {
-        StartAt::Live => Cursor::live(max_skips),
+        StartAt::Live => Cursor::live_behind(max_skips, behind_ms(ctx)),
         StartAt::Seq(n) => Cursor::resume(&b, n, max_skips),
     };
     let mut st = Stream {
@@ -824,7 +828,7 @@ async fn http_session(
         return Ok(CloseReason::ServerBusy);
     }
     let _guard = b.viewer_guard();
-    let mut cursor = Cursor::live(ctx.timeouts.max_skips);
+    let mut cursor = Cursor::live_behind(ctx.timeouts.max_skips, behind_ms(ctx));
     let mut rx = b.subscribe();
     let mut sent_head = false;
     loop {

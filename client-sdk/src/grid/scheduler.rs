@@ -195,6 +195,10 @@ pub struct PeerScheduler {
     /// The play-out schedule, fixed when playing starts.
     play_base: Option<i64>,
     play_next: Option<u64>,
+    /// A chunk was played or skipped: the schedule is fixed from then on. Until then it
+    /// follows the live estimate, and older chunks (a start-up burst arriving out of
+    /// order from the data plane and parents) can still become the first one played.
+    started: bool,
     newest: Option<u64>,
     have: BTreeSet<u64>,
     repairs: BTreeMap<u64, Repair>,
@@ -241,6 +245,7 @@ impl PeerScheduler {
             live_base: None,
             play_base: None,
             play_next: None,
+            started: false,
             newest: None,
             have: BTreeSet::new(),
             repairs: BTreeMap::new(),
@@ -304,7 +309,15 @@ impl PeerScheduler {
         let too_far = self
             .newest
             .is_some_and(|n| seq > n.saturating_add(4 * u64::from(self.cfg.window)));
-        if self.play_next.is_some_and(|p| seq < p) || self.have.contains(&seq) || too_far {
+        let behind_window = self
+            .newest
+            .is_some_and(|n| seq.saturating_add(u64::from(self.cfg.window)) <= n);
+        let passed = if self.started {
+            self.play_next.is_some_and(|p| seq < p)
+        } else {
+            behind_window
+        };
+        if passed || self.have.contains(&seq) || too_far {
             self.stats.duplicates += 1;
             return false;
         }
@@ -554,7 +567,11 @@ impl PeerScheduler {
     }
 
     fn play_out(&mut self, now_ms: i64) {
-        if self.play_base.is_none() {
+        if !self.started {
+            // Until the first deadline the schedule follows the best estimate: the live
+            // base only moves earlier as fresher chunks arrive, and the first chunk
+            // played is the oldest held. So a start-up burst of the last second of
+            // stream plays at once instead of waiting a whole target lag.
             match (self.live_base, self.have.first()) {
                 (Some(b), Some(&first)) => {
                     self.play_base = Some(b);
@@ -577,6 +594,7 @@ impl PeerScheduler {
                 Action::Skip { seq: next }
             });
             next += 1;
+            self.started = true;
         }
         self.play_next = Some(next);
         while let Some(entry) = self.repairs.first_entry() {

@@ -772,3 +772,47 @@ fn re_searches_back_off_while_new_parents_keep_failing() {
         );
     }
 }
+
+#[test]
+fn a_start_up_burst_plays_at_once_even_out_of_order() {
+    let mut s = PeerScheduler::new(SchedulerConfig::default()).unwrap();
+    for sub in 0..4u16 {
+        s.on_parent_changed(sub, Some(Upstream::Server), at(9_000));
+    }
+    // The live chunk first (available at 10 000: seq 10 at 1 s chunks, base 0)...
+    assert!(s.on_chunk(10, Source::Parent(2), at(10_000)));
+    s.tick(at(10_005));
+    assert!(
+        drain(&mut s)
+            .iter()
+            .all(|a| !matches!(a, Action::Play { .. }))
+    );
+    // ...then the start-up burst of older ones: they are still taken, and being past
+    // their deadline (seq·1 s + 2 s lag) they play at once, oldest first.
+    for seq in 7..10 {
+        assert!(s.on_chunk(seq, Source::Parent((seq % 4) as u16), at(10_010)));
+    }
+    s.tick(at(10_020));
+    let plays: Vec<u64> = drain(&mut s)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Play { seq } => Some(seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(plays, vec![7, 8]);
+    // From the first play on, the schedule is fixed: an older chunk is refused and the
+    // next ones play on time (seq 9 at 11 000, seq 10 at 12 000).
+    assert!(!s.on_chunk(6, Source::Neighbour(5), at(10_030)));
+    s.tick(at(10_999));
+    assert!(
+        drain(&mut s)
+            .iter()
+            .all(|a| !matches!(a, Action::Play { .. }))
+    );
+    s.tick(at(11_000));
+    assert!(drain(&mut s).contains(&Action::Play { seq: 9 }));
+    s.tick(at(12_000));
+    assert!(drain(&mut s).contains(&Action::Play { seq: 10 }));
+    assert_eq!(s.stats().skipped, 0);
+}
