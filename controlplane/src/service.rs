@@ -184,6 +184,10 @@ fn state_name(state: BroadcastState) -> &'static str {
 struct NodeLink {
     tx: Option<CommandSender>,
     detached_since_ms: Option<i64>,
+    /// When this process last received the node's health report (before writing it to
+    /// the database): liveness counts it even while that write waits for the database,
+    /// so a slow database cannot get a healthy node declared dead.
+    heard_ms: Option<i64>,
 }
 
 /// Shared state behind the three services.
@@ -494,6 +498,7 @@ impl Core {
                     let link = links.entry(n.id.clone()).or_insert_with(|| NodeLink {
                         tx: None,
                         detached_since_ms: Some(now),
+                        heard_ms: None,
                     });
                     if link.tx.as_ref().is_some_and(mpsc::Sender::is_closed) {
                         tracing::info!(node_id = %n.id, "node command stream closed");
@@ -502,7 +507,7 @@ impl Core {
                     }
                     NodeLiveness {
                         id: n.id.clone(),
-                        last_seen_ms: n.last_seen_ms,
+                        last_seen_ms: n.last_seen_ms.max(link.heard_ms.unwrap_or(i64::MIN)),
                         detached_since_ms: link.detached_since_ms,
                     }
                 })
@@ -1238,6 +1243,7 @@ impl Core {
             NodeLink {
                 tx: None,
                 detached_since_ms: Some(now),
+                heard_ms: Some(now),
             },
         );
         tracing::info!(
@@ -1310,6 +1316,7 @@ impl Core {
             NodeLink {
                 tx: Some(tx),
                 detached_since_ms: None,
+                heard_ms: Some(now_ms()),
             },
         );
         tracing::info!(
@@ -1324,6 +1331,9 @@ impl Core {
         validate::id("node_id", &req.node_id)?;
         let node_id = req.node_id.as_str();
         let now = now_ms();
+        if let Some(link) = self.links().get_mut(node_id) {
+            link.heard_ms = Some(now);
+        }
         if !self.store.touch_node(node_id, req.viewers, now).await? {
             tracing::info!(
                 node_id,

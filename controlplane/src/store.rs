@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 use starling_proto::v1::{BroadcastState, SourceHealth};
 
@@ -456,6 +458,11 @@ impl Store {
                     .filename(path)
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
+                    // WAL + NORMAL: no fsync per commit (only at checkpoints). A commit
+                    // can be lost to a power cut, never to a crash of the process, and
+                    // the file never corrupts; FULL made every join and report batch
+                    // wait for the disk while holding the single writer lock.
+                    .synchronous(SqliteSynchronous::Normal)
                     .foreign_keys(true)
                     .busy_timeout(Duration::from_secs(10));
                 let pool = SqlitePoolOptions::new()

@@ -80,7 +80,9 @@ struct RunArgs {
         default_value = "0,1,2,0,1.5,3"
     )]
     upload_profile: String,
-    /// Joins per second over all workers (0 = all at once).
+    /// Joins per second over all workers (0 = no pacing). A ceiling: each worker has at
+    /// most 16 joins in flight, so a deployment that cannot keep up slows the ramp (the
+    /// report's `ramp_s` shows by how much) instead of drowning in joins.
     #[arg(long, env = "STARLING_LOADTEST_JOIN_RATE", default_value_t = 100.0)]
     join_rate: f64,
     /// Leaves per minute during the steady phase, each followed by a new join.
@@ -170,7 +172,7 @@ struct DemoArgs {
         default_value = "0,1,2,0,1.5,3"
     )]
     upload_profile: String,
-    /// Joins per second (0 = all at once).
+    /// Joins per second (0 = no pacing); at most 16 joins are in flight at once.
     #[arg(long, env = "STARLING_LOADTEST_JOIN_RATE", default_value_t = 50.0)]
     join_rate: f64,
     /// Chunk duration, ms.

@@ -260,6 +260,14 @@ pub struct RunReport {
     pub join_rpc_ms: P2,
     /// CPU seconds per process (`coordinator`, `dataplane`, `worker-N`) and `total`.
     pub cpu_s: BTreeMap<String, f64>,
+    /// Cores of the machine running `run` (`available_parallelism`).
+    pub cpu_cores: usize,
+    /// CPU seconds of the processes on this machine (workers on other hosts excluded)
+    /// over `duration_s × cpu_cores`: near 1, the machine, not the design, limits the
+    /// run (everything is late because nothing gets scheduled in time).
+    pub cpu_utilization: f64,
+    /// `cpu_utilization ≥ 0.85`: the figures describe this machine's limit.
+    pub machine_bound: bool,
     /// Peak RSS per process and `max`.
     pub max_rss_bytes: BTreeMap<String, u64>,
     /// Per process.
@@ -366,6 +374,18 @@ impl std::fmt::Display for RunReport {
                 }
             )?;
         }
+        writeln!(
+            f,
+            "machine: {} cores, {:.0}% busy over the window{}",
+            self.cpu_cores,
+            self.cpu_utilization * 100.0,
+            if self.machine_bound {
+                " -- MACHINE-BOUND: these figures are this machine's limit, not the grid's \
+                 (run fewer peers here, or add workers on other machines)"
+            } else {
+                ""
+            }
+        )?;
         write!(f, "errors: {}", self.error_count)?;
         for e in &self.errors {
             write!(f, "\n  error: {e}")?;
@@ -1163,6 +1183,9 @@ fn merge(
         upload_mean: 0.0,
         join_rpc_ms: P2::default(),
         cpu_s: BTreeMap::new(),
+        cpu_cores: 0,
+        cpu_utilization: 0.0,
+        machine_bound: false,
         max_rss_bytes: BTreeMap::new(),
         processes: Vec::new(),
         not_identical: 0,
@@ -1309,14 +1332,24 @@ fn merge(
         r.server_egress_over_bound = r.server_egress_bytes as f64 / r.fluid_bound_bytes;
     }
     let mut total_cpu = 0.0;
+    let mut local_cpu = 0.0;
     let mut max_rss = 0;
+    let here = crate::worker::hostname();
     for p in &r.processes {
         r.cpu_s.insert(p.role.clone(), p.cpu_s);
         r.max_rss_bytes.insert(p.role.clone(), p.max_rss_bytes);
         total_cpu += p.cpu_s;
+        if p.host.is_empty() || p.host == here {
+            local_cpu += p.cpu_s;
+        }
         max_rss = max_rss.max(p.max_rss_bytes);
     }
     r.cpu_s.insert("total".into(), total_cpu);
+    r.cpu_cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if duration_s > 0.0 {
+        r.cpu_utilization = local_cpu / (duration_s * r.cpu_cores as f64);
+    }
+    r.machine_bound = r.cpu_utilization >= 0.85;
     r.max_rss_bytes.insert("max".into(), max_rss);
     if r.initial_peers_joined < cfg.peers {
         r.error(format!(

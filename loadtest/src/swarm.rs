@@ -90,6 +90,10 @@ pub struct SwarmConfig {
     pub upload: UploadProfile,
     /// Joins started per second; 0 = all at once.
     pub join_rate: f64,
+    /// Most peers joining at once (first call to the control plane until the viewer
+    /// plays, retries included). A deployment that cannot keep up slows the ramp down
+    /// instead of receiving an ever-growing pile of joins. Default 16.
+    pub max_joining: usize,
     /// Play-out lag behind live; `None` = the SDK default.
     pub target_lag: Option<Duration>,
     /// Attempts per peer before its join counts as failed.
@@ -108,6 +112,7 @@ impl Default for SwarmConfig {
             peers: 100,
             upload: UploadProfile::mixed(),
             join_rate: 50.0,
+            max_joining: 16,
             target_lag: None,
             join_attempts: 3,
             check_identity: true,
@@ -323,13 +328,19 @@ impl Swarm {
     /// Joins `config.peers` more peers (indices continue after the existing ones) at
     /// `config.join_rate`; returns once every join has succeeded or failed.
     pub async fn add_peers(&self, config: &SwarmConfig) {
-        let start = Instant::now();
+        let gap = (config.join_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / config.join_rate));
+        let joining = Arc::new(tokio::sync::Semaphore::new(config.max_joining.max(1)));
+        let mut next = tokio::time::Instant::now();
         let mut joins = Vec::with_capacity(config.peers);
-        for n in 0..config.peers {
-            if config.join_rate > 0.0 {
-                let at = start + Duration::from_secs_f64(n as f64 / config.join_rate);
-                tokio::time::sleep_until(at).await;
+        for _ in 0..config.peers {
+            if let Some(gap) = gap {
+                tokio::time::sleep_until(next).await;
+                next = next.max(tokio::time::Instant::now()) + gap;
             }
+            // Never closed: only fails if it were.
+            let Ok(permit) = joining.clone().acquire_owned().await else {
+                break;
+            };
             let peer = {
                 let mut peers = lock(&self.inner.peers);
                 let index = peers.len();
@@ -351,13 +362,15 @@ impl Swarm {
                 peer
             };
             let vc = self.viewer_config(&peer, config);
-            joins.push(tokio::spawn(join_peer(
+            let (started, attempts, pattern) = (
                 self.inner.started,
-                peer,
-                vc,
                 config.join_attempts.max(1),
                 config.check_identity.then_some(self.inner.pattern),
-            )));
+            );
+            joins.push(tokio::spawn(async move {
+                join_peer(started, peer, vc, attempts, pattern).await;
+                drop(permit);
+            }));
         }
         for j in joins {
             let _ = j.await;

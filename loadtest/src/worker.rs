@@ -338,9 +338,7 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), HarnessError> {
     let (rd, mut wr) = stream.into_split();
     let mut lines = BufReader::new(rd).lines();
     let io = |e: std::io::Error| HarnessError::Start(format!("coordinator link: {e}"));
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default();
+    let host = hostname();
     send(
         &mut wr,
         &FromWorker::Ready {
@@ -392,6 +390,7 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), HarnessError> {
         join_attempts: 3,
         check_identity: hello.pattern_seed.is_some(),
         index_offset: hello.index_offset,
+        ..SwarmConfig::default()
     };
     let joining = {
         let swarm = swarm.clone();
@@ -462,4 +461,11 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), HarnessError> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(30), swarm.shutdown()).await;
     Ok(())
+}
+
+/// This machine's host name ("" if unreadable).
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }

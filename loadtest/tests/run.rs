@@ -224,6 +224,21 @@ fn run_500_peers_over_2_workers() {
             format!("process {role}: cpu_s {cpu}, max_rss_bytes {rss}"),
         );
     }
+    // The machine load: every process of this run is on this machine here.
+    let total_cpu = num(&r, &["cpu_s", "total"]);
+    let cores = num(&r, &["cpu_cores"]);
+    let util = num(&r, &["cpu_utilization"]);
+    let expect_util = total_cpu / (duration * cores);
+    check(
+        cores >= 1.0 && (util - expect_util).abs() < 1e-6 && util > 0.0,
+        format!(
+            "cpu_utilization {util} (cpu_s.total {total_cpu} / ({duration} s x {cores} cores) = {expect_util})"
+        ),
+    );
+    check(
+        r["machine_bound"].as_bool() == Some(util >= 0.85),
+        format!("machine_bound {} at utilization {util}", r["machine_bound"]),
+    );
     check(
         r["errors"].as_array().is_some_and(Vec::is_empty),
         format!("errors: {}", r["errors"]),
