@@ -75,7 +75,7 @@ mkdir -p "$DATA"
 "$B/starling-controlplane" --listen "$CP_ADDR" --data-dir "$DATA" --metrics-listen "${STARLING_DEMO_METRICS:-127.0.0.1:7091}" >"$RUN/controlplane.log" 2>&1 &
 PIDS+=($!)
 wait_port "$CP_ADDR" 30
-"$B/starling-dataplane" --control-url "http://$CP_ADDR" --wire-listen "$WIRE_ADDR" \
+"$B/starling-dataplane" --control-url "http://$CP_ADDR" --node-key-file "$DATA/admin.key" --wire-listen "$WIRE_ADDR" \
   --http-listen "$HTTP_ADDR" --advertise-host 127.0.0.1 >"$RUN/dataplane.log" 2>&1 &
 DP_PID=$!
 PIDS+=($DP_PID)

@@ -7,15 +7,26 @@
 #   (starling-play) at different times and relay to each other (the peer grid: later
 #   viewers get their substreams from earlier ones); ffmpeg decodes each viewer's local HTTP stream
 #   for >= 20 s and must print nothing at -v error; the data plane's plain HTTP endpoint
-#   must decode the same way. Then the bad-input cases: unknown and stopped broadcasts,
-#   an unreachable source that comes back, garbage and oversized frames on the wire port.
+#   must decode the same way. Meanwhile: non-TS sources end to end (an Ogg/Opus and an
+#   MP3 test tone pushed to icecast2, each its own broadcast, decoded from the plain HTTP
+#   endpoint for >= 10 s with zero errors), and a generic gRPC client without our .proto
+#   files (Python grpcio + server reflection: lists the services, calls Health/Check and
+#   AdminService/ListBroadcasts). Then the bad-input cases: unknown and stopped
+#   broadcasts, an unreachable source that comes back, garbage and oversized frames on
+#   the wire port.
 #
-# Needs: ffmpeg, icecast2, python3, curl, and the binaries in $STARLING_BIN_DIR
-# (default target/debug). Run through scripts/test.sh, or directly after `cargo build`.
+# Needs: ffmpeg (with libopus and libmp3lame), icecast2, python3 (with venv or pip),
+# curl, network access to PyPI on first run (grpcio and grpcio-reflection are installed
+# into a venv cached under target/e2e-grpc-py, or $E2E_GRPC_PY_DIR), and the binaries in
+# $STARLING_BIN_DIR (default target/debug). Run through scripts/test.sh, or directly
+# after `cargo build`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${STARLING_BIN_DIR:-$(pwd)/target/debug}
 DECODE_SECS=${E2E_DECODE_SECS:-20}
+# Seconds of media decoded from the Ogg and MP3 broadcasts.
+FORMAT_DECODE_SECS=${E2E_FORMAT_DECODE_SECS:-10}
+GRPC_PY_DIR=${E2E_GRPC_PY_DIR:-$(pwd)/target/e2e-grpc-py}
 WORK=$(mktemp -d /tmp/starling-e2e.XXXXXX)
 chmod 755 "$WORK"
 PIDS=()
@@ -62,23 +73,24 @@ bg() { # name cmd... : start in background, log to $WORK/name.log
   local var=${name//[^a-zA-Z0-9]/_}
   eval "PID_$var=$!"
 }
-# decode_check NAME URL: decodes URL for DECODE_SECS seconds of media; asserts no error
-# line and that at least DECODE_SECS seconds were decoded.
+# decode_check NAME URL [SECS]: decodes URL (SECS, default DECODE_SECS, plus 2 s of
+# margin); asserts no error line and that at least the full SECS seconds were decoded.
 decode_check() {
-  local name=$1 url=$2
+  local name=$1 url=$2 want=${3:-$DECODE_SECS}
   local err="$WORK/decode-$name.err" prog="$WORK/decode-$name.progress"
-  timeout $((DECODE_SECS + 40)) ffmpeg -nostdin -hide_banner -v error -i "$url" \
-    -t "$DECODE_SECS" -f null - -progress "$prog" 2>"$err" || true
+  timeout $((want + 40)) ffmpeg -nostdin -hide_banner -v error -i "$url" \
+    -t $((want + 2)) -f null - -progress "$prog" 2>"$err" || true
   local us
   us=$(grep '^out_time_us=' "$prog" 2>/dev/null | tail -1 | cut -d= -f2)
-  us=${us:-0}
-  local secs=$((us / 1000000))
+  [[ "$us" =~ ^[0-9]+$ ]] || us=0
+  local secs
+  secs=$(printf '%d.%03d' $((us / 1000000)) $((us % 1000000 / 1000)))
   if [ -s "$err" ]; then
     fail "$name: ffmpeg printed $(wc -l <"$err") error lines, first: $(head -3 "$err")"
-  elif [ "$secs" -lt $((DECODE_SECS - 1)) ]; then
-    fail "$name: decoded only ${secs}s of media (wanted $DECODE_SECS)"
+  elif [ "$us" -lt $((want * 1000000)) ]; then
+    fail "$name: decoded only ${secs}s of media (wanted >= ${want}s)"
   else
-    log "ok: $name decoded ${secs}s with zero errors"
+    log "ok: $name decoded ${secs}s (>= ${want}s) with zero errors"
   fi
 }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
@@ -102,7 +114,7 @@ fi
 ICE_GROUP=$(id -gn "$ICE_USER")
 cat >"$WORK/ice/icecast.xml" <<XML
 <icecast>
-  <limits><clients>100</clients><sources>4</sources><burst-size>65536</burst-size></limits>
+  <limits><clients>100</clients><sources>8</sources><burst-size>65536</burst-size></limits>
   <authentication>
     <source-password>e2e-source</source-password>
     <admin-user>admin</admin-user><admin-password>e2e-admin</admin-password>
@@ -132,12 +144,21 @@ push_source() {
     "icecast://source:e2e-source@127.0.0.1:$ICE_PORT/$1"
 }
 push_source live.ts
+# push_audio MOUNT CONTENT_TYPE RATE ARGS...: a sine test tone, encoded with ARGS.
+push_audio() {
+  local mount=$1 ctype=$2 rate=$3; shift 3
+  bg "ffmpeg-$mount" ffmpeg -nostdin -hide_banner -loglevel error -re \
+    -f lavfi -i "sine=frequency=660:sample_rate=$rate" "$@" -content_type "$ctype" \
+    "icecast://source:e2e-source@127.0.0.1:$ICE_PORT/$mount"
+}
+push_audio tone.ogg audio/ogg 48000 -c:a libopus -b:a 64k -f ogg
+push_audio tone.mp3 audio/mpeg 44100 -c:a libmp3lame -b:a 128k -f mp3
 
 # --- control plane (embedded SQLite) and data plane --------------------------------
 bg controlplane "$BIN/starling-controlplane" --listen "127.0.0.1:$CP_PORT" --data-dir "$WORK/cp-data" \
   --metrics-listen "127.0.0.1:$MET_PORT"
 wait_port 127.0.0.1 "$CP_PORT" 30 || { fail "control plane did not start"; exit 1; }
-bg dataplane "$BIN/starling-dataplane" --control-url "$CONTROL" \
+bg dataplane "$BIN/starling-dataplane" --control-url "$CONTROL" --node-key-file "$WORK/cp-data/admin.key" \
   --wire-listen "127.0.0.1:$WIRE_PORT" --http-listen "127.0.0.1:$HTTP_PORT" --advertise-host 127.0.0.1
 wait_port 127.0.0.1 "$HTTP_PORT" 30 || { fail "data plane did not start"; exit 1; }
 log "control plane :$CP_PORT, data plane wire :$WIRE_PORT http :$HTTP_PORT"
@@ -155,8 +176,134 @@ fi
 ID=$(admin create --name e2e-live --source "http://127.0.0.1:$ICE_PORT/live.ts" --public --id-only)
 log "created broadcast $ID"
 admin start "$ID" >/dev/null
+# The non-TS broadcasts: an Ogg/Opus and an MP3 tone, started now, checked in the
+# background while the viewers play.
+OGG_ID=$(admin create --name e2e-ogg --source "http://127.0.0.1:$ICE_PORT/tone.ogg" --public --id-only)
+MP3_ID=$(admin create --name e2e-mp3 --source "http://127.0.0.1:$ICE_PORT/tone.mp3" --public --id-only)
+admin start "$OGG_ID" >/dev/null
+admin start "$MP3_ID" >/dev/null
 admin wait "$ID" --health up --timeout 30s >/dev/null || { fail "source never came up"; exit 1; }
-log "broadcast $ID is live"
+log "broadcast $ID is live (also started: Ogg $OGG_ID, MP3 $MP3_ID)"
+
+# format_check NAME ID CODEC: the broadcast comes up, its plain HTTP stream is CODEC
+# and decodes for FORMAT_DECODE_SECS with zero errors.
+format_check() {
+  local name=$1 id=$2 codec=$3 url="http://127.0.0.1:$HTTP_PORT/live/$2"
+  if ! admin wait "$id" --health up --timeout 30s >/dev/null; then
+    fail "$name: source never came up"
+    return
+  fi
+  local got
+  got=$(timeout 20 ffprobe -v error -show_entries stream=codec_name -of csv=p=0 "$url" 2>&1 | head -3 | tr '\n' ' ')
+  if [ "${got%% *}" != "$codec" ]; then
+    fail "$name: the data plane's stream is not $codec: ffprobe says: $got"
+    return
+  fi
+  decode_check "$name" "$url" "$FORMAT_DECODE_SECS"
+}
+format_check ogg-opus "$OGG_ID" opus &
+DECODERS+=($!)
+format_check mp3 "$MP3_ID" mp3 &
+DECODERS+=($!)
+
+# A generic gRPC client that has none of our .proto files: Python grpcio with server
+# reflection. grpcio and grpcio-reflection come from PyPI into a venv cached under
+# target/ (pip --target when the venv module is missing).
+grpc_python() { # prints a python command that imports grpc and grpc_reflection
+  local venv="$GRPC_PY_DIR/venv" site="$GRPC_PY_DIR/site" wrap="$GRPC_PY_DIR/python"
+  if [ -x "$wrap" ] && "$wrap" -c 'import grpc, grpc_reflection' 2>/dev/null; then
+    echo "$wrap"; return 0
+  fi
+  rm -rf "$GRPC_PY_DIR"; mkdir -p "$GRPC_PY_DIR"
+  local pkgs=(grpcio grpcio-reflection) pip=(-m pip install -q --disable-pip-version-check)
+  if python3 -m venv "$venv" >&2 && "$venv/bin/python" "${pip[@]}" "${pkgs[@]}" >&2; then
+    printf '#!/bin/sh\nexec "%s" "$@"\n' "$venv/bin/python" >"$wrap"
+  elif python3 "${pip[@]}" --target "$site" "${pkgs[@]}" >&2; then
+    printf '#!/bin/sh\nPYTHONPATH="%s" exec python3 "$@"\n' "$site" >"$wrap"
+  else
+    return 1
+  fi
+  chmod +x "$wrap"
+  "$wrap" -c 'import grpc, grpc_reflection' && echo "$wrap"
+}
+grpc_reflection_check() {
+  local py
+  if ! py=$(grpc_python 2>"$WORK/grpc-py-install.log"); then
+    fail "gRPC reflection: cannot install grpcio + grpcio-reflection from PyPI (needs network \
+and python3-venv or pip): $(tail -3 "$WORK/grpc-py-install.log" | tr '\n' ' ')"
+    return
+  fi
+  if "$py" - "127.0.0.1:$CP_PORT" "$WORK/cp-data/admin.key" "$ID" >"$WORK/grpc-reflection.log" 2>&1 <<'PY'
+import sys
+import grpc
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.json_format import MessageToDict
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+target, key_file, want_id = sys.argv[1:4]
+with open(key_file) as f:
+    admin_key = f.read().strip()
+channel = grpc.insecure_channel(target)
+# Everything below comes from the server's reflection service: no .proto, no stubs.
+db = ProtoReflectionDescriptorDatabase(channel)
+services = set(db.get_services())
+print("services:", ", ".join(sorted(services)))
+missing = {
+    "starling.v1.AdminService",
+    "starling.v1.ViewerService",
+    "starling.v1.EdgeService",
+    "grpc.health.v1.Health",
+} - services
+if missing:
+    sys.exit(f"reflection does not list {sorted(missing)}")
+pool = descriptor_pool.DescriptorPool(db)
+
+
+def call(service, method, fields, metadata=()):
+    m = pool.FindServiceByName(service).FindMethodByName(method)
+    req_cls = message_factory.GetMessageClass(m.input_type)
+    resp_cls = message_factory.GetMessageClass(m.output_type)
+    rpc = channel.unary_unary(
+        f"/{service}/{method}",
+        request_serializer=req_cls.SerializeToString,
+        response_deserializer=resp_cls.FromString,
+    )
+    return rpc(req_cls(**fields), metadata=metadata, timeout=10)
+
+
+health = call("grpc.health.v1.Health", "Check", {"service": ""})
+status = health.DESCRIPTOR.fields_by_name["status"].enum_type.values_by_number[health.status].name
+print("grpc.health.v1.Health/Check:", status)
+if status != "SERVING":
+    sys.exit(f"health status {status}, wanted SERVING")
+try:
+    call("starling.v1.AdminService", "ListBroadcasts", {})
+    sys.exit("ListBroadcasts without a bearer token succeeded")
+except grpc.RpcError as e:
+    if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+        sys.exit(f"ListBroadcasts without a bearer token: {e.code()}, wanted UNAUTHENTICATED")
+resp = call(
+    "starling.v1.AdminService",
+    "ListBroadcasts",
+    {},
+    metadata=(("authorization", f"Bearer {admin_key}"),),
+)
+listed = MessageToDict(resp, preserving_proto_field_name=True).get("broadcasts", [])
+mine = [b for b in listed if b.get("id") == want_id]
+if not mine:
+    sys.exit(f"broadcast {want_id} not in ListBroadcasts: {[b.get('id') for b in listed]}")
+print("starling.v1.AdminService/ListBroadcasts:", {k: mine[0].get(k) for k in ("id", "name", "state")})
+PY
+  then
+    log "ok: Python grpcio via reflection only: $(tr '\n' ';' <"$WORK/grpc-reflection.log")"
+  else
+    fail "gRPC reflection client: $(tail -5 "$WORK/grpc-reflection.log" | tr '\n' ' ')"
+  fi
+}
+grpc_reflection_check &
+DECODERS+=($!)
 
 # --- three SDK viewers joining at different times, each decoded by ffmpeg ---------------
 VPORTS=()

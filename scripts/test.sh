@@ -24,6 +24,9 @@ command -v icecast2 >/dev/null || need_pkgs+=(icecast2)
 command -v promtool >/dev/null || need_pkgs+=(prometheus)
 command -v curl >/dev/null || need_pkgs+=(curl)
 command -v python3 >/dev/null || need_pkgs+=(python3)
+# the e2e's generic gRPC client (grpcio + reflection from PyPI) needs venv or pip
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+python3 -m pip --version >/dev/null 2>&1 || need_pkgs+=(python3-pip)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ -n "${DATABASE_URL:-}" ] || need_pkgs+=(postgresql)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]}"
@@ -41,6 +44,7 @@ if [ -z "${DATABASE_URL:-}" ]; then
 fi
 export DATABASE_URL
 export STARLING_REQUIRE_POSTGRES=1
+export STARLING_REQUIRE_MEDIA=1
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -97,6 +97,8 @@ pub(crate) struct Counters {
     pub bytes_from_server: u64,
     pub bytes_from_peers: u64,
     pub bytes_uploaded: u64,
+    /// Current upload budget (kbit/s), 0 = unchanged since join.
+    pub upload_kbps: u32,
 }
 
 /// The answer to `Heartbeat`.
@@ -198,6 +200,7 @@ impl Control {
                 bytes_from_server: counters.bytes_from_server,
                 bytes_from_peers: counters.bytes_from_peers,
                 bytes_uploaded: counters.bytes_uploaded,
+                upload_kbps: counters.upload_kbps,
             })
             .await
             .map_err(|s| SdkError::from_status("Heartbeat", s))?

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::grid::LatencySummary;
+
 /// A snapshot of a viewer's counters ([`crate::Viewer::stats`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -51,6 +53,22 @@ pub struct Stats {
     /// Times a substream's parent changed (re-search, heartbeat re-assignment, parent
     /// lost).
     pub parent_changes: u64,
+    /// Re-parent times: from the moment a substream's parent was declared lost (link
+    /// failed) or re-searched (late or silent) to the first chunk of that substream
+    /// pushed by the new parent (a peer or the data plane). A re-search that ends with
+    /// the same parent, or fails while the old parent still feeds, is not counted.
+    pub reparent_time: LatencySummary,
+    /// Timed re-parents (same start): time to the control plane's `Reparent` answer,
+    /// recorded when the answer arrives (a heartbeat may move the substream first, so
+    /// the counts of the two summaries can differ).
+    pub reparent_answer_time: LatencySummary,
+    /// The relay upload budget offered now, kbit/s (0 = not relaying). With
+    /// `max_upload_kbps = None` it starts at the SDK's initial offer and may be lowered
+    /// by the upload estimate.
+    pub upload_budget_kbps: u32,
+    /// The uplink throughput measured while the relay send queues were backlogged
+    /// (EWMA), kbit/s; `None` when not estimating or never backlogged.
+    pub upload_estimate_kbps: Option<u32>,
     /// Child links relaying from this viewer now.
     pub children: usize,
     /// Mesh neighbour links now (outgoing and incoming).
@@ -125,7 +143,8 @@ impl std::fmt::Display for Stats {
             "received {} bytes in {} chunks ({} duplicate), played {} bytes in {} chunks, \
              reconnects {}, rejoins {}, discontinuities {}, consumer drops {}, startup {}, seq {}; \
              from server {} bytes, from peers {} bytes, uploaded {} bytes, played {}, skipped {}, \
-             parent changes {}, stalls {} ({} ms); chunks verified {}, unverified {}, \
+             parent changes {}, re-parents timed {} (p50 {}, max {} ms), stalls {} ({} ms); \
+             chunks verified {}, unverified {}, \
              bad from peers {}, bad from server {}, peers reported {}, peers refused {}",
             self.bytes_received,
             self.chunks_received,
@@ -146,6 +165,11 @@ impl std::fmt::Display for Stats {
             self.chunks_played,
             self.chunks_skipped,
             self.parent_changes,
+            self.reparent_time.count,
+            self.reparent_time
+                .quantile_ms(0.5)
+                .map_or_else(|| "-".to_string(), |v| format!("{v} ms")),
+            self.reparent_time.max_ms,
             self.stalls,
             self.stall_time.as_millis(),
             self.chunks_verified,

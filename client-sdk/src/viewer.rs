@@ -90,15 +90,22 @@ pub struct RelayConfig {
     /// set it explicitly when peers are elsewhere).
     pub advertise_host: Option<String>,
     /// Upload budget offered for relaying, in kbit/s. `Some(0)`: never relay (no
-    /// listener, `Join` says `upload_kbps = 0`). `None`: the SDK does **not** measure the
-    /// uplink yet; it offers [`RelayConfig::DEFAULT_UPLOAD_KBPS`], a conservative figure
-    /// for a residential uplink, and the control plane turns it into child slots. Pushes
-    /// to children are additionally paced to the budget over a 2 s window.
+    /// listener, `Join` says `upload_kbps = 0`). `Some(n)`: exactly `n`. `None`
+    /// (estimated): the SDK offers [`RelayConfig::DEFAULT_UPLOAD_KBPS`], a conservative
+    /// figure for a residential uplink, then measures what its uplink drains while the
+    /// send queues of its children are backlogged ([`crate::grid::UploadEstimator`]);
+    /// if that is clearly below the budget, it lowers the budget (and closes the
+    /// children beyond the slots it buys, who re-search). The estimate never raises the
+    /// budget. [`Stats::upload_budget_kbps`](crate::Stats::upload_budget_kbps) shows the
+    /// budget now. The control plane turns the offer into child slots; pushes to
+    /// children are additionally paced to the budget over a 2 s window.
     pub max_upload_kbps: Option<u32>,
 }
 
 impl RelayConfig {
-    /// Upload budget offered when [`RelayConfig::max_upload_kbps`] is `None`.
+    /// Initial upload budget offered when [`RelayConfig::max_upload_kbps`] is `None`
+    /// (then only ever lowered by the estimate): 2 Mbit/s, below most residential
+    /// uplinks, and two copies of a 1 Mbit/s stream.
     pub const DEFAULT_UPLOAD_KBPS: u32 = 2_000;
 
     /// Defaults: listen on `0.0.0.0:0`, advertise the local IP, estimated budget.
@@ -439,6 +446,7 @@ impl Viewer {
             chunk: Duration::from_millis(u64::from(chunk_ms)),
             lag: config.target_lag,
             upload_kbps: config.relay.upload_kbps(),
+            estimate_upload: config.relay.max_upload_kbps.is_none(),
             limits: config.limits(),
             idle: config.idle_timeout,
             connect_timeout: config.connect_timeout,
@@ -906,6 +914,7 @@ async fn heartbeat_loop(
                 bytes_from_server: s.bytes_from_server,
                 bytes_from_peers: s.bytes_from_peers,
                 bytes_uploaded: s.bytes_uploaded,
+                upload_kbps: s.upload_budget_kbps,
             }
         };
         let call = tokio::time::timeout(session.heartbeat.max(Duration::from_secs(1)), async {

@@ -1037,3 +1037,74 @@ async fn revoked_peers_lose_their_links_and_are_refused() {
     a.leave().await.unwrap();
     src.stop();
 }
+
+// ---------------------------------------------------------------------------------
+// Re-parent times
+// ---------------------------------------------------------------------------------
+
+/// A parent leaves: each of the child's K substreams is timed from the loss to the
+/// first chunk pushed by its new parent (the data plane here), and to the `Reparent`
+/// answer. Only counts are asserted; the durations are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reparent_times_are_measured_when_a_parent_leaves() {
+    let src = Source::start(K, CHUNK_MS);
+    let dp = LiveServer::start(src.clone(), Opts::data_plane("rt1")).await;
+    src.wait_for(2 * RAP_EVERY).await;
+    let plans = vec![
+        Plan {
+            parents: vec![Ref::DataPlane; K as usize],
+            neighbours: vec![],
+            child_slots: 4,
+        },
+        Plan {
+            parents: vec![Ref::Joiner(0); K as usize],
+            neighbours: vec![],
+            child_slots: 0,
+        },
+    ];
+    let (url, _cp) = fake_grid::start("rt1", dp.addr, plans).await;
+    let a = Viewer::join(config("rt1", &url, 10_000)).await.unwrap();
+    let b = Viewer::join(config("rt1", &url, 0)).await.unwrap();
+    let before = wait_played(&b, 30).await;
+    assert!(before.bytes_from_peers > 0, "{before}");
+    // Nothing was lost or re-searched yet.
+    assert_eq!(before.reparent_time.count, 0, "{before:?}");
+    // Fixed budget: nothing estimated.
+    let sa = a.stats();
+    assert_eq!(
+        (sa.upload_budget_kbps, sa.upload_estimate_kbps),
+        (10_000, None)
+    );
+    assert_eq!(before.upload_budget_kbps, 0);
+
+    a.leave().await.unwrap();
+    let after = tokio::time::timeout(GUARD, async {
+        loop {
+            let s = b.stats();
+            if s.reparent_time.count >= u64::from(K) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("re-parents not timed: {:?}", b.stats()));
+    let t = after.reparent_time;
+    let answer = after.reparent_answer_time;
+    println!(
+        "re-parent ms: n={} p50 {:?} max {}; to the answer: n={} p50 {:?} max {}",
+        t.count,
+        t.quantile_ms(0.5),
+        t.max_ms,
+        answer.count,
+        answer.quantile_ms(0.5),
+        answer.max_ms
+    );
+    assert_eq!(t.count, u64::from(K), "{after:?}");
+    assert_eq!(answer.count, u64::from(K), "{after:?}");
+    assert_eq!(t.buckets.iter().sum::<u64>(), t.count);
+    // The first chunk from the new parent comes after the answer that named it.
+    assert!(t.sum_ms >= answer.sum_ms, "{t:?} vs {answer:?}");
+    b.leave().await.unwrap();
+    src.stop();
+}

@@ -1,7 +1,8 @@
 //! Real media through the SDK: an MPEG-TS stream made by ffmpeg goes through the in-test
 //! data plane, the SDK, and then (a) the local HTTP endpoint into ffmpeg, (b) the
 //! `starling-play` binary's stdout. Both must decode with zero errors. Skipped when
-//! ffmpeg is not installed.
+//! ffmpeg is not installed, except where media tests are required (`CI=true` or
+//! `STARLING_REQUIRE_MEDIA=1`): there a missing ffmpeg fails them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -16,8 +17,23 @@ use tokio::sync::Semaphore;
 
 const GUARD: Duration = Duration::from_secs(60);
 
+/// Whether a missing ffmpeg must fail the tests instead of skipping them.
+fn media_required() -> bool {
+    let on = |name: &str| {
+        std::env::var(name).is_ok_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
+    };
+    on("CI") || on("STARLING_REQUIRE_MEDIA")
+}
+
+/// Two seconds of MPEG-TS made by ffmpeg; `None` (skip) only when ffmpeg is not
+/// installed and media tests are not required. An ffmpeg that runs and fails panics.
 fn make_ts() -> Option<Vec<u8>> {
-    let out = Command::new("ffmpeg")
+    let result = Command::new("ffmpeg")
         .args([
             "-v",
             "error",
@@ -43,9 +59,28 @@ fn make_ts() -> Option<Vec<u8>> {
         ])
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
-        .output()
-        .ok()?;
-    (out.status.success() && !out.stdout.is_empty()).then_some(out.stdout)
+        .output();
+    let out = match result {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !media_required() => {
+            eprintln!("ffmpeg not available: skipped");
+            return None;
+        }
+        Err(e) => {
+            let why = if media_required() {
+                " (media tests are required: CI=true or STARLING_REQUIRE_MEDIA=1)"
+            } else {
+                ""
+            };
+            panic!("cannot run ffmpeg: {e}{why}; install it (Debian package `ffmpeg`)")
+        }
+    };
+    assert!(
+        out.status.success() && !out.stdout.is_empty(),
+        "ffmpeg could not make the test stream: {}",
+        out.status
+    );
+    Some(out.stdout)
 }
 
 fn ts_script(ts: &[u8]) -> Script {
@@ -61,7 +96,6 @@ fn ts_script(ts: &[u8]) -> Script {
 #[tokio::test]
 async fn ffmpeg_decodes_the_local_http_stream_without_errors() {
     let Some(ts) = make_ts() else {
-        eprintln!("ffmpeg not available: skipped");
         return;
     };
     let mut script = ts_script(&ts);
@@ -104,7 +138,6 @@ async fn ffmpeg_decodes_the_local_http_stream_without_errors() {
 async fn starling_play_writes_decodable_media_to_stdout_and_exits_on_sigint() {
     use std::io::Read;
     let Some(ts) = make_ts() else {
-        eprintln!("ffmpeg not available: skipped");
         return;
     };
     let fx = Fixture::start(ts_script(&ts)).await;

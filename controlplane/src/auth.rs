@@ -1,5 +1,5 @@
-//! Who may call what: the admin interceptor on `AdminService` and the viewer credential
-//! check of `ViewerService.Join`.
+//! Who may call what: the admin interceptor on `AdminService`, the node interceptor on
+//! `EdgeService` and the viewer credential check of `ViewerService.Join`.
 //!
 //! * **Admin calls** need `authorization: Bearer <token>` where the token is either an
 //!   admin JWT (`role: "admin"`, verified with the configured admin public keys, see
@@ -8,13 +8,18 @@
 //!   (`<data-dir>/admin.key`, mode 0600) when no admin credential is configured.
 //!   Missing or bad → `UNAUTHENTICATED`; an authentic JWT without the admin role →
 //!   `PERMISSION_DENIED`. Messages never echo the token or the key.
+//! * **Data-plane nodes** (every `EdgeService` call: `Register`, `Commands`,
+//!   `ReportHealth`) need `authorization: Bearer <node key>`: the static node key
+//!   ([`AuthConfig::node_key`], compared in constant time) or any admin credential (an
+//!   admin can already point a broadcast at any source, so it loses nothing by being
+//!   allowed to act as a node). The binary falls back to the static admin key as the node
+//!   key when none is configured (zero-setup: nodes then hold the admin key). A node
+//!   registered this way publishes a chunk-signing key that every viewer trusts, so the
+//!   node key is as sensitive as the chunk-signing keys themselves.
 //! * **Viewers** of a non-public broadcast present a JWT minted by the broadcaster's
 //!   backend (`JoinRequest.credential`), verified with the configured viewer keys
 //!   (EdDSA, RS256...). Public broadcasts need none (a credential is then ignored).
-//! * `ViewerService` and `EdgeService` are not authenticated at the gRPC layer. For
-//!   `EdgeService` this means anyone who can reach the control plane's port can register
-//!   a data-plane node: authenticating nodes (mTLS or a node key) is future work, so the
-//!   port must only be reachable from the data-plane network.
+//!   `ViewerService` is not authenticated at the gRPC layer.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -38,6 +43,9 @@ pub const MIN_ADMIN_KEY_LEN: usize = 16;
 /// The message of a missing or non-bearer `authorization` header.
 pub const NEEDS_BEARER: &str =
     "admin call needs `authorization: Bearer …` (an admin JWT or the admin key)";
+/// The message of an `EdgeService` call without a bearer `authorization` header.
+pub const NEEDS_NODE_BEARER: &str = "data-plane node call needs `authorization: Bearer <node key>` \
+     (start the data plane with --node-key or --node-key-file, env STARLING_NODE_KEY)";
 
 /// Credentials configuration of the control plane (built by the binary from its flags,
 /// or by tests and the load generator).
@@ -57,6 +65,12 @@ pub struct AuthConfig {
     /// Start by adding a new chunk-token signing key (the previous ones stay valid for one
     /// token lifetime); see [`crate::tokens`].
     pub rotate_token_key: bool,
+    /// The static node key that data-plane nodes send as a bearer on every
+    /// `EdgeService` call (at least 16 printable characters). Whoever holds it can
+    /// register a node and so sign chunks viewers accept. Admin credentials are accepted
+    /// too; `None` = only admin credentials (in-process deployments give their nodes the
+    /// admin key).
+    pub node_key: Option<String>,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -67,6 +81,7 @@ impl std::fmt::Debug for AuthConfig {
             .field("viewer_jwt_keys", &self.viewer_jwt_keys)
             .field("leeway", &self.leeway)
             .field("rotate_token_key", &self.rotate_token_key)
+            .field("node_key", &self.node_key.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -81,6 +96,7 @@ impl Default for AuthConfig {
             viewer_jwt_keys: Vec::new(),
             leeway: Duration::from_secs(DEFAULT_LEEWAY_SECS),
             rotate_token_key: false,
+            node_key: None,
         }
     }
 }
@@ -108,6 +124,12 @@ pub enum AuthConfigError {
     /// The static admin key cannot travel in an HTTP header.
     #[error("the admin key must be printable ASCII without spaces")]
     BadAdminKey,
+    /// The static node key is too short.
+    #[error("the node key must be at least {MIN_ADMIN_KEY_LEN} characters")]
+    WeakNodeKey,
+    /// The static node key cannot travel in an HTTP header.
+    #[error("the node key must be printable ASCII without spaces")]
+    BadNodeKey,
     /// The admin key file could not be read or written.
     #[error("admin key file {path}: {source}")]
     KeyFile {
@@ -238,10 +260,11 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// The verified credentials configuration shared by the interceptor and the services.
+/// The verified credentials configuration shared by the interceptors and the services.
 #[derive(Debug)]
 pub struct Authenticator {
     admin_key_digest: Option<Vec<u8>>,
+    node_key_digest: Option<Vec<u8>>,
     verifier: CredentialVerifier,
     has_admin_jwt_keys: bool,
     has_viewer_keys: bool,
@@ -254,6 +277,15 @@ pub enum AdminIdentity {
     StaticKey,
     /// An admin JWT with this subject.
     Jwt(String),
+}
+
+/// Who made an `EdgeService` call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeIdentity {
+    /// The static node key.
+    NodeKey,
+    /// An admin credential.
+    Admin(AdminIdentity),
 }
 
 /// What [`Authenticator::check_viewer`] concluded.
@@ -298,8 +330,28 @@ impl Authenticator {
                 "no admin key and no admin JWT key configured: every admin call will be refused"
             );
         }
+        let node_key_digest = match &config.node_key {
+            Some(k) => {
+                check_admin_key(k).map_err(|e| match e {
+                    AuthConfigError::WeakAdminKey => AuthConfigError::WeakNodeKey,
+                    _ => AuthConfigError::BadNodeKey,
+                })?;
+                Some(digest(&SHA256, k.as_bytes()).as_ref().to_vec())
+            }
+            None => None,
+        };
+        if node_key_digest.is_none()
+            && admin_key_digest.is_none()
+            && config.admin_jwt_keys.is_empty()
+        {
+            tracing::warn!(
+                "no node key and no admin credential configured: every data-plane node will be \
+                 refused"
+            );
+        }
         Ok(Authenticator {
             admin_key_digest,
+            node_key_digest,
             verifier,
             has_admin_jwt_keys: !config.admin_jwt_keys.is_empty(),
             has_viewer_keys: !config.viewer_jwt_keys.is_empty(),
@@ -317,15 +369,8 @@ impl Authenticator {
     /// `UNAUTHENTICATED` (missing, malformed or bad token) or `PERMISSION_DENIED` (an
     /// authentic JWT without the admin role).
     pub fn check_admin(&self, authorization: Option<&[u8]>) -> Result<AdminIdentity, Status> {
-        let token = authorization
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::trim)
-            .and_then(|v| {
-                let (scheme, rest) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-            })
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Status::unauthenticated(NEEDS_BEARER))?;
+        let token =
+            bearer_token(authorization).ok_or_else(|| Status::unauthenticated(NEEDS_BEARER))?;
         if let Some(want) = &self.admin_key_digest {
             let got = digest(&SHA256, token.as_bytes());
             if constant_time_eq(got.as_ref(), want) {
@@ -345,6 +390,40 @@ impl Authenticator {
         match self.verifier.verify_admin(token, now_secs()) {
             Ok(c) => Ok(AdminIdentity::Jwt(c.subject)),
             Err(e) => Err(status_of(&e, "admin token rejected")),
+        }
+    }
+
+    /// Checks the `authorization` metadata of an `EdgeService` call: the node key, or
+    /// any admin credential ([`Authenticator::check_admin`]).
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED` (missing, malformed or bad token) or `PERMISSION_DENIED` (an
+    /// authentic JWT without the admin role). Messages never echo the token or a key.
+    pub fn check_node(&self, authorization: Option<&[u8]>) -> Result<NodeIdentity, Status> {
+        let token = bearer_token(authorization)
+            .ok_or_else(|| Status::unauthenticated(NEEDS_NODE_BEARER))?;
+        if let Some(want) = &self.node_key_digest {
+            let got = digest(&SHA256, token.as_bytes());
+            if constant_time_eq(got.as_ref(), want) {
+                return Ok(NodeIdentity::NodeKey);
+            }
+        }
+        match self.check_admin(authorization) {
+            Ok(admin) => Ok(NodeIdentity::Admin(admin)),
+            Err(e) if e.code() == tonic::Code::PermissionDenied => Err(Status::permission_denied(
+                format!("node credential rejected: {}", e.message()),
+            )),
+            Err(_) => Err(Status::unauthenticated(
+                if self.node_key_digest.is_none()
+                    && self.admin_key_digest.is_none()
+                    && !self.has_admin_jwt_keys
+                {
+                    "node credential rejected: this control plane has no node key configured"
+                } else {
+                    "node credential rejected: not the control plane's node key (check the data \
+                     plane's --node-key / --node-key-file)"
+                },
+            )),
         }
     }
 
@@ -378,6 +457,18 @@ impl Authenticator {
             .map(ViewerIdentity::Credential)
             .map_err(|e| status_of(&e, "viewer credential rejected"))
     }
+}
+
+/// The token of an `authorization: Bearer <token>` header value, if any.
+fn bearer_token(authorization: Option<&[u8]>) -> Option<&str> {
+    authorization
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::trim)
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        })
+        .filter(|t| !t.is_empty())
 }
 
 fn status_of(e: &CredentialError, what: &str) -> Status {
@@ -418,6 +509,44 @@ impl tonic::service::Interceptor for AdminInterceptor {
                     reason = status.message(),
                     remote = ?request.remote_addr(),
                     "admin call refused"
+                );
+                Err(status)
+            }
+        }
+    }
+}
+
+/// The tonic interceptor guarding `EdgeService` (data-plane nodes): see
+/// [`Authenticator::check_node`].
+#[derive(Debug, Clone)]
+pub struct NodeInterceptor {
+    auth: Arc<Authenticator>,
+}
+
+impl NodeInterceptor {
+    /// Guards with `auth`.
+    pub fn new(auth: Arc<Authenticator>) -> Self {
+        NodeInterceptor { auth }
+    }
+}
+
+impl tonic::service::Interceptor for NodeInterceptor {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(MetadataValue::as_bytes);
+        match self.auth.check_node(header) {
+            Ok(who) => {
+                tracing::debug!(node = ?who, "node call authenticated");
+                Ok(request)
+            }
+            Err(status) => {
+                tracing::warn!(
+                    code = ?status.code(),
+                    reason = status.message(),
+                    remote = ?request.remote_addr(),
+                    "data-plane node call refused"
                 );
                 Err(status)
             }
@@ -514,6 +643,66 @@ mod tests {
             }),
             Err(AuthConfigError::WeakAdminKey)
         ));
+    }
+
+    #[test]
+    fn node_key_checks() {
+        let admin = generate_admin_key();
+        let node = generate_admin_key();
+        let auth = Authenticator::new(&AuthConfig {
+            admin_key: Some(admin.clone()),
+            node_key: Some(node.clone()),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        assert_eq!(
+            auth.check_node(Some(format!("Bearer {node}").as_bytes()))
+                .unwrap(),
+            NodeIdentity::NodeKey
+        );
+        // An admin may act as a node.
+        assert_eq!(
+            auth.check_node(Some(format!("Bearer {admin}").as_bytes()))
+                .unwrap(),
+            NodeIdentity::Admin(AdminIdentity::StaticKey)
+        );
+        // ...but the node key is no admin credential.
+        let e = auth
+            .check_admin(Some(format!("Bearer {node}").as_bytes()))
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+        for bad in [None, Some(&b""[..]), Some(b"Basic abc"), Some(b"Bearer ")] {
+            let e = auth.check_node(bad).unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated);
+            assert_eq!(e.message(), NEEDS_NODE_BEARER);
+        }
+        let e = auth
+            .check_node(Some(format!("Bearer {node}x").as_bytes()))
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+        assert!(e.message().contains("node key"), "{}", e.message());
+        assert!(!e.message().contains(&node) && !e.message().contains(&admin));
+        // Nothing configured: every node refused, with a clear reason.
+        let none = Authenticator::new(&AuthConfig::default()).unwrap();
+        let e = none
+            .check_node(Some(format!("Bearer {node}").as_bytes()))
+            .unwrap_err();
+        assert!(e.message().contains("no node key configured"));
+        for (key, want) in [
+            ("short", "at least"),
+            ("has a space in it, long enough", "printable"),
+        ] {
+            let e = Authenticator::new(&AuthConfig {
+                node_key: Some(key.into()),
+                ..AuthConfig::default()
+            })
+            .unwrap_err();
+            assert!(matches!(
+                e,
+                AuthConfigError::WeakNodeKey | AuthConfigError::BadNodeKey
+            ));
+            assert!(e.to_string().contains(want), "{e}");
+        }
     }
 
     #[test]

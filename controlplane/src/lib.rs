@@ -7,8 +7,8 @@
 //!
 //! * [`store`]: one storage interface over Postgres and SQLite.
 //! * [`credential`]: viewer and admin JWT verification (EdDSA, RS256...).
-//! * [`auth`]: the admin interceptor, the viewer credential check and their config
-//!   ([`AuthConfig`]).
+//! * [`auth`]: the admin and node (`EdgeService`) interceptors, the viewer credential
+//!   check and their config ([`AuthConfig`]).
 //! * [`tokens`]: chunk-token signing keys (persisted, rotated), issuing, revocations.
 //! * [`assign`]: sans-IO decisions (which node ingests what, which nodes are dead).
 //! * [`validate`]: request validation and id generation.

@@ -522,6 +522,34 @@ impl LiveGrids {
         })
     }
 
+    /// A session's relay upload budget changed (its SDK measured a slower uplink than
+    /// it offered, reported in `Heartbeat.upload_kbps`; 0 = unchanged): the peer's child
+    /// slots follow ([`GridAssigner::set_upload`]) and the children it can no longer
+    /// carry are re-parented (they learn it at their next heartbeat, or re-search when
+    /// the peer closes their link). Peers that do not accept connections (no
+    /// `peer_addr` at join) never get slots. Returns the peers moved, `None` when the
+    /// session is not in a grid of this process.
+    pub fn set_upload(&self, session_id: &str, upload_kbps: u32) -> Option<usize> {
+        if upload_kbps == 0 {
+            return Some(0);
+        }
+        let now = self.now();
+        let (grid, peer_id) = {
+            let sessions = lock(&self.sessions);
+            let e = sessions.get(session_id)?;
+            (e.grid.clone(), e.peer_id)
+        };
+        let mut st = lock(&grid.state);
+        if st.peers.get(&peer_id).is_none_or(|p| p.addr.is_empty()) {
+            return Some(0);
+        }
+        let moved = st.assigner.set_upload(peer_id, upload_kbps, now).len();
+        if moved > 0 {
+            tracing::info!(peer_id, upload_kbps, moved, "peer upload budget changed");
+        }
+        Some(moved)
+    }
+
     /// Records the chunk token issued to a session (join or renewal). Returns false when
     /// the session is no longer in a grid (left, expired or revoked meanwhile).
     pub fn set_token(&self, session_id: &str, token: TokenState) -> bool {
@@ -980,6 +1008,33 @@ mod tests {
         assert_eq!(gone[0].session_id, "sc");
         assert!(g.revoke("b", RevokeTarget::Session("sc")).is_empty());
         assert_eq!(g.figures("b").unwrap().stats.peers, 2);
+    }
+
+    #[test]
+    fn upload_budget_changes_move_children_through_heartbeats() {
+        let g = LiveGrids::new();
+        let a = g.join(input("sa", "10.0.0.1:1", 4000)).unwrap(); // 16 slots
+        let b = g.join(input("sb", "", 0)).unwrap();
+        let on_a = |hb: &HeartbeatView| {
+            hb.parents
+                .iter()
+                .filter(|p| p.peer.as_ref().is_some_and(|r| r.peer_id == a.peer_id))
+                .count()
+        };
+        assert_eq!(on_a(&g.heartbeat("sb", [0; 3]).unwrap()), 4);
+        // A's SDK measured one copy's worth of uplink: 4 slots; still enough for B.
+        assert_eq!(g.set_upload("sa", 1000), Some(0));
+        assert_eq!(g.figures("b").unwrap().stats.peer_supply, 4);
+        // Half a copy: 2 slots, B's other two substreams move (to the data plane).
+        assert_eq!(g.set_upload("sa", 500), Some(2));
+        assert_eq!(on_a(&g.heartbeat("sb", [0; 3]).unwrap()), 2);
+        // 0 = unchanged; a peer without an address never gets slots; unknown sessions.
+        assert_eq!(g.set_upload("sa", 0), Some(0));
+        assert_eq!(g.figures("b").unwrap().stats.peer_supply, 2);
+        assert_eq!(g.set_upload("sb", 9000), Some(0));
+        assert_eq!(g.figures("b").unwrap().stats.peer_supply, 2);
+        assert_eq!(g.set_upload("nope", 1000), None);
+        let _ = b;
     }
 
     #[test]

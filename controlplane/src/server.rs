@@ -12,7 +12,7 @@ use starling_proto::v1::viewer_service_server::ViewerServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
-use crate::auth::{AdminInterceptor, AuthConfig, AuthConfigError, Authenticator};
+use crate::auth::{AdminInterceptor, AuthConfig, AuthConfigError, Authenticator, NodeInterceptor};
 use crate::service::{Api, Core, ServiceConfig, now_ms};
 use crate::store::{DatabaseConfig, Store, StoreError};
 use crate::tokens::{TokenKeyError, TokenKeys};
@@ -41,8 +41,9 @@ pub struct Config {
 impl Config {
     /// A configuration with default service tunables and the in-process zero-setup
     /// credentials: a fresh random static admin key (`auth.admin_key`: send it as
-    /// `authorization: Bearer <key>`, e.g. with [`crate::auth::BearerInterceptor`]) and no
-    /// viewer keys (only public broadcasts can be joined).
+    /// `authorization: Bearer <key>`, e.g. with [`crate::auth::BearerInterceptor`]; data-plane
+    /// nodes send it too, as their node key), no separate node key and no viewer keys (only
+    /// public broadcasts can be joined).
     pub fn new(listen: SocketAddr, database: DatabaseConfig) -> Self {
         Config {
             listen,
@@ -185,6 +186,7 @@ impl ControlPlane {
         });
         let api = Api::new(core.clone());
         let admin_guard = AdminInterceptor::new(core.authenticator().clone());
+        let node_guard = NodeInterceptor::new(core.authenticator().clone());
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -245,7 +247,8 @@ impl ControlPlane {
                 admin_guard,
             ))
             .add_service(ViewerServiceServer::new(api.clone()))
-            .add_service(EdgeServiceServer::new(api))
+            // Data-plane nodes: node key or admin credential (see `crate::auth`).
+            .add_service(EdgeServiceServer::with_interceptor(api, node_guard))
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown_signal,

@@ -111,6 +111,9 @@ pub enum ApiError {
     /// The operation is not allowed in the current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// What the request would create clashes with something that exists.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// Temporarily impossible; retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -147,6 +150,10 @@ impl ApiError {
             ApiError::Unavailable(m) => {
                 tracing::info!(rpc, error = %m, "rejected: unavailable");
                 Status::unavailable(m)
+            }
+            ApiError::AlreadyExists(m) => {
+                tracing::warn!(rpc, error = %m, "rejected: already exists");
+                Status::already_exists(m)
             }
             ApiError::Auth(status) => {
                 tracing::info!(rpc, code = ?status.code(), error = status.message(), "rejected: credential");
@@ -321,7 +328,9 @@ impl Core {
     }
 
     /// The alive nodes' chunk-signing keys, `first_node`'s first, one per key id (a
-    /// verifier indexes keys by id; on a clash the first wins), at most
+    /// verifier indexes keys by id; `Register` refuses a key whose id another alive node
+    /// uses with a different key, so a clash here can only come from replicas racing, and
+    /// then the first wins), at most
     /// [`starling_proto::integrity::MAX_KEYS`].
     fn chunk_keys(&self, first_node: Option<&str>) -> Vec<PublicKey> {
         let all = self
@@ -948,6 +957,11 @@ impl Core {
         // memory and written to the database in a batch ([`Core::flush_touches`]).
         let view = self.grids.heartbeat(&req.session_id, counters);
         if view.is_some() {
+            if req.upload_kbps > 0 {
+                // The SDK measured a slower uplink than it offered: resize its slots
+                // (children beyond them are re-parented; they learn it by heartbeat).
+                self.grids.set_upload(&req.session_id, req.upload_kbps);
+            }
             self.pending_touches()
                 .insert(req.session_id.clone(), now_ms());
         } else {
@@ -1223,6 +1237,24 @@ impl Core {
         };
         let now = now_ms();
         let _guard = self.assign_lock.lock().await;
+        if let Some(key) = &chunk_key {
+            // Viewers index chunk keys by id, so a second key under an id in use would
+            // shadow (or be shadowed by) an honest node's key. The same key again (a node
+            // re-registering) is fine.
+            let alive = self.store.list_alive_nodes().await?;
+            if let Some(other) = alive.iter().find(|n| {
+                n.chunk_key
+                    .as_ref()
+                    .is_some_and(|k| k.key_id == key.key_id && k.ed25519 != key.ed25519)
+            }) {
+                return Err(ApiError::AlreadyExists(format!(
+                    "chunk_signing_key: key id {} is already used by alive node {} with a \
+                     different public key; sign with another key (a node's key id is the first \
+                     4 bytes of its public key)",
+                    key.key_id, other.id
+                )));
+            }
+        }
         let node = self
             .store
             .register_node(

@@ -47,6 +47,8 @@ async fn binaries_end_to_end_on_sqlite() {
         .env_remove("DATABASE_URL")
         .env_remove("STARLING_ADMIN_KEY")
         .env_remove("STARLING_ADMIN_JWT_KEYS")
+        .env_remove("STARLING_NODE_KEY")
+        .env_remove("STARLING_NODE_KEY_FILE")
         .env("STARLING_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -171,20 +173,30 @@ async fn binaries_end_to_end_on_sqlite() {
     assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
 
     // A fake node picks the broadcast up and reports UP; `wait` then succeeds.
-    let mut edge = EdgeServiceClient::connect(url.clone()).await.unwrap();
-    let node_id = edge
-        .register(RegisterNodeRequest {
-            node_name: "fake".into(),
-            wire_addr: "127.0.0.1:9000".into(),
-            http_addr: "127.0.0.1:9080".into(),
-            cores: 1,
-            capacity_viewers: 10,
-            chunk_signing_key: None,
-        })
-        .await
+    let register = RegisterNodeRequest {
+        node_name: "fake".into(),
+        wire_addr: "127.0.0.1:9000".into(),
+        http_addr: "127.0.0.1:9080".into(),
+        cores: 1,
+        capacity_viewers: 10,
+        chunk_signing_key: None,
+    };
+    // Nodes need the node key, which defaults to the zero-setup admin key.
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
         .unwrap()
-        .into_inner()
-        .node_id;
+        .connect()
+        .await
+        .unwrap();
+    let e = EdgeServiceClient::new(channel.clone())
+        .register(register.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let mut edge = EdgeServiceClient::with_interceptor(
+        channel,
+        starling_controlplane::BearerInterceptor::new(key.trim()).unwrap(),
+    );
+    let node_id = edge.register(register).await.unwrap().into_inner().node_id;
     let mut commands = edge
         .commands(CommandsRequest {
             node_id: node_id.clone(),

@@ -92,8 +92,13 @@ impl Harness {
         ViewerServiceClient::new(self.channel.clone())
     }
 
-    fn edge(&self) -> EdgeServiceClient<Channel> {
-        EdgeServiceClient::new(self.channel.clone())
+    /// EdgeService as a node: the admin key is accepted as a node credential (node
+    /// authentication is covered by `tests/node_auth.rs`).
+    fn edge(&self) -> EdgeServiceClient<InterceptedService<Channel, BearerInterceptor>> {
+        EdgeServiceClient::with_interceptor(
+            self.channel.clone(),
+            BearerInterceptor::new(ADMIN_KEY).unwrap(),
+        )
     }
 
     async fn create(&self, name: &str) -> String {
@@ -871,6 +876,7 @@ async fn heartbeat(h: &Harness, session: &str, counters: [u64; 3]) -> HeartbeatR
             bytes_from_server: counters[0],
             bytes_from_peers: counters[1],
             bytes_uploaded: counters[2],
+            ..Default::default()
         })
         .await
         .unwrap()

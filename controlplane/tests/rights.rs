@@ -154,6 +154,7 @@ impl Harness {
             ],
             leeway: Duration::from_secs(5),
             rotate_token_key: false,
+            node_key: None,
         };
         let cp =
             ControlPlane::bind_with_store("127.0.0.1:0".parse().unwrap(), store, service, &auth)
@@ -181,6 +182,15 @@ impl Harness {
 
     fn viewer(&self) -> ViewerServiceClient<Channel> {
         ViewerServiceClient::new(self.channel.clone())
+    }
+
+    /// EdgeService as a node: the admin key is accepted as a node credential (node
+    /// authentication is covered by `tests/node_auth.rs`).
+    fn edge(&self) -> EdgeServiceClient<InterceptedService<Channel, BearerInterceptor>> {
+        EdgeServiceClient::with_interceptor(
+            self.channel.clone(),
+            BearerInterceptor::new(ADMIN_KEY).unwrap(),
+        )
     }
 
     /// Creates and starts a broadcast (a node must be registered for joins to work).
@@ -251,7 +261,7 @@ struct FakeNode {
 
 impl FakeNode {
     async fn register(h: &Harness, name: &str, key_id: u32) -> FakeNode {
-        let mut edge = EdgeServiceClient::new(h.channel.clone());
+        let mut edge = h.edge();
         let chunk_key = PublicKey {
             key_id,
             ed25519: vec![u8::try_from(key_id % 251).unwrap(); 32],
@@ -466,7 +476,8 @@ async fn join_issues_verifiable_chunk_token(store: Store) {
     assert_eq!(node.token_keys.len(), 1);
     let b = h.live_broadcast("tokens", false).await;
     // A chunk-signing key must be a raw 32-byte Ed25519 key.
-    let e = EdgeServiceClient::new(h.channel.clone())
+    let e = h
+        .edge()
         .register(RegisterNodeRequest {
             node_name: "bad-key".into(),
             wire_addr: "bad.test:9000".into(),
@@ -730,7 +741,7 @@ async fn revoke_viewer_by_subject_and_session(store: Store) {
     assert_eq!(revoke.peer_ids, vec![bob.peer_id]);
 
     // A reopened command stream replays the recent revocations after the ingest.
-    let mut edge = EdgeServiceClient::new(h.channel.clone());
+    let mut edge = h.edge();
     let mut replay = edge
         .commands(CommandsRequest {
             node_id: node.id.clone(),

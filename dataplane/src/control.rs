@@ -2,7 +2,12 @@
 //! with ReportHealth. Re-registers with capped backoff on `known = false` or any stream
 //! failure. The chunk path never depends on this: if the control plane is down,
 //! ingests and viewers carry on.
+//!
+//! Every call carries `authorization: Bearer <node key>` ([`NodeInfo::node_key`]). A
+//! control plane that refuses the credential (or the chunk key) is logged as an error
+//! naming the fix, and the node keeps retrying with backoff: it never exits over it.
 
+use crate::config::NodeKey;
 use crate::ingest::{Backoff, IngestManager, IngestSpec};
 use crate::ring::Registry;
 use starling_proto::v1::edge_service_client::EdgeServiceClient;
@@ -12,7 +17,9 @@ use starling_proto::v1::{
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tonic::Code;
+use tonic::metadata::{Ascii, MetadataValue};
+use tracing::{error, info, warn};
 
 /// What the node announces about itself.
 #[derive(Debug, Clone)]
@@ -25,6 +32,69 @@ pub struct NodeInfo {
     /// The key this node signs chunks with (announced in `Register`).
     pub chunk_key_id: u32,
     pub chunk_public_key: [u8; 32],
+    /// Sent as `authorization: Bearer <key>` on every call; `None` = no credential.
+    pub node_key: Option<NodeKey>,
+}
+
+/// Why a control-plane session ended badly.
+#[derive(Debug)]
+enum LinkError {
+    /// The control plane refused this node (credential or chunk key): needs the
+    /// operator, logged as an error.
+    Refused(String),
+    /// Anything else (unreachable, stream broken...).
+    Other(String),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Refused(m) | LinkError::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Classifies a failed `Register` / `Commands` call.
+fn call_error(call: &str, status: &tonic::Status, node: &NodeInfo) -> LinkError {
+    match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => {
+            let fix = if node.node_key.is_none() {
+                "this node has no node key: start it with --node-key or --node-key-file \
+                 (env STARLING_NODE_KEY) set to the control plane's node key (zero-setup: \
+                 the control plane's <data-dir>/admin.key)"
+            } else {
+                "check --node-key / --node-key-file (env STARLING_NODE_KEY) against the \
+                 control plane's node key"
+            };
+            LinkError::Refused(format!(
+                "{call}: the control plane refused this node's credential ({:?}: {}); {fix}; \
+                 retrying",
+                status.code(),
+                status.message()
+            ))
+        }
+        Code::AlreadyExists | Code::InvalidArgument => LinkError::Refused(format!(
+            "{call}: the control plane refused this node ({:?}: {}); retrying",
+            status.code(),
+            status.message()
+        )),
+        _ => LinkError::Other(format!("{call}: {status}")),
+    }
+}
+
+/// The `authorization` value sent with every call, if the node has a key.
+fn bearer(node: &NodeInfo) -> Result<Option<MetadataValue<Ascii>>, LinkError> {
+    node.node_key
+        .as_ref()
+        .map(|k| {
+            let mut v: MetadataValue<Ascii> =
+                format!("Bearer {}", k.expose()).parse().map_err(|_| {
+                    LinkError::Refused("the node key cannot be sent in a header".into())
+                })?;
+            v.set_sensitive(true);
+            Ok(v)
+        })
+        .transpose()
 }
 
 /// Builds the health report for every broadcast on this node.
@@ -75,7 +145,12 @@ pub async fn run(
                 // A session that ran (registered) resets the backoff.
                 backoff.reset();
             }
-            Err(e) => warn!(control = %url, error = %e, "control-plane link failed"),
+            Err(LinkError::Refused(e)) => {
+                error!(control = %url, error = %e, "control plane refused this node");
+            }
+            Err(LinkError::Other(e)) => {
+                warn!(control = %url, error = %e, "control-plane link failed");
+            }
         }
         let d = backoff.next_delay();
         tokio::select! {
@@ -92,17 +167,24 @@ async fn session(
     node: &NodeInfo,
     registry: &Registry,
     ingest: &IngestManager,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|e| format!("bad control URL: {e}"))?
+        .map_err(|e| LinkError::Other(format!("bad control URL: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10));
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let mut client = EdgeServiceClient::new(channel);
+        .map_err(|e| LinkError::Other(format!("connect: {e}")))?;
+    let authorization = bearer(node)?;
+    let mut client =
+        EdgeServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            if let Some(v) = &authorization {
+                req.metadata_mut().insert("authorization", v.clone());
+            }
+            Ok(req)
+        });
     let reg = client
         .register(RegisterNodeRequest {
             node_name: node.node_name.clone(),
@@ -116,7 +198,7 @@ async fn session(
             }),
         })
         .await
-        .map_err(|s| format!("register: {s}"))?
+        .map_err(|s| call_error("register", &s, node))?
         .into_inner();
     let node_id = reg.node_id;
     registry.auth().set_keys(&reg.token_keys);
@@ -128,7 +210,7 @@ async fn session(
             node_id: node_id.clone(),
         })
         .await
-        .map_err(|s| format!("commands: {s}"))?
+        .map_err(|s| call_error("commands", &s, node))?
         .into_inner();
     let mut tick = tokio::time::interval(hb);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -164,8 +246,8 @@ async fn session(
                         }
                         None => {}
                     },
-                    Ok(None) => return Err("command stream closed".into()),
-                    Err(s) => return Err(format!("command stream: {s}")),
+                    Ok(None) => return Err(LinkError::Other("command stream closed".into())),
+                    Err(s) => return Err(call_error("command stream", &s, node)),
                 }
             }
             _ = tick.tick() => {
@@ -188,7 +270,7 @@ async fn session(
                     }
                 }
                 if failed_reports >= 3 {
-                    return Err("health reports keep failing".into());
+                    return Err(LinkError::Other("health reports keep failing".into()));
                 }
             }
         }

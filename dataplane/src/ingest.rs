@@ -46,13 +46,15 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Delays start at `min` and double up to `max`; a `min` above `max` is capped.
     pub fn new(min: Duration, max: Duration) -> Self {
+        let min = min.min(max);
         Backoff { min, max, cur: min }
     }
     /// The delay to wait now; the next one doubles (up to the cap).
     pub fn next_delay(&mut self) -> Duration {
         let d = self.cur;
-        self.cur = (self.cur * 2).min(self.max);
+        self.cur = self.cur.saturating_mul(2).min(self.max);
         d
     }
     pub fn reset(&mut self) {
@@ -357,4 +359,57 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn delays(b: &mut Backoff, n: usize) -> Vec<Duration> {
+        (0..n).map(|_| b.next_delay()).collect()
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_stays_there() {
+        let mut b = Backoff::new(ms(250), ms(5000));
+        assert_eq!(
+            delays(&mut b, 8),
+            [250, 500, 1000, 2000, 4000, 5000, 5000, 5000].map(ms)
+        );
+    }
+
+    #[test]
+    fn backoff_reset_starts_again_from_the_minimum() {
+        let mut b = Backoff::new(ms(100), ms(1000));
+        assert_eq!(delays(&mut b, 6), [100, 200, 400, 800, 1000, 1000].map(ms));
+        b.reset();
+        assert_eq!(delays(&mut b, 3), [100, 200, 400].map(ms));
+        // A reset in the middle of the sequence as well.
+        b.reset();
+        assert_eq!(b.next_delay(), ms(100));
+    }
+
+    #[test]
+    fn backoff_never_exceeds_the_cap_and_never_overflows() {
+        // A minimum above the cap is capped from the first delay on.
+        let mut b = Backoff::new(ms(9000), ms(2000));
+        assert_eq!(delays(&mut b, 3), [2000, 2000, 2000].map(ms));
+        b.reset();
+        assert_eq!(b.next_delay(), ms(2000));
+        // A cap near Duration::MAX: doubling saturates instead of panicking.
+        let mut b = Backoff::new(Duration::MAX / 3, Duration::MAX);
+        assert_eq!(
+            delays(&mut b, 4),
+            [
+                Duration::MAX / 3,
+                (Duration::MAX / 3) * 2,
+                Duration::MAX,
+                Duration::MAX
+            ]
+        );
+    }
 }

@@ -45,7 +45,7 @@ pub mod node;
 pub mod ring;
 mod serve;
 
-pub use config::{ChunkKey, Config, StaticBroadcast, Timeouts, TokenKey};
+pub use config::{ChunkKey, Config, NodeKey, StaticBroadcast, Timeouts, TokenKey};
 pub use error::{Error, IngestError};
 pub use ingest::IngestSpec;
 pub use node::Node;

@@ -2,21 +2,39 @@
 
 use anyhow::Context;
 use clap::Parser;
-use starling_dataplane::{ChunkKey, Config, Node, StaticBroadcast, Timeouts, TokenKey};
+use starling_dataplane::{ChunkKey, Config, Node, NodeKey, StaticBroadcast, Timeouts, TokenKey};
 use std::net::SocketAddr;
 
 /// Starling data plane: pulls live streams over HTTP, cuts them into numbered chunks,
 /// keeps a window of recent chunks in memory and serves viewers over the Starling wire
 /// protocol and plain HTTP (`GET /live/{broadcast}`, `GET /metrics`).
 ///
-/// Runs under a control plane (`--control-url`) and/or standalone with
-/// `--static-broadcast ID=URL` broadcasts.
+/// Runs under a control plane (`--control-url`, authenticated with `--node-key` or
+/// `--node-key-file`) and/or standalone with `--static-broadcast ID=URL` broadcasts.
 #[derive(Debug, Parser)]
 #[command(name = "starling-dataplane", version)]
 struct Args {
     /// gRPC URL of the control plane (EdgeService), e.g. http://127.0.0.1:7000.
     #[arg(long, env = "STARLING_CONTROL_URL")]
     control_url: Option<String>,
+
+    /// The control plane's node key, sent as `authorization: Bearer <key>` on every
+    /// EdgeService call (the control plane refuses nodes without it). Whoever holds it
+    /// can register a node and sign chunks viewers accept: keep it secret. Zero-setup
+    /// control planes use their admin key (<data-dir>/admin.key) as the node key. Unset:
+    /// the node is refused, logs an error and keeps retrying.
+    #[arg(
+        long,
+        env = "STARLING_NODE_KEY",
+        hide_env_values = true,
+        conflicts_with = "node_key_file"
+    )]
+    node_key: Option<String>,
+
+    /// File holding the node key (see --node-key; surrounding whitespace ignored), e.g.
+    /// a zero-setup control plane's <data-dir>/admin.key.
+    #[arg(long, env = "STARLING_NODE_KEY_FILE", value_name = "PATH")]
+    node_key_file: Option<std::path::PathBuf>,
 
     /// Broadcast to ingest at startup without a control plane, as ID=URL
     /// (http:// only). Repeatable; comma-separated in the env var.
@@ -37,6 +55,13 @@ struct Args {
     #[arg(long, env = "STARLING_STATIC_SUBSTREAMS", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     static_substreams: u16,
+
+    /// Kernel send buffer per viewer connection, KiB (SO_SNDBUF; Linux doubles it).
+    /// Bounds what a viewer that stops reading can hold before it is skipped ahead or
+    /// dropped; 0 = the kernel's autotuning (up to net.ipv4.tcp_wmem max, 4 MiB).
+    #[arg(long, env = "STARLING_SEND_BUFFER_KIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(0..=65_536))]
+    send_buffer_kib: u64,
 
     /// Seconds without anything sent on a wire connection before a keep-alive PING.
     #[arg(long, env = "STARLING_KEEPALIVE_SECS", default_value_t = 5,
@@ -262,8 +287,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => Some(ChunkKey::load_or_create(p)?),
         None => None,
     };
+    let node_key = match (&args.node_key, &args.node_key_file) {
+        (Some(k), _) => Some(NodeKey::new(k).context("--node-key")?),
+        (None, Some(p)) => Some(NodeKey::read_file(p)?),
+        (None, None) => None,
+    };
+    if args.control_url.is_some() && node_key.is_none() {
+        tracing::warn!(
+            "no --node-key / --node-key-file: the control plane will refuse this node until \
+             one is given"
+        );
+    }
     let cfg = Config {
         control_url: args.control_url,
+        node_key,
         static_broadcasts: args.static_broadcasts,
         static_chunk_ms: args.static_chunk_ms,
         static_substreams: args.static_substreams,
@@ -280,6 +317,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             keepalive: std::time::Duration::from_secs(args.keepalive_secs),
             idle: std::time::Duration::from_secs(args.idle_timeout_secs),
             live_start_behind: std::time::Duration::from_millis(args.live_start_behind_ms),
+            send_buffer_bytes: usize::try_from(args.send_buffer_kib * 1024).unwrap_or(usize::MAX),
             ..Timeouts::default()
         },
         chunk_key,

@@ -165,6 +165,7 @@ impl Node {
             capacity_viewers: cfg.capacity_viewers,
             chunk_key_id,
             chunk_public_key,
+            node_key: cfg.node_key.clone(),
         };
         let reg = Arc::clone(&registry);
         let t = std::thread::Builder::new()

@@ -126,12 +126,30 @@ async fn read_frame(
     }
 }
 
+/// Caps the kernel send buffer of a viewer connection (`bytes` = 0: leave autotuning),
+/// so a viewer that stops reading is noticed by `write_stall` and the skip-ahead policy
+/// after a bounded backlog instead of after `tcp_wmem` max.
+#[allow(unsafe_code)]
+fn cap_send_buffer(s: &TcpStream, bytes: usize) {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    if bytes == 0 {
+        return;
+    }
+    // SAFETY: the descriptor belongs to `s`, which is borrowed for this whole call, so
+    // it stays open while `fd` (which lives only inside this function) is used.
+    let fd = unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) };
+    if let Err(e) = socket2::SockRef::from(&fd).set_send_buffer_size(bytes) {
+        debug!(error = %e, "cannot set SO_SNDBUF; the kernel's autotuning stays");
+    }
+}
+
 /// Serves one wire-protocol connection until it ends; never panics.
 pub(crate) async fn wire_conn(mut s: TcpStream, ctx: Arc<ServeCtx>) {
     let m = Arc::clone(ctx.registry.metrics());
     m.accepted(Listener::Wire);
     let peer = s.peer_addr().ok();
     let _ = s.set_nodelay(true);
+    cap_send_buffer(&s, ctx.timeouts.send_buffer_bytes);
     let _ = s.set_write_timeout(Some(ctx.timeouts.write_stall));
     let reason = match wire_session(&mut s, &ctx, &m).await {
         Ok(r) => r,
@@ -647,6 +665,7 @@ const TEXT: &str = "text/plain";
 pub(crate) async fn http_conn(mut s: TcpStream, ctx: Arc<ServeCtx>) {
     let m = Arc::clone(ctx.registry.metrics());
     m.accepted(Listener::Http);
+    cap_send_buffer(&s, ctx.timeouts.send_buffer_bytes);
     let _ = s.set_write_timeout(Some(ctx.timeouts.write_stall));
     let peer = s.peer_addr().ok();
     let reason = match http_session(&mut s, &ctx, &m).await {

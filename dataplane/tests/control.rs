@@ -6,7 +6,7 @@
 mod common;
 
 use anyhow::{Result, bail};
-use starling_dataplane::{Config, Node, SourceHealth};
+use starling_dataplane::{Config, Node, NodeKey, SourceHealth};
 use starling_proto::token::{TokenSigner, generate_pkcs8};
 use starling_proto::v1::edge_service_server::{EdgeService, EdgeServiceServer};
 use starling_proto::v1::{
@@ -36,6 +36,31 @@ struct Fake {
     token_keys: Vec<PublicKey>,
     /// Broadcast `cp` requires tokens.
     private: bool,
+    /// Refuse every call without `authorization: Bearer <this>` (UNAUTHENTICATED).
+    require_key: Option<String>,
+    /// Calls refused for a missing or wrong key.
+    refused: AtomicU32,
+    /// (call, authorization value) of every call.
+    auth_seen: Mutex<Vec<(&'static str, Option<String>)>>,
+}
+
+impl Fake {
+    /// Records the call's credential and enforces `require_key`.
+    fn check<T>(&self, call: &'static str, r: &Request<T>) -> Result<(), Status> {
+        let got = r
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        self.auth_seen.lock().unwrap().push((call, got.clone()));
+        match &self.require_key {
+            Some(key) if got.as_deref() != Some(format!("Bearer {key}").as_str()) => {
+                self.refused.fetch_add(1, Ordering::SeqCst);
+                Err(Status::unauthenticated("node credential rejected"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 struct Svc(Arc<Fake>);
@@ -46,6 +71,7 @@ impl EdgeService for Svc {
         &self,
         r: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
+        self.0.check("register", &r)?;
         let n = self.0.registers.fetch_add(1, Ordering::SeqCst) + 1;
         self.0.known.store(true, Ordering::SeqCst);
         self.0.registrations.lock().unwrap().push(r.into_inner());
@@ -58,8 +84,9 @@ impl EdgeService for Svc {
     type CommandsStream = ReceiverStream<Result<NodeCommand, Status>>;
     async fn commands(
         &self,
-        _r: Request<CommandsRequest>,
+        r: Request<CommandsRequest>,
     ) -> Result<Response<Self::CommandsStream>, Status> {
+        self.0.check("commands", &r)?;
         let (tx, rx) = mpsc::channel(8);
         let _ = tx
             .send(Ok(NodeCommand {
@@ -79,6 +106,7 @@ impl EdgeService for Svc {
         &self,
         r: Request<HealthReport>,
     ) -> Result<Response<HealthReportAck>, Status> {
+        self.0.check("report_health", &r)?;
         self.0.reports.lock().unwrap().push(r.into_inner());
         Ok(Response::new(HealthReportAck {
             known: self.0.known.load(Ordering::SeqCst),
@@ -387,5 +415,92 @@ fn revoke_and_key_rotation_from_the_control_plane() -> Result<()> {
     node.shutdown();
     node.join()?;
     rt.shutdown_background();
+    Ok(())
+}
+
+/// The node sends its node key on every EdgeService call; without one it is refused,
+/// keeps retrying and keeps running.
+#[test]
+fn node_key_is_sent_and_a_refusal_is_retried() -> Result<()> {
+    const KEY: &str = "dataplane-test-node-key-0123456789";
+    let fake = Arc::new(Fake {
+        // Nothing listens there: the ingest fails, which this test ignores.
+        source_url: "http://127.0.0.1:1/live.ts".into(),
+        require_key: Some(KEY.into()),
+        ..Fake::default()
+    });
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let cp_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let svc = EdgeServiceServer::new(Svc(Arc::clone(&fake)));
+    rt.spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve(cp_addr)
+            .await;
+    });
+    let config = |node_key: Option<&str>| -> Result<Config> {
+        Ok(Config {
+            control_url: Some(format!("http://{cp_addr}")),
+            node_key: node_key.map(NodeKey::new).transpose()?,
+            wire_listen: "127.0.0.1:0".parse()?,
+            http_listen: "127.0.0.1:0".parse()?,
+            node_name: "keyed".into(),
+            cores: 1,
+            io_memory_kib: 256,
+            ..Config::default()
+        })
+    };
+
+    // No key: refused, retried (with backoff), and the node stays up.
+    let anon = Node::start(config(None)?)?;
+    wait_for("two refused registrations", || {
+        fake.refused.load(Ordering::SeqCst) >= 2
+    })?;
+    assert_eq!(fake.registers.load(Ordering::SeqCst), 0);
+    let mut c = TcpStream::connect(anon.http_addr())?;
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    c.read_to_string(&mut answer)?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    anon.shutdown();
+    anon.join()?;
+    assert!(
+        fake.auth_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(_, auth)| auth.is_none())
+    );
+
+    // With the key: registered, and every call carries it.
+    fake.auth_seen.lock().unwrap().clear();
+    let refused_before = fake.refused.load(Ordering::SeqCst);
+    let node = Node::start(config(Some(KEY))?)?;
+    wait_for("registration and two health reports", || {
+        fake.registers.load(Ordering::SeqCst) >= 1 && fake.reports.lock().unwrap().len() >= 2
+    })?;
+    node.shutdown();
+    node.join()?;
+    assert_eq!(fake.refused.load(Ordering::SeqCst), refused_before);
+    let seen = fake.auth_seen.lock().unwrap().clone();
+    for call in ["register", "commands", "report_health"] {
+        assert!(
+            seen.iter().any(|(c, _)| *c == call),
+            "no {call} in {seen:?}"
+        );
+    }
+    let want = format!("Bearer {KEY}");
+    assert!(
+        seen.iter()
+            .all(|(_, auth)| auth.as_deref() == Some(want.as_str())),
+        "{:?}",
+        seen.iter()
+            .map(|(c, a)| (c, a.is_some()))
+            .collect::<Vec<_>>()
+    );
     Ok(())
 }

@@ -178,8 +178,13 @@ impl Deployment {
         let control = cp.spawn();
         let control_url = control.url();
 
+        // The in-process control plane has no separate node key: its nodes send the
+        // admin key (an admin credential is accepted on EdgeService).
+        let node_key = starling_dataplane::NodeKey::new(&admin_key)
+            .map_err(|e| HarnessError::Start(format!("node key: {e}")))?;
         let node_cfg = starling_dataplane::Config {
             control_url: Some(control_url.clone()),
+            node_key: Some(node_key),
             wire_listen: ([127, 0, 0, 1], 0).into(),
             http_listen: ([127, 0, 0, 1], 0).into(),
             advertise_host: "127.0.0.1".into(),

@@ -92,7 +92,9 @@ struct RunArgs {
     /// with the default 2 s play-out lag collapse the grid into server fetches.)
     #[arg(long, env = "STARLING_LOADTEST_CHUNK_MS", default_value_t = 250)]
     chunk_ms: u32,
-    /// Substreams (K).
+    /// Substreams (K). Broadcasts default to 8 (controlplane validate.rs weighs peer
+    /// share against tree depth); the load test defaults to 4, half the parent links
+    /// per peer, for single-machine runs that are CPU-bound. Pass 8 to test the default.
     #[arg(long, env = "STARLING_LOADTEST_SUBSTREAMS", default_value_t = 4)]
     substreams: u32,
     /// SDK heartbeat interval, ms.
@@ -151,6 +153,9 @@ struct DataplaneArgs {
     cores: usize,
     #[arg(long, default_value_t = 20_000)]
     capacity_viewers: u32,
+    /// Credential the node presents to the control plane's EdgeService.
+    #[arg(long, env = "STARLING_NODE_KEY", hide_env_values = true)]
+    node_key: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -178,7 +183,9 @@ struct DemoArgs {
     /// Chunk duration, ms.
     #[arg(long, env = "STARLING_LOADTEST_CHUNK_MS", default_value_t = 250)]
     chunk_ms: u32,
-    /// Substreams (K).
+    /// Substreams (K). Broadcasts default to 8 (controlplane validate.rs weighs peer
+    /// share against tree depth); the load test defaults to 4, half the parent links
+    /// per peer, for single-machine runs that are CPU-bound. Pass 8 to test the default.
     #[arg(long, env = "STARLING_LOADTEST_SUBSTREAMS", default_value_t = 4)]
     substreams: u32,
     /// Skip the byte-identity check of every peer's output (saves CPU).
@@ -242,8 +249,13 @@ fn main() -> ExitCode {
             .map_err(Into::into),
         Command::Dataplane(args) => {
             drop(rt);
-            starling_loadtest::run::dataplane_child(args.control, args.cores, args.capacity_viewers)
-                .map_err(Into::into)
+            starling_loadtest::run::dataplane_child(
+                args.control,
+                args.cores,
+                args.capacity_viewers,
+                args.node_key.as_deref(),
+            )
+            .map_err(Into::into)
         }
     };
     match result {
@@ -402,6 +414,7 @@ fn report_json(r: &Report, bitrate_kbps: u32) -> serde_json::Value {
         "join_rpc_ms": {"p50": r.join_ms.p50, "p99": r.join_ms.p99},
         "stalls": r.chunks_skipped,
         "parent_changes": r.parent_changes,
+        "reparent_ms": {"count": r.reparent_ms.count, "p50": r.reparent_ms.p50, "p99": r.reparent_ms.p99, "max": r.reparent_ms.max},
         "server_egress_bytes": r.dataplane_egress_bytes.unwrap_or(r.bytes_from_server),
         "bytes_from_peers": r.bytes_from_peers,
         "bytes_uploaded": r.bytes_uploaded,

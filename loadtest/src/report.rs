@@ -4,7 +4,9 @@
 use std::fmt;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use starling_sdk::Stats;
+use starling_sdk::grid::{LATENCY_BUCKETS, LatencySummary};
 
 use crate::pattern::OutputCheck;
 
@@ -44,6 +46,10 @@ pub struct PeerCounters {
     pub consumer_drops: u64,
     /// Child links now.
     pub children: u64,
+    /// Re-parent times (SDK [`Stats::reparent_time`]).
+    pub reparent: LatencySummary,
+    /// Times to the `Reparent` answer (SDK [`Stats::reparent_answer_time`]).
+    pub reparent_answer: LatencySummary,
 }
 
 impl PeerCounters {
@@ -59,6 +65,8 @@ impl PeerCounters {
             reconnects: s.reconnects,
             consumer_drops: s.consumer_drops,
             children: s.children as u64,
+            reparent: s.reparent_time,
+            reparent_answer: s.reparent_answer_time,
         }
     }
 
@@ -73,6 +81,8 @@ impl PeerCounters {
             reconnects: self.reconnects.saturating_sub(b.reconnects),
             consumer_drops: self.consumer_drops.saturating_sub(b.consumer_drops),
             children: self.children,
+            reparent: self.reparent.since(&b.reparent),
+            reparent_answer: self.reparent_answer.since(&b.reparent_answer),
         }
     }
 }
@@ -171,6 +181,92 @@ impl Percentiles {
     }
 }
 
+/// Figures of a [`LatencySummary`] merged over peers, ms (`null`/`-` when empty).
+/// Quantiles are histogram bucket upper bounds capped at the maximum (see
+/// [`LatencySummary`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyFigures {
+    /// Durations recorded.
+    pub count: u64,
+    /// Median.
+    pub p50: Option<u64>,
+    /// 99th percentile.
+    pub p99: Option<u64>,
+    /// Maximum.
+    pub max: Option<u64>,
+    /// Mean.
+    pub mean: Option<f64>,
+}
+
+impl LatencyFigures {
+    /// The figures of a summary.
+    pub fn of(s: &LatencySummary) -> LatencyFigures {
+        LatencyFigures {
+            count: s.count,
+            p50: s.quantile_ms(0.50),
+            p99: s.quantile_ms(0.99),
+            max: (s.count > 0).then_some(s.max_ms),
+            mean: s.mean_ms(),
+        }
+    }
+}
+
+impl fmt::Display for LatencyFigures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = |x: Option<u64>| x.map_or_else(|| "-".to_string(), |x| x.to_string());
+        write!(
+            f,
+            "{{count {}, p50 {}, p99 {}, max {}}}",
+            self.count,
+            v(self.p50),
+            v(self.p99),
+            v(self.max)
+        )
+    }
+}
+
+/// A [`LatencySummary`] as workers send it to the coordinator (JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyWire {
+    /// Durations recorded.
+    pub count: u64,
+    /// Their sum, ms.
+    pub sum_ms: u64,
+    /// The largest, ms.
+    pub max_ms: u64,
+    /// Bucket counts ([`starling_sdk::grid::LATENCY_BOUNDS_MS`], then overflow).
+    pub buckets: Vec<u64>,
+}
+
+impl From<&LatencySummary> for LatencyWire {
+    fn from(s: &LatencySummary) -> LatencyWire {
+        LatencyWire {
+            count: s.count,
+            sum_ms: s.sum_ms,
+            max_ms: s.max_ms,
+            buckets: s.buckets.to_vec(),
+        }
+    }
+}
+
+impl LatencyWire {
+    /// Back to a summary; buckets beyond the known ones (another SDK version) count
+    /// in the overflow bucket.
+    pub fn to_summary(&self) -> LatencySummary {
+        let mut s = LatencySummary {
+            count: self.count,
+            sum_ms: self.sum_ms,
+            max_ms: self.max_ms,
+            ..LatencySummary::default()
+        };
+        for (i, &n) in self.buckets.iter().enumerate() {
+            let b = i.min(LATENCY_BUCKETS - 1);
+            s.buckets[b] = s.buckets[b].saturating_add(n);
+        }
+        s
+    }
+}
+
 /// The figures of a swarm over a window (or the whole run).
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -216,6 +312,13 @@ pub struct Report {
     pub parent_changes: u64,
     /// Most parent changes of one peer.
     pub parent_changes_max: u64,
+    /// Re-parent times merged over all peers (those that left included): parent lost
+    /// or re-searched to the first chunk from the new parent.
+    pub reparent: LatencySummary,
+    /// Of the same re-parents, the time to the `Reparent` answer.
+    pub reparent_answer: LatencySummary,
+    /// `reparent` as count / p50 / p99 / max, ms.
+    pub reparent_ms: LatencyFigures,
     /// Data-plane reconnections, all peers.
     pub reconnects: u64,
     /// Times a harness subscription fell behind (should be 0).
@@ -280,6 +383,9 @@ impl Report {
             chunks_skipped: 0,
             parent_changes: 0,
             parent_changes_max: 0,
+            reparent: LatencySummary::default(),
+            reparent_answer: LatencySummary::default(),
+            reparent_ms: LatencyFigures::default(),
             reconnects: 0,
             consumer_drops: 0,
             startup_ms: Percentiles::default(),
@@ -302,6 +408,8 @@ impl Report {
             r.bytes_uploaded += delta.bytes_uploaded;
             r.parent_changes += delta.parent_changes;
             r.parent_changes_max = r.parent_changes_max.max(delta.parent_changes);
+            r.reparent.merge(&delta.reparent);
+            r.reparent_answer.merge(&delta.reparent_answer);
             r.reconnects += delta.reconnects;
             r.consumer_drops += delta.consumer_drops;
             if let Some(ms) = p.join_rpc_ms {
@@ -400,6 +508,7 @@ impl Report {
         }
         r.startup_ms = Percentiles::of(startups);
         r.join_ms = Percentiles::of(joins);
+        r.reparent_ms = LatencyFigures::of(&r.reparent);
         r
     }
 
@@ -497,6 +606,12 @@ impl fmt::Display for Report {
             f,
             "re-parents {} (max {} per peer), reconnects {}, harness consumer drops {}",
             self.parent_changes, self.parent_changes_max, self.reconnects, self.consumer_drops
+        )?;
+        writeln!(
+            f,
+            "reparent_ms {} (parent lost or re-searched -> first chunk from the new parent); to the Reparent answer {}",
+            self.reparent_ms,
+            LatencyFigures::of(&self.reparent_answer)
         )?;
         writeln!(
             f,
@@ -598,5 +713,60 @@ mod tests {
         };
         let r = Report::between(Some(&now), &stalled);
         assert_eq!(r.continuity_min, 0.0);
+    }
+
+    #[test]
+    fn reparent_times_merge_over_peers_and_windows() {
+        let with = |times: &[u64]| {
+            let mut s = LatencySummary::default();
+            for &t in times {
+                s.record(Duration::from_millis(t));
+            }
+            PeerCounters {
+                reparent: s,
+                ..PeerCounters::default()
+            }
+        };
+        let before = Sample {
+            elapsed: Duration::from_secs(10),
+            stream_kbps: 500,
+            peers: vec![
+                peer(0, PeerState::Active, with(&[100])),
+                peer(1, PeerState::Active, with(&[])),
+            ],
+            dataplane_egress_bytes: None,
+        };
+        let now = Sample {
+            elapsed: Duration::from_secs(20),
+            stream_kbps: 500,
+            peers: vec![
+                peer(0, PeerState::Active, with(&[100, 180, 900])),
+                // Left during the window: its re-parents still count.
+                peer(1, PeerState::Left, with(&[2_400])),
+            ],
+            dataplane_egress_bytes: None,
+        };
+        let whole = Report::of(&now);
+        assert_eq!(whole.reparent_ms.count, 4);
+        assert_eq!(whole.reparent_ms.max, Some(2_400));
+        assert_eq!(whole.reparent_ms.p50, Some(200)); // 180 ms: bucket (150, 200]
+        let w = Report::between(Some(&before), &now);
+        assert_eq!(w.reparent_ms.count, 3);
+        assert_eq!(w.reparent_ms.p99, Some(2_400));
+        assert!(
+            w.to_string()
+                .contains("reparent_ms {count 3, p50 1000, p99 2400, max 2400}")
+        );
+        let none = Report::between(Some(&now), &now);
+        assert_eq!(none.reparent_ms, LatencyFigures::default());
+        assert!(
+            none.to_string()
+                .contains("reparent_ms {count 0, p50 -, p99 -, max -}")
+        );
+        // Through the workers' wire form and back.
+        let wire = LatencyWire::from(&whole.reparent);
+        let json = serde_json::to_string(&wire).unwrap_or_default();
+        let back: LatencyWire = serde_json::from_str(&json).unwrap_or_default();
+        assert_eq!(back.to_summary(), whole.reparent);
     }
 }

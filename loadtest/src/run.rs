@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use crate::bound::{Stay, fluid_bound_bytes};
 use crate::deployment::{AdminClient, admin_client};
 use crate::error::HarnessError;
-use crate::report::Percentiles;
+use crate::report::{LatencyFigures, Percentiles};
 use crate::source::{SourceConfig, SyntheticSource};
 use crate::swarm::UploadProfile;
 use crate::worker::{
@@ -278,6 +278,12 @@ pub struct RunReport {
     pub output_bytes_checked: u64,
     /// Parent changes.
     pub parent_changes: u64,
+    /// Re-parent times over every peer (parent lost or re-searched to the first chunk
+    /// from the new parent), ms: count, p50, p99, max (histogram bucket bounds capped at
+    /// the max), mean.
+    pub reparent_ms: LatencyFigures,
+    /// Of those, the time to the control plane's `Reparent` answer, ms.
+    pub reparent_answer_ms: LatencyFigures,
     /// The control plane's grid figures at the end, when readable.
     pub grid: Option<serde_json::Value>,
     /// Every peer's stay: `[joined_s, left_s or null, upload_kbps]` (times from the
@@ -357,6 +363,11 @@ impl std::fmt::Display for RunReport {
             f,
             "identity: {} bytes checked, {} peers not byte-identical; re-parents {}",
             self.output_bytes_checked, self.not_identical, self.parent_changes
+        )?;
+        writeln!(
+            f,
+            "reparent_ms {} (parent lost or re-searched -> first chunk from the new parent); to the Reparent answer {}",
+            self.reparent_ms, self.reparent_answer_ms
         )?;
         for p in &self.processes {
             writeln!(
@@ -487,6 +498,8 @@ impl Stack {
                 "--capacity-viewers",
                 &capacity,
             ])
+            // The node key travels in the environment, not on the command line.
+            .env("STARLING_NODE_KEY", &admin_key)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -681,8 +694,14 @@ pub fn dataplane_child(
     control_url: String,
     cores: usize,
     capacity_viewers: u32,
+    node_key: Option<&str>,
 ) -> Result<(), HarnessError> {
+    let node_key = node_key
+        .map(starling_dataplane::NodeKey::new)
+        .transpose()
+        .map_err(|e| HarnessError::Start(format!("node key: {e}")))?;
     let cfg = starling_dataplane::Config {
+        node_key,
         control_url: Some(control_url),
         wire_listen: ([127, 0, 0, 1], 0).into(),
         http_listen: ([127, 0, 0, 1], 0).into(),
@@ -1191,6 +1210,8 @@ fn merge(
         not_identical: 0,
         output_bytes_checked: 0,
         parent_changes: 0,
+        reparent_ms: LatencyFigures::default(),
+        reparent_answer_ms: LatencyFigures::default(),
         grid: None,
         stays: Vec::new(),
         errors: Vec::new(),
@@ -1201,6 +1222,8 @@ fn merge(
     let mut lag: BTreeMap<u64, u64> = BTreeMap::new();
     let mut records: Vec<&PeerRecord> = Vec::new();
     let mut worker_errors = Vec::new();
+    let mut reparent = starling_sdk::grid::LatencySummary::default();
+    let mut reparent_answer = starling_sdk::grid::LatencySummary::default();
     r.processes.push(ProcessReport {
         role: "coordinator".into(),
         host: String::new(),
@@ -1245,6 +1268,8 @@ fn merge(
         r.not_identical += s.not_identical;
         r.output_bytes_checked += s.output_bytes;
         r.parent_changes += s.parent_changes;
+        reparent.merge(&s.reparent.to_summary());
+        reparent_answer.merge(&s.reparent_answer.to_summary());
         r.processes.push(ProcessReport {
             role: format!("worker-{w}"),
             host: link.host.clone(),
@@ -1296,6 +1321,8 @@ fn merge(
     if r.peers_joined > 0 && cfg.bitrate_kbps > 0 {
         r.upload_mean = budget_sum / r.peers_joined as f64 / f64::from(cfg.bitrate_kbps);
     }
+    r.reparent_ms = LatencyFigures::of(&reparent);
+    r.reparent_answer_ms = LatencyFigures::of(&reparent_answer);
     r.startup_ms = Percentiles::of(startups).into();
     joins.sort_by(f64::total_cmp);
     r.join_rpc_ms = P2 {

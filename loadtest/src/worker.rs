@@ -27,7 +27,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 
 use crate::error::HarnessError;
 use crate::pattern::Pattern;
-use crate::report::{PeerState, Report};
+use crate::report::{LatencyWire, PeerState, Report};
 use crate::swarm::{Swarm, SwarmConfig, UploadProfile};
 
 /// Peers per worker address block: worker `w`'s peers are `peer_ip(w * 62_500 + i)`,
@@ -188,6 +188,12 @@ pub struct WorkerSample {
     pub stalls: u64,
     /// Parent changes.
     pub parent_changes: u64,
+    /// Re-parent times of every peer it ever had, merged (SDK `Stats::reparent_time`).
+    #[serde(default)]
+    pub reparent: LatencyWire,
+    /// Times to the `Reparent` answer, merged.
+    #[serde(default)]
+    pub reparent_answer: LatencyWire,
     /// Active peers whose output is not byte-identical to the source.
     pub not_identical: usize,
     /// Output bytes checked against the source, active peers.
@@ -282,6 +288,8 @@ impl Sampler {
             ..WorkerSample::default()
         };
         let mut records = Vec::new();
+        let mut reparent = starling_sdk::grid::LatencySummary::default();
+        let mut reparent_answer = starling_sdk::grid::LatencySummary::default();
         for (p, ps) in swarm.presence().into_iter().zip(snap.peers.iter()) {
             let Some(st) = &p.stats else { continue };
             s.bytes_from_server += st.bytes_from_server;
@@ -291,6 +299,8 @@ impl Sampler {
             s.chunks_skipped += st.chunks_skipped;
             s.stalls += st.stalls;
             s.parent_changes += st.parent_changes;
+            reparent.merge(&st.reparent_time);
+            reparent_answer.merge(&st.reparent_answer_time);
             let present = p.joined_at.is_some() && p.left_at.is_none();
             if let (true, Some(lag)) = (present && ps.state == PeerState::Active, st.lag) {
                 let b = lag.as_millis() as u64 / LAG_BUCKET_MS;
@@ -313,6 +323,8 @@ impl Sampler {
                 });
             }
         }
+        s.reparent = LatencyWire::from(&reparent);
+        s.reparent_answer = LatencyWire::from(&reparent_answer);
         (s, records)
     }
 }

@@ -959,6 +959,7 @@ async fn polluter_cannot_reach_a_player() {
                         bytes_from_server: p.from_server.load(Ordering::Relaxed),
                         bytes_from_peers: 0,
                         bytes_uploaded: p.uploaded.load(Ordering::Relaxed),
+                        ..Default::default()
                     })
                     .await
                 {

@@ -179,6 +179,23 @@ async fn swarm_100_peers_mixed_upload_then_30_percent_churn() {
         b.not_identical.is_empty(),
         format!("(b) outputs not byte-identical: {:?}", b.not_identical),
     );
+    // Re-parent times after the churn: printed, not asserted (wall-clock figures).
+    // Only the count is checked: the leavers had children (two thirds of the peers
+    // relay), and every child of a leaver re-parents.
+    println!(
+        "(b) reparent_ms {} ; to the Reparent answer {}",
+        b.reparent_ms,
+        starling_loadtest::report::LatencyFigures::of(&b.reparent_answer)
+    );
+    check(
+        &mut failures,
+        b.reparent_ms.count > 0,
+        format!(
+            "(b) no re-parent completed after {} peers left ({} parent changes)",
+            left.len(),
+            b.parent_changes
+        ),
+    );
 
     let whole = Report::of(&after);
     println!("--- whole run ---\n{whole}");

@@ -8,7 +8,7 @@
 //!
 //! # Why per-chunk signatures rather than signed manifests
 //!
-//! Measured on this machine (see `TOKEN_FORMAT.md` and the `chunk_cost` test): hashing
+//! Measured on this machine (see `docs/PROTOCOL.md` and the `chunk_cost` test): hashing
 //! a 64 KiB payload (≈ 40 µs, needed either way) costs about as much as one Ed25519
 //! verification (40–70 µs). With a signature per chunk a viewer pays one verification
 //! per chunk (4 chunks/s → ≈ 0.3–0.4 ms of CPU per second of stream, hash included);
@@ -24,7 +24,7 @@
 //! The price is 127 + broadcast-id bytes per chunk (≈ 0.25 % of a 64 KiB chunk)
 //! and one Ed25519 signature per chunk on the ingesting node.
 //!
-//! # Block layout (big endian, byte by byte in `TOKEN_FORMAT.md`)
+//! # Block layout (big endian, byte by byte in `docs/PROTOCOL.md`)
 //!
 //! ```text
 //! version u8 = 1 | key_id u32 | seq u64 | flags u8 | timestamp_ms u64 | duration_ms u32

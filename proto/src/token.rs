@@ -6,7 +6,7 @@
 //! are offline: the verifier holds the control plane's Ed25519 public keys by key id,
 //! several at once so that keys rotate without dropping anyone.
 //!
-//! Layout (big endian, specified byte by byte in `TOKEN_FORMAT.md`):
+//! Layout (big endian, specified byte by byte in `docs/PROTOCOL.md`):
 //!
 //! ```text
 //! version u8 = 1 | key_id u32 | scopes u8 | peer_id u64 | session_id u64

@@ -30,19 +30,28 @@
 //!   [`Action::NotFound`]); buffer maps go to every neighbour every
 //!   [`SchedulerConfig::buffer_map_interval`].
 //!
+//! Two more pure pieces: [`UploadEstimator`] lowers the relay budget of a peer without a
+//! configured `max_upload_kbps` to what its uplink drains while its send queues are
+//! backlogged, and [`LatencySummary`] is the bounded, mergeable histogram the SDK keeps
+//! of its re-parent times.
+//!
 //! Everything is bounded: the held window ([`SchedulerConfig::window`] chunks), requests
 //! in flight ([`SchedulerConfig::max_outstanding`]), repair state (seqs between the play
 //! point and the live edge), buffer maps ([`MAX_BUFFER_MAP_BITS`]).
 
 mod buffer_map;
+mod latency;
 mod scheduler;
 #[cfg(test)]
 mod sim;
+mod upload;
 
 pub use buffer_map::{BUFFER_MAP_HEADER_LEN, BufferMap, BufferMapError, MAX_BUFFER_MAP_BITS};
+pub use latency::{LATENCY_BOUNDS_MS, LATENCY_BUCKETS, LatencySummary};
 pub use scheduler::{
     Action, PeerScheduler, SchedulerConfig, SchedulerError, SchedulerStats, Source, Upstream,
 };
+pub use upload::{UploadEstimator, UploadEstimatorConfig};
 
 /// A peer's identity within a broadcast (the control plane's session number).
 pub type PeerId = u64;

@@ -77,6 +77,11 @@ impl LinkHandle {
         })
     }
 
+    /// Items queued and not yet taken by the writer (the one it is writing excluded).
+    pub(crate) fn queued(&self) -> usize {
+        self.tx.max_capacity().saturating_sub(self.tx.capacity())
+    }
+
     pub(crate) fn send_frame(&self, f: &Frame) -> Result<(), QueueError> {
         match wire::encode_to_bytes(f) {
             Ok(b) => self.send(Out::Frame(b)),
@@ -103,7 +108,8 @@ pub(crate) fn reason(code: ErrorCode, message: &str) -> Reason {
     }
 }
 
-/// Starts the reader and writer tasks of an established connection.
+/// Starts the reader and writer tasks of an established connection. `drained`, if
+/// given, counts the chunk bytes (prefix and payload) the writer hands to the socket.
 pub(crate) fn spawn_link(
     link: LinkId,
     conn: WireConn,
@@ -111,6 +117,7 @@ pub(crate) fn spawn_link(
     idle: Duration,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     shared: Arc<Shared>,
+    drained: Option<Arc<AtomicU64>>,
 ) -> LinkHandle {
     let (reader, writer) = conn.into_split();
     let (tx, rx) = mpsc::channel(LINK_QUEUE);
@@ -131,6 +138,7 @@ pub(crate) fn spawn_link(
         kill_rx,
         r.abort_handle(),
         events,
+        drained,
     ));
     LinkHandle {
         tx,
@@ -192,9 +200,10 @@ async fn read_loop(
     let _ = events.send(Ev::LinkDown { link, reason }).await;
 }
 
-async fn write_out(w: &mut OwnedWriteHalf, out: &Out) -> std::io::Result<()> {
+/// Writes one item; returns the chunk bytes written (0 for a control frame).
+async fn write_out(w: &mut OwnedWriteHalf, out: &Out) -> std::io::Result<u64> {
     match out {
-        Out::Frame(b) => w.write_all(b).await,
+        Out::Frame(b) => w.write_all(b).await.map(|()| 0),
         Out::Chunk(c) => {
             let prefix = wire::chunk_prefix_signed(
                 c.seq,
@@ -206,7 +215,8 @@ async fn write_out(w: &mut OwnedWriteHalf, out: &Out) -> std::io::Result<()> {
             )
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
             w.write_all(prefix.as_bytes()).await?;
-            w.write_all(&c.payload).await
+            w.write_all(&c.payload).await?;
+            Ok((prefix.as_bytes().len() + c.payload.len()) as u64)
         }
     }
 }
@@ -218,6 +228,7 @@ async fn write_loop(
     mut kill: oneshot::Receiver<Frame>,
     reader: AbortHandle,
     events: mpsc::Sender<Ev>,
+    drained: Option<Arc<AtomicU64>>,
 ) {
     let normal = || Frame::Goodbye(reason(ErrorCode::Normal, "closing"));
     let mut ping = tokio::time::interval(PING_EVERY);
@@ -248,7 +259,16 @@ async fn write_loop(
                 drop(k);
                 break None;
             }
-            r = write_out(&mut w, &out) => if r.is_err() { break None; },
+            r = write_out(&mut w, &out) => match r {
+                Ok(n) => {
+                    if let Some(d) = &drained
+                        && n > 0
+                    {
+                        d.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+                Err(_) => break None,
+            },
         }
     };
     if let Some(f) = last
@@ -301,7 +321,7 @@ pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>, shared
         },
         Ok(c) => {
             let info = c.info.clone();
-            let handle = spawn_link(link, c, events.clone(), d.idle, None, shared);
+            let handle = spawn_link(link, c, events.clone(), d.idle, None, shared, None);
             Ev::Connected { link, handle, info }
         }
         Err(err) => Ev::ConnectFailed { link, err },
@@ -317,6 +337,8 @@ pub(crate) struct AcceptCtx {
     pub idle: Duration,
     pub events: mpsc::Sender<Ev>,
     pub ids: Arc<AtomicU64>,
+    /// Chunk bytes written on accepted links (children and neighbours we serve).
+    pub drained: Arc<AtomicU64>,
 }
 
 /// Accepts peer connections until the task is aborted.
@@ -354,6 +376,7 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
                         ctx.idle,
                         Some(permit),
                         ctx.shared.clone(),
+                        Some(ctx.drained.clone()),
                     );
                     let _ = ctx
                         .events

@@ -33,7 +33,7 @@ pub(crate) mod link;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -47,7 +47,10 @@ use tokio::task::JoinHandle;
 
 use crate::control::{Assignment, Control, JoinInfo, Offer, Parent, Peer};
 use crate::error::{SdkError, is_fatal_code};
-use crate::grid::{Action, BufferMap, PeerScheduler, SchedulerConfig, Source, Upstream};
+use crate::grid::{
+    Action, BufferMap, PeerScheduler, SchedulerConfig, Source, UploadEstimator,
+    UploadEstimatorConfig, Upstream,
+};
 use crate::rights::{Grant, OwnToken, unix_ms};
 use crate::viewer::{Shared, stopped};
 use link::{AcceptCtx, Dial, LinkHandle, LinkId, Out, QueueError, reason};
@@ -264,6 +267,9 @@ pub(crate) struct GridSetup {
     pub chunk: Duration,
     pub lag: Duration,
     pub upload_kbps: u32,
+    /// `max_upload_kbps` was not set: `upload_kbps` is an initial offer, lowered to
+    /// what the uplink drains ([`UploadEstimator`]).
+    pub estimate_upload: bool,
     pub limits: Limits,
     pub idle: Duration,
     pub connect_timeout: Duration,
@@ -279,7 +285,9 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
     let sched = PeerScheduler::new(cfg).map_err(|e| SdkError::Config(e.to_string()))?;
     let (tx, rx) = mpsc::channel(EVENTS);
     let ids = Arc::new(AtomicU64::new(1));
+    let drained = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
+    let relaying = setup.listener.is_some() && setup.upload_kbps > 0;
     if let Some(l) = setup.listener {
         tasks.push(tokio::spawn(link::listen(
             l,
@@ -289,6 +297,7 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
                 idle: setup.idle,
                 events: tx.clone(),
                 ids: ids.clone(),
+                drained: drained.clone(),
             },
         )));
     }
@@ -300,6 +309,8 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         .as_ref()
         .map(|p| p.content_type.clone())
         .unwrap_or_default();
+    let budget_kbps = if relaying { setup.upload_kbps } else { 0 };
+    setup.shared.stats_mut().upload_budget_kbps = budget_kbps;
     let mut engine = Engine {
         shared: setup.shared,
         control: setup.control,
@@ -319,6 +330,7 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         rejoining: false,
         feeds: vec![Feed::Server; usize::from(k)],
         reparenting: vec![false; usize::from(k)],
+        reparent_timers: vec![None; usize::from(k)],
         neighbours: Vec::new(),
         child_slots: setup.join.child_slots,
         used_slots: 0,
@@ -341,6 +353,12 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         banned: HashSet::new(),
         fresh_join: false,
         next_grant_check: Instant::now(),
+        estimator: (relaying && setup.estimate_upload)
+            .then(|| UploadEstimator::new(budget_kbps, UploadEstimatorConfig::default())),
+        drained,
+        epoch: Instant::now(),
+        stream_kbps: setup.join.stream_kbps,
+        budget_kbps,
     };
     let now = engine.clock.now();
     for s in 0..k {
@@ -359,6 +377,7 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         engine.idle,
         None,
         engine.shared.clone(),
+        None,
     ));
     engine.links.insert(dp, l);
     engine.dp = Some(dp);
@@ -418,6 +437,38 @@ struct Engine {
     /// token now means a re-join does not help.
     fresh_join: bool,
     next_grant_check: Instant,
+    /// Per substream: a re-parent being timed (parent lost or re-searched).
+    reparent_timers: Vec<Option<ReparentTimer>>,
+    /// `Some` when the upload budget is estimated (no `max_upload_kbps`).
+    estimator: Option<UploadEstimator>,
+    /// Chunk bytes written on accepted links (children and served neighbours).
+    drained: Arc<AtomicU64>,
+    /// The estimator's clock origin.
+    epoch: Instant,
+    /// Stream rate from `Join` (0 = not said), to turn a budget into child slots.
+    stream_kbps: u32,
+    /// Relay upload budget now, kbit/s (0 = not relaying).
+    budget_kbps: u32,
+}
+
+/// A re-parent in progress on one substream, timed from the loss or re-search of
+/// `from` to the first chunk pushed by another parent.
+#[derive(Debug, Clone, Copy)]
+struct ReparentTimer {
+    since: Instant,
+    /// The parent left behind (`None` = the data plane).
+    from: Option<u64>,
+    /// The `Reparent` answer was recorded.
+    answered: bool,
+}
+
+/// The parent identity a feed stands for (`None` = the data plane; pending = no one).
+fn feed_source(f: &Feed) -> Option<Option<u64>> {
+    match f {
+        Feed::Server => Some(None),
+        Feed::Peer(p) => Some(Some(p.id)),
+        Feed::Pending => None,
+    }
 }
 
 /// Most peers remembered as polluters (a swarm with more is beyond saving anyway).
@@ -590,6 +641,63 @@ impl Engine {
         if count {
             self.shared.stats_mut().parent_changes += 1;
         }
+        self.cancel_timer_if_back(s);
+    }
+
+    // ----- re-parent timing ---------------------------------------------------------
+
+    /// Starts timing a re-parent of `s` away from `from` (no-op if one is timed).
+    fn start_reparent_timer(&mut self, s: u16, from: Option<u64>) {
+        if let Some(t) = self.reparent_timers.get_mut(usize::from(s))
+            && t.is_none()
+        {
+            *t = Some(ReparentTimer {
+                since: Instant::now(),
+                from,
+                answered: false,
+            });
+        }
+    }
+
+    /// The substream is fed by the parent it was leaving again: not a re-parent.
+    fn cancel_timer_if_back(&mut self, s: u16) {
+        let i = usize::from(s);
+        let back = match (&self.reparent_timers[i], feed_source(&self.feeds[i])) {
+            (Some(t), Some(src)) => src == t.from,
+            _ => false,
+        };
+        if back {
+            self.reparent_timers[i] = None;
+        }
+    }
+
+    /// The `Reparent` answer for `s` arrived.
+    fn reparent_answered(&mut self, s: u16) {
+        if let Some(Some(t)) = self.reparent_timers.get_mut(usize::from(s))
+            && !t.answered
+        {
+            t.answered = true;
+            let d = t.since.elapsed();
+            self.shared.stats_mut().reparent_answer_time.record(d);
+        }
+    }
+
+    /// A chunk of `s` came from its current parent: completes a timed re-parent if that
+    /// parent is a new one.
+    fn reparent_chunk(&mut self, s: u16) {
+        let i = usize::from(s);
+        let Some(t) = self.reparent_timers[i] else {
+            return;
+        };
+        match feed_source(&self.feeds[i]) {
+            Some(src) if src != t.from => {
+                self.reparent_timers[i] = None;
+                let d = t.since.elapsed();
+                tracing::debug!(substream = s, ms = d.as_millis(), "re-parent complete");
+                self.shared.stats_mut().reparent_time.record(d);
+            }
+            _ => {}
+        }
     }
 
     /// Opens, re-subscribes and closes links to match `feeds` and `neighbours`.
@@ -755,6 +863,7 @@ impl Engine {
             return;
         }
         self.reparenting[i] = false;
+        self.reparent_answered(s);
         let now = self.clock.now();
         let feed = match result {
             Ok(Some(p)) if excluded.contains(&p.id) || self.excluded(p.id) => Feed::Server,
@@ -766,12 +875,16 @@ impl Engine {
                     // plane feeds this substream until the next assignment.
                     Feed::Server
                 } else {
+                    // The old parent keeps feeding: no re-parent to time.
+                    self.reparent_timers[i] = None;
                     return;
                 }
             }
         };
         tracing::info!(substream = s, ?feed, "re-parented");
         self.set_feed(s, feed, now, true);
+        // Answered with the parent it had (e.g. the data plane again): not a re-parent.
+        self.cancel_timer_if_back(s);
         self.reconcile();
     }
 
@@ -788,6 +901,7 @@ impl Engine {
         for s in 0..self.k {
             if matches!(&self.feeds[usize::from(s)], Feed::Peer(p) if p.id == peer.id) {
                 self.set_feed(s, Feed::Pending, now, false);
+                self.start_reparent_timer(s, Some(peer.id));
                 self.research(s, vec![peer.id]);
             }
         }
@@ -1290,6 +1404,9 @@ impl Engine {
                 st.bytes_from_peers += len;
             }
         }
+        if src == Source::Parent(s) {
+            self.reparent_chunk(s);
+        }
         self.clock.observe(c.seq, c.timestamp_ms);
         let now = self.clock.now();
         if self.sched.on_chunk(c.seq, src, now) {
@@ -1349,6 +1466,9 @@ impl Engine {
             .play_next()
             .map_or(0, |p| self.store.range(p..).count() as u64);
         self.shared.stats_mut().buffer = Duration::from_millis(buffered * u64::from(self.chunk_ms));
+        if self.estimator.is_some() {
+            self.sample_upload();
+        }
         let now = Instant::now();
         if now < self.next_grant_check {
             return;
@@ -1376,6 +1496,95 @@ impl Engine {
                 None,
             );
         }
+    }
+
+    // ----- upload estimate -----------------------------------------------------------
+
+    /// Feeds the upload estimator: drained relay bytes, and whether every child link
+    /// has data queued now (the uplink, not one child, is then what limits us).
+    fn sample_upload(&mut self) {
+        let mut children = 0usize;
+        let mut all_queued = true;
+        for l in self.links.values() {
+            if l.kind == Kind::In && l.mask != 0 {
+                children += 1;
+                if l.handle.as_ref().is_none_or(|h| h.queued() == 0) {
+                    all_queued = false;
+                }
+            }
+        }
+        let now = self.epoch.elapsed();
+        let drained = self.drained.load(Ordering::Relaxed);
+        let Some(est) = self.estimator.as_mut() else {
+            return;
+        };
+        let lowered = est.sample(now, drained, children > 0 && all_queued);
+        let estimate = est.estimate_kbps();
+        self.shared.stats_mut().upload_estimate_kbps = estimate;
+        if let Some(kbps) = lowered {
+            self.lower_budget(kbps, estimate);
+        }
+    }
+
+    /// Child slots a budget buys, as the control plane counts them
+    /// (`floor(U / ceil(r / K))`); proportionally to the current slots when the stream
+    /// rate is unknown.
+    fn slots_for(&self, kbps: u32) -> u32 {
+        if self.stream_kbps > 0 {
+            let per_substream = self.stream_kbps.div_ceil(u32::from(self.k.max(1))).max(1);
+            kbps / per_substream
+        } else if self.budget_kbps > 0 {
+            let v = u64::from(self.child_slots) * u64::from(kbps) / u64::from(self.budget_kbps);
+            u32::try_from(v).unwrap_or(u32::MAX)
+        } else {
+            0
+        }
+    }
+
+    /// The uplink drains less than the budget: pace to the new budget, offer it on a
+    /// re-join, and close the children beyond the slots it buys (newest first) with
+    /// `GOODBYE(SERVER_BUSY)`, so they re-search a parent.
+    fn lower_budget(&mut self, kbps: u32, estimate: Option<u32>) {
+        let slots = self.slots_for(kbps).min(self.child_slots);
+        tracing::info!(
+            old_kbps = self.budget_kbps,
+            kbps,
+            ?estimate,
+            old_slots = self.child_slots,
+            slots,
+            "uplink drains less than the relay budget: budget lowered"
+        );
+        self.budget_kbps = kbps;
+        self.rate_bytes = f64::from(kbps) * 1000.0 / 8.0;
+        self.tokens = self.tokens.min(self.rate_bytes * 2.0);
+        self.offer.upload_kbps = kbps;
+        self.child_slots = slots;
+        self.shared.stats_mut().upload_budget_kbps = kbps;
+        if self.used_slots <= self.child_slots {
+            return;
+        }
+        let mut children: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.kind == Kind::In && l.mask != 0)
+            .map(|(&id, _)| id)
+            .collect();
+        children.sort_unstable_by(|a, b| b.cmp(a));
+        for l in children {
+            if self.used_slots <= self.child_slots {
+                break;
+            }
+            tracing::info!(l, peer = ?self.peer_id_of(l), "closing a child: upload budget lowered");
+            self.drop_link(
+                l,
+                Some(Frame::Goodbye(reason(
+                    ErrorCode::ServerBusy,
+                    "upload budget lowered",
+                ))),
+                None,
+            );
+        }
+        self.count_links();
     }
 
     /// Our token was renewed: every link we dialled (the data plane, parents,
@@ -1578,6 +1787,9 @@ impl Engine {
             }
             Action::ReSearch { substream, exclude } => {
                 tracing::info!(substream, ?exclude, "parent late or silent: re-searching");
+                if let Some(from) = self.feeds.get(usize::from(substream)).and_then(feed_source) {
+                    self.start_reparent_timer(substream, from);
+                }
                 self.research(substream, exclude.into_iter().collect());
             }
             Action::Play { seq } => self.play(seq),

@@ -22,8 +22,10 @@ use tracing::Instrument as _;
 /// first start into <data-dir>/admin.key (mode 0600) and reused afterwards;
 /// `starling-admin` run from the same directory finds it. Use admin JWT keys in
 /// production. Viewers of non-public broadcasts need a JWT verified with a
-/// --viewer-jwt-key. EdgeService (data-plane nodes) is not authenticated: keep this port
-/// reachable only from the data-plane network.
+/// --viewer-jwt-key. Data-plane nodes (EdgeService) need `authorization: Bearer <node
+/// key>` (--node-key / --node-key-file; by default the static admin key, so in
+/// zero-setup mode give nodes `--node-key-file <data-dir>/admin.key`). Whoever holds
+/// the node key can register a node and sign chunks that viewers accept.
 #[derive(Debug, Parser)]
 #[command(name = "starling-controlplane", version, about, long_about)]
 struct Args {
@@ -67,6 +69,25 @@ struct Args {
     /// zero-setup mode (<data-dir>/admin.key).
     #[arg(long, env = "STARLING_ADMIN_KEY", hide_env_values = true)]
     admin_key: Option<String>,
+
+    /// Node key: data-plane nodes send it as `authorization: Bearer <key>` on every
+    /// EdgeService call (at least 16 printable characters, compared in constant time).
+    /// Whoever holds it can register a node, whose chunk-signing key every viewer then
+    /// trusts. Admin credentials are accepted too. Unset, with no --node-key-file: the
+    /// static admin key (zero-setup: nodes use <data-dir>/admin.key), or, with only
+    /// --admin-jwt-key, a random key in <data-dir>/node.key (mode 0600).
+    #[arg(
+        long,
+        env = "STARLING_NODE_KEY",
+        hide_env_values = true,
+        conflicts_with = "node_key_file"
+    )]
+    node_key: Option<String>,
+
+    /// File holding the node key (see --node-key); created with a random key (mode
+    /// 0600) when missing.
+    #[arg(long, env = "STARLING_NODE_KEY_FILE", value_name = "PATH")]
+    node_key_file: Option<PathBuf>,
 
     /// PEM public key (Ed25519 or RSA) that verifies admin JWTs (`sub`, `exp`,
     /// `role: "admin"`). Repeatable; the env var takes a comma-separated list.
@@ -338,13 +359,54 @@ fn auth_config(args: &Args) -> anyhow::Result<AuthConfig> {
     if viewer_jwt_keys.is_empty() {
         tracing::info!("no --viewer-jwt-key: only public broadcasts can be joined");
     }
+    let node_key = node_key(args, admin_key.as_deref())?;
     Ok(AuthConfig {
         admin_key,
         admin_jwt_keys,
         viewer_jwt_keys,
         leeway: Duration::from_secs(args.jwt_leeway_s),
         rotate_token_key: args.rotate_token_key,
+        node_key: Some(node_key),
     })
+}
+
+/// The node key: --node-key, else --node-key-file (created when missing), else the static
+/// admin key, else (admin JWTs only) the zero-setup `<data-dir>/node.key`.
+fn node_key(args: &Args, admin_key: Option<&str>) -> anyhow::Result<String> {
+    if let Some(key) = args
+        .node_key
+        .as_deref()
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+    {
+        return Ok(key.to_string());
+    }
+    let (path, what) = match (&args.node_key_file, admin_key) {
+        (Some(path), _) => (path.clone(), "--node-key-file"),
+        (None, Some(admin_key)) => {
+            tracing::warn!(
+                "no --node-key: data-plane nodes authenticate with the admin key (give them \
+                 --node-key-file pointing to it); set a separate --node-key in production so \
+                 nodes do not hold admin rights"
+            );
+            return Ok(admin_key.to_string());
+        }
+        (None, None) => (args.data_dir.join("node.key"), "zero-setup node key"),
+    };
+    // The file holds a key like an admin key does; only the error names differ.
+    let (key, created) = auth::load_or_create_admin_key(&path)
+        .map_err(|e| match e {
+            auth::AuthConfigError::WeakAdminKey => auth::AuthConfigError::WeakNodeKey,
+            auth::AuthConfigError::BadAdminKey => auth::AuthConfigError::BadNodeKey,
+            e => e,
+        })
+        .with_context(|| format!("{what} {}", path.display()))?;
+    tracing::info!(
+        path = %path.display(),
+        created,
+        "data-plane nodes authenticate with the node key stored in this file"
+    );
+    Ok(key)
 }
 
 #[tokio::main]

@@ -157,13 +157,7 @@ impl GridAssigner {
         let now_ms = ms(info.now);
         let cap = self.slots_for(info.upload_kbps);
         let home = if cap > 0 {
-            let mut best = 0u16;
-            for s in 1..self.k {
-                if self.home_supply[usize::from(s)] < self.home_supply[usize::from(best)] {
-                    best = s;
-                }
-            }
-            best
+            self.least_supplied_substream()
         } else {
             NO_HOME
         };
@@ -330,6 +324,103 @@ impl GridAssigner {
         })
     }
 
+    /// A peer's upload budget changed (e.g. its SDK measured a slower uplink than it
+    /// offered at join): its child slots become `slots_for(upload_kbps)`. Growing frees
+    /// slots (server-fed peers may move onto them, booster release). Shrinking below the
+    /// slots in use detaches the excess children (leaves of that substream first, then
+    /// the most recent) and re-parents them as [`GridAssigner::leave`] re-parents orphans,
+    /// never back under this peer. Returns every reassignment (the children that lost
+    /// this parent included). The peer's own parents are unchanged. Unknown peers and
+    /// unchanged budgets are ignored.
+    pub fn set_upload(
+        &mut self,
+        peer_id: PeerId,
+        upload_kbps: u32,
+        now: Duration,
+    ) -> Vec<Reassignment> {
+        let Some(&idx) = self.ids.get(&peer_id) else {
+            return Vec::new();
+        };
+        if self.peer(idx).upload_kbps == upload_kbps {
+            return Vec::new();
+        }
+        let now_ms = ms(now);
+        let new_cap = self.slots_for(upload_kbps);
+        // 1. Detach the children beyond the new capacity (the peer stays indexed and
+        //    consistent with its old capacity meanwhile).
+        let excess = self.peer(idx).used.saturating_sub(new_cap) as usize;
+        let mut orphans: Vec<(u32, u16)> = Vec::with_capacity(excess);
+        if excess > 0 {
+            let mut children: Vec<(bool, usize, u32, u16)> = self
+                .peer(idx)
+                .children
+                .iter()
+                .enumerate()
+                .map(|(pos, &(c, cs))| (self.peer(c).has_children_in(cs), pos, c, cs))
+                .collect();
+            // Leaves first (moving them deepens nothing), then the most recent.
+            children.sort_unstable_by_key(|&(interior, pos, _, _)| (interior, Reverse(pos)));
+            for &(_, _, c, cs) in children.iter().take(excess) {
+                self.detach(c, cs);
+                orphans.push((c, cs));
+            }
+        }
+        // 2. Change the capacity with the peer out of every index that depends on it.
+        self.unindex_peer(idx);
+        let fed_by_server: Vec<u16> = (0..self.k)
+            .filter(|&s| self.peer(idx).parents[usize::from(s)] == SERVER)
+            .collect();
+        for &s in &fed_by_server {
+            let key = self.sf_key(idx, s);
+            self.server_fed[usize::from(s)].remove(&key);
+        }
+        let (old_cap, used, bad, old_home, old_upload) = {
+            let p = self.peer(idx);
+            (p.cap, p.used, p.bad, p.home, p.upload_kbps)
+        };
+        if !bad {
+            self.supply = self.supply - u64::from(old_cap) + u64::from(new_cap);
+            self.free_slots =
+                self.free_slots - u64::from(old_cap - used) + u64::from(new_cap - used);
+        }
+        if old_home != NO_HOME {
+            self.home_supply[usize::from(old_home)] -= u64::from(old_cap);
+        }
+        self.upload_total = self.upload_total - u64::from(old_upload) + u64::from(upload_kbps);
+        let home = if new_cap == 0 {
+            NO_HOME
+        } else if old_home != NO_HOME {
+            old_home
+        } else {
+            self.least_supplied_substream()
+        };
+        if home != NO_HOME {
+            self.home_supply[usize::from(home)] += u64::from(new_cap);
+        }
+        {
+            let p = self.peer_mut(idx);
+            p.cap = new_cap;
+            p.upload_kbps = upload_kbps;
+            p.home = home;
+        }
+        for &s in &fed_by_server {
+            let key = self.sf_key(idx, s);
+            self.server_fed[usize::from(s)].insert(key);
+        }
+        self.index_peer(idx);
+        // 3. Re-parent the orphans elsewhere (never under this peer again right now).
+        let mut moved = Vec::new();
+        for (c, cs) in orphans {
+            let target = self
+                .best_parent(c, cs, &[peer_id], now_ms, true)
+                .unwrap_or(SERVER);
+            self.attach(c, cs, target);
+            moved.push(self.reassignment(c, cs));
+        }
+        self.release_booster(now_ms, &mut moved);
+        finish_moved(moved, None)
+    }
+
     /// Marks a peer bad (it sent a chunk failing verification): it is never assigned as a
     /// parent again and its current children are re-parented (returned). It stays a viewer.
     pub fn report_bad_peer(&mut self, peer_id: PeerId, now: Duration) -> Vec<Reassignment> {
@@ -437,6 +528,17 @@ impl GridAssigner {
     }
 
     // ----- internals -------------------------------------------------------------------
+
+    /// The substream with the least relay supply so far (a new relay's home).
+    fn least_supplied_substream(&self) -> u16 {
+        let mut best = 0u16;
+        for s in 1..self.k {
+            if self.home_supply[usize::from(s)] < self.home_supply[usize::from(best)] {
+                best = s;
+            }
+        }
+        best
+    }
 
     fn peer(&self, idx: u32) -> &Peer {
         match self.slab.get(idx as usize) {

@@ -131,6 +131,101 @@ fn children_are_reparented_on_leave() {
 }
 
 #[test]
+fn set_upload_shrinks_reparenting_the_excess_children_and_grows_back() {
+    let mut g = grid(4);
+    g.join(1, info(4000, 0, 0)).unwrap(); // 16 slots
+    for id in 2..=6 {
+        g.join(id, info(0, 0, id)).unwrap();
+    }
+    check(&g);
+    assert_eq!(g.children(1).unwrap().len(), 16);
+    let t = Duration::from_millis(100);
+
+    // Its uplink turns out to carry one copy: 4 slots. 12 children lose it.
+    let moved = g.set_upload(1, 1000, t);
+    check(&g);
+    check_booster_exact(&g);
+    assert_eq!(g.children(1).unwrap().len(), 4);
+    assert_eq!(moved.len(), 12);
+    assert!(moved.iter().all(|m| m.parent != Parent::Peer(1)));
+    // Every reported move is the grid's view; the kept children still point at 1.
+    for m in &moved {
+        assert_eq!(
+            g.parents(m.child).unwrap()[usize::from(m.substream)],
+            m.parent
+        );
+    }
+    let under_1: usize = (2..=6)
+        .map(|id| {
+            g.parents(id)
+                .unwrap()
+                .iter()
+                .filter(|p| **p == Parent::Peer(1))
+                .count()
+        })
+        .sum();
+    assert_eq!(under_1, 4);
+    let st = g.stats();
+    assert_eq!((st.peer_supply, st.upload_kbps_total), (4, 1000));
+    assert_eq!(st.server_slots_used, 24 - 4);
+
+    // Unchanged budget, unknown peer: nothing happens.
+    assert!(g.set_upload(1, 1000, t).is_empty());
+    assert!(g.set_upload(99, 5000, t).is_empty());
+    check(&g);
+
+    // Grows again: server-fed peers move onto the new free slots (booster release).
+    let moved = g.set_upload(1, 4000, t);
+    check(&g);
+    check_booster_exact(&g);
+    assert_eq!(moved.len(), 12);
+    assert!(moved.iter().all(|m| m.parent == Parent::Peer(1)));
+    assert_eq!(g.stats().server_slots_used, 24 - 16);
+
+    // Down to nothing: no children, no home, and back up from nothing.
+    let moved = g.set_upload(1, 0, t);
+    check(&g);
+    check_booster_exact(&g);
+    assert_eq!(moved.len(), 16);
+    assert!(g.children(1).unwrap().is_empty());
+    assert_eq!(g.stats().peer_supply, 0);
+    g.set_upload(1, 2000, t);
+    check(&g);
+    check_booster_exact(&g);
+    assert_eq!(g.children(1).unwrap().len(), 8);
+}
+
+#[test]
+fn set_upload_keeps_interior_children_when_leaves_suffice() {
+    let mut g = grid(1);
+    // 1 (2 slots) feeds 2 (relay, 1 slot) and 3 (leaf); 2 feeds 4.
+    g.join(1, info(2000, 0, 0)).unwrap();
+    g.join(2, info(1000, 0, 1)).unwrap();
+    g.join(3, info(0, 0, 2)).unwrap();
+    g.join(4, info(0, 0, 3)).unwrap();
+    check(&g);
+    let kids: Vec<PeerId> = g.children(1).unwrap().iter().map(|c| c.0).collect();
+    assert_eq!(kids.len(), 2);
+    let interior: Vec<PeerId> = kids
+        .iter()
+        .copied()
+        .filter(|&c| !g.children(c).unwrap().is_empty())
+        .collect();
+    assert_eq!(interior.len(), 1);
+    g.set_upload(1, 1000, Duration::from_millis(10));
+    check(&g);
+    // The relay (and its subtree) stays; the leaf moved.
+    assert_eq!(
+        g.children(1)
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect::<Vec<_>>(),
+        interior
+    );
+}
+
+#[test]
 fn reparent_excludes_and_avoids_cycles() {
     let mut g = grid(2);
     g.join(1, info(1000, 0, 0)).unwrap(); // 2 slots
@@ -326,6 +421,7 @@ enum Op {
     Leave(usize),
     Reparent(usize, u16, bool),
     Bad(usize),
+    SetUpload(usize, u32),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -335,6 +431,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(Op::Leave),
         2 => (any::<usize>(), 0u16..8, any::<bool>()).prop_map(|(i, s, e)| Op::Reparent(i, s, e)),
         1 => any::<usize>().prop_map(Op::Bad),
+        2 => (any::<usize>(), prop_oneof![Just(0u32), 0u32..3000, Just(1000)])
+            .prop_map(|(i, u)| Op::SetUpload(i, u)),
     ]
 }
 
@@ -379,24 +477,52 @@ proptest! {
                     let id = alive[i % alive.len()];
                     g.report_bad_peer(id, now);
                 }
+                Op::SetUpload(i, u) if !alive.is_empty() => {
+                    let id = alive[i % alive.len()];
+                    let slots = g.slots_for(u) as usize;
+                    let before = g.children(id).unwrap().len();
+                    let moved = g.set_upload(id, u, now);
+                    let after = g.children(id).unwrap().len();
+                    prop_assert!(after <= slots);
+                    // Shrinking never moves a child back under the shrunk peer.
+                    if after < before {
+                        for m in &moved {
+                            prop_assert_ne!(m.parent, Parent::Peer(id));
+                        }
+                    }
+                }
                 _ => {}
             }
             check(&g);
         }
     }
 
-    /// With joins and leaves only, booster slots exist exactly when peer slots fall short.
+    /// With joins, leaves and budget changes, booster slots exist exactly when peer slots
+    /// fall short, and every parent change is reported.
     #[test]
     fn booster_exactly_on_shortfall(
         k in 1u16..9,
-        ops in proptest::collection::vec((any::<bool>(), 0u32..4000, any::<usize>()), 1..150),
+        ops in proptest::collection::vec((0u8..5, 0u32..4000, any::<usize>()), 1..150),
     ) {
         let mut g = grid(k);
         let mut alive: Vec<PeerId> = Vec::new();
         let mut reported: HashMap<PeerId, Vec<Parent>> = HashMap::new();
-        for (t, (join, u, pick)) in ops.into_iter().enumerate() {
+        for (t, (action, u, pick)) in ops.into_iter().enumerate() {
             let now = Duration::from_millis(t as u64);
-            if join || alive.is_empty() {
+            if action == 4 && !alive.is_empty() {
+                // A budget change (SDK upload estimate): every move is reported too.
+                let id = alive[pick % alive.len()];
+                for m in g.set_upload(id, u, now) {
+                    reported.get_mut(&m.child).unwrap()[usize::from(m.substream)] = m.parent;
+                }
+                check(&g);
+                check_booster_exact(&g);
+                for (id, parents) in &reported {
+                    prop_assert_eq!(&g.parents(*id).unwrap(), parents);
+                }
+                continue;
+            }
+            if action < 2 || alive.is_empty() {
                 let id = t as u64;
                 let plan = g.join(id, PeerInfo { upload_kbps: u, addr_prefix: 0, now }).unwrap();
                 prop_assert_eq!(plan.parents.len(), usize::from(k));
