@@ -11,11 +11,15 @@
 //! restarted control plane keeps it, so tokens already handed out stay valid. Whoever can
 //! read that table can mint chunk tokens (see the trust model in ARCHITECTURE.md).
 //!
-//! The key with the highest id signs. A rotation ([`TokenKeys::load`] with `rotate`, the
-//! binary's `--rotate-token-key`) inserts a new key and marks every older one to retire
-//! [`RETIRE_AFTER`] later (the longest token lifetime plus a clock-skew margin): until
-//! then the old public key is still published, so tokens signed with it keep verifying
-//! and nobody is dropped. [`TokenKeys::refresh`] (run periodically) reloads the table, so
+//! A rotation ([`TokenKeys::load`] with `rotate`, the binary's `--rotate-token-key`)
+//! inserts a new key and marks every older one to retire [`RETIRE_AFTER`] later. The new
+//! key is published at once but signs only [`SIGN_LEAD`] after its creation: by then every
+//! data-plane node (a `KeysCommand` at the next key refresh) and every viewer (its next
+//! heartbeat) knows it, so a peer that presents a freshly renewed token to a parent or
+//! neighbour is never refused for an unknown key id. The signing key is the newest one
+//! past that lead (the oldest one when none is, e.g. a new deployment's first key). Old
+//! keys stay published until they retire (the longest token lifetime plus the lead and
+//! a clock-skew margin), so tokens they signed keep verifying and nobody is dropped. [`TokenKeys::refresh`] (run periodically) reloads the table, so
 //! other replicas pick up a rotation and retired keys stop being published; nodes get
 //! every change as a `KeysCommand`.
 
@@ -38,10 +42,15 @@ pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(1);
 /// Clock-skew margin added to every "one token lifetime" (retiring keys, forgetting
 /// revocations): verifiers accept a token up to their own skew after its expiry.
 pub const SKEW_MARGIN: Duration = Duration::from_secs(30);
-/// How long a replaced signing key stays published: any token it signed has expired by
-/// then, whatever TTL the process that issued it used.
+/// A new signing key is published this long before it signs: at least the key refresh
+/// period (5 s by default: nodes and other replicas pick it up) plus a viewer heartbeat
+/// interval (1–5 s), with margin.
+pub const SIGN_LEAD: Duration = Duration::from_secs(20);
+/// How long a replaced signing key stays published: it may sign for [`SIGN_LEAD`] after
+/// the rotation, and any token it signed has expired one maximum lifetime later, whatever
+/// TTL the process that issued it used.
 pub const RETIRE_AFTER: Duration =
-    Duration::from_secs(MAX_TOKEN_TTL.as_secs() + SKEW_MARGIN.as_secs());
+    Duration::from_secs(MAX_TOKEN_TTL.as_secs() + SKEW_MARGIN.as_secs() + SIGN_LEAD.as_secs());
 
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -242,23 +251,40 @@ pub fn needs_renewal(expires_at_ms: i64, ttl: Duration, now_ms: i64) -> bool {
     expires_at_ms.saturating_sub(now_ms) < ms(ttl) / 2
 }
 
-/// The published set from the stored rows: keys not retired at `now_ms`, the highest id
-/// signing. `previous` is reused when it is still the signer (no re-parse).
+/// The published set from the stored rows: keys not retired at `now_ms`; the newest one
+/// created at least [`SIGN_LEAD`] ago signs (the oldest one when none is). `previous` is
+/// reused when it is still the signer (no re-parse).
 fn build_set(
     records: &[TokenKeyRecord],
     now_ms: i64,
     previous: Option<&Arc<TokenSigner>>,
 ) -> Result<KeySet, TokenKeyError> {
-    let newest = records
+    let live: Vec<&TokenKeyRecord> = records
         .iter()
+        .filter(|r| r.retire_at_ms.is_none_or(|t| t > now_ms))
+        .collect();
+    // Every key retired (a clock jump): keep signing with the newest rather than none.
+    let pool: Vec<&TokenKeyRecord> = if live.is_empty() {
+        records
+            .iter()
+            .max_by_key(|r| r.key_id)
+            .into_iter()
+            .collect()
+    } else {
+        live
+    };
+    let chosen = pool
+        .iter()
+        .filter(|r| r.created_at_ms.saturating_add(ms(SIGN_LEAD)) <= now_ms)
         .max_by_key(|r| r.key_id)
+        .or_else(|| pool.iter().min_by_key(|r| r.key_id))
         .ok_or(TokenKeyError::NoKey)?;
     let signer = match previous {
-        Some(s) if s.key_id() == newest.key_id => s.clone(),
+        Some(s) if s.key_id() == chosen.key_id => s.clone(),
         _ => Arc::new(
-            TokenSigner::new(newest.key_id, &newest.pkcs8).map_err(|source| {
+            TokenSigner::new(chosen.key_id, &chosen.pkcs8).map_err(|source| {
                 TokenKeyError::Key {
-                    key_id: newest.key_id,
+                    key_id: chosen.key_id,
                     source,
                 }
             })?,
@@ -269,16 +295,16 @@ fn build_set(
             key_id: signer.key_id(),
             ed25519: signer.public_key().to_vec(),
         },
-        None,
+        chosen.retire_at_ms,
     )];
-    let mut older: Vec<&TokenKeyRecord> = records
+    let mut others: Vec<&TokenKeyRecord> = pool
         .iter()
-        .filter(|r| r.key_id != newest.key_id)
-        .filter(|r| r.retire_at_ms.is_none_or(|t| t > now_ms))
+        .copied()
+        .filter(|r| r.key_id != chosen.key_id)
         .collect();
-    older.sort_by_key(|r| std::cmp::Reverse(r.key_id));
+    others.sort_by_key(|r| std::cmp::Reverse(r.key_id));
     // A verifier holds at most MAX_KEYS keys; the newest ones matter.
-    for r in older
+    for r in others
         .into_iter()
         .take(starling_proto::token::MAX_KEYS.saturating_sub(1))
     {
@@ -291,7 +317,7 @@ fn build_set(
                 r.retire_at_ms,
             )),
             Err(e) => {
-                tracing::error!(key_id = r.key_id, error = %e, "unusable retiring chunk-token key; not published");
+                tracing::error!(key_id = r.key_id, error = %e, "unusable chunk-token key; not published");
             }
         }
     }
@@ -443,30 +469,68 @@ mod tests {
         assert!(!r.subject_blocked("b", "alice", None, 0));
     }
 
-    fn record(key_id: u32, retire_at_ms: Option<i64>) -> TokenKeyRecord {
+    fn record(key_id: u32, created_at_ms: i64, retire_at_ms: Option<i64>) -> TokenKeyRecord {
         TokenKeyRecord {
             key_id,
             pkcs8: starling_proto::token::generate_pkcs8().unwrap(),
-            created_at_ms: 0,
+            created_at_ms,
             retire_at_ms,
         }
     }
 
+    fn ids(set: &KeySet) -> Vec<u32> {
+        set.published.iter().map(|(k, _)| k.key_id).collect()
+    }
+
     #[test]
-    fn newest_key_signs_and_retired_keys_go() {
+    fn newest_key_past_the_lead_signs_and_retired_keys_go() {
+        let lead = ms(SIGN_LEAD);
         let rows = vec![
-            record(1, Some(1_000)),
-            record(2, Some(5_000)),
-            record(3, None),
+            record(1, 0, Some(1_000)),
+            record(2, 0, Some(lead + 5_000)),
+            record(3, 0, None),
         ];
-        let set = build_set(&rows, 2_000, None).unwrap();
+        let set = build_set(&rows, lead + 2_000, None).unwrap();
         assert_eq!(set.signer.key_id(), 3);
-        let ids: Vec<u32> = set.published.iter().map(|(k, _)| k.key_id).collect();
-        assert_eq!(ids, vec![3, 2]);
+        assert_eq!(ids(&set), vec![3, 2]);
         assert!(set.published.iter().all(|(k, _)| k.ed25519.len() == 32));
-        let later = build_set(&rows, 5_000, Some(&set.signer)).unwrap();
+        let later = build_set(&rows, lead + 5_000, Some(&set.signer)).unwrap();
         assert!(Arc::ptr_eq(&later.signer, &set.signer));
-        assert_eq!(later.published.len(), 1);
+        assert_eq!(ids(&later), vec![3]);
         assert!(matches!(build_set(&[], 0, None), Err(TokenKeyError::NoKey)));
+    }
+
+    #[test]
+    fn a_new_key_is_published_before_it_signs() {
+        let lead = ms(SIGN_LEAD);
+        let rotated = 1_000_000;
+        let rows = vec![
+            record(1, 0, Some(rotated + ms(RETIRE_AFTER))),
+            record(2, rotated, None),
+        ];
+        // Right after the rotation: both published, the old key still signs.
+        let set = build_set(&rows, rotated, None).unwrap();
+        assert_eq!(set.signer.key_id(), 1);
+        assert_eq!(ids(&set), vec![1, 2]);
+        let set = build_set(&rows, rotated + lead - 1, Some(&set.signer)).unwrap();
+        assert_eq!(set.signer.key_id(), 1);
+        // After the lead the new key signs; the old one stays published until it retires.
+        let set = build_set(&rows, rotated + lead, Some(&set.signer)).unwrap();
+        assert_eq!(set.signer.key_id(), 2);
+        assert_eq!(ids(&set), vec![2, 1]);
+        let set = build_set(&rows, rotated + ms(RETIRE_AFTER), Some(&set.signer)).unwrap();
+        assert_eq!(ids(&set), vec![2]);
+        // A deployment's first key signs at once.
+        let first = build_set(&[record(7, rotated, None)], rotated, None).unwrap();
+        assert_eq!(first.signer.key_id(), 7);
+        // Every key retired (clock jump): the newest still signs.
+        let all_gone = vec![record(1, 0, Some(10)), record(2, 0, Some(20))];
+        assert_eq!(
+            build_set(&all_gone, lead * 2, None)
+                .unwrap()
+                .signer
+                .key_id(),
+            2
+        );
     }
 }

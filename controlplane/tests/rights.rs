@@ -11,7 +11,7 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use starling_controlplane::auth::{self, NEEDS_BEARER};
-use starling_controlplane::tokens::{RETIRE_AFTER, TokenKeys};
+use starling_controlplane::tokens::{RETIRE_AFTER, SIGN_LEAD, TokenKeys};
 use starling_controlplane::{
     AuthConfig, BearerInterceptor, ControlPlane, ControlPlaneHandle, ServiceConfig, Store,
 };
@@ -863,29 +863,45 @@ async fn token_keys_rotate_without_dropping_anyone(store: Store) {
     let other = TokenKeys::load(&replica, Duration::from_secs(120), true, now)
         .await
         .unwrap();
-    let new_id = other.signing_key_id();
+    // The new key is published at once but does not sign yet (SIGN_LEAD).
+    assert_eq!(other.signing_key_id(), old_key.key_id);
+    let published = other.public_keys();
+    assert_eq!(published.len(), 2);
+    let new_id = published[1].key_id;
     assert_ne!(new_id, old_key.key_id);
-    assert_eq!(other.public_keys().len(), 2);
 
-    // This control plane picks it up and pushes both keys to the node.
+    // This control plane picks it up and pushes both keys to the node, the signing
+    // (old) key first.
     let keys = node
         .wait_for(|c| match c {
             Command::Keys(k) if k.token_keys.len() == 2 => Some(k.token_keys),
             _ => None,
         })
         .await;
-    assert_eq!(keys[0].key_id, new_id);
-    assert_eq!(keys[1], old_key);
-    // New tokens are signed with the new key; the old token still verifies with the
-    // published set.
+    assert_eq!(keys[0], old_key);
+    assert_eq!(keys[1].key_id, new_id);
+    // Viewers are told both keys before any token signed with the new one exists.
     let after = h.join(&b, "", "", 0).await.unwrap();
     assert_eq!(after.token_keys, keys);
-    assert_eq!(peek_unverified(&after.chunk_token).unwrap().0, new_id);
-    let v = verifier(&after.token_keys);
-    v.verify(&before.chunk_token, &b, Scopes::PLAY, now_ms(), 0)
+    assert_eq!(
+        peek_unverified(&after.chunk_token).unwrap().0,
+        old_key.key_id
+    );
+
+    // Once the lead has passed, the new key signs; tokens signed by either verify with
+    // the published set.
+    let signing_at = now + i64::try_from(SIGN_LEAD.as_millis()).unwrap();
+    assert!(other.refresh(&replica, signing_at).await.unwrap());
+    assert_eq!(other.signing_key_id(), new_id);
+    let fresh = other
+        .issue(&b, 77, Scopes::PLAY, signing_at)
+        .expect("sign with the new key");
+    assert_eq!(peek_unverified(&fresh.token).unwrap().0, new_id);
+    let v = verifier(&other.public_keys());
+    let at = u64::try_from(signing_at).unwrap();
+    v.verify(&before.chunk_token, &b, Scopes::PLAY, at, 0)
         .unwrap();
-    v.verify(&after.chunk_token, &b, Scopes::PLAY, now_ms(), 0)
-        .unwrap();
+    v.verify(&fresh.token, &b, Scopes::PLAY, at, 0).unwrap();
 
     // After one maximum token lifetime the old key is no longer published.
     let later = now + i64::try_from(RETIRE_AFTER.as_millis()).unwrap() + 1;

@@ -122,9 +122,10 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=120))]
     token_ttl: u64,
 
-    /// Start with a new chunk-token signing key (stored in the database; the previous
-    /// keys stay valid for one maximum token lifetime, so nobody is dropped). With
-    /// several replicas, run it on one; the others pick the new key up within seconds.
+    /// Start with a new chunk-token signing key (stored in the database). It is
+    /// published at once and signs 20 s later, when every node and viewer knows it; the
+    /// previous keys stay valid for one maximum token lifetime after that, so nobody is
+    /// dropped. With several replicas, run it on one; the others pick it up within seconds.
     #[arg(long, env = "STARLING_ROTATE_TOKEN_KEY")]
     rotate_token_key: bool,
 
