@@ -459,6 +459,7 @@ impl Viewer {
             control.clone(),
             shared.clone(),
             Some(events),
+            config.relay.upload_kbps(),
         )));
         tasks.push(tokio::spawn(crate::report::report_loop(
             control.clone(),
@@ -522,6 +523,7 @@ impl Viewer {
                 c.clone(),
                 shared.clone(),
                 None,
+                0,
             )));
             if let Some(every) = report_every {
                 tasks.push(tokio::spawn(crate::report::report_loop(
@@ -898,6 +900,7 @@ async fn heartbeat_loop(
     control: Control,
     shared: Arc<Shared>,
     grid: Option<tokio::sync::mpsc::Sender<crate::relay::Ev>>,
+    offered_kbps: u32,
 ) {
     let mut stop = shared.stop_signal();
     loop {
@@ -914,7 +917,13 @@ async fn heartbeat_loop(
                 bytes_from_server: s.bytes_from_server,
                 bytes_from_peers: s.bytes_from_peers,
                 bytes_uploaded: s.bytes_uploaded,
-                upload_kbps: s.upload_budget_kbps,
+                // Only a budget the upload estimate lowered below the join offer is
+                // news to the control plane (0 = unchanged, no slot recount).
+                upload_kbps: if s.upload_budget_kbps < offered_kbps {
+                    s.upload_budget_kbps
+                } else {
+                    0
+                },
             }
         };
         let call = tokio::time::timeout(session.heartbeat.max(Duration::from_secs(1)), async {

@@ -37,21 +37,15 @@ pub struct NodeInfo {
 }
 
 /// Why a control-plane session ended badly.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum LinkError {
     /// The control plane refused this node (credential or chunk key): needs the
     /// operator, logged as an error.
+    #[error("{0}")]
     Refused(String),
     /// Anything else (unreachable, stream broken...).
+    #[error("{0}")]
     Other(String),
-}
-
-impl std::fmt::Display for LinkError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LinkError::Refused(m) | LinkError::Other(m) => f.write_str(m),
-        }
-    }
 }
 
 /// Classifies a failed `Register` / `Commands` call.

@@ -1527,12 +1527,11 @@ impl Engine {
     }
 
     /// Child slots a budget buys, as the control plane counts them
-    /// (`floor(U / ceil(r / K))`); proportionally to the current slots when the stream
-    /// rate is unknown.
+    /// ([`wire::slot_kbps`]); proportionally to the current slots when the stream rate
+    /// is unknown.
     fn slots_for(&self, kbps: u32) -> u32 {
         if self.stream_kbps > 0 {
-            let per_substream = self.stream_kbps.div_ceil(u32::from(self.k.max(1))).max(1);
-            kbps / per_substream
+            kbps / wire::slot_kbps(self.stream_kbps, self.k)
         } else if self.budget_kbps > 0 {
             let v = u64::from(self.child_slots) * u64::from(kbps) / u64::from(self.budget_kbps);
             u32::try_from(v).unwrap_or(u32::MAX)

@@ -108,7 +108,7 @@ impl GridAssigner {
             return Err(GridError::InvalidConfig("stream_kbps must be > 0"));
         }
         let k = cfg.substreams;
-        let substream_kbps = cfg.stream_kbps.div_ceil(u32::from(k));
+        let substream_kbps = starling_proto::wire::slot_kbps(cfg.stream_kbps, k);
         Ok(GridAssigner {
             cfg,
             k,
