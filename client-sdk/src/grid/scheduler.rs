@@ -617,7 +617,19 @@ impl PeerScheduler {
                 continue;
             }
             let s64 = s as u64;
-            let from = sub.last_seq.map_or(start, |l| l + 1).max(start);
+            // The parent owes the chunks of its substream that became available after it
+            // was assigned; older ones (a newest-chunk push on subscribe) are a bonus.
+            // With K·chunk longer than the silence timeout, counting an older chunk
+            // would call every new parent silent before its first due chunk.
+            let since_seq = u64::try_from(
+                (sub.since_ms.saturating_sub(base) + self.d_ms - 1).div_euclid(self.d_ms),
+            )
+            .unwrap_or(0);
+            let from = sub
+                .last_seq
+                .map_or(start, |l| l + 1)
+                .max(start)
+                .max(since_seq);
             let next = from + (s64 + self.k - from % self.k) % self.k;
             let expected = base.saturating_add(self.seq_ms(next)).max(sub.since_ms);
             // Silent only if the chunk could be had elsewhere (see `monitor_parent`).

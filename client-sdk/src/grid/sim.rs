@@ -816,3 +816,51 @@ fn a_start_up_burst_plays_at_once_even_out_of_order() {
     assert!(drain(&mut s).contains(&Action::Play { seq: 10 }));
     assert_eq!(s.stats().skipped, 0);
 }
+
+#[test]
+fn a_new_parent_is_not_silent_for_chunks_that_came_before_it() {
+    // 1 s chunks, K = 4: a substream carries one chunk every 4 s, longer than the 1.5 s
+    // silence timeout. A parent assigned at 4500, after chunk 4 (substream 0) became
+    // available at 4000, owes chunk 8 first (due ~8000); before it, no re-search, even
+    // though chunk 4 (held, and in a neighbour's map) is not played yet (4 s lag).
+    let mut s = PeerScheduler::new(SchedulerConfig {
+        target_lag: Duration::from_secs(4),
+        repair_lead: Duration::from_secs(2),
+        ..SchedulerConfig::default()
+    })
+    .unwrap();
+    for seq in 0..4u16 {
+        s.on_parent_changed(seq, Some(Upstream::Server), at(0));
+    }
+    for seq in 0..4 {
+        assert!(s.on_chunk(seq, Source::Parent(seq as u16), at(seq * 1000)));
+    }
+    s.on_chunk(4, Source::Server, at(4000));
+    s.on_parent_changed(0, Some(Upstream::Peer(3)), at(4500));
+    s.on_neighbour_added(9);
+    let mut map = BufferMap::new(0, 64);
+    map.set(4);
+    s.on_buffer_map(9, map.clone(), at(4600));
+    for t in [5000, 6000, 6500, 7000, 8000, 9000, 9400] {
+        s.tick(at(t));
+        let acts = drain(&mut s);
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::ReSearch { .. })),
+            "re-searched at {t}, before the new parent's first due chunk"
+        );
+        if t == 7000 {
+            assert!(
+                !acts.contains(&Action::Play { seq: 4 }),
+                "chunk 4 played too early"
+            );
+        }
+    }
+    // Chunk 8 is not delivered and a neighbour has it: silent after 8000 + 1.5 s.
+    map.set(8);
+    s.on_buffer_map(9, map, at(9450));
+    s.tick(at(9600));
+    assert!(drain(&mut s).contains(&Action::ReSearch {
+        substream: 0,
+        exclude: Some(3)
+    }));
+}
