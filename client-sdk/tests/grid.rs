@@ -404,6 +404,16 @@ async fn wait_played(v: &Viewer, n: u64) -> Stats {
 
 /// A raw peer connection: HELLO(peer), SUBSCRIBE(mask); returns the first frame.
 async fn raw_subscribe(addr: &str, broadcast: &str, mask: u64, token: bytes::Bytes) -> Frame {
+    raw_subscribe_held(addr, broadcast, mask, token).await.0
+}
+
+/// [`raw_subscribe`], keeping the link open (its slots stay taken).
+async fn raw_subscribe_held(
+    addr: &str,
+    broadcast: &str,
+    mask: u64,
+    token: bytes::Bytes,
+) -> (Frame, tokio::net::TcpStream) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut out = BytesMut::new();
     wire::encode(
@@ -448,7 +458,10 @@ async fn raw_subscribe(addr: &str, broadcast: &str, mask: u64, token: bytes::Byt
         matches!(frames.first(), Some(Frame::HelloAck(_))),
         "{frames:?}"
     );
-    frames.into_iter().nth(1).expect("no answer to SUBSCRIBE")
+    (
+        frames.into_iter().nth(1).expect("no answer to SUBSCRIBE"),
+        s,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,10 +521,18 @@ async fn tree_relays_refuses_beyond_slots_and_survives_parent_leaving() {
     assert!(sa.bytes_uploaded > 0);
     assert_eq!(sa.peer_share(), 0.0);
 
-    // A has no slot left: a third child is refused, a neighbour link is not.
+    // A has no slot left, but accepts as many again while the control plane's moves
+    // settle (children it was sent ahead of the ones moving away); beyond that a child
+    // is refused, a neighbour link is not.
     let tok = cp
         .keys
         .token("g1", 77, fake_grid::now_ms(), fake_grid::now_ms() + 60_000);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (f, s) = raw_subscribe_held(a.peer_addr().unwrap(), "g1", 0b1111, tok.clone()).await;
+        assert!(matches!(f, Frame::StreamInfo(_)), "{f:?}");
+        held.push(s);
+    }
     let refused = raw_subscribe(a.peer_addr().unwrap(), "g1", 0b1, tok.clone()).await;
     assert!(
         matches!(&refused, Frame::Error(r) if r.code == ErrorCode::ServerBusy),
@@ -525,6 +546,8 @@ async fn tree_relays_refuses_beyond_slots_and_survives_parent_leaving() {
         matches!(&wrong, Frame::Error(r) if r.code == ErrorCode::UnknownBroadcast),
         "{wrong:?}"
     );
+
+    drop(held);
 
     // Phase 2: A leaves; B and C re-parent to the data plane and keep playing.
     a.leave().await.unwrap();

@@ -92,7 +92,8 @@ pub struct SchedulerConfig {
     pub research_retry: Duration,
     /// Longest wait between re-searches of one substream under back-off. Default 60 s.
     pub research_backoff_max: Duration,
-    /// Interval between buffer maps sent to each neighbour. Default 500 ms.
+    /// Interval between buffer maps sent to each neighbour. Default 2 s: between maps,
+    /// a flowing neighbour is predicted to hold the chunks that came since.
     pub buffer_map_interval: Duration,
     /// Chunks held (and described in buffer maps) behind the newest; the networking layer
     /// keeps the same number of payloads. Default 64, at most 1024.
@@ -115,7 +116,7 @@ impl Default for SchedulerConfig {
             silence_timeout: Duration::from_millis(1500),
             research_retry: Duration::from_secs(5),
             research_backoff_max: Duration::from_secs(60),
-            buffer_map_interval: Duration::from_millis(500),
+            buffer_map_interval: Duration::from_secs(2),
             window: 64,
         }
     }
@@ -165,7 +166,32 @@ struct Repair {
 #[derive(Debug, Default)]
 struct Neighbour {
     map: Option<BufferMap>,
+    /// When `map` arrived, and the newest chunk it held if its last `K` chunks were
+    /// all held (a neighbour whose every substream was flowing): from these, chunks
+    /// newer than the map are predicted (see [`Neighbour::predicts`]).
+    map_at_ms: i64,
+    flowing_newest: Option<u64>,
     outstanding: usize,
+}
+
+impl Neighbour {
+    /// True if this neighbour's last map holds `seq`, or if `seq` is newer than the map
+    /// and the neighbour, flowing when it sent the map, has most likely received it
+    /// since: one chunk per chunk duration after the map's newest. Buffer maps can then
+    /// go out every few chunks instead of every chunk (they were most of an idle peer's
+    /// messages); a wrong guess costs one NOT_FOUND round trip.
+    fn predicts(&self, seq: u64, now_ms: i64, d_ms: i64) -> (bool, bool) {
+        let actual = self.map.as_ref().is_some_and(|m| m.contains(seq));
+        let predicted = !actual
+            && self.flowing_newest.is_some_and(|n| {
+                seq > n
+                    && i64::try_from(seq - n)
+                        .ok()
+                        .and_then(|ahead| ahead.checked_mul(d_ms))
+                        .is_some_and(|due| self.map_at_ms.saturating_add(due) <= now_ms)
+            });
+        (actual, predicted)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -351,8 +377,15 @@ impl PeerScheduler {
 
     /// A neighbour's buffer map arrived. Maps from peers that are not neighbours are
     /// ignored.
-    pub fn on_buffer_map(&mut self, neighbour: PeerId, map: BufferMap, _now: Duration) {
+    pub fn on_buffer_map(&mut self, neighbour: PeerId, map: BufferMap, now: Duration) {
+        let k = self.k;
         if let Some(n) = self.neighbours.get_mut(&neighbour) {
+            let newest = map.iter().last();
+            n.flowing_newest = newest.filter(|&top| {
+                top.checked_sub(k - 1)
+                    .is_some_and(|lo| (lo..=top).all(|s| map.contains(s)))
+            });
+            n.map_at_ms = ms(now);
             n.map = Some(map);
         }
     }
@@ -680,16 +713,20 @@ impl PeerScheduler {
             }
             let r = self.repairs.entry(seq).or_default();
             if r.outstanding.is_none() {
+                // Neighbours whose map holds the chunk first, then those predicted to.
+                let d_ms = self.d_ms;
                 let pick = self
                     .neighbours
                     .iter()
                     .filter(|(id, n)| {
-                        n.outstanding < self.cfg.max_per_neighbour
-                            && !r.tried.contains(id)
-                            && n.map.as_ref().is_some_and(|m| m.contains(seq))
+                        n.outstanding < self.cfg.max_per_neighbour && !r.tried.contains(id)
                     })
-                    .min_by_key(|(id, n)| (n.outstanding, **id))
-                    .map(|(id, _)| *id);
+                    .filter_map(|(id, n)| {
+                        let (actual, predicted) = n.predicts(seq, now_ms, d_ms);
+                        (actual || predicted).then_some((!actual, n.outstanding, *id))
+                    })
+                    .min()
+                    .map(|(_, _, id)| id);
                 if let Some(nb) = pick {
                     r.outstanding = Some((Some(nb), now_ms.saturating_add(timeout)));
                     self.outstanding += 1;

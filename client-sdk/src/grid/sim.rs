@@ -626,6 +626,45 @@ fn server_is_asked_only_when_no_neighbour_has_it_and_the_deadline_is_near() {
 }
 
 #[test]
+fn a_flowing_neighbour_is_predicted_to_hold_chunks_newer_than_its_map() {
+    let mut s = started();
+    // Neighbour 9's map (at 3100) holds 0..=3, its last K chunks: flowing. Neighbour 8's
+    // misses chunk 2: one of its substreams is not flowing, so nothing is predicted.
+    s.on_neighbour_added(8);
+    s.on_neighbour_added(9);
+    let mut full = BufferMap::new(0, 16);
+    let mut gap = BufferMap::new(0, 16);
+    for seq in 0..4 {
+        full.set(seq);
+        if seq != 2 {
+            gap.set(seq);
+        }
+    }
+    s.on_buffer_map(9, full, at(3100));
+    s.on_buffer_map(8, gap, at(3100));
+    drain(&mut s);
+    // Chunk 4 (due at 6000) is missing at 5000: neighbour 9 should have had it since
+    // ~4100, so it is asked; neighbour 8 never is.
+    s.tick(at(5000));
+    let acts = drain(&mut s);
+    assert!(acts.contains(&Action::Request {
+        neighbour: 9,
+        seq: 4
+    }));
+    assert!(
+        !acts
+            .iter()
+            .any(|a| matches!(a, Action::Request { neighbour: 8, .. }))
+    );
+    // A wrong guess costs one round trip: after NOT_FOUND the server is asked in time.
+    s.on_not_found(9, 4, at(5050));
+    s.tick(at(5600));
+    let acts = drain(&mut s);
+    assert!(acts.contains(&Action::RequestFromServer { seq: 4 }));
+    assert!(!acts.iter().any(|a| matches!(a, Action::Request { .. })));
+}
+
+#[test]
 fn unanswered_request_is_retried_elsewhere_then_skipped_at_the_deadline() {
     let mut s = started();
     for nb in [7, 8] {
