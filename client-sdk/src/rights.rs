@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use starling_proto::integrity::{self, ChunkMeta, ChunkVerifier, IntegrityError};
+use starling_proto::integrity::{
+    self, ChunkMeta, ChunkVerifier, IntegrityError, VerifiedSignatures,
+};
 use starling_proto::token::{Scopes, TokenError, TokenVerifier};
 use starling_proto::wire::{Chunk, ErrorCode, chunk_flags};
 use tokio::sync::watch;
@@ -86,6 +88,8 @@ pub(crate) struct Rights {
     keys: RwLock<Arc<Keys>>,
     revoked: Mutex<(HashSet<u64>, VecDeque<u64>)>,
     token: watch::Sender<OwnToken>,
+    /// Shared with the process's other viewers (see [`VerifiedSignatures`]).
+    cache: Option<Arc<VerifiedSignatures>>,
 }
 
 fn build_tokens(keys: &[KeyMaterial]) -> TokenVerifier {
@@ -98,8 +102,15 @@ fn build_tokens(keys: &[KeyMaterial]) -> TokenVerifier {
     v
 }
 
-fn build_chunks(broadcast_id: &str, keys: &[KeyMaterial]) -> ChunkVerifier {
+fn build_chunks(
+    broadcast_id: &str,
+    keys: &[KeyMaterial],
+    cache: Option<&Arc<VerifiedSignatures>>,
+) -> ChunkVerifier {
     let mut v = ChunkVerifier::new(broadcast_id);
+    if let Some(c) = cache {
+        v = v.with_cache(c.clone());
+    }
     for (id, k) in keys {
         if let Err(e) = v.add_key(*id, k) {
             tracing::warn!(key_id = id, "ignoring a chunk key: {e}");
@@ -118,11 +129,13 @@ impl Rights {
         token: OwnToken,
         token_keys: &[KeyMaterial],
         chunk_keys: &[KeyMaterial],
+        cache: Option<Arc<VerifiedSignatures>>,
     ) -> Rights {
         let keys = Keys {
             tokens: build_tokens(token_keys),
             enforce_tokens: !token.token.is_empty() || !token_keys.is_empty(),
-            chunks: (!chunk_keys.is_empty()).then(|| build_chunks(broadcast_id, chunk_keys)),
+            chunks: (!chunk_keys.is_empty())
+                .then(|| build_chunks(broadcast_id, chunk_keys, cache.as_ref())),
         };
         let (tx, _) = watch::channel(token);
         Rights {
@@ -131,6 +144,7 @@ impl Rights {
             keys: RwLock::new(Arc::new(keys)),
             revoked: Mutex::new((HashSet::new(), VecDeque::new())),
             token: tx,
+            cache,
         }
     }
 
@@ -150,7 +164,11 @@ impl Rights {
             k.enforce_tokens = true;
         }
         if !chunk_keys.is_empty() {
-            k.chunks = Some(build_chunks(&self.broadcast_id, chunk_keys));
+            k.chunks = Some(build_chunks(
+                &self.broadcast_id,
+                chunk_keys,
+                self.cache.as_ref(),
+            ));
         }
         *guard = Arc::new(k);
     }
@@ -170,7 +188,11 @@ impl Rights {
             }
             k.enforce_tokens = k.enforce_tokens || !token.token.is_empty();
             if !chunk_keys.is_empty() {
-                k.chunks = Some(build_chunks(&self.broadcast_id, chunk_keys));
+                k.chunks = Some(build_chunks(
+                    &self.broadcast_id,
+                    chunk_keys,
+                    self.cache.as_ref(),
+                ));
             }
             *guard = Arc::new(k);
         }
@@ -334,6 +356,7 @@ mod tests {
             OwnToken::default(),
             &[],
             &[(4, signer.public_key().to_vec())],
+            None,
         );
         let c = chunk(1, chunk_flags::RANDOM_ACCESS, &signer);
         assert_eq!(
@@ -377,7 +400,7 @@ mod tests {
             ChunkCheck::Bad(IntegrityError::HeaderMismatch)
         );
         // Without keys: unverified.
-        let legacy = Rights::new("b", Duration::ZERO, OwnToken::default(), &[], &[]);
+        let legacy = Rights::new("b", Duration::ZERO, OwnToken::default(), &[], &[], None);
         assert_eq!(legacy.check_chunk(&s), ChunkCheck::Unverified);
     }
 
@@ -407,6 +430,7 @@ mod tests {
             own,
             &[(1, signer.public_key().to_vec())],
             &[],
+            None,
         );
         let g = r.check_peer_token(&sign(7, now + 60_000)).unwrap();
         assert_eq!(g.peer_id, Some(7));
@@ -426,7 +450,7 @@ mod tests {
             ErrorCode::Revoked
         );
         // Legacy: no token, no keys.
-        let legacy = Rights::new("b", Duration::ZERO, OwnToken::default(), &[], &[]);
+        let legacy = Rights::new("b", Duration::ZERO, OwnToken::default(), &[], &[], None);
         assert_eq!(legacy.check_peer_token(b"").unwrap().peer_id, None);
         // A token but no keys: enforced (everyone refused until keys arrive).
         let strict = Rights::new(
@@ -438,6 +462,7 @@ mod tests {
             },
             &[],
             &[],
+            None,
         );
         assert!(strict.check_peer_token(&sign(7, now + 60_000)).is_err());
         strict.update_keys(&[(1, signer.public_key().to_vec())], &[]);

@@ -74,6 +74,10 @@ pub struct ViewerConfig {
     /// Clock-skew tolerance when checking the chunk tokens of peers that connect to us
     /// (not yet valid / expired). Default 5 s.
     pub token_skew: Duration,
+    /// Signature blocks found authentic, shared with the other viewers of this process
+    /// (`None`, the default: this viewer checks every signature itself, as a device
+    /// does). Only the Ed25519 check of a block already seen is skipped.
+    pub verified_signatures: Option<Arc<starling_proto::integrity::VerifiedSignatures>>,
 }
 
 /// Report interval when neither the config nor `Join` says.
@@ -163,6 +167,7 @@ impl ViewerConfig {
             report_interval: None,
             report_queue: 64,
             token_skew: Duration::from_secs(5),
+            verified_signatures: None,
         }
     }
 
@@ -711,6 +716,7 @@ fn new_shared(config: &ViewerConfig, started: Instant, join: Option<&JoinInfo>) 
             },
             &j.token_keys,
             &j.chunk_keys,
+            config.verified_signatures.clone(),
         ),
         None => Rights::new(
             &config.broadcast_id,
@@ -721,6 +727,7 @@ fn new_shared(config: &ViewerConfig, started: Instant, join: Option<&JoinInfo>) 
             },
             &[],
             &[],
+            None,
         ),
     };
     Arc::new(Shared {

@@ -109,6 +109,10 @@ struct RunArgs {
     /// Skip the byte-identity check of every peer's output.
     #[arg(long, env = "STARLING_LOADTEST_NO_IDENTITY_CHECK")]
     no_identity_check: bool,
+    /// Every peer checks every chunk signature itself, as a device does, instead of the
+    /// peers of a process sharing a cache of signatures already found authentic.
+    #[arg(long, env = "STARLING_LOADTEST_NO_SIGNATURE_CACHE")]
+    no_signature_cache: bool,
     /// Use this control plane instead of starting a deployment (needs --broadcast).
     #[arg(long, env = "STARLING_LOADTEST_CONTROL")]
     control: Option<String>,
@@ -191,6 +195,12 @@ struct DemoArgs {
     /// Skip the byte-identity check of every peer's output (saves CPU).
     #[arg(long, env = "STARLING_LOADTEST_NO_IDENTITY_CHECK")]
     no_identity_check: bool,
+    /// Every peer checks every chunk signature itself, as a device does. By default the
+    /// peers of one worker share a cache of signatures already found authentic (each
+    /// still checks every chunk's header and SHA-256): the Ed25519 check is the largest
+    /// per-chunk cost and, on a real audience, is spread over the devices.
+    #[arg(long, env = "STARLING_LOADTEST_NO_SIGNATURE_CACHE")]
+    no_signature_cache: bool,
     /// Also write the final report as JSON to this file.
     #[arg(long, env = "STARLING_LOADTEST_JSON")]
     json: Option<PathBuf>,
@@ -228,10 +238,15 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A worker is one of several processes sharing the machine's cores: one thread
+    // each spares the cross-thread wake-ups of a work-stealing runtime (its peers are
+    // many small tasks that mostly wait on sockets and timers).
+    let mut builder = if matches!(cli.command, Command::Worker(_)) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: tokio runtime: {e}");
@@ -298,6 +313,7 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         upload,
         join_rate: args.join_rate,
         check_identity: !args.no_identity_check,
+        shared_signature_cache: !args.no_signature_cache,
         ..SwarmConfig::default()
     };
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
@@ -386,6 +402,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         heartbeat: Duration::from_millis(args.heartbeat_ms),
         target_lag: args.target_lag_ms.map(Duration::from_millis),
         check_identity: !args.no_identity_check,
+        shared_signature_cache: !args.no_signature_cache,
         dataplane_cores: args.dataplane_cores,
         listen: args.listen,
         exe: None,

@@ -90,6 +90,9 @@ pub struct RunConfig {
     pub target_lag: Option<Duration>,
     /// Check every peer's output against the source (in-process source only).
     pub check_identity: bool,
+    /// The peers of a worker share a cache of authentic chunk signatures
+    /// ([`crate::swarm::SwarmConfig::shared_signature_cache`]).
+    pub shared_signature_cache: bool,
     /// Data-plane executors.
     pub dataplane_cores: usize,
     /// Where workers connect.
@@ -118,6 +121,7 @@ impl Default for RunConfig {
             heartbeat: Duration::from_secs(2),
             target_lag: None,
             check_identity: true,
+            shared_signature_cache: true,
             dataplane_cores: 1,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             exe: None,
@@ -216,6 +220,9 @@ pub struct RunReport {
     pub chunk_ms: u32,
     /// Substreams.
     pub substreams: u32,
+    /// The peers of a worker shared a cache of authentic chunk signatures (false: every
+    /// peer checked every signature itself).
+    pub shared_signature_cache: bool,
     /// Upload profile (multiples of the stream rate).
     pub upload_profile: Vec<f64>,
     /// Joins per second.
@@ -326,8 +333,17 @@ impl std::fmt::Display for RunReport {
         )?;
         writeln!(
             f,
-            "window {:.1} s (ramp {:.1} s at {}/s, steady {:.1} s, churn {}/min)",
-            self.duration_s, self.ramp_s, self.join_rate, self.steady_s, self.churn_per_min
+            "window {:.1} s (ramp {:.1} s at {}/s, steady {:.1} s, churn {}/min); chunk signatures: {}",
+            self.duration_s,
+            self.ramp_s,
+            self.join_rate,
+            self.steady_s,
+            self.churn_per_min,
+            if self.shared_signature_cache {
+                "each checked once per worker process (--no-signature-cache: by every peer)"
+            } else {
+                "checked by every peer"
+            }
         )?;
         writeln!(
             f,
@@ -929,6 +945,7 @@ async fn drive(
             join_rate: cfg.join_rate * link.peers as f64 / cfg.peers as f64,
             target_lag_ms: cfg.target_lag.map(|d| d.as_millis() as u64),
             sample_ms: 1000,
+            shared_signature_cache: cfg.shared_signature_cache,
         };
         if !tell(link, &ToWorker::Hello(hello)).await {
             report_errors.push(format!("worker {w}: hello not delivered"));
@@ -1182,6 +1199,7 @@ fn merge(
         bitrate_kbps: cfg.bitrate_kbps,
         chunk_ms: cfg.chunk_ms,
         substreams: cfg.substreams,
+        shared_signature_cache: cfg.shared_signature_cache,
         upload_profile: cfg.upload.multiples.clone(),
         join_rate: cfg.join_rate,
         churn_per_min: cfg.churn_per_min,

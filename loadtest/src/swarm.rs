@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use starling_proto::integrity::VerifiedSignatures;
 use starling_sdk::{RelayConfig, SdkError, Stats, Viewer, ViewerConfig};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -104,6 +105,12 @@ pub struct SwarmConfig {
     /// ([`UploadProfile::upload_kbps`]), so that swarms in several processes (the
     /// `run` workers) use disjoint addresses. 0 for a single swarm.
     pub index_offset: usize,
+    /// Share one cache of authentic chunk signatures among this process's peers
+    /// ([`VerifiedSignatures`]): each peer still checks every chunk's header and hash,
+    /// but a signature another peer here already checked is not checked again. On a
+    /// real audience every device checks its own (the per-device cost is measured by
+    /// `cargo test --release -p starling-proto -- --ignored`). Default on.
+    pub shared_signature_cache: bool,
 }
 
 impl Default for SwarmConfig {
@@ -117,6 +124,7 @@ impl Default for SwarmConfig {
             join_attempts: 3,
             check_identity: true,
             index_offset: 0,
+            shared_signature_cache: true,
         }
     }
 }
@@ -212,7 +220,13 @@ struct Inner {
     started: Instant,
     egress: Mutex<Option<EgressProbe>>,
     credentials: Mutex<Option<CredentialFn>>,
+    /// Authentic chunk signatures seen by this process's peers (with
+    /// [`SwarmConfig::shared_signature_cache`]).
+    signatures: Arc<VerifiedSignatures>,
 }
+
+/// Signature blocks remembered per process: a few seconds of stream at any chunk size.
+const SIGNATURE_CACHE: usize = 4096;
 
 type EgressProbe = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
 type CredentialFn = Arc<dyn Fn(usize) -> Option<String> + Send + Sync>;
@@ -262,6 +276,7 @@ impl Swarm {
                 started: Instant::now(),
                 egress: Mutex::new(None),
                 credentials: Mutex::new(None),
+                signatures: Arc::new(VerifiedSignatures::new(SIGNATURE_CACHE)),
             }),
         }
     }
@@ -390,6 +405,9 @@ impl Swarm {
         };
         if let Some(lag) = config.target_lag {
             vc.target_lag = lag;
+        }
+        if config.shared_signature_cache {
+            vc.verified_signatures = Some(self.inner.signatures.clone());
         }
         if let Some(f) = lock(&self.inner.credentials).clone() {
             vc.credential = f(peer.index);

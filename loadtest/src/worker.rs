@@ -80,6 +80,14 @@ pub struct Hello {
     pub target_lag_ms: Option<u64>,
     /// Interval between samples, ms.
     pub sample_ms: u64,
+    /// Peers of a worker share a cache of authentic chunk signatures
+    /// ([`SwarmConfig::shared_signature_cache`]).
+    #[serde(default = "yes")]
+    pub shared_signature_cache: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What a worker tells the coordinator.
@@ -402,6 +410,7 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), HarnessError> {
         join_attempts: 3,
         check_identity: hello.pattern_seed.is_some(),
         index_offset: hello.index_offset,
+        shared_signature_cache: hello.shared_signature_cache,
         ..SwarmConfig::default()
     };
     let joining = {

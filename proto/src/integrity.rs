@@ -248,6 +248,72 @@ pub fn parse_block(block: &[u8]) -> Result<BlockFields<'_>, IntegrityError> {
     })
 }
 
+/// Signature blocks already found authentic, shared by the verifiers of one process:
+/// several viewers in a process (a load-test worker, a restreamer) receive the same
+/// chunks, and the Ed25519 check is most of what checking a chunk costs. An entry is the
+/// SHA-256 of (public key, signed bytes, signature), so a hit stands for exactly the
+/// check it replaces; everything else (header, payload length and hash, age) is still
+/// checked per chunk. Bounded: the oldest entries are forgotten first.
+#[derive(Debug)]
+pub struct VerifiedSignatures {
+    cap: usize,
+    inner: std::sync::Mutex<SeenBlocks>,
+}
+
+/// The entries of a [`VerifiedSignatures`], and their insertion order.
+type SeenBlocks = (
+    std::collections::HashSet<[u8; HASH_LEN]>,
+    std::collections::VecDeque<[u8; HASH_LEN]>,
+);
+
+impl VerifiedSignatures {
+    /// A cache of at most `cap` entries (at least 1).
+    pub fn new(cap: usize) -> Self {
+        VerifiedSignatures {
+            cap: cap.max(1),
+            inner: std::sync::Mutex::new(Default::default()),
+        }
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map_or(0, |g| g.0.len())
+    }
+
+    /// True if nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn entry(public_key: &[u8], msg: &[u8], signature: &[u8]) -> [u8; HASH_LEN] {
+        let mut ctx = ring::digest::Context::new(&SHA256);
+        ctx.update(public_key);
+        ctx.update(msg);
+        ctx.update(signature);
+        let mut out = [0u8; HASH_LEN];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
+    fn contains(&self, e: &[u8; HASH_LEN]) -> bool {
+        self.inner.lock().is_ok_and(|g| g.0.contains(e))
+    }
+
+    fn insert(&self, e: [u8; HASH_LEN]) {
+        if let Ok(mut g) = self.inner.lock() {
+            let (set, order) = &mut *g;
+            if set.insert(e) {
+                order.push_back(e);
+                while order.len() > self.cap {
+                    if let Some(old) = order.pop_front() {
+                        set.remove(&old);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// SDK / relay side: the data plane's public keys, for one broadcast. Stateless per
 /// chunk: verifying never buffers anything.
 #[derive(Debug, Clone)]
@@ -256,6 +322,7 @@ pub struct ChunkVerifier {
     keys: KeySet,
     max_age_ms: Option<u64>,
     max_future_ms: u64,
+    cache: Option<std::sync::Arc<VerifiedSignatures>>,
 }
 
 impl ChunkVerifier {
@@ -266,7 +333,14 @@ impl ChunkVerifier {
             keys: KeySet::default(),
             max_age_ms: None,
             max_future_ms: 30_000,
+            cache: None,
         }
+    }
+
+    /// Shares `cache` of authentic signature blocks (see [`VerifiedSignatures`]).
+    pub fn with_cache(mut self, cache: std::sync::Arc<VerifiedSignatures>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// Refuse authentic chunks whose signed timestamp is more than `max_age_ms` before
@@ -348,8 +422,19 @@ impl ChunkVerifier {
         let n = SIGNING_CONTEXT.len() + b.signed.len();
         msg[..SIGNING_CONTEXT.len()].copy_from_slice(SIGNING_CONTEXT);
         msg[SIGNING_CONTEXT.len()..n].copy_from_slice(b.signed);
-        key.verify(&msg[..n], b.signature)
-            .map_err(|_| IntegrityError::BadSignature)?;
+        match &self.cache {
+            Some(cache) => {
+                let e = VerifiedSignatures::entry(key.as_ref(), &msg[..n], b.signature);
+                if !cache.contains(&e) {
+                    key.verify(&msg[..n], b.signature)
+                        .map_err(|_| IntegrityError::BadSignature)?;
+                    cache.insert(e);
+                }
+            }
+            None => key
+                .verify(&msg[..n], b.signature)
+                .map_err(|_| IntegrityError::BadSignature)?,
+        }
         if b.broadcast_id != self.broadcast_id.as_bytes() {
             return Err(IntegrityError::WrongBroadcast);
         }
@@ -389,6 +474,54 @@ mod tests {
 
     fn payload(seq: u64) -> Vec<u8> {
         (0..188 * 40).map(|i| (i as u64 ^ seq) as u8).collect()
+    }
+
+    #[test]
+    fn a_shared_cache_skips_only_the_signature_check_it_has_seen() {
+        let (s, v) = setup();
+        let cache = std::sync::Arc::new(VerifiedSignatures::new(2));
+        let v = v.with_cache(cache.clone());
+        let p = payload(5);
+        let b = s.sign("b-1", &meta(5), &p).unwrap();
+        v.verify(&meta(5), &p, &b, NOW).unwrap();
+        assert_eq!(cache.len(), 1);
+        // A hit still checks the payload and the header.
+        let mut bad = p.clone();
+        bad[0] ^= 1;
+        assert_eq!(
+            v.verify(&meta(5), &bad, &b, NOW),
+            Err(IntegrityError::HashMismatch)
+        );
+        assert_eq!(
+            v.verify(&meta(6), &p, &b, NOW),
+            Err(IntegrityError::SeqMismatch { signed: 5, got: 6 })
+        );
+        // A forged signature is never cached, and is refused every time.
+        let mut forged = b.to_vec();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        for _ in 0..2 {
+            assert_eq!(
+                v.verify(&meta(5), &p, &forged, NOW),
+                Err(IntegrityError::BadSignature)
+            );
+        }
+        assert_eq!(cache.len(), 1);
+        // The same block under another key (same id) is checked again, and refused.
+        let other = ChunkSigner::new(9, &generate_pkcs8().unwrap()).unwrap();
+        let mut v2 = ChunkVerifier::new("b-1").with_cache(cache.clone());
+        v2.add_key(9, &other.public_key()).unwrap();
+        assert_eq!(
+            v2.verify(&meta(5), &p, &b, NOW),
+            Err(IntegrityError::BadSignature)
+        );
+        // Bounded: the oldest entries go first.
+        for seq in 6..9 {
+            let p = payload(seq);
+            let b = s.sign("b-1", &meta(seq), &p).unwrap();
+            v.verify(&meta(seq), &p, &b, NOW).unwrap();
+        }
+        assert_eq!(cache.len(), 2);
     }
 
     #[test]
