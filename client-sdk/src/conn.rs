@@ -14,8 +14,12 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::error::SdkError;
 
-/// Read buffer grows by at least this much per read.
-const READ_CHUNK: usize = 64 * 1024;
+/// Read buffer grows by at least this much per read (a frame longer than that is
+/// reserved whole once its header is in). Small: a peer holds a dozen links, most of
+/// them carrying only buffer maps and pings, and a chunk split off the buffer pins the
+/// allocation it was read into; 64 KiB per link cost ~1 MiB per peer and a page fault
+/// storm in the load test.
+const READ_CHUNK: usize = 8 * 1024;
 
 pub(crate) struct WireConn {
     stream: TcpStream,
