@@ -113,6 +113,12 @@ struct RunArgs {
     /// peers of a process sharing a cache of signatures already found authentic.
     #[arg(long, env = "STARLING_LOADTEST_NO_SIGNATURE_CACHE")]
     no_signature_cache: bool,
+    /// Admission guard, percent: while this machine is at least this busy (all cores),
+    /// no new join starts; below this minus 15 the ramp resumes. Held 20 s in a row, the
+    /// ramp ends with the peers admitted so far, and the report says at how many: past
+    /// the load generator's own capacity every peer would starve. 0 = never hold.
+    #[arg(long, env = "STARLING_LOADTEST_MAX_BUSY", default_value_t = 85.0)]
+    max_busy: f64,
     /// Use this control plane instead of starting a deployment (needs --broadcast).
     #[arg(long, env = "STARLING_LOADTEST_CONTROL")]
     control: Option<String>,
@@ -403,6 +409,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         target_lag: args.target_lag_ms.map(Duration::from_millis),
         check_identity: !args.no_identity_check,
         shared_signature_cache: !args.no_signature_cache,
+        max_busy: (args.max_busy / 100.0).clamp(0.0, 1.0),
         dataplane_cores: args.dataplane_cores,
         listen: args.listen,
         exe: None,

@@ -93,6 +93,14 @@ pub struct RunConfig {
     /// The peers of a worker share a cache of authentic chunk signatures
     /// ([`crate::swarm::SwarmConfig::shared_signature_cache`]).
     pub shared_signature_cache: bool,
+    /// Admission guard: while this machine is at least this busy (fraction of all cores,
+    /// sampled every second from `/proc/stat`), the workers start no join; the hold is
+    /// released below `max_busy - 0.15`. Held for [`ADMISSION_CLOSE`] in a row, the ramp
+    /// ends with the peers admitted so far (`admission_closed_at_peers`): beyond this
+    /// machine's capacity, more peers would only starve everyone's CPU (a saturated
+    /// load generator makes every peer late, and late peers fall back to the data
+    /// plane). 0 = never hold.
+    pub max_busy: f64,
     /// Data-plane executors.
     pub dataplane_cores: usize,
     /// Where workers connect.
@@ -122,6 +130,7 @@ impl Default for RunConfig {
             target_lag: None,
             check_identity: true,
             shared_signature_cache: true,
+            max_busy: 0.0,
             dataplane_cores: 1,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             exe: None,
@@ -212,6 +221,12 @@ pub struct RunReport {
     pub duration_s: f64,
     /// Of which the join ramp.
     pub ramp_s: f64,
+    /// Seconds the ramp was held because this machine was saturated
+    /// ([`RunConfig::max_busy`]).
+    pub ramp_held_s: f64,
+    /// The ramp ended early, with this many active peers, because this machine stayed
+    /// saturated ([`RunConfig::max_busy`]); the rest never joined.
+    pub admission_closed_at_peers: Option<usize>,
     /// Of which the steady phase.
     pub steady_s: f64,
     /// Stream rate, kbit/s.
@@ -398,6 +413,19 @@ impl std::fmt::Display for RunReport {
                     String::new()
                 } else {
                     format!("  ({})", p.host)
+                }
+            )?;
+        }
+        if self.ramp_held_s > 0.0 || self.admission_closed_at_peers.is_some() {
+            writeln!(
+                f,
+                "admission: ramp held {:.0} s while this machine was saturated{}",
+                self.ramp_held_s,
+                match self.admission_closed_at_peers {
+                    Some(n) => format!(
+                        "; closed at {n} active peers (the rest never joined: this machine's limit)"
+                    ),
+                    None => String::new(),
                 }
             )?;
         }
@@ -961,12 +989,17 @@ async fn drive(
     let tty = std::io::stderr().is_terminal();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let ramp_limit =
+    let ramp_limit: Instant =
         t0 + Duration::from_secs_f64(if cfg.join_rate > 0.0 {
             cfg.peers as f64 / cfg.join_rate
         } else {
             0.0
         }) + Duration::from_secs(120);
+    let mut ramp_limit = ramp_limit;
+    let mut busy = MachineBusy::new();
+    let mut held_since: Option<Instant> = None;
+    let mut ramp_held = Duration::ZERO;
+    let mut admission_closed_at: Option<usize> = None;
     let mut steady_from: Option<Instant> = None;
     let mut churn_due = 0.0;
     let mut churn_rr = 0usize;
@@ -1006,6 +1039,36 @@ async fn drive(
         let samples: Vec<WorkerSample> = links.iter().filter_map(|l| l.latest.clone()).collect();
         let total: usize = samples.iter().map(|s| s.peers_total).sum();
         let joining: usize = samples.iter().map(|s| s.joining).sum();
+        let load = busy.sample();
+        if steady_from.is_none() && cfg.max_busy > 0.0 {
+            match (held_since, load) {
+                (None, Some(b)) if b >= cfg.max_busy => {
+                    held_since = Some(now);
+                    for link in links.iter_mut().filter(|l| !l.gone) {
+                        let _ = tell(link, &ToWorker::Hold { hold: true }).await;
+                    }
+                }
+                (Some(since), Some(b)) if b < cfg.max_busy - 0.15 => {
+                    held_since = None;
+                    ramp_held += now - since;
+                    for link in links.iter_mut().filter(|l| !l.gone) {
+                        let _ = tell(link, &ToWorker::Hold { hold: false }).await;
+                    }
+                }
+                _ => {}
+            }
+            if let Some(since) = held_since {
+                // A held ramp is not a slow deployment: the deadline moves with it.
+                ramp_limit += Duration::from_secs(1);
+                if now - since >= ADMISSION_CLOSE {
+                    let active: usize = samples.iter().map(|s| s.active).sum();
+                    admission_closed_at = Some(active);
+                    ramp_held += now - since;
+                    held_since = None;
+                    steady_from = Some(now);
+                }
+            }
+        }
         if steady_from.is_none() {
             let all_reported = samples.len() == links.iter().filter(|l| !l.gone).count();
             if (all_reported && total >= cfg.peers && joining == 0) || now >= ramp_limit {
@@ -1111,6 +1174,8 @@ async fn drive(
         dp_proc,
     );
     r.grid = grid;
+    r.ramp_held_s = ramp_held.as_secs_f64();
+    r.admission_closed_at_peers = admission_closed_at;
     for e in report_errors {
         r.error(e);
     }
@@ -1128,6 +1193,44 @@ async fn kill_all(children: Vec<Child>) {
         }
     })
     .await;
+}
+
+/// A ramp held this long in a row ends ([`RunConfig::max_busy`]).
+pub const ADMISSION_CLOSE: Duration = Duration::from_secs(20);
+
+/// This machine's busy fraction over the last sample interval, from `/proc/stat`.
+struct MachineBusy {
+    last: Option<(u64, u64)>,
+}
+
+impl MachineBusy {
+    fn new() -> Self {
+        let mut m = MachineBusy { last: None };
+        m.last = Self::read();
+        m
+    }
+
+    /// (busy, total) jiffies of all cores.
+    fn read() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        Some((total.saturating_sub(idle), total))
+    }
+
+    /// Busy fraction since the previous call (`None` without `/proc/stat`).
+    fn sample(&mut self) -> Option<f64> {
+        let now = Self::read()?;
+        let prev = self.last.replace(now)?;
+        let total = now.1.saturating_sub(prev.1);
+        (total > 0).then(|| now.0.saturating_sub(prev.0) as f64 / total as f64)
+    }
 }
 
 fn progress_line(
@@ -1196,6 +1299,8 @@ fn merge(
         duration_s,
         ramp_s,
         steady_s: (duration_s - ramp_s).max(0.0),
+        ramp_held_s: 0.0,
+        admission_closed_at_peers: None,
         bitrate_kbps: cfg.bitrate_kbps,
         chunk_ms: cfg.chunk_ms,
         substreams: cfg.substreams,

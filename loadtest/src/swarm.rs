@@ -111,6 +111,9 @@ pub struct SwarmConfig {
     /// real audience every device checks its own (the per-device cost is measured by
     /// `cargo test --release -p starling-proto -- --ignored`). Default on.
     pub shared_signature_cache: bool,
+    /// While this says `true`, no new join starts (the load generator's machine is
+    /// saturated). `None`: never held.
+    pub hold: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Default for SwarmConfig {
@@ -125,6 +128,7 @@ impl Default for SwarmConfig {
             check_identity: true,
             index_offset: 0,
             shared_signature_cache: true,
+            hold: None,
         }
     }
 }
@@ -351,6 +355,11 @@ impl Swarm {
             if let Some(gap) = gap {
                 tokio::time::sleep_until(next).await;
                 next = next.max(tokio::time::Instant::now()) + gap;
+            }
+            if let Some(h) = &config.hold {
+                // A dropped sender (worker shutting down) releases the hold.
+                let _ = h.clone().wait_for(|held| !*held).await;
+                next = next.max(tokio::time::Instant::now());
             }
             // Never closed: only fails if it were.
             let Ok(permit) = joining.clone().acquire_owned().await else {

@@ -45,6 +45,12 @@ pub enum ToWorker {
     Hello(Hello),
     /// Start joining.
     Start,
+    /// Pause (`true`) or resume (`false`) starting joins: the coordinator's machine is
+    /// saturated (see `RunConfig::max_busy`).
+    Hold {
+        /// Pause.
+        hold: bool,
+    },
     /// Make `count` peers leave and as many new ones join.
     Churn {
         /// Leaves (and re-joins).
@@ -402,6 +408,7 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), HarnessError> {
         hello.stream_kbps,
         Pattern::new(hello.pattern_seed.unwrap_or(0)),
     );
+    let (hold_tx, hold_rx) = tokio::sync::watch::channel(false);
     let swarm_config = SwarmConfig {
         peers: hello.peers,
         upload,
@@ -411,6 +418,7 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), HarnessError> {
         check_identity: hello.pattern_seed.is_some(),
         index_offset: hello.index_offset,
         shared_signature_cache: hello.shared_signature_cache,
+        hold: Some(hold_rx),
         ..SwarmConfig::default()
     };
     let joining = {
@@ -453,6 +461,9 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), HarnessError> {
                             let left = swarm.churn(fraction, seed).await;
                             swarm.add_peers(&SwarmConfig { peers: left.len(), ..cfg }).await;
                         }));
+                    }
+                    Ok(ToWorker::Hold { hold }) => {
+                        let _ = hold_tx.send(hold);
                     }
                     Ok(ToWorker::Stop) => {
                         stopped = true;
