@@ -288,7 +288,8 @@ pub struct RunReport {
     /// over `duration_s × cpu_cores`: near 1, the machine, not the design, limits the
     /// run (everything is late because nothing gets scheduled in time).
     pub cpu_utilization: f64,
-    /// `cpu_utilization ≥ 0.85`: the figures describe this machine's limit.
+    /// `cpu_utilization ≥ 0.85`, or the admission guard closed the ramp: the figures
+    /// describe this machine's limit.
     pub machine_bound: bool,
     /// Peak RSS per process and `max`.
     pub max_rss_bytes: BTreeMap<String, u64>,
@@ -1176,6 +1177,8 @@ async fn drive(
     r.grid = grid;
     r.ramp_held_s = ramp_held.as_secs_f64();
     r.admission_closed_at_peers = admission_closed_at;
+    // The machine, not the grid, capped the audience.
+    r.machine_bound |= admission_closed_at.is_some();
     for e in report_errors {
         r.error(e);
     }

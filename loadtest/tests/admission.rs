@@ -57,6 +57,10 @@ fn a_saturated_machine_holds_then_closes_the_ramp() {
         "closed at {closed}, joined {joined}"
     );
     assert!(held >= 19.0, "held {held} s");
+    assert_eq!(
+        r["machine_bound"], true,
+        "a closed ramp is this machine's limit"
+    );
     // Fewer peers than asked is reported as an error, not hidden (the run itself
     // completes: its report is the product).
     assert!(out.status.success(), "exit {:?}\n{stderr}", out.status);
