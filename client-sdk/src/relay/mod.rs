@@ -13,7 +13,8 @@
 //! * one **outgoing peer link** per distinct parent or neighbour peer, subscribed with
 //!   the mask of the substreams that peer feeds us (0 for a pure neighbour);
 //! * **incoming links** from the peer listener: children (mask ≠ 0, admitted up to
-//!   the `child_slots` substream subscriptions in total, `ERROR(SERVER_BUSY)` beyond)
+//!   twice the `child_slots` substream subscriptions in total, see [`overlap_slots`];
+//!   `ERROR(SERVER_BUSY)` beyond)
 //!   and neighbours (mask 0: buffer maps both ways, `REQUEST`/`NOT_FOUND`).
 //!
 //! Misbehaviour (malformed frames, chunks nobody asked for, a wrong broadcast) costs the
