@@ -990,15 +990,16 @@ async fn drive(
     let tty = std::io::stderr().is_terminal();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let ramp_limit: Instant =
+    let mut ramp_limit: Instant =
         t0 + Duration::from_secs_f64(if cfg.join_rate > 0.0 {
             cfg.peers as f64 / cfg.join_rate
         } else {
             0.0
         }) + Duration::from_secs(120);
-    let mut ramp_limit = ramp_limit;
     let mut busy = MachineBusy::new();
     let mut held_since: Option<Instant> = None;
+    // What the workers were last told (a closed ramp stays held: no resume is sent).
+    let mut holding = false;
     let mut ramp_held = Duration::ZERO;
     let mut admission_closed_at: Option<usize> = None;
     let mut steady_from: Option<Instant> = None;
@@ -1043,20 +1044,19 @@ async fn drive(
         let load = busy.sample();
         if steady_from.is_none() && cfg.max_busy > 0.0 {
             match (held_since, load) {
-                (None, Some(b)) if b >= cfg.max_busy => {
-                    held_since = Some(now);
-                    for link in links.iter_mut().filter(|l| !l.gone) {
-                        let _ = tell(link, &ToWorker::Hold { hold: true }).await;
-                    }
-                }
+                (None, Some(b)) if b >= cfg.max_busy => held_since = Some(now),
                 (Some(since), Some(b)) if b < cfg.max_busy - 0.15 => {
                     held_since = None;
                     ramp_held += now - since;
-                    for link in links.iter_mut().filter(|l| !l.gone) {
-                        let _ = tell(link, &ToWorker::Hold { hold: false }).await;
-                    }
                 }
                 _ => {}
+            }
+            let hold = held_since.is_some();
+            if hold != holding {
+                holding = hold;
+                for link in links.iter_mut().filter(|l| !l.gone) {
+                    let _ = tell(link, &ToWorker::Hold { hold }).await;
+                }
             }
             if let Some(since) = held_since {
                 // A held ramp is not a slow deployment: the deadline moves with it.
@@ -1208,9 +1208,7 @@ struct MachineBusy {
 
 impl MachineBusy {
     fn new() -> Self {
-        let mut m = MachineBusy { last: None };
-        m.last = Self::read();
-        m
+        MachineBusy { last: Self::read() }
     }
 
     /// (busy, total) jiffies of all cores.

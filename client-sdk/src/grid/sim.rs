@@ -561,15 +561,22 @@ fn drain(s: &mut PeerScheduler) -> Vec<Action> {
 
 /// A scheduler that has seen chunks 0..=3 arrive on time (1 s chunks, seq n at n s).
 fn started() -> PeerScheduler {
-    let mut s = PeerScheduler::new(SchedulerConfig::default()).unwrap();
+    let mut s = fed(SchedulerConfig::default());
+    s.tick(at(3000));
+    drain(&mut s);
+    s
+}
+
+/// A scheduler with `cfg`, every substream fed by the server, chunks 0..=3 received at
+/// 0..=3 s.
+fn fed(cfg: SchedulerConfig) -> PeerScheduler {
+    let mut s = PeerScheduler::new(cfg).unwrap();
     for seq in 0..4u16 {
         s.on_parent_changed(seq, Some(Upstream::Server), at(0));
     }
     for seq in 0..4 {
         assert!(s.on_chunk(seq, Source::Parent(seq as u16), at(seq * 1000)));
     }
-    s.tick(at(3000));
-    drain(&mut s);
     s
 }
 
@@ -862,18 +869,11 @@ fn a_new_parent_is_not_silent_for_chunks_that_came_before_it() {
     // silence timeout. A parent assigned at 4500, after chunk 4 (substream 0) became
     // available at 4000, owes chunk 8 first (due ~8000); before it, no re-search, even
     // though chunk 4 (held, and in a neighbour's map) is not played yet (4 s lag).
-    let mut s = PeerScheduler::new(SchedulerConfig {
+    let mut s = fed(SchedulerConfig {
         target_lag: Duration::from_secs(4),
         repair_lead: Duration::from_secs(2),
         ..SchedulerConfig::default()
-    })
-    .unwrap();
-    for seq in 0..4u16 {
-        s.on_parent_changed(seq, Some(Upstream::Server), at(0));
-    }
-    for seq in 0..4 {
-        assert!(s.on_chunk(seq, Source::Parent(seq as u16), at(seq * 1000)));
-    }
+    });
     s.on_chunk(4, Source::Server, at(4000));
     s.on_parent_changed(0, Some(Upstream::Peer(3)), at(4500));
     s.on_neighbour_added(9);

@@ -13,7 +13,7 @@
 //! * one **outgoing peer link** per distinct parent or neighbour peer, subscribed with
 //!   the mask of the substreams that peer feeds us (0 for a pure neighbour);
 //! * **incoming links** from the peer listener: children (mask ≠ 0, admitted up to
-//!   twice the `child_slots` substream subscriptions in total, see [`overlap_slots`];
+//!   twice the `child_slots` substream subscriptions in total, see [`admit_limit`];
 //!   `ERROR(SERVER_BUSY)` beyond)
 //!   and neighbours (mask 0: buffer maps both ways, `REQUEST`/`NOT_FOUND`).
 //!
@@ -449,7 +449,8 @@ struct Engine {
     budget_kbps: u32,
 }
 
-/// Child slots a relaying peer accepts beyond its own: the control plane's view of
+/// Substream subscriptions a relaying peer with `slots` child slots admits: twice its
+/// slots. The control plane's view of
 /// its children is authoritative but runs ahead of theirs. A join that takes a leaf's
 /// place under this peer (the leaf moves under the joiner) is sent here at once, while
 /// the displaced leaf hears of its new parent only at its next heartbeat; during a
@@ -457,8 +458,8 @@ struct Engine {
 /// re-search (about three re-parents per peer in a 100 joins/s ramp). The overlap lasts
 /// about one heartbeat and the upload bucket bounds what it costs: pushes beyond the
 /// budget's debt are dropped, not queued.
-fn overlap_slots(slots: u32) -> u32 {
-    slots
+fn admit_limit(slots: u32) -> u32 {
+    slots.saturating_mul(2)
 }
 
 /// Upload pacing: a token bucket of bytes holding up to `BURST_S` of the budget.
@@ -1151,7 +1152,7 @@ impl Engine {
         }
         let mask = sub.substream_mask & self.all_mask();
         let need = popcount(mask);
-        if need > 0 && self.used_slots + need > self.child_slots + overlap_slots(self.child_slots) {
+        if need > 0 && self.used_slots + need > admit_limit(self.child_slots) {
             tracing::info!(
                 addr,
                 need,
@@ -1398,8 +1399,7 @@ impl Engine {
             return;
         }
         let others = self.used_slots.saturating_sub(popcount(old));
-        if mask != 0 && others + popcount(mask) > self.child_slots + overlap_slots(self.child_slots)
-        {
+        if mask != 0 && others + popcount(mask) > admit_limit(self.child_slots) {
             self.drop_link(
                 l,
                 Some(Frame::Error(reason(
