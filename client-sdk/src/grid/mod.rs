@@ -27,8 +27,10 @@
 //!   apart and back off (doubling up to [`SchedulerConfig::research_backoff_max`]) while
 //!   new parents keep failing;
 //! * **serving**: requests are answered from the held window ([`Action::Serve`] /
-//!   [`Action::NotFound`]); buffer maps go to every neighbour every
-//!   [`SchedulerConfig::buffer_map_interval`].
+//!   [`Action::NotFound`]); buffer maps go to every neighbour when
+//!   their prediction from the last one would be wrong (checked every
+//!   [`SchedulerConfig::buffer_map_interval`]), and at least every
+//!   [`SchedulerConfig::buffer_map_refresh`].
 //!
 //! Two more pure pieces: [`UploadEstimator`] lowers the relay budget of a peer without a
 //! configured `max_upload_kbps` to what its uplink drains while its send queues are

@@ -92,9 +92,15 @@ pub struct SchedulerConfig {
     pub research_retry: Duration,
     /// Longest wait between re-searches of one substream under back-off. Default 60 s.
     pub research_backoff_max: Duration,
-    /// Interval between buffer maps sent to each neighbour. Default 2 s: between maps,
-    /// a flowing neighbour is predicted to hold the chunks that came since.
+    /// How often the scheduler considers sending its buffer map to its neighbours.
+    /// Default 2 s. A map goes out only when the neighbours' prediction from the last
+    /// one would now be wrong (this peer stopped flowing, or missed a chunk since), or
+    /// when [`SchedulerConfig::buffer_map_refresh`] has passed: between maps, a flowing
+    /// peer is predicted to hold every chunk that came since.
     pub buffer_map_interval: Duration,
+    /// Longest time between two buffer maps to the neighbours, predicted or not.
+    /// Default 10 s.
+    pub buffer_map_refresh: Duration,
     /// Chunks held (and described in buffer maps) behind the newest; the networking layer
     /// keeps the same number of payloads. Default 64, at most 1024.
     pub window: u16,
@@ -117,6 +123,7 @@ impl Default for SchedulerConfig {
             research_retry: Duration::from_secs(5),
             research_backoff_max: Duration::from_secs(60),
             buffer_map_interval: Duration::from_secs(2),
+            buffer_map_refresh: Duration::from_secs(10),
             window: 64,
         }
     }
@@ -153,6 +160,8 @@ pub struct SchedulerStats {
     pub researches: u64,
     /// Chunks pushed to children.
     pub pushed: u64,
+    /// Periodic rounds of buffer maps sent (one map to every neighbour).
+    pub buffer_maps_sent: u64,
 }
 
 #[derive(Debug, Default)]
@@ -233,6 +242,10 @@ pub struct PeerScheduler {
     children: BTreeMap<PeerId, u64>,
     subs: Vec<Substream>,
     next_map_at: i64,
+    /// When the neighbours were last sent a map, and the newest chunk of that map if
+    /// this peer was flowing then (its last `K` chunks held): what they predict from.
+    map_sent_at: i64,
+    map_sent_flowing: Option<u64>,
     actions: VecDeque<Action>,
     stats: SchedulerStats,
 }
@@ -280,6 +293,8 @@ impl PeerScheduler {
             children: BTreeMap::new(),
             subs: vec![Substream::default(); usize::from(cfg.substreams)],
             next_map_at: 0,
+            map_sent_at: 0,
+            map_sent_flowing: None,
             actions: VecDeque::new(),
             stats: SchedulerStats::default(),
         })
@@ -378,13 +393,9 @@ impl PeerScheduler {
     /// A neighbour's buffer map arrived. Maps from peers that are not neighbours are
     /// ignored.
     pub fn on_buffer_map(&mut self, neighbour: PeerId, map: BufferMap, now: Duration) {
-        let k = self.k;
+        let flowing = self.flowing_newest(&map);
         if let Some(n) = self.neighbours.get_mut(&neighbour) {
-            let newest = map.iter().last();
-            n.flowing_newest = newest.filter(|&top| {
-                top.checked_sub(k - 1)
-                    .is_some_and(|lo| (lo..=top).all(|s| map.contains(s)))
-            });
+            n.flowing_newest = flowing;
             n.map_at_ms = ms(now);
             n.map = Some(map);
         }
@@ -437,6 +448,8 @@ impl PeerScheduler {
     /// A mesh neighbour was added; it is sent a buffer map at once.
     pub fn on_neighbour_added(&mut self, neighbour: PeerId) {
         self.neighbours.entry(neighbour).or_default();
+        // A map that shows this peer not flowing predicts nothing, but then the next
+        // periodic check sends to all anyway.
         let map = self.buffer_map();
         self.actions
             .push_back(Action::SendBufferMap { to: neighbour, map });
@@ -489,14 +502,49 @@ impl PeerScheduler {
         self.expire_requests(now_ms);
         self.request_missing(now_ms);
         if now_ms >= self.next_map_at && !self.neighbours.is_empty() {
-            let map = self.buffer_map();
-            for &to in self.neighbours.keys() {
-                self.actions.push_back(Action::SendBufferMap {
-                    to,
-                    map: map.clone(),
-                });
-            }
             self.next_map_at = now_ms.saturating_add(ms(self.cfg.buffer_map_interval));
+            let map = self.buffer_map();
+            let flowing = self.flowing_newest(&map);
+            let refresh = self
+                .map_sent_at
+                .saturating_add(ms(self.cfg.buffer_map_refresh));
+            if now_ms >= refresh || !self.predicted_since(flowing) {
+                for &to in self.neighbours.keys() {
+                    self.actions.push_back(Action::SendBufferMap {
+                        to,
+                        map: map.clone(),
+                    });
+                }
+                self.stats.buffer_maps_sent += 1;
+                self.map_sent_at = now_ms;
+                self.map_sent_flowing = flowing;
+            }
+        }
+    }
+
+    /// The newest chunk of `map` if its last `K` chunks are all held (the rule
+    /// neighbours apply in [`PeerScheduler::on_buffer_map`]).
+    fn flowing_newest(&self, map: &BufferMap) -> Option<u64> {
+        let k = self.k;
+        map.iter().last().filter(|&top| {
+            top.checked_sub(k - 1)
+                .is_some_and(|lo| (lo..=top).all(|s| map.contains(s)))
+        })
+    }
+
+    /// True if what the neighbours predict from the last map sent (every chunk after
+    /// its newest, this peer being flowing) is still true: this peer is flowing now
+    /// (`flowing`) and holds every chunk since that map. Chunks it repaired since are
+    /// then unknown to them, which only makes them ask elsewhere.
+    fn predicted_since(&self, flowing: Option<u64>) -> bool {
+        match (self.map_sent_flowing, flowing) {
+            (Some(sent), Some(now)) if now >= sent => {
+                let from = sent
+                    .saturating_add(1)
+                    .max(now.saturating_sub(u64::from(self.cfg.window).saturating_sub(1)));
+                (from..=now).all(|s| self.have.contains(&s))
+            }
+            _ => false,
         }
     }
 

@@ -671,6 +671,60 @@ fn a_flowing_neighbour_is_predicted_to_hold_chunks_newer_than_its_map() {
     assert!(!acts.iter().any(|a| matches!(a, Action::Request { .. })));
 }
 
+/// The neighbours a round of buffer maps went to (empty: no map this tick).
+fn maps_to(acts: &[Action]) -> Vec<PeerId> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::SendBufferMap { to, .. } => Some(*to),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_flowing_peer_sends_maps_only_when_its_neighbours_would_predict_wrong() {
+    // 1 s chunks, checks every 2 s, refresh every 10 s.
+    let mut s = fed(SchedulerConfig::default());
+    s.on_neighbour_added(7);
+    assert_eq!(maps_to(&drain(&mut s)), vec![7]);
+    // The first periodic check sends (nothing was sent to all yet), then a flowing peer
+    // that holds every chunk since is predicted correctly: no map until the refresh.
+    s.tick(at(3000));
+    assert_eq!(maps_to(&drain(&mut s)), vec![7]);
+    let mut seq = 4;
+    let mut sent_at = Vec::new();
+    for t in (4000..=16_000).step_by(1000) {
+        assert!(s.on_chunk(seq, Source::Parent((seq % 4) as u16), at(t)));
+        seq += 1;
+        s.tick(at(t));
+        if !maps_to(&drain(&mut s)).is_empty() {
+            sent_at.push(t);
+        }
+    }
+    assert_eq!(sent_at, vec![13_000], "only the 10 s refresh");
+    assert_eq!(s.stats().buffer_maps_sent, 2);
+    // A chunk that never comes (seq 17) makes the prediction wrong: the next check
+    // sends a map without waiting for the refresh, and so does every check while the
+    // hole is among the last K chunks (the neighbours then read the map itself). Once
+    // flowing again, one map tells them so, and the peer is quiet again.
+    seq += 1;
+    let mut sent_at = Vec::new();
+    for t in (18_000..=24_000).step_by(1000) {
+        assert!(s.on_chunk(seq, Source::Parent((seq % 4) as u16), at(t)));
+        seq += 1;
+        s.tick(at(t));
+        if !maps_to(&drain(&mut s)).is_empty() {
+            sent_at.push(t);
+        }
+    }
+    assert_eq!(sent_at, vec![18_000, 20_000, 22_000]);
+    // A neighbour added meanwhile gets a map at once.
+    s.on_neighbour_added(8);
+    assert_eq!(maps_to(&drain(&mut s)), vec![8]);
+    s.tick(at(25_000));
+    assert_eq!(maps_to(&drain(&mut s)), Vec::<PeerId>::new());
+}
+
 #[test]
 fn unanswered_request_is_retried_elsewhere_then_skipped_at_the_deadline() {
     let mut s = started();

@@ -38,9 +38,12 @@ pub(crate) type LinkId = u64;
 
 /// Frames queued per link. A child whose queue is full is closed as too slow.
 pub(crate) const LINK_QUEUE: usize = 96;
-/// Keep-alive: every link sends a `PING` this often (the other side's idle timeout
-/// then only fires on a dead connection).
-const PING_EVERY: Duration = Duration::from_secs(3);
+/// Keep-alive: a link that has sent nothing this long sends a `PING` (the other side's
+/// 15 s idle timeout then only fires on a dead connection). A `PING` is answered with a
+/// `PONG` only by a side that has sent nothing this long either: anything it sent
+/// already proves the link alive. (A child sends its parent nothing but these pings; at
+/// 3 s with a `PONG` each they were a quarter of a grid's frames.)
+const PING_EVERY: Duration = Duration::from_secs(5);
 /// Handshake limit for accepted connections (as the data plane's).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most accepted peer connections alive at once (children, neighbours, handshakes).
@@ -53,6 +56,9 @@ pub(crate) enum Out {
     Frame(Bytes),
     /// A chunk: prefix, then the shared payload.
     Chunk(Chunk),
+    /// Answer to the other side's `PING`, sent only if nothing else was for
+    /// [`PING_EVERY`].
+    Pong(u64),
 }
 
 /// The engine's handle on a link's writer.
@@ -185,9 +191,7 @@ async fn read_loop(
             Err(_) => break SdkError::Timeout("waiting for a frame on a grid link"),
             Ok(Err(e)) => break e,
             Ok(Ok(Frame::Ping(n))) => {
-                if let Ok(b) = wire::encode_to_bytes(&Frame::Pong(n)) {
-                    let _ = tx.try_send(Out::Frame(b));
-                }
+                let _ = tx.try_send(Out::Pong(n));
             }
             Ok(Ok(Frame::Pong(_))) => {}
             Ok(Ok(frame)) => {
@@ -204,6 +208,11 @@ async fn read_loop(
 async fn write_out(w: &mut OwnedWriteHalf, out: &Out) -> std::io::Result<u64> {
     match out {
         Out::Frame(b) => w.write_all(b).await.map(|()| 0),
+        Out::Pong(n) => {
+            let b = wire::encode_to_bytes(&Frame::Pong(*n))
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            w.write_all(&b).await.map(|()| 0)
+        }
         Out::Chunk(c) => {
             let prefix = wire::chunk_prefix_signed(
                 c.seq,
@@ -237,12 +246,14 @@ async fn write_loop(
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut nonce = 0u64;
+    let mut last_write = tokio::time::Instant::now();
     // `None`: the stream position is undefined (write failed or was cut): no goodbye.
     let last: Option<Frame> = loop {
         let out = tokio::select! {
             biased;
             k = &mut kill => break Some(k.unwrap_or_else(|_| normal())),
             m = rx.recv() => match m {
+                Some(Out::Pong(_)) if last_write.elapsed() < PING_EVERY => continue,
                 Some(out) => out,
                 None => break Some(normal()),
             },
@@ -266,6 +277,7 @@ async fn write_loop(
                 Ok(n) => {
                     // Pings keep a silent link alive; one that carries frames needs none.
                     ping.reset();
+                    last_write = tokio::time::Instant::now();
                     if let Some(d) = &drained
                         && n > 0
                     {
