@@ -44,6 +44,9 @@ pub struct Stats {
     /// Chunk payload bytes sent to other peers (pushes to children, answers to
     /// requests).
     pub bytes_uploaded: u64,
+    /// The same chunks as sent: frame header, fixed fields, signature block and payload
+    /// (what the upload budget is spent in).
+    pub wire_bytes_uploaded: u64,
     /// Chunks handed to the player on time (peer grid) or in order (direct).
     pub chunks_played: u64,
     /// Chunks that missed their play-out deadline (peer grid) or were given up as a

@@ -105,7 +105,7 @@ pub fn health_report(node_id: &str, registry: &Registry) -> HealthReport {
             last_seq: s.last_seq.unwrap_or(0),
             content_type: s.content_type,
             viewers: s.viewers,
-            bitrate_kbps: s.bitrate_kbps,
+            bitrate_kbps: b.stream_kbps(),
         });
     }
     HealthReport {

@@ -8,6 +8,7 @@
 use crate::auth::Auth;
 use crate::chunker::Chunk;
 use crate::metrics::Metrics;
+use starling_proto::wire;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -58,6 +59,20 @@ pub struct BroadcastStatus {
 struct WindowTotals {
     duration_ms: u64,
     bytes: u64,
+    /// `bytes` plus each chunk's frame header, fixed fields and signature block: what
+    /// one receiver of every chunk is sent.
+    wire_bytes: u64,
+}
+
+/// Bytes a receiver is sent for `chunk`: its `CHUNK` frame (header, fixed fields,
+/// signature block if signed, payload).
+fn wire_len(chunk: &Chunk) -> u64 {
+    let sig = if chunk.signature.is_empty() {
+        0
+    } else {
+        2 + chunk.signature.len()
+    };
+    (wire::HEADER_LEN + wire::CHUNK_FIXED_LEN + sig + chunk.payload.len()) as u64
 }
 
 #[derive(Debug)]
@@ -310,9 +325,26 @@ impl Broadcast {
         u64::try_from(bps).unwrap_or(u64::MAX)
     }
 
-    /// [`Broadcast::bitrate_bps`] in kbps (rounded), as reported to the control plane.
+    /// [`Broadcast::bitrate_bps`] in kbps (rounded).
     pub fn bitrate_kbps(&self) -> u32 {
         u32::try_from(self.bitrate_bps().saturating_add(500) / 1000).unwrap_or(u32::MAX)
+    }
+
+    /// The stream rate as delivered, kbps (rounded): payload plus each chunk's frame
+    /// header, fixed fields and signature block over the window, i.e. what one viewer of
+    /// the whole stream is sent. Reported to the control plane, which sizes the peer
+    /// grid's slots with it (the peers' upload budgets are spent in these bytes). 0 when
+    /// no chunk with a duration is held.
+    pub fn stream_kbps(&self) -> u32 {
+        let t = match self.totals.lock() {
+            Ok(t) => *t,
+            Err(p) => *p.into_inner(),
+        };
+        if t.duration_ms == 0 {
+            return 0;
+        }
+        let bps = u128::from(t.wire_bytes) * 8 * 1000 / u128::from(t.duration_ms);
+        u32::try_from((bps + 500) / 1000).unwrap_or(u32::MAX)
     }
 
     /// Chunks cut from the source since the broadcast was created.
@@ -377,6 +409,7 @@ impl Broadcast {
             let len = chunk.payload.len() as u64;
             tot.duration_ms += u64::from(chunk.duration_ms);
             tot.bytes += len;
+            tot.wire_bytes += wire_len(&chunk);
             self.chunks_ingested.fetch_add(1, Ordering::Relaxed);
             self.bytes_ingested.fetch_add(len, Ordering::Relaxed);
             let newest_ts = chunk.timestamp_ms;
@@ -390,6 +423,7 @@ impl Broadcast {
                 }
                 tot.duration_ms -= u64::from(front.duration_ms);
                 tot.bytes -= front.payload.len() as u64;
+                tot.wire_bytes -= wire_len(front);
                 chunks.pop_front();
             }
         }
@@ -623,6 +657,28 @@ mod tests {
         // 100,000 bytes per 2 s = 400 kbit/s.
         assert_eq!(b.bitrate_kbps(), 400);
         assert_eq!(b.status().bitrate_kbps, 400);
+    }
+
+    #[test]
+    fn stream_rate_counts_what_a_viewer_is_sent_per_chunk() {
+        let b = Broadcast::new("b", 5_000, params());
+        assert_eq!(b.stream_kbps(), 0);
+        // 250 ms chunks of 2,000 payload bytes (64 kbit/s) with a 100-byte signature
+        // block: 8 + 20 + 2 + 100 bytes of framing each, 4 chunks a second.
+        for seq in 0..40 {
+            let mut c = chunk(seq, 2_000, 250);
+            c.signature = Bytes::from(vec![7u8; 100]);
+            b.push(c);
+        }
+        assert_eq!(b.bitrate_kbps(), 64);
+        let framed_bits = (2_000 + 8 + 20 + 2 + 100) * 8 * 4;
+        assert_eq!(b.stream_kbps(), (framed_bits + 500) / 1000);
+        // Unsigned chunks carry no signature block (nor its length field).
+        let b = Broadcast::new("c", 5_000, params());
+        for seq in 0..8 {
+            b.push(chunk(seq, 1_000, 1000));
+        }
+        assert_eq!(b.stream_kbps(), ((1_000 + 28) * 8 + 500) / 1000);
     }
 
     #[test]

@@ -69,11 +69,13 @@ struct RunArgs {
     #[arg(long, env = "STARLING_LOADTEST_DURATION", value_parser = parse_duration, default_value = "60s")]
     duration: Duration,
     /// Stream rate of the synthetic source, kbit/s. 64 by default (an audio-rate
-    /// stream) so that 10,000 peers fit on a 2-core machine.
+    /// stream): a peer's CPU goes mostly to per-chunk work, not bytes, so a low rate
+    /// buys little; about 2,000-2,500 peers fit on a 2-core machine (README).
     #[arg(long, env = "STARLING_LOADTEST_BITRATE_KBPS", default_value_t = 64)]
     bitrate_kbps: u32,
-    /// Upload budgets as multiples of the stream rate, assigned to peers in turn
-    /// (0 = never relays). Default mean 1.25x.
+    /// Upload budgets as multiples of the stream rate as delivered (payload plus each
+    /// chunk's framing and signature, as the data plane measures it), assigned to peers
+    /// in turn (0 = never relays). Default mean 1.25x.
     #[arg(
         long,
         env = "STARLING_LOADTEST_UPLOAD_PROFILE",

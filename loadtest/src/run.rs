@@ -229,8 +229,13 @@ pub struct RunReport {
     pub admission_closed_at_peers: Option<usize>,
     /// Of which the steady phase.
     pub steady_s: f64,
-    /// Stream rate, kbit/s.
+    /// Stream rate of the source (media payload), kbit/s.
     pub bitrate_kbps: u32,
+    /// Stream rate as delivered (payload plus each chunk's frame header and signature
+    /// block), kbit/s, as the data plane measured it: the `r` of the upload budgets and
+    /// of the fluid bound, since every byte of it must reach every viewer and peers
+    /// spend their upload budgets in these bytes. `bitrate_kbps` when not measured.
+    pub stream_kbps: u32,
     /// Chunk duration, ms.
     pub chunk_ms: u32,
     /// Substreams.
@@ -270,6 +275,14 @@ pub struct RunReport {
     pub fluid_bound_bytes: f64,
     /// server_egress_bytes / fluid_bound_bytes.
     pub server_egress_over_bound: f64,
+    /// What peers uploaded beyond their budgets over the run: chunk bytes as sent
+    /// (frames with signature blocks) less Σ budget × time present:
+    /// a relay may push on up to 3 s of debt, so in a scarce swarm, where every budget
+    /// is spent, about 3 s of each peer's budget is upload the bound does not grant.
+    pub upload_over_budget_bytes: f64,
+    /// (server_egress_bytes + upload_over_budget_bytes) / fluid_bound_bytes: the ratio
+    /// had the peers kept to their budgets exactly.
+    pub server_egress_over_bound_at_budget: f64,
     /// Payload bytes from the data plane (SDK counters).
     pub bytes_from_server: u64,
     /// Payload bytes from peers.
@@ -333,7 +346,7 @@ impl std::fmt::Display for RunReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "peers {} (joined {}, active at end {}, left {}, join failures {}, stopped {}) over {} workers; {} kbps, chunk {} ms, K={}, upload mean {:.2}x {:?}",
+            "peers {} (joined {}, active at end {}, left {}, join failures {}, stopped {}) over {} workers; {} kbps ({} kbps as delivered), chunk {} ms, K={}, upload mean {:.2}x {:?}",
             self.peers,
             self.peers_joined,
             self.peers_active_at_end,
@@ -342,6 +355,7 @@ impl std::fmt::Display for RunReport {
             self.peers_closed,
             self.workers,
             self.bitrate_kbps,
+            self.stream_kbps,
             self.chunk_ms,
             self.substreams,
             self.upload_mean,
@@ -372,11 +386,13 @@ impl std::fmt::Display for RunReport {
         )?;
         writeln!(
             f,
-            "server egress {} B ({}) = {:.3} x fluid bound {:.0} B",
+            "server egress {} B ({}) = {:.3} x fluid bound {:.0} B; peers uploaded {:.0} B beyond their budgets (push debt), {:.3} x had they not",
             self.server_egress_bytes,
             self.server_egress_source,
             self.server_egress_over_bound,
-            self.fluid_bound_bytes
+            self.fluid_bound_bytes,
+            self.upload_over_budget_bytes,
+            self.server_egress_over_bound_at_budget
         )?;
         writeln!(
             f,
@@ -454,6 +470,8 @@ impl std::fmt::Display for RunReport {
 struct Stack {
     control_url: String,
     broadcast_id: String,
+    /// Delivered stream rate measured by the data plane (see [`RunReport::stream_kbps`]).
+    stream_kbps: Option<u32>,
     admin: Option<AdminClient>,
     pattern_seed: Option<u64>,
     metrics_url: Option<(String, String)>,
@@ -497,6 +515,7 @@ impl Stack {
             return Ok(Stack {
                 control_url: ext.control_url.clone(),
                 broadcast_id: ext.broadcast_id.clone(),
+                stream_kbps: None,
                 admin,
                 pattern_seed: None,
                 metrics_url: ext.dataplane_http.as_deref().and_then(split_http),
@@ -611,22 +630,27 @@ impl Stack {
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
-        let stack = Stack {
+        let mut stack = Stack {
             control_url,
             broadcast_id: created.id.clone(),
+            stream_kbps: None,
             admin: Some(admin),
             pattern_seed: cfg.check_identity.then_some(SOURCE_SEED),
             metrics_url: split_http(&format!("http://{http}")),
             local: Some(local),
         };
-        stack.wait_live().await?;
+        stack.stream_kbps = stack.wait_live().await?;
         Ok(stack)
     }
 
-    async fn wait_live(&self) -> Result<(), HarnessError> {
+    /// Waits until the broadcast is live and returns its delivered stream rate once the
+    /// data plane has measured it over at least a second of chunks (`None` if it has not
+    /// within the wait).
+    async fn wait_live(&self) -> Result<Option<u32>, HarnessError> {
         let Some(admin) = &self.admin else {
-            return Ok(());
+            return Ok(None);
         };
+        let mut live_at: Option<Instant> = None;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let b = admin
@@ -641,7 +665,17 @@ impl Stack {
                 && b.last_seq >= 1
                 && !b.node_wire_addr.is_empty()
             {
-                return Ok(());
+                let since = *live_at.get_or_insert_with(Instant::now);
+                // The rate is a window average the data plane reports with its
+                // heartbeat: wait for one covering a second of chunks, or give up on
+                // it after 5 s (the budgets then use the payload rate).
+                if b.stream_kbps > 0 && b.last_seq >= 4 {
+                    return Ok(Some(b.stream_kbps));
+                }
+                if since.elapsed() >= Duration::from_secs(5) {
+                    tracing::warn!("no measured stream rate; budgets use the payload bitrate");
+                    return Ok(None);
+                }
             }
             if Instant::now() >= deadline {
                 return Err(HarnessError::Start(format!(
@@ -966,7 +1000,7 @@ async fn drive(
             worker: w,
             control_url: stack.control_url.clone(),
             broadcast_id: stack.broadcast_id.clone(),
-            stream_kbps: cfg.bitrate_kbps,
+            stream_kbps: stack.stream_kbps.unwrap_or(cfg.bitrate_kbps),
             pattern_seed: stack.pattern_seed,
             peers: link.peers,
             index_offset: w * ADDRESS_BLOCK,
@@ -1107,6 +1141,7 @@ async fn drive(
             let line = progress_line(
                 now - t0,
                 cfg,
+                stack.stream_kbps.unwrap_or(cfg.bitrate_kbps),
                 &samples,
                 egress.zip(egress0).map(|(a, b)| a.saturating_sub(b)),
             );
@@ -1166,6 +1201,7 @@ async fn drive(
     let coordinator = ProcStats::current();
     let mut r = merge(
         cfg,
+        stack.stream_kbps.unwrap_or(cfg.bitrate_kbps),
         workers,
         &links,
         (end - t0).as_secs_f64(),
@@ -1237,6 +1273,7 @@ impl MachineBusy {
 fn progress_line(
     t: Duration,
     cfg: &RunConfig,
+    stream_kbps: u32,
     samples: &[WorkerSample],
     egress: Option<u64>,
 ) -> String {
@@ -1271,7 +1308,7 @@ fn progress_line(
         share * 100.0,
         continuity,
         egress_b / 1_000_000,
-        egress_b as f64 * 8.0 / 1000.0 / secs / f64::from(cfg.bitrate_kbps.max(1)),
+        egress_b as f64 * 8.0 / 1000.0 / secs / f64::from(stream_kbps.max(1)),
         sum(|s| s.stalls),
         samples.len()
     )
@@ -1280,6 +1317,7 @@ fn progress_line(
 #[allow(clippy::too_many_arguments)]
 fn merge(
     cfg: &RunConfig,
+    stream_kbps: u32,
     workers: usize,
     links: &[WorkerLink],
     duration_s: f64,
@@ -1303,6 +1341,7 @@ fn merge(
         ramp_held_s: 0.0,
         admission_closed_at_peers: None,
         bitrate_kbps: cfg.bitrate_kbps,
+        stream_kbps,
         chunk_ms: cfg.chunk_ms,
         substreams: cfg.substreams,
         shared_signature_cache: cfg.shared_signature_cache,
@@ -1320,6 +1359,8 @@ fn merge(
         server_egress_source: String::new(),
         fluid_bound_bytes: 0.0,
         server_egress_over_bound: 0.0,
+        upload_over_budget_bytes: 0.0,
+        server_egress_over_bound_at_budget: 0.0,
         bytes_from_server: 0,
         bytes_from_peers: 0,
         bytes_uploaded: 0,
@@ -1416,10 +1457,12 @@ fn merge(
         }
     }
     let mut budget_sum = 0.0;
+    let mut wire_uploaded = 0u64;
     for p in &records {
         r.bytes_from_server += p.bytes_from_server;
         r.bytes_from_peers += p.bytes_from_peers;
         r.bytes_uploaded += p.bytes_uploaded;
+        wire_uploaded += p.wire_bytes_uploaded;
         r.chunks_played += p.chunks_played;
         r.chunks_skipped += p.chunks_skipped;
         r.stalls += p.stalls;
@@ -1442,8 +1485,8 @@ fn merge(
     if r.chunks_played + r.chunks_skipped > 0 {
         r.continuity = r.chunks_played as f64 / (r.chunks_played + r.chunks_skipped) as f64;
     }
-    if r.peers_joined > 0 && cfg.bitrate_kbps > 0 {
-        r.upload_mean = budget_sum / r.peers_joined as f64 / f64::from(cfg.bitrate_kbps);
+    if r.peers_joined > 0 && stream_kbps > 0 {
+        r.upload_mean = budget_sum / r.peers_joined as f64 / f64::from(stream_kbps);
     }
     r.reparent_ms = LatencyFigures::of(&reparent);
     r.reparent_answer_ms = LatencyFigures::of(&reparent_answer);
@@ -1478,9 +1521,21 @@ fn merge(
             upload_kbps,
         })
         .collect();
-    r.fluid_bound_bytes = fluid_bound_bytes(cfg.bitrate_kbps, &stays, duration_s);
+    r.fluid_bound_bytes = fluid_bound_bytes(stream_kbps, &stays, duration_s);
     if r.fluid_bound_bytes > 0.0 {
         r.server_egress_over_bound = r.server_egress_bytes as f64 / r.fluid_bound_bytes;
+    }
+    let budget_bytes: f64 = stays
+        .iter()
+        .map(|s| {
+            let to = s.left_s.unwrap_or(duration_s).min(duration_s);
+            f64::from(s.upload_kbps) * 125.0 * (to - s.joined_s.min(to)).max(0.0)
+        })
+        .sum();
+    r.upload_over_budget_bytes = (wire_uploaded as f64 - budget_bytes).max(0.0);
+    if r.fluid_bound_bytes > 0.0 {
+        r.server_egress_over_bound_at_budget =
+            (r.server_egress_bytes as f64 + r.upload_over_budget_bytes) / r.fluid_bound_bytes;
     }
     let mut total_cpu = 0.0;
     let mut local_cpu = 0.0;

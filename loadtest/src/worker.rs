@@ -245,6 +245,9 @@ pub struct PeerRecord {
     pub bytes_from_peers: u64,
     /// Payload bytes uploaded.
     pub bytes_uploaded: u64,
+    /// The same as sent (frames with their signature blocks).
+    #[serde(default)]
+    pub wire_bytes_uploaded: u64,
 }
 
 /// A worker's figures at stop.
@@ -334,6 +337,7 @@ impl Sampler {
                     bytes_from_server: st.bytes_from_server,
                     bytes_from_peers: st.bytes_from_peers,
                     bytes_uploaded: st.bytes_uploaded,
+                    wire_bytes_uploaded: st.wire_bytes_uploaded,
                 });
             }
         }

@@ -120,6 +120,7 @@ fn run_500_peers_over_2_workers() {
         "peers",
         "duration_s",
         "bitrate_kbps",
+        "stream_kbps",
         "peer_share",
         "continuity",
         "startup_ms",
@@ -248,6 +249,34 @@ fn run_500_peers_over_2_workers() {
         format!("errors: {}", r["errors"]),
     );
 
+    // The delivered rate (the bound's r and the budgets' unit) is the payload rate plus
+    // each 250 ms chunk's framing: frame header 8 + fixed fields 20 + signature length 2
+    // + signature block 63 + broadcast id (1..=128) + 64 bytes, on 2,000 payload bytes.
+    let stream = r["stream_kbps"].as_u64().expect("stream_kbps") as u32;
+    let framing_kbps = |id: u32| (8 + 20 + 2 + 63 + id + 64) * 8 * 4 / 1000;
+    check(
+        stream >= bitrate + framing_kbps(1) && stream <= bitrate + framing_kbps(128) + 1,
+        format!("stream_kbps {stream} for a {bitrate} kbit/s payload"),
+    );
+
+    // Upload beyond the budgets (push debt) is at most a few seconds of every budget,
+    // and counting it as server egress only raises the ratio.
+    let over = num(&r, &["upload_over_budget_bytes"]);
+    let budgets_per_s: f64 = r["stays"]
+        .as_array()
+        .expect("stays")
+        .iter()
+        .map(|s| s[2].as_f64().unwrap_or(0.0) * 125.0)
+        .sum();
+    check(
+        (0.0..=budgets_per_s * 5.0).contains(&over),
+        format!("upload_over_budget_bytes {over} (budgets {budgets_per_s} B/s)"),
+    );
+    check(
+        num(&r, &["server_egress_over_bound_at_budget"]) >= num(&r, &["server_egress_over_bound"]),
+        "server_egress_over_bound_at_budget below server_egress_over_bound".into(),
+    );
+
     // The fluid bound, recomputed independently from the stays in the JSON.
     let stays: Vec<(f64, Option<f64>, f64)> = r["stays"]
         .as_array()
@@ -269,12 +298,12 @@ fn run_500_peers_over_2_workers() {
         "stays outside the window (or peers that left without churn)".into(),
     );
     // The budgets are those of the profile: worker w's i-th peer gets
-    // profile[(w * 62_500 + i) % 6] × the stream rate.
+    // profile[(w * 62_500 + i) % 6] × the (delivered) stream rate.
     let mut expected: Vec<u64> = (0..workers)
         .flat_map(|w| {
             let n = peers / workers + usize::from(w < peers % workers);
             (0..n).map(move |i| {
-                (profile[(w * 62_500 + i) % profile.len()] * f64::from(bitrate)).round() as u64
+                (profile[(w * 62_500 + i) % profile.len()] * f64::from(stream)).round() as u64
             })
         })
         .collect();
@@ -286,14 +315,14 @@ fn run_500_peers_over_2_workers() {
         "upload budgets differ from the profile".into(),
     );
     let bound = num(&r, &["fluid_bound_bytes"]);
-    let independent = bound_by_steps(&stays, f64::from(bitrate), duration);
+    let independent = bound_by_steps(&stays, f64::from(stream), duration);
     check(
         (bound - independent).abs() <= independent * 0.002 + 1000.0,
         format!("fluid_bound_bytes {bound} vs independent {independent}"),
     );
     // Upload averages ≥ r here, so the bound is r·(time anyone is present).
     let first = stays.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
-    let rich_bound = f64::from(bitrate) * 125.0 * (duration - first);
+    let rich_bound = f64::from(stream) * 125.0 * (duration - first);
     check(
         (independent - rich_bound).abs() <= rich_bound * 0.05,
         format!("independent bound {independent} vs r·T {rich_bound}"),

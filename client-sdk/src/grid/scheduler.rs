@@ -71,6 +71,9 @@ pub struct SchedulerConfig {
     pub server_lead: Duration,
     /// A request unanswered this long is abandoned and retried elsewhere. Default 300 ms.
     pub request_timeout: Duration,
+    /// A chunk a parent skipped is asked of neighbours at once, and of the server once
+    /// this long has passed without a neighbour that has it. Default 500 ms.
+    pub skip_server_delay: Duration,
     /// Most requests in flight. Default 16.
     pub max_outstanding: usize,
     /// Most requests in flight to one neighbour. Default 4.
@@ -115,6 +118,7 @@ impl Default for SchedulerConfig {
             repair_lead: Duration::from_millis(1000),
             server_lead: Duration::from_millis(400),
             request_timeout: Duration::from_millis(300),
+            skip_server_delay: Duration::from_millis(500),
             max_outstanding: 16,
             max_per_neighbour: 4,
             late_threshold: Duration::from_millis(1000),
@@ -162,6 +166,8 @@ pub struct SchedulerStats {
     pub pushed: u64,
     /// Periodic rounds of buffer maps sent (one map to every neighbour).
     pub buffer_maps_sent: u64,
+    /// Pushes a parent skipped (over its upload budget).
+    pub parent_skips: u64,
 }
 
 #[derive(Debug, Default)]
@@ -212,6 +218,8 @@ struct Substream {
     research_at: Option<i64>,
     /// Re-searches in a row, each within `FLAP_WINDOW_RETRIES` retries of the previous.
     flaps: u32,
+    /// The parent's last word on this substream was a skipped push.
+    skipped_last: bool,
 }
 
 /// A re-search this many [`SchedulerConfig::research_retry`]s after the previous one
@@ -237,6 +245,10 @@ pub struct PeerScheduler {
     newest: Option<u64>,
     have: BTreeSet<u64>,
     repairs: BTreeMap<u64, Repair>,
+    /// Chunks a parent skipped, and when: repaired at once rather than at the repair
+    /// lead, so that the repair reaches this peer's own subtree (by push) well before
+    /// its deadline.
+    urgent: BTreeMap<u64, i64>,
     outstanding: usize,
     neighbours: BTreeMap<PeerId, Neighbour>,
     children: BTreeMap<PeerId, u64>,
@@ -288,6 +300,7 @@ impl PeerScheduler {
             newest: None,
             have: BTreeSet::new(),
             repairs: BTreeMap::new(),
+            urgent: BTreeMap::new(),
             outstanding: 0,
             neighbours: BTreeMap::new(),
             children: BTreeMap::new(),
@@ -406,6 +419,7 @@ impl PeerScheduler {
         if let Some(sub) = self.subs.get_mut(usize::from(substream)) {
             sub.parent = parent;
             sub.strikes = 0;
+            sub.skipped_last = false;
             sub.since_ms = ms(now);
             // `research_at` is kept: the next re-search of this substream waits out the
             // back-off from the last one (mesh repair covers the gap meanwhile).
@@ -479,6 +493,37 @@ impl PeerScheduler {
         });
     }
 
+    /// The parent of `seq`'s substream skipped its push (it is over its upload budget:
+    /// a partly covered slot). The parent is not silent for it; the chunk is repaired
+    /// like any missing one. Two skips in a row count as a late chunk against the
+    /// parent (a parent sharing its budget fairly skips a child at most every other
+    /// push).
+    pub fn on_parent_skipped(&mut self, seq: u64, now: Duration) {
+        let now_ms = ms(now);
+        let s = usize::try_from(seq % self.k).unwrap_or(0);
+        let Some(sub) = self.subs.get_mut(s) else {
+            return;
+        };
+        if sub.parent.is_none() {
+            return;
+        }
+        self.stats.parent_skips += 1;
+        if sub.last_seq.is_none_or(|l| seq > l) {
+            sub.last_seq = Some(seq);
+        }
+        if sub.skipped_last {
+            sub.strikes += 1;
+        }
+        sub.skipped_last = true;
+        if sub.strikes >= self.cfg.late_strikes {
+            self.research(s as u16, now_ms);
+        }
+        if !self.have.contains(&seq) && self.urgent.len() < usize::from(self.cfg.window) {
+            self.urgent.entry(seq).or_insert(now_ms);
+            self.request_urgent(now_ms);
+        }
+    }
+
     /// A neighbour answered a request with not-found: it is retried elsewhere.
     pub fn on_not_found(&mut self, from_peer: PeerId, seq: u64, _now: Duration) {
         if let Some(r) = self.repairs.get_mut(&seq)
@@ -501,6 +546,7 @@ impl PeerScheduler {
         self.check_parents(now_ms);
         self.expire_requests(now_ms);
         self.request_missing(now_ms);
+        self.request_urgent(now_ms);
         if now_ms >= self.next_map_at && !self.neighbours.is_empty() {
             self.next_map_at = now_ms.saturating_add(ms(self.cfg.buffer_map_interval));
             let map = self.buffer_map();
@@ -595,6 +641,7 @@ impl PeerScheduler {
         if sub.last_seq.is_none_or(|l| seq > l) {
             sub.last_seq = Some(seq);
         }
+        sub.skipped_last = false;
         if elsewhere {
             sub.strikes += 1;
         } else {
@@ -745,7 +792,6 @@ impl PeerScheduler {
         let end = live.min(start.saturating_add(u64::from(self.cfg.window)));
         let repair_lead = ms(self.cfg.repair_lead);
         let server_lead = ms(self.cfg.server_lead);
-        let timeout = ms(self.cfg.request_timeout);
         let mut seq = start;
         while seq <= end && self.outstanding < self.cfg.max_outstanding {
             let Some(deadline) = self.deadline(seq) else {
@@ -759,40 +805,66 @@ impl PeerScheduler {
                 seq += 1;
                 continue;
             }
-            let r = self.repairs.entry(seq).or_default();
-            if r.outstanding.is_none() {
-                // Neighbours whose map holds the chunk first, then those predicted to.
-                let d_ms = self.d_ms;
-                let pick = self
-                    .neighbours
-                    .iter()
-                    .filter(|(id, n)| {
-                        n.outstanding < self.cfg.max_per_neighbour && !r.tried.contains(id)
-                    })
-                    .filter_map(|(id, n)| {
-                        let (actual, predicted) = n.predicts(seq, now_ms, d_ms);
-                        (actual || predicted).then_some((!actual, n.outstanding, *id))
-                    })
-                    .min()
-                    .map(|(_, _, id)| id);
-                if let Some(nb) = pick {
-                    r.outstanding = Some((Some(nb), now_ms.saturating_add(timeout)));
-                    self.outstanding += 1;
-                    if let Some(n) = self.neighbours.get_mut(&nb) {
-                        n.outstanding += 1;
-                    }
-                    self.actions
-                        .push_back(Action::Request { neighbour: nb, seq });
-                    self.stats.neighbour_requests += 1;
-                } else if lead <= server_lead && r.server_tries < 3 {
-                    r.server_tries += 1;
-                    r.outstanding = Some((None, now_ms.saturating_add(timeout)));
-                    self.outstanding += 1;
-                    self.actions.push_back(Action::RequestFromServer { seq });
-                    self.stats.server_requests += 1;
-                }
-            }
+            self.repair(seq, now_ms, lead <= server_lead);
             seq += 1;
+        }
+    }
+
+    /// Requests missing chunk `seq` unless a request is in flight: from a neighbour
+    /// whose map holds it first, then one predicted to hold it, else from the server
+    /// if `server` (at most three times).
+    fn repair(&mut self, seq: u64, now_ms: i64, server: bool) {
+        let timeout = ms(self.cfg.request_timeout);
+        let (d_ms, max_per) = (self.d_ms, self.cfg.max_per_neighbour);
+        let r = self.repairs.entry(seq).or_default();
+        if r.outstanding.is_some() {
+            return;
+        }
+        let pick = self
+            .neighbours
+            .iter()
+            .filter(|(id, n)| n.outstanding < max_per && !r.tried.contains(id))
+            .filter_map(|(id, n)| {
+                let (actual, predicted) = n.predicts(seq, now_ms, d_ms);
+                (actual || predicted).then_some((!actual, n.outstanding, *id))
+            })
+            .min()
+            .map(|(_, _, id)| id);
+        if let Some(nb) = pick {
+            r.outstanding = Some((Some(nb), now_ms.saturating_add(timeout)));
+            self.outstanding += 1;
+            if let Some(n) = self.neighbours.get_mut(&nb) {
+                n.outstanding += 1;
+            }
+            self.actions
+                .push_back(Action::Request { neighbour: nb, seq });
+            self.stats.neighbour_requests += 1;
+        } else if server && r.server_tries < 3 {
+            r.server_tries += 1;
+            r.outstanding = Some((None, now_ms.saturating_add(timeout)));
+            self.outstanding += 1;
+            self.actions.push_back(Action::RequestFromServer { seq });
+            self.stats.server_requests += 1;
+        }
+    }
+}
+
+impl PeerScheduler {
+    /// Requests the chunks parents skipped, without waiting for the repair lead: from a
+    /// neighbour whose map holds (or is predicted to hold) the chunk, else from the
+    /// server once [`SchedulerConfig::skip_server_delay`] has passed since the skip (by
+    /// then flowing neighbours are predicted to hold it).
+    fn request_urgent(&mut self, now_ms: i64) {
+        let start = self.play_next.unwrap_or(0);
+        let have = &self.have;
+        self.urgent.retain(|&s, _| s >= start && !have.contains(&s));
+        let delay = ms(self.cfg.skip_server_delay);
+        let urgent: Vec<(u64, i64)> = self.urgent.iter().map(|(&s, &t)| (s, t)).collect();
+        for (seq, at) in urgent {
+            if self.outstanding >= self.cfg.max_outstanding {
+                return;
+            }
+            self.repair(seq, now_ms, now_ms >= at.saturating_add(delay));
         }
     }
 }

@@ -957,3 +957,64 @@ fn a_new_parent_is_not_silent_for_chunks_that_came_before_it() {
         exclude: Some(3)
     }));
 }
+
+#[test]
+fn a_parent_that_skips_a_push_is_not_silent_but_one_that_keeps_skipping_is_replaced() {
+    // 1 s chunks, K = 4; peer 3 becomes substream 0's parent at 3500 and owes chunk 4
+    // (available at 4000) first. It skips it (over its upload budget) and says so.
+    let mut s = fed(SchedulerConfig::default());
+    s.on_parent_changed(0, Some(Upstream::Peer(3)), at(3500));
+    drain(&mut s);
+    // It is repaired well before the repair lead (1 s before its deadline), so that it
+    // can still reach this peer's own children in time: from a neighbour that has it at
+    // once, else (here: no neighbour) from the server 500 ms after the skip.
+    s.on_parent_skipped(4, at(4000));
+    assert_eq!(drain(&mut s), vec![]);
+    s.tick(at(4250));
+    assert!(!drain(&mut s).contains(&Action::RequestFromServer { seq: 4 }));
+    s.tick(at(4500));
+    assert!(drain(&mut s).contains(&Action::RequestFromServer { seq: 4 }));
+    // The repair arrives: held now, so a silence check would blame the parent.
+    assert!(s.on_chunk(4, Source::Server, at(4550)));
+    for (t, seq) in [
+        (5000, 5),
+        (5600, 0),
+        (5800, 0),
+        (6000, 6),
+        (7000, 7),
+        (9000, 0),
+    ] {
+        if seq != 0 {
+            assert!(s.on_chunk(seq, Source::Parent((seq % 4) as u16), at(t)));
+        }
+        s.tick(at(t));
+        let acts = drain(&mut s);
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::ReSearch { .. })),
+            "re-searched at {t}: a skip announced by the parent is not silence"
+        );
+        if t == 6000 {
+            assert!(
+                acts.contains(&Action::Play { seq: 4 }),
+                "chunk 4 repaired in time"
+            );
+        }
+    }
+    assert_eq!(s.stats().parent_skips, 1);
+    assert_eq!(s.stats().skipped, 0);
+    // A parent that skips every push of the substream is replaced on the fourth skip in a
+    // row (three strikes): 4, 8, 12, 16.
+    for seq in [8, 12] {
+        s.on_parent_skipped(seq, at(seq * 1000));
+        assert!(
+            !drain(&mut s)
+                .iter()
+                .any(|a| matches!(a, Action::ReSearch { .. }))
+        );
+    }
+    s.on_parent_skipped(16, at(16_000));
+    assert!(drain(&mut s).contains(&Action::ReSearch {
+        substream: 0,
+        exclude: Some(3)
+    }));
+}

@@ -152,6 +152,8 @@ struct Link {
     requested: BTreeSet<u64>,
     /// Incoming links: what the peer's token grants (peer id, expiry).
     grant: Option<Grant>,
+    /// A child's last push was skipped for the upload budget (its next one is not).
+    skipped_push: bool,
 }
 
 impl Link {
@@ -165,6 +167,7 @@ impl Link {
             neighbour: false,
             requested: BTreeSet::new(),
             grant: None,
+            skipped_push: false,
         }
     }
 }
@@ -248,6 +251,7 @@ pub(crate) fn scheduler_config(k: u16, chunk: Duration, lag: Duration) -> Schedu
         repair_lead: scale(def.repair_lead),
         server_lead: scale(def.server_lead),
         request_timeout: def.request_timeout.min(lag / 4),
+        skip_server_delay: scale(def.skip_server_delay),
         late_threshold: scale(def.late_threshold),
         silence_timeout: scale(def.silence_timeout),
         window,
@@ -480,10 +484,13 @@ impl UploadBucket {
     const BURST_S: f64 = 2.0;
     const PUSH_DEBT_S: f64 = 2.0;
 
+    /// Starts empty: a peer's uplink gives nothing before its budget accrues (a full
+    /// bucket at the start would let every peer upload 2 s beyond its budget, which a
+    /// short load test would count as upload the budgets do not have).
     fn new(kbps: u32) -> UploadBucket {
         let rate_bytes = f64::from(kbps) * 1000.0 / 8.0;
         UploadBucket {
-            tokens: rate_bytes * Self::BURST_S,
+            tokens: 0.0,
             rate_bytes,
         }
     }
@@ -504,6 +511,14 @@ impl UploadBucket {
         } else {
             self.tokens >= len
         }
+    }
+
+    /// May a push go out to a child whose previous push was skipped? One more second of
+    /// debt: a parent over its budget then skips each child's pushes at most every
+    /// other time, so no child sees two in a row (which its scheduler would count
+    /// against the parent).
+    fn allows_owed(&self) -> bool {
+        self.tokens > -self.rate_bytes * (Self::PUSH_DEBT_S + 1.0)
     }
 
     fn spend(&mut self, len: f64) {
@@ -1329,11 +1344,27 @@ impl Engine {
                 }
             }
             Frame::NotFound(seq) => {
-                if let Some(link) = self.links.get_mut(&l) {
-                    link.requested.remove(&seq);
-                }
                 let now = self.clock.now();
-                self.sched.on_not_found(l, seq, now);
+                let Some(link) = self.links.get_mut(&l) else {
+                    return;
+                };
+                if link.requested.remove(&seq) {
+                    self.sched.on_not_found(l, seq, now);
+                    return;
+                }
+                // Unsolicited: a parent skipped a push of its substream (over budget).
+                let s = u16::try_from(seq % u64::from(self.k)).unwrap_or(0);
+                let from_parent = link.mask & (1u64 << s) != 0
+                    && match (&link.kind, &self.feeds[usize::from(s)]) {
+                        (Kind::Out(peer), Feed::Peer(p)) => p.id == peer.id,
+                        (Kind::DataPlane, Feed::Server) => true,
+                        _ => false,
+                    };
+                if from_parent {
+                    self.sched.on_parent_skipped(seq, now);
+                } else {
+                    self.sched.on_not_found(l, seq, now);
+                }
             }
             Frame::BufferMap(m) => match to_buffer_map(&m) {
                 Some(map) => {
@@ -1591,7 +1622,7 @@ impl Engine {
     /// is unknown.
     fn slots_for(&self, kbps: u32) -> u32 {
         if self.stream_kbps > 0 {
-            kbps / wire::slot_kbps(self.stream_kbps, self.k)
+            wire::slots_for(kbps, self.stream_kbps, self.k)
         } else if self.budget_kbps > 0 {
             let v = u64::from(self.child_slots) * u64::from(kbps) / u64::from(self.budget_kbps);
             u32::try_from(v).unwrap_or(u32::MAX)
@@ -1888,27 +1919,39 @@ impl Engine {
             }
             return;
         };
-        let len = c.payload.len() as f64;
-        let allowed = self.bucket.allows(push, len);
+        // The budget is spent in the bytes sent: the chunk's frame with its signature.
+        let payload_len = c.payload.len() as u64;
+        let len =
+            (wire::HEADER_LEN + wire::CHUNK_FIXED_LEN + 2 + c.signature.len() + c.payload.len())
+                as f64;
+        let owed = push && self.links.get(&to).is_some_and(|l| l.skipped_push);
+        let allowed = self.bucket.allows(push, len) || (owed && self.bucket.allows_owed());
         if !allowed {
             // Over the upload budget: answers become NOT_FOUND (the requester tries
-            // elsewhere); pushes are dropped (the child's repair covers, and a parent
-            // that stays over budget gets replaced by its children's re-search).
-            if !push {
-                self.send_to(to, &Frame::NotFound(seq));
+            // elsewhere); a push is skipped with a NOT_FOUND in its place, so that the
+            // child repairs it at once and does not take this parent for a silent one
+            // (a partly covered slot, see `wire::slots_for`, is carried this way).
+            if push && let Some(link) = self.links.get_mut(&to) {
+                link.skipped_push = true;
             }
+            self.send_to(to, &Frame::NotFound(seq));
             return;
         }
-        let Some(link) = self.links.get(&to) else {
+        let Some(link) = self.links.get_mut(&to) else {
             return;
         };
+        if push {
+            link.skipped_push = false;
+        }
         let Some(h) = &link.handle else {
             return;
         };
         match h.send(Out::Chunk(c)) {
             Ok(()) => {
                 self.bucket.spend(len);
-                self.shared.stats_mut().bytes_uploaded += len as u64;
+                let mut st = self.shared.stats_mut();
+                st.bytes_uploaded += payload_len;
+                st.wire_bytes_uploaded += len as u64;
             }
             Err(QueueError::Full) if push => {
                 tracing::info!(to, "child too slow: closing its link");
@@ -2001,16 +2044,23 @@ mod tests {
 
     #[test]
     fn pushes_may_overdraw_the_bucket_and_serves_only_use_what_is_left() {
-        // 64 kbit/s = 8000 B/s: 16,000 B of burst, 16,000 B of push debt.
+        // 64 kbit/s = 8000 B/s: up to 16,000 B saved, 16,000 B of push debt; empty at
+        // the start.
         let mut b = UploadBucket::new(64);
         let chunk = 8000.0;
-        // A burst of pushes to four children at once: all go out (two on debt).
-        for _ in 0..4 {
+        assert!(!b.allows(false, 1.0));
+        // A burst of pushes to children at once: two go out on debt.
+        for _ in 0..2 {
             assert!(b.allows(true, chunk));
             b.spend(chunk);
         }
-        // Debt exhausted: the next push waits for the bucket to refill.
+        // Debt exhausted: the next push waits for the bucket to refill, except one to a
+        // child whose last push was skipped (one more second of debt).
         assert!(!b.allows(true, chunk));
+        assert!(b.allows_owed());
+        b.spend(chunk);
+        assert!(!b.allows_owed());
+        b.refill(1.0);
         // No serve while in debt, nor until a whole chunk's worth is saved.
         b.refill(2.0);
         assert!(b.allows(true, chunk));

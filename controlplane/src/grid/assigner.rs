@@ -136,9 +136,12 @@ impl GridAssigner {
         &self.cfg
     }
 
-    /// Child slots a budget of `upload_kbps` buys: `floor(U / (r/K))`, capped.
+    /// Child slots a budget of `upload_kbps` buys ([`starling_proto::wire::slots_for`]:
+    /// the whole slots `U·K / r`, plus a partly covered one that keeps at least four
+    /// fifths of each push), capped.
     pub fn slots_for(&self, upload_kbps: u32) -> u32 {
-        (upload_kbps / self.substream_kbps).min(self.cfg.max_slots_per_peer)
+        starling_proto::wire::slots_for(upload_kbps, self.cfg.stream_kbps, self.k)
+            .min(self.cfg.max_slots_per_peer)
     }
 
     /// Admits a peer and assigns it one parent per substream plus mesh neighbours.
