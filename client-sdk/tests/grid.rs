@@ -414,6 +414,18 @@ async fn raw_subscribe_held(
     mask: u64,
     token: bytes::Bytes,
 ) -> (Frame, tokio::net::TcpStream) {
+    let (f, s, _, _) = raw_subscribe_stream(addr, broadcast, mask, token).await;
+    (f, s)
+}
+
+/// [`raw_subscribe_held`], also returning the decoder and the bytes read past the
+/// answer, to go on reading the link's frames.
+async fn raw_subscribe_stream(
+    addr: &str,
+    broadcast: &str,
+    mask: u64,
+    token: bytes::Bytes,
+) -> (Frame, tokio::net::TcpStream, Decoder, BytesMut) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut out = BytesMut::new();
     wire::encode(
@@ -441,7 +453,9 @@ async fn raw_subscribe_held(
     let mut frames = Vec::new();
     tokio::time::timeout(GUARD, async {
         while frames.len() < 2 {
-            while let Some(f) = dec.decode(&mut buf).unwrap() {
+            while frames.len() < 2
+                && let Some(f) = dec.decode(&mut buf).unwrap()
+            {
                 // The link's keep-alive PING may come before the answer.
                 if !matches!(f, Frame::Ping(_)) {
                     frames.push(f);
@@ -461,6 +475,8 @@ async fn raw_subscribe_held(
     (
         frames.into_iter().nth(1).expect("no answer to SUBSCRIBE"),
         s,
+        dec,
+        buf,
     )
 }
 
@@ -1129,5 +1145,82 @@ async fn reparent_times_are_measured_when_a_parent_leaves() {
     // The first chunk from the new parent comes after the answer that named it.
     assert!(t.sum_ms >= answer.sum_ms, "{t:?} vs {answer:?}");
     b.leave().await.unwrap();
+    src.stop();
+}
+
+/// A relay whose budget carries about 80 % of what its child subscribed to skips the
+/// rest of the pushes and announces each skip with `NOT_FOUND(seq)` in the chunk's
+/// place (so the child repairs at once and does not take the parent for a silent one),
+/// never twice in a row to one child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_over_its_budget_announces_the_pushes_it_skips() {
+    let src = Source::start(K, CHUNK_MS);
+    let dp = LiveServer::start(src.clone(), Opts::data_plane("g9")).await;
+    src.wait_for(2 * RAP_EVERY).await;
+    let plans = vec![Plan {
+        parents: vec![Ref::DataPlane; K as usize],
+        neighbours: vec![],
+        child_slots: 4,
+    }];
+    let (url, cp) = fake_grid::start("g9", dp.addr, plans).await;
+    // The stream is about 130 kbit/s as sent (1,600-byte chunks on average every
+    // 100 ms, plus 28 bytes of framing each): a budget of 80 kbit/s carries ~60 %.
+    let a = Viewer::join(config("g9", &url, 80)).await.unwrap();
+    wait_played(&a, 10).await;
+    let tok = cp.keys.token("g9", 77, now_ms(), now_ms() + 60_000);
+    let (first, s, mut dec, mut buf) =
+        raw_subscribe_stream(a.peer_addr().unwrap(), "g9", 0b1111, tok).await;
+    assert!(matches!(first, Frame::StreamInfo(_)), "{first:?}");
+    let (mut s, mut w) = s.into_split();
+    // A child that sends nothing else pings, or its parent would time it out.
+    let pinger = tokio::spawn(async move {
+        for n in 0u64.. {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let mut out = BytesMut::new();
+            wire::encode(&Frame::Ping(n), &mut out).unwrap();
+            if w.write_all(&out).await.is_err() {
+                return;
+            }
+        }
+    });
+    // Every chunk after the subscription arrives either pushed or announced as skipped.
+    let mut events: Vec<(u64, bool)> = Vec::new();
+    tokio::time::timeout(GUARD, async {
+        while events.len() < 150 {
+            while let Some(f) = dec.decode(&mut buf).unwrap() {
+                match f {
+                    Frame::Chunk(c) => events.push((c.seq, true)),
+                    Frame::NotFound(seq) => events.push((seq, false)),
+                    _ => {}
+                }
+            }
+            if s.read_buf(&mut buf).await.unwrap() == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the relay kept pushing or announcing");
+    // Past the subscription's start (the newest chunks pushed at once, and the bucket's
+    // first 2 s of debt), the sequence is complete and in order.
+    assert_eq!(events.len(), 150, "the relay closed the link: {events:?}");
+    let tail = &events[50..];
+    for w in tail.windows(2) {
+        assert_eq!(
+            w[1].0,
+            w[0].0 + 1,
+            "a chunk neither pushed nor announced: {w:?}"
+        );
+        assert!(w[0].1 || w[1].1, "skipped twice in a row: {w:?}");
+    }
+    let skipped = tail.iter().filter(|e| !e.1).count();
+    assert!(
+        skipped * 5 >= tail.len() && skipped * 2 <= tail.len(),
+        "{skipped} of {} skipped for a budget of ~60 % of the stream",
+        tail.len()
+    );
+    pinger.abort();
+    drop(s);
+    a.leave().await.unwrap();
     src.stop();
 }
