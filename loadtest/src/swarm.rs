@@ -248,10 +248,20 @@ impl Swarm {
     /// An empty swarm for `deployment`'s broadcast; add peers with
     /// [`Swarm::add_peers`].
     pub fn new(deployment: &Deployment) -> Swarm {
+        // Budgets are multiples of the stream rate as delivered (payload plus each
+        // chunk's frame and signature block), as the in-process data plane measures it
+        // and reports it to the control plane, which sizes slots with it; the payload
+        // rate until it has measured one.
+        let stream_kbps = deployment
+            .node()
+            .and_then(|n| n.registry().get(deployment.broadcast_id()))
+            .map(|b| b.stream_kbps())
+            .filter(|&r| r > 0)
+            .unwrap_or_else(|| deployment.source().bitrate_kbps());
         let swarm = Swarm::for_broadcast(
             deployment.control_url(),
             deployment.broadcast_id().to_owned(),
-            deployment.source().bitrate_kbps(),
+            stream_kbps,
             deployment.source().pattern(),
         );
         if let Some(probe) = deployment.egress_probe() {
