@@ -214,10 +214,10 @@ pub(crate) async fn report_loop(control: Control, shared: Arc<Shared>, interval:
             _ = tick.tick() => {}
         }
         enqueue(&shared, false);
-        tokio::select! {
-            _ = stopped(&mut stop) => return,
-            _ = flush(&control, &shared) => {}
-        }
+        // A flush in flight is not abandoned on stop: the control plane may already
+        // have taken its reports, and `leave`'s final flush (which waits for this task)
+        // would send them again. It ends within CALL_TIMEOUT.
+        flush(&control, &shared).await;
     }
 }
 

@@ -310,10 +310,9 @@ impl Broadcast {
         find(&chunks, seq).cloned()
     }
 
-    /// Stream rate in bits per second: payload bytes of the chunks in the window over
-    /// the sum of their durations (a moving average over the window; 0 until the window
-    /// holds a chunk with a non-zero duration).
-    pub fn bitrate_bps(&self) -> u64 {
+    /// `bytes(totals)` over the window's duration, in bits per second (0 until the
+    /// window holds a chunk with a non-zero duration).
+    fn window_bps(&self, bytes: impl Fn(&WindowTotals) -> u64) -> u64 {
         let t = match self.totals.lock() {
             Ok(t) => *t,
             Err(p) => *p.into_inner(),
@@ -321,8 +320,15 @@ impl Broadcast {
         if t.duration_ms == 0 {
             return 0;
         }
-        let bps = u128::from(t.bytes) * 8 * 1000 / u128::from(t.duration_ms);
+        let bps = u128::from(bytes(&t)) * 8 * 1000 / u128::from(t.duration_ms);
         u64::try_from(bps).unwrap_or(u64::MAX)
+    }
+
+    /// Stream rate in bits per second: payload bytes of the chunks in the window over
+    /// the sum of their durations (a moving average over the window; 0 until the window
+    /// holds a chunk with a non-zero duration).
+    pub fn bitrate_bps(&self) -> u64 {
+        self.window_bps(|t| t.bytes)
     }
 
     /// [`Broadcast::bitrate_bps`] in kbps (rounded).
@@ -336,15 +342,8 @@ impl Broadcast {
     /// grid's slots with it (the peers' upload budgets are spent in these bytes). 0 when
     /// no chunk with a duration is held.
     pub fn stream_kbps(&self) -> u32 {
-        let t = match self.totals.lock() {
-            Ok(t) => *t,
-            Err(p) => *p.into_inner(),
-        };
-        if t.duration_ms == 0 {
-            return 0;
-        }
-        let bps = u128::from(t.wire_bytes) * 8 * 1000 / u128::from(t.duration_ms);
-        u32::try_from((bps + 500) / 1000).unwrap_or(u32::MAX)
+        let bps = self.window_bps(|t| t.wire_bytes);
+        u32::try_from(bps.saturating_add(500) / 1000).unwrap_or(u32::MAX)
     }
 
     /// Chunks cut from the source since the broadcast was created.
