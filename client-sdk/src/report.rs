@@ -215,8 +215,9 @@ pub(crate) async fn report_loop(control: Control, shared: Arc<Shared>, interval:
         }
         enqueue(&shared, false);
         // A flush in flight is not abandoned on stop: the control plane may already
-        // have taken its reports, and `leave`'s final flush (which waits for this task)
-        // would send them again. It ends within CALL_TIMEOUT.
+        // have taken its reports, and `leave`'s final flush would send them again.
+        // `leave` waits up to 2 s for this task (a call ends within CALL_TIMEOUT; a
+        // control plane slower than that may see a report twice, which it ignores).
         flush(&control, &shared).await;
     }
 }

@@ -67,12 +67,7 @@ struct WindowTotals {
 /// Bytes a receiver is sent for `chunk`: its `CHUNK` frame (header, fixed fields,
 /// signature block if signed, payload).
 fn wire_len(chunk: &Chunk) -> u64 {
-    let sig = if chunk.signature.is_empty() {
-        0
-    } else {
-        2 + chunk.signature.len()
-    };
-    (wire::HEADER_LEN + wire::CHUNK_FIXED_LEN + sig + chunk.payload.len()) as u64
+    wire::chunk_frame_len(chunk.signature.len(), chunk.payload.len()) as u64
 }
 
 #[derive(Debug)]

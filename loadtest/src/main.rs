@@ -326,29 +326,9 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         ..SwarmConfig::default()
     };
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
-    // Budgets are multiples of the stream rate as delivered (payload plus each chunk's
-    // frame and signature block), as `run` uses: wait up to 5 s for the data plane's
-    // measurement, else use the payload rate.
-    let mut stream_kbps = None;
-    for _ in 0..50 {
-        if let Ok(b) = dep.broadcast().await
-            && b.stream_kbps > 0
-            && b.last_seq >= 4
-        {
-            stream_kbps = Some(b.stream_kbps);
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let swarm = Swarm::for_broadcast(
-        dep.control_url(),
-        dep.broadcast_id().to_owned(),
-        stream_kbps.unwrap_or(args.bitrate_kbps),
-        dep.source().pattern(),
-    );
-    if let Some(probe) = dep.egress_probe() {
-        swarm.set_egress_probe(probe);
-    }
+    // Budgets are multiples of the stream rate as delivered, as the in-process data
+    // plane measures it (see `Swarm::new`).
+    let swarm = Swarm::new(&dep);
     // Joins run in the background so the progress display starts at once.
     let joining = {
         let swarm = swarm.clone();

@@ -747,6 +747,17 @@ impl std::fmt::Debug for ChunkPrefix {
     }
 }
 
+/// Bytes of a whole `CHUNK` frame: header, fixed fields, the signature block with its
+/// length field when there is one (`signature_len` 0 = unsigned), and the payload.
+pub fn chunk_frame_len(signature_len: usize, payload_len: usize) -> usize {
+    let sig = if signature_len == 0 {
+        0
+    } else {
+        2 + signature_len
+    };
+    HEADER_LEN + CHUNK_FIXED_LEN + sig + payload_len
+}
+
 /// Like [`chunk_prefix`], with the chunk's signature block (empty = unsigned).
 pub fn chunk_prefix_signed(
     seq: u64,

@@ -500,6 +500,16 @@ impl PeerScheduler {
     /// push).
     pub fn on_parent_skipped(&mut self, seq: u64, now: Duration) {
         let now_ms = ms(now);
+        // A notice for a chunk already played or skipped, or beyond the window ahead of
+        // the newest held, is not about a push this parent owes (a peer could send any
+        // seq): it must not move the silence check or queue a repair.
+        let passed = self.play_next.is_some_and(|p| seq < p);
+        let too_far = self
+            .newest
+            .is_some_and(|n| seq > n.saturating_add(u64::from(self.cfg.window)));
+        if passed || too_far {
+            return;
+        }
         let s = usize::try_from(seq % self.k).unwrap_or(0);
         let Some(sub) = self.subs.get_mut(s) else {
             return;

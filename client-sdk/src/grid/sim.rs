@@ -1002,6 +1002,11 @@ fn a_parent_that_skips_a_push_is_not_silent_but_one_that_keeps_skipping_is_repla
     }
     assert_eq!(s.stats().parent_skips, 1);
     assert_eq!(s.stats().skipped, 0);
+    // A notice for a chunk far beyond the newest held (or already played) is ignored.
+    s.on_parent_skipped(1_000_000, at(9000));
+    s.on_parent_skipped(1, at(9000));
+    assert_eq!(s.stats().parent_skips, 1);
+    assert!(drain(&mut s).is_empty());
     // A parent that skips every push of the substream is replaced on the fourth skip in a
     // row (three strikes): 4, 8, 12, 16.
     for seq in [8, 12] {

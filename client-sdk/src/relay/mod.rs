@@ -1921,25 +1921,20 @@ impl Engine {
         };
         // The budget is spent in the bytes sent: the chunk's frame with its signature.
         let payload_len = c.payload.len() as u64;
-        let len =
-            (wire::HEADER_LEN + wire::CHUNK_FIXED_LEN + 2 + c.signature.len() + c.payload.len())
-                as f64;
-        let owed = push && self.links.get(&to).is_some_and(|l| l.skipped_push);
-        let allowed = self.bucket.allows(push, len) || (owed && self.bucket.allows_owed());
-        if !allowed {
+        let len = wire::chunk_frame_len(c.signature.len(), c.payload.len()) as f64;
+        let Some(link) = self.links.get_mut(&to) else {
+            return;
+        };
+        let owed = push && link.skipped_push;
+        if !(self.bucket.allows(push, len) || (owed && self.bucket.allows_owed())) {
             // Over the upload budget: answers become NOT_FOUND (the requester tries
             // elsewhere); a push is skipped with a NOT_FOUND in its place, so that the
             // child repairs it at once and does not take this parent for a silent one
             // (a partly covered slot, see `wire::slots_for`, is carried this way).
-            if push && let Some(link) = self.links.get_mut(&to) {
-                link.skipped_push = true;
-            }
+            link.skipped_push |= push;
             self.send_to(to, &Frame::NotFound(seq));
             return;
         }
-        let Some(link) = self.links.get_mut(&to) else {
-            return;
-        };
         if push {
             link.skipped_push = false;
         }
