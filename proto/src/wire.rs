@@ -218,9 +218,8 @@ pub fn mask_wants(mask: u64, seq: u64, k: u16) -> bool {
 }
 
 /// The rate of one child slot in the peer grid: one substream of a `stream_kbps`
-/// stream split `k` ways, rounded up (`k == 0` is treated as 1; never 0). A budget of
-/// `U` kbit/s buys `U / slot_kbps` slots; the control plane's assigner and a relaying
-/// SDK count them the same way.
+/// stream split `k` ways, rounded up (`k == 0` is treated as 1; never 0): the grid's
+/// figures (booster kbit/s). How many slots a budget buys is [`slots_for`].
 pub fn slot_kbps(stream_kbps: u32, k: u16) -> u32 {
     stream_kbps.div_ceil(u32::from(k.clamp(1, 64))).max(1)
 }

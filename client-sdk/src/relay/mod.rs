@@ -1618,7 +1618,7 @@ impl Engine {
     }
 
     /// Child slots a budget buys, as the control plane counts them
-    /// ([`wire::slot_kbps`]); proportionally to the current slots when the stream rate
+    /// ([`wire::slots_for`]); proportionally to the current slots when the stream rate
     /// is unknown.
     fn slots_for(&self, kbps: u32) -> u32 {
         if self.stream_kbps > 0 {
