@@ -170,7 +170,7 @@ pub struct SchedulerStats {
     pub parent_skips: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Repair {
     tried: Vec<PeerId>,
     server_tries: u8,
@@ -178,7 +178,7 @@ struct Repair {
     outstanding: Option<(Option<PeerId>, i64)>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Neighbour {
     map: Option<BufferMap>,
     /// When `map` arrived, and the newest chunk it held if its last `K` chunks were
@@ -228,7 +228,7 @@ const FLAP_WINDOW_RETRIES: i64 = 6;
 
 /// One peer's scheduling state machine (sans-IO): feed it events with `now`, drain
 /// [`Action`]s. See the [module docs](super).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PeerScheduler {
     cfg: SchedulerConfig,
     k: u64,
@@ -549,7 +549,8 @@ impl PeerScheduler {
     }
 
     /// Advances time: play-out decisions, parent quality checks, request timeouts and
-    /// new requests, periodic buffer maps. Call at least every chunk duration / 4.
+    /// new requests, periodic buffer maps. Call it by [`PeerScheduler::next_timeout`]
+    /// (or at least every [`PeerScheduler::tick_interval`]).
     pub fn tick(&mut self, now: Duration) {
         let now_ms = ms(now);
         self.play_out(now_ms);
@@ -576,6 +577,99 @@ impl PeerScheduler {
                 self.map_sent_flowing = flowing;
             }
         }
+    }
+
+    /// When [`PeerScheduler::tick`] must be called next (on the caller's clock), given
+    /// that it was last called, or an event handled, at `now`; `None` while there is
+    /// nothing to wait for (no chunk yet). Ticking earlier or more often is harmless;
+    /// ticking later delays play-out, repairs and parent checks.
+    ///
+    /// Exact for what a steady peer waits on: the next play-out deadline, the moment
+    /// the first missing chunk enters the repair lead, a parent's silence and the
+    /// buffer-map check. Until the first chunk is played, and while repairs are in
+    /// progress (requests in flight, skipped chunks, a missing chunk inside the repair
+    /// lead), it asks for a tick every
+    /// [`PeerScheduler::tick_interval`], as a fixed ticker would. Call it again after
+    /// every event: a chunk or a map can make a deadline earlier.
+    pub fn next_timeout(&self, now: Duration) -> Option<Duration> {
+        self.wake(ms(now))
+            .0
+            .map(|t| Duration::from_millis(u64::try_from(t).unwrap_or(0)))
+    }
+
+    /// [`PeerScheduler::next_timeout`] in ms, and whether it is the periodic fallback
+    /// (start-up, or repairs in progress) rather than exact.
+    fn wake(&self, now_ms: i64) -> (Option<i64>, bool) {
+        let step = now_ms.saturating_add(self.tick_interval_ms());
+        let mut at: Option<i64> = None;
+        let mut consider = |t: i64| at = Some(at.map_or(t, |a: i64| a.min(t)));
+        if !self.neighbours.is_empty() {
+            consider(self.next_map_at);
+        }
+        let (Some(base), Some(start), true) = (self.live_base, self.play_next, self.started) else {
+            // Start-up: the schedule follows the live estimate until the first chunk is
+            // played; tick as a fixed ticker would (gaps in the start-up burst are
+            // repaired before the first deadline).
+            if let (Some(b), Some(&first)) = (self.live_base, self.have.first()) {
+                consider(step);
+                consider(
+                    b.saturating_add(self.seq_ms(first))
+                        .saturating_add(ms(self.cfg.target_lag)),
+                );
+                return (at, true);
+            }
+            return (at, false);
+        };
+        let periodic = !self.repairs.is_empty() || !self.urgent.is_empty();
+        if periodic {
+            consider(step);
+        }
+        // Play-out: the next deadline.
+        if let Some(d) = self.deadline(start) {
+            consider(d);
+        }
+        // Repair: the first chunk not held enters the repair lead.
+        let mut first_missing = start;
+        for &h in self.have.range(start..) {
+            if h != first_missing {
+                break;
+            }
+            first_missing += 1;
+        }
+        let mut open_now = false;
+        if let Some(d) = self.deadline(first_missing) {
+            let open = d.saturating_sub(ms(self.cfg.repair_lead));
+            open_now = open <= now_ms;
+            consider(if open_now { step } else { open });
+        }
+        // Parents: the silence check of each substream (as `check_parents`).
+        let silence = ms(self.cfg.silence_timeout);
+        for (s, sub) in self.subs.iter().enumerate() {
+            if sub.parent.is_none() {
+                continue;
+            }
+            let (next, expected) = self.owed(s as u64, sub, base, start);
+            let gate = sub.research_at.map_or(i64::MIN, |t| {
+                t.saturating_add(self.research_wait(sub.flaps))
+            });
+            let t = expected.saturating_add(silence).saturating_add(1).max(gate);
+            if t > now_ms {
+                consider(t);
+            } else if self.available_elsewhere(next) {
+                consider(now_ms);
+            }
+        }
+        (at, periodic || open_now)
+    }
+
+    /// The fallback tick period while repairs are in progress: a quarter chunk, 10 to
+    /// 250 ms.
+    pub fn tick_interval(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.tick_interval_ms()).unwrap_or(10))
+    }
+
+    fn tick_interval_ms(&self) -> i64 {
+        (self.d_ms / 4).clamp(10, 250)
     }
 
     /// The newest chunk of `map` if its last `K` chunks are all held (the rule
@@ -671,11 +765,17 @@ impl PeerScheduler {
                 .any(|n| n.map.as_ref().is_some_and(|m| m.contains(seq)))
     }
 
-    fn research(&mut self, s: u16, now_ms: i64) {
+    /// How long after a re-search the next one of a substream with `flaps` may follow.
+    fn research_wait(&self, flaps: u32) -> i64 {
         let retry = ms(self.cfg.research_retry);
         let max = ms(self.cfg.research_backoff_max).max(retry);
+        retry.saturating_mul(1i64 << flaps.min(16)).min(max)
+    }
+
+    fn research(&mut self, s: u16, now_ms: i64) {
+        let retry = ms(self.cfg.research_retry);
+        let wait = self.research_wait(self.subs[usize::from(s)].flaps);
         let sub = &mut self.subs[usize::from(s)];
-        let wait = retry.saturating_mul(1i64 << sub.flaps.min(16)).min(max);
         if sub
             .research_at
             .is_some_and(|t| now_ms < t.saturating_add(wait))
@@ -754,27 +854,32 @@ impl PeerScheduler {
             if sub.parent.is_none() {
                 continue;
             }
-            let s64 = s as u64;
-            // The parent owes the chunks of its substream that became available after it
-            // was assigned; older ones (a newest-chunk push on subscribe) are a bonus.
-            // With K·chunk longer than the silence timeout, counting an older chunk
-            // would call every new parent silent before its first due chunk.
-            let since_seq = u64::try_from(
-                (sub.since_ms.saturating_sub(base) + self.d_ms - 1).div_euclid(self.d_ms),
-            )
-            .unwrap_or(0);
-            let from = sub
-                .last_seq
-                .map_or(start, |l| l + 1)
-                .max(start)
-                .max(since_seq);
-            let next = from + (s64 + self.k - from % self.k) % self.k;
-            let expected = base.saturating_add(self.seq_ms(next)).max(sub.since_ms);
+            let (next, expected) = self.owed(s as u64, &sub, base, start);
             // Silent only if the chunk could be had elsewhere (see `monitor_parent`).
             if now_ms > expected.saturating_add(silence) && self.available_elsewhere(next) {
                 self.research(s as u16, now_ms);
             }
         }
+    }
+
+    /// The next chunk substream `s`'s parent owes, and when it became available.
+    fn owed(&self, s: u64, sub: &Substream, base: i64, start: u64) -> (u64, i64) {
+        // The parent owes the chunks of its substream that became available after it
+        // was assigned; older ones (a newest-chunk push on subscribe) are a bonus.
+        // With K·chunk longer than the silence timeout, counting an older chunk
+        // would call every new parent silent before its first due chunk.
+        let since_seq = u64::try_from(
+            (sub.since_ms.saturating_sub(base) + self.d_ms - 1).div_euclid(self.d_ms),
+        )
+        .unwrap_or(0);
+        let from = sub
+            .last_seq
+            .map_or(start, |l| l + 1)
+            .max(start)
+            .max(since_seq);
+        let next = from + (s + self.k - from % self.k) % self.k;
+        let expected = base.saturating_add(self.seq_ms(next)).max(sub.since_ms);
+        (next, expected)
     }
 
     fn expire_requests(&mut self, now_ms: i64) {
@@ -881,6 +986,10 @@ impl PeerScheduler {
 
 #[cfg(test)]
 impl PeerScheduler {
+    /// True if [`PeerScheduler::next_timeout`] is the periodic fallback at `now`.
+    pub(super) fn ticks_periodically(&self, now: Duration) -> bool {
+        self.wake(ms(now)).1
+    }
     pub(super) fn repairs_len(&self) -> usize {
         self.repairs.len()
     }

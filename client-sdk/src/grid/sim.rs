@@ -60,6 +60,10 @@ struct SimPeer {
     /// Parents this peer's re-searches excluded (the real control plane keeps them
     /// excluded for a while, too).
     excluded: Vec<PeerId>,
+    /// Deadline-driven mode: the one tick scheduled, at `next_timeout`.
+    wake_at: Option<u64>,
+    /// Ticks at the current ms (a `next_timeout` that never moves on would spin).
+    ticks_now: (u64, u32),
 }
 
 /// The simulated swarm.
@@ -76,6 +80,14 @@ pub(super) struct Sim {
     pub server_pushes: u64,
     pub server_pulls: u64,
     tick_ms: u64,
+    /// Tick each peer only at its scheduler's `next_timeout` (as the SDK's engine does)
+    /// instead of every `tick_ms`, checking before every event that an earlier tick
+    /// would have done nothing the deadline did not allow.
+    deadline_driven: bool,
+    /// Early ticks checked (deadline-driven mode).
+    pub early_checks: u64,
+    /// Scheduler ticks run, all peers.
+    pub ticks: u64,
 }
 
 impl Sim {
@@ -98,6 +110,8 @@ impl Sim {
                     neighbours: Vec::new(),
                     research_log: Vec::new(),
                     excluded: Vec::new(),
+                    wake_at: None,
+                    ticks_now: (0, 0),
                 },
             );
         }
@@ -115,6 +129,9 @@ impl Sim {
             server_pushes: 0,
             server_pulls: 0,
             tick_ms: 50,
+            deadline_driven: false,
+            early_checks: 0,
+            ticks: 0,
         };
         for s in 0..k {
             let order: Vec<u64> = (0..n).map(|i| (i + s * n / k) % n + 1).collect();
@@ -138,6 +155,83 @@ impl Sim {
             sim.schedule(id % sim.tick_ms, Ev::Tick(id));
         }
         sim
+    }
+
+    /// The same swarm, each peer ticked only at its `next_timeout`.
+    pub fn new_deadline_driven(
+        cfg: SchedulerConfig,
+        n: u64,
+        upload_kbps: u64,
+        stream_kbps: u64,
+    ) -> Sim {
+        let mut sim = Sim::new(cfg, n, upload_kbps, stream_kbps);
+        sim.deadline_driven = true;
+        for id in 1..=n {
+            sim.rearm(id);
+        }
+        sim
+    }
+
+    /// The peer an event is for.
+    fn target(ev: &Ev) -> Option<PeerId> {
+        match *ev {
+            Ev::Emit(_) | Ev::Kill(_) => None,
+            Ev::Deliver { to, .. }
+            | Ev::Map { to, .. }
+            | Ev::Req { to, .. }
+            | Ev::NotFound { to, .. }
+            | Ev::NeighbourGone { to, .. } => Some(to),
+            Ev::Tick(id) => Some(id),
+            Ev::Reparent { child, .. } => Some(child),
+        }
+    }
+
+    /// Deadline-driven mode, before an event for `id` at `now`: a tick now, earlier
+    /// than the deadline, must do nothing (play-out, parent checks and maps are exact),
+    /// except repair requests while the scheduler said it ticks periodically.
+    fn check_early_tick(&mut self, id: PeerId) {
+        let now = self.now;
+        let Some(p) = self.peers.get(&id).filter(|p| p.alive) else {
+            return;
+        };
+        if p.wake_at.is_some_and(|w| w <= now) {
+            return;
+        }
+        let periodic = p.sched.ticks_periodically(at(now));
+        let mut probe = p.sched.clone();
+        while probe.poll_action().is_some() {}
+        probe.tick(at(now));
+        let early: Vec<Action> = std::iter::from_fn(|| probe.poll_action())
+            .filter(|a| {
+                !(periodic
+                    && matches!(a, Action::Request { .. } | Action::RequestFromServer { .. }))
+            })
+            .collect();
+        assert!(
+            early.is_empty(),
+            "peer {id} at {now} ms (wake at {:?}, periodic {periodic}): an early tick \
+             would act: {early:?}",
+            p.wake_at
+        );
+        self.early_checks += 1;
+    }
+
+    /// Deadline-driven mode, after an event for `id`: (re)schedules its one tick.
+    fn rearm(&mut self, id: PeerId) {
+        let now = self.now;
+        let Some(p) = self.peers.get_mut(&id).filter(|p| p.alive) else {
+            return;
+        };
+        let Some(t) = p.sched.next_timeout(at(now)) else {
+            p.wake_at = None;
+            return;
+        };
+        let t = (t.as_millis() as u64).max(now);
+        if p.wake_at == Some(t) {
+            return;
+        }
+        p.wake_at = Some(t);
+        self.schedule(t, Ev::Tick(id));
     }
 
     fn link_neighbours(&mut self, a: PeerId, b: PeerId) {
@@ -222,7 +316,14 @@ impl Sim {
             self.queue.pop();
             self.now = at;
             let ev = self.events.remove(&no).unwrap();
+            let target = Sim::target(&ev).filter(|_| self.deadline_driven);
+            if let Some(id) = target {
+                self.check_early_tick(id);
+            }
             self.handle(ev);
+            if let Some(id) = target {
+                self.rearm(id);
+            }
         }
         self.now = until;
     }
@@ -412,9 +513,27 @@ impl Sim {
                     self.drain(to);
                 }
             }
+            Ev::Tick(id) if self.deadline_driven => {
+                let t = self.now;
+                if let Some(p) = self.peers.get_mut(&id).filter(|p| p.alive)
+                    && p.wake_at == Some(t)
+                {
+                    p.wake_at = None;
+                    p.ticks_now = if p.ticks_now.0 == t {
+                        (t, p.ticks_now.1 + 1)
+                    } else {
+                        (t, 1)
+                    };
+                    assert!(p.ticks_now.1 < 50, "peer {id} spins at {t} ms");
+                    p.sched.tick(now);
+                    self.ticks += 1;
+                    self.drain(id);
+                }
+            }
             Ev::Tick(id) => {
                 if let Some(p) = self.peers.get_mut(&id).filter(|p| p.alive) {
                     p.sched.tick(now);
+                    self.ticks += 1;
                     self.drain(id);
                     let at = self.now + self.tick_ms;
                     self.schedule(at, Ev::Tick(id));
@@ -475,9 +594,33 @@ fn assert_continuity(sim: &Sim, ids: &[PeerId], min_played: u64) {
     }
 }
 
+fn sim(deadline_driven: bool) -> Sim {
+    if deadline_driven {
+        Sim::new_deadline_driven(cfg(), 16, 2000, 1000)
+    } else {
+        Sim::new(cfg(), 16, 2000, 1000)
+    }
+}
+
 #[test]
 fn healthy_swarm_has_full_continuity_from_peers() {
-    let mut sim = Sim::new(cfg(), 16, 2000, 1000);
+    healthy_swarm(false);
+}
+
+#[test]
+fn healthy_swarm_ticked_at_deadlines_only_has_full_continuity_and_few_ticks() {
+    let ticks = healthy_swarm(true);
+    let periodic = healthy_swarm(false);
+    eprintln!("ticks: {ticks} at deadlines, {periodic} every 50 ms");
+    // Play-out deadlines (4 a second) and the map checks, not 20 a second.
+    assert!(
+        ticks * 3 < periodic,
+        "{ticks} deadline-driven ticks against {periodic} periodic"
+    );
+}
+
+fn healthy_swarm(deadline_driven: bool) -> u64 {
+    let mut sim = sim(deadline_driven);
     sim.run_until(60_000);
     let alive = sim.alive();
     assert_continuity(&sim, &alive, 220);
@@ -491,11 +634,24 @@ fn healthy_swarm_has_full_continuity_from_peers() {
         "healthy: {} chunks pushed by parents, server pushes {}",
         peer_chunks, sim.server_pushes
     );
+    if deadline_driven {
+        assert!(sim.early_checks > 2_000, "{} checks", sim.early_checks);
+    }
+    sim.ticks
 }
 
 #[test]
 fn parent_loss_is_repaired_without_missing_a_deadline() {
-    let mut sim = Sim::new(cfg(), 16, 2000, 1000);
+    parent_loss(false);
+}
+
+#[test]
+fn parent_loss_is_repaired_without_missing_a_deadline_when_ticked_at_deadlines() {
+    parent_loss(true);
+}
+
+fn parent_loss(deadline_driven: bool) {
+    let mut sim = sim(deadline_driven);
     sim.run_until(20_000);
     // An interior peer of substream 0's tree (the root's first child).
     let victim = 2;
@@ -529,7 +685,16 @@ fn parent_loss_is_repaired_without_missing_a_deadline() {
 
 #[test]
 fn slow_parent_is_replaced() {
-    let mut sim = Sim::new(cfg(), 16, 2000, 1000);
+    slow_parent(false);
+}
+
+#[test]
+fn slow_parent_is_replaced_when_ticked_at_deadlines() {
+    slow_parent(true);
+}
+
+fn slow_parent(deadline_driven: bool) {
+    let mut sim = sim(deadline_driven);
     sim.run_until(20_000);
     let slow = 2;
     let kids = sim.children(slow, 0);

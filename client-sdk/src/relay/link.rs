@@ -161,8 +161,32 @@ async fn read_loop(
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
     shared: Arc<Shared>,
 ) {
+    // One idle timer for the link's life, moved on only when it fires (re-arming a
+    // timer per frame costs a timer-wheel insert and removal each).
+    let mut last_frame = tokio::time::Instant::now();
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
     let reason = loop {
-        match tokio::time::timeout(idle, r.next_frame()).await {
+        let next = tokio::select! {
+            biased;
+            f = r.next_frame() => Ok(f),
+            () = &mut idle_timer => Err(()),
+        };
+        let next = match next {
+            Err(()) => {
+                let due = last_frame + idle;
+                if tokio::time::Instant::now() < due {
+                    idle_timer.as_mut().reset(due);
+                    continue;
+                }
+                Err(())
+            }
+            Ok(f) => {
+                last_frame = tokio::time::Instant::now();
+                Ok(f)
+            }
+        };
+        match next {
             Ok(Ok(Frame::Chunk(mut c))) => {
                 let ev = match shared.check_chunk(&c) {
                     ChunkCheck::Verified { flags } => {
@@ -243,8 +267,11 @@ async fn write_loop(
     drained: Option<Arc<AtomicU64>>,
 ) {
     let normal = || Frame::Goodbye(reason(ErrorCode::Normal, "closing"));
-    let mut ping = tokio::time::interval(PING_EVERY);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Pings keep a silent link alive; one that carries frames needs none. One timer,
+    // moved on only when it fires (re-arming it per write would cost a timer-wheel
+    // insert and removal each).
+    let ping = tokio::time::sleep(PING_EVERY);
+    tokio::pin!(ping);
     let mut nonce = 0u64;
     let mut last_write = tokio::time::Instant::now();
     // `None`: the stream position is undefined (write failed or was cut): no goodbye.
@@ -257,7 +284,14 @@ async fn write_loop(
                 Some(out) => out,
                 None => break Some(normal()),
             },
-            _ = ping.tick() => {
+            () = &mut ping => {
+                let due = last_write + PING_EVERY;
+                let now = tokio::time::Instant::now();
+                if now < due {
+                    ping.as_mut().reset(due);
+                    continue;
+                }
+                ping.as_mut().reset(now + PING_EVERY);
                 nonce = nonce.wrapping_add(1);
                 match wire::encode_to_bytes(&Frame::Ping(nonce)) {
                     Ok(b) => Out::Frame(b),
@@ -275,8 +309,6 @@ async fn write_loop(
             }
             r = write_out(&mut w, &out) => match r {
                 Ok(n) => {
-                    // Pings keep a silent link alive; one that carries frames needs none.
-                    ping.reset();
                     last_write = tokio::time::Instant::now();
                     if let Some(d) = &drained
                         && n > 0

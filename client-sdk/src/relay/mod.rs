@@ -204,6 +204,15 @@ impl PlayClock {
         self.virt
     }
 
+    /// The instant at which this clock reads `t` (at the current rate); `t` already
+    /// passed reads as the last instant the clock was read.
+    fn instant_at(&self, t: Duration) -> Instant {
+        match t.checked_sub(self.virt) {
+            Some(ahead) => self.last + ahead.div_f64(self.rate),
+            None => self.last,
+        }
+    }
+
     /// Chunk `seq` was cut at `timestamp_ms` (data-plane clock; 0 = unknown).
     fn observe(&mut self, seq: u64, timestamp_ms: u64) {
         if timestamp_ms == 0 {
@@ -552,6 +561,8 @@ const MAX_BANNED: usize = 1024;
 const MAX_EXCLUDE: usize = 32;
 /// How often the tokens of incoming links are checked for expiry.
 const GRANT_CHECK_EVERY: Duration = Duration::from_millis(250);
+/// Longest time between two engine wake-ups (grant expiry, the buffer gauge).
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 
 /// How long a failed parent is not adopted again from a heartbeat.
 const FAILED_PARENT_MEMORY: Duration = Duration::from_secs(10);
@@ -579,15 +590,30 @@ impl Engine {
 
     async fn run(mut self, mut rx: mpsc::Receiver<Ev>) {
         let mut stop = self.shared.stop_signal();
-        // The scheduler's contract is "at least every chunk / 4"; ticking more often
-        // buys no play-out precision worth its cost (the tick is most of an idle peer's
-        // CPU: 500 peers at 250 ms chunks ticked 16,000 times a second at chunk / 8).
-        let tick_every = Duration::from_millis(u64::from(self.chunk_ms / 4).clamp(10, 250));
-        let mut tick = tokio::time::interval(tick_every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The scheduler says when it must tick next (play-out deadlines, repairs,
+        // parent checks, maps): a steady peer wakes about once per chunk instead of a
+        // fixed ticker's four times (the tick was most of an idle peer's CPU). The
+        // engine's own housekeeping (grant expiry, buffer gauge) runs at least every
+        // `HOUSEKEEPING_EVERY`; the upload estimator, when on, samples every chunk / 4.
+        let housekeeping = if self.estimator.is_some() {
+            self.sched.tick_interval()
+        } else {
+            HOUSEKEEPING_EVERY
+        };
+        let mut next_housekeeping = Instant::now() + housekeeping;
+        let wake = tokio::time::sleep_until(next_housekeeping.into());
+        tokio::pin!(wake);
+        let mut armed = next_housekeeping;
+        // Never two ticks within a millisecond, whatever the scheduler asks.
+        let mut not_before = Instant::now();
         let mut token = self.shared.rights.watch_token();
         token.mark_unchanged();
         loop {
+            let target = self.wake_at(next_housekeeping).max(not_before);
+            if target != armed {
+                wake.as_mut().reset(target.into());
+                armed = target;
+            }
             let retry = self.dp_retry_at;
             tokio::select! {
                 _ = stopped(&mut stop) => break,
@@ -595,10 +621,13 @@ impl Engine {
                     Some(ev) => self.handle(ev),
                     None => break,
                 },
-                _ = tick.tick() => {
+                () = &mut wake => {
                     let now = self.clock.now();
                     self.sched.tick(now);
                     self.on_tick();
+                    let t = Instant::now();
+                    next_housekeeping = t + housekeeping;
+                    not_before = t + Duration::from_millis(1);
                 }
                 r = token.changed() => {
                     if r.is_ok() {
@@ -623,6 +652,16 @@ impl Engine {
         }
         self.shared.hub.close();
         self.shared.stats_mut().connected = false;
+    }
+
+    /// When the engine must wake next: the scheduler's next timeout (on the play-out
+    /// clock, converted to an instant), or the housekeeping time if earlier.
+    fn wake_at(&mut self, housekeeping: Instant) -> Instant {
+        let now = self.clock.now();
+        match self.sched.next_timeout(now) {
+            Some(t) => self.clock.instant_at(t).min(housekeeping),
+            None => housekeeping,
+        }
     }
 
     fn handle(&mut self, ev: Ev) {
