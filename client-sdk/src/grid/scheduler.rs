@@ -258,6 +258,9 @@ pub struct PeerScheduler {
     /// this peer was flowing then (its last `K` chunks held): what they predict from.
     map_sent_at: i64,
     map_sent_flowing: Option<u64>,
+    /// When `tick` last ran: the periodic fallback of `next_timeout` counts from it
+    /// (counting from each event instead would let a busy link postpone it forever).
+    last_tick_ms: Option<i64>,
     actions: VecDeque<Action>,
     stats: SchedulerStats,
 }
@@ -308,6 +311,7 @@ impl PeerScheduler {
             next_map_at: 0,
             map_sent_at: 0,
             map_sent_flowing: None,
+            last_tick_ms: None,
             actions: VecDeque::new(),
             stats: SchedulerStats::default(),
         })
@@ -553,6 +557,7 @@ impl PeerScheduler {
     /// (or at least every [`PeerScheduler::tick_interval`]).
     pub fn tick(&mut self, now: Duration) {
         let now_ms = ms(now);
+        self.last_tick_ms = Some(now_ms);
         self.play_out(now_ms);
         self.check_parents(now_ms);
         self.expire_requests(now_ms);
@@ -600,7 +605,10 @@ impl PeerScheduler {
     /// [`PeerScheduler::next_timeout`] in ms, and whether it is the periodic fallback
     /// (start-up, or repairs in progress) rather than exact.
     fn wake(&self, now_ms: i64) -> (Option<i64>, bool) {
-        let step = now_ms.saturating_add(self.tick_interval_ms());
+        let step = self
+            .last_tick_ms
+            .map_or(now_ms, |t| t.saturating_add(self.tick_interval_ms()))
+            .max(now_ms);
         let mut at: Option<i64> = None;
         let mut consider = |t: i64| at = Some(at.map_or(t, |a: i64| a.min(t)));
         if !self.neighbours.is_empty() {

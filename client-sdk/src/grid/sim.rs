@@ -891,6 +891,32 @@ fn a_flowing_peer_sends_maps_only_when_its_neighbours_would_predict_wrong() {
 }
 
 #[test]
+fn a_repairing_peer_ticks_every_quarter_chunk_however_busy_its_links() {
+    // 1 s chunks (tick interval 250 ms); chunk 4 never comes, so from its repair lead
+    // on (deadline 6 s, lead 1 s) the peer repairs and asks to be ticked periodically.
+    // Events every 20 ms must not push that tick back: it is due 250 ms after the last
+    // one, not 250 ms after the latest event.
+    let mut s = started();
+    s.on_neighbour_added(7);
+    s.tick(at(5000));
+    drain(&mut s);
+    assert!(s.ticks_periodically(at(5000)));
+    for (i, t) in (5020..5400u64).step_by(20).enumerate() {
+        if i % 5 == 0 {
+            s.on_buffer_map(7, BufferMap::new(0, 16), at(t));
+        } else {
+            s.on_request(7, 0);
+        }
+        drain(&mut s);
+        let next = s.next_timeout(at(t)).unwrap();
+        assert!(
+            next <= at(5250).max(at(t)),
+            "at {t} ms the next tick is {next:?}"
+        );
+    }
+}
+
+#[test]
 fn unanswered_request_is_retried_elsewhere_then_skipped_at_the_deadline() {
     let mut s = started();
     for nb in [7, 8] {
