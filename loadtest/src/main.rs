@@ -346,13 +346,14 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     tokio::pin!(until_deadline);
+    let mut recent = starling_loadtest::report::RecentRate::default();
     loop {
         tokio::select! {
             _ = progress.tick() => {}
             _ = &mut ctrl_c => break,
             () = &mut until_deadline => break,
         }
-        let line = Report::of(&swarm.sample()).progress_line();
+        let line = Report::of(&swarm.sample()).progress_line(&mut recent);
         if tty {
             eprint!("\r{line}   ");
         } else {

@@ -542,23 +542,80 @@ impl Report {
         bytes * 8.0 / 1000.0 / secs / f64::from(self.stream_kbps)
     }
 
-    /// One line for a live progress display.
-    pub fn progress_line(&self) -> String {
+    /// One line for a live progress display; `recent` tracks the server's egress over
+    /// the last seconds (the line shows the stream copies it sends now).
+    pub fn progress_line(&self, recent: &mut RecentRate) -> String {
         format!(
-            "t={:>5.0}s peers {}/{} share {:>5.1}% continuity {:.4} (min {:.4}) server {:.1} streams ({} MB) stalls {} reparents {}",
+            "t={:>5.0}s peers {}/{} share {:>5.1}% continuity {:.4} (min {:.4}) server {:.1} streams now ({} MB) stalls {} parent changes {}",
             self.window.as_secs_f64(),
             self.peers_active,
             self.peers_total,
             self.peer_share * 100.0,
             self.continuity,
             self.continuity_min,
-            self.server_streams(),
+            if self.stream_kbps == 0 {
+                0.0
+            } else {
+                recent.push(
+                    self.window,
+                    self.dataplane_egress_bytes
+                        .unwrap_or(self.bytes_from_server),
+                ) * 8.0
+                    / 1000.0
+                    / f64::from(self.stream_kbps)
+            },
             self.dataplane_egress_bytes
                 .unwrap_or(self.bytes_from_server)
                 / 1_000_000,
             self.chunks_skipped,
             self.parent_changes,
         )
+    }
+}
+
+/// A byte counter's rate over the last [`RecentRate::WINDOW`], for progress lines: an
+/// average since the start would carry a ramp's start-up bursts for minutes.
+#[derive(Debug, Default)]
+pub struct RecentRate {
+    samples: std::collections::VecDeque<(Duration, u64)>,
+}
+
+impl RecentRate {
+    /// The span the rate is measured over.
+    pub const WINDOW: Duration = Duration::from_secs(5);
+
+    /// Adds the counter's total `bytes` at time `t` and returns bytes per second over
+    /// the last [`RecentRate::WINDOW`] (since the first sample, if that is shorter ago;
+    /// from zero at time zero for the first sample).
+    pub fn push(&mut self, t: Duration, bytes: u64) -> f64 {
+        self.samples.push_back((t, bytes));
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|&(t1, _)| t.saturating_sub(t1) >= Self::WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        let (t0, b0) = match self.samples.front() {
+            Some(&(t0, b0)) if t0 < t => (t0, b0),
+            _ => (Duration::ZERO, 0),
+        };
+        let secs = t.saturating_sub(t0).as_secs_f64();
+        if secs <= 0.0 {
+            return 0.0;
+        }
+        bytes.saturating_sub(b0) as f64 / secs
+    }
+
+    /// Samples kept.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// True before the first sample.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
     }
 }
 

@@ -409,7 +409,7 @@ impl std::fmt::Display for RunReport {
         )?;
         writeln!(
             f,
-            "identity: {} bytes checked, {} peers not byte-identical; re-parents {}",
+            "identity: {} bytes checked, {} peers not byte-identical; parent changes {} (all causes, the control plane's own moves included)",
             self.output_bytes_checked, self.not_identical, self.parent_changes
         )?;
         writeln!(
@@ -1038,9 +1038,8 @@ async fn drive(
     let mut admission_closed_at: Option<usize> = None;
     let mut steady_from: Option<Instant> = None;
     let mut churn_due = 0.0;
-    // (time, server bytes) over the last few seconds: the progress line's current rate.
-    let mut egress_window: std::collections::VecDeque<(Duration, u64)> =
-        std::collections::VecDeque::new();
+    // The progress line's current server rate.
+    let mut recent = crate::report::RecentRate::default();
     let mut churn_rr = 0usize;
     let mut churn_sent = 0usize;
     let ctrl_c = tokio::signal::ctrl_c();
@@ -1148,7 +1147,7 @@ async fn drive(
                 stack.stream_kbps.unwrap_or(cfg.bitrate_kbps),
                 &samples,
                 egress_b,
-                &mut egress_window,
+                &mut recent,
             );
             if tty {
                 eprint!("\r{line}   ");
@@ -1275,16 +1274,13 @@ impl MachineBusy {
     }
 }
 
-/// The span over which the progress line measures the server's current rate.
-const PROGRESS_RATE_WINDOW: Duration = Duration::from_secs(5);
-
 fn progress_line(
     t: Duration,
     cfg: &RunConfig,
     stream_kbps: u32,
     samples: &[WorkerSample],
     egress: Option<u64>,
-    window: &mut std::collections::VecDeque<(Duration, u64)>,
+    recent: &mut crate::report::RecentRate,
 ) -> String {
     let sum = |f: fn(&WorkerSample) -> u64| samples.iter().map(f).sum::<u64>();
     let active = sum(|s| s.active as u64);
@@ -1308,26 +1304,7 @@ fn progress_line(
     let egress_b = egress.unwrap_or(from_server);
     // Stream copies the server sends now (over the last 5 s), not since the start: the
     // start-up bursts of a ramp would otherwise weigh on it long after.
-    window.push_back((t, egress_b));
-    while window.len() > 2
-        && window
-            .get(1)
-            .is_some_and(|&(t1, _)| t - t1 >= PROGRESS_RATE_WINDOW)
-    {
-        window.pop_front();
-    }
-    let (t_old, b_old) = window.front().copied().unwrap_or((Duration::ZERO, 0));
-    let secs = (t - t_old).as_secs_f64();
-    let secs = if secs > 0.0 {
-        secs
-    } else {
-        t.as_secs_f64().max(1e-3)
-    };
-    let bytes = if t > t_old {
-        egress_b.saturating_sub(b_old)
-    } else {
-        egress_b
-    };
+    let rate = recent.push(t, egress_b);
     format!(
         "t={:>5.0}s peers {}/{} (joining {}, failed {}) share {:>5.1}% continuity {:.5} server {} MB ({:.2} streams now) stalls {} workers {}",
         t.as_secs_f64(),
@@ -1338,7 +1315,7 @@ fn progress_line(
         share * 100.0,
         continuity,
         egress_b / 1_000_000,
-        bytes as f64 * 8.0 / 1000.0 / secs / f64::from(stream_kbps.max(1)),
+        rate * 8.0 / 1000.0 / f64::from(stream_kbps.max(1)),
         sum(|s| s.stalls),
         samples.len()
     )
@@ -1608,7 +1585,7 @@ mod tests {
         // 80 kbit/s stream; the server sends a 1 MB start-up burst in the first second,
         // then exactly two copies of the stream (20,000 B/s).
         let cfg = RunConfig::default();
-        let mut window = std::collections::VecDeque::new();
+        let mut recent = crate::report::RecentRate::default();
         let mut line = String::new();
         for t in 0..=20u64 {
             let egress = 1_000_000 + 20_000 * t;
@@ -1618,11 +1595,11 @@ mod tests {
                 80,
                 &[],
                 Some(egress),
-                &mut window,
+                &mut recent,
             );
         }
         assert!(line.contains("(2.00 streams now)"), "{line}");
-        assert!(window.len() <= 7, "{} samples kept", window.len());
+        assert!(recent.len() <= 7, "{} samples kept", recent.len());
     }
 
     #[test]
