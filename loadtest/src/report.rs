@@ -545,6 +545,9 @@ impl Report {
     /// One line for a live progress display; `recent` tracks the server's egress over
     /// the last seconds (the line shows the stream copies it sends now).
     pub fn progress_line(&self, recent: &mut RecentRate) -> String {
+        let egress = self
+            .dataplane_egress_bytes
+            .unwrap_or(self.bytes_from_server);
         format!(
             "t={:>5.0}s peers {}/{} share {:>5.1}% continuity {:.4} (min {:.4}) server {:.1} streams now ({} MB) stalls {} parent changes {}",
             self.window.as_secs_f64(),
@@ -553,20 +556,8 @@ impl Report {
             self.peer_share * 100.0,
             self.continuity,
             self.continuity_min,
-            if self.stream_kbps == 0 {
-                0.0
-            } else {
-                recent.push(
-                    self.window,
-                    self.dataplane_egress_bytes
-                        .unwrap_or(self.bytes_from_server),
-                ) * 8.0
-                    / 1000.0
-                    / f64::from(self.stream_kbps)
-            },
-            self.dataplane_egress_bytes
-                .unwrap_or(self.bytes_from_server)
-                / 1_000_000,
+            recent.streams(self.window, egress, self.stream_kbps),
+            egress / 1_000_000,
             self.chunks_skipped,
             self.parent_changes,
         )
@@ -606,6 +597,16 @@ impl RecentRate {
             return 0.0;
         }
         bytes.saturating_sub(b0) as f64 / secs
+    }
+
+    /// [`RecentRate::push`] of the server's egress, as copies of a `stream_kbps`
+    /// stream (0 while the stream rate is unknown).
+    pub fn streams(&mut self, t: Duration, bytes: u64, stream_kbps: u32) -> f64 {
+        let bps = self.push(t, bytes);
+        if stream_kbps == 0 {
+            return 0.0;
+        }
+        bps * 8.0 / 1000.0 / f64::from(stream_kbps)
     }
 
     /// Samples kept.

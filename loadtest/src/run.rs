@@ -1304,7 +1304,7 @@ fn progress_line(
     let egress_b = egress.unwrap_or(from_server);
     // Stream copies the server sends now (over the last 5 s), not since the start: the
     // start-up bursts of a ramp would otherwise weigh on it long after.
-    let rate = recent.push(t, egress_b);
+    let streams = recent.streams(t, egress_b, stream_kbps);
     format!(
         "t={:>5.0}s peers {}/{} (joining {}, failed {}) share {:>5.1}% continuity {:.5} server {} MB ({:.2} streams now) stalls {} workers {}",
         t.as_secs_f64(),
@@ -1315,7 +1315,7 @@ fn progress_line(
         share * 100.0,
         continuity,
         egress_b / 1_000_000,
-        rate * 8.0 / 1000.0 / f64::from(stream_kbps.max(1)),
+        streams,
         sum(|s| s.stalls),
         samples.len()
     )

@@ -167,27 +167,23 @@ async fn read_loop(
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
     let reason = loop {
-        let next = tokio::select! {
+        let frame = tokio::select! {
             biased;
-            f = r.next_frame() => Ok(f),
-            () = &mut idle_timer => Err(()),
-        };
-        let next = match next {
-            Err(()) => {
+            f = r.next_frame() => {
+                last_frame = tokio::time::Instant::now();
+                f
+            }
+            () = &mut idle_timer => {
                 let due = last_frame + idle;
                 if tokio::time::Instant::now() < due {
                     idle_timer.as_mut().reset(due);
                     continue;
                 }
-                Err(())
-            }
-            Ok(f) => {
-                last_frame = tokio::time::Instant::now();
-                Ok(f)
+                break SdkError::Timeout("waiting for a frame on a grid link");
             }
         };
-        match next {
-            Ok(Ok(Frame::Chunk(mut c))) => {
+        match frame {
+            Ok(Frame::Chunk(mut c)) => {
                 let ev = match shared.check_chunk(&c) {
                     ChunkCheck::Verified { flags } => {
                         // Stored and relayed with the signed flags.
@@ -212,13 +208,12 @@ async fn read_loop(
                     return;
                 }
             }
-            Err(_) => break SdkError::Timeout("waiting for a frame on a grid link"),
-            Ok(Err(e)) => break e,
-            Ok(Ok(Frame::Ping(n))) => {
+            Err(e) => break e,
+            Ok(Frame::Ping(n)) => {
                 let _ = tx.try_send(Out::Pong(n));
             }
-            Ok(Ok(Frame::Pong(_))) => {}
-            Ok(Ok(frame)) => {
+            Ok(Frame::Pong(_)) => {}
+            Ok(frame) => {
                 if events.send(Ev::Frame { link, frame }).await.is_err() {
                     return;
                 }

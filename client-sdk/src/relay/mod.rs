@@ -609,8 +609,12 @@ impl Engine {
         let mut token = self.shared.rights.watch_token();
         token.mark_unchanged();
         loop {
+            // Re-armed only when the target moves by a millisecond or more (the timer's
+            // resolution): the play-out clock's conversion differs by nanoseconds from
+            // one event to the next, and each reset costs a timer-wheel removal and
+            // insert.
             let target = self.wake_at(next_housekeeping).max(not_before);
-            if target != armed {
+            if target.max(armed) - target.min(armed) >= Duration::from_millis(1) {
                 wake.as_mut().reset(target.into());
                 armed = target;
             }
