@@ -662,7 +662,7 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "re-parents {} (max {} per peer), reconnects {}, harness consumer drops {}",
+            "parent changes {} (all causes, the control plane's own moves included; max {} per peer), reconnects {}, harness consumer drops {}",
             self.parent_changes, self.parent_changes_max, self.reconnects, self.consumer_drops
         )?;
         writeln!(
@@ -799,7 +799,7 @@ mod tests {
             stream_kbps: 500,
             peers: vec![
                 peer(0, PeerState::Active, with(&[100, 180, 900])),
-                // Left during the window: its re-parents still count.
+                // Left during the window: its parent changes still count.
                 peer(1, PeerState::Left, with(&[2_400])),
             ],
             dataplane_egress_bytes: None,
