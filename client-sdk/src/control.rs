@@ -6,8 +6,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use starling_proto::v1::viewer_service_client::ViewerServiceClient;
 use starling_proto::v1::{
-    HeartbeatRequest, JoinRequest, LeaveRequest, PeerRef, PublicKey, ReparentRequest,
-    ReportPeerRequest, ReportRequest, StreamParams, SubstreamParent, ViewerReport,
+    HeartbeatRequest, JoinRequest, LeaveRequest, PeerRef, PeerReportKind, PublicKey,
+    ReparentRequest, ReportPeerRequest, ReportRequest, StreamParams, SubstreamParent, ViewerReport,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -242,6 +242,7 @@ impl Control {
         &self,
         session_id: &str,
         peer_id: u64,
+        kind: PeerReportKind,
         reason: &str,
     ) -> Result<(), SdkError> {
         self.client
@@ -250,6 +251,7 @@ impl Control {
                 session_id: session_id.to_string(),
                 peer_id,
                 reason: reason.to_string(),
+                kind: kind as i32,
             })
             .await
             .map_err(|s| SdkError::from_status("ReportPeer", s))?;

@@ -802,6 +802,7 @@ async fn reported_peer_is_never_a_parent_again(store: Store) {
             session_id: victim.session_id.clone(),
             peer_id: victim.peer_id,
             reason: "self".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -811,6 +812,7 @@ async fn reported_peer_is_never_a_parent_again(store: Store) {
             session_id: "unknown-session".into(),
             peer_id: polluter.peer_id,
             reason: "x".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -821,6 +823,7 @@ async fn reported_peer_is_never_a_parent_again(store: Store) {
             session_id: victim.session_id.clone(),
             peer_id: polluter.peer_id,
             reason: "chunk 12: bad signature".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

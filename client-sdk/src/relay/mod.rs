@@ -56,6 +56,7 @@ use crate::rights::{Grant, OwnToken, unix_ms};
 use crate::viewer::{Shared, stopped};
 use link::{AcceptCtx, Dial, LinkHandle, LinkId, Out, QueueError, reason};
 use starling_proto::integrity::IntegrityError;
+use starling_proto::v1::PeerReportKind;
 
 /// Capacity of the engine's event channel (readers wait when it is full).
 const EVENTS: usize = 1024;
@@ -1818,7 +1819,7 @@ impl Engine {
             tokio::spawn(async move {
                 match tokio::time::timeout(
                     Duration::from_secs(5),
-                    control.report_peer(&session, id, &why),
+                    control.report_peer(&session, id, PeerReportKind::BadChunk, &why),
                 )
                 .await
                 {
