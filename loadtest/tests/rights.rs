@@ -632,6 +632,8 @@ struct Polluter {
     corrupted_sent: AtomicU64,
     forged_sent: AtomicU64,
     bad_answers: AtomicU64,
+    /// Links that were sent a bad chunk so far (see [`Polluter::bad`]).
+    next_victim: AtomicU64,
     /// Peer ids sent at least one bad chunk, and those that answered ERROR(BAD_CHUNK).
     victims: Mutex<HashSet<u64>>,
     reporters: Mutex<HashSet<u64>>,
@@ -674,6 +676,11 @@ impl Polluter {
         }
     }
 
+    /// The `n`-th bad chunk: even `n` corrupted, odd `n` forged. Each link numbers its
+    /// bad pushes from the link's victim index (`next_victim`, taken at its first bad
+    /// push), so the first victim gets a corrupted chunk first, the second a forged one,
+    /// and so on: with two victims or more both kinds are sent whatever the timing (a
+    /// victim drops the link at its first bad chunk, so it usually sees only one).
     fn bad(&self, c: &Chunk, n: u64, peer: Option<u64>) -> Chunk {
         if let Some(p) = peer {
             self.victims.lock().unwrap().insert(p);
@@ -784,6 +791,7 @@ async fn polluter_conn(p: Arc<Polluter>, stream: tokio::net::TcpStream, conn_id:
     let mut new_chunks = p.new_chunks.subscribe();
     let mut mask = 0u64;
     let mut sent = 0u64;
+    let mut victim_index: Option<u64> = None;
     let k = p.info.lock().unwrap().as_ref().map_or(4, |i| i.substreams);
     let mut bm = tokio::time::interval(Duration::from_millis(500));
     let set_child = |is: bool, was: bool| {
@@ -843,8 +851,11 @@ async fn polluter_conn(p: Arc<Polluter>, stream: tokio::net::TcpStream, conn_id:
                 Ok(ch) => {
                     if mask != 0 && wire::mask_wants(mask, ch.seq, k) {
                         let out = if p.malicious.load(Ordering::SeqCst) {
+                            let first = *victim_index
+                                .get_or_insert_with(|| p.next_victim.fetch_add(1, Ordering::SeqCst));
+                            let n = first + sent;
                             sent += 1;
-                            p.bad(&ch, conn_id + sent, peer)
+                            p.bad(&ch, n, peer)
                         } else {
                             p.honest_sent.fetch_add(1, Ordering::Relaxed);
                             ch
@@ -917,6 +928,7 @@ async fn polluter_cannot_reach_a_player() {
         corrupted_sent: AtomicU64::new(0),
         forged_sent: AtomicU64::new(0),
         bad_answers: AtomicU64::new(0),
+        next_victim: AtomicU64::new(0),
         victims: Mutex::new(HashSet::new()),
         reporters: Mutex::new(HashSet::new()),
         from_server: AtomicU64::new(0),
@@ -991,8 +1003,10 @@ async fn polluter_cannot_reach_a_player() {
     let mut failures = Vec::new();
     check(
         &mut failures,
-        children_at_attack > 0,
-        "the polluter got no children: the test would prove nothing".into(),
+        children_at_attack >= 2,
+        format!(
+            "the polluter got {children_at_attack} children (two or more are needed for both kinds of bad chunk): the test would prove nothing"
+        ),
     );
 
     // Attack.
@@ -1056,10 +1070,19 @@ async fn polluter_cannot_reach_a_player() {
                 .collect::<Vec<_>>()
         ),
     );
+    // Deterministic whatever the load: with two pushed-to victims or more, the second
+    // link's first bad push is forged (see `Polluter::bad`).
+    let pushed_to = p.next_victim.load(Ordering::SeqCst);
     check(
         &mut failures,
-        p.corrupted_sent.load(Ordering::SeqCst) > 0 && p.forged_sent.load(Ordering::SeqCst) > 0,
-        "the polluter sent no corrupted or no forged chunk".into(),
+        pushed_to >= 2
+            && p.corrupted_sent.load(Ordering::SeqCst) > 0
+            && p.forged_sent.load(Ordering::SeqCst) > 0,
+        format!(
+            "the polluter pushed bad chunks on {pushed_to} links: {} corrupted, {} forged",
+            p.corrupted_sent.load(Ordering::SeqCst),
+            p.forged_sent.load(Ordering::SeqCst)
+        ),
     );
 
     // The SDKs noticed and reported.
