@@ -167,7 +167,9 @@ impl NodeKey {
 /// Timeouts and slow-viewer policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// HELLO and SUBSCRIBE (and a whole HTTP request head) must arrive within this.
+    /// One deadline for the whole handshake, counted from accept: a wire connection must
+    /// be subscribed (`HELLO` … `SUBSCRIBE`, token accepted) and an HTTP request head
+    /// complete within this, however many frames or bytes arrive meanwhile.
     pub handshake: Duration,
     /// A viewer whose socket accepts nothing for this long is dropped.
     pub write_stall: Duration,
@@ -215,6 +217,64 @@ impl Default for Timeouts {
     }
 }
 
+/// A per-connection rate limit: up to `burst` events at once, then one per `interval`
+/// (a token bucket of `burst` tokens refilled every `interval`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub burst: u32,
+    pub interval: Duration,
+}
+
+impl RateLimit {
+    /// `per_minute` events per minute on average (at least 1), bursts of `burst`.
+    pub fn per_minute(per_minute: u32, burst: u32) -> RateLimit {
+        RateLimit {
+            burst,
+            interval: Duration::from_secs(60) / per_minute.max(1),
+        }
+    }
+
+    /// `per_second` events per second on average (at least 1), bursts of `burst`.
+    pub fn per_second(per_second: u32, burst: u32) -> RateLimit {
+        RateLimit {
+            burst,
+            interval: Duration::from_secs(1) / per_second.max(1),
+        }
+    }
+}
+
+/// Caps on connections and per-connection rates (see [`crate::limits`]). Connection
+/// caps are per node (shared by every executor) and count wire and HTTP connections
+/// together; a source address is an IPv4 address or an IPv6 /64, loopback included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Connections not yet authenticated (wire: before `SUBSCRIBE` and its token are
+    /// accepted; HTTP: before `GET /live/{id}` is admitted), node-wide. Beyond it a new
+    /// connection gets `ERROR(SERVER_BUSY)` (HTTP 503) and is closed.
+    pub max_unauthenticated: u32,
+    /// Of those, from one source address (so one address cannot take them all).
+    pub max_unauthenticated_per_address: u32,
+    /// Open connections from one source address, authenticated or not.
+    pub max_per_address: u32,
+    /// `REQUEST`s per wire connection; one beyond is answered `NOT_FOUND(seq)`.
+    pub requests: RateLimit,
+    /// `TOKEN` renewals per subscribed wire connection; one beyond closes it with
+    /// `ERROR(SERVER_BUSY)`.
+    pub token_renewals: RateLimit,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_unauthenticated: 2048,
+            max_unauthenticated_per_address: 64,
+            max_per_address: 1000,
+            requests: RateLimit::per_second(32, 128),
+            token_renewals: RateLimit::per_minute(30, 8),
+        }
+    }
+}
+
 /// Everything a node needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -242,6 +302,8 @@ pub struct Config {
     pub io_memory_kib: usize,
     pub capacity_viewers: u32,
     pub timeouts: Timeouts,
+    /// Connection caps and per-connection rate limits.
+    pub limits: ConnLimits,
     /// Chunk-signing key (PKCS#8); `None` = a fresh key for this run. Its key id is
     /// the first 4 bytes (big endian) of the public key.
     pub chunk_key: Option<ChunkKey>,
@@ -276,6 +338,7 @@ impl Default for Config {
             io_memory_kib: 512,
             capacity_viewers: 10_000,
             timeouts: Timeouts::default(),
+            limits: ConnLimits::default(),
             chunk_key: None,
             token_keys: Vec::new(),
             static_public: true,

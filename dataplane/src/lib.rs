@@ -7,6 +7,8 @@
 //! * [`ingest`]: HTTP ingest with reconnect/backoff (tokio, hyper-util).
 //! * [`control`]: control-plane link (tonic `EdgeService`).
 //! * [`auth`]: chunk-token checks (offline, Ed25519) and revocations.
+//! * [`limits`]: connection caps per node and per source address, per-connection
+//!   token buckets, rate-limited logging (pure, `now` passed in).
 //! * [`metrics`]: Prometheus counters and gauges, rendered on `GET /metrics`.
 //! * [`node`]: wiring: glommio executors (one per core, SO_REUSEPORT listeners for
 //!   the wire protocol and plain HTTP) plus one tokio thread.
@@ -40,12 +42,15 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod ring;
 mod serve;
 
-pub use config::{ChunkKey, Config, NodeKey, StaticBroadcast, Timeouts, TokenKey};
+pub use config::{
+    ChunkKey, Config, ConnLimits, NodeKey, RateLimit, StaticBroadcast, Timeouts, TokenKey,
+};
 pub use error::{Error, IngestError};
 pub use ingest::IngestSpec;
 pub use node::Node;

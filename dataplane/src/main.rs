@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use starling_dataplane::{ChunkKey, Config, Node, NodeKey, StaticBroadcast, Timeouts, TokenKey};
+use starling_dataplane::{
+    ChunkKey, Config, ConnLimits, Node, NodeKey, RateLimit, StaticBroadcast, Timeouts, TokenKey,
+};
 use std::net::SocketAddr;
 
 /// Starling data plane: pulls live streams over HTTP, cuts them into numbered chunks,
@@ -73,6 +75,57 @@ struct Args {
     #[arg(long, env = "STARLING_IDLE_TIMEOUT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(2..=3600))]
     idle_timeout_secs: u64,
+    /// Seconds from accept within which a wire connection must be subscribed (HELLO …
+    /// SUBSCRIBE, token accepted) and an HTTP request head complete; one deadline for
+    /// the whole handshake, whatever arrives meanwhile (ERROR(IDLE_TIMEOUT), HTTP 408).
+    #[arg(long, env = "STARLING_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    handshake_timeout_secs: u64,
+
+    /// Connections not yet authenticated (wire: not yet subscribed; HTTP: request not
+    /// yet admitted) on this node, all executors together; beyond it new connections
+    /// get ERROR(SERVER_BUSY) (HTTP 503).
+    #[arg(long, env = "STARLING_MAX_UNAUTHENTICATED", default_value_t = 2048,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_unauthenticated: u32,
+
+    /// Connections not yet authenticated from one source address (IPv4 address or IPv6
+    /// /64, loopback included).
+    #[arg(long, env = "STARLING_MAX_UNAUTHENTICATED_PER_ADDRESS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_unauthenticated_per_address: u32,
+
+    /// Open connections (wire and HTTP) from one source address (IPv4 address or IPv6
+    /// /64, loopback included: raise it for load tests whose viewers all connect from
+    /// 127.0.0.1).
+    #[arg(long, env = "STARLING_MAX_CONNS_PER_ADDRESS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_conns_per_address: u32,
+
+    /// REQUESTs per second per wire connection on average; one beyond the rate (and
+    /// --request-burst) is answered NOT_FOUND.
+    #[arg(long, env = "STARLING_REQUEST_RATE", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    request_rate: u32,
+
+    /// REQUESTs a wire connection may send at once before --request-rate applies.
+    #[arg(long, env = "STARLING_REQUEST_BURST", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    request_burst: u32,
+
+    /// TOKEN renewals per minute per wire connection on average; one beyond the rate
+    /// (and --token-renewal-burst) closes the connection with ERROR(SERVER_BUSY). An
+    /// honest viewer renews once per half token lifetime.
+    #[arg(long, env = "STARLING_TOKEN_RENEWALS_PER_MIN", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    token_renewals_per_min: u32,
+
+    /// TOKEN renewals a wire connection may send at once before
+    /// --token-renewals-per-min applies.
+    #[arg(long, env = "STARLING_TOKEN_RENEWAL_BURST", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    token_renewal_burst: u32,
+
     /// A viewer starting live (SDK or plain HTTP) gets the stream from the newest
     /// random-access chunk at least this many ms behind the live edge, at once, so its
     /// player starts with a buffer instead of waiting for one (0: start at the newest
@@ -314,11 +367,22 @@ fn run(args: Args) -> anyhow::Result<()> {
         io_memory_kib: args.io_memory_kib,
         capacity_viewers: args.capacity_viewers,
         timeouts: Timeouts {
+            handshake: std::time::Duration::from_secs(args.handshake_timeout_secs),
             keepalive: std::time::Duration::from_secs(args.keepalive_secs),
             idle: std::time::Duration::from_secs(args.idle_timeout_secs),
             live_start_behind: std::time::Duration::from_millis(args.live_start_behind_ms),
             send_buffer_bytes: usize::try_from(args.send_buffer_kib * 1024).unwrap_or(usize::MAX),
             ..Timeouts::default()
+        },
+        limits: ConnLimits {
+            max_unauthenticated: args.max_unauthenticated,
+            max_unauthenticated_per_address: args.max_unauthenticated_per_address,
+            max_per_address: args.max_conns_per_address,
+            requests: RateLimit::per_second(args.request_rate, args.request_burst),
+            token_renewals: RateLimit::per_minute(
+                args.token_renewals_per_min,
+                args.token_renewal_burst,
+            ),
         },
         chunk_key,
         token_keys: args.token_keys,

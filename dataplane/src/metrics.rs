@@ -9,6 +9,7 @@
 //! by the broadcasts this node serves and their series disappear with them.
 
 use crate::auth::Denied;
+use crate::limits::Refused;
 use crate::ring::{Registry, SourceHealth};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,10 +66,13 @@ pub enum CloseReason {
     Revoked,
     /// The chunk token expired without renewal (`GOODBYE(TOKEN_EXPIRED)`).
     TokenExpired,
+    /// A per-connection rate limit was exceeded (`TOKEN` renewals:
+    /// `ERROR(SERVER_BUSY)`).
+    RateLimited,
 }
 
 impl CloseReason {
-    const COUNT: usize = 16;
+    const COUNT: usize = 17;
     const ALL: [CloseReason; Self::COUNT] = [
         CloseReason::Normal,
         CloseReason::PeerClosed,
@@ -86,6 +90,7 @@ impl CloseReason {
         CloseReason::Unauthorized,
         CloseReason::Revoked,
         CloseReason::TokenExpired,
+        CloseReason::RateLimited,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -105,6 +110,7 @@ impl CloseReason {
             CloseReason::Unauthorized => "unauthorized",
             CloseReason::Revoked => "revoked",
             CloseReason::TokenExpired => "token_expired",
+            CloseReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -187,6 +193,8 @@ pub struct Metrics {
     chunks_sent: [AtomicU64; 3],
     requests_served: AtomicU64,
     requests_not_found: AtomicU64,
+    requests_rate_limited: AtomicU64,
+    refused: [[AtomicU64; Refused::ALL.len()]; 2],
     pings_sent: AtomicU64,
     mask_updates: AtomicU64,
     chunk_size_buckets: [AtomicU64; CHUNK_SIZE_BUCKETS.len() + 1],
@@ -219,6 +227,14 @@ impl Metrics {
     }
     pub fn request_not_found(&self) {
         add(&self.requests_not_found, 1);
+    }
+    /// A REQUEST beyond the connection's rate was answered `NOT_FOUND`.
+    pub fn request_rate_limited(&self) {
+        add(&self.requests_rate_limited, 1);
+    }
+    /// A new connection was refused by a connection cap.
+    pub fn refused(&self, l: Listener, r: Refused) {
+        add(&self.refused[l as usize][r as usize], 1);
     }
     pub fn ping_sent(&self) {
         add(&self.pings_sent, 1);
@@ -271,6 +287,10 @@ impl Metrics {
             .position(|&l| l == label)
             .map_or(0, |i| get(&self.token_rejections[i]))
     }
+    /// `TOKEN` frames that renewed a connection's token so far.
+    pub fn token_renewals(&self) -> u64 {
+        get(&self.token_renewals)
+    }
     /// Chunks signed so far and the total time spent hashing and signing them (ns).
     pub fn chunks_signed(&self) -> (u64, u64) {
         (get(&self.chunks_signed), get(&self.chunk_sign_nanos))
@@ -280,9 +300,21 @@ impl Metrics {
     pub fn requests_served(&self) -> u64 {
         get(&self.requests_served)
     }
-    /// Requests answered with NOT_FOUND so far.
+    /// Requests answered with NOT_FOUND so far (the rate-limited ones not included).
     pub fn requests_not_found(&self) -> u64 {
         get(&self.requests_not_found)
+    }
+    /// Requests answered with NOT_FOUND because of the connection's request rate.
+    pub fn requests_rate_limited(&self) -> u64 {
+        get(&self.requests_rate_limited)
+    }
+    /// New connections refused so far by the cap `r` on listener `l`.
+    pub fn refusals(&self, l: Listener, r: Refused) -> u64 {
+        get(&self.refused[l as usize][r as usize])
+    }
+    /// Connections closed so far on `l` for `r`.
+    pub fn closes(&self, l: Listener, r: CloseReason) -> u64 {
+        get(&self.closed[l as usize][r as usize])
     }
     /// Bytes sent so far for `k`.
     pub fn bytes_sent(&self, k: SentKind) -> u64 {
@@ -361,6 +393,43 @@ pub fn render(registry: &Registry) -> String {
         );
     }
 
+    let n = "starling_dataplane_connections_refused_total";
+    head(
+        &mut o,
+        n,
+        "counter",
+        "New connections refused (ERROR(SERVER_BUSY) or HTTP 503) by listener and cap: unauthenticated (node-wide cap on connections not yet subscribed), address_unauthenticated (the same cap per source address), address (open connections per source address).",
+    );
+    for l in Listener::ALL {
+        for r in Refused::ALL {
+            let _ = writeln!(
+                o,
+                "{n}{{listener=\"{}\",reason=\"{}\"}} {}",
+                l.label(),
+                r.label(),
+                get(&m.refused[l as usize][r as usize])
+            );
+        }
+    }
+
+    let n = "starling_dataplane_unauthenticated_connections";
+    head(
+        &mut o,
+        n,
+        "gauge",
+        "Open connections not yet authenticated (wire: not yet subscribed; HTTP: request not yet admitted).",
+    );
+    let _ = writeln!(o, "{n} {}", registry.conns().unauthenticated());
+
+    let n = "starling_dataplane_connection_addresses";
+    head(
+        &mut o,
+        n,
+        "gauge",
+        "Source addresses (IPv4, or IPv6 /64) with at least one open connection.",
+    );
+    let _ = writeln!(o, "{n} {}", registry.conns().addresses());
+
     let n = "starling_dataplane_connections_closed_total";
     head(
         &mut o,
@@ -412,13 +481,18 @@ pub fn render(registry: &Registry) -> String {
         &mut o,
         n,
         "counter",
-        "REQUEST frames answered, by result (served: CHUNK, not_found: NOT_FOUND).",
+        "REQUEST frames answered, by result (served: CHUNK, not_found: NOT_FOUND, rate_limited: NOT_FOUND beyond the connection's request rate).",
     );
     let _ = writeln!(o, "{n}{{result=\"served\"}} {}", get(&m.requests_served));
     let _ = writeln!(
         o,
         "{n}{{result=\"not_found\"}} {}",
         get(&m.requests_not_found)
+    );
+    let _ = writeln!(
+        o,
+        "{n}{{result=\"rate_limited\"}} {}",
+        get(&m.requests_rate_limited)
     );
 
     let n = "starling_dataplane_keepalive_pings_total";

@@ -68,6 +68,22 @@ impl Node {
                 "keep-alive and idle timeouts must be at least 10 ms".into(),
             ));
         }
+        if cfg.timeouts.handshake < std::time::Duration::from_millis(10) {
+            return Err(Error::Config(
+                "the handshake timeout must be at least 10 ms".into(),
+            ));
+        }
+        let l = &cfg.limits;
+        if l.max_unauthenticated == 0
+            || l.max_unauthenticated_per_address == 0
+            || l.max_per_address == 0
+        {
+            return Err(Error::Config(
+                "connection caps must be at least 1 (--max-unauthenticated, \
+                 --max-unauthenticated-per-address, --max-conns-per-address)"
+                    .into(),
+            ));
+        }
         if cfg.window_secs == 0 {
             return Err(Error::Config("--window-secs must be at least 1".into()));
         }
@@ -82,14 +98,17 @@ impl Node {
                 "chunk signing key"
             );
         }
-        let registry = Arc::new(Registry::with_auth(Auth::new(
-            cfg.token_keys
-                .iter()
-                .map(|k| (k.key_id, k.ed25519))
-                .collect(),
-            u64::try_from(cfg.token_skew.as_millis()).unwrap_or(u64::MAX),
-            u64::try_from(cfg.revocation_hold.as_millis()).unwrap_or(u64::MAX),
-        )));
+        let registry = Arc::new(Registry::with_auth_limits(
+            Auth::new(
+                cfg.token_keys
+                    .iter()
+                    .map(|k| (k.key_id, k.ed25519))
+                    .collect(),
+                u64::try_from(cfg.token_skew.as_millis()).unwrap_or(u64::MAX),
+                u64::try_from(cfg.revocation_hold.as_millis()).unwrap_or(u64::MAX),
+            ),
+            &cfg.limits,
+        ));
         // Static broadcasts exist as soon as `start` returns (viewers connecting at once
         // wait for the first chunk instead of getting UNKNOWN_BROADCAST).
         for sb in &cfg.static_broadcasts {
@@ -111,6 +130,9 @@ impl Node {
             registry: Arc::clone(&registry),
             timeouts: cfg.timeouts,
             capacity_viewers: cfg.capacity_viewers,
+            requests: cfg.limits.requests,
+            token_renewals: cfg.limits.token_renewals,
+            logs: serve::LogGates::default(),
         });
         let n = cfg.executor_count().max(1);
         let mut threads = Vec::new();

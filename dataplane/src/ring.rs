@@ -7,6 +7,8 @@
 
 use crate::auth::Auth;
 use crate::chunker::Chunk;
+use crate::config::ConnLimits;
+use crate::limits::ConnTable;
 use crate::metrics::Metrics;
 use starling_proto::wire;
 use std::collections::{HashMap, VecDeque};
@@ -512,6 +514,7 @@ pub struct Registry {
     map: RwLock<HashMap<String, Arc<Broadcast>>>,
     metrics: Arc<Metrics>,
     auth: Auth,
+    conns: Arc<ConnTable>,
 }
 
 impl Registry {
@@ -525,6 +528,21 @@ impl Registry {
             auth,
             ..Self::default()
         }
+    }
+
+    /// A registry checking tokens with `auth` and counting connections against
+    /// `limits`.
+    pub fn with_auth_limits(auth: Auth, limits: &ConnLimits) -> Self {
+        Registry {
+            auth,
+            conns: Arc::new(ConnTable::new(limits)),
+            ..Self::default()
+        }
+    }
+
+    /// Open connections per source address and not yet authenticated (node-wide).
+    pub fn conns(&self) -> &Arc<ConnTable> {
+        &self.conns
     }
 
     /// Token keys and revocations (node-wide).

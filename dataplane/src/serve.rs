@@ -21,6 +21,17 @@
 //!   all is received within `idle` (30 s) of the first unanswered `PING`, the node
 //!   closes with `ERROR(IDLE_TIMEOUT)`.
 //!
+//! Limits ([`crate::limits`]): every connection takes a [`Slot`] of the node-wide
+//! [`ConnTable`](crate::limits::ConnTable) when accepted, or is refused at once
+//! (`ERROR(SERVER_BUSY)`, HTTP 503) when its source address or the node holds too many;
+//! the slot counts as unauthenticated until the connection subscribes (HTTP: until
+//! `GET /live/{id}` is admitted). One deadline (`handshake`) covers everything from
+//! accept to that point, however many frames arrive meanwhile (`ERROR(IDLE_TIMEOUT)`).
+//! Once subscribed, `REQUEST`s beyond the connection's token bucket are answered
+//! `NOT_FOUND(seq)` and `TOKEN` renewals beyond theirs close it with
+//! `ERROR(SERVER_BUSY)`. Refusals an attacker can cause en masse are logged through a
+//! [`LogGate`] (one line per second per kind, with the count suppressed).
+//!
 //! Rights ([`crate::auth`]): the token of `HELLO` (or of a `TOKEN` frame sent before
 //! `SUBSCRIBE`) is checked when the connection subscribes; a `TOKEN` frame later
 //! replaces it (same peer only). A connection whose token expired (+ skew) gets
@@ -31,8 +42,9 @@
 
 use crate::auth::{Denied, Grant};
 use crate::chunker::Chunk;
-use crate::config::Timeouts;
+use crate::config::{RateLimit, Timeouts};
 use crate::ingest::now_ms;
+use crate::limits::{LogGate, Refused, Slot, TokenBucket};
 use crate::metrics::{self, ChunkKind, CloseReason, Listener, Metrics, SentKind};
 use crate::ring::{Broadcast, Cursor, Next, Registry};
 use bytes::BytesMut;
@@ -43,13 +55,58 @@ use starling_proto::wire::{
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// What every connection handler needs.
 pub(crate) struct ServeCtx {
     pub registry: Arc<Registry>,
     pub timeouts: Timeouts,
     pub capacity_viewers: u32,
+    /// `REQUEST`s per subscribed wire connection.
+    pub requests: RateLimit,
+    /// `TOKEN` renewals per subscribed wire connection.
+    pub token_renewals: RateLimit,
+    pub logs: LogGates,
+}
+
+/// Node-wide log rate limits for refusals a client can cause en masse.
+#[derive(Debug)]
+pub(crate) struct LogGates {
+    /// New connections refused by a connection cap.
+    pub refused: LogGate,
+    /// Handshakes (and HTTP request heads) not complete by the deadline.
+    pub handshake_timeout: LogGate,
+    /// Connections whose `REQUEST`s or `TOKEN` renewals went beyond their rate.
+    pub rate_limited: LogGate,
+}
+
+impl Default for LogGates {
+    fn default() -> Self {
+        let second = Duration::from_secs(1);
+        LogGates {
+            refused: LogGate::new(second),
+            handshake_timeout: LogGate::new(second),
+            rate_limited: LogGate::new(second),
+        }
+    }
+}
+
+/// Takes a connection slot for `peer`, or logs (rate-limited) and counts the refusal.
+fn open_slot(
+    ctx: &ServeCtx,
+    m: &Metrics,
+    l: Listener,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<Slot, Refused> {
+    // A socket whose peer address cannot be read is already gone: count it under the
+    // unspecified address (it closes at once anyway).
+    let ip = peer.map_or(std::net::IpAddr::from([0u8, 0, 0, 0]), |a| a.ip());
+    ctx.registry.conns().open(ip).inspect_err(|&r| {
+        m.refused(l, r);
+        if let Some(suppressed) = ctx.logs.refused.check(now_ms()) {
+            warn!(peer = ?peer, listener = ?l, cap = r.label(), suppressed, "connection refused: {r}");
+        }
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +208,16 @@ pub(crate) async fn wire_conn(mut s: TcpStream, ctx: Arc<ServeCtx>) {
     let _ = s.set_nodelay(true);
     cap_send_buffer(&s, ctx.timeouts.send_buffer_bytes);
     let _ = s.set_write_timeout(Some(ctx.timeouts.write_stall));
-    let reason = match wire_session(&mut s, &ctx, &m).await {
+    let mut slot = match open_slot(&ctx, &m, Listener::Wire, peer) {
+        Ok(slot) => slot,
+        Err(r) => {
+            send_reason(&mut s, &m, true, ErrorCode::ServerBusy, &r.to_string()).await;
+            m.closed(Listener::Wire, CloseReason::ServerBusy);
+            let _ = s.close().await;
+            return;
+        }
+    };
+    let reason = match wire_session(&mut s, &ctx, &m, &mut slot).await {
         Ok(r) => r,
         Err(ConnError::Closed) => CloseReason::PeerClosed,
         Err(ConnError::Wire(e)) => {
@@ -160,7 +226,9 @@ pub(crate) async fn wire_conn(mut s: TcpStream, ctx: Arc<ServeCtx>) {
             CloseReason::ProtocolError
         }
         Err(ConnError::Timeout) => {
-            info!(peer = ?peer, "wire handshake timed out");
+            if let Some(suppressed) = ctx.logs.handshake_timeout.check(now_ms()) {
+                info!(peer = ?peer, suppressed, "wire handshake not complete by the deadline: closing");
+            }
             send_reason(
                 &mut s,
                 &m,
@@ -176,6 +244,7 @@ pub(crate) async fn wire_conn(mut s: TcpStream, ctx: Arc<ServeCtx>) {
             io_reason(&e)
         }
     };
+    drop(slot);
     m.closed(Listener::Wire, reason);
     let _ = s.close().await;
 }
@@ -192,22 +261,26 @@ fn io_reason(e: &std::io::Error) -> CloseReason {
     }
 }
 
-async fn wire_session(
-    s: &mut TcpStream,
-    ctx: &ServeCtx,
-    m: &Metrics,
-) -> Result<CloseReason, ConnError> {
-    let mut dec = Decoder::new(Limits::control_only());
-    let mut buf = BytesMut::new();
-    let hs = ctx.timeouts.handshake;
+/// The handshake's outcome: the token and `SUBSCRIBE` to check, or the end.
+enum Handshake {
+    Subscribe(bytes::Bytes, wire::Subscribe),
+    End(CloseReason),
+}
 
+/// `HELLO` … `SUBSCRIBE` (the caller bounds it with one deadline).
+async fn handshake(
+    s: &mut TcpStream,
+    m: &Metrics,
+    buf: &mut BytesMut,
+    dec: &mut Decoder,
+) -> Result<Handshake, ConnError> {
     // HELLO. Every role (viewer, edge node, peer) is served alike.
-    let mut hello = match with_timeout(hs, read_frame(s, &mut buf, &mut dec)).await? {
+    let mut hello = match read_frame(s, buf, dec).await? {
         Frame::Hello(h) => h,
         other => {
             let msg = unexpected(&other, "HELLO");
             send_reason(s, m, true, ErrorCode::UnexpectedFrame, &msg).await;
-            return Ok(CloseReason::UnexpectedFrame);
+            return Ok(Handshake::End(CloseReason::UnexpectedFrame));
         }
     };
     let Some(version) = wire::negotiate(hello.min_version, hello.max_version) else {
@@ -217,7 +290,7 @@ async fn wire_session(
             wire::PROTOCOL_VERSION
         );
         send_reason(s, m, true, ErrorCode::UnsupportedVersion, &msg).await;
-        return Ok(CloseReason::UnsupportedVersion);
+        return Ok(Handshake::End(CloseReason::UnsupportedVersion));
     };
     send(
         s,
@@ -228,24 +301,42 @@ async fn wire_session(
     .await?;
 
     // SUBSCRIBE (PING answered, PONG and BUFFER_MAP ignored meanwhile).
-    let sub = loop {
-        match with_timeout(hs, read_frame(s, &mut buf, &mut dec)).await? {
-            Frame::Subscribe(sub) => break sub,
-            // A renewed token before SUBSCRIBE replaces the one from HELLO.
+    loop {
+        match read_frame(s, buf, dec).await? {
+            Frame::Subscribe(sub) => return Ok(Handshake::Subscribe(hello.token, sub)),
+            // A renewed token before SUBSCRIBE replaces the one from HELLO (checked
+            // only once, at SUBSCRIBE).
             Frame::Token(t) => hello.token = t,
             Frame::Ping(n) => send(s, m, SentKind::WireControl, &Frame::Pong(n)).await?,
             Frame::Pong(_) | Frame::BufferMap(_) => {}
-            Frame::Goodbye(_) => return Ok(CloseReason::Normal),
+            Frame::Goodbye(_) => return Ok(Handshake::End(CloseReason::Normal)),
             Frame::Error(r) => {
                 debug!(code = ?r.code, message = %r.message, "client sent ERROR");
-                return Ok(CloseReason::ClientError);
+                return Ok(Handshake::End(CloseReason::ClientError));
             }
             other => {
                 let msg = unexpected(&other, "SUBSCRIBE");
                 send_reason(s, m, true, ErrorCode::UnexpectedFrame, &msg).await;
-                return Ok(CloseReason::UnexpectedFrame);
+                return Ok(Handshake::End(CloseReason::UnexpectedFrame));
             }
         }
+    }
+}
+
+async fn wire_session(
+    s: &mut TcpStream,
+    ctx: &ServeCtx,
+    m: &Metrics,
+    slot: &mut Slot,
+) -> Result<CloseReason, ConnError> {
+    let mut dec = Decoder::new(Limits::control_only());
+    let mut buf = BytesMut::new();
+    // One deadline from accept to subscribed: PINGs, TOKENs or a trickle of bytes do
+    // not extend it.
+    let hs = handshake(s, m, &mut buf, &mut dec);
+    let (token, sub) = match with_timeout(ctx.timeouts.handshake, hs).await? {
+        Handshake::Subscribe(token, sub) => (token, sub),
+        Handshake::End(r) => return Ok(r),
     };
     let Some(b) = ctx.registry.get(&sub.broadcast_id) else {
         let msg = format!("unknown broadcast {:?}", sub.broadcast_id);
@@ -255,7 +346,7 @@ async fn wire_session(
     let auth = ctx.registry.auth();
     // Read before the check: a revocation racing with it is seen by the stream loop.
     let auth_gen = auth.generation();
-    let grant = match auth.admit(&hello.token, b.id(), b.is_public(), now_ms()) {
+    let grant = match auth.admit(&token, b.id(), b.is_public(), now_ms()) {
         Ok(g) => g,
         Err(d) => {
             m.token_rejected(&d);
@@ -268,11 +359,12 @@ async fn wire_session(
         m.token_accepted();
     }
     // The token is not kept (it may share the receive buffer's allocation).
-    drop(hello);
+    drop(token);
     if ctx.registry.total_viewers() >= ctx.capacity_viewers {
         send_reason(s, m, true, ErrorCode::ServerBusy, "node at viewer capacity").await;
         return Ok(CloseReason::ServerBusy);
     }
+    slot.authenticate();
     let _guard = b.viewer_guard();
     let max_skips = ctx.timeouts.max_skips;
     let cursor = match sub.start {
@@ -292,6 +384,9 @@ async fn wire_session(
         ping_nonce: 0,
         grant,
         auth_gen,
+        requests: TokenBucket::new(ctx.requests, Instant::now()),
+        renewals: TokenBucket::new(ctx.token_renewals, Instant::now()),
+        requests_limited: false,
     };
     st.run(s, &mut buf, &mut dec).await
 }
@@ -395,6 +490,12 @@ struct Stream<'a> {
     grant: Grant,
     /// Revocation generation last checked.
     auth_gen: u64,
+    /// `REQUEST`s: one beyond the rate is answered `NOT_FOUND`.
+    requests: TokenBucket,
+    /// `TOKEN` renewals: one beyond the rate closes the connection.
+    renewals: TokenBucket,
+    /// Whether this connection's requests were rate-limited already (logged once).
+    requests_limited: bool,
 }
 
 impl Stream<'_> {
@@ -547,6 +648,21 @@ impl Stream<'_> {
                 self.last_tx = Instant::now();
             }
             Frame::Pong(_) | Frame::BufferMap(_) | Frame::NotFound(_) => {}
+            Frame::Request(seq) if !self.requests.try_take(Instant::now()) => {
+                self.m.request_rate_limited();
+                if !self.requests_limited {
+                    self.requests_limited = true;
+                    if let Some(suppressed) = self.ctx.logs.rate_limited.check(now_ms()) {
+                        info!(
+                            peer = ?s.peer_addr().ok(), broadcast = %self.b.id(), suppressed,
+                            "REQUESTs beyond the connection's rate: answering NOT_FOUND"
+                        );
+                    }
+                }
+                send(s, self.m, SentKind::WireRequest, &Frame::NotFound(seq)).await?;
+                self.last_tx = Instant::now();
+                glommio::yield_if_needed().await;
+            }
             Frame::Request(seq) => {
                 match self.b.chunk(seq) {
                     Some(c) => {
@@ -571,6 +687,17 @@ impl Stream<'_> {
                 // Only the mask changes; the cursor (and `start`) stay as they are.
                 self.mask = sub.substream_mask;
                 self.m.mask_updated();
+            }
+            Frame::Token(_) if !self.renewals.try_take(Instant::now()) => {
+                if let Some(suppressed) = self.ctx.logs.rate_limited.check(now_ms()) {
+                    info!(
+                        peer = ?s.peer_addr().ok(), broadcast = %self.b.id(), suppressed,
+                        "TOKEN renewals beyond the connection's rate: closing"
+                    );
+                }
+                let msg = "token_renewal_rate: too many TOKEN renewals on this connection";
+                send_reason(s, self.m, true, ErrorCode::ServerBusy, msg).await;
+                return Ok(After::End(CloseReason::RateLimited));
             }
             Frame::Token(t) => {
                 let auth = self.ctx.registry.auth();
@@ -668,10 +795,23 @@ pub(crate) async fn http_conn(mut s: TcpStream, ctx: Arc<ServeCtx>) {
     cap_send_buffer(&s, ctx.timeouts.send_buffer_bytes);
     let _ = s.set_write_timeout(Some(ctx.timeouts.write_stall));
     let peer = s.peer_addr().ok();
-    let reason = match http_session(&mut s, &ctx, &m).await {
+    let mut slot = match open_slot(&ctx, &m, Listener::Http, peer) {
+        Ok(slot) => slot,
+        Err(r) => {
+            let body = format!("{r}\n");
+            http_reply(&mut s, &m, "503 Service Unavailable", TEXT, &body).await;
+            m.closed(Listener::Http, CloseReason::ServerBusy);
+            let _ = s.close().await;
+            return;
+        }
+    };
+    let reason = match http_session(&mut s, &ctx, &m, &mut slot).await {
         Ok(r) => r,
         Err(ConnError::Closed) => CloseReason::PeerClosed,
         Err(ConnError::Timeout) => {
+            if let Some(suppressed) = ctx.logs.handshake_timeout.check(now_ms()) {
+                info!(peer = ?peer, suppressed, "http request head not complete by the deadline: closing");
+            }
             http_reply(&mut s, &m, "408 Request Timeout", TEXT, "timeout\n").await;
             CloseReason::HandshakeTimeout
         }
@@ -684,6 +824,7 @@ pub(crate) async fn http_conn(mut s: TcpStream, ctx: Arc<ServeCtx>) {
             CloseReason::ProtocolError
         }
     };
+    drop(slot);
     m.closed(Listener::Http, reason);
     let _ = s.close().await;
 }
@@ -765,7 +906,9 @@ async fn http_session(
     s: &mut TcpStream,
     ctx: &ServeCtx,
     m: &Metrics,
+    slot: &mut Slot,
 ) -> Result<CloseReason, ConnError> {
+    // One deadline for the whole request head, counted from accept.
     let head = with_timeout(ctx.timeouts.handshake, async {
         let mut buf = Vec::with_capacity(512);
         loop {
@@ -846,6 +989,7 @@ async fn http_session(
         .await;
         return Ok(CloseReason::ServerBusy);
     }
+    slot.authenticate();
     let _guard = b.viewer_guard();
     let mut cursor = Cursor::live_behind(ctx.timeouts.max_skips, behind_ms(ctx));
     let mut rx = b.subscribe();

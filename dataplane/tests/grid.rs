@@ -218,7 +218,12 @@ fn request_in_window_is_byte_identical_and_out_of_window_not_found() -> Result<(
 
 #[test]
 fn request_flood_is_bounded_and_answered_in_order() -> Result<()> {
-    let (node, _src) = node_with(1, |c| c.timeouts.write_stall = Duration::from_secs(60));
+    let (node, _src) = node_with(1, |c| {
+        c.timeouts.write_stall = Duration::from_secs(60);
+        // Flow control, not the request rate, is what this test is about
+        // (tests/hostile.rs floods against the rate limit).
+        c.limits.requests = starling_dataplane::RateLimit::per_second(1_000_000, 1_000_000);
+    });
     let b = node.registry().get("test").context("broadcast")?;
     wait_for("a chunk", || b.newest_seq().is_some())?;
     let seq = b.newest_seq().context("seq")?;

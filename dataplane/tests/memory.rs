@@ -82,6 +82,8 @@ fn rss_per_connected_viewer() -> Result<()> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_starling-dataplane"))
         .args(["--static-broadcast", &format!("test=http://{src}/live.ts")])
         .args(["--cores", "1", "--io-memory-kib", "256", "--log", "warn"])
+        // Every viewer here connects from 127.0.0.1.
+        .args(["--max-conns-per-address", "1000000"])
         .args([
             "--wire-listen",
             "127.0.0.1:0",

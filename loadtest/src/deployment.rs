@@ -45,6 +45,20 @@ fn wire_bytes_sent(registry: &starling_dataplane::ring::Registry) -> u64 {
         + m.bytes_sent(SentKind::WireControl)
 }
 
+/// The data plane's connection caps for a swarm on this machine: every SDK peer's
+/// data-plane link comes from 127.0.0.1 (only its relay listener has its own 127.x.y.z
+/// address), so the per-address caps, 1,000 open and 64 not yet subscribed by
+/// default, are raised to the node's whole capacity; the node-wide cap on connections
+/// not yet subscribed and the per-connection rates keep their defaults.
+pub fn loopback_limits() -> starling_dataplane::ConnLimits {
+    let d = starling_dataplane::ConnLimits::default();
+    starling_dataplane::ConnLimits {
+        max_per_address: u32::MAX,
+        max_unauthenticated_per_address: d.max_unauthenticated,
+        ..d
+    }
+}
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct DeploymentConfig {
@@ -191,6 +205,7 @@ impl Deployment {
             node_name: "loadtest-node".into(),
             cores: config.dataplane_cores.max(1),
             io_memory_kib: config.io_memory_kib,
+            limits: loopback_limits(),
             ..starling_dataplane::Config::default()
         };
         let node = tokio::task::spawn_blocking(move || starling_dataplane::Node::start(node_cfg))

@@ -789,6 +789,7 @@ pub fn dataplane_child(
         cores: cores.max(1),
         io_memory_kib: 512,
         capacity_viewers,
+        limits: crate::deployment::loopback_limits(),
         ..starling_dataplane::Config::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
