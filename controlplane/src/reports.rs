@@ -29,7 +29,7 @@
 //!    database *refuses* (a data or constraint error) is bisected until the refused rows
 //!    are alone; those are **quarantined** (counted in
 //!    `starling_cp_reports_quarantined_total`, logged, dropped) and the rest commit, so
-//!    one session's garbage never holds up anyone else's rows ([`writer`]).
+//!    one session's garbage never holds up anyone else's rows (`reports/writer.rs`).
 //! 4. **Beyond the bound** (`queue_max` rows) a call is refused whole with UNAVAILABLE
 //!    ("drop newest"): its reports are counted in `starling_cp_reports_dropped_total`
 //!    and logged, the session's state does not move, so the SDK may retry the same
