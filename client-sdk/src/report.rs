@@ -2,10 +2,13 @@
 //! report interval and once more (`final`) on leave.
 //!
 //! Reports are built from [`crate::Stats`] into a bounded queue and sent by their own
-//! task, so a slow or absent control plane never touches the chunk path. Unsent reports
-//! stay queued and are retried with the next tick (oldest dropped and counted once the
-//! queue is full); the control plane acknowledges the highest `report_seq` it holds, and
-//! ignores one it already has, so retries are idempotent.
+//! task, so a slow or absent control plane never touches the chunk path. A report stays
+//! queued until the control plane acknowledges it: `acked_seq` is the highest
+//! `report_seq` it has **committed** (the call answers after the commit), so a crash of
+//! the control plane loses nothing this queue has let go. Unacknowledged reports are
+//! sent again with the next tick (oldest dropped and counted once the queue is full),
+//! and on `leave` after the final one; the control plane ignores a `report_seq` it
+//! already has, so retries are idempotent.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -248,5 +251,25 @@ mod tests {
         q.ack("s1", 4);
         let (s, b) = q.batch().unwrap();
         assert_eq!((s.as_str(), b[0].report_seq), ("s2", 1));
+    }
+
+    #[test]
+    fn unacknowledged_reports_stay_until_acked() {
+        let mut q = ReportQueue::new(8);
+        for _ in 0..3 {
+            q.push("s1", ViewerReport::default());
+        }
+        // The control plane has committed only up to 1 (or nothing: ack 0).
+        assert_eq!(q.ack("s1", 0), 0);
+        assert_eq!(q.ack("s1", 1), 1);
+        // The rest is sent again, in order, together with what is queued later.
+        q.push("s1", ViewerReport::default());
+        let (_, b) = q.batch().unwrap();
+        assert_eq!(
+            b.iter().map(|r| r.report_seq).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        assert_eq!(q.ack("s1", 4), 3);
+        assert!(q.batch().is_none());
     }
 }

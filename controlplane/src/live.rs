@@ -11,8 +11,14 @@
 //! Locking: `broadcasts`, `sessions` and `rates` are `std` mutexes held for a map lookup
 //! or update only; each broadcast's [`GridState`] has its own mutex, held for one
 //! assigner operation. The only nesting is grid → `sessions` (join, so that a concurrent
-//! [`LiveGrids::drop_broadcast`] cannot miss the new session). No lock is held across an
-//! `.await` (this module has no async code).
+//! [`LiveGrids::drop_broadcast`] cannot miss the new session) and `sessions` → `rates`
+//! (a heartbeat's counter bound; `rates` is a leaf). No lock is held across an `.await`
+//! (this module has no async code).
+//!
+//! Heartbeat byte counters are clamped like reports' ([`crate::reports::clamp`]): each
+//! delta is bounded by the stream rate (or upload ceiling) × margin × the time since
+//! the session's previous heartbeat (its join), plus a burst, so a forged counter moves
+//! `GetBroadcast.peer_share` no more than a viewer physically can.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -24,6 +30,7 @@ use starling_proto::token::Scopes;
 use starling_proto::v1::{PeerRef, SubstreamParent};
 
 use crate::grid::{GridAssigner, GridConfig, GridError, GridStats, Parent, PeerId, PeerInfo};
+use crate::reports::clamp::{self, Bounds, CounterLimits, Credits};
 
 /// Stream rate assumed for slot accounting when the ingesting node has not reported a
 /// measured rate yet at the first join of a broadcast. The grid keeps the rate it was
@@ -73,6 +80,8 @@ pub struct HeartbeatView {
     pub broadcast_id: String,
     /// The chunk token it holds (scopes, expiry), if one was issued.
     pub token: Option<TokenState>,
+    /// A counter of this heartbeat grew beyond its physical bound and was clamped.
+    pub clamped: bool,
 }
 
 /// The chunk token a session holds.
@@ -283,6 +292,8 @@ struct SessionEntry {
     last_seen: Duration,
     /// Last cumulative counters reported: from server, from peers, uploaded.
     counters: [u64; 3],
+    /// Unused counter allowance (`None`: the start-up burst, not spent yet).
+    credits: Option<Credits>,
     /// The credential's subject.
     subject: Option<String>,
     /// The credential's expiry, unix seconds.
@@ -315,6 +326,7 @@ pub struct LiveGrids {
     sessions: Mutex<HashMap<String, SessionEntry>>,
     rates: Mutex<HashMap<String, u32>>,
     bad_peer_reports: AtomicU64,
+    limits: CounterLimits,
 }
 
 impl Default for LiveGrids {
@@ -324,9 +336,15 @@ impl Default for LiveGrids {
 }
 
 impl LiveGrids {
-    /// No grids yet.
+    /// No grids yet; heartbeat counters bounded by the default [`CounterLimits`].
     pub fn new() -> Self {
+        Self::with_limits(CounterLimits::default())
+    }
+
+    /// No grids yet; heartbeat counters bounded by `limits`.
+    pub fn with_limits(limits: CounterLimits) -> Self {
         LiveGrids {
+            limits,
             epoch: Instant::now(),
             // 0 is never a peer id (proto default = "absent").
             next_peer: AtomicU64::new(1),
@@ -459,6 +477,7 @@ impl LiveGrids {
                 peer_id,
                 last_seen: now,
                 counters: [0; 3],
+                credits: None,
                 subject: input.subject,
                 credential_expires_at: input.credential_expires_at,
                 token: None,
@@ -473,19 +492,26 @@ impl LiveGrids {
     /// of this process.
     pub fn heartbeat(&self, session_id: &str, counters: [u64; 3]) -> Option<HeartbeatView> {
         let now = self.now();
-        let (grid, peer_id, delta, broadcast_id, token) = {
+        let (grid, peer_id, delta, broadcast_id, token, clamped) = {
             let mut sessions = lock(&self.sessions);
             let e = sessions.get_mut(session_id)?;
+            let covered_ms =
+                u64::try_from(now.saturating_sub(e.last_seen).as_millis()).unwrap_or(u64::MAX);
             e.last_seen = now;
-            let delta: [u64; 3] =
-                std::array::from_fn(|i| counters[i].saturating_sub(e.counters[i]));
-            e.counters = counters;
+            let bounds = Bounds::new(self.rate(&e.broadcast_id), self.limits);
+            let credits = e.credits.get_or_insert_with(|| bounds.start());
+            let raw: [u64; 3] =
+                std::array::from_fn(|i| clamp::raw_delta(counters[i], e.counters[i]));
+            let c = clamp::clamp([raw[0], raw[1], raw[2], 0], covered_ms, credits, &bounds);
+            let delta = [c.from_server, c.from_peers, c.uploaded];
+            e.counters = counters.map(clamp::baseline);
             (
                 e.grid.clone(),
                 e.peer_id,
                 delta,
                 e.broadcast_id.clone(),
                 e.token,
+                c.clamped,
             )
         };
         for (total, d) in [&grid.from_server, &grid.from_peers, &grid.uploaded]
@@ -519,6 +545,7 @@ impl LiveGrids {
             peer_id,
             broadcast_id,
             token,
+            clamped,
         })
     }
 

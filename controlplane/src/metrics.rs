@@ -138,6 +138,9 @@ pub struct Metrics {
     reports_stored: AtomicU64,
     reports_stored_duplicate: AtomicU64,
     reports_pruned: AtomicU64,
+    reports_quarantined: AtomicU64,
+    clamped_reports: AtomicU64,
+    clamped_heartbeats: AtomicU64,
     bytes_from_server: AtomicU64,
     bytes_from_peers: AtomicU64,
     db_batches: AtomicU64,
@@ -165,6 +168,9 @@ impl Metrics {
             reports_stored: AtomicU64::new(0),
             reports_stored_duplicate: AtomicU64::new(0),
             reports_pruned: AtomicU64::new(0),
+            reports_quarantined: AtomicU64::new(0),
+            clamped_reports: AtomicU64::new(0),
+            clamped_heartbeats: AtomicU64::new(0),
             bytes_from_server: AtomicU64::new(0),
             bytes_from_peers: AtomicU64::new(0),
             db_batches: AtomicU64::new(0),
@@ -219,6 +225,28 @@ impl Metrics {
     }
     pub(crate) fn pruned(&self, n: u64) {
         add(&self.reports_pruned, n);
+    }
+    pub(crate) fn reports_quarantined(&self, n: u64) -> u64 {
+        self.reports_quarantined.fetch_add(n, Ordering::Relaxed) + n
+    }
+    pub(crate) fn counters_clamped_report(&self, n: usize) -> u64 {
+        self.clamped_reports.fetch_add(n as u64, Ordering::Relaxed) + n as u64
+    }
+    pub(crate) fn counters_clamped_heartbeat(&self) -> u64 {
+        self.clamped_heartbeats.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Report rows the database refused for good (dropped).
+    pub fn quarantined_reports(&self) -> u64 {
+        get(&self.reports_quarantined)
+    }
+    /// Reports whose counters were clamped to their physical bound.
+    pub fn clamped_reports(&self) -> u64 {
+        get(&self.clamped_reports)
+    }
+    /// Heartbeats whose counters were clamped to their physical bound.
+    pub fn clamped_heartbeats(&self) -> u64 {
+        get(&self.clamped_heartbeats)
     }
 
     /// Reports refused because the queue was full.
@@ -374,6 +402,25 @@ pub async fn render(core: &Core) -> String {
         "starling_cp_reports_stored_duplicate_total",
         "Rows of retried batches that were already stored.",
         get(&m.reports_stored_duplicate),
+    );
+    counter(
+        &mut out,
+        "starling_cp_reports_quarantined_total",
+        "Viewer report rows the database refused (data or constraint errors); dropped so the rest of their batch commits.",
+        get(&m.reports_quarantined),
+    );
+    let name = "starling_cp_counters_clamped_total";
+    head(
+        &mut out,
+        name,
+        "counter",
+        "Viewer reports and heartbeats whose byte or stall counters grew beyond what is physically possible in the time covered, clamped to that bound, by RPC.",
+    );
+    let _ = writeln!(out, "{name}{{rpc=\"Report\"}} {}", get(&m.clamped_reports));
+    let _ = writeln!(
+        out,
+        "{name}{{rpc=\"Heartbeat\"}} {}",
+        get(&m.clamped_heartbeats)
     );
     counter(
         &mut out,

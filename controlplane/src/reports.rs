@@ -8,18 +8,28 @@
 //!    whose `report_seq` is not above the highest one accepted for the session (retries
 //!    are idempotent). For the others it derives, against the session's previous report,
 //!    what each contributes to its minute ([`rollup::derive`]: covered time, deltas of the
-//!    cumulative counters, first report of the session in the minute, first start-up).
-//!    The previous report comes from memory, or — for a session this process has not
-//!    seen (restart, evicted state) — from its last stored row.
-//! 2. The rows of the call go into one bounded in-memory FIFO, all or none. The answer's
-//!    `acked_seq` is the highest `report_seq` **accepted into the queue**: queued, not
-//!    yet durable (a crash of this process loses what is still queued).
+//!    cumulative counters clamped to what is physically possible ([`clamp`]), first
+//!    report of the session in the minute, first start-up). The previous report comes
+//!    from memory, or — for a session this process has not seen (restart, evicted
+//!    state) — from its last stored row.
+//! 2. The rows of the call go into one bounded in-memory FIFO, all or none, and the call
+//!    **waits until the writer has committed them** (at most `ack_timeout`, then
+//!    UNAVAILABLE: the rows stay queued and a retry of the same seqs waits for them
+//!    again). The answer's `acked_seq` is the highest `report_seq` of the session that is
+//!    **durable** (or was quarantined, below): a crash of this process after the answer
+//!    loses nothing the SDK has deleted. A call whose reports are all already accepted
+//!    waits for the session's last queued row the same way.
 //! 3. One writer task drains the queue in batches (up to `batch_max` rows, at least every
-//!    `flush_interval`): one transaction with one multi-row `INSERT ... ON CONFLICT DO
-//!    NOTHING RETURNING` of the raw rows and one additive upsert of the per-minute
-//!    roll-ups of exactly the rows inserted ([`db::insert_batch`]). Rows leave the queue
-//!    only once committed; a failed batch is retried with capped exponential backoff for
-//!    as long as the database is down, so nothing is lost below the bound.
+//!    `flush_interval`: a group commit for every caller waiting): one transaction with
+//!    one multi-row `INSERT ... ON CONFLICT DO NOTHING RETURNING` of the raw rows and
+//!    one additive upsert of the per-minute roll-ups of exactly the rows inserted
+//!    ([`db::insert_batch`]). Rows leave the queue only once committed; a batch that
+//!    fails because the database is unavailable is retried with capped exponential
+//!    backoff for as long as it is down, so nothing is lost below the bound. A batch the
+//!    database *refuses* (a data or constraint error) is bisected until the refused rows
+//!    are alone; those are **quarantined** (counted in
+//!    `starling_cp_reports_quarantined_total`, logged, dropped) and the rest commit, so
+//!    one session's garbage never holds up anyone else's rows (`reports/writer.rs`).
 //! 4. **Beyond the bound** (`queue_max` rows) a call is refused whole with UNAVAILABLE
 //!    ("drop newest"): its reports are counted in `starling_cp_reports_dropped_total`
 //!    and logged, the session's state does not move, so the SDK may retry the same
@@ -39,19 +49,21 @@
 //! additive. `GetAudience` reads only these tables; it sees what is committed.
 //! Definitions are in [`rollup`].
 
+pub mod clamp;
 pub mod db;
 pub mod rollup;
+mod writer;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use starling_proto::v1::{AudiencePoint, ViewerReport};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
+use clamp::{Bounds, CounterLimits};
 use db::ReportRow;
 use rollup::{MINUTE_MS, Prev};
 
@@ -78,6 +90,11 @@ pub struct ReportConfig {
     /// A session's state is forgotten after this long without a report (once its rows
     /// are durable); a later report reloads it from the database.
     pub session_idle: Duration,
+    /// Longest a `Report` call waits for its rows to be committed before it answers
+    /// UNAVAILABLE (the rows stay queued; the SDK retries the same seqs).
+    pub ack_timeout: Duration,
+    /// Physical bounds on the counters of reports and heartbeats ([`clamp`]).
+    pub limits: CounterLimits,
 }
 
 impl Default for ReportConfig {
@@ -92,6 +109,8 @@ impl Default for ReportConfig {
             max_per_call: 64,
             max_gap: Duration::from_secs(30),
             session_idle: Duration::from_secs(600),
+            ack_timeout: Duration::from_secs(10),
+            limits: CounterLimits::default(),
         }
     }
 }
@@ -108,6 +127,10 @@ pub enum SubmitError {
     /// The write queue is full: the reports were dropped (retry later).
     #[error("report queue full ({0} reports queued); reports dropped, retry later")]
     QueueFull(usize),
+    /// The reports are queued but were not committed within `ack_timeout` (the
+    /// database is slow or unavailable); retry the same reports later.
+    #[error("reports queued but not yet durable after {0:?}; retry them later")]
+    NotDurable(Duration),
     /// The database failed while loading an unknown session.
     #[error(transparent)]
     Storage(#[from] StoreError),
@@ -170,8 +193,9 @@ pub struct Reports {
     /// Lock order: `sessions` before `queue` / `live`.
     sessions: Mutex<HashMap<Arc<str>, SessionState>>,
     queue: Mutex<Queue>,
-    /// Rows ever committed (popped): every row id ≤ this is durable.
-    written: AtomicU64,
+    /// Rows ever committed or quarantined (popped): every row id ≤ this is durable (or
+    /// was refused for good). `Report` calls wait on it.
+    written: watch::Sender<u64>,
     wake: Notify,
     live: Mutex<HashMap<Arc<str>, [LiveSlot; LIVE_SLOTS]>>,
 }
@@ -185,7 +209,7 @@ impl Reports {
             metrics,
             sessions: Mutex::new(HashMap::new()),
             queue: Mutex::new(Queue::default()),
-            written: AtomicU64::new(0),
+            written: watch::Sender::new(0),
             wake: Notify::new(),
             live: Mutex::new(HashMap::new()),
         })
@@ -242,13 +266,16 @@ impl Reports {
         })
     }
 
-    /// Validates and queues the reports of one `Report` call received at `now_ms`;
-    /// returns the highest `report_seq` accepted (queued) for the session.
+    /// Validates and queues the reports of one `Report` call received at `now_ms` and
+    /// waits until they are committed; returns the highest `report_seq` of the session
+    /// that is durable. `stream_kbps` gives a broadcast's measured stream rate (the
+    /// counters' bound; [`CounterLimits::max_stream_kbps`] when unknown).
     pub async fn submit(
         &self,
         session_id: &str,
         mut reports: Vec<ViewerReport>,
         now_ms: i64,
+        stream_kbps: impl Fn(&str) -> Option<u32>,
     ) -> Result<u64, SubmitError> {
         if reports.len() > self.config.max_per_call {
             return Err(SubmitError::InvalidArgument(format!(
@@ -272,7 +299,21 @@ impl Reports {
         } else {
             Some(self.load_session(session_id).await?)
         };
+        let (acked, row) = self.enqueue(session_id, reports, loaded, now_ms, stream_kbps)?;
+        self.wait_durable(row).await?;
+        Ok(acked)
+    }
 
+    /// The synchronous part of [`Reports::submit`]: derives and queues the new reports;
+    /// returns the session's highest accepted seq and the queue id of its last row.
+    fn enqueue(
+        &self,
+        session_id: &str,
+        reports: Vec<ViewerReport>,
+        loaded: Option<SessionState>,
+        now_ms: i64,
+        stream_kbps: impl Fn(&str) -> Option<u32>,
+    ) -> Result<(u64, u64), SubmitError> {
         let mut sessions = lock(&self.sessions);
         if let Some(st) = loaded {
             // Another call may have loaded it meanwhile: keep the one in the map.
@@ -282,18 +323,23 @@ impl Reports {
             return Err(SubmitError::NotFound(session_id.to_string()));
         };
         let max_gap = u64::try_from(self.config.max_gap.as_millis()).unwrap_or(u64::MAX);
+        let bounds = Bounds::new(stream_kbps(&st.broadcast_id), self.config.limits);
         let mut prev = st.prev.clone();
         let mut rows = Vec::with_capacity(reports.len());
         let (mut d_server, mut d_peers) = (0u64, 0u64);
+        let mut clamped = 0usize;
         let total = reports.len();
         for r in reports {
             if r.report_seq <= prev.seq {
                 continue;
             }
-            let (derived, next) = rollup::derive(&prev, &r, now_ms, max_gap);
+            let (derived, next) = rollup::derive(&prev, &r, now_ms, max_gap, &bounds);
             prev = next;
-            d_server += derived.d_server;
-            d_peers += derived.d_peers;
+            d_server = d_server.saturating_add(derived.d_server);
+            d_peers = d_peers.saturating_add(derived.d_peers);
+            if derived.clamped {
+                clamped += 1;
+            }
             rows.push(ReportRow {
                 broadcast_id: st.broadcast_id.clone(),
                 session_id: st.session_id.clone(),
@@ -307,7 +353,8 @@ impl Reports {
             self.metrics.reports_duplicate(duplicates);
         }
         if rows.is_empty() {
-            return Ok(st.prev.seq);
+            // A retry: answered once what was accepted before is durable.
+            return Ok((st.prev.seq, st.last_row));
         }
         let n = rows.len();
         {
@@ -339,11 +386,38 @@ impl Reports {
         st.prev = prev;
         st.last_report = Instant::now();
         self.metrics.reports_accepted(n, d_server, d_peers);
+        if clamped > 0 {
+            let total_clamped = self.metrics.counters_clamped_report(clamped);
+            // Logged at the first clamp and then every 1,000 clamped reports.
+            if total_clamped == clamped as u64
+                || total_clamped / 1_000 != (total_clamped - clamped as u64) / 1_000
+            {
+                tracing::warn!(
+                    session_id,
+                    broadcast_id = %st.broadcast_id,
+                    clamped,
+                    clamped_total = total_clamped,
+                    stream_kbps = bounds.stream_kbps,
+                    "report counters beyond what is physically possible; clamped"
+                );
+            }
+        }
         let acked = st.prev.seq;
+        let row = st.last_row;
         let broadcast_id = st.broadcast_id.clone();
         drop(sessions);
         self.add_live(&broadcast_id, now_ms, d_server, d_peers);
-        Ok(acked)
+        Ok((acked, row))
+    }
+
+    /// Waits until queue row `row` (0 = none) is committed or quarantined, at most
+    /// `ack_timeout`.
+    async fn wait_durable(&self, row: u64) -> Result<(), SubmitError> {
+        let mut rx = self.written.subscribe();
+        match tokio::time::timeout(self.config.ack_timeout, rx.wait_for(|w| *w >= row)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(SubmitError::NotDurable(self.config.ack_timeout)),
+        }
     }
 
     fn add_live(&self, broadcast_id: &Arc<str>, now_ms: i64, server: u64, peers: u64) {
@@ -358,8 +432,8 @@ impl Reports {
                 peers: 0,
             };
         }
-        ring[i].server += server;
-        ring[i].peers += peers;
+        ring[i].server = ring[i].server.saturating_add(server);
+        ring[i].peers = ring[i].peers.saturating_add(peers);
     }
 
     /// Bytes from peers / all bytes delivered over the last minute (six 10-second slots
@@ -375,14 +449,15 @@ impl Reports {
             .iter()
             .filter(|s| s.slot > now_slot - LIVE_SLOTS as i64 && s.slot <= now_slot)
         {
-            server += s.server;
-            peers += s.peers;
+            server = server.saturating_add(s.server);
+            peers = peers.saturating_add(s.peers);
         }
+        let total = server.saturating_add(peers);
         #[allow(clippy::cast_precision_loss)]
-        if server + peers == 0 {
+        if total == 0 {
             0.0
         } else {
-            peers as f64 / (server + peers) as f64
+            peers as f64 / total as f64
         }
     }
 
@@ -404,7 +479,7 @@ impl Reports {
 
     async fn writer_loop(self: Arc<Self>) {
         let batch_max = self.config.batch_max.clamp(1, db::MAX_BATCH_ROWS);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = writer::Backoff::new(self.config.retry_max);
         loop {
             let batch: Vec<ReportRow> = {
                 let q = lock(&self.queue);
@@ -417,46 +492,20 @@ impl Reports {
                 }
                 continue;
             }
-            let start = Instant::now();
-            match db::insert_batch(&self.store, &batch).await {
-                Ok(outcome) => {
-                    {
-                        let mut q = lock(&self.queue);
-                        q.rows.drain(..batch.len());
-                    }
-                    self.written
-                        .fetch_add(batch.len() as u64, Ordering::Release);
-                    self.metrics.batch_written(
-                        outcome.inserted,
-                        outcome.duplicates,
-                        start.elapsed(),
-                    );
-                    if backoff > Duration::from_millis(100) {
-                        tracing::info!(queued = self.queue_depth(), "report writes recovered");
-                    }
-                    backoff = Duration::from_millis(100);
-                    if batch.len() < batch_max {
-                        // Not a full batch: let more rows gather (or be woken when a
-                        // full batch is waiting).
-                        tokio::select! {
-                            () = self.wake.notified() => {},
-                            () = tokio::time::sleep(self.config.flush_interval) => {},
-                        }
-                    }
-                }
-                Err(e) => {
-                    let errors = self.metrics.batch_failed();
-                    tracing::warn!(
-                        error = %e,
-                        rows = batch.len(),
-                        queued = self.queue_depth(),
-                        errors,
-                        retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
-                        "report batch write failed; keeping the rows and retrying"
-                    );
-                    tokio::time::sleep(backoff).await;
-                    backoff =
-                        (backoff * 2).min(self.config.retry_max.max(Duration::from_millis(100)));
+            // Returns only once every row is committed or quarantined.
+            self.write(&batch, &mut backoff).await;
+            {
+                let mut q = lock(&self.queue);
+                q.rows.drain(..batch.len());
+            }
+            self.written
+                .send_modify(|w| *w = w.saturating_add(batch.len() as u64));
+            if batch.len() < batch_max {
+                // Not a full batch: let more rows gather (or be woken when a full batch
+                // is waiting).
+                tokio::select! {
+                    () = self.wake.notified() => {},
+                    () = tokio::time::sleep(self.config.flush_interval) => {},
                 }
             }
         }
@@ -464,7 +513,7 @@ impl Reports {
 
     /// Forgets idle sessions whose rows are all durable.
     fn evict_idle(&self) -> usize {
-        let written = self.written.load(Ordering::Acquire);
+        let written = *self.written.borrow();
         let idle = self.config.session_idle;
         let mut sessions = lock(&self.sessions);
         let before = sessions.len();

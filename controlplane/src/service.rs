@@ -235,6 +235,7 @@ impl Core {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let reports =
             crate::reports::Reports::new(config.reports.clone(), store.clone(), metrics.clone());
+        let grids = LiveGrids::with_limits(config.reports.limits);
         Arc::new(Core {
             reports,
             metrics,
@@ -243,7 +244,7 @@ impl Core {
             links: std::sync::Mutex::new(HashMap::new()),
             assign_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
-            grids: LiveGrids::new(),
+            grids,
             touches: std::sync::Mutex::new(HashMap::new()),
             auth,
             tokens,
@@ -956,6 +957,16 @@ impl Core {
         // the broadcast all take it out of the grid): its heartbeat is recorded in
         // memory and written to the database in a batch ([`Core::flush_touches`]).
         let view = self.grids.heartbeat(&req.session_id, counters);
+        if view.as_ref().is_some_and(|v| v.clamped) {
+            let n = self.metrics.counters_clamped_heartbeat();
+            if n == 1 || n.is_multiple_of(1_000) {
+                tracing::warn!(
+                    session_id = %req.session_id,
+                    clamped_total = n,
+                    "heartbeat counters beyond what is physically possible; clamped"
+                );
+            }
+        }
         if view.is_some() {
             if req.upload_kbps > 0 {
                 // The SDK measured a slower uplink than it offered: resize its slots
@@ -1425,14 +1436,18 @@ impl Core {
         validate::id("session_id", &req.session_id)?;
         let acked_seq = self
             .reports
-            .submit(&req.session_id, req.reports, now_ms())
+            .submit(&req.session_id, req.reports, now_ms(), |b| {
+                self.grids.rate(b)
+            })
             .await
             .map_err(|e| match e {
                 SubmitError::InvalidArgument(m) => ApiError::InvalidArgument(m),
                 SubmitError::NotFound(id) => {
                     ApiError::NotFound(format!("session {id} not found; join again"))
                 }
-                e @ SubmitError::QueueFull(_) => ApiError::Unavailable(e.to_string()),
+                e @ (SubmitError::QueueFull(_) | SubmitError::NotDurable(_)) => {
+                    ApiError::Unavailable(e.to_string())
+                }
                 SubmitError::Storage(e) => ApiError::Storage(e),
             })?;
         Ok(starling_proto::v1::ReportResponse { acked_seq })

@@ -2,7 +2,8 @@
 //! and (when `DATABASE_URL` is set) Postgres; `GetAudience` roll-ups against values this
 //! test computes on its own from the same reports; duplicates; the queue bound; a
 //! Postgres outage under load (its own throwaway cluster); `/metrics` through
-//! `promtool check metrics`.
+//! `promtool check metrics`. Hostile counters, quarantined rows and kill -9 are in
+//! `tests/hostile_reports.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -613,9 +614,11 @@ async fn report_validation(store: Store) {
 
 on_both_backends!(reports_roll_up, report_validation);
 
-/// The queue bound: with the writer held back, calls beyond `queue_max` are refused
-/// (UNAVAILABLE) and counted as dropped, the session's ack does not move, and once the
-/// queue drains the SDK's retry of the same reports succeeds: nothing lost.
+/// The queue bound: with the writer held back, calls wait for their commit (nothing is
+/// acknowledged while only queued), calls beyond `queue_max` are refused (UNAVAILABLE)
+/// at once and counted as dropped, the session's ack does not move, and once the queue
+/// drains the waiting calls are acknowledged and the SDK's retry of the refused reports
+/// succeeds: nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_bound_drops_are_counted() {
     let db = common::sqlite().await;
@@ -625,27 +628,48 @@ async fn queue_bound_drops_are_counted() {
         // after an hour, or when flushed.
         batch_max: 500,
         flush_interval: Duration::from_secs(3600),
+        ack_timeout: PATIENCE,
         ..test_config()
     };
     let cp = Cp::start(db.store.clone(), config, true).await;
     let (bid, sessions) = fake_sessions(&db.store, 2).await;
-    let mut v = cp.viewer();
     let rep = |seq: u64| ViewerReport {
         report_seq: seq,
         at_unix_ms: now_ms(),
         ..Default::default()
     };
-    for seq in 1..=10 {
-        let r = v
-            .report(ReportRequest {
-                session_id: sessions[seq as usize % 2].0.clone(),
+    let wait_depth = |n: usize| {
+        let reports = cp.reports.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + PATIENCE;
+            while reports.queue_depth() < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "queue never reached {n}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let mut waiting = Vec::new();
+    for seq in 1..=10u64 {
+        let mut v = cp.viewer();
+        let sid = sessions[seq as usize % 2].0.clone();
+        waiting.push(tokio::spawn(async move {
+            v.report(ReportRequest {
+                session_id: sid,
                 reports: vec![rep(seq)],
             })
             .await
-            .unwrap();
-        assert_eq!(r.into_inner().acked_seq, seq);
+            .unwrap()
+            .into_inner()
+            .acked_seq
+        }));
+        // One at a time, so each session's seqs arrive in order.
+        wait_depth(usize::try_from(seq).unwrap()).await;
     }
     assert_eq!(cp.reports.queue_depth(), 10);
+    let mut v = cp.viewer();
     let refused = v
         .report(ReportRequest {
             session_id: sessions[0].0.clone(),
@@ -657,16 +681,29 @@ async fn queue_bound_drops_are_counted() {
     let text = scrape(cp.metrics.unwrap()).await;
     assert_eq!(metric(&text, "starling_cp_reports_dropped_total"), 2.0);
     assert_eq!(metric(&text, "starling_cp_report_queue_depth"), 10.0);
+    // Nothing is committed, so nothing is acknowledged: the writer sleeps for an hour.
+    assert!(waiting.iter().all(|t| !t.is_finished()));
     assert!(cp.reports.flush(PATIENCE).await);
-    let r = v
-        .report(ReportRequest {
-            session_id: sessions[0].0.clone(),
-            reports: vec![rep(11), rep(12)],
+    for (seq, t) in (1..=10u64).zip(waiting) {
+        assert_eq!(t.await.unwrap(), seq);
+    }
+    let retry = {
+        let mut v = cp.viewer();
+        let sid = sessions[0].0.clone();
+        tokio::spawn(async move {
+            v.report(ReportRequest {
+                session_id: sid,
+                reports: vec![rep(11), rep(12)],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .acked_seq
         })
-        .await
-        .unwrap();
-    assert_eq!(r.into_inner().acked_seq, 12);
+    };
+    wait_depth(2).await;
     assert!(cp.reports.flush(PATIENCE).await);
+    assert_eq!(retry.await.unwrap(), 12);
     assert_eq!(wait_stored(&db.store, &bid, 12).await.len(), 12);
     cp.shutdown().await;
 }
@@ -937,9 +974,11 @@ impl Drop for OwnCluster {
     }
 }
 
-/// Postgres is stopped for 20 s while 20 sessions keep reporting every 100 ms (about
-/// 4,000 reports during the outage), then started again: every report is stored exactly
-/// once (raw rows and the roll-up's report count), and the failed writes were counted.
+/// Postgres is stopped for 20 s while 20 sessions keep reporting about every 200 ms
+/// (100 ms pause + a call refused after the 100 ms ack timeout: about 2,000 reports
+/// queued during the outage, none acknowledged), then started again: every report is
+/// stored exactly once (raw rows and the roll-up's report count), and the failed writes
+/// were counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_loses_no_report() {
     let Some(cluster) = OwnCluster::create() else {
@@ -949,7 +988,12 @@ async fn postgres_outage_loses_no_report() {
         Store::connect(&starling_controlplane::DatabaseConfig::Postgres { url: cluster.url() })
             .await
             .unwrap();
-    let cp = Cp::start(store.clone(), test_config(), true).await;
+    let config = ReportConfig {
+        // Calls answer UNAVAILABLE soon while the database is down (rows stay queued).
+        ack_timeout: Duration::from_millis(100),
+        ..test_config()
+    };
+    let cp = Cp::start(store.clone(), config, true).await;
     let (bid, sessions) = fake_sessions(&store, 20).await;
 
     let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -958,30 +1002,40 @@ async fn postgres_outage_loses_no_report() {
         let mut v = cp.viewer();
         let sid = sid.clone();
         let running = running.clone();
+        // Like the SDK: a new report every tick, every unacknowledged report (the
+        // newest 64) sent again until acknowledged.
         tasks.push(tokio::spawn(async move {
             let mut seq = 0u64;
-            while running.load(std::sync::atomic::Ordering::Relaxed) {
-                seq += 1;
-                let r = ViewerReport {
-                    report_seq: seq,
-                    at_unix_ms: now_ms(),
-                    bytes_from_server: seq * 100,
-                    bytes_from_peers: seq * 900,
-                    ..Default::default()
-                };
-                let ack = v
-                    .report(ReportRequest {
-                        session_id: sid.clone(),
-                        reports: vec![r],
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .acked_seq;
-                assert_eq!(ack, seq);
+            let mut unacked: Vec<ViewerReport> = Vec::new();
+            let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
+            loop {
+                if running.load(std::sync::atomic::Ordering::Relaxed) {
+                    seq += 1;
+                    unacked.push(ViewerReport {
+                        report_seq: seq,
+                        at_unix_ms: now_ms(),
+                        bytes_from_server: seq * 100,
+                        bytes_from_peers: seq * 900,
+                        ..Default::default()
+                    });
+                } else if unacked.is_empty() {
+                    return seq;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "reports never acked"
+                );
+                let batch = unacked[unacked.len().saturating_sub(64)..].to_vec();
+                let call = v.report(ReportRequest {
+                    session_id: sid.clone(),
+                    reports: batch,
+                });
+                if let Ok(Ok(r)) = tokio::time::timeout(PATIENCE, call).await {
+                    let ack = r.into_inner().acked_seq;
+                    unacked.retain(|r| r.report_seq > ack);
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            seq
         }));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -998,7 +1052,7 @@ async fn postgres_outage_loses_no_report() {
     }
     want.sort();
     assert!(
-        during > 1000,
+        during > 500,
         "reports should have queued up during the outage ({during})"
     );
     assert!(
@@ -1018,6 +1072,7 @@ async fn postgres_outage_loses_no_report() {
     let text = scrape(cp.metrics.unwrap()).await;
     assert!(metric(&text, "starling_cp_db_write_errors_total") >= 1.0);
     assert_eq!(metric(&text, "starling_cp_reports_dropped_total"), 0.0);
+    assert_eq!(metric(&text, "starling_cp_reports_quarantined_total"), 0.0);
     cp.shutdown().await;
     store.close().await;
 }

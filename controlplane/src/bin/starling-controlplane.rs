@@ -157,6 +157,45 @@ struct Args {
           value_parser = parse_duration)]
     report_retention: Duration,
 
+    /// How often the report writer commits what is queued (a group commit: Report
+    /// calls answer once their rows are committed, so this is their added latency), in
+    /// milliseconds. Keep it well below the SDK's 3 s call timeout.
+    #[arg(long, env = "STARLING_REPORT_FLUSH_INTERVAL_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(10..=2_000))]
+    report_flush_interval_ms: u64,
+
+    /// Longest a Report call waits for its reports to be committed before answering
+    /// UNAVAILABLE (they stay queued; the SDK retries them), in milliseconds.
+    #[arg(long, env = "STARLING_REPORT_ACK_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    report_ack_timeout_ms: u64,
+
+    /// Stream rate assumed, when bounding viewers' reported byte counters, for a
+    /// broadcast whose data-plane node has not reported a measured rate yet (kbit/s).
+    /// Counters that grow faster than the stream rate x --report-counter-margin (plus
+    /// --report-burst-ms of stream) are clamped and counted in
+    /// starling_cp_counters_clamped_total.
+    #[arg(long, env = "STARLING_MAX_STREAM_KBPS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_stream_kbps: u32,
+
+    /// Most a viewer can upload (kbit/s): the bound of its reported uploaded bytes.
+    #[arg(long, env = "STARLING_MAX_UPLOAD_KBPS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_upload_kbps: u32,
+
+    /// Factor over the stream rate (and the upload ceiling, and real time for stall
+    /// time) that viewers' counters may grow by in the time a report covers.
+    #[arg(long, env = "STARLING_REPORT_COUNTER_MARGIN", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    report_counter_margin: u32,
+
+    /// Start-up burst allowance of viewers' counters, in milliseconds of stream, on
+    /// top of the margin (the data plane's live start sends a second or more at once).
+    #[arg(long, env = "STARLING_REPORT_BURST_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    report_burst_ms: u64,
+
     /// Export OpenTelemetry traces over OTLP/gRPC to this collector, e.g.
     /// http://127.0.0.1:4317 (plain http only: no TLS). Off by default; falls back to
     /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then OTEL_EXPORTER_OTLP_ENDPOINT; `off`
@@ -453,6 +492,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         reports: starling_controlplane::ReportConfig {
             queue_max: usize::try_from(args.report_queue_max).unwrap_or(usize::MAX),
             retention: args.report_retention,
+            flush_interval: Duration::from_millis(args.report_flush_interval_ms),
+            ack_timeout: Duration::from_millis(args.report_ack_timeout_ms),
+            limits: starling_controlplane::reports::clamp::CounterLimits {
+                max_stream_kbps: args.max_stream_kbps,
+                max_upload_kbps: args.max_upload_kbps,
+                margin: args.report_counter_margin,
+                burst: Duration::from_millis(args.report_burst_ms),
+            },
             ..starling_controlplane::ReportConfig::default()
         },
         token_ttl: Duration::from_secs(args.token_ttl),

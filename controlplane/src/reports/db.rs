@@ -226,6 +226,8 @@ pub async fn last_state(store: &Store, session_id: &str) -> Result<Option<Prev>,
             stall_ms: u64_of(row.try_get("stall_ms")?),
             startup_seen: n > 0,
             minute: Some(minute_of(at_ms)),
+            // A fresh allowance (the burst) after a restart or an eviction.
+            credits: None,
         }))
     })
 }

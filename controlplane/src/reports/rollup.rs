@@ -9,14 +9,19 @@
 //!   silent is not counted as watching. Its covered time and the deltas of its cumulative
 //!   counters (bytes from the data plane, bytes from peers, stall time) are attributed to
 //!   the minute that contains the report's time `at_ms`.
-//! * A counter that went *down* (an SDK that restarted its counters) contributes its new
-//!   value, as Prometheus' `rate()` treats counter resets.
+//! * A counter that went *down* contributes 0 and becomes the new baseline (an honest
+//!   SDK's counters never go down within a session). Every delta is clamped to what is
+//!   physically possible in the covered time ([`super::clamp`]): bytes received to the
+//!   stream rate × margin (+ a start-up burst), stall time to the covered time × margin
+//!   (+ the burst); a clamped report is counted (`starling_cp_counters_clamped_total`).
 //! * Viewers of a minute = distinct sessions with a report in it; a bucket's
 //!   `concurrent_viewers` is the mean over its minutes, `peak_viewers` the maximum.
 //! * Start-up percentiles use each session's first non-zero `startup_ms`, in the bucket
 //!   that contains the report that carried it (nearest-rank percentiles).
 
 use starling_proto::v1::{AudiencePoint, ViewerReport};
+
+use super::clamp::{self, Bounds, Credits};
 
 /// One minute in milliseconds.
 pub const MINUTE_MS: i64 = 60_000;
@@ -43,6 +48,8 @@ pub struct Prev {
     pub startup_seen: bool,
     /// Minute of the last report (`None` before the first one).
     pub minute: Option<i64>,
+    /// Unused counter allowance ([`super::clamp`]); `None`: a fresh start (the burst).
+    pub credits: Option<Credits>,
 }
 
 impl Prev {
@@ -56,6 +63,7 @@ impl Prev {
             stall_ms: 0,
             startup_seen: false,
             minute: None,
+            credits: None,
         }
     }
 }
@@ -78,6 +86,8 @@ pub struct Derived {
     pub first_in_minute: bool,
     /// Carries the session's first non-zero start-up time.
     pub first_startup: bool,
+    /// A counter delta was cut to its physical bound.
+    pub clamped: bool,
 }
 
 /// How far a client's clock may be behind the control plane's (reports delayed by
@@ -86,38 +96,54 @@ pub const MAX_PAST_SKEW_MS: i64 = 3_600_000;
 /// How far ahead a client's clock may be.
 pub const MAX_FUTURE_SKEW_MS: i64 = 300_000;
 
-fn delta(cur: u64, prev: u64) -> u64 {
-    if cur >= prev { cur - prev } else { cur }
-}
-
-/// Derives what `r` contributes after `prev`, received at `now_ms`; returns it with the
-/// session's new state.
-pub fn derive(prev: &Prev, r: &ViewerReport, now_ms: i64, max_gap_ms: u64) -> (Derived, Prev) {
-    let plausible =
-        r.at_unix_ms >= now_ms - MAX_PAST_SKEW_MS && r.at_unix_ms <= now_ms + MAX_FUTURE_SKEW_MS;
+/// Derives what `r` contributes after `prev`, received at `now_ms`, with its counter
+/// deltas clamped to `bounds`; returns it with the session's new state.
+pub fn derive(
+    prev: &Prev,
+    r: &ViewerReport,
+    now_ms: i64,
+    max_gap_ms: u64,
+    bounds: &Bounds,
+) -> (Derived, Prev) {
+    let plausible = r.at_unix_ms >= now_ms.saturating_sub(MAX_PAST_SKEW_MS)
+        && r.at_unix_ms <= now_ms.saturating_add(MAX_FUTURE_SKEW_MS);
     let at_ms = if plausible { r.at_unix_ms } else { now_ms }.max(prev.at_ms);
-    let covered_ms = u64::try_from(at_ms - prev.at_ms)
+    let covered_ms = u64::try_from(at_ms.saturating_sub(prev.at_ms))
         .unwrap_or(0)
         .min(max_gap_ms);
     let minute = minute_of(at_ms);
     let first_startup = !prev.startup_seen && r.startup_ms > 0;
+    let mut credits = prev.credits.unwrap_or_else(|| bounds.start());
+    let c = clamp::clamp(
+        [
+            clamp::raw_delta(r.bytes_from_server, prev.from_server),
+            clamp::raw_delta(r.bytes_from_peers, prev.from_peers),
+            0,
+            clamp::raw_delta(r.stall_ms, prev.stall_ms),
+        ],
+        covered_ms,
+        &mut credits,
+        bounds,
+    );
     let d = Derived {
         at_ms,
         covered_ms,
-        d_server: delta(r.bytes_from_server, prev.from_server),
-        d_peers: delta(r.bytes_from_peers, prev.from_peers),
-        d_stall_ms: delta(r.stall_ms, prev.stall_ms),
+        d_server: c.from_server,
+        d_peers: c.from_peers,
+        d_stall_ms: c.stall_ms,
         first_in_minute: prev.minute != Some(minute),
         first_startup,
+        clamped: c.clamped,
     };
     let next = Prev {
         seq: r.report_seq,
         at_ms,
-        from_server: r.bytes_from_server,
-        from_peers: r.bytes_from_peers,
-        stall_ms: r.stall_ms,
+        from_server: clamp::baseline(r.bytes_from_server),
+        from_peers: clamp::baseline(r.bytes_from_peers),
+        stall_ms: clamp::baseline(r.stall_ms),
         startup_seen: prev.startup_seen || first_startup,
         minute: Some(minute),
+        credits: Some(credits),
     };
     (d, next)
 }
@@ -144,12 +170,12 @@ pub struct Minute {
 impl Minute {
     /// Adds another contribution to the same minute.
     pub fn add(&mut self, o: &Minute) {
-        self.viewers += o.viewers;
-        self.reports += o.reports;
-        self.watch_ms += o.watch_ms;
-        self.server_bytes += o.server_bytes;
-        self.peer_bytes += o.peer_bytes;
-        self.stall_ms += o.stall_ms;
+        self.viewers = self.viewers.saturating_add(o.viewers);
+        self.reports = self.reports.saturating_add(o.reports);
+        self.watch_ms = self.watch_ms.saturating_add(o.watch_ms);
+        self.server_bytes = self.server_bytes.saturating_add(o.server_bytes);
+        self.peer_bytes = self.peer_bytes.saturating_add(o.peer_bytes);
+        self.stall_ms = self.stall_ms.saturating_add(o.stall_ms);
     }
 
     /// What one derived report contributes to its minute.
@@ -226,7 +252,10 @@ pub fn points(
             peak_viewers: u32::try_from(peak).unwrap_or(u32::MAX),
             #[allow(clippy::cast_precision_loss)]
             watch_time_s: sum.watch_ms as f64 / 1000.0,
-            peer_share: ratio(sum.peer_bytes, sum.peer_bytes + sum.server_bytes),
+            peer_share: ratio(
+                sum.peer_bytes,
+                sum.peer_bytes.saturating_add(sum.server_bytes),
+            ),
             server_egress_bytes: sum.server_bytes,
             peer_bytes: sum.peer_bytes,
             rebuffer_ratio: ratio(sum.stall_ms, sum.watch_ms),
@@ -255,36 +284,82 @@ mod tests {
     }
 
     const NOW: i64 = 1_700_000_080_000; // 40 s into a minute
+    const B: Bounds = Bounds {
+        stream_kbps: 2000,
+        limits: clamp::CounterLimits {
+            max_stream_kbps: 20_000,
+            max_upload_kbps: 100_000,
+            margin: 2,
+            burst: std::time::Duration::from_secs(5),
+        },
+    };
 
     #[test]
     fn first_report_covers_since_join_and_counts_startup() {
         let p = Prev::joined(NOW - 5_000);
-        let (d, n) = derive(&p, &rep(1, NOW, 100, 50, 0, 300), NOW, 30_000);
+        let (d, n) = derive(&p, &rep(1, NOW, 100, 50, 0, 300), NOW, 30_000, &B);
         assert_eq!(d.covered_ms, 5_000);
         assert_eq!((d.d_server, d.d_peers, d.d_stall_ms), (100, 50, 0));
         assert!(d.first_in_minute && d.first_startup);
         assert_eq!(n.seq, 1);
-        let (d2, _) = derive(&n, &rep(2, NOW + 5_000, 150, 250, 40, 300), NOW, 30_000);
+        let (d2, _) = derive(&n, &rep(2, NOW + 5_000, 150, 250, 40, 300), NOW, 30_000, &B);
         assert_eq!(d2.covered_ms, 5_000);
         assert_eq!((d2.d_server, d2.d_peers, d2.d_stall_ms), (50, 200, 40));
         assert!(!d2.first_in_minute && !d2.first_startup);
         // Next minute.
-        let (d3, _) = derive(&n, &rep(2, NOW + 25_000, 150, 250, 40, 300), NOW, 30_000);
+        let (d3, _) = derive(
+            &n,
+            &rep(2, NOW + 25_000, 150, 250, 40, 300),
+            NOW,
+            30_000,
+            &B,
+        );
         assert!(d3.first_in_minute);
     }
 
     #[test]
     fn gaps_are_capped_resets_and_bad_clocks_handled() {
         let p = Prev::joined(NOW - 600_000);
-        let (d, n) = derive(&p, &rep(1, NOW, 1000, 0, 0, 0), NOW, 30_000);
+        let (d, n) = derive(&p, &rep(1, NOW, 1000, 0, 0, 0), NOW, 30_000, &B);
         assert_eq!(d.covered_ms, 30_000);
-        // Counter reset: contributes its new value.
-        let (d, n) = derive(&n, &rep(2, NOW + 1_000, 10, 0, 0, 0), NOW, 30_000);
-        assert_eq!(d.d_server, 10);
+        // A counter that went down: 0, and the new baseline.
+        let (d, n) = derive(&n, &rep(2, NOW + 1_000, 10, 0, 0, 0), NOW, 30_000, &B);
+        assert_eq!(d.d_server, 0);
+        assert!(!d.clamped);
+        assert_eq!(n.from_server, 10);
         // Implausible client time: receive time, never before the previous report.
-        let (d, _) = derive(&n, &rep(3, 5, 20, 0, 0, 0), NOW, 30_000);
+        let (d, _) = derive(&n, &rep(3, 5, 20, 0, 0, 0), NOW, 30_000, &B);
         assert_eq!(d.at_ms, NOW + 1_000);
         assert_eq!(d.covered_ms, 0);
+        assert_eq!(d.d_server, 10);
+    }
+
+    #[test]
+    fn extreme_counters_are_clamped_and_alternation_earns_nothing_more() {
+        let p = Prev::joined(NOW - 5_000);
+        let max = u64::MAX;
+        // u64::MAX on the first report: at most the burst + 2 × 5 s of stream.
+        let (d, mut n) = derive(&p, &rep(1, NOW, 0, max, max, 0), NOW, 30_000, &B);
+        assert!(d.clamped);
+        assert_eq!(d.d_peers, 15 * 250_000);
+        assert_eq!(d.d_stall_ms, 15_000);
+        assert_eq!(n.from_peers, i64::MAX as u64);
+        // Alternating 0 / huge every second: the margin × 100 s of stream, no more.
+        let mut peers = 0u64;
+        for k in 0..100i64 {
+            let v = if k % 2 == 0 { 0 } else { max };
+            let seq = k.unsigned_abs() + 2;
+            let (d, next) = derive(
+                &n,
+                &rep(seq, NOW + 1_000 * (k + 1), 0, v, 0, 0),
+                NOW,
+                30_000,
+                &B,
+            );
+            peers += d.d_peers;
+            n = next;
+        }
+        assert_eq!(peers, 2 * 100 * 250_000);
     }
 
     #[test]
