@@ -224,10 +224,12 @@ fn peer_slots_used(g: &Broadcast) -> u64 {
     g.demand_slots - g.booster_slots
 }
 
+fn fed_by(p: &SubstreamParent, peer: u64) -> bool {
+    p.peer.as_ref().is_some_and(|r| r.peer_id == peer)
+}
+
 fn has_parent(parents: &[SubstreamParent], peer: u64) -> bool {
-    parents
-        .iter()
-        .any(|p| p.peer.as_ref().is_some_and(|r| r.peer_id == peer))
+    parents.iter().any(|p| fed_by(p, peer))
 }
 
 async fn report(
@@ -343,11 +345,7 @@ async fn free_sessions_cannot_exclude_relays(store: Store) {
     let mut victims = Vec::new();
     for i in 1..=3u8 {
         let j = join_from(&h, &b2, [127, 0, 5, i], "", 0).await.unwrap();
-        assert!(
-            j.parents
-                .iter()
-                .all(|p| has_parent(&[p.clone()], polluter.peer_id))
-        );
+        assert!(j.parents.iter().all(|p| fed_by(p, polluter.peer_id)));
         victims.push((h.viewer([127, 0, 5, i]).await, j));
     }
     for (n, (client, v)) in victims.iter_mut().enumerate() {
@@ -394,7 +392,7 @@ async fn sybil_upload_is_capped_and_peer_addr_must_be_the_callers(store: Store) 
         on_sybil += j
             .parents
             .iter()
-            .filter(|p| has_parent(&[(*p).clone()], sybil.peer_id))
+            .filter(|p| fed_by(p, sybil.peer_id))
             .count();
     }
     assert_eq!(on_sybil, 16);
@@ -450,11 +448,7 @@ async fn non_delivery_from_three_children_demotes_the_parent(store: Store) {
     let mut kids = Vec::new();
     for i in 11..=14u8 {
         let j = join_from(&h, &b, [127, 0, 8, i], "", 0).await.unwrap();
-        assert!(
-            j.parents
-                .iter()
-                .all(|p| has_parent(&[p.clone()], parent.peer_id))
-        );
+        assert!(j.parents.iter().all(|p| fed_by(p, parent.peer_id)));
         kids.push((h.viewer([127, 0, 8, i]).await, j));
     }
     assert_eq!(peer_slots_used(&h.get(&b).await), 16);
@@ -490,7 +484,7 @@ async fn non_delivery_from_three_children_demotes_the_parent(store: Store) {
             parents_now(&h, &k.session_id)
                 .await
                 .iter()
-                .all(|p| has_parent(&[p.clone()], parent.peer_id))
+                .all(|p| fed_by(p, parent.peer_id))
         );
     }
     // A second and third distinct child: demoted, children re-parented, no new ones.

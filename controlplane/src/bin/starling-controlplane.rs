@@ -179,7 +179,8 @@ struct Args {
         long,
         env = "STARLING_JOIN_RATE_PER_ADDR",
         default_value_t = 20.0,
-        value_name = "PER_SECOND"
+        value_name = "PER_SECOND",
+        value_parser = parse_rate
     )]
     join_rate_per_addr: f64,
 
@@ -195,7 +196,8 @@ struct Args {
         long,
         env = "STARLING_UNKNOWN_SESSION_RATE_PER_ADDR",
         default_value_t = 20.0,
-        value_name = "PER_SECOND"
+        value_name = "PER_SECOND",
+        value_parser = parse_rate
     )]
     unknown_session_rate_per_addr: f64,
 
@@ -252,6 +254,16 @@ struct Args {
     #[arg(long, env = "STARLING_GRPC_MAX_MESSAGE_BYTES", default_value_t = 262_144,
           value_parser = clap::value_parser!(u64).range(1024..=67_108_864))]
     grpc_max_message_bytes: u64,
+}
+
+/// A rate per second: a finite number, 0 or more (0 = no limit).
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a rate per second (a number, 0 or more)"
+        )),
+    }
 }
 
 /// `90s`, `30m`, `36h`, `7d` (or plain seconds).
@@ -562,12 +574,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         ..ServiceConfig::default()
     };
-    if !(args.join_rate_per_addr.is_finite() && args.join_rate_per_addr >= 0.0)
-        || !(args.unknown_session_rate_per_addr.is_finite()
-            && args.unknown_session_rate_per_addr >= 0.0)
-    {
-        anyhow::bail!("rates per address must be finite and not negative");
-    }
     let auth = auth_config(&args)?;
     let config = Config {
         listen: args.listen,
