@@ -1,6 +1,7 @@
 //! The control-plane side: `ViewerService` Join / Heartbeat / Leave / Reparent /
 //! ReportPeer / Report over gRPC.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -122,18 +123,60 @@ pub(crate) struct Control {
     client_version: String,
 }
 
+/// The local IP the control channel binds to: the relay listener's IP when it is a
+/// specific one, so the control plane sees this viewer calling from the address it
+/// advertises as `peer_addr` (the control plane checks that, and counts reporters by
+/// address). Not when the listener is on loopback and the control plane is not (the
+/// connection could not be routed), nor across address families.
+pub(crate) fn control_bind_ip(relay_listen: IpAddr, control_url: &str) -> Option<IpAddr> {
+    if relay_listen.is_unspecified() {
+        return None;
+    }
+    let authority = control_url
+        .split("://")
+        .nth(1)
+        .unwrap_or(control_url)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let remote: Option<IpAddr> = if host.eq_ignore_ascii_case("localhost") {
+        Some(if relay_listen.is_ipv4() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+        })
+    } else {
+        host.parse().ok()
+    };
+    match remote {
+        Some(r) if r.is_ipv4() != relay_listen.is_ipv4() => None,
+        Some(r) if relay_listen.is_loopback() && !r.is_loopback() => None,
+        // A host name: only a non-loopback listener can reach it.
+        None if relay_listen.is_loopback() => None,
+        _ => Some(relay_listen),
+    }
+}
+
 impl Control {
+    /// `local`: bind the channel's sockets to this IP ([`control_bind_ip`]).
     pub(crate) fn new(
         url: &str,
         broadcast_id: &str,
         credential: Option<&str>,
         client_version: &str,
         timeout: Duration,
+        local: Option<IpAddr>,
     ) -> Result<Control, SdkError> {
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| SdkError::Config(format!("control URL {url:?}: {e}")))?
             .connect_timeout(timeout)
-            .timeout(timeout);
+            .timeout(timeout)
+            .local_address(local);
         // Lazy: the channel (re)connects on use, so a control plane that is down now
         // and back later is picked up by the next heartbeat or re-join.
         let channel = endpoint.connect_lazy();
@@ -286,5 +329,28 @@ impl Control {
             .await
             .map_err(|s| SdkError::from_status("Leave", s))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn control_channel_binds_to_a_specific_relay_ip_that_can_reach_the_control_plane() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let lo = ip("127.3.4.5");
+        assert_eq!(control_bind_ip(lo, "http://127.0.0.1:7000"), Some(lo));
+        assert_eq!(control_bind_ip(lo, "http://localhost:7000/"), Some(lo));
+        assert_eq!(control_bind_ip(lo, "http://10.0.0.1:7000"), None);
+        assert_eq!(control_bind_ip(lo, "https://cp.example:443"), None);
+        assert_eq!(control_bind_ip(ip("0.0.0.0"), "http://127.0.0.1:1"), None);
+        let lan = ip("192.168.1.9");
+        assert_eq!(control_bind_ip(lan, "https://cp.example:443"), Some(lan));
+        assert_eq!(control_bind_ip(lan, "http://10.0.0.1:7000"), Some(lan));
+        assert_eq!(control_bind_ip(lan, "http://[2001:db8::1]:7000"), None);
+        let v6 = ip("::1");
+        assert_eq!(control_bind_ip(v6, "http://[::1]:7000"), Some(v6));
     }
 }

@@ -350,6 +350,7 @@ impl Viewer {
             config.credential.as_deref(),
             &config.client_version,
             config.connect_timeout,
+            crate::control::control_bind_ip(config.relay.listen.ip(), &config.control_url),
         )?;
         let (peer_listener, offer) = prepare_relay(&config).await?;
         let join = control.join(&offer).await?;

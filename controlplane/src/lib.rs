@@ -15,6 +15,10 @@
 //! * [`grid`]: the peer grid's sans-IO assignment and booster logic ([`grid::GridAssigner`]).
 //! * [`live`]: this process's live grids (one assigner per LIVE broadcast, sessions ↔
 //!   peers, byte counters).
+//! * [`limits`]: flood limits of the viewer API (per-address token buckets, negative
+//!   cache of unknown sessions), pure.
+//! * [`trust`]: what the control plane believes of a peer's claims: the upload cap until
+//!   confirmed, distinct-address report ledgers (pure).
 //! * [`service`]: the tonic service implementations.
 //! * [`reports`]: viewer reports: bounded write queue, batch writer, per-minute roll-ups,
 //!   retention ([`ReportConfig`]).
@@ -26,6 +30,7 @@ pub mod assign;
 pub mod auth;
 pub mod credential;
 pub mod grid;
+pub mod limits;
 pub mod live;
 pub mod metrics;
 pub mod reports;
@@ -33,10 +38,11 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod tokens;
+pub mod trust;
 pub mod validate;
 
 pub use auth::{AuthConfig, BearerInterceptor};
 pub use reports::ReportConfig;
-pub use server::{Config, ControlPlane, ControlPlaneHandle, ServeError, serve};
+pub use server::{Config, ControlPlane, ControlPlaneHandle, ServeError, ServerLimits, serve};
 pub use service::ServiceConfig;
 pub use store::{DatabaseConfig, Store, StoreError};

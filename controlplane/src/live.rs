@@ -27,10 +27,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use starling_proto::token::Scopes;
-use starling_proto::v1::{PeerRef, SubstreamParent};
+use starling_proto::v1::{PeerRef, PeerReportKind, SubstreamParent};
 
 use crate::grid::{GridAssigner, GridConfig, GridError, GridStats, Parent, PeerId, PeerInfo};
 use crate::reports::clamp::{self, Bounds, CounterLimits, Credits};
+use crate::trust::{ReportLedger, TrustConfig, UploadTrust};
 
 /// Stream rate assumed for slot accounting when the ingesting node has not reported a
 /// measured rate yet at the first join of a broadcast. The grid keeps the rate it was
@@ -43,6 +44,30 @@ pub const MAX_EXCLUDE: usize = 64;
 /// Most distinct peers one session may report bad (`ReportPeer`): an honest viewer meets
 /// few polluters, and a malicious one cannot exclude the whole grid from relaying.
 pub const MAX_REPORTS_PER_SESSION: usize = 16;
+
+/// How long a peer handed to a session (as a parent or neighbour, at join, heartbeat or
+/// re-search) stays one the session may report.
+pub const REPORTABLE_FOR: Duration = Duration::from_secs(60);
+
+/// Most peers remembered per session as reportable.
+const MAX_REPORTABLE: usize = 64;
+
+/// A peer id: random in `1..=i64::MAX` (never 0, the proto's "absent"; fits a signed
+/// 64-bit column), so ids cannot be guessed from one's own and a restarted control
+/// plane does not hand out ids that revocation lists of the previous run still name.
+fn random_peer_id() -> PeerId {
+    loop {
+        let b = uuid::Uuid::new_v4().into_bytes();
+        let mut v = [0u8; 8];
+        // Bytes 6 and 8 carry the UUID version and variant: skip them.
+        v[..6].copy_from_slice(&b[..6]);
+        v[6..].copy_from_slice(&b[9..11]);
+        let id = u64::from_le_bytes(v) & (i64::MAX as u64);
+        if id != 0 {
+            return id;
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves its map consistent before anything can panic (the
@@ -61,8 +86,10 @@ pub struct JoinView {
     pub neighbours: Vec<PeerRef>,
     /// Stream rate the grid accounts slots with.
     pub stream_kbps: u32,
-    /// Child slots this peer may serve.
+    /// Child slots the claimed upload buys (the grid may use fewer until confirmed).
     pub child_slots: u32,
+    /// Upload budget the grid counts slots with now (the claim, capped until confirmed).
+    pub granted_kbps: u32,
     /// How many other peers were re-parented by this join (they learn it by heartbeat).
     pub moved: usize,
 }
@@ -115,7 +142,7 @@ pub struct Revoked {
     pub credential_expires_at: Option<u64>,
 }
 
-/// The outcome of a bad-peer report.
+/// The outcome of a peer report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadPeerReport {
     /// The reporter's broadcast.
@@ -124,7 +151,11 @@ pub struct BadPeerReport {
     pub reporter: PeerId,
     /// Whether the reported peer is (still) in the reporter's grid.
     pub known_peer: bool,
-    /// Peers re-parented away from it (0 when it was already marked bad).
+    /// Distinct reporter addresses that complained about it (this kind).
+    pub reporters: usize,
+    /// Whether this report excluded (demoted) the peer.
+    pub excluded: bool,
+    /// Peers re-parented away from it (0 unless this report excluded it).
     pub moved: usize,
 }
 
@@ -140,6 +171,15 @@ pub enum ReportRefused {
     /// The session already reported [`MAX_REPORTS_PER_SESSION`] other peers.
     #[error("this session already reported {MAX_REPORTS_PER_SESSION} peers")]
     TooManyReports,
+    /// The reported peer is not (and was not recently) one of the session's parents
+    /// (NON_DELIVERY) or parents and neighbours (BAD_CHUNK).
+    #[error("peer {peer_id} is not one of this session's {role}")]
+    NotAssigned {
+        /// The reported peer.
+        peer_id: PeerId,
+        /// "parents" or "parents or neighbours".
+        role: &'static str,
+    },
 }
 
 /// Grid figures of one broadcast, for `GetBroadcast`.
@@ -191,8 +231,11 @@ pub struct JoinInput<'a> {
     pub session_id: &'a str,
     /// Where the viewer accepts peer connections (empty = does not relay).
     pub peer_addr: String,
-    /// Upload budget (already 0 when `peer_addr` is empty).
+    /// Claimed upload budget (already 0 when `peer_addr` is empty); the grid grants at
+    /// most [`TrustConfig::upload_ceiling`] of it until heartbeats confirm more.
     pub upload_kbps: u32,
+    /// The caller's IP as this process sees it (distinct reporters are counted by it).
+    pub remote_ip: Option<IpAddr>,
     /// Network prefix for the "nearby" preference (see [`addr_prefix`]).
     pub addr_prefix: u32,
     /// The `sub` of the viewer's credential (`None` for public broadcasts), for
@@ -216,6 +259,10 @@ struct GridState {
     peers: HashMap<PeerId, PeerSlot>,
     /// Set when the broadcast's grid is dropped; late joins are refused.
     closed: bool,
+    /// BAD_CHUNK reports by distinct reporter address.
+    bad_chunk: ReportLedger,
+    /// NON_DELIVERY reports by distinct child address.
+    non_delivery: ReportLedger,
 }
 
 impl GridState {
@@ -271,7 +318,15 @@ impl GridState {
 
     fn remove_peer(&mut self, id: PeerId, now: Duration) -> usize {
         self.peers.remove(&id);
+        self.bad_chunk.forget(id);
+        self.non_delivery.forget(id);
         self.assigner.leave(id, now).len()
+    }
+
+    /// Slots in use by `id` × the substream rate: what its children can take, kbit/s.
+    fn carried_kbps(&self, id: PeerId) -> u64 {
+        let used = self.assigner.children(id).map_or(0, |c| c.len());
+        (used as u64).saturating_mul(u64::from(self.assigner.stats().substream_kbps))
     }
 }
 
@@ -300,8 +355,57 @@ struct SessionEntry {
     credential_expires_at: Option<u64>,
     /// The chunk token last issued.
     token: Option<TokenState>,
-    /// Peers this session reported bad.
+    /// Peers this session reported.
     reported: Vec<PeerId>,
+    /// The caller's IP at join.
+    addr: Option<IpAddr>,
+    /// Claimed and granted upload budget.
+    upload: UploadTrust,
+    /// Peers handed to this session recently: (peer, last time as a parent, last time
+    /// as a parent or neighbour).
+    reportable: Vec<(PeerId, Option<Duration>, Duration)>,
+}
+
+impl SessionEntry {
+    fn remember(&mut self, peers: impl IntoIterator<Item = (PeerId, bool)>, now: Duration) {
+        for (id, parent) in peers {
+            let as_parent = parent.then_some(now);
+            match self.reportable.iter_mut().find(|(p, _, _)| *p == id) {
+                Some(e) => {
+                    e.1 = as_parent.or(e.1);
+                    e.2 = now;
+                }
+                None => self.reportable.push((id, as_parent, now)),
+            }
+        }
+        self.reportable
+            .retain(|(_, _, t)| now.saturating_sub(*t) <= REPORTABLE_FOR);
+        if self.reportable.len() > MAX_REPORTABLE {
+            self.reportable
+                .sort_by_key(|&(_, _, t)| std::cmp::Reverse(t));
+            self.reportable.truncate(MAX_REPORTABLE);
+        }
+    }
+
+    fn may_report(&self, id: PeerId, as_parent: bool, now: Duration) -> bool {
+        let recent = |t: Duration| now.saturating_sub(t) <= REPORTABLE_FOR;
+        self.reportable.iter().any(|&(p, parent_at, seen_at)| {
+            p == id
+                && if as_parent {
+                    parent_at.is_some_and(recent)
+                } else {
+                    recent(seen_at)
+                }
+        })
+    }
+}
+
+fn assigned(parents: &[SubstreamParent], neighbours: &[PeerRef]) -> Vec<(PeerId, bool)> {
+    parents
+        .iter()
+        .filter_map(|p| p.peer.as_ref().map(|r| (r.peer_id, true)))
+        .chain(neighbours.iter().map(|n| (n.peer_id, false)))
+        .collect()
 }
 
 /// A session removed from the grid by expiry.
@@ -321,12 +425,14 @@ pub struct Expired {
 #[derive(Debug)]
 pub struct LiveGrids {
     epoch: Instant,
-    next_peer: AtomicU64,
+    trust: TrustConfig,
     broadcasts: Mutex<HashMap<String, Arc<BroadcastGrid>>>,
     sessions: Mutex<HashMap<String, SessionEntry>>,
     rates: Mutex<HashMap<String, u32>>,
     bad_peer_reports: AtomicU64,
     limits: CounterLimits,
+    peers_demoted: AtomicU64,
+    uploads_confirmed: AtomicU64,
 }
 
 impl Default for LiveGrids {
@@ -336,22 +442,23 @@ impl Default for LiveGrids {
 }
 
 impl LiveGrids {
-    /// No grids yet; heartbeat counters bounded by the default [`CounterLimits`].
+    /// No grids yet; default counter limits and trust rules.
     pub fn new() -> Self {
-        Self::with_limits(CounterLimits::default())
+        Self::with_config(CounterLimits::default(), TrustConfig::default())
     }
 
-    /// No grids yet; heartbeat counters bounded by `limits`.
-    pub fn with_limits(limits: CounterLimits) -> Self {
+    /// No grids yet; heartbeat counters bounded by `limits`, trust rules `trust`.
+    pub fn with_config(limits: CounterLimits, trust: TrustConfig) -> Self {
         LiveGrids {
             limits,
             epoch: Instant::now(),
-            // 0 is never a peer id (proto default = "absent").
-            next_peer: AtomicU64::new(1),
+            trust,
             broadcasts: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
             bad_peer_reports: AtomicU64::new(0),
+            peers_demoted: AtomicU64::new(0),
+            uploads_confirmed: AtomicU64::new(0),
         }
     }
 
@@ -408,6 +515,8 @@ impl LiveGrids {
                 assigner,
                 peers: HashMap::new(),
                 closed: false,
+                bad_chunk: ReportLedger::default(),
+                non_delivery: ReportLedger::default(),
             }),
             from_server: AtomicU64::new(0),
             from_peers: AtomicU64::new(0),
@@ -424,15 +533,22 @@ impl LiveGrids {
     pub fn join(&self, input: JoinInput<'_>) -> Result<JoinView, JoinRefused> {
         let grid = self.grid_for(&input)?;
         let now = self.now();
-        let peer_id = self.next_peer.fetch_add(1, Ordering::Relaxed);
         let mut st = lock(&grid.state);
         if st.closed {
             return Err(JoinRefused::Stopped);
         }
+        let mut peer_id = random_peer_id();
+        while st.peers.contains_key(&peer_id) {
+            peer_id = random_peer_id();
+        }
+        let upload = UploadTrust::new(
+            input.upload_kbps,
+            self.trust.upload_ceiling(st.assigner.config().stream_kbps),
+        );
         let plan = st.assigner.join(
             peer_id,
             PeerInfo {
-                upload_kbps: input.upload_kbps,
+                upload_kbps: upload.granted(),
                 addr_prefix: input.addr_prefix,
                 now,
             },
@@ -465,25 +581,30 @@ impl LiveGrids {
                 .collect(),
             neighbours: neighbours.iter().map(|&n| st.peer_ref(n)).collect(),
             stream_kbps: st.assigner.config().stream_kbps,
+            // The slots the claim buys once confirmed (the SDK admits children up to
+            // twice this); the grid assigns children only up to the granted budget.
             child_slots: st.assigner.slots_for(input.upload_kbps),
+            granted_kbps: upload.granted(),
             moved: plan.moved.len(),
         };
+        let mut entry = SessionEntry {
+            broadcast_id: input.broadcast_id.to_string(),
+            grid: grid.clone(),
+            peer_id,
+            last_seen: now,
+            counters: [0; 3],
+            credits: None,
+            subject: input.subject,
+            credential_expires_at: input.credential_expires_at,
+            token: None,
+            reported: Vec::new(),
+            addr: input.remote_ip,
+            upload,
+            reportable: Vec::new(),
+        };
+        entry.remember(assigned(&view.parents, &view.neighbours), now);
         // Still under the grid lock: `drop_broadcast` sees either no peer or both maps.
-        lock(&self.sessions).insert(
-            input.session_id.to_string(),
-            SessionEntry {
-                broadcast_id: input.broadcast_id.to_string(),
-                grid: grid.clone(),
-                peer_id,
-                last_seen: now,
-                counters: [0; 3],
-                credits: None,
-                subject: input.subject,
-                credential_expires_at: input.credential_expires_at,
-                token: None,
-                reported: Vec::new(),
-            },
-        );
+        lock(&self.sessions).insert(input.session_id.to_string(), entry);
         Ok(view)
     }
 
@@ -539,9 +660,29 @@ impl LiveGrids {
         {
             slot.neighbours.clone_from(&neighbours);
         }
+        let parents = st.parents_of(peer_id);
+        let neighbours: Vec<PeerRef> = neighbours.iter().map(|&n| st.peer_ref(n)).collect();
+        // Grid → sessions is the allowed nesting.
+        let grant = lock(&self.sessions).get_mut(session_id).and_then(|e| {
+            e.remember(assigned(&parents, &neighbours), now);
+            e.upload
+                .on_heartbeat(now, counters[2], self.trust.confirm_window, || {
+                    st.carried_kbps(peer_id)
+                })
+        });
+        if let Some(granted) = grant {
+            let moved = st.assigner.set_upload(peer_id, granted, now).len();
+            self.uploads_confirmed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                peer_id,
+                granted_kbps = granted,
+                moved,
+                "peer's upload confirmed by its heartbeats: more child slots"
+            );
+        }
         Some(HeartbeatView {
-            parents: st.parents_of(peer_id),
-            neighbours: neighbours.iter().map(|&n| st.peer_ref(n)).collect(),
+            parents,
+            neighbours,
             peer_id,
             broadcast_id,
             token,
@@ -561,16 +702,20 @@ impl LiveGrids {
             return Some(0);
         }
         let now = self.now();
-        let (grid, peer_id) = {
-            let sessions = lock(&self.sessions);
-            let e = sessions.get(session_id)?;
-            (e.grid.clone(), e.peer_id)
+        let (grid, peer_id, granted) = {
+            let mut sessions = lock(&self.sessions);
+            let e = sessions.get_mut(session_id)?;
+            // A report can only lower the claim (and the grant with it).
+            match e.upload.lower(upload_kbps) {
+                Some(g) => (e.grid.clone(), e.peer_id, g),
+                None => return Some(0),
+            }
         };
         let mut st = lock(&grid.state);
         if st.peers.get(&peer_id).is_none_or(|p| p.addr.is_empty()) {
             return Some(0);
         }
-        let moved = st.assigner.set_upload(peer_id, upload_kbps, now).len();
+        let moved = st.assigner.set_upload(peer_id, granted, now).len();
         if moved > 0 {
             tracing::info!(peer_id, upload_kbps, moved, "peer upload budget changed");
         }
@@ -629,19 +774,29 @@ impl LiveGrids {
             .collect()
     }
 
-    /// A viewer reports that `peer_id` sent it a chunk failing verification: the peer is
-    /// never assigned as a parent again in that broadcast and its children are
+    /// A viewer reports `peer_id`: it sent a chunk failing verification
+    /// ([`PeerReportKind::BadChunk`]; the peer must be one of the session's recent
+    /// parents or neighbours) or did not deliver its pushes
+    /// ([`PeerReportKind::NonDelivery`]; it must be one of the session's recent
+    /// parents). A report counts once per distinct reporter address
+    /// ([`crate::limits::addr_key`] of the IP the reporter joined from); at
+    /// [`TrustConfig::report_threshold`] (bad chunks) or
+    /// [`TrustConfig::demote_threshold`] (non-delivery) distinct addresses the peer is
+    /// demoted: never assigned as a parent again in that broadcast, its children
     /// re-parented (they learn it at their next heartbeat).
     ///
     /// # Errors
-    /// [`ReportRefused`] for an unknown session, a self-report, or too many reports.
+    /// [`ReportRefused`] for an unknown session, a self-report, a peer that is not the
+    /// session's to report, or too many reports.
     pub fn report_bad_peer(
         &self,
         session_id: &str,
         peer_id: PeerId,
+        kind: PeerReportKind,
     ) -> Result<BadPeerReport, ReportRefused> {
         let now = self.now();
-        let (grid, reporter, broadcast_id) = {
+        let as_parent = kind == PeerReportKind::NonDelivery;
+        let (grid, reporter, broadcast_id, addr) = {
             let mut sessions = lock(&self.sessions);
             let e = sessions
                 .get_mut(session_id)
@@ -649,18 +804,53 @@ impl LiveGrids {
             if e.peer_id == peer_id {
                 return Err(ReportRefused::SelfReport);
             }
+            if !e.may_report(peer_id, as_parent, now) {
+                return Err(ReportRefused::NotAssigned {
+                    peer_id,
+                    role: if as_parent {
+                        "parents"
+                    } else {
+                        "parents or neighbours"
+                    },
+                });
+            }
             if !e.reported.contains(&peer_id) {
                 if e.reported.len() >= MAX_REPORTS_PER_SESSION {
                     return Err(ReportRefused::TooManyReports);
                 }
                 e.reported.push(peer_id);
             }
-            (e.grid.clone(), e.peer_id, e.broadcast_id.clone())
+            (
+                e.grid.clone(),
+                e.peer_id,
+                e.broadcast_id.clone(),
+                e.addr
+                    .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            )
         };
         self.bad_peer_reports.fetch_add(1, Ordering::Relaxed);
         let mut st = lock(&grid.state);
         let known_peer = st.peers.contains_key(&peer_id);
-        let moved = if known_peer {
+        if !known_peer {
+            return Ok(BadPeerReport {
+                broadcast_id,
+                reporter,
+                known_peer,
+                reporters: 0,
+                excluded: false,
+                moved: 0,
+            });
+        }
+        let (reporters, threshold) = if as_parent {
+            let t = self.trust.demote_threshold;
+            (st.non_delivery.add(peer_id, addr, t), t)
+        } else {
+            let t = self.trust.report_threshold;
+            (st.bad_chunk.add(peer_id, addr, t), t)
+        };
+        let excluded = reporters >= threshold.max(1) && st.assigner.is_bad(peer_id) == Some(false);
+        let moved = if excluded {
+            self.peers_demoted.fetch_add(1, Ordering::Relaxed);
             st.assigner.report_bad_peer(peer_id, now).len()
         } else {
             0
@@ -669,8 +859,26 @@ impl LiveGrids {
             broadcast_id,
             reporter,
             known_peer,
+            reporters,
+            excluded,
             moved,
         })
+    }
+
+    /// Peers demoted (excluded as parents) by reports since start.
+    pub fn peers_demoted(&self) -> u64 {
+        self.peers_demoted.load(Ordering::Relaxed)
+    }
+
+    /// Upload budgets raised by confirming heartbeats since start.
+    pub fn uploads_confirmed(&self) -> u64 {
+        self.uploads_confirmed.load(Ordering::Relaxed)
+    }
+
+    /// Whether a peer of a broadcast's grid is demoted (`None`: no such peer).
+    pub fn is_demoted(&self, broadcast_id: &str, peer_id: PeerId) -> Option<bool> {
+        let grid = lock(&self.broadcasts).get(broadcast_id).cloned()?;
+        lock(&grid.state).assigner.is_bad(peer_id)
     }
 
     /// Bad-peer reports accepted since start.
@@ -704,7 +912,14 @@ impl LiveGrids {
         };
         let s = u16::try_from(substream).map_err(|_| invalid.clone())?;
         match st.assigner.reparent(peer_id, s, exclude, now) {
-            Ok(out) => Ok((st.parent_ref(usize::from(s), out.parent), out.moved.len())),
+            Ok(out) => {
+                if let (Parent::Peer(p), Some(e)) =
+                    (out.parent, lock(&self.sessions).get_mut(session_id))
+                {
+                    e.remember([(p, true)], now);
+                }
+                Ok((st.parent_ref(usize::from(s), out.parent), out.moved.len()))
+            }
             Err(GridError::InvalidSubstream(_)) => Err(invalid),
             Err(_) => Err(ReparentRefused::UnknownSession),
         }
@@ -867,11 +1082,24 @@ mod tests {
             session_id: session,
             peer_addr: addr.to_string(),
             upload_kbps: upload,
+            remote_ip: addr
+                .parse::<SocketAddr>()
+                .ok()
+                .map(|a| a.ip())
+                .or(Some(IpAddr::from([10, 9, 9, 9]))),
             addr_prefix: 0,
             subject: None,
             credential_expires_at: None,
         }
     }
+
+    fn from(mut i: JoinInput<'_>, ip: [u8; 4]) -> JoinInput<'_> {
+        i.remote_ip = Some(IpAddr::from(ip));
+        i
+    }
+
+    const BAD: PeerReportKind = PeerReportKind::BadChunk;
+    const SILENT: PeerReportKind = PeerReportKind::NonDelivery;
 
     #[test]
     fn prefixes() {
@@ -986,36 +1214,51 @@ mod tests {
         assert_eq!(hb.token.map(|t| t.expires_at_ms), Some(5));
         assert_eq!(g.session_peer("sc"), Some((c.peer_id, "b".to_string())));
 
-        // Reports: not oneself, unknown sessions refused; a report re-parents children.
+        // Reports: not oneself, unknown sessions, peers not assigned refused.
         assert_eq!(
-            g.report_bad_peer("sb", b.peer_id),
+            g.report_bad_peer("sb", b.peer_id, BAD),
             Err(ReportRefused::SelfReport)
         );
         assert_eq!(
-            g.report_bad_peer("nope", a.peer_id),
+            g.report_bad_peer("nope", a.peer_id, BAD),
             Err(ReportRefused::UnknownSession)
         );
-        let r = g.report_bad_peer("sb", a.peer_id).unwrap();
-        assert!(r.known_peer);
-        assert_eq!(r.reporter, b.peer_id);
+        assert!(matches!(
+            g.report_bad_peer("sa", c.peer_id, BAD),
+            Err(ReportRefused::NotAssigned { .. })
+        ));
+        // Two distinct addresses are not enough (the test input's default address is
+        // shared by sb and sc)...
+        let r = g.report_bad_peer("sb", a.peer_id, BAD).unwrap();
+        assert!(r.known_peer && !r.excluded);
+        assert_eq!((r.reporter, r.reporters, r.moved), (b.peer_id, 1, 0));
+        let r = g.report_bad_peer("sc", a.peer_id, BAD).unwrap();
+        assert_eq!((r.reporters, r.excluded), (1, false), "same address");
+        let d = g.join(from(input("sd", "", 0), [10, 0, 0, 4])).unwrap();
+        assert!(!g.report_bad_peer("sd", a.peer_id, BAD).unwrap().excluded);
+        assert_eq!(g.is_demoted("b", a.peer_id), Some(false));
+        // ...a third distinct address demotes A: its children are re-parented.
+        let e = g.join(from(input("se", "", 0), [10, 0, 0, 5])).unwrap();
+        let r = g.report_bad_peer("se", a.peer_id, BAD).unwrap();
+        assert_eq!((r.reporters, r.excluded), (3, true));
         assert!(r.moved > 0);
-        assert_eq!(g.bad_peer_reports(), 1);
-        for s in ["sb", "sc"] {
+        assert_eq!(g.bad_peer_reports(), 4);
+        assert_eq!(g.peers_demoted(), 1);
+        assert_eq!(g.is_demoted("b", a.peer_id), Some(true));
+        for s in ["sb", "sc", "sd", "se"] {
             let hb = g.heartbeat(s, [0; 3]).unwrap();
             assert!(hb.parents.iter().all(|p| p.peer.is_none()), "{s}");
         }
-        let d = g.join(input("sd", "", 0)).unwrap();
-        assert!(d.parents.iter().all(|p| p.peer.is_none()));
-        // A peer id that never existed: accepted, no effect.
-        assert!(!g.report_bad_peer("sb", 9_999).unwrap().known_peer);
-        // Bounded per session.
-        for id in 10_000..10_000 + MAX_REPORTS_PER_SESSION as u64 {
-            let _ = g.report_bad_peer("sc", id);
-        }
-        assert_eq!(
-            g.report_bad_peer("sc", 1),
-            Err(ReportRefused::TooManyReports)
-        );
+        let f = g.join(input("sf", "", 0)).unwrap();
+        assert!(f.parents.iter().all(|p| p.peer.is_none()));
+        // More reports change nothing.
+        assert!(!g.report_bad_peer("sd", a.peer_id, BAD).unwrap().excluded);
+        // A peer id that never existed is not the session's to report.
+        assert!(matches!(
+            g.report_bad_peer("sb", 9_999, BAD),
+            Err(ReportRefused::NotAssigned { .. })
+        ));
+        let _ = (d, e);
 
         // Revocation by subject, in the right broadcast only.
         assert!(g.revoke("other", RevokeTarget::Subject("alice")).is_empty());
@@ -1034,7 +1277,7 @@ mod tests {
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].session_id, "sc");
         assert!(g.revoke("b", RevokeTarget::Session("sc")).is_empty());
-        assert_eq!(g.figures("b").unwrap().stats.peers, 2);
+        assert_eq!(g.figures("b").unwrap().stats.peers, 4);
     }
 
     #[test]
@@ -1062,6 +1305,81 @@ mod tests {
         assert_eq!(g.figures("b").unwrap().stats.peer_supply, 2);
         assert_eq!(g.set_upload("nope", 1000), None);
         let _ = b;
+    }
+
+    #[test]
+    fn non_delivery_demotes_only_on_three_distinct_children() {
+        let g = LiveGrids::new();
+        let p = g.join(input("sp", "10.0.0.1:1", 4000)).unwrap();
+        let n = g.join(input("sn", "10.0.0.2:1", 0)).unwrap();
+        let kids: Vec<JoinView> = (1..=3u8)
+            .map(|i| {
+                let s = ["k1", "k2", "k3"][usize::from(i - 1)];
+                g.join(from(input(s, "", 0), [10, 1, 0, i])).unwrap()
+            })
+            .collect();
+        assert!(kids.iter().all(|k| {
+            k.parents
+                .iter()
+                .all(|x| x.peer.as_ref().is_some_and(|r| r.peer_id == p.peer_id))
+        }));
+        // A neighbour is not a parent: NON_DELIVERY about it is refused, BAD_CHUNK not.
+        let hb = g.heartbeat("k1", [0; 3]).unwrap();
+        if let Some(nb) = hb.neighbours.iter().find(|r| r.peer_id == n.peer_id) {
+            assert!(matches!(
+                g.report_bad_peer("k1", nb.peer_id, SILENT),
+                Err(ReportRefused::NotAssigned { .. })
+            ));
+        }
+        let r = g.report_bad_peer("k1", p.peer_id, SILENT).unwrap();
+        assert!(!r.excluded && r.reporters == 1);
+        // The same child again, and a BAD_CHUNK from another, do not add up.
+        assert_eq!(
+            g.report_bad_peer("k1", p.peer_id, SILENT)
+                .unwrap()
+                .reporters,
+            1
+        );
+        assert_eq!(
+            g.report_bad_peer("k2", p.peer_id, BAD).unwrap().reporters,
+            1
+        );
+        assert_eq!(g.is_demoted("b", p.peer_id), Some(false));
+        assert!(!g.report_bad_peer("k2", p.peer_id, SILENT).unwrap().excluded);
+        let r = g.report_bad_peer("k3", p.peer_id, SILENT).unwrap();
+        assert!(r.excluded && r.moved > 0);
+        for k in ["k1", "k2", "k3"] {
+            let hb = g.heartbeat(k, [0; 3]).unwrap();
+            assert!(
+                !hb.parents
+                    .iter()
+                    .any(|x| x.peer.as_ref().is_some_and(|r| r.peer_id == p.peer_id)),
+                "{k}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_huge_claim_gets_the_capped_slots_and_ids_are_random() {
+        let g = LiveGrids::new();
+        // 1000 kbit/s default rate, 4 substreams, ceiling 4 copies: 16 slots.
+        let s = g.join(input("sy", "10.0.0.1:1", 1_000_000)).unwrap();
+        assert_eq!(s.granted_kbps, 4000);
+        assert_eq!(g.figures("b").unwrap().stats.peer_supply, 16);
+        assert_eq!(
+            s.child_slots, 256,
+            "the claim's slots, for the SDK's admission"
+        );
+        let h = g.join(input("sh", "10.0.0.2:1", 2000)).unwrap();
+        assert_eq!(h.granted_kbps, 2000);
+        assert_eq!(g.figures("b").unwrap().stats.peer_supply, 24);
+        for id in [s.peer_id, h.peer_id] {
+            assert!(id > 0 && id <= i64::MAX as u64);
+        }
+        assert_ne!(s.peer_id + 1, h.peer_id);
+        // Heartbeats claiming uploads confirm nothing while it carries no child.
+        g.heartbeat("sy", [0, 0, 0]);
+        assert_eq!(g.uploads_confirmed(), 0);
     }
 
     #[test]

@@ -119,6 +119,52 @@ impl Histogram {
     }
 }
 
+/// A refused (or short-cut) viewer call, by reason (issue 13): each has its own series
+/// of `starling_cp_refusals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `Join` beyond the caller address's rate (RESOURCE_EXHAUSTED).
+    JoinRate,
+    /// `Join` with a `peer_addr` not on the caller's address (PERMISSION_DENIED).
+    PeerAddr,
+    /// A call for a session id the negative cache knows is unknown or ended (answered
+    /// without the database).
+    UnknownSessionCached,
+    /// A database look-up of an unknown session beyond the caller address's rate
+    /// (RESOURCE_EXHAUSTED).
+    UnknownSessionRate,
+    /// `ReportPeer` about a peer that is not the reporter's parent or neighbour.
+    ReportNotAssigned,
+    /// `ReportPeer` about oneself.
+    ReportSelf,
+    /// `ReportPeer` beyond the per-session cap.
+    ReportTooMany,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 7] = [
+        Refusal::JoinRate,
+        Refusal::PeerAddr,
+        Refusal::UnknownSessionCached,
+        Refusal::UnknownSessionRate,
+        Refusal::ReportNotAssigned,
+        Refusal::ReportSelf,
+        Refusal::ReportTooMany,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::JoinRate => "join_rate",
+            Refusal::PeerAddr => "peer_addr",
+            Refusal::UnknownSessionCached => "unknown_session_cached",
+            Refusal::UnknownSessionRate => "unknown_session_rate",
+            Refusal::ReportNotAssigned => "report_not_assigned",
+            Refusal::ReportSelf => "report_self",
+            Refusal::ReportTooMany => "report_too_many",
+        }
+    }
+}
+
 fn get(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
@@ -146,6 +192,9 @@ pub struct Metrics {
     db_batches: AtomicU64,
     db_batch_errors: AtomicU64,
     db_batch_seconds: Histogram,
+    refusals: [AtomicU64; Refusal::ALL.len()],
+    unknown_session_lookups: AtomicU64,
+    upload_capped_joins: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -176,7 +225,40 @@ impl Metrics {
             db_batches: AtomicU64::new(0),
             db_batch_errors: AtomicU64::new(0),
             db_batch_seconds: Histogram::default(),
+            refusals: Default::default(),
+            unknown_session_lookups: AtomicU64::new(0),
+            upload_capped_joins: AtomicU64::new(0),
         }
+    }
+
+    /// Counts one refusal.
+    pub fn refused(&self, why: Refusal) {
+        add(&self.refusals[why as usize], 1);
+    }
+
+    /// Refusals of one reason so far.
+    pub fn refusals(&self, why: Refusal) -> u64 {
+        get(&self.refusals[why as usize])
+    }
+
+    /// Counts one database look-up of a session this process does not hold in memory.
+    pub fn unknown_session_lookup(&self) {
+        add(&self.unknown_session_lookups, 1);
+    }
+
+    /// Database look-ups of sessions this process did not hold in memory so far.
+    pub fn unknown_session_lookups(&self) -> u64 {
+        get(&self.unknown_session_lookups)
+    }
+
+    /// Counts a join whose upload claim was capped.
+    pub fn upload_capped_join(&self) {
+        add(&self.upload_capped_joins, 1);
+    }
+
+    /// Joins whose upload claim was capped so far.
+    pub fn upload_capped_joins(&self) -> u64 {
+        get(&self.upload_capped_joins)
     }
 
     fn method_index(path: &str) -> usize {
@@ -467,6 +549,52 @@ pub async fn render(core: &Core) -> String {
         "Time to write one report batch (one transaction).",
     );
     m.db_batch_seconds.render(&mut out, name, "");
+
+    let name = "starling_cp_refusals_total";
+    head(
+        &mut out,
+        name,
+        "counter",
+        "Viewer calls refused or answered without the database by a flood or trust limit, by reason.",
+    );
+    for r in Refusal::ALL {
+        let _ = writeln!(
+            out,
+            "{name}{{reason=\"{}\"}} {}",
+            r.label(),
+            get(&m.refusals[r as usize])
+        );
+    }
+    counter(
+        &mut out,
+        "starling_cp_unknown_session_lookups_total",
+        "Database look-ups of sessions not in this process's memory (heartbeat, leave, report).",
+        get(&m.unknown_session_lookups),
+    );
+    counter(
+        &mut out,
+        "starling_cp_upload_capped_joins_total",
+        "Joins whose claimed upload was capped until heartbeats confirm it.",
+        get(&m.upload_capped_joins),
+    );
+    counter(
+        &mut out,
+        "starling_cp_upload_confirmations_total",
+        "Granted upload budgets raised because heartbeats confirmed the uploads.",
+        core.grids().uploads_confirmed(),
+    );
+    counter(
+        &mut out,
+        "starling_cp_peer_reports_total",
+        "ReportPeer reports accepted (each counts once per distinct reporter address).",
+        core.grids().bad_peer_reports(),
+    );
+    counter(
+        &mut out,
+        "starling_cp_peers_demoted_total",
+        "Peers demoted (never a parent again) by reports from enough distinct addresses.",
+        core.grids().peers_demoted(),
+    );
 
     let alive = tokio::time::timeout(Duration::from_secs(1), core.store().list_alive_nodes()).await;
     match alive {

@@ -240,6 +240,12 @@ impl Reports {
         lock(&self.sessions).len()
     }
 
+    /// Whether this process holds a session's state (a report for it needs no database
+    /// look-up).
+    pub fn tracks(&self, session_id: &str) -> bool {
+        lock(&self.sessions).contains_key(session_id)
+    }
+
     /// Starts the writer and the retention task; abort the handles to stop them (after
     /// [`Reports::flush`] for a clean shutdown).
     pub fn spawn(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {

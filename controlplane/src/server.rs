@@ -10,6 +10,7 @@ use starling_proto::v1::admin_service_server::AdminServiceServer;
 use starling_proto::v1::edge_service_server::EdgeServiceServer;
 use starling_proto::v1::viewer_service_server::ViewerServiceServer;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{AdminInterceptor, AuthConfig, AuthConfigError, Authenticator, NodeInterceptor};
@@ -22,6 +23,36 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How long shutdown waits for queued viewer reports to be written.
 const REPORT_FLUSH_GRACE: Duration = Duration::from_secs(5);
+
+/// Default most concurrent requests per client connection.
+pub const DEFAULT_CONCURRENCY_PER_CONNECTION: usize = 64;
+/// Default limit on a request's handling time (to its response headers; a node's
+/// command stream, once open, is not cut).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default largest request message decoded (after decompression), bytes.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+
+/// Limits of the gRPC server itself (issue 13, item 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Most requests in progress per client connection (HTTP/2 streams beyond wait).
+    pub concurrency_per_connection: usize,
+    /// A request not answered within this time fails with CANCELLED
+    /// (`grpc-timeout` of the client applies too, whichever is shorter).
+    pub request_timeout: Duration,
+    /// Largest request message accepted; larger ones fail with OUT_OF_RANGE (tonic).
+    pub max_message_bytes: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            concurrency_per_connection: DEFAULT_CONCURRENCY_PER_CONNECTION,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
 
 /// Control-plane configuration (built by the binary from its flags, or by tests).
 #[derive(Debug, Clone)]
@@ -36,6 +67,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Where to serve Prometheus `GET /metrics` over HTTP; `None` = not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// gRPC server limits (concurrency per connection, timeout, message size).
+    pub server_limits: ServerLimits,
 }
 
 impl Config {
@@ -51,6 +84,7 @@ impl Config {
             service: ServiceConfig::default(),
             auth: AuthConfig::with_random_admin_key(),
             metrics_listen: None,
+            server_limits: ServerLimits::default(),
         }
     }
 }
@@ -91,6 +125,7 @@ pub struct ControlPlane {
     core: Arc<Core>,
     /// The bound `/metrics` listener, if any.
     metrics: Option<(TcpListener, SocketAddr)>,
+    limits: ServerLimits,
 }
 
 impl ControlPlane {
@@ -99,6 +134,7 @@ impl ControlPlane {
         let store = Store::connect(&config.database).await?;
         let mut cp =
             Self::bind_with_store(config.listen, store, config.service, &config.auth).await?;
+        cp.limits = config.server_limits;
         if let Some(addr) = config.metrics_listen {
             cp.bind_metrics(addr).await?;
         }
@@ -114,6 +150,13 @@ impl ControlPlane {
         let local = bound.1;
         self.metrics = Some(bound);
         Ok(local)
+    }
+
+    /// Replaces the gRPC server limits ([`ControlPlane::bind_with_store`] starts with
+    /// the defaults).
+    pub fn with_server_limits(mut self, limits: ServerLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The bound `/metrics` address, if any.
@@ -152,6 +195,7 @@ impl ControlPlane {
             local_addr,
             core: Core::new(store, service, authenticator, tokens),
             metrics: None,
+            limits: ServerLimits::default(),
         })
     }
 
@@ -178,6 +222,7 @@ impl ControlPlane {
             local_addr,
             core,
             metrics,
+            limits,
         } = self;
         let report_tasks = core.reports().spawn();
         let metrics_task = metrics.map(|(l, addr)| {
@@ -233,7 +278,10 @@ impl ControlPlane {
         };
 
         tracing::info!(%local_addr, backend = core.store().backend_name(), "control plane serving");
+        let max_msg = limits.max_message_bytes.max(1024);
         let server = tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(limits.concurrency_per_connection.max(1))
+            .timeout(limits.request_timeout.max(Duration::from_millis(100)))
             // One span per RPC (exported over OTLP when configured).
             .trace_fn(|req| {
                 tracing::info_span!("grpc", otel.name = %req.uri().path(), otel.kind = "server")
@@ -242,13 +290,16 @@ impl ControlPlane {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(AdminServiceServer::with_interceptor(
-                api.clone(),
+            .add_service(InterceptedService::new(
+                AdminServiceServer::new(api.clone()).max_decoding_message_size(max_msg),
                 admin_guard,
             ))
-            .add_service(ViewerServiceServer::new(api.clone()))
+            .add_service(ViewerServiceServer::new(api.clone()).max_decoding_message_size(max_msg))
             // Data-plane nodes: node key or admin credential (see `crate::auth`).
-            .add_service(EdgeServiceServer::with_interceptor(api, node_guard))
+            .add_service(InterceptedService::new(
+                EdgeServiceServer::new(api).max_decoding_message_size(max_msg),
+                node_guard,
+            ))
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown_signal,

@@ -81,6 +81,11 @@ pub struct ServiceConfig {
     pub key_refresh: Duration,
     /// Report recording: write queue bound, batching, retention ([`crate::reports`]).
     pub reports: crate::reports::ReportConfig,
+    /// Flood limits of the viewer API ([`crate::limits`]).
+    pub limits: crate::limits::LimitsConfig,
+    /// Trust rules: peer address check, upload cap, report thresholds
+    /// ([`crate::trust`]).
+    pub trust: crate::trust::TrustConfig,
 }
 
 impl Default for ServiceConfig {
@@ -95,6 +100,8 @@ impl Default for ServiceConfig {
             report_interval: Duration::from_millis(5000),
             key_refresh: Duration::from_secs(5),
             reports: crate::reports::ReportConfig::default(),
+            limits: crate::limits::LimitsConfig::default(),
+            trust: crate::trust::TrustConfig::default(),
         }
     }
 }
@@ -121,6 +128,13 @@ pub enum ApiError {
     /// status as built by [`crate::auth`], whose message never holds a secret.
     #[error("{}", .0.message())]
     Auth(Status),
+    /// Not allowed (not a credential problem: e.g. a `peer_addr` that is not the
+    /// caller's).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A rate limit: retry after the delay (sent as `grpc-retry-pushback-ms`).
+    #[error("{0}")]
+    ResourceExhausted(String, Duration),
     /// The database failed.
     #[error("storage: {0}")]
     Storage(#[from] StoreError),
@@ -154,6 +168,20 @@ impl ApiError {
             ApiError::AlreadyExists(m) => {
                 tracing::warn!(rpc, error = %m, "rejected: already exists");
                 Status::already_exists(m)
+            }
+            ApiError::PermissionDenied(m) => {
+                tracing::warn!(rpc, error = %m, "rejected: permission denied");
+                Status::permission_denied(m)
+            }
+            ApiError::ResourceExhausted(m, retry) => {
+                tracing::info!(rpc, error = %m, retry_ms = retry.as_millis(), "rejected: rate limit");
+                let mut status = Status::resource_exhausted(m);
+                // The standard gRPC retry pushback (gRFC A6), in the trailers.
+                let ms = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX).max(1);
+                if let Ok(v) = ms.to_string().parse() {
+                    status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+                }
+                status
             }
             ApiError::Auth(status) => {
                 tracing::info!(rpc, code = ?status.code(), error = status.message(), "rejected: credential");
@@ -221,6 +249,16 @@ pub struct Core {
     /// only gets `last_seen_ms` in one batch per liveness tick instead of one write per
     /// heartbeat. At most one entry per session in a grid.
     touches: std::sync::Mutex<HashMap<String, i64>>,
+    /// Flood limits ([`crate::limits`]), one lock held for one table operation.
+    guards: std::sync::Mutex<Guards>,
+}
+
+/// The flood limiters' state.
+#[derive(Debug)]
+struct Guards {
+    join: crate::limits::RateLimiter,
+    lookups: crate::limits::RateLimiter,
+    unknown: crate::limits::UnknownSessions,
 }
 
 impl Core {
@@ -233,9 +271,18 @@ impl Core {
         tokens: TokenKeys,
     ) -> Arc<Core> {
         let metrics = Arc::new(crate::metrics::Metrics::new());
+        let l = config.limits;
+        let guards = std::sync::Mutex::new(Guards {
+            join: crate::limits::RateLimiter::new(l.join, l.max_addresses),
+            lookups: crate::limits::RateLimiter::new(l.unknown_session_lookups, l.max_addresses),
+            unknown: crate::limits::UnknownSessions::new(
+                l.unknown_sessions_max,
+                l.unknown_sessions_ttl,
+            ),
+        });
         let reports =
             crate::reports::Reports::new(config.reports.clone(), store.clone(), metrics.clone());
-        let grids = LiveGrids::with_limits(config.reports.limits);
+        let grids = LiveGrids::with_config(config.reports.limits, config.trust);
         Arc::new(Core {
             reports,
             metrics,
@@ -245,6 +292,7 @@ impl Core {
             assign_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             grids,
+            guards,
             touches: std::sync::Mutex::new(HashMap::new()),
             auth,
             tokens,
@@ -286,6 +334,52 @@ impl Core {
     /// Bad-peer reports (`ReportPeer`) accepted since start.
     pub fn bad_peer_reports(&self) -> u64 {
         self.grids.bad_peer_reports()
+    }
+
+    fn guards(&self) -> std::sync::MutexGuard<'_, Guards> {
+        // Each critical section is one table operation: a poisoned lock is consistent.
+        self.guards
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What the negative cache knows of a session this process does not hold (counted
+    /// as a refusal when it answers).
+    fn cached_unknown(&self, session_id: &str) -> Option<crate::limits::Unknown> {
+        let u = self.guards().unknown.get(session_id, self.grids.now());
+        if u.is_some() {
+            self.metrics
+                .refused(crate::metrics::Refusal::UnknownSessionCached);
+        }
+        u
+    }
+
+    fn remember_unknown(&self, session_id: &str, what: crate::limits::Unknown) {
+        let now = self.grids.now();
+        self.guards().unknown.insert(session_id, what, now);
+    }
+
+    /// Allows one database look-up of a session not in memory for the caller, or
+    /// refuses it (rate limit per caller address).
+    fn allow_lookup(&self, remote: Option<std::net::SocketAddr>) -> ApiResult<()> {
+        if let Some(r) = remote {
+            let now = self.grids.now();
+            let checked = self.guards().lookups.check(r.ip(), now);
+            if let Err(wait) = checked {
+                self.metrics
+                    .refused(crate::metrics::Refusal::UnknownSessionRate);
+                return Err(ApiError::ResourceExhausted(
+                    format!(
+                        "too many calls for sessions this control plane does not know from {}; \
+                         retry later or join again",
+                        r.ip()
+                    ),
+                    wait,
+                ));
+            }
+        }
+        self.metrics.unknown_session_lookup();
+        Ok(())
     }
 
     /// Periodic rights housekeeping: reloads the token keys (rotation by another replica,
@@ -775,9 +869,28 @@ impl Core {
         req: JoinRequest,
         remote: Option<std::net::SocketAddr>,
     ) -> ApiResult<JoinResponse> {
+        if let Some(r) = remote {
+            let now = self.grids.now();
+            let checked = self.guards().join.check(r.ip(), now);
+            if let Err(wait) = checked {
+                self.metrics.refused(crate::metrics::Refusal::JoinRate);
+                return Err(ApiError::ResourceExhausted(
+                    format!("too many joins from {}; retry later", r.ip()),
+                    wait,
+                ));
+            }
+        }
         validate::id("broadcast_id", &req.broadcast_id)?;
         validate::short_text("client_version", &req.client_version, false)?;
         validate::peer_addr(&req.peer_addr)?;
+        if let Err(e) = crate::trust::check_peer_addr(
+            req.peer_addr.trim(),
+            remote,
+            self.config.trust.peer_addr_check,
+        ) {
+            self.metrics.refused(crate::metrics::Refusal::PeerAddr);
+            return Err(ApiError::PermissionDenied(e.to_string()));
+        }
         let id = req.broadcast_id.as_str();
         let b = self
             .store
@@ -851,6 +964,7 @@ impl Core {
                 addr_prefix: live::addr_prefix(&peer_addr, remote),
                 peer_addr,
                 upload_kbps,
+                remote_ip: remote.map(|r| r.ip()),
                 subject: subject.clone(),
                 credential_expires_at,
             })
@@ -868,6 +982,9 @@ impl Core {
                     ApiError::FailedPrecondition(format!("broadcast {id} is stopped"))
                 }
             })?;
+        if grid.granted_kbps < upload_kbps {
+            self.metrics.upload_capped_join();
+        }
         let scopes = if upload_kbps > 0 {
             Scopes::PLAY | Scopes::RELAY
         } else {
@@ -912,6 +1029,7 @@ impl Core {
             node_id = %node.id,
             peer_id = grid.peer_id,
             upload_kbps,
+            granted_kbps = grid.granted_kbps,
             child_slots = grid.child_slots,
             server_parents = grid.parents.iter().filter(|p| p.peer.is_none()).count(),
             reparented = grid.moved,
@@ -946,7 +1064,11 @@ impl Core {
         })
     }
 
-    async fn heartbeat(&self, req: HeartbeatRequest) -> ApiResult<HeartbeatResponse> {
+    async fn heartbeat(
+        &self,
+        req: HeartbeatRequest,
+        remote: Option<std::net::SocketAddr>,
+    ) -> ApiResult<HeartbeatResponse> {
         validate::id("session_id", &req.session_id)?;
         let counters = [
             req.bytes_from_server,
@@ -976,12 +1098,19 @@ impl Core {
             self.pending_touches()
                 .insert(req.session_id.clone(), now_ms());
         } else {
-            // Not in this process's grid: the database decides (stopping a broadcast
-            // ends its sessions, so one update answers both "unknown or ended" and
-            // "broadcast stopped").
+            // Not in this process's grid: the negative cache, else the database decides
+            // (stopping a broadcast ends its sessions, so one update answers both
+            // "unknown or ended" and "broadcast stopped"). Either way an unknown session
+            // gets the protocol's "session over" answer (`active: false`), which SDKs
+            // act on (a NOT_FOUND status would leave them heartbeating a dead session).
+            if self.cached_unknown(&req.session_id).is_some() {
+                return Ok(HeartbeatResponse::default());
+            }
+            self.allow_lookup(remote)?;
             let active = self.store.touch_session(&req.session_id, now_ms()).await?;
             if !active {
                 tracing::debug!(session_id = %req.session_id, "heartbeat for unknown or ended session");
+                self.remember_unknown(&req.session_id, crate::limits::Unknown::Ended);
                 return Ok(HeartbeatResponse::default());
             }
         }
@@ -1047,11 +1176,26 @@ impl Core {
         }
     }
 
-    async fn leave(&self, req: LeaveRequest) -> ApiResult<LeaveResponse> {
+    async fn leave(
+        &self,
+        req: LeaveRequest,
+        remote: Option<std::net::SocketAddr>,
+    ) -> ApiResult<LeaveResponse> {
         validate::id("session_id", &req.session_id)?;
-        // Idempotent: leaving twice, or leaving an unknown session, is not an error.
-        let ended = self.store.end_session(&req.session_id, now_ms()).await?;
+        // Idempotent: leaving twice, or leaving an unknown session, is not an error; a
+        // session this process does not hold costs one database write at most (then
+        // the negative cache answers).
         let grid = self.grids.leave(&req.session_id);
+        if grid.is_none() {
+            if self.cached_unknown(&req.session_id).is_some() {
+                return Ok(LeaveResponse {});
+            }
+            self.allow_lookup(remote)?;
+        }
+        let ended = self.store.end_session(&req.session_id, now_ms()).await?;
+        if grid.is_none() {
+            self.remember_unknown(&req.session_id, crate::limits::Unknown::Ended);
+        }
         tracing::debug!(
             session_id = %req.session_id,
             ended,
@@ -1101,29 +1245,55 @@ impl Core {
         if req.peer_id == 0 {
             return Err(ApiError::InvalidArgument("peer_id must not be 0".into()));
         }
+        let kind = starling_proto::v1::PeerReportKind::try_from(req.kind)
+            .map_err(|_| ApiError::InvalidArgument(format!("unknown report kind {}", req.kind)))?;
         let reason = validate::truncate(&req.reason, validate::MAX_SHORT_TEXT_BYTES);
+        use crate::metrics::Refusal;
         let report = self
             .grids
-            .report_bad_peer(&req.session_id, req.peer_id)
+            .report_bad_peer(&req.session_id, req.peer_id, kind)
             .map_err(|e| match e {
                 ReportRefused::UnknownSession => ApiError::NotFound(format!(
                     "session {} is unknown, ended or expired; join again",
                     req.session_id
                 )),
-                ReportRefused::SelfReport => ApiError::InvalidArgument(e.to_string()),
-                ReportRefused::TooManyReports => ApiError::FailedPrecondition(e.to_string()),
+                ReportRefused::SelfReport => {
+                    self.metrics.refused(Refusal::ReportSelf);
+                    ApiError::InvalidArgument(e.to_string())
+                }
+                ReportRefused::TooManyReports => {
+                    self.metrics.refused(Refusal::ReportTooMany);
+                    ApiError::FailedPrecondition(e.to_string())
+                }
+                ReportRefused::NotAssigned { .. } => {
+                    self.metrics.refused(Refusal::ReportNotAssigned);
+                    ApiError::FailedPrecondition(e.to_string())
+                }
             })?;
         tracing::warn!(
             session_id = %req.session_id,
             broadcast_id = %report.broadcast_id,
             reporter = report.reporter,
             peer_id = req.peer_id,
+            kind = kind.as_str_name(),
             known_peer = report.known_peer,
+            distinct_reporters = report.reporters,
+            demoted = report.excluded,
             reparented = report.moved,
             reason = %reason,
             total_reports = self.grids.bad_peer_reports(),
-            "peer reported bad; never a parent again"
+            "peer reported"
         );
+        if report.excluded {
+            tracing::warn!(
+                broadcast_id = %report.broadcast_id,
+                peer_id = req.peer_id,
+                kind = kind.as_str_name(),
+                distinct_reporters = report.reporters,
+                reparented = report.moved,
+                "peer demoted by reports from distinct addresses; never a parent again"
+            );
+        }
         Ok(ReportPeerResponse {})
     }
 
@@ -1431,9 +1601,22 @@ impl Core {
     async fn report(
         &self,
         req: starling_proto::v1::ReportRequest,
+        remote: Option<std::net::SocketAddr>,
     ) -> ApiResult<starling_proto::v1::ReportResponse> {
         use crate::reports::SubmitError;
         validate::id("session_id", &req.session_id)?;
+        let not_found =
+            |id: &str| ApiError::NotFound(format!("session {id} not found; join again"));
+        // Ended sessions may still send their final reports; only ids the database
+        // does not know at all are answered from the negative cache.
+        let known = self.grids.session_peer(&req.session_id).is_some()
+            || self.reports.tracks(&req.session_id);
+        if !known {
+            if self.cached_unknown(&req.session_id) == Some(crate::limits::Unknown::Missing) {
+                return Err(not_found(&req.session_id));
+            }
+            self.allow_lookup(remote)?;
+        }
         let acked_seq = self
             .reports
             .submit(&req.session_id, req.reports, now_ms(), |b| {
@@ -1443,7 +1626,8 @@ impl Core {
             .map_err(|e| match e {
                 SubmitError::InvalidArgument(m) => ApiError::InvalidArgument(m),
                 SubmitError::NotFound(id) => {
-                    ApiError::NotFound(format!("session {id} not found; join again"))
+                    self.remember_unknown(&id, crate::limits::Unknown::Missing);
+                    not_found(&id)
                 }
                 e @ (SubmitError::QueueFull(_) | SubmitError::NotDurable(_)) => {
                     ApiError::Unavailable(e.to_string())
@@ -1585,8 +1769,9 @@ impl ViewerService for Api {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let remote = request.remote_addr();
         self.core
-            .heartbeat(request.into_inner())
+            .heartbeat(request.into_inner(), remote)
             .await
             .map(Response::new)
             .map_err(|e| e.into_status("Heartbeat"))
@@ -1596,8 +1781,9 @@ impl ViewerService for Api {
         &self,
         request: Request<LeaveRequest>,
     ) -> Result<Response<LeaveResponse>, Status> {
+        let remote = request.remote_addr();
         self.core
-            .leave(request.into_inner())
+            .leave(request.into_inner(), remote)
             .await
             .map(Response::new)
             .map_err(|e| e.into_status("Leave"))
@@ -1629,8 +1815,9 @@ impl ViewerService for Api {
         &self,
         request: Request<starling_proto::v1::ReportRequest>,
     ) -> Result<Response<starling_proto::v1::ReportResponse>, Status> {
+        let remote = request.remote_addr();
         self.core
-            .report(request.into_inner())
+            .report(request.into_inner(), remote)
             .await
             .map(Response::new)
             .map_err(|e| e.into_status("Report"))

@@ -184,6 +184,18 @@ impl Harness {
         ViewerServiceClient::new(self.channel.clone())
     }
 
+    /// A viewer client calling from another loopback address (the control plane
+    /// counts distinct reporters by the address they call from).
+    async fn viewer_from(&self, ip: [u8; 4]) -> ViewerServiceClient<Channel> {
+        let channel = Channel::from_shared(self.cp.url())
+            .unwrap()
+            .local_address(Some(std::net::IpAddr::from(ip)))
+            .connect()
+            .await
+            .unwrap();
+        ViewerServiceClient::new(channel)
+    }
+
     /// EdgeService as a node: the admin key is accepted as a node credential (node
     /// authentication is covered by `tests/node_auth.rs`).
     fn edge(&self) -> EdgeServiceClient<InterceptedService<Channel, BearerInterceptor>> {
@@ -787,13 +799,30 @@ async fn reported_peer_is_never_a_parent_again(store: Store) {
     let _node = FakeNode::register(&h, "edge", 5).await;
     let b = h.live_broadcast("polluted", true).await;
     let polluter = h.join(&b, "", "127.0.0.1:7010", 100_000).await.unwrap();
-    let victim = h.join(&b, "", "", 0).await.unwrap();
+    // Three victims, each calling from its own address.
+    let mut victims = Vec::new();
+    for i in 2..=4u8 {
+        let mut v = h.viewer_from([127, 0, 0, i]).await;
+        let j = v
+            .join(JoinRequest {
+                broadcast_id: b.clone(),
+                client_version: "rights-test".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        victims.push((v, j));
+    }
+    let victim = victims[0].1.clone();
     let is_polluter = |p: &starling_proto::v1::SubstreamParent| {
         p.peer
             .as_ref()
             .is_some_and(|r| r.peer_id == polluter.peer_id)
     };
-    assert!(victim.parents.iter().all(is_polluter));
+    for (_, v) in &victims {
+        assert!(v.parents.iter().all(is_polluter));
+    }
 
     let mut viewer = h.viewer();
     // Refusals.
@@ -818,15 +847,22 @@ async fn reported_peer_is_never_a_parent_again(store: Store) {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 
-    viewer
-        .report_peer(ReportPeerRequest {
-            session_id: victim.session_id.clone(),
-            peer_id: polluter.peer_id,
-            reason: "chunk 12: bad signature".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // Reports from two distinct addresses are not enough; the third excludes it.
+    for (n, (client, v)) in victims.iter_mut().enumerate() {
+        client
+            .report_peer(ReportPeerRequest {
+                session_id: v.session_id.clone(),
+                peer_id: polluter.peer_id,
+                reason: "chunk 12: bad signature".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if n < 2 {
+            let hb = h.heartbeat(&victim.session_id).await;
+            assert!(hb.parents.iter().all(is_polluter), "{:?}", hb.parents);
+        }
+    }
     // The victim is re-parented away from it...
     let hb = h.heartbeat(&victim.session_id).await;
     assert!(!hb.parents.iter().any(is_polluter), "{:?}", hb.parents);

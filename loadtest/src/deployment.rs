@@ -96,6 +96,11 @@ pub struct DeploymentConfig {
     /// Serve the control plane's Prometheus `/metrics` on a loopback port
     /// ([`Deployment::control_metrics_url`]).
     pub control_metrics: bool,
+    /// Viewers reach the control plane through a proxy (`tests/reports.rs`), so every
+    /// call comes from the proxy's address: the control plane's peer address check and
+    /// its per-address rate limits are turned off (they cannot hold behind a proxy).
+    /// Otherwise SDK peers call from their own 127.x.y.z relay address and both stay on.
+    pub behind_proxy: bool,
 }
 
 impl Default for DeploymentConfig {
@@ -116,6 +121,7 @@ impl Default for DeploymentConfig {
             token_ttl: None,
             report_interval: None,
             control_metrics: false,
+            behind_proxy: false,
         }
     }
 }
@@ -181,6 +187,13 @@ impl Deployment {
             report_interval: config.report_interval.unwrap_or(defaults.report_interval),
             ..defaults
         };
+        if config.behind_proxy {
+            use starling_controlplane::limits::RateLimit;
+            cp_config.service.trust.peer_addr_check =
+                starling_controlplane::trust::PeerAddrCheck::Off;
+            cp_config.service.limits.join = RateLimit::per_second(0.0, 1);
+            cp_config.service.limits.unknown_session_lookups = RateLimit::per_second(0.0, 1);
+        }
         if config.control_metrics {
             cp_config.metrics_listen = Some(([127, 0, 0, 1], 0).into());
         }

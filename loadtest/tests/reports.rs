@@ -194,6 +194,8 @@ async fn reports_end_up_in_the_database(database_url: Option<String>) {
     let dep = Deployment::start(DeploymentConfig {
         report_interval: Some(Duration::from_secs(1)),
         database_url,
+        // Every viewer call goes through the proxy below (one address).
+        behind_proxy: true,
         ..DeploymentConfig::default()
     })
     .await

@@ -895,9 +895,15 @@ async fn polluter_cannot_reach_a_player() {
     let ip = peer_ip(249);
     let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
     let listen_addr = listener.local_addr().expect("addr");
-    let mut vs = ViewerServiceClient::connect(dep.control_url())
+    // Its gRPC channel calls from its relay address, as the SDK's does: the control
+    // plane checks that `peer_addr` is on the caller's address.
+    let channel = tonic::transport::Endpoint::from_shared(dep.control_url())
+        .expect("control URL")
+        .local_address(Some(std::net::IpAddr::V4(ip)))
+        .connect()
         .await
-        .expect("viewer client");
+        .expect("viewer channel");
+    let mut vs = ViewerServiceClient::new(channel);
     let join = vs
         .join(JoinRequest {
             broadcast_id: bid.clone(),

@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use starling_controlplane::auth::{self, AuthConfig};
-use starling_controlplane::{Config, ControlPlane, DatabaseConfig, ServiceConfig};
+use starling_controlplane::limits::{LimitsConfig, RateLimit};
+use starling_controlplane::trust::{PeerAddrCheck, TrustConfig};
+use starling_controlplane::{Config, ControlPlane, DatabaseConfig, ServerLimits, ServiceConfig};
 use tracing::Instrument as _;
 
 /// Starling control plane: admin, viewer and edge gRPC services (package starling.v1).
@@ -208,6 +210,99 @@ struct Args {
     /// starling-controlplane).
     #[arg(long, env = "STARLING_OTLP_SERVICE_NAME", value_name = "NAME")]
     otlp_service_name: Option<String>,
+
+    /// Joins accepted per second from one address (IPv4 address or IPv6 /64), sustained;
+    /// beyond, Join fails with RESOURCE_EXHAUSTED and a `grpc-retry-pushback-ms`
+    /// trailer. 0 = no limit.
+    #[arg(
+        long,
+        env = "STARLING_JOIN_RATE_PER_ADDR",
+        default_value_t = 20.0,
+        value_name = "PER_SECOND",
+        value_parser = parse_rate
+    )]
+    join_rate_per_addr: f64,
+
+    /// Joins accepted at once from one address after a quiet period (token-bucket burst).
+    #[arg(long, env = "STARLING_JOIN_BURST_PER_ADDR", default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    join_burst_per_addr: u32,
+
+    /// Database look-ups per second, per address, for sessions this process does not
+    /// hold in memory (heartbeat, leave, report after a restart or for made-up ids);
+    /// beyond, RESOURCE_EXHAUSTED. 0 = no limit.
+    #[arg(
+        long,
+        env = "STARLING_UNKNOWN_SESSION_RATE_PER_ADDR",
+        default_value_t = 20.0,
+        value_name = "PER_SECOND",
+        value_parser = parse_rate
+    )]
+    unknown_session_rate_per_addr: f64,
+
+    /// Burst of those look-ups per address.
+    #[arg(long, env = "STARLING_UNKNOWN_SESSION_BURST_PER_ADDR", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    unknown_session_burst_per_addr: u32,
+
+    /// Addresses tracked by each rate limiter (least recently seen evicted beyond).
+    #[arg(long, env = "STARLING_RATE_LIMIT_ADDRS", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
+    rate_limit_addrs: u64,
+
+    /// Session ids remembered as unknown or ended (answered without the database).
+    #[arg(long, env = "STARLING_UNKNOWN_SESSIONS_MAX", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
+    unknown_sessions_max: u64,
+
+    /// Whether Join's `peer_addr` must be on the caller's IP (IPv6: its /64): `strict`,
+    /// or `off` behind NAT or a proxy where this process does not see viewers' addresses.
+    #[arg(long, env = "STARLING_PEER_ADDR_CHECK", default_value = "strict",
+          value_parser = ["strict", "off"])]
+    peer_addr_check: String,
+
+    /// Most upload a join's claim buys until the viewer's heartbeats confirm it, in
+    /// copies of the stream rate (0 = no ceiling). Confirmation: over each 10 s window,
+    /// the upload rate the heartbeats report (counted at most at 5/4 of what the
+    /// viewer's current children can take) lets the granted budget grow to twice that.
+    #[arg(long, env = "STARLING_UNCONFIRMED_UPLOAD_COPIES", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(0..=1000))]
+    unconfirmed_upload_copies: u32,
+
+    /// Distinct reporter addresses whose BAD_CHUNK reports exclude a peer as a parent.
+    #[arg(long, env = "STARLING_REPORT_THRESHOLD", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    report_threshold: u64,
+
+    /// Distinct children's addresses whose NON_DELIVERY reports demote a parent.
+    #[arg(long, env = "STARLING_DEMOTE_THRESHOLD", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    demote_threshold: u64,
+
+    /// Most requests in progress per client connection.
+    #[arg(long, env = "STARLING_GRPC_CONCURRENCY_PER_CONNECTION", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    grpc_concurrency_per_connection: u64,
+
+    /// A request not answered within this time fails (CANCELLED), e.g. `30s`.
+    #[arg(long, env = "STARLING_GRPC_REQUEST_TIMEOUT", default_value = "30s",
+          value_parser = parse_duration)]
+    grpc_request_timeout: Duration,
+
+    /// Largest gRPC request message accepted, in bytes (larger: OUT_OF_RANGE).
+    #[arg(long, env = "STARLING_GRPC_MAX_MESSAGE_BYTES", default_value_t = 262_144,
+          value_parser = clap::value_parser!(u64).range(1024..=67_108_864))]
+    grpc_max_message_bytes: u64,
+}
+
+/// A rate per second: a finite number, 0 or more (0 = no limit).
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a rate per second (a number, 0 or more)"
+        )),
+    }
 }
 
 /// `90s`, `30m`, `36h`, `7d` (or plain seconds).
@@ -503,6 +598,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ..starling_controlplane::ReportConfig::default()
         },
         token_ttl: Duration::from_secs(args.token_ttl),
+        limits: LimitsConfig {
+            join: RateLimit::per_second(args.join_rate_per_addr, args.join_burst_per_addr),
+            unknown_session_lookups: RateLimit::per_second(
+                args.unknown_session_rate_per_addr,
+                args.unknown_session_burst_per_addr,
+            ),
+            max_addresses: usize::try_from(args.rate_limit_addrs).unwrap_or(usize::MAX),
+            unknown_sessions_max: usize::try_from(args.unknown_sessions_max).unwrap_or(usize::MAX),
+            ..LimitsConfig::default()
+        },
+        trust: TrustConfig {
+            peer_addr_check: if args.peer_addr_check == "off" {
+                PeerAddrCheck::Off
+            } else {
+                PeerAddrCheck::Strict
+            },
+            unconfirmed_upload_copies: args.unconfirmed_upload_copies,
+            report_threshold: usize::try_from(args.report_threshold).unwrap_or(3),
+            demote_threshold: usize::try_from(args.demote_threshold).unwrap_or(3),
+            ..TrustConfig::default()
+        },
         ..ServiceConfig::default()
     };
     let auth = auth_config(&args)?;
@@ -512,6 +628,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         service,
         metrics_listen,
         auth,
+        server_limits: ServerLimits {
+            concurrency_per_connection: usize::try_from(args.grpc_concurrency_per_connection)
+                .unwrap_or(usize::MAX),
+            request_timeout: args.grpc_request_timeout,
+            max_message_bytes: usize::try_from(args.grpc_max_message_bytes).unwrap_or(usize::MAX),
+        },
     };
     eprintln!("starling-controlplane: database {}", database.describe());
     let failed = || format!("control plane failed ({})", database.describe());

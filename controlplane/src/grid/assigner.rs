@@ -424,8 +424,15 @@ impl GridAssigner {
         finish_moved(moved, None)
     }
 
-    /// Marks a peer bad (it sent a chunk failing verification): it is never assigned as a
-    /// parent again and its current children are re-parented (returned). It stays a viewer.
+    /// Whether a peer is marked bad (demoted); `None` for an unknown peer.
+    pub fn is_bad(&self, peer_id: PeerId) -> Option<bool> {
+        self.ids.get(&peer_id).map(|&idx| self.peer(idx).bad)
+    }
+
+    /// Marks a peer bad, i.e. demotes it (enough distinct reporters said it sent chunks
+    /// failing verification or did not deliver its pushes): it is never assigned as a
+    /// parent again, whatever its budget becomes, and its current children are
+    /// re-parented (returned). It stays a viewer.
     pub fn report_bad_peer(&mut self, peer_id: PeerId, now: Duration) -> Vec<Reassignment> {
         let Some(&idx) = self.ids.get(&peer_id) else {
             return Vec::new();

@@ -279,6 +279,32 @@ fn bad_peer_is_never_a_parent_again() {
 }
 
 #[test]
+fn demoted_peer_stays_demoted_when_its_budget_grows() {
+    let mut g = grid(4);
+    g.join(1, info(4000, 0, 0)).unwrap();
+    g.join(2, info(0, 0, 1)).unwrap();
+    assert_eq!(g.is_bad(1), Some(false));
+    assert_eq!(g.is_bad(99), None);
+    let moved = g.report_bad_peer(1, Duration::from_millis(5));
+    assert_eq!(moved.len(), 4);
+    assert_eq!(g.is_bad(1), Some(true));
+    // A second demotion is a no-op; a larger (confirmed) budget buys it no children.
+    assert!(g.report_bad_peer(1, Duration::from_millis(6)).is_empty());
+    assert!(
+        g.set_upload(1, 100_000, Duration::from_millis(7))
+            .is_empty()
+    );
+    check(&g);
+    for id in 3..=10 {
+        let plan = g.join(id, info(0, 0, id)).unwrap();
+        assert!(!plan.parents.contains(&Parent::Peer(1)));
+    }
+    assert_eq!(g.children(1).map(|c| c.len()), Some(0));
+    assert_eq!(g.stats().peer_supply, 0);
+    check(&g);
+}
+
+#[test]
 fn same_prefix_preferred_past_the_backbone() {
     let mut g = grid(1);
     // A backbone relay fed by the server, then two relays below it with different
