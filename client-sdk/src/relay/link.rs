@@ -458,12 +458,7 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
             };
             let mut conn = WireConn::accepted(stream, before, addr.to_string());
             let outcome = tokio::select! {
-                r = tokio::time::timeout(ctx.peer.handshake_timeout, handshake(&mut conn, &ctx)) => {
-                    match r {
-                        Ok(r) => Some(r),
-                        Err(_) => None,
-                    }
-                }
+                r = tokio::time::timeout(ctx.peer.handshake_timeout, handshake(&mut conn, &ctx)) => r.ok(),
                 _ = evicted => Some(Err(SdkError::Server {
                     code: ErrorCode::ServerBusy,
                     message: "too many peer handshakes".into(),

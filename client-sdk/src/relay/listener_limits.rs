@@ -61,9 +61,9 @@ impl PeerLimits {
         if self.max_handshakes == 0 || self.max_incoming == 0 {
             return Err("peer connection caps must be > 0");
         }
-        if !(self.requests_per_s.is_finite() && self.requests_per_s >= 0.0)
-            || !(self.request_burst.is_finite() && self.request_burst >= 1.0)
-        {
+        let rate_ok = self.requests_per_s.is_finite() && self.requests_per_s >= 0.0;
+        let burst_ok = self.request_burst.is_finite() && self.request_burst >= 1.0;
+        if !(rate_ok && burst_ok) {
             return Err("peer request rate must be >= 0 and the burst >= 1");
         }
         Ok(())

@@ -12,6 +12,9 @@ use starling_proto::v1::viewer_service_server::{ViewerService, ViewerServiceServ
 use starling_proto::v1::*;
 use tonic::{Request, Response, Status};
 
+/// A chunk key as the test hands it out: (key id, raw Ed25519 public key).
+pub type KeyMaterial = (u32, Vec<u8>);
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -55,10 +58,10 @@ pub struct MiniCp {
     pub plans: Arc<Vec<Plan>>,
     pub tokens: Arc<TokenSigner>,
     /// The chunk keys every Join and Heartbeat returns (changeable by the test).
-    pub chunk_keys: Arc<Mutex<Vec<(u32, Vec<u8>)>>>,
+    pub chunk_keys: Arc<Mutex<Vec<KeyMaterial>>>,
     /// If set, what Join returns instead (the keys as they were before a node
     /// registered: the viewer has not heard of the newest one until it beats).
-    pub join_chunk_keys: Option<Vec<(u32, Vec<u8>)>>,
+    pub join_chunk_keys: Option<Vec<KeyMaterial>>,
     pub log: Arc<Mutex<Log>>,
 }
 
@@ -276,7 +279,7 @@ pub fn new(
     chunk_ms: u32,
     heartbeat_ms: u32,
     plans: Vec<Plan>,
-    chunk_keys: Vec<(u32, Vec<u8>)>,
+    chunk_keys: Vec<KeyMaterial>,
 ) -> MiniCp {
     let pkcs8 = starling_proto::token::generate_pkcs8().unwrap();
     MiniCp {
