@@ -16,9 +16,12 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use starling_proto::wire::Chunk;
+use starling_proto::integrity::IntegrityError;
+use starling_proto::wire::{Chunk, Frame};
 
+use super::Engine;
 use super::link::LinkId;
+use crate::rights::ChunkCheck;
 
 /// Bounds on the chunks held for a key refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +136,68 @@ impl UnknownKeys {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.held.is_empty()
+    }
+}
+
+impl Engine {
+    /// A chunk signed with a key id we do not hold: held, and the keys refreshed
+    /// (see [`keys`]); its sender is blamed only if the refreshed keys still lack it.
+    pub(super) fn on_unknown_key(&mut self, l: LinkId, c: Chunk) {
+        if !self.links.contains_key(&l) {
+            return;
+        }
+        self.shared.stats_mut().chunks_unknown_key += 1;
+        let ticket = self.shared.rights.ask_key_refresh();
+        let seq = c.seq;
+        if self
+            .unknown_keys
+            .hold(&self.key_hold, l, c, ticket, Instant::now())
+        {
+            tracing::info!(
+                l,
+                seq,
+                "chunk signed with an unknown key id: refreshing the keys"
+            );
+        } else {
+            tracing::debug!(
+                l,
+                seq,
+                "chunk signed with an unknown key id dropped (hold full)"
+            );
+        }
+    }
+
+    /// A heartbeat answered the key refreshes up to ticket `done`: held chunks are
+    /// checked again.
+    pub(super) fn on_keys_refreshed(&mut self, done: u64) {
+        if self.unknown_keys.is_empty() {
+            return;
+        }
+        for h in self.unknown_keys.take_all() {
+            if !self.links.contains_key(&h.link) {
+                continue;
+            }
+            let mut c = h.chunk;
+            match self.shared.check_chunk(&c) {
+                ChunkCheck::Verified { flags } => {
+                    c.flags = flags;
+                    tracing::debug!(
+                        l = h.link,
+                        seq = c.seq,
+                        "held chunk verified after a key refresh"
+                    );
+                    self.on_frame(h.link, Frame::Chunk(c));
+                }
+                ChunkCheck::Unverified => self.on_frame(h.link, Frame::Chunk(c)),
+                ChunkCheck::Bad(IntegrityError::UnknownKeyId(_)) if h.ticket > done => {
+                    self.unknown_keys.put_back(Held { chunk: c, ..h });
+                }
+                ChunkCheck::Bad(error) => {
+                    let len = c.payload.len() as u64;
+                    self.on_bad_chunk(h.link, c.seq, len, error);
+                }
+            }
+        }
     }
 }
 

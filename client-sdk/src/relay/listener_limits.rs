@@ -15,7 +15,11 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use starling_proto::wire::Frame;
 use tokio::sync::oneshot;
+
+use super::Engine;
+use super::link::LinkId;
 
 /// Limits on the connections other peers open to this viewer's peer listener.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -142,6 +146,27 @@ impl RequestBucket {
             true
         } else {
             false
+        }
+    }
+}
+
+impl Engine {
+    /// A peer's `REQUEST`: answered by the scheduler within the link's request budget,
+    /// with `NOT_FOUND` unseen beyond it.
+    pub(super) fn on_request(&mut self, l: LinkId, seq: u64) {
+        let limits = self.peer_limits;
+        let Some(link) = self.links.get_mut(&l) else {
+            return;
+        };
+        let allowed = link
+            .request_bucket
+            .get_or_insert_with(|| RequestBucket::new(&limits))
+            .allow(&limits, Instant::now());
+        if allowed {
+            self.sched.on_request(l, seq);
+        } else {
+            self.shared.stats_mut().peer_requests_refused += 1;
+            self.send_to(l, &Frame::NotFound(seq));
         }
     }
 }

@@ -30,6 +30,7 @@
 //! neighbour by this viewer; the chunk stays missing for the scheduler, which fetches it
 //! elsewhere.
 
+mod complaints;
 pub(crate) mod keys;
 pub(crate) mod link;
 pub(crate) mod listener_limits;
@@ -54,7 +55,7 @@ use crate::grid::{
     Action, BufferMap, ChildPace, PeerScheduler, SchedulerConfig, Source, UploadEstimator,
     UploadEstimatorConfig, Upstream,
 };
-use crate::rights::{ChunkCheck, Grant, OwnToken, unix_ms};
+use crate::rights::{Grant, OwnToken, unix_ms};
 use crate::viewer::{Shared, stopped};
 use link::{AcceptCtx, Dial, LinkHandle, LinkId, Out, QueueError, reason};
 use starling_proto::integrity::IntegrityError;
@@ -1486,25 +1487,6 @@ impl Engine {
         }
     }
 
-    /// A peer's `REQUEST`: answered by the scheduler within the link's request budget,
-    /// with `NOT_FOUND` unseen beyond it.
-    fn on_request(&mut self, l: LinkId, seq: u64) {
-        let limits = self.peer_limits;
-        let Some(link) = self.links.get_mut(&l) else {
-            return;
-        };
-        let allowed = link
-            .request_bucket
-            .get_or_insert_with(|| listener_limits::RequestBucket::new(&limits))
-            .allow(&limits, Instant::now());
-        if allowed {
-            self.sched.on_request(l, seq);
-        } else {
-            self.shared.stats_mut().peer_requests_refused += 1;
-            self.send_to(l, &Frame::NotFound(seq));
-        }
-    }
-
     fn misbehaved(&mut self, l: LinkId, what: &str) {
         tracing::info!(l, "closing a grid link: {what}");
         self.drop_link(
@@ -1892,66 +1874,6 @@ impl Engine {
         self.count_links();
     }
 
-    /// A chunk signed with a key id we do not hold: held, and the keys refreshed
-    /// (see [`keys`]); its sender is blamed only if the refreshed keys still lack it.
-    fn on_unknown_key(&mut self, l: LinkId, c: Chunk) {
-        if !self.links.contains_key(&l) {
-            return;
-        }
-        self.shared.stats_mut().chunks_unknown_key += 1;
-        let ticket = self.shared.rights.ask_key_refresh();
-        let seq = c.seq;
-        if self
-            .unknown_keys
-            .hold(&self.key_hold, l, c, ticket, Instant::now())
-        {
-            tracing::info!(
-                l,
-                seq,
-                "chunk signed with an unknown key id: refreshing the keys"
-            );
-        } else {
-            tracing::debug!(
-                l,
-                seq,
-                "chunk signed with an unknown key id dropped (hold full)"
-            );
-        }
-    }
-
-    /// A heartbeat answered the key refreshes up to ticket `done`: held chunks are
-    /// checked again.
-    fn on_keys_refreshed(&mut self, done: u64) {
-        if self.unknown_keys.is_empty() {
-            return;
-        }
-        for h in self.unknown_keys.take_all() {
-            if !self.links.contains_key(&h.link) {
-                continue;
-            }
-            let mut c = h.chunk;
-            match self.shared.check_chunk(&c) {
-                ChunkCheck::Verified { flags } => {
-                    c.flags = flags;
-                    tracing::debug!(
-                        l = h.link,
-                        seq = c.seq,
-                        "held chunk verified after a key refresh"
-                    );
-                    self.on_frame(h.link, Frame::Chunk(c));
-                }
-                ChunkCheck::Unverified => self.on_frame(h.link, Frame::Chunk(c)),
-                ChunkCheck::Bad(IntegrityError::UnknownKeyId(_)) if h.ticket > done => {
-                    self.unknown_keys.put_back(keys::Held { chunk: c, ..h });
-                }
-                ChunkCheck::Bad(error) => {
-                    let len = c.payload.len() as u64;
-                    self.on_bad_chunk(h.link, c.seq, len, error);
-                }
-            }
-        }
-    }
-
     /// The control plane revoked these peers: close every link with them.
     fn on_revoked(&mut self, ids: &[u64]) {
         let ids: HashSet<u64> = ids.iter().copied().filter(|&id| id != self.me).collect();
@@ -2058,41 +1980,6 @@ impl Engine {
                 self.skipping = true;
             }
         }
-    }
-
-    /// A parent failed too many of the pushes it owed (the scheduler re-searches the
-    /// substream without it): complain to the control plane.
-    fn report_non_delivery(&mut self, s: u16, parent: u64, missed: u32, window: u32) {
-        tracing::warn!(
-            substream = s,
-            parent,
-            missed,
-            window,
-            "parent skipped, delayed or never sent too many pushes: re-searching and reporting it"
-        );
-        self.shared.stats_mut().parents_reported_non_delivery += 1;
-        let why = format!(
-            "substream {s}: {missed} of the last {window} chunks owed were skipped, late or never sent"
-        );
-        self.spawn_report(parent, PeerReportKind::NonDelivery, why);
-    }
-
-    /// `ReportPeer`, off the engine (bounded by a timeout; failures are only logged).
-    fn spawn_report(&self, id: u64, kind: PeerReportKind, why: String) {
-        let control = self.control.clone();
-        let session = self.session_id.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(
-                Duration::from_secs(5),
-                control.report_peer(&session, id, kind, &why),
-            )
-            .await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::info!(peer = id, "ReportPeer failed: {e}"),
-                Err(_) => tracing::info!(peer = id, "ReportPeer timed out"),
-            }
-        });
     }
 
     fn play(&mut self, seq: u64) {
