@@ -1,6 +1,8 @@
 //! One wire-protocol session with a data-plane node: connect, `HELLO` / `HELLO_ACK`,
 //! `SUBSCRIBE` / `STREAM_INFO`, then frames.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -146,13 +148,26 @@ fn frame_code(f: &Frame) -> u8 {
 }
 
 /// Reads one frame from `stream` into `buf`. Cancel-safe: bytes read are kept in the
-/// buffer.
+/// buffer. `chunk_limit`, if given, is read before every decode attempt and replaces
+/// the decoder's `CHUNK` limit (a link whose limit is raised while a read is pending
+/// decodes the next header with the new one).
 async fn read_frame<R: AsyncRead + Unpin>(
     stream: &mut R,
     decoder: &mut Decoder,
     buf: &mut BytesMut,
+    chunk_limit: Option<&AtomicU32>,
 ) -> Result<Frame, SdkError> {
     loop {
+        if let Some(limit) = chunk_limit {
+            let max = limit.load(Ordering::Relaxed);
+            let cur = decoder.limits();
+            if cur.max_chunk_payload != max {
+                *decoder = Decoder::new(Limits {
+                    max_chunk_payload: max,
+                    ..cur
+                });
+            }
+        }
         if let Some(f) = decoder.decode(buf)? {
             return Ok(f);
         }
@@ -170,12 +185,27 @@ pub(crate) struct FrameReader {
     stream: OwnedReadHalf,
     decoder: Decoder,
     buf: BytesMut,
+    /// See [`FrameReader::with_chunk_limit`].
+    chunk_limit: Option<Arc<AtomicU32>>,
 }
 
 impl FrameReader {
     /// Reads the next frame. Cancel-safe.
     pub(crate) async fn next_frame(&mut self) -> Result<Frame, SdkError> {
-        read_frame(&mut self.stream, &mut self.decoder, &mut self.buf).await
+        read_frame(
+            &mut self.stream,
+            &mut self.decoder,
+            &mut self.buf,
+            self.chunk_limit.as_deref(),
+        )
+        .await
+    }
+
+    /// From now on the largest `CHUNK` payload accepted is whatever `limit` holds when
+    /// a frame is decoded (the engine raises it when it admits an incoming link).
+    pub(crate) fn with_chunk_limit(mut self, limit: Arc<AtomicU32>) -> FrameReader {
+        self.chunk_limit = Some(limit);
+        self
     }
 }
 
@@ -209,6 +239,7 @@ impl WireConn {
                 stream: r,
                 decoder: self.decoder,
                 buf: self.buf,
+                chunk_limit: None,
             },
             w,
         )
@@ -216,7 +247,7 @@ impl WireConn {
 
     /// Reads the next frame. Cancel-safe: bytes read are kept in the buffer.
     pub(crate) async fn next_frame(&mut self) -> Result<Frame, SdkError> {
-        read_frame(&mut self.stream, &mut self.decoder, &mut self.buf).await
+        read_frame(&mut self.stream, &mut self.decoder, &mut self.buf, None).await
     }
 
     pub(crate) async fn send(&mut self, frame: &Frame) -> Result<(), SdkError> {

@@ -60,6 +60,8 @@ mod viewer;
 
 pub use error::SdkError;
 pub use hub::Subscription;
+pub use relay::keys::KeyHoldLimits;
+pub use relay::listener_limits::PeerLimits;
 pub use reorder::ReorderConfig;
 pub use starling_proto::wire::ErrorCode;
 pub use stats::Stats;

@@ -8,6 +8,7 @@
 //! holding a lock.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,7 +18,7 @@ use starling_proto::integrity::{
 };
 use starling_proto::token::{Scopes, TokenError, TokenVerifier};
 use starling_proto::wire::{Chunk, ErrorCode, chunk_flags};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 /// Most revoked peer ids remembered (oldest forgotten first; their tokens expire soon
 /// after revocation anyway, since the control plane stops renewing them).
@@ -90,6 +91,23 @@ pub(crate) struct Rights {
     token: watch::Sender<OwnToken>,
     /// Shared with the process's other viewers (see [`VerifiedSignatures`]).
     cache: Option<Arc<VerifiedSignatures>>,
+    /// The key id of the first chunk key `Join` returned: the control plane lists the
+    /// broadcast's ingesting node first. It stays first in every later set that has it,
+    /// so the capped set never drops it for other nodes' keys.
+    pinned: Mutex<Option<u32>>,
+    /// Key refreshes asked for (a chunk named a key id we do not hold) and done.
+    refresh: KeyRefresh,
+}
+
+/// Early key refreshes: the engine asks ([`Rights::ask_key_refresh`]), the heartbeat
+/// loop beats early and says which asks its answer covers ([`Rights::keys_refreshed`]).
+#[derive(Debug)]
+struct KeyRefresh {
+    /// Asks so far (a ticket is the count after one's own ask).
+    asked: AtomicU64,
+    /// The highest ticket covered by a heartbeat answer (a beat started after the ask).
+    done: watch::Sender<u64>,
+    wake: Notify,
 }
 
 fn build_tokens(keys: &[KeyMaterial]) -> TokenVerifier {
@@ -102,19 +120,42 @@ fn build_tokens(keys: &[KeyMaterial]) -> TokenVerifier {
     v
 }
 
+/// The verifier for `keys`, in the control plane's order except that the `pinned` key
+/// id (the ingesting node's) goes first; one key per id (the first listed wins), at
+/// most [`integrity::MAX_KEYS`]: the keys beyond are left out (never the pinned one).
 fn build_chunks(
     broadcast_id: &str,
     keys: &[KeyMaterial],
+    pinned: Option<u32>,
     cache: Option<&Arc<VerifiedSignatures>>,
 ) -> ChunkVerifier {
     let mut v = ChunkVerifier::new(broadcast_id);
     if let Some(c) = cache {
         v = v.with_cache(c.clone());
     }
-    for (id, k) in keys {
-        if let Err(e) = v.add_key(*id, k) {
-            tracing::warn!(key_id = id, "ignoring a chunk key: {e}");
+    let first = keys.iter().filter(|(id, _)| Some(*id) == pinned).take(1);
+    let rest = keys.iter().filter(|(id, _)| Some(*id) != pinned);
+    let mut added: Vec<u32> = Vec::new();
+    let mut left_out = 0usize;
+    for (id, k) in first.chain(rest) {
+        if added.contains(id) {
+            continue;
         }
+        if added.len() >= integrity::MAX_KEYS {
+            left_out += 1;
+            continue;
+        }
+        match v.add_key(*id, k) {
+            Ok(()) => added.push(*id),
+            Err(e) => tracing::warn!(key_id = id, "ignoring a chunk key: {e}"),
+        }
+    }
+    if left_out > 0 {
+        tracing::warn!(
+            left_out,
+            max = integrity::MAX_KEYS,
+            "more chunk keys than a verifier holds: the last ones are left out"
+        );
     }
     v
 }
@@ -131,11 +172,12 @@ impl Rights {
         chunk_keys: &[KeyMaterial],
         cache: Option<Arc<VerifiedSignatures>>,
     ) -> Rights {
+        let pinned = chunk_keys.first().map(|(id, _)| *id);
         let keys = Keys {
             tokens: build_tokens(token_keys),
             enforce_tokens: !token.token.is_empty() || !token_keys.is_empty(),
             chunks: (!chunk_keys.is_empty())
-                .then(|| build_chunks(broadcast_id, chunk_keys, cache.as_ref())),
+                .then(|| build_chunks(broadcast_id, chunk_keys, pinned, cache.as_ref())),
         };
         let (tx, _) = watch::channel(token);
         Rights {
@@ -145,7 +187,55 @@ impl Rights {
             revoked: Mutex::new((HashSet::new(), VecDeque::new())),
             token: tx,
             cache,
+            pinned: Mutex::new(pinned),
+            refresh: KeyRefresh {
+                asked: AtomicU64::new(0),
+                done: watch::channel(0).0,
+                wake: Notify::new(),
+            },
         }
+    }
+
+    fn pinned(&self) -> Option<u32> {
+        *self.pinned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // ----- early key refreshes -----------------------------------------------------
+
+    /// Asks the heartbeat loop for the current keys now (a chunk named a key id we do
+    /// not hold). Returns the ticket a later [`Rights::keys_refreshed`] covers.
+    pub(crate) fn ask_key_refresh(&self) -> u64 {
+        let ticket = self.refresh.asked.fetch_add(1, Ordering::Relaxed) + 1;
+        self.refresh.wake.notify_one();
+        ticket
+    }
+
+    /// Resolves when a key refresh has been asked for (and not yet waited for).
+    pub(crate) async fn key_refresh_asked(&self) {
+        self.refresh.wake.notified().await;
+    }
+
+    /// The asks so far: a heartbeat started now covers them all.
+    pub(crate) fn key_refresh_tickets(&self) -> u64 {
+        self.refresh.asked.load(Ordering::Relaxed)
+    }
+
+    /// A heartbeat that started when [`Rights::key_refresh_tickets`] was `ticket`
+    /// delivered the current keys (already applied).
+    pub(crate) fn keys_refreshed(&self, ticket: u64) {
+        self.refresh.done.send_if_modified(|d| {
+            if ticket > *d {
+                *d = ticket;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The highest ticket covered by a key refresh, as it changes.
+    pub(crate) fn watch_key_refreshes(&self) -> watch::Receiver<u64> {
+        self.refresh.done.subscribe()
     }
 
     fn keys(&self) -> Arc<Keys> {
@@ -167,6 +257,7 @@ impl Rights {
             k.chunks = Some(build_chunks(
                 &self.broadcast_id,
                 chunk_keys,
+                self.pinned(),
                 self.cache.as_ref(),
             ));
         }
@@ -187,10 +278,15 @@ impl Rights {
                 k.tokens = build_tokens(token_keys);
             }
             k.enforce_tokens = k.enforce_tokens || !token.token.is_empty();
+            if let Some((id, _)) = chunk_keys.first() {
+                // The node this Join sent us to ingests the broadcast now.
+                *self.pinned.lock().unwrap_or_else(|e| e.into_inner()) = Some(*id);
+            }
             if !chunk_keys.is_empty() {
                 k.chunks = Some(build_chunks(
                     &self.broadcast_id,
                     chunk_keys,
+                    self.pinned(),
                     self.cache.as_ref(),
                 ));
             }

@@ -107,6 +107,24 @@ pub struct Stats {
     /// Peer connections refused or closed for their token (missing, invalid, expired,
     /// revoked).
     pub peers_refused: u64,
+    /// Peer connections closed by the listener's caps: beyond
+    /// [`PeerLimits::max_incoming`](crate::PeerLimits::max_incoming), or evicted as the
+    /// oldest handshake beyond [`PeerLimits::max_handshakes`](crate::PeerLimits::max_handshakes).
+    pub peer_connections_refused: u64,
+    /// `REQUEST`s from peers answered `NOT_FOUND` unseen, over the link's request rate
+    /// ([`PeerLimits::requests_per_s`](crate::PeerLimits::requests_per_s)).
+    pub peer_requests_refused: u64,
+    /// Peer links closed for a `CHUNK` we never asked for on a link we accepted.
+    pub unsolicited_chunks: u64,
+    /// Chunks signed with a key id not (yet) in our key set: held while the keys are
+    /// refreshed, then played or relayed if the refreshed set has the key, or counted
+    /// as bad (the sender dropped and reported) if it still does not.
+    pub chunks_unknown_key: u64,
+    /// Early heartbeats made to fetch the current keys (a chunk named an unknown key).
+    pub key_refreshes: u64,
+    /// Parents reported (`ReportPeer`, `NON_DELIVERY`) and left for skipping or
+    /// delaying too many of their pushes.
+    pub parents_reported_non_delivery: u64,
     /// Renewed chunk tokens received from the control plane.
     pub token_renewals: u64,
     /// Quality reports acknowledged by the control plane.

@@ -78,6 +78,20 @@ pub struct ViewerConfig {
     /// (`None`, the default: this viewer checks every signature itself, as a device
     /// does). Only the Ed25519 check of a block already seen is skipped.
     pub verified_signatures: Option<Arc<starling_proto::integrity::VerifiedSignatures>>,
+    /// Limits on the connections other peers open to this viewer's peer listener
+    /// (handshake deadline and cap, connection cap, request rate).
+    pub peer_limits: crate::PeerLimits,
+    /// Chunks signed with a key id this viewer does not hold yet (a node restarted,
+    /// took over or rotated its key): how many are held while the keys are refreshed
+    /// by an early heartbeat, for how long, and how often such heartbeats may go out.
+    pub key_hold: crate::KeyHoldLimits,
+    /// A peer parent is judged over the last this many chunks it owed on a substream
+    /// (1..=64; default 32), and re-searched and reported (`ReportPeer`, non-delivery)
+    /// when more than [`ViewerConfig::parent_max_missed`] of them were skipped, late or
+    /// never sent. See [`crate::grid::SchedulerConfig::parent_window`].
+    pub parent_window: u16,
+    /// Default 10 (of 32).
+    pub parent_max_missed: u16,
 }
 
 /// Report interval when neither the config nor `Join` says.
@@ -168,6 +182,10 @@ impl ViewerConfig {
             report_queue: 64,
             token_skew: Duration::from_secs(5),
             verified_signatures: None,
+            peer_limits: crate::PeerLimits::default(),
+            key_hold: crate::KeyHoldLimits::default(),
+            parent_window: crate::grid::SchedulerConfig::default().parent_window,
+            parent_max_missed: crate::grid::SchedulerConfig::default().parent_max_missed,
         }
     }
 
@@ -182,6 +200,9 @@ impl ViewerConfig {
                 "target_lag must be in (0, 60 s]".to_string(),
             ));
         }
+        self.peer_limits
+            .validate()
+            .map_err(|e| SdkError::Config(e.to_string()))?;
         if self
             .report_interval
             .is_some_and(|d| d < Duration::from_millis(10))
@@ -454,6 +475,10 @@ impl Viewer {
             upload_kbps: config.relay.upload_kbps(),
             estimate_upload: config.relay.max_upload_kbps.is_none(),
             limits: config.limits(),
+            peer_limits: config.peer_limits,
+            key_hold: config.key_hold,
+            parent_window: config.parent_window,
+            parent_max_missed: config.parent_max_missed,
             idle: config.idle_timeout,
             connect_timeout: config.connect_timeout,
             reconnect_initial: config.reconnect_initial,
@@ -466,6 +491,7 @@ impl Viewer {
             shared.clone(),
             Some(events),
             config.relay.upload_kbps(),
+            config.key_hold.min_interval,
         )));
         tasks.push(tokio::spawn(crate::report::report_loop(
             control.clone(),
@@ -530,6 +556,7 @@ impl Viewer {
                 shared.clone(),
                 None,
                 0,
+                config.key_hold.min_interval,
             )));
             if let Some(every) = report_every {
                 tasks.push(tokio::spawn(crate::report::report_loop(
@@ -909,16 +936,31 @@ async fn heartbeat_loop(
     shared: Arc<Shared>,
     grid: Option<tokio::sync::mpsc::Sender<crate::relay::Ev>>,
     offered_kbps: u32,
+    refresh_every: Duration,
 ) {
     let mut stop = shared.stop_signal();
+    let mut last_beat = tokio::time::Instant::now();
     loop {
         let Some(session) = lock(&shared.session).clone() else {
             return;
         };
+        // A chunk named a key id we do not hold: beat early (at most every
+        // `refresh_every`) to get the current keys.
+        let early = async {
+            shared.rights.key_refresh_asked().await;
+            tokio::time::sleep_until(last_beat + refresh_every).await;
+        };
         tokio::select! {
             _ = stopped(&mut stop) => return,
             _ = tokio::time::sleep(session.heartbeat) => {}
+            () = early => {
+                shared.stats_mut().key_refreshes += 1;
+                tracing::debug!("early heartbeat for the current keys");
+            }
         }
+        last_beat = tokio::time::Instant::now();
+        // Every key refresh asked for until now is answered by this beat.
+        let ticket = shared.rights.key_refresh_tickets();
         let counters = {
             let s = shared.stats_mut();
             Counters {
@@ -949,6 +991,7 @@ async fn heartbeat_loop(
                     continue;
                 }
                 shared.rights.update_keys(&hb.token_keys, &hb.chunk_keys);
+                shared.rights.keys_refreshed(ticket);
                 if !hb.token.is_empty() {
                     shared.rights.set_token(OwnToken {
                         token: hb.token,

@@ -240,6 +240,10 @@ pub struct Core {
     /// Chunk-signing keys of the alive nodes (node id, key), refreshed whenever the alive
     /// nodes are listed (registration, liveness check).
     chunk_keys: std::sync::RwLock<Vec<(String, PublicKey)>>,
+    /// The node ingesting each live broadcast (broadcast id → node id), refreshed with
+    /// the chunk keys and at every `Join`: heartbeats list that node's chunk key first,
+    /// so a viewer's capped key set always holds it, however many nodes there are.
+    ingest_nodes: std::sync::RwLock<HashMap<String, String>>,
     /// Viewer reports: write queue, batch writer, roll-ups ([`crate::reports`]).
     reports: Arc<crate::reports::Reports>,
     /// Prometheus counters ([`crate::metrics`]).
@@ -298,6 +302,7 @@ impl Core {
             tokens,
             revocations: Revocations::new(),
             chunk_keys: std::sync::RwLock::new(Vec::new()),
+            ingest_nodes: std::sync::RwLock::new(HashMap::new()),
         })
     }
 
@@ -446,6 +451,30 @@ impl Core {
         out
     }
 
+    /// The node ingesting `broadcast_id`, as last seen (see [`Core::chunk_keys`]).
+    fn ingest_node(&self, broadcast_id: &str) -> Option<String> {
+        self.ingest_nodes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(broadcast_id)
+            .cloned()
+    }
+
+    fn set_ingest_node(&self, broadcast_id: &str, node_id: Option<&str>) {
+        let mut m = self
+            .ingest_nodes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match node_id {
+            Some(n) => {
+                m.insert(broadcast_id.to_string(), n.to_string());
+            }
+            None => {
+                m.remove(broadcast_id);
+            }
+        }
+    }
+
     fn revoke_command(&self, broadcast_id: &str, now: i64) -> Option<Command> {
         let peer_ids = self.revocations.list(broadcast_id, now);
         (!peer_ids.is_empty()).then(|| {
@@ -541,6 +570,20 @@ impl Core {
             .store
             .list_broadcasts_in_state(BroadcastState::Live)
             .await?;
+        {
+            // Rebuilt from the database's view of the live broadcasts (changes below
+            // update it as they are made).
+            let mut m = self
+                .ingest_nodes
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            m.clear();
+            for b in &live {
+                if let Some(n) = &b.node_id {
+                    m.insert(b.id.clone(), n.clone());
+                }
+            }
+        }
         let live_in: Vec<LiveBroadcast> = live
             .iter()
             .map(|b| LiveBroadcast {
@@ -562,6 +605,9 @@ impl Core {
                 .store
                 .set_broadcast_node(&change.broadcast_id, change.to.as_deref(), now)
                 .await?;
+            if updated.is_some() {
+                self.set_ingest_node(&change.broadcast_id, change.to.as_deref());
+            }
             match (&change.to, updated) {
                 (Some(node_id), Some(b)) => {
                     tracing::info!(
@@ -1037,6 +1083,7 @@ impl Core {
             token_key_id = self.tokens.signing_key_id(),
             "viewer joined"
         );
+        self.set_ingest_node(&b.id, Some(&node.id));
         let chunk_keys = self.chunk_keys(Some(&node.id));
         Ok(JoinResponse {
             session_id,
@@ -1115,7 +1162,12 @@ impl Core {
             }
         }
         let token_keys = self.tokens.public_keys();
-        let chunk_keys = self.chunk_keys(None);
+        // The ingesting node's key first: beyond `MAX_KEYS` alive nodes, the others'
+        // keys are what a viewer leaves out.
+        let ingest = view
+            .as_ref()
+            .and_then(|v| self.ingest_node(&v.broadcast_id));
+        let chunk_keys = self.chunk_keys(ingest.as_deref());
         match view {
             Some(view) => {
                 let now = now_ms();

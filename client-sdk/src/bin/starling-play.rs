@@ -84,6 +84,50 @@ struct Args {
     #[arg(long, env = "STARLING_REPORT_INTERVAL", value_parser = parse_duration)]
     report_interval: Option<Duration>,
 
+    /// Peers connecting to us must complete HELLO and SUBSCRIBE within this long.
+    #[arg(long, env = "STARLING_PEER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    peer_handshake_timeout: Duration,
+
+    /// Most peer connections in their handshake at once (one more evicts the oldest).
+    #[arg(long, env = "STARLING_PEER_MAX_HANDSHAKES", default_value_t = 16)]
+    peer_max_handshakes: usize,
+
+    /// Most peer connections accepted at once (children, neighbours, handshakes).
+    #[arg(long, env = "STARLING_PEER_MAX_CONNECTIONS", default_value_t = 256)]
+    peer_max_connections: usize,
+
+    /// REQUESTs a peer may send per second on one link (beyond: NOT_FOUND unseen).
+    #[arg(long, env = "STARLING_PEER_REQUESTS_PER_S", default_value_t = 16.0)]
+    peer_requests_per_s: f64,
+
+    /// REQUESTs a peer may send in a burst on one link.
+    #[arg(long, env = "STARLING_PEER_REQUEST_BURST", default_value_t = 64.0)]
+    peer_request_burst: f64,
+
+    /// Chunks held per link while the keys are refreshed (their key id is unknown).
+    #[arg(long, env = "STARLING_UNKNOWN_KEY_HOLD_CHUNKS", default_value_t = 4)]
+    unknown_key_hold_chunks: usize,
+
+    /// Payload bytes held in total while the keys are refreshed.
+    #[arg(long, env = "STARLING_UNKNOWN_KEY_HOLD_BYTES", default_value_t = 8 * 1024 * 1024)]
+    unknown_key_hold_bytes: usize,
+
+    /// Held chunks whose key refresh has not come after this long are dropped.
+    #[arg(long, env = "STARLING_UNKNOWN_KEY_MAX_WAIT", default_value = "10s", value_parser = parse_duration)]
+    unknown_key_max_wait: Duration,
+
+    /// Least time between two early heartbeats made to refresh the keys.
+    #[arg(long, env = "STARLING_KEY_REFRESH_MIN_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    key_refresh_min_interval: Duration,
+
+    /// A peer parent is judged over the last this many chunks it owed (1..=64).
+    #[arg(long, env = "STARLING_PARENT_WINDOW", default_value_t = 32)]
+    parent_window: u16,
+
+    /// More than this many of them skipped, late or never sent: re-search and report it.
+    #[arg(long, env = "STARLING_PARENT_MAX_MISSED", default_value_t = 10)]
+    parent_max_missed: u16,
+
     /// Log filter (tracing env-filter syntax, e.g. "info" or "starling_sdk=debug").
     #[arg(long, env = "STARLING_LOG", default_value = "warn")]
     log: String,
@@ -165,6 +209,21 @@ async fn main() -> anyhow::Result<()> {
         cfg.target_lag = lag;
     }
     cfg.report_interval = args.report_interval;
+    cfg.peer_limits = starling_sdk::PeerLimits {
+        handshake_timeout: args.peer_handshake_timeout,
+        max_handshakes: args.peer_max_handshakes,
+        max_incoming: args.peer_max_connections,
+        requests_per_s: args.peer_requests_per_s,
+        request_burst: args.peer_request_burst,
+    };
+    cfg.key_hold = starling_sdk::KeyHoldLimits {
+        per_link: args.unknown_key_hold_chunks,
+        max_bytes: args.unknown_key_hold_bytes,
+        max_wait: args.unknown_key_max_wait,
+        min_interval: args.key_refresh_min_interval,
+    };
+    cfg.parent_window = args.parent_window;
+    cfg.parent_max_missed = args.parent_max_missed;
 
     let mut sink = match &args.output {
         None => None,

@@ -26,6 +26,11 @@
 //!   cannot help. Re-searches of one substream are [`SchedulerConfig::research_retry`]
 //!   apart and back off (doubling up to [`SchedulerConfig::research_backoff_max`]) while
 //!   new parents keep failing;
+//! * **lying parents**: over the last [`SchedulerConfig::parent_window`] chunks a peer
+//!   parent owed on a substream, more than [`SchedulerConfig::parent_max_missed`]
+//!   skipped, late (and available elsewhere) or never sent re-search the substream and
+//!   report the parent ([`Action::ReportParent`]): strikes in a row miss a parent that
+//!   fails every other push;
 //! * **serving**: requests are answered from the held window ([`Action::Serve`] /
 //!   [`Action::NotFound`]); buffer maps go to every neighbour when
 //!   their prediction from the last one would be wrong (checked every
@@ -42,7 +47,11 @@
 //! point and the live edge), buffer maps ([`MAX_BUFFER_MAP_BITS`]).
 
 mod buffer_map;
+mod delivery;
 mod latency;
+#[cfg(test)]
+mod lying_parent_tests;
+mod push_pacing;
 mod scheduler;
 #[cfg(test)]
 mod sim;
@@ -50,6 +59,7 @@ mod upload;
 
 pub use buffer_map::{BUFFER_MAP_HEADER_LEN, BufferMap, BufferMapError, MAX_BUFFER_MAP_BITS};
 pub use latency::{LATENCY_BOUNDS_MS, LATENCY_BUCKETS, LatencySummary};
+pub use push_pacing::ChildPace;
 pub use scheduler::{
     Action, PeerScheduler, SchedulerConfig, SchedulerError, SchedulerStats, Source, Upstream,
 };

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::PeerId;
 use super::buffer_map::{BufferMap, MAX_BUFFER_MAP_BITS};
+use super::delivery::DeliveryWindow;
 
 /// Where a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +51,16 @@ pub enum Action {
     Serve { to: PeerId, seq: u64 },
     /// Answer a request: chunk `seq` is not held.
     NotFound { to: PeerId, seq: u64 },
+    /// Complain to the control plane about `parent` (`ReportPeer`, non-delivery): of
+    /// the last `window` chunks it owed on `substream`, it skipped, delayed or never
+    /// sent `missed`. Comes with a [`Action::ReSearch`] excluding it (once the
+    /// re-search back-off allows); at most once per parent assignment.
+    ReportParent {
+        substream: u16,
+        parent: PeerId,
+        missed: u32,
+        window: u32,
+    },
 }
 
 /// Tunables of a [`PeerScheduler`]. All durations are on the caller's clock.
@@ -107,6 +118,16 @@ pub struct SchedulerConfig {
     /// Chunks held (and described in buffer maps) behind the newest; the networking layer
     /// keeps the same number of payloads. Default 64, at most 1024.
     pub window: u16,
+    /// A peer parent is judged over the last this many chunks it owed on a substream
+    /// (those that became available after it was assigned). Default 32, 1..=64.
+    pub parent_window: u16,
+    /// More than this many of them skipped (announced), late (see
+    /// [`SchedulerConfig::late_threshold`]; only when the chunk could be had elsewhere)
+    /// or never sent re-search the substream and report the parent. Default 10 (31 %):
+    /// an honest parent carrying a partly covered slot skips at most a fifth of each
+    /// child's pushes (`wire::slots_for`), which the relay spreads evenly over its
+    /// children; a parent that fails every other push (16 of 32) is caught.
+    pub parent_max_missed: u16,
 }
 
 impl Default for SchedulerConfig {
@@ -129,6 +150,8 @@ impl Default for SchedulerConfig {
             buffer_map_interval: Duration::from_secs(2),
             buffer_map_refresh: Duration::from_secs(10),
             window: 64,
+            parent_window: 32,
+            parent_max_missed: 10,
         }
     }
 }
@@ -220,6 +243,10 @@ struct Substream {
     flaps: u32,
     /// The parent's last word on this substream was a skipped push.
     skipped_last: bool,
+    /// What the parent did with the chunks it owed (since it was assigned).
+    delivery: DeliveryWindow,
+    /// This parent was reported for non-delivery.
+    reported: bool,
 }
 
 /// A re-search this many [`SchedulerConfig::research_retry`]s after the previous one
@@ -290,6 +317,11 @@ impl PeerScheduler {
         if cfg.server_lead > cfg.repair_lead {
             return Err(SchedulerError::InvalidConfig(
                 "server_lead must not exceed repair_lead",
+            ));
+        }
+        if cfg.parent_window == 0 || cfg.parent_window > 64 {
+            return Err(SchedulerError::InvalidConfig(
+                "parent_window must be in 1..=64",
             ));
         }
         Ok(PeerScheduler {
@@ -424,6 +456,8 @@ impl PeerScheduler {
             sub.parent = parent;
             sub.strikes = 0;
             sub.skipped_last = false;
+            sub.delivery = DeliveryWindow::default();
+            sub.reported = false;
             sub.since_ms = ms(now);
             // `research_at` is kept: the next re-search of this substream waits out the
             // back-off from the last one (mesh repair covers the gap meanwhile).
@@ -529,7 +563,9 @@ impl PeerScheduler {
             sub.strikes += 1;
         }
         sub.skipped_last = true;
-        if sub.strikes >= self.cfg.late_strikes {
+        let strikes = sub.strikes;
+        self.record_delivery(s as u16, seq, true, now_ms);
+        if strikes >= self.cfg.late_strikes {
             self.research(s as u16, now_ms);
         }
         if !self.have.contains(&seq) && self.urgent.len() < usize::from(self.cfg.window) {
@@ -759,9 +795,49 @@ impl PeerScheduler {
         } else {
             sub.strikes = 0;
         }
-        if sub.strikes >= strikes_needed {
+        let strikes = sub.strikes;
+        self.record_delivery(s, seq, elsewhere, now_ms);
+        if strikes >= strikes_needed {
             self.research(s, now_ms);
         }
+    }
+
+    /// Records what substream `s`'s peer parent did with chunk `seq` (`missed`: skipped
+    /// or late), if it owed it; re-searches and reports the parent when the window
+    /// holds more misses than allowed.
+    fn record_delivery(&mut self, s: u16, seq: u64, missed: bool, now_ms: i64) {
+        let since_seq = self.live_base.map(|base| {
+            let sub = &self.subs[usize::from(s)];
+            u64::try_from((sub.since_ms.saturating_sub(base) + self.d_ms - 1).div_euclid(self.d_ms))
+                .unwrap_or(0)
+        });
+        let (k, window, max) = (
+            self.k,
+            u32::from(self.cfg.parent_window),
+            u32::from(self.cfg.parent_max_missed),
+        );
+        let sub = &mut self.subs[usize::from(s)];
+        let Some(Upstream::Peer(parent)) = sub.parent else {
+            return;
+        };
+        // Chunks available before the parent was assigned are a bonus, not owed.
+        if since_seq.is_none_or(|f| seq < f) {
+            return;
+        }
+        sub.delivery.record(seq, missed, k);
+        let Some(m) = sub.delivery.missed(window).filter(|&m| m > max) else {
+            return;
+        };
+        if !sub.reported {
+            sub.reported = true;
+            self.actions.push_back(Action::ReportParent {
+                substream: s,
+                parent,
+                missed: m,
+                window,
+            });
+        }
+        self.research(s, now_ms);
     }
 
     /// True if chunk `seq` is held already or some neighbour's buffer map has it.

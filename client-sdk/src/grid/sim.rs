@@ -414,7 +414,7 @@ impl Sim {
                         },
                     );
                 }
-                Action::Play { .. } | Action::Skip { .. } => {}
+                Action::Play { .. } | Action::Skip { .. } | Action::ReportParent { .. } => {}
             }
         }
     }

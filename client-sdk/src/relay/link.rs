@@ -13,11 +13,12 @@
 //! that fails becomes [`Ev::BadChunk`]. The listener checks the chunk token in every
 //! peer's `HELLO` before answering it.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use starling_proto::integrity::IntegrityError;
 use starling_proto::wire::{
     self, Chunk, ErrorCode, Frame, HelloAck, Limits, Reason, Role, StartAt, StreamInfo, Subscribe,
 };
@@ -28,6 +29,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use super::Ev;
+use super::listener_limits::{Handshakes, PeerLimits};
 use crate::conn::{self, FrameReader, OpenParams, WireConn};
 use crate::error::SdkError;
 use crate::rights::{ChunkCheck, Grant};
@@ -44,10 +46,6 @@ pub(crate) const LINK_QUEUE: usize = 96;
 /// already proves the link alive. (A child sends its parent nothing but these pings; at
 /// 3 s with a `PONG` each they were a quarter of a grid's frames.)
 const PING_EVERY: Duration = Duration::from_secs(5);
-/// Handshake limit for accepted connections (as the data plane's).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most accepted peer connections alive at once (children, neighbours, handshakes).
-const MAX_INCOMING: usize = 256;
 
 /// Something to write on a link.
 #[derive(Debug)]
@@ -66,6 +64,9 @@ pub(crate) enum Out {
 pub(crate) struct LinkHandle {
     tx: mpsc::Sender<Out>,
     kill: Option<oneshot::Sender<Frame>>,
+    /// Incoming links: the reader's `CHUNK` limit (0 until the engine admits the link)
+    /// and the limit to raise it to.
+    chunk_gate: Option<(Arc<AtomicU32>, u32)>,
 }
 
 /// Why an item could not be queued.
@@ -98,6 +99,15 @@ impl LinkHandle {
         }
     }
 
+    /// An incoming link was admitted: its reader accepts chunks (answers to our
+    /// requests) from now on. Until then a `CHUNK` header of any length is
+    /// `FRAME_TOO_LARGE`.
+    pub(crate) fn allow_chunks(&self) {
+        if let Some((limit, max)) = &self.chunk_gate {
+            limit.store(*max, Ordering::Relaxed);
+        }
+    }
+
     /// Closes the link after writing `last` (an `ERROR` or `GOODBYE`); queued frames
     /// not yet written are dropped.
     pub(crate) fn close(mut self, last: Frame) {
@@ -116,6 +126,9 @@ pub(crate) fn reason(code: ErrorCode, message: &str) -> Reason {
 
 /// Starts the reader and writer tasks of an established connection. `drained`, if
 /// given, counts the chunk bytes (prefix and payload) the writer hands to the socket.
+/// `gate`, if given, is the `CHUNK` limit the reader gets once
+/// [`LinkHandle::allow_chunks`] is called; until then it reads no chunk at all.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn_link(
     link: LinkId,
     conn: WireConn,
@@ -124,8 +137,15 @@ pub(crate) fn spawn_link(
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     shared: Arc<Shared>,
     drained: Option<Arc<AtomicU64>>,
+    gate: Option<u32>,
 ) -> LinkHandle {
-    let (reader, writer) = conn.into_split();
+    let (mut reader, writer) = conn.into_split();
+    let mut chunk_gate = None;
+    if let Some(max) = gate {
+        let limit = Arc::new(AtomicU32::new(0));
+        reader = reader.with_chunk_limit(limit.clone());
+        chunk_gate = Some((limit, max));
+    }
     let (tx, rx) = mpsc::channel(LINK_QUEUE);
     let (kill_tx, kill_rx) = oneshot::channel();
     let r = tokio::spawn(read_loop(
@@ -149,6 +169,7 @@ pub(crate) fn spawn_link(
     LinkHandle {
         tx,
         kill: Some(kill_tx),
+        chunk_gate,
     }
 }
 
@@ -197,6 +218,10 @@ async fn read_loop(
                         link,
                         frame: Frame::Chunk(c),
                     },
+                    // Not a verdict yet: the engine refreshes the keys first.
+                    ChunkCheck::Bad(IntegrityError::UnknownKeyId(_)) => {
+                        Ev::UnknownKey { link, chunk: c }
+                    }
                     ChunkCheck::Bad(error) => Ev::BadChunk {
                         link,
                         seq: c.seq,
@@ -365,7 +390,7 @@ pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>, shared
         },
         Ok(c) => {
             let info = c.info.clone();
-            let handle = spawn_link(link, c, events.clone(), d.idle, None, shared, None);
+            let handle = spawn_link(link, c, events.clone(), d.idle, None, shared, None, None);
             Ev::Connected { link, handle, info }
         }
         Err(err) => Ev::ConnectFailed { link, err },
@@ -378,6 +403,7 @@ pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>, shared
 pub(crate) struct AcceptCtx {
     pub shared: Arc<crate::viewer::Shared>,
     pub limits: Limits,
+    pub peer: PeerLimits,
     pub idle: Duration,
     pub events: mpsc::Sender<Ev>,
     pub ids: Arc<AtomicU64>,
@@ -387,7 +413,8 @@ pub(crate) struct AcceptCtx {
 
 /// Accepts peer connections until the task is aborted.
 pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
-    let slots = Arc::new(Semaphore::new(MAX_INCOMING));
+    let slots = Arc::new(Semaphore::new(ctx.peer.max_incoming));
+    let handshakes = Arc::new(Mutex::new(Handshakes::new(ctx.peer.max_handshakes)));
     let mut stop = ctx.shared.stop_signal();
     loop {
         let r = tokio::select! {
@@ -404,14 +431,45 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::debug!(%addr, "too many peer connections: refused");
+            ctx.shared.stats_mut().peer_connections_refused += 1;
+            if let Ok(b) = wire::encode_to_bytes(&Frame::Error(reason(
+                ErrorCode::ServerBusy,
+                "too many peer connections",
+            ))) {
+                // Best effort, never waiting: the socket's buffer is empty.
+                let _ = stream.try_write(&b);
+            }
             drop(stream);
             continue;
         };
+        let (hs, evicted, evicted_count) =
+            handshakes.lock().unwrap_or_else(|e| e.into_inner()).start();
+        if evicted_count > 0 {
+            tracing::debug!(%addr, evicted_count, "too many peer handshakes: evicted the oldest");
+            ctx.shared.stats_mut().peer_connections_refused += evicted_count as u64;
+        }
         let ctx = ctx.clone();
+        let handshakes = handshakes.clone();
         tokio::spawn(async move {
-            let conn = WireConn::accepted(stream, ctx.limits, addr.to_string());
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(conn, &ctx)).await {
-                Ok(Ok((conn, sub, grant))) => {
+            // Until admitted, a peer can make us buffer control frames only.
+            let before = Limits {
+                max_chunk_payload: 0,
+                ..ctx.limits
+            };
+            let mut conn = WireConn::accepted(stream, before, addr.to_string());
+            let outcome = tokio::select! {
+                r = tokio::time::timeout(ctx.peer.handshake_timeout, handshake(&mut conn, &ctx)) => r.ok(),
+                _ = evicted => Some(Err(SdkError::Server {
+                    code: ErrorCode::ServerBusy,
+                    message: "too many peer handshakes".into(),
+                })),
+            };
+            handshakes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .finish(hs);
+            let last = match outcome {
+                Some(Ok((sub, grant))) => {
                     let link = ctx.ids.fetch_add(1, Ordering::Relaxed);
                     let handle = spawn_link(
                         link,
@@ -421,6 +479,7 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
                         Some(permit),
                         ctx.shared.clone(),
                         Some(ctx.drained.clone()),
+                        Some(ctx.limits.max_chunk_payload),
                     );
                     let _ = ctx
                         .events
@@ -432,46 +491,66 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
                             grant,
                         })
                         .await;
+                    return;
                 }
-                Ok(Err(e)) => tracing::debug!(%addr, "peer handshake failed: {e}"),
-                Err(_) => tracing::debug!(%addr, "peer handshake timed out"),
+                // Refused by `handshake`, which said why.
+                Some(Err(SdkError::Protocol(e))) => {
+                    tracing::debug!(%addr, "peer handshake refused: {e}");
+                    None
+                }
+                Some(Err(SdkError::Wire(e))) => {
+                    tracing::info!(%addr, "peer handshake: {e}; closing");
+                    Some(reason(e.code(), &e.to_string()))
+                }
+                Some(Err(SdkError::Server { code, message })) => {
+                    tracing::debug!(%addr, "peer handshake cancelled: {message}");
+                    Some(reason(code, &message))
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(%addr, "peer handshake failed: {e}");
+                    None
+                }
+                None => {
+                    tracing::info!(%addr, "peer handshake timed out; closing");
+                    Some(reason(ErrorCode::IdleTimeout, "handshake timed out"))
+                }
+            };
+            if let Some(r) = last {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(500), conn.send(&Frame::Error(r)))
+                        .await;
             }
+            drop(permit);
         });
     }
 }
 
 /// `HELLO(peer)` with a valid chunk token → `HELLO_ACK`, then `SUBSCRIBE` for our
-/// broadcast. Refusals are sent as `ERROR` before failing: `UNAUTHORIZED` for a
-/// missing, invalid or expired token, `REVOKED` for a revoked peer.
-async fn handshake(
-    mut conn: WireConn,
-    ctx: &AcceptCtx,
-) -> Result<(WireConn, Subscribe, Grant), SdkError> {
+/// broadcast. Refusals are sent as `ERROR` before failing (as
+/// [`SdkError::Protocol`]): `UNAUTHORIZED` for a missing, invalid or expired token,
+/// `REVOKED` for a revoked peer. Decoding errors are returned as they are (the caller
+/// answers them).
+async fn handshake(conn: &mut WireConn, ctx: &AcceptCtx) -> Result<(Subscribe, Grant), SdkError> {
     async fn refuse(conn: &mut WireConn, code: ErrorCode, msg: &str) -> SdkError {
         let _ = conn.send(&Frame::Error(reason(code, msg))).await;
         SdkError::Protocol(msg.to_string())
     }
     let hello = match conn.next_frame().await? {
         Frame::Hello(h) => h,
-        _ => return Err(refuse(&mut conn, ErrorCode::UnexpectedFrame, "expected HELLO").await),
+        _ => return Err(refuse(conn, ErrorCode::UnexpectedFrame, "expected HELLO").await),
     };
     if hello.role != Role::Peer {
-        return Err(refuse(&mut conn, ErrorCode::UnexpectedFrame, "peer links only").await);
+        return Err(refuse(conn, ErrorCode::UnexpectedFrame, "peer links only").await);
     }
     let Some(version) = wire::negotiate(hello.min_version, hello.max_version) else {
-        return Err(refuse(
-            &mut conn,
-            ErrorCode::UnsupportedVersion,
-            "no common version",
-        )
-        .await);
+        return Err(refuse(conn, ErrorCode::UnsupportedVersion, "no common version").await);
     };
     let grant = match ctx.shared.rights.check_peer_token(&hello.token) {
         Ok(g) => g,
         Err(r) => {
             ctx.shared.stats_mut().peers_refused += 1;
             tracing::info!(addr = conn.addr, code = ?r.code, "peer refused: {}", r.message);
-            return Err(refuse(&mut conn, r.code, &r.message).await);
+            return Err(refuse(conn, r.code, &r.message).await);
         }
     };
     conn.send(&Frame::HelloAck(HelloAck { version })).await?;
@@ -481,21 +560,19 @@ async fn handshake(
             Frame::Ping(n) => conn.send(&Frame::Pong(n)).await?,
             Frame::Pong(_) => {}
             _ => {
-                return Err(
-                    refuse(&mut conn, ErrorCode::UnexpectedFrame, "expected SUBSCRIBE").await,
-                );
+                return Err(refuse(conn, ErrorCode::UnexpectedFrame, "expected SUBSCRIBE").await);
             }
         }
     };
     if sub.broadcast_id != ctx.shared.broadcast_id {
         return Err(refuse(
-            &mut conn,
+            conn,
             ErrorCode::UnknownBroadcast,
             "not relaying that broadcast",
         )
         .await);
     }
-    Ok((conn, sub, grant))
+    Ok((sub, grant))
 }
 
 /// `STREAM_INFO` for an accepted link.

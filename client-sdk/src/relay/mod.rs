@@ -30,7 +30,10 @@
 //! neighbour by this viewer; the chunk stays missing for the scheduler, which fetches it
 //! elsewhere.
 
+mod complaints;
+pub(crate) mod keys;
 pub(crate) mod link;
+pub(crate) mod listener_limits;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -49,7 +52,7 @@ use tokio::task::JoinHandle;
 use crate::control::{Assignment, Control, JoinInfo, Offer, Parent, Peer};
 use crate::error::{SdkError, is_fatal_code};
 use crate::grid::{
-    Action, BufferMap, PeerScheduler, SchedulerConfig, Source, UploadEstimator,
+    Action, BufferMap, ChildPace, PeerScheduler, SchedulerConfig, Source, UploadEstimator,
     UploadEstimatorConfig, Upstream,
 };
 use crate::rights::{Grant, OwnToken, unix_ms};
@@ -90,6 +93,9 @@ pub(crate) enum Ev {
         len: u64,
         error: IntegrityError,
     },
+    /// A chunk read on a link is signed with a key id we do not hold (yet): held
+    /// while the keys are refreshed ([`keys`]).
+    UnknownKey { link: LinkId, chunk: Chunk },
     /// Peers revoked by the control plane (from a heartbeat).
     Revoked(Vec<u64>),
     /// The control plane's current assignment (from a heartbeat).
@@ -153,8 +159,10 @@ struct Link {
     requested: BTreeSet<u64>,
     /// Incoming links: what the peer's token grants (peer id, expiry).
     grant: Option<Grant>,
-    /// A child's last push was skipped for the upload budget (its next one is not).
-    skipped_push: bool,
+    /// A child's share of the upload budget for pushes ([`ChildPace`]).
+    pace: ChildPace,
+    /// The remote's `REQUEST` budget (created at its first request).
+    request_bucket: Option<listener_limits::RequestBucket>,
 }
 
 impl Link {
@@ -168,7 +176,8 @@ impl Link {
             neighbour: false,
             requested: BTreeSet::new(),
             grant: None,
-            skipped_push: false,
+            pace: ChildPace::default(),
+            request_bucket: None,
         }
     }
 }
@@ -286,6 +295,10 @@ pub(crate) struct GridSetup {
     /// what the uplink drains ([`UploadEstimator`]).
     pub estimate_upload: bool,
     pub limits: Limits,
+    pub peer_limits: listener_limits::PeerLimits,
+    pub key_hold: keys::KeyHoldLimits,
+    pub parent_window: u16,
+    pub parent_max_missed: u16,
     pub idle: Duration,
     pub connect_timeout: Duration,
     pub reconnect_initial: Duration,
@@ -296,7 +309,11 @@ pub(crate) struct GridSetup {
 /// Starts the engine (and the peer listener). Returns the event sender (for the
 /// heartbeat loop) and the tasks.
 pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandle<()>>), SdkError> {
-    let cfg = scheduler_config(setup.k, setup.chunk, setup.lag);
+    let cfg = SchedulerConfig {
+        parent_window: setup.parent_window,
+        parent_max_missed: setup.parent_max_missed,
+        ..scheduler_config(setup.k, setup.chunk, setup.lag)
+    };
     let sched = PeerScheduler::new(cfg).map_err(|e| SdkError::Config(e.to_string()))?;
     let (tx, rx) = mpsc::channel(EVENTS);
     let ids = Arc::new(AtomicU64::new(1));
@@ -309,6 +326,7 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
             AcceptCtx {
                 shared: setup.shared.clone(),
                 limits: setup.limits,
+                peer: setup.peer_limits,
                 idle: setup.idle,
                 events: tx.clone(),
                 ids: ids.clone(),
@@ -352,6 +370,9 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         chunk_ms: u32::try_from(setup.chunk.as_millis()).unwrap_or(u32::MAX),
         content_type,
         limits: setup.limits,
+        peer_limits: setup.peer_limits,
+        key_hold: setup.key_hold,
+        unknown_keys: keys::UnknownKeys::default(),
         idle: setup.idle,
         connect_timeout: setup.connect_timeout,
         reconnect_initial: setup.reconnect_initial,
@@ -391,6 +412,7 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         None,
         engine.shared.clone(),
         None,
+        None,
     ));
     engine.links.insert(dp, l);
     engine.dp = Some(dp);
@@ -428,6 +450,10 @@ struct Engine {
     chunk_ms: u32,
     content_type: String,
     limits: Limits,
+    peer_limits: listener_limits::PeerLimits,
+    key_hold: keys::KeyHoldLimits,
+    /// Chunks waiting for a key refresh.
+    unknown_keys: keys::UnknownKeys,
     idle: Duration,
     connect_timeout: Duration,
     reconnect_initial: Duration,
@@ -523,14 +549,6 @@ impl UploadBucket {
         }
     }
 
-    /// May a push go out to a child whose previous push was skipped? One more second of
-    /// debt: a parent over its budget then skips each child's pushes at most every
-    /// other time, so no child sees two in a row (which its scheduler would count
-    /// against the parent).
-    fn allows_owed(&self) -> bool {
-        self.tokens > -self.rate_bytes * (Self::PUSH_DEBT_S + 1.0)
-    }
-
     fn spend(&mut self, len: f64) {
         self.tokens -= len;
     }
@@ -609,6 +627,8 @@ impl Engine {
         let mut not_before = Instant::now();
         let mut token = self.shared.rights.watch_token();
         token.mark_unchanged();
+        let mut refreshed = self.shared.rights.watch_key_refreshes();
+        refreshed.mark_unchanged();
         loop {
             // Re-armed only when the target moves by a millisecond or more (the timer's
             // resolution): the play-out clock's conversion differs by nanoseconds from
@@ -638,6 +658,12 @@ impl Engine {
                     if r.is_ok() {
                         let t = token.borrow_and_update().clone();
                         self.send_token(t);
+                    }
+                }
+                r = refreshed.changed() => {
+                    if r.is_ok() {
+                        let done = *refreshed.borrow_and_update();
+                        self.on_keys_refreshed(done);
                     }
                 }
                 _ = sleep_until_opt(retry) => {
@@ -698,6 +724,7 @@ impl Engine {
                 len,
                 error,
             } => self.on_bad_chunk(link, seq, len, error),
+            Ev::UnknownKey { link, chunk } => self.on_unknown_key(link, chunk),
             Ev::Revoked(ids) => self.on_revoked(&ids),
             Ev::Assignment(a) => self.apply_assignment(a, false),
             Ev::Reparented {
@@ -1235,6 +1262,9 @@ impl Engine {
             first,
             newest,
         );
+        // Admitted: it may answer our requests with chunks from now on (raised before
+        // it can see STREAM_INFO).
+        handle.allow_chunks();
         if handle.send_frame(&info).is_err() {
             return;
         }
@@ -1295,6 +1325,7 @@ impl Engine {
         let Some(link) = self.links.remove(&l) else {
             return;
         };
+        self.unknown_keys.forget(l);
         if link.neighbour {
             self.sched.on_neighbour_removed(l);
         }
@@ -1384,7 +1415,7 @@ impl Engine {
             Frame::Chunk(c) => self.on_chunk(l, c),
             Frame::Request(seq) => {
                 if kind != Kind::DataPlane {
-                    self.sched.on_request(l, seq);
+                    self.on_request(l, seq);
                 }
             }
             Frame::NotFound(seq) => {
@@ -1524,6 +1555,10 @@ impl Engine {
                 if link.requested.remove(&c.seq) {
                     Source::Neighbour(l)
                 } else {
+                    // Children and neighbours that connected to us send chunks only
+                    // as answers to our requests.
+                    self.shared.stats_mut().unsolicited_chunks += 1;
+                    self.misbehaved(l, "CHUNK not requested");
                     return;
                 }
             }
@@ -1609,6 +1644,13 @@ impl Engine {
             return;
         }
         self.next_grant_check = now + GRANT_CHECK_EVERY;
+        let given_up = self.unknown_keys.expire(&self.key_hold, now);
+        if given_up > 0 {
+            tracing::warn!(
+                given_up,
+                "no key refresh came for held chunks: dropped them"
+            );
+        }
         let now_ms = unix_ms();
         let expired: Vec<LinkId> = self
             .links
@@ -1812,22 +1854,12 @@ impl Engine {
                 self.banned.insert(id);
             }
             self.neighbours.retain(|n| n.id != id);
-            let control = self.control.clone();
-            let session = self.session_id.clone();
-            let why = format!("chunk {seq}: {error}");
             self.shared.stats_mut().peers_reported += 1;
-            tokio::spawn(async move {
-                match tokio::time::timeout(
-                    Duration::from_secs(5),
-                    control.report_peer(&session, id, PeerReportKind::BadChunk, &why),
-                )
-                .await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::info!(peer = id, "ReportPeer failed: {e}"),
-                    Err(_) => tracing::info!(peer = id, "ReportPeer timed out"),
-                }
-            });
+            self.spawn_report(
+                id,
+                PeerReportKind::BadChunk,
+                format!("chunk {seq}: {error}"),
+            );
         }
         // As a lost link: a parent's substreams are re-searched excluding it.
         self.drop_link(
@@ -1925,6 +1957,12 @@ impl Engine {
                 }
                 self.research(substream, exclude.into_iter().collect());
             }
+            Action::ReportParent {
+                substream,
+                parent,
+                missed,
+                window,
+            } => self.report_non_delivery(substream, parent, missed, window),
             Action::Play { seq } => self.play(seq),
             Action::Skip { seq } => {
                 tracing::debug!(seq, "chunk missed its play-out deadline");
@@ -1969,18 +2007,28 @@ impl Engine {
         let Some(link) = self.links.get_mut(&to) else {
             return;
         };
-        let owed = push && link.skipped_push;
-        if !(self.bucket.allows(push, len) || (owed && self.bucket.allows_owed())) {
+        // Pushes are paced per child (each its share of the budget, so the skips of a
+        // partly covered slot fall evenly on the children); serves spend only what
+        // pushes leave of the whole budget.
+        let allowed = if push {
+            let now = self.epoch.elapsed();
+            link.pace.allow(
+                self.bucket.rate_bytes,
+                popcount(link.mask),
+                self.used_slots,
+                len,
+                now,
+            )
+        } else {
+            self.bucket.allows(false, len)
+        };
+        if !allowed {
             // Over the upload budget: answers become NOT_FOUND (the requester tries
             // elsewhere); a push is skipped with a NOT_FOUND in its place, so that the
             // child repairs it at once and does not take this parent for a silent one
             // (a partly covered slot, see `wire::slots_for`, is carried this way).
-            link.skipped_push |= push;
             self.send_to(to, &Frame::NotFound(seq));
             return;
-        }
-        if push {
-            link.skipped_push = false;
         }
         let Some(h) = &link.handle else {
             return;
@@ -2093,12 +2141,11 @@ mod tests {
             assert!(b.allows(true, chunk));
             b.spend(chunk);
         }
-        // Debt exhausted: the next push waits for the bucket to refill, except one to a
-        // child whose last push was skipped (one more second of debt).
+        // Debt exhausted. (Pushes are paced per child, `ChildPace`, with one more second
+        // of debt for a child whose last push was skipped; their bytes still come off
+        // the bucket.)
         assert!(!b.allows(true, chunk));
-        assert!(b.allows_owed());
         b.spend(chunk);
-        assert!(!b.allows_owed());
         b.refill(1.0);
         // No serve while in debt, nor until a whole chunk's worth is saved.
         b.refill(2.0);

@@ -267,3 +267,4 @@ async fn serve_conn(mut s: TcpStream, script: Script, log: Arc<Mutex<Log>>, firs
     }
 }
 pub mod live;
+pub mod mini_cp;
