@@ -51,9 +51,10 @@ fn a_saturated_machine_holds_then_closes_the_ramp() {
         .as_u64()
         .expect("initial_peers_joined");
     let held = r["ramp_held_s"].as_f64().expect("ramp_held_s");
-    // At 5 joins/s, a handful of peers start before the first sample; none after.
+    // At 5 joins/s, a handful of peers may start before the first sample (none at all
+    // when the worker starts late on a loaded machine); none after.
     assert!(
-        (1..40).contains(&closed) && joined <= closed + 16,
+        closed < 40 && joined <= closed + 16,
         "closed at {closed}, joined {joined}"
     );
     assert!(held >= 19.0, "held {held} s");
@@ -70,7 +71,7 @@ fn a_saturated_machine_holds_then_closes_the_ramp() {
             .any(|x| x.as_str().is_some_and(|s| s.contains("peers joined")))),
         "{r}"
     );
-    // The admitted peers played.
+    // The admitted peers played (continuity is 1.0 over no peers at all).
     let continuity = r["continuity"].as_f64().expect("continuity");
     assert!(continuity >= 0.99, "continuity {continuity}");
 }
