@@ -28,9 +28,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use super::Ev;
+use super::admission::{IpLimiter, IpPermit, MAX_HANDSHAKE_TICKETS, Tickets};
 use crate::conn::{self, FrameReader, OpenParams, WireConn};
 use crate::error::SdkError;
-use crate::rights::{ChunkCheck, Grant};
+use crate::rights::{ChunkCheck, Grant, unix_ms};
 use crate::viewer::Shared;
 
 /// Engine-local identity of one connection (never reused).
@@ -48,6 +49,14 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most accepted peer connections alive at once (children, neighbours, handshakes).
 const MAX_INCOMING: usize = 256;
+
+/// What an accepted connection holds while it lives: a place under [`MAX_INCOMING`]
+/// and one under its address's cap.
+#[derive(Debug)]
+pub(crate) struct IncomingPermit {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _ip: IpPermit,
+}
 
 /// Something to write on a link.
 #[derive(Debug)]
@@ -121,7 +130,7 @@ pub(crate) fn spawn_link(
     conn: WireConn,
     events: mpsc::Sender<Ev>,
     idle: Duration,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: Option<IncomingPermit>,
     shared: Arc<Shared>,
     drained: Option<Arc<AtomicU64>>,
 ) -> LinkHandle {
@@ -158,7 +167,7 @@ async fn read_loop(
     events: mpsc::Sender<Ev>,
     tx: mpsc::Sender<Out>,
     idle: Duration,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _permit: Option<IncomingPermit>,
     shared: Arc<Shared>,
 ) {
     // One idle timer for the link's life, moved on only when it fires (re-arming a
@@ -340,6 +349,8 @@ pub(crate) struct Dial {
     pub idle: Duration,
     pub role: Role,
     pub mask: u64,
+    /// Parent tickets for the substreams of `mask` (sent before `SUBSCRIBE`).
+    pub tickets: Vec<Bytes>,
 }
 
 /// Connects, handshakes and reports `Connected` or `ConnectFailed`.
@@ -353,6 +364,7 @@ pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>, shared
         timeout: d.timeout,
         role: d.role,
         mask: d.mask,
+        tickets: &d.tickets,
     })
     .await;
     let ev = match r {
@@ -383,6 +395,8 @@ pub(crate) struct AcceptCtx {
     pub ids: Arc<AtomicU64>,
     /// Chunk bytes written on accepted links (children and neighbours we serve).
     pub drained: Arc<AtomicU64>,
+    /// Connections per source address.
+    pub per_ip: Arc<IpLimiter>,
 }
 
 /// Accepts peer connections until the task is aborted.
@@ -402,16 +416,34 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(%addr, "too many peer connections: refused");
             drop(stream);
             continue;
+        };
+        let Some(ip) = ctx.per_ip.try_acquire(addr.ip()) else {
+            tracing::info!(%addr, "too many peer connections from this address: refused");
+            ctx.shared.stats_mut().peers_refused += 1;
+            // Best effort, without waiting: the socket's buffer is empty.
+            let busy = Frame::Error(reason(
+                ErrorCode::ServerBusy,
+                "too many connections from your address",
+            ));
+            if let Ok(b) = wire::encode_to_bytes(&busy) {
+                let _ = stream.try_write(&b);
+            }
+            drop(stream);
+            continue;
+        };
+        let permit = IncomingPermit {
+            _slot: slot,
+            _ip: ip,
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let conn = WireConn::accepted(stream, ctx.limits, addr.to_string());
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(conn, &ctx)).await {
-                Ok(Ok((conn, sub, grant))) => {
+                Ok(Ok((conn, sub, grant, tickets))) => {
                     let link = ctx.ids.fetch_add(1, Ordering::Relaxed);
                     let handle = spawn_link(
                         link,
@@ -430,6 +462,7 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
                             handle,
                             addr: addr.to_string(),
                             grant,
+                            tickets,
                         })
                         .await;
                 }
@@ -440,13 +473,15 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
     }
 }
 
-/// `HELLO(peer)` with a valid chunk token → `HELLO_ACK`, then `SUBSCRIBE` for our
-/// broadcast. Refusals are sent as `ERROR` before failing: `UNAUTHORIZED` for a
-/// missing, invalid or expired token, `REVOKED` for a revoked peer.
+/// `HELLO(peer)` with a valid chunk token → `HELLO_ACK`, then any `TICKET`s, then
+/// `SUBSCRIBE` for our broadcast. Refusals are sent as `ERROR` before failing:
+/// `UNAUTHORIZED` for a missing, invalid or expired token or ticket, `REVOKED` for a
+/// revoked peer. Which substreams the tickets must cover is the engine's decision
+/// ([`super::admission`]).
 async fn handshake(
     mut conn: WireConn,
     ctx: &AcceptCtx,
-) -> Result<(WireConn, Subscribe, Grant), SdkError> {
+) -> Result<(WireConn, Subscribe, Grant, Option<Tickets>), SdkError> {
     async fn refuse(conn: &mut WireConn, code: ErrorCode, msg: &str) -> SdkError {
         let _ = conn.send(&Frame::Error(reason(code, msg))).await;
         SdkError::Protocol(msg.to_string())
@@ -475,9 +510,33 @@ async fn handshake(
         }
     };
     conn.send(&Frame::HelloAck(HelloAck { version })).await?;
+    let mut tickets: Option<Tickets> = None;
+    let mut presented = 0usize;
     let sub = loop {
         match conn.next_frame().await? {
             Frame::Subscribe(s) => break s,
+            Frame::Ticket(t) => {
+                presented += 1;
+                if presented > MAX_HANDSHAKE_TICKETS {
+                    ctx.shared.stats_mut().peers_refused += 1;
+                    return Err(refuse(&mut conn, ErrorCode::ServerBusy, "too many tickets").await);
+                }
+                let me = ctx.shared.stats_mut().peer_id;
+                // Without rights management (no peer id) tickets cannot be checked.
+                let (Some(child), Some(me)) = (grant.peer_id, me) else {
+                    continue;
+                };
+                match ctx.shared.rights.check_ticket(&t, child, me) {
+                    Ok(c) => tickets
+                        .get_or_insert_with(|| Tickets::new(me, unix_ms()))
+                        .add(&c),
+                    Err(r) => {
+                        ctx.shared.stats_mut().peers_refused += 1;
+                        tracing::info!(addr = conn.addr, child, "peer refused: {}", r.message);
+                        return Err(refuse(&mut conn, r.code, &r.message).await);
+                    }
+                }
+            }
             Frame::Ping(n) => conn.send(&Frame::Pong(n)).await?,
             Frame::Pong(_) => {}
             _ => {
@@ -495,7 +554,7 @@ async fn handshake(
         )
         .await);
     }
-    Ok((conn, sub, grant))
+    Ok((conn, sub, grant, tickets))
 }
 
 /// `STREAM_INFO` for an accepted link.

@@ -122,6 +122,13 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=120))]
     token_ttl: u64,
 
+    /// Lifetime of the parent tickets attached to every peer assignment, in seconds
+    /// (re-signed when half of it is left). A relaying peer admits a child only with a
+    /// valid ticket, so a child moved away keeps its old parent's slot at most this long.
+    #[arg(long, env = "STARLING_PARENT_TICKET_TTL_S", default_value_t = 600, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(10..=3600))]
+    parent_ticket_ttl: u64,
+
     /// Start with a new chunk-token signing key (stored in the database). It is
     /// published at once and signs 20 s later, when every node and viewer knows it; the
     /// previous keys stay valid for one maximum token lifetime after that, so nobody is
@@ -456,6 +463,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ..starling_controlplane::ReportConfig::default()
         },
         token_ttl: Duration::from_secs(args.token_ttl),
+        parent_ticket_ttl: Duration::from_secs(args.parent_ticket_ttl),
         ..ServiceConfig::default()
     };
     let auth = auth_config(&args)?;
