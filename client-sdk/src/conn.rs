@@ -43,6 +43,9 @@ pub(crate) struct OpenParams<'a> {
     pub role: Role,
     /// Substreams to be pushed ([`wire::ALL_SUBSTREAMS`] = the whole stream).
     pub mask: u64,
+    /// Parent tickets sent as `TICKET` frames between `HELLO_ACK` and `SUBSCRIBE`
+    /// (peer links to a parent; empty otherwise).
+    pub tickets: &'a [Bytes],
 }
 
 /// Connects and runs the handshake up to `STREAM_INFO`. Any `ERROR` from the server is
@@ -95,6 +98,9 @@ async fn open_inner(p: &OpenParams<'_>) -> Result<WireConn, SdkError> {
             Frame::Ping(n) => conn.send(&Frame::Pong(n)).await?,
             other => return Err(unexpected(other, "HELLO_ACK")),
         }
+    }
+    for t in p.tickets {
+        conn.send(&Frame::Ticket(t.clone())).await?;
     }
     conn.send(&Frame::Subscribe(Subscribe {
         broadcast_id: p.broadcast_id.to_string(),

@@ -38,16 +38,38 @@ impl Peer {
 /// One substream's parent: `None` = the data plane.
 pub(crate) type Parent = Option<Peer>;
 
+/// A parent ticket as the control plane hands it out with an assignment: the child
+/// presents it to `parent` in a `TICKET` frame to be admitted for `substream`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    pub substream: u32,
+    pub parent: u64,
+    pub ticket: Bytes,
+}
+
 /// The grid assignment carried by `Join` and `Heartbeat`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Assignment {
     /// `(substream, parent)`, as sent (possibly incomplete or empty).
     pub parents: Vec<(u32, Parent)>,
     pub neighbours: Vec<Peer>,
+    /// The tickets of the peer parents (an older control plane sends none).
+    pub tickets: Vec<Ticket>,
+}
+
+/// The ticket of one `SubstreamParent`, if it names a peer and carries one.
+fn ticket_of(p: &SubstreamParent) -> Option<Ticket> {
+    let peer = p.peer.as_ref()?;
+    (!p.ticket.is_empty()).then(|| Ticket {
+        substream: p.substream,
+        parent: peer.peer_id,
+        ticket: Bytes::from(p.ticket.clone()),
+    })
 }
 
 fn assignment(parents: Vec<SubstreamParent>, neighbours: Vec<PeerRef>) -> Assignment {
     Assignment {
+        tickets: parents.iter().filter_map(ticket_of).collect(),
         parents: parents
             .into_iter()
             .map(|p| (p.substream, p.peer.and_then(Peer::from_ref)))
@@ -265,7 +287,7 @@ impl Control {
         session_id: &str,
         substream: u16,
         exclude: Vec<u64>,
-    ) -> Result<Parent, SdkError> {
+    ) -> Result<(Parent, Option<Ticket>), SdkError> {
         let resp = self
             .client
             .clone()
@@ -277,7 +299,11 @@ impl Control {
             .await
             .map_err(|s| SdkError::from_status("Reparent", s))?
             .into_inner();
-        Ok(resp.parent.and_then(|p| p.peer).and_then(Peer::from_ref))
+        let ticket = resp.parent.as_ref().and_then(ticket_of);
+        Ok((
+            resp.parent.and_then(|p| p.peer).and_then(Peer::from_ref),
+            ticket,
+        ))
     }
 
     /// Tells the control plane that `peer_id` sent a chunk that failed its check.

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use starling_proto::integrity::{
     self, ChunkMeta, ChunkVerifier, IntegrityError, VerifiedSignatures,
 };
+use starling_proto::ticket::TicketClaims;
 use starling_proto::token::{Scopes, TokenError, TokenVerifier};
 use starling_proto::wire::{Chunk, ErrorCode, chunk_flags};
 use tokio::sync::{Notify, watch};
@@ -357,6 +358,49 @@ impl Rights {
             peer_id: Some(claims.peer_id),
             expires_at_ms: Some(claims.expires_at_ms),
         })
+    }
+
+    /// Whether peers' tokens and tickets are checked (the control plane issues them).
+    pub(crate) fn enforced(&self) -> bool {
+        self.keys().enforce_tokens
+    }
+
+    /// Clock-skew tolerance for peers' tokens and tickets, ms.
+    pub(crate) fn skew_ms(&self) -> u64 {
+        self.skew_ms
+    }
+
+    /// Whether our own token lets us serve other peers (scope `RELAY`). True without a
+    /// token (no rights management: nothing to go by).
+    pub(crate) fn may_relay(&self) -> bool {
+        let t = self.token();
+        t.is_empty()
+            || starling_proto::token::peek_unverified(&t)
+                .is_ok_and(|(_, c)| c.scopes.contains(Scopes::RELAY))
+    }
+
+    /// Checks a parent ticket presented by peer `child` (its token's id) to us,
+    /// `parent`: authentic, in force, this broadcast, naming both of us.
+    pub(crate) fn check_ticket(
+        &self,
+        ticket: &[u8],
+        child: u64,
+        parent: u64,
+    ) -> Result<TicketClaims, Refusal> {
+        self.keys()
+            .tokens
+            .verify_ticket(
+                ticket,
+                &self.broadcast_id,
+                child,
+                parent,
+                unix_ms(),
+                self.skew_ms,
+            )
+            .map_err(|e| Refusal {
+                code: ErrorCode::Unauthorized,
+                message: format!("ticket_{}: {e}", e.reason()),
+            })
     }
 
     /// True once `grant` has expired (past its expiry plus the clock-skew tolerance).

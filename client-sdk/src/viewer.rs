@@ -118,6 +118,11 @@ pub struct RelayConfig {
     /// budget now. The control plane turns the offer into child slots; pushes to
     /// children are additionally paced to the budget over a 2 s window.
     pub max_upload_kbps: Option<u32>,
+    /// Most peer connections accepted from one source address at once (handshakes
+    /// included); beyond, `ERROR(SERVER_BUSY)`. Default
+    /// [`RelayConfig::DEFAULT_MAX_LINKS_PER_IP`]; 0 = unlimited (e.g. many peers of one
+    /// host on loopback, which all connect from 127.0.0.1).
+    pub max_links_per_ip: u32,
 }
 
 impl RelayConfig {
@@ -125,6 +130,9 @@ impl RelayConfig {
     /// (then only ever lowered by the estimate): 2 Mbit/s, below most residential
     /// uplinks, and two copies of a 1 Mbit/s stream.
     pub const DEFAULT_UPLOAD_KBPS: u32 = 2_000;
+    /// Default of [`RelayConfig::max_links_per_ip`]: a household behind one NAT address
+    /// runs a few viewers; an attacker with one address cannot take more.
+    pub const DEFAULT_MAX_LINKS_PER_IP: u32 = 8;
 
     /// Defaults: listen on `0.0.0.0:0`, advertise the local IP, estimated budget.
     pub fn new() -> RelayConfig {
@@ -132,6 +140,7 @@ impl RelayConfig {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
             advertise_host: None,
             max_upload_kbps: None,
+            max_links_per_ip: Self::DEFAULT_MAX_LINKS_PER_IP,
         }
     }
 
@@ -484,6 +493,7 @@ impl Viewer {
             reconnect_initial: config.reconnect_initial,
             reconnect_max: config.reconnect_max,
             rejoin_after_failures: config.rejoin_after_failures,
+            max_links_per_ip: config.relay.max_links_per_ip,
         })?;
         tasks.extend(engine_tasks);
         tasks.push(tokio::spawn(heartbeat_loop(
@@ -927,6 +937,7 @@ async fn open_conn(
         timeout: config.connect_timeout,
         role: starling_proto::wire::Role::Viewer,
         mask,
+        tickets: &[],
     })
     .await
 }
@@ -1313,8 +1324,9 @@ impl Receiver {
                     }
                     self.flush();
                 }
-                // We are the client on this link: a TOKEN from the server means nothing.
-                Frame::Token(_) => {}
+                // We are the client on this link: a TOKEN or TICKET from the server
+                // means nothing.
+                Frame::Token(_) | Frame::Ticket(_) => {}
                 Frame::Ping(n) => {
                     if let Err(e) = conn.send(&Frame::Pong(n)).await {
                         break SessionEnd::Lost(e);

@@ -26,6 +26,7 @@ const CHUNK_MS: u64 = 100;
 
 mod fake_grid {
     use super::*;
+    use starling_proto::ticket::TicketClaims;
     use starling_proto::token::{Scopes, TokenClaims, TokenSigner};
     use starling_proto::v1::viewer_service_server::{ViewerService, ViewerServiceServer};
     use starling_proto::v1::*;
@@ -46,6 +47,8 @@ mod fake_grid {
         pub chunk_key: Option<(u32, Vec<u8>)>,
         /// Lifetime of the tokens issued (and renewed in every heartbeat).
         pub token_ms: u64,
+        /// When the keys were made (the issue time of every ticket).
+        pub created_ms: u64,
     }
 
     impl Keys {
@@ -55,6 +58,7 @@ mod fake_grid {
                 tokens: Arc::new(TokenSigner::new(1, &pkcs8).unwrap()),
                 chunk_key,
                 token_ms: 60_000,
+                created_ms: now_ms(),
             }
         }
 
@@ -67,6 +71,23 @@ mod fake_grid {
                     scopes: Scopes::PLAY | Scopes::RELAY,
                     issued_at_ms: iat,
                     expires_at_ms: exp,
+                })
+                .unwrap()
+        }
+
+        /// A parent ticket, valid for an hour from the keys' creation: the same bytes
+        /// for the same claims (Ed25519 signatures are deterministic), as the real control
+        /// plane's cache hands out between renewals.
+        pub fn ticket(&self, broadcast: &str, child: u64, parent: u64, mask: u64) -> bytes::Bytes {
+            let now = self.created_ms;
+            self.tokens
+                .sign_ticket(&TicketClaims {
+                    broadcast_id: broadcast.into(),
+                    child_peer_id: child,
+                    parent_peer_id: parent,
+                    substream_mask: mask,
+                    issued_at_ms: now,
+                    expires_at_ms: now + 3_600_000,
                 })
                 .unwrap()
         }
@@ -148,12 +169,18 @@ mod fake_grid {
         }
     }
 
-    fn parents(v: &[Option<PeerRef>]) -> Vec<SubstreamParent> {
+    /// The parents of `child`, each peer parent with its ticket (as the control plane).
+    fn parents(f: &Fake, child: u64, v: &[Option<PeerRef>]) -> Vec<SubstreamParent> {
         v.iter()
             .enumerate()
             .map(|(s, p)| SubstreamParent {
                 substream: s as u32,
                 peer: p.clone(),
+                ticket: p.as_ref().map_or_else(Vec::new, |p| {
+                    f.keys
+                        .ticket(&f.broadcast, child, p.peer_id, 1 << s)
+                        .to_vec()
+                }),
             })
             .collect()
     }
@@ -202,7 +229,7 @@ mod fake_grid {
                 report_interval_ms: 0,
                 heartbeat_interval_ms: 200,
                 peer_id: i as u64 + 1,
-                parents: parents(&ps),
+                parents: parents(self, i as u64 + 1, &ps),
                 neighbours: ns,
                 stream_kbps: 250,
                 child_slots: if req.upload_kbps == 0 {
@@ -232,10 +259,11 @@ mod fake_grid {
                 .keys
                 .token(&self.broadcast, session_peer(&req.session_id), now, exp);
             let revoked = st.revoked.clone();
+            let child = session_peer(&req.session_id);
             st.heartbeats.push(req);
             Ok(Response::new(HeartbeatResponse {
                 active,
-                parents: parents(&ps),
+                parents: parents(self, child, &ps),
                 neighbours: ns,
                 chunk_token: token.to_vec(),
                 token_expires_at_unix_ms: exp as i64,
@@ -298,6 +326,7 @@ mod fake_grid {
                 parent: Some(SubstreamParent {
                     substream: req.substream,
                     peer: None,
+                    ticket: Vec::new(),
                 }),
             }))
         }
@@ -344,6 +373,7 @@ fn config(broadcast: &str, control_url: &str, upload_kbps: u32) -> ViewerConfig 
         listen: "127.0.0.1:0".parse().unwrap(),
         advertise_host: None,
         max_upload_kbps: Some(upload_kbps),
+        max_links_per_ip: 0,
     };
     c
 }
@@ -402,9 +432,18 @@ async fn wait_played(v: &Viewer, n: u64) -> Stats {
     .unwrap_or_else(|_| panic!("timed out waiting for {n} chunks: {}", v.stats()))
 }
 
-/// A raw peer connection: HELLO(peer), SUBSCRIBE(mask); returns the first frame.
-async fn raw_subscribe(addr: &str, broadcast: &str, mask: u64, token: bytes::Bytes) -> Frame {
-    raw_subscribe_held(addr, broadcast, mask, token).await.0
+/// A raw peer connection: HELLO(peer), TICKET(s), SUBSCRIBE(mask); returns the first
+/// frame.
+async fn raw_subscribe(
+    addr: &str,
+    broadcast: &str,
+    mask: u64,
+    token: bytes::Bytes,
+    tickets: &[bytes::Bytes],
+) -> Frame {
+    raw_subscribe_held(addr, broadcast, mask, token, tickets)
+        .await
+        .0
 }
 
 /// [`raw_subscribe`], keeping the link open (its slots stay taken).
@@ -413,8 +452,9 @@ async fn raw_subscribe_held(
     broadcast: &str,
     mask: u64,
     token: bytes::Bytes,
+    tickets: &[bytes::Bytes],
 ) -> (Frame, tokio::net::TcpStream) {
-    let (f, s, _, _) = raw_subscribe_stream(addr, broadcast, mask, token).await;
+    let (f, s, _, _) = raw_subscribe_stream(addr, broadcast, mask, token, tickets).await;
     (f, s)
 }
 
@@ -425,6 +465,7 @@ async fn raw_subscribe_stream(
     broadcast: &str,
     mask: u64,
     token: bytes::Bytes,
+    tickets: &[bytes::Bytes],
 ) -> (Frame, tokio::net::TcpStream, Decoder, BytesMut) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut out = BytesMut::new();
@@ -438,6 +479,9 @@ async fn raw_subscribe_stream(
         &mut out,
     )
     .unwrap();
+    for t in tickets {
+        wire::encode(&Frame::Ticket(t.clone()), &mut out).unwrap();
+    }
     wire::encode(
         &Frame::Subscribe(Subscribe {
             broadcast_id: broadcast.into(),
@@ -537,27 +581,35 @@ async fn tree_relays_refuses_beyond_slots_and_survives_parent_leaving() {
     assert!(sa.bytes_uploaded > 0);
     assert_eq!(sa.peer_share(), 0.0);
 
-    // A has no slot left, but accepts as many again while the control plane's moves
-    // settle (children it was sent ahead of the ones moving away); beyond that a child
-    // is refused, a neighbour link is not.
-    let tok = cp
-        .keys
-        .token("g1", 77, fake_grid::now_ms(), fake_grid::now_ms() + 60_000);
+    // A has no slot left, but accepts as many again (from ticketed children) while the
+    // control plane's moves settle (children it was sent ahead of the ones moving
+    // away); beyond that a child is refused, a neighbour link is not.
+    let tok = |peer: u64| {
+        cp.keys.token(
+            "g1",
+            peer,
+            fake_grid::now_ms(),
+            fake_grid::now_ms() + 60_000,
+        )
+    };
     let mut held = Vec::new();
-    for _ in 0..2 {
-        let (f, s) = raw_subscribe_held(a.peer_addr().unwrap(), "g1", 0b1111, tok.clone()).await;
+    for peer in [77, 78] {
+        let ticket = cp.keys.ticket("g1", peer, 1, 0b1111);
+        let (f, s) =
+            raw_subscribe_held(a.peer_addr().unwrap(), "g1", 0b1111, tok(peer), &[ticket]).await;
         assert!(matches!(f, Frame::StreamInfo(_)), "{f:?}");
         held.push(s);
     }
-    let refused = raw_subscribe(a.peer_addr().unwrap(), "g1", 0b1, tok.clone()).await;
+    let ticket = cp.keys.ticket("g1", 79, 1, 0b1);
+    let refused = raw_subscribe(a.peer_addr().unwrap(), "g1", 0b1, tok(79), &[ticket]).await;
     assert!(
         matches!(&refused, Frame::Error(r) if r.code == ErrorCode::ServerBusy),
         "{refused:?}"
     );
-    let neighbour = raw_subscribe(a.peer_addr().unwrap(), "g1", 0, tok.clone()).await;
+    let neighbour = raw_subscribe(a.peer_addr().unwrap(), "g1", 0, tok(80), &[]).await;
     assert!(matches!(neighbour, Frame::StreamInfo(_)), "{neighbour:?}");
     // A wrong broadcast is refused too.
-    let wrong = raw_subscribe(a.peer_addr().unwrap(), "other", 0b1, tok).await;
+    let wrong = raw_subscribe(a.peer_addr().unwrap(), "other", 0b1, tok(81), &[]).await;
     assert!(
         matches!(&wrong, Frame::Error(r) if r.code == ErrorCode::UnknownBroadcast),
         "{wrong:?}"
@@ -728,6 +780,36 @@ impl RawPeer {
             token,
         }))
         .await;
+        p.send(&Frame::Subscribe(Subscribe {
+            broadcast_id: broadcast.into(),
+            start: StartAt::Live,
+            substream_mask: mask,
+        }))
+        .await;
+        p
+    }
+
+    /// Connects and sends HELLO(peer, token), TICKET and SUBSCRIBE(mask) at once.
+    async fn connect_ticketed(
+        addr: &str,
+        broadcast: &str,
+        mask: u64,
+        token: Bytes,
+        ticket: Bytes,
+    ) -> RawPeer {
+        let mut p = RawPeer {
+            s: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            dec: Decoder::new(Limits::default()),
+            buf: BytesMut::new(),
+        };
+        let hello = Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            role: Role::Peer,
+            token,
+        });
+        p.send(&hello).await;
+        p.send(&Frame::Ticket(ticket)).await;
         p.send(&Frame::Subscribe(Subscribe {
             broadcast_id: broadcast.into(),
             start: StartAt::Live,
@@ -982,8 +1064,15 @@ async fn peer_tokens_are_checked_renewed_and_expire() {
             "{what}: {f:?}"
         );
     }
-    // A valid token: accepted as a child.
-    let mut ok = RawPeer::connect(&addr, "t1", 0b1, k.token("t1", 50, now, now + 60_000)).await;
+    // A valid token and a parent ticket: accepted as a child.
+    let mut ok = RawPeer::connect_ticketed(
+        &addr,
+        "t1",
+        0b1,
+        k.token("t1", 50, now, now + 60_000),
+        k.ticket("t1", 50, 1, 0b1),
+    )
+    .await;
     ok.expect_accepted("valid").await;
     // Short-lived tokens: one is never renewed, one is renewed, one is "renewed" with
     // another peer's token.
@@ -1168,8 +1257,9 @@ async fn a_relay_over_its_budget_announces_the_pushes_it_skips() {
     let a = Viewer::join(config("g9", &url, 80)).await.unwrap();
     wait_played(&a, 10).await;
     let tok = cp.keys.token("g9", 77, now_ms(), now_ms() + 60_000);
+    let ticket = cp.keys.ticket("g9", 77, 1, 0b1111);
     let (first, s, mut dec, mut buf) =
-        raw_subscribe_stream(a.peer_addr().unwrap(), "g9", 0b1111, tok).await;
+        raw_subscribe_stream(a.peer_addr().unwrap(), "g9", 0b1111, tok, &[ticket]).await;
     assert!(matches!(first, Frame::StreamInfo(_)), "{first:?}");
     let (mut s, mut w) = s.into_split();
     // A child that sends nothing else pings, or its parent would time it out.

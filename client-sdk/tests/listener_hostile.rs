@@ -60,6 +60,9 @@ impl Relay {
             listen: "127.0.0.1:0".parse().unwrap(),
             advertise_host: None,
             max_upload_kbps: Some(10_000),
+            // Every attacker here dials from 127.0.0.1: the per-address cap (tested in
+            // loadtest/tests/squatting.rs) would refuse them before the limits under test.
+            max_links_per_ip: 0,
         };
         c.peer_limits = limits;
         let viewer = Viewer::join(c).await.unwrap();
@@ -161,10 +164,15 @@ impl Raw {
         (r, chunks)
     }
 
-    /// `HELLO` (valid token) and `SUBSCRIBE`: waits for `STREAM_INFO`.
+    /// `HELLO` (valid token), a parent ticket for each substream of `mask` (the relay
+    /// is the first joiner: peer 1) and `SUBSCRIBE`: waits for `STREAM_INFO`.
     async fn admitted(addr: &str, cp: &MiniCp, peer_id: u64, mask: u64) -> Raw {
         let mut r = Raw::connect(addr).await;
         r.hello(cp.token(peer_id)).await;
+        for s in (0..64).filter(|s| mask & (1u64 << s) != 0) {
+            r.send(&Frame::Ticket(Bytes::from(cp.ticket(peer_id, 1, s))))
+                .await;
+        }
         r.subscribe(&cp.broadcast, mask).await;
         tokio::time::timeout(GUARD, async {
             loop {

@@ -10,6 +10,7 @@
 //! * [`auth`]: the admin and node (`EdgeService`) interceptors, the viewer credential
 //!   check and their config ([`AuthConfig`]).
 //! * [`tokens`]: chunk-token signing keys (persisted, rotated), issuing, revocations.
+//! * [`tickets`]: parent tickets attached to every peer assignment (signed, cached).
 //! * [`assign`]: sans-IO decisions (which node ingests what, which nodes are dead).
 //! * [`validate`]: request validation and id generation.
 //! * [`grid`]: the peer grid's sans-IO assignment and booster logic ([`grid::GridAssigner`]).
@@ -37,6 +38,7 @@ pub mod reports;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tickets;
 pub mod tokens;
 pub mod trust;
 pub mod validate;

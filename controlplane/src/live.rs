@@ -273,6 +273,8 @@ impl GridState {
                 Parent::Server => None,
                 Parent::Peer(id) => Some(self.peer_ref(id)),
             },
+            // Signed by the service when it hands the assignment out.
+            ticket: Vec::new(),
         }
     }
 

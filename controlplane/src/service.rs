@@ -31,7 +31,7 @@ use starling_proto::v1::{
     KeysCommand, LeaveRequest, LeaveResponse, ListBroadcastsRequest, ListBroadcastsResponse,
     NodeCommand, PublicKey, RegisterNodeRequest, RegisterNodeResponse, ReparentRequest,
     ReparentResponse, ReportPeerRequest, ReportPeerResponse, RevokeCommand, RevokeViewerRequest,
-    RevokeViewerResponse, SourceHealth, StopIngestCommand, StreamParams,
+    RevokeViewerResponse, SourceHealth, StopIngestCommand, StreamParams, SubstreamParent,
 };
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -49,6 +49,7 @@ use crate::store::{
     BroadcastRecord, IngestReport, NewBroadcast, NewNode, NewSession, NodeKey, NodeRecord, Store,
     StoreError,
 };
+use crate::tickets::ParentTickets;
 use crate::tokens::{Revocations, SKEW_MARGIN, TokenKeys};
 use crate::validate::{self, Invalid};
 
@@ -72,6 +73,9 @@ pub struct ServiceConfig {
     /// Lifetime of the chunk tokens issued at join and renewed by heartbeats (renewed
     /// when less than half remains). Clamped to 1 s..=120 s. Default 120 s.
     pub token_ttl: Duration,
+    /// Lifetime of the parent tickets attached to every peer assignment (re-signed when
+    /// half is left, [`crate::tickets`]). Clamped to 10 s..=1 h. Default 10 min.
+    pub parent_ticket_ttl: Duration,
     /// How often viewers send `ViewerService.Report` (`JoinResponse.report_interval_ms`).
     /// Default 5 s.
     pub report_interval: Duration,
@@ -97,6 +101,7 @@ impl Default for ServiceConfig {
             command_buffer: 64,
             missed_heartbeats: 3,
             token_ttl: crate::tokens::DEFAULT_TOKEN_TTL,
+            parent_ticket_ttl: crate::tickets::DEFAULT_TICKET_TTL,
             report_interval: Duration::from_millis(5000),
             key_refresh: Duration::from_secs(5),
             reports: crate::reports::ReportConfig::default(),
@@ -236,6 +241,8 @@ pub struct Core {
     grids: LiveGrids,
     auth: Arc<Authenticator>,
     tokens: TokenKeys,
+    /// Parent tickets for every peer assignment handed out.
+    tickets: ParentTickets,
     revocations: Revocations,
     /// Chunk-signing keys of the alive nodes (node id, key), refreshed whenever the alive
     /// nodes are listed (registration, liveness check).
@@ -274,6 +281,7 @@ impl Core {
         auth: Arc<Authenticator>,
         tokens: TokenKeys,
     ) -> Arc<Core> {
+        let tickets = ParentTickets::new(config.parent_ticket_ttl);
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let l = config.limits;
         let guards = std::sync::Mutex::new(Guards {
@@ -300,6 +308,7 @@ impl Core {
             touches: std::sync::Mutex::new(HashMap::new()),
             auth,
             tokens,
+            tickets,
             revocations: Revocations::new(),
             chunk_keys: std::sync::RwLock::new(Vec::new()),
             ingest_nodes: std::sync::RwLock::new(HashMap::new()),
@@ -1099,7 +1108,7 @@ impl Core {
             heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
             peer_id: grid.peer_id,
-            parents: grid.parents,
+            parents: self.with_tickets(id, grid.peer_id, grid.parents),
             neighbours: grid.neighbours,
             stream_kbps: grid.stream_kbps,
             child_slots: grid.child_slots,
@@ -1109,6 +1118,18 @@ impl Core {
             report_interval_ms: u32::try_from(self.config.report_interval.as_millis())
                 .unwrap_or(u32::MAX),
         })
+    }
+
+    /// `parents` with a parent ticket on each peer entry ([`crate::tickets`]).
+    fn with_tickets(
+        &self,
+        broadcast_id: &str,
+        child: u64,
+        mut parents: Vec<SubstreamParent>,
+    ) -> Vec<SubstreamParent> {
+        self.tickets
+            .attach(&self.tokens, broadcast_id, child, &mut parents, now_ms());
+        parents
     }
 
     async fn heartbeat(
@@ -1203,7 +1224,7 @@ impl Core {
                 }
                 Ok(HeartbeatResponse {
                     active: true,
-                    parents: view.parents,
+                    parents: self.with_tickets(&view.broadcast_id, view.peer_id, view.parents),
                     neighbours: view.neighbours,
                     chunk_token,
                     token_expires_at_unix_ms: expires,
@@ -1287,6 +1308,13 @@ impl Core {
             reparented = moved,
             "viewer re-parented"
         );
+        let parent = match self.grids.session_peer(&req.session_id) {
+            Some((child, broadcast_id)) => self
+                .with_tickets(&broadcast_id, child, vec![parent])
+                .pop()
+                .unwrap_or_default(),
+            None => parent,
+        };
         Ok(ReparentResponse {
             parent: Some(parent),
         })

@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use starling_proto::ticket::{TicketClaims, TicketError};
 use starling_proto::token::{KeyError, Scopes, TokenClaims, TokenError, TokenSigner};
 use starling_proto::v1::PublicKey;
 
@@ -236,6 +237,38 @@ impl TokenKeys {
             token: token.to_vec(),
             expires_at_ms: i64::try_from(expires).unwrap_or(i64::MAX),
         })
+    }
+
+    /// Signs a parent ticket (see [`crate::tickets`]) with the current signing key;
+    /// returns that key's id with the ticket.
+    ///
+    /// # Errors
+    /// The claims cannot be encoded (e.g. an over-long broadcast id).
+    pub fn sign_ticket(&self, claims: &TicketClaims) -> Result<(u32, Vec<u8>), TicketError> {
+        let set = self.current();
+        Ok((
+            set.signer.key_id(),
+            set.signer.sign_ticket(claims)?.to_vec(),
+        ))
+    }
+
+    /// A key set of one fresh key (tests that need no database).
+    #[cfg(test)]
+    #[allow(clippy::expect_used)]
+    pub(crate) fn for_tests(ttl: Duration) -> TokenKeys {
+        let pkcs8 = starling_proto::token::generate_pkcs8().expect("key generation");
+        let signer = Arc::new(TokenSigner::new(1, &pkcs8).expect("fresh key"));
+        let published = vec![(
+            PublicKey {
+                key_id: 1,
+                ed25519: signer.public_key().to_vec(),
+            },
+            None,
+        )];
+        TokenKeys {
+            ttl,
+            set: RwLock::new(Arc::new(KeySet { signer, published })),
+        }
     }
 
     /// Whether a token expiring at `expires_at_ms` should be replaced at `now_ms`: when

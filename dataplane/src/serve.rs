@@ -453,6 +453,7 @@ fn unexpected(f: &Frame, wanted: &str) -> String {
         Frame::Request(_) => "REQUEST",
         Frame::NotFound(_) => "NOT_FOUND",
         Frame::Token(_) => "TOKEN",
+        Frame::Ticket(_) => "TICKET",
     };
     format!("expected {wanted}, got {name}")
 }
@@ -722,7 +723,8 @@ impl Stream<'_> {
             other @ (Frame::Hello(_)
             | Frame::HelloAck(_)
             | Frame::StreamInfo(_)
-            | Frame::Chunk(_)) => {
+            | Frame::Chunk(_)
+            | Frame::Ticket(_)) => {
                 let msg = unexpected(&other, "PING, PONG, SUBSCRIBE, REQUEST or BUFFER_MAP");
                 send_reason(s, self.m, true, ErrorCode::UnexpectedFrame, &msg).await;
                 return Ok(After::End(CloseReason::UnexpectedFrame));

@@ -421,6 +421,8 @@ impl Swarm {
             listen: SocketAddr::new(IpAddr::V4(peer.ip), 0),
             advertise_host: Some(peer.ip.to_string()),
             max_upload_kbps: Some(peer.upload_kbps),
+            // Every in-process peer connects from 127.0.0.1: no per-address cap.
+            max_links_per_ip: 0,
         };
         if let Some(lag) = config.target_lag {
             vc.target_lag = lag;

@@ -243,12 +243,13 @@ async fn shadow_link(
     role: Role,
     bid: String,
     mask: u64,
+    tickets: Vec<Bytes>,
     mut token: watch::Receiver<Bytes>,
 ) {
     let is_dp = role == Role::Viewer;
     loop {
         let tok = token.borrow_and_update().clone();
-        match RawConn::dial(&addr, role, tok, &bid, mask).await {
+        match RawConn::dial_ticketed(&addr, role, tok, &bid, mask, &tickets).await {
             Ok((mut c, _info)) => {
                 if sh.revoked_at_ms.load(Ordering::SeqCst) != 0 {
                     if is_dp {
@@ -383,17 +384,26 @@ async fn revocation_cuts_off_data_plane_at_once_and_peers_within_a_token_lifetim
     });
     let (tok_tx, tok_rx) = watch::channel(Bytes::from(join.chunk_token.clone()));
     let k = join.params.as_ref().map_or(4, |p| p.substreams.max(1));
-    let mut by_parent: BTreeMap<String, u64> = BTreeMap::new();
+    // Its parents, with the tickets the control plane signed for it (an assigned child).
+    let mut by_parent: BTreeMap<String, (u64, Vec<Bytes>)> = BTreeMap::new();
     let mut dp_mask = 0u64;
     for p in &join.parents {
         match &p.peer {
-            Some(peer) => *by_parent.entry(peer.addr.clone()).or_default() |= 1 << p.substream,
+            Some(peer) => {
+                let e = by_parent.entry(peer.addr.clone()).or_default();
+                e.0 |= 1 << p.substream;
+                e.1.push(Bytes::from(p.ticket.clone()));
+            }
             None => dp_mask |= 1 << p.substream,
         }
     }
     println!(
         "shadow: session {}, K={k}, parents {:?}, data-plane mask {dp_mask:#x}",
-        join.session_id, by_parent
+        join.session_id,
+        by_parent
+            .iter()
+            .map(|(a, (m, _))| (a, m))
+            .collect::<Vec<_>>()
     );
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     tasks.push(tokio::spawn(shadow_link(
@@ -402,15 +412,17 @@ async fn revocation_cuts_off_data_plane_at_once_and_peers_within_a_token_lifetim
         Role::Viewer,
         bid.clone(),
         wire::ALL_SUBSTREAMS,
+        Vec::new(),
         tok_rx.clone(),
     )));
-    for (addr, mask) in &by_parent {
+    for (addr, (mask, tickets)) in &by_parent {
         tasks.push(tokio::spawn(shadow_link(
             sh.clone(),
             addr.clone(),
             Role::Peer,
             bid.clone(),
             *mask,
+            tickets.clone(),
             tok_rx.clone(),
         )));
     }
@@ -641,6 +653,8 @@ struct Polluter {
     uploaded: AtomicU64,
     hb_active: AtomicBool,
     hb_ok: AtomicU64,
+    /// Parent tickets its children presented (they were assigned to it for real).
+    tickets: AtomicU64,
 }
 
 impl Polluter {
@@ -844,6 +858,9 @@ async fn polluter_conn(p: Arc<Polluter>, stream: tokio::net::TcpStream, conn_id:
                     }
                     break;
                 }
+                Ok(Some(Frame::Ticket(_))) => {
+                    p.tickets.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             },
@@ -941,6 +958,7 @@ async fn polluter_cannot_reach_a_player() {
         uploaded: AtomicU64::new(0),
         hb_active: AtomicBool::new(true),
         hb_ok: AtomicU64::new(0),
+        tickets: AtomicU64::new(0),
     });
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     let (ready_tx, mut ready_rx) = mpsc::channel(1);
@@ -1013,6 +1031,11 @@ async fn polluter_cannot_reach_a_player() {
         format!(
             "the polluter got {children_at_attack} children (two or more are needed for both kinds of bad chunk): the test would prove nothing"
         ),
+    );
+    check(
+        &mut failures,
+        p.tickets.load(Ordering::Relaxed) > 0,
+        "the polluter's children presented no parent ticket".into(),
     );
 
     // Attack.

@@ -8,11 +8,14 @@
 //!   format is specified in `docs/PROTOCOL.md`.
 //! * [`token`]: signed chunk tokens (Ed25519), issued by the control plane and checked
 //!   offline by data-plane nodes and relaying peers.
+//! * [`ticket`]: signed parent tickets (same keys as tokens): the control plane's word
+//!   that a child may subscribe to some substreams at a given relaying peer.
 //! * [`integrity`]: per-chunk signatures made by the data plane and checked by every
 //!   viewer before it plays or relays a chunk.
 
 mod ed25519;
 pub mod integrity;
+pub mod ticket;
 pub mod token;
 pub mod wire;
 

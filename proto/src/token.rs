@@ -176,6 +176,11 @@ impl TokenSigner {
         self.key_id
     }
 
+    /// The key pair (for the other formats signed with token keys: tickets).
+    pub(crate) fn key_pair(&self) -> &Ed25519KeyPair {
+        &self.key
+    }
+
     /// The 32-byte public key to distribute (with [`Self::key_id`]) to verifiers.
     pub fn public_key(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
@@ -312,6 +317,11 @@ impl TokenVerifier {
 
     pub fn key_ids(&self) -> impl Iterator<Item = u32> + '_ {
         self.keys.ids()
+    }
+
+    /// The trusted keys (for the other formats signed with token keys: tickets).
+    pub(crate) fn key_set(&self) -> &KeySet {
+        &self.keys
     }
 
     /// Checks, in this order: size and structure (`Oversized`, `Truncated`,

@@ -25,6 +25,8 @@ pub const ABSOLUTE_MAX_CHUNK: u32 = 16 * 1024 * 1024;
 pub const MAX_BROADCAST_ID: usize = 128;
 /// Longest token accepted in `HELLO`.
 pub const MAX_TOKEN: usize = 4096;
+/// Longest parent ticket carried in a `TICKET` frame (see `ticket`).
+pub const MAX_TICKET: usize = crate::ticket::MAX_TICKET_LEN;
 /// Longest chunk signature block carried in a `CHUNK` (see `integrity`).
 pub const MAX_CHUNK_SIGNATURE: usize = 512;
 /// Longest human-readable message in `ERROR` / `GOODBYE`.
@@ -45,6 +47,7 @@ pub mod frame_type {
     pub const REQUEST: u8 = 0x0B;
     pub const NOT_FOUND: u8 = 0x0C;
     pub const TOKEN: u8 = 0x0D;
+    pub const TICKET: u8 = 0x0E;
 }
 
 /// `substream_mask` value meaning "every substream" (the whole stream).
@@ -317,6 +320,9 @@ pub enum Frame {
     NotFound(u64),
     /// A renewed chunk token for this connection (replaces the one from `HELLO`).
     Token(Bytes),
+    /// A parent ticket (see `ticket`), child → parent on peer links: the control
+    /// plane's word that the sender may subscribe to the substreams it covers.
+    Ticket(Bytes),
 }
 
 impl Frame {
@@ -337,6 +343,7 @@ impl Frame {
             Frame::Request(_) => REQUEST,
             Frame::NotFound(_) => NOT_FOUND,
             Frame::Token(_) => TOKEN,
+            Frame::Ticket(_) => TICKET,
         }
     }
 }
@@ -426,7 +433,9 @@ impl Decoder {
         match ty {
             CHUNK => Ok(self.limits.max_chunk_payload.min(ABSOLUTE_MAX_CHUNK)),
             HELLO | HELLO_ACK | SUBSCRIBE | STREAM_INFO | PING | PONG | ERROR | GOODBYE
-            | BUFFER_MAP | REQUEST | NOT_FOUND | TOKEN => Ok(self.limits.max_control_payload),
+            | BUFFER_MAP | REQUEST | NOT_FOUND | TOKEN | TICKET => {
+                Ok(self.limits.max_control_payload)
+            }
             other => Err(WireError::UnknownFrameType(other)),
         }
     }
@@ -635,6 +644,16 @@ fn parse_payload(h: Header, payload: Bytes) -> Result<Frame, WireError> {
                 return Err(r.err("token too long"));
             }
             Frame::Token(r.bytes(n)?)
+        }
+        TICKET => {
+            let n = r.b.len();
+            if n == 0 {
+                return Err(r.err("empty ticket"));
+            }
+            if n > MAX_TICKET {
+                return Err(r.err("ticket too long"));
+            }
+            Frame::Ticket(r.bytes(n)?)
         }
         BUFFER_MAP => {
             let base = r.u64()?;
@@ -878,6 +897,13 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
             body.put_slice(t);
             (TOKEN, 0)
         }
+        Frame::Ticket(t) => {
+            if t.is_empty() || t.len() > MAX_TICKET {
+                return Err(WireError::Encode("ticket empty or too long"));
+            }
+            body.put_slice(t);
+            (TICKET, 0)
+        }
         Frame::NotFound(n) => {
             body.put_u64(*n);
             (NOT_FOUND, 0)
@@ -1045,6 +1071,8 @@ mod tests {
             payload: Bytes::from_static(b"payload"),
         }));
         roundtrip(Frame::Token(Bytes::from_static(b"renewed token")));
+        roundtrip(Frame::Ticket(Bytes::from_static(b"a parent ticket")));
+        roundtrip(Frame::Ticket(Bytes::from(vec![9u8; MAX_TICKET])));
         roundtrip(Frame::Ping(5));
         roundtrip(Frame::Pong(6));
         roundtrip(Frame::Error(Reason {
@@ -1220,7 +1248,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_body_after_valid_header(ty in 1u8..=13, flags in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn arbitrary_body_after_valid_header(ty in 1u8..=14, flags in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut buf = BytesMut::new();
             buf.put_u8(ty);
             buf.put_u8(flags);
@@ -1235,6 +1263,27 @@ mod tests {
             let f = Frame::Chunk(Chunk { seq, flags: if ra { chunk_flags::RANDOM_ACCESS } else { 0 }, timestamp_ms: ts, duration_ms: d, signature: Bytes::from(sig), payload: Bytes::from(payload) });
             let mut buf = BytesMut::from(&encode_to_bytes(&f).unwrap()[..]);
             prop_assert_eq!(Decoder::default().decode(&mut buf).unwrap(), Some(f));
+        }
+
+        #[test]
+        fn ticket_roundtrip(t in proptest::collection::vec(any::<u8>(), 1..=MAX_TICKET)) {
+            let f = Frame::Ticket(Bytes::from(t));
+            let mut buf = BytesMut::from(&encode_to_bytes(&f).unwrap()[..]);
+            prop_assert_eq!(Decoder::default().decode(&mut buf).unwrap(), Some(f));
+        }
+
+        #[test]
+        fn ticket_frame_bounds(n in prop_oneof![Just(0usize), (MAX_TICKET + 1)..2048]) {
+            let body = vec![1u8; n];
+            let mut buf = BytesMut::new();
+            buf.put_u8(frame_type::TICKET);
+            buf.put_u8(0);
+            buf.put_u16(0);
+            buf.put_u32(n as u32);
+            buf.put_slice(&body);
+            let e = Decoder::default().decode(&mut buf).unwrap_err();
+            prop_assert_eq!(e.code(), ErrorCode::MalformedFrame);
+            prop_assert!(encode_to_bytes(&Frame::Ticket(Bytes::from(body))).is_err());
         }
 
         #[test]

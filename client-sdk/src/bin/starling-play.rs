@@ -75,6 +75,16 @@ struct Args {
     #[arg(long, env = "STARLING_ADVERTISE_HOST", value_name = "HOST")]
     advertise_host: Option<String>,
 
+    /// Most peer connections accepted from one source address at once (0 = unlimited);
+    /// beyond, they are refused with SERVER_BUSY.
+    #[arg(
+        long,
+        env = "STARLING_MAX_PEER_LINKS_PER_IP",
+        default_value_t = 8,
+        value_name = "N"
+    )]
+    max_peer_links_per_ip: u32,
+
     /// Play-out lag behind live in the peer grid (e.g. 2s, 1500ms).
     #[arg(long, env = "STARLING_TARGET_LAG", value_parser = parse_duration)]
     target_lag: Option<Duration>,
@@ -205,6 +215,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.relay.listen = args.peer_listen;
     cfg.relay.advertise_host = args.advertise_host.clone();
     cfg.relay.max_upload_kbps = args.upload_kbps;
+    cfg.relay.max_links_per_ip = args.max_peer_links_per_ip;
     if let Some(lag) = args.target_lag {
         cfg.target_lag = lag;
     }

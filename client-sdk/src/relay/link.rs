@@ -29,10 +29,11 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use super::Ev;
+use super::admission::{IpLimiter, IpPermit, MAX_HANDSHAKE_TICKETS, Tickets};
 use super::listener_limits::{Handshakes, PeerLimits};
 use crate::conn::{self, FrameReader, OpenParams, WireConn};
 use crate::error::SdkError;
-use crate::rights::{ChunkCheck, Grant};
+use crate::rights::{ChunkCheck, Grant, unix_ms};
 use crate::viewer::Shared;
 
 /// Engine-local identity of one connection (never reused).
@@ -46,6 +47,14 @@ pub(crate) const LINK_QUEUE: usize = 96;
 /// already proves the link alive. (A child sends its parent nothing but these pings; at
 /// 3 s with a `PONG` each they were a quarter of a grid's frames.)
 const PING_EVERY: Duration = Duration::from_secs(5);
+
+/// What an accepted connection holds while it lives: a place under [`PeerLimits::max_incoming`]
+/// and one under its address's cap.
+#[derive(Debug)]
+pub(crate) struct IncomingPermit {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _ip: IpPermit,
+}
 
 /// Something to write on a link.
 #[derive(Debug)]
@@ -134,7 +143,7 @@ pub(crate) fn spawn_link(
     conn: WireConn,
     events: mpsc::Sender<Ev>,
     idle: Duration,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: Option<IncomingPermit>,
     shared: Arc<Shared>,
     drained: Option<Arc<AtomicU64>>,
     gate: Option<u32>,
@@ -179,7 +188,7 @@ async fn read_loop(
     events: mpsc::Sender<Ev>,
     tx: mpsc::Sender<Out>,
     idle: Duration,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _permit: Option<IncomingPermit>,
     shared: Arc<Shared>,
 ) {
     // One idle timer for the link's life, moved on only when it fires (re-arming a
@@ -365,6 +374,8 @@ pub(crate) struct Dial {
     pub idle: Duration,
     pub role: Role,
     pub mask: u64,
+    /// Parent tickets for the substreams of `mask` (sent before `SUBSCRIBE`).
+    pub tickets: Vec<Bytes>,
 }
 
 /// Connects, handshakes and reports `Connected` or `ConnectFailed`.
@@ -378,6 +389,7 @@ pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>, shared
         timeout: d.timeout,
         role: d.role,
         mask: d.mask,
+        tickets: &d.tickets,
     })
     .await;
     let ev = match r {
@@ -409,6 +421,8 @@ pub(crate) struct AcceptCtx {
     pub ids: Arc<AtomicU64>,
     /// Chunk bytes written on accepted links (children and neighbours we serve).
     pub drained: Arc<AtomicU64>,
+    /// Connections per source address.
+    pub per_ip: Arc<IpLimiter>,
 }
 
 /// Accepts peer connections until the task is aborted.
@@ -429,7 +443,7 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(%addr, "too many peer connections: refused");
             ctx.shared.stats_mut().peer_connections_refused += 1;
             if let Ok(b) = wire::encode_to_bytes(&Frame::Error(reason(
@@ -441,6 +455,24 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
             }
             drop(stream);
             continue;
+        };
+        let Some(ip) = ctx.per_ip.try_acquire(addr.ip()) else {
+            tracing::info!(%addr, "too many peer connections from this address: refused");
+            ctx.shared.stats_mut().peers_refused += 1;
+            // Best effort, without waiting: the socket's buffer is empty.
+            let busy = Frame::Error(reason(
+                ErrorCode::ServerBusy,
+                "too many connections from your address",
+            ));
+            if let Ok(b) = wire::encode_to_bytes(&busy) {
+                let _ = stream.try_write(&b);
+            }
+            drop(stream);
+            continue;
+        };
+        let permit = IncomingPermit {
+            _slot: slot,
+            _ip: ip,
         };
         let (hs, evicted, evicted_count) =
             handshakes.lock().unwrap_or_else(|e| e.into_inner()).start();
@@ -469,7 +501,7 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
                 .unwrap_or_else(|e| e.into_inner())
                 .finish(hs);
             let last = match outcome {
-                Some(Ok((sub, grant))) => {
+                Some(Ok((sub, grant, tickets))) => {
                     let link = ctx.ids.fetch_add(1, Ordering::Relaxed);
                     let handle = spawn_link(
                         link,
@@ -489,6 +521,7 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
                             handle,
                             addr: addr.to_string(),
                             grant,
+                            tickets,
                         })
                         .await;
                     return;
@@ -525,12 +558,16 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
     }
 }
 
-/// `HELLO(peer)` with a valid chunk token → `HELLO_ACK`, then `SUBSCRIBE` for our
-/// broadcast. Refusals are sent as `ERROR` before failing (as
-/// [`SdkError::Protocol`]): `UNAUTHORIZED` for a missing, invalid or expired token,
-/// `REVOKED` for a revoked peer. Decoding errors are returned as they are (the caller
-/// answers them).
-async fn handshake(conn: &mut WireConn, ctx: &AcceptCtx) -> Result<(Subscribe, Grant), SdkError> {
+/// `HELLO(peer)` with a valid chunk token → `HELLO_ACK`, then any `TICKET`s, then
+/// `SUBSCRIBE` for our broadcast. Refusals are sent as `ERROR` before failing (as
+/// [`SdkError::Protocol`]): `UNAUTHORIZED` for a missing, invalid or expired token or
+/// ticket, `REVOKED` for a revoked peer. Which substreams the tickets must cover is the
+/// engine's decision ([`super::admission`]). Decoding errors are returned as they are
+/// (the caller answers them).
+async fn handshake(
+    conn: &mut WireConn,
+    ctx: &AcceptCtx,
+) -> Result<(Subscribe, Grant, Option<Tickets>), SdkError> {
     async fn refuse(conn: &mut WireConn, code: ErrorCode, msg: &str) -> SdkError {
         let _ = conn.send(&Frame::Error(reason(code, msg))).await;
         SdkError::Protocol(msg.to_string())
@@ -554,9 +591,33 @@ async fn handshake(conn: &mut WireConn, ctx: &AcceptCtx) -> Result<(Subscribe, G
         }
     };
     conn.send(&Frame::HelloAck(HelloAck { version })).await?;
+    let mut tickets: Option<Tickets> = None;
+    let mut presented = 0usize;
     let sub = loop {
         match conn.next_frame().await? {
             Frame::Subscribe(s) => break s,
+            Frame::Ticket(t) => {
+                presented += 1;
+                if presented > MAX_HANDSHAKE_TICKETS {
+                    ctx.shared.stats_mut().peers_refused += 1;
+                    return Err(refuse(conn, ErrorCode::ServerBusy, "too many tickets").await);
+                }
+                let me = ctx.shared.stats_mut().peer_id;
+                // Without rights management (no peer id) tickets cannot be checked.
+                let (Some(child), Some(me)) = (grant.peer_id, me) else {
+                    continue;
+                };
+                match ctx.shared.rights.check_ticket(&t, child, me) {
+                    Ok(c) => tickets
+                        .get_or_insert_with(|| Tickets::new(me, unix_ms()))
+                        .add(&c),
+                    Err(r) => {
+                        ctx.shared.stats_mut().peers_refused += 1;
+                        tracing::info!(addr = conn.addr, child, "peer refused: {}", r.message);
+                        return Err(refuse(conn, r.code, &r.message).await);
+                    }
+                }
+            }
             Frame::Ping(n) => conn.send(&Frame::Pong(n)).await?,
             Frame::Pong(_) => {}
             _ => {
@@ -572,7 +633,7 @@ async fn handshake(conn: &mut WireConn, ctx: &AcceptCtx) -> Result<(Subscribe, G
         )
         .await);
     }
-    Ok((sub, grant))
+    Ok((sub, grant, tickets))
 }
 
 /// `STREAM_INFO` for an accepted link.

@@ -12,10 +12,11 @@
 //!   mask of the substreams it feeds (0 = none, then only used for `REQUEST`s);
 //! * one **outgoing peer link** per distinct parent or neighbour peer, subscribed with
 //!   the mask of the substreams that peer feeds us (0 for a pure neighbour);
-//! * **incoming links** from the peer listener: children (mask ≠ 0, admitted up to
-//!   twice the `child_slots` substream subscriptions in total, see [`admit_limit`];
-//!   `ERROR(SERVER_BUSY)` beyond)
-//!   and neighbours (mask 0: buffer maps both ways, `REQUEST`/`NOT_FOUND`).
+//! * **incoming links** from the peer listener: children (mask ≠ 0, admitted only for
+//!   substreams a parent ticket covers, up to twice the `child_slots` substream
+//!   subscriptions in total; `ERROR(UNAUTHORIZED)` / `ERROR(SERVER_BUSY)` otherwise,
+//!   see [`admission`]) and neighbours (mask 0: buffer maps both ways,
+//!   `REQUEST`/`NOT_FOUND`). Only a viewer whose token has `RELAY` listens.
 //!
 //! Misbehaviour (malformed frames, chunks nobody asked for, a wrong broadcast) costs the
 //! offending link only.
@@ -30,6 +31,7 @@
 //! neighbour by this viewer; the chunk stays missing for the scheduler, which fetches it
 //! elsewhere.
 
+pub(crate) mod admission;
 mod complaints;
 pub(crate) mod keys;
 pub(crate) mod link;
@@ -49,7 +51,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::control::{Assignment, Control, JoinInfo, Offer, Parent, Peer};
+use crate::control::{Assignment, Control, JoinInfo, Offer, Parent, Peer, Ticket};
 use crate::error::{SdkError, is_fatal_code};
 use crate::grid::{
     Action, BufferMap, ChildPace, PeerScheduler, SchedulerConfig, Source, UploadEstimator,
@@ -57,6 +59,7 @@ use crate::grid::{
 };
 use crate::rights::{Grant, OwnToken, unix_ms};
 use crate::viewer::{Shared, stopped};
+use admission::{Ask, IpLimiter, TicketBook, Tickets};
 use link::{AcceptCtx, Dial, LinkHandle, LinkId, Out, QueueError, reason};
 use starling_proto::integrity::IntegrityError;
 use starling_proto::v1::PeerReportKind;
@@ -85,6 +88,8 @@ pub(crate) enum Ev {
         handle: LinkHandle,
         addr: String,
         grant: Grant,
+        /// The parent tickets it presented (verified for it and us).
+        tickets: Option<Tickets>,
     },
     /// A chunk read on a link failed verification (it was not forwarded).
     BadChunk {
@@ -105,6 +110,8 @@ pub(crate) enum Ev {
         substream: u16,
         excluded: Vec<u64>,
         result: Result<Parent, SdkError>,
+        /// The new parent's ticket.
+        ticket: Option<Ticket>,
     },
     /// Answer to a re-`Join`.
     Rejoined(Result<JoinInfo, SdkError>),
@@ -163,6 +170,8 @@ struct Link {
     pace: ChildPace,
     /// The remote's `REQUEST` budget (created at its first request).
     request_bucket: Option<listener_limits::RequestBucket>,
+    /// Incoming links: the substreams its parent tickets cover.
+    tickets: Option<Tickets>,
 }
 
 impl Link {
@@ -178,6 +187,7 @@ impl Link {
             grant: None,
             pace: ChildPace::default(),
             request_bucket: None,
+            tickets: None,
         }
     }
 }
@@ -304,6 +314,8 @@ pub(crate) struct GridSetup {
     pub reconnect_initial: Duration,
     pub reconnect_max: Duration,
     pub rejoin_after_failures: u32,
+    /// Most peer connections accepted per source address (0 = unlimited).
+    pub max_links_per_ip: u32,
 }
 
 /// Starts the engine (and the peer listener). Returns the event sender (for the
@@ -319,8 +331,15 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
     let ids = Arc::new(AtomicU64::new(1));
     let drained = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    let relaying = setup.listener.is_some() && setup.upload_kbps > 0;
-    if let Some(l) = setup.listener {
+    // A peer whose token lacks RELAY does not serve (the control plane gives RELAY to
+    // the peers it may assign as parents).
+    let may_relay = setup.shared.rights.may_relay();
+    if !may_relay && setup.listener.is_some() {
+        tracing::warn!("our chunk token lacks the RELAY scope: not accepting peers");
+    }
+    let listener = setup.listener.filter(|_| may_relay);
+    let relaying = listener.is_some() && setup.upload_kbps > 0;
+    if let Some(l) = listener {
         tasks.push(tokio::spawn(link::listen(
             l,
             AcceptCtx {
@@ -331,6 +350,7 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
                 events: tx.clone(),
                 ids: ids.clone(),
                 drained: drained.clone(),
+                per_ip: IpLimiter::new(setup.max_links_per_ip),
             },
         )));
     }
@@ -364,8 +384,9 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         reparenting: vec![false; usize::from(k)],
         reparent_timers: vec![None; usize::from(k)],
         neighbours: Vec::new(),
-        child_slots: setup.join.child_slots,
+        child_slots: if relaying { setup.join.child_slots } else { 0 },
         used_slots: 0,
+        book: TicketBook::default(),
         k,
         chunk_ms: u32::try_from(setup.chunk.as_millis()).unwrap_or(u32::MAX),
         content_type,
@@ -446,6 +467,8 @@ struct Engine {
     neighbours: Vec<Peer>,
     child_slots: u32,
     used_slots: u32,
+    /// Our parents' tickets (sent to them before subscribing).
+    book: TicketBook,
     k: u16,
     chunk_ms: u32,
     content_type: String,
@@ -487,19 +510,6 @@ struct Engine {
     stream_kbps: u32,
     /// Relay upload budget now, kbit/s (0 = not relaying).
     budget_kbps: u32,
-}
-
-/// Substream subscriptions a relaying peer with `slots` child slots admits: twice its
-/// slots. The control plane's view of
-/// its children is authoritative but runs ahead of theirs. A join that takes a leaf's
-/// place under this peer (the leaf moves under the joiner) is sent here at once, while
-/// the displaced leaf hears of its new parent only at its next heartbeat; during a
-/// ramp of joins several such leaves overlap. Refusing the joiners meanwhile made them
-/// re-search (about three re-parents per peer in a 100 joins/s ramp). The overlap lasts
-/// about one heartbeat and the upload bucket bounds what it costs: pushes beyond the
-/// budget's debt are dropped, not queued.
-fn admit_limit(slots: u32) -> u32 {
-    slots.saturating_mul(2)
 }
 
 /// Upload pacing: a token bucket of bytes holding up to `BURST_S` of the budget.
@@ -717,7 +727,8 @@ impl Engine {
                 handle,
                 addr,
                 grant,
-            } => self.on_incoming(link, sub, handle, addr, grant),
+                tickets,
+            } => self.on_incoming(link, sub, handle, addr, grant, tickets),
             Ev::BadChunk {
                 link,
                 seq,
@@ -731,7 +742,13 @@ impl Engine {
                 substream,
                 excluded,
                 result,
-            } => self.on_reparented(substream, excluded, result),
+                ticket,
+            } => {
+                if let Some(t) = ticket {
+                    self.book.set(t);
+                }
+                self.on_reparented(substream, excluded, result)
+            }
             Ev::Rejoined(r) => self.on_rejoined(r),
         }
     }
@@ -744,6 +761,14 @@ impl Engine {
             return;
         }
         let now = self.clock.now();
+        let renewed: Vec<(u32, u64)> = a
+            .tickets
+            .into_iter()
+            .filter_map(|t| {
+                let key = (t.substream, t.parent);
+                self.book.set(t).then_some(key)
+            })
+            .collect();
         self.failed
             .retain(|_, t| t.elapsed() < FAILED_PARENT_MEMORY);
         for (s, p) in a.parents {
@@ -774,6 +799,26 @@ impl Engine {
             .filter(|n| !self.excluded(n.id))
             .collect();
         self.reconcile();
+        self.send_renewed_tickets(&renewed);
+    }
+
+    /// New tickets for substreams a parent already pushes to us go to it at once (a
+    /// parent closes a child whose tickets expire).
+    fn send_renewed_tickets(&mut self, renewed: &[(u32, u64)]) {
+        for &(s, parent) in renewed {
+            let Some(&l) = self.peer_links.get(&parent) else {
+                continue;
+            };
+            let Some(link) = self.links.get(&l) else {
+                continue;
+            };
+            if link.handle.is_none() || link.sent_mask & (1u64 << s.min(63)) == 0 {
+                continue;
+            }
+            for t in self.book.for_parent(parent, 1u64 << s.min(63)) {
+                self.send_to(l, &Frame::Ticket(t));
+            }
+        }
     }
 
     fn set_feed(&mut self, s: u16, feed: Feed, now: Duration, count: bool) {
@@ -904,7 +949,8 @@ impl Engine {
                     link.want_neighbour = neighbour;
                     self.links.insert(l, link);
                     self.peer_links.insert(id, l);
-                    let d = self.dial_params(&peer.addr, Role::Peer, mask, self.resume_at());
+                    let mut d = self.dial_params(&peer.addr, Role::Peer, mask, self.resume_at());
+                    d.tickets = self.book.for_parent(id, mask);
                     tokio::spawn(link::dial(l, d, self.events.clone(), self.shared.clone()));
                 }
             }
@@ -933,6 +979,13 @@ impl Engine {
         link.mask = mask;
         if link.sent_mask == mask {
             return;
+        }
+        if let (Some(h), Kind::Out(peer)) = (&link.handle, &link.kind) {
+            // Tickets for the substreams this SUBSCRIBE adds (a full queue is handled
+            // below, with the SUBSCRIBE).
+            for t in self.book.for_parent(peer.id, mask & !link.sent_mask) {
+                let _ = h.send_frame(&Frame::Ticket(t));
+            }
         }
         if let Some(h) = &link.handle {
             let f = Frame::Subscribe(Subscribe {
@@ -969,6 +1022,7 @@ impl Engine {
             idle: self.idle,
             role,
             mask,
+            tickets: Vec::new(),
         }
     }
 
@@ -992,12 +1046,16 @@ impl Engine {
         let session = self.session_id.clone();
         let events = self.events.clone();
         tokio::spawn(async move {
-            let result = control.reparent(&session, s, exclude.clone()).await;
+            let (result, ticket) = match control.reparent(&session, s, exclude.clone()).await {
+                Ok((p, t)) => (Ok(p), t),
+                Err(e) => (Err(e), None),
+            };
             let _ = events
                 .send(Ev::Reparented {
                     substream: s,
                     excluded: exclude,
                     result,
+                    ticket,
                 })
                 .await;
         });
@@ -1160,7 +1218,10 @@ impl Engine {
                     }
                 }
                 self.me = join.peer_id;
-                self.child_slots = join.child_slots;
+                self.book.clear();
+                if self.budget_kbps > 0 {
+                    self.child_slots = join.child_slots;
+                }
                 self.dp_addr = join.wire_addr;
                 self.shared.rights.rejoined(
                     OwnToken {
@@ -1227,6 +1288,7 @@ impl Engine {
         handle: LinkHandle,
         addr: String,
         grant: Grant,
+        tickets: Option<Tickets>,
     ) {
         if let Some(id) = grant.peer_id
             && (self.shared.rights.is_revoked(id) || self.banned.contains(&id))
@@ -1237,19 +1299,27 @@ impl Engine {
             return;
         }
         let mask = sub.substream_mask & self.all_mask();
-        let need = popcount(mask);
-        if need > 0 && self.used_slots + need > admit_limit(self.child_slots) {
+        let held = grant.peer_id.map_or(0, |id| {
+            self.links
+                .values()
+                .filter(|l| l.kind == Kind::In && l.grant.and_then(|g| g.peer_id) == Some(id))
+                .count()
+        });
+        let checked = admission::check_peer_links(grant.peer_id, held).and_then(|()| {
+            admission::check_subscribe(&self.ask(mask, tickets.as_ref(), self.used_slots))
+        });
+        if let Err(r) = checked {
             tracing::info!(
                 addr,
-                need,
+                peer = ?grant.peer_id,
+                mask,
                 used = self.used_slots,
                 slots = self.child_slots,
-                "child refused: no free slot"
+                "peer link refused: {}",
+                r.message
             );
-            handle.close(Frame::Error(reason(
-                ErrorCode::ServerBusy,
-                "no free child slot",
-            )));
+            self.shared.stats_mut().peers_refused += 1;
+            handle.close(Frame::Error(reason(r.code, &r.message)));
             return;
         }
         let newest = self.store.last_key_value().map_or(0, |(&n, _)| n);
@@ -1271,6 +1341,7 @@ impl Engine {
         let mut link = Link::new(Kind::In, mask);
         link.handle = Some(handle);
         link.grant = Some(grant);
+        link.tickets = tickets;
         tracing::debug!(l, addr, mask, "peer link accepted");
         self.links.insert(l, link);
         self.admit(l, mask);
@@ -1483,6 +1554,13 @@ impl Engine {
                 }
                 // On links we dialled we are the client: a TOKEN means nothing.
             }
+            Frame::Ticket(t) => {
+                if kind == Kind::In {
+                    self.on_peer_ticket(l, &t);
+                } else {
+                    self.misbehaved(l, "TICKET from a parent");
+                }
+            }
             Frame::Ping(_) | Frame::Pong(_) => {}
         }
     }
@@ -1505,15 +1583,11 @@ impl Engine {
             return;
         }
         let others = self.used_slots.saturating_sub(popcount(old));
-        if mask != 0 && others + popcount(mask) > admit_limit(self.child_slots) {
-            self.drop_link(
-                l,
-                Some(Frame::Error(reason(
-                    ErrorCode::ServerBusy,
-                    "no free child slot",
-                ))),
-                None,
-            );
+        let ask = self.ask(mask, link.tickets.as_ref(), others);
+        if let Err(r) = admission::check_subscribe(&ask) {
+            tracing::info!(l, mask, "re-subscription refused: {}", r.message);
+            self.shared.stats_mut().peers_refused += 1;
+            self.drop_link(l, Some(Frame::Error(reason(r.code, &r.message))), None);
             return;
         }
         if old != 0 {
@@ -1652,6 +1726,29 @@ impl Engine {
             );
         }
         let now_ms = unix_ms();
+        let unticketed: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                l.kind == Kind::In
+                    && l.mask != 0
+                    && admission::check_subscribe(&self.ask(l.mask, l.tickets.as_ref(), 0))
+                        .is_err_and(|r| r.code == ErrorCode::Unauthorized)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for l in unticketed {
+            tracing::info!(l, peer = ?self.peer_id_of(l), "child's parent tickets expired: closing its link");
+            self.shared.stats_mut().peers_refused += 1;
+            self.drop_link(
+                l,
+                Some(Frame::Error(reason(
+                    ErrorCode::Unauthorized,
+                    "ticket_expired: parent ticket expired",
+                ))),
+                None,
+            );
+        }
         let expired: Vec<LinkId> = self
             .links
             .iter()
@@ -1808,6 +1905,57 @@ impl Engine {
                 self.drop_link(l, Some(Frame::Error(reason(r.code, &r.message))), None);
             }
         }
+    }
+
+    /// An admission question for a link asking for `mask` ([`admission::check_subscribe`]).
+    fn ask<'a>(&self, mask: u64, tickets: Option<&'a Tickets>, others_used: u32) -> Ask<'a> {
+        Ask {
+            enforced: self.shared.rights.enforced(),
+            me: self.me,
+            mask,
+            tickets,
+            now_ms: unix_ms(),
+            skew_ms: self.shared.rights.skew_ms(),
+            others_used,
+            slots: self.child_slots,
+        }
+    }
+
+    /// A peer connected to us presents a parent ticket (new substreams, or a renewal).
+    fn on_peer_ticket(&mut self, l: LinkId, ticket: &[u8]) {
+        let me = self.me;
+        let now = unix_ms();
+        let Some(link) = self.links.get_mut(&l) else {
+            return;
+        };
+        let Some(child) = link.grant.and_then(|g| g.peer_id) else {
+            return; // No rights management: nothing to check.
+        };
+        let t = link.tickets.get_or_insert_with(|| Tickets::new(me, now));
+        if t.parent() != me {
+            *t = Tickets::new(me, now);
+        }
+        let refusal = if t.allow(now) {
+            match self.shared.rights.check_ticket(ticket, child, me) {
+                Ok(c) => {
+                    t.add(&c);
+                    return;
+                }
+                Err(r) => r,
+            }
+        } else {
+            crate::rights::Refusal {
+                code: ErrorCode::ServerBusy,
+                message: "too many tickets".into(),
+            }
+        };
+        tracing::info!(l, child, "peer ticket refused: {}", refusal.message);
+        self.shared.stats_mut().peers_refused += 1;
+        self.drop_link(
+            l,
+            Some(Frame::Error(reason(refusal.code, &refusal.message))),
+            None,
+        );
     }
 
     /// A chunk failed verification. From the data plane: dropped, logged and counted.

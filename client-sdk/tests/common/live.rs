@@ -310,8 +310,13 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
         return;
     }
     send(&mut w, &Frame::HelloAck(HelloAck { version: 1 })).await;
-    let Some(Frame::Subscribe(sub)) = read_frame(&mut r, &mut dec, &mut buf).await else {
-        return;
+    // A child sends its parent tickets first (not checked here).
+    let sub = loop {
+        match read_frame(&mut r, &mut dec, &mut buf).await {
+            Some(Frame::Subscribe(sub)) => break sub,
+            Some(Frame::Ticket(_)) => {}
+            _ => return,
+        }
     };
     let conn_no = log.lock().unwrap().connections;
     log.lock()

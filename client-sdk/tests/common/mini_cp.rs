@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use starling_proto::ticket::TicketClaims;
 use starling_proto::token::{Scopes, TokenClaims, TokenSigner};
 use starling_proto::v1::viewer_service_server::{ViewerService, ViewerServiceServer};
 use starling_proto::v1::*;
@@ -107,13 +108,32 @@ impl MiniCp {
         self.log.lock().unwrap().heartbeats.len()
     }
 
-    fn parents(&self, joins: &[JoinRequest], plan: &Plan) -> Vec<SubstreamParent> {
+    /// A parent ticket for (child, parent, substream), issued at a fixed time for the
+    /// whole test process: the same bytes at every heartbeat, as the real control
+    /// plane's cache hands out between renewals.
+    pub fn ticket(&self, child: u64, parent: u64, substream: usize) -> Vec<u8> {
+        static ISSUED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let issued = *ISSUED.get_or_init(now_ms);
+        self.tokens
+            .sign_ticket(&TicketClaims {
+                broadcast_id: self.broadcast.clone(),
+                child_peer_id: child,
+                parent_peer_id: parent,
+                substream_mask: 1 << substream,
+                issued_at_ms: issued,
+                expires_at_ms: issued + 3_600_000,
+            })
+            .map(|b| b.to_vec())
+            .unwrap_or_default()
+    }
+
+    /// The parents of `child` (peer id) as `plan` says, each peer parent with its ticket.
+    fn parents(&self, child: u64, joins: &[JoinRequest], plan: &Plan) -> Vec<SubstreamParent> {
         plan.parents
             .iter()
             .enumerate()
-            .map(|(s, r)| SubstreamParent {
-                substream: s as u32,
-                peer: match r {
+            .map(|(s, r)| {
+                let peer = match r {
                     Ref::DataPlane => None,
                     Ref::Joiner(i) => Some(PeerRef {
                         peer_id: *i as u64 + 1,
@@ -123,7 +143,14 @@ impl MiniCp {
                         peer_id: *id,
                         addr: addr.clone(),
                     }),
-                },
+                };
+                SubstreamParent {
+                    substream: s as u32,
+                    ticket: peer
+                        .as_ref()
+                        .map_or_else(Vec::new, |p| self.ticket(child, p.peer_id, s)),
+                    peer,
+                }
             })
             .collect()
     }
@@ -149,8 +176,8 @@ impl ViewerService for MiniCp {
             .cloned()
             .ok_or_else(|| Status::resource_exhausted("no plan"))?;
         log.joins.push(req.clone());
-        let parents = self.parents(&log.joins, &plan);
         let peer_id = i as u64 + 1;
+        let parents = self.parents(peer_id, &log.joins, &plan);
         Ok(Response::new(JoinResponse {
             session_id: format!("s{}", i + 1),
             params: Some(StreamParams {
@@ -196,7 +223,7 @@ impl ViewerService for MiniCp {
         let mut log = self.log.lock().unwrap();
         let i = session_index(&req.session_id);
         let parents = match self.plans.get(i) {
-            Some(p) => self.parents(&log.joins, p),
+            Some(p) => self.parents(i as u64 + 1, &log.joins, p),
             None => vec![],
         };
         log.heartbeats.push(req.session_id);
@@ -254,6 +281,7 @@ impl ViewerService for MiniCp {
             parent: Some(SubstreamParent {
                 substream: req.substream,
                 peer: None,
+                ticket: Vec::new(),
             }),
         }))
     }

@@ -124,6 +124,13 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=120))]
     token_ttl: u64,
 
+    /// Lifetime of the parent tickets attached to every peer assignment, in seconds
+    /// (re-signed when half of it is left). A relaying peer admits a child only with a
+    /// valid ticket, so a child moved away keeps its old parent's slot at most this long.
+    #[arg(long, env = "STARLING_PARENT_TICKET_TTL_S", default_value_t = 600, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(10..=3600))]
+    parent_ticket_ttl: u64,
+
     /// Start with a new chunk-token signing key (stored in the database). It is
     /// published at once and signs 20 s later, when every node and viewer knows it; the
     /// previous keys stay valid for one maximum token lifetime after that, so nobody is
@@ -619,6 +626,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             demote_threshold: usize::try_from(args.demote_threshold).unwrap_or(3),
             ..TrustConfig::default()
         },
+        parent_ticket_ttl: Duration::from_secs(args.parent_ticket_ttl),
         ..ServiceConfig::default()
     };
     let auth = auth_config(&args)?;

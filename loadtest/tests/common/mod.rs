@@ -143,6 +143,18 @@ impl RawConn {
         broadcast: &str,
         mask: u64,
     ) -> Result<(RawConn, StreamInfo), DialError> {
+        Self::dial_ticketed(addr, role, token, broadcast, mask, &[]).await
+    }
+
+    /// [`RawConn::dial`], sending parent `tickets` (`TICKET` frames) before `SUBSCRIBE`.
+    pub async fn dial_ticketed(
+        addr: &str,
+        role: Role,
+        token: Bytes,
+        broadcast: &str,
+        mask: u64,
+        tickets: &[Bytes],
+    ) -> Result<(RawConn, StreamInfo), DialError> {
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
             .await
             .map_err(|_| DialError::Io("connect timed out".into()))?
@@ -167,6 +179,9 @@ impl RawConn {
                 None => return Err(DialError::Io("closed during the handshake".into())),
                 Some(Frame::HelloAck(_)) if !subscribed => {
                     subscribed = true;
+                    for t in tickets {
+                        c.send(&Frame::Ticket(t.clone())).await.map_err(io)?;
+                    }
                     c.send(&Frame::Subscribe(Subscribe {
                         broadcast_id: broadcast.to_string(),
                         start: StartAt::Live,

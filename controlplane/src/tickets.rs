@@ -1,0 +1,226 @@
+//! Parent tickets on the control-plane side: every `SubstreamParent` naming a peer that
+//! the control plane hands out (`Join`, `Heartbeat`, `Reparent`) carries a ticket,
+//! signed with the chunk-token signing key ([`TokenKeys::sign_ticket`]), that names
+//! the broadcast, the viewer (child), the parent peer and that one substream. A relaying
+//! peer admits a child only for substreams that such a ticket covers (format:
+//! [`starling_proto::ticket`]; admission: the SDK's `relay/admission.rs`).
+//!
+//! Heartbeats answer every viewer's parents each interval, so tickets are cached per
+//! (child, substream) and re-signed only when the parent changes, when less than half
+//! of the lifetime is left, or when the signing key changed (a rotation: the old key is
+//! unpublished [`crate::tokens::RETIRE_AFTER`] later, long before a ticket it signed
+//! would expire, so a ticket must move to the new key at once). A steady viewer thus
+//! costs one signature per substream per half lifetime; a viewer moved to a new parent
+//! gets its ticket in the same answer that names the parent.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use starling_proto::ticket::TicketClaims;
+use starling_proto::v1::SubstreamParent;
+
+use crate::tokens::TokenKeys;
+
+/// Default ticket lifetime: long enough that a steady assignment is re-signed only
+/// every 5 minutes, short enough that a ticket kept after the assignment ended (a
+/// child moved elsewhere that keeps its link) holds a slot for at most this long.
+pub const DEFAULT_TICKET_TTL: Duration = Duration::from_secs(600);
+/// Shortest ticket lifetime accepted (several heartbeats).
+pub const MIN_TICKET_TTL: Duration = Duration::from_secs(10);
+/// Longest ticket lifetime accepted.
+pub const MAX_TICKET_TTL: Duration = Duration::from_secs(3600);
+/// Most cached tickets; beyond it tickets are signed without being cached (each
+/// costs one signature per heartbeat until expired entries are pruned).
+const MAX_CACHED: usize = 1 << 20;
+/// Expired entries are pruned after this many insertions.
+const PRUNE_EVERY: u32 = 4096;
+
+#[derive(Debug)]
+struct Cached {
+    broadcast_id: String,
+    parent: u64,
+    key_id: u32,
+    /// Unix ms after which the ticket is re-signed (half its lifetime).
+    renew_at_ms: i64,
+    expires_at_ms: i64,
+    ticket: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    entries: HashMap<(u64, u32), Cached>,
+    inserts: u32,
+}
+
+/// Signs and caches parent tickets.
+#[derive(Debug)]
+pub struct ParentTickets {
+    ttl: Duration,
+    cache: Mutex<Cache>,
+}
+
+impl Default for ParentTickets {
+    fn default() -> Self {
+        ParentTickets::new(DEFAULT_TICKET_TTL)
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl ParentTickets {
+    /// `ttl` is clamped to [`MIN_TICKET_TTL`]..=[`MAX_TICKET_TTL`].
+    pub fn new(ttl: Duration) -> ParentTickets {
+        ParentTickets {
+            ttl: ttl.clamp(MIN_TICKET_TTL, MAX_TICKET_TTL),
+            cache: Mutex::new(Cache::default()),
+        }
+    }
+
+    /// The ticket lifetime.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Fills in `ticket` of every entry of `parents` that names a peer (the data plane
+    /// needs none), for `child` of `broadcast_id`. A ticket that cannot be signed (an
+    /// over-long broadcast id: refused at creation anyway) is left empty and logged.
+    pub fn attach(
+        &self,
+        keys: &TokenKeys,
+        broadcast_id: &str,
+        child: u64,
+        parents: &mut [SubstreamParent],
+        now_ms: i64,
+    ) {
+        let key_id = keys.signing_key_id();
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        for p in parents.iter_mut() {
+            let Some(parent) = p.peer.as_ref().map(|r| r.peer_id) else {
+                p.ticket.clear();
+                continue;
+            };
+            let k = (child, p.substream);
+            if let Some(c) = cache.entries.get(&k)
+                && c.parent == parent
+                && c.key_id == key_id
+                && c.broadcast_id == broadcast_id
+                && now_ms < c.renew_at_ms
+            {
+                p.ticket.clone_from(&c.ticket);
+                continue;
+            }
+            let Some(mask) = 1u64.checked_shl(p.substream) else {
+                p.ticket.clear();
+                continue;
+            };
+            let issued = u64::try_from(now_ms).unwrap_or(0);
+            let expires = issued.saturating_add(u64::try_from(self.ttl.as_millis()).unwrap_or(0));
+            let claims = TicketClaims {
+                broadcast_id: broadcast_id.to_string(),
+                child_peer_id: child,
+                parent_peer_id: parent,
+                substream_mask: mask,
+                issued_at_ms: issued,
+                expires_at_ms: expires,
+            };
+            match keys.sign_ticket(&claims) {
+                Ok((key_id, t)) => {
+                    p.ticket = t;
+                    if cache.entries.len() < MAX_CACHED || cache.entries.contains_key(&k) {
+                        cache.entries.insert(
+                            k,
+                            Cached {
+                                broadcast_id: broadcast_id.to_string(),
+                                parent,
+                                key_id,
+                                renew_at_ms: now_ms.saturating_add(ms(self.ttl) / 2),
+                                expires_at_ms: i64::try_from(expires).unwrap_or(i64::MAX),
+                                ticket: p.ticket.clone(),
+                            },
+                        );
+                    }
+                    cache.inserts = cache.inserts.wrapping_add(1);
+                    if cache.inserts.is_multiple_of(PRUNE_EVERY) {
+                        cache.entries.retain(|_, c| c.expires_at_ms > now_ms);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(broadcast_id, child, parent, error = %e, "cannot sign a parent ticket");
+                    p.ticket.clear();
+                }
+            }
+        }
+    }
+
+    /// Tickets cached now.
+    pub fn cached(&self) -> usize {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entries
+            .len()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use starling_proto::token::TokenVerifier;
+    use starling_proto::v1::PeerRef;
+
+    fn keys() -> TokenKeys {
+        TokenKeys::for_tests(Duration::from_secs(60))
+    }
+
+    fn parents() -> Vec<SubstreamParent> {
+        vec![
+            SubstreamParent {
+                substream: 0,
+                peer: None,
+                ticket: Vec::new(),
+            },
+            SubstreamParent {
+                substream: 1,
+                peer: Some(PeerRef {
+                    peer_id: 9,
+                    addr: "127.0.0.9:1".into(),
+                }),
+                ticket: Vec::new(),
+            },
+        ]
+    }
+
+    #[test]
+    fn tickets_name_child_parent_and_substream_and_are_cached() {
+        let keys = keys();
+        let mut v = TokenVerifier::new();
+        for k in keys.public_keys() {
+            v.add_key(k.key_id, &k.ed25519).unwrap();
+        }
+        let t = ParentTickets::new(Duration::from_secs(600));
+        let mut p = parents();
+        t.attach(&keys, "b", 5, &mut p, 1_000);
+        assert!(p[0].ticket.is_empty(), "the data plane needs no ticket");
+        let c = v.verify_ticket(&p[1].ticket, "b", 5, 9, 1_000, 0).unwrap();
+        assert_eq!(c.substream_mask, 0b10);
+        assert_eq!(c.expires_at_ms, 601_000);
+        // Cached until half the lifetime is left.
+        let first = p[1].ticket.clone();
+        let mut again = parents();
+        t.attach(&keys, "b", 5, &mut again, 300_999);
+        assert_eq!(again[1].ticket, first);
+        t.attach(&keys, "b", 5, &mut again, 301_000);
+        assert_ne!(again[1].ticket, first);
+        // A new parent gets a new ticket at once.
+        let mut moved = parents();
+        moved[1].peer.as_mut().unwrap().peer_id = 10;
+        t.attach(&keys, "b", 5, &mut moved, 301_001);
+        v.verify_ticket(&moved[1].ticket, "b", 5, 10, 301_001, 0)
+            .unwrap();
+        assert_eq!(t.cached(), 1);
+    }
+}
