@@ -731,6 +731,13 @@ impl Core {
         let timeout = self.session_timeout();
         let expired = self.grids.expire(timeout);
         let now = now_ms();
+        // Ended in memory before the database hears of it: a heartbeat arriving in
+        // between (or after a failed write) must not find the row still active and be
+        // told the session goes on outside its grid.
+        for e in &expired {
+            self.remember_unknown(&e.session_id, crate::limits::Unknown::Ended);
+        }
+        let mut first_error = None;
         for e in &expired {
             tracing::info!(
                 session_id = %e.session_id,
@@ -740,9 +747,16 @@ impl Core {
                 timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                 "viewer session expired (missed heartbeats)"
             );
-            self.store.end_session(&e.session_id, now).await?;
+            // One failed write does not leave the other expired sessions' rows active.
+            if let Err(err) = self.store.end_session(&e.session_id, now).await {
+                tracing::warn!(session_id = %e.session_id, "could not record the session's end: {err}");
+                first_error.get_or_insert(err);
+            }
         }
-        Ok(expired.len())
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(expired.len()),
+        }
     }
 
     async fn node_addrs(&self, node_id: Option<&str>) -> Result<Option<NodeRecord>, StoreError> {
