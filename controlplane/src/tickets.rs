@@ -87,6 +87,8 @@ impl ParentTickets {
     /// Fills in `ticket` of every entry of `parents` that names a peer (the data plane
     /// needs none), for `child` of `broadcast_id`. A ticket that cannot be signed (an
     /// over-long broadcast id: refused at creation anyway) is left empty and logged.
+    /// The cache's lock is held only to look up and to store: signatures (a flash crowd
+    /// of joins needs K each) are made outside it.
     pub fn attach(
         &self,
         keys: &TokenKeys,
@@ -96,28 +98,42 @@ impl ParentTickets {
         now_ms: i64,
     ) {
         let key_id = keys.signing_key_id();
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        for p in parents.iter_mut() {
-            let Some(parent) = p.peer.as_ref().map(|r| r.peer_id) else {
-                p.ticket.clear();
-                continue;
-            };
-            let k = (child, p.substream);
-            if let Some(c) = cache.entries.get(&k)
-                && c.parent == parent
-                && c.key_id == key_id
-                && c.broadcast_id == broadcast_id
-                && now_ms < c.renew_at_ms
-            {
-                p.ticket.clone_from(&c.ticket);
-                continue;
+        // (index in `parents`, parent peer) of the entries the cache cannot answer.
+        let mut misses: Vec<(usize, u64)> = Vec::new();
+        {
+            let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            for (i, p) in parents.iter_mut().enumerate() {
+                let Some(parent) = p.peer.as_ref().map(|r| r.peer_id) else {
+                    p.ticket.clear();
+                    continue;
+                };
+                match cache.entries.get(&(child, p.substream)) {
+                    Some(c)
+                        if c.parent == parent
+                            && c.key_id == key_id
+                            && c.broadcast_id == broadcast_id
+                            && now_ms < c.renew_at_ms =>
+                    {
+                        p.ticket.clone_from(&c.ticket);
+                    }
+                    _ => misses.push((i, parent)),
+                }
             }
-            let Some(mask) = 1u64.checked_shl(p.substream) else {
-                p.ticket.clear();
+        }
+        if misses.is_empty() {
+            return;
+        }
+        let issued = u64::try_from(now_ms).unwrap_or(0);
+        let expires = issued.saturating_add(u64::try_from(self.ttl.as_millis()).unwrap_or(0));
+        let mut signed: Vec<((u64, u32), Cached)> = Vec::with_capacity(misses.len());
+        for (i, parent) in misses {
+            let Some(p) = parents.get_mut(i) else {
                 continue;
             };
-            let issued = u64::try_from(now_ms).unwrap_or(0);
-            let expires = issued.saturating_add(u64::try_from(self.ttl.as_millis()).unwrap_or(0));
+            p.ticket.clear();
+            let Some(mask) = 1u64.checked_shl(p.substream) else {
+                continue;
+            };
             let claims = TicketClaims {
                 broadcast_id: broadcast_id.to_string(),
                 child_peer_id: child,
@@ -128,29 +144,32 @@ impl ParentTickets {
             };
             match keys.sign_ticket(&claims) {
                 Ok((key_id, t)) => {
-                    p.ticket = t;
-                    if cache.entries.len() < MAX_CACHED || cache.entries.contains_key(&k) {
-                        cache.entries.insert(
-                            k,
-                            Cached {
-                                broadcast_id: broadcast_id.to_string(),
-                                parent,
-                                key_id,
-                                renew_at_ms: now_ms.saturating_add(ms(self.ttl) / 2),
-                                expires_at_ms: i64::try_from(expires).unwrap_or(i64::MAX),
-                                ticket: p.ticket.clone(),
-                            },
-                        );
-                    }
-                    cache.inserts = cache.inserts.wrapping_add(1);
-                    if cache.inserts.is_multiple_of(PRUNE_EVERY) {
-                        cache.entries.retain(|_, c| c.expires_at_ms > now_ms);
-                    }
+                    p.ticket.clone_from(&t);
+                    signed.push((
+                        (child, p.substream),
+                        Cached {
+                            broadcast_id: broadcast_id.to_string(),
+                            parent,
+                            key_id,
+                            renew_at_ms: now_ms.saturating_add(ms(self.ttl) / 2),
+                            expires_at_ms: i64::try_from(expires).unwrap_or(i64::MAX),
+                            ticket: t,
+                        },
+                    ));
                 }
                 Err(e) => {
                     tracing::error!(broadcast_id, child, parent, error = %e, "cannot sign a parent ticket");
-                    p.ticket.clear();
                 }
+            }
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        for (k, c) in signed {
+            if cache.entries.len() < MAX_CACHED || cache.entries.contains_key(&k) {
+                cache.entries.insert(k, c);
+            }
+            cache.inserts = cache.inserts.wrapping_add(1);
+            if cache.inserts.is_multiple_of(PRUNE_EVERY) {
+                cache.entries.retain(|_, c| c.expires_at_ms > now_ms);
             }
         }
     }
