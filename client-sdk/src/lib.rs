@@ -48,7 +48,6 @@
 mod conn;
 mod control;
 mod error;
-pub mod grid;
 mod http;
 mod hub;
 mod relay;

@@ -2,7 +2,7 @@
 //! sequence order exactly once, with explicit discontinuities when a gap is given up.
 //!
 //! Used on the direct path (one data-plane connection: in order, except for the overlap
-//! after a reconnect); in the peer grid, the [`crate::grid::PeerScheduler`]'s play-out
+//! after a reconnect); in the peer grid, the [`starling_grid::peer::PeerScheduler`]'s play-out
 //! orders chunks from several sources instead. The buffer holds at most [`ReorderConfig::window`] chunks ahead of the next
 //! expected sequence number; a gap is given up when a later chunk has waited
 //! [`ReorderConfig::gap_timeout`], when a chunk arrives too far ahead to fit in the

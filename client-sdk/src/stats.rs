@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::grid::LatencySummary;
+use starling_grid::peer::LatencySummary;
 
 /// A snapshot of a viewer's counters ([`crate::Viewer::stats`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

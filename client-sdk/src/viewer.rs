@@ -88,7 +88,7 @@ pub struct ViewerConfig {
     /// A peer parent is judged over the last this many chunks it owed on a substream
     /// (1..=64; default 32), and re-searched and reported (`ReportPeer`, non-delivery)
     /// when more than [`ViewerConfig::parent_max_missed`] of them were skipped, late or
-    /// never sent. See [`crate::grid::SchedulerConfig::parent_window`].
+    /// never sent. See [`starling_grid::peer::SchedulerConfig::parent_window`].
     pub parent_window: u16,
     /// Default 10 (of 32).
     pub parent_max_missed: u16,
@@ -111,7 +111,7 @@ pub struct RelayConfig {
     /// listener, `Join` says `upload_kbps = 0`). `Some(n)`: exactly `n`. `None`
     /// (estimated): the SDK offers [`RelayConfig::DEFAULT_UPLOAD_KBPS`], a conservative
     /// figure for a residential uplink, then measures what its uplink drains while the
-    /// send queues of its children are backlogged ([`crate::grid::UploadEstimator`]);
+    /// send queues of its children are backlogged ([`starling_grid::peer::UploadEstimator`]);
     /// if that is clearly below the budget, it lowers the budget (and closes the
     /// children beyond the slots it buys, who re-search). The estimate never raises the
     /// budget. [`Stats::upload_budget_kbps`](crate::Stats::upload_budget_kbps) shows the
@@ -186,15 +186,15 @@ impl ViewerConfig {
             max_chunk_bytes: 4 * 1024 * 1024,
             client_version: concat!("starling-sdk/", env!("CARGO_PKG_VERSION")).into(),
             relay: RelayConfig::new(),
-            target_lag: crate::grid::SchedulerConfig::default().target_lag,
+            target_lag: starling_grid::peer::SchedulerConfig::default().target_lag,
             report_interval: None,
             report_queue: 64,
             token_skew: Duration::from_secs(5),
             verified_signatures: None,
             peer_limits: crate::PeerLimits::default(),
             key_hold: crate::KeyHoldLimits::default(),
-            parent_window: crate::grid::SchedulerConfig::default().parent_window,
-            parent_max_missed: crate::grid::SchedulerConfig::default().parent_max_missed,
+            parent_window: starling_grid::peer::SchedulerConfig::default().parent_window,
+            parent_max_missed: starling_grid::peer::SchedulerConfig::default().parent_max_missed,
         }
     }
 

@@ -13,7 +13,7 @@
 //! * [`tickets`]: parent tickets attached to every peer assignment (signed, cached).
 //! * [`assign`]: sans-IO decisions (which node ingests what, which nodes are dead).
 //! * [`validate`]: request validation and id generation.
-//! * [`grid`]: the peer grid's sans-IO assignment and booster logic ([`grid::GridAssigner`]).
+//! * `starling_grid::assign`: the peer grid's sans-IO assignment and booster logic (`GridAssigner`), in its own crate.
 //! * [`live`]: this process's live grids (one assigner per LIVE broadcast, sessions ↔
 //!   peers, byte counters).
 //! * [`limits`]: flood limits of the viewer API (per-address token buckets, negative
@@ -30,7 +30,6 @@
 pub mod assign;
 pub mod auth;
 pub mod credential;
-pub mod grid;
 pub mod limits;
 pub mod live;
 pub mod metrics;

@@ -29,9 +29,11 @@ use std::time::{Duration, Instant};
 use starling_proto::token::Scopes;
 use starling_proto::v1::{PeerRef, PeerReportKind, SubstreamParent};
 
-use crate::grid::{GridAssigner, GridConfig, GridError, GridStats, Parent, PeerId, PeerInfo};
 use crate::reports::clamp::{self, Bounds, CounterLimits, Credits};
 use crate::trust::{ReportLedger, TrustConfig, UploadTrust};
+use starling_grid::assign::{
+    GridAssigner, GridConfig, GridError, GridStats, Parent, PeerId, PeerInfo,
+};
 
 /// Stream rate assumed for slot accounting when the ingesting node has not reported a
 /// measured rate yet at the first join of a broadcast. The grid keeps the rate it was

@@ -11,7 +11,7 @@
 //!   desired state is replayed when the node reopens its stream, and stray ingests
 //!   reported by a node are answered with a stop command.
 //! * The peer grid ([`crate::live`]) is live state of this process only: one
-//!   [`crate::grid::GridAssigner`] per LIVE broadcast with viewers, created at the first
+//!   [`starling_grid::assign::GridAssigner`] per LIVE broadcast with viewers, created at the first
 //!   join and dropped by `StopBroadcast`. Sessions are written to the database as before
 //!   (the record of the audience); parents, neighbours and byte counters live in memory.
 
@@ -40,7 +40,6 @@ use tonic::{Request, Response, Status};
 
 use crate::assign::{self, CandidateNode, LiveBroadcast, NodeLiveness};
 use crate::auth::{Authenticator, ViewerIdentity};
-use crate::grid::GridError;
 use crate::live::{
     self, JoinInput, JoinRefused, LiveGrids, ReparentRefused, ReportRefused, RevokeTarget,
     TokenState,
@@ -52,6 +51,7 @@ use crate::store::{
 use crate::tickets::ParentTickets;
 use crate::tokens::{Revocations, SKEW_MARGIN, TokenKeys};
 use crate::validate::{self, Invalid};
+use starling_grid::assign::GridError;
 
 /// Tunables of the services.
 #[derive(Debug, Clone, PartialEq, Eq)]

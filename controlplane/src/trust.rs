@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::grid::PeerId;
 use crate::limits::addr_key;
+use starling_grid::assign::PeerId;
 
 /// Default ceiling of an unconfirmed upload claim, in stream copies.
 pub const DEFAULT_UNCONFIRMED_UPLOAD_COPIES: u32 = 4;

@@ -5,8 +5,8 @@ use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use starling_grid::peer::{LATENCY_BUCKETS, LatencySummary};
 use starling_sdk::Stats;
-use starling_sdk::grid::{LATENCY_BUCKETS, LatencySummary};
 
 use crate::pattern::OutputCheck;
 
@@ -234,7 +234,7 @@ pub struct LatencyWire {
     pub sum_ms: u64,
     /// The largest, ms.
     pub max_ms: u64,
-    /// Bucket counts ([`starling_sdk::grid::LATENCY_BOUNDS_MS`], then overflow).
+    /// Bucket counts ([`starling_grid::peer::LATENCY_BOUNDS_MS`], then overflow).
     pub buckets: Vec<u64>,
 }
 

@@ -1395,8 +1395,8 @@ fn merge(
     let mut lag: BTreeMap<u64, u64> = BTreeMap::new();
     let mut records: Vec<&PeerRecord> = Vec::new();
     let mut worker_errors = Vec::new();
-    let mut reparent = starling_sdk::grid::LatencySummary::default();
-    let mut reparent_answer = starling_sdk::grid::LatencySummary::default();
+    let mut reparent = starling_grid::peer::LatencySummary::default();
+    let mut reparent_answer = starling_grid::peer::LatencySummary::default();
     r.processes.push(ProcessReport {
         role: "coordinator".into(),
         host: String::new(),

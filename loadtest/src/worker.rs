@@ -305,8 +305,8 @@ impl Sampler {
             ..WorkerSample::default()
         };
         let mut records = Vec::new();
-        let mut reparent = starling_sdk::grid::LatencySummary::default();
-        let mut reparent_answer = starling_sdk::grid::LatencySummary::default();
+        let mut reparent = starling_grid::peer::LatencySummary::default();
+        let mut reparent_answer = starling_grid::peer::LatencySummary::default();
         for (p, ps) in swarm.presence().into_iter().zip(snap.peers.iter()) {
             let Some(st) = &p.stats else { continue };
             s.bytes_from_server += st.bytes_from_server;

@@ -1,7 +1,7 @@
 //! Complaints about peers to the control plane (`ViewerService.ReportPeer`), made off
 //! the engine: a bad chunk ([`PeerReportKind::BadChunk`], from the link that sent it)
 //! and a parent that withholds its pushes ([`PeerReportKind::NonDelivery`], from the
-//! scheduler's [`crate::grid::Action::ReportParent`]).
+//! scheduler's [`starling_grid::peer::Action::ReportParent`]).
 
 use std::time::Duration;
 

@@ -53,14 +53,15 @@ use tokio::task::JoinHandle;
 
 use crate::control::{Assignment, Control, JoinInfo, Offer, Parent, Peer, Ticket};
 use crate::error::{SdkError, is_fatal_code};
-use crate::grid::{
-    Action, BufferMap, ChildPace, PeerScheduler, SchedulerConfig, Source, UploadEstimator,
-    UploadEstimatorConfig, Upstream,
-};
 use crate::rights::{Grant, OwnToken, unix_ms};
 use crate::viewer::{Shared, stopped};
 use admission::{Ask, IpLimiter, TicketBook, Tickets};
 use link::{AcceptCtx, Dial, LinkHandle, LinkId, Out, QueueError, reason};
+use starling_grid::Parent as Upstream;
+use starling_grid::peer::{
+    Action, BufferMap, ChildPace, PeerScheduler, SchedulerConfig, Source, UploadEstimator,
+    UploadEstimatorConfig,
+};
 use starling_proto::integrity::IntegrityError;
 use starling_proto::v1::PeerReportKind;
 
@@ -1801,11 +1802,11 @@ impl Engine {
     }
 
     /// Child slots a budget buys, as the control plane counts them
-    /// ([`wire::slots_for`]); proportionally to the current slots when the stream rate
+    /// ([`starling_grid::slots_for`]); proportionally to the current slots when the stream rate
     /// is unknown.
     fn slots_for(&self, kbps: u32) -> u32 {
         if self.stream_kbps > 0 {
-            wire::slots_for(kbps, self.stream_kbps, self.k)
+            starling_grid::slots_for(kbps, self.stream_kbps, self.k)
         } else if self.budget_kbps > 0 {
             let v = u64::from(self.child_slots) * u64::from(kbps) / u64::from(self.budget_kbps);
             u32::try_from(v).unwrap_or(u32::MAX)
@@ -2174,7 +2175,7 @@ impl Engine {
             // Over the upload budget: answers become NOT_FOUND (the requester tries
             // elsewhere); a push is skipped with a NOT_FOUND in its place, so that the
             // child repairs it at once and does not take this parent for a silent one
-            // (a partly covered slot, see `wire::slots_for`, is carried this way).
+            // (a partly covered slot, see `starling_grid::slots_for`, is carried this way).
             self.send_to(to, &Frame::NotFound(seq));
             return;
         }
@@ -2219,7 +2220,7 @@ impl Engine {
 /// The wire frame for a scheduler buffer map (same bit layout).
 fn from_buffer_map(m: &BufferMap) -> Option<BufferMapFrame> {
     let b = m.to_bytes();
-    let bits = Bytes::copy_from_slice(b.get(crate::grid::BUFFER_MAP_HEADER_LEN..)?);
+    let bits = Bytes::copy_from_slice(b.get(starling_grid::peer::BUFFER_MAP_HEADER_LEN..)?);
     Some(BufferMapFrame {
         base: m.base(),
         len: m.len(),
@@ -2229,7 +2230,7 @@ fn from_buffer_map(m: &BufferMap) -> Option<BufferMapFrame> {
 
 /// A received buffer map as the scheduler's type (`None` if inconsistent).
 fn to_buffer_map(f: &BufferMapFrame) -> Option<BufferMap> {
-    let mut v = Vec::with_capacity(crate::grid::BUFFER_MAP_HEADER_LEN + f.bits.len());
+    let mut v = Vec::with_capacity(starling_grid::peer::BUFFER_MAP_HEADER_LEN + f.bits.len());
     v.extend_from_slice(&f.base.to_be_bytes());
     v.extend_from_slice(&f.len.to_be_bytes());
     v.extend_from_slice(&f.bits);

@@ -108,7 +108,7 @@ impl GridAssigner {
             return Err(GridError::InvalidConfig("stream_kbps must be > 0"));
         }
         let k = cfg.substreams;
-        let substream_kbps = starling_proto::wire::slot_kbps(cfg.stream_kbps, k);
+        let substream_kbps = crate::slot_kbps(cfg.stream_kbps, k);
         Ok(GridAssigner {
             cfg,
             k,
@@ -136,12 +136,11 @@ impl GridAssigner {
         &self.cfg
     }
 
-    /// Child slots a budget of `upload_kbps` buys ([`starling_proto::wire::slots_for`]:
+    /// Child slots a budget of `upload_kbps` buys ([`crate::slots_for`]:
     /// the whole slots `U·K / r`, plus a partly covered one that keeps at least four
     /// fifths of each push), capped.
     pub fn slots_for(&self, upload_kbps: u32) -> u32 {
-        starling_proto::wire::slots_for(upload_kbps, self.cfg.stream_kbps, self.k)
-            .min(self.cfg.max_slots_per_peer)
+        crate::slots_for(upload_kbps, self.cfg.stream_kbps, self.k).min(self.cfg.max_slots_per_peer)
     }
 
     /// Admits a peer and assigns it one parent per substream plus mesh neighbours.

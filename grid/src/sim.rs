@@ -7,7 +7,8 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::time::Duration;
 
-use super::*;
+use crate::Parent;
+use crate::peer::*;
 
 const SERVER_UPLINK_KBPS: u64 = 1_000_000;
 
@@ -54,7 +55,7 @@ struct SimPeer {
     upload_kbps: u64,
     upload_free_at: u64,
     extra_latency_ms: u64,
-    parents: Vec<Upstream>,
+    parents: Vec<Parent>,
     neighbours: Vec<PeerId>,
     research_log: Vec<(u64, u16, Option<PeerId>)>,
     /// Parents this peer's re-searches excluded (the real control plane keeps them
@@ -106,7 +107,7 @@ impl Sim {
                     upload_kbps,
                     upload_free_at: 0,
                     extra_latency_ms: 0,
-                    parents: vec![Upstream::Server; usize::from(cfg.substreams)],
+                    parents: vec![Parent::Server; usize::from(cfg.substreams)],
                     neighbours: Vec::new(),
                     research_log: Vec::new(),
                     excluded: Vec::new(),
@@ -137,9 +138,9 @@ impl Sim {
             let order: Vec<u64> = (0..n).map(|i| (i + s * n / k) % n + 1).collect();
             for (i, &p) in order.iter().enumerate() {
                 let parent = if i == 0 {
-                    Upstream::Server
+                    Parent::Server
                 } else {
-                    Upstream::Peer(order[(i - 1) / 4])
+                    Parent::Peer(order[(i - 1) / 4])
                 };
                 sim.set_parent(p, s as u16, parent);
             }
@@ -245,15 +246,15 @@ impl Sim {
         }
     }
 
-    fn set_parent(&mut self, child: PeerId, s: u16, parent: Upstream) {
+    fn set_parent(&mut self, child: PeerId, s: u16, parent: Parent) {
         let now = Duration::from_millis(self.now);
         let old = self.peers[&child].parents[usize::from(s)];
-        if let Upstream::Peer(o) = old
+        if let Parent::Peer(o) = old
             && let Some(p) = self.peers.get_mut(&o)
         {
             p.sched.on_child_removed(child, &[s]);
         }
-        if let Upstream::Peer(p) = parent {
+        if let Parent::Peer(p) = parent {
             self.peers
                 .get_mut(&p)
                 .unwrap()
@@ -286,7 +287,7 @@ impl Sim {
     pub fn children(&self, id: PeerId, s: u16) -> Vec<PeerId> {
         self.peers
             .iter()
-            .filter(|(_, p)| p.alive && p.parents[usize::from(s)] == Upstream::Peer(id))
+            .filter(|(_, p)| p.alive && p.parents[usize::from(s)] == Parent::Peer(id))
             .map(|(&c, _)| c)
             .collect()
     }
@@ -421,7 +422,7 @@ impl Sim {
 
     /// The tiny controller: a living peer with a spare slot that the child never excluded
     /// and that is not in the child's subtree, else the server.
-    fn choose_parent(&self, child: PeerId, s: u16) -> Upstream {
+    fn choose_parent(&self, child: PeerId, s: u16) -> Parent {
         let excluded = &self.peers[&child].excluded;
         let slot_kbps = self.chunk_bytes * 8 * 1000
             / (self.cfg.chunk_duration.as_millis() as u64)
@@ -438,9 +439,9 @@ impl Sim {
                 continue;
             }
             // Not in the child's subtree.
-            let mut x = Upstream::Peer(id);
+            let mut x = Parent::Peer(id);
             let mut inside = false;
-            while let Upstream::Peer(y) = x {
+            while let Parent::Peer(y) = x {
                 if y == child {
                     inside = true;
                     break;
@@ -448,10 +449,10 @@ impl Sim {
                 x = self.peers[&y].parents[usize::from(s)];
             }
             if !inside {
-                return Upstream::Peer(id);
+                return Parent::Peer(id);
             }
         }
-        Upstream::Server
+        Parent::Server
     }
 
     fn handle(&mut self, ev: Ev) {
@@ -463,7 +464,7 @@ impl Sim {
                 let roots: Vec<PeerId> = self
                     .peers
                     .iter()
-                    .filter(|(_, p)| p.alive && p.parents[usize::from(s)] == Upstream::Server)
+                    .filter(|(_, p)| p.alive && p.parents[usize::from(s)] == Parent::Server)
                     .map(|(&id, _)| id)
                     .collect();
                 for id in roots {
@@ -668,7 +669,7 @@ fn parent_loss(deadline_driven: bool) {
                 .any(|&(t, s, ex)| s == 0 && ex == Some(victim) && t < 23_000),
             "orphan {o} did not re-search promptly: {rs:?}"
         );
-        assert_ne!(sim.peers[&o].parents[0], Upstream::Peer(victim));
+        assert_ne!(sim.peers[&o].parents[0], Parent::Peer(victim));
     }
     let repaired: u64 = alive.iter().map(|&id| sim.stats(id).from_neighbour).sum();
     let researches: usize = alive.iter().map(|&id| sim.researches(id).len()).sum();
@@ -710,7 +711,7 @@ fn slow_parent(deadline_driven: bool) {
                 .any(|&(_, s, ex)| s == 0 && ex == Some(slow)),
             "child {c} kept its slow parent"
         );
-        assert_ne!(sim.peers[&c].parents[0], Upstream::Peer(slow));
+        assert_ne!(sim.peers[&c].parents[0], Parent::Peer(slow));
     }
 }
 
@@ -737,7 +738,7 @@ fn started() -> PeerScheduler {
 fn fed(cfg: SchedulerConfig) -> PeerScheduler {
     let mut s = PeerScheduler::new(cfg).unwrap();
     for seq in 0..4u16 {
-        s.on_parent_changed(seq, Some(Upstream::Server), at(0));
+        s.on_parent_changed(seq, Some(Parent::Server), at(0));
     }
     for seq in 0..4 {
         assert!(s.on_chunk(seq, Source::Parent(seq as u16), at(seq * 1000)));
@@ -979,7 +980,7 @@ fn pushes_to_children_and_answers_requests() {
 #[test]
 fn silent_parent_is_re_searched_once() {
     let mut s = started();
-    s.on_parent_changed(0, Some(Upstream::Peer(3)), at(3100));
+    s.on_parent_changed(0, Some(Parent::Peer(3)), at(3100));
     // seq 4 (substream 0) becomes available at ~4000; silence after 5500, but only once
     // the chunk can be had elsewhere: here, once a neighbour's buffer map has it.
     s.on_neighbour_added(9);
@@ -1026,7 +1027,7 @@ fn re_searches_back_off_while_new_parents_keep_failing() {
     let mut s = started();
     s.on_neighbour_added(9);
     let mut parent = 3;
-    s.on_parent_changed(0, Some(Upstream::Peer(parent)), at(3100));
+    s.on_parent_changed(0, Some(Parent::Peer(parent)), at(3100));
     let mut times = Vec::new();
     // The neighbour has every chunk; no parent ever delivers substream 0.
     for t in (3200..230_000u64).step_by(100) {
@@ -1046,7 +1047,7 @@ fn re_searches_back_off_while_new_parents_keep_failing() {
                 assert_eq!(exclude, Some(parent));
                 times.push(t);
                 parent += 1;
-                s.on_parent_changed(0, Some(Upstream::Peer(parent)), at(t + 50));
+                s.on_parent_changed(0, Some(Parent::Peer(parent)), at(t + 50));
             }
         }
     }
@@ -1068,7 +1069,7 @@ fn re_searches_back_off_while_new_parents_keep_failing() {
 fn a_start_up_burst_plays_at_once_even_out_of_order() {
     let mut s = PeerScheduler::new(SchedulerConfig::default()).unwrap();
     for sub in 0..4u16 {
-        s.on_parent_changed(sub, Some(Upstream::Server), at(9_000));
+        s.on_parent_changed(sub, Some(Parent::Server), at(9_000));
     }
     // The live chunk first (available at 10 000: seq 10 at 1 s chunks, base 0)...
     assert!(s.on_chunk(10, Source::Parent(2), at(10_000)));
@@ -1120,7 +1121,7 @@ fn a_new_parent_is_not_silent_for_chunks_that_came_before_it() {
         ..SchedulerConfig::default()
     });
     s.on_chunk(4, Source::Server, at(4000));
-    s.on_parent_changed(0, Some(Upstream::Peer(3)), at(4500));
+    s.on_parent_changed(0, Some(Parent::Peer(3)), at(4500));
     s.on_neighbour_added(9);
     let mut map = BufferMap::new(0, 64);
     map.set(4);
@@ -1154,7 +1155,7 @@ fn a_parent_that_skips_a_push_is_not_silent_but_one_that_keeps_skipping_is_repla
     // 1 s chunks, K = 4; peer 3 becomes substream 0's parent at 3500 and owes chunk 4
     // (available at 4000) first. It skips it (over its upload budget) and says so.
     let mut s = fed(SchedulerConfig::default());
-    s.on_parent_changed(0, Some(Upstream::Peer(3)), at(3500));
+    s.on_parent_changed(0, Some(Parent::Peer(3)), at(3500));
     drain(&mut s);
     // It is repaired well before the repair lead (1 s before its deadline), so that it
     // can still reach this peer's own children in time: from a neighbour that has it at

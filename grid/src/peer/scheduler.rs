@@ -3,9 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use super::PeerId;
 use super::buffer_map::{BufferMap, MAX_BUFFER_MAP_BITS};
 use super::delivery::DeliveryWindow;
+use crate::{Parent, PeerId};
 
 /// Where a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,15 +16,6 @@ pub enum Source {
     Neighbour(PeerId),
     /// Pulled from the data plane (last resort).
     Server,
-}
-
-/// Who feeds one substream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Upstream {
-    /// The data plane.
-    Server,
-    /// Another peer.
-    Peer(PeerId),
 }
 
 /// A decision for the networking layer (drain with [`PeerScheduler::poll_action`]).
@@ -234,7 +225,7 @@ impl Neighbour {
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Substream {
-    parent: Option<Upstream>,
+    parent: Option<Parent>,
     strikes: u32,
     last_seq: Option<u64>,
     since_ms: i64,
@@ -451,7 +442,7 @@ impl PeerScheduler {
     }
 
     /// The control plane assigned `parent` to `substream` (`None`: no parent).
-    pub fn on_parent_changed(&mut self, substream: u16, parent: Option<Upstream>, now: Duration) {
+    pub fn on_parent_changed(&mut self, substream: u16, parent: Option<Parent>, now: Duration) {
         if let Some(sub) = self.subs.get_mut(usize::from(substream)) {
             sub.parent = parent;
             sub.strikes = 0;
@@ -817,7 +808,7 @@ impl PeerScheduler {
             u32::from(self.cfg.parent_max_missed),
         );
         let sub = &mut self.subs[usize::from(s)];
-        let Some(Upstream::Peer(parent)) = sub.parent else {
+        let Some(Parent::Peer(parent)) = sub.parent else {
             return;
         };
         // Chunks available before the parent was assigned are a bonus, not owed.
@@ -878,7 +869,7 @@ impl PeerScheduler {
         };
         sub.research_at = Some(now_ms);
         let exclude = match sub.parent {
-            Some(Upstream::Peer(p)) => Some(p),
+            Some(Parent::Peer(p)) => Some(p),
             _ => None,
         };
         self.actions.push_back(Action::ReSearch {
@@ -1071,13 +1062,13 @@ impl PeerScheduler {
 #[cfg(test)]
 impl PeerScheduler {
     /// True if [`PeerScheduler::next_timeout`] is the periodic fallback at `now`.
-    pub(super) fn ticks_periodically(&self, now: Duration) -> bool {
+    pub(crate) fn ticks_periodically(&self, now: Duration) -> bool {
         self.wake(ms(now)).1
     }
-    pub(super) fn repairs_len(&self) -> usize {
+    pub(crate) fn repairs_len(&self) -> usize {
         self.repairs.len()
     }
-    pub(super) fn held_len(&self) -> usize {
+    pub(crate) fn held_len(&self) -> usize {
         self.have.len()
     }
 }

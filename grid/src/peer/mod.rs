@@ -53,17 +53,14 @@ mod latency;
 mod lying_parent_tests;
 mod push_pacing;
 mod scheduler;
-#[cfg(test)]
-mod sim;
 mod upload;
 
 pub use buffer_map::{BUFFER_MAP_HEADER_LEN, BufferMap, BufferMapError, MAX_BUFFER_MAP_BITS};
 pub use latency::{LATENCY_BOUNDS_MS, LATENCY_BUCKETS, LatencySummary};
 pub use push_pacing::ChildPace;
 pub use scheduler::{
-    Action, PeerScheduler, SchedulerConfig, SchedulerError, SchedulerStats, Source, Upstream,
+    Action, PeerScheduler, SchedulerConfig, SchedulerError, SchedulerStats, Source,
 };
 pub use upload::{UploadEstimator, UploadEstimatorConfig};
 
-/// A peer's identity within a broadcast (the control plane's session number).
-pub type PeerId = u64;
+pub use crate::PeerId;

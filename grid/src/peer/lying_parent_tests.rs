@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use super::{Action, ChildPace, PeerScheduler, SchedulerConfig, Source, Upstream};
+use super::{Action, ChildPace, PeerScheduler, SchedulerConfig, Source};
+use crate::Parent;
 
 const K: u64 = 8;
 const CHUNK_MS: u64 = 100;
@@ -36,9 +37,9 @@ fn run(s: u16, chunks: u64, mut fate: impl FnMut(u64) -> Fate) -> (Vec<Action>, 
     let at = |ms: u64| Duration::from_millis(ms);
     for sub in 0..K as u16 {
         let up = if sub == s {
-            Upstream::Peer(PARENT)
+            Parent::Peer(PARENT)
         } else {
-            Upstream::Server
+            Parent::Server
         };
         sched.on_parent_changed(sub, Some(up), at(0));
     }

@@ -54,17 +54,7 @@ use std::time::Duration;
 
 pub use assigner::GridAssigner;
 
-/// A viewer's identity within one broadcast (the session's numeric id).
-pub type PeerId = u64;
-
-/// Who pushes one substream to a peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Parent {
-    /// The data plane (a seed slot for the first root, otherwise a booster slot).
-    Server,
-    /// Another viewer.
-    Peer(PeerId),
-}
+pub use crate::{Parent, PeerId};
 
 /// What the control plane knows about a joining peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +153,7 @@ impl GridStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GridConfig {
     /// Number of substreams `K` (1..=64). Default 4 (broadcasts default to
-    /// [`crate::validate::DEFAULT_SUBSTREAMS`], 8): few parents per viewer; larger `K`
+    /// `starling_controlplane::validate::DEFAULT_SUBSTREAMS`, 8): few parents per viewer; larger `K`
     /// lowers the slot-rounding loss (on average `r/2K` per relaying peer) at the cost of
     /// more connections.
     pub substreams: u16,
