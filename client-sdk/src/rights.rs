@@ -10,7 +10,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use starling_proto::integrity::{
@@ -28,12 +28,7 @@ const MAX_REVOKED: usize = 4096;
 /// A public key as the control plane sends it: `(key_id, raw Ed25519 key)`.
 pub(crate) type KeyMaterial = (u32, Vec<u8>);
 
-/// Unix time in milliseconds.
-pub(crate) fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub(crate) use starling_proto::time::unix_ms;
 
 /// The key sets in force (replaced as a whole).
 #[derive(Debug, Clone)]

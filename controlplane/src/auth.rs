@@ -297,13 +297,7 @@ pub enum ViewerIdentity {
     Credential(ViewerClaims),
 }
 
-/// Unix seconds now.
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use starling_proto::time::unix_secs as now_secs;
 
 impl Authenticator {
     /// Validates the configuration.

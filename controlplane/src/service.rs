@@ -203,13 +203,7 @@ impl ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 type CommandSender = mpsc::Sender<Result<NodeCommand, Status>>;
 
-/// The unix time in milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use starling_proto::time::unix_ms_i64 as now_ms;
 
 fn state_name(state: BroadcastState) -> &'static str {
     match state {

@@ -16,7 +16,7 @@ use starling_proto::integrity::{ChunkMeta, ChunkSigner};
 use starling_proto::wire::chunk_flags;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -31,11 +31,7 @@ pub struct IngestSpec {
     pub public: bool,
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub(crate) use starling_proto::time::unix_ms as now_ms;
 
 /// Capped exponential backoff.
 #[derive(Debug, Clone)]

@@ -66,7 +66,7 @@ struct RunArgs {
     #[arg(long, env = "STARLING_LOADTEST_LISTEN", default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
     /// Steady phase after every peer has joined (e.g. `60s`, `10m`).
-    #[arg(long, env = "STARLING_LOADTEST_DURATION", value_parser = parse_duration, default_value = "60s")]
+    #[arg(long, env = "STARLING_LOADTEST_DURATION", value_parser = starling_proto::time::parse_duration, default_value = "60s")]
     duration: Duration,
     /// Stream rate of the synthetic source, kbit/s. 64 by default (an audio-rate
     /// stream): a peer's CPU goes mostly to per-chunk work, not bytes, so a low rate
@@ -176,7 +176,7 @@ struct DemoArgs {
     #[arg(long, env = "STARLING_LOADTEST_PEERS", default_value_t = 200)]
     peers: usize,
     /// Stop after this long (e.g. `20s`, `5m`, `90`); default: until Ctrl-C.
-    #[arg(long, env = "STARLING_LOADTEST_DURATION", value_parser = parse_duration)]
+    #[arg(long, env = "STARLING_LOADTEST_DURATION", value_parser = starling_proto::time::parse_duration)]
     duration: Option<Duration>,
     /// Stream rate of the synthetic source, kbit/s.
     #[arg(long, env = "STARLING_LOADTEST_BITRATE_KBPS", default_value_t = 500)]
@@ -213,29 +213,6 @@ struct DemoArgs {
     /// Also write the final report as JSON to this file.
     #[arg(long, env = "STARLING_LOADTEST_JSON")]
     json: Option<PathBuf>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a duration: {s:?} (e.g. 20s, 5m)"))?;
-    if !v.is_finite() || v < 0.0 {
-        return Err(format!("not a duration: {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(v * mult))
 }
 
 fn main() -> ExitCode {

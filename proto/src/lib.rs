@@ -16,6 +16,7 @@
 mod ed25519;
 pub mod integrity;
 pub mod ticket;
+pub mod time;
 pub mod token;
 pub mod wire;
 

@@ -53,7 +53,7 @@ struct Args {
     output: Option<PathBuf>,
 
     /// Stop after this long (e.g. 20s, 1500ms, 2m, 1h; a bare number is seconds).
-    #[arg(long, env = "STARLING_DURATION", value_parser = parse_duration)]
+    #[arg(long, env = "STARLING_DURATION", value_parser = starling_proto::time::parse_duration)]
     duration: Option<Duration>,
 
     /// Upload budget for relaying to other viewers, kbit/s (0 = don't relay). Default:
@@ -86,16 +86,16 @@ struct Args {
     max_peer_links_per_ip: u32,
 
     /// Play-out lag behind live in the peer grid (e.g. 2s, 1500ms).
-    #[arg(long, env = "STARLING_TARGET_LAG", value_parser = parse_duration)]
+    #[arg(long, env = "STARLING_TARGET_LAG", value_parser = starling_proto::time::parse_duration)]
     target_lag: Option<Duration>,
 
     /// How often to send quality reports to the control plane (e.g. 5s, 500ms).
     /// Default: the interval the control plane asks for in Join (5 s if none).
-    #[arg(long, env = "STARLING_REPORT_INTERVAL", value_parser = parse_duration)]
+    #[arg(long, env = "STARLING_REPORT_INTERVAL", value_parser = starling_proto::time::parse_duration)]
     report_interval: Option<Duration>,
 
     /// Peers connecting to us must complete HELLO and SUBSCRIBE within this long.
-    #[arg(long, env = "STARLING_PEER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "STARLING_PEER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = starling_proto::time::parse_duration)]
     peer_handshake_timeout: Duration,
 
     /// Most peer connections in their handshake at once (one more evicts the oldest).
@@ -123,11 +123,11 @@ struct Args {
     unknown_key_hold_bytes: usize,
 
     /// Held chunks whose key refresh has not come after this long are dropped.
-    #[arg(long, env = "STARLING_UNKNOWN_KEY_MAX_WAIT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "STARLING_UNKNOWN_KEY_MAX_WAIT", default_value = "10s", value_parser = starling_proto::time::parse_duration)]
     unknown_key_max_wait: Duration,
 
     /// Least time between two early heartbeats made to refresh the keys.
-    #[arg(long, env = "STARLING_KEY_REFRESH_MIN_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "STARLING_KEY_REFRESH_MIN_INTERVAL", default_value = "1s", value_parser = starling_proto::time::parse_duration)]
     key_refresh_min_interval: Duration,
 
     /// A peer parent is judged over the last this many chunks it owed (1..=64).
@@ -141,28 +141,6 @@ struct Args {
     /// Log filter (tracing env-filter syntax, e.g. "info" or "starling_sdk=debug").
     #[arg(long, env = "STARLING_LOG", default_value = "warn")]
     log: String,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (try 20s, 1500ms, 2m)"))?;
-    let secs = match unit.trim() {
-        "" | "s" | "sec" | "secs" => n,
-        "ms" => n / 1000.0,
-        "m" | "min" => n * 60.0,
-        "h" => n * 3600.0,
-        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m, h)")),
-    };
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(format!("duration {s:?} out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Writes the output on a plain thread (blocking file/pipe writes, no async
@@ -367,16 +345,6 @@ async fn next_output(sub: &mut Option<starling_sdk::Subscription>) -> Option<byt
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
-        assert_eq!(parse_duration("20"), Ok(Duration::from_secs(20)));
-        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("abc").is_err());
-        assert!(parse_duration("5y").is_err());
-    }
 
     #[test]
     fn cli_is_well_formed() {

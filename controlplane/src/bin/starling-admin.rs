@@ -41,7 +41,7 @@ struct Args {
     control_url: String,
 
     /// Deadline of each gRPC call (e.g. 10s, 500ms).
-    #[arg(long, env = "STARLING_ADMIN_CALL_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
+    #[arg(long, env = "STARLING_ADMIN_CALL_TIMEOUT", default_value = "10s", value_parser = starling_proto::time::parse_duration, global = true)]
     call_timeout: Duration,
 
     /// An admin JWT (`role: "admin"`, signed with a key the control plane trusts via
@@ -159,10 +159,10 @@ enum Cmd {
         #[arg(long, value_enum)]
         state: Option<StateArg>,
         /// Give up after this long (e.g. 30s, 2m, 500ms).
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        #[arg(long, default_value = "30s", value_parser = starling_proto::time::parse_duration)]
         timeout: Duration,
         /// Polling interval.
-        #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+        #[arg(long, default_value = "250ms", value_parser = starling_proto::time::parse_duration)]
         interval: Duration,
         /// Print the broadcast as JSON once it matches.
         #[arg(long)]
@@ -204,30 +204,6 @@ impl StateArg {
             StateArg::Stopped => BroadcastState::Stopped,
         }
     }
-}
-
-/// Parses `30s`, `500ms`, `2m`, `1h` or a bare number of seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (examples: 30s, 500ms, 2m)"))?;
-    let secs = match unit.trim() {
-        "" | "s" | "sec" | "secs" => value,
-        "ms" => value / 1000.0,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown duration unit {other:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 fn state_str(v: i32) -> &'static str {
@@ -609,17 +585,6 @@ async fn main() -> ExitCode {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("abc").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-    }
 
     #[test]
     fn cli_is_well_formed() {

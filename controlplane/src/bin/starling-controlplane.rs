@@ -163,7 +163,7 @@ struct Args {
     /// How long raw viewer reports are kept (per-minute roll-ups are kept forever):
     /// a number with a unit s, m, h or d (e.g. `7d`, `36h`).
     #[arg(long, env = "STARLING_REPORT_RETENTION", default_value = "7d",
-          value_parser = parse_duration)]
+          value_parser = starling_proto::time::parse_nonzero_duration)]
     report_retention: Duration,
 
     /// How often the report writer commits what is queued (a group commit: Report
@@ -293,7 +293,7 @@ struct Args {
 
     /// A request not answered within this time fails (CANCELLED), e.g. `30s`.
     #[arg(long, env = "STARLING_GRPC_REQUEST_TIMEOUT", default_value = "30s",
-          value_parser = parse_duration)]
+          value_parser = starling_proto::time::parse_nonzero_duration)]
     grpc_request_timeout: Duration,
 
     /// Largest gRPC request message accepted, in bytes (larger: OUT_OF_RANGE).
@@ -310,29 +310,6 @@ fn parse_rate(s: &str) -> Result<f64, String> {
             "{s:?} is not a rate per second (a number, 0 or more)"
         )),
     }
-}
-
-/// `90s`, `30m`, `36h`, `7d` (or plain seconds).
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 36h or 7d"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n.saturating_mul(60),
-        "h" => n.saturating_mul(3600),
-        "d" => n.saturating_mul(86_400),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
-    };
-    if secs == 0 {
-        return Err("the duration must not be zero".into());
-    }
-    Ok(Duration::from_secs(secs))
 }
 
 fn metrics_addr(s: &str) -> anyhow::Result<Option<SocketAddr>> {
