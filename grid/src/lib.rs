@@ -12,8 +12,7 @@
 
 pub mod assign;
 pub mod peer;
-#[cfg(test)]
-mod sim;
+pub mod sim;
 mod slots;
 
 pub use slots::{slot_kbps, slots_for};
