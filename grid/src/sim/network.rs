@@ -596,10 +596,17 @@ impl Sim {
                 )
             }
         };
-        // kbit/s = bits per ms: a frame takes len·8·1000 / kbps microseconds.
+        // kbit/s = bits per ms: a frame takes len·8·1000 / kbps microseconds. Chunks
+        // queue behind each other; the small frames (maps, requests, not-found) do not
+        // wait for them (they go on other connections, which the uplink interleaves),
+        // but take their share of it.
         let tx = (len * 8 * 1000).div_ceil(kbps.max(1));
-        let start = (*free_at).max(now);
-        *free_at = start + tx;
+        let start = if matches!(frame, Frame::Chunk(_)) {
+            (*free_at).max(now)
+        } else {
+            now
+        };
+        *free_at = (*free_at).max(now) + tx;
         let arrive = start + tx + extra + self.link_latency(from, to);
         if matches!((from, to), (Endpoint::Peer(_), Endpoint::Peer(_)))
             && self.cfg.loss > 0.0
@@ -767,6 +774,13 @@ impl Sim {
     /// Once a second: server egress against the fluid bound, depth, booster.
     fn sample(&mut self) {
         let st = self.control.stats();
+        if self.now > us(self.cfg.measure_from) && self.counters.samples == 0 {
+            // The start of the measured window: what was due before it.
+            for n in self.nodes.values_mut() {
+                let s = n.sched.stats();
+                n.due_before_measure = (s.played, s.skipped);
+            }
+        }
         let c = &mut self.counters;
         if self.now > us(self.cfg.measure_from) {
             c.samples += 1;

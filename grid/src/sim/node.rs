@@ -130,6 +130,8 @@ pub(crate) struct Node {
     pub lag_us: Option<u64>,
     pub bytes_from_peers: u64,
     pub bytes_from_server: u64,
+    /// (played, skipped) when the report's measured window began.
+    pub due_before_measure: (u64, u64),
     k: u64,
 }
 
@@ -167,6 +169,7 @@ impl Node {
             lag_us: None,
             bytes_from_peers: 0,
             bytes_from_server: 0,
+            due_before_measure: (0, 0),
             k,
         }
     }

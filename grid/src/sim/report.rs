@@ -20,6 +20,8 @@ pub struct SimReport {
     pub skipped: u64,
     /// `played / (played + skipped)` (1 when nothing was due).
     pub continuity: f64,
+    /// Continuity from `measure_from` on (a flash crowd's start-up excluded).
+    pub continuity_measured: f64,
     /// The lowest continuity of a viewer that had at least 20 chunks due.
     pub worst_continuity: f64,
     /// Chunk bytes received from peers / all chunk bytes received.
@@ -61,6 +63,7 @@ impl SimReport {
         let mut played = 0;
         let mut skipped = 0;
         let mut worst = 1.0f64;
+        let (mut m_played, mut m_skipped) = (0, 0);
         let mut parent_skips = 0;
         let mut from_neighbours = 0;
         let (mut from_peers, mut from_server) = (0u64, 0u64);
@@ -71,6 +74,8 @@ impl SimReport {
             skipped += st.skipped;
             parent_skips += st.parent_skips;
             from_neighbours += st.from_neighbour;
+            m_played += st.played - n.due_before_measure.0;
+            m_skipped += st.skipped - n.due_before_measure.1;
             let due = st.played + st.skipped;
             if due >= 20 {
                 worst = worst.min(st.played as f64 / due as f64);
@@ -101,6 +106,7 @@ impl SimReport {
             played,
             skipped,
             continuity: ratio(played, played + skipped),
+            continuity_measured: ratio(m_played, m_played + m_skipped),
             worst_continuity: worst,
             peer_share: ratio(from_peers, from_peers + from_server),
             server_egress_kbps: if measured_s > 0.0 {

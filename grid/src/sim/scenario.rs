@@ -12,20 +12,35 @@ use super::{PeerSpec, Sim};
 /// Upload budgets as multiples of the stream rate, dealt to joining viewers in turn
 /// (the load test's `--upload-profile`, e.g. `0,0.8,1.6,0.8`: on average 0.8·r).
 #[derive(Debug, Clone, PartialEq)]
-pub struct UploadProfile(pub Vec<f64>);
+pub struct UploadProfile {
+    /// Budgets as multiples of the stream rate, dealt in turn.
+    pub multiples: Vec<f64>,
+    /// Each viewer's physical uplink as a multiple of its budget (≥ 1).
+    pub uplink_factor: f64,
+}
 
 impl UploadProfile {
-    /// The `i`-th viewer's peer spec for a stream of `stream_kbps` (every viewer's uplink
-    /// is its budget; address prefixes spread over 16 networks).
+    /// Budgets `multiples` × r on uplinks `uplink_factor` times the budget.
+    pub fn new(multiples: &[f64], uplink_factor: f64) -> UploadProfile {
+        UploadProfile {
+            multiples: multiples.to_vec(),
+            uplink_factor,
+        }
+    }
+
+    /// The `i`-th viewer's peer spec for a stream of `stream_kbps` (address prefixes
+    /// spread over 16 networks).
     pub fn spec(&self, i: u64, stream_kbps: u32) -> PeerSpec {
-        let m = if self.0.is_empty() {
+        let m = if self.multiples.is_empty() {
             1.0
         } else {
-            self.0[(i % self.0.len() as u64) as usize]
+            self.multiples[(i % self.multiples.len() as u64) as usize]
         };
         let kbps = (m.max(0.0) * f64::from(stream_kbps)).round() as u32;
         PeerSpec {
             addr_prefix: (i % 16) as u32,
+            uplink_kbps: ((f64::from(kbps) * self.uplink_factor).round() as u32)
+                .max(super::MIN_UPLINK_KBPS),
             ..PeerSpec::with_upload(kbps)
         }
     }
