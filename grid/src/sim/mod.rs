@@ -39,6 +39,7 @@
 pub mod control;
 mod network;
 pub mod node;
+mod observe;
 mod report;
 mod rng;
 mod scenario;

@@ -9,7 +9,7 @@ use crate::Parent;
 use crate::assign::{GridAssigner, GridConfig, GridError, PeerInfo};
 #[cfg(test)]
 use crate::peer::Action;
-use crate::peer::{PeerId, PeerScheduler, SchedulerError, SchedulerStats};
+use crate::peer::{PeerId, PeerScheduler, SchedulerError};
 
 use super::control::{ControlPlane, ToControl, ToPeer};
 use super::node::{Endpoint, Frame, Life, Node, Upcall};
@@ -233,76 +233,6 @@ impl Sim {
             }
         }
         self.now = self.now.max(until);
-    }
-
-    // ----- observation -------------------------------------------------------------
-
-    /// Virtual time now.
-    pub fn now(&self) -> Duration {
-        Duration::from_micros(self.now)
-    }
-
-    /// Viewers assigned and not gone (silent ones included).
-    pub fn alive(&self) -> Vec<PeerId> {
-        self.nodes
-            .iter()
-            .filter(|(_, n)| n.receives())
-            .map(|(&id, _)| id)
-            .collect()
-    }
-
-    /// A viewer's scheduler figures.
-    pub fn stats(&self, id: PeerId) -> Option<SchedulerStats> {
-        self.nodes.get(&id).map(|n| n.sched.stats())
-    }
-
-    /// A viewer's re-searches: (when, substream, excluded parent).
-    pub fn researches(&self, id: PeerId) -> &[(Duration, u16, Option<PeerId>)] {
-        self.nodes.get(&id).map_or(&[], |n| &n.research_log)
-    }
-
-    /// The children `id` pushes `substream` to (its own view).
-    pub fn children(&self, id: PeerId, substream: u16) -> Vec<PeerId> {
-        self.nodes
-            .get(&id)
-            .map_or_else(Vec::new, |n| n.children_in(substream))
-    }
-
-    /// A viewer's parents as it knows them, by substream.
-    pub fn parents(&self, id: PeerId) -> Vec<Option<Parent>> {
-        self.nodes
-            .get(&id)
-            .map_or_else(Vec::new, |n| n.parents.clone())
-    }
-
-    /// The control plane's assigner.
-    pub fn assigner(&self) -> &GridAssigner {
-        self.control.assigner()
-    }
-
-    /// Chunk pushes the data plane sent.
-    pub fn server_pushes(&self) -> u64 {
-        self.counters.server_pushes
-    }
-
-    /// Repairs the data plane served.
-    pub fn server_pulls(&self) -> u64 {
-        self.counters.server_pulls
-    }
-
-    /// Scheduler ticks run, all peers.
-    pub fn ticks(&self) -> u64 {
-        self.counters.ticks
-    }
-
-    /// Early ticks checked (tests with [`Drive::Deadlines`]).
-    pub fn early_checks(&self) -> u64 {
-        self.counters.early_checks
-    }
-
-    /// A [`super::SimReport`] of the run so far.
-    pub fn report(&self) -> super::SimReport {
-        super::SimReport::collect(self)
     }
 
     // ----- event loop --------------------------------------------------------------
