@@ -623,3 +623,47 @@ fn depth_stays_bounded_through_churn() {
         );
     }
 }
+
+/// On the simulated network (`crate::sim`): joins, clean leaves, crashes, re-searches
+/// and reports reach the assigner over time from peers that act on its answers. Once
+/// the churn is over and every message is delivered, the assigner is consistent, its
+/// booster exact, and every peer feeds from the parents the assigner says (every
+/// `moved` reassignment reached its peer).
+#[test]
+fn on_the_simulated_network_peers_end_up_where_the_assigner_put_them() {
+    use crate::sim::{Sim, SimConfig, UploadProfile};
+
+    for (seed, profile) in [(1, vec![1.5, 1.0, 2.0]), (2, vec![0.0, 0.8, 1.6, 0.8])] {
+        let mut sim = Sim::new(SimConfig {
+            seed,
+            ..SimConfig::new(R, 4, Duration::from_millis(250))
+        })
+        .unwrap();
+        let profile = UploadProfile::new(&profile, 2.0);
+        let mut pool = sim.flash_crowd(80, Duration::ZERO, Duration::from_secs(5), &profile);
+        let left = sim.churn(
+            &mut pool,
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+            Duration::from_millis(400),
+            0.3,
+            &profile,
+        );
+        // Crashes are noticed 10 s later; quality re-searches may go on meanwhile.
+        sim.run_until(Duration::from_secs(45));
+        let g = sim.assigner();
+        check(g);
+        check_booster_exact(g);
+        assert_eq!(g.stats().peers, 80);
+        for &id in &left {
+            assert!(
+                g.parents(id).is_none(),
+                "{id} left but is still in the grid"
+            );
+        }
+        for id in sim.alive() {
+            let want: Vec<Option<Parent>> = g.parents(id).unwrap().into_iter().map(Some).collect();
+            assert_eq!(sim.parents(id), want, "peer {id}'s parents (seed {seed})");
+        }
+    }
+}
