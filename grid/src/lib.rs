@@ -3,10 +3,12 @@
 //! Everything here takes `now` (a [`std::time::Duration`] since an origin the caller
 //! picks) and events, and returns decisions as data: no sockets, no clocks, no tasks.
 //! The control plane drives [`assign::GridAssigner`]; the SDK's relay engine drives
-//! [`peer::PeerScheduler`]; [`sim`] drives both together over a virtual-time network.
+//! [`peer::Peer`] (around [`peer::PeerScheduler`]); [`sim`] drives both together over a
+//! virtual-time network.
 //!
 //! * [`assign`]: who feeds whom: one assigner per broadcast.
-//! * [`peer`]: one peer's scheduler, buffer maps, upload estimator, pacing and latency
+//! * [`peer`]: one peer: the [`peer::Peer`] state machine (policies around the scheduler),
+//!   the scheduler, buffer maps, upload estimator, pacing and latency
 //!   summary.
 //! * [`slots_for`] / [`slot_kbps`]: the slot arithmetic both sides count alike.
 

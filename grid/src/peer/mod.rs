@@ -37,6 +37,13 @@
 //!   [`SchedulerConfig::buffer_map_interval`]), and at least every
 //!   [`SchedulerConfig::buffer_map_refresh`].
 //!
+//! [`Peer`] wraps the scheduler with the rest of one peer's policies, as a state machine
+//! a driver feeds events and `now` and drains [`PeerAction`]s from: the [`PlayClock`]
+//! (stream time at the measured chunk rate), the [`UploadBucket`] and per-child
+//! [`ChildPace`] (pushes over the budget become skip announcements, `NOT_FOUND`),
+//! [`ChildSlots`] (child admission by slots), the parent per substream, re-search
+//! (one at a time per substream) and the [`ParentMemory`] of failed and banned peers.
+//!
 //! Two more pure pieces: [`UploadEstimator`] lowers the relay budget of a peer without a
 //! configured `max_upload_kbps` to what its uplink drains while its send queues are
 //! backlogged, and [`LatencySummary`] is the bounded, mergeable histogram the SDK keeps
@@ -47,20 +54,32 @@
 //! point and the live edge), buffer maps ([`MAX_BUFFER_MAP_BITS`]).
 
 mod buffer_map;
+mod child_slots;
 mod delivery;
 mod latency;
 #[cfg(test)]
 mod lying_parent_tests;
+mod machine;
+#[cfg(test)]
+mod machine_tests;
+mod parent_memory;
+mod play_clock;
 mod push_pacing;
 mod scheduler;
 mod upload;
+mod upload_bucket;
 
 pub use buffer_map::{BUFFER_MAP_HEADER_LEN, BufferMap, BufferMapError, MAX_BUFFER_MAP_BITS};
+pub use child_slots::{ChildSlots, admit_limit};
 pub use latency::{LATENCY_BOUNDS_MS, LATENCY_BUCKETS, LatencySummary};
+pub use machine::{Peer, PeerAction, PeerConfig};
+pub use parent_memory::{FAILED_PARENT_MEMORY, MAX_BANNED, MAX_EXCLUDE, ParentMemory};
+pub use play_clock::PlayClock;
 pub use push_pacing::ChildPace;
 pub use scheduler::{
     Action, PeerScheduler, SchedulerConfig, SchedulerError, SchedulerStats, Source,
 };
 pub use upload::{UploadEstimator, UploadEstimatorConfig};
+pub use upload_bucket::UploadBucket;
 
 pub use crate::PeerId;
