@@ -649,8 +649,17 @@ fn on_the_simulated_network_peers_end_up_where_the_assigner_put_them() {
             0.3,
             &profile,
         );
-        // Crashes are noticed 10 s later; quality re-searches may go on meanwhile.
+        // Crashes are noticed 10 s later; quality re-searches go on meanwhile (on scarce
+        // upload, all along).
         sim.run_until(Duration::from_secs(45));
+        // Then up to a moment with no control message in flight.
+        for _ in 0..1000 {
+            if sim.control_messages_in_flight() == 0 {
+                break;
+            }
+            sim.run_until(sim.now() + Duration::from_millis(1));
+        }
+        assert_eq!(sim.control_messages_in_flight(), 0);
         let g = sim.assigner();
         check(g);
         check_booster_exact(g);
@@ -663,7 +672,13 @@ fn on_the_simulated_network_peers_end_up_where_the_assigner_put_them() {
         }
         for id in sim.alive() {
             let want: Vec<Option<Parent>> = g.parents(id).unwrap().into_iter().map(Some).collect();
-            assert_eq!(sim.parents(id), want, "peer {id}'s parents (seed {seed})");
+            assert_eq!(
+                sim.parents(id),
+                want,
+                "peer {id}'s parents (seed {seed}) at {:?}; re-searches {:?}",
+                sim.now(),
+                sim.researches(id)
+            );
         }
     }
 }

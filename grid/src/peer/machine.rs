@@ -87,7 +87,7 @@ struct Child {
 }
 
 /// One peer's policies (see the module docs).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     me: PeerId,
     k: u16,
@@ -478,5 +478,15 @@ impl Peer {
             };
             return Some(out);
         }
+    }
+}
+
+#[cfg(test)]
+impl Peer {
+    /// Test hook (the simulator's deadline checks): whether the scheduler's
+    /// `next_timeout` is its periodic fallback at `now`.
+    pub(crate) fn ticks_periodically(&mut self, now: Duration) -> bool {
+        let t = self.read(now);
+        self.sched.ticks_periodically(t)
     }
 }

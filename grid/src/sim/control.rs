@@ -23,7 +23,7 @@ pub(crate) enum ToControl {
     ReSearch {
         child: PeerId,
         substream: u16,
-        exclude: Option<PeerId>,
+        exclude: Vec<PeerId>,
     },
     Report {
         reporter: PeerId,
@@ -41,8 +41,10 @@ pub(crate) enum ToPeer {
     },
     /// The join was refused (no capacity).
     Refused,
-    /// A new parent for one substream.
+    /// A new parent for one substream (a side effect of someone else's operation).
     Assign { substream: u16, parent: Parent },
+    /// The answer to this peer's re-search of `substream`.
+    ReSearched { substream: u16, parent: Parent },
 }
 
 /// The real assigner plus the report counting the control plane does before demoting a
@@ -113,12 +115,11 @@ impl ControlPlane {
                 exclude,
             } => {
                 self.researches += 1;
-                let exclude: Vec<PeerId> = exclude.into_iter().collect();
                 // An unknown child (it left meanwhile) is ignored.
                 if let Ok(o) = self.assigner.reparent(child, substream, &exclude, now) {
                     out.push((
                         child,
-                        ToPeer::Assign {
+                        ToPeer::ReSearched {
                             substream,
                             parent: o.parent,
                         },

@@ -8,8 +8,8 @@ use std::time::Duration;
 use crate::Parent;
 use crate::assign::{GridAssigner, GridConfig, GridError, PeerInfo};
 #[cfg(test)]
-use crate::peer::Action;
-use crate::peer::{PeerId, PeerScheduler, SchedulerError};
+use crate::peer::PeerAction;
+use crate::peer::{Peer, PeerConfig, PeerId, PeerScheduler, SchedulerError};
 
 use super::control::{ControlPlane, ToControl, ToPeer};
 use super::node::{Endpoint, Frame, Life, Node, Upcall};
@@ -77,6 +77,7 @@ pub(crate) struct Counters {
     pub lost_frames: u64,
     pub ticks: u64,
     pub early_checks: u64,
+    pub control_in_flight: u64,
 }
 
 /// The simulated swarm (see the [module docs](super)).
@@ -164,17 +165,28 @@ impl Sim {
         let id = self.next_id;
         self.next_id += 1;
         let at = us(at).max(self.now);
-        // Checked in `new`.
-        let sched = PeerScheduler::new(self.cfg.scheduler).unwrap_or_else(|_| unreachable!());
+        let peer = Peer::new(
+            PeerConfig {
+                me: id,
+                scheduler: self.cfg.scheduler,
+                upload_kbps: spec.upload_kbps,
+                budget_kbps: spec.upload_kbps,
+                stream_kbps: self.cfg.stream_kbps,
+                child_slots: self.control.assigner().slots_for(spec.upload_kbps),
+            },
+            Duration::from_micros(at),
+        );
+        // The scheduler configuration was checked in `new`.
+        let Ok(peer) = peer else {
+            unreachable!("a scheduler configuration `Sim::new` accepted was refused")
+        };
         self.nodes.insert(
             id,
             Node::new(
-                sched,
+                peer,
                 spec.upload_kbps,
                 spec.uplink_kbps.max(1),
                 spec.addr_prefix,
-                self.k,
-                at,
             ),
         );
         self.schedule(at, Ev::Join(id));
@@ -217,6 +229,9 @@ impl Sim {
             let Some(ev) = self.events.remove(&no) else {
                 continue;
             };
+            if matches!(ev, Ev::ToControl(_) | Ev::ToPeer { .. }) {
+                self.counters.control_in_flight -= 1;
+            }
             let target = match self.cfg.drive {
                 Drive::Deadlines => Sim::target(&ev),
                 Drive::Periodic(_) => None,
@@ -238,6 +253,9 @@ impl Sim {
     // ----- event loop --------------------------------------------------------------
 
     fn schedule(&mut self, at: u64, ev: Ev) {
+        if matches!(ev, Ev::ToControl(_) | Ev::ToPeer { .. }) {
+            self.counters.control_in_flight += 1;
+        }
         self.seq_no += 1;
         self.queue.push(Reverse((at, self.seq_no)));
         self.events.insert(self.seq_no, ev);
@@ -270,14 +288,17 @@ impl Sim {
         if n.wake_at.is_some_and(|w| w <= self.now) {
             return;
         }
-        let periodic = n.sched.ticks_periodically(now);
-        let mut probe = n.sched.clone();
+        let mut probe = n.peer.clone();
+        let periodic = probe.ticks_periodically(now);
         while probe.poll_action().is_some() {}
-        probe.tick(now);
-        let early: Vec<Action> = std::iter::from_fn(|| probe.poll_action())
+        probe.handle_timeout(now);
+        let early: Vec<PeerAction> = std::iter::from_fn(|| probe.poll_action())
             .filter(|a| {
                 !(periodic
-                    && matches!(a, Action::Request { .. } | Action::RequestFromServer { .. }))
+                    && matches!(
+                        a,
+                        PeerAction::Request { .. } | PeerAction::RequestFromServer { .. }
+                    ))
             })
             .collect();
         assert!(
@@ -295,7 +316,7 @@ impl Sim {
         let Some(n) = self.nodes.get_mut(&id).filter(|n| n.receives()) else {
             return;
         };
-        let Some(t) = n.sched.next_timeout(Duration::from_micros(now)) else {
+        let Some(t) = n.peer.next_timeout(Duration::from_micros(now)) else {
             n.wake_at = None;
             return;
         };
@@ -326,7 +347,7 @@ impl Sim {
                     Endpoint::Server => self.at_server(from, frame, len),
                     Endpoint::Peer(id) => {
                         if let Some(n) = self.nodes.get_mut(&id).filter(|n| n.receives()) {
-                            n.on_frame(from, frame, len, now);
+                            n.on_frame(from, frame, len, self.chunk_us / 1000, now);
                             self.after(id);
                         }
                     }
@@ -376,14 +397,7 @@ impl Sim {
             }
             Ev::LinkClosed { to, gone } => {
                 if let Some(n) = self.nodes.get_mut(&to).filter(|n| n.receives()) {
-                    if n.neighbours.remove(&gone) {
-                        n.sched.on_neighbour_removed(gone);
-                    }
-                    for s in 0..self.k {
-                        if n.children_in(s).contains(&gone) {
-                            n.remove_child(gone, s);
-                        }
-                    }
+                    n.link_closed(gone);
                     self.after(to);
                 }
             }
@@ -450,7 +464,7 @@ impl Sim {
             }
         }
         if let Some(n) = self.nodes.get_mut(&id) {
-            n.sched.tick(Duration::from_micros(now));
+            n.peer.handle_timeout(Duration::from_micros(now));
         }
         self.counters.ticks += 1;
         self.after(id);
@@ -597,6 +611,13 @@ impl Sim {
                     self.after(id);
                 }
             }
+            ToPeer::ReSearched { substream, parent } => {
+                if let Some(n) = self.nodes.get_mut(&id).filter(|n| n.receives()) {
+                    n.peer.research_answered(substream);
+                    self.set_parent(id, substream, parent);
+                    self.after(id);
+                }
+            }
         }
     }
 
@@ -659,10 +680,8 @@ impl Sim {
             self.check_early_tick(b);
         }
         for (x, y) in [(a, b), (b, a)] {
-            if let Some(n) = self.nodes.get_mut(&x)
-                && n.neighbours.insert(y)
-            {
-                n.sched.on_neighbour_added(y);
+            if let Some(n) = self.nodes.get_mut(&x) {
+                n.add_neighbour(y);
             }
         }
         // `b` is not this event's target: run and re-arm it here.
@@ -707,7 +726,7 @@ impl Sim {
         if self.now > us(self.cfg.measure_from) && self.counters.samples == 0 {
             // The start of the measured window: what was due before it.
             for n in self.nodes.values_mut() {
-                let s = n.sched.stats();
+                let s = n.peer.stats();
                 n.due_before_measure = (s.played, s.skipped);
             }
         }

@@ -1,25 +1,22 @@
 //! The per-peer glue, in one place: what the SDK's relay engine does around its
-//! [`PeerScheduler`], minus the sockets. A [`Node`] turns frames from the network into
-//! scheduler events, and the scheduler's actions into frames for the network, under the
-//! relay's upload policy:
+//! [`Peer`] state machine, minus the sockets. A [`Node`] keeps the link-level view the
+//! engine keeps (its parents' links, its children's subscriptions, the requests it has
+//! out), turns frames from the network into the `Peer`'s events, and its
+//! [`PeerAction`]s into frames for the network. The policies are the `Peer`'s: push
+//! pacing per child with announced skips (partial slots), the serve bucket, one
+//! re-search per substream at a time, the play clock. As the engine does, a `NOT_FOUND`
+//! that answers none of this node's requests and comes from the parent of that chunk's
+//! substream is a skipped push ([`Peer::handle_parent_skipped`]).
 //!
-//! * pushes are paced per child ([`ChildPace`], each child its share of the budget in
-//!   proportion to the substreams it takes); a push beyond the share is skipped and
-//!   announced with a `NOT_FOUND`, which the child reads as its parent skipping
-//!   ([`PeerScheduler::on_parent_skipped`]) and repairs;
-//! * serves (mesh repair) spend only what pushes leave of the budget (a token bucket of
-//!   the whole budget, starting empty, holding at most two seconds of it);
-//! * an unsolicited `NOT_FOUND` from the parent of that chunk's substream is a skipped
-//!   push, any other one answers a request.
-//!
-//! Not modelled here: the SDK's [`crate::peer::UploadEstimator`] (the simulated uplink
-//! is what the peer declares, so it never finds it lower), bad-chunk bans and tickets.
+//! Not modelled here: the SDK's [`crate::peer::UploadEstimator`] (a simulated uplink is
+//! what the peer declares, so it never finds it lower), link failures
+//! ([`Peer::parent_failed`]), bad-chunk bans and tickets.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::Parent;
-use crate::peer::{Action, BufferMap, ChildPace, PeerId, PeerScheduler, Source};
+use crate::peer::{BufferMap, Peer, PeerAction, PeerId, Source};
 
 use super::FrameSizes;
 
@@ -58,7 +55,7 @@ pub(crate) enum Upcall {
     /// Ask the control plane for a new parent.
     ReSearch {
         substream: u16,
-        exclude: Option<PeerId>,
+        exclude: Vec<PeerId>,
     },
     /// Report a parent that did not deliver.
     Report { parent: PeerId },
@@ -77,34 +74,10 @@ pub(crate) enum Life {
     Gone,
 }
 
-/// The SDK's upload bucket (serves spend only what pushes leave).
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    rate_bytes: f64,
-    at_us: u64,
-}
-
-impl Bucket {
-    const BURST_S: f64 = 2.0;
-
-    fn refill(&mut self, now_us: u64) {
-        let dt = now_us.saturating_sub(self.at_us) as f64 / 1e6;
-        self.at_us = now_us;
-        self.tokens = (self.tokens + dt * self.rate_bytes).min(self.rate_bytes * Self::BURST_S);
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Child {
-    mask: u64,
-    pace: ChildPace,
-}
-
 /// One simulated peer.
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
-    pub sched: PeerScheduler,
+    pub peer: Peer,
     pub life: Life,
     pub budget_kbps: u32,
     pub uplink_kbps: u32,
@@ -113,15 +86,14 @@ pub(crate) struct Node {
     pub extra_latency_us: u64,
     /// When its uplink is free again (frames queue behind each other).
     pub uplink_free_at: u64,
-    /// Its view of its parents, by substream.
+    /// Its parents' links, by substream (`None` before its assignment).
     pub parents: Vec<Option<Parent>>,
-    children: BTreeMap<PeerId, Child>,
-    used_slots: u32,
+    /// Its children's subscriptions (substream masks).
+    children: BTreeMap<PeerId, u64>,
     pub neighbours: BTreeSet<PeerId>,
     requested: BTreeSet<(Endpoint, u64)>,
-    bucket: Bucket,
-    /// Re-searches: (when, substream, excluded parent).
-    pub research_log: Vec<(Duration, u16, Option<PeerId>)>,
+    /// Re-searches sent: (when, substream, excluded parents).
+    pub research_log: Vec<(Duration, u16, Vec<PeerId>)>,
     /// Deadline-driven ticking: the one tick scheduled.
     pub wake_at: Option<u64>,
     /// Ticks at the current instant (a `next_timeout` that never moves on would spin).
@@ -136,17 +108,10 @@ pub(crate) struct Node {
 }
 
 impl Node {
-    pub fn new(
-        sched: PeerScheduler,
-        budget_kbps: u32,
-        uplink_kbps: u32,
-        addr_prefix: u32,
-        substreams: u16,
-        now_us: u64,
-    ) -> Node {
-        let k = u64::from(substreams.max(1));
+    pub fn new(peer: Peer, budget_kbps: u32, uplink_kbps: u32, addr_prefix: u32) -> Node {
+        let k = u64::from(peer.substreams().max(1));
         Node {
-            sched,
+            peer,
             life: Life::Joining,
             budget_kbps,
             uplink_kbps,
@@ -155,14 +120,8 @@ impl Node {
             uplink_free_at: 0,
             parents: vec![None; k as usize],
             children: BTreeMap::new(),
-            used_slots: 0,
             neighbours: BTreeSet::new(),
             requested: BTreeSet::new(),
-            bucket: Bucket {
-                tokens: 0.0,
-                rate_bytes: f64::from(budget_kbps) * 1000.0 / 8.0,
-                at_us: now_us,
-            },
             research_log: Vec::new(),
             wake_at: None,
             ticks_now: (0, 0),
@@ -184,55 +143,83 @@ impl Node {
         matches!(self.life, Life::Live | Life::Silent)
     }
 
-    /// The control plane changed this node's parent for `substream`. Returns the old
-    /// parent (to unsubscribe from) when it changed.
-    pub fn set_parent(&mut self, substream: u16, parent: Parent, now: Duration) -> Option<Parent> {
-        let slot = self.parents.get_mut(usize::from(substream))?;
-        let old = slot.replace(parent);
-        if old == Some(parent) {
-            return None;
+    /// The control plane changed this node's parent for `substream`.
+    pub fn set_parent(&mut self, substream: u16, parent: Parent, now: Duration) {
+        if let Some(slot) = self.parents.get_mut(usize::from(substream))
+            && slot.replace(parent) != Some(parent)
+        {
+            self.peer.set_parent(substream, Some(parent), now);
         }
-        self.sched.on_parent_changed(substream, Some(parent), now);
-        old
     }
 
-    /// A child subscribed to `substream` of this node (child admission).
+    /// A child subscribed to `substream` of this node (the `Peer` takes a child's
+    /// whole mask: a changed one is removed and added again, pacing kept).
     pub fn add_child(&mut self, child: PeerId, substream: u16) {
-        let bit = 1u64 << substream;
-        let c = self.children.entry(child).or_default();
-        if c.mask & bit == 0 {
-            c.mask |= bit;
-            self.used_slots += 1;
+        let m = self.children.entry(child).or_insert(0);
+        let old = *m;
+        *m |= 1u64 << substream;
+        if *m != old {
+            let mask = *m;
+            if old != 0 {
+                self.peer.remove_child(child);
+            }
+            self.peer.add_child(child, mask);
         }
-        self.sched.on_child_added(child, &[substream]);
     }
 
     /// A child unsubscribed from `substream` of this node.
     pub fn remove_child(&mut self, child: PeerId, substream: u16) {
-        let bit = 1u64 << substream;
-        if let Some(c) = self.children.get_mut(&child)
-            && c.mask & bit != 0
-        {
-            c.mask &= !bit;
-            self.used_slots -= 1;
-            if c.mask == 0 {
-                self.children.remove(&child);
-            }
+        let Some(m) = self.children.get_mut(&child) else {
+            return;
+        };
+        let old = *m;
+        *m &= !(1u64 << substream);
+        let mask = *m;
+        if mask == old {
+            return;
         }
-        self.sched.on_child_removed(child, &[substream]);
+        self.peer.remove_child(child);
+        if mask == 0 {
+            self.children.remove(&child);
+        } else {
+            self.peer.add_child(child, mask);
+        }
+    }
+
+    /// The link to `gone` closed: it is no neighbour and no child any more.
+    pub fn link_closed(&mut self, gone: PeerId) {
+        if self.neighbours.remove(&gone) {
+            self.peer.remove_neighbour(gone);
+        }
+        self.children.remove(&gone);
+        self.peer.link_closed(gone);
+    }
+
+    /// A mesh neighbour was linked.
+    pub fn add_neighbour(&mut self, nb: PeerId) {
+        if self.neighbours.insert(nb) {
+            self.peer.add_neighbour(nb);
+        }
     }
 
     /// Its children in `substream`.
     pub fn children_in(&self, substream: u16) -> Vec<PeerId> {
         self.children
             .iter()
-            .filter(|(_, c)| c.mask & (1u64 << substream) != 0)
+            .filter(|(_, m)| **m & (1u64 << substream) != 0)
             .map(|(&id, _)| id)
             .collect()
     }
 
     /// A frame of `len` bytes arrived from `from`.
-    pub fn on_frame(&mut self, from: Endpoint, frame: Frame, len: u64, now: Duration) {
+    pub fn on_frame(
+        &mut self,
+        from: Endpoint,
+        frame: Frame,
+        len: u64,
+        chunk_ms: u64,
+        now: Duration,
+    ) {
         match frame {
             Frame::Chunk(seq) => {
                 let s = (seq % self.k) as u16;
@@ -247,16 +234,18 @@ impl Node {
                     Endpoint::Server => self.bytes_from_server += len,
                     Endpoint::Peer(_) => self.bytes_from_peers += len,
                 }
-                self.sched.on_chunk(seq, src, now);
+                // Cut at its availability at the source (the play clock's rate input).
+                let cut_ms = (seq + 1).saturating_mul(chunk_ms);
+                self.peer.handle_chunk(seq, src, len, cut_ms, now);
             }
             Frame::BufferMap(map) => {
                 if let Endpoint::Peer(id) = from {
-                    self.sched.on_buffer_map(id, map, now);
+                    self.peer.handle_buffer_map(id, map, now);
                 }
             }
             Frame::Request(seq) => {
                 if let Endpoint::Peer(id) = from {
-                    self.sched.on_request(id, seq);
+                    self.peer.handle_request(id, seq, now);
                 }
             }
             Frame::NotFound(seq) => {
@@ -264,55 +253,66 @@ impl Node {
                 let from_parent = self.parents[usize::from(s)].map(Endpoint::from) == Some(from);
                 if self.requested.remove(&(from, seq)) || !from_parent {
                     if let Endpoint::Peer(id) = from {
-                        self.sched.on_not_found(id, seq, now);
+                        self.peer.handle_not_found(id, seq, now);
                     }
                 } else {
-                    self.sched.on_parent_skipped(seq, now);
+                    self.peer.handle_parent_skipped(seq, now);
                 }
             }
         }
     }
 
-    /// Runs the scheduler's pending actions under the upload policy.
+    /// Runs the `Peer`'s pending actions.
     pub fn drain(&mut self, now_us: u64, chunk_us: u64, sizes: &FrameSizes, out: &mut Vec<Upcall>) {
         let now = Duration::from_micros(now_us);
-        while let Some(a) = self.sched.poll_action() {
+        while let Some(a) = self.peer.poll_action() {
             match a {
-                Action::Push { child, seq } => self.upload(child, seq, true, now_us, sizes, out),
-                Action::Serve { to, seq } => self.upload(to, seq, false, now_us, sizes, out),
-                Action::NotFound { to, seq } => out.push(Upcall::Send {
+                PeerAction::Send { to, seq, .. } => {
+                    let len = sizes.chunk_frame();
+                    self.peer.on_uploaded(len);
+                    out.push(Upcall::Send {
+                        to: Endpoint::Peer(to),
+                        frame: Frame::Chunk(seq),
+                    });
+                }
+                PeerAction::NotFound { to, seq } => out.push(Upcall::Send {
                     to: Endpoint::Peer(to),
                     frame: Frame::NotFound(seq),
                 }),
-                Action::Request { neighbour, seq } => {
+                PeerAction::Request { neighbour, seq } => {
                     self.request(Endpoint::Peer(neighbour), seq);
                     out.push(Upcall::Send {
                         to: Endpoint::Peer(neighbour),
                         frame: Frame::Request(seq),
                     });
                 }
-                Action::RequestFromServer { seq } => {
+                PeerAction::RequestFromServer { seq } => {
                     self.request(Endpoint::Server, seq);
                     out.push(Upcall::Send {
                         to: Endpoint::Server,
                         frame: Frame::Request(seq),
                     });
                 }
-                Action::SendBufferMap { to, map } => out.push(Upcall::Send {
+                PeerAction::SendBufferMap { to, map } => out.push(Upcall::Send {
                     to: Endpoint::Peer(to),
                     frame: Frame::BufferMap(map),
                 }),
-                Action::ReSearch { substream, exclude } => {
-                    self.research_log.push((now, substream, exclude));
-                    out.push(Upcall::ReSearch { substream, exclude });
+                PeerAction::ReSearch { substream, exclude } => {
+                    // One re-search per substream at a time, as the engine does.
+                    if let Some(exclude) =
+                        self.peer.research(substream, exclude.into_iter().collect())
+                    {
+                        self.research_log.push((now, substream, exclude.clone()));
+                        out.push(Upcall::ReSearch { substream, exclude });
+                    }
                 }
-                Action::ReportParent { parent, .. } => out.push(Upcall::Report { parent }),
-                Action::Play { seq } => {
+                PeerAction::ReportParent { parent, .. } => out.push(Upcall::Report { parent }),
+                PeerAction::Play { seq } => {
                     // Chunk `seq` is available at the source at (seq + 1)·d.
                     let avail = (seq + 1).saturating_mul(chunk_us);
                     self.lag_us = Some(now_us.saturating_sub(avail));
                 }
-                Action::Skip { .. } => {}
+                PeerAction::Skip { .. } => {}
             }
         }
     }
@@ -322,53 +322,5 @@ impl Node {
             self.requested.pop_first();
         }
         self.requested.insert((to, seq));
-    }
-
-    /// Sends a held chunk to a child (push) or a requester (serve), as the SDK's
-    /// `upload` does.
-    fn upload(
-        &mut self,
-        to: PeerId,
-        seq: u64,
-        push: bool,
-        now_us: u64,
-        sizes: &FrameSizes,
-        out: &mut Vec<Upcall>,
-    ) {
-        let not_found = Upcall::Send {
-            to: Endpoint::Peer(to),
-            frame: Frame::NotFound(seq),
-        };
-        if !self.sched.has(seq) {
-            if !push {
-                out.push(not_found);
-            }
-            return;
-        }
-        let len = sizes.chunk_frame() as f64;
-        self.bucket.refill(now_us);
-        let allowed = if push {
-            let Some(c) = self.children.get_mut(&to) else {
-                return;
-            };
-            c.pace.allow(
-                self.bucket.rate_bytes,
-                c.mask.count_ones(),
-                self.used_slots,
-                len,
-                Duration::from_micros(now_us),
-            )
-        } else {
-            self.bucket.tokens >= len
-        };
-        if !allowed {
-            out.push(not_found);
-            return;
-        }
-        self.bucket.tokens -= len;
-        out.push(Upcall::Send {
-            to: Endpoint::Peer(to),
-            frame: Frame::Chunk(seq),
-        });
     }
 }

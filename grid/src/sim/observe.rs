@@ -26,11 +26,11 @@ impl Sim {
 
     /// A viewer's scheduler figures.
     pub fn stats(&self, id: PeerId) -> Option<SchedulerStats> {
-        self.nodes.get(&id).map(|n| n.sched.stats())
+        self.nodes.get(&id).map(|n| n.peer.stats())
     }
 
-    /// A viewer's re-searches: (when, substream, excluded parent).
-    pub fn researches(&self, id: PeerId) -> &[(Duration, u16, Option<PeerId>)] {
+    /// A viewer's re-searches sent: (when, substream, excluded parents).
+    pub fn researches(&self, id: PeerId) -> &[(Duration, u16, Vec<PeerId>)] {
         self.nodes.get(&id).map_or(&[], |n| &n.research_log)
     }
 
@@ -76,5 +76,11 @@ impl Sim {
     /// A [`super::SimReport`] of the run so far.
     pub fn report(&self) -> super::SimReport {
         super::SimReport::collect(self)
+    }
+
+    /// Messages between the peers and the control plane not yet delivered (0: every
+    /// peer knows the parents the assigner gave it).
+    pub fn control_messages_in_flight(&self) -> u64 {
+        self.counters.control_in_flight
     }
 }

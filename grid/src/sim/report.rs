@@ -69,7 +69,7 @@ impl SimReport {
         let (mut from_peers, mut from_server) = (0u64, 0u64);
         let mut lags = Vec::new();
         for n in sim.nodes.values() {
-            let st = n.sched.stats();
+            let st = n.peer.stats();
             played += st.played;
             skipped += st.skipped;
             parent_skips += st.parent_skips;

@@ -115,7 +115,7 @@ fn parent_loss(deadline_driven: bool) {
         let rs = sim.researches(o);
         assert!(
             rs.iter()
-                .any(|&(t, s, ex)| s == 0 && ex == Some(victim) && t < ms(23_000)),
+                .any(|(t, s, ex)| *s == 0 && *ex == [victim] && *t < ms(23_000)),
             "orphan {o} did not re-search promptly: {rs:?}"
         );
         assert_ne!(sim.parents(o)[0], Some(Parent::Peer(victim)));
@@ -159,7 +159,7 @@ fn slow_parent(deadline_driven: bool) {
         assert!(
             sim.researches(c)
                 .iter()
-                .any(|&(_, s, ex)| s == 0 && ex == Some(slow)),
+                .any(|(_, s, ex)| *s == 0 && *ex == [slow]),
             "child {c} kept its slow parent"
         );
         assert_ne!(sim.parents(c)[0], Some(Parent::Peer(slow)));
