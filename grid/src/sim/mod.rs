@@ -1,5 +1,5 @@
-//! A deterministic discrete-event network in virtual time that drives many peers'
-//! [`PeerScheduler`](crate::peer::PeerScheduler)s and the real
+//! A deterministic discrete-event network in virtual time that drives many
+//! [`Peer`](crate::peer::Peer)s and the real
 //! [`GridAssigner`](crate::assign::GridAssigner) together, without sockets, clocks or
 //! threads. Its one concern: to show what the grid's policies do to a swarm over time
 //! ([`SimReport`]); the scheduler's and the assigner's own tests run on it.
@@ -17,15 +17,17 @@
 //! * **The source**: one chunk per chunk duration, chunk `seq` available at
 //!   `(seq + 1)·d`; the data plane pushes it to the peers that subscribed to its
 //!   substream from the server and serves server repairs once it is available.
-//! * **The control plane**: the real assigner ([`control`]): joins (with upload and
+//! * **The control plane**: the real assigner (`control.rs`): joins (with upload and
 //!   address prefix), clean leaves, crashes (a leave after
 //!   [`SimConfig::heartbeat_timeout`]), re-searches (`reparent`, with the excluded
 //!   parent), reports (a peer is demoted after [`SimConfig::reporters_to_demote`]
 //!   distinct reporters), and every `moved` reassignment delivered to its peer, each
 //!   message after [`SimConfig::control_latency`].
-//! * **The peer**: the SDK's per-peer glue ([`node`]): per-child push pacing with
-//!   announced skips (partial slots), a serve bucket, the scheduler ticked either
-//!   periodically or only at its `next_timeout` ([`Drive`]).
+//! * **The peer**: each viewer is a [`crate::peer::Peer`] (the state machine the SDK's
+//!   engine drives) behind the engine's link-level glue (`node.rs`): per-child push
+//!   pacing with announced skips (partial slots), a serve bucket, one re-search per
+//!   substream at a time, ticked either periodically or only at its `next_timeout`
+//!   ([`Drive`]).
 //!
 //! # What is not
 //!
@@ -36,9 +38,9 @@
 //! the SDK's upload estimator (an uplink is exactly what the peer declares unless set
 //! otherwise), and the data plane's limits (its uplink is a configured rate).
 
-pub mod control;
+mod control;
 mod network;
-pub mod node;
+mod node;
 mod observe;
 mod report;
 mod rng;

@@ -68,7 +68,7 @@ impl Sim {
         self.counters.ticks
     }
 
-    /// Early ticks checked (tests with [`Drive::Deadlines`]).
+    /// Early ticks checked (tests with [`super::Drive::Deadlines`]).
     pub fn early_checks(&self) -> u64 {
         self.counters.early_checks
     }
@@ -82,5 +82,11 @@ impl Sim {
     /// peer knows the parents the assigner gave it).
     pub fn control_messages_in_flight(&self) -> u64 {
         self.counters.control_in_flight
+    }
+
+    /// Ticks refused because a peer's `next_timeout` stayed at the same instant 50
+    /// times (a scheduler that would spin; 0 in a sound run).
+    pub fn spins(&self) -> u64 {
+        self.counters.spins
     }
 }

@@ -71,10 +71,11 @@ fn scarce_upload_stays_continuous_near_the_fluid_bound() {
         "scarce upload: depth at the end {}",
         sim.assigner().stats().max_depth
     );
-    // Measured here: 0.979 over the run, 0.985 after the first 20 s (0.984 / 0.986 on
-    // uplinks 4× the budgets): the trees are deep (max depth 24) and a fifth of the
-    // partly covered slots' pushes are repaired. Not the 0.99 of ample upload; the
-    // bounds below catch a regression from there.
+    // Measured here: 0.980 over the run, 0.985 after the first 20 s (about the same on
+    // uplinks 4× the budgets): the trees grow deep during the flash crowd (24; 6 at
+    // the end), a fifth of the partly covered slots' pushes are repaired, mostly from
+    // the server, and parents keep being re-searched. Not the 0.99 of ample upload;
+    // the bounds below catch a regression from there.
     assert!(r.continuity >= 0.97, "continuity {}", r.continuity);
     assert!(
         r.continuity_measured >= 0.98,
@@ -204,11 +205,10 @@ fn partly_covered_slots_skip_pushes_that_the_children_repair() {
     assert_eq!(sim.assigner().slots_for(800), 4);
     assert!(r.parent_skips >= 100, "{} skips announced", r.parent_skips);
     assert!(r.from_neighbours > 0);
-    // Measured: 0.983 (most skipped pushes are repaired from the server: the
-    // neighbours' budgets go to their own pushes; the trees are 15 deep). A finding
-    // for the scheduler's owners; the bound catches a regression from there.
+    // Measured: 0.991 (most skipped pushes are repaired from the server: the
+    // neighbours' budgets go to their own pushes).
     assert!(
-        r.continuity_measured >= 0.975,
+        r.continuity_measured >= 0.985,
         "continuity {}",
         r.continuity_measured
     );

@@ -75,6 +75,7 @@ fn healthy_swarm(deadline_driven: bool) -> u64 {
     if deadline_driven {
         assert!(sim.early_checks() > 2_000, "{} checks", sim.early_checks());
     }
+    assert_eq!(sim.spins(), 0);
     sim.ticks()
 }
 
