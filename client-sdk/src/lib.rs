@@ -53,7 +53,9 @@ mod hub;
 mod relay;
 pub mod reorder;
 mod report;
+mod report_queue;
 mod rights;
+mod shared;
 mod stats;
 mod viewer;
 

@@ -1,7 +1,7 @@
 //! The viewer: join, receive, reorder, fan out; reconnect and re-join; heartbeat.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,8 +15,10 @@ use crate::control::{Control, Counters, JoinInfo, Offer};
 use crate::error::{SdkError, is_fatal_code};
 use crate::hub::{Hub, HubLimits, Subscription};
 use crate::reorder::{Output, PushOutcome, ReorderBuffer, ReorderConfig};
-use crate::report::{Baseline, ReportQueue};
-use crate::rights::{ChunkCheck, OwnToken, Rights, unix_ms};
+use crate::report_queue::Baseline;
+use crate::rights::{ChunkCheck, OwnToken, Rights};
+use crate::shared::Session;
+pub(crate) use crate::shared::{Shared, stopped};
 use crate::{http, stats::Stats};
 
 /// Everything a viewer can be tuned with. [`ViewerConfig::new`] gives sane defaults.
@@ -229,115 +231,6 @@ impl ViewerConfig {
             ..Limits::default()
         }
     }
-}
-
-/// Control-plane session state (changes on re-join).
-#[derive(Debug, Clone)]
-pub(crate) struct Session {
-    pub(crate) id: String,
-    pub(crate) heartbeat: Duration,
-    /// The counters when this session started (its reports count from there).
-    pub(crate) baseline: Baseline,
-}
-
-pub(crate) struct Shared {
-    pub(crate) broadcast_id: String,
-    pub(crate) hub: Hub,
-    stats: Mutex<Stats>,
-    pub(crate) started: Instant,
-    /// `None` while running; the end result once stopping.
-    end: watch::Sender<Option<Result<(), SdkError>>>,
-    session: Mutex<Option<Session>>,
-    /// Our token, the key sets, revoked peers.
-    pub(crate) rights: Rights,
-    reports: Mutex<ReportQueue>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Shared {
-    /// True once the viewer is stopping.
-    pub(crate) fn is_finished(&self) -> bool {
-        self.end.borrow().is_some()
-    }
-
-    /// Replaces the control-plane session (after a re-join); returns the old one. The
-    /// new session's reports count from the counters now.
-    pub(crate) fn replace_session(&self, id: String, heartbeat: Duration) -> Option<Session> {
-        let baseline = Baseline::of(&self.stats_mut());
-        lock(&self.session).replace(Session {
-            id,
-            heartbeat,
-            baseline,
-        })
-    }
-
-    /// The current session and the counters its reports start from.
-    pub(crate) fn session_for_report(&self) -> Option<(String, Baseline)> {
-        lock(&self.session)
-            .as_ref()
-            .map(|s| (s.id.clone(), s.baseline))
-    }
-
-    pub(crate) fn reports(&self) -> MutexGuard<'_, ReportQueue> {
-        lock(&self.reports)
-    }
-
-    /// A chunk was handed to the player: counters, start-up time, lag behind live.
-    pub(crate) fn played(&self, c: &starling_proto::wire::Chunk) {
-        let mut s = self.stats_mut();
-        if s.startup_time.is_none() {
-            s.startup_time = Some(self.started.elapsed());
-        }
-        s.chunks_out += 1;
-        s.chunks_played += 1;
-        s.bytes_out += c.payload.len() as u64;
-        s.current_seq = Some(c.seq);
-        if c.timestamp_ms > 0 {
-            s.lag = Some(Duration::from_millis(
-                unix_ms().saturating_sub(c.timestamp_ms),
-            ));
-        }
-    }
-
-    /// Checks a received chunk and counts the outcome (bad chunks are counted by the
-    /// caller, which knows where the chunk came from).
-    pub(crate) fn check_chunk(&self, c: &starling_proto::wire::Chunk) -> ChunkCheck {
-        let r = self.rights.check_chunk(c);
-        match &r {
-            ChunkCheck::Verified { .. } => self.stats_mut().chunks_verified += 1,
-            ChunkCheck::Unverified => self.stats_mut().chunks_unverified += 1,
-            ChunkCheck::Bad(_) => {}
-        }
-        r
-    }
-
-    /// Records why the viewer stops (the first reason wins) and tells every task.
-    pub(crate) fn finish(&self, result: Result<(), SdkError>) {
-        self.end.send_if_modified(|end| {
-            if end.is_none() {
-                *end = Some(result);
-                true
-            } else {
-                false
-            }
-        });
-    }
-
-    pub(crate) fn stop_signal(&self) -> watch::Receiver<Option<Result<(), SdkError>>> {
-        self.end.subscribe()
-    }
-
-    pub(crate) fn stats_mut(&self) -> MutexGuard<'_, Stats> {
-        lock(&self.stats)
-    }
-}
-
-/// Resolves when the viewer is stopping.
-pub(crate) async fn stopped(rx: &mut watch::Receiver<Option<Result<(), SdkError>>>) {
-    let _ = rx.wait_for(|e| e.is_some()).await;
 }
 
 /// A joined broadcast. Dropping it stops everything (and leaves, best effort).
@@ -642,7 +535,7 @@ impl Viewer {
 
     /// Control-plane session id (`None` for [`Viewer::connect_direct`]).
     pub fn session_id(&self) -> Option<String> {
-        lock(&self.shared.session).as_ref().map(|s| s.id.clone())
+        self.shared.session_id()
     }
 
     /// A snapshot of the counters.
@@ -659,7 +552,7 @@ impl Viewer {
 
     /// True once the viewer has stopped (or is stopping).
     pub fn is_closed(&self) -> bool {
-        self.shared.end.borrow().is_some()
+        self.shared.is_finished()
     }
 
     /// Waits until the viewer stops on its own: `Ok(())` after [`Viewer::leave`],
@@ -697,7 +590,7 @@ impl Viewer {
             )
             .await;
         }
-        let session = lock(&self.shared.session).take();
+        let session = self.shared.take_session();
         match (&self.control, session) {
             (Some(c), Some(s)) => {
                 match tokio::time::timeout(Duration::from_secs(3), c.leave(&s.id)).await {
@@ -721,7 +614,7 @@ impl Drop for Viewer {
         }
         if let (Some(c), Some(s), Ok(rt)) = (
             self.control.clone(),
-            lock(&self.shared.session).take(),
+            self.shared.take_session(),
             tokio::runtime::Handle::try_current(),
         ) {
             rt.spawn(async move {
@@ -743,7 +636,6 @@ fn new_shared(config: &ViewerConfig, started: Instant, join: Option<&JoinInfo>) 
     {
         hub.set_content_type(ct);
     }
-    let (end, _) = watch::channel(None);
     let rights = match join {
         Some(j) => Rights::new(
             &config.broadcast_id,
@@ -768,20 +660,19 @@ fn new_shared(config: &ViewerConfig, started: Instant, join: Option<&JoinInfo>) 
             None,
         ),
     };
-    Arc::new(Shared {
-        broadcast_id: config.broadcast_id.clone(),
+    let session = join.map(|j| Session {
+        id: j.session_id.clone(),
+        heartbeat: j.heartbeat,
+        baseline: Baseline::default(),
+    });
+    Arc::new(Shared::new(
+        config.broadcast_id.clone(),
         hub,
-        stats: Mutex::new(Stats::default()),
         started,
-        end,
-        session: Mutex::new(join.map(|j| Session {
-            id: j.session_id.clone(),
-            heartbeat: j.heartbeat,
-            baseline: Baseline::default(),
-        })),
         rights,
-        reports: Mutex::new(ReportQueue::new(config.report_queue)),
-    })
+        session,
+        config.report_queue,
+    ))
 }
 
 /// The report interval: the config's override, else `Join`'s, else 5 s.
@@ -952,7 +843,7 @@ async fn heartbeat_loop(
     let mut stop = shared.stop_signal();
     let mut last_beat = tokio::time::Instant::now();
     loop {
-        let Some(session) = lock(&shared.session).clone() else {
+        let Some(session) = shared.session() else {
             return;
         };
         // A chunk named a key id we do not hold: beat early (at most every
@@ -996,7 +887,7 @@ async fn heartbeat_loop(
         };
         match r {
             Ok(Ok(hb)) if hb.active => {
-                let current = lock(&shared.session).as_ref().map(|s| s.id.clone());
+                let current = shared.session_id();
                 if current.as_deref() != Some(session.id.as_str()) {
                     // Answer for a session replaced meanwhile (re-join): stale.
                     continue;
@@ -1028,7 +919,7 @@ async fn heartbeat_loop(
             Ok(Ok(_)) => {
                 // A re-join may have replaced the session meanwhile: only stop if the
                 // inactive one is still current.
-                let current = lock(&shared.session).as_ref().map(|s| s.id.clone());
+                let current = shared.session_id();
                 if current.as_deref() == Some(session.id.as_str()) {
                     tracing::info!(session = session.id, "control plane: session inactive");
                     shared.finish(Err(SdkError::SessionInactive));
