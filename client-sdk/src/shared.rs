@@ -3,9 +3,9 @@
 //! report queue and the stop signal. It depends on nothing that uses it: the viewer,
 //! the relay engine, the HTTP endpoint and the report task all read and write it here.
 
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::watch;
 
 use crate::error::SdkError;
@@ -35,10 +35,6 @@ pub(crate) struct Shared {
     /// Our token, the key sets, revoked peers.
     pub(crate) rights: Rights,
     reports: Mutex<ReportQueue>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
@@ -74,7 +70,7 @@ impl Shared {
     /// new session's reports count from the counters now.
     pub(crate) fn replace_session(&self, id: String, heartbeat: Duration) -> Option<Session> {
         let baseline = Baseline::of(&self.stats_mut());
-        lock(&self.session).replace(Session {
+        self.session.lock().replace(Session {
             id,
             heartbeat,
             baseline,
@@ -83,28 +79,29 @@ impl Shared {
 
     /// The current session and the counters its reports start from.
     pub(crate) fn session_for_report(&self) -> Option<(String, Baseline)> {
-        lock(&self.session)
+        self.session
+            .lock()
             .as_ref()
             .map(|s| (s.id.clone(), s.baseline))
     }
 
     /// The current control-plane session, if any.
     pub(crate) fn session(&self) -> Option<Session> {
-        lock(&self.session).clone()
+        self.session.lock().clone()
     }
 
     /// The current control-plane session's id, if any.
     pub(crate) fn session_id(&self) -> Option<String> {
-        lock(&self.session).as_ref().map(|s| s.id.clone())
+        self.session.lock().as_ref().map(|s| s.id.clone())
     }
 
     /// Ends the control-plane session here (the caller sends `Leave`).
     pub(crate) fn take_session(&self) -> Option<Session> {
-        lock(&self.session).take()
+        self.session.lock().take()
     }
 
     pub(crate) fn reports(&self) -> MutexGuard<'_, ReportQueue> {
-        lock(&self.reports)
+        self.reports.lock()
     }
 
     /// A chunk was handed to the player: counters, start-up time, lag behind live.
@@ -153,7 +150,7 @@ impl Shared {
     }
 
     pub(crate) fn stats_mut(&self) -> MutexGuard<'_, Stats> {
-        lock(&self.stats)
+        self.stats.lock()
     }
 }
 
