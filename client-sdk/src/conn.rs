@@ -135,13 +135,7 @@ fn unexpected(frame: Frame, wanted: &str) -> SdkError {
             code: r.code,
             message: r.message,
         },
-        Frame::Goodbye(r) if r.code == ErrorCode::BroadcastStopped => {
-            SdkError::BroadcastEnded(r.message)
-        }
-        Frame::Goodbye(r) => SdkError::Server {
-            code: r.code,
-            message: r.message,
-        },
+        Frame::Goodbye(r) => SdkError::goodbye(r),
         other => SdkError::Protocol(format!(
             "expected {wanted}, got frame type 0x{:02x}",
             frame_code(&other)

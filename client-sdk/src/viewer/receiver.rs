@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use starling_proto::wire::{ErrorCode, Frame, StartAt};
+use starling_proto::wire::{Frame, StartAt};
 use tokio::sync::watch;
 
 use super::config::ViewerConfig;
 use crate::conn::{self, OpenParams, WireConn};
 use crate::control::{Control, Offer};
-use crate::error::{SdkError, is_fatal_code};
+use crate::error::{JoinState, Recovery, SdkError};
 use crate::reorder::{Output, PushOutcome, ReorderBuffer};
 use crate::rights::{ChunkCheck, OwnToken};
 use crate::shared::{Shared, stopped};
@@ -50,10 +50,8 @@ pub(super) async fn open_conn(
 enum SessionEnd {
     /// The viewer is stopping.
     Stop,
-    /// Cannot continue with this node/token.
-    Fatal(SdkError),
-    /// Connection lost or transient refusal: reconnect.
-    Lost(SdkError),
+    /// The connection failed or was refused: what next is [`SdkError::recovery`]'s.
+    Ended(SdkError),
 }
 
 /// The receive loop's state (one task).
@@ -106,7 +104,11 @@ impl Receiver {
                                 failures = 0;
                             }
                             Ok(false) => return Ok(()),
-                            Err(e) if e.is_fatal() => return Err(e),
+                            Err(e)
+                                if e.recovery(self.join_state(fresh_join)) == Recovery::Fatal =>
+                            {
+                                return Err(e);
+                            }
                             // Control plane down: keep trying the node we know.
                             Err(e) => tracing::warn!("re-join failed: {e}"),
                         }
@@ -145,7 +147,7 @@ impl Receiver {
             let before = self.shared.stats_mut().chunks_received;
             match self.serve(c, &mut stop).await {
                 SessionEnd::Stop => return Ok(()),
-                SessionEnd::Fatal(e) | SessionEnd::Lost(e) if self.made_progress(before) => {
+                SessionEnd::Ended(e) if self.made_progress(before) => {
                     // The session worked for a while: start over with a short delay.
                     failures = 0;
                     fresh_join = false;
@@ -155,7 +157,7 @@ impl Receiver {
                         return Err(err);
                     }
                 }
-                SessionEnd::Fatal(e) | SessionEnd::Lost(e) => {
+                SessionEnd::Ended(e) => {
                     failures += 1;
                     tracing::warn!("data-plane session ended: {e}");
                     if let Some(err) = self.classify(e, &mut need_rejoin, fresh_join) {
@@ -170,35 +172,25 @@ impl Receiver {
         self.shared.stats_mut().chunks_received > chunks_before
     }
 
-    /// Decides what an error means: `Some(err)` = stop with it; otherwise retry, maybe
-    /// after a re-join.
+    /// What the last `Join` has shown (see [`JoinState`]).
+    fn join_state(&self, fresh_join: bool) -> JoinState {
+        match (&self.control, fresh_join) {
+            (None, _) => JoinState::NoControlPlane,
+            (Some(_), true) => JoinState::Fresh,
+            (Some(_), false) => JoinState::Delivered,
+        }
+    }
+
+    /// Applies [`SdkError::recovery`]: `Some(err)` = stop with it; otherwise retry,
+    /// after a re-join if `need_rejoin` is set.
     fn classify(&self, e: SdkError, need_rejoin: &mut bool, fresh_join: bool) -> Option<SdkError> {
-        match &e {
-            SdkError::BroadcastEnded(_) | SdkError::VersionMismatch(_) | SdkError::Config(_) => {
-                Some(e)
-            }
-            SdkError::Server { code, .. } if *code == ErrorCode::BroadcastStopped => {
-                Some(SdkError::BroadcastEnded(e.to_string()))
-            }
-            // Revoked: no Join will help.
-            SdkError::Server { code, .. } if *code == ErrorCode::Revoked => Some(e),
-            SdkError::Server { code, .. } if is_fatal_code(*code) => {
-                // The node may have lost the broadcast (moved) or the token expired: a
-                // fresh Join can fix both, once.
-                if self.control.is_some() && !fresh_join {
-                    *need_rejoin = true;
-                    None
-                } else {
-                    Some(e)
-                }
-            }
-            SdkError::Server { code, .. } if *code == ErrorCode::ShuttingDown => {
-                if self.control.is_some() {
-                    *need_rejoin = true;
-                }
+        match e.recovery(self.join_state(fresh_join)) {
+            Recovery::Fatal => Some(e.into_final()),
+            Recovery::Rejoin => {
+                *need_rejoin = true;
                 None
             }
-            _ => None,
+            Recovery::Reconnect => None,
         }
     }
 
@@ -280,7 +272,7 @@ impl Receiver {
                         if !t.is_empty()
                             && let Err(e) = conn.send(&Frame::Token(t)).await
                         {
-                            break SessionEnd::Lost(e);
+                            break SessionEnd::Ended(e);
                         }
                     }
                     continue;
@@ -292,8 +284,8 @@ impl Receiver {
                 }
                 r = tokio::time::timeout(self.config.idle_timeout, conn.next_frame()) => match r {
                     Ok(Ok(f)) => f,
-                    Ok(Err(e)) => break SessionEnd::Lost(e),
-                    Err(_) => break SessionEnd::Lost(SdkError::Timeout("waiting for data")),
+                    Ok(Err(e)) => break SessionEnd::Ended(e),
+                    Err(_) => break SessionEnd::Ended(SdkError::Timeout("waiting for data")),
                 },
             };
             match frame {
@@ -336,7 +328,7 @@ impl Receiver {
                 Frame::Token(_) | Frame::Ticket(_) => {}
                 Frame::Ping(n) => {
                     if let Err(e) = conn.send(&Frame::Pong(n)).await {
-                        break SessionEnd::Lost(e);
+                        break SessionEnd::Ended(e);
                     }
                 }
                 // Peer-grid frames are not used on the data-plane session yet.
@@ -346,28 +338,14 @@ impl Receiver {
                     self.shared.stats_mut().live_seq = Some(info.live_seq);
                 }
                 Frame::Error(r) => {
-                    let e = SdkError::Server {
+                    break SessionEnd::Ended(SdkError::Server {
                         code: r.code,
                         message: r.message,
-                    };
-                    break if is_fatal_code(r.code) {
-                        SessionEnd::Fatal(e)
-                    } else {
-                        SessionEnd::Lost(e)
-                    };
+                    });
                 }
-                Frame::Goodbye(r) => {
-                    break if r.code == ErrorCode::BroadcastStopped {
-                        SessionEnd::Fatal(SdkError::BroadcastEnded(r.message))
-                    } else {
-                        SessionEnd::Lost(SdkError::Server {
-                            code: r.code,
-                            message: r.message,
-                        })
-                    };
-                }
+                Frame::Goodbye(r) => break SessionEnd::Ended(SdkError::goodbye(r)),
                 Frame::Hello(_) | Frame::HelloAck(_) | Frame::Subscribe(_) => {
-                    break SessionEnd::Lost(SdkError::Protocol(
+                    break SessionEnd::Ended(SdkError::Protocol(
                         "unexpected handshake frame mid-stream".into(),
                     ));
                 }
