@@ -47,9 +47,11 @@
 
 mod conn;
 mod control;
+mod control_url;
 mod error;
 mod http;
 mod hub;
+mod rejoin;
 mod relay;
 pub mod reorder;
 mod report;

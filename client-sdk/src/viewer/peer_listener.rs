@@ -52,13 +52,7 @@ async fn local_ip(listen: SocketAddr, control_url: &str) -> IpAddr {
     if !listen.ip().is_unspecified() {
         return listen.ip();
     }
-    let authority = control_url
-        .split("://")
-        .nth(1)
-        .unwrap_or(control_url)
-        .split('/')
-        .next()
-        .unwrap_or_default();
+    let authority = crate::control_url::authority(control_url);
     let authority = if authority
         .rsplit_once(':')
         .is_some_and(|(_, p)| p.parse::<u16>().is_ok())

@@ -15,7 +15,7 @@ use crate::conn::{self, OpenParams, WireConn};
 use crate::control::{Control, Offer};
 use crate::error::{JoinState, Recovery, SdkError};
 use crate::reorder::{Output, PushOutcome, ReorderBuffer};
-use crate::rights::{ChunkCheck, OwnToken};
+use crate::rights::ChunkCheck;
 use crate::shared::{Shared, stopped};
 
 /// The data-plane node this viewer receives from (changes on re-join).
@@ -207,34 +207,13 @@ impl Receiver {
             _ = stopped(stop) => return Ok(false),
             r = control.join(&offer) => r?,
         };
-        tracing::info!(
-            addr = join.wire_addr,
-            session = join.session_id,
-            "re-joined via the control plane"
-        );
-        let old = self
-            .shared
-            .replace_session(join.session_id.clone(), join.heartbeat);
-        if let Some(old) = old.filter(|o| o.id != join.session_id) {
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(3), control.leave(&old.id)).await;
-            });
-        }
+        crate::rejoin::adopt(&self.shared, &control, &join);
         if let Some(p) = &join.params {
             self.shared.hub.set_content_type(&p.content_type);
         }
-        self.shared.rights.rejoined(
-            OwnToken {
-                token: join.token.clone(),
-                expires_at_ms: join.token_expires_at_ms,
-            },
-            &join.token_keys,
-            &join.chunk_keys,
-        );
         self.target = Target {
             wire_addr: join.wire_addr,
         };
-        self.shared.stats_mut().rejoins += 1;
         Ok(true)
     }
 

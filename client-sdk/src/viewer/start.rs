@@ -3,11 +3,13 @@
 //! tasks (HTTP endpoint, heartbeat, reports, and either the plain receiver or the
 //! peer-grid relay engine).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use starling_proto::wire::StartAt;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
 use super::config::{ViewerConfig, report_interval};
 use super::handle::Viewer;
@@ -111,10 +113,7 @@ impl Viewer {
         shared.stats_mut().peer_id = Some(join.peer_id);
         let report_every = report_interval(&config, &join);
         let mut tasks = Vec::new();
-        let local_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
-        if let Some(listener) = listener {
-            tasks.push(tokio::spawn(http::serve(listener, shared.clone())));
-        }
+        let local_addr = spawn_http(listener, &shared, &mut tasks);
         let chunk_ms = join
             .params
             .as_ref()
@@ -219,10 +218,7 @@ impl Viewer {
     ) -> Viewer {
         let shared = new_shared(&config, started, control.as_ref().map(|(_, j)| j));
         let mut tasks = Vec::new();
-        let local_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
-        if let Some(listener) = listener {
-            tasks.push(tokio::spawn(http::serve(listener, shared.clone())));
-        }
+        let local_addr = spawn_http(listener, &shared, &mut tasks);
         let report_every = control.as_ref().map(|(_, j)| report_interval(&config, j));
         let control = control.map(|(c, _)| c);
         if let Some(c) = &control {
@@ -259,6 +255,18 @@ impl Viewer {
             left: false,
         }
     }
+}
+
+/// Spawns the local HTTP endpoint on `listener`, if any; returns its address.
+fn spawn_http(
+    listener: Option<TcpListener>,
+    shared: &Arc<Shared>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Option<SocketAddr> {
+    let listener = listener?;
+    let addr = listener.local_addr().ok();
+    tasks.push(tokio::spawn(http::serve(listener, shared.clone())));
+    addr
 }
 
 fn new_shared(config: &ViewerConfig, started: Instant, join: Option<&JoinInfo>) -> Arc<Shared> {
