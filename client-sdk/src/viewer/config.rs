@@ -18,11 +18,11 @@ use crate::reorder::ReorderConfig;
 pub struct ViewerConfig {
     /// The broadcast to play.
     pub broadcast_id: String,
-    /// gRPC URL of the control plane (used by [`Viewer::join`]).
+    /// gRPC URL of the control plane (used by [`Viewer::join`](crate::Viewer::join)).
     pub control_url: String,
     /// Viewer credential (JWT from the broadcaster's backend), passed to `Join`.
     pub credential: Option<String>,
-    /// Chunk token for [`Viewer::connect_direct`] (`Join` supplies its own).
+    /// Chunk token for [`Viewer::connect_direct`](crate::Viewer::connect_direct) (`Join` supplies its own).
     pub chunk_token: Bytes,
     /// Where the local HTTP endpoint listens; `None` disables it.
     pub http_listen: Option<SocketAddr>,
@@ -56,14 +56,14 @@ pub struct ViewerConfig {
     /// player at its earliest observed availability plus this much, which leaves time
     /// for tree delivery, mesh repair and a last-resort fetch from the data plane.
     /// Default 2 s (the scheduler's default; the p99 lag bar is 3 s). Viewers without a
-    /// grid assignment ([`Viewer::connect_direct`], older control planes) play as soon
+    /// grid assignment ([`Viewer::connect_direct`](crate::Viewer::connect_direct), older control planes) play as soon
     /// as chunks are in order, as before.
     pub target_lag: Duration,
     /// How often to send a quality report (`ViewerService.Report`). `None`: the
     /// interval `Join` returns, or 5 s if it returns none.
     pub report_interval: Option<Duration>,
     /// Most reports kept while the control plane is unreachable; beyond it the oldest
-    /// are dropped (and counted in [`Stats::reports_dropped`]).
+    /// are dropped (and counted in [`Stats::reports_dropped`](crate::Stats::reports_dropped)).
     pub report_queue: usize,
     /// Clock-skew tolerance when checking the chunk tokens of peers that connect to us
     /// (not yet valid / expired). Default 5 s.
