@@ -64,22 +64,7 @@ async fn open_inner(p: &OpenParams<'_>) -> Result<WireConn, SdkError> {
             addr: p.addr.to_string(),
             source: e.into(),
         })?;
-    // Chunks are written whole; small control frames should not wait for Nagle.
-    let _ = stream.set_nodelay(true);
-    let mut conn = WireConn {
-        stream,
-        decoder: Decoder::new(p.limits),
-        buf: BytesMut::with_capacity(READ_CHUNK),
-        info: StreamInfo {
-            broadcast_id: String::new(),
-            content_type: String::new(),
-            chunk_duration_ms: 0,
-            substreams: 0,
-            first_seq: 0,
-            live_seq: 0,
-        },
-        addr: p.addr.to_string(),
-    };
+    let mut conn = WireConn::new(stream, p.limits, p.addr.to_string());
     conn.send(&Frame::Hello(Hello {
         min_version: MIN_PROTOCOL_VERSION,
         max_version: PROTOCOL_VERSION,
@@ -135,13 +120,7 @@ fn unexpected(frame: Frame, wanted: &str) -> SdkError {
             code: r.code,
             message: r.message,
         },
-        Frame::Goodbye(r) if r.code == ErrorCode::BroadcastStopped => {
-            SdkError::BroadcastEnded(r.message)
-        }
-        Frame::Goodbye(r) => SdkError::Server {
-            code: r.code,
-            message: r.message,
-        },
+        Frame::Goodbye(r) => SdkError::goodbye(r),
         other => SdkError::Protocol(format!(
             "expected {wanted}, got frame type 0x{:02x}",
             frame_code(&other)
@@ -219,6 +198,12 @@ impl WireConn {
     /// A connection accepted by the peer listener (the handshake is run by the caller
     /// with [`WireConn::next_frame`] / [`WireConn::send`]).
     pub(crate) fn accepted(stream: TcpStream, limits: Limits, addr: String) -> WireConn {
+        WireConn::new(stream, limits, addr)
+    }
+
+    /// A connection on `stream` before its handshake (no stream info yet).
+    fn new(stream: TcpStream, limits: Limits, addr: String) -> WireConn {
+        // Chunks are written whole; small control frames should not wait for Nagle.
         let _ = stream.set_nodelay(true);
         WireConn {
             stream,

@@ -154,13 +154,7 @@ pub(crate) fn control_bind_ip(relay_listen: IpAddr, control_url: &str) -> Option
     if relay_listen.is_unspecified() {
         return None;
     }
-    let authority = control_url
-        .split("://")
-        .nth(1)
-        .unwrap_or(control_url)
-        .split('/')
-        .next()
-        .unwrap_or_default();
+    let authority = crate::control_url::authority(control_url);
     let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
     let host = match host.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or_default(),

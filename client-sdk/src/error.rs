@@ -1,8 +1,9 @@
-//! The SDK's error type.
+//! The SDK's error type, and the one classification of what the SDK does after an
+//! error on a viewer's data-plane connection ([`SdkError::recovery`]).
 
 use std::sync::Arc;
 
-use starling_proto::wire::{ErrorCode, WireError};
+use starling_proto::wire::{ErrorCode, Reason, WireError};
 
 /// Everything that can go wrong in the SDK.
 ///
@@ -128,6 +129,123 @@ impl SdkError {
     }
 }
 
+/// What the SDK does after an error on a viewer's data-plane connection (or a failed
+/// re-`Join`). The one classification the plain receiver and the relay engine share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Recovery {
+    /// Stop the viewer with [`SdkError::into_final`] of the error: no reconnect and no
+    /// `Join` can help (the broadcast ended, this viewer is revoked, the node of a
+    /// fresh `Join` refused it again, the configuration or the control plane's answer
+    /// to `Join` rules it out).
+    Fatal,
+    /// Call `Join` again before the next connection attempt: this node or this token
+    /// cannot serve the viewer any more (the node lost the broadcast, is shutting down
+    /// or speaks no version of ours; the token expired or is refused), while a fresh
+    /// `Join` names the broadcast's node now and issues a new token.
+    Rejoin,
+    /// Reconnect to the same node after the back-off: a transport failure or a
+    /// transient refusal. Counted as a failure: after `rejoin_after_failures` in a row
+    /// the viewer re-joins anyway (with a control plane; the broadcast may have moved).
+    Reconnect,
+}
+
+/// What the viewer's last `Join` has shown, which decides whether another one can fix
+/// a refusal ([`SdkError::recovery`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JoinState {
+    /// No control plane ([`crate::Viewer::connect_direct`]): there is nothing to re-join.
+    NoControlPlane,
+    /// `Join` answered and the data plane has delivered no chunk since: a refusal now
+    /// comes from the node and token that `Join` just gave, so another `Join` would
+    /// be refused alike.
+    Fresh,
+    /// The data plane has delivered since the last `Join`: the node or the token may
+    /// have changed since, so one more `Join` may fix a refusal.
+    Delivered,
+}
+
+impl SdkError {
+    /// What to do after this error on a data-plane connection (or a re-`Join`), given
+    /// what the last `Join` has shown:
+    ///
+    /// - [`Recovery::Fatal`]: the broadcast ended ([`SdkError::BroadcastEnded`],
+    ///   `BROADCAST_STOPPED`); `REVOKED` (no `Join` will help); a refusal of this node
+    ///   or token (`UNKNOWN_BROADCAST`, `UNAUTHORIZED`, `TOKEN_EXPIRED`,
+    ///   `UNSUPPORTED_VERSION`, or [`SdkError::VersionMismatch`] found by the SDK) right
+    ///   after a fresh `Join` or without a control plane; errors no retry changes
+    ///   ([`SdkError::Config`], [`SdkError::SessionInactive`], binds); a control-plane
+    ///   rejection [`SdkError::is_fatal`] calls fatal (`NOT_FOUND`, `PERMISSION_DENIED`...).
+    /// - [`Recovery::Rejoin`]: that refusal of this node or token after the data plane
+    ///   delivered (once: the `Join` makes the state [`JoinState::Fresh`]);
+    ///   `SHUTTING_DOWN` with a control plane (the broadcast moves to another node).
+    /// - [`Recovery::Reconnect`]: everything else: transport errors (connect, I/O,
+    ///   EOF, time-outs, malformed or unexpected frames), transient refusals
+    ///   (`SERVER_BUSY`, `TOO_SLOW`, `IDLE_TIMEOUT`, unknown codes...), `SHUTTING_DOWN`
+    ///   without a control plane, and a control plane that is unreachable or answers
+    ///   unusably.
+    pub(crate) fn recovery(&self, join: JoinState) -> Recovery {
+        // A refusal of this node or token: a `Join` may fix it once, not twice.
+        let rejoin_once = match join {
+            JoinState::Delivered => Recovery::Rejoin,
+            JoinState::Fresh | JoinState::NoControlPlane => Recovery::Fatal,
+        };
+        match self {
+            SdkError::Server {
+                code: ErrorCode::BroadcastStopped | ErrorCode::Revoked,
+                ..
+            } => Recovery::Fatal,
+            SdkError::Server { code, .. } if is_fatal_code(*code) => rejoin_once,
+            SdkError::Server { code, .. } if *code == ErrorCode::ShuttingDown => match join {
+                JoinState::NoControlPlane => Recovery::Reconnect,
+                JoinState::Fresh | JoinState::Delivered => Recovery::Rejoin,
+            },
+            SdkError::Server { .. } => Recovery::Reconnect,
+            // The same fact as `UNSUPPORTED_VERSION`, found on our side of the handshake.
+            SdkError::VersionMismatch(_) => rejoin_once,
+            SdkError::BroadcastEnded(_)
+            | SdkError::Config(_)
+            | SdkError::SessionInactive
+            | SdkError::HttpBind { .. }
+            | SdkError::PeerBind { .. } => Recovery::Fatal,
+            SdkError::ControlRejected { .. } if self.is_fatal() => Recovery::Fatal,
+            SdkError::ControlRejected { .. }
+            | SdkError::ControlUnavailable(_)
+            | SdkError::ControlResponse(_)
+            | SdkError::Connect { .. }
+            | SdkError::Wire(_)
+            | SdkError::Protocol(_)
+            | SdkError::Timeout(_)
+            | SdkError::Closed
+            | SdkError::Io(_) => Recovery::Reconnect,
+        }
+    }
+
+    /// The error a viewer stops with after [`Recovery::Fatal`]: a data-plane refusal
+    /// because the broadcast stopped reads as [`SdkError::BroadcastEnded`].
+    pub(crate) fn into_final(self) -> SdkError {
+        match self {
+            SdkError::Server {
+                code: ErrorCode::BroadcastStopped,
+                ..
+            } => SdkError::BroadcastEnded(self.to_string()),
+            e => e,
+        }
+    }
+
+    /// A data-plane `GOODBYE` as an error: `BROADCAST_STOPPED` reads as
+    /// [`SdkError::BroadcastEnded`], any other reason as [`SdkError::Server`].
+    pub(crate) fn goodbye(reason: Reason) -> SdkError {
+        if reason.code == ErrorCode::BroadcastStopped {
+            SdkError::BroadcastEnded(reason.message)
+        } else {
+            SdkError::Server {
+                code: reason.code,
+                message: reason.message,
+            }
+        }
+    }
+}
+
 /// Wire error codes after which reconnecting to the same node with the same token is
 /// pointless (a fresh `Join` may still help, except after [`ErrorCode::Revoked`]).
 pub(crate) fn is_fatal_code(code: ErrorCode) -> bool {
@@ -140,4 +258,174 @@ pub(crate) fn is_fatal_code(code: ErrorCode) -> bool {
             | ErrorCode::Revoked
             | ErrorCode::UnsupportedVersion
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use JoinState::{Delivered, Fresh, NoControlPlane};
+    use Recovery::{Fatal, Reconnect, Rejoin};
+
+    const ALL: [JoinState; 3] = [NoControlPlane, Fresh, Delivered];
+
+    fn refused(code: ErrorCode) -> SdkError {
+        SdkError::Server {
+            code,
+            message: "no".into(),
+        }
+    }
+
+    /// The recovery in each join state, in the order of [`ALL`].
+    fn recoveries(e: &SdkError) -> [Recovery; 3] {
+        ALL.map(|j| e.recovery(j))
+    }
+
+    #[test]
+    fn version_mismatch_rejoins_once_then_stops() {
+        // Changed for the relay engine, which reconnected (and re-joined) forever.
+        let e = SdkError::VersionMismatch(9);
+        assert_eq!(recoveries(&e), [Fatal, Fatal, Rejoin]);
+        // Found by the SDK or by the server: the same answer.
+        let e = refused(ErrorCode::UnsupportedVersion);
+        assert_eq!(recoveries(&e), [Fatal, Fatal, Rejoin]);
+    }
+
+    #[test]
+    fn refusals_of_node_or_token_rejoin_once_then_stop() {
+        // UNKNOWN_BROADCAST after a fresh Join: the relay engine re-joined forever.
+        for code in [
+            ErrorCode::UnknownBroadcast,
+            ErrorCode::Unauthorized,
+            ErrorCode::TokenExpired,
+        ] {
+            assert_eq!(
+                recoveries(&refused(code)),
+                [Fatal, Fatal, Rejoin],
+                "{code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn broadcast_stopped_is_fatal_and_reads_as_ended() {
+        let e = refused(ErrorCode::BroadcastStopped);
+        assert_eq!(recoveries(&e), [Fatal; 3]);
+        assert!(matches!(e.into_final(), SdkError::BroadcastEnded(_)));
+        let e = SdkError::BroadcastEnded("bye".into());
+        assert_eq!(recoveries(&e), [Fatal; 3]);
+        assert!(matches!(e.into_final(), SdkError::BroadcastEnded(m) if m == "bye"));
+    }
+
+    #[test]
+    fn revoked_is_fatal_even_after_delivery() {
+        let e = refused(ErrorCode::Revoked);
+        assert_eq!(recoveries(&e), [Fatal; 3]);
+        assert_eq!(e.into_final().server_code(), Some(ErrorCode::Revoked));
+    }
+
+    #[test]
+    fn shutting_down_rejoins_with_a_control_plane() {
+        let e = refused(ErrorCode::ShuttingDown);
+        assert_eq!(recoveries(&e), [Reconnect, Rejoin, Rejoin]);
+    }
+
+    #[test]
+    fn transient_refusals_reconnect() {
+        for code in [
+            ErrorCode::ServerBusy,
+            ErrorCode::TooSlow,
+            ErrorCode::IdleTimeout,
+            ErrorCode::SeqOutOfWindow,
+            ErrorCode::MalformedFrame,
+            ErrorCode::UnexpectedFrame,
+            ErrorCode::BadChunk,
+            ErrorCode::Normal,
+            ErrorCode::Internal,
+            ErrorCode::Other(999),
+        ] {
+            assert_eq!(recoveries(&refused(code)), [Reconnect; 3], "{code:?}");
+        }
+    }
+
+    #[test]
+    fn transport_errors_reconnect() {
+        let io = || Arc::new(std::io::Error::other("reset"));
+        for e in [
+            SdkError::Connect {
+                addr: "a:1".into(),
+                source: io(),
+            },
+            SdkError::Io(io()),
+            SdkError::Closed,
+            SdkError::Timeout("waiting for data"),
+            SdkError::Protocol("unexpected frame".into()),
+            SdkError::Wire(WireError::UnknownFrameType(0x7f)),
+        ] {
+            assert_eq!(recoveries(&e), [Reconnect; 3], "{e}");
+        }
+    }
+
+    #[test]
+    fn errors_no_retry_changes_are_fatal() {
+        // Changed for the relay engine, which reconnected after a `Config` error (the
+        // data-plane path produces none today).
+        let io = || Arc::new(std::io::Error::other("in use"));
+        for e in [
+            SdkError::Config("bad".into()),
+            SdkError::SessionInactive,
+            SdkError::HttpBind {
+                addr: "a:1".into(),
+                source: io(),
+            },
+            SdkError::PeerBind {
+                addr: "a:1".into(),
+                source: io(),
+            },
+        ] {
+            assert_eq!(recoveries(&e), [Fatal; 3], "{e}");
+        }
+    }
+
+    #[test]
+    fn failed_rejoins_stop_only_on_a_final_rejection() {
+        let rejected = |code| SdkError::ControlRejected {
+            call: "Join",
+            code,
+            message: "no".into(),
+        };
+        for code in [
+            tonic::Code::NotFound,
+            tonic::Code::PermissionDenied,
+            tonic::Code::Unauthenticated,
+            tonic::Code::FailedPrecondition,
+            tonic::Code::InvalidArgument,
+        ] {
+            assert_eq!(recoveries(&rejected(code)), [Fatal; 3], "{code:?}");
+        }
+        for e in [
+            rejected(tonic::Code::Internal),
+            rejected(tonic::Code::ResourceExhausted),
+            SdkError::ControlUnavailable("down".into()),
+            SdkError::ControlResponse("no address".into()),
+        ] {
+            assert_eq!(recoveries(&e), [Reconnect; 3], "{e}");
+        }
+    }
+
+    #[test]
+    fn goodbye_maps_broadcast_stopped_to_ended() {
+        let r = |code| Reason {
+            code,
+            message: "m".into(),
+        };
+        assert!(matches!(
+            SdkError::goodbye(r(ErrorCode::BroadcastStopped)),
+            SdkError::BroadcastEnded(m) if m == "m"
+        ));
+        assert_eq!(
+            SdkError::goodbye(r(ErrorCode::ShuttingDown)).server_code(),
+            Some(ErrorCode::ShuttingDown)
+        );
+    }
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::hub::Subscription;
-use crate::viewer::{Shared, stopped};
+use crate::shared::{Shared, stopped};
 
 type HttpBody = UnsyncBoxBody<Bytes, Infallible>;
 

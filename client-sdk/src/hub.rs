@@ -9,11 +9,12 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use starling_proto::wire::Chunk;
 use tokio::sync::mpsc;
 
@@ -65,24 +66,18 @@ impl Hub {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave `Inner` inconsistent in a way
-        // that matters more than stopping the stream would.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     pub(crate) fn set_content_type(&self, ct: &str) {
         if ct.is_empty() {
             return;
         }
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         if g.content_type.as_deref() != Some(ct) {
             g.content_type = Some(ct.to_string());
         }
     }
 
     pub(crate) fn content_type(&self) -> Option<String> {
-        self.lock().content_type.clone()
+        self.inner.lock().content_type.clone()
     }
 
     /// Adds a consumer. It starts with the history from the newest random-access chunk
@@ -90,7 +85,7 @@ impl Hub {
     pub(crate) fn subscribe(&self) -> Subscription {
         let (tx, rx) = mpsc::channel(self.limits.queue_chunks);
         let drops = Arc::new(AtomicU64::new(0));
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         if g.closed {
             drop(tx);
             return Subscription { rx, drops };
@@ -118,7 +113,7 @@ impl Hub {
 
     /// Publishes the next in-order chunk to every consumer.
     pub(crate) fn publish(&self, chunk: Chunk) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         if g.closed {
             return;
         }
@@ -161,7 +156,7 @@ impl Hub {
     /// The stream jumped: consumers resume at the next random-access chunk, and the
     /// history (which would splice both sides of the jump) is dropped.
     pub(crate) fn discontinuity(&self) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.history.clear();
         g.history_bytes = 0;
         for c in &mut g.consumers {
@@ -171,7 +166,7 @@ impl Hub {
 
     /// Ends every consumer's stream (after it drains its queue).
     pub(crate) fn close(&self) {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.closed = true;
         g.consumers.clear();
         g.history.clear();
@@ -179,7 +174,7 @@ impl Hub {
     }
 
     pub(crate) fn consumers(&self) -> usize {
-        let mut g = self.lock();
+        let mut g = self.inner.lock();
         g.consumers.retain(|c| !c.tx.is_closed());
         g.consumers.len()
     }

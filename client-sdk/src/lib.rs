@@ -47,13 +47,17 @@
 
 mod conn;
 mod control;
+mod control_url;
 mod error;
 mod http;
 mod hub;
+mod rejoin;
 mod relay;
 pub mod reorder;
 mod report;
+mod report_queue;
 mod rights;
+mod shared;
 mod stats;
 mod viewer;
 

@@ -10,7 +10,6 @@
 //! and on `leave` after the final one; the control plane ignores a `report_seq` it
 //! already has, so retries are idempotent.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,110 +18,10 @@ use starling_proto::v1::ViewerReport;
 use crate::control::Control;
 use crate::error::SdkError;
 use crate::rights::unix_ms;
-use crate::viewer::{Shared, stopped};
+use crate::shared::{Shared, stopped};
 
-/// Most reports sent in one call.
-const BATCH: usize = 32;
 /// Limit of one `Report` call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The counters a session's reports start from (a re-join starts a new session).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Baseline {
-    pub bytes_from_server: u64,
-    pub bytes_from_peers: u64,
-    pub bytes_uploaded: u64,
-    pub stalls: u64,
-    pub stall_ms: u64,
-    pub parent_changes: u64,
-    pub chunks_played: u64,
-    pub chunks_skipped: u64,
-}
-
-impl Baseline {
-    pub(crate) fn of(s: &crate::Stats) -> Baseline {
-        Baseline {
-            bytes_from_server: s.bytes_from_server,
-            bytes_from_peers: s.bytes_from_peers,
-            bytes_uploaded: s.bytes_uploaded,
-            stalls: s.stalls,
-            stall_ms: u64::try_from(s.stall_time.as_millis()).unwrap_or(u64::MAX),
-            parent_changes: s.parent_changes,
-            chunks_played: s.chunks_played,
-            chunks_skipped: s.chunks_skipped,
-        }
-    }
-}
-
-/// Reports waiting to be sent, each with its session.
-#[derive(Debug)]
-pub(crate) struct ReportQueue {
-    queue: VecDeque<(String, ViewerReport)>,
-    cap: usize,
-    /// The session `next_seq` counts for.
-    session: String,
-    next_seq: u64,
-    /// The control plane does not implement `Report`: nothing is queued any more.
-    disabled: bool,
-}
-
-impl ReportQueue {
-    pub(crate) fn new(cap: usize) -> ReportQueue {
-        ReportQueue {
-            queue: VecDeque::new(),
-            cap: cap.max(1),
-            session: String::new(),
-            next_seq: 1,
-            disabled: false,
-        }
-    }
-
-    /// Appends a report; returns how many old ones were dropped to make room.
-    fn push(&mut self, session: &str, mut r: ViewerReport) -> u64 {
-        if self.disabled {
-            return 0;
-        }
-        if self.session != session {
-            self.session = session.to_string();
-            self.next_seq = 1;
-        }
-        r.report_seq = self.next_seq;
-        self.next_seq += 1;
-        self.queue.push_back((session.to_string(), r));
-        let mut dropped = 0;
-        while self.queue.len() > self.cap {
-            self.queue.pop_front();
-            dropped += 1;
-        }
-        dropped
-    }
-
-    /// The oldest reports of the oldest session, up to [`BATCH`].
-    fn batch(&self) -> Option<(String, Vec<ViewerReport>)> {
-        let (session, _) = self.queue.front()?;
-        let reports = self
-            .queue
-            .iter()
-            .take_while(|(s, _)| s == session)
-            .take(BATCH)
-            .map(|(_, r)| *r)
-            .collect();
-        Some((session.clone(), reports))
-    }
-
-    /// Removes `session`'s reports up to `acked`; returns how many.
-    fn ack(&mut self, session: &str, acked: u64) -> u64 {
-        let before = self.queue.len();
-        self.queue
-            .retain(|(s, r)| !(s == session && r.report_seq <= acked));
-        (before - self.queue.len()) as u64
-    }
-
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.queue.len()
-    }
-}
 
 /// Builds a report from the current counters and queues it.
 pub(crate) fn enqueue(shared: &Shared, final_report: bool) {
@@ -189,9 +88,7 @@ pub(crate) async fn flush(control: &Control, shared: &Shared) -> bool {
                 ..
             })) => {
                 tracing::info!("control plane does not take reports: not reporting");
-                let mut q = shared.reports();
-                q.disabled = true;
-                q.queue.clear();
+                shared.reports().disable();
                 return true;
             }
             Ok(Err(e)) => {
@@ -222,54 +119,5 @@ pub(crate) async fn report_loop(control: Control, shared: Arc<Shared>, interval:
         // `leave` waits up to 2 s for this task (a call ends within CALL_TIMEOUT; a
         // control plane slower than that may see a report twice, which it ignores).
         flush(&control, &shared).await;
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn queue_numbers_bounds_and_acks() {
-        let mut q = ReportQueue::new(3);
-        for _ in 0..4 {
-            q.push("s1", ViewerReport::default());
-        }
-        assert_eq!(q.len(), 3);
-        let (s, b) = q.batch().unwrap();
-        assert_eq!(s, "s1");
-        assert_eq!(
-            b.iter().map(|r| r.report_seq).collect::<Vec<_>>(),
-            vec![2, 3, 4]
-        );
-        assert_eq!(q.ack("s1", 3), 2);
-        // A new session numbers from 1 again; batches never mix sessions.
-        q.push("s2", ViewerReport::default());
-        let (s, b) = q.batch().unwrap();
-        assert_eq!((s.as_str(), b.len()), ("s1", 1));
-        q.ack("s1", 4);
-        let (s, b) = q.batch().unwrap();
-        assert_eq!((s.as_str(), b[0].report_seq), ("s2", 1));
-    }
-
-    #[test]
-    fn unacknowledged_reports_stay_until_acked() {
-        let mut q = ReportQueue::new(8);
-        for _ in 0..3 {
-            q.push("s1", ViewerReport::default());
-        }
-        // The control plane has committed only up to 1 (or nothing: ack 0).
-        assert_eq!(q.ack("s1", 0), 0);
-        assert_eq!(q.ack("s1", 1), 1);
-        // The rest is sent again, in order, together with what is queued later.
-        q.push("s1", ViewerReport::default());
-        let (_, b) = q.batch().unwrap();
-        assert_eq!(
-            b.iter().map(|r| r.report_seq).collect::<Vec<_>>(),
-            vec![2, 3, 4]
-        );
-        assert_eq!(q.ack("s1", 4), 3);
-        assert!(q.batch().is_none());
     }
 }

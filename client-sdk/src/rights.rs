@@ -8,11 +8,12 @@
 //! holding a lock.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
 use starling_proto::integrity::{
     self, ChunkMeta, ChunkVerifier, IntegrityError, VerifiedSignatures,
 };
@@ -193,7 +194,7 @@ impl Rights {
     }
 
     fn pinned(&self) -> Option<u32> {
-        *self.pinned.lock().unwrap_or_else(|e| e.into_inner())
+        *self.pinned.lock()
     }
 
     // ----- early key refreshes -----------------------------------------------------
@@ -235,7 +236,7 @@ impl Rights {
     }
 
     fn keys(&self) -> Arc<Keys> {
-        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.keys.read().clone()
     }
 
     /// Replaces the key sets that are given (an empty list keeps the current set).
@@ -243,7 +244,7 @@ impl Rights {
         if token_keys.is_empty() && chunk_keys.is_empty() {
             return;
         }
-        let mut guard = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.keys.write();
         let mut k = Keys::clone(&guard);
         if !token_keys.is_empty() {
             k.tokens = build_tokens(token_keys);
@@ -268,7 +269,7 @@ impl Rights {
         chunk_keys: &[KeyMaterial],
     ) {
         {
-            let mut guard = self.keys.write().unwrap_or_else(|e| e.into_inner());
+            let mut guard = self.keys.write();
             let mut k = Keys::clone(&guard);
             if !token_keys.is_empty() {
                 k.tokens = build_tokens(token_keys);
@@ -276,7 +277,7 @@ impl Rights {
             k.enforce_tokens = k.enforce_tokens || !token.token.is_empty();
             if let Some((id, _)) = chunk_keys.first() {
                 // The node this Join sent us to ingests the broadcast now.
-                *self.pinned.lock().unwrap_or_else(|e| e.into_inner()) = Some(*id);
+                *self.pinned.lock() = Some(*id);
             }
             if !chunk_keys.is_empty() {
                 k.chunks = Some(build_chunks(
@@ -406,7 +407,7 @@ impl Rights {
     }
 
     pub(crate) fn revoke(&self, ids: &[u64]) {
-        let mut g = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.revoked.lock();
         let (set, order) = &mut *g;
         for &id in ids {
             if set.insert(id) {
@@ -421,11 +422,7 @@ impl Rights {
     }
 
     pub(crate) fn is_revoked(&self, id: u64) -> bool {
-        self.revoked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .contains(&id)
+        self.revoked.lock().0.contains(&id)
     }
 
     // ----- chunks ------------------------------------------------------------------

@@ -6,9 +6,10 @@
 
 mod common;
 
+use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -192,7 +193,7 @@ mod fake_grid {
             if req.broadcast_id != self.broadcast {
                 return Err(Status::not_found("no such broadcast"));
             }
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             let i = st.joins.len();
             let plan = self
                 .plans
@@ -245,7 +246,7 @@ mod fake_grid {
             req: Request<HeartbeatRequest>,
         ) -> Result<Response<HeartbeatResponse>, Status> {
             let req = req.into_inner();
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             let ps = st.parents.get(&req.session_id).cloned().unwrap_or_default();
             let ns = st
                 .neighbours
@@ -277,11 +278,7 @@ mod fake_grid {
             &self,
             req: Request<LeaveRequest>,
         ) -> Result<Response<LeaveResponse>, Status> {
-            self.state
-                .lock()
-                .unwrap()
-                .leaves
-                .push(req.into_inner().session_id);
+            self.state.lock().leaves.push(req.into_inner().session_id);
             Ok(Response::new(LeaveResponse {}))
         }
 
@@ -292,7 +289,6 @@ mod fake_grid {
             let req = req.into_inner();
             self.state
                 .lock()
-                .unwrap()
                 .report_peers
                 .push((req.session_id, req.peer_id, req.reason));
             Ok(Response::new(ReportPeerResponse {}))
@@ -314,7 +310,7 @@ mod fake_grid {
             req: Request<ReparentRequest>,
         ) -> Result<Response<ReparentResponse>, Status> {
             let req = req.into_inner();
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock();
             if let Some(ps) = st.parents.get_mut(&req.session_id)
                 && let Some(p) = ps.get_mut(req.substream as usize)
             {
@@ -627,7 +623,7 @@ async fn tree_relays_refuses_beyond_slots_and_survives_parent_leaving() {
         assert!(s.bytes_from_server > sb.bytes_from_server.min(sc.bytes_from_server));
     }
     {
-        let st = cp.state.lock().unwrap();
+        let st = cp.state.lock();
         for session in ["s3", "s4"] {
             let subs: BTreeSet<u32> = st
                 .reparents
@@ -648,7 +644,6 @@ async fn tree_relays_refuses_beyond_slots_and_survives_parent_leaving() {
     assert!(
         dp.log
             .lock()
-            .unwrap()
             .subscribes
             .iter()
             .filter(|(_, m)| *m != 0)
@@ -719,7 +714,7 @@ async fn chunk_missing_from_the_parent_is_pulled_from_a_neighbour() {
         "pulled from the data plane instead of the neighbour: {from_server:?}"
     );
     assert!(
-        cp.state.lock().unwrap().reparents.is_empty(),
+        cp.state.lock().reparents.is_empty(),
         "a few lost chunks are not a reason to re-parent"
     );
     e.leave().await.unwrap();
@@ -903,7 +898,7 @@ async fn signed_chunks_verify_play_and_relay_with_tokens_renewed() {
     // Heartbeats renew the token every 200 ms: the data plane gets TOKEN frames, and
     // A keeps B (its renewals are accepted).
     wait_until("TOKEN frames at the data plane", || {
-        dp.log.lock().unwrap().token_frames.len() >= 2
+        dp.log.lock().token_frames.len() >= 2
     })
     .await;
     let sb = wait_played(&b, sb.chunks_played + 10).await;
@@ -923,11 +918,11 @@ async fn signed_chunks_verify_play_and_relay_with_tokens_renewed() {
     assert_eq!(sa.children, 1, "{sa:?}");
     assert_eq!(sa.peers_refused, 0, "{sa:?}");
     // Every HELLO to the data plane carried a token of the fake control plane.
-    for t in dp.log.lock().unwrap().hello_tokens.iter() {
+    for t in dp.log.lock().hello_tokens.iter() {
         let (_, claims) = starling_proto::token::peek_unverified(t).unwrap();
         assert_eq!(claims.broadcast_id, "s1");
     }
-    assert!(cp.state.lock().unwrap().report_peers.is_empty());
+    assert!(cp.state.lock().report_peers.is_empty());
     b.leave().await.unwrap();
     a.leave().await.unwrap();
     assert_identical(&out.await.unwrap(), "B");
@@ -994,13 +989,13 @@ async fn polluting_parents_are_dropped_reported_and_replaced_without_a_gap() {
     assert!(se.chunks_verified > 0 && se.chunks_unverified == 0, "{se}");
     // Both polluters were told why and disconnected, and never dialled again.
     for (who, m, bad) in [("98", &m1, corrupt), ("99", &m2, forge)] {
-        let log = m.log.lock().unwrap();
+        let log = m.log.lock();
         assert_eq!(log.bad_sent, vec![bad], "{who}");
         assert_eq!(log.closes, vec![ErrorCode::BadChunk], "{who}");
         assert_eq!(log.connections, 1, "{who} was dialled again");
     }
     {
-        let st = cp.state.lock().unwrap();
+        let st = cp.state.lock();
         let mut reported: Vec<u64> = st
             .report_peers
             .iter()
@@ -1135,7 +1130,7 @@ async fn revoked_peers_lose_their_links_and_are_refused() {
     p.expect_accepted("77").await;
 
     // The control plane revokes peer 77 and A (peer 1).
-    cp.state.lock().unwrap().revoked = vec![77, 1];
+    cp.state.lock().revoked = vec![77, 1];
     // A closes its link with 77...
     assert_eq!(p.closed_with().await, Some(ErrorCode::Revoked));
     // ... and refuses it from now on.
@@ -1147,7 +1142,7 @@ async fn revoked_peers_lose_their_links_and_are_refused() {
     );
     // B drops A and re-parents every substream away from it.
     wait_until("B re-parenting away from A", || {
-        let st = cp.state.lock().unwrap();
+        let st = cp.state.lock();
         let subs: BTreeSet<u32> = st
             .reparents
             .iter()

@@ -102,7 +102,7 @@ async fn a_relay_forwarding_a_new_nodes_chunks_is_not_banned() {
     );
     assert!(cp.reports().is_empty(), "{:?}", cp.reports());
     assert!(
-        cp.log.lock().unwrap().reparents.is_empty(),
+        cp.log.lock().reparents.is_empty(),
         "the parent was not left"
     );
     // The parent keeps feeding its substreams.

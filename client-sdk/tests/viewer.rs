@@ -4,9 +4,10 @@
 
 mod common;
 
+use parking_lot::Mutex;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Fixture, Script};
@@ -64,13 +65,13 @@ async fn bytes_out_are_the_chunks_in_order() {
     viewer.leave().await.unwrap();
     // The SDK answered the fixture's PING (the fixture reads after sending).
     tokio::time::timeout(GUARD, async {
-        while fx.log.lock().unwrap().pongs.is_empty() {
+        while fx.log.lock().pongs.is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
     .expect("no PONG");
-    assert_eq!(fx.log.lock().unwrap().pongs, vec![7]);
+    assert_eq!(fx.log.lock().pongs, vec![7]);
 }
 
 #[tokio::test]
@@ -131,7 +132,7 @@ async fn hello_refusal_is_a_typed_error_and_token_is_sent() {
         .unwrap_err();
     assert_eq!(err.server_code(), Some(ErrorCode::Unauthorized));
     assert_eq!(
-        fx.log.lock().unwrap().tokens,
+        fx.log.lock().tokens,
         vec![bytes::Bytes::from_static(b"tok-123")]
     );
 }
@@ -303,7 +304,7 @@ mod fake_control {
                 return Err(Status::unavailable("database down"));
             }
             let req = req.into_inner();
-            let mut all = self.reports.lock().unwrap();
+            let mut all = self.reports.lock();
             for r in &req.reports {
                 all.push((req.session_id.clone(), *r));
             }
@@ -322,7 +323,7 @@ mod fake_control {
                 return Err(Status::not_found("no such broadcast"));
             }
             let n = {
-                let mut j = self.joins.lock().unwrap();
+                let mut j = self.joins.lock();
                 j.push(req.clone());
                 j.len()
             };
@@ -346,10 +347,7 @@ mod fake_control {
             &self,
             req: Request<HeartbeatRequest>,
         ) -> Result<Response<HeartbeatResponse>, Status> {
-            self.heartbeats
-                .lock()
-                .unwrap()
-                .push(req.into_inner().session_id);
+            self.heartbeats.lock().push(req.into_inner().session_id);
             Ok(Response::new(HeartbeatResponse {
                 active: self.active.load(Ordering::SeqCst),
                 ..Default::default()
@@ -359,11 +357,8 @@ mod fake_control {
             &self,
             req: Request<LeaveRequest>,
         ) -> Result<Response<LeaveResponse>, Status> {
-            *self.reports_at_leave.lock().unwrap() = Some(self.reports.lock().unwrap().len());
-            self.leaves
-                .lock()
-                .unwrap()
-                .push(req.into_inner().session_id);
+            *self.reports_at_leave.lock() = Some(self.reports.lock().len());
+            self.leaves.lock().push(req.into_inner().session_id);
             Ok(Response::new(LeaveResponse {}))
         }
     }
@@ -406,18 +401,18 @@ async fn join_via_control_plane_heartbeats_and_leaves() {
     let mut sub = viewer.subscribe();
     assert_eq!(read_n(&mut sub, expected.len()).await, expected);
     // The chunk token from Join is presented in HELLO.
-    assert_eq!(fx.log.lock().unwrap().tokens[0].as_ref(), b"signed");
-    assert_eq!(fake.joins.lock().unwrap()[0].credential, "jwt");
+    assert_eq!(fx.log.lock().tokens[0].as_ref(), b"signed");
+    assert_eq!(fake.joins.lock()[0].credential, "jwt");
     tokio::time::timeout(GUARD, async {
-        while fake.heartbeats.lock().unwrap().is_empty() {
+        while fake.heartbeats.lock().is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await
     .expect("no heartbeat");
-    assert_eq!(fake.heartbeats.lock().unwrap()[0], "s1");
+    assert_eq!(fake.heartbeats.lock()[0], "s1");
     viewer.leave().await.unwrap();
-    assert_eq!(*fake.leaves.lock().unwrap(), vec!["s1".to_string()]);
+    assert_eq!(*fake.leaves.lock(), vec!["s1".to_string()]);
 }
 
 #[tokio::test]
@@ -492,18 +487,18 @@ async fn reports_are_numbered_retried_without_gaps_and_final_on_leave() {
     let viewer = Viewer::join(cfg).await.unwrap();
     let mut sub = viewer.subscribe();
     assert_eq!(read_n(&mut sub, expected.len()).await, expected);
-    wait_until("3 reports", || fake.reports.lock().unwrap().len() >= 3).await;
+    wait_until("3 reports", || fake.reports.lock().len() >= 3).await;
 
     // The control plane fails for a while: reports are kept and sent afterwards.
     fake.fail_reports.store(true, Ordering::SeqCst);
-    let before = fake.reports.lock().unwrap().len();
+    let before = fake.reports.lock().len();
     wait_until("3 failed report calls", || {
         fake.report_failures.load(Ordering::SeqCst) >= 3
     })
     .await;
     fake.fail_reports.store(false, Ordering::SeqCst);
     wait_until("reports after the failure", || {
-        fake.reports.lock().unwrap().len() >= before + 4
+        fake.reports.lock().len() >= before + 4
     })
     .await;
 
@@ -513,7 +508,7 @@ async fn reports_are_numbered_retried_without_gaps_and_final_on_leave() {
     assert_eq!(stats.reports_dropped, 0);
     viewer.leave().await.unwrap();
 
-    let reports = fake.reports.lock().unwrap().clone();
+    let reports = fake.reports.lock().clone();
     let seqs: Vec<u64> = reports.iter().map(|(_, r)| r.report_seq).collect();
     assert_eq!(
         seqs,
@@ -525,7 +520,7 @@ async fn reports_are_numbered_retried_without_gaps_and_final_on_leave() {
     assert!(last.1.r#final, "the last report is the final one");
     assert!(earlier.iter().all(|(_, r)| !r.r#final));
     // The final report went out before Leave.
-    assert_eq!(*fake.reports_at_leave.lock().unwrap(), Some(reports.len()));
+    assert_eq!(*fake.reports_at_leave.lock(), Some(reports.len()));
     // Cumulative counters never go down, and the final one matches the viewer's stats.
     for w in reports.windows(2) {
         assert!(w[1].1.bytes_from_server >= w[0].1.bytes_from_server);
@@ -558,10 +553,10 @@ async fn report_queue_is_bounded_while_the_control_plane_fails() {
     let viewer = Viewer::join(cfg).await.unwrap();
     wait_until("dropped reports", || viewer.stats().reports_dropped >= 2).await;
     fake.fail_reports.store(false, Ordering::SeqCst);
-    wait_until("reports", || !fake.reports.lock().unwrap().is_empty()).await;
+    wait_until("reports", || !fake.reports.lock().is_empty()).await;
     let dropped = viewer.stats().reports_dropped;
     viewer.leave().await.unwrap();
-    let reports = fake.reports.lock().unwrap().clone();
+    let reports = fake.reports.lock().clone();
     // The oldest were dropped: what arrives starts later than 1, then has no gap.
     let seqs: Vec<u64> = reports.iter().map(|(_, r)| r.report_seq).collect();
     assert!(seqs[0] > 1, "{seqs:?}");

@@ -5,9 +5,10 @@
 //! peer. A signed source signs every chunk as the data plane does.
 #![allow(dead_code)]
 
+use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -79,7 +80,7 @@ impl Source {
                         .unwrap(),
                     None => Bytes::new(),
                 };
-                c2.lock().unwrap().push(Chunk {
+                c2.lock().push(Chunk {
                     seq,
                     flags,
                     timestamp_ms: ts,
@@ -108,7 +109,7 @@ impl Source {
     }
 
     fn get(&self, seq: u64) -> Option<Chunk> {
-        self.chunks.lock().unwrap().get(seq as usize).cloned()
+        self.chunks.lock().get(seq as usize).cloned()
     }
 
     /// Waits until chunk `seq` exists.
@@ -186,7 +187,7 @@ impl Opts {
 /// What a polluting sender makes of chunk `c`.
 fn tamper(c: Chunk, opts: &Opts, log: &Mutex<LiveLog>) -> Chunk {
     if opts.corrupt.contains(&c.seq) {
-        log.lock().unwrap().bad_sent.push(c.seq);
+        log.lock().bad_sent.push(c.seq);
         let mut p = c.payload.to_vec();
         let i = p.len() / 2;
         p[i] ^= 0x40;
@@ -196,7 +197,7 @@ fn tamper(c: Chunk, opts: &Opts, log: &Mutex<LiveLog>) -> Chunk {
         };
     }
     if opts.forge.contains(&c.seq) {
-        log.lock().unwrap().bad_sent.push(c.seq);
+        log.lock().bad_sent.push(c.seq);
         let key_id = starling_proto::integrity::parse_block(&c.signature)
             .map(|b| b.key_id)
             .unwrap_or(1);
@@ -233,7 +234,7 @@ impl LiveServer {
             let mut conns = Vec::new();
             while let Ok((s, _)) = listener.accept().await {
                 let n = {
-                    let mut l = log2.lock().unwrap();
+                    let mut l = log2.lock();
                     l.connections += 1;
                     l.connections
                 };
@@ -250,7 +251,7 @@ impl LiveServer {
     }
 
     pub fn requests(&self) -> Vec<u64> {
-        self.log.lock().unwrap().requests.clone()
+        self.log.lock().requests.clone()
     }
 }
 
@@ -297,7 +298,7 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
     let Some(Frame::Hello(hello)) = read_frame(&mut r, &mut dec, &mut buf).await else {
         return;
     };
-    log.lock().unwrap().hello_tokens.push(hello.token.clone());
+    log.lock().hello_tokens.push(hello.token.clone());
     if hello.role != opts.role {
         send(
             &mut w,
@@ -318,11 +319,8 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
             _ => return,
         }
     };
-    let conn_no = log.lock().unwrap().connections;
-    log.lock()
-        .unwrap()
-        .subscribes
-        .push((conn_no, sub.substream_mask));
+    let conn_no = log.lock().connections;
+    log.lock().subscribes.push((conn_no, sub.substream_mask));
     if sub.broadcast_id != opts.broadcast {
         send(
             &mut w,
@@ -372,7 +370,7 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
         // Push everything up to the newest chunk.
         while let Some(c) = src.get(cursor) {
             if wants(mask, c.seq, src.k) && !opts.drop.contains(&c.seq) {
-                log.lock().unwrap().bytes_pushed += c.payload.len() as u64;
+                log.lock().bytes_pushed += c.payload.len() as u64;
                 let c = tamper(c, &opts, &log);
                 if !send(&mut w, &Frame::Chunk(c)).await {
                     return;
@@ -385,7 +383,7 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
             f = frx.recv() => match f {
                 None => break,
                 Some(Frame::Subscribe(s)) => {
-                    log.lock().unwrap().subscribes.push((conn_no, s.substream_mask));
+                    log.lock().subscribes.push((conn_no, s.substream_mask));
                     mask = s.substream_mask;
                     if let StartAt::Seq(n) = s.start {
                         let newest = src.newest().unwrap_or(0);
@@ -395,12 +393,12 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
                     }
                 }
                 Some(Frame::Request(seq)) => {
-                    log.lock().unwrap().requests.push(seq);
+                    log.lock().requests.push(seq);
                     let newest = src.newest().unwrap_or(0);
                     let held = seq + opts.window >= newest && !opts.drop.contains(&seq);
                     let reply = match src.get(seq) {
                         Some(c) if held => {
-                            log.lock().unwrap().bytes_served += c.payload.len() as u64;
+                            log.lock().bytes_served += c.payload.len() as u64;
                             Frame::Chunk(tamper(c, &opts, &log))
                         }
                         _ => Frame::NotFound(seq),
@@ -414,9 +412,9 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
                         return;
                     }
                 }
-                Some(Frame::Token(t)) => log.lock().unwrap().token_frames.push(t),
+                Some(Frame::Token(t)) => log.lock().token_frames.push(t),
                 Some(Frame::Goodbye(r)) | Some(Frame::Error(r)) => {
-                    log.lock().unwrap().closes.push(r.code);
+                    log.lock().closes.push(r.code);
                     break;
                 }
                 Some(_) => {}

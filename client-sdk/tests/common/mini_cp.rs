@@ -4,8 +4,9 @@
 //! of heartbeats and peer reports.
 #![allow(dead_code)]
 
+use parking_lot::Mutex;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use starling_proto::ticket::TicketClaims;
 use starling_proto::token::{Scopes, TokenClaims, TokenSigner};
@@ -91,7 +92,6 @@ impl MiniCp {
     fn chunk_keys(&self) -> Vec<PublicKey> {
         self.chunk_keys
             .lock()
-            .unwrap()
             .iter()
             .map(|(id, k)| PublicKey {
                 key_id: *id,
@@ -101,11 +101,11 @@ impl MiniCp {
     }
 
     pub fn reports(&self) -> Vec<(String, u64, i32, String)> {
-        self.log.lock().unwrap().reports.clone()
+        self.log.lock().reports.clone()
     }
 
     pub fn heartbeats(&self) -> usize {
-        self.log.lock().unwrap().heartbeats.len()
+        self.log.lock().heartbeats.len()
     }
 
     /// A parent ticket for (child, parent, substream), issued at a fixed time for the
@@ -168,7 +168,7 @@ fn session_index(session: &str) -> usize {
 impl ViewerService for MiniCp {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let req = req.into_inner();
-        let mut log = self.log.lock().unwrap();
+        let mut log = self.log.lock();
         let i = log.joins.len();
         let plan = self
             .plans
@@ -220,7 +220,7 @@ impl ViewerService for MiniCp {
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let req = req.into_inner();
-        let mut log = self.log.lock().unwrap();
+        let mut log = self.log.lock();
         let i = session_index(&req.session_id);
         let parents = match self.plans.get(i) {
             Some(p) => self.parents(i as u64 + 1, &log.joins, p),
@@ -250,7 +250,6 @@ impl ViewerService for MiniCp {
         let req = req.into_inner();
         self.log
             .lock()
-            .unwrap()
             .reports
             .push((req.session_id, req.peer_id, req.kind, req.reason));
         Ok(Response::new(ReportPeerResponse {}))
@@ -272,11 +271,10 @@ impl ViewerService for MiniCp {
         req: Request<ReparentRequest>,
     ) -> Result<Response<ReparentResponse>, Status> {
         let req = req.into_inner();
-        self.log.lock().unwrap().reparents.push((
-            req.session_id,
-            req.substream,
-            req.exclude_peer_ids,
-        ));
+        self.log
+            .lock()
+            .reparents
+            .push((req.session_id, req.substream, req.exclude_peer_ids));
         Ok(Response::new(ReparentResponse {
             parent: Some(SubstreamParent {
                 substream: req.substream,

@@ -1,8 +1,9 @@
 //! A small in-test data plane speaking the wire protocol on a real loopback socket.
 #![allow(dead_code)]
 
+use parking_lot::Mutex;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use starling_proto::wire::{
@@ -133,7 +134,7 @@ impl Fixture {
                     return;
                 };
                 let first = {
-                    let mut l = log2.lock().unwrap();
+                    let mut l = log2.lock();
                     l.connections += 1;
                     l.connections == 1
                 };
@@ -149,7 +150,7 @@ impl Fixture {
     }
 
     pub fn subscribes(&self) -> Vec<StartAt> {
-        self.log.lock().unwrap().subscribes.clone()
+        self.log.lock().subscribes.clone()
     }
 }
 
@@ -179,7 +180,7 @@ async fn serve_conn(mut s: TcpStream, script: Script, log: Arc<Mutex<Log>>, firs
     let Some(Frame::Hello(hello)) = read_frame(&mut s, &mut dec, &mut buf).await else {
         return;
     };
-    log.lock().unwrap().tokens.push(hello.token.clone());
+    log.lock().tokens.push(hello.token.clone());
     if let Some(code) = script.hello_error {
         send(
             &mut s,
@@ -198,7 +199,7 @@ async fn serve_conn(mut s: TcpStream, script: Script, log: Arc<Mutex<Log>>, firs
     let Some(Frame::Subscribe(sub)) = read_frame(&mut s, &mut dec, &mut buf).await else {
         return;
     };
-    log.lock().unwrap().subscribes.push(sub.start);
+    log.lock().subscribes.push(sub.start);
     if sub.broadcast_id != script.broadcast {
         send(
             &mut s,
@@ -262,7 +263,7 @@ async fn serve_conn(mut s: TcpStream, script: Script, log: Arc<Mutex<Log>>, firs
     // Stay connected (a live stream with nothing new yet); record pongs.
     while let Some(f) = read_frame(&mut s, &mut dec, &mut buf).await {
         if let Frame::Pong(n) = f {
-            log.lock().unwrap().pongs.push(n);
+            log.lock().pongs.push(n);
         }
     }
 }

@@ -1,0 +1,82 @@
+//! The peer listener a relaying viewer binds before `Join`, and the address and upload
+//! budget it offers there (the advertised host is found out when not configured).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use super::config::ViewerConfig;
+use crate::control::Offer;
+use crate::error::SdkError;
+
+/// Binds the peer listener (unless relaying is off) and works out what to offer in
+/// `Join`.
+pub(super) async fn prepare_relay(
+    config: &ViewerConfig,
+) -> Result<(Option<TcpListener>, Offer), SdkError> {
+    let upload = config.relay.upload_kbps();
+    if upload == 0 {
+        return Ok((None, Offer::default()));
+    }
+    let listen = config.relay.listen;
+    let l = TcpListener::bind(listen)
+        .await
+        .map_err(|e| SdkError::PeerBind {
+            addr: listen.to_string(),
+            source: e.into(),
+        })?;
+    let port = l.local_addr()?.port();
+    let host = match &config.relay.advertise_host {
+        Some(h) if !h.is_empty() => h.clone(),
+        _ => local_ip(listen, &config.control_url).await.to_string(),
+    };
+    let peer_addr = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Ok((
+        Some(l),
+        Offer {
+            peer_addr,
+            upload_kbps: upload,
+        },
+    ))
+}
+
+/// The IP other peers should use: the listener's if it is bound to one, else the local
+/// address of a (never used) UDP socket connected towards the control plane, else
+/// loopback.
+async fn local_ip(listen: SocketAddr, control_url: &str) -> IpAddr {
+    if !listen.ip().is_unspecified() {
+        return listen.ip();
+    }
+    let authority = crate::control_url::authority(control_url);
+    let authority = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    if let Ok(Ok(mut addrs)) =
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(authority)).await
+        && let Some(a) = addrs.next()
+    {
+        let bind: SocketAddr = if a.is_ipv4() {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+        } else {
+            SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0)
+        };
+        if let Ok(u) = tokio::net::UdpSocket::bind(bind).await
+            && u.connect(a).await.is_ok()
+            && let Ok(la) = u.local_addr()
+            && !la.ip().is_unspecified()
+        {
+            return la.ip();
+        }
+    }
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
