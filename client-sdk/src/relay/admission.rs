@@ -24,6 +24,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use starling_grid::peer::admit_limit;
 use starling_proto::ticket::TicketClaims;
 use starling_proto::wire::ErrorCode;
 
@@ -128,18 +129,6 @@ pub(crate) struct Ask<'a> {
     pub slots: u32,
 }
 
-/// Substream subscriptions admitted with `slots` child slots: twice the slots for
-/// ticketed children (the control plane's view runs ahead of its children's: a joiner
-/// that takes a leaf's place here arrives before the leaf hears of its move), the slots
-/// alone when nothing can be checked.
-pub(crate) fn admit_limit(slots: u32, ticketed: bool) -> u32 {
-    if ticketed {
-        slots.saturating_mul(2)
-    } else {
-        slots
-    }
-}
-
 /// Whether a link may subscribe to `ask.mask`: `Ok` or the refusal to send (then close).
 pub(crate) fn check_subscribe(ask: &Ask<'_>) -> Result<(), Refusal> {
     if ask.mask == 0 {
@@ -161,8 +150,9 @@ pub(crate) fn check_subscribe(ask: &Ask<'_>) -> Result<(), Refusal> {
             ));
         }
     }
-    let need = ask.mask.count_ones();
-    if ask.others_used.saturating_add(need) > admit_limit(ask.slots, ask.enforced) {
+    // Slot accounting is the grid core's policy (twice the slots for ticketed children).
+    if ask.others_used.saturating_add(ask.mask.count_ones()) > admit_limit(ask.slots, ask.enforced)
+    {
         return Err(refusal(
             ErrorCode::ServerBusy,
             "no free child slot".to_string(),

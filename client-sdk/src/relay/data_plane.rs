@@ -117,10 +117,8 @@ impl Engine {
                     }
                 }
                 self.me = join.peer_id;
+                self.peer.rejoined(join.peer_id, join.child_slots);
                 self.book.clear();
-                if self.budget_kbps > 0 {
-                    self.child_slots = join.child_slots;
-                }
                 self.dp_addr = join.wire_addr;
                 self.shared.rights.rejoined(
                     OwnToken {

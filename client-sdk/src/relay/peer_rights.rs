@@ -18,7 +18,7 @@ pub(super) const GRANT_CHECK_EVERY: Duration = Duration::from_millis(250);
 impl Engine {
     /// A peer we must not use (revoked, or it sent us a bad chunk).
     pub(super) fn excluded(&self, id: u64) -> bool {
-        self.banned.contains(&id) || self.shared.rights.is_revoked(id)
+        self.peer.memory().is_banned(id) || self.shared.rights.is_revoked(id)
     }
 
     /// The remote peer's id: from the assignment for links we dialled, from its token
@@ -153,7 +153,7 @@ impl Engine {
             now_ms: unix_ms(),
             skew_ms: self.shared.rights.skew_ms(),
             others_used,
-            slots: self.child_slots,
+            slots: self.peer.slots().slots(),
         }
     }
 
