@@ -7,7 +7,7 @@ use std::time::Duration;
 use starling_proto::wire::Frame;
 
 use super::{Engine, Feed};
-use crate::control::{Assignment, Peer};
+use crate::control::{Assignment, PeerAddr};
 
 impl Engine {
     pub(super) fn apply_assignment(&mut self, a: Assignment, initial: bool) {
@@ -43,7 +43,7 @@ impl Engine {
             self.set_feed(s, feed, now, !initial);
         }
         let mut seen = BTreeSet::new();
-        let neighbours: Vec<Peer> = a
+        let neighbours: Vec<PeerAddr> = a
             .neighbours
             .into_iter()
             .filter(|n| n.id != self.me && seen.insert(n.id))
@@ -81,7 +81,7 @@ impl Engine {
             return;
         }
         tracing::debug!(substream = s, ?feed, "parent changed");
-        self.peer.set_parent(s, feed.upstream(), now);
+        self.peer.set_parent(s, feed.parent(), now);
         self.feeds[i] = feed;
         if count {
             self.shared.stats_mut().parent_changes += 1;

@@ -9,14 +9,14 @@ use starling_proto::wire::{self, ErrorCode, Frame, Role, StartAt, StreamInfo, Su
 use super::admission::{self, Tickets};
 use super::link::{self, Dial, LinkHandle, LinkId, reason};
 use super::{Engine, Feed, Kind, Link, popcount};
-use crate::control::Peer;
+use crate::control::PeerAddr;
 use crate::error::SdkError;
 use crate::rights::Grant;
 
 impl Engine {
     /// Opens, re-subscribes and closes links to match `feeds` and `neighbours`.
     pub(super) fn reconcile(&mut self) {
-        let mut want: BTreeMap<u64, (Peer, u64, bool)> = BTreeMap::new();
+        let mut want: BTreeMap<u64, (PeerAddr, u64, bool)> = BTreeMap::new();
         let mut dp_mask = 0u64;
         for (s, f) in self.feeds.iter().enumerate() {
             match f {

@@ -1,11 +1,11 @@
 //! The peer-grid networking around the sans-IO [`starling_grid::peer::Peer`].
 //!
-//! One engine task owns the grid core's `Peer` (the scheduler and the peer's policies:
+//! One engine task owns the grid core's `PeerAddr` (the scheduler and the peer's policies:
 //! play clock, upload budget and pacing, child slots, re-search, failed and banned
 //! peers), a chunk store keyed by sequence number (the scheduler's bounded window) and
 //! the table of links. Every connection has a reader and a writer task ([`link`]) that
 //! talk to the engine over bounded channels. The engine does the I/O only: it turns
-//! frames, link events, control-plane answers and timeouts into `Peer` events (with
+//! frames, link events, control-plane answers and timeouts into `PeerAddr` events (with
 //! `now`, real time since the engine started), and executes its
 //! [`starling_grid::peer::PeerAction`]s: pushes, answers and skip announcements go into
 //! the per-link queues, play-out goes to the [`crate::hub::Hub`]. Crypto (tokens,
@@ -62,7 +62,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::control::{Assignment, Control, JoinInfo, Offer, Parent, Peer, Ticket};
+use crate::control::{AssignedParent, Assignment, Control, JoinInfo, Offer, PeerAddr, Ticket};
 use crate::error::SdkError;
 use crate::rights::Grant;
 use crate::viewer::Shared;
@@ -70,8 +70,8 @@ use admission::{IpLimiter, TicketBook, Tickets};
 use link::{AcceptCtx, LinkHandle, LinkId};
 use reparent::ReparentTimer;
 pub(crate) use sched_config::scheduler_config;
-use starling_grid::Parent as Upstream;
 use starling_grid::peer::{PeerConfig, SchedulerConfig, UploadEstimator, UploadEstimatorConfig};
+use starling_grid::{Parent, PeerId};
 use starling_proto::integrity::IntegrityError;
 
 /// Capacity of the engine's event channel (readers wait when it is full).
@@ -112,14 +112,14 @@ pub(crate) enum Ev {
     /// while the keys are refreshed ([`keys`]).
     UnknownKey { link: LinkId, chunk: Chunk },
     /// Peers revoked by the control plane (from a heartbeat).
-    Revoked(Vec<u64>),
+    Revoked(Vec<PeerId>),
     /// The control plane's current assignment (from a heartbeat).
     Assignment(Assignment),
     /// Answer to a `Reparent` call.
     Reparented {
         substream: u16,
-        excluded: Vec<u64>,
-        result: Result<Parent, SdkError>,
+        excluded: Vec<PeerId>,
+        result: Result<AssignedParent, SdkError>,
         /// The new parent's ticket.
         ticket: Option<Ticket>,
     },
@@ -131,22 +131,22 @@ pub(crate) enum Ev {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Feed {
     Server,
-    Peer(Peer),
+    Peer(PeerAddr),
     /// The parent is gone; a `Reparent` call is under way (mesh repair covers).
     Pending,
 }
 
 impl Feed {
-    fn from_parent(p: Parent, me: u64) -> Feed {
-        match p {
+    fn from_parent(p: AssignedParent, me: PeerId) -> Feed {
+        match p.peer() {
             Some(p) if p.id != me => Feed::Peer(p),
             _ => Feed::Server,
         }
     }
-    fn upstream(&self) -> Option<Upstream> {
+    fn parent(&self) -> Option<Parent> {
         match self {
-            Feed::Server => Some(Upstream::Server),
-            Feed::Peer(p) => Some(Upstream::Peer(p.id)),
+            Feed::Server => Some(Parent::Server),
+            Feed::Peer(p) => Some(Parent::Peer(p.id)),
             Feed::Pending => None,
         }
     }
@@ -156,7 +156,7 @@ impl Feed {
 enum Kind {
     DataPlane,
     /// Dialled by us to a parent and/or neighbour peer.
-    Out(Peer),
+    Out(PeerAddr),
     /// Accepted by the listener.
     In,
 }
@@ -355,7 +355,7 @@ struct Engine {
     shared: Arc<Shared>,
     control: Control,
     session_id: String,
-    me: u64,
+    me: PeerId,
     offer: Offer,
     /// The peer's policies and scheduler (sans-IO): the engine maps frames to its
     /// events and its actions to frames.
@@ -363,7 +363,7 @@ struct Engine {
     store: BTreeMap<u64, Chunk>,
     links: HashMap<LinkId, Link>,
     /// Outgoing peer links by remote peer id.
-    peer_links: HashMap<u64, LinkId>,
+    peer_links: HashMap<PeerId, LinkId>,
     dp: Option<LinkId>,
     /// Data-plane wire address (our token is in `shared.rights`).
     dp_addr: String,
@@ -372,7 +372,7 @@ struct Engine {
     dp_failures: u32,
     rejoining: bool,
     feeds: Vec<Feed>,
-    neighbours: Vec<Peer>,
+    neighbours: Vec<PeerAddr>,
     /// Our parents' tickets (sent to them before subscribing).
     book: TicketBook,
     k: u16,
@@ -407,7 +407,7 @@ struct Engine {
 }
 
 /// The parent identity a feed stands for (`None` = the data plane; pending = no one).
-fn feed_source(f: &Feed) -> Option<Option<u64>> {
+fn feed_source(f: &Feed) -> Option<Option<PeerId>> {
     match f {
         Feed::Server => Some(None),
         Feed::Peer(p) => Some(Some(p.id)),

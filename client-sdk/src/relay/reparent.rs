@@ -5,8 +5,9 @@
 use std::time::Instant;
 
 use super::{Engine, Ev, Feed, feed_source};
-use crate::control::{Parent, Peer};
+use crate::control::{AssignedParent, PeerAddr};
 use crate::error::SdkError;
+use starling_grid::PeerId;
 
 /// A re-parent in progress on one substream, timed from the loss or re-search of
 /// `from` to the first chunk pushed by another parent.
@@ -74,7 +75,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn research(&mut self, s: u16, exclude: Vec<u64>) {
+    pub(super) fn research(&mut self, s: u16, exclude: Vec<PeerId>) {
         // Banned peers are added: never offered a polluter again (the control plane is
         // told too, but it may not have acted on the report yet).
         let Some(exclude) = self.peer.research(s, exclude) else {
@@ -102,8 +103,8 @@ impl Engine {
     pub(super) fn on_reparented(
         &mut self,
         s: u16,
-        excluded: Vec<u64>,
-        result: Result<Parent, SdkError>,
+        excluded: Vec<PeerId>,
+        result: Result<AssignedParent, SdkError>,
     ) {
         let i = usize::from(s);
         if i >= self.feeds.len() {
@@ -113,7 +114,12 @@ impl Engine {
         self.reparent_answered(s);
         let now = self.now();
         let feed = match result {
-            Ok(Some(p)) if excluded.contains(&p.id) || self.excluded(p.id) => Feed::Server,
+            Ok(p)
+                if p.peer()
+                    .is_some_and(|q| excluded.contains(&q.id) || self.excluded(q.id)) =>
+            {
+                Feed::Server
+            }
             Ok(p) => Feed::from_parent(p, self.me),
             Err(e) => {
                 tracing::warn!(substream = s, "Reparent failed: {e}");
@@ -136,7 +142,7 @@ impl Engine {
     }
 
     /// A parent peer's link failed: every substream it fed is re-searched at once.
-    pub(super) fn parent_lost(&mut self, peer: &Peer) {
+    pub(super) fn parent_lost(&mut self, peer: &PeerAddr) {
         let now = self.now();
         let fed_us = self
             .feeds
