@@ -21,9 +21,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use starling_grid::peer::admit_limit;
 use starling_proto::ticket::TicketClaims;
 use starling_proto::wire::ErrorCode;
@@ -236,7 +237,7 @@ impl IpLimiter {
 
     /// A permit for one more connection from `ip`, or `None` at the cap.
     pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpPermit> {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.counts.lock();
         let n = c.entry(ip).or_insert(0);
         if self.max != 0 && *n >= self.max {
             return None;
@@ -251,22 +252,13 @@ impl IpLimiter {
     /// Connections from `ip` now.
     #[cfg(test)]
     fn count(&self, ip: IpAddr) -> u32 {
-        self.counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&ip)
-            .copied()
-            .unwrap_or(0)
+        self.counts.lock().get(&ip).copied().unwrap_or(0)
     }
 }
 
 impl Drop for IpPermit {
     fn drop(&mut self) {
-        let mut c = self
-            .limiter
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut c = self.limiter.counts.lock();
         if let Some(n) = c.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {
