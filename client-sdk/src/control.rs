@@ -12,38 +12,73 @@ use starling_proto::v1::{
 };
 use tonic::transport::{Channel, Endpoint};
 
+use starling_grid::{Parent, PeerId};
+
 use crate::error::SdkError;
 use crate::rights::KeyMaterial;
 
 /// Heartbeat interval used when the control plane does not say.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// A peer of the grid as the control plane names it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct Peer {
-    pub id: u64,
+/// A peer the control plane named (a parent or a neighbour), and where to dial it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PeerAddr {
+    pub id: PeerId,
     pub addr: String,
 }
 
-impl Peer {
-    fn from_ref(r: PeerRef) -> Option<Peer> {
+impl PeerAddr {
+    fn from_ref(r: PeerRef) -> Option<PeerAddr> {
         // A peer without an address cannot be connected to: treated as absent.
-        (!r.addr.is_empty()).then_some(Peer {
+        (!r.addr.is_empty()).then_some(PeerAddr {
             id: r.peer_id,
             addr: r.addr,
         })
     }
 }
 
-/// One substream's parent: `None` = the data plane.
-pub(crate) type Parent = Option<Peer>;
+/// The control plane's answer for one substream: who feeds it, and for a peer parent
+/// where to dial it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AssignedParent {
+    pub parent: Parent,
+    /// Where to dial a peer parent (empty for the data plane).
+    pub addr: String,
+}
+
+impl AssignedParent {
+    /// From the wire: no peer, or a peer without an address, is the data plane.
+    fn from_ref(r: Option<PeerRef>) -> AssignedParent {
+        match r.and_then(PeerAddr::from_ref) {
+            Some(p) => AssignedParent {
+                parent: Parent::Peer(p.id),
+                addr: p.addr,
+            },
+            None => AssignedParent {
+                parent: Parent::Server,
+                addr: String::new(),
+            },
+        }
+    }
+
+    /// The peer parent and its address (`None` for the data plane).
+    pub fn peer(&self) -> Option<PeerAddr> {
+        match self.parent {
+            Parent::Peer(id) => Some(PeerAddr {
+                id,
+                addr: self.addr.clone(),
+            }),
+            Parent::Server => None,
+        }
+    }
+}
 
 /// A parent ticket as the control plane hands it out with an assignment: the child
 /// presents it to `parent` in a `TICKET` frame to be admitted for `substream`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Ticket {
     pub substream: u32,
-    pub parent: u64,
+    pub parent: PeerId,
     pub ticket: Bytes,
 }
 
@@ -51,8 +86,8 @@ pub(crate) struct Ticket {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Assignment {
     /// `(substream, parent)`, as sent (possibly incomplete or empty).
-    pub parents: Vec<(u32, Parent)>,
-    pub neighbours: Vec<Peer>,
+    pub parents: Vec<(u32, AssignedParent)>,
+    pub neighbours: Vec<PeerAddr>,
     /// The tickets of the peer parents (an older control plane sends none).
     pub tickets: Vec<Ticket>,
 }
@@ -72,9 +107,12 @@ fn assignment(parents: Vec<SubstreamParent>, neighbours: Vec<PeerRef>) -> Assign
         tickets: parents.iter().filter_map(ticket_of).collect(),
         parents: parents
             .into_iter()
-            .map(|p| (p.substream, p.peer.and_then(Peer::from_ref)))
+            .map(|p| (p.substream, AssignedParent::from_ref(p.peer)))
             .collect(),
-        neighbours: neighbours.into_iter().filter_map(Peer::from_ref).collect(),
+        neighbours: neighbours
+            .into_iter()
+            .filter_map(PeerAddr::from_ref)
+            .collect(),
     }
 }
 
@@ -86,7 +124,7 @@ pub(crate) struct JoinInfo {
     pub params: Option<StreamParams>,
     pub token: Bytes,
     pub heartbeat: Duration,
-    pub peer_id: u64,
+    pub peer_id: PeerId,
     pub assignment: Assignment,
     pub stream_kbps: u32,
     pub child_slots: u32,
@@ -132,7 +170,7 @@ pub(crate) struct HeartbeatInfo {
     /// A renewed chunk token (empty = keep the current one).
     pub token: Bytes,
     pub token_expires_at_ms: u64,
-    pub revoked: Vec<u64>,
+    pub revoked: Vec<PeerId>,
     pub token_keys: Vec<KeyMaterial>,
     pub chunk_keys: Vec<KeyMaterial>,
 }
@@ -280,8 +318,8 @@ impl Control {
         &self,
         session_id: &str,
         substream: u16,
-        exclude: Vec<u64>,
-    ) -> Result<(Parent, Option<Ticket>), SdkError> {
+        exclude: Vec<PeerId>,
+    ) -> Result<(AssignedParent, Option<Ticket>), SdkError> {
         let resp = self
             .client
             .clone()
@@ -295,7 +333,7 @@ impl Control {
             .into_inner();
         let ticket = resp.parent.as_ref().and_then(ticket_of);
         Ok((
-            resp.parent.and_then(|p| p.peer).and_then(Peer::from_ref),
+            AssignedParent::from_ref(resp.parent.and_then(|p| p.peer)),
             ticket,
         ))
     }
@@ -372,5 +410,29 @@ mod tests {
         assert_eq!(control_bind_ip(lan, "http://[2001:db8::1]:7000"), None);
         let v6 = ip("::1");
         assert_eq!(control_bind_ip(v6, "http://[::1]:7000"), Some(v6));
+    }
+
+    #[test]
+    fn an_assigned_parent_without_an_address_is_the_data_plane() {
+        let r = |id, addr: &str| PeerRef {
+            peer_id: id,
+            addr: addr.into(),
+        };
+        let p = AssignedParent::from_ref(Some(r(7, "10.0.0.7:9000")));
+        assert_eq!(p.parent, Parent::Peer(7));
+        assert_eq!(
+            p.peer(),
+            Some(PeerAddr {
+                id: 7,
+                addr: "10.0.0.7:9000".into()
+            })
+        );
+        for q in [
+            AssignedParent::from_ref(Some(r(7, ""))),
+            AssignedParent::from_ref(None),
+        ] {
+            assert_eq!(q.parent, Parent::Server);
+            assert_eq!(q.peer(), None);
+        }
     }
 }

@@ -21,9 +21,11 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
+use starling_grid::peer::admit_limit;
 use starling_proto::ticket::TicketClaims;
 use starling_proto::wire::ErrorCode;
 
@@ -128,18 +130,6 @@ pub(crate) struct Ask<'a> {
     pub slots: u32,
 }
 
-/// Substream subscriptions admitted with `slots` child slots: twice the slots for
-/// ticketed children (the control plane's view runs ahead of its children's: a joiner
-/// that takes a leaf's place here arrives before the leaf hears of its move), the slots
-/// alone when nothing can be checked.
-pub(crate) fn admit_limit(slots: u32, ticketed: bool) -> u32 {
-    if ticketed {
-        slots.saturating_mul(2)
-    } else {
-        slots
-    }
-}
-
 /// Whether a link may subscribe to `ask.mask`: `Ok` or the refusal to send (then close).
 pub(crate) fn check_subscribe(ask: &Ask<'_>) -> Result<(), Refusal> {
     if ask.mask == 0 {
@@ -161,8 +151,9 @@ pub(crate) fn check_subscribe(ask: &Ask<'_>) -> Result<(), Refusal> {
             ));
         }
     }
-    let need = ask.mask.count_ones();
-    if ask.others_used.saturating_add(need) > admit_limit(ask.slots, ask.enforced) {
+    // Slot accounting is the grid core's policy (twice the slots for ticketed children).
+    if ask.others_used.saturating_add(ask.mask.count_ones()) > admit_limit(ask.slots, ask.enforced)
+    {
         return Err(refusal(
             ErrorCode::ServerBusy,
             "no free child slot".to_string(),
@@ -246,7 +237,7 @@ impl IpLimiter {
 
     /// A permit for one more connection from `ip`, or `None` at the cap.
     pub(crate) fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpPermit> {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.counts.lock();
         let n = c.entry(ip).or_insert(0);
         if self.max != 0 && *n >= self.max {
             return None;
@@ -261,22 +252,13 @@ impl IpLimiter {
     /// Connections from `ip` now.
     #[cfg(test)]
     fn count(&self, ip: IpAddr) -> u32 {
-        self.counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&ip)
-            .copied()
-            .unwrap_or(0)
+        self.counts.lock().get(&ip).copied().unwrap_or(0)
     }
 }
 
 impl Drop for IpPermit {
     fn drop(&mut self) {
-        let mut c = self
-            .limiter
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut c = self.limiter.counts.lock();
         if let Some(n) = c.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {

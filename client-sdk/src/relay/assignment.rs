@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use starling_proto::wire::Frame;
 
-use super::reparent::FAILED_PARENT_MEMORY;
 use super::{Engine, Feed};
-use crate::control::{Assignment, Peer};
+use crate::control::{Assignment, PeerAddr};
 
 impl Engine {
     pub(super) fn apply_assignment(&mut self, a: Assignment, initial: bool) {
@@ -16,7 +15,7 @@ impl Engine {
             // An older control plane: keep what we have.
             return;
         }
-        let now = self.clock.now();
+        let now = self.now();
         let renewed: Vec<(u32, u64)> = a
             .tickets
             .into_iter()
@@ -25,8 +24,7 @@ impl Engine {
                 self.book.set(t).then_some(key)
             })
             .collect();
-        self.failed
-            .retain(|_, t| t.elapsed() < FAILED_PARENT_MEMORY);
+        self.peer.forget_old_failures(now);
         for (s, p) in a.parents {
             let Ok(s) = u16::try_from(s) else { continue };
             if s >= self.k {
@@ -34,7 +32,7 @@ impl Engine {
             }
             let feed = Feed::from_parent(p, self.me);
             if let Feed::Peer(p) = &feed
-                && (self.failed.contains_key(&p.id) || self.excluded(p.id))
+                && (self.peer.memory().recently_failed(p.id) || self.excluded(p.id))
             {
                 if self.feeds[usize::from(s)] != feed {
                     let id = p.id;
@@ -45,7 +43,7 @@ impl Engine {
             self.set_feed(s, feed, now, !initial);
         }
         let mut seen = BTreeSet::new();
-        let neighbours: Vec<Peer> = a
+        let neighbours: Vec<PeerAddr> = a
             .neighbours
             .into_iter()
             .filter(|n| n.id != self.me && seen.insert(n.id))
@@ -83,7 +81,7 @@ impl Engine {
             return;
         }
         tracing::debug!(substream = s, ?feed, "parent changed");
-        self.sched.on_parent_changed(s, feed.upstream(), now);
+        self.peer.set_parent(s, feed.parent(), now);
         self.feeds[i] = feed;
         if count {
             self.shared.stats_mut().parent_changes += 1;

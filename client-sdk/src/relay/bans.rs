@@ -9,9 +9,6 @@ use super::link::{LinkId, reason};
 use super::{Engine, Kind};
 use crate::error::SdkError;
 
-/// Most peers remembered as polluters (a swarm with more is beyond saving anyway).
-pub(super) const MAX_BANNED: usize = 1024;
-
 impl Engine {
     /// A chunk failed verification. From the data plane: dropped, logged and counted.
     /// From a peer: dropped, the link closed with `ERROR(BAD_CHUNK)`, the peer reported
@@ -50,12 +47,10 @@ impl Engine {
             "peer sent a bad chunk: {error}; disconnecting and reporting it"
         );
         // A request in flight to that link is free to go elsewhere now.
-        let now = self.clock.now();
-        self.sched.on_not_found(l, seq, now);
+        let now = self.now();
+        self.peer.handle_not_found(l, seq, now);
         if let Some(id) = peer {
-            if self.banned.len() < MAX_BANNED {
-                self.banned.insert(id);
-            }
+            self.peer.ban(id);
             self.neighbours.retain(|n| n.id != id);
             self.shared.stats_mut().peers_reported += 1;
             self.spawn_report(

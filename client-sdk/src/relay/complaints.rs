@@ -8,11 +8,12 @@ use std::time::Duration;
 use starling_proto::v1::PeerReportKind;
 
 use super::Engine;
+use starling_grid::PeerId;
 
 impl Engine {
     /// A parent failed too many of the pushes it owed (the scheduler re-searches the
     /// substream without it): complain to the control plane.
-    pub(super) fn report_non_delivery(&mut self, s: u16, parent: u64, missed: u32, window: u32) {
+    pub(super) fn report_non_delivery(&mut self, s: u16, parent: PeerId, missed: u32, window: u32) {
         tracing::warn!(
             substream = s,
             parent,
@@ -28,7 +29,7 @@ impl Engine {
     }
 
     /// `ReportPeer`, off the engine (bounded by a timeout; failures are only logged).
-    pub(super) fn spawn_report(&self, id: u64, kind: PeerReportKind, why: String) {
+    pub(super) fn spawn_report(&self, id: PeerId, kind: PeerReportKind, why: String) {
         let control = self.control.clone();
         let session = self.session_id.clone();
         tokio::spawn(async move {

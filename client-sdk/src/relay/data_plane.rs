@@ -1,15 +1,12 @@
 //! The data-plane link: its subscription mask, reconnection with back-off, and the
 //! re-`Join` after repeated failures.
 
-use std::time::Duration;
-
 use starling_proto::wire::{self, ErrorCode, Frame, Role, StreamInfo};
 
 use super::link::{self, LinkId, reason};
 use super::{Engine, Ev, Feed, Kind, Link};
 use crate::control::JoinInfo;
-use crate::error::{SdkError, is_fatal_code};
-use crate::rights::OwnToken;
+use crate::error::{JoinState, Recovery, SdkError};
 
 impl Engine {
     pub(super) fn dp_mask(&self) -> u64 {
@@ -82,21 +79,7 @@ impl Engine {
         self.dp_failures = 0;
         match r {
             Ok(join) => {
-                tracing::info!(
-                    addr = join.wire_addr,
-                    session = join.session_id,
-                    "re-joined via the control plane"
-                );
-                let old = self
-                    .shared
-                    .replace_session(join.session_id.clone(), join.heartbeat);
-                if let Some(old) = old.filter(|o| o.id != join.session_id) {
-                    let c = self.control.clone();
-                    tokio::spawn(async move {
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(3), c.leave(&old.id)).await;
-                    });
-                }
+                crate::rejoin::adopt(&self.shared, &self.control, &join);
                 self.session_id = join.session_id;
                 if join.peer_id != self.me {
                     // A new identity: links dialled with the old token are closed (our
@@ -117,28 +100,14 @@ impl Engine {
                     }
                 }
                 self.me = join.peer_id;
+                self.peer.rejoined(join.peer_id, join.child_slots);
                 self.book.clear();
-                if self.budget_kbps > 0 {
-                    self.child_slots = join.child_slots;
-                }
                 self.dp_addr = join.wire_addr;
-                self.shared.rights.rejoined(
-                    OwnToken {
-                        token: join.token,
-                        expires_at_ms: join.token_expires_at_ms,
-                    },
-                    &join.token_keys,
-                    &join.chunk_keys,
-                );
                 self.fresh_join = true;
-                {
-                    let mut s = self.shared.stats_mut();
-                    s.rejoins += 1;
-                    s.peer_id = Some(join.peer_id);
-                }
+                self.shared.stats_mut().peer_id = Some(join.peer_id);
                 self.apply_assignment(join.assignment, false);
             }
-            Err(e) if e.is_fatal() => {
+            Err(e) if e.recovery(JoinState::Fresh) == Recovery::Fatal => {
                 self.shared.finish(Err(e));
                 return;
             }
@@ -147,39 +116,23 @@ impl Engine {
         self.schedule_dp_retry();
     }
 
+    /// What follows a lost data-plane link: the SDK's one classification
+    /// ([`SdkError::recovery`]) decides between stopping, re-joining and reconnecting.
     pub(super) fn on_dp_error(&mut self, e: SdkError) {
-        let fatal = match &e {
-            SdkError::BroadcastEnded(_) => {
-                self.shared.finish(Err(e));
-                return;
-            }
-            SdkError::Server { code, .. } if *code == ErrorCode::BroadcastStopped => {
-                self.shared
-                    .finish(Err(SdkError::BroadcastEnded(e.to_string())));
-                return;
-            }
-            SdkError::Server { code, .. } if *code == ErrorCode::Revoked => {
-                tracing::warn!("the data plane says this viewer is revoked: {e}");
-                self.shared.finish(Err(e));
-                return;
-            }
-            SdkError::Server { code, .. }
-                if matches!(code, ErrorCode::Unauthorized | ErrorCode::TokenExpired)
-                    && self.fresh_join =>
-            {
-                // Refused right after a fresh Join: another Join will not help.
-                tracing::warn!("the data plane refuses our fresh token: {e}");
-                self.shared.finish(Err(e));
-                return;
-            }
-            SdkError::Server { code, .. } => {
-                is_fatal_code(*code) || *code == ErrorCode::ShuttingDown
-            }
-            _ => false,
+        let join = if self.fresh_join {
+            JoinState::Fresh
+        } else {
+            JoinState::Delivered
         };
+        let recovery = e.recovery(join);
+        if recovery == Recovery::Fatal {
+            tracing::warn!("data-plane link: stopping: {e}");
+            self.shared.finish(Err(e.into_final()));
+            return;
+        }
         tracing::warn!("data-plane link lost: {e}");
         self.dp_failures += 1;
-        if fatal {
+        if recovery == Recovery::Rejoin {
             // The node lost the broadcast or the token expired: a fresh Join can fix it.
             self.dp_failures = self.dp_failures.max(self.rejoin_after_failures);
         }

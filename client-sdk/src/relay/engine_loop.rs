@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use starling_grid::peer::Action;
+use starling_grid::peer::PeerAction;
 use starling_proto::wire::{ErrorCode, Frame};
 use tokio::sync::mpsc;
 
@@ -12,7 +12,7 @@ use super::convert::from_buffer_map;
 use super::link::{LinkId, QueueError, reason};
 use super::{Engine, Ev, HOUSEKEEPING_EVERY, feed_source};
 use crate::error::SdkError;
-use crate::viewer::stopped;
+use crate::shared::stopped;
 
 impl Engine {
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Ev>) {
@@ -23,7 +23,7 @@ impl Engine {
         // engine's own housekeeping (grant expiry, buffer gauge) runs at least every
         // `HOUSEKEEPING_EVERY`; the upload estimator, when on, samples every chunk / 4.
         let housekeeping = if self.estimator.is_some() {
-            self.sched.tick_interval()
+            self.peer.tick_interval()
         } else {
             HOUSEKEEPING_EVERY
         };
@@ -55,8 +55,8 @@ impl Engine {
                     None => break,
                 },
                 () = &mut wake => {
-                    let now = self.clock.now();
-                    self.sched.tick(now);
+                    let now = self.now();
+                    self.peer.handle_timeout(now);
                     self.on_tick();
                     let t = Instant::now();
                     next_housekeeping = t + housekeeping;
@@ -96,9 +96,9 @@ impl Engine {
     /// When the engine must wake next: the scheduler's next timeout (on the play-out
     /// clock, converted to an instant), or the housekeeping time if earlier.
     pub(super) fn wake_at(&mut self, housekeeping: Instant) -> Instant {
-        let now = self.clock.now();
-        match self.sched.next_timeout(now) {
-            Some(t) => self.clock.instant_at(t).min(housekeeping),
+        let now = self.now();
+        match self.peer.next_timeout(now) {
+            Some(t) => (self.epoch + t).min(housekeeping),
             None => housekeeping,
         }
     }
@@ -155,7 +155,7 @@ impl Engine {
     /// expiry of the tokens of peers connected to us.
     pub(super) fn on_tick(&mut self) {
         let buffered = self
-            .sched
+            .peer
             .play_next()
             .map_or(0, |p| self.store.range(p..).count() as u64);
         self.shared.stats_mut().buffer = Duration::from_millis(buffered * u64::from(self.chunk_ms));
@@ -170,22 +170,20 @@ impl Engine {
     }
 
     pub(super) fn drain_actions(&mut self) {
-        let mut refilled = false;
-        while let Some(a) = self.sched.poll_action() {
-            if !refilled && matches!(a, Action::Push { .. } | Action::Serve { .. }) {
-                self.refill();
-                refilled = true;
-            }
+        while let Some(a) = self.peer.poll_action() {
             self.execute(a);
         }
     }
 
-    pub(super) fn execute(&mut self, a: Action) {
+    pub(super) fn execute(&mut self, a: PeerAction) {
         match a {
-            Action::Push { child, seq } => self.upload(child, seq, true),
-            Action::Serve { to, seq } => self.upload(to, seq, false),
-            Action::NotFound { to, seq } => self.send_to(to, &Frame::NotFound(seq)),
-            Action::Request { neighbour, seq } => {
+            PeerAction::Send { to, seq, push } => self.upload(to, seq, push),
+            // A chunk not held, a serve over the budget, or a push skipped over the
+            // budget (announced, so that the child repairs it at once and does not
+            // take this parent for a silent one; a partly covered slot, see
+            // `starling_grid::slots_for`, is carried this way).
+            PeerAction::NotFound { to, seq } => self.send_to(to, &Frame::NotFound(seq)),
+            PeerAction::Request { neighbour, seq } => {
                 if let Some(link) = self.links.get_mut(&neighbour) {
                     if link.requested.len() >= 4096 {
                         link.requested.pop_first();
@@ -194,31 +192,31 @@ impl Engine {
                 }
                 self.send_to(neighbour, &Frame::Request(seq));
             }
-            Action::RequestFromServer { seq } => {
+            PeerAction::RequestFromServer { seq } => {
                 if let Some(dp) = self.dp {
                     self.send_to(dp, &Frame::Request(seq));
                 }
             }
-            Action::SendBufferMap { to, map } => {
+            PeerAction::SendBufferMap { to, map } => {
                 if let Some(f) = from_buffer_map(&map) {
                     self.send_to(to, &Frame::BufferMap(f));
                 }
             }
-            Action::ReSearch { substream, exclude } => {
+            PeerAction::ReSearch { substream, exclude } => {
                 tracing::info!(substream, ?exclude, "parent late or silent: re-searching");
                 if let Some(from) = self.feeds.get(usize::from(substream)).and_then(feed_source) {
                     self.start_reparent_timer(substream, from);
                 }
                 self.research(substream, exclude.into_iter().collect());
             }
-            Action::ReportParent {
+            PeerAction::ReportParent {
                 substream,
                 parent,
                 missed,
                 window,
             } => self.report_non_delivery(substream, parent, missed, window),
-            Action::Play { seq } => self.play(seq),
-            Action::Skip { seq } => {
+            PeerAction::Play { seq } => self.play(seq),
+            PeerAction::Skip { seq } => {
                 tracing::debug!(seq, "chunk missed its play-out deadline");
                 let mut st = self.shared.stats_mut();
                 st.chunks_skipped += 1;
@@ -239,7 +237,7 @@ impl Engine {
     pub(super) fn play(&mut self, seq: u64) {
         let Some(c) = self.store.get(&seq).cloned() else {
             // Cannot happen (played chunks are held); count it as a skip.
-            self.execute(Action::Skip { seq });
+            self.execute(PeerAction::Skip { seq });
             return;
         };
         self.skipping = false;

@@ -2,7 +2,7 @@
 //! push, requested repair, unsolicited) before the scheduler sees them.
 
 use starling_grid::peer::Source;
-use starling_proto::wire::{Chunk, ErrorCode, Frame, chunk_flags};
+use starling_proto::wire::{self, Chunk, ErrorCode, Frame, chunk_flags};
 
 use super::convert::to_buffer_map;
 use super::link::{LinkId, reason};
@@ -23,12 +23,12 @@ impl Engine {
                 }
             }
             Frame::NotFound(seq) => {
-                let now = self.clock.now();
+                let now = self.now();
                 let Some(link) = self.links.get_mut(&l) else {
                     return;
                 };
                 if link.requested.remove(&seq) {
-                    self.sched.on_not_found(l, seq, now);
+                    self.peer.handle_not_found(l, seq, now);
                     return;
                 }
                 // Unsolicited: a parent skipped a push of its substream (over budget).
@@ -40,15 +40,15 @@ impl Engine {
                         _ => false,
                     };
                 if from_parent {
-                    self.sched.on_parent_skipped(seq, now);
+                    self.peer.handle_parent_skipped(seq, now);
                 } else {
-                    self.sched.on_not_found(l, seq, now);
+                    self.peer.handle_not_found(l, seq, now);
                 }
             }
             Frame::BufferMap(m) => match to_buffer_map(&m) {
                 Some(map) => {
-                    let now = self.clock.now();
-                    self.sched.on_buffer_map(l, map, now);
+                    let now = self.now();
+                    self.peer.handle_buffer_map(l, map, now);
                 }
                 None => self.misbehaved(l, "malformed buffer map"),
             },
@@ -160,9 +160,12 @@ impl Engine {
         if src == Source::Parent(s) {
             self.reparent_chunk(s);
         }
-        self.clock.observe(c.seq, c.timestamp_ms);
-        let now = self.clock.now();
-        if self.sched.on_chunk(c.seq, src, now) {
+        let now = self.now();
+        let wire_len = wire::chunk_frame_len(c.signature.len(), c.payload.len()) as u64;
+        if self
+            .peer
+            .handle_chunk(c.seq, src, wire_len, c.timestamp_ms, now)
+        {
             // A signed chunk already carries the signed flags (set by the link reader)
             // and is relayed byte-identical; for an unsigned one, the
             // receiver-specific DISCONTINUITY flag is not relayed.
@@ -176,7 +179,7 @@ impl Engine {
             };
             self.store.insert(chunk.seq, chunk);
             while let Some((&first, _)) = self.store.first_key_value() {
-                if self.sched.has(first) {
+                if self.peer.has(first) {
                     break;
                 }
                 self.store.pop_first();

@@ -13,11 +13,12 @@
 //! that fails becomes [`Ev::BadChunk`]. The listener checks the chunk token in every
 //! peer's `HELLO` before answering it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use starling_proto::integrity::IntegrityError;
 use starling_proto::wire::{
     self, Chunk, ErrorCode, Frame, HelloAck, Limits, Reason, Role, StartAt, StreamInfo, Subscribe,
@@ -34,7 +35,7 @@ use super::listener_limits::{Handshakes, PeerLimits};
 use crate::conn::{self, FrameReader, OpenParams, WireConn};
 use crate::error::SdkError;
 use crate::rights::{ChunkCheck, Grant, unix_ms};
-use crate::viewer::Shared;
+use crate::shared::Shared;
 
 /// Engine-local identity of one connection (never reused).
 pub(crate) type LinkId = u64;
@@ -413,7 +414,7 @@ pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>, shared
 /// Shared by the listener's handshake tasks.
 #[derive(Clone)]
 pub(crate) struct AcceptCtx {
-    pub shared: Arc<crate::viewer::Shared>,
+    pub shared: Arc<crate::shared::Shared>,
     pub limits: Limits,
     pub peer: PeerLimits,
     pub idle: Duration,
@@ -432,7 +433,7 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
     let mut stop = ctx.shared.stop_signal();
     loop {
         let r = tokio::select! {
-            _ = crate::viewer::stopped(&mut stop) => return,
+            _ = crate::shared::stopped(&mut stop) => return,
             r = listener.accept() => r,
         };
         let (stream, addr) = match r {
@@ -474,8 +475,7 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
             _slot: slot,
             _ip: ip,
         };
-        let (hs, evicted, evicted_count) =
-            handshakes.lock().unwrap_or_else(|e| e.into_inner()).start();
+        let (hs, evicted, evicted_count) = handshakes.lock().start();
         if evicted_count > 0 {
             tracing::debug!(%addr, evicted_count, "too many peer handshakes: evicted the oldest");
             ctx.shared.stats_mut().peer_connections_refused += evicted_count as u64;
@@ -496,10 +496,7 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
                     message: "too many peer handshakes".into(),
                 })),
             };
-            handshakes
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .finish(hs);
+            handshakes.lock().finish(hs);
             let last = match outcome {
                 Some(Ok((sub, grant, tickets))) => {
                     let link = ctx.ids.fetch_add(1, Ordering::Relaxed);

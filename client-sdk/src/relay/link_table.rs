@@ -9,14 +9,14 @@ use starling_proto::wire::{self, ErrorCode, Frame, Role, StartAt, StreamInfo, Su
 use super::admission::{self, Tickets};
 use super::link::{self, Dial, LinkHandle, LinkId, reason};
 use super::{Engine, Feed, Kind, Link, popcount};
-use crate::control::Peer;
+use crate::control::PeerAddr;
 use crate::error::SdkError;
 use crate::rights::Grant;
 
 impl Engine {
     /// Opens, re-subscribes and closes links to match `feeds` and `neighbours`.
     pub(super) fn reconcile(&mut self) {
-        let mut want: BTreeMap<u64, (Peer, u64, bool)> = BTreeMap::new();
+        let mut want: BTreeMap<u64, (PeerAddr, u64, bool)> = BTreeMap::new();
         let mut dp_mask = 0u64;
         for (s, f) in self.feeds.iter().enumerate() {
             match f {
@@ -87,10 +87,10 @@ impl Engine {
         let want = link.want_neighbour && link.handle.is_some();
         if want && !link.neighbour {
             link.neighbour = true;
-            self.sched.on_neighbour_added(l);
+            self.peer.add_neighbour(l);
         } else if !want && link.neighbour {
             link.neighbour = false;
-            self.sched.on_neighbour_removed(l);
+            self.peer.remove_neighbour(l);
         }
     }
 
@@ -130,7 +130,7 @@ impl Engine {
     pub(super) fn resume_at(&self) -> StartAt {
         match self.store.last_key_value() {
             Some((&n, _)) => StartAt::Seq(n + 1),
-            None => self.sched.play_next().map_or(StartAt::Live, StartAt::Seq),
+            None => self.peer.play_next().map_or(StartAt::Live, StartAt::Seq),
         }
     }
 
@@ -190,7 +190,7 @@ impl Engine {
         tickets: Option<Tickets>,
     ) {
         if let Some(id) = grant.peer_id
-            && (self.shared.rights.is_revoked(id) || self.banned.contains(&id))
+            && (self.shared.rights.is_revoked(id) || self.peer.memory().is_banned(id))
         {
             // Revoked or banned between the handshake and now.
             self.shared.stats_mut().peers_refused += 1;
@@ -205,15 +205,15 @@ impl Engine {
                 .count()
         });
         let checked = admission::check_peer_links(grant.peer_id, held).and_then(|()| {
-            admission::check_subscribe(&self.ask(mask, tickets.as_ref(), self.used_slots))
+            admission::check_subscribe(&self.ask(mask, tickets.as_ref(), self.peer.slots().used()))
         });
         if let Err(r) = checked {
             tracing::info!(
                 addr,
                 peer = ?grant.peer_id,
                 mask,
-                used = self.used_slots,
-                slots = self.child_slots,
+                used = self.peer.slots().used(),
+                slots = self.peer.slots().slots(),
                 "peer link refused: {}",
                 r.message
             );
@@ -222,7 +222,7 @@ impl Engine {
             return;
         }
         let newest = self.store.last_key_value().map_or(0, |(&n, _)| n);
-        let first = self.sched.play_next().unwrap_or(newest);
+        let first = self.peer.play_next().unwrap_or(newest);
         let info = link::stream_info(
             &self.shared.broadcast_id,
             &self.content_type,
@@ -250,21 +250,19 @@ impl Engine {
     /// Registers an incoming link's (new) mask: a child for `mask ≠ 0`, a neighbour for
     /// `mask == 0`.
     pub(super) fn admit(&mut self, l: LinkId, mask: u64) {
-        let subs = self.substreams(mask);
         let Some(link) = self.links.get_mut(&l) else {
             return;
         };
         link.mask = mask;
         if mask != 0 {
-            self.used_slots += popcount(mask);
-            self.sched.on_child_added(l, &subs);
+            self.peer.add_child(l, mask);
             if link.neighbour {
                 link.neighbour = false;
-                self.sched.on_neighbour_removed(l);
+                self.peer.remove_neighbour(l);
             }
         } else if !link.neighbour {
             link.neighbour = true;
-            self.sched.on_neighbour_added(l);
+            self.peer.add_neighbour(l);
         }
     }
 
@@ -297,7 +295,7 @@ impl Engine {
         };
         self.unknown_keys.forget(l);
         if link.neighbour {
-            self.sched.on_neighbour_removed(l);
+            self.peer.remove_neighbour(l);
         }
         if let Some(h) = link.handle {
             match last {
@@ -307,10 +305,8 @@ impl Engine {
         }
         match &link.kind {
             Kind::In => {
-                if link.mask != 0 {
-                    self.sched.on_child_removed(l, &[]);
-                    self.used_slots = self.used_slots.saturating_sub(popcount(link.mask));
-                }
+                // Forgets its subscriptions and its push pacing.
+                self.peer.link_closed(l);
             }
             Kind::Out(peer) => {
                 if self.peer_links.get(&peer.id) == Some(&l) {
@@ -343,7 +339,7 @@ impl Engine {
         if old == mask {
             return;
         }
-        let others = self.used_slots.saturating_sub(popcount(old));
+        let others = self.peer.slots().used().saturating_sub(popcount(old));
         let ask = self.ask(mask, link.tickets.as_ref(), others);
         if let Err(r) = admission::check_subscribe(&ask) {
             tracing::info!(l, mask, "re-subscription refused: {}", r.message);
@@ -352,8 +348,7 @@ impl Engine {
             return;
         }
         if old != 0 {
-            self.sched.on_child_removed(l, &[]);
-            self.used_slots = others;
+            self.peer.remove_child(l);
         }
         self.admit(l, mask);
         self.count_links();

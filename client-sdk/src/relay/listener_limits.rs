@@ -163,7 +163,8 @@ impl Engine {
             .get_or_insert_with(|| RequestBucket::new(&limits))
             .allow(&limits, Instant::now());
         if allowed {
-            self.sched.on_request(l, seq);
+            let now = self.now();
+            self.peer.handle_request(l, seq, now);
         } else {
             self.shared.stats_mut().peer_requests_refused += 1;
             self.send_to(l, &Frame::NotFound(seq));

@@ -1,11 +1,15 @@
-//! The peer-grid networking around the sans-IO [`PeerScheduler`].
+//! The peer-grid networking around the sans-IO [`starling_grid::peer::Peer`].
 //!
-//! One engine task owns the scheduler, a chunk store keyed by sequence number (the
-//! scheduler's bounded window) and the table of links. Every connection has a reader
-//! and a writer task ([`link`]) that talk to the engine over bounded channels. The
-//! engine turns frames, link events, control-plane answers and a periodic tick into
-//! scheduler events, and executes the scheduler's [`Action`]s: pushes and answers go
-//! into the per-link queues, play-out goes to the [`crate::hub::Hub`].
+//! One engine task owns the grid core's `PeerAddr` (the scheduler and the peer's policies:
+//! play clock, upload budget and pacing, child slots, re-search, failed and banned
+//! peers), a chunk store keyed by sequence number (the scheduler's bounded window) and
+//! the table of links. Every connection has a reader and a writer task ([`link`]) that
+//! talk to the engine over bounded channels. The engine does the I/O only: it turns
+//! frames, link events, control-plane answers and timeouts into `PeerAddr` events (with
+//! `now`, real time since the engine started), and executes its
+//! [`starling_grid::peer::PeerAction`]s: pushes, answers and skip announcements go into
+//! the per-link queues, play-out goes to the [`crate::hub::Hub`]. Crypto (tokens,
+//! tickets, chunk signatures) stays here: the grid core knows no keys.
 //!
 //! Links:
 //! * the **data plane**, always open (reconnected with backoff), subscribed with the
@@ -44,12 +48,11 @@ pub(crate) mod link;
 mod link_table;
 pub(crate) mod listener_limits;
 mod peer_rights;
-mod play_clock;
 mod reparent;
 mod sched_config;
 mod upload;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
@@ -59,21 +62,17 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::control::{Assignment, Control, JoinInfo, Offer, Parent, Peer, Ticket};
+use crate::control::{AssignedParent, Assignment, Control, JoinInfo, Offer, PeerAddr, Ticket};
 use crate::error::SdkError;
 use crate::rights::Grant;
-use crate::viewer::Shared;
+use crate::shared::Shared;
 use admission::{IpLimiter, TicketBook, Tickets};
 use link::{AcceptCtx, LinkHandle, LinkId};
-use play_clock::PlayClock;
 use reparent::ReparentTimer;
 pub(crate) use sched_config::scheduler_config;
-use starling_grid::Parent as Upstream;
-use starling_grid::peer::{
-    ChildPace, PeerScheduler, SchedulerConfig, UploadEstimator, UploadEstimatorConfig,
-};
+use starling_grid::peer::{PeerConfig, SchedulerConfig, UploadEstimator, UploadEstimatorConfig};
+use starling_grid::{Parent, PeerId};
 use starling_proto::integrity::IntegrityError;
-use upload::UploadBucket;
 
 /// Capacity of the engine's event channel (readers wait when it is full).
 const EVENTS: usize = 1024;
@@ -113,14 +112,14 @@ pub(crate) enum Ev {
     /// while the keys are refreshed ([`keys`]).
     UnknownKey { link: LinkId, chunk: Chunk },
     /// Peers revoked by the control plane (from a heartbeat).
-    Revoked(Vec<u64>),
+    Revoked(Vec<PeerId>),
     /// The control plane's current assignment (from a heartbeat).
     Assignment(Assignment),
     /// Answer to a `Reparent` call.
     Reparented {
         substream: u16,
-        excluded: Vec<u64>,
-        result: Result<Parent, SdkError>,
+        excluded: Vec<PeerId>,
+        result: Result<AssignedParent, SdkError>,
         /// The new parent's ticket.
         ticket: Option<Ticket>,
     },
@@ -132,22 +131,22 @@ pub(crate) enum Ev {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Feed {
     Server,
-    Peer(Peer),
+    Peer(PeerAddr),
     /// The parent is gone; a `Reparent` call is under way (mesh repair covers).
     Pending,
 }
 
 impl Feed {
-    fn from_parent(p: Parent, me: u64) -> Feed {
-        match p {
+    fn from_parent(p: AssignedParent, me: PeerId) -> Feed {
+        match p.peer() {
             Some(p) if p.id != me => Feed::Peer(p),
             _ => Feed::Server,
         }
     }
-    fn upstream(&self) -> Option<Upstream> {
+    fn parent(&self) -> Option<Parent> {
         match self {
-            Feed::Server => Some(Upstream::Server),
-            Feed::Peer(p) => Some(Upstream::Peer(p.id)),
+            Feed::Server => Some(Parent::Server),
+            Feed::Peer(p) => Some(Parent::Peer(p.id)),
             Feed::Pending => None,
         }
     }
@@ -157,7 +156,7 @@ impl Feed {
 enum Kind {
     DataPlane,
     /// Dialled by us to a parent and/or neighbour peer.
-    Out(Peer),
+    Out(PeerAddr),
     /// Accepted by the listener.
     In,
 }
@@ -177,8 +176,6 @@ struct Link {
     requested: BTreeSet<u64>,
     /// Incoming links: what the peer's token grants (peer id, expiry).
     grant: Option<Grant>,
-    /// A child's share of the upload budget for pushes ([`ChildPace`]).
-    pace: ChildPace,
     /// The remote's `REQUEST` budget (created at its first request).
     request_bucket: Option<listener_limits::RequestBucket>,
     /// Incoming links: the substreams its parent tickets cover.
@@ -196,7 +193,6 @@ impl Link {
             neighbour: false,
             requested: BTreeSet::new(),
             grant: None,
-            pace: ChildPace::default(),
             request_bucket: None,
             tickets: None,
         }
@@ -241,7 +237,6 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         parent_max_missed: setup.parent_max_missed,
         ..scheduler_config(setup.k, setup.chunk, setup.lag)
     };
-    let sched = PeerScheduler::new(cfg).map_err(|e| SdkError::Config(e.to_string()))?;
     let (tx, rx) = mpsc::channel(EVENTS);
     let ids = Arc::new(AtomicU64::new(1));
     let drained = Arc::new(AtomicU64::new(0));
@@ -278,14 +273,27 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         .unwrap_or_default();
     let budget_kbps = if relaying { setup.upload_kbps } else { 0 };
     setup.shared.stats_mut().upload_budget_kbps = budget_kbps;
+    // The grid core's clock: real time since `epoch`.
+    let epoch = Instant::now();
+    let peer = starling_grid::peer::Peer::new(
+        PeerConfig {
+            me: setup.join.peer_id,
+            scheduler: cfg,
+            upload_kbps: setup.upload_kbps,
+            budget_kbps,
+            stream_kbps: setup.join.stream_kbps,
+            child_slots: setup.join.child_slots,
+        },
+        Duration::ZERO,
+    )
+    .map_err(|e| SdkError::Config(e.to_string()))?;
     let mut engine = Engine {
         shared: setup.shared,
         control: setup.control,
         session_id: setup.join.session_id.clone(),
         me: setup.join.peer_id,
         offer: setup.offer,
-        sched,
-        clock: PlayClock::new(setup.chunk),
+        peer,
         store: BTreeMap::new(),
         links: HashMap::new(),
         peer_links: HashMap::new(),
@@ -296,11 +304,8 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         dp_failures: 0,
         rejoining: false,
         feeds: vec![Feed::Server; usize::from(k)],
-        reparenting: vec![false; usize::from(k)],
         reparent_timers: vec![None; usize::from(k)],
         neighbours: Vec::new(),
-        child_slots: if relaying { setup.join.child_slots } else { 0 },
-        used_slots: 0,
         book: TicketBook::default(),
         k,
         chunk_ms: u32::try_from(setup.chunk.as_millis()).unwrap_or(u32::MAX),
@@ -316,26 +321,14 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         rejoin_after_failures: setup.rejoin_after_failures.max(1),
         ids,
         events: tx.clone(),
-        bucket: UploadBucket::new(setup.upload_kbps),
-        last_refill: Instant::now(),
         skipping: false,
-        failed: HashMap::new(),
-        banned: HashSet::new(),
         fresh_join: false,
         next_grant_check: Instant::now(),
         estimator: (relaying && setup.estimate_upload)
             .then(|| UploadEstimator::new(budget_kbps, UploadEstimatorConfig::default())),
         drained,
-        epoch: Instant::now(),
-        stream_kbps: setup.join.stream_kbps,
-        budget_kbps,
+        epoch,
     };
-    let now = engine.clock.now();
-    for s in 0..k {
-        engine
-            .sched
-            .on_parent_changed(s, Some(Upstream::Server), now);
-    }
     // The first data-plane connection is already up.
     let dp = engine.new_id();
     let mut l = Link::new(Kind::DataPlane, setup.first_mask);
@@ -362,14 +355,15 @@ struct Engine {
     shared: Arc<Shared>,
     control: Control,
     session_id: String,
-    me: u64,
+    me: PeerId,
     offer: Offer,
-    sched: PeerScheduler,
-    clock: PlayClock,
+    /// The peer's policies and scheduler (sans-IO): the engine maps frames to its
+    /// events and its actions to frames.
+    peer: starling_grid::peer::Peer,
     store: BTreeMap<u64, Chunk>,
     links: HashMap<LinkId, Link>,
     /// Outgoing peer links by remote peer id.
-    peer_links: HashMap<u64, LinkId>,
+    peer_links: HashMap<PeerId, LinkId>,
     dp: Option<LinkId>,
     /// Data-plane wire address (our token is in `shared.rights`).
     dp_addr: String,
@@ -378,10 +372,7 @@ struct Engine {
     dp_failures: u32,
     rejoining: bool,
     feeds: Vec<Feed>,
-    reparenting: Vec<bool>,
-    neighbours: Vec<Peer>,
-    child_slots: u32,
-    used_slots: u32,
+    neighbours: Vec<PeerAddr>,
     /// Our parents' tickets (sent to them before subscribing).
     book: TicketBook,
     k: u16,
@@ -399,16 +390,8 @@ struct Engine {
     rejoin_after_failures: u32,
     ids: Arc<AtomicU64>,
     events: mpsc::Sender<Ev>,
-    /// Upload pacing.
-    bucket: UploadBucket,
-    last_refill: Instant,
     /// The last play-out decision was a skip (one discontinuity per run of skips).
     skipping: bool,
-    /// Parent peers whose link failed recently: a heartbeat that still names one (the
-    /// control plane has not noticed yet) does not make us dial it again.
-    failed: HashMap<u64, Instant>,
-    /// Peers that sent a bad chunk: never a parent or neighbour of ours again.
-    banned: HashSet<u64>,
     /// No chunk came from the data plane since the last re-join: a refusal of our
     /// token now means a re-join does not help.
     fresh_join: bool,
@@ -419,16 +402,12 @@ struct Engine {
     estimator: Option<UploadEstimator>,
     /// Chunk bytes written on accepted links (children and served neighbours).
     drained: Arc<AtomicU64>,
-    /// The estimator's clock origin.
+    /// The origin of the grid core's clock (and the estimator's).
     epoch: Instant,
-    /// Stream rate from `Join` (0 = not said), to turn a budget into child slots.
-    stream_kbps: u32,
-    /// Relay upload budget now, kbit/s (0 = not relaying).
-    budget_kbps: u32,
 }
 
 /// The parent identity a feed stands for (`None` = the data plane; pending = no one).
-fn feed_source(f: &Feed) -> Option<Option<u64>> {
+fn feed_source(f: &Feed) -> Option<Option<PeerId>> {
     match f {
         Feed::Server => Some(None),
         Feed::Peer(p) => Some(Some(p.id)),
@@ -444,6 +423,11 @@ fn popcount(mask: u64) -> u32 {
 }
 
 impl Engine {
+    /// Now on the grid core's clock.
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
     fn new_id(&self) -> LinkId {
         self.ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
@@ -454,9 +438,5 @@ impl Engine {
         } else {
             (1u64 << self.k) - 1
         }
-    }
-
-    fn substreams(&self, mask: u64) -> Vec<u16> {
-        (0..self.k).filter(|s| mask & (1u64 << s) != 0).collect()
     }
 }

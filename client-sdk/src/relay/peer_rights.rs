@@ -11,19 +11,20 @@ use super::link::{LinkId, reason};
 use super::{Engine, Kind};
 use crate::error::SdkError;
 use crate::rights::{OwnToken, unix_ms};
+use starling_grid::PeerId;
 
 /// How often the tokens of incoming links are checked for expiry.
 pub(super) const GRANT_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 impl Engine {
     /// A peer we must not use (revoked, or it sent us a bad chunk).
-    pub(super) fn excluded(&self, id: u64) -> bool {
-        self.banned.contains(&id) || self.shared.rights.is_revoked(id)
+    pub(super) fn excluded(&self, id: PeerId) -> bool {
+        self.peer.memory().is_banned(id) || self.shared.rights.is_revoked(id)
     }
 
     /// The remote peer's id: from the assignment for links we dialled, from its token
     /// for accepted ones (`None` for the data plane, or without rights management).
-    pub(super) fn peer_id_of(&self, l: LinkId) -> Option<u64> {
+    pub(super) fn peer_id_of(&self, l: LinkId) -> Option<PeerId> {
         let link = self.links.get(&l)?;
         match &link.kind {
             Kind::DataPlane => None,
@@ -153,7 +154,7 @@ impl Engine {
             now_ms: unix_ms(),
             skew_ms: self.shared.rights.skew_ms(),
             others_used,
-            slots: self.child_slots,
+            slots: self.peer.slots().slots(),
         }
     }
 
@@ -195,8 +196,8 @@ impl Engine {
     }
 
     /// The control plane revoked these peers: close every link with them.
-    pub(super) fn on_revoked(&mut self, ids: &[u64]) {
-        let ids: HashSet<u64> = ids.iter().copied().filter(|&id| id != self.me).collect();
+    pub(super) fn on_revoked(&mut self, ids: &[PeerId]) {
+        let ids: HashSet<PeerId> = ids.iter().copied().filter(|&id| id != self.me).collect();
         if ids.is_empty() {
             return;
         }

@@ -2,11 +2,12 @@
 //! whose parent was lost or is late), their answers, and the timing of each re-parent
 //! for the stats.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::{Engine, Ev, Feed, feed_source};
-use crate::control::{Parent, Peer};
+use crate::control::{AssignedParent, PeerAddr};
 use crate::error::SdkError;
+use starling_grid::PeerId;
 
 /// A re-parent in progress on one substream, timed from the loss or re-search of
 /// `from` to the first chunk pushed by another parent.
@@ -18,12 +19,6 @@ pub(super) struct ReparentTimer {
     /// The `Reparent` answer was recorded.
     answered: bool,
 }
-
-/// Most excluded peer ids sent in one `Reparent`.
-pub(super) const MAX_EXCLUDE: usize = 32;
-
-/// How long a failed parent is not adopted again from a heartbeat.
-pub(super) const FAILED_PARENT_MEMORY: Duration = Duration::from_secs(10);
 
 impl Engine {
     /// Starts timing a re-parent of `s` away from `from` (no-op if one is timed).
@@ -80,22 +75,12 @@ impl Engine {
         }
     }
 
-    pub(super) fn research(&mut self, s: u16, mut exclude: Vec<u64>) {
-        let i = usize::from(s);
-        if self.reparenting[i] {
+    pub(super) fn research(&mut self, s: u16, exclude: Vec<PeerId>) {
+        // Banned peers are added: never offered a polluter again (the control plane is
+        // told too, but it may not have acted on the report yet).
+        let Some(exclude) = self.peer.research(s, exclude) else {
             return;
-        }
-        // Never offered a polluter again (the control plane is told too, but it may
-        // not have acted on the report yet).
-        for &b in &self.banned {
-            if exclude.len() >= MAX_EXCLUDE {
-                break;
-            }
-            if !exclude.contains(&b) {
-                exclude.push(b);
-            }
-        }
-        self.reparenting[i] = true;
+        };
         let control = self.control.clone();
         let session = self.session_id.clone();
         let events = self.events.clone();
@@ -118,18 +103,23 @@ impl Engine {
     pub(super) fn on_reparented(
         &mut self,
         s: u16,
-        excluded: Vec<u64>,
-        result: Result<Parent, SdkError>,
+        excluded: Vec<PeerId>,
+        result: Result<AssignedParent, SdkError>,
     ) {
         let i = usize::from(s);
         if i >= self.feeds.len() {
             return;
         }
-        self.reparenting[i] = false;
+        self.peer.research_answered(s);
         self.reparent_answered(s);
-        let now = self.clock.now();
+        let now = self.now();
         let feed = match result {
-            Ok(Some(p)) if excluded.contains(&p.id) || self.excluded(p.id) => Feed::Server,
+            Ok(p)
+                if p.peer()
+                    .is_some_and(|q| excluded.contains(&q.id) || self.excluded(q.id)) =>
+            {
+                Feed::Server
+            }
             Ok(p) => Feed::from_parent(p, self.me),
             Err(e) => {
                 tracing::warn!(substream = s, "Reparent failed: {e}");
@@ -152,14 +142,14 @@ impl Engine {
     }
 
     /// A parent peer's link failed: every substream it fed is re-searched at once.
-    pub(super) fn parent_lost(&mut self, peer: &Peer) {
-        let now = self.clock.now();
+    pub(super) fn parent_lost(&mut self, peer: &PeerAddr) {
+        let now = self.now();
         let fed_us = self
             .feeds
             .iter()
             .any(|f| matches!(f, Feed::Peer(p) if p.id == peer.id));
         if fed_us {
-            self.failed.insert(peer.id, Instant::now());
+            self.peer.parent_failed(peer.id, now);
         }
         for s in 0..self.k {
             if matches!(&self.feeds[usize::from(s)], Feed::Peer(p) if p.id == peer.id) {

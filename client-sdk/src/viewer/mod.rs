@@ -14,6 +14,5 @@ mod start;
 
 /// Kept for [`crate::relay`], which still imports these from here; the state lives in
 /// [`crate::shared`] (the relay's imports switch there at merge, then this goes).
-pub(crate) use crate::shared::{Shared, stopped};
 pub use config::{RelayConfig, ViewerConfig};
 pub use handle::Viewer;

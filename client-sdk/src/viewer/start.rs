@@ -343,7 +343,7 @@ fn first_dp_mask(join: &JoinInfo, k: u16) -> u64 {
     let mut mask = all;
     for (s, p) in &join.assignment.parents {
         if *s < u32::from(k)
-            && let Some(p) = p
+            && let Some(p) = p.peer()
             && p.id != join.peer_id
         {
             mask &= !(1u64 << s);
