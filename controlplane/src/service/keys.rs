@@ -1,0 +1,99 @@
+//! Rights key material handed to nodes and viewers: chunk-token key rotation (the
+//! periodic rights housekeeping) and the alive nodes' chunk-signing keys, ingesting node
+//! first.
+
+use starling_proto::v1::node_command::Command;
+use starling_proto::v1::{KeysCommand, PublicKey};
+
+use super::Core;
+use crate::store::NodeRecord;
+
+impl Core {
+    /// Periodic rights housekeeping: reloads the token keys (rotation by another replica,
+    /// retired keys) and pushes a changed set to every node; forgets old revocations.
+    pub async fn rights_tick(&self, now: i64) -> Result<(), crate::tokens::TokenKeyError> {
+        self.revocations.prune(now);
+        if self.tokens.refresh(&self.store, now).await? {
+            let keys = self.tokens.public_keys();
+            let node_ids: Vec<String> = self.links().keys().cloned().collect();
+            for node_id in node_ids {
+                self.send(
+                    &node_id,
+                    Command::Keys(KeysCommand {
+                        token_keys: keys.clone(),
+                    }),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn set_chunk_keys(&self, alive: &[NodeRecord]) {
+        let keys: Vec<(String, PublicKey)> = alive
+            .iter()
+            .filter_map(|n| {
+                n.chunk_key.as_ref().map(|k| {
+                    (
+                        n.id.clone(),
+                        PublicKey {
+                            key_id: k.key_id,
+                            ed25519: k.ed25519.clone(),
+                        },
+                    )
+                })
+            })
+            .collect();
+        *self
+            .chunk_keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+    }
+
+    /// The alive nodes' chunk-signing keys, `first_node`'s first, one per key id (a
+    /// verifier indexes keys by id; `Register` refuses a key whose id another alive node
+    /// uses with a different key, so a clash here can only come from replicas racing, and
+    /// then the first wins), at most
+    /// [`starling_proto::integrity::MAX_KEYS`].
+    pub(super) fn chunk_keys(&self, first_node: Option<&str>) -> Vec<PublicKey> {
+        let all = self
+            .chunk_keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<PublicKey> = Vec::new();
+        let first = all.iter().filter(|(id, _)| Some(id.as_str()) == first_node);
+        let rest = all.iter().filter(|(id, _)| Some(id.as_str()) != first_node);
+        for (_, k) in first.chain(rest) {
+            if out.len() >= starling_proto::integrity::MAX_KEYS {
+                break;
+            }
+            if !out.iter().any(|o| o.key_id == k.key_id) {
+                out.push(k.clone());
+            }
+        }
+        out
+    }
+
+    /// The node ingesting `broadcast_id`, as last seen (see [`Core::chunk_keys`]).
+    pub(super) fn ingest_node(&self, broadcast_id: &str) -> Option<String> {
+        self.ingest_nodes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(broadcast_id)
+            .cloned()
+    }
+
+    pub(super) fn set_ingest_node(&self, broadcast_id: &str, node_id: Option<&str>) {
+        let mut m = self
+            .ingest_nodes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match node_id {
+            Some(n) => {
+                m.insert(broadcast_id.to_string(), n.to_string());
+            }
+            None => {
+                m.remove(broadcast_id);
+            }
+        }
+    }
+}
