@@ -547,7 +547,7 @@ impl Reports {
         loop {
             ticker.tick().await;
             let evicted = self.evict_idle();
-            match self.prune(crate::service::now_ms()).await {
+            match self.prune(starling_proto::time::unix_ms_i64()).await {
                 Ok(n) => tracing::debug!(pruned = n, evicted, "report retention applied"),
                 Err(e) => tracing::warn!(error = %e, "report retention failed; retried later"),
             }

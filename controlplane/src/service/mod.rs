@@ -8,6 +8,7 @@
 //! * `keys`: chunk-token key rotation and the alive nodes' chunk-signing keys;
 //! * `sessions`: batched heartbeat writes and session expiry;
 //! * `guards`: the viewer API's flood limits and negative cache.
+//! * `scrape`: the state a `/metrics` scrape reads ([`crate::metrics::Snapshot`]).
 //!
 //! Invariants:
 //! * Every change of a broadcast's state or node assignment happens while holding
@@ -42,6 +43,7 @@ mod errors;
 mod guards;
 mod keys;
 mod nodes;
+mod scrape;
 mod sessions;
 mod viewer;
 
@@ -195,11 +197,6 @@ impl Core {
     /// The Prometheus counters.
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
         &self.metrics
-    }
-
-    /// This process's live grids.
-    pub(crate) fn grids(&self) -> &LiveGrids {
-        &self.grids
     }
 
     /// The credential checks (shared with the admin interceptor).
