@@ -2,15 +2,17 @@
 //! grid), heartbeat (counters, upload budget), token state, re-search, leave and expiry.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use starling_proto::v1::{PeerRef, SubstreamParent};
 
 use super::{
     BroadcastGrid, DEFAULT_STREAM_KBPS, Expired, GridState, HeartbeatView, JoinInput, JoinRefused,
-    JoinView, LiveGrids, PeerSlot, ReparentRefused, SessionEntry, TokenState, assigned, lock,
+    JoinView, LiveGrids, PeerSlot, ReparentRefused, SessionEntry, TokenState, assigned,
     random_peer_id, seed_of,
 };
 use crate::reports::clamp::{self, Bounds};
@@ -19,7 +21,7 @@ use starling_grid::assign::{GridAssigner, GridConfig, GridError, Parent, PeerId,
 
 impl LiveGrids {
     fn grid_for(&self, input: &JoinInput<'_>) -> Result<Arc<BroadcastGrid>, GridError> {
-        let mut map = lock(&self.broadcasts);
+        let mut map = self.broadcasts.lock();
         if let Some(g) = map.get(input.broadcast_id) {
             return Ok(g.clone());
         }
@@ -72,7 +74,7 @@ impl LiveGrids {
     pub fn join(&self, input: JoinInput<'_>) -> Result<JoinView, JoinRefused> {
         let grid = self.grid_for(&input)?;
         let now = self.now();
-        let mut st = lock(&grid.state);
+        let mut st = grid.state.lock();
         if st.closed {
             return Err(JoinRefused::Stopped);
         }
@@ -143,7 +145,9 @@ impl LiveGrids {
         };
         entry.remember(assigned(&view.parents, &view.neighbours), now);
         // Still under the grid lock: `drop_broadcast` sees either no peer or both maps.
-        lock(&self.sessions).insert(input.session_id.to_string(), entry);
+        self.sessions
+            .lock()
+            .insert(input.session_id.to_string(), entry);
         Ok(view)
     }
 
@@ -153,7 +157,7 @@ impl LiveGrids {
     pub fn heartbeat(&self, session_id: &str, counters: [u64; 3]) -> Option<HeartbeatView> {
         let now = self.now();
         let (grid, peer_id, delta, broadcast_id, token, clamped) = {
-            let mut sessions = lock(&self.sessions);
+            let mut sessions = self.sessions.lock();
             let e = sessions.get_mut(session_id)?;
             let covered_ms =
                 u64::try_from(now.saturating_sub(e.last_seen).as_millis()).unwrap_or(u64::MAX);
@@ -185,7 +189,7 @@ impl LiveGrids {
                 });
             }
         }
-        let mut st = lock(&grid.state);
+        let mut st = grid.state.lock();
         let mut neighbours = st
             .peers
             .get(&peer_id)
@@ -202,7 +206,7 @@ impl LiveGrids {
         let parents = st.parents_of(peer_id);
         let neighbours: Vec<PeerRef> = neighbours.iter().map(|&n| st.peer_ref(n)).collect();
         // Grid → sessions is the allowed nesting.
-        let grant = lock(&self.sessions).get_mut(session_id).and_then(|e| {
+        let grant = self.sessions.lock().get_mut(session_id).and_then(|e| {
             e.remember(assigned(&parents, &neighbours), now);
             e.upload
                 .on_heartbeat(now, counters[2], self.trust.confirm_window, || {
@@ -242,7 +246,7 @@ impl LiveGrids {
         }
         let now = self.now();
         let (grid, peer_id, granted) = {
-            let mut sessions = lock(&self.sessions);
+            let mut sessions = self.sessions.lock();
             let e = sessions.get_mut(session_id)?;
             // A report can only lower the claim (and the grant with it).
             match e.upload.lower(upload_kbps) {
@@ -250,7 +254,7 @@ impl LiveGrids {
                 None => return Some(0),
             }
         };
-        let mut st = lock(&grid.state);
+        let mut st = grid.state.lock();
         if st.peers.get(&peer_id).is_none_or(|p| p.addr.is_empty()) {
             return Some(0);
         }
@@ -264,7 +268,7 @@ impl LiveGrids {
     /// Records the chunk token issued to a session (join or renewal). Returns false when
     /// the session is no longer in a grid (left, expired or revoked meanwhile).
     pub fn set_token(&self, session_id: &str, token: TokenState) -> bool {
-        match lock(&self.sessions).get_mut(session_id) {
+        match self.sessions.lock().get_mut(session_id) {
             Some(e) => {
                 e.token = Some(token);
                 true
@@ -275,7 +279,8 @@ impl LiveGrids {
 
     /// The peer id and broadcast of a session in a grid of this process.
     pub fn session_peer(&self, session_id: &str) -> Option<(PeerId, String)> {
-        lock(&self.sessions)
+        self.sessions
+            .lock()
             .get(session_id)
             .map(|e| (e.peer_id, e.broadcast_id.clone()))
     }
@@ -292,13 +297,13 @@ impl LiveGrids {
     ) -> Result<(SubstreamParent, usize), ReparentRefused> {
         let now = self.now();
         let (grid, peer_id) = {
-            let sessions = lock(&self.sessions);
+            let sessions = self.sessions.lock();
             let e = sessions
                 .get(session_id)
                 .ok_or(ReparentRefused::UnknownSession)?;
             (e.grid.clone(), e.peer_id)
         };
-        let mut st = lock(&grid.state);
+        let mut st = grid.state.lock();
         let substreams = st.assigner.config().substreams;
         let invalid = ReparentRefused::InvalidSubstream {
             substream,
@@ -308,7 +313,7 @@ impl LiveGrids {
         match st.assigner.reparent(peer_id, s, exclude, now) {
             Ok(out) => {
                 if let (Parent::Peer(p), Some(e)) =
-                    (out.parent, lock(&self.sessions).get_mut(session_id))
+                    (out.parent, self.sessions.lock().get_mut(session_id))
                 {
                     e.remember([(p, true)], now);
                 }
@@ -322,9 +327,9 @@ impl LiveGrids {
     /// Removes a session from its grid (clean leave) and re-parents its children. Returns
     /// `(peer id, peers moved)` when the session was in a grid.
     pub fn leave(&self, session_id: &str) -> Option<(PeerId, usize)> {
-        let e = lock(&self.sessions).remove(session_id)?;
+        let e = self.sessions.lock().remove(session_id)?;
         let now = self.now();
-        let moved = lock(&e.grid.state).remove_peer(e.peer_id, now);
+        let moved = e.grid.state.lock().remove_peer(e.peer_id, now);
         Some((e.peer_id, moved))
     }
 
@@ -334,7 +339,7 @@ impl LiveGrids {
     pub fn expire(&self, timeout: Duration) -> Vec<Expired> {
         let now = self.now();
         let stale: Vec<(String, SessionEntry)> = {
-            let mut sessions = lock(&self.sessions);
+            let mut sessions = self.sessions.lock();
             let ids: Vec<String> = sessions
                 .iter()
                 .filter(|(_, e)| now.saturating_sub(e.last_seen) > timeout)
@@ -347,7 +352,7 @@ impl LiveGrids {
         stale
             .into_iter()
             .map(|(session_id, e)| {
-                let moved = lock(&e.grid.state).remove_peer(e.peer_id, now);
+                let moved = e.grid.state.lock().remove_peer(e.peer_id, now);
                 Expired {
                     session_id,
                     broadcast_id: e.broadcast_id,

@@ -14,7 +14,7 @@
 //! dialable addresses). This module holds [`LiveGrids`] itself, its clock, the measured
 //! rates, dropping a broadcast and the figures read by the services and metrics.
 //!
-//! Locking: `broadcasts`, `sessions` and `rates` are `std` mutexes held for a map lookup
+//! Locking: `broadcasts`, `sessions` and `rates` are `parking_lot` mutexes held for a map lookup
 //! or update only; each broadcast's [`GridState`] has its own mutex, held for one
 //! assigner operation. The only nesting is grid → `sessions` (join, so that a concurrent
 //! [`LiveGrids::drop_broadcast`] cannot miss the new session) and `sessions` → `rates`
@@ -27,8 +27,10 @@
 //! `GetBroadcast.peer_share` no more than a viewer physically can.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::reports::clamp::CounterLimits;
@@ -65,12 +67,6 @@ pub const REPORTABLE_FOR: Duration = Duration::from_secs(60);
 
 /// Most peers remembered per session as reportable.
 const MAX_REPORTABLE: usize = 64;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves its map consistent before anything can panic (the
-    // assigner's own invariants are checked by its tests), so a poisoned lock is usable.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// All live grids of this process.
 #[derive(Debug)]
@@ -121,28 +117,28 @@ impl LiveGrids {
     /// Records the stream rate the ingesting node measured (ignored when 0).
     pub fn set_rate(&self, broadcast_id: &str, kbps: u32) {
         if kbps > 0 {
-            lock(&self.rates).insert(broadcast_id.to_string(), kbps);
+            self.rates.lock().insert(broadcast_id.to_string(), kbps);
         }
     }
 
     /// The latest measured stream rate of a broadcast, if any.
     pub fn rate(&self, broadcast_id: &str) -> Option<u32> {
-        lock(&self.rates).get(broadcast_id).copied()
+        self.rates.lock().get(broadcast_id).copied()
     }
 
     /// Drops a broadcast's grid, its sessions and its measured rate (StopBroadcast).
     /// Returns how many peers it held.
     pub fn drop_broadcast(&self, broadcast_id: &str) -> usize {
-        lock(&self.rates).remove(broadcast_id);
-        let Some(grid) = lock(&self.broadcasts).remove(broadcast_id) else {
+        self.rates.lock().remove(broadcast_id);
+        let Some(grid) = self.broadcasts.lock().remove(broadcast_id) else {
             return 0;
         };
         let session_ids: Vec<String> = {
-            let mut st = lock(&grid.state);
+            let mut st = grid.state.lock();
             st.closed = true;
             st.peers.values().map(|p| p.session_id.clone()).collect()
         };
-        let mut sessions = lock(&self.sessions);
+        let mut sessions = self.sessions.lock();
         for id in &session_ids {
             sessions.remove(id);
         }
@@ -152,8 +148,8 @@ impl LiveGrids {
     /// The grid figures of a broadcast, `None` when it has no grid (no viewer joined
     /// since it went live on this process).
     pub fn figures(&self, broadcast_id: &str) -> Option<GridFigures> {
-        let grid = lock(&self.broadcasts).get(broadcast_id).cloned()?;
-        let stats = lock(&grid.state).assigner.stats();
+        let grid = self.broadcasts.lock().get(broadcast_id).cloned()?;
+        let stats = grid.state.lock().assigner.stats();
         let server = grid.from_server.load(Ordering::Relaxed);
         let peers = grid.from_peers.load(Ordering::Relaxed);
         let total = server.saturating_add(peers);
@@ -171,14 +167,16 @@ impl LiveGrids {
 impl LiveGrids {
     /// `(broadcast id, peers in its grid)` of every grid of this process.
     pub fn peer_counts(&self) -> Vec<(String, usize)> {
-        let grids: Vec<(String, Arc<BroadcastGrid>)> = lock(&self.broadcasts)
+        let grids: Vec<(String, Arc<BroadcastGrid>)> = self
+            .broadcasts
+            .lock()
             .iter()
             .map(|(id, g)| (id.clone(), g.clone()))
             .collect();
         grids
             .into_iter()
             .map(|(id, g)| {
-                let n = lock(&g.state).peers.len();
+                let n = g.state.lock().peers.len();
                 (id, n)
             })
             .collect()

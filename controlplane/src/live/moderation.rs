@@ -8,7 +8,7 @@ use starling_proto::v1::PeerReportKind;
 
 use super::{
     BadPeerReport, LiveGrids, MAX_REPORTS_PER_SESSION, ReportRefused, RevokeTarget, Revoked,
-    SessionEntry, lock,
+    SessionEntry,
 };
 use starling_grid::assign::PeerId;
 
@@ -19,7 +19,7 @@ impl LiveGrids {
     pub fn revoke(&self, broadcast_id: &str, target: RevokeTarget<'_>) -> Vec<Revoked> {
         let now = self.now();
         let removed: Vec<(String, SessionEntry)> = {
-            let mut sessions = lock(&self.sessions);
+            let mut sessions = self.sessions.lock();
             let ids: Vec<String> = sessions
                 .iter()
                 .filter(|(id, e)| {
@@ -38,7 +38,7 @@ impl LiveGrids {
         removed
             .into_iter()
             .map(|(session_id, e)| Revoked {
-                moved: lock(&e.grid.state).remove_peer(e.peer_id, now),
+                moved: e.grid.state.lock().remove_peer(e.peer_id, now),
                 session_id,
                 peer_id: e.peer_id,
                 credential_expires_at: e.credential_expires_at,
@@ -69,7 +69,7 @@ impl LiveGrids {
         let now = self.now();
         let as_parent = kind == PeerReportKind::NonDelivery;
         let (grid, reporter, broadcast_id, addr) = {
-            let mut sessions = lock(&self.sessions);
+            let mut sessions = self.sessions.lock();
             let e = sessions
                 .get_mut(session_id)
                 .ok_or(ReportRefused::UnknownSession)?;
@@ -101,7 +101,7 @@ impl LiveGrids {
             )
         };
         self.bad_peer_reports.fetch_add(1, Ordering::Relaxed);
-        let mut st = lock(&grid.state);
+        let mut st = grid.state.lock();
         let known_peer = st.peers.contains_key(&peer_id);
         if !known_peer {
             return Ok(BadPeerReport {
@@ -149,8 +149,8 @@ impl LiveGrids {
 
     /// Whether a peer of a broadcast's grid is demoted (`None`: no such peer).
     pub fn is_demoted(&self, broadcast_id: &str, peer_id: PeerId) -> Option<bool> {
-        let grid = lock(&self.broadcasts).get(broadcast_id).cloned()?;
-        lock(&grid.state).assigner.is_bad(peer_id)
+        let grid = self.broadcasts.lock().get(broadcast_id).cloned()?;
+        grid.state.lock().assigner.is_bad(peer_id)
     }
 
     /// Bad-peer reports accepted since start.

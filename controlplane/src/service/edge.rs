@@ -72,7 +72,7 @@ impl Core {
                 now,
             )
             .await?;
-        self.links().insert(
+        self.links.lock().insert(
             node.id.clone(),
             NodeLink {
                 tx: None,
@@ -145,7 +145,7 @@ impl Core {
             .map_err(|_| ApiError::Unavailable("command stream closed during replay".into()))?;
         }
         // Replaces (and so ends) any previous stream of this node.
-        self.links().insert(
+        self.links.lock().insert(
             node_id.to_string(),
             NodeLink {
                 tx: Some(tx),
@@ -165,7 +165,7 @@ impl Core {
         validate::id("node_id", &req.node_id)?;
         let node_id = req.node_id.as_str();
         let now = now_ms();
-        if let Some(link) = self.links().get_mut(node_id) {
+        if let Some(link) = self.links.lock().get_mut(node_id) {
             link.heard_ms = Some(now);
         }
         if !self.store.touch_node(node_id, req.viewers, now).await? {

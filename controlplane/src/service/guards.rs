@@ -13,17 +13,10 @@ pub(super) struct Guards {
 }
 
 impl Core {
-    pub(super) fn guards(&self) -> std::sync::MutexGuard<'_, Guards> {
-        // Each critical section is one table operation: a poisoned lock is consistent.
-        self.guards
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// What the negative cache knows of a session this process does not hold (counted
     /// as a refusal when it answers).
     pub(super) fn cached_unknown(&self, session_id: &str) -> Option<crate::limits::Unknown> {
-        let u = self.guards().unknown.get(session_id, self.grids.now());
+        let u = self.guards.lock().unknown.get(session_id, self.grids.now());
         if u.is_some() {
             self.metrics
                 .refused(crate::metrics::Refusal::UnknownSessionCached);
@@ -33,7 +26,7 @@ impl Core {
 
     pub(super) fn remember_unknown(&self, session_id: &str, what: crate::limits::Unknown) {
         let now = self.grids.now();
-        self.guards().unknown.insert(session_id, what, now);
+        self.guards.lock().unknown.insert(session_id, what, now);
     }
 
     /// Allows one database look-up of a session not in memory for the caller, or
@@ -41,7 +34,7 @@ impl Core {
     pub(super) fn allow_lookup(&self, remote: Option<std::net::SocketAddr>) -> ApiResult<()> {
         if let Some(r) = remote {
             let now = self.grids.now();
-            let checked = self.guards().lookups.check(r.ip(), now);
+            let checked = self.guards.lock().lookups.check(r.ip(), now);
             if let Err(wait) = checked {
                 self.metrics
                     .refused(crate::metrics::Refusal::UnknownSessionRate);

@@ -15,7 +15,7 @@ impl Core {
         self.revocations.prune(now);
         if self.tokens.refresh(&self.store, now).await? {
             let keys = self.tokens.public_keys();
-            let node_ids: Vec<String> = self.links().keys().cloned().collect();
+            let node_ids: Vec<String> = self.links.lock().keys().cloned().collect();
             for node_id in node_ids {
                 self.send(
                     &node_id,
@@ -43,10 +43,7 @@ impl Core {
                 })
             })
             .collect();
-        *self
-            .chunk_keys
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+        *self.chunk_keys.write() = keys;
     }
 
     /// The alive nodes' chunk-signing keys, `first_node`'s first, one per key id (a
@@ -55,10 +52,7 @@ impl Core {
     /// then the first wins), at most
     /// [`starling_proto::integrity::MAX_KEYS`].
     pub(super) fn chunk_keys(&self, first_node: Option<&str>) -> Vec<PublicKey> {
-        let all = self
-            .chunk_keys
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let all = self.chunk_keys.read();
         let mut out: Vec<PublicKey> = Vec::new();
         let first = all.iter().filter(|(id, _)| Some(id.as_str()) == first_node);
         let rest = all.iter().filter(|(id, _)| Some(id.as_str()) != first_node);
@@ -75,18 +69,11 @@ impl Core {
 
     /// The node ingesting `broadcast_id`, as last seen (see [`Core::chunk_keys`]).
     pub(super) fn ingest_node(&self, broadcast_id: &str) -> Option<String> {
-        self.ingest_nodes
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(broadcast_id)
-            .cloned()
+        self.ingest_nodes.read().get(broadcast_id).cloned()
     }
 
     pub(super) fn set_ingest_node(&self, broadcast_id: &str, node_id: Option<&str>) {
-        let mut m = self
-            .ingest_nodes
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = self.ingest_nodes.write();
         match node_id {
             Some(n) => {
                 m.insert(broadcast_id.to_string(), n.to_string());

@@ -117,7 +117,7 @@ pub use starling_proto::time::unix_ms_i64 as now_ms;
 pub struct Core {
     store: Store,
     config: ServiceConfig,
-    links: std::sync::Mutex<HashMap<String, NodeLink>>,
+    links: parking_lot::Mutex<HashMap<String, NodeLink>>,
     assign_lock: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
     grids: LiveGrids,
@@ -128,11 +128,11 @@ pub struct Core {
     revocations: Revocations,
     /// Chunk-signing keys of the alive nodes (node id, key), refreshed whenever the alive
     /// nodes are listed (registration, liveness check).
-    chunk_keys: std::sync::RwLock<Vec<(String, PublicKey)>>,
+    chunk_keys: parking_lot::RwLock<Vec<(String, PublicKey)>>,
     /// The node ingesting each live broadcast (broadcast id → node id), refreshed with
     /// the chunk keys and at every `Join`: heartbeats list that node's chunk key first,
     /// so a viewer's capped key set always holds it, however many nodes there are.
-    ingest_nodes: std::sync::RwLock<HashMap<String, String>>,
+    ingest_nodes: parking_lot::RwLock<HashMap<String, String>>,
     /// Viewer reports: write queue, batch writer, roll-ups ([`crate::reports`]).
     reports: Arc<crate::reports::Reports>,
     /// Prometheus counters ([`crate::metrics`]).
@@ -141,9 +141,9 @@ pub struct Core {
     /// id → time): liveness itself is decided in memory (the grid), so the database
     /// only gets `last_seen_ms` in one batch per liveness tick instead of one write per
     /// heartbeat. At most one entry per session in a grid.
-    touches: std::sync::Mutex<HashMap<String, i64>>,
+    touches: parking_lot::Mutex<HashMap<String, i64>>,
     /// Flood limits ([`crate::limits`]), one lock held for one table operation.
-    guards: std::sync::Mutex<Guards>,
+    guards: parking_lot::Mutex<Guards>,
 }
 
 impl Core {
@@ -158,7 +158,7 @@ impl Core {
         let tickets = ParentTickets::new(config.parent_ticket_ttl);
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let l = config.limits;
-        let guards = std::sync::Mutex::new(Guards {
+        let guards = parking_lot::Mutex::new(Guards {
             join: crate::limits::RateLimiter::new(l.join, l.max_addresses),
             lookups: crate::limits::RateLimiter::new(l.unknown_session_lookups, l.max_addresses),
             unknown: crate::limits::UnknownSessions::new(
@@ -174,18 +174,18 @@ impl Core {
             metrics,
             store,
             config,
-            links: std::sync::Mutex::new(HashMap::new()),
+            links: parking_lot::Mutex::new(HashMap::new()),
             assign_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             grids,
             guards,
-            touches: std::sync::Mutex::new(HashMap::new()),
+            touches: parking_lot::Mutex::new(HashMap::new()),
             auth,
             tokens,
             tickets,
             revocations: Revocations::new(),
-            chunk_keys: std::sync::RwLock::new(Vec::new()),
-            ingest_nodes: std::sync::RwLock::new(HashMap::new()),
+            chunk_keys: parking_lot::RwLock::new(Vec::new()),
+            ingest_nodes: parking_lot::RwLock::new(HashMap::new()),
         })
     }
 

@@ -1,7 +1,6 @@
 //! Data-plane node command links: one command stream per node, the commands sent on it,
 //! the assignment of live broadcasts to alive nodes and the node liveness check.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use starling_proto::v1::node_command::Command;
@@ -38,26 +37,19 @@ impl Core {
             })
         })
     }
-    pub(super) fn links(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeLink>> {
-        // A panic while holding this lock cannot leave the map inconsistent (every
-        // critical section is a single insert/remove/field update).
-        self.links
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
 
     /// Ends every node command stream and refuses new ones (graceful shutdown: the
     /// server cannot finish while streams are open).
     pub fn close_streams(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
-        self.links().clear();
+        self.links.lock().clear();
     }
 
     /// Sends a command to a node's stream if it has one open. Never blocks: if the
     /// buffer is full the stream is closed so that the node reconnects and receives a
     /// full replay of its desired state.
     pub(super) fn send(&self, node_id: &str, command: Command) {
-        let mut links = self.links();
+        let mut links = self.links.lock();
         let Some(link) = links.get_mut(node_id) else {
             tracing::debug!(node_id, "no link to node; command will be replayed later");
             return;
@@ -116,10 +108,7 @@ impl Core {
         {
             // Rebuilt from the database's view of the live broadcasts (changes below
             // update it as they are made).
-            let mut m = self
-                .ingest_nodes
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut m = self.ingest_nodes.write();
             m.clear();
             for b in &live {
                 if let Some(n) = &b.node_id {
@@ -182,7 +171,7 @@ impl Core {
         let _guard = self.assign_lock.lock().await;
         let alive = self.store.list_alive_nodes().await?;
         let liveness: Vec<NodeLiveness> = {
-            let mut links = self.links();
+            let mut links = self.links.lock();
             alive
                 .iter()
                 .map(|n| {
@@ -216,7 +205,7 @@ impl Core {
         let result = self.reconcile_locked().await;
         // Close the dead nodes' command streams only once their broadcasts have moved,
         // so whoever sees a stream end also sees the new assignment.
-        let mut links = self.links();
+        let mut links = self.links.lock();
         for node_id in &expired {
             links.remove(node_id);
         }

@@ -1,24 +1,17 @@
 //! Viewer session bookkeeping outside the RPCs: batched heartbeat writes (touches) and
 //! the expiry of silent sessions.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{Core, now_ms};
 use crate::store::StoreError;
 
 impl Core {
-    pub(super) fn pending_touches(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
-        self.touches
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Writes the heartbeats recorded since the last call to the database in one batch.
     /// On failure they are put back (newer heartbeats win) and retried on the next call.
     /// Returns how many sessions were written.
     pub async fn flush_touches(&self) -> Result<usize, StoreError> {
-        let batch: Vec<(String, i64)> = std::mem::take(&mut *self.pending_touches())
+        let batch: Vec<(String, i64)> = std::mem::take(&mut *self.touches.lock())
             .into_iter()
             .collect();
         if batch.is_empty() {
@@ -27,7 +20,7 @@ impl Core {
         match self.store.touch_sessions(&batch).await {
             Ok(_) => Ok(batch.len()),
             Err(e) => {
-                let mut pending = self.pending_touches();
+                let mut pending = self.touches.lock();
                 for (id, t) in batch {
                     pending.entry(id).or_insert(t);
                 }

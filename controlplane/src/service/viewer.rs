@@ -36,7 +36,7 @@ impl Core {
     ) -> ApiResult<JoinResponse> {
         if let Some(r) = remote {
             let now = self.grids.now();
-            let checked = self.guards().join.check(r.ip(), now);
+            let checked = self.guards.lock().join.check(r.ip(), now);
             if let Err(wait) = checked {
                 self.metrics.refused(crate::metrics::Refusal::JoinRate);
                 return Err(ApiError::ResourceExhausted(
@@ -273,8 +273,7 @@ impl Core {
                 // (children beyond them are re-parented; they learn it by heartbeat).
                 self.grids.set_upload(&req.session_id, req.upload_kbps);
             }
-            self.pending_touches()
-                .insert(req.session_id.clone(), now_ms());
+            self.touches.lock().insert(req.session_id.clone(), now_ms());
         } else {
             // Not in this process's grid: the negative cache, else the database decides
             // (stopping a broadcast ends its sessions, so one update answers both
