@@ -338,17 +338,7 @@ impl LiveGrids {
     /// database.
     pub fn expire(&self, timeout: Duration) -> Vec<Expired> {
         let now = self.now();
-        let stale: Vec<(String, SessionEntry)> = {
-            let mut sessions = self.sessions.lock();
-            let ids: Vec<String> = sessions
-                .iter()
-                .filter(|(_, e)| now.saturating_sub(e.last_seen) > timeout)
-                .map(|(id, _)| id.clone())
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| sessions.remove(&id).map(|e| (id, e)))
-                .collect()
-        };
+        let stale = self.take_sessions(|_, e| now.saturating_sub(e.last_seen) > timeout);
         stale
             .into_iter()
             .map(|(session_id, e)| {

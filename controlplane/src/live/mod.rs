@@ -126,6 +126,23 @@ impl LiveGrids {
         self.rates.lock().get(broadcast_id).copied()
     }
 
+    /// Removes the sessions `pick` selects (session id, entry) from the session map, in
+    /// one critical section, and returns them (their grids are left to the caller).
+    fn take_sessions(
+        &self,
+        pick: impl Fn(&str, &SessionEntry) -> bool,
+    ) -> Vec<(String, SessionEntry)> {
+        let mut sessions = self.sessions.lock();
+        let ids: Vec<String> = sessions
+            .iter()
+            .filter(|(id, e)| pick(id.as_str(), e))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| sessions.remove(&id).map(|e| (id, e)))
+            .collect()
+    }
+
     /// Drops a broadcast's grid, its sessions and its measured rate (StopBroadcast).
     /// Returns how many peers it held.
     pub fn drop_broadcast(&self, broadcast_id: &str) -> usize {

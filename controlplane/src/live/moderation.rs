@@ -8,7 +8,6 @@ use starling_proto::v1::PeerReportKind;
 
 use super::{
     BadPeerReport, LiveGrids, MAX_REPORTS_PER_SESSION, ReportRefused, RevokeTarget, Revoked,
-    SessionEntry,
 };
 use starling_grid::assign::PeerId;
 
@@ -18,23 +17,13 @@ impl LiveGrids {
     /// and announce.
     pub fn revoke(&self, broadcast_id: &str, target: RevokeTarget<'_>) -> Vec<Revoked> {
         let now = self.now();
-        let removed: Vec<(String, SessionEntry)> = {
-            let mut sessions = self.sessions.lock();
-            let ids: Vec<String> = sessions
-                .iter()
-                .filter(|(id, e)| {
-                    e.broadcast_id == broadcast_id
-                        && match target {
-                            RevokeTarget::Subject(sub) => e.subject.as_deref() == Some(sub),
-                            RevokeTarget::Session(s) => id.as_str() == s,
-                        }
-                })
-                .map(|(id, _)| id.clone())
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| sessions.remove(&id).map(|e| (id, e)))
-                .collect()
-        };
+        let removed = self.take_sessions(|id, e| {
+            e.broadcast_id == broadcast_id
+                && match target {
+                    RevokeTarget::Subject(sub) => e.subject.as_deref() == Some(sub),
+                    RevokeTarget::Session(s) => id == s,
+                }
+        });
         removed
             .into_iter()
             .map(|(session_id, e)| Revoked {

@@ -11,7 +11,7 @@ use starling_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Api, ApiError, ApiResult, Core, now_ms};
+use super::{Api, ApiError, ApiResult, Core, now_ms, respond};
 use crate::live::RevokeTarget;
 use crate::store::{BroadcastRecord, NewBroadcast, NodeRecord, StoreError};
 use crate::tokens::SKEW_MARGIN;
@@ -320,76 +320,71 @@ impl AdminService for Api {
         &self,
         request: Request<CreateBroadcastRequest>,
     ) -> Result<Response<Broadcast>, Status> {
-        self.core
-            .create_broadcast(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("CreateBroadcast"))
+        respond(
+            "CreateBroadcast",
+            self.core.create_broadcast(request.into_inner()).await,
+        )
     }
 
     async fn start_broadcast(
         &self,
         request: Request<BroadcastRef>,
     ) -> Result<Response<Broadcast>, Status> {
-        self.core
-            .start_broadcast(&request.into_inner().id)
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("StartBroadcast"))
+        respond(
+            "StartBroadcast",
+            self.core.start_broadcast(&request.into_inner().id).await,
+        )
     }
 
     async fn stop_broadcast(
         &self,
         request: Request<BroadcastRef>,
     ) -> Result<Response<Broadcast>, Status> {
-        self.core
-            .stop_broadcast(&request.into_inner().id)
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("StopBroadcast"))
+        respond(
+            "StopBroadcast",
+            self.core.stop_broadcast(&request.into_inner().id).await,
+        )
     }
 
     async fn get_broadcast(
         &self,
         request: Request<BroadcastRef>,
     ) -> Result<Response<Broadcast>, Status> {
-        self.core
-            .get_broadcast(&request.into_inner().id)
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("GetBroadcast"))
+        respond(
+            "GetBroadcast",
+            self.core.get_broadcast(&request.into_inner().id).await,
+        )
     }
 
     async fn list_broadcasts(
         &self,
         request: Request<ListBroadcastsRequest>,
     ) -> Result<Response<ListBroadcastsResponse>, Status> {
-        self.core
-            .list_broadcasts(request.into_inner().include_stopped)
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("ListBroadcasts"))
+        respond(
+            "ListBroadcasts",
+            self.core
+                .list_broadcasts(request.into_inner().include_stopped)
+                .await,
+        )
     }
 
     async fn revoke_viewer(
         &self,
         request: Request<RevokeViewerRequest>,
     ) -> Result<Response<RevokeViewerResponse>, Status> {
-        self.core
-            .revoke_viewer(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("RevokeViewer"))
+        respond(
+            "RevokeViewer",
+            self.core.revoke_viewer(request.into_inner()).await,
+        )
     }
 
     async fn get_audience(
         &self,
         request: Request<starling_proto::v1::GetAudienceRequest>,
     ) -> Result<Response<starling_proto::v1::GetAudienceResponse>, Status> {
-        self.core
-            .get_audience(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("GetAudience"))
+        respond(
+            "GetAudience",
+            self.core.get_audience(request.into_inner()).await,
+        )
     }
 }

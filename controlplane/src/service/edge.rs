@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{Api, ApiError, ApiResult, Core, NodeLink, now_ms};
+use super::{Api, ApiError, ApiResult, Core, NodeLink, now_ms, respond};
 use crate::store::{BroadcastRecord, IngestReport, NewNode, NodeKey};
 use crate::validate::{self};
 
@@ -222,11 +222,7 @@ impl EdgeService for Api {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
-        self.core
-            .register(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("Register"))
+        respond("Register", self.core.register(request.into_inner()).await)
     }
 
     type CommandsStream = ReceiverStream<Result<NodeCommand, Status>>;
@@ -235,21 +231,16 @@ impl EdgeService for Api {
         &self,
         request: Request<CommandsRequest>,
     ) -> Result<Response<Self::CommandsStream>, Status> {
-        self.core
-            .commands(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("Commands"))
+        respond("Commands", self.core.commands(request.into_inner()).await)
     }
 
     async fn report_health(
         &self,
         request: Request<HealthReport>,
     ) -> Result<Response<HealthReportAck>, Status> {
-        self.core
-            .report_health(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("ReportHealth"))
+        respond(
+            "ReportHealth",
+            self.core.report_health(request.into_inner()).await,
+        )
     }
 }

@@ -31,6 +31,8 @@ use std::time::Duration;
 
 use starling_proto::v1::PublicKey;
 
+use tonic::{Response, Status};
+
 use crate::auth::Authenticator;
 use crate::live::LiveGrids;
 use crate::store::Store;
@@ -227,6 +229,12 @@ impl Core {
     pub fn liveness_tick_interval(&self) -> Duration {
         self.config.liveness_tick
     }
+}
+
+/// The answer of an RPC: its result as a response, or its error as the status of `rpc`
+/// ([`ApiError`]'s mapping, logged once).
+fn respond<T>(rpc: &'static str, result: ApiResult<T>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(|e| e.into_status(rpc))
 }
 
 /// The tonic service implementation (all three services share one [`Core`]).

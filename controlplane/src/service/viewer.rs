@@ -10,7 +10,7 @@ use starling_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{Api, ApiError, ApiResult, Core, now_ms};
+use super::{Api, ApiError, ApiResult, Core, now_ms, respond};
 use crate::auth::ViewerIdentity;
 use crate::live::{self, JoinInput, JoinRefused, ReparentRefused, ReportRefused, TokenState};
 use crate::store::NewSession;
@@ -530,11 +530,7 @@ impl Core {
 impl ViewerService for Api {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let remote = request.remote_addr();
-        self.core
-            .join(request.into_inner(), remote)
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("Join"))
+        respond("Join", self.core.join(request.into_inner(), remote).await)
     }
 
     async fn heartbeat(
@@ -542,11 +538,10 @@ impl ViewerService for Api {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let remote = request.remote_addr();
-        self.core
-            .heartbeat(request.into_inner(), remote)
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("Heartbeat"))
+        respond(
+            "Heartbeat",
+            self.core.heartbeat(request.into_inner(), remote).await,
+        )
     }
 
     async fn leave(
@@ -554,33 +549,24 @@ impl ViewerService for Api {
         request: Request<LeaveRequest>,
     ) -> Result<Response<LeaveResponse>, Status> {
         let remote = request.remote_addr();
-        self.core
-            .leave(request.into_inner(), remote)
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("Leave"))
+        respond("Leave", self.core.leave(request.into_inner(), remote).await)
     }
 
     async fn reparent(
         &self,
         request: Request<ReparentRequest>,
     ) -> Result<Response<ReparentResponse>, Status> {
-        self.core
-            .reparent(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("Reparent"))
+        respond("Reparent", self.core.reparent(request.into_inner()).await)
     }
 
     async fn report_peer(
         &self,
         request: Request<ReportPeerRequest>,
     ) -> Result<Response<ReportPeerResponse>, Status> {
-        self.core
-            .report_peer(request.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("ReportPeer"))
+        respond(
+            "ReportPeer",
+            self.core.report_peer(request.into_inner()).await,
+        )
     }
 
     async fn report(
@@ -588,10 +574,9 @@ impl ViewerService for Api {
         request: Request<starling_proto::v1::ReportRequest>,
     ) -> Result<Response<starling_proto::v1::ReportResponse>, Status> {
         let remote = request.remote_addr();
-        self.core
-            .report(request.into_inner(), remote)
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status("Report"))
+        respond(
+            "Report",
+            self.core.report(request.into_inner(), remote).await,
+        )
     }
 }
