@@ -5,7 +5,8 @@
 //! * `admin`, `viewer`, `edge`: the RPCs of each service and its tonic trait impl;
 //! * `errors`: [`ApiError`] and its mapping to a gRPC status;
 //! * `nodes`: node command links, broadcast assignment, node liveness;
-//! * `keys`: chunk-token key rotation and the alive nodes' chunk-signing keys;
+//! * `keys`: chunk-token key rotation (rights housekeeping);
+//! * `chunk_keys`: the alive nodes' chunk-signing keys and each broadcast's ingesting node;
 //! * `sessions`: batched heartbeat writes and session expiry;
 //! * `guards`: the viewer API's flood limits and negative cache.
 //! * `scrape`: the state a `/metrics` scrape reads ([`crate::metrics::Snapshot`]).
@@ -40,6 +41,7 @@ use crate::tickets::ParentTickets;
 use crate::tokens::{Revocations, TokenKeys};
 
 mod admin;
+mod chunk_keys;
 mod edge;
 mod errors;
 mod guards;
