@@ -14,9 +14,9 @@
 //! gets its ticket in the same answer that names the parent.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use parking_lot::Mutex;
-use std::time::Duration;
 
 use starling_proto::ticket::TicketClaims;
 use starling_proto::v1::SubstreamParent;

@@ -25,9 +25,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
-use std::time::Duration;
 
 use starling_proto::ticket::{TicketClaims, TicketError};
 use starling_proto::token::{KeyError, Scopes, TokenClaims, TokenError, TokenSigner};

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use parking_lot::Mutex;
-use std::time::Duration;
 
 use starling_proto::v1::{PeerRef, SubstreamParent};
 

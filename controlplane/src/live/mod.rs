@@ -1,4 +1,4 @@
-//! The live peer-grid state of this control-plane process: one [`GridAssigner`] per LIVE
+//! The live peer-grid state of this control-plane process: one [`GridAssigner`](starling_grid::assign::GridAssigner) per LIVE
 //! broadcast that has viewers, the session ↔ peer id ↔ peer address maps, heartbeat byte
 //! counters and the stream rate each ingesting node last reported.
 //!
@@ -29,9 +29,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use std::time::{Duration, Instant};
 
 use crate::reports::clamp::CounterLimits;
 use crate::trust::TrustConfig;
@@ -51,7 +51,7 @@ pub use views::*;
 
 /// Stream rate assumed for slot accounting when the ingesting node has not reported a
 /// measured rate yet at the first join of a broadcast. The grid keeps the rate it was
-/// created with for its whole life (a [`GridAssigner`] cannot be re-rated).
+/// created with for its whole life (a [`GridAssigner`](starling_grid::assign::GridAssigner) cannot be re-rated).
 pub const DEFAULT_STREAM_KBPS: u32 = 1000;
 
 /// Longest `exclude_peer_ids` list a re-search may carry.

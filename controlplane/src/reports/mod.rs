@@ -56,9 +56,9 @@ mod writer;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use std::time::{Duration, Instant};
 
 use starling_proto::v1::{AudiencePoint, ViewerReport};
 use tokio::sync::{Notify, watch};

@@ -15,7 +15,7 @@ use super::{Api, ApiError, ApiResult, Core, now_ms, respond};
 use crate::live::RevokeTarget;
 use crate::store::{BroadcastRecord, NewBroadcast, NodeRecord, StoreError};
 use crate::tokens::SKEW_MARGIN;
-use crate::validate::{self};
+use crate::validate;
 
 impl Core {
     async fn node_addrs(&self, node_id: Option<&str>) -> Result<Option<NodeRecord>, StoreError> {

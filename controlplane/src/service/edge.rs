@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Api, ApiError, ApiResult, Core, NodeLink, now_ms, respond};
 use crate::store::{BroadcastRecord, IngestReport, NewNode, NodeKey};
-use crate::validate::{self};
+use crate::validate;
 
 impl Core {
     // ------------------------------------------------------------------ edge

@@ -8,7 +8,7 @@
 //! * `keys`: chunk-token key rotation (rights housekeeping);
 //! * `chunk_keys`: the alive nodes' chunk-signing keys and each broadcast's ingesting node;
 //! * `sessions`: batched heartbeat writes and session expiry;
-//! * `guards`: the viewer API's flood limits and negative cache.
+//! * `guards`: the viewer API's flood limits and negative cache;
 //! * `scrape`: the state a `/metrics` scrape reads ([`crate::metrics::Snapshot`]).
 //!
 //! Invariants:

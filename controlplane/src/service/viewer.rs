@@ -14,7 +14,7 @@ use super::{Api, ApiError, ApiResult, Core, now_ms, respond};
 use crate::auth::ViewerIdentity;
 use crate::live::{self, JoinInput, JoinRefused, ReparentRefused, ReportRefused, TokenState};
 use crate::store::NewSession;
-use crate::validate::{self};
+use crate::validate;
 use starling_grid::assign::GridError;
 
 fn state_name(state: BroadcastState) -> &'static str {
