@@ -23,8 +23,6 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tonic::codegen::http;
 
-use crate::service::Core;
-
 /// `Content-Type` of the exposition.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -372,10 +370,32 @@ fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
     let _ = writeln!(out, "{name} {v}");
 }
 
-/// Renders every metric of the control plane. Reads the alive nodes from the database
-/// (bounded by a 1 s timeout; `starling_cp_db_up` says whether that worked).
-pub async fn render(core: &Core) -> String {
-    let m = core.metrics();
+/// What a scrape reads beyond the counters of [`Metrics`]: gauges and counters owned by
+/// other parts of the control plane (live grids, report queue, database), filled by their
+/// owner (`service::Core::metrics_snapshot`) so that this module depends on none of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// `(broadcast id, viewer sessions in this process's grid)` of every grid.
+    pub viewers: Vec<(String, usize)>,
+    /// Viewer reports waiting to be written to the database.
+    pub report_queue_depth: usize,
+    /// Bound of the report write queue.
+    pub report_queue_capacity: usize,
+    /// Sessions whose last report this process remembers.
+    pub report_sessions: usize,
+    /// Granted upload budgets raised because heartbeats confirmed them.
+    pub uploads_confirmed: u64,
+    /// `ReportPeer` reports accepted.
+    pub peer_reports: u64,
+    /// Peers demoted by reports from enough distinct addresses.
+    pub peers_demoted: u64,
+    /// Data-plane nodes alive, `None` when the database did not answer this scrape.
+    pub nodes_alive: Option<usize>,
+}
+
+/// Renders every metric of the control plane from its counters `m` and the state `s`
+/// read for this scrape (`starling_cp_db_up` says whether the database answered).
+pub fn render(m: &Metrics, s: Snapshot) -> String {
     let mut out = String::with_capacity(16 * 1024);
 
     let name = "starling_cp_grpc_server_handled_total";
@@ -427,7 +447,7 @@ pub async fn render(core: &Core) -> String {
         "gauge",
         "Viewer sessions in this process's peer grid, per broadcast.",
     );
-    for (b, n) in core.grids().peer_counts() {
+    for (b, n) in s.viewers {
         let _ = writeln!(out, "{name}{{broadcast_id=\"{}\"}} {n}", esc(&b));
     }
 
@@ -510,24 +530,23 @@ pub async fn render(core: &Core) -> String {
         "Raw viewer reports deleted after the retention period.",
         get(&m.reports_pruned),
     );
-    let r = core.reports();
     gauge(
         &mut out,
         "starling_cp_report_queue_depth",
         "Viewer reports waiting to be written to the database.",
-        r.queue_depth() as u64,
+        s.report_queue_depth as u64,
     );
     gauge(
         &mut out,
         "starling_cp_report_queue_capacity",
         "Bound of the report write queue.",
-        r.queue_capacity() as u64,
+        s.report_queue_capacity as u64,
     );
     gauge(
         &mut out,
         "starling_cp_report_sessions",
         "Sessions whose last report this process remembers.",
-        r.tracked_sessions() as u64,
+        s.report_sessions as u64,
     );
     counter(
         &mut out,
@@ -581,24 +600,23 @@ pub async fn render(core: &Core) -> String {
         &mut out,
         "starling_cp_upload_confirmations_total",
         "Granted upload budgets raised because heartbeats confirmed the uploads.",
-        core.grids().uploads_confirmed(),
+        s.uploads_confirmed,
     );
     counter(
         &mut out,
         "starling_cp_peer_reports_total",
         "ReportPeer reports accepted (each counts once per distinct reporter address).",
-        core.grids().bad_peer_reports(),
+        s.peer_reports,
     );
     counter(
         &mut out,
         "starling_cp_peers_demoted_total",
         "Peers demoted (never a parent again) by reports from enough distinct addresses.",
-        core.grids().peers_demoted(),
+        s.peers_demoted,
     );
 
-    let alive = tokio::time::timeout(Duration::from_secs(1), core.store().list_alive_nodes()).await;
-    match alive {
-        Ok(Ok(nodes)) => {
+    match s.nodes_alive {
+        Some(nodes) => {
             gauge(
                 &mut out,
                 "starling_cp_db_up",
@@ -609,10 +627,10 @@ pub async fn render(core: &Core) -> String {
                 &mut out,
                 "starling_cp_nodes_alive",
                 "Data-plane nodes alive.",
-                nodes.len() as u64,
+                nodes as u64,
             );
         }
-        _ => gauge(
+        None => gauge(
             &mut out,
             "starling_cp_db_up",
             "1 when the database answered this scrape.",
@@ -622,8 +640,13 @@ pub async fn render(core: &Core) -> String {
     out
 }
 
-/// Serves `GET /metrics` (and `GET /healthz`) over HTTP/1.1 until the task is aborted.
-pub async fn serve(listener: TcpListener, core: Arc<Core>) {
+/// Serves `GET /metrics` (and `GET /healthz`) over HTTP/1.1 until the task is aborted;
+/// `scrape` produces the exposition text of one scrape.
+pub async fn serve<F, Fut>(listener: TcpListener, scrape: F)
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = String> + Send + 'static,
+{
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Response, StatusCode};
@@ -637,16 +660,16 @@ pub async fn serve(listener: TcpListener, core: Arc<Core>) {
                 continue;
             }
         };
-        let core = core.clone();
+        let scrape = scrape.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let core = core.clone();
+                    let scrape = scrape.clone();
                     async move {
                         let resp = match (req.method(), req.uri().path()) {
                             (&hyper::Method::GET, "/metrics") => Response::builder()
                                 .header("content-type", CONTENT_TYPE)
-                                .body(Full::new(Bytes::from(render(&core).await))),
+                                .body(Full::new(Bytes::from(scrape().await))),
                             (&hyper::Method::GET, "/healthz") => {
                                 Response::builder().body(Full::new(Bytes::from_static(b"ok\n")))
                             }

@@ -227,7 +227,11 @@ impl ControlPlane {
         let report_tasks = core.reports().spawn();
         let metrics_task = metrics.map(|(l, addr)| {
             tracing::info!(%addr, "serving Prometheus metrics on http://{addr}/metrics");
-            tokio::spawn(crate::metrics::serve(l, core.clone()))
+            let core = core.clone();
+            tokio::spawn(crate::metrics::serve(l, move || {
+                let core = core.clone();
+                async move { core.render_metrics().await }
+            }))
         });
         let api = Api::new(core.clone());
         let admin_guard = AdminInterceptor::new(core.authenticator().clone());

@@ -14,8 +14,9 @@
 //! gets its ticket in the same answer that names the parent.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use starling_proto::ticket::TicketClaims;
 use starling_proto::v1::SubstreamParent;
@@ -101,7 +102,7 @@ impl ParentTickets {
         // (index in `parents`, parent peer) of the entries the cache cannot answer.
         let mut misses: Vec<(usize, u64)> = Vec::new();
         {
-            let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            let cache = self.cache.lock();
             for (i, p) in parents.iter_mut().enumerate() {
                 let Some(parent) = p.peer.as_ref().map(|r| r.peer_id) else {
                     p.ticket.clear();
@@ -162,7 +163,7 @@ impl ParentTickets {
                 }
             }
         }
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cache = self.cache.lock();
         for (k, c) in signed {
             if cache.entries.len() < MAX_CACHED || cache.entries.contains_key(&k) {
                 cache.entries.insert(k, c);
@@ -176,11 +177,7 @@ impl ParentTickets {
 
     /// Tickets cached now.
     pub fn cached(&self) -> usize {
-        self.cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entries
-            .len()
+        self.cache.lock().entries.len()
     }
 }
 

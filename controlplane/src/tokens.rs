@@ -24,8 +24,10 @@
 //! every change as a `KeysCommand`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
 
 use starling_proto::ticket::{TicketClaims, TicketError};
 use starling_proto::token::{KeyError, Scopes, TokenClaims, TokenError, TokenSigner};
@@ -159,10 +161,7 @@ impl TokenKeys {
     }
 
     fn current(&self) -> Arc<KeySet> {
-        self.set
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.set.read().clone()
     }
 
     /// Reloads the key table (a rotation by another replica, keys whose retire time
@@ -186,7 +185,7 @@ impl TokenKeys {
                 published = ?set.published.iter().map(|(k, _)| k.key_id).collect::<Vec<_>>(),
                 "chunk-token key set changed"
             );
-            *self.set.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+            *self.set.write() = Arc::new(set);
         }
         Ok(changed)
     }
@@ -380,10 +379,7 @@ impl Revocations {
         if peer_ids.is_empty() {
             return;
         }
-        let mut map = self
-            .by_broadcast
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.by_broadcast.lock();
         let list = map.entry(broadcast_id.to_string()).or_default();
         for &p in peer_ids {
             match list.iter_mut().find(|(q, _)| *q == p) {
@@ -395,10 +391,7 @@ impl Revocations {
 
     /// The peers of `broadcast_id` still revoked at `now_ms` (forgetting older ones).
     pub fn list(&self, broadcast_id: &str, now_ms: i64) -> Vec<u64> {
-        let mut map = self
-            .by_broadcast
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.by_broadcast.lock();
         let Some(list) = map.get_mut(broadcast_id) else {
             return Vec::new();
         };
@@ -412,10 +405,7 @@ impl Revocations {
 
     /// Forgets every expired entry (periodic housekeeping).
     pub fn prune(&self, now_ms: i64) {
-        let mut map = self
-            .by_broadcast
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.by_broadcast.lock();
         map.retain(|_, list| {
             list.retain(|&(_, until)| until > now_ms);
             !list.is_empty()
@@ -424,7 +414,6 @@ impl Revocations {
         let now_s = u64::try_from(now_ms / 1000).unwrap_or(0);
         self.subjects
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, &mut (_, until)| until > now_s);
     }
 
@@ -437,7 +426,7 @@ impl Revocations {
         revoked_at_s: u64,
         until_s: u64,
     ) {
-        let mut map = self.subjects.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self.subjects.lock();
         let e = map
             .entry((broadcast_id.to_string(), subject.to_string()))
             .or_insert((revoked_at_s, until_s));
@@ -454,7 +443,7 @@ impl Revocations {
         issued_at_s: Option<u64>,
         now_s: u64,
     ) -> bool {
-        let map = self.subjects.lock().unwrap_or_else(PoisonError::into_inner);
+        let map = self.subjects.lock();
         match map.get(&(broadcast_id.to_string(), subject.to_string())) {
             Some(&(revoked_at, until)) if until > now_s => {
                 issued_at_s.is_none_or(|iat| iat <= revoked_at)

@@ -55,8 +55,10 @@ pub mod rollup;
 mod writer;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use starling_proto::v1::{AudiencePoint, ViewerReport};
 use tokio::sync::{Notify, watch};
@@ -179,11 +181,6 @@ struct LiveSlot {
     peers: u64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Critical sections are plain map/queue updates that cannot leave them inconsistent.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// Report recording of one control-plane process.
 #[derive(Debug)]
 pub struct Reports {
@@ -222,7 +219,7 @@ impl Reports {
 
     /// Reports waiting to be written.
     pub fn queue_depth(&self) -> usize {
-        lock(&self.queue).rows.len()
+        self.queue.lock().rows.len()
     }
 
     /// Reports committed to the database by this process so far.
@@ -237,13 +234,13 @@ impl Reports {
 
     /// Sessions whose state this process holds.
     pub fn tracked_sessions(&self) -> usize {
-        lock(&self.sessions).len()
+        self.sessions.lock().len()
     }
 
     /// Whether this process holds a session's state (a report for it needs no database
     /// look-up).
     pub fn tracks(&self, session_id: &str) -> bool {
-        lock(&self.sessions).contains_key(session_id)
+        self.sessions.lock().contains_key(session_id)
     }
 
     /// Starts the writer and the retention task; abort the handles to stop them (after
@@ -299,7 +296,7 @@ impl Reports {
         reports.sort_by_key(|r| r.report_seq);
         reports.dedup_by_key(|r| r.report_seq);
 
-        let known = lock(&self.sessions).contains_key(session_id);
+        let known = self.sessions.lock().contains_key(session_id);
         let loaded = if known {
             None
         } else {
@@ -320,7 +317,7 @@ impl Reports {
         now_ms: i64,
         stream_kbps: impl Fn(&str) -> Option<u32>,
     ) -> Result<(u64, u64), SubmitError> {
-        let mut sessions = lock(&self.sessions);
+        let mut sessions = self.sessions.lock();
         if let Some(st) = loaded {
             // Another call may have loaded it meanwhile: keep the one in the map.
             sessions.entry(st.session_id.clone()).or_insert(st);
@@ -364,7 +361,7 @@ impl Reports {
         }
         let n = rows.len();
         {
-            let mut q = lock(&self.queue);
+            let mut q = self.queue.lock();
             if q.rows.len() + n > self.config.queue_max {
                 let queued = q.rows.len();
                 drop(q);
@@ -429,7 +426,7 @@ impl Reports {
     fn add_live(&self, broadcast_id: &Arc<str>, now_ms: i64, server: u64, peers: u64) {
         let slot = now_ms.div_euclid(LIVE_SLOT_MS);
         let i = usize::try_from(slot.rem_euclid(LIVE_SLOTS as i64)).unwrap_or(0);
-        let mut live = lock(&self.live);
+        let mut live = self.live.lock();
         let ring = live.entry(broadcast_id.clone()).or_default();
         if ring[i].slot != slot {
             ring[i] = LiveSlot {
@@ -446,7 +443,7 @@ impl Reports {
     /// by receive time, the current one included), from accepted reports; 0 when none.
     pub fn peer_share_last_minute(&self, broadcast_id: &str, now_ms: i64) -> f64 {
         let now_slot = now_ms.div_euclid(LIVE_SLOT_MS);
-        let live = lock(&self.live);
+        let live = self.live.lock();
         let Some(ring) = live.get(broadcast_id) else {
             return 0.0;
         };
@@ -488,7 +485,7 @@ impl Reports {
         let mut backoff = writer::Backoff::new(self.config.retry_max);
         loop {
             let batch: Vec<ReportRow> = {
-                let q = lock(&self.queue);
+                let q = self.queue.lock();
                 q.rows.iter().take(batch_max).cloned().collect()
             };
             if batch.is_empty() {
@@ -501,7 +498,7 @@ impl Reports {
             // Returns only once every row is committed or quarantined.
             self.write(&batch, &mut backoff).await;
             {
-                let mut q = lock(&self.queue);
+                let mut q = self.queue.lock();
                 q.rows.drain(..batch.len());
             }
             self.written
@@ -521,7 +518,7 @@ impl Reports {
     fn evict_idle(&self) -> usize {
         let written = *self.written.borrow();
         let idle = self.config.session_idle;
-        let mut sessions = lock(&self.sessions);
+        let mut sessions = self.sessions.lock();
         let before = sessions.len();
         sessions.retain(|_, s| s.last_report.elapsed() < idle || s.last_row > written);
         before - sessions.len()
@@ -547,7 +544,7 @@ impl Reports {
         loop {
             ticker.tick().await;
             let evicted = self.evict_idle();
-            match self.prune(crate::service::now_ms()).await {
+            match self.prune(starling_proto::time::unix_ms_i64()).await {
                 Ok(n) => tracing::debug!(pruned = n, evicted, "report retention applied"),
                 Err(e) => tracing::warn!(error = %e, "report retention failed; retried later"),
             }

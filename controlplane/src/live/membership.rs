@@ -1,0 +1,355 @@
+//! Sessions entering, living in and leaving a broadcast's grid: join (creating the
+//! grid), heartbeat (counters, upload budget), token state, re-search, leave and expiry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use starling_proto::v1::{PeerRef, SubstreamParent};
+
+use super::{
+    BroadcastGrid, DEFAULT_STREAM_KBPS, Expired, GridState, HeartbeatView, JoinInput, JoinRefused,
+    JoinView, LiveGrids, PeerSlot, ReparentRefused, SessionEntry, TokenState, assigned,
+    random_peer_id, seed_of,
+};
+use crate::reports::clamp::{self, Bounds};
+use crate::trust::{ReportLedger, UploadTrust};
+use starling_grid::assign::{GridAssigner, GridConfig, GridError, Parent, PeerId, PeerInfo};
+
+impl LiveGrids {
+    fn grid_for(&self, input: &JoinInput<'_>) -> Result<Arc<BroadcastGrid>, GridError> {
+        let mut map = self.broadcasts.lock();
+        if let Some(g) = map.get(input.broadcast_id) {
+            return Ok(g.clone());
+        }
+        let stream_kbps = match self.rate(input.broadcast_id) {
+            Some(r) => r,
+            None => {
+                tracing::info!(
+                    broadcast_id = input.broadcast_id,
+                    default_kbps = DEFAULT_STREAM_KBPS,
+                    "no measured stream rate yet; the grid accounts slots with the default rate"
+                );
+                DEFAULT_STREAM_KBPS
+            }
+        };
+        let cfg = GridConfig {
+            substreams: input.substreams,
+            stream_kbps,
+            server_slots: input.server_slots,
+            seed: seed_of(input.broadcast_id),
+            ..GridConfig::default()
+        };
+        let assigner = GridAssigner::new(cfg)?;
+        tracing::info!(
+            broadcast_id = input.broadcast_id,
+            substreams = input.substreams,
+            stream_kbps,
+            server_slots = input.server_slots,
+            "peer grid created"
+        );
+        let grid = Arc::new(BroadcastGrid {
+            state: Mutex::new(GridState {
+                assigner,
+                peers: HashMap::new(),
+                closed: false,
+                bad_chunk: ReportLedger::default(),
+                non_delivery: ReportLedger::default(),
+            }),
+            from_server: AtomicU64::new(0),
+            from_peers: AtomicU64::new(0),
+            uploaded: AtomicU64::new(0),
+        });
+        map.insert(input.broadcast_id.to_string(), grid.clone());
+        Ok(grid)
+    }
+
+    /// Admits a viewer to its broadcast's grid (creating the grid at the first join).
+    ///
+    /// # Errors
+    /// [`JoinRefused`] when the assigner refuses or the broadcast was just stopped.
+    pub fn join(&self, input: JoinInput<'_>) -> Result<JoinView, JoinRefused> {
+        let grid = self.grid_for(&input)?;
+        let now = self.now();
+        let mut st = grid.state.lock();
+        if st.closed {
+            return Err(JoinRefused::Stopped);
+        }
+        let mut peer_id = random_peer_id();
+        while st.peers.contains_key(&peer_id) {
+            peer_id = random_peer_id();
+        }
+        let upload = UploadTrust::new(
+            input.upload_kbps,
+            self.trust.upload_ceiling(st.assigner.config().stream_kbps),
+        );
+        let plan = st.assigner.join(
+            peer_id,
+            PeerInfo {
+                upload_kbps: upload.granted(),
+                addr_prefix: input.addr_prefix,
+                now,
+            },
+        )?;
+        st.peers.insert(
+            peer_id,
+            PeerSlot {
+                session_id: input.session_id.to_string(),
+                addr: input.peer_addr,
+                neighbours: Vec::new(),
+            },
+        );
+        let mut neighbours: Vec<PeerId> = plan
+            .neighbours
+            .iter()
+            .copied()
+            .filter(|n| st.peers.get(n).is_some_and(|p| !p.addr.is_empty()))
+            .collect();
+        st.top_up_neighbours(peer_id, &mut neighbours);
+        if let Some(slot) = st.peers.get_mut(&peer_id) {
+            slot.neighbours.clone_from(&neighbours);
+        }
+        let view = JoinView {
+            peer_id,
+            parents: plan
+                .parents
+                .iter()
+                .enumerate()
+                .map(|(s, &p)| st.parent_ref(s, p))
+                .collect(),
+            neighbours: neighbours.iter().map(|&n| st.peer_ref(n)).collect(),
+            stream_kbps: st.assigner.config().stream_kbps,
+            // The slots the claim buys once confirmed (the SDK admits children up to
+            // twice this); the grid assigns children only up to the granted budget.
+            child_slots: st.assigner.slots_for(input.upload_kbps),
+            granted_kbps: upload.granted(),
+            moved: plan.moved.len(),
+        };
+        let mut entry = SessionEntry {
+            broadcast_id: input.broadcast_id.to_string(),
+            grid: grid.clone(),
+            peer_id,
+            last_seen: now,
+            counters: [0; 3],
+            credits: None,
+            subject: input.subject,
+            credential_expires_at: input.credential_expires_at,
+            token: None,
+            reported: Vec::new(),
+            addr: input.remote_ip,
+            upload,
+            reportable: Vec::new(),
+        };
+        entry.remember(assigned(&view.parents, &view.neighbours), now);
+        // Still under the grid lock: `drop_broadcast` sees either no peer or both maps.
+        self.sessions
+            .lock()
+            .insert(input.session_id.to_string(), entry);
+        Ok(view)
+    }
+
+    /// Records a heartbeat (liveness and cumulative byte counters) and returns the
+    /// viewer's current parents and neighbours; `None` when the session is not in a grid
+    /// of this process.
+    pub fn heartbeat(&self, session_id: &str, counters: [u64; 3]) -> Option<HeartbeatView> {
+        let now = self.now();
+        let (grid, peer_id, delta, broadcast_id, token, clamped) = {
+            let mut sessions = self.sessions.lock();
+            let e = sessions.get_mut(session_id)?;
+            let covered_ms =
+                u64::try_from(now.saturating_sub(e.last_seen).as_millis()).unwrap_or(u64::MAX);
+            e.last_seen = now;
+            let bounds = Bounds::new(self.rate(&e.broadcast_id), self.limits);
+            let credits = e.credits.get_or_insert_with(|| bounds.start());
+            let raw: [u64; 3] =
+                std::array::from_fn(|i| clamp::raw_delta(counters[i], e.counters[i]));
+            let c = clamp::clamp([raw[0], raw[1], raw[2], 0], covered_ms, credits, &bounds);
+            let delta = [c.from_server, c.from_peers, c.uploaded];
+            e.counters = counters.map(clamp::baseline);
+            (
+                e.grid.clone(),
+                e.peer_id,
+                delta,
+                e.broadcast_id.clone(),
+                e.token,
+                c.clamped,
+            )
+        };
+        for (total, d) in [&grid.from_server, &grid.from_peers, &grid.uploaded]
+            .into_iter()
+            .zip(delta)
+        {
+            if d > 0 {
+                // Saturating add on an atomic: a CAS loop (fetch_update never fails here).
+                let _ = total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                    Some(t.saturating_add(d))
+                });
+            }
+        }
+        let mut st = grid.state.lock();
+        let mut neighbours = st
+            .peers
+            .get(&peer_id)
+            .map(|p| p.neighbours.clone())
+            .unwrap_or_default();
+        let before = neighbours.len();
+        neighbours.retain(|n| st.peers.contains_key(n));
+        st.top_up_neighbours(peer_id, &mut neighbours);
+        if neighbours.len() != before
+            && let Some(slot) = st.peers.get_mut(&peer_id)
+        {
+            slot.neighbours.clone_from(&neighbours);
+        }
+        let parents = st.parents_of(peer_id);
+        let neighbours: Vec<PeerRef> = neighbours.iter().map(|&n| st.peer_ref(n)).collect();
+        // Grid → sessions is the allowed nesting.
+        let grant = self.sessions.lock().get_mut(session_id).and_then(|e| {
+            e.remember(assigned(&parents, &neighbours), now);
+            e.upload
+                .on_heartbeat(now, counters[2], self.trust.confirm_window, || {
+                    st.carried_kbps(peer_id)
+                })
+        });
+        if let Some(granted) = grant {
+            let moved = st.assigner.set_upload(peer_id, granted, now).len();
+            self.uploads_confirmed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                peer_id,
+                granted_kbps = granted,
+                moved,
+                "peer's upload confirmed by its heartbeats: more child slots"
+            );
+        }
+        Some(HeartbeatView {
+            parents,
+            neighbours,
+            peer_id,
+            broadcast_id,
+            token,
+            clamped,
+        })
+    }
+
+    /// A session's relay upload budget changed (its SDK measured a slower uplink than
+    /// it offered, reported in `Heartbeat.upload_kbps`; 0 = unchanged): the peer's child
+    /// slots follow ([`GridAssigner::set_upload`]) and the children it can no longer
+    /// carry are re-parented (they learn it at their next heartbeat, or re-search when
+    /// the peer closes their link). Peers that do not accept connections (no
+    /// `peer_addr` at join) never get slots. Returns the peers moved, `None` when the
+    /// session is not in a grid of this process.
+    pub fn set_upload(&self, session_id: &str, upload_kbps: u32) -> Option<usize> {
+        if upload_kbps == 0 {
+            return Some(0);
+        }
+        let now = self.now();
+        let (grid, peer_id, granted) = {
+            let mut sessions = self.sessions.lock();
+            let e = sessions.get_mut(session_id)?;
+            // A report can only lower the claim (and the grant with it).
+            match e.upload.lower(upload_kbps) {
+                Some(g) => (e.grid.clone(), e.peer_id, g),
+                None => return Some(0),
+            }
+        };
+        let mut st = grid.state.lock();
+        if st.peers.get(&peer_id).is_none_or(|p| p.addr.is_empty()) {
+            return Some(0);
+        }
+        let moved = st.assigner.set_upload(peer_id, granted, now).len();
+        if moved > 0 {
+            tracing::info!(peer_id, upload_kbps, moved, "peer upload budget changed");
+        }
+        Some(moved)
+    }
+
+    /// Records the chunk token issued to a session (join or renewal). Returns false when
+    /// the session is no longer in a grid (left, expired or revoked meanwhile).
+    pub fn set_token(&self, session_id: &str, token: TokenState) -> bool {
+        match self.sessions.lock().get_mut(session_id) {
+            Some(e) => {
+                e.token = Some(token);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The peer id and broadcast of a session in a grid of this process.
+    pub fn session_peer(&self, session_id: &str) -> Option<(PeerId, String)> {
+        self.sessions
+            .lock()
+            .get(session_id)
+            .map(|e| (e.peer_id, e.broadcast_id.clone()))
+    }
+
+    /// A new parent for one substream of a session (quality re-search).
+    ///
+    /// # Errors
+    /// [`ReparentRefused`] for an unknown session or a substream out of range.
+    pub fn reparent(
+        &self,
+        session_id: &str,
+        substream: u32,
+        exclude: &[PeerId],
+    ) -> Result<(SubstreamParent, usize), ReparentRefused> {
+        let now = self.now();
+        let (grid, peer_id) = {
+            let sessions = self.sessions.lock();
+            let e = sessions
+                .get(session_id)
+                .ok_or(ReparentRefused::UnknownSession)?;
+            (e.grid.clone(), e.peer_id)
+        };
+        let mut st = grid.state.lock();
+        let substreams = st.assigner.config().substreams;
+        let invalid = ReparentRefused::InvalidSubstream {
+            substream,
+            substreams,
+        };
+        let s = u16::try_from(substream).map_err(|_| invalid.clone())?;
+        match st.assigner.reparent(peer_id, s, exclude, now) {
+            Ok(out) => {
+                if let (Parent::Peer(p), Some(e)) =
+                    (out.parent, self.sessions.lock().get_mut(session_id))
+                {
+                    e.remember([(p, true)], now);
+                }
+                Ok((st.parent_ref(usize::from(s), out.parent), out.moved.len()))
+            }
+            Err(GridError::InvalidSubstream(_)) => Err(invalid),
+            Err(_) => Err(ReparentRefused::UnknownSession),
+        }
+    }
+
+    /// Removes a session from its grid (clean leave) and re-parents its children. Returns
+    /// `(peer id, peers moved)` when the session was in a grid.
+    pub fn leave(&self, session_id: &str) -> Option<(PeerId, usize)> {
+        let e = self.sessions.lock().remove(session_id)?;
+        let now = self.now();
+        let moved = e.grid.state.lock().remove_peer(e.peer_id, now);
+        Some((e.peer_id, moved))
+    }
+
+    /// Removes every session not heard from for longer than `timeout` from its grid
+    /// (re-parenting its children) and returns them, for the caller to end in the
+    /// database.
+    pub fn expire(&self, timeout: Duration) -> Vec<Expired> {
+        let now = self.now();
+        let stale = self.take_sessions(|_, e| now.saturating_sub(e.last_seen) > timeout);
+        stale
+            .into_iter()
+            .map(|(session_id, e)| {
+                let moved = e.grid.state.lock().remove_peer(e.peer_id, now);
+                Expired {
+                    session_id,
+                    broadcast_id: e.broadcast_id,
+                    peer_id: e.peer_id,
+                    moved,
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,211 @@
+//! The in-memory state behind the live grids: one broadcast's assigner and peer table
+//! ([`BroadcastGrid`]), one session's entry (counters, credential, reportable peers), peer
+//! ids and per-broadcast seeds.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use starling_proto::v1::{PeerRef, SubstreamParent};
+
+use super::{MAX_REPORTABLE, REPORTABLE_FOR, TokenState};
+use crate::reports::clamp::Credits;
+use crate::trust::{ReportLedger, UploadTrust};
+use starling_grid::assign::{GridAssigner, Parent, PeerId};
+
+/// A peer id: random in `1..=i64::MAX` (never 0, the proto's "absent"; fits a signed
+/// 64-bit column), so ids cannot be guessed from one's own and a restarted control
+/// plane does not hand out ids that revocation lists of the previous run still name.
+pub(super) fn random_peer_id() -> PeerId {
+    loop {
+        let b = uuid::Uuid::new_v4().into_bytes();
+        let mut v = [0u8; 8];
+        // Bytes 6 and 8 carry the UUID version and variant: skip them.
+        v[..6].copy_from_slice(&b[..6]);
+        v[6..].copy_from_slice(&b[9..11]);
+        let id = u64::from_le_bytes(v) & (i64::MAX as u64);
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct PeerSlot {
+    pub(super) session_id: String,
+    pub(super) addr: String,
+    pub(super) neighbours: Vec<PeerId>,
+}
+
+#[derive(Debug)]
+pub(super) struct GridState {
+    pub(super) assigner: GridAssigner,
+    pub(super) peers: HashMap<PeerId, PeerSlot>,
+    /// Set when the broadcast's grid is dropped; late joins are refused.
+    pub(super) closed: bool,
+    /// BAD_CHUNK reports by distinct reporter address.
+    pub(super) bad_chunk: ReportLedger,
+    /// NON_DELIVERY reports by distinct child address.
+    pub(super) non_delivery: ReportLedger,
+}
+
+impl GridState {
+    pub(super) fn parent_ref(&self, s: usize, p: Parent) -> SubstreamParent {
+        SubstreamParent {
+            substream: u32::try_from(s).unwrap_or(u32::MAX),
+            peer: match p {
+                Parent::Server => None,
+                Parent::Peer(id) => Some(self.peer_ref(id)),
+            },
+            // Signed by the service when it hands the assignment out.
+            ticket: Vec::new(),
+        }
+    }
+
+    pub(super) fn peer_ref(&self, id: PeerId) -> PeerRef {
+        PeerRef {
+            peer_id: id,
+            addr: self
+                .peers
+                .get(&id)
+                .map(|p| p.addr.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    pub(super) fn parents_of(&self, id: PeerId) -> Vec<SubstreamParent> {
+        self.assigner
+            .parents(id)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(s, p)| self.parent_ref(s, p))
+            .collect()
+    }
+
+    /// Tops `current` up to the configured neighbour count with random peers that accept
+    /// connections (a peer without an address cannot be dialled).
+    pub(super) fn top_up_neighbours(&mut self, id: PeerId, current: &mut Vec<PeerId>) {
+        let want = usize::from(self.assigner.config().neighbours);
+        if current.len() >= want {
+            return;
+        }
+        let sample = self.assigner.sample_neighbours(id, want * 2);
+        for n in sample {
+            if current.len() >= want {
+                break;
+            }
+            let dialable = self.peers.get(&n).is_some_and(|p| !p.addr.is_empty());
+            if dialable && !current.contains(&n) {
+                current.push(n);
+            }
+        }
+    }
+
+    pub(super) fn remove_peer(&mut self, id: PeerId, now: Duration) -> usize {
+        self.peers.remove(&id);
+        self.bad_chunk.forget(id);
+        self.non_delivery.forget(id);
+        self.assigner.leave(id, now).len()
+    }
+
+    /// Slots in use by `id` × the substream rate: what its children can take, kbit/s.
+    pub(super) fn carried_kbps(&self, id: PeerId) -> u64 {
+        let used = self.assigner.children(id).map_or(0, |c| c.len());
+        (used as u64).saturating_mul(u64::from(self.assigner.stats().substream_kbps))
+    }
+}
+
+/// One broadcast's grid plus its delivered-byte totals.
+#[derive(Debug)]
+pub struct BroadcastGrid {
+    pub(super) state: Mutex<GridState>,
+    pub(super) from_server: AtomicU64,
+    pub(super) from_peers: AtomicU64,
+    pub(super) uploaded: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct SessionEntry {
+    pub(super) broadcast_id: String,
+    pub(super) grid: Arc<BroadcastGrid>,
+    pub(super) peer_id: PeerId,
+    pub(super) last_seen: Duration,
+    /// Last cumulative counters reported: from server, from peers, uploaded.
+    pub(super) counters: [u64; 3],
+    /// Unused counter allowance (`None`: the start-up burst, not spent yet).
+    pub(super) credits: Option<Credits>,
+    /// The credential's subject.
+    pub(super) subject: Option<String>,
+    /// The credential's expiry, unix seconds.
+    pub(super) credential_expires_at: Option<u64>,
+    /// The chunk token last issued.
+    pub(super) token: Option<TokenState>,
+    /// Peers this session reported.
+    pub(super) reported: Vec<PeerId>,
+    /// The caller's IP at join.
+    pub(super) addr: Option<IpAddr>,
+    /// Claimed and granted upload budget.
+    pub(super) upload: UploadTrust,
+    /// Peers handed to this session recently: (peer, last time as a parent, last time
+    /// as a parent or neighbour).
+    pub(super) reportable: Vec<(PeerId, Option<Duration>, Duration)>,
+}
+
+impl SessionEntry {
+    pub(super) fn remember(
+        &mut self,
+        peers: impl IntoIterator<Item = (PeerId, bool)>,
+        now: Duration,
+    ) {
+        for (id, parent) in peers {
+            let as_parent = parent.then_some(now);
+            match self.reportable.iter_mut().find(|(p, _, _)| *p == id) {
+                Some(e) => {
+                    e.1 = as_parent.or(e.1);
+                    e.2 = now;
+                }
+                None => self.reportable.push((id, as_parent, now)),
+            }
+        }
+        self.reportable
+            .retain(|(_, _, t)| now.saturating_sub(*t) <= REPORTABLE_FOR);
+        if self.reportable.len() > MAX_REPORTABLE {
+            self.reportable
+                .sort_by_key(|&(_, _, t)| std::cmp::Reverse(t));
+            self.reportable.truncate(MAX_REPORTABLE);
+        }
+    }
+
+    pub(super) fn may_report(&self, id: PeerId, as_parent: bool, now: Duration) -> bool {
+        let recent = |t: Duration| now.saturating_sub(t) <= REPORTABLE_FOR;
+        self.reportable.iter().any(|&(p, parent_at, seen_at)| {
+            p == id
+                && if as_parent {
+                    parent_at.is_some_and(recent)
+                } else {
+                    recent(seen_at)
+                }
+        })
+    }
+}
+
+pub(super) fn assigned(parents: &[SubstreamParent], neighbours: &[PeerRef]) -> Vec<(PeerId, bool)> {
+    parents
+        .iter()
+        .filter_map(|p| p.peer.as_ref().map(|r| (r.peer_id, true)))
+        .chain(neighbours.iter().map(|n| (n.peer_id, false)))
+        .collect()
+}
+
+/// A per-broadcast RNG seed (FNV-1a of the id), so neighbour sampling differs between
+/// broadcasts but is reproducible.
+pub(super) fn seed_of(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

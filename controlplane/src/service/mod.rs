@@ -1,0 +1,253 @@
+//! The gRPC services (`AdminService`, `ViewerService`, `EdgeService`) over a [`Store`]:
+//! their shared state ([`Core`], its configuration and construction) and the tonic
+//! wrapper ([`Api`]). One concern per submodule, each adding its part of `impl Core`:
+//!
+//! * `admin`, `viewer`, `edge`: the RPCs of each service and its tonic trait impl;
+//! * `errors`: [`ApiError`] and its mapping to a gRPC status;
+//! * `nodes`: node command links, broadcast assignment, node liveness;
+//! * `keys`: chunk-token key rotation (rights housekeeping);
+//! * `chunk_keys`: the alive nodes' chunk-signing keys and each broadcast's ingesting node;
+//! * `sessions`: batched heartbeat writes and session expiry;
+//! * `guards`: the viewer API's flood limits and negative cache;
+//! * `scrape`: the state a `/metrics` scrape reads ([`crate::metrics::Snapshot`]).
+//!
+//! Invariants:
+//! * Every change of a broadcast's state or node assignment happens while holding
+//!   `Core::assign_lock`, and so does the replay at the start of a node's command
+//!   stream; a node therefore never misses an ingest command nor receives an ingest
+//!   for a broadcast that was stopped meanwhile.
+//! * The database is the source of truth; the in-memory links only carry commands.
+//!   A command that cannot be delivered (no stream, full buffer) is not lost: the
+//!   desired state is replayed when the node reopens its stream, and stray ingests
+//!   reported by a node are answered with a stop command.
+//! * The peer grid ([`crate::live`]) is live state of this process only: one
+//!   [`starling_grid::assign::GridAssigner`] per LIVE broadcast with viewers, created at the first
+//!   join and dropped by `StopBroadcast`. Sessions are written to the database as before
+//!   (the record of the audience); parents, neighbours and byte counters live in memory.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use starling_proto::v1::PublicKey;
+
+use tonic::{Response, Status};
+
+use crate::auth::Authenticator;
+use crate::live::LiveGrids;
+use crate::store::Store;
+use crate::tickets::ParentTickets;
+use crate::tokens::{Revocations, TokenKeys};
+
+mod admin;
+mod chunk_keys;
+mod edge;
+mod errors;
+mod guards;
+mod keys;
+mod nodes;
+mod scrape;
+mod sessions;
+mod viewer;
+
+pub use errors::ApiError;
+use errors::ApiResult;
+use guards::Guards;
+use nodes::NodeLink;
+
+/// Tunables of the services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Interval at which SDKs heartbeat their session and nodes report health.
+    pub heartbeat_interval: Duration,
+    /// A node that has not reported for this long (or has had no command stream for
+    /// this long) is declared dead and its broadcasts are reassigned.
+    pub node_timeout: Duration,
+    /// Period of the liveness check.
+    pub liveness_tick: Duration,
+    /// Commands buffered per node stream before it is considered stuck and closed (the
+    /// node then reconnects and gets a full replay).
+    pub command_buffer: usize,
+    /// A viewer session silent (no heartbeat) for this many heartbeat intervals is ended
+    /// and leaves the peer grid (its children are re-parented). Default 3. Relative to
+    /// `heartbeat_interval` so that changing the interval alone stays safe.
+    pub missed_heartbeats: u32,
+    /// Lifetime of the chunk tokens issued at join and renewed by heartbeats (renewed
+    /// when less than half remains). Clamped to 1 s..=120 s. Default 120 s.
+    pub token_ttl: Duration,
+    /// Lifetime of the parent tickets attached to every peer assignment (re-signed when
+    /// half is left, [`crate::tickets`]). Clamped to 10 s..=1 h. Default 10 min.
+    pub parent_ticket_ttl: Duration,
+    /// How often viewers send `ViewerService.Report` (`JoinResponse.report_interval_ms`).
+    /// Default 5 s.
+    pub report_interval: Duration,
+    /// How often the chunk-token keys are reloaded from the database (a rotation by
+    /// another replica, keys whose retire time passed; nodes get a changed set as a
+    /// `KeysCommand`) and old revocations forgotten. Default 5 s.
+    pub key_refresh: Duration,
+    /// Report recording: write queue bound, batching, retention ([`crate::reports`]).
+    pub reports: crate::reports::ReportConfig,
+    /// Flood limits of the viewer API ([`crate::limits`]).
+    pub limits: crate::limits::LimitsConfig,
+    /// Trust rules: peer address check, upload cap, report thresholds
+    /// ([`crate::trust`]).
+    pub trust: crate::trust::TrustConfig,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            heartbeat_interval: Duration::from_millis(1000),
+            node_timeout: Duration::from_millis(5000),
+            liveness_tick: Duration::from_millis(500),
+            command_buffer: 64,
+            missed_heartbeats: 3,
+            token_ttl: crate::tokens::DEFAULT_TOKEN_TTL,
+            parent_ticket_ttl: crate::tickets::DEFAULT_TICKET_TTL,
+            report_interval: Duration::from_millis(5000),
+            key_refresh: Duration::from_secs(5),
+            reports: crate::reports::ReportConfig::default(),
+            limits: crate::limits::LimitsConfig::default(),
+            trust: crate::trust::TrustConfig::default(),
+        }
+    }
+}
+
+pub use starling_proto::time::unix_ms_i64 as now_ms;
+
+/// Shared state behind the three services.
+#[derive(Debug)]
+pub struct Core {
+    store: Store,
+    config: ServiceConfig,
+    links: parking_lot::Mutex<HashMap<String, NodeLink>>,
+    assign_lock: tokio::sync::Mutex<()>,
+    shutting_down: AtomicBool,
+    grids: LiveGrids,
+    auth: Arc<Authenticator>,
+    tokens: TokenKeys,
+    /// Parent tickets for every peer assignment handed out.
+    tickets: ParentTickets,
+    revocations: Revocations,
+    /// Chunk-signing keys of the alive nodes (node id, key), refreshed whenever the alive
+    /// nodes are listed (registration, liveness check).
+    chunk_keys: parking_lot::RwLock<Vec<(String, PublicKey)>>,
+    /// The node ingesting each live broadcast (broadcast id → node id), refreshed with
+    /// the chunk keys and at every `Join`: heartbeats list that node's chunk key first,
+    /// so a viewer's capped key set always holds it, however many nodes there are.
+    ingest_nodes: parking_lot::RwLock<HashMap<String, String>>,
+    /// Viewer reports: write queue, batch writer, roll-ups ([`crate::reports`]).
+    reports: Arc<crate::reports::Reports>,
+    /// Prometheus counters ([`crate::metrics`]).
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Heartbeats of sessions in a live grid not yet written to the database (session
+    /// id → time): liveness itself is decided in memory (the grid), so the database
+    /// only gets `last_seen_ms` in one batch per liveness tick instead of one write per
+    /// heartbeat. At most one entry per session in a grid.
+    touches: parking_lot::Mutex<HashMap<String, i64>>,
+    /// Flood limits ([`crate::limits`]), one lock held for one table operation.
+    guards: parking_lot::Mutex<Guards>,
+}
+
+impl Core {
+    /// Creates the services' state over an already migrated store, with the credential
+    /// checks and the chunk-token keys (see [`TokenKeys::load`]).
+    pub fn new(
+        store: Store,
+        config: ServiceConfig,
+        auth: Arc<Authenticator>,
+        tokens: TokenKeys,
+    ) -> Arc<Core> {
+        let tickets = ParentTickets::new(config.parent_ticket_ttl);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let l = config.limits;
+        let guards = parking_lot::Mutex::new(Guards {
+            join: crate::limits::RateLimiter::new(l.join, l.max_addresses),
+            lookups: crate::limits::RateLimiter::new(l.unknown_session_lookups, l.max_addresses),
+            unknown: crate::limits::UnknownSessions::new(
+                l.unknown_sessions_max,
+                l.unknown_sessions_ttl,
+            ),
+        });
+        let reports =
+            crate::reports::Reports::new(config.reports.clone(), store.clone(), metrics.clone());
+        let grids = LiveGrids::with_config(config.reports.limits, config.trust);
+        Arc::new(Core {
+            reports,
+            metrics,
+            store,
+            config,
+            links: parking_lot::Mutex::new(HashMap::new()),
+            assign_lock: tokio::sync::Mutex::new(()),
+            shutting_down: AtomicBool::new(false),
+            grids,
+            guards,
+            touches: parking_lot::Mutex::new(HashMap::new()),
+            auth,
+            tokens,
+            tickets,
+            revocations: Revocations::new(),
+            chunk_keys: parking_lot::RwLock::new(Vec::new()),
+            ingest_nodes: parking_lot::RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Viewer-report recording (its tasks are started by the server).
+    pub fn reports(&self) -> &Arc<crate::reports::Reports> {
+        &self.reports
+    }
+
+    /// The Prometheus counters.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// The credential checks (shared with the admin interceptor).
+    pub fn authenticator(&self) -> &Arc<Authenticator> {
+        &self.auth
+    }
+
+    /// The chunk-token keys.
+    pub fn token_keys(&self) -> &TokenKeys {
+        &self.tokens
+    }
+
+    /// Period of the rights housekeeping ([`Core::rights_tick`]).
+    pub fn key_refresh_interval(&self) -> Duration {
+        self.config.key_refresh
+    }
+
+    /// Bad-peer reports (`ReportPeer`) accepted since start.
+    pub fn bad_peer_reports(&self) -> u64 {
+        self.grids.bad_peer_reports()
+    }
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Period of the liveness check.
+    pub fn liveness_tick_interval(&self) -> Duration {
+        self.config.liveness_tick
+    }
+}
+
+/// The answer of an RPC: its result as a response, or its error as the status of `rpc`
+/// ([`ApiError`]'s mapping, logged once).
+fn respond<T>(rpc: &'static str, result: ApiResult<T>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(|e| e.into_status(rpc))
+}
+
+/// The tonic service implementation (all three services share one [`Core`]).
+#[derive(Debug, Clone)]
+pub struct Api {
+    core: Arc<Core>,
+}
+
+impl Api {
+    /// Wraps the shared state.
+    pub fn new(core: Arc<Core>) -> Self {
+        Api { core }
+    }
+}
