@@ -301,6 +301,10 @@ impl Peer {
     /// Child `child` subscribed to `mask` (≠ 0).
     pub fn add_child(&mut self, child: PeerId, mask: u64) {
         let subs: Vec<u16> = (0..self.k).filter(|s| mask & (1u64 << s) != 0).collect();
+        // A new mask replaces the old one in the slot count too.
+        if let Some(old) = self.children.get(&child) {
+            self.slots.remove(old.mask);
+        }
         self.slots.add(mask);
         self.sched.on_child_added(child, &subs);
         self.children.entry(child).or_default().mask = mask;

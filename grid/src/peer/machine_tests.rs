@@ -155,3 +155,14 @@ fn timeouts_are_given_in_real_time() {
     assert!(t > Duration::ZERO);
     assert_eq!(u, t * 2);
 }
+
+#[test]
+fn a_child_changing_its_mask_holds_only_the_new_one() {
+    let mut p = peer(1000, 8);
+    p.add_child(7, 0b0011);
+    assert_eq!(p.slots().used(), 2);
+    p.add_child(7, 0b0111);
+    assert_eq!(p.slots().used(), 3);
+    p.remove_child(7);
+    assert_eq!(p.slots().used(), 0);
+}
