@@ -4,8 +4,8 @@
 
 use crate::chunker::{Chunker, ChunkerConfig};
 use crate::config::Timeouts;
+use crate::counters::Metrics;
 use crate::error::IngestError;
-use crate::metrics::Metrics;
 use crate::ring::{Broadcast, Registry, SourceHealth, StreamParams};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};

@@ -8,8 +8,9 @@
 use crate::auth::Auth;
 use crate::chunker::Chunk;
 use crate::config::ConnLimits;
+use crate::counters::Metrics;
 use crate::limits::ConnTable;
-use crate::metrics::Metrics;
+use crate::metrics::{BroadcastSample, Snapshot};
 use starling_proto::wire;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
@@ -30,6 +31,15 @@ impl SourceHealth {
             SourceHealth::Connecting => starling_proto::v1::SourceHealth::Connecting,
             SourceHealth::Up => starling_proto::v1::SourceHealth::Up,
             SourceHealth::Down => starling_proto::v1::SourceHealth::Down,
+        }
+    }
+
+    /// Its `state` label on `/metrics` (one of [`crate::metrics::SOURCE_STATES`]).
+    pub fn label(self) -> &'static str {
+        match self {
+            SourceHealth::Connecting => "connecting",
+            SourceHealth::Up => "up",
+            SourceHealth::Down => "down",
         }
     }
 }
@@ -611,6 +621,35 @@ impl Registry {
     /// Viewers over all broadcasts.
     pub fn total_viewers(&self) -> u32 {
         self.all().iter().map(|b| b.viewers()).sum()
+    }
+
+    /// What `GET /metrics` renders ([`crate::metrics::render`]), sampled now.
+    pub fn scrape(&self) -> Snapshot<'_> {
+        let mut bs = self.all();
+        bs.sort_by(|a, b| a.id().cmp(b.id()));
+        let broadcasts = bs
+            .iter()
+            .map(|b| {
+                let st = b.status();
+                BroadcastSample {
+                    id: b.id().to_string(),
+                    viewers: st.viewers,
+                    chunks_in_window: st.chunks_in_window,
+                    source_state: st.health.label(),
+                    chunks_ingested: b.chunks_ingested(),
+                    bytes_ingested: b.bytes_ingested(),
+                    reconnects: b.reconnects(),
+                    bitrate_bps: b.bitrate_bps(),
+                }
+            })
+            .collect();
+        Snapshot {
+            counters: &self.metrics,
+            broadcasts,
+            unauthenticated: u64::from(self.conns().unauthenticated()),
+            addresses: self.conns().addresses() as u64,
+            revoked_peers: self.auth().revoked_len() as u64,
+        }
     }
 }
 
