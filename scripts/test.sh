@@ -52,6 +52,11 @@ cargo fmt --all -- --check
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+log "library crates build without their cli feature (no clap, anyhow, OpenTelemetry)"
+cargo build --locked -p starling-controlplane --no-default-features --lib
+cargo build --locked -p starling-dataplane --no-default-features --lib
+cargo build --locked -p starling-loadtest --no-default-features --lib
+
 log "cargo build (binaries for the end-to-end tests)"
 cargo build --workspace --bins --locked
 

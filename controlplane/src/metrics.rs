@@ -11,7 +11,6 @@
 //! (trailers-only responses, i.e. errors) and OK otherwise; for server streams the
 //! latency is the time to open the stream.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,11 +19,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use starling_telemetry::prom::{Exposition, Kind};
 use tokio::net::TcpListener;
 use tonic::codegen::http;
 
 /// `Content-Type` of the exposition.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub const CONTENT_TYPE: &str = starling_telemetry::prom::CONTENT_TYPE;
 
 /// gRPC methods with their own series: (service as in the path, method).
 const METHODS: &[(&str, &str)] = &[
@@ -95,25 +95,19 @@ impl Histogram {
         );
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
+    fn render(&self, out: &mut Exposition, name: &str, labels: &[(&str, &str)]) {
         let mut cum = 0;
-        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
-            cum += get(&self.buckets[i]);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cum}");
-        }
-        let count = get(&self.count);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                cum += get(&self.buckets[i]);
+                (*b, cum)
+            })
+            .collect();
         #[allow(clippy::cast_precision_loss)]
         let sum = get(&self.sum_ns) as f64 / 1e9;
-        if labels.is_empty() {
-            let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
-        } else {
-            let _ = writeln!(
-                out,
-                "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {count}"
-            );
-        }
+        out.histogram(name, labels, &buckets, sum, get(&self.count));
     }
 }
 
@@ -343,33 +337,6 @@ impl Metrics {
     }
 }
 
-fn esc(v: &str) -> String {
-    let mut s = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' => s.push_str("\\\\"),
-            '"' => s.push_str("\\\""),
-            '\n' => s.push_str("\\n"),
-            c => s.push(c),
-        }
-    }
-    s
-}
-
-fn head(out: &mut String, name: &str, ty: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}");
-}
-
-fn counter(out: &mut String, name: &str, help: &str, v: u64) {
-    head(out, name, "counter", help);
-    let _ = writeln!(out, "{name} {v}");
-}
-
-fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
-    head(out, name, "gauge", help);
-    let _ = writeln!(out, "{name} {v}");
-}
-
 /// What a scrape reads beyond the counters of [`Metrics`]: gauges and counters owned by
 /// other parts of the control plane (live grids, report queue, database), filled by their
 /// owner (`service::Core::metrics_snapshot`) so that this module depends on none of them.
@@ -396,220 +363,185 @@ pub struct Snapshot {
 /// Renders every metric of the control plane from its counters `m` and the state `s`
 /// read for this scrape (`starling_cp_db_up` says whether the database answered).
 pub fn render(m: &Metrics, s: Snapshot) -> String {
-    let mut out = String::with_capacity(16 * 1024);
+    let mut out = Exposition::with_capacity(16 * 1024);
 
     let name = "starling_cp_grpc_server_handled_total";
-    head(
-        &mut out,
+    out.family(
         name,
-        "counter",
+        Kind::Counter,
         "gRPC calls completed, by service, method and status code.",
     );
     for (mi, (svc, meth)) in METHODS.iter().enumerate() {
         for (ci, code) in CODE_NAMES.iter().enumerate() {
             let n = get(&m.rpc[mi * CODES + ci].count);
             if n > 0 {
-                let _ = writeln!(
-                    out,
-                    "{name}{{grpc_service=\"{svc}\",grpc_method=\"{meth}\",grpc_code=\"{code}\"}} {n}"
+                out.sample(
+                    name,
+                    &[
+                        ("grpc_service", svc),
+                        ("grpc_method", meth),
+                        ("grpc_code", code),
+                    ],
+                    n,
                 );
             }
         }
     }
     let name = "starling_cp_grpc_server_handling_seconds";
-    head(
-        &mut out,
+    out.family(
         name,
-        "histogram",
+        Kind::Histogram,
         "gRPC call latency (to the response headers), by service, method and status code.",
     );
     for (mi, (svc, meth)) in METHODS.iter().enumerate() {
         for (ci, code) in CODE_NAMES.iter().enumerate() {
             let h = &m.rpc[mi * CODES + ci];
             if get(&h.count) > 0 {
-                let labels =
-                    format!("grpc_service=\"{svc}\",grpc_method=\"{meth}\",grpc_code=\"{code}\"");
+                let labels = [
+                    ("grpc_service", *svc),
+                    ("grpc_method", *meth),
+                    ("grpc_code", *code),
+                ];
                 h.render(&mut out, name, &labels);
             }
         }
     }
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_joins_total",
         "Successful ViewerService.Join calls.",
         get(&m.rpc[JOIN * CODES].count),
     );
 
     let name = "starling_cp_viewers";
-    head(
-        &mut out,
+    out.family(
         name,
-        "gauge",
+        Kind::Gauge,
         "Viewer sessions in this process's peer grid, per broadcast.",
     );
     for (b, n) in s.viewers {
-        let _ = writeln!(out, "{name}{{broadcast_id=\"{}\"}} {n}", esc(&b));
+        out.sample(name, &[("broadcast_id", &b)], n);
     }
 
     let name = "starling_cp_viewer_bytes_total";
-    head(
-        &mut out,
+    out.family(
         name,
-        "counter",
+        Kind::Counter,
         "Bytes viewers received, by source, as reported (deltas of accepted reports).",
     );
-    let _ = writeln!(
-        out,
-        "{name}{{source=\"server\"}} {}",
-        get(&m.bytes_from_server)
-    );
-    let _ = writeln!(
-        out,
-        "{name}{{source=\"peers\"}} {}",
-        get(&m.bytes_from_peers)
-    );
+    out.sample(name, &[("source", "server")], get(&m.bytes_from_server));
+    out.sample(name, &[("source", "peers")], get(&m.bytes_from_peers));
 
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_reports_received_total",
         "Viewer reports received in Report calls.",
         get(&m.reports_received),
     );
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_reports_accepted_total",
         "Viewer reports accepted into the write queue.",
         get(&m.reports_accepted),
     );
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_reports_duplicate_total",
         "Viewer reports ignored because their report_seq was already accepted.",
         get(&m.reports_duplicate),
     );
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_reports_dropped_total",
         "Viewer reports refused because the write queue was full (--report-queue-max).",
         get(&m.reports_dropped),
     );
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_reports_stored_total",
         "Viewer reports written to the database.",
         get(&m.reports_stored),
     );
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_reports_stored_duplicate_total",
         "Rows of retried batches that were already stored.",
         get(&m.reports_stored_duplicate),
     );
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_reports_quarantined_total",
         "Viewer report rows the database refused (data or constraint errors); dropped so the rest of their batch commits.",
         get(&m.reports_quarantined),
     );
     let name = "starling_cp_counters_clamped_total";
-    head(
-        &mut out,
+    out.family(
         name,
-        "counter",
+        Kind::Counter,
         "Viewer reports and heartbeats whose byte or stall counters grew beyond what is physically possible in the time covered, clamped to that bound, by RPC.",
     );
-    let _ = writeln!(out, "{name}{{rpc=\"Report\"}} {}", get(&m.clamped_reports));
-    let _ = writeln!(
-        out,
-        "{name}{{rpc=\"Heartbeat\"}} {}",
-        get(&m.clamped_heartbeats)
-    );
-    counter(
-        &mut out,
+    out.sample(name, &[("rpc", "Report")], get(&m.clamped_reports));
+    out.sample(name, &[("rpc", "Heartbeat")], get(&m.clamped_heartbeats));
+    out.counter(
         "starling_cp_reports_pruned_total",
         "Raw viewer reports deleted after the retention period.",
         get(&m.reports_pruned),
     );
-    gauge(
-        &mut out,
+    out.gauge(
         "starling_cp_report_queue_depth",
         "Viewer reports waiting to be written to the database.",
         s.report_queue_depth as u64,
     );
-    gauge(
-        &mut out,
+    out.gauge(
         "starling_cp_report_queue_capacity",
         "Bound of the report write queue.",
         s.report_queue_capacity as u64,
     );
-    gauge(
-        &mut out,
+    out.gauge(
         "starling_cp_report_sessions",
         "Sessions whose last report this process remembers.",
         s.report_sessions as u64,
     );
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_db_write_batches_total",
         "Report batches written to the database.",
         get(&m.db_batches),
     );
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_db_write_errors_total",
         "Report batch writes that failed (and were retried).",
         get(&m.db_batch_errors),
     );
     let name = "starling_cp_db_write_batch_seconds";
-    head(
-        &mut out,
+    out.family(
         name,
-        "histogram",
+        Kind::Histogram,
         "Time to write one report batch (one transaction).",
     );
-    m.db_batch_seconds.render(&mut out, name, "");
+    m.db_batch_seconds.render(&mut out, name, &[]);
 
     let name = "starling_cp_refusals_total";
-    head(
-        &mut out,
+    out.family(
         name,
-        "counter",
+        Kind::Counter,
         "Viewer calls refused or answered without the database by a flood or trust limit, by reason.",
     );
     for r in Refusal::ALL {
-        let _ = writeln!(
-            out,
-            "{name}{{reason=\"{}\"}} {}",
-            r.label(),
-            get(&m.refusals[r as usize])
-        );
+        out.sample(name, &[("reason", r.label())], get(&m.refusals[r as usize]));
     }
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_unknown_session_lookups_total",
         "Database look-ups of sessions not in this process's memory (heartbeat, leave, report).",
         get(&m.unknown_session_lookups),
     );
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_upload_capped_joins_total",
         "Joins whose claimed upload was capped until heartbeats confirm it.",
         get(&m.upload_capped_joins),
     );
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_upload_confirmations_total",
         "Granted upload budgets raised because heartbeats confirmed the uploads.",
         s.uploads_confirmed,
     );
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_peer_reports_total",
         "ReportPeer reports accepted (each counts once per distinct reporter address).",
         s.peer_reports,
     );
-    counter(
-        &mut out,
+    out.counter(
         "starling_cp_peers_demoted_total",
         "Peers demoted (never a parent again) by reports from enough distinct addresses.",
         s.peers_demoted,
@@ -617,27 +549,24 @@ pub fn render(m: &Metrics, s: Snapshot) -> String {
 
     match s.nodes_alive {
         Some(nodes) => {
-            gauge(
-                &mut out,
+            out.gauge(
                 "starling_cp_db_up",
                 "1 when the database answered this scrape.",
                 1,
             );
-            gauge(
-                &mut out,
+            out.gauge(
                 "starling_cp_nodes_alive",
                 "Data-plane nodes alive.",
                 nodes as u64,
             );
         }
-        None => gauge(
-            &mut out,
+        None => out.gauge(
             "starling_cp_db_up",
             "1 when the database answered this scrape.",
             0,
         ),
     }
-    out
+    out.finish()
 }
 
 /// Serves `GET /metrics` (and `GET /healthz`) over HTTP/1.1 until the task is aborted;

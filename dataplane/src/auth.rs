@@ -13,12 +13,12 @@
 //!   bumped. Every connection task compares the counter with the value it last saw when
 //!   it wakes up (one relaxed atomic load) and looks itself up only when it changed.
 
+use parking_lot::{Mutex, RwLock};
 use starling_proto::token::{Scopes, TokenClaims, TokenError, TokenVerifier};
 use starling_proto::v1::PublicKey;
 use starling_proto::wire::ErrorCode;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
 use tracing::warn;
 
 /// Why a connection (or a renewal) was refused. A bounded label set (metrics).
@@ -138,13 +138,6 @@ impl Default for Auth {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
 impl Auth {
     /// `static_keys` are always trusted (standalone mode); `skew_ms` is the clock skew
     /// tolerated on `issued_at` / `expires_at`; a revocation is remembered for at least
@@ -180,19 +173,13 @@ impl Auth {
                 warn!(key_id = id, error = %e, "ignoring token key");
             }
         }
-        let mut g = match self.verifier.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = self.verifier.write();
         *g = v;
     }
 
     /// Key ids currently trusted.
     pub fn key_ids(&self) -> Vec<u32> {
-        let g = match self.verifier.read() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let g = self.verifier.read();
         let mut ids: Vec<u32> = g.key_ids().collect();
         ids.sort_unstable();
         ids
@@ -210,10 +197,7 @@ impl Auth {
             return Err(Denied::Missing);
         }
         let claims = {
-            let g = match self.verifier.read() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let g = self.verifier.read();
             g.verify(token, broadcast, Scopes::PLAY, now_ms, self.skew_ms)
                 .map_err(Denied::Token)?
         };
@@ -272,7 +256,7 @@ impl Auth {
     /// they would have expired.
     pub fn revoke(&self, broadcast: &str, peers: &[u64], now_ms: u64) {
         {
-            let mut r = lock(&self.revoked);
+            let mut r = self.revoked.lock();
             r.retain(|_, until| *until > now_ms);
             let until = now_ms.saturating_add(self.revocation_hold_ms);
             for &p in peers {
@@ -286,14 +270,14 @@ impl Auth {
     /// Keeps refusing `peer` on `broadcast` at least until a token expiring at
     /// `expires_at_ms` is dead (called when a revoked connection is closed).
     pub fn extend_revocation(&self, broadcast: &str, peer: u64, expires_at_ms: u64) {
-        let mut r = lock(&self.revoked);
+        let mut r = self.revoked.lock();
         if let Some(until) = r.get_mut(&(broadcast.to_owned(), peer)) {
             *until = (*until).max(expires_at_ms.saturating_add(self.skew_ms));
         }
     }
 
     pub fn is_revoked(&self, broadcast: &str, peer: u64, now_ms: u64) -> bool {
-        let r = lock(&self.revoked);
+        let r = self.revoked.lock();
         if r.is_empty() {
             return false;
         }
@@ -308,7 +292,7 @@ impl Auth {
 
     /// (broadcast, peer) pairs currently remembered as revoked.
     pub fn revoked_len(&self) -> usize {
-        lock(&self.revoked).len()
+        self.revoked.lock().len()
     }
 }
 

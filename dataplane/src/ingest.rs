@@ -4,18 +4,19 @@
 
 use crate::chunker::{Chunker, ChunkerConfig};
 use crate::config::Timeouts;
+use crate::counters::Metrics;
 use crate::error::IngestError;
-use crate::metrics::Metrics;
 use crate::ring::{Broadcast, Registry, SourceHealth, StreamParams};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
 use starling_proto::integrity::{ChunkMeta, ChunkSigner};
 use starling_proto::wire::chunk_flags;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -104,10 +105,7 @@ impl IngestManager {
     /// restarts the ingest, keeping the window and the numbering; a change of `public`
     /// alone only updates the broadcast).
     pub fn start(&self, spec: IngestSpec) {
-        let mut running = match self.running.lock() {
-            Ok(r) => r,
-            Err(p) => p.into_inner(),
-        };
+        let mut running = self.running.lock();
         let make = || {
             let b = Broadcast::new(
                 &spec.broadcast_id,
@@ -163,10 +161,7 @@ impl IngestManager {
     /// Stops an ingest and ends its viewers with `GOODBYE(BroadcastStopped)`.
     pub fn stop(&self, broadcast_id: &str) {
         let r = {
-            let mut running = match self.running.lock() {
-                Ok(r) => r,
-                Err(p) => p.into_inner(),
-            };
+            let mut running = self.running.lock();
             running.remove(broadcast_id)
         };
         if let Some(r) = r {
@@ -179,10 +174,7 @@ impl IngestManager {
 
     /// Broadcast ids being ingested.
     pub fn ids(&self) -> Vec<String> {
-        match self.running.lock() {
-            Ok(r) => r.keys().cloned().collect(),
-            Err(p) => p.into_inner().keys().cloned().collect(),
-        }
+        self.running.lock().keys().cloned().collect()
     }
 }
 

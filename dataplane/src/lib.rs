@@ -9,7 +9,9 @@
 //! * [`auth`]: chunk-token checks (offline, Ed25519) and revocations.
 //! * [`limits`]: connection caps per node and per source address, per-connection
 //!   token buckets, rate-limited logging (pure, `now` passed in).
-//! * [`metrics`]: Prometheus counters and gauges, rendered on `GET /metrics`.
+//! * [`counters`]: node-wide counters (relaxed atomics) shared by executors and ingest.
+//! * [`metrics`]: renders a snapshot of the counters and broadcasts on `GET /metrics`
+//!   (Prometheus text, through `starling-telemetry`).
 //! * [`node`]: wiring: glommio executors (one per core, SO_REUSEPORT listeners for
 //!   the wire protocol and plain HTTP) plus one tokio thread.
 //! * `serve`: the wire protocol (substream masks, REQUEST/NOT_FOUND, keep-alive) and
@@ -40,6 +42,7 @@ pub mod auth;
 pub mod chunker;
 pub mod config;
 pub mod control;
+pub mod counters;
 pub mod error;
 pub mod ingest;
 pub mod limits;

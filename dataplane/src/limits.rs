@@ -14,10 +14,11 @@
 //!   en masse, with the count of lines suppressed since the last one.
 
 use crate::config::{ConnLimits, RateLimit};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Why a new connection was refused (the wire answers `ERROR(SERVER_BUSY)`, HTTP
@@ -107,15 +108,11 @@ impl ConnTable {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, TableState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Counts a new, not yet authenticated connection from `ip`, or says why it must be
     /// refused (then nothing is counted).
     pub fn open(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
         let key = addr_key(ip);
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let c = st.by_addr.get(&key).copied().unwrap_or_default();
         if c.open >= self.max_per_address {
             return Err(Refused::Address);
@@ -138,7 +135,7 @@ impl ConnTable {
     }
 
     fn authenticate(&self, key: IpAddr) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         st.unauthenticated = st.unauthenticated.saturating_sub(1);
         if let Some(e) = st.by_addr.get_mut(&key) {
             e.unauthenticated = e.unauthenticated.saturating_sub(1);
@@ -146,7 +143,7 @@ impl ConnTable {
     }
 
     fn close(&self, key: IpAddr, authenticated: bool) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if !authenticated {
             st.unauthenticated = st.unauthenticated.saturating_sub(1);
         }
@@ -163,17 +160,21 @@ impl ConnTable {
 
     /// Connections not yet authenticated, node-wide.
     pub fn unauthenticated(&self) -> u32 {
-        self.lock().unauthenticated
+        self.state.lock().unauthenticated
     }
 
     /// Source addresses (keys) with at least one open connection.
     pub fn addresses(&self) -> usize {
-        self.lock().by_addr.len()
+        self.state.lock().by_addr.len()
     }
 
     /// Open connections counted under `ip`'s key.
     pub fn open_from(&self, ip: IpAddr) -> u32 {
-        self.lock().by_addr.get(&addr_key(ip)).map_or(0, |c| c.open)
+        self.state
+            .lock()
+            .by_addr
+            .get(&addr_key(ip))
+            .map_or(0, |c| c.open)
     }
 }
 

@@ -5,6 +5,7 @@ use clap::Parser;
 use starling_dataplane::{
     ChunkKey, Config, ConnLimits, Node, NodeKey, RateLimit, StaticBroadcast, Timeouts, TokenKey,
 };
+use starling_telemetry::logging::{LogConfig, LoggingError};
 use std::net::SocketAddr;
 
 /// Starling data plane: pulls live streams over HTTP, cuts them into numbered chunks,
@@ -217,114 +218,23 @@ struct Args {
     otlp_service_name: Option<String>,
 }
 
-/// The OTLP endpoint from the flag or the standard OTEL_* variables; `None` when unset,
-/// empty or `off`.
-fn otlp_endpoint(flag: Option<&str>) -> Option<String> {
-    let endpoint = match flag {
-        Some(s) => s.to_string(),
-        None => std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT"))
-            .ok()?,
-    };
-    let endpoint = endpoint.trim();
-    (!endpoint.is_empty() && !endpoint.eq_ignore_ascii_case("off")).then(|| endpoint.to_string())
-}
-
-/// OTLP trace export: batches are sent from the batch processor's thread over a gRPC
-/// channel driven by a one-worker Tokio runtime of its own (the node runs on glommio).
-struct Otlp {
-    provider: opentelemetry_sdk::trace::SdkTracerProvider,
-    runtime: tokio::runtime::Runtime,
-}
-
-impl Otlp {
-    fn start(endpoint: &str, service_name: Option<&str>) -> anyhow::Result<Otlp> {
-        use opentelemetry_otlp::WithExportConfig as _;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("otlp-export")
-            .enable_all()
-            .build()
-            .context("OTLP export runtime")?;
-        let exporter = {
-            let _rt = runtime.enter();
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()
-                .with_context(|| format!("--otlp-endpoint {endpoint:?}"))?
-        };
-        let service_name = service_name
-            .map(str::to_string)
-            .or_else(|| std::env::var("OTEL_SERVICE_NAME").ok())
-            .unwrap_or_else(|| "starling-dataplane".to_string());
-        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
-            .with_resource(
-                opentelemetry_sdk::Resource::builder()
-                    .with_service_name(service_name)
-                    .build(),
-            )
-            .build();
-        Ok(Otlp { provider, runtime })
-    }
-
-    /// Flushes the spans still queued and stops the exporter (bounded: an unreachable
-    /// collector only costs a warning).
-    fn shutdown(self) {
-        if let Err(e) = self
-            .provider
-            .shutdown_with_timeout(std::time::Duration::from_secs(5))
-        {
-            tracing::warn!(error = %e, "OTLP trace export: final flush failed");
-        }
-        self.runtime
-            .shutdown_timeout(std::time::Duration::from_secs(1));
-    }
-}
-
-fn init_logging(filter: &str, otlp: Option<&Otlp>) -> anyhow::Result<()> {
-    use opentelemetry::trace::TracerProvider as _;
-    use tracing_subscriber::Layer as _;
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-
-    let env_filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .with_context(|| format!("bad --log filter {filter:?}"))?;
-    // The exporter's own transport (tonic/h2/hyper) is never traced: at debug level
-    // each export would produce spans to export.
-    let otel = otlp.map(|o| {
-        tracing_opentelemetry::layer()
-            .with_tracer(o.provider.tracer("starling-dataplane"))
-            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                !["h2", "hyper", "tonic", "tower", "opentelemetry"]
-                    .iter()
-                    .any(|t| m.target().starts_with(t))
-            }))
-    });
-    tracing_subscriber::registry()
-        .with(env_filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(otel)
-        .init();
-    Ok(())
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let endpoint = otlp_endpoint(args.otlp_endpoint.as_deref());
-    let otlp = endpoint
-        .as_deref()
-        .map(|endpoint| Otlp::start(endpoint, args.otlp_service_name.as_deref()))
-        .transpose()?;
-    init_logging(&args.log, otlp.as_ref())?;
-    if let Some(endpoint) = &endpoint {
-        tracing::info!(endpoint, "exporting traces over OTLP/gRPC");
-    }
+    let logging = starling_telemetry::logging::init(&LogConfig {
+        filter: args.log.clone(),
+        json: false,
+        otlp_endpoint: starling_telemetry::logging::otlp_endpoint(args.otlp_endpoint.as_deref()),
+        otlp_service_name: args.otlp_service_name.clone(),
+        default_service_name: "starling-dataplane",
+    })
+    .map_err(|e| match e {
+        LoggingError::Filter { filter, source } => {
+            anyhow::Error::new(source).context(format!("bad --log filter {filter:?}"))
+        }
+        e => e.into(),
+    })?;
     let result = run(args);
-    if let Some(otlp) = otlp {
-        otlp.shutdown();
-    }
+    logging.shutdown();
     result
 }
 

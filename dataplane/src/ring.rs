@@ -8,12 +8,14 @@
 use crate::auth::Auth;
 use crate::chunker::Chunk;
 use crate::config::ConnLimits;
+use crate::counters::Metrics;
 use crate::limits::ConnTable;
-use crate::metrics::Metrics;
+use crate::metrics::{BroadcastSample, Snapshot};
+use parking_lot::{Mutex, RwLock};
 use starling_proto::wire;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
 
 /// Health of a broadcast's source, as reported to the control plane.
@@ -30,6 +32,15 @@ impl SourceHealth {
             SourceHealth::Connecting => starling_proto::v1::SourceHealth::Connecting,
             SourceHealth::Up => starling_proto::v1::SourceHealth::Up,
             SourceHealth::Down => starling_proto::v1::SourceHealth::Down,
+        }
+    }
+
+    /// Its `state` label on `/metrics` (one of [`crate::metrics::SOURCE_STATES`]).
+    pub fn label(self) -> &'static str {
+        match self {
+            SourceHealth::Connecting => "connecting",
+            SourceHealth::Up => "up",
+            SourceHealth::Down => "down",
         }
     }
 }
@@ -170,10 +181,7 @@ impl Cursor {
         if b.is_stopped() {
             return Next::Stopped;
         }
-        let chunks = match b.chunks.read() {
-            Ok(c) => c,
-            Err(p) => p.into_inner(),
-        };
+        let chunks = b.chunks.read();
         let Some(front) = chunks.front().map(|c| c.seq) else {
             return Next::Wait;
         };
@@ -277,17 +285,11 @@ impl Broadcast {
     }
 
     pub fn params(&self) -> StreamParams {
-        match self.params.read() {
-            Ok(p) => p.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.params.read().clone()
     }
 
     pub fn set_params(&self, f: impl FnOnce(&mut StreamParams)) {
-        let mut g = match self.params.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = self.params.write();
         f(&mut g);
         self.substreams
             .store(g.substreams.clamp(1, 64), Ordering::Relaxed);
@@ -300,20 +302,14 @@ impl Broadcast {
 
     /// The chunk with sequence `seq`, if the window holds it (answers `REQUEST`).
     pub fn chunk(&self, seq: u64) -> Option<Arc<Chunk>> {
-        let chunks = match self.chunks.read() {
-            Ok(c) => c,
-            Err(p) => p.into_inner(),
-        };
+        let chunks = self.chunks.read();
         find(&chunks, seq).cloned()
     }
 
     /// `bytes(totals)` over the window's duration, in bits per second (0 until the
     /// window holds a chunk with a non-zero duration).
     fn window_bps(&self, bytes: impl Fn(&WindowTotals) -> u64) -> u64 {
-        let t = match self.totals.lock() {
-            Ok(t) => *t,
-            Err(p) => *p.into_inner(),
-        };
+        let t = *self.totals.lock();
         if t.duration_ms == 0 {
             return 0;
         }
@@ -365,10 +361,7 @@ impl Broadcast {
 
     /// (oldest seq in the window, newest seq + 1).
     pub fn range(&self) -> (Option<u64>, u64) {
-        let chunks = match self.chunks.read() {
-            Ok(c) => c,
-            Err(p) => p.into_inner(),
-        };
+        let chunks = self.chunks.read();
         (
             chunks.front().map(|c| c.seq),
             chunks.back().map_or(0, |c| c.seq + 1),
@@ -377,10 +370,7 @@ impl Broadcast {
 
     /// Newest sequence number in the window.
     pub fn newest_seq(&self) -> Option<u64> {
-        let chunks = match self.chunks.read() {
-            Ok(c) => c,
-            Err(p) => p.into_inner(),
-        };
+        let chunks = self.chunks.read();
         chunks.back().map(|c| c.seq)
     }
 
@@ -394,14 +384,8 @@ impl Broadcast {
     pub fn push(&self, chunk: Chunk) {
         let seq = chunk.seq;
         {
-            let mut chunks = match self.chunks.write() {
-                Ok(c) => c,
-                Err(p) => p.into_inner(),
-            };
-            let mut tot = match self.totals.lock() {
-                Ok(d) => d,
-                Err(p) => p.into_inner(),
-            };
+            let mut chunks = self.chunks.write();
+            let mut tot = self.totals.lock();
             let len = chunk.payload.len() as u64;
             tot.duration_ms += u64::from(chunk.duration_ms);
             tot.bytes += len;
@@ -455,10 +439,7 @@ impl Broadcast {
     }
 
     pub fn set_health(&self, health: SourceHealth, error: impl Into<String>) {
-        let mut h = match self.health.lock() {
-            Ok(h) => h,
-            Err(p) => p.into_inner(),
-        };
+        let mut h = self.health.lock();
         h.health = health;
         h.error = error.into();
     }
@@ -475,16 +456,10 @@ impl Broadcast {
 
     pub fn status(&self) -> BroadcastStatus {
         let (health, error) = {
-            let h = match self.health.lock() {
-                Ok(h) => h,
-                Err(p) => p.into_inner(),
-            };
+            let h = self.health.lock();
             (h.health, h.error.clone())
         };
-        let chunks_in_window = match self.chunks.read() {
-            Ok(c) => c.len(),
-            Err(p) => p.into_inner().len(),
-        };
+        let chunks_in_window = self.chunks.read().len();
         BroadcastStatus {
             broadcast_id: self.id.clone(),
             health,
@@ -569,29 +544,20 @@ impl Registry {
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Broadcast>> {
-        let m = match self.map.read() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
+        let m = self.map.read();
         m.get(id).cloned()
     }
 
     /// Returns the broadcast, creating it with `make` when absent.
     pub fn get_or_insert(&self, id: &str, make: impl FnOnce() -> Broadcast) -> Arc<Broadcast> {
-        let mut m = match self.map.write() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
+        let mut m = self.map.write();
         Arc::clone(m.entry(id.to_owned()).or_insert_with(|| Arc::new(make())))
     }
 
     /// Removes and stops a broadcast (its viewers get `GOODBYE(BroadcastStopped)`).
     pub fn remove(&self, id: &str) -> Option<Arc<Broadcast>> {
         let b = {
-            let mut m = match self.map.write() {
-                Ok(m) => m,
-                Err(p) => p.into_inner(),
-            };
+            let mut m = self.map.write();
             m.remove(id)
         };
         if let Some(b) = &b {
@@ -601,16 +567,42 @@ impl Registry {
     }
 
     pub fn all(&self) -> Vec<Arc<Broadcast>> {
-        let m = match self.map.read() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
+        let m = self.map.read();
         m.values().cloned().collect()
     }
 
     /// Viewers over all broadcasts.
     pub fn total_viewers(&self) -> u32 {
         self.all().iter().map(|b| b.viewers()).sum()
+    }
+
+    /// What `GET /metrics` renders ([`crate::metrics::render`]), sampled now.
+    pub fn scrape(&self) -> Snapshot<'_> {
+        let mut bs = self.all();
+        bs.sort_by(|a, b| a.id().cmp(b.id()));
+        let broadcasts = bs
+            .iter()
+            .map(|b| {
+                let st = b.status();
+                BroadcastSample {
+                    id: b.id().to_string(),
+                    viewers: st.viewers,
+                    chunks_in_window: st.chunks_in_window,
+                    source_state: st.health.label(),
+                    chunks_ingested: b.chunks_ingested(),
+                    bytes_ingested: b.bytes_ingested(),
+                    reconnects: b.reconnects(),
+                    bitrate_bps: b.bitrate_bps(),
+                }
+            })
+            .collect();
+        Snapshot {
+            counters: &self.metrics,
+            broadcasts,
+            unauthenticated: u64::from(self.conns().unauthenticated()),
+            addresses: self.conns().addresses() as u64,
+            revoked_peers: self.auth().revoked_len() as u64,
+        }
     }
 }
 

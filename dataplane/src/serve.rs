@@ -43,9 +43,10 @@
 use crate::auth::{Denied, Grant};
 use crate::chunker::Chunk;
 use crate::config::{RateLimit, Timeouts};
+use crate::counters::{ChunkKind, CloseReason, Listener, Metrics, SentKind};
 use crate::ingest::now_ms;
 use crate::limits::{LogGate, Refused, Slot, TokenBucket};
-use crate::metrics::{self, ChunkKind, CloseReason, Listener, Metrics, SentKind};
+use crate::metrics;
 use crate::ring::{Broadcast, Cursor, Next, Registry};
 use bytes::BytesMut;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -938,7 +939,7 @@ async fn http_session(
             return Ok(CloseReason::Normal);
         }
         Head::Metrics => {
-            let body = metrics::render(&ctx.registry);
+            let body = metrics::render(&ctx.registry.scrape());
             http_reply(s, m, "200 OK", metrics::CONTENT_TYPE, &body).await;
             return Ok(CloseReason::Normal);
         }

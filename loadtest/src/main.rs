@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 use starling_loadtest::run::{External, RunConfig};
 use starling_loadtest::worker::WorkerConfig;
 use starling_loadtest::{Deployment, DeploymentConfig, Report, Swarm, SwarmConfig, UploadProfile};
+use starling_telemetry::logging::LogConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -217,13 +218,26 @@ struct DemoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // RUST_LOG, else (unset or not a valid filter) errors only.
+    let log = |filter: String| {
+        starling_telemetry::logging::init(&LogConfig {
+            filter,
+            json: false,
+            otlp_endpoint: None,
+            otlp_service_name: None,
+            default_service_name: "starling-loadtest",
+        })
+    };
+    let _logging = match std::env::var("RUST_LOG").map(log) {
+        Ok(Ok(guard)) => guard,
+        _ => match log("error".to_string()) {
+            Ok(guard) => guard,
+            Err(e) => {
+                eprintln!("starling-loadtest: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     // A worker is one of several processes sharing the machine's cores: one thread
     // each spares the cross-thread wake-ups of a work-stealing runtime (its peers are
     // many small tasks that mostly wait on sockets and timers).

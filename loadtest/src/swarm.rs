@@ -1,8 +1,9 @@
 //! A swarm of real SDK viewers on loopback sockets, joined to one [`Deployment`], with
 //! per-peer counters and a byte-identity check of every peer's output.
 
+use parking_lot::Mutex;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use starling_proto::integrity::VerifiedSignatures;
@@ -143,10 +144,6 @@ pub fn peer_ip(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, b as u8, c as u8, d as u8)
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 struct PeerShared {
     index: usize,
     upload_kbps: u32,
@@ -183,27 +180,27 @@ pub struct PeerPresence {
 
 impl PeerShared {
     fn sample(&self) -> PeerSample {
-        let mut state = lock(&self.state).clone();
-        let stats = match lock(&self.viewer).as_ref() {
+        let mut state = self.state.lock().clone();
+        let stats = match self.viewer.lock().as_ref() {
             Some(v) => {
                 if v.is_closed() && state == PeerState::Active {
                     state = PeerState::Closed("the viewer stopped on its own".into());
                 }
                 Some(v.stats())
             }
-            None => lock(&self.final_stats).clone(),
+            None => self.final_stats.lock().clone(),
         };
         PeerSample {
             index: self.index,
             upload_kbps: self.upload_kbps,
             state,
             startup: stats.as_ref().and_then(|s| s.startup_time),
-            join_rpc_ms: *lock(&self.join_ms),
+            join_rpc_ms: *self.join_ms.lock(),
             counters: stats
                 .as_ref()
                 .map(PeerCounters::from_stats)
                 .unwrap_or_default(),
-            check: lock(&self.check).clone(),
+            check: self.check.lock().clone(),
         }
     }
 }
@@ -306,29 +303,29 @@ impl Swarm {
 
     /// Sets a probe of the data plane's egress counter, sampled with the peers.
     pub fn set_egress_probe(&self, probe: impl Fn() -> Option<u64> + Send + Sync + 'static) {
-        *lock(&self.inner.egress) = Some(Arc::new(probe));
+        *self.inner.egress.lock() = Some(Arc::new(probe));
     }
 
     /// Sets the viewer credential (JWT) of the peers joined from now on: `f(index)`
     /// for peer `index` (`None` = no credential).
     pub fn set_credentials(&self, f: impl Fn(usize) -> Option<String> + Send + Sync + 'static) {
-        *lock(&self.inner.credentials) = Some(Arc::new(f));
+        *self.inner.credentials.lock() = Some(Arc::new(f));
     }
 
     /// Peer `index`'s SDK counters now (frozen at leave).
     pub fn stats(&self, index: usize) -> Option<Stats> {
         let p = self.peers().get(index).cloned()?;
-        let v = lock(&p.viewer);
+        let v = p.viewer.lock();
         match v.as_ref() {
             Some(v) => Some(v.stats()),
-            None => lock(&p.final_stats).clone(),
+            None => p.final_stats.lock().clone(),
         }
     }
 
     /// Peer `index`'s control-plane session id (`None` when not joined or gone).
     pub fn session_id(&self, index: usize) -> Option<String> {
         let p = self.peers().get(index).cloned()?;
-        lock(&p.viewer).as_ref().and_then(Viewer::session_id)
+        p.viewer.lock().as_ref().and_then(Viewer::session_id)
     }
 
     /// Why peer `index`'s viewer stopped on its own (`Viewer::closed`): `None` while
@@ -336,7 +333,7 @@ impl Swarm {
     /// refusal, revocation, end of broadcast...
     pub fn end_reason(&self, index: usize) -> Option<Result<(), SdkError>> {
         let p = self.peers().get(index).cloned()?;
-        let v = lock(&p.viewer);
+        let v = p.viewer.lock();
         let v = v.as_ref()?;
         if !v.is_closed() {
             return None;
@@ -351,7 +348,7 @@ impl Swarm {
     }
 
     fn peers(&self) -> Vec<Arc<PeerShared>> {
-        lock(&self.inner.peers).clone()
+        self.inner.peers.lock().clone()
     }
 
     /// Joins `config.peers` more peers (indices continue after the existing ones) at
@@ -376,7 +373,7 @@ impl Swarm {
                 break;
             };
             let peer = {
-                let mut peers = lock(&self.inner.peers);
+                let mut peers = self.inner.peers.lock();
                 let index = peers.len();
                 let global = index + config.index_offset;
                 let peer = Arc::new(PeerShared {
@@ -430,7 +427,7 @@ impl Swarm {
         if config.shared_signature_cache {
             vc.verified_signatures = Some(self.inner.signatures.clone());
         }
-        if let Some(f) = lock(&self.inner.credentials).clone() {
+        if let Some(f) = self.inner.credentials.lock().clone() {
             vc.credential = f(peer.index);
         }
         vc
@@ -438,7 +435,7 @@ impl Swarm {
 
     /// Number of peers ever added.
     pub fn len(&self) -> usize {
-        lock(&self.inner.peers).len()
+        self.inner.peers.lock().len()
     }
 
     /// Whether no peer was ever added.
@@ -455,14 +452,14 @@ impl Swarm {
     pub fn active(&self) -> Vec<usize> {
         self.peers()
             .iter()
-            .filter(|p| *lock(&p.state) == PeerState::Active)
+            .filter(|p| *p.state.lock() == PeerState::Active)
             .map(|p| p.index)
             .collect()
     }
 
     /// A snapshot of every peer's counters and output check.
     pub fn sample(&self) -> Sample {
-        let probe = lock(&self.inner.egress).clone();
+        let probe = self.inner.egress.lock().clone();
         Sample {
             elapsed: self.inner.started.elapsed(),
             stream_kbps: self.inner.stream_kbps,
@@ -479,11 +476,11 @@ impl Swarm {
                 index: p.index,
                 upload_kbps: p.upload_kbps,
                 ip: p.ip,
-                joined_at: *lock(&p.joined_at),
-                left_at: *lock(&p.left_at),
-                stats: match lock(&p.viewer).as_ref() {
+                joined_at: *p.joined_at.lock(),
+                left_at: *p.left_at.lock(),
+                stats: match p.viewer.lock().as_ref() {
                     Some(v) => Some(v.stats()),
-                    None => lock(&p.final_stats).clone(),
+                    None => p.final_stats.lock().clone(),
                 },
             })
             .collect()
@@ -545,20 +542,20 @@ async fn join_peer(
         let t0 = Instant::now();
         match Viewer::join(vc.clone()).await {
             Ok(viewer) => {
-                *lock(&peer.join_ms) = Some(t0.elapsed().as_millis() as u64);
+                *peer.join_ms.lock() = Some(t0.elapsed().as_millis() as u64);
                 let reader = pattern.map(|pattern| {
                     let mut sub = viewer.subscribe();
                     let p = peer.clone();
                     tokio::spawn(async move {
                         while let Some(bytes) = sub.next_bytes().await {
-                            lock(&p.check).feed(&pattern, &bytes);
+                            p.check.lock().feed(&pattern, &bytes);
                         }
                     })
                 });
-                *lock(&peer.reader) = reader;
-                *lock(&peer.viewer) = Some(viewer);
-                *lock(&peer.joined_at) = Some(started.elapsed());
-                *lock(&peer.state) = PeerState::Active;
+                *peer.reader.lock() = reader;
+                *peer.viewer.lock() = Some(viewer);
+                *peer.joined_at.lock() = Some(started.elapsed());
+                *peer.state.lock() = PeerState::Active;
                 return;
             }
             Err(e) => {
@@ -567,16 +564,16 @@ async fn join_peer(
             }
         }
     }
-    *lock(&peer.state) = PeerState::JoinFailed(last_err);
+    *peer.state.lock() = PeerState::JoinFailed(last_err);
 }
 
 async fn leave_peer(started: Instant, peer: &PeerShared) {
-    let viewer = lock(&peer.viewer).take();
+    let viewer = peer.viewer.lock().take();
     let Some(viewer) = viewer else { return };
-    *lock(&peer.final_stats) = Some(viewer.stats());
-    *lock(&peer.left_at) = Some(started.elapsed());
+    *peer.final_stats.lock() = Some(viewer.stats());
+    *peer.left_at.lock() = Some(started.elapsed());
     {
-        let mut st = lock(&peer.state);
+        let mut st = peer.state.lock();
         if *st == PeerState::Active {
             *st = PeerState::Left;
         }
@@ -584,7 +581,7 @@ async fn leave_peer(started: Instant, peer: &PeerShared) {
     if let Err(e) = viewer.leave().await {
         tracing::debug!(peer = peer.index, "leave: {e}");
     }
-    if let Some(r) = lock(&peer.reader).take() {
+    if let Some(r) = peer.reader.lock().take() {
         r.abort();
     }
 }

@@ -505,3 +505,15 @@ pub(crate) fn hostname() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stats_of_self() {
+        let p = ProcStats::current();
+        assert_eq!(p.pid, std::process::id());
+        assert!(p.max_rss_bytes > 0 && p.rss_bytes > 0);
+    }
+}

@@ -88,7 +88,7 @@ fn verify(token: &[u8], keys: &[PublicKey], broadcast: &str) -> Result<(), Strin
 
 /// The data plane's Prometheus series (name with labels → value).
 fn dataplane_metrics(dep: &Deployment) -> BTreeMap<String, u64> {
-    let text = starling_dataplane::metrics::render(dep.node().expect("node").registry());
+    let text = starling_dataplane::metrics::render(&dep.node().expect("node").registry().scrape());
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {

@@ -10,6 +10,7 @@ use starling_controlplane::auth::{self, AuthConfig};
 use starling_controlplane::limits::{LimitsConfig, RateLimit};
 use starling_controlplane::trust::{PeerAddrCheck, TrustConfig};
 use starling_controlplane::{Config, ControlPlane, DatabaseConfig, ServerLimits, ServiceConfig};
+use starling_telemetry::logging::{Guard, LogConfig, LoggingError};
 use tracing::Instrument as _;
 
 /// Starling control plane: admin, viewer and edge gRPC services (package starling.v1).
@@ -322,96 +323,32 @@ fn metrics_addr(s: &str) -> anyhow::Result<Option<SocketAddr>> {
     })?))
 }
 
-/// The OTLP endpoint from the flag or the standard OTEL_* variables; `None` when unset,
-/// empty or `off`.
-fn otlp_endpoint(flag: Option<&str>) -> Option<String> {
-    let endpoint = match flag {
-        Some(s) => s.to_string(),
-        None => std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT"))
-            .ok()?,
-    };
-    let endpoint = endpoint.trim();
-    (!endpoint.is_empty() && !endpoint.eq_ignore_ascii_case("off")).then(|| endpoint.to_string())
-}
-
-/// A tracer provider exporting batches of spans over OTLP/gRPC (on the batch
-/// processor's own thread; the channel is driven by the current Tokio runtime).
-fn otlp_provider(
-    endpoint: &str,
-    service_name: Option<&str>,
-) -> anyhow::Result<opentelemetry_sdk::trace::SdkTracerProvider> {
-    use opentelemetry_otlp::WithExportConfig as _;
-    let service_name = service_name
-        .map(str::to_string)
-        .or_else(|| std::env::var("OTEL_SERVICE_NAME").ok())
-        .unwrap_or_else(|| "starling-controlplane".to_string());
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint)
-        .build()
-        .with_context(|| format!("--otlp-endpoint {endpoint:?}"))?;
-    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(
-            opentelemetry_sdk::Resource::builder()
-                .with_service_name(service_name)
-                .build(),
-        )
-        .build())
-}
-
-/// Flushes the spans still queued and stops the exporter (bounded: an unreachable
-/// collector only costs a warning).
-fn otlp_shutdown(provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>) {
-    if let Some(provider) = provider
-        && let Err(e) = provider.shutdown_with_timeout(Duration::from_secs(5))
-    {
-        tracing::warn!(error = %e, "OTLP trace export: final flush failed");
+/// The logging setup of `args`; the filter is `--log`, else `RUST_LOG`, else `info`.
+fn log_config(args: &Args, filter: Option<String>) -> LogConfig {
+    LogConfig {
+        filter: filter
+            .or_else(|| args.log.clone())
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .unwrap_or_else(|| "info".to_string()),
+        json: args.log_format == "json",
+        otlp_endpoint: starling_telemetry::logging::otlp_endpoint(args.otlp_endpoint.as_deref()),
+        otlp_service_name: args.otlp_service_name.clone(),
+        default_service_name: "starling-controlplane",
     }
 }
 
-fn init_logging(
-    filter: Option<&str>,
-    json: bool,
-    otlp: Option<&opentelemetry_sdk::trace::SdkTracerProvider>,
-) {
-    use opentelemetry::trace::TracerProvider as _;
-    use tracing_subscriber::Layer as _;
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-
-    let filter = filter
-        .map(str::to_string)
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".to_string());
-    let env_filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
-        eprintln!("starling-controlplane: bad log filter {filter:?} ({e}); using `info`");
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    // The exporter's own transport (tonic/h2/hyper) is never traced: at debug level
-    // each export would produce spans to export.
-    let otel = otlp.map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("starling-controlplane"))
-            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-                !["h2", "hyper", "tonic", "tower", "opentelemetry"]
-                    .iter()
-                    .any(|t| m.target().starts_with(t))
-            }))
-    });
-    let text = (!json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
-    let json = json.then(|| {
-        tracing_subscriber::fmt::layer()
-            .json()
-            .with_writer(std::io::stderr)
-    });
-    tracing_subscriber::registry()
-        .with(env_filter)
-        .with(text)
-        .with(json)
-        .with(otel)
-        .init();
+/// Installs logging; a bad filter is reported on stderr and replaced by `info`.
+fn init_logging(args: &Args) -> anyhow::Result<Guard> {
+    match starling_telemetry::logging::init(&log_config(args, None)) {
+        Err(LoggingError::Filter { filter, source }) => {
+            eprintln!("starling-controlplane: bad log filter {filter:?} ({source}); using `info`");
+            Ok(starling_telemetry::logging::init(&log_config(
+                args,
+                Some("info".to_string()),
+            ))?)
+        }
+        r => Ok(r?),
+    }
 }
 
 async fn shutdown_signal() {
@@ -531,21 +468,9 @@ fn node_key(args: &Args, admin_key: Option<&str>) -> anyhow::Result<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let endpoint = otlp_endpoint(args.otlp_endpoint.as_deref());
-    let otlp = endpoint
-        .as_deref()
-        .map(|endpoint| otlp_provider(endpoint, args.otlp_service_name.as_deref()))
-        .transpose()?;
-    init_logging(
-        args.log.as_deref(),
-        args.log_format == "json",
-        otlp.as_ref(),
-    );
-    if let Some(endpoint) = &endpoint {
-        tracing::info!(endpoint, "exporting traces over OTLP/gRPC");
-    }
+    let logging = init_logging(&args)?;
     let result = run(args).await;
-    otlp_shutdown(otlp);
+    logging.shutdown();
     result
 }
 

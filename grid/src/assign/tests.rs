@@ -1,3 +1,4 @@
+//! The assigner's unit tests: invariants after joins, leaves, re-searches and reports.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeSet, HashMap};
