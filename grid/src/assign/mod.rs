@@ -9,10 +9,12 @@
 //!
 //! # Model
 //!
-//! A peer declaring an upload budget of `U` kbps owns `floor(U / (r/K))` child slots
-//! (`r` the stream rate), pooled over all substreams: it relays "a portion or the whole
-//! stream". Each substream forms a tree rooted at the data plane; a peer's *depth* in a
-//! substream is its hop count from the server (server-fed peers have depth 1).
+//! A peer declaring an upload budget of `U` kbps owns [`crate::slots_for`]`(U, r, K)` child
+//! slots (`r` the stream rate as delivered): the whole slots `U·K / r`, plus a partly covered
+//! one when the fraction is large enough (see there), pooled over all substreams: it relays
+//! "a portion or the whole stream". Each substream forms a tree rooted at the data plane;
+//! a peer's *depth* in a substream is its hop count from the server (server-fed peers have
+//! depth 1).
 //!
 //! # Policy
 //!
