@@ -6,7 +6,18 @@ use std::collections::HashMap;
 
 use ring::signature::{ED25519, UnparsedPublicKey};
 
-use crate::token::KeyError;
+/// Problems with key material (construction and key-set management only).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("invalid Ed25519 private key (PKCS#8 v1/v2 expected)")]
+    InvalidPrivateKey,
+    #[error("invalid Ed25519 public key (32 raw bytes expected)")]
+    InvalidPublicKey,
+    #[error("too many keys (at most {0})")]
+    TooManyKeys(usize),
+    #[error("key generation failed")]
+    Generation,
+}
 
 /// Length of every Ed25519 signature.
 pub(crate) const SIGNATURE_LEN: usize = 64;

@@ -130,18 +130,7 @@ impl From<EnvelopeError> for TokenError {
     }
 }
 
-/// Problems with key material (construction and key-set management only).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
-    #[error("invalid Ed25519 private key (PKCS#8 v1/v2 expected)")]
-    InvalidPrivateKey,
-    #[error("invalid Ed25519 public key (32 raw bytes expected)")]
-    InvalidPublicKey,
-    #[error("too many keys (at most {0})")]
-    TooManyKeys(usize),
-    #[error("key generation failed")]
-    Generation,
-}
+pub use crate::ed25519::KeyError;
 
 /// A fresh Ed25519 key pair as PKCS#8 v2 DER (store it; feed it to the signers).
 pub fn generate_pkcs8() -> Result<Vec<u8>, KeyError> {

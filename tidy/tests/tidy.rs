@@ -291,3 +291,122 @@ fn every_module_has_a_doc() {
     }
     check(errors);
 }
+
+/// The crate-level modules a source file's code (not its comments, not its
+/// `#[cfg(test)]` tail) names through `crate::`.
+fn crate_paths(text: &str) -> BTreeSet<String> {
+    let code = text.split("#[cfg(test)]").next().unwrap_or("");
+    let mut out = BTreeSet::new();
+    for line in code.lines() {
+        if line.trim_start().starts_with("//") {
+            continue;
+        }
+        let mut rest = line;
+        while let Some(i) = rest.find("crate::") {
+            rest = &rest[i + "crate::".len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                out.insert(name);
+            }
+        }
+    }
+    out
+}
+
+/// A cycle in `edges` reachable from `start`, as a path that ends where it began.
+fn find_cycle(edges: &BTreeMap<String, BTreeSet<String>>, start: &str) -> Option<Vec<String>> {
+    // Depth-first with an explicit stack of (node, next child index).
+    let mut path: Vec<String> = vec![start.to_string()];
+    let mut next: Vec<usize> = vec![0];
+    let mut done = BTreeSet::new();
+    while let Some(node) = path.last().cloned() {
+        let i = *next.last().unwrap_or(&0);
+        let children: Vec<&String> = edges
+            .get(&node)
+            .map(|s| s.iter().collect())
+            .unwrap_or_default();
+        if let Some(child) = children.get(i) {
+            if let Some(l) = next.last_mut() {
+                *l += 1;
+            }
+            if let Some(pos) = path.iter().position(|p| p == *child) {
+                let mut cycle = path[pos..].to_vec();
+                cycle.push((*child).clone());
+                return Some(cycle);
+            }
+            if !done.contains(*child) {
+                path.push((*child).clone());
+                next.push(0);
+            }
+        } else {
+            done.insert(node);
+            path.pop();
+            next.pop();
+        }
+    }
+    None
+}
+
+#[test]
+fn no_import_cycles_between_a_crates_top_level_modules() {
+    let m = metadata();
+    // crate src dir -> module -> modules it names through `crate::`
+    let mut graphs: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    for (rel, path) in source_files(&m) {
+        let Some((krate, inner)) = rel.split_once("/src/") else {
+            continue;
+        };
+        let top = inner.split('/').next().unwrap_or(inner);
+        let module = top.trim_end_matches(".rs");
+        if matches!(module, "lib" | "main" | "bin") || inner.contains("tests") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read");
+        let deps = graphs
+            .entry(krate.to_string())
+            .or_default()
+            .entry(module.to_string())
+            .or_default();
+        for d in crate_paths(&text) {
+            if d != module {
+                deps.insert(d);
+            }
+        }
+    }
+    let mut errors = Vec::new();
+    for (krate, edges) in &graphs {
+        for start in edges.keys() {
+            if let Some(cycle) = find_cycle(edges, start) {
+                errors.push(format!(
+                    "{krate}: modules import each other: {} (give the shared part its own module, or have one side read a snapshot)",
+                    cycle.join(" -> ")
+                ));
+                break;
+            }
+        }
+    }
+    check(errors);
+}
+
+#[test]
+fn the_cycle_finder_finds_cycles() {
+    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    g.entry("a".into()).or_default().insert("b".into());
+    g.entry("b".into()).or_default().insert("c".into());
+    assert_eq!(find_cycle(&g, "a"), None);
+    g.entry("c".into()).or_default().insert("a".into());
+    assert_eq!(
+        find_cycle(&g, "a"),
+        Some(vec!["a".into(), "b".into(), "c".into(), "a".into()])
+    );
+    let paths = crate_paths(
+        "use crate::ring::X;\n// crate::metrics\nfn f() { crate::auth::g(); }\n#[cfg(test)]\nuse crate::serve;",
+    );
+    assert_eq!(
+        paths.into_iter().collect::<Vec<_>>(),
+        vec!["auth".to_string(), "ring".to_string()]
+    );
+}
