@@ -22,9 +22,6 @@ use starling_proto::token::{TokenSigner, generate_pkcs8};
 use starling_proto::wire::{self, ErrorCode, Frame, Hello, Role, StartAt, Subscribe};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Give-up bound for anything the node must do "at once" or "at the deadline".
@@ -146,64 +143,6 @@ fn refused_at_accept(mut s: TcpStream) -> Result<String> {
     }
 }
 
-/// A viewer from its own address reading every pushed chunk in its own thread; fails
-/// on the first chunk that is not the previous one + 1 or flagged DISCONTINUITY.
-struct Healthy {
-    stop: Arc<AtomicBool>,
-    chunks: Arc<AtomicU64>,
-    thread: JoinHandle<Result<u64>>,
-}
-
-impl Healthy {
-    fn start(from: IpAddr, addr: SocketAddr, token: Bytes) -> Result<Healthy> {
-        let mut c = viewer_from(from, addr, wire::ALL_SUBSTREAMS, token)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let chunks = Arc::new(AtomicU64::new(0));
-        let (s, n) = (Arc::clone(&stop), Arc::clone(&chunks));
-        let thread = std::thread::spawn(move || -> Result<u64> {
-            let mut prev: Option<u64> = None;
-            while !s.load(Ordering::SeqCst) {
-                let ch = next_chunk(&mut c).context("healthy viewer")?;
-                if let Some(p) = prev
-                    && ch.seq != p + 1
-                {
-                    bail!("healthy viewer: chunk {} after {p}", ch.seq);
-                }
-                if ch.flags & wire::chunk_flags::DISCONTINUITY != 0 {
-                    bail!("healthy viewer: chunk {} flagged DISCONTINUITY", ch.seq);
-                }
-                prev = Some(ch.seq);
-                n.fetch_add(1, Ordering::SeqCst);
-            }
-            Ok(n.load(Ordering::SeqCst))
-        });
-        Ok(Healthy {
-            stop,
-            chunks,
-            thread,
-        })
-    }
-
-    fn count(&self) -> u64 {
-        self.chunks.load(Ordering::SeqCst)
-    }
-
-    /// Waits for `more` chunks beyond those received so far, then stops the reader.
-    fn finish(self, more: u64) -> Result<u64> {
-        let target = self.count() + more;
-        let r = wait_for("the healthy viewer's chunks", || {
-            self.count() >= target || self.thread.is_finished()
-        });
-        self.stop.store(true, Ordering::SeqCst);
-        let n = self
-            .thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("healthy viewer panicked"))??;
-        r?;
-        Ok(n)
-    }
-}
-
 /// `name{labels} value` from the node's `/metrics`.
 fn sample(node: &Node, series: &str) -> Result<u64> {
     let (_, body) = http_get(node.http_addr(), "/metrics")?;
@@ -223,7 +162,12 @@ fn sample(node: &Node, series: &str) -> Result<u64> {
 fn hello_then_pings_is_closed_at_the_handshake_deadline() -> Result<()> {
     let deadline = Duration::from_secs(3);
     let node = raw_node(1, |c| c.timeouts.handshake = deadline)?;
-    let healthy = Healthy::start(lo(2), node.wire_addr(), Bytes::new())?;
+    let healthy = Healthy::reading(viewer_from(
+        lo(2),
+        node.wire_addr(),
+        wire::ALL_SUBSTREAMS,
+        Bytes::new(),
+    )?);
 
     let started = Instant::now();
     let mut c = Client::from_stream(connect_from(lo(1), node.wire_addr())?)?;
@@ -357,7 +301,12 @@ fn unsubscribed_connections_are_capped_per_address_and_per_node() -> Result<()> 
         c.limits.max_unauthenticated_per_address = 4;
     })?;
     let m = node.registry().metrics();
-    let healthy = Healthy::start(lo(2), node.wire_addr(), Bytes::new())?;
+    let healthy = Healthy::reading(viewer_from(
+        lo(2),
+        node.wire_addr(),
+        wire::ALL_SUBSTREAMS,
+        Bytes::new(),
+    )?);
 
     // One address: 4 held, the other 6 refused.
     let (held_a, refused_a) = open_unsubscribed(lo(1), node.wire_addr(), 10)?;
@@ -375,7 +324,12 @@ fn unsubscribed_connections_are_capped_per_address_and_per_node() -> Result<()> 
     assert!(msg.contains("from this address"), "{msg}");
 
     // An honest viewer from another address still gets in and is served.
-    let honest = Healthy::start(lo(4), node.wire_addr(), Bytes::new())?;
+    let honest = Healthy::reading(viewer_from(
+        lo(4),
+        node.wire_addr(),
+        wire::ALL_SUBSTREAMS,
+        Bytes::new(),
+    )?);
 
     // A second address fills the node-wide cap: 2 more held (6 in all), 8 refused.
     let (held_b, refused_b) = open_unsubscribed(lo(3), node.wire_addr(), 10)?;
@@ -424,7 +378,12 @@ fn unsubscribed_connections_are_capped_per_address_and_per_node() -> Result<()> 
 #[test]
 fn connections_per_address_are_capped() -> Result<()> {
     let node = raw_node(1, |c| c.limits.max_per_address = 3)?;
-    let healthy = Healthy::start(lo(2), node.wire_addr(), Bytes::new())?;
+    let healthy = Healthy::reading(viewer_from(
+        lo(2),
+        node.wire_addr(),
+        wire::ALL_SUBSTREAMS,
+        Bytes::new(),
+    )?);
 
     let mut mine: Vec<Client> = (0..3)
         .map(|_| viewer_from(lo(5), node.wire_addr(), wire::ALL_SUBSTREAMS, Bytes::new()))
@@ -475,7 +434,12 @@ fn request_flood_is_rate_limited() -> Result<()> {
         c.limits.requests = RateLimit::per_second(per_sec as u32, burst as u32);
         c.timeouts.write_stall = Duration::from_secs(60);
     })?;
-    let healthy = Healthy::start(lo(2), node.wire_addr(), Bytes::new())?;
+    let healthy = Healthy::reading(viewer_from(
+        lo(2),
+        node.wire_addr(),
+        wire::ALL_SUBSTREAMS,
+        Bytes::new(),
+    )?);
     let b = node.registry().get("test").context("broadcast")?;
 
     // A request-only link (mask 0) asking for the newest chunk 400 times.
@@ -558,7 +522,12 @@ fn token_renewal_flood_closes_the_connection() -> Result<()> {
         }];
         c.limits.token_renewals = RateLimit::per_minute(6, 4);
     })?;
-    let healthy = Healthy::start(lo(2), node.wire_addr(), play_token(&s, "test", 1, 600_000))?;
+    let healthy = Healthy::reading(viewer_from(
+        lo(2),
+        node.wire_addr(),
+        wire::ALL_SUBSTREAMS,
+        play_token(&s, "test", 1, 600_000),
+    )?);
     let m = node.registry().metrics();
 
     let mut c = viewer_from(

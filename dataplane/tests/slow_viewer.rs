@@ -21,9 +21,6 @@ use starling_dataplane::{Config, Node, StaticBroadcast};
 use starling_proto::wire::{self, Decoder, ErrorCode, Frame, Hello, Limits, Role, StartAt};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Source rate, bytes per second (8 Mbit/s).
@@ -112,66 +109,14 @@ fn viewers(node: &Node) -> u32 {
     node.status("test").map_or(0, |s| s.viewers)
 }
 
-/// A viewer that reads everything as it comes, in its own thread, and fails on the
-/// first chunk that is not the previous one + 1.
-struct Healthy {
-    stop: Arc<AtomicBool>,
-    chunks: Arc<AtomicU64>,
-    thread: JoinHandle<Result<u64>>,
-}
-
-impl Healthy {
-    fn start(addr: SocketAddr) -> Result<Healthy> {
-        let mut c = Client::handshake(addr, "test", StartAt::Live)?;
-        match c.recv()? {
-            Frame::StreamInfo(_) => {}
-            other => bail!("expected STREAM_INFO, got {other:?}"),
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let chunks = Arc::new(AtomicU64::new(0));
-        let (s, n) = (Arc::clone(&stop), Arc::clone(&chunks));
-        let thread = std::thread::spawn(move || -> Result<u64> {
-            let mut prev: Option<u64> = None;
-            while !s.load(Ordering::SeqCst) {
-                let ch = next_chunk(&mut c).context("healthy viewer")?;
-                if let Some(p) = prev
-                    && ch.seq != p + 1
-                {
-                    bail!("healthy viewer: chunk {} after {p}", ch.seq);
-                }
-                if ch.flags & wire::chunk_flags::DISCONTINUITY != 0 {
-                    bail!("healthy viewer: chunk {} flagged DISCONTINUITY", ch.seq);
-                }
-                prev = Some(ch.seq);
-                n.fetch_add(1, Ordering::SeqCst);
-            }
-            Ok(n.load(Ordering::SeqCst))
-        });
-        Ok(Healthy {
-            stop,
-            chunks,
-            thread,
-        })
+/// A live, whole-stream viewer past STREAM_INFO, reading every chunk ([`Healthy`]).
+fn healthy_viewer(addr: SocketAddr) -> Result<Healthy> {
+    let mut c = Client::handshake(addr, "test", StartAt::Live)?;
+    match c.recv()? {
+        Frame::StreamInfo(_) => {}
+        other => bail!("expected STREAM_INFO, got {other:?}"),
     }
-
-    fn count(&self) -> u64 {
-        self.chunks.load(Ordering::SeqCst)
-    }
-
-    /// Waits for `more` chunks beyond those received so far, then stops the reader.
-    fn finish(self, more: u64) -> Result<u64> {
-        let target = self.count() + more;
-        let r = wait_for("the healthy viewer's chunks", || {
-            self.count() >= target || self.thread.is_finished()
-        });
-        self.stop.store(true, Ordering::SeqCst);
-        let n = self
-            .thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("healthy viewer panicked"))??;
-        r?;
-        Ok(n)
-    }
+    Ok(Healthy::reading(c))
 }
 
 /// A raw socket with a small receive buffer (4 KiB asked: no autotuning), past
@@ -217,7 +162,7 @@ fn small_buffer_subscriber(addr: SocketAddr) -> Result<std::net::TcpStream> {
 #[test]
 fn stalled_viewer_is_dropped_while_healthy_viewer_gets_contiguous_chunks() -> Result<()> {
     let node = raw_node(|c| c.timeouts.write_stall = Duration::from_secs(1))?;
-    let healthy = Healthy::start(node.wire_addr())?;
+    let healthy = healthy_viewer(node.wire_addr())?;
     assert_eq!(wire_closed(&node, "too_slow")?, 0);
 
     // Subscribes, then never reads.
@@ -274,7 +219,7 @@ fn slow_reader_is_skipped_ahead_then_dropped_too_slow() -> Result<()> {
         c.timeouts.max_skips = 1;
     })?;
     let b = node.registry().get("test").context("broadcast")?;
-    let healthy = Healthy::start(node.wire_addr())?;
+    let healthy = healthy_viewer(node.wire_addr())?;
     let ingested_before = b.chunks_ingested();
 
     // Reads in 4 KiB steps, one chunk every 2 s (the stream makes one per second), and

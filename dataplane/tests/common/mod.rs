@@ -285,3 +285,63 @@ pub fn until_close(c: &mut Client) -> Result<(bool, wire::Reason)> {
         }
     }
 }
+
+/// A viewer reading every pushed chunk in its own thread, from a subscribed `Client`;
+/// fails on the first chunk that is not the previous one + 1 or is flagged
+/// DISCONTINUITY.
+pub struct Healthy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    chunks: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: std::thread::JoinHandle<Result<u64>>,
+}
+
+impl Healthy {
+    pub fn reading(mut c: Client) -> Healthy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let chunks = Arc::new(AtomicU64::new(0));
+        let (s, n) = (Arc::clone(&stop), Arc::clone(&chunks));
+        let thread = std::thread::spawn(move || -> Result<u64> {
+            let mut prev: Option<u64> = None;
+            while !s.load(Ordering::SeqCst) {
+                let ch = next_chunk(&mut c).map_err(|e| e.context("healthy viewer"))?;
+                if let Some(p) = prev
+                    && ch.seq != p + 1
+                {
+                    bail!("healthy viewer: chunk {} after {p}", ch.seq);
+                }
+                if ch.flags & wire::chunk_flags::DISCONTINUITY != 0 {
+                    bail!("healthy viewer: chunk {} flagged DISCONTINUITY", ch.seq);
+                }
+                prev = Some(ch.seq);
+                n.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(n.load(Ordering::SeqCst))
+        });
+        Healthy {
+            stop,
+            chunks,
+            thread,
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.chunks.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits for `more` chunks beyond those received so far, then stops the reader.
+    pub fn finish(self, more: u64) -> Result<u64> {
+        let target = self.count() + more;
+        let r = wait_for("the healthy viewer's chunks", || {
+            self.count() >= target || self.thread.is_finished()
+        });
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let n = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("healthy viewer panicked"))??;
+        r?;
+        Ok(n)
+    }
+}
