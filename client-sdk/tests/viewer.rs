@@ -289,6 +289,24 @@ mod fake_control {
 
     #[tonic::async_trait]
     impl ViewerService for Fake {
+        type SessionStream = std::pin::Pin<
+            Box<
+                dyn tonic::codegen::tokio_stream::Stream<
+                        Item = Result<starling_proto::v1::SessionDown, Status>,
+                    > + Send
+                    + 'static,
+            >,
+        >;
+
+        async fn session(
+            &self,
+            _req: Request<tonic::Streaming<starling_proto::v1::SessionUp>>,
+        ) -> Result<Response<Self::SessionStream>, Status> {
+            Err(Status::unimplemented(
+                "this fake control plane has no session stream",
+            ))
+        }
+
         async fn report_peer(
             &self,
             _req: Request<ReportPeerRequest>,

@@ -64,6 +64,24 @@ struct Proxy {
 
 #[tonic::async_trait]
 impl ViewerService for Proxy {
+    type SessionStream = std::pin::Pin<
+        Box<
+            dyn tonic::codegen::tokio_stream::Stream<
+                    Item = Result<starling_proto::v1::SessionDown, Status>,
+                > + Send
+                + 'static,
+        >,
+    >;
+
+    async fn session(
+        &self,
+        _req: Request<tonic::Streaming<starling_proto::v1::SessionUp>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        Err(Status::unimplemented(
+            "this fake control plane has no session stream",
+        ))
+    }
+
     async fn join(&self, r: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let t0 = unix_ms() as i64;
         let resp = self.up.clone().join(r.into_inner()).await?;

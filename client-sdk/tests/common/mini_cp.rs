@@ -166,6 +166,24 @@ fn session_index(session: &str) -> usize {
 
 #[tonic::async_trait]
 impl ViewerService for MiniCp {
+    type SessionStream = std::pin::Pin<
+        Box<
+            dyn tonic::codegen::tokio_stream::Stream<
+                    Item = Result<starling_proto::v1::SessionDown, Status>,
+                > + Send
+                + 'static,
+        >,
+    >;
+
+    async fn session(
+        &self,
+        _req: Request<tonic::Streaming<starling_proto::v1::SessionUp>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        Err(Status::unimplemented(
+            "this fake control plane has no session stream",
+        ))
+    }
+
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let req = req.into_inner();
         let mut log = self.log.lock();

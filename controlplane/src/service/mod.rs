@@ -45,6 +45,7 @@ mod chunk_keys;
 mod edge;
 mod errors;
 mod guards;
+mod join;
 mod keys;
 mod nodes;
 mod scrape;

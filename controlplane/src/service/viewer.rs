@@ -1,247 +1,19 @@
-//! `ViewerService`: join, heartbeat, leave, re-parent, bad-peer reports and quality
-//! reports of viewer sessions.
+//! `ViewerService`: heartbeat, leave, re-parent, bad-peer reports and quality reports
+//! of viewer sessions, and the tonic service itself (join is in `join`).
 
-use starling_proto::token::Scopes;
 use starling_proto::v1::viewer_service_server::ViewerService;
 use starling_proto::v1::{
-    BroadcastState, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, LeaveRequest,
-    LeaveResponse, ReparentRequest, ReparentResponse, ReportPeerRequest, ReportPeerResponse,
-    StreamParams, SubstreamParent,
+    HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, LeaveRequest, LeaveResponse,
+    ReparentRequest, ReparentResponse, ReportPeerRequest, ReportPeerResponse, SessionDown,
+    SessionUp,
 };
 use tonic::{Request, Response, Status};
 
 use super::{Api, ApiError, ApiResult, Core, now_ms, respond};
-use crate::auth::ViewerIdentity;
-use crate::live::{self, JoinInput, JoinRefused, ReparentRefused, ReportRefused, TokenState};
-use crate::store::NewSession;
+use crate::live::{self, ReparentRefused, ReportRefused, TokenState};
 use crate::validate;
-use starling_grid::assign::GridError;
-
-fn state_name(state: BroadcastState) -> &'static str {
-    match state {
-        BroadcastState::Unspecified => "in an unknown state",
-        BroadcastState::Created => "not started",
-        BroadcastState::Live => "live",
-        BroadcastState::Stopped => "stopped",
-    }
-}
 
 impl Core {
-    // ------------------------------------------------------------------ viewer
-
-    async fn join(
-        &self,
-        req: JoinRequest,
-        remote: Option<std::net::SocketAddr>,
-    ) -> ApiResult<JoinResponse> {
-        if let Some(r) = remote {
-            let now = self.grids.now();
-            let checked = self.guards.lock().join.check(r.ip(), now);
-            if let Err(wait) = checked {
-                self.metrics.refused(crate::metrics::Refusal::JoinRate);
-                return Err(ApiError::ResourceExhausted(
-                    format!("too many joins from {}; retry later", r.ip()),
-                    wait,
-                ));
-            }
-        }
-        validate::id("broadcast_id", &req.broadcast_id)?;
-        validate::short_text("client_version", &req.client_version, false)?;
-        validate::peer_addr(&req.peer_addr)?;
-        if let Err(e) = crate::trust::check_peer_addr(
-            req.peer_addr.trim(),
-            remote,
-            self.config.trust.peer_addr_check,
-        ) {
-            self.metrics.refused(crate::metrics::Refusal::PeerAddr);
-            return Err(ApiError::PermissionDenied(e.to_string()));
-        }
-        let id = req.broadcast_id.as_str();
-        let b = self
-            .store
-            .get_broadcast(id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("broadcast {id} not found")))?;
-        // The credential is checked before anything about the broadcast's state is told.
-        let (subject, credential_expires_at) = match self
-            .auth
-            .check_viewer(id, b.public, &req.credential)
-            .map_err(ApiError::Auth)?
-        {
-            ViewerIdentity::Anonymous => (None, None),
-            ViewerIdentity::Credential(c) => {
-                let now_s = u64::try_from(now_ms() / 1000).unwrap_or(0);
-                if self
-                    .revocations
-                    .subject_blocked(id, &c.subject, c.issued_at, now_s)
-                {
-                    return Err(ApiError::Auth(Status::permission_denied(format!(
-                        "this viewer was revoked from broadcast {id}; a credential issued \
-                         after the revocation is needed"
-                    ))));
-                }
-                (Some(c.subject), Some(c.expires_at))
-            }
-        };
-        if b.state != BroadcastState::Live {
-            return Err(ApiError::FailedPrecondition(format!(
-                "broadcast {id} is {}",
-                state_name(b.state)
-            )));
-        }
-        let unavailable = || {
-            ApiError::Unavailable(format!(
-                "no data-plane node is serving broadcast {id} yet; retry"
-            ))
-        };
-        let node_id = b.node_id.as_deref().ok_or_else(unavailable)?;
-        let node = self
-            .store
-            .get_node(node_id)
-            .await?
-            .filter(|n| n.alive)
-            .ok_or_else(unavailable)?;
-        let substreams = u16::try_from(b.substreams).map_err(|_| {
-            ApiError::FailedPrecondition(format!(
-                "broadcast {id} has {} substreams, more than the grid supports",
-                b.substreams
-            ))
-        })?;
-        // A node's viewer connections each carry up to K substreams; 0 = no declared limit.
-        let server_slots = match node.capacity_viewers {
-            0 => u64::MAX,
-            c => u64::from(c).saturating_mul(u64::from(substreams)),
-        };
-        let peer_addr = live::dialable_addr(req.peer_addr.trim(), remote);
-        let upload_kbps = if peer_addr.is_empty() {
-            0
-        } else {
-            req.upload_kbps
-        };
-        let session_id = validate::new_session_id();
-        let grid = self
-            .grids
-            .join(JoinInput {
-                broadcast_id: id,
-                substreams,
-                server_slots,
-                session_id: &session_id,
-                addr_prefix: live::addr_prefix(&peer_addr, remote),
-                peer_addr,
-                upload_kbps,
-                remote_ip: remote.map(|r| r.ip()),
-                subject: subject.clone(),
-                credential_expires_at,
-            })
-            .map_err(|e| match e {
-                JoinRefused::Grid(GridError::NoCapacity) => ApiError::Unavailable(format!(
-                    "broadcast {id}: no free peer slot and the data plane is at capacity; retry"
-                )),
-                JoinRefused::Grid(GridError::InvalidConfig(why)) => {
-                    ApiError::FailedPrecondition(format!("broadcast {id}: peer grid: {why}"))
-                }
-                JoinRefused::Grid(e) => {
-                    ApiError::Unavailable(format!("broadcast {id}: peer grid: {e}; retry"))
-                }
-                JoinRefused::Stopped => {
-                    ApiError::FailedPrecondition(format!("broadcast {id} is stopped"))
-                }
-            })?;
-        if grid.granted_kbps < upload_kbps {
-            self.metrics.upload_capped_join();
-        }
-        let scopes = if upload_kbps > 0 {
-            Scopes::PLAY | Scopes::RELAY
-        } else {
-            Scopes::PLAY
-        };
-        let token = match self.tokens.issue(id, grid.peer_id, scopes, now_ms()) {
-            Ok(t) => t,
-            Err(e) => {
-                self.grids.leave(&session_id);
-                return Err(ApiError::FailedPrecondition(format!(
-                    "broadcast {id}: cannot issue a chunk token: {e}"
-                )));
-            }
-        };
-        self.grids.set_token(
-            &session_id,
-            TokenState {
-                scopes,
-                expires_at_ms: token.expires_at_ms,
-            },
-        );
-        let created = self
-            .store
-            .create_session(
-                &NewSession {
-                    id: session_id.clone(),
-                    broadcast_id: b.id.clone(),
-                    client_version: req.client_version.clone(),
-                    node_id: Some(node.id.clone()),
-                },
-                now_ms(),
-            )
-            .await;
-        if let Err(e) = created {
-            // Undo the grid admission: the viewer never learns its session id.
-            self.grids.leave(&session_id);
-            return Err(e.into());
-        }
-        tracing::debug!(
-            session_id = %session_id,
-            broadcast_id = %id,
-            node_id = %node.id,
-            peer_id = grid.peer_id,
-            upload_kbps,
-            granted_kbps = grid.granted_kbps,
-            child_slots = grid.child_slots,
-            server_parents = grid.parents.iter().filter(|p| p.peer.is_none()).count(),
-            reparented = grid.moved,
-            subject = subject.as_deref().unwrap_or(""),
-            token_key_id = self.tokens.signing_key_id(),
-            "viewer joined"
-        );
-        self.set_ingest_node(&b.id, Some(&node.id));
-        let chunk_keys = self.chunk_keys(Some(&node.id));
-        Ok(JoinResponse {
-            session_id,
-            params: Some(StreamParams {
-                broadcast_id: b.id,
-                content_type: b.content_type,
-                chunk_duration_ms: b.chunk_duration_ms,
-                substreams: b.substreams,
-            }),
-            dataplane_wire_addr: node.wire_addr,
-            dataplane_http_addr: node.http_addr,
-            chunk_token: token.token,
-            heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis())
-                .unwrap_or(u32::MAX),
-            peer_id: grid.peer_id,
-            parents: self.with_tickets(id, grid.peer_id, grid.parents),
-            neighbours: grid.neighbours,
-            stream_kbps: grid.stream_kbps,
-            child_slots: grid.child_slots,
-            token_expires_at_unix_ms: token.expires_at_ms,
-            token_keys: self.tokens.public_keys(),
-            chunk_keys,
-            report_interval_ms: u32::try_from(self.config.report_interval.as_millis())
-                .unwrap_or(u32::MAX),
-        })
-    }
-
-    /// `parents` with a parent ticket on each peer entry ([`crate::tickets`]).
-    fn with_tickets(
-        &self,
-        broadcast_id: &str,
-        child: u64,
-        mut parents: Vec<SubstreamParent>,
-    ) -> Vec<SubstreamParent> {
-        self.tickets
-            .attach(&self.tokens, broadcast_id, child, &mut parents, now_ms());
-        parents
-    }
-
     async fn heartbeat(
         &self,
         req: HeartbeatRequest,
@@ -528,6 +300,19 @@ impl Core {
 
 #[tonic::async_trait]
 impl ViewerService for Api {
+    type SessionStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<SessionDown, Status>> + Send + 'static>,
+    >;
+
+    async fn session(
+        &self,
+        _request: Request<tonic::Streaming<SessionUp>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        Err(Status::unimplemented(
+            "the session stream is not implemented yet",
+        ))
+    }
+
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let remote = request.remote_addr();
         respond("Join", self.core.join(request.into_inner(), remote).await)
