@@ -5,6 +5,11 @@
 //! peer admits a child only for substreams that such a ticket covers (format:
 //! [`starling_proto::ticket`]; admission: the SDK's `relay/admission.rs`).
 //!
+//! One ticket per parent peer: when a parent serves the child several substreams, their
+//! tickets are one signature whose mask holds all of them (a relay admits a substream
+//! when its bit is in a valid ticket's mask), so a join costs one signature per distinct
+//! peer parent, not per substream.
+//!
 //! Heartbeats answer every viewer's parents each interval, so tickets are cached per
 //! (child, substream) and re-signed only when the parent changes, when less than half
 //! of the lifetime is left, or when the signing key changed (a rotation: the old key is
@@ -126,15 +131,28 @@ impl ParentTickets {
         }
         let issued = u64::try_from(now_ms).unwrap_or(0);
         let expires = issued.saturating_add(u64::try_from(self.ttl.as_millis()).unwrap_or(0));
-        let mut signed: Vec<((u64, u32), Cached)> = Vec::with_capacity(misses.len());
+        // One signature per parent peer: its ticket covers every substream (of those to
+        // sign) that this parent serves to `child`, the same rights as one ticket per
+        // substream (a relay checks its substream's bit in the mask).
+        let mut by_parent: Vec<(u64, u64, Vec<usize>)> = Vec::new();
         for (i, parent) in misses {
             let Some(p) = parents.get_mut(i) else {
                 continue;
             };
             p.ticket.clear();
-            let Some(mask) = 1u64.checked_shl(p.substream) else {
+            let Some(bit) = 1u64.checked_shl(p.substream) else {
                 continue;
             };
+            match by_parent.iter_mut().find(|(q, _, _)| *q == parent) {
+                Some((_, mask, at)) => {
+                    *mask |= bit;
+                    at.push(i);
+                }
+                None => by_parent.push((parent, bit, vec![i])),
+            }
+        }
+        let mut signed: Vec<((u64, u32), Cached)> = Vec::with_capacity(parents.len());
+        for (parent, mask, at) in by_parent {
             let claims = TicketClaims {
                 broadcast_id: broadcast_id.to_string(),
                 child_peer_id: child,
@@ -145,18 +163,23 @@ impl ParentTickets {
             };
             match keys.sign_ticket(&claims) {
                 Ok((key_id, t)) => {
-                    p.ticket.clone_from(&t);
-                    signed.push((
-                        (child, p.substream),
-                        Cached {
-                            broadcast_id: broadcast_id.to_string(),
-                            parent,
-                            key_id,
-                            renew_at_ms: now_ms.saturating_add(ms(self.ttl) / 2),
-                            expires_at_ms: i64::try_from(expires).unwrap_or(i64::MAX),
-                            ticket: t,
-                        },
-                    ));
+                    for i in at {
+                        let Some(p) = parents.get_mut(i) else {
+                            continue;
+                        };
+                        p.ticket.clone_from(&t);
+                        signed.push((
+                            (child, p.substream),
+                            Cached {
+                                broadcast_id: broadcast_id.to_string(),
+                                parent,
+                                key_id,
+                                renew_at_ms: now_ms.saturating_add(ms(self.ttl) / 2),
+                                expires_at_ms: i64::try_from(expires).unwrap_or(i64::MAX),
+                                ticket: t.clone(),
+                            },
+                        ));
+                    }
                 }
                 Err(e) => {
                     tracing::error!(broadcast_id, child, parent, error = %e, "cannot sign a parent ticket");
@@ -238,5 +261,44 @@ mod tests {
         v.verify_ticket(&moved[1].ticket, "b", 5, 10, 301_001, 0)
             .unwrap();
         assert_eq!(t.cached(), 1);
+    }
+
+    #[test]
+    fn one_signature_per_parent_covers_its_substreams() {
+        let keys = keys();
+        let mut v = TokenVerifier::new();
+        for k in keys.public_keys() {
+            v.add_key(k.key_id, &k.ed25519).unwrap();
+        }
+        let peer = |id| {
+            Some(PeerRef {
+                peer_id: id,
+                addr: "127.0.0.9:1".into(),
+            })
+        };
+        let mut p: Vec<SubstreamParent> = [(0, 9), (1, 9), (2, 7), (3, 9)]
+            .into_iter()
+            .map(|(s, id)| SubstreamParent {
+                substream: s,
+                peer: peer(id),
+                ticket: Vec::new(),
+            })
+            .collect();
+        let t = ParentTickets::new(Duration::from_secs(600));
+        t.attach(&keys, "b", 5, &mut p, 1_000);
+        assert_eq!(p[0].ticket, p[1].ticket);
+        assert_eq!(p[0].ticket, p[3].ticket);
+        let c = v.verify_ticket(&p[0].ticket, "b", 5, 9, 1_000, 0).unwrap();
+        assert_eq!(c.substream_mask, 0b1011);
+        let c = v.verify_ticket(&p[2].ticket, "b", 5, 7, 1_000, 0).unwrap();
+        assert_eq!(c.substream_mask, 0b0100);
+        assert_eq!(t.cached(), 4);
+        // Substream 1 moves to parent 7: only it is re-signed, for its new parent.
+        p[1].peer = peer(7);
+        let before = p[0].ticket.clone();
+        t.attach(&keys, "b", 5, &mut p, 2_000);
+        assert_eq!(p[0].ticket, before);
+        let c = v.verify_ticket(&p[1].ticket, "b", 5, 7, 2_000, 0).unwrap();
+        assert_eq!(c.substream_mask, 0b0010);
     }
 }
