@@ -1,8 +1,8 @@
 //! Flood limits of the viewer API, as pure state machines taking `now` (issue 13,
 //! item 8): per-address token buckets ([`RateLimiter`], for `Join` and for database
 //! look-ups of sessions this process does not know) and a bounded negative cache of
-//! unknown session ids ([`UnknownSessions`]). Both tables are bounded; nothing here
-//! reads a clock or does I/O.
+//! unknown session ids ([`UnknownSessions`]), and the flash-crowd admission of joins
+//! ([`JoinBacklog`]). All tables are bounded; nothing here reads a clock or does I/O.
 //!
 //! Addresses are keyed by [`addr_key`]: an IPv4 address (IPv4-mapped IPv6 included)
 //! as itself, an IPv6 address by its /64 (one subscriber's usual allocation), so a
@@ -27,6 +27,16 @@ pub const DEFAULT_MAX_ADDRESSES: usize = 65_536;
 pub const DEFAULT_UNKNOWN_SESSIONS_MAX: usize = 65_536;
 /// Default time a session id stays in the negative cache.
 pub const DEFAULT_UNKNOWN_SESSIONS_TTL: Duration = Duration::from_secs(600);
+/// Default most joins in flight (queued for or being processed) before new ones are
+/// refused: far above what 64 concurrent callers can hold, far below what would make a
+/// flash crowd wait for seconds.
+pub const DEFAULT_JOINS_IN_FLIGHT: usize = 2048;
+/// Shortest retry delay told to a join refused for the backlog.
+pub const MIN_JOIN_RETRY: Duration = Duration::from_millis(100);
+/// Longest retry delay told to a join refused for the backlog.
+pub const MAX_JOIN_RETRY: Duration = Duration::from_secs(10);
+/// Join rate assumed before any was measured (and the floor of the estimate), per s.
+const MIN_JOIN_RATE: f64 = 200.0;
 
 /// The address a limit is kept for: IPv4 (also when IPv4-mapped) as is, IPv6 by /64.
 pub fn addr_key(ip: IpAddr) -> IpAddr {
@@ -229,6 +239,73 @@ impl UnknownSessions {
     }
 }
 
+/// Flash-crowd admission: the joins in flight (admitted, not yet answered) against a
+/// bound, and the measured rate at which joins complete, which prices the retry delay
+/// told to a refused join (the backlog divided by the rate, within
+/// [`MIN_JOIN_RETRY`]..=[`MAX_JOIN_RETRY`]).
+#[derive(Debug, Clone)]
+pub struct JoinBacklog {
+    max: usize,
+    in_flight: usize,
+    window_start: Duration,
+    window_count: u64,
+    /// Completed joins per second (0 until measured).
+    rate: f64,
+}
+
+impl JoinBacklog {
+    /// At most `max` joins in flight; 0 = no bound.
+    pub fn new(max: usize) -> JoinBacklog {
+        JoinBacklog {
+            max,
+            in_flight: 0,
+            window_start: Duration::ZERO,
+            window_count: 0,
+            rate: 0.0,
+        }
+    }
+
+    /// Admits one more join, or refuses it with the delay after which to retry.
+    pub fn enter(&mut self) -> Result<(), Duration> {
+        if self.max != 0 && self.in_flight >= self.max {
+            return Err(self.retry_delay());
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// An admitted join finished (answered, whatever the outcome) at `now`.
+    pub fn leave(&mut self, now: Duration) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let elapsed = now.saturating_sub(self.window_start);
+        if elapsed >= Duration::from_secs(1) {
+            // A long window is an idle gap, not a measure of what the process can do.
+            if elapsed <= Duration::from_secs(2) {
+                let sample = self.window_count as f64 / elapsed.as_secs_f64();
+                self.rate = if self.rate == 0.0 {
+                    sample
+                } else {
+                    (self.rate + sample) / 2.0
+                };
+            }
+            self.window_start = now;
+            self.window_count = 0;
+        }
+        self.window_count += 1;
+    }
+
+    /// Joins in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// How long the current backlog takes to drain at the measured rate, bounded.
+    pub fn retry_delay(&self) -> Duration {
+        let rate = self.rate.max(MIN_JOIN_RATE);
+        Duration::from_secs_f64(self.in_flight as f64 / rate).clamp(MIN_JOIN_RETRY, MAX_JOIN_RETRY)
+    }
+}
+
 /// The flood limits' configuration (flags of the binary).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitsConfig {
@@ -242,6 +319,9 @@ pub struct LimitsConfig {
     pub unknown_sessions_max: usize,
     /// How long a session id stays in the negative cache.
     pub unknown_sessions_ttl: Duration,
+    /// Most joins in flight before new ones get RESOURCE_EXHAUSTED with a retry delay
+    /// ([`JoinBacklog`]); 0 = no bound.
+    pub joins_in_flight: usize,
 }
 
 impl Default for LimitsConfig {
@@ -255,6 +335,7 @@ impl Default for LimitsConfig {
             max_addresses: DEFAULT_MAX_ADDRESSES,
             unknown_sessions_max: DEFAULT_UNKNOWN_SESSIONS_MAX,
             unknown_sessions_ttl: DEFAULT_UNKNOWN_SESSIONS_TTL,
+            joins_in_flight: DEFAULT_JOINS_IN_FLIGHT,
         }
     }
 }
@@ -266,6 +347,45 @@ mod tests {
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
+    }
+
+    #[test]
+    fn join_backlog_refuses_beyond_the_bound_with_a_priced_delay() {
+        let mut b = JoinBacklog::new(3);
+        for _ in 0..3 {
+            assert!(b.enter().is_ok());
+        }
+        // Nothing measured yet: the floor rate prices the wait, within the bounds.
+        assert_eq!(b.enter().unwrap_err(), MIN_JOIN_RETRY);
+        // 1,000 joins completed over one second: 1,000 joins/s.
+        let mut big = JoinBacklog::new(2000);
+        for _ in 0..2000 {
+            big.enter().unwrap();
+        }
+        for i in 0..1000u64 {
+            big.leave(ms(i));
+        }
+        big.leave(ms(1000));
+        assert_eq!(big.in_flight(), 999);
+        for _ in 0..1001 {
+            big.enter().unwrap();
+        }
+        let wait = big.enter().unwrap_err();
+        assert!(wait > ms(1900) && wait < ms(2100), "{wait:?}");
+        // A leave frees a place at once.
+        b.leave(ms(5));
+        assert!(b.enter().is_ok());
+        // 0 = no bound.
+        let mut free = JoinBacklog::new(0);
+        for _ in 0..10_000 {
+            assert!(free.enter().is_ok());
+        }
+        // Never beyond the longest delay.
+        let mut slow = JoinBacklog::new(1_000_000);
+        for _ in 0..1_000_000 {
+            slow.enter().unwrap();
+        }
+        assert_eq!(slow.retry_delay(), MAX_JOIN_RETRY);
     }
 
     #[test]

@@ -117,6 +117,8 @@ impl Histogram {
 pub enum Refusal {
     /// `Join` beyond the caller address's rate (RESOURCE_EXHAUSTED).
     JoinRate,
+    /// `Join` beyond the bound on joins in flight (flash crowd; RESOURCE_EXHAUSTED).
+    JoinsInFlight,
     /// `Join` with a `peer_addr` not on the caller's address (PERMISSION_DENIED).
     PeerAddr,
     /// A call for a session id the negative cache knows is unknown or ended (answered
@@ -134,8 +136,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    const ALL: [Refusal; 7] = [
+    const ALL: [Refusal; 8] = [
         Refusal::JoinRate,
+        Refusal::JoinsInFlight,
         Refusal::PeerAddr,
         Refusal::UnknownSessionCached,
         Refusal::UnknownSessionRate,
@@ -147,6 +150,7 @@ impl Refusal {
     fn label(self) -> &'static str {
         match self {
             Refusal::JoinRate => "join_rate",
+            Refusal::JoinsInFlight => "joins_in_flight",
             Refusal::PeerAddr => "peer_addr",
             Refusal::UnknownSessionCached => "unknown_session_cached",
             Refusal::UnknownSessionRate => "unknown_session_rate",

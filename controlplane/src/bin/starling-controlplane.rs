@@ -236,6 +236,27 @@ struct Args {
           value_parser = clap::value_parser!(u32).range(1..))]
     join_burst_per_addr: u32,
 
+    /// Most joins in flight at once (admitted, not yet answered: waiting for the grid,
+    /// signatures or their session row's commit); beyond, a join is answered at once with
+    /// RESOURCE_EXHAUSTED and a retry delay (`grpc-retry-pushback-ms`) priced from the
+    /// backlog and the measured join rate (a flash crowd retries instead of timing out).
+    /// 0 = no bound.
+    #[arg(long, env = "STARLING_JOINS_IN_FLIGHT", default_value_t = 2048)]
+    joins_in_flight: u32,
+
+    /// Most session rows written by one group commit (one INSERT and one transaction for
+    /// every join waiting on the database).
+    #[arg(long, env = "STARLING_SESSION_BATCH_MAX", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    session_batch_max: u32,
+
+    /// How long a join trusts its in-memory copy of a broadcast or node row. Changes made
+    /// through this process are seen at once; this bounds how long a change made by
+    /// another replica on the same database can go unseen by joins.
+    #[arg(long, env = "STARLING_JOIN_CACHE_TTL_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    join_cache_ttl_ms: u64,
+
     /// Database look-ups per second, per address, for sessions this process does not
     /// hold in memory (heartbeat, leave, report after a restart or for made-up ids);
     /// beyond, RESOURCE_EXHAUSTED. 0 = no limit.
@@ -515,8 +536,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ),
             max_addresses: usize::try_from(args.rate_limit_addrs).unwrap_or(usize::MAX),
             unknown_sessions_max: usize::try_from(args.unknown_sessions_max).unwrap_or(usize::MAX),
+            joins_in_flight: usize::try_from(args.joins_in_flight).unwrap_or(usize::MAX),
             ..LimitsConfig::default()
         },
+        session_batch_max: usize::try_from(args.session_batch_max).unwrap_or(usize::MAX),
+        join_cache_ttl: Duration::from_millis(args.join_cache_ttl_ms),
         trust: TrustConfig {
             peer_addr_check: if args.peer_addr_check == "off" {
                 PeerAddrCheck::Off

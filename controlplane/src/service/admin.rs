@@ -131,9 +131,12 @@ impl Core {
                 )));
             }
         }
-        self.store
+        let started = self
+            .store
             .set_broadcast_state(id, BroadcastState::Live, now_ms())
-            .await?;
+            .await;
+        self.join_cache.forget_broadcast(id);
+        started?;
         // A grid left by a join that raced the last stop would be stale: start afresh.
         self.grids.drop_broadcast(id);
         tracing::info!(broadcast_id = %id, "broadcast started");
@@ -155,8 +158,10 @@ impl Core {
         let updated = self
             .store
             .set_broadcast_state(id, BroadcastState::Stopped, now)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("broadcast {id} not found")))?;
+            .await;
+        self.join_cache.forget_broadcast(id);
+        let updated =
+            updated?.ok_or_else(|| ApiError::NotFound(format!("broadcast {id} not found")))?;
         if let Some(node_id) = &b.node_id {
             self.send(node_id, Self::stop_command(id));
         }

@@ -203,6 +203,8 @@ impl Core {
                 .record_ingest_health(node_id, &report, now)
                 .await?;
             if applied {
+                self.join_cache
+                    .ingest_reported(&report.broadcast_id, &report.content_type);
                 self.grids
                     .set_rate(&ingest.broadcast_id, ingest.bitrate_kbps);
             } else {

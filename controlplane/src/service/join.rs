@@ -1,5 +1,13 @@
 //! `ViewerService.Join`: admission checks, the grid assignment, the chunk token and the
 //! session row.
+//!
+//! The critical path makes no database read (broadcast and node rows come from
+//! `join_cache`) and one shared write: the session row, group-committed with the other
+//! joins in flight (`join_batch`). The row is queued right after the grid admission and
+//! the signatures (token, parent tickets) are made while it commits; the answer waits
+//! for the commit (a viewer never holds a session id the database does not know). No
+//! signature is made under a shared lock. A flash crowd beyond the bound on joins in
+//! flight is refused at once with a retry delay (`guards`).
 
 use starling_proto::token::Scopes;
 use starling_proto::v1::{
@@ -8,6 +16,7 @@ use starling_proto::v1::{
 
 use tonic::Status;
 
+use super::join_batch::{WriteError, committed};
 use super::{ApiError, ApiResult, Core, now_ms};
 use crate::auth::ViewerIdentity;
 use crate::live::{self, JoinInput, JoinRefused, TokenState};
@@ -43,6 +52,7 @@ impl Core {
                 ));
             }
         }
+        let _permit = self.admit_join()?;
         validate::id("broadcast_id", &req.broadcast_id)?;
         validate::short_text("client_version", &req.client_version, false)?;
         validate::peer_addr(&req.peer_addr)?;
@@ -56,8 +66,8 @@ impl Core {
         }
         let id = req.broadcast_id.as_str();
         let b = self
-            .store
-            .get_broadcast(id)
+            .join_cache
+            .broadcast(&self.store, id, self.grids.now())
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("broadcast {id} not found")))?;
         // The credential is checked before anything about the broadcast's state is told.
@@ -94,8 +104,8 @@ impl Core {
         };
         let node_id = b.node_id.as_deref().ok_or_else(unavailable)?;
         let node = self
-            .store
-            .get_node(node_id)
+            .join_cache
+            .node(&self.store, node_id, self.grids.now())
             .await?
             .filter(|n| n.alive)
             .ok_or_else(unavailable)?;
@@ -148,6 +158,27 @@ impl Core {
         if grid.granted_kbps < upload_kbps {
             self.metrics.upload_capped_join();
         }
+        // The row goes into the next group commit now; the signatures below overlap it.
+        let queued = self
+            .session_writer
+            .enqueue(
+                NewSession {
+                    id: session_id.clone(),
+                    broadcast_id: b.id.clone(),
+                    client_version: req.client_version.clone(),
+                    node_id: Some(node.id.clone()),
+                },
+                now_ms(),
+            )
+            .await;
+        let answer = match queued {
+            Ok(a) => a,
+            Err(e) => {
+                // Undo the grid admission: the viewer never learns its session id.
+                self.grids.leave(&session_id);
+                return Err(write_error(e));
+            }
+        };
         let scopes = if upload_kbps > 0 {
             Scopes::PLAY | Scopes::RELAY
         } else {
@@ -157,6 +188,12 @@ impl Core {
             Ok(t) => t,
             Err(e) => {
                 self.grids.leave(&session_id);
+                // The row is (being) written: end it, the viewer never learns its id.
+                if committed(answer).await.is_ok()
+                    && let Err(e) = self.store.end_session(&session_id, now_ms()).await
+                {
+                    tracing::warn!(session_id = %session_id, error = %e, "cannot end the session of a failed join");
+                }
                 return Err(ApiError::FailedPrecondition(format!(
                     "broadcast {id}: cannot issue a chunk token: {e}"
                 )));
@@ -169,22 +206,11 @@ impl Core {
                 expires_at_ms: token.expires_at_ms,
             },
         );
-        let created = self
-            .store
-            .create_session(
-                &NewSession {
-                    id: session_id.clone(),
-                    broadcast_id: b.id.clone(),
-                    client_version: req.client_version.clone(),
-                    node_id: Some(node.id.clone()),
-                },
-                now_ms(),
-            )
-            .await;
-        if let Err(e) = created {
+        let parents = self.with_tickets(id, grid.peer_id, grid.parents);
+        if let Err(e) = committed(answer).await {
             // Undo the grid admission: the viewer never learns its session id.
             self.grids.leave(&session_id);
-            return Err(e.into());
+            return Err(write_error(e));
         }
         tracing::debug!(
             session_id = %session_id,
@@ -194,29 +220,31 @@ impl Core {
             upload_kbps,
             granted_kbps = grid.granted_kbps,
             child_slots = grid.child_slots,
-            server_parents = grid.parents.iter().filter(|p| p.peer.is_none()).count(),
+            server_parents = parents.iter().filter(|p| p.peer.is_none()).count(),
             reparented = grid.moved,
             subject = subject.as_deref().unwrap_or(""),
             token_key_id = self.tokens.signing_key_id(),
             "viewer joined"
         );
-        self.set_ingest_node(&b.id, Some(&node.id));
+        if self.ingest_nodes.read().get(&b.id) != Some(&node.id) {
+            self.set_ingest_node(&b.id, Some(&node.id));
+        }
         let chunk_keys = self.chunk_keys(Some(&node.id));
         Ok(JoinResponse {
             session_id,
             params: Some(StreamParams {
-                broadcast_id: b.id,
-                content_type: b.content_type,
+                broadcast_id: b.id.clone(),
+                content_type: b.content_type.clone(),
                 chunk_duration_ms: b.chunk_duration_ms,
                 substreams: b.substreams,
             }),
-            dataplane_wire_addr: node.wire_addr,
-            dataplane_http_addr: node.http_addr,
+            dataplane_wire_addr: node.wire_addr.clone(),
+            dataplane_http_addr: node.http_addr.clone(),
             chunk_token: token.token,
             heartbeat_interval_ms: u32::try_from(self.config.heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
             peer_id: grid.peer_id,
-            parents: self.with_tickets(id, grid.peer_id, grid.parents),
+            parents,
             neighbours: grid.neighbours,
             stream_kbps: grid.stream_kbps,
             child_slots: grid.child_slots,
@@ -238,5 +266,15 @@ impl Core {
         self.tickets
             .attach(&self.tokens, broadcast_id, child, &mut parents, now_ms());
         parents
+    }
+}
+
+/// A failed session-row write as the join's error.
+fn write_error(e: WriteError) -> ApiError {
+    match e {
+        WriteError::Store(e) => ApiError::Storage(e),
+        WriteError::Stopped => {
+            ApiError::Unavailable("the control plane is shutting down; retry".to_string())
+        }
     }
 }

@@ -8,7 +8,9 @@
 //! * `keys`: chunk-token key rotation (rights housekeeping);
 //! * `chunk_keys`: the alive nodes' chunk-signing keys and each broadcast's ingesting node;
 //! * `sessions`: batched heartbeat writes and session expiry;
-//! * `guards`: the viewer API's flood limits and negative cache;
+//! * `guards`: the viewer API's flood limits, negative cache and join admission;
+//! * `join`: `ViewerService.Join`; `join_cache`: the broadcast and node rows it reads,
+//!   in memory; `join_batch`: group commit of its session rows;
 //! * `scrape`: the state a `/metrics` scrape reads ([`crate::metrics::Snapshot`]).
 //!
 //! Invariants:
@@ -46,6 +48,8 @@ mod edge;
 mod errors;
 mod guards;
 mod join;
+mod join_batch;
+mod join_cache;
 mod keys;
 mod nodes;
 mod scrape;
@@ -94,6 +98,12 @@ pub struct ServiceConfig {
     /// Trust rules: peer address check, upload cap, report thresholds
     /// ([`crate::trust`]).
     pub trust: crate::trust::TrustConfig,
+    /// Most session rows written by one group commit of joins (`join_batch`).
+    pub session_batch_max: usize,
+    /// How long the join path trusts its in-memory copy of a broadcast or node row
+    /// (`join_cache`; writes by this process update it at once, this bounds how long
+    /// another replica's write can go unseen). Default 2 s.
+    pub join_cache_ttl: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -111,6 +121,8 @@ impl Default for ServiceConfig {
             reports: crate::reports::ReportConfig::default(),
             limits: crate::limits::LimitsConfig::default(),
             trust: crate::trust::TrustConfig::default(),
+            session_batch_max: join_batch::DEFAULT_SESSION_BATCH_MAX,
+            join_cache_ttl: Duration::from_secs(2),
         }
     }
 }
@@ -149,6 +161,10 @@ pub struct Core {
     touches: parking_lot::Mutex<HashMap<String, i64>>,
     /// Flood limits ([`crate::limits`]), one lock held for one table operation.
     guards: parking_lot::Mutex<Guards>,
+    /// Broadcast and node rows for `Join`, kept exact by this process's writes.
+    join_cache: join_cache::JoinCache,
+    /// Group commit of the joins' session rows.
+    session_writer: join_batch::SessionWriter,
 }
 
 impl Core {
@@ -170,7 +186,14 @@ impl Core {
                 l.unknown_sessions_max,
                 l.unknown_sessions_ttl,
             ),
+            backlog: crate::limits::JoinBacklog::new(l.joins_in_flight),
         });
+        let join_cache = join_cache::JoinCache::new(config.join_cache_ttl);
+        let session_writer = join_batch::SessionWriter::new(
+            store.clone(),
+            config.session_batch_max,
+            l.joins_in_flight.max(config.session_batch_max),
+        );
         let reports =
             crate::reports::Reports::new(config.reports.clone(), store.clone(), metrics.clone());
         let grids = LiveGrids::with_config(config.reports.limits, config.trust);
@@ -185,6 +208,8 @@ impl Core {
             grids,
             guards,
             touches: parking_lot::Mutex::new(HashMap::new()),
+            join_cache,
+            session_writer,
             auth,
             tokens,
             tickets,

@@ -136,7 +136,9 @@ impl Core {
             let updated = self
                 .store
                 .set_broadcast_node(&change.broadcast_id, change.to.as_deref(), now)
-                .await?;
+                .await;
+            self.join_cache.forget_broadcast(&change.broadcast_id);
+            let updated = updated?;
             if updated.is_some() {
                 self.set_ingest_node(&change.broadcast_id, change.to.as_deref());
             }
@@ -198,7 +200,9 @@ impl Core {
         let timeout = i64::try_from(self.config.node_timeout.as_millis()).unwrap_or(i64::MAX);
         let expired = assign::expired_nodes(&liveness, now, timeout);
         for node_id in &expired {
-            if self.store.mark_node_dead(node_id).await? {
+            let marked = self.store.mark_node_dead(node_id).await;
+            self.join_cache.forget_node(node_id);
+            if marked? {
                 tracing::warn!(node_id = %node_id, timeout_ms = timeout, "data-plane node declared dead");
             }
         }

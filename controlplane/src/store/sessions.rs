@@ -36,6 +36,10 @@ pub struct NewSession {
     pub node_id: Option<String>,
 }
 
+/// Rows per multi-row `INSERT` on SQLite: 5 bound parameters each, under SQLite's
+/// historical limit of 999 parameters per statement.
+pub const SQLITE_ROWS_PER_INSERT: usize = 199;
+
 macro_rules! session_cols {
     () => {
         "id, broadcast_id, client_version, node_id, joined_at_ms, last_seen_ms, left_at_ms"
@@ -86,6 +90,82 @@ impl Store {
                 .map_err(|e| unique_violation(e, "session", &new.id))?;
             decode_session(&row)
         })
+    }
+
+    /// Inserts many active sessions (each with its join time) in ONE transaction: one
+    /// `INSERT ... SELECT FROM UNNEST` on Postgres, multi-row `VALUES` statements of at
+    /// most [`SQLITE_ROWS_PER_INSERT`] rows on SQLite (its bound-parameter limit). All or
+    /// nothing: any failing row (a duplicate id, an unknown broadcast) fails the batch.
+    pub async fn create_sessions(&self, rows: &[(NewSession, i64)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Store::Postgres(pool) => {
+                const SQL: &str = "INSERT INTO sessions (id, broadcast_id, client_version, \
+                     node_id, joined_at_ms, last_seen_ms, left_at_ms) \
+                     SELECT v.id, v.b, v.cv, v.n, v.t, v.t, NULL \
+                     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
+                     AS v(id, b, cv, n, t)";
+                let ids: Vec<&str> = rows.iter().map(|(s, _)| s.id.as_str()).collect();
+                let bs: Vec<&str> = rows.iter().map(|(s, _)| s.broadcast_id.as_str()).collect();
+                let cvs: Vec<&str> = rows
+                    .iter()
+                    .map(|(s, _)| s.client_version.as_str())
+                    .collect();
+                let ns: Vec<Option<&str>> =
+                    rows.iter().map(|(s, _)| s.node_id.as_deref()).collect();
+                let ts: Vec<i64> = rows.iter().map(|&(_, t)| t).collect();
+                sqlx::query(SQL)
+                    .bind(ids)
+                    .bind(bs)
+                    .bind(cvs)
+                    .bind(ns)
+                    .bind(ts)
+                    .execute(pool)
+                    .await
+                    .map_err(|e| unique_violation(e, "session", "in this batch"))?;
+                Ok(())
+            }
+            Store::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                for chunk in rows.chunks(SQLITE_ROWS_PER_INSERT) {
+                    let mut sql = String::from(
+                        "INSERT INTO sessions (id, broadcast_id, client_version, node_id, \
+                         joined_at_ms, last_seen_ms, left_at_ms) VALUES ",
+                    );
+                    for i in 0..chunk.len() {
+                        let b = i * 5;
+                        if i > 0 {
+                            sql.push_str(", ");
+                        }
+                        sql.push_str(&format!(
+                            "(${}, ${}, ${}, ${}, ${}, ${}, NULL)",
+                            b + 1,
+                            b + 2,
+                            b + 3,
+                            b + 4,
+                            b + 5,
+                            b + 5
+                        ));
+                    }
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for (s, t) in chunk {
+                        q = q
+                            .bind(&s.id)
+                            .bind(&s.broadcast_id)
+                            .bind(&s.client_version)
+                            .bind(s.node_id.as_deref())
+                            .bind(*t);
+                    }
+                    q.execute(&mut *tx)
+                        .await
+                        .map_err(|e| unique_violation(e, "session", "in this batch"))?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+        }
     }
 
     /// The session with this id (active or ended), if any.
