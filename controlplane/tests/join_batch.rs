@@ -375,7 +375,60 @@ async fn a_stopped_broadcast_refuses_joins_at_once(store: Store) {
     h.shutdown().await;
 }
 
+/// `Store::create_sessions` directly: a batch larger than SQLite's rows per statement
+/// lands whole, and a batch with one bad row (a duplicate id) lands not at all.
+async fn create_sessions_is_one_all_or_nothing_transaction(store: Store) {
+    use starling_controlplane::store::{NewBroadcast, NewSession};
+    store
+        .create_broadcast(
+            &NewBroadcast {
+                id: "b1".into(),
+                name: "b".into(),
+                source_url: "http://127.0.0.1:1/x.ts".into(),
+                chunk_duration_ms: 1000,
+                substreams: 4,
+                public: true,
+            },
+            1,
+        )
+        .await
+        .unwrap();
+    let row = |i: usize| {
+        (
+            NewSession {
+                id: format!("s{i}"),
+                broadcast_id: "b1".into(),
+                client_version: "v".into(),
+                node_id: i.is_multiple_of(2).then(|| "n".to_string()),
+            },
+            1_000 + i as i64,
+        )
+    };
+    let rows: Vec<_> = (0..450).map(row).collect();
+    store.create_sessions(&rows).await.unwrap();
+    assert_eq!(store.count_active_sessions("b1").await.unwrap(), 450);
+    let s = store.get_session("s449").await.unwrap().unwrap();
+    assert_eq!((s.joined_at_ms, s.last_seen_ms), (1_449, 1_449));
+    assert_eq!(s.node_id, None);
+    assert_eq!(
+        store
+            .get_session("s0")
+            .await
+            .unwrap()
+            .unwrap()
+            .node_id
+            .as_deref(),
+        Some("n")
+    );
+    // s449 exists: the whole batch (its other 299 rows new) is refused.
+    let bad: Vec<_> = (449..749).map(row).collect();
+    assert!(store.create_sessions(&bad).await.is_err());
+    assert_eq!(store.count_active_sessions("b1").await.unwrap(), 450);
+    assert!(store.create_sessions(&[]).await.is_ok());
+}
+
 on_both_backends!(
+    create_sessions_is_one_all_or_nothing_transaction,
     concurrent_joins_are_all_answered_and_stored,
     a_failed_batch_fails_its_joins_and_leaves_no_grid_state,
     a_flash_crowd_gets_resource_exhausted_with_a_retry_delay,
