@@ -8,6 +8,7 @@
 //! * `keys`: chunk-token key rotation (rights housekeeping);
 //! * `chunk_keys`: the alive nodes' chunk-signing keys and each broadcast's ingesting node;
 //! * `sessions`: batched heartbeat writes and session expiry;
+//! * `session_stream`: `ViewerService.Session`, the per-viewer stream of pushed deltas;
 //! * `guards`: the viewer API's flood limits and negative cache;
 //! * `scrape`: the state a `/metrics` scrape reads ([`crate::metrics::Snapshot`]).
 //!
@@ -49,6 +50,7 @@ mod join;
 mod keys;
 mod nodes;
 mod scrape;
+mod session_stream;
 mod sessions;
 mod viewer;
 
@@ -94,6 +96,14 @@ pub struct ServiceConfig {
     /// Trust rules: peer address check, upload cap, report thresholds
     /// ([`crate::trust`]).
     pub trust: crate::trust::TrustConfig,
+    /// How often viewers send their counters on the session stream
+    /// (`SessionDown.counters_interval_ms`). Default 10 s.
+    pub session_counters_interval: Duration,
+    /// A session whose stream ended without Leave expires this long after (at most the
+    /// silence timeout) unless a new stream or a heartbeat takes it up. Default 1 s: with
+    /// the default HTTP/2 keep-alive (1 s + 1 s) a vanished viewer is removed within
+    /// today's bound (docs/PROTOCOL.md, "Session stream").
+    pub session_detach_grace: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -111,6 +121,8 @@ impl Default for ServiceConfig {
             reports: crate::reports::ReportConfig::default(),
             limits: crate::limits::LimitsConfig::default(),
             trust: crate::trust::TrustConfig::default(),
+            session_counters_interval: Duration::from_secs(10),
+            session_detach_grace: Duration::from_secs(1),
         }
     }
 }
