@@ -118,7 +118,7 @@ async fn live_grid(h: &Harness, substreams: u32) -> LiveGrid {
             wire_addr: "grid.test:9000".into(),
             http_addr: "grid.test:9080".into(),
             cores: 2,
-            capacity_viewers: 1000,
+            capacity_viewers: 0,
             chunk_signing_key: None,
         })
         .await
@@ -625,3 +625,73 @@ on_both_backends!(
     counters_on_the_stream_and_heartbeat_side_by_side,
     malformed_first_messages_get_a_status,
 );
+
+/// Memory experiment (not a test of a bar; run by hand, release build advised):
+/// `cargo test -p starling-controlplane --test session_stream -- --ignored --nocapture
+/// rss_per_stream`. Joins `STREAMS` sessions (default 5,000), then opens one session
+/// stream each (500 per HTTP/2 connection) and prints the growth of this process's
+/// VmRSS per stream: server and client side together, in one process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn rss_per_stream() {
+    let n: usize = std::env::var("STREAMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    let db = common::sqlite().await;
+    let mut svc = service(600, Duration::from_secs(120));
+    svc.limits.join = starling_controlplane::limits::RateLimit::per_second(0.0, 0);
+    let h = Harness::start_with(db.store.clone(), svc).await;
+    let g = live_grid(&h, 4).await;
+    let mut sessions = Vec::with_capacity(n);
+    for _ in 0..n {
+        sessions.push(join(&h, &g.id, "", 0).await.session_id);
+    }
+    let rss = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let mut channels = Vec::new();
+    let mut streams = Vec::with_capacity(n);
+    let before = rss();
+    for (i, s) in sessions.iter().enumerate() {
+        if i % 500 == 0 {
+            channels.push(
+                Channel::from_shared(h.cp.url())
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap(),
+            );
+        }
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(SessionUp {
+            session_id: s.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut client = ViewerServiceClient::new(channels.last().unwrap().clone());
+        let mut down = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(down.next().await.unwrap().unwrap().active);
+        streams.push((tx, down));
+    }
+    let after = rss();
+    #[allow(clippy::cast_precision_loss)]
+    let per = (after.saturating_sub(before) * 1024) as f64 / n as f64;
+    println!(
+        "{n} session streams: VmRSS {before} kB -> {after} kB, {per:.0} bytes per stream (server + client)"
+    );
+    drop(streams);
+    h.shutdown().await;
+    db.store.close().await;
+}
