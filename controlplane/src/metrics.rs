@@ -41,6 +41,7 @@ const METHODS: &[(&str, &str)] = &[
     ("starling.v1.ViewerService", "Reparent"),
     ("starling.v1.ViewerService", "ReportPeer"),
     ("starling.v1.ViewerService", "Report"),
+    ("starling.v1.ViewerService", "Session"),
     ("starling.v1.EdgeService", "Register"),
     ("starling.v1.EdgeService", "Commands"),
     ("starling.v1.EdgeService", "ReportHealth"),
@@ -161,6 +162,49 @@ impl Refusal {
     }
 }
 
+/// What a session stream pushed, for `starling_cp_session_pushes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// The first message of a stream (everything).
+    First,
+    /// Changed parents (moves, ticket renewals).
+    Parents,
+    /// A changed neighbour list.
+    Neighbours,
+    /// A renewed chunk token.
+    Token,
+    /// New revocations.
+    Revocations,
+    /// Changed key sets.
+    Keys,
+    /// `active = false`: the session is over.
+    End,
+}
+
+impl Pushed {
+    const ALL: [Pushed; 7] = [
+        Pushed::First,
+        Pushed::Parents,
+        Pushed::Neighbours,
+        Pushed::Token,
+        Pushed::Revocations,
+        Pushed::Keys,
+        Pushed::End,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Pushed::First => "first",
+            Pushed::Parents => "parents",
+            Pushed::Neighbours => "neighbours",
+            Pushed::Token => "token",
+            Pushed::Revocations => "revocations",
+            Pushed::Keys => "keys",
+            Pushed::End => "end",
+        }
+    }
+}
+
 fn get(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
@@ -191,6 +235,12 @@ pub struct Metrics {
     refusals: [AtomicU64; Refusal::ALL.len()],
     unknown_session_lookups: AtomicU64,
     upload_capped_joins: AtomicU64,
+    /// Session streams open now (a gauge kept by open/close).
+    session_streams: AtomicU64,
+    /// Parts pushed on session streams, by [`Pushed`] kind.
+    session_pushes: [AtomicU64; Pushed::ALL.len()],
+    /// Counters messages (`SessionUp` after the first) received.
+    session_counters: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -224,6 +274,9 @@ impl Metrics {
             refusals: Default::default(),
             unknown_session_lookups: AtomicU64::new(0),
             upload_capped_joins: AtomicU64::new(0),
+            session_streams: AtomicU64::new(0),
+            session_pushes: Default::default(),
+            session_counters: AtomicU64::new(0),
         }
     }
 
@@ -255,6 +308,45 @@ impl Metrics {
     /// Joins whose upload claim was capped so far.
     pub fn upload_capped_joins(&self) -> u64 {
         get(&self.upload_capped_joins)
+    }
+
+    /// A session stream opened.
+    pub fn stream_opened(&self) {
+        add(&self.session_streams, 1);
+    }
+
+    /// A session stream closed.
+    pub fn stream_closed(&self) {
+        let _ = self
+            .session_streams
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+
+    /// Session streams open now.
+    pub fn session_streams(&self) -> u64 {
+        get(&self.session_streams)
+    }
+
+    /// Counts one part pushed on a session stream.
+    pub fn pushed(&self, what: Pushed) {
+        add(&self.session_pushes[what as usize], 1);
+    }
+
+    /// Parts of one kind pushed on session streams so far.
+    pub fn pushes(&self, what: Pushed) -> u64 {
+        get(&self.session_pushes[what as usize])
+    }
+
+    /// Counts one counters message received on a session stream.
+    pub fn counters_received(&self) {
+        add(&self.session_counters, 1);
+    }
+
+    /// Counters messages received on session streams so far.
+    pub fn session_counters(&self) -> u64 {
+        get(&self.session_counters)
     }
 
     fn method_index(path: &str) -> usize {
@@ -549,6 +641,30 @@ pub fn render(m: &Metrics, s: Snapshot) -> String {
         "starling_cp_peers_demoted_total",
         "Peers demoted (never a parent again) by reports from enough distinct addresses.",
         s.peers_demoted,
+    );
+
+    out.gauge(
+        "starling_cp_session_streams",
+        "ViewerService.Session streams open now.",
+        get(&m.session_streams),
+    );
+    let name = "starling_cp_session_pushes_total";
+    out.family(
+        name,
+        Kind::Counter,
+        "Parts pushed on session streams (one SessionDown may carry several), by kind; end = active false.",
+    );
+    for p in Pushed::ALL {
+        out.sample(
+            name,
+            &[("kind", p.label())],
+            get(&m.session_pushes[p as usize]),
+        );
+    }
+    out.counter(
+        "starling_cp_session_counters_total",
+        "Counters messages (SessionUp after the first) received on session streams.",
+        get(&m.session_counters),
     );
 
     match s.nodes_alive {

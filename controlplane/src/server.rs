@@ -31,6 +31,15 @@ pub const DEFAULT_CONCURRENCY_PER_CONNECTION: usize = 64;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default largest request message decoded (after decompression), bytes.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Default HTTP/2 keep-alive PING interval (on an idle connection): with the timeout and
+/// the session detach grace, a vanished viewer is removed within today's heartbeat
+/// bound (docs/PROTOCOL.md, "Session stream").
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Default wait for a keep-alive PING's acknowledgement before closing the connection.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default most concurrent HTTP/2 streams per connection: room for a load generator's
+/// ~500 session streams on one connection.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
 
 /// Limits of the gRPC server itself (issue 13, item 8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +51,13 @@ pub struct ServerLimits {
     pub request_timeout: Duration,
     /// Largest request message accepted; larger ones fail with OUT_OF_RANGE (tonic).
     pub max_message_bytes: usize,
+    /// HTTP/2 PING interval on idle connections (`None`: no keep-alive), so that the
+    /// session streams of a silently vanished viewer end.
+    pub http2_keepalive_interval: Option<Duration>,
+    /// A PING not acknowledged within this time closes the connection.
+    pub http2_keepalive_timeout: Duration,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for ServerLimits {
@@ -50,6 +66,9 @@ impl Default for ServerLimits {
             concurrency_per_connection: DEFAULT_CONCURRENCY_PER_CONNECTION,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            http2_keepalive_interval: Some(DEFAULT_KEEPALIVE_INTERVAL),
+            http2_keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
         }
     }
 }
@@ -278,6 +297,7 @@ impl ControlPlane {
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             shutdown_core.close_streams();
+            shutdown_core.end_session_streams();
             let _ = stop_tx.send(true);
         };
 
@@ -286,6 +306,11 @@ impl ControlPlane {
         let server = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(limits.concurrency_per_connection.max(1))
             .timeout(limits.request_timeout.max(Duration::from_millis(100)))
+            .http2_keepalive_interval(limits.http2_keepalive_interval)
+            .http2_keepalive_timeout(Some(
+                limits.http2_keepalive_timeout.max(Duration::from_millis(10)),
+            ))
+            .max_concurrent_streams(limits.max_concurrent_streams.max(1))
             // One span per RPC (exported over OTLP when configured).
             .trace_fn(|req| {
                 tracing::info_span!("grpc", otel.name = %req.uri().path(), otel.kind = "server")

@@ -93,6 +93,8 @@ impl ParentTickets {
     /// Fills in `ticket` of every entry of `parents` that names a peer (the data plane
     /// needs none), for `child` of `broadcast_id`. A ticket that cannot be signed (an
     /// over-long broadcast id: refused at creation anyway) is left empty and logged.
+    /// Returns the earliest time (unix ms) one of these tickets will be re-signed (half
+    /// its lifetime), `None` when no entry names a peer.
     /// The cache's lock is held only to look up and to store: signatures (a flash crowd
     /// of joins needs K each) are made outside it.
     pub fn attach(
@@ -102,8 +104,11 @@ impl ParentTickets {
         child: u64,
         parents: &mut [SubstreamParent],
         now_ms: i64,
-    ) {
+    ) -> Option<i64> {
         let key_id = keys.signing_key_id();
+        // The earliest time (unix ms) one of the tickets handed out here gets re-signed:
+        // a session stream re-sends its parents then ([`crate::service`]).
+        let mut renew_at: Option<i64> = None;
         // (index in `parents`, parent peer) of the entries the cache cannot answer.
         let mut misses: Vec<(usize, u64)> = Vec::new();
         {
@@ -121,13 +126,14 @@ impl ParentTickets {
                             && now_ms < c.renew_at_ms =>
                     {
                         p.ticket.clone_from(&c.ticket);
+                        renew_at = Some(renew_at.map_or(c.renew_at_ms, |r| r.min(c.renew_at_ms)));
                     }
                     _ => misses.push((i, parent)),
                 }
             }
         }
         if misses.is_empty() {
-            return;
+            return renew_at;
         }
         let issued = u64::try_from(now_ms).unwrap_or(0);
         let expires = issued.saturating_add(u64::try_from(self.ttl.as_millis()).unwrap_or(0));
@@ -163,6 +169,8 @@ impl ParentTickets {
             };
             match keys.sign_ticket(&claims) {
                 Ok((key_id, t)) => {
+                    let renew = now_ms.saturating_add(ms(self.ttl) / 2);
+                    renew_at = Some(renew_at.map_or(renew, |r| r.min(renew)));
                     for i in at {
                         let Some(p) = parents.get_mut(i) else {
                             continue;
@@ -174,7 +182,7 @@ impl ParentTickets {
                                 broadcast_id: broadcast_id.to_string(),
                                 parent,
                                 key_id,
-                                renew_at_ms: now_ms.saturating_add(ms(self.ttl) / 2),
+                                renew_at_ms: renew,
                                 expires_at_ms: i64::try_from(expires).unwrap_or(i64::MAX),
                                 ticket: t.clone(),
                             },
@@ -196,6 +204,7 @@ impl ParentTickets {
                 cache.entries.retain(|_, c| c.expires_at_ms > now_ms);
             }
         }
+        renew_at
     }
 
     /// Tickets cached now.

@@ -361,11 +361,24 @@ fn build_set(
 /// broadcast: a credential of theirs issued at or before the revocation (or without
 /// `iat`) is refused at join until the revoked credentials expire, so a revoked viewer
 /// cannot simply join again; one minted by the broadcaster after it is accepted.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Revocations {
     by_broadcast: Mutex<HashMap<String, Vec<(u64, i64)>>>,
     /// (broadcast, subject) → (revoked at, refused until), unix seconds.
     subjects: Mutex<HashMap<(String, String), (u64, u64)>>,
+    /// Bumped at every change a viewer's session stream must hear of: a revocation
+    /// ([`Revocations::add`]) or a changed key set ([`Revocations::announce`]).
+    version: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Revocations {
+            by_broadcast: Mutex::new(HashMap::new()),
+            subjects: Mutex::new(HashMap::new()),
+            version: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Revocations {
@@ -374,19 +387,35 @@ impl Revocations {
         Self::default()
     }
 
+    /// Watches the rights version: it changes at every revocation and at every
+    /// [`Revocations::announce`] (session streams compare what they sent with the
+    /// current state when it does).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Announces a change of the key sets viewers hold (token keys reloaded, chunk keys
+    /// of the alive nodes changed).
+    pub fn announce(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
     /// Records `peer_ids` of `broadcast_id` as revoked until `until_ms`.
     pub fn add(&self, broadcast_id: &str, peer_ids: &[u64], until_ms: i64) {
         if peer_ids.is_empty() {
             return;
         }
-        let mut map = self.by_broadcast.lock();
-        let list = map.entry(broadcast_id.to_string()).or_default();
-        for &p in peer_ids {
-            match list.iter_mut().find(|(q, _)| *q == p) {
-                Some(e) => e.1 = e.1.max(until_ms),
-                None => list.push((p, until_ms)),
+        {
+            let mut map = self.by_broadcast.lock();
+            let list = map.entry(broadcast_id.to_string()).or_default();
+            for &p in peer_ids {
+                match list.iter_mut().find(|(q, _)| *q == p) {
+                    Some(e) => e.1 = e.1.max(until_ms),
+                    None => list.push((p, until_ms)),
+                }
             }
         }
+        self.announce();
     }
 
     /// The peers of `broadcast_id` still revoked at `now_ms` (forgetting older ones).

@@ -322,6 +322,38 @@ struct Args {
     #[arg(long, env = "STARLING_GRPC_MAX_MESSAGE_BYTES", default_value_t = 262_144,
           value_parser = clap::value_parser!(u64).range(1024..=67_108_864))]
     grpc_max_message_bytes: u64,
+
+    /// How often viewers send their counters on the session stream
+    /// (ViewerService.Session), e.g. `10s`. Liveness does not depend on it (the stream
+    /// and its HTTP/2 keep-alive are the liveness signal).
+    #[arg(long, env = "STARLING_SESSION_COUNTERS_INTERVAL", default_value = "10s",
+          value_parser = starling_proto::time::parse_nonzero_duration)]
+    session_counters_interval: Duration,
+
+    /// A session whose stream ended without Leave (viewer gone, connection reset or
+    /// keep-alive timeout) expires this long after, unless a new stream or a heartbeat
+    /// takes it up (at most the heartbeat silence timeout), e.g. `1s`.
+    #[arg(long, env = "STARLING_SESSION_DETACH_GRACE", default_value = "1s",
+          value_parser = starling_proto::time::parse_duration)]
+    session_detach_grace: Duration,
+
+    /// HTTP/2 keep-alive: a PING is sent on a client connection idle for this long, so
+    /// that a silently vanished viewer's session stream is noticed; `0s` = no PINGs.
+    /// Vanish to removal is at most interval + timeout + detach grace + liveness tick.
+    #[arg(long, env = "STARLING_GRPC_KEEPALIVE_INTERVAL", default_value = "1s",
+          value_parser = starling_proto::time::parse_duration)]
+    grpc_keepalive_interval: Duration,
+
+    /// HTTP/2 keep-alive: a connection whose PING is not acknowledged within this time
+    /// is closed (its session streams end), e.g. `1s`.
+    #[arg(long, env = "STARLING_GRPC_KEEPALIVE_TIMEOUT", default_value = "1s",
+          value_parser = starling_proto::time::parse_nonzero_duration)]
+    grpc_keepalive_timeout: Duration,
+
+    /// Most concurrent HTTP/2 streams (calls, session streams) per client connection.
+    #[arg(long, env = "STARLING_GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    grpc_max_concurrent_streams: u32,
 }
 
 /// A rate per second: a finite number, 0 or more (0 = no limit).
@@ -553,6 +585,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ..TrustConfig::default()
         },
         parent_ticket_ttl: Duration::from_secs(args.parent_ticket_ttl),
+        session_counters_interval: args.session_counters_interval,
+        session_detach_grace: args.session_detach_grace,
         ..ServiceConfig::default()
     };
     let auth = auth_config(&args)?;
@@ -567,6 +601,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or(usize::MAX),
             request_timeout: args.grpc_request_timeout,
             max_message_bytes: usize::try_from(args.grpc_max_message_bytes).unwrap_or(usize::MAX),
+            http2_keepalive_interval: (!args.grpc_keepalive_interval.is_zero())
+                .then_some(args.grpc_keepalive_interval),
+            http2_keepalive_timeout: args.grpc_keepalive_timeout,
+            max_concurrent_streams: args.grpc_max_concurrent_streams,
         },
     };
     eprintln!("starling-controlplane: database {}", database.describe());

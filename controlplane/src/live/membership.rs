@@ -100,6 +100,7 @@ impl LiveGrids {
                 session_id: input.session_id.to_string(),
                 addr: input.peer_addr,
                 neighbours: Vec::new(),
+                wake: None,
             },
         );
         let mut neighbours: Vec<PeerId> = plan
@@ -126,7 +127,7 @@ impl LiveGrids {
             // twice this); the grid assigns children only up to the granted budget.
             child_slots: st.assigner.slots_for(input.upload_kbps),
             granted_kbps: upload.granted(),
-            moved: plan.moved.len(),
+            moved: st.wake_moved(&plan.moved),
         };
         let mut entry = SessionEntry {
             broadcast_id: input.broadcast_id.to_string(),
@@ -142,6 +143,7 @@ impl LiveGrids {
             addr: input.remote_ip,
             upload,
             reportable: Vec::new(),
+            stream: 0,
         };
         entry.remember(assigned(&view.parents, &view.neighbours), now);
         // Still under the grid lock: `drop_broadcast` sees either no peer or both maps.
@@ -153,10 +155,21 @@ impl LiveGrids {
 
     /// Records a heartbeat (liveness and cumulative byte counters) and returns the
     /// viewer's current parents and neighbours; `None` when the session is not in a grid
-    /// of this process.
+    /// of this process. [`LiveGrids::record_counters`] then [`LiveGrids::view`].
     pub fn heartbeat(&self, session_id: &str, counters: [u64; 3]) -> Option<HeartbeatView> {
+        let clamped = self.record_counters(session_id, counters)?;
+        let mut view = self.view(session_id)?;
+        view.clamped = clamped;
+        Some(view)
+    }
+
+    /// Records a session's liveness and cumulative byte counters (clamped to what is
+    /// physically possible; an upload the counters confirm raises its grant, see
+    /// [`UploadTrust::on_heartbeat`]) without computing its view. Returns whether a
+    /// counter was clamped; `None` when the session is not in a grid of this process.
+    pub fn record_counters(&self, session_id: &str, counters: [u64; 3]) -> Option<bool> {
         let now = self.now();
-        let (grid, peer_id, delta, broadcast_id, token, clamped) = {
+        let (grid, peer_id, delta, clamped) = {
             let mut sessions = self.sessions.lock();
             let e = sessions.get_mut(session_id)?;
             let covered_ms =
@@ -169,14 +182,7 @@ impl LiveGrids {
             let c = clamp::clamp([raw[0], raw[1], raw[2], 0], covered_ms, credits, &bounds);
             let delta = [c.from_server, c.from_peers, c.uploaded];
             e.counters = counters.map(clamp::baseline);
-            (
-                e.grid.clone(),
-                e.peer_id,
-                delta,
-                e.broadcast_id.clone(),
-                e.token,
-                c.clamped,
-            )
+            (e.grid.clone(), e.peer_id, delta, c.clamped)
         };
         for (total, d) in [&grid.from_server, &grid.from_peers, &grid.uploaded]
             .into_iter()
@@ -190,31 +196,16 @@ impl LiveGrids {
             }
         }
         let mut st = grid.state.lock();
-        let mut neighbours = st
-            .peers
-            .get(&peer_id)
-            .map(|p| p.neighbours.clone())
-            .unwrap_or_default();
-        let before = neighbours.len();
-        neighbours.retain(|n| st.peers.contains_key(n));
-        st.top_up_neighbours(peer_id, &mut neighbours);
-        if neighbours.len() != before
-            && let Some(slot) = st.peers.get_mut(&peer_id)
-        {
-            slot.neighbours.clone_from(&neighbours);
-        }
-        let parents = st.parents_of(peer_id);
-        let neighbours: Vec<PeerRef> = neighbours.iter().map(|&n| st.peer_ref(n)).collect();
         // Grid → sessions is the allowed nesting.
         let grant = self.sessions.lock().get_mut(session_id).and_then(|e| {
-            e.remember(assigned(&parents, &neighbours), now);
             e.upload
                 .on_heartbeat(now, counters[2], self.trust.confirm_window, || {
                     st.carried_kbps(peer_id)
                 })
         });
         if let Some(granted) = grant {
-            let moved = st.assigner.set_upload(peer_id, granted, now).len();
+            let moved = st.assigner.set_upload(peer_id, granted, now);
+            let moved = st.wake_moved(&moved);
             self.uploads_confirmed.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 peer_id,
@@ -223,14 +214,71 @@ impl LiveGrids {
                 "peer's upload confirmed by its heartbeats: more child slots"
             );
         }
+        Some(clamped)
+    }
+
+    /// The viewer's current parents and neighbours (neighbours that left are dropped and
+    /// the list topped up); `None` when the session is not in a grid of this process.
+    pub fn view(&self, session_id: &str) -> Option<HeartbeatView> {
+        let (grid, peer_id, broadcast_id, token) = {
+            let sessions = self.sessions.lock();
+            let e = sessions.get(session_id)?;
+            (e.grid.clone(), e.peer_id, e.broadcast_id.clone(), e.token)
+        };
+        let (parents, neighbours) = self.refresh(session_id, &grid, peer_id, true)?;
         Some(HeartbeatView {
             parents,
             neighbours,
             peer_id,
             broadcast_id,
             token,
-            clamped,
+            clamped: false,
         })
+    }
+
+    /// The viewer's current neighbours only (see [`LiveGrids::view`]).
+    pub fn neighbours(&self, session_id: &str) -> Option<Vec<PeerRef>> {
+        let (grid, peer_id) = {
+            let sessions = self.sessions.lock();
+            let e = sessions.get(session_id)?;
+            (e.grid.clone(), e.peer_id)
+        };
+        self.refresh(session_id, &grid, peer_id, false)
+            .map(|(_, n)| n)
+    }
+
+    /// Under the grid lock: the peer's neighbours refreshed (and stored), its parents
+    /// when `parents`, both remembered as reportable by the session. `None` when the
+    /// peer left meanwhile.
+    fn refresh(
+        &self,
+        session_id: &str,
+        grid: &BroadcastGrid,
+        peer_id: PeerId,
+        parents: bool,
+    ) -> Option<(Vec<SubstreamParent>, Vec<PeerRef>)> {
+        let now = self.now();
+        let mut st = grid.state.lock();
+        let mut neighbours = st.peers.get(&peer_id)?.neighbours.clone();
+        let before = neighbours.len();
+        neighbours.retain(|n| st.peers.contains_key(n));
+        st.top_up_neighbours(peer_id, &mut neighbours);
+        if neighbours.len() != before
+            && let Some(slot) = st.peers.get_mut(&peer_id)
+        {
+            slot.neighbours.clone_from(&neighbours);
+        }
+        let parents = if parents {
+            st.parents_of(peer_id)
+        } else {
+            Vec::new()
+        };
+        let neighbours: Vec<PeerRef> = neighbours.iter().map(|&n| st.peer_ref(n)).collect();
+        // Grid → sessions is the allowed nesting.
+        if let Some(e) = self.sessions.lock().get_mut(session_id) {
+            e.remember(assigned(&parents, &neighbours), now);
+        }
+        Some((parents, neighbours))
     }
 
     /// A session's relay upload budget changed (its SDK measured a slower uplink than
@@ -258,7 +306,8 @@ impl LiveGrids {
         if st.peers.get(&peer_id).is_none_or(|p| p.addr.is_empty()) {
             return Some(0);
         }
-        let moved = st.assigner.set_upload(peer_id, granted, now).len();
+        let moved = st.assigner.set_upload(peer_id, granted, now);
+        let moved = st.wake_moved(&moved);
         if moved > 0 {
             tracing::info!(peer_id, upload_kbps, moved, "peer upload budget changed");
         }
@@ -317,7 +366,8 @@ impl LiveGrids {
                 {
                     e.remember([(p, true)], now);
                 }
-                Ok((st.parent_ref(usize::from(s), out.parent), out.moved.len()))
+                let moved = st.wake_moved(&out.moved);
+                Ok((st.parent_ref(usize::from(s), out.parent), moved))
             }
             Err(GridError::InvalidSubstream(_)) => Err(invalid),
             Err(_) => Err(ReparentRefused::UnknownSession),
@@ -333,12 +383,15 @@ impl LiveGrids {
         Some((e.peer_id, moved))
     }
 
-    /// Removes every session not heard from for longer than `timeout` from its grid
+    /// Removes every session without a stream ([`LiveGrids::attach`]) not heard from
+    /// for longer than `timeout` from its grid
     /// (re-parenting its children) and returns them, for the caller to end in the
     /// database.
     pub fn expire(&self, timeout: Duration) -> Vec<Expired> {
         let now = self.now();
-        let stale = self.take_sessions(|_, e| now.saturating_sub(e.last_seen) > timeout);
+        // A session with a stream attached is alive as long as the stream is.
+        let stale =
+            self.take_sessions(|_, e| e.stream == 0 && now.saturating_sub(e.last_seen) > timeout);
         stale
             .into_iter()
             .map(|(session_id, e)| {

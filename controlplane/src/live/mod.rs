@@ -10,7 +10,8 @@
 //!
 //! Submodules, one concern each: `views` (what callers pass in and get back), `state`
 //! (per-broadcast grid and per-session entries), `membership` (join, heartbeat, re-search,
-//! leave, expiry), `moderation` (revocation, bad-peer reports), `addr` (address prefixes,
+//! leave, expiry), `moderation` (revocation, bad-peer reports), `streams` (session
+//! streams attached to peers: wake handles, attach/detach), `addr` (address prefixes,
 //! dialable addresses). This module holds [`LiveGrids`] itself, its clock, the measured
 //! rates, dropping a broadcast and the figures read by the services and metrics.
 //!
@@ -20,6 +21,11 @@
 //! [`LiveGrids::drop_broadcast`] cannot miss the new session) and `sessions` → `rates`
 //! (a heartbeat's counter bound; `rates` is a leaf). No lock is held across an `.await`
 //! (this module has no async code).
+//!
+//! Push on change: every grid operation that re-parents peers (join, leave, re-search,
+//! upload change, demotion, expiry, revocation, stopping) wakes the session stream of
+//! each moved or removed peer ([`StreamWake`], stored in its peer slot) while it holds
+//! the grid lock; the stream computes its view later, outside the lock.
 //!
 //! Heartbeat byte counters are clamped like reports' ([`crate::reports::clamp`]): each
 //! delta is bounded by the stream rate (or upload ceiling) × margin × the time since
@@ -40,6 +46,7 @@ mod addr;
 mod membership;
 mod moderation;
 mod state;
+mod streams;
 #[cfg(test)]
 mod tests;
 mod views;
@@ -47,6 +54,7 @@ mod views;
 pub use addr::{addr_prefix, dialable_addr, ip_prefix};
 pub use state::BroadcastGrid;
 use state::{GridState, PeerSlot, SessionEntry, assigned, random_peer_id, seed_of};
+pub use streams::{Attached, StreamWake};
 pub use views::*;
 
 /// Stream rate assumed for slot accounting when the ingesting node has not reported a
@@ -80,6 +88,8 @@ pub struct LiveGrids {
     limits: CounterLimits,
     peers_demoted: AtomicU64,
     uploads_confirmed: AtomicU64,
+    /// Generation of the last session stream attached ([`LiveGrids::attach`]).
+    next_stream: AtomicU64,
 }
 
 impl Default for LiveGrids {
@@ -106,6 +116,7 @@ impl LiveGrids {
             bad_peer_reports: AtomicU64::new(0),
             peers_demoted: AtomicU64::new(0),
             uploads_confirmed: AtomicU64::new(0),
+            next_stream: AtomicU64::new(0),
         }
     }
 
@@ -153,6 +164,10 @@ impl LiveGrids {
         let session_ids: Vec<String> = {
             let mut st = grid.state.lock();
             st.closed = true;
+            // Their streams learn that the sessions are over.
+            for w in st.peers.values().filter_map(|p| p.wake.as_ref()) {
+                w.wake();
+            }
             st.peers.values().map(|p| p.session_id.clone()).collect()
         };
         let mut sessions = self.sessions.lock();

@@ -112,7 +112,8 @@ impl LiveGrids {
         let excluded = reporters >= threshold.max(1) && st.assigner.is_bad(peer_id) == Some(false);
         let moved = if excluded {
             self.peers_demoted.fetch_add(1, Ordering::Relaxed);
-            st.assigner.report_bad_peer(peer_id, now).len()
+            let moved = st.assigner.report_bad_peer(peer_id, now);
+            st.wake_moved(&moved)
         } else {
             0
         };

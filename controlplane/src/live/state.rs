@@ -12,10 +12,10 @@ use parking_lot::Mutex;
 
 use starling_proto::v1::{PeerRef, SubstreamParent};
 
-use super::{MAX_REPORTABLE, REPORTABLE_FOR, TokenState};
+use super::{MAX_REPORTABLE, REPORTABLE_FOR, StreamWake, TokenState};
 use crate::reports::clamp::Credits;
 use crate::trust::{ReportLedger, UploadTrust};
-use starling_grid::assign::{GridAssigner, Parent, PeerId};
+use starling_grid::assign::{GridAssigner, Parent, PeerId, Reassignment};
 
 /// A peer id: random in `1..=i64::MAX` (never 0, the proto's "absent"; fits a signed
 /// 64-bit column), so ids cannot be guessed from one's own and a restarted control
@@ -39,6 +39,9 @@ pub(super) struct PeerSlot {
     pub(super) session_id: String,
     pub(super) addr: String,
     pub(super) neighbours: Vec<PeerId>,
+    /// The session stream attached to this peer, woken (under the grid lock) when the
+    /// grid moves the peer or removes it ([`super::StreamWake`]).
+    pub(super) wake: Option<Arc<StreamWake>>,
 }
 
 #[derive(Debug)]
@@ -106,11 +109,27 @@ impl GridState {
         }
     }
 
+    /// Removes a peer (its own stream, if any, is woken to learn the session is over)
+    /// and re-parents its children (their streams are woken). Returns the peers moved.
     pub(super) fn remove_peer(&mut self, id: PeerId, now: Duration) -> usize {
-        self.peers.remove(&id);
+        if let Some(w) = self.peers.remove(&id).and_then(|p| p.wake) {
+            w.wake();
+        }
         self.bad_chunk.forget(id);
         self.non_delivery.forget(id);
-        self.assigner.leave(id, now).len()
+        let moved = self.assigner.leave(id, now);
+        self.wake_moved(&moved)
+    }
+
+    /// Wakes the session stream of every peer in `moved` (each once is enough: a woken
+    /// stream computes its whole view). Returns `moved.len()`.
+    pub(super) fn wake_moved(&self, moved: &[Reassignment]) -> usize {
+        for r in moved {
+            if let Some(w) = self.peers.get(&r.child).and_then(|p| p.wake.as_ref()) {
+                w.wake();
+            }
+        }
+        moved.len()
     }
 
     /// Slots in use by `id` × the substream rate: what its children can take, kbit/s.
@@ -154,6 +173,9 @@ pub(super) struct SessionEntry {
     /// Peers handed to this session recently: (peer, last time as a parent, last time
     /// as a parent or neighbour).
     pub(super) reportable: Vec<(PeerId, Option<Duration>, Duration)>,
+    /// Generation of the session stream attached now (0 = none): a session with a
+    /// stream never expires by silence ([`LiveGrids::expire`](super::LiveGrids::expire)).
+    pub(super) stream: u64,
 }
 
 impl SessionEntry {

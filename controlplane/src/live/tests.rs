@@ -323,3 +323,80 @@ fn measured_rate_is_used_at_grid_creation() {
     assert_eq!(a.stream_kbps, 2000);
     assert_eq!(a.child_slots, 2);
 }
+
+/// Whether `w` was woken (a stored permit), without waiting.
+fn was_woken(w: &StreamWake) -> bool {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_millis(1), w.woken())
+            .await
+            .is_ok()
+    })
+}
+
+#[test]
+fn streams_are_woken_keep_sessions_alive_and_detach_with_grace() {
+    let g = LiveGrids::new();
+    let a = g.join(input("sa", "10.0.0.1:1", 4000)).unwrap();
+    g.join(input("sb", "", 0)).unwrap();
+    let (wa, wb) = (
+        std::sync::Arc::new(StreamWake::default()),
+        std::sync::Arc::new(StreamWake::default()),
+    );
+    let at_a = g.attach("sa", &wa).unwrap();
+    let at_b = g.attach("sb", &wb).unwrap();
+    assert_eq!(at_a.peer_id, a.peer_id);
+    assert!(g.attach("nope", &wa).is_none());
+    assert!(!was_woken(&wa) && !was_woken(&wb));
+    // Attached sessions never expire by silence.
+    std::thread::sleep(Duration::from_millis(5));
+    assert!(g.expire(Duration::ZERO).is_empty());
+    // B's stream detaches: B expires once the grace has passed (here: at once; the
+    // silence timeout is 2 ms).
+    let timeout = Duration::from_millis(2);
+    assert!(g.detach("sb", at_b.generation, &wb, timeout, Duration::ZERO));
+    std::thread::sleep(Duration::from_millis(5));
+    let expired = g.expire(timeout);
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].session_id, "sb");
+    // A new B child of A; A leaves: the child's stream is woken, and so is A's own.
+    g.join(input("sc", "", 0)).unwrap();
+    let wc = std::sync::Arc::new(StreamWake::default());
+    g.attach("sc", &wc).unwrap();
+    assert!(
+        g.view("sc")
+            .unwrap()
+            .parents
+            .iter()
+            .any(|p| p.peer.is_some())
+    );
+    g.leave("sa");
+    assert!(was_woken(&wc), "the moved child is woken");
+    assert!(was_woken(&wa), "the removed peer's stream is woken");
+    assert!(!g.detach(
+        "sa",
+        at_a.generation,
+        &wa,
+        Duration::from_secs(60),
+        Duration::ZERO
+    ));
+    // A second stream supersedes the first.
+    let wc2 = std::sync::Arc::new(StreamWake::default());
+    let second = g.attach("sc", &wc2).unwrap();
+    assert!(wc.superseded() && was_woken(&wc));
+    assert!(!wc2.superseded());
+    assert!(g.detach(
+        "sc",
+        second.generation,
+        &wc2,
+        Duration::from_secs(60),
+        Duration::from_secs(60)
+    ));
+    assert!(
+        g.expire(Duration::from_secs(60)).is_empty(),
+        "within the grace"
+    );
+}

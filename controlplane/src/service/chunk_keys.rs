@@ -22,7 +22,16 @@ impl Core {
                 })
             })
             .collect();
-        *self.chunk_keys.write() = keys;
+        let changed = {
+            let mut current = self.chunk_keys.write();
+            let changed = *current != keys;
+            *current = keys;
+            changed
+        };
+        if changed {
+            // Session streams push the new key sets.
+            self.revocations.announce();
+        }
     }
 
     /// The alive nodes' chunk-signing keys, `first_node`'s first, one per key id (a

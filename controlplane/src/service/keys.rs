@@ -13,6 +13,8 @@ impl Core {
     pub async fn rights_tick(&self, now: i64) -> Result<(), crate::tokens::TokenKeyError> {
         self.revocations.prune(now);
         if self.tokens.refresh(&self.store, now).await? {
+            // Session streams compare their viewer's keys_version and push the new set.
+            self.revocations.announce();
             let keys = self.tokens.public_keys();
             let node_ids: Vec<String> = self.links.lock().keys().cloned().collect();
             for node_id in node_ids {

@@ -11,6 +11,7 @@
 //! * `guards`: the viewer API's flood limits, negative cache and join admission;
 //! * `join`: `ViewerService.Join`; `join_cache`: the broadcast and node rows it reads,
 //!   in memory; `join_batch`: group commit of its session rows;
+//! * `session_stream`: `ViewerService.Session`, the per-viewer stream of pushed deltas;
 //! * `scrape`: the state a `/metrics` scrape reads ([`crate::metrics::Snapshot`]).
 //!
 //! Invariants:
@@ -53,6 +54,7 @@ mod join_cache;
 mod keys;
 mod nodes;
 mod scrape;
+mod session_stream;
 mod sessions;
 mod viewer;
 
@@ -104,6 +106,14 @@ pub struct ServiceConfig {
     /// (`join_cache`; writes by this process update it at once, this bounds how long
     /// another replica's write can go unseen). Default 2 s.
     pub join_cache_ttl: Duration,
+    /// How often viewers send their counters on the session stream
+    /// (`SessionDown.counters_interval_ms`). Default 10 s.
+    pub session_counters_interval: Duration,
+    /// A session whose stream ended without Leave expires this long after (at most the
+    /// silence timeout) unless a new stream or a heartbeat takes it up. Default 1 s: with
+    /// the default HTTP/2 keep-alive (1 s + 1 s) a vanished viewer is removed within
+    /// today's bound (docs/PROTOCOL.md, "Session stream").
+    pub session_detach_grace: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -123,6 +133,8 @@ impl Default for ServiceConfig {
             trust: crate::trust::TrustConfig::default(),
             session_batch_max: join_batch::DEFAULT_SESSION_BATCH_MAX,
             join_cache_ttl: Duration::from_secs(2),
+            session_counters_interval: Duration::from_secs(10),
+            session_detach_grace: Duration::from_secs(1),
         }
     }
 }

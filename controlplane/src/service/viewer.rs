@@ -1,5 +1,6 @@
 //! `ViewerService`: heartbeat, leave, re-parent, bad-peer reports and quality reports
-//! of viewer sessions, and the tonic service itself (join is in `join`).
+//! of viewer sessions, and the tonic service itself (join is in `join`, the session
+//! stream in `session_stream`).
 
 use starling_proto::v1::viewer_service_server::ViewerService;
 use starling_proto::v1::{
@@ -10,7 +11,7 @@ use starling_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::{Api, ApiError, ApiResult, Core, now_ms, respond};
-use crate::live::{self, ReparentRefused, ReportRefused, TokenState};
+use crate::live::{self, ReparentRefused, ReportRefused};
 use crate::validate;
 
 impl Core {
@@ -28,25 +29,10 @@ impl Core {
         // A session in a live grid is active (leaving, expiry, revocation and stopping
         // the broadcast all take it out of the grid): its heartbeat is recorded in
         // memory and written to the database in a batch ([`Core::flush_touches`]).
-        let view = self.grids.heartbeat(&req.session_id, counters);
-        if view.as_ref().is_some_and(|v| v.clamped) {
-            let n = self.metrics.counters_clamped_heartbeat();
-            if n == 1 || n.is_multiple_of(1_000) {
-                tracing::warn!(
-                    session_id = %req.session_id,
-                    clamped_total = n,
-                    "heartbeat counters beyond what is physically possible; clamped"
-                );
-            }
-        }
-        if view.is_some() {
-            if req.upload_kbps > 0 {
-                // The SDK measured a slower uplink than it offered: resize its slots
-                // (children beyond them are re-parented; they learn it by heartbeat).
-                self.grids.set_upload(&req.session_id, req.upload_kbps);
-            }
-            self.touches.lock().insert(req.session_id.clone(), now_ms());
-        } else {
+        let view = self
+            .record_counters(&req.session_id, counters, req.upload_kbps)
+            .and_then(|_| self.grids.view(&req.session_id));
+        if view.is_none() {
             // Not in this process's grid: the negative cache, else the database decides
             // (stopping a broadcast ends its sessions, so one update answers both
             // "unknown or ended" and "broadcast stopped"). Either way an unknown session
@@ -73,36 +59,16 @@ impl Core {
         match view {
             Some(view) => {
                 let now = now_ms();
-                let mut chunk_token = Vec::new();
-                let mut expires = view.token.map_or(0, |t| t.expires_at_ms);
-                if let Some(t) = view.token
-                    && self.tokens.needs_renewal(t.expires_at_ms, now)
-                {
-                    match self
-                        .tokens
-                        .issue(&view.broadcast_id, view.peer_id, t.scopes, now)
-                    {
-                        // Recorded only if the session is still in its grid: a session
-                        // revoked meanwhile gets nothing.
-                        Ok(renewed)
-                            if self.grids.set_token(
-                                &req.session_id,
-                                TokenState {
-                                    scopes: t.scopes,
-                                    expires_at_ms: renewed.expires_at_ms,
-                                },
-                            ) =>
-                        {
-                            tracing::debug!(session_id = %req.session_id, peer_id = view.peer_id, expires_at_ms = renewed.expires_at_ms, "chunk token renewed");
-                            chunk_token = renewed.token;
-                            expires = renewed.expires_at_ms;
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::error!(session_id = %req.session_id, error = %e, "cannot renew chunk token");
-                        }
-                    }
-                }
+                let (chunk_token, expires) = match self.renew_token(
+                    &req.session_id,
+                    &view.broadcast_id,
+                    view.peer_id,
+                    view.token,
+                    now,
+                ) {
+                    Some(renewed) => renewed,
+                    None => (Vec::new(), view.token.map_or(0, |t| t.expires_at_ms)),
+                };
                 Ok(HeartbeatResponse {
                     active: true,
                     parents: self.with_tickets(&view.broadcast_id, view.peer_id, view.parents),
@@ -306,11 +272,13 @@ impl ViewerService for Api {
 
     async fn session(
         &self,
-        _request: Request<tonic::Streaming<SessionUp>>,
+        request: Request<tonic::Streaming<SessionUp>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        Err(Status::unimplemented(
-            "the session stream is not implemented yet",
-        ))
+        let remote = request.remote_addr();
+        respond(
+            "Session",
+            self.core.open_session(request.into_inner(), remote).await,
+        )
     }
 
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {

@@ -1,0 +1,777 @@
+//! `ViewerService.Session`, the per-viewer session stream (docs/PROTOCOL.md, "Session
+//! stream"): the first `SessionUp` attaches the session, the first `SessionDown` carries
+//! its whole state, then only deltas are pushed, when something changed:
+//!
+//! * parents: the grid wakes the stream ([`StreamWake`]) when it moves the peer; the
+//!   stream then computes its view and sends the substreams whose parent changed (and
+//!   all of them again, with fresh tickets, when their tickets reach half their life or
+//!   the signing key changed);
+//! * neighbours: recomputed at every counters message and wake, sent when changed;
+//! * the chunk token: renewed by a per-stream timer when less than half its life is left;
+//! * revocations and key sets: a process-wide version
+//!   ([`crate::tokens::Revocations::subscribe`]) wakes
+//!   every stream, which compares with what it last sent (key sets by fingerprint, the
+//!   `keys_version`).
+//!
+//! Each later `SessionUp` records the viewer's counters exactly as a heartbeat does. No
+//! task or channel per stream: the response stream itself (polled by the HTTP/2
+//! connection) waits on its wake handle, its inbound messages, the rights version and
+//! one timer. Liveness is the stream: the session is detached when the stream ends
+//! (dropped with its connection) and expires after the detach grace unless taken up.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use starling_proto::v1::{PublicKey, SessionDown, SessionUp, SubstreamParent};
+use tokio::sync::watch;
+use tonic::Status;
+
+use super::{ApiError, ApiResult, Core, now_ms};
+use crate::live::{StreamWake, TokenState};
+use crate::metrics::Pushed;
+use crate::validate;
+
+/// How long the first `SessionUp` may take after the stream opened.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// "No time": a deadline that never comes.
+const NEVER: i64 = i64::MAX;
+
+/// The response stream of one `Session` call.
+pub type SessionStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<SessionDown, Status>> + Send + 'static>>;
+
+type Step = Pin<Box<dyn Future<Output = Option<(Result<SessionDown, Status>, State)>> + Send>>;
+
+/// The stream: one boxed step future at a time (a step ends when a message is ready).
+struct Steps {
+    step: Option<Step>,
+}
+
+impl tokio_stream::Stream for Steps {
+    type Item = Result<SessionDown, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<SessionDown, Status>>> {
+        let Some(step) = self.step.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match step.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                self.step = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some((item, state))) => {
+                self.step = Some(Box::pin(state.step()));
+                Poll::Ready(Some(item))
+            }
+        }
+    }
+}
+
+/// A session held in this process's grid, as the stream last described it.
+struct Attachment {
+    wake: Arc<StreamWake>,
+    generation: u64,
+    peer_id: u64,
+    broadcast_id: String,
+    /// The parent last sent per substream (0 = the data plane).
+    parents: Box<[u64]>,
+    /// Fingerprint of the neighbour list last sent.
+    neighbours: u64,
+    /// The revocation list last sent.
+    revoked: Vec<u64>,
+    /// The key that signed the tickets last sent.
+    signing_key: u32,
+    /// Unix ms at which the chunk token needs renewal, and the tickets sent get re-signed.
+    token_renew_at: i64,
+    tickets_renew_at: i64,
+}
+
+/// Everything one stream holds between messages.
+struct State {
+    core: Arc<Core>,
+    inbound: tonic::Streaming<SessionUp>,
+    session_id: Box<str>,
+    /// `None`: the session is active in the database but not in this process's grid.
+    grid: Option<Box<Attachment>>,
+    rights: watch::Receiver<u64>,
+    /// The key sets' fingerprint last sent.
+    keys_version: u64,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// The unix ms the timer is set for.
+    armed_at: i64,
+    /// Counted in the open-streams gauge.
+    counted: bool,
+    /// The first message, sent before anything else.
+    first: Option<SessionDown>,
+    /// The stream ends at the next step (after an `active = false` or an error).
+    done: bool,
+    /// The viewer closed its sending side (the stream stays: it still gets pushes).
+    inbound_closed: bool,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        if self.counted {
+            self.core.metrics.stream_closed();
+        }
+        if let Some(a) = self.grid.take() {
+            let core = &self.core;
+            let detached = core.grids.detach(
+                &self.session_id,
+                a.generation,
+                &a.wake,
+                core.session_timeout(),
+                core.config.session_detach_grace,
+            );
+            if detached {
+                tracing::debug!(session_id = %self.session_id, peer_id = a.peer_id, "session stream ended; session detached");
+            }
+        }
+    }
+}
+
+/// FNV-1a, 64 bit.
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The fingerprint of the key sets a viewer holds (`keys_version`): FNV-64 of the key
+/// ids and bytes, never 0 (the proto's "none held").
+pub(super) fn keys_version(token_keys: &[PublicKey], chunk_keys: &[PublicKey]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325;
+    for (tag, set) in [(b"t", token_keys), (b"c", chunk_keys)] {
+        h = fnv(h, tag);
+        for k in set {
+            h = fnv(h, &k.key_id.to_le_bytes());
+            h = fnv(
+                h,
+                &u64::try_from(k.ed25519.len()).unwrap_or(0).to_le_bytes(),
+            );
+            h = fnv(h, &k.ed25519);
+        }
+    }
+    h.max(1)
+}
+
+/// Fingerprint of a neighbour list.
+fn neighbours_fingerprint(ids: impl Iterator<Item = u64>) -> u64 {
+    ids.fold(0xcbf2_9ce4_8422_2325, |h, id| fnv(h, &id.to_le_bytes()))
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Core {
+    /// Opens a session stream: reads and checks the first `SessionUp` (the errors of a
+    /// malformed one are the call's status), attaches the session and prepares the
+    /// first `SessionDown`.
+    pub(super) async fn open_session(
+        self: &Arc<Self>,
+        mut inbound: tonic::Streaming<SessionUp>,
+        remote: Option<std::net::SocketAddr>,
+    ) -> ApiResult<SessionStream> {
+        let up = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(up))) => up,
+            Ok(Ok(None)) => {
+                return Err(ApiError::InvalidArgument(
+                    "the stream ended before its first SessionUp".into(),
+                ));
+            }
+            Ok(Err(status)) => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "unreadable first SessionUp: {}",
+                    status.message()
+                )));
+            }
+            Err(_) => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "no SessionUp within {} s of opening the stream",
+                    FIRST_MESSAGE_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        validate::id("session_id", &up.session_id)?;
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::Unavailable(
+                "the control plane is shutting down; retry".into(),
+            ));
+        }
+        let wake = Arc::new(StreamWake::default());
+        let mut state = State {
+            core: self.clone(),
+            inbound,
+            session_id: up.session_id.clone().into_boxed_str(),
+            grid: None,
+            rights: self.revocations.subscribe(),
+            keys_version: up.keys_version,
+            timer: Box::pin(tokio::time::sleep(Duration::from_secs(86_400))),
+            armed_at: NEVER,
+            counted: false,
+            first: None,
+            done: false,
+            inbound_closed: false,
+        };
+        // Marked seen before reading the current state: a change from now on wakes us.
+        state.rights.borrow_and_update();
+        let interval_ms =
+            u32::try_from(self.config.session_counters_interval.as_millis()).unwrap_or(u32::MAX);
+        let first = match self.grids.attach(&up.session_id, &wake) {
+            Some(att) => {
+                state.open();
+                state.grid = Some(Box::new(Attachment {
+                    wake,
+                    generation: att.generation,
+                    peer_id: att.peer_id,
+                    broadcast_id: att.broadcast_id,
+                    parents: Box::new([]),
+                    neighbours: 0,
+                    revoked: Vec::new(),
+                    signing_key: self.tokens.signing_key_id(),
+                    token_renew_at: NEVER,
+                    tickets_renew_at: NEVER,
+                }));
+                if up.bytes_from_server | up.bytes_from_peers | up.bytes_uploaded != 0
+                    || up.upload_kbps != 0
+                {
+                    state.record(&up);
+                }
+                match state.full_view() {
+                    Some(mut down) => {
+                        down.counters_interval_ms = interval_ms;
+                        down
+                    }
+                    None => state.end(),
+                }
+            }
+            None => {
+                // Not in this process's grid: as for a heartbeat, the negative cache,
+                // else the database decides.
+                if self.cached_unknown(&up.session_id).is_some() {
+                    state.end()
+                } else {
+                    self.allow_lookup(remote)?;
+                    if self.store.touch_session(&up.session_id, now_ms()).await? {
+                        tracing::debug!(session_id = %up.session_id, "session stream for a session without grid state");
+                        state.open();
+                        let mut down = SessionDown {
+                            active: true,
+                            counters_interval_ms: interval_ms,
+                            ..Default::default()
+                        };
+                        state.add_keys(&mut down, false);
+                        down
+                    } else {
+                        tracing::debug!(session_id = %up.session_id, "session stream for an unknown or ended session");
+                        self.remember_unknown(&up.session_id, crate::limits::Unknown::Ended);
+                        state.end()
+                    }
+                }
+            }
+        };
+        self.metrics.pushed(Pushed::First);
+        state.first = Some(first);
+        state.arm_timer();
+        Ok(Box::pin(Steps {
+            step: Some(Box::pin(state.step())),
+        }))
+    }
+
+    /// Ends every session stream (graceful shutdown): each ends with UNAVAILABLE, its
+    /// session detached (the SDK reconnects, to this process's successor).
+    pub fn end_session_streams(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.revocations.announce();
+    }
+
+    /// Renews the chunk token of a session in a grid when it needs it; returns the new
+    /// token and its expiry, `None` when no renewal was due or possible.
+    pub(super) fn renew_token(
+        &self,
+        session_id: &str,
+        broadcast_id: &str,
+        peer_id: u64,
+        token: Option<TokenState>,
+        now: i64,
+    ) -> Option<(Vec<u8>, i64)> {
+        let t = token?;
+        if !self.tokens.needs_renewal(t.expires_at_ms, now) {
+            return None;
+        }
+        match self.tokens.issue(broadcast_id, peer_id, t.scopes, now) {
+            // Recorded only if the session is still in its grid: a session revoked
+            // meanwhile gets nothing.
+            Ok(renewed)
+                if self.grids.set_token(
+                    session_id,
+                    TokenState {
+                        scopes: t.scopes,
+                        expires_at_ms: renewed.expires_at_ms,
+                    },
+                ) =>
+            {
+                tracing::debug!(
+                    session_id,
+                    peer_id,
+                    expires_at_ms = renewed.expires_at_ms,
+                    "chunk token renewed"
+                );
+                Some((renewed.token, renewed.expires_at_ms))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::error!(session_id, error = %e, "cannot renew chunk token");
+                None
+            }
+        }
+    }
+
+    /// Records a viewer's counters (stream or heartbeat): clamping (logged), a lowered
+    /// upload budget, the batched database touch. False when the session is not in a
+    /// grid of this process.
+    pub(super) fn record_counters(
+        &self,
+        session_id: &str,
+        counters: [u64; 3],
+        upload_kbps: u32,
+    ) -> Option<bool> {
+        let clamped = self.grids.record_counters(session_id, counters)?;
+        if clamped {
+            let n = self.metrics.counters_clamped_heartbeat();
+            if n == 1 || n.is_multiple_of(1_000) {
+                tracing::warn!(
+                    session_id,
+                    clamped_total = n,
+                    "heartbeat counters beyond what is physically possible; clamped"
+                );
+            }
+        }
+        if upload_kbps > 0 {
+            // The SDK measured a slower uplink than it offered: resize its slots
+            // (children beyond them are re-parented; their streams are woken).
+            self.grids.set_upload(session_id, upload_kbps);
+        }
+        self.touches.lock().insert(session_id.to_string(), now_ms());
+        Some(clamped)
+    }
+}
+
+enum Next {
+    Send(SessionDown),
+    Fail(Status),
+    End,
+}
+
+impl State {
+    async fn step(mut self) -> Option<(Result<SessionDown, Status>, State)> {
+        if let Some(first) = self.first.take() {
+            return Some((Ok(first), self));
+        }
+        if self.done {
+            return None;
+        }
+        match self.next().await {
+            Next::Send(down) => Some((Ok(down), self)),
+            Next::Fail(status) => {
+                self.done = true;
+                Some((Err(status), self))
+            }
+            Next::End => None,
+        }
+    }
+
+    /// Waits for the next thing to send.
+    async fn next(&mut self) -> Next {
+        loop {
+            let wake = self.grid.as_ref().map(|a| a.wake.clone());
+            let woken = async {
+                match &wake {
+                    Some(w) => w.woken().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let inbound_open = !self.inbound_closed;
+            let down = tokio::select! {
+                biased;
+                () = woken => {
+                    if wake.as_ref().is_some_and(|w| w.superseded()) {
+                        // Detaching is the newer stream's business now.
+                        self.grid = None;
+                        return Next::Fail(Status::aborted(
+                            "another Session stream took this session over",
+                        ));
+                    }
+                    self.on_wake()
+                }
+                up = self.inbound.message(), if inbound_open => match up {
+                    Ok(Some(up)) => self.on_up(&up).await,
+                    Ok(None) => {
+                        self.inbound_closed = true;
+                        None
+                    }
+                    Err(status) => {
+                        tracing::debug!(session_id = %self.session_id, code = ?status.code(), error = status.message(), "session stream broken");
+                        return Next::End;
+                    }
+                },
+                changed = self.rights.changed() => {
+                    if changed.is_err() {
+                        return Next::End;
+                    }
+                    if self.core.shutting_down.load(Ordering::SeqCst) {
+                        return Next::Fail(Status::unavailable(
+                            "the control plane is shutting down; open the stream again",
+                        ));
+                    }
+                    self.on_rights()
+                }
+                () = &mut self.timer => self.on_timer(),
+            };
+            self.arm_timer();
+            if let Some(down) = down {
+                return Next::Send(down);
+            }
+        }
+    }
+
+    /// Counts the stream as open (gauge).
+    fn open(&mut self) {
+        self.counted = true;
+        self.core.metrics.stream_opened();
+    }
+
+    /// The last message: the session is over.
+    fn end(&mut self) -> SessionDown {
+        self.done = true;
+        self.core.metrics.pushed(Pushed::End);
+        SessionDown::default()
+    }
+
+    fn record(&mut self, up: &SessionUp) -> bool {
+        self.core.metrics.counters_received();
+        self.core
+            .record_counters(
+                &self.session_id,
+                [up.bytes_from_server, up.bytes_from_peers, up.bytes_uploaded],
+                up.upload_kbps,
+            )
+            .is_some()
+    }
+
+    /// Everything: all parents (with tickets), neighbours, the token if due, the whole
+    /// revocation list, key sets unless the viewer holds them. `None`: session gone.
+    fn full_view(&mut self) -> Option<SessionDown> {
+        let core = self.core.clone();
+        let view = core.grids.view(&self.session_id)?;
+        let now = now_ms();
+        let a = self.grid.as_mut()?;
+        let mut down = SessionDown {
+            active: true,
+            neighbours_changed: true,
+            ..Default::default()
+        };
+        a.parents = view
+            .parents
+            .iter()
+            .map(|p| p.peer.as_ref().map_or(0, |r| r.peer_id))
+            .collect();
+        down.parents = view.parents;
+        a.signing_key = core.tokens.signing_key_id();
+        a.tickets_renew_at = core
+            .tickets
+            .attach(
+                &core.tokens,
+                &a.broadcast_id,
+                a.peer_id,
+                &mut down.parents,
+                now,
+            )
+            .unwrap_or(NEVER);
+        a.neighbours = neighbours_fingerprint(view.neighbours.iter().map(|n| n.peer_id));
+        down.neighbours = view.neighbours;
+        a.revoked = core.revocations.list(&a.broadcast_id, now);
+        down.revoked_peer_ids.clone_from(&a.revoked);
+        down.token_expires_at_unix_ms = view.token.map_or(0, |t| t.expires_at_ms);
+        if let Some((token, expires)) = core.renew_token(
+            &self.session_id,
+            &a.broadcast_id,
+            a.peer_id,
+            view.token,
+            now,
+        ) {
+            down.chunk_token = token;
+            down.token_expires_at_unix_ms = expires;
+            self.core.metrics.pushed(Pushed::Token);
+        }
+        a.token_renew_at = renew_point(down.token_expires_at_unix_ms, core.tokens.ttl());
+        self.add_keys(&mut down, false);
+        Some(down)
+    }
+
+    /// Adds the key sets to `down` when they differ from what the viewer holds (or
+    /// always, with `force`).
+    fn add_keys(&mut self, down: &mut SessionDown, force: bool) {
+        let core = &self.core;
+        let ingest = self
+            .grid
+            .as_ref()
+            .and_then(|a| core.ingest_node(&a.broadcast_id));
+        let token_keys = core.tokens.public_keys();
+        let chunk_keys = core.chunk_keys(ingest.as_deref());
+        let version = keys_version(&token_keys, &chunk_keys);
+        if force || version != self.keys_version {
+            self.keys_version = version;
+            down.keys_version = version;
+            down.token_keys = token_keys;
+            down.chunk_keys = chunk_keys;
+            core.metrics.pushed(Pushed::Keys);
+        }
+    }
+
+    /// The grid moved this peer (or removed it): send the parents that changed.
+    fn on_wake(&mut self) -> Option<SessionDown> {
+        let core = self.core.clone();
+        let Some(view) = core.grids.view(&self.session_id) else {
+            return Some(self.end());
+        };
+        let now = now_ms();
+        let a = self.grid.as_mut()?;
+        let mut down = SessionDown {
+            active: true,
+            ..Default::default()
+        };
+        let current: Box<[u64]> = view
+            .parents
+            .iter()
+            .map(|p| p.peer.as_ref().map_or(0, |r| r.peer_id))
+            .collect();
+        let mut changed: Vec<SubstreamParent> = view
+            .parents
+            .into_iter()
+            .zip(current.iter())
+            .enumerate()
+            .filter(|(s, (_, id))| a.parents.get(*s) != Some(*id))
+            .map(|(_, (p, _))| p)
+            .collect();
+        a.parents = current;
+        if !changed.is_empty() {
+            if let Some(r) =
+                core.tickets
+                    .attach(&core.tokens, &a.broadcast_id, a.peer_id, &mut changed, now)
+            {
+                a.tickets_renew_at = a.tickets_renew_at.min(r);
+            }
+            down.parents = changed;
+            core.metrics.pushed(Pushed::Parents);
+        }
+        Self::neighbours_delta(a, &mut down, &view.neighbours, &core);
+        (down
+            != SessionDown {
+                active: true,
+                ..Default::default()
+            })
+        .then_some(down)
+    }
+
+    fn neighbours_delta(
+        a: &mut Attachment,
+        down: &mut SessionDown,
+        neighbours: &[starling_proto::v1::PeerRef],
+        core: &Core,
+    ) {
+        let fp = neighbours_fingerprint(neighbours.iter().map(|n| n.peer_id));
+        if fp != a.neighbours {
+            a.neighbours = fp;
+            down.neighbours_changed = true;
+            down.neighbours = neighbours.to_vec();
+            core.metrics.pushed(Pushed::Neighbours);
+        }
+    }
+
+    /// A counters message: recorded; neighbours recomputed; keys if asked.
+    async fn on_up(&mut self, up: &SessionUp) -> Option<SessionDown> {
+        let mut down = SessionDown {
+            active: true,
+            ..Default::default()
+        };
+        let core = self.core.clone();
+        if self.grid.is_some() {
+            if !self.record(up) {
+                return Some(self.end());
+            }
+            let neighbours = core.grids.neighbours(&self.session_id)?;
+            if let Some(a) = self.grid.as_mut() {
+                Self::neighbours_delta(a, &mut down, &neighbours, &core);
+            }
+        } else {
+            // Without grid state: the database keeps the session alive (one write per
+            // counters interval) and says when it is over.
+            core.metrics.counters_received();
+            match core.store.touch_session(&self.session_id, now_ms()).await {
+                Ok(true) => {}
+                Ok(false) => return Some(self.end()),
+                Err(e) => {
+                    tracing::warn!(session_id = %self.session_id, error = %e, "cannot record a session stream's counters");
+                }
+            }
+        }
+        if up.refresh_keys {
+            self.add_keys(&mut down, true);
+        }
+        let empty = SessionDown {
+            active: true,
+            ..Default::default()
+        };
+        (down != empty).then_some(down)
+    }
+
+    /// The rights version changed: new revocations, changed key sets (then tickets move
+    /// to the new signing key too).
+    fn on_rights(&mut self) -> Option<SessionDown> {
+        self.rights.borrow_and_update();
+        let core = self.core.clone();
+        let now = now_ms();
+        let mut down = SessionDown {
+            active: true,
+            ..Default::default()
+        };
+        if let Some(a) = self.grid.as_mut() {
+            let list = core.revocations.list(&a.broadcast_id, now);
+            let new: Vec<u64> = list
+                .iter()
+                .copied()
+                .filter(|p| !a.revoked.contains(p))
+                .collect();
+            a.revoked = list;
+            if !new.is_empty() {
+                down.revoked_peer_ids = new;
+                core.metrics.pushed(Pushed::Revocations);
+            }
+        }
+        self.add_keys(&mut down, false);
+        let resign = self
+            .grid
+            .as_ref()
+            .is_some_and(|a| a.signing_key != core.tokens.signing_key_id());
+        if resign {
+            self.resend_parents(&mut down, now);
+        }
+        let empty = SessionDown {
+            active: true,
+            ..Default::default()
+        };
+        (down != empty).then_some(down)
+    }
+
+    /// Every parent naming a peer again, with tickets re-signed (half their life gone,
+    /// or a new signing key).
+    fn resend_parents(&mut self, down: &mut SessionDown, now: i64) {
+        let core = self.core.clone();
+        let Some(view) = core.grids.view(&self.session_id) else {
+            return;
+        };
+        let Some(a) = self.grid.as_mut() else {
+            return;
+        };
+        let mut parents: Vec<SubstreamParent> = view
+            .parents
+            .into_iter()
+            .filter(|p| p.peer.is_some())
+            .collect();
+        a.signing_key = core.tokens.signing_key_id();
+        a.tickets_renew_at = core
+            .tickets
+            .attach(&core.tokens, &a.broadcast_id, a.peer_id, &mut parents, now)
+            .unwrap_or(NEVER);
+        for p in &parents {
+            if let (Some(slot), Some(r)) =
+                (a.parents.get_mut(p.substream as usize), p.peer.as_ref())
+            {
+                *slot = r.peer_id;
+            }
+        }
+        if !parents.is_empty() {
+            down.parents = parents;
+            core.metrics.pushed(Pushed::Parents);
+        }
+    }
+
+    /// The timer: token renewal, ticket renewal.
+    fn on_timer(&mut self) -> Option<SessionDown> {
+        let core = self.core.clone();
+        let now = now_ms();
+        let mut down = SessionDown {
+            active: true,
+            ..Default::default()
+        };
+        let a = self.grid.as_mut()?;
+        if now >= a.token_renew_at {
+            a.token_renew_at = NEVER;
+            let token = core.grids.view(&self.session_id).and_then(|v| v.token);
+            let a = self.grid.as_mut()?;
+            if let Some((t, expires)) =
+                core.renew_token(&self.session_id, &a.broadcast_id, a.peer_id, token, now)
+            {
+                down.chunk_token = t;
+                down.token_expires_at_unix_ms = expires;
+                a.token_renew_at = renew_point(expires, core.tokens.ttl());
+                core.metrics.pushed(Pushed::Token);
+            } else if let Some(t) = token {
+                a.token_renew_at = renew_point(t.expires_at_ms, core.tokens.ttl()).max(now + 1000);
+            }
+        }
+        if let Some(a) = self.grid.as_mut()
+            && now >= a.tickets_renew_at
+        {
+            a.tickets_renew_at = NEVER;
+            self.resend_parents(&mut down, now);
+        }
+        let empty = SessionDown {
+            active: true,
+            ..Default::default()
+        };
+        (down != empty).then_some(down)
+    }
+
+    /// Sets the timer to the next token or ticket renewal (far away when none: an
+    /// elapsed timer would fire again at once).
+    fn arm_timer(&mut self) {
+        let at = self
+            .grid
+            .as_ref()
+            .map_or(NEVER, |a| a.token_renew_at.min(a.tickets_renew_at));
+        if at == self.armed_at && !self.timer.is_elapsed() {
+            return;
+        }
+        self.armed_at = at;
+        let day = ms(Duration::from_secs(86_400));
+        let wait = if at == NEVER {
+            day
+        } else {
+            at.saturating_sub(now_ms()).clamp(0, day)
+        };
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(u64::try_from(wait).unwrap_or(0));
+        self.timer.as_mut().reset(deadline);
+    }
+}
+
+/// When a token expiring at `expires_at_ms` needs renewal ([`crate::tokens::needs_renewal`]
+/// becomes true just after it).
+fn renew_point(expires_at_ms: i64, ttl: Duration) -> i64 {
+    if expires_at_ms == 0 {
+        return NEVER;
+    }
+    expires_at_ms.saturating_sub(ms(ttl) / 2).saturating_add(1)
+}
