@@ -108,8 +108,13 @@ struct ControlBenchArgs {
     #[arg(long, env = "STARLING_BENCH_DATABASE_URL")]
     database_url: Option<String>,
     /// An extra flag for the started control plane (repeatable), e.g.
-    /// `--cp-arg=--grpc-concurrency-per-connection=256`.
-    #[arg(long = "cp-arg", allow_hyphen_values = true)]
+    /// `--cp-arg=--grpc-concurrency-per-connection=256` (the env var: space-separated).
+    #[arg(
+        long = "cp-arg",
+        env = "STARLING_BENCH_CP_ARGS",
+        value_delimiter = ' ',
+        allow_hyphen_values = true
+    )]
     cp_args: Vec<String>,
     /// Forward the started control plane's stderr.
     #[arg(long, env = "STARLING_BENCH_CP_LOGS")]
