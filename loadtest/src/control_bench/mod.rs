@@ -62,6 +62,9 @@ pub enum BenchError {
     /// The control plane exited during the run.
     #[error("the control plane exited during the run; its stderr:\n{0}")]
     Exited(String),
+    /// Stopped by a signal.
+    #[error("interrupted by {0}")]
+    Interrupted(&'static str),
     /// /proc could not be read for the control plane's process.
     #[error("cannot read /proc/{0}/stat and status (is the control plane on this machine?)")]
     Proc(u32),
@@ -277,10 +280,12 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
         join_connections: cfg.join_connections as u64,
         steady_connections: steady_channels.len() as u64,
         sessions_per_connection: cfg.sessions_per_connection as u64,
+        node_reregistrations: 0,
         join: join_report.clone(),
         steady: None,
     };
     if joins.joined == 0 {
+        report.node_reregistrations = running.node_reregistrations.load(Ordering::Relaxed);
         let _ = stop_tx.send(true);
         running.shutdown();
         return Ok(report);
@@ -343,6 +348,7 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
     let hb = keepers.heartbeat_latency.lock().clone();
     let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / wall.max(1e-9);
     report.join = join_report;
+    report.node_reregistrations = running.node_reregistrations.load(Ordering::Relaxed);
     report.steady = Some(SteadyReport {
         wall_s: wall,
         held_start: held_start.held,
@@ -434,8 +440,12 @@ async fn churn_loop(
 
 /// Runs the benchmark and prints the report: the table on stdout, or with `json` the
 /// JSON object on stdout and the table on stderr.
+/// Ctrl-C or SIGTERM stop the run (and so the child control plane, killed on drop).
 pub async fn run_and_print(cfg: BenchConfig, json: bool) -> Result<(), BenchError> {
-    let report = run(cfg).await?;
+    let report = tokio::select! {
+        r = run(cfg) => r?,
+        s = interrupted() => return Err(BenchError::Interrupted(s)),
+    };
     if json {
         eprint!("{report}");
         let text = serde_json::to_string_pretty(&report)
@@ -445,4 +455,19 @@ pub async fn run_and_print(cfg: BenchConfig, json: bool) -> Result<(), BenchErro
         print!("{report}");
     }
     Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM (never when they cannot be watched).
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
+    }
 }

@@ -21,6 +21,9 @@ pub struct BenchReport {
     pub steady_connections: u64,
     /// Sessions sharing one HTTP/2 connection in the steady phase.
     pub sessions_per_connection: u64,
+    /// Times the emulated data-plane node had to register again during the run (the
+    /// control plane declared it dead; joins in between answer UNAVAILABLE).
+    pub node_reregistrations: u64,
     /// Join phase.
     pub join: JoinReport,
     /// Steady phase (absent when no session was joined).
@@ -131,6 +134,13 @@ impl fmt::Display for BenchReport {
             "control-bench: {} sessions, mode {}, backend {}",
             self.sessions, self.mode, self.backend
         )?;
+        if self.node_reregistrations > 0 {
+            writeln!(
+                f,
+                "  WARNING: the emulated node was declared dead and registered again {} times",
+                self.node_reregistrations
+            )?;
+        }
         writeln!(
             f,
             "  join phase   concurrency {} over {} connections",

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -14,7 +15,7 @@ use starling_proto::v1::edge_service_client::EdgeServiceClient;
 use starling_proto::v1::viewer_service_client::ViewerServiceClient;
 use starling_proto::v1::{
     BroadcastRef, CommandsRequest, CreateBroadcastRequest, HealthReport, IngestHealth, JoinRequest,
-    LeaveRequest, PublicKey, RegisterNodeRequest, SourceHealth,
+    LeaveRequest, NodeCommand, PublicKey, RegisterNodeRequest, SourceHealth,
 };
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
@@ -38,6 +39,9 @@ pub struct Running {
     pub broadcast_id: String,
     /// Database backend as described ("sqlite", "postgres", or "external").
     pub backend: String,
+    /// Times the emulated node had to register again (the control plane declared it
+    /// dead: the figures after it are suspect).
+    pub node_reregistrations: Arc<AtomicU64>,
     child: Option<Child>,
     _data_dir: Option<tempfile::TempDir>,
     log_tail: Arc<Mutex<VecDeque<String>>>,
@@ -205,6 +209,7 @@ pub async fn start(cfg: &BenchConfig) -> Result<Running, BenchError> {
                 pid,
                 broadcast_id: String::new(),
                 backend: backend.into(),
+                node_reregistrations: Arc::default(),
                 child: Some(child),
                 _data_dir: Some(dir),
                 log_tail: log_tail.clone(),
@@ -237,6 +242,7 @@ pub async fn start(cfg: &BenchConfig) -> Result<Running, BenchError> {
                 pid: *pid,
                 broadcast_id: String::new(),
                 backend: "external".into(),
+                node_reregistrations: Arc::default(),
                 child: None,
                 _data_dir: None,
                 log_tail: log_tail.clone(),
@@ -273,6 +279,7 @@ pub async fn start(cfg: &BenchConfig) -> Result<Running, BenchError> {
         &node_key,
         created.id.clone(),
         cfg.stream_kbps,
+        running.node_reregistrations.clone(),
         stop_rx,
     )
     .await?;
@@ -280,21 +287,29 @@ pub async fn start(cfg: &BenchConfig) -> Result<Running, BenchError> {
     Ok(running)
 }
 
-/// Registers a data-plane node (capacity 0 = unlimited), keeps its command stream
-/// open and reports health (UP, at `stream_kbps`) at the announced interval, in a task
-/// that ends when `stop` turns true.
-async fn emulate_node(
-    channel: Channel,
-    node_key: &str,
+/// Most time between the emulated node's health reports, whatever the announced
+/// interval (the control plane's `--heartbeat-interval-ms` is also the viewers'; a long
+/// one must not get the node declared dead).
+const MAX_NODE_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The emulated node's identity and what it reports.
+#[derive(Clone)]
+struct NodeSpec {
+    key: [u8; 32],
     broadcast_id: String,
     stream_kbps: u32,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), BenchError> {
-    let bearer = BearerInterceptor::new(node_key)
-        .map_err(|e| BenchError::Config(format!("node key: {e}")))?;
-    let mut edge = EdgeServiceClient::with_interceptor(channel, bearer);
-    let mut key = [0u8; 32];
-    rand::rng().fill(&mut key);
+}
+
+type EdgeClient =
+    EdgeServiceClient<tonic::service::interceptor::InterceptedService<Channel, BearerInterceptor>>;
+
+/// Registers the node and opens its command stream: its id, report interval and
+/// command stream.
+async fn register(
+    edge: &mut EdgeClient,
+    spec: &NodeSpec,
+) -> Result<(String, Duration, tonic::Streaming<NodeCommand>), tonic::Status> {
+    let key = spec.key;
     let reg = edge
         .register(RegisterNodeRequest {
             node_name: "control-bench".into(),
@@ -307,55 +322,112 @@ async fn emulate_node(
                 ed25519: key.to_vec(),
             }),
         })
-        .await
-        .map_err(|s| BenchError::Setup(format!("EdgeService.Register: {s}")))?
+        .await?
         .into_inner();
-    let node_id = reg.node_id;
-    let mut commands = edge
+    let commands = edge
         .commands(CommandsRequest {
-            node_id: node_id.clone(),
+            node_id: reg.node_id.clone(),
         })
-        .await
-        .map_err(|s| BenchError::Setup(format!("EdgeService.Commands: {s}")))?
+        .await?
         .into_inner();
-    let interval = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.clamp(100, 60_000)));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut commands_open = true;
-        loop {
-            tokio::select! {
-                _ = stop.changed() => return,
-                msg = commands.message(), if commands_open => {
-                    if !matches!(msg, Ok(Some(_))) {
-                        tracing::warn!("control-bench node: command stream ended: {msg:?}");
-                        commands_open = false;
-                    }
+    let interval = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.clamp(100, 60_000)))
+        .min(MAX_NODE_REPORT_INTERVAL);
+    Ok((reg.node_id, interval, commands))
+}
+
+/// One registration's life: health reports (UP, at the stream rate) until the
+/// control plane forgets the node, its command stream ends or `stop`; `true` = stop.
+async fn node_session(
+    edge: &mut EdgeClient,
+    spec: &NodeSpec,
+    node_id: String,
+    interval: Duration,
+    mut commands: tonic::Streaming<NodeCommand>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return true,
+            msg = commands.message() => {
+                if !matches!(msg, Ok(Some(_))) {
+                    tracing::warn!("control-bench node: command stream ended: {msg:?}");
+                    return false;
                 }
-                _ = tick.tick() => {
-                    let report = HealthReport {
-                        node_id: node_id.clone(),
-                        ingests: vec![IngestHealth {
-                            broadcast_id: broadcast_id.clone(),
-                            health: SourceHealth::Up as i32,
-                            error: String::new(),
-                            last_seq: 0,
-                            content_type: "application/octet-stream".into(),
-                            viewers: 0,
-                            bitrate_kbps: stream_kbps,
-                        }],
+            }
+            _ = tick.tick() => {
+                let report = HealthReport {
+                    node_id: node_id.clone(),
+                    ingests: vec![IngestHealth {
+                        broadcast_id: spec.broadcast_id.clone(),
+                        health: SourceHealth::Up as i32,
+                        error: String::new(),
+                        last_seq: 0,
+                        content_type: "application/octet-stream".into(),
                         viewers: 0,
-                    };
-                    let call = edge.report_health(report);
-                    match tokio::time::timeout(Duration::from_secs(10), call).await {
-                        Ok(Ok(ack)) if !ack.get_ref().known => {
-                            tracing::warn!("control-bench node: the control plane forgot the node");
-                        }
-                        Ok(Ok(_)) => {}
-                        Ok(Err(s)) => tracing::warn!("control-bench node: health report: {s}"),
-                        Err(_) => tracing::warn!("control-bench node: health report timed out"),
+                        bitrate_kbps: spec.stream_kbps,
+                    }],
+                    viewers: 0,
+                };
+                let call = edge.report_health(report);
+                match tokio::time::timeout(Duration::from_secs(10), call).await {
+                    Ok(Ok(ack)) if !ack.get_ref().known => {
+                        tracing::warn!("control-bench node: the control plane forgot the node");
+                        return false;
                     }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(s)) => tracing::warn!("control-bench node: health report: {s}"),
+                    Err(_) => tracing::warn!("control-bench node: health report timed out"),
                 }
+            }
+        }
+    }
+}
+
+/// Registers a data-plane node (capacity 0 = unlimited), keeps its command stream
+/// open and reports health at the announced interval (at most 1 s apart), in a task
+/// that registers again whenever the control plane forgets the node (counted in
+/// `reregistrations`) and ends when `stop` turns true.
+async fn emulate_node(
+    channel: Channel,
+    node_key: &str,
+    broadcast_id: String,
+    stream_kbps: u32,
+    reregistrations: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), BenchError> {
+    let bearer = BearerInterceptor::new(node_key)
+        .map_err(|e| BenchError::Config(format!("node key: {e}")))?;
+    let mut edge = EdgeServiceClient::with_interceptor(channel, bearer);
+    let mut key = [0u8; 32];
+    rand::rng().fill(&mut key);
+    let spec = NodeSpec {
+        key,
+        broadcast_id,
+        stream_kbps,
+    };
+    let (node_id, interval, commands) = register(&mut edge, &spec)
+        .await
+        .map_err(|s| BenchError::Setup(format!("EdgeService.Register / Commands: {s}")))?;
+    tokio::spawn(async move {
+        let mut session = Some((node_id, interval, commands));
+        loop {
+            if let Some((id, interval, commands)) = session.take()
+                && node_session(&mut edge, &spec, id, interval, commands, &mut stop).await
+            {
+                return;
+            }
+            if *stop.borrow() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match register(&mut edge, &spec).await {
+                Ok(s) => {
+                    reregistrations.fetch_add(1, Ordering::Relaxed);
+                    session = Some(s);
+                }
+                Err(s) => tracing::warn!("control-bench node: registering again: {s}"),
             }
         }
     });
