@@ -307,16 +307,18 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
     let own2 = own();
     let t0 = Instant::now();
     let churn = Arc::new(ChurnCounts::default());
+    let (churn_stop, churn_stop_rx) = watch::channel(false);
     let churn_task = (cfg.churn_per_s > 0.0).then(|| {
-        tokio::spawn(churn_loop(
-            cfg.clone(),
-            running.broadcast_id.clone(),
-            join_channels.clone(),
-            steady_channels.clone(),
-            keepers.clone(),
-            slots.clone(),
-            churn.clone(),
-        ))
+        tokio::spawn(churn_loop(Churn {
+            cfg: cfg.clone(),
+            broadcast_id: running.broadcast_id.clone(),
+            join_channels: join_channels.clone(),
+            steady_channels: steady_channels.clone(),
+            keepers: keepers.clone(),
+            slots: slots.clone(),
+            counts: churn.clone(),
+            stop: churn_stop_rx,
+        }))
     });
     while t0.elapsed() < cfg.steady {
         let left = cfg.steady.saturating_sub(t0.elapsed());
@@ -326,7 +328,9 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
             .store(t0.elapsed().as_secs(), Ordering::Relaxed);
     }
     if let Some(t) = churn_task {
-        t.abort();
+        // The leave-and-join in progress completes: every slot is held again.
+        let _ = churn_stop.send(true);
+        let _ = t.await;
     }
     let wall = t0.elapsed().as_secs_f64();
     let cp3 = sample(pid)?;
@@ -387,7 +391,8 @@ struct ChurnCounts {
 
 /// Leaves a random held session and joins a new one in its slot, `churn_per_s`
 /// times a second (one at a time: a slow control plane slows the churn).
-async fn churn_loop(
+/// What the churn task works on.
+struct Churn {
     cfg: BenchConfig,
     broadcast_id: String,
     join_channels: Vec<Channel>,
@@ -395,7 +400,20 @@ async fn churn_loop(
     keepers: Arc<Keepers>,
     slots: Slots,
     counts: Arc<ChurnCounts>,
-) {
+    stop: watch::Receiver<bool>,
+}
+
+async fn churn_loop(churn: Churn) {
+    let Churn {
+        cfg,
+        broadcast_id,
+        join_channels,
+        steady_channels,
+        keepers,
+        slots,
+        counts,
+        mut stop,
+    } = churn;
     let Some(channel) = join_channels.first().cloned() else {
         return;
     };
@@ -407,7 +425,10 @@ async fn churn_loop(
     let never = AtomicBool::new(false);
     let mut next_index = cfg.sessions;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
         let j = rand::rng().random_range(0..slots.len());
         let Some(old) = slots[j].lock().take() else {
             continue;
