@@ -15,6 +15,8 @@
 //!   child process), N peers spread over [`worker`] processes driven over TCP, and one
 //!   merged [`run::RunReport`] (with the [`bound`] Kumar–Liu–Ross fluid bound integrated
 //!   over the peers' actual stays and upload budgets).
+//! * [`control_bench`]: `starling-loadtest control-bench`, the control plane's own
+//!   benchmark (joins/s, CPU per join and per viewer-second, RSS per session).
 //! * [`report`]: [`Sample`]s of every peer's counters and [`Report`]s over a window:
 //!   peer share, continuity, start-up times, re-parenting, server egress, identity.
 //!
@@ -31,6 +33,7 @@
 //! ```
 
 pub mod bound;
+pub mod control_bench;
 pub mod deployment;
 mod error;
 pub mod pattern;

@@ -48,6 +48,183 @@ enum Command {
     /// The data-plane child process of `run` (internal).
     #[command(hide = true)]
     Dataplane(DataplaneArgs),
+    /// The control plane's benchmark: starts `starling-controlplane` as a child (or
+    /// uses --control), joins --sessions viewers over raw gRPC at --concurrency, then
+    /// holds them for --steady seconds by the session stream (--mode stream) or unary
+    /// heartbeats (--mode heartbeat); prints joins/s, latency, control-plane CPU per
+    /// join and per viewer-second, RSS per session (a table, or JSON with --json).
+    ControlBench(Box<ControlBenchArgs>),
+    /// The library control plane as control-bench's child process (internal).
+    #[command(name = "bench-controlplane", hide = true)]
+    BenchControlplane(BenchControlplaneArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ControlBenchArgs {
+    /// Sessions joined, then held through the steady phase.
+    #[arg(long, env = "STARLING_BENCH_SESSIONS", default_value_t = 10_000)]
+    sessions: usize,
+    /// Join calls in flight at once.
+    #[arg(long, env = "STARLING_BENCH_CONCURRENCY", default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections the join calls share.
+    #[arg(long, env = "STARLING_BENCH_CONNECTIONS", default_value_t = 8)]
+    connections: usize,
+    /// Sessions sharing one HTTP/2 connection in the steady phase (keep it at or below
+    /// the control plane's concurrent-streams limit; 100,000 sessions at 200 = 500
+    /// connections, well within 20,000 open files).
+    #[arg(
+        long,
+        env = "STARLING_BENCH_SESSIONS_PER_CONNECTION",
+        default_value_t = 200
+    )]
+    sessions_per_connection: usize,
+    /// How sessions stay alive: `stream` (ViewerService.Session) or `heartbeat` (unary
+    /// Heartbeat every heartbeat_interval_ms, the pre-stream SDK).
+    #[arg(long, env = "STARLING_BENCH_MODE", default_value = "stream", value_parser = ["stream", "heartbeat"])]
+    mode: String,
+    /// Steady phase length, seconds (measured after a 2 s settling period).
+    #[arg(long, env = "STARLING_BENCH_STEADY_S", default_value_t = 30)]
+    steady: u64,
+    /// Leaves per second during the steady phase, each followed by a new join (so
+    /// updates get pushed); 0 = none.
+    #[arg(long, env = "STARLING_BENCH_CHURN", default_value_t = 0.0)]
+    churn: f64,
+    /// The control-plane executable to start (default: `starling-controlplane` next to
+    /// this executable).
+    #[arg(
+        long,
+        env = "STARLING_BENCH_CONTROLPLANE_BIN",
+        conflicts_with = "control"
+    )]
+    controlplane_bin: Option<std::path::PathBuf>,
+    /// Start the library control plane in a child process of this executable instead
+    /// of the binary (tests; builds without the binary).
+    #[arg(long, env = "STARLING_BENCH_EMBEDDED", conflicts_with_all = ["controlplane_bin", "control"])]
+    embedded_controlplane: bool,
+    /// Database of the started control plane: a postgres:// URL (use a fresh database:
+    /// the control plane migrates it and the bench adds one broadcast and its
+    /// sessions). Default: a fresh SQLite file in a temporary directory.
+    #[arg(long, env = "STARLING_BENCH_DATABASE_URL")]
+    database_url: Option<String>,
+    /// An extra flag for the started control plane (repeatable), e.g.
+    /// `--cp-arg=--grpc-concurrency-per-connection=256` (the env var: space-separated).
+    #[arg(
+        long = "cp-arg",
+        env = "STARLING_BENCH_CP_ARGS",
+        value_delimiter = ' ',
+        allow_hyphen_values = true
+    )]
+    cp_args: Vec<String>,
+    /// Forward the started control plane's stderr.
+    #[arg(long, env = "STARLING_BENCH_CP_LOGS")]
+    cp_logs: bool,
+    /// Heartbeat interval the started control plane announces, ms.
+    #[arg(long, env = "STARLING_BENCH_HEARTBEAT_MS", default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// Measure this already running control plane (http://HOST:PORT; needs
+    /// --controlplane-pid and the admin and node keys).
+    #[arg(long, env = "STARLING_BENCH_CONTROL", requires_all = ["controlplane_pid", "admin_key"])]
+    control: Option<String>,
+    /// With --control: its process id (CPU and RSS are read from /proc).
+    #[arg(long, env = "STARLING_BENCH_CONTROLPLANE_PID")]
+    controlplane_pid: Option<u32>,
+    /// With --control: the admin key.
+    #[arg(long, env = "STARLING_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// With --control: the node key (default: the admin key).
+    #[arg(long, env = "STARLING_NODE_KEY", hide_env_values = true)]
+    node_key: Option<String>,
+    /// Stream rate the emulated data-plane node reports, kbit/s (sizes child slots).
+    #[arg(long, env = "STARLING_BENCH_STREAM_KBPS", default_value_t = 1000)]
+    stream_kbps: u32,
+    /// Upload budgets as multiples of the stream rate, given to joins in turn (0 =
+    /// does not relay).
+    #[arg(
+        long,
+        env = "STARLING_BENCH_UPLOAD_PROFILE",
+        default_value = "0,1,2,0,1.5,3"
+    )]
+    upload_profile: String,
+    /// Substreams of the benchmark's broadcast.
+    #[arg(long, env = "STARLING_BENCH_SUBSTREAMS", default_value_t = 4)]
+    substreams: u32,
+    /// Announce 127.0.0.1 peer addresses (passes a strict peer-addr check) instead of
+    /// distinct 10.x.y.z ones.
+    #[arg(long, env = "STARLING_BENCH_LOOPBACK_ADDRS")]
+    loopback_addrs: bool,
+    /// Print the report as JSON on stdout (the table goes to stderr).
+    #[arg(long, env = "STARLING_BENCH_JSON")]
+    json: bool,
+    /// No progress line on stderr.
+    #[arg(long, env = "STARLING_BENCH_QUIET")]
+    quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchControlplaneArgs {
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    heartbeat_interval_ms: u64,
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    #[arg(long, env = "STARLING_ADMIN_KEY", hide_env_values = true)]
+    admin_key: String,
+}
+
+fn control_bench_config(
+    a: ControlBenchArgs,
+) -> Result<(starling_loadtest::control_bench::BenchConfig, bool), Box<dyn std::error::Error>> {
+    use starling_loadtest::control_bench::{BenchConfig, Mode, PeerAddrs, Target};
+    let target = match a.control {
+        Some(url) => Target::External {
+            url,
+            pid: a
+                .controlplane_pid
+                .ok_or("--control needs --controlplane-pid")?,
+            node_key: a.node_key.or(a.admin_key.clone()).unwrap_or_default(),
+            admin_key: a.admin_key.ok_or("--control needs --admin-key")?,
+        },
+        None => Target::Spawn {
+            bin: if a.embedded_controlplane {
+                None
+            } else {
+                Some(match a.controlplane_bin {
+                    Some(b) => b,
+                    None => std::env::current_exe()?.with_file_name("starling-controlplane"),
+                })
+            },
+            database_url: a.database_url,
+            extra_args: a.cp_args,
+            show_logs: a.cp_logs,
+        },
+    };
+    let mut cfg = BenchConfig::new(target);
+    cfg.sessions = a.sessions;
+    cfg.concurrency = a.concurrency;
+    cfg.join_connections = a.connections;
+    cfg.sessions_per_connection = a.sessions_per_connection;
+    cfg.mode = if a.mode == "heartbeat" {
+        Mode::Heartbeat
+    } else {
+        Mode::Stream
+    };
+    cfg.steady = Duration::from_secs(a.steady);
+    cfg.churn_per_s = a.churn;
+    cfg.heartbeat_interval_ms = a.heartbeat_ms;
+    cfg.stream_kbps = a.stream_kbps;
+    cfg.upload_profile = UploadProfile::parse(&a.upload_profile)?.multiples;
+    cfg.substreams = a.substreams;
+    cfg.peer_addrs = if a.loopback_addrs {
+        PeerAddrs::Loopback
+    } else {
+        PeerAddrs::Diverse
+    };
+    cfg.progress = !a.quiet;
+    Ok((cfg, a.json))
 }
 
 #[derive(Debug, clap::Args)]
@@ -254,6 +431,23 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::ControlBench(args) => match control_bench_config(*args) {
+            Ok((cfg, json)) => rt
+                .block_on(starling_loadtest::control_bench::run_and_print(cfg, json))
+                .map_err(Into::into),
+            Err(e) => Err(e),
+        },
+        Command::BenchControlplane(a) => rt
+            .block_on(starling_loadtest::control_bench::embedded::serve(
+                starling_loadtest::control_bench::embedded::EmbeddedConfig {
+                    listen: a.listen,
+                    data_dir: a.data_dir,
+                    database_url: a.database_url,
+                    admin_key: a.admin_key,
+                    heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms),
+                },
+            ))
+            .map_err(Into::into),
         Command::Demo(args) => rt.block_on(demo(args)),
         Command::Run(args) => rt.block_on(run(*args)),
         Command::Worker(args) => rt
