@@ -28,6 +28,8 @@ use crate::shared::{Shared, stopped};
 const DEFAULT_COUNTERS_INTERVAL: Duration = Duration::from_secs(10);
 /// Shortest counters interval accepted from the control plane.
 const MIN_COUNTERS_INTERVAL: Duration = Duration::from_millis(50);
+/// Substreams a broadcast can have (1..=64).
+const MAX_SUBSTREAMS: u32 = 64;
 /// How often local state is looked at: a re-join's new session, a lowered upload
 /// budget (no network traffic).
 const LOCAL_CHECK: Duration = Duration::from_millis(250);
@@ -84,7 +86,8 @@ impl Mirror {
     /// was given.
     pub(super) fn apply(&mut self, a: Assignment, neighbours_changed: bool) -> bool {
         let changed = !a.parents.is_empty() || neighbours_changed;
-        for (s, p) in a.parents {
+        // Substream numbers beyond the most a stream has cannot grow the mirror.
+        for (s, p) in a.parents.into_iter().filter(|(s, _)| *s < MAX_SUBSTREAMS) {
             self.tickets.remove(&s);
             self.parents.insert(s, p);
         }
@@ -117,9 +120,14 @@ impl Mirror {
 enum StreamEnd {
     /// The viewer stops (or the session is over): the upkeep ends.
     Stop,
-    /// Transport error or end without `active = false`: reopen after the back-off.
+    /// Transport error or end without `active = false`: reopen after the back-off
+    /// (at least `at_least`: a busy control plane's retry pushback).
     /// `delivered`: it carried at least one message (the back-off restarts).
-    Broken { error: String, delivered: bool },
+    Broken {
+        error: String,
+        delivered: bool,
+        at_least: Duration,
+    },
     /// A re-join replaced the session: open the new one's stream now.
     SessionChanged,
 }
@@ -171,16 +179,17 @@ async fn session_loop(u: &Upkeep, seed: Assignment) -> bool {
                 ..
             }) => return true,
             Err(e) => {
-                let wait = match &e {
+                let at_least = match &e {
                     SdkError::ControlBusy {
                         retry_after: Some(d),
                         ..
-                    } => backoff.max(*d),
-                    _ => backoff,
+                    } => *d,
+                    _ => Duration::ZERO,
                 };
                 StreamEnd::Broken {
-                    error: format!("{e} (retry in {:?}+)", wait),
+                    error: e.to_string(),
                     delivered: false,
+                    at_least,
                 }
             }
         };
@@ -190,12 +199,19 @@ async fn session_loop(u: &Upkeep, seed: Assignment) -> bool {
                 backoff = u.reconnect_initial;
                 continue;
             }
-            StreamEnd::Broken { error, delivered } => {
+            StreamEnd::Broken {
+                error,
+                delivered,
+                at_least,
+            } => {
                 if delivered {
                     backoff = u.reconnect_initial;
                 }
-                tracing::warn!("session stream lost (still playing): {error}");
-                let wait = jittered(backoff);
+                let wait = jittered(backoff.max(at_least));
+                tracing::warn!(
+                    retry_ms = wait.as_millis(),
+                    "session stream lost (still playing): {error}"
+                );
                 backoff = (backoff * 2).min(u.reconnect_max.max(u.reconnect_initial));
                 tokio::select! {
                     _ = stopped(&mut stop) => return false,
@@ -263,9 +279,16 @@ impl Run<'_> {
                         return StreamEnd::Broken {
                             error: "ended by the control plane".into(),
                             delivered,
+                            at_least: Duration::ZERO,
                         };
                     }
-                    Err(e) => return StreamEnd::Broken { error: e.to_string(), delivered },
+                    Err(e) => {
+                        return StreamEnd::Broken {
+                            error: e.to_string(),
+                            delivered,
+                            at_least: Duration::ZERO,
+                        };
+                    }
                 },
                 () = tokio::time::sleep_until(next_counters) => {
                     next_counters = Instant::now() + *self.interval;
@@ -383,6 +406,7 @@ fn closed(delivered: bool) -> StreamEnd {
     StreamEnd::Broken {
         error: "stream closed".into(),
         delivered,
+        at_least: Duration::ZERO,
     }
 }
 
@@ -449,6 +473,14 @@ mod tests {
         assert_eq!(full.tickets, vec![ticket(1, 3)]);
         assert!(full.neighbours.is_empty(), "the new full list is empty");
         assert!(!m.apply(Assignment::default(), false), "an empty delta");
+        m.apply(
+            Assignment {
+                parents: (64..10_000).map(|s| (s, dp())).collect(),
+                ..Assignment::default()
+            },
+            false,
+        );
+        assert_eq!(m.full().parents.len(), 3, "no substream beyond 63 is kept");
     }
 
     #[test]
