@@ -32,7 +32,7 @@ const MIN_COUNTERS_INTERVAL: Duration = Duration::from_millis(50);
 const MAX_SUBSTREAMS: u32 = 64;
 /// How often local state is looked at: a re-join's new session, a lowered upload
 /// budget (no network traffic).
-const LOCAL_CHECK: Duration = Duration::from_millis(250);
+const LOCAL_CHECK: Duration = Duration::from_secs(1);
 
 type StopRx = watch::Receiver<Option<Result<(), SdkError>>>;
 
