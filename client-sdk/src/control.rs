@@ -1,14 +1,18 @@
-//! The control-plane side: `ViewerService` Join / Heartbeat / Leave / Reparent /
-//! ReportPeer / Report over gRPC.
+//! The control-plane side: `ViewerService` Join (retried on `RESOURCE_EXHAUSTED` with
+//! the server's pushback plus jitter) / Session (the stream, as typed deltas) /
+//! Heartbeat / Leave / Reparent / ReportPeer / Report over gRPC, on one HTTP/2 channel
+//! with keep-alive.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use starling_proto::v1::viewer_service_client::ViewerServiceClient;
 use starling_proto::v1::{
     HeartbeatRequest, JoinRequest, LeaveRequest, PeerRef, PeerReportKind, PublicKey,
-    ReparentRequest, ReportPeerRequest, ReportRequest, StreamParams, SubstreamParent, ViewerReport,
+    ReparentRequest, ReportPeerRequest, ReportRequest, SessionDown, SessionUp, StreamParams,
+    SubstreamParent, ViewerReport,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -102,7 +106,7 @@ fn ticket_of(p: &SubstreamParent) -> Option<Ticket> {
     })
 }
 
-fn assignment(parents: Vec<SubstreamParent>, neighbours: Vec<PeerRef>) -> Assignment {
+pub(crate) fn assignment(parents: Vec<SubstreamParent>, neighbours: Vec<PeerRef>) -> Assignment {
     Assignment {
         tickets: parents.iter().filter_map(ticket_of).collect(),
         parents: parents
@@ -175,12 +179,152 @@ pub(crate) struct HeartbeatInfo {
     pub chunk_keys: Vec<KeyMaterial>,
 }
 
+/// How the control-plane channel is set up and how `Join` is retried.
+#[derive(Debug, Clone)]
+pub(crate) struct ControlOptions {
+    /// Connect timeout, and the limit for a unary call (or a stream's opening).
+    pub timeout: Duration,
+    /// Bind the channel's sockets to this IP ([`control_bind_ip`]).
+    pub local: Option<IpAddr>,
+    /// HTTP/2 PING interval (`None`: no keep-alive).
+    pub keep_alive: Option<Duration>,
+    /// A PING unanswered this long closes the connection (its streams fail).
+    pub keep_alive_timeout: Duration,
+    /// Most `Join` attempts when the control plane answers `RESOURCE_EXHAUSTED`.
+    pub join_attempts: u32,
+    /// No `Join` retry starts later than this after the first attempt.
+    pub join_deadline: Duration,
+}
+
+/// First own back-off of a `Join` refused as busy without a pushback; doubled per
+/// refusal up to [`JOIN_BACKOFF_MAX`].
+const JOIN_BACKOFF_INITIAL: Duration = Duration::from_millis(250);
+const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(8);
+
+/// `base` plus a uniformly random extra of 0..50 % of it. Never shorter than `base`,
+/// so a server's retry pushback is always honoured; the spread de-synchronises a crowd
+/// refused in the same instant without doubling anyone's wait (as full jitter
+/// between `base` and `2 * base` would at worst).
+pub(crate) fn jittered(base: Duration) -> Duration {
+    base + base.mul_f64(unit_random() * 0.5)
+}
+
+/// A number in `[0, 1)`, random enough for jitter (std's per-process random hash keys
+/// over a counter; no RNG dependency).
+fn unit_random() -> f64 {
+    use std::hash::BuildHasher;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let h = std::hash::RandomState::new().hash_one(N.fetch_add(1, Ordering::Relaxed));
+    // 53 random bits as a fraction.
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// One change pushed on the session stream (`SessionDown`), typed. Every field is a
+/// delta: empty means unchanged.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SessionDelta {
+    pub active: bool,
+    /// The changed parents (and their tickets); `neighbours` is the new full list only
+    /// when `neighbours_changed`.
+    pub assignment: Assignment,
+    pub neighbours_changed: bool,
+    pub token: Bytes,
+    pub token_expires_at_ms: u64,
+    pub revoked: Vec<PeerId>,
+    /// Non-zero: `token_keys` and `chunk_keys` are the new full sets.
+    pub keys_version: u64,
+    pub token_keys: Vec<KeyMaterial>,
+    pub chunk_keys: Vec<KeyMaterial>,
+    pub counters_interval: Option<Duration>,
+}
+
+impl SessionDelta {
+    fn from_wire(d: SessionDown) -> SessionDelta {
+        SessionDelta {
+            active: d.active,
+            assignment: assignment(d.parents, d.neighbours),
+            neighbours_changed: d.neighbours_changed,
+            token: Bytes::from(d.chunk_token),
+            token_expires_at_ms: ms(d.token_expires_at_unix_ms),
+            revoked: d.revoked_peer_ids,
+            keys_version: d.keys_version,
+            token_keys: keys(d.token_keys),
+            chunk_keys: keys(d.chunk_keys),
+            counters_interval: (d.counters_interval_ms > 0)
+                .then(|| Duration::from_millis(u64::from(d.counters_interval_ms))),
+        }
+    }
+}
+
+/// What the viewer sends up the session stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SessionUpdate {
+    pub counters: Counters,
+    /// The key sets' version held (first message only; 0 = none).
+    pub keys_version: u64,
+    pub refresh_keys: bool,
+}
+
+/// Messages queued towards the control plane on one stream (a full queue means the
+/// transport is stuck: the update is skipped and the next one carries the counters).
+const SESSION_UP_QUEUE: usize = 4;
+
+/// An open session stream.
+pub(crate) struct SessionStream {
+    up: tokio::sync::mpsc::Sender<SessionUp>,
+    down: tonic::Streaming<SessionDown>,
+}
+
+/// Why a message could not be queued on the session stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpError {
+    /// The queue is full (retry with the next update).
+    Full,
+    /// The stream is gone.
+    Closed,
+}
+
+impl SessionStream {
+    /// The next change; `Ok(None)` when the control plane ended the stream.
+    pub(crate) async fn next(&mut self) -> Result<Option<SessionDelta>, SdkError> {
+        match self.down.message().await {
+            Ok(m) => Ok(m.map(SessionDelta::from_wire)),
+            Err(s) => Err(SdkError::from_status("Session", s)),
+        }
+    }
+
+    /// Queues an update (never waits).
+    pub(crate) fn send(&self, u: SessionUpdate) -> Result<(), UpError> {
+        use tokio::sync::mpsc::error::TrySendError;
+        self.up
+            .try_send(session_up(String::new(), u))
+            .map_err(|e| match e {
+                TrySendError::Full(_) => UpError::Full,
+                TrySendError::Closed(_) => UpError::Closed,
+            })
+    }
+}
+
+fn session_up(session_id: String, u: SessionUpdate) -> SessionUp {
+    SessionUp {
+        session_id,
+        bytes_from_server: u.counters.bytes_from_server,
+        bytes_from_peers: u.counters.bytes_from_peers,
+        bytes_uploaded: u.counters.bytes_uploaded,
+        upload_kbps: u.counters.upload_kbps,
+        keys_version: u.keys_version,
+        refresh_keys: u.refresh_keys,
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Control {
     client: ViewerServiceClient<Channel>,
     broadcast_id: String,
     credential: String,
     client_version: String,
+    join_attempts: u32,
+    join_deadline: Duration,
 }
 
 /// The local IP the control channel binds to: the relay listener's IP when it is a
@@ -217,20 +361,29 @@ pub(crate) fn control_bind_ip(relay_listen: IpAddr, control_url: &str) -> Option
 }
 
 impl Control {
-    /// `local`: bind the channel's sockets to this IP ([`control_bind_ip`]).
+    /// A lazily connected channel to `url`, set up as `opts` says.
     pub(crate) fn new(
         url: &str,
         broadcast_id: &str,
         credential: Option<&str>,
         client_version: &str,
-        timeout: Duration,
-        local: Option<IpAddr>,
+        opts: &ControlOptions,
     ) -> Result<Control, SdkError> {
-        let endpoint = Endpoint::from_shared(url.to_string())
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| SdkError::Config(format!("control URL {url:?}: {e}")))?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .local_address(local);
+            .connect_timeout(opts.timeout)
+            // Bounds a unary call, and a stream's opening (up to its response
+            // headers), not the life of a stream.
+            .timeout(opts.timeout)
+            .local_address(opts.local);
+        if let Some(every) = opts.keep_alive {
+            // A dead control plane or path fails the session stream within
+            // `every + keep_alive_timeout`, and the stream is reopened.
+            endpoint = endpoint
+                .http2_keep_alive_interval(every)
+                .keep_alive_timeout(opts.keep_alive_timeout)
+                .keep_alive_while_idle(true);
+        }
         // Lazy: the channel (re)connects on use, so a control plane that is down now
         // and back later is picked up by the next heartbeat or re-join.
         let channel = endpoint.connect_lazy();
@@ -239,10 +392,71 @@ impl Control {
             broadcast_id: broadcast_id.to_string(),
             credential: credential.unwrap_or_default().to_string(),
             client_version: client_version.to_string(),
+            join_attempts: opts.join_attempts.max(1),
+            join_deadline: opts.join_deadline,
         })
     }
 
+    /// `Join`, again after a `RESOURCE_EXHAUSTED` (a flash crowd): after the server's
+    /// `grpc-retry-pushback-ms` (else an own back-off from 250 ms, doubled up to 8 s),
+    /// plus [`jittered`]'s 0..50 %; at most `join_attempts` attempts, none started
+    /// later than `join_deadline` after the first. Other errors come back at once.
     pub(crate) async fn join(&self, offer: &Offer) -> Result<JoinInfo, SdkError> {
+        let deadline = tokio::time::Instant::now() + self.join_deadline;
+        let mut own_backoff = JOIN_BACKOFF_INITIAL;
+        let mut attempt = 1;
+        loop {
+            let e = match self.join_once(offer).await {
+                Err(e @ SdkError::ControlBusy { .. }) => e,
+                r => return r,
+            };
+            let SdkError::ControlBusy { retry_after, .. } = &e else {
+                return Err(e);
+            };
+            let wait = jittered(retry_after.unwrap_or(own_backoff));
+            own_backoff = (own_backoff * 2).min(JOIN_BACKOFF_MAX);
+            if attempt >= self.join_attempts || tokio::time::Instant::now() + wait > deadline {
+                return Err(e);
+            }
+            tracing::info!(
+                attempt,
+                wait_ms = wait.as_millis(),
+                "Join: control plane busy, retrying"
+            );
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    /// Opens the session stream for `session_id`, `first` as its first message.
+    /// `UNIMPLEMENTED` (an older control plane) comes back as
+    /// [`SdkError::ControlRejected`] with that code.
+    pub(crate) async fn open_session(
+        &self,
+        session_id: &str,
+        first: SessionUpdate,
+    ) -> Result<SessionStream, SdkError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(SESSION_UP_QUEUE);
+        // The queue is new and empty: this cannot fail.
+        let _ = tx.try_send(session_up(session_id.to_string(), first));
+        let outbound =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+            );
+        let resp = self
+            .client
+            .clone()
+            .session(outbound)
+            .await
+            .map_err(|s| SdkError::from_status("Session", s))?;
+        Ok(SessionStream {
+            up: tx,
+            down: resp.into_inner(),
+        })
+    }
+
+    async fn join_once(&self, offer: &Offer) -> Result<JoinInfo, SdkError> {
         let resp = self
             .client
             .clone()

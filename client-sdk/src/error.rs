@@ -24,6 +24,15 @@ pub enum SdkError {
         code: tonic::Code,
         message: String,
     },
+    /// The control plane is overloaded (`RESOURCE_EXHAUSTED`, e.g. a flash crowd of
+    /// joins) and asked to be called again after `retry_after` (its
+    /// `grpc-retry-pushback-ms` trailer; `None`: it did not say).
+    #[error("control plane busy ({call}): {message}")]
+    ControlBusy {
+        call: &'static str,
+        message: String,
+        retry_after: Option<std::time::Duration>,
+    },
     /// The control plane's answer is unusable (e.g. no data-plane address).
     #[error("bad control plane response: {0}")]
     ControlResponse(String),
@@ -89,6 +98,11 @@ impl SdkError {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
                 SdkError::ControlUnavailable(format!("{call}: {}", s.message()))
             }
+            tonic::Code::ResourceExhausted => SdkError::ControlBusy {
+                call,
+                message: s.message().to_string(),
+                retry_after: retry_pushback(s.metadata()),
+            },
             code => SdkError::ControlRejected {
                 call,
                 code,
@@ -209,6 +223,7 @@ impl SdkError {
             | SdkError::PeerBind { .. } => Recovery::Fatal,
             SdkError::ControlRejected { .. } if self.is_fatal() => Recovery::Fatal,
             SdkError::ControlRejected { .. }
+            | SdkError::ControlBusy { .. }
             | SdkError::ControlUnavailable(_)
             | SdkError::ControlResponse(_)
             | SdkError::Connect { .. }
@@ -244,6 +259,16 @@ impl SdkError {
             }
         }
     }
+}
+
+/// The standard gRPC retry pushback (gRFC A6): `grpc-retry-pushback-ms`, a
+/// non-negative decimal number of milliseconds; absent or malformed = `None`. Capped
+/// at 10 minutes so a broken server cannot park the SDK forever.
+pub(crate) fn retry_pushback(md: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    const CAP_MS: u64 = 600_000;
+    let v = md.get("grpc-retry-pushback-ms")?.to_str().ok()?;
+    let ms: u64 = v.trim().parse().ok()?;
+    Some(std::time::Duration::from_millis(ms.min(CAP_MS)))
 }
 
 /// Wire error codes after which reconnecting to the same node with the same token is
@@ -408,9 +433,44 @@ mod tests {
             rejected(tonic::Code::ResourceExhausted),
             SdkError::ControlUnavailable("down".into()),
             SdkError::ControlResponse("no address".into()),
+            SdkError::ControlBusy {
+                call: "Join",
+                message: "busy".into(),
+                retry_after: None,
+            },
         ] {
             assert_eq!(recoveries(&e), [Reconnect; 3], "{e}");
         }
+    }
+
+    #[test]
+    fn resource_exhausted_reads_its_retry_pushback() {
+        let status = |v: Option<&'static str>| {
+            let mut s = tonic::Status::resource_exhausted("crowd");
+            if let Some(v) = v {
+                s.metadata_mut().insert(
+                    "grpc-retry-pushback-ms",
+                    tonic::metadata::MetadataValue::from_static(v),
+                );
+            }
+            SdkError::from_status("Join", s)
+        };
+        let retry = |e: SdkError| match e {
+            SdkError::ControlBusy { retry_after, .. } => retry_after,
+            other => panic!("not busy: {other}"),
+        };
+        assert_eq!(
+            retry(status(Some("250"))),
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(retry(status(None)), None);
+        assert_eq!(retry(status(Some("soon"))), None);
+        assert_eq!(retry(status(Some("-5"))), None);
+        assert_eq!(
+            retry(status(Some("99999999999"))),
+            Some(std::time::Duration::from_secs(600))
+        );
+        assert!(!status(None).is_fatal());
     }
 
     #[test]

@@ -138,6 +138,30 @@ struct Args {
     #[arg(long, env = "STARLING_PARENT_MAX_MISSED", default_value_t = 10)]
     parent_max_missed: u16,
 
+    /// Keep the control-plane session up with unary heartbeats only (no session
+    /// stream). By default the stream is used, and heartbeats only when the control
+    /// plane has no stream.
+    #[arg(long, env = "STARLING_NO_SESSION_STREAM")]
+    no_session_stream: bool,
+
+    /// HTTP/2 keep-alive PING interval on the control-plane connection, so a dead
+    /// control plane is noticed and the session stream reopened ("0s" = off).
+    #[arg(long, env = "STARLING_CONTROL_KEEPALIVE", default_value = "15s", value_parser = starling_proto::time::parse_duration)]
+    control_keepalive: Duration,
+
+    /// A keep-alive PING unanswered this long closes the control-plane connection.
+    #[arg(long, env = "STARLING_CONTROL_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = starling_proto::time::parse_duration)]
+    control_keepalive_timeout: Duration,
+
+    /// Most Join attempts while the control plane answers RESOURCE_EXHAUSTED (each
+    /// retry after its retry pushback plus 0..50 % jitter).
+    #[arg(long, env = "STARLING_JOIN_ATTEMPTS", default_value_t = 10)]
+    join_attempts: u32,
+
+    /// No Join retry starts later than this after the first attempt.
+    #[arg(long, env = "STARLING_JOIN_DEADLINE", default_value = "60s", value_parser = starling_proto::time::parse_duration)]
+    join_deadline: Duration,
+
     /// Log filter (tracing env-filter syntax, e.g. "info" or "starling_sdk=debug").
     #[arg(long, env = "STARLING_LOG", default_value = "warn")]
     log: String,
@@ -213,6 +237,11 @@ async fn main() -> anyhow::Result<()> {
     };
     cfg.parent_window = args.parent_window;
     cfg.parent_max_missed = args.parent_max_missed;
+    cfg.session_stream = !args.no_session_stream;
+    cfg.control_keep_alive = (!args.control_keepalive.is_zero()).then_some(args.control_keepalive);
+    cfg.control_keep_alive_timeout = args.control_keepalive_timeout;
+    cfg.join_attempts = args.join_attempts;
+    cfg.join_deadline = args.join_deadline;
 
     let mut sink = match &args.output {
         None => None,

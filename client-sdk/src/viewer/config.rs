@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use starling_proto::wire::{Limits, MAX_BROADCAST_ID};
 
-use crate::control::JoinInfo;
+use crate::control::{ControlOptions, JoinInfo};
 use crate::error::SdkError;
 use crate::reorder::ReorderConfig;
 
@@ -86,6 +86,25 @@ pub struct ViewerConfig {
     pub parent_window: u16,
     /// Default 10 (of 32).
     pub parent_max_missed: u16,
+    /// Keep the control-plane session up with the session stream
+    /// (`ViewerService.Session`: changes pushed when they happen, counters sent every
+    /// interval the control plane names). Default `true`; a control plane without it
+    /// (`UNIMPLEMENTED`) gets unary heartbeats instead, for the rest of the session.
+    /// `false`: unary heartbeats only.
+    pub session_stream: bool,
+    /// HTTP/2 keep-alive PING interval on the control-plane channel, idle or not, so a
+    /// dead control plane or path is noticed and the session stream reopened. Default
+    /// 15 s; `None`: no keep-alive.
+    pub control_keep_alive: Option<Duration>,
+    /// A keep-alive PING unanswered this long closes the control-plane connection.
+    /// Default 10 s.
+    pub control_keep_alive_timeout: Duration,
+    /// Most `Join` attempts while the control plane answers `RESOURCE_EXHAUSTED` (a
+    /// flash crowd); each retry waits its `grpc-retry-pushback-ms` (or an own
+    /// back-off) plus 0..50 % jitter. Default 10.
+    pub join_attempts: u32,
+    /// No `Join` retry starts later than this after the first attempt. Default 60 s.
+    pub join_deadline: Duration,
 }
 
 /// Report interval when neither the config nor `Join` says.
@@ -189,6 +208,11 @@ impl ViewerConfig {
             key_hold: crate::KeyHoldLimits::default(),
             parent_window: starling_grid::peer::SchedulerConfig::default().parent_window,
             parent_max_missed: starling_grid::peer::SchedulerConfig::default().parent_max_missed,
+            session_stream: true,
+            control_keep_alive: Some(Duration::from_secs(15)),
+            control_keep_alive_timeout: Duration::from_secs(10),
+            join_attempts: 10,
+            join_deadline: Duration::from_secs(60),
         }
     }
 
@@ -215,6 +239,18 @@ impl ViewerConfig {
             ));
         }
         Ok(())
+    }
+
+    /// How the control-plane channel is set up (`local`: the IP to bind to).
+    pub(super) fn control_options(&self, local: Option<IpAddr>) -> ControlOptions {
+        ControlOptions {
+            timeout: self.connect_timeout,
+            local,
+            keep_alive: self.control_keep_alive.filter(|d| !d.is_zero()),
+            keep_alive_timeout: self.control_keep_alive_timeout,
+            join_attempts: self.join_attempts,
+            join_deadline: self.join_deadline,
+        }
     }
 
     pub(super) fn limits(&self) -> Limits {

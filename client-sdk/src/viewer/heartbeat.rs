@@ -1,4 +1,5 @@
-//! Control-plane session upkeep: the heartbeat loop (early when a chunk names a key
+//! Control-plane session upkeep by unary `Heartbeat` (the fallback of [`super::session`]
+//! for a control plane without the session stream, or when configured): the loop (early when a chunk names a key
 //! this viewer lacks) that renews the token and keys, passes revocations and new grid
 //! assignments to the relay engine, and stops the viewer when its session is inactive.
 

@@ -1,6 +1,6 @@
 //! Starting a viewer: `Join` through the control plane or connect straight to a data
 //! plane, open the first data-plane connection, build the shared state, and spawn the
-//! tasks (HTTP endpoint, heartbeat, reports, and either the plain receiver or the
+//! tasks (HTTP endpoint, session upkeep, reports, and either the plain receiver or the
 //! peer-grid relay engine).
 
 use std::net::SocketAddr;
@@ -13,9 +13,9 @@ use tokio::task::JoinHandle;
 
 use super::config::{ViewerConfig, report_interval};
 use super::handle::Viewer;
-use super::heartbeat::heartbeat_loop;
 use super::peer_listener::prepare_relay;
 use super::receiver::{Receiver, Target, open_conn};
+use super::session::{Upkeep, upkeep};
 use crate::conn::WireConn;
 use crate::control::{Control, JoinInfo, Offer};
 use crate::error::SdkError;
@@ -46,8 +46,10 @@ impl Viewer {
             &config.broadcast_id,
             config.credential.as_deref(),
             &config.client_version,
-            config.connect_timeout,
-            crate::control::control_bind_ip(config.relay.listen.ip(), &config.control_url),
+            &config.control_options(crate::control::control_bind_ip(
+                config.relay.listen.ip(),
+                &config.control_url,
+            )),
         )?;
         let (peer_listener, offer) = prepare_relay(&config).await?;
         let join = control.join(&offer).await?;
@@ -134,6 +136,7 @@ impl Viewer {
             "joined the peer grid"
         );
         let peer_addr = (!offer.peer_addr.is_empty()).then(|| offer.peer_addr.clone());
+        let seed = join.assignment.clone();
         let (events, engine_tasks) = crate::relay::start(crate::relay::GridSetup {
             shared: shared.clone(),
             control: control.clone(),
@@ -160,12 +163,18 @@ impl Viewer {
             max_links_per_ip: config.relay.max_links_per_ip,
         })?;
         tasks.extend(engine_tasks);
-        tasks.push(tokio::spawn(heartbeat_loop(
-            control.clone(),
-            shared.clone(),
-            Some(events),
-            config.relay.upload_kbps(),
-            config.key_hold.min_interval,
+        tasks.push(tokio::spawn(upkeep(
+            Upkeep {
+                control: control.clone(),
+                shared: shared.clone(),
+                grid: Some(events),
+                offered_kbps: config.relay.upload_kbps(),
+                refresh_every: config.key_hold.min_interval,
+                reconnect_initial: config.reconnect_initial,
+                reconnect_max: config.reconnect_max,
+                stream: config.session_stream,
+            },
+            seed,
         )));
         tasks.push(tokio::spawn(crate::report::report_loop(
             control.clone(),
@@ -220,14 +229,24 @@ impl Viewer {
         let mut tasks = Vec::new();
         let local_addr = spawn_http(listener, &shared, &mut tasks);
         let report_every = control.as_ref().map(|(_, j)| report_interval(&config, j));
+        let seed = control
+            .as_ref()
+            .map(|(_, j)| j.assignment.clone())
+            .unwrap_or_default();
         let control = control.map(|(c, _)| c);
         if let Some(c) = &control {
-            tasks.push(tokio::spawn(heartbeat_loop(
-                c.clone(),
-                shared.clone(),
-                None,
-                0,
-                config.key_hold.min_interval,
+            tasks.push(tokio::spawn(upkeep(
+                Upkeep {
+                    control: c.clone(),
+                    shared: shared.clone(),
+                    grid: None,
+                    offered_kbps: 0,
+                    refresh_every: config.key_hold.min_interval,
+                    reconnect_initial: config.reconnect_initial,
+                    reconnect_max: config.reconnect_max,
+                    stream: config.session_stream,
+                },
+                seed,
             )));
             if let Some(every) = report_every {
                 tasks.push(tokio::spawn(crate::report::report_loop(

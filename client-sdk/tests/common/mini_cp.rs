@@ -1,12 +1,18 @@
-//! A small in-test control plane (ViewerService only) for the hostile-peer tests: a
-//! fixed parent plan per joiner, chunk keys the test can change at any time (a node
-//! that registers or rotates), a heartbeat interval of the test's choosing, and a log
-//! of heartbeats and peer reports.
+//! A small in-test control plane (ViewerService only) for the hostile-peer and
+//! session-stream tests: a fixed parent plan per joiner, chunk keys the test can change
+//! at any time (a node that registers or rotates), a heartbeat interval of the test's
+//! choosing, a real session stream (first message with the full state, then deltas the
+//! test pushes; versioned keys; counters logged), `Join` refusals with a retry
+//! pushback, and a log of joins, heartbeats, stream messages and peer reports.
 #![allow(dead_code)]
 
 use parking_lot::Mutex;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
 
 use starling_proto::ticket::TicketClaims;
 use starling_proto::token::{Scopes, TokenClaims, TokenSigner};
@@ -48,6 +54,31 @@ pub struct Log {
     pub reports: Vec<(String, u64, i32, String)>,
     /// (session, substream, excluded) of every Reparent.
     pub reparents: Vec<(String, u32, Vec<u64>)>,
+    /// When each Join call arrived (refused ones included).
+    pub join_attempts: Vec<Instant>,
+}
+
+/// A push queue of one open session stream.
+type Pusher = mpsc::Sender<Result<SessionDown, Status>>;
+
+/// The session stream's side of the fake.
+#[derive(Default)]
+pub struct SessionFake {
+    /// Answer Session with UNIMPLEMENTED (an older control plane).
+    pub unimplemented: bool,
+    /// Announced in every stream's first message (0 = not said).
+    pub counters_interval_ms: u32,
+    /// Version of the current key sets (bumped by [`MiniCp::set_chunk_keys`]).
+    pub keys_version: u64,
+    /// Revoked peers: whole in a first message, as deltas after.
+    pub revoked: Vec<u64>,
+    /// Sessions that are over (a stream for them answers active = false).
+    pub ended: HashSet<String>,
+    /// (session, keys_version) of every stream opened.
+    pub opens: Vec<(String, u64)>,
+    /// Every SessionUp after the first, with its session.
+    pub ups: Vec<(String, SessionUp)>,
+    streams: Vec<(String, Pusher)>,
 }
 
 #[derive(Clone)]
@@ -61,10 +92,14 @@ pub struct MiniCp {
     pub tokens: Arc<TokenSigner>,
     /// The chunk keys every Join and Heartbeat returns (changeable by the test).
     pub chunk_keys: Arc<Mutex<Vec<KeyMaterial>>>,
-    /// If set, what Join returns instead (the keys as they were before a node
-    /// registered: the viewer has not heard of the newest one until it beats).
+    /// If set, what Join and a stream's first message return instead (the keys as they
+    /// were before a node registered: the viewer has not heard of the newest one until
+    /// it beats or asks the stream for a refresh).
     pub join_chunk_keys: Option<Vec<KeyMaterial>>,
     pub log: Arc<Mutex<Log>>,
+    pub session: Arc<Mutex<SessionFake>>,
+    /// (Join calls still to refuse with RESOURCE_EXHAUSTED, pushback ms; 0 = none).
+    pub join_busy: Arc<Mutex<(u32, u64)>>,
 }
 
 impl MiniCp {
@@ -106,6 +141,108 @@ impl MiniCp {
 
     pub fn heartbeats(&self) -> usize {
         self.log.lock().heartbeats.len()
+    }
+
+    /// SessionUps (after the first of a stream) that asked for the current keys.
+    pub fn key_refreshes_asked(&self) -> usize {
+        self.session
+            .lock()
+            .ups
+            .iter()
+            .filter(|(_, u)| u.refresh_keys)
+            .count()
+    }
+
+    /// SessionUps of `session` after its streams' first messages.
+    pub fn ups_of(&self, session: &str) -> usize {
+        self.session
+            .lock()
+            .ups
+            .iter()
+            .filter(|(s, _)| s == session)
+            .count()
+    }
+
+    /// (session, keys_version) of every stream opened.
+    pub fn opens(&self) -> Vec<(String, u64)> {
+        self.session.lock().opens.clone()
+    }
+
+    /// Pushes `down` on every open stream of `session`; returns how many took it.
+    pub fn push(&self, session: &str, down: SessionDown) -> usize {
+        let mut st = self.session.lock();
+        st.streams.retain(|(_, tx)| !tx.is_closed());
+        st.streams
+            .iter()
+            .filter(|(s, _)| s == session)
+            .filter(|(_, tx)| tx.try_send(Ok(down.clone())).is_ok())
+            .count()
+    }
+
+    /// Breaks every open stream (a transport error at the viewer).
+    pub fn break_streams(&self) -> usize {
+        let streams = std::mem::take(&mut self.session.lock().streams);
+        let n = streams.len();
+        for (_, tx) in streams {
+            let _ = tx.try_send(Err(Status::unavailable("the fake broke the stream")));
+        }
+        n
+    }
+
+    /// New chunk key set: a new version, pushed to every open stream.
+    pub fn set_chunk_keys(&self, keys: Vec<KeyMaterial>) {
+        *self.chunk_keys.lock() = keys;
+        let version = {
+            let mut st = self.session.lock();
+            st.keys_version += 1;
+            st.keys_version
+        };
+        let down = self.keys_down(version);
+        let sessions: Vec<String> = self
+            .session
+            .lock()
+            .streams
+            .iter()
+            .map(|(s, _)| s.clone())
+            .collect();
+        for s in sessions {
+            self.push(&s, down.clone());
+        }
+    }
+
+    /// Revokes `ids`: pushed as a delta to every open stream.
+    pub fn revoke(&self, ids: &[u64]) {
+        let sessions: Vec<String> = {
+            let mut st = self.session.lock();
+            st.revoked.extend_from_slice(ids);
+            st.streams.iter().map(|(s, _)| s.clone()).collect()
+        };
+        for s in sessions {
+            self.push(
+                &s,
+                SessionDown {
+                    active: true,
+                    revoked_peer_ids: ids.to_vec(),
+                    ..SessionDown::default()
+                },
+            );
+        }
+    }
+
+    /// Ends `session`: its streams get active = false (and later ones too).
+    pub fn end_session(&self, session: &str) -> usize {
+        self.session.lock().ended.insert(session.to_string());
+        self.push(session, SessionDown::default())
+    }
+
+    fn keys_down(&self, version: u64) -> SessionDown {
+        SessionDown {
+            active: true,
+            keys_version: version,
+            token_keys: self.token_keys(),
+            chunk_keys: self.chunk_keys(),
+            ..SessionDown::default()
+        }
     }
 
     /// A parent ticket for (child, parent, substream), issued at a fixed time for the
@@ -177,15 +314,99 @@ impl ViewerService for MiniCp {
 
     async fn session(
         &self,
-        _req: Request<tonic::Streaming<starling_proto::v1::SessionUp>>,
+        req: Request<tonic::Streaming<starling_proto::v1::SessionUp>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        Err(Status::unimplemented(
-            "this fake control plane has no session stream",
-        ))
+        if self.session.lock().unimplemented {
+            return Err(Status::unimplemented(
+                "this fake control plane has no session stream",
+            ));
+        }
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("no first SessionUp"))?;
+        let sid = first.session_id.clone();
+        let (tx, rx) = mpsc::channel::<Result<SessionDown, Status>>(64);
+        let down = {
+            let log = self.log.lock();
+            let i = session_index(&sid);
+            let mut st = self.session.lock();
+            st.opens.push((sid.clone(), first.keys_version));
+            let known = i < log.joins.len() && !st.ended.contains(&sid);
+            if known {
+                let parents = match self.plans.get(i) {
+                    Some(p) => self.parents(i as u64 + 1, &log.joins, p),
+                    None => vec![],
+                };
+                let mut d = SessionDown {
+                    active: true,
+                    parents,
+                    neighbours_changed: true,
+                    neighbours: vec![],
+                    revoked_peer_ids: st.revoked.clone(),
+                    counters_interval_ms: st.counters_interval_ms,
+                    ..SessionDown::default()
+                };
+                if first.keys_version != st.keys_version {
+                    let k = self.keys_down(st.keys_version);
+                    d.keys_version = k.keys_version;
+                    d.token_keys = k.token_keys;
+                    d.chunk_keys = match &self.join_chunk_keys {
+                        // The keys as they were when the viewer joined (and opened the
+                        // stream): only a refresh brings the newer ones.
+                        Some(keys) => keys
+                            .iter()
+                            .map(|(id, k)| PublicKey {
+                                key_id: *id,
+                                ed25519: k.clone(),
+                            })
+                            .collect(),
+                        None => k.chunk_keys,
+                    };
+                }
+                st.streams.push((sid.clone(), tx.clone()));
+                d
+            } else {
+                SessionDown::default()
+            }
+        };
+        let _ = tx.try_send(Ok(down));
+        let cp = self.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(up)) = inbound.message().await {
+                let refresh = up.refresh_keys;
+                cp.session.lock().ups.push((sid.clone(), up));
+                if refresh {
+                    let v = cp.session.lock().keys_version;
+                    let _ = tx.try_send(Ok(cp.keys_down(v)));
+                }
+            }
+        });
+        let out =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+            );
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
         let req = req.into_inner();
+        self.log.lock().join_attempts.push(Instant::now());
+        {
+            let mut busy = self.join_busy.lock();
+            if busy.0 > 0 {
+                busy.0 -= 1;
+                let mut st = Status::resource_exhausted("the fake is in a flash crowd");
+                if busy.1 > 0
+                    && let Ok(v) = busy.1.to_string().parse()
+                {
+                    st.metadata_mut().insert("grpc-retry-pushback-ms", v);
+                }
+                return Err(st);
+            }
+        }
         let mut log = self.log.lock();
         let i = log.joins.len();
         let plan = self
@@ -337,5 +558,10 @@ pub fn new(
         chunk_keys: Arc::new(Mutex::new(chunk_keys)),
         join_chunk_keys: None,
         log: Arc::new(Mutex::new(Log::default())),
+        session: Arc::new(Mutex::new(SessionFake {
+            keys_version: 1,
+            ..SessionFake::default()
+        })),
+        join_busy: Arc::new(Mutex::new((0, 0))),
     }
 }
