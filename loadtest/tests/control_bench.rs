@@ -3,10 +3,6 @@
 //! sessions and a few seconds of steady state, `--json`. Asserts correctness only
 //! (every session joined and held through the steady phase, the JSON report complete
 //! and sane), never speeds.
-//!
-//! The stream-mode test is skipped, with a message, while the control plane answers
-//! UNIMPLEMENTED to `ViewerService.Session`; `STARLING_BENCH_REQUIRE_STREAM=1` makes
-//! that a failure.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -94,8 +90,10 @@ fn check_common(r: &Value, mode: &str) {
     assert_eq!(num(s, &["lost"]), 0.0, "{r}");
     assert_eq!(num(s, &["ended_by_server"]), 0.0, "{r}");
     assert!(num(s, &["wall_s"]) >= 4.0);
-    assert!(num(s, &["cp_cpu_s"]) > 0.0, "{r}");
-    assert!(num(s, &["cp_cpu_per_viewer_s_us"]) > 0.0, "{r}");
+    // Idle sessions on streams may cost the control plane less than one clock tick
+    // over a short steady phase: only the sign is checked.
+    assert!(num(s, &["cp_cpu_s"]) >= 0.0, "{r}");
+    assert!(num(s, &["cp_cpu_per_viewer_s_us"]) >= 0.0, "{r}");
     assert!(num(s, &["rss_kib"]) > 0.0);
     assert!(num(s, &["rss_per_session_kib"]) >= 0.0);
 }
@@ -114,18 +112,7 @@ fn heartbeat_mode_holds_every_session() {
 
 #[test]
 fn stream_mode_holds_every_session() {
-    let Some(r) = bench("stream") else {
-        assert!(
-            std::env::var("STARLING_BENCH_REQUIRE_STREAM").as_deref() != Ok("1"),
-            "the control plane answers UNIMPLEMENTED to ViewerService.Session and \
-             STARLING_BENCH_REQUIRE_STREAM=1"
-        );
-        eprintln!(
-            "SKIPPED: the control plane answers UNIMPLEMENTED to ViewerService.Session \
-             (set STARLING_BENCH_REQUIRE_STREAM=1 to fail instead)"
-        );
-        return;
-    };
+    let r = bench("stream").expect("the control plane serves ViewerService.Session");
     check_common(&r, "stream");
     let s = &r["steady"];
     assert_eq!(num(s, &["heartbeats_per_s"]), 0.0, "{r}");

@@ -4,8 +4,6 @@
 //! OTLP/gRPC. [`init`] installs it once per process and returns a [`Guard`] that
 //! flushes the exporter when dropped (or on [`Guard::shutdown`]).
 
-use std::time::Duration;
-
 /// What [`init`] sets up (built by each binary from its flags).
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -89,7 +87,8 @@ impl Drop for Guard {
 }
 
 /// How long the final flush of the exporter may take.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+#[cfg(feature = "otlp")]
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Installs the process's tracing subscriber as `cfg` says. The filter is checked
 /// before anything is built. With an OTLP endpoint, the exporter runs on the current

@@ -367,6 +367,11 @@ impl LiveGrids {
                     e.remember([(p, true)], now);
                 }
                 let moved = st.wake_moved(&out.moved);
+                // The requester's own stream too: its mirror of the session then holds
+                // the new parent at once, like every other parent change.
+                if let Some(w) = st.peers.get(&peer_id).and_then(|p| p.wake.as_ref()) {
+                    w.wake();
+                }
                 Ok((st.parent_ref(usize::from(s), out.parent), moved))
             }
             Err(GridError::InvalidSubstream(_)) => Err(invalid),
