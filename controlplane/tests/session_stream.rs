@@ -48,6 +48,8 @@ fn service(missed: u32, token_ttl: Duration) -> ServiceConfig {
         token_ttl,
         key_refresh: Duration::from_millis(100),
         session_detach_grace: Duration::from_millis(100),
+        // Long: counters sent sooner than a quarter of it are skipped (flood test).
+        session_counters_interval: Duration::from_secs(3600),
         trust: starling_controlplane::trust::TrustConfig {
             peer_addr_check: starling_controlplane::trust::PeerAddrCheck::Off,
             ..Default::default()
@@ -282,7 +284,7 @@ async fn first_message_is_complete_and_keys_version_resumes(store: Store) {
     assert_eq!(first.token_expires_at_unix_ms, b.token_expires_at_unix_ms);
     assert_ne!(first.keys_version, 0);
     assert_eq!(first.token_keys, b.token_keys);
-    assert_eq!(first.counters_interval_ms, 10_000);
+    assert_eq!(first.counters_interval_ms, 3_600_000);
 
     // A second stream of the same session takes over (the first ends with ABORTED);
     // holding the current keys_version, it gets no key sets.
@@ -563,6 +565,40 @@ async fn counters_on_the_stream_and_heartbeat_side_by_side(store: Store) {
     })
     .await
     .expect("the stream's counters were never recorded");
+    // A flood of counters within a quarter of the interval is not recorded (only
+    // a key refresh is answered): the share stays 3/4.
+    for i in 1..=50u64 {
+        sb.tx
+            .send(SessionUp {
+                bytes_from_server: 1000,
+                bytes_from_peers: 3000 + i * 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    sb.tx
+        .send(SessionUp {
+            refresh_keys: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Messages are handled in order: the refresh's answer comes after the flood.
+    loop {
+        let down = sb.message().await;
+        if down.keys_version != 0 {
+            break;
+        }
+    }
+    let share = h
+        .admin()
+        .get_broadcast(BroadcastRef { id: g.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .peer_share;
+    assert!((share - 0.75).abs() < 1e-9, "flood recorded: share {share}");
     // Heartbeat keeps working, for the streaming session and for A (no stream).
     for s in [&a, &b] {
         let hb = h

@@ -116,6 +116,11 @@ struct State {
     done: bool,
     /// The viewer closed its sending side (the stream stays: it still gets pushes).
     inbound_closed: bool,
+    /// Unix ms of the last counters message recorded (0 = none yet): a viewer sending
+    /// faster than a quarter of the counters interval has the extra messages' counters
+    /// skipped (they are cumulative, the next one carries them), so a flood of
+    /// `SessionUp`s costs neither grid-lock time nor database writes.
+    counters_at_ms: i64,
 }
 
 impl Drop for State {
@@ -222,6 +227,7 @@ impl Core {
             first: None,
             done: false,
             inbound_closed: false,
+            counters_at_ms: 0,
         };
         // Marked seen before reading the current state: a change from now on wakes us.
         state.rights.borrow_and_update();
@@ -606,7 +612,17 @@ impl State {
             ..Default::default()
         };
         let core = self.core.clone();
-        if self.grid.is_some() {
+        let now = now_ms();
+        let min_gap_ms =
+            i64::try_from(core.config.session_counters_interval.as_millis() / 4).unwrap_or(0);
+        if now.saturating_sub(self.counters_at_ms) < min_gap_ms {
+            // Too soon after the last counters: only a lowered upload budget and a key
+            // refresh are taken (both cheap and idempotent).
+            if up.upload_kbps > 0 && self.grid.is_some() {
+                core.grids.set_upload(&self.session_id, up.upload_kbps);
+            }
+        } else if self.grid.is_some() {
+            self.counters_at_ms = now;
             if !self.record(up) {
                 return Some(self.end());
             }
@@ -617,6 +633,7 @@ impl State {
         } else {
             // Without grid state: the database keeps the session alive (one write per
             // counters interval) and says when it is over.
+            self.counters_at_ms = now;
             core.metrics.counters_received();
             match core.store.touch_session(&self.session_id, now_ms()).await {
                 Ok(true) => {}
