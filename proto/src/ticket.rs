@@ -145,7 +145,7 @@ impl TokenSigner {
         msg.put_u64(claims.expires_at_ms);
         msg.put_u8(id.len() as u8);
         msg.put_slice(id);
-        let sig = self.key_pair().sign(&msg);
+        let sig = self.sign_bytes(&msg);
         msg.put_slice(sig.as_ref());
         let _context = msg.split_to(SIGNING_CONTEXT.len());
         Ok(msg.freeze())
