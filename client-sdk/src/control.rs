@@ -12,14 +12,14 @@ use starling_proto::v1::viewer_service_client::ViewerServiceClient;
 use starling_proto::v1::{
     HeartbeatRequest, JoinRequest, LeaveRequest, PeerRef, PeerReportKind, PublicKey,
     ReparentRequest, ReportPeerRequest, ReportRequest, SessionDown, SessionUp, StreamParams,
-    SubstreamParent, ViewerReport,
+    SubstreamParent, TicketKey, ViewerReport,
 };
 use tonic::transport::{Channel, Endpoint};
 
 use starling_grid::{Parent, PeerId};
 
 use crate::error::SdkError;
-use crate::rights::KeyMaterial;
+use crate::rights::{KeyMaterial, TicketKeys};
 
 /// Heartbeat interval used when the control plane does not say.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -136,12 +136,18 @@ pub(crate) struct JoinInfo {
     pub token_expires_at_ms: u64,
     pub token_keys: Vec<KeyMaterial>,
     pub chunk_keys: Vec<KeyMaterial>,
+    /// Our keys for version-2 parent tickets (secret; see [`Rights::set_ticket_keys`]).
+    pub ticket_keys: TicketKeys,
     /// How often to report (`None`: the control plane did not say).
     pub report_interval: Option<Duration>,
 }
 
 fn keys(v: Vec<PublicKey>) -> Vec<KeyMaterial> {
     v.into_iter().map(|k| (k.key_id, k.ed25519)).collect()
+}
+
+fn ticket_keys(v: Vec<TicketKey>) -> TicketKeys {
+    TicketKeys(v.into_iter().map(|k| (k.key_id, k.key)).collect())
 }
 
 fn ms(v: i64) -> u64 {
@@ -177,6 +183,8 @@ pub(crate) struct HeartbeatInfo {
     pub revoked: Vec<PeerId>,
     pub token_keys: Vec<KeyMaterial>,
     pub chunk_keys: Vec<KeyMaterial>,
+    /// Our keys for version-2 parent tickets (secret; see [`Rights::set_ticket_keys`]).
+    pub ticket_keys: TicketKeys,
 }
 
 /// How the control-plane channel is set up and how `Join` is retried.
@@ -235,6 +243,8 @@ pub(crate) struct SessionDelta {
     pub keys_version: u64,
     pub token_keys: Vec<KeyMaterial>,
     pub chunk_keys: Vec<KeyMaterial>,
+    /// Our keys for version-2 parent tickets (secret; see [`Rights::set_ticket_keys`]).
+    pub ticket_keys: TicketKeys,
     pub counters_interval: Option<Duration>,
 }
 
@@ -250,6 +260,7 @@ impl SessionDelta {
             keys_version: d.keys_version,
             token_keys: keys(d.token_keys),
             chunk_keys: keys(d.chunk_keys),
+            ticket_keys: ticket_keys(d.ticket_keys),
             counters_interval: (d.counters_interval_ms > 0)
                 .then(|| Duration::from_millis(u64::from(d.counters_interval_ms))),
         }
@@ -466,6 +477,7 @@ impl Control {
                 client_version: self.client_version.clone(),
                 peer_addr: offer.peer_addr.clone(),
                 upload_kbps: offer.upload_kbps,
+                mac_tickets: true,
             })
             .await
             .map_err(|s| SdkError::from_status("Join", s))?
@@ -492,6 +504,7 @@ impl Control {
             token_expires_at_ms: ms(resp.token_expires_at_unix_ms),
             token_keys: keys(resp.token_keys),
             chunk_keys: keys(resp.chunk_keys),
+            ticket_keys: ticket_keys(resp.ticket_keys),
             report_interval: (resp.report_interval_ms > 0)
                 .then(|| Duration::from_millis(u64::from(resp.report_interval_ms).max(100))),
         })
@@ -524,6 +537,7 @@ impl Control {
             revoked: resp.revoked_peer_ids,
             token_keys: keys(resp.token_keys),
             chunk_keys: keys(resp.chunk_keys),
+            ticket_keys: ticket_keys(resp.ticket_keys),
         })
     }
 

@@ -31,5 +31,6 @@ pub(crate) fn adopt(shared: &Shared, control: &Control, join: &JoinInfo) {
         &join.token_keys,
         &join.chunk_keys,
     );
+    shared.rights.set_ticket_keys(&join.ticket_keys, true);
     shared.stats_mut().rejoins += 1;
 }

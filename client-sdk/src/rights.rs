@@ -18,6 +18,7 @@ use starling_proto::integrity::{
     self, ChunkMeta, ChunkVerifier, IntegrityError, VerifiedSignatures,
 };
 use starling_proto::ticket::TicketClaims;
+use starling_proto::ticket_mac::{ParentTicketKeys, verify_any_ticket};
 use starling_proto::token::{Scopes, TokenError, TokenVerifier};
 use starling_proto::wire::{Chunk, ErrorCode, chunk_flags};
 use tokio::sync::{Notify, watch};
@@ -28,6 +29,19 @@ const MAX_REVOKED: usize = 4096;
 
 /// A public key as the control plane sends it: `(key_id, raw Ed25519 key)`.
 pub(crate) type KeyMaterial = (u32, Vec<u8>);
+
+/// Our secret keys for version-2 parent tickets, `(key_id, 32 bytes)`, as the control
+/// plane sends them; `Debug` shows only the key ids.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub(crate) struct TicketKeys(pub Vec<KeyMaterial>);
+
+impl std::fmt::Debug for TicketKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(id, _)| id))
+            .finish()
+    }
+}
 
 pub(crate) use starling_proto::time::unix_ms;
 
@@ -42,6 +56,9 @@ pub(crate) struct Keys {
     /// `None`: `Join` returned no chunk keys (legacy data plane or test fixture):
     /// chunks are not verified (and counted as such).
     chunks: Option<ChunkVerifier>,
+    /// Our keys for the version-2 parent tickets naming us (empty: we only admit on
+    /// version-1 tickets).
+    tickets: ParentTicketKeys,
 }
 
 /// What a peer's token grants on a link we accepted.
@@ -175,6 +192,7 @@ impl Rights {
             enforce_tokens: !token.token.is_empty() || !token_keys.is_empty(),
             chunks: (!chunk_keys.is_empty())
                 .then(|| build_chunks(broadcast_id, chunk_keys, pinned, cache.as_ref())),
+            tickets: ParentTicketKeys::default(),
         };
         let (tx, _) = watch::channel(token);
         Rights {
@@ -258,6 +276,19 @@ impl Rights {
                 self.cache.as_ref(),
             ));
         }
+        *guard = Arc::new(k);
+    }
+
+    /// Replaces our ticket keys (from `Join`, or with new key sets): kept when `keys` is
+    /// empty unless `always` (a re-join: a new peer id, so the old keys name nobody).
+    pub(crate) fn set_ticket_keys(&self, keys: &TicketKeys, always: bool) {
+        if keys.0.is_empty() && !always {
+            return;
+        }
+        let tickets = ParentTicketKeys::from_raw(keys.0.iter().map(|(id, k)| (*id, k.as_slice())));
+        let mut guard = self.keys.write();
+        let mut k = Keys::clone(&guard);
+        k.tickets = tickets;
         *guard = Arc::new(k);
     }
 
@@ -383,20 +414,21 @@ impl Rights {
         child: u64,
         parent: u64,
     ) -> Result<TicketClaims, Refusal> {
-        self.keys()
-            .tokens
-            .verify_ticket(
-                ticket,
-                &self.broadcast_id,
-                child,
-                parent,
-                unix_ms(),
-                self.skew_ms,
-            )
-            .map_err(|e| Refusal {
-                code: ErrorCode::Unauthorized,
-                message: format!("ticket_{}: {e}", e.reason()),
-            })
+        let keys = self.keys();
+        verify_any_ticket(
+            ticket,
+            &keys.tokens,
+            &keys.tickets,
+            &self.broadcast_id,
+            child,
+            parent,
+            unix_ms(),
+            self.skew_ms,
+        )
+        .map_err(|e| Refusal {
+            code: ErrorCode::Unauthorized,
+            message: format!("ticket_{}: {e}", e.reason()),
+        })
     }
 
     /// True once `grant` has expired (past its expiry plus the clock-skew tolerance).
@@ -534,6 +566,52 @@ mod tests {
         // Without keys: unverified.
         let legacy = Rights::new("b", Duration::ZERO, OwnToken::default(), &[], &[], None);
         assert_eq!(legacy.check_chunk(&s), ChunkCheck::Unverified);
+    }
+
+    /// Version-2 tickets are checked with our ticket keys, version 1 with the token
+    /// keys; a re-join's (empty) keys replace ours.
+    #[test]
+    fn tickets_of_both_versions() {
+        use starling_proto::ticket::TicketClaims;
+        let signer = TokenSigner::new(1, &generate_pkcs8().unwrap()).unwrap();
+        let now = unix_ms();
+        let claims = TicketClaims {
+            broadcast_id: "b".into(),
+            child_peer_id: 42,
+            parent_peer_id: 7,
+            substream_mask: 1,
+            issued_at_ms: now - 1_000,
+            expires_at_ms: now + 60_000,
+        };
+        let r = Rights::new(
+            "b",
+            Duration::ZERO,
+            OwnToken::default(),
+            &[(1, signer.public_key().to_vec())],
+            &[],
+            None,
+        );
+        let v1 = signer.sign_ticket(&claims).unwrap();
+        let v2 = signer.sign_ticket_mac(&claims).unwrap();
+        assert_eq!(r.check_ticket(&v1, 42, 7).unwrap(), claims);
+        let refused = r.check_ticket(&v2, 42, 7).unwrap_err();
+        assert!(
+            refused.message.starts_with("ticket_unknown_key"),
+            "{refused:?}"
+        );
+        let k = signer.ticket_key("b", 7).unwrap();
+        r.set_ticket_keys(&TicketKeys(vec![(k.key_id, k.key.to_vec())]), false);
+        assert_eq!(r.check_ticket(&v2, 42, 7).unwrap(), claims);
+        assert!(r.check_ticket(&v2, 43, 7).is_err());
+        // Empty keys keep ours, except after a re-join.
+        r.set_ticket_keys(&TicketKeys::default(), false);
+        assert!(r.check_ticket(&v2, 42, 7).is_ok());
+        r.set_ticket_keys(&TicketKeys::default(), true);
+        assert!(r.check_ticket(&v2, 42, 7).is_err());
+        assert_eq!(
+            format!("{:?}", TicketKeys(vec![(1, k.key.to_vec())])),
+            "[1]"
+        );
     }
 
     #[test]

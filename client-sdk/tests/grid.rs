@@ -256,6 +256,7 @@ mod fake_grid {
                 } else {
                     plan.child_slots
                 },
+                ticket_keys: Vec::new(),
             }))
         }
 
@@ -289,6 +290,7 @@ mod fake_grid {
                 revoked_peer_ids: revoked,
                 token_keys: self.keys.token_keys(),
                 chunk_keys: self.keys.chunk_keys(),
+                ticket_keys: Vec::new(),
             }))
         }
 

@@ -18,6 +18,7 @@
 //! costs one signature per substream per half lifetime; a viewer moved to a new parent
 //! gets its ticket in the same answer that names the parent.
 
+use crate::tokens::takes_mac_tickets;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -167,7 +168,7 @@ impl ParentTickets {
                 issued_at_ms: issued,
                 expires_at_ms: expires,
             };
-            match keys.sign_ticket(&claims) {
+            match keys.sign_ticket(&claims, takes_mac_tickets(parent)) {
                 Ok((key_id, t)) => {
                     let renew = now_ms.saturating_add(ms(self.ttl) / 2);
                     renew_at = Some(renew_at.map_or(renew, |r| r.min(renew)));
@@ -234,7 +235,7 @@ mod tests {
             SubstreamParent {
                 substream: 1,
                 peer: Some(PeerRef {
-                    peer_id: 9,
+                    peer_id: 8,
                     addr: "127.0.0.9:1".into(),
                 }),
                 ticket: Vec::new(),
@@ -242,6 +243,7 @@ mod tests {
         ]
     }
 
+    // Even peer ids: parents that check version-1 (Ed25519) tickets.
     #[test]
     fn tickets_name_child_parent_and_substream_and_are_cached() {
         let keys = keys();
@@ -253,7 +255,7 @@ mod tests {
         let mut p = parents();
         t.attach(&keys, "b", 5, &mut p, 1_000);
         assert!(p[0].ticket.is_empty(), "the data plane needs no ticket");
-        let c = v.verify_ticket(&p[1].ticket, "b", 5, 9, 1_000, 0).unwrap();
+        let c = v.verify_ticket(&p[1].ticket, "b", 5, 8, 1_000, 0).unwrap();
         assert_eq!(c.substream_mask, 0b10);
         assert_eq!(c.expires_at_ms, 601_000);
         // Cached until half the lifetime is left.
@@ -285,7 +287,7 @@ mod tests {
                 addr: "127.0.0.9:1".into(),
             })
         };
-        let mut p: Vec<SubstreamParent> = [(0, 9), (1, 9), (2, 7), (3, 9)]
+        let mut p: Vec<SubstreamParent> = [(0, 8), (1, 8), (2, 6), (3, 8)]
             .into_iter()
             .map(|(s, id)| SubstreamParent {
                 substream: s,
@@ -297,17 +299,17 @@ mod tests {
         t.attach(&keys, "b", 5, &mut p, 1_000);
         assert_eq!(p[0].ticket, p[1].ticket);
         assert_eq!(p[0].ticket, p[3].ticket);
-        let c = v.verify_ticket(&p[0].ticket, "b", 5, 9, 1_000, 0).unwrap();
+        let c = v.verify_ticket(&p[0].ticket, "b", 5, 8, 1_000, 0).unwrap();
         assert_eq!(c.substream_mask, 0b1011);
-        let c = v.verify_ticket(&p[2].ticket, "b", 5, 7, 1_000, 0).unwrap();
+        let c = v.verify_ticket(&p[2].ticket, "b", 5, 6, 1_000, 0).unwrap();
         assert_eq!(c.substream_mask, 0b0100);
         assert_eq!(t.cached(), 4);
-        // Substream 1 moves to parent 7: only it is re-signed, for its new parent.
-        p[1].peer = peer(7);
+        // Substream 1 moves to parent 6: only it is re-signed, for its new parent.
+        p[1].peer = peer(6);
         let before = p[0].ticket.clone();
         t.attach(&keys, "b", 5, &mut p, 2_000);
         assert_eq!(p[0].ticket, before);
-        let c = v.verify_ticket(&p[1].ticket, "b", 5, 7, 2_000, 0).unwrap();
+        let c = v.verify_ticket(&p[1].ticket, "b", 5, 6, 2_000, 0).unwrap();
         assert_eq!(c.substream_mask, 0b0010);
     }
 }

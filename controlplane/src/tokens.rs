@@ -31,7 +31,7 @@ use parking_lot::{Mutex, RwLock};
 
 use starling_proto::ticket::{TicketClaims, TicketError};
 use starling_proto::token::{KeyError, Scopes, TokenClaims, TokenError, TokenSigner};
-use starling_proto::v1::PublicKey;
+use starling_proto::v1::{PublicKey, TicketKey};
 
 use crate::store::{Store, StoreError, TokenKeyRecord};
 
@@ -54,6 +54,27 @@ pub const SIGN_LEAD: Duration = Duration::from_secs(20);
 /// TTL the process that issued it used.
 pub const RETIRE_AFTER: Duration =
     Duration::from_secs(MAX_TOKEN_TTL.as_secs() + SKEW_MARGIN.as_secs() + SIGN_LEAD.as_secs());
+
+/// The lowest bit of a peer id says which parent tickets that peer checks: set = it
+/// asked for version 2 (`JoinRequest.mac_tickets`). The control plane picks peer ids at
+/// random with this bit fixed, so whoever signs a ticket naming a parent knows the
+/// version to make from the id alone: no lookup, no memory per peer, the same answer in
+/// every replica.
+pub const MAC_TICKETS_BIT: u64 = 1;
+
+/// `random` (a random peer id) with [`MAC_TICKETS_BIT`] set as `mac` says.
+pub fn peer_id_with_ticket_version(random: u64, mac: bool) -> u64 {
+    if mac {
+        random | MAC_TICKETS_BIT
+    } else {
+        random & !MAC_TICKETS_BIT
+    }
+}
+
+/// Whether parent `peer_id` checks version-2 tickets (see [`MAC_TICKETS_BIT`]).
+pub fn takes_mac_tickets(peer_id: u64) -> bool {
+    peer_id & MAC_TICKETS_BIT != 0
+}
 
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -93,6 +114,10 @@ struct KeySet {
     signer: Arc<TokenSigner>,
     /// Published keys (signer first), with the retire time of each (`None` = current).
     published: Vec<(PublicKey, Option<i64>)>,
+    /// The signers of the published keys, in the same order: a relaying viewer gets its
+    /// version-2 ticket key under each ([`TokenKeys::ticket_keys`]), so it admits on
+    /// tickets made before a rotation and right after it.
+    all: Vec<Arc<TokenSigner>>,
 }
 
 /// The chunk-token signing keys and the token lifetime.
@@ -243,12 +268,36 @@ impl TokenKeys {
     ///
     /// # Errors
     /// The claims cannot be encoded (e.g. an over-long broadcast id).
-    pub fn sign_ticket(&self, claims: &TicketClaims) -> Result<(u32, Vec<u8>), TicketError> {
+    /// `mac`: the parent checks version-2 tickets (`JoinRequest.mac_tickets`), made
+    /// with two HMACs instead of an Ed25519 signature ([`starling_proto::ticket_mac`]);
+    /// version 1 otherwise, or when the key cannot make version 2.
+    pub fn sign_ticket(
+        &self,
+        claims: &TicketClaims,
+        mac: bool,
+    ) -> Result<(u32, Vec<u8>), TicketError> {
         let set = self.current();
-        Ok((
-            set.signer.key_id(),
-            set.signer.sign_ticket(claims)?.to_vec(),
-        ))
+        let ticket = if mac && set.signer.makes_mac_tickets() {
+            set.signer.sign_ticket_mac(claims)?
+        } else {
+            set.signer.sign_ticket(claims)?
+        };
+        Ok((set.signer.key_id(), ticket.to_vec()))
+    }
+
+    /// The keys `peer_id` of `broadcast_id` checks version-2 tickets naming it with: one
+    /// per published key that can make them (the signing key first). Secret: for that
+    /// viewer only.
+    pub fn ticket_keys(&self, broadcast_id: &str, peer_id: u64) -> Vec<TicketKey> {
+        self.current()
+            .all
+            .iter()
+            .filter_map(|s| s.ticket_key(broadcast_id, peer_id))
+            .map(|k| TicketKey {
+                key_id: k.key_id,
+                key: k.key.to_vec(),
+            })
+            .collect()
     }
 
     /// A key set of one fresh key (tests that need no database).
@@ -266,7 +315,11 @@ impl TokenKeys {
         )];
         TokenKeys {
             ttl,
-            set: RwLock::new(Arc::new(KeySet { signer, published })),
+            set: RwLock::new(Arc::new(KeySet {
+                all: vec![signer.clone()],
+                signer,
+                published,
+            })),
         }
     }
 
@@ -329,6 +382,7 @@ fn build_set(
         },
         chosen.retire_at_ms,
     )];
+    let mut all = vec![signer.clone()];
     let mut others: Vec<&TokenKeyRecord> = pool
         .iter()
         .copied()
@@ -341,19 +395,26 @@ fn build_set(
         .take(starling_proto::token::MAX_KEYS.saturating_sub(1))
     {
         match TokenSigner::new(r.key_id, &r.pkcs8) {
-            Ok(s) => published.push((
-                PublicKey {
-                    key_id: r.key_id,
-                    ed25519: s.public_key().to_vec(),
-                },
-                r.retire_at_ms,
-            )),
+            Ok(s) => {
+                published.push((
+                    PublicKey {
+                        key_id: r.key_id,
+                        ed25519: s.public_key().to_vec(),
+                    },
+                    r.retire_at_ms,
+                ));
+                all.push(Arc::new(s));
+            }
             Err(e) => {
                 tracing::error!(key_id = r.key_id, error = %e, "unusable chunk-token key; not published");
             }
         }
     }
-    Ok(KeySet { signer, published })
+    Ok(KeySet {
+        signer,
+        published,
+        all,
+    })
 }
 
 /// Peers revoked recently, per broadcast: told to viewers (heartbeat) and nodes (replay)

@@ -131,6 +131,7 @@ async fn ingesting_node_key_is_always_in_the_viewers_key_set(store: Store) {
             client_version: "chunk-keys-test".into(),
             peer_addr: String::new(),
             upload_kbps: 0,
+            mac_tickets: false,
         })
         .await
         .unwrap()

@@ -241,6 +241,7 @@ impl Harness {
                 client_version: "rights-test".into(),
                 peer_addr: peer_addr.into(),
                 upload_kbps,
+                mac_tickets: false,
             })
             .await
             .map(tonic::Response::into_inner)

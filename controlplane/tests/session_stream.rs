@@ -649,7 +649,96 @@ async fn malformed_first_messages_get_a_status(store: Store) {
     h.shutdown().await;
 }
 
+/// A relay that asks for version-2 tickets (as the SDK does) gets its ticket keys with
+/// its join, its heartbeats and its stream's key sets, and the tickets naming it are
+/// version 2, checked with those keys only; a relay that does not ask keeps version 1.
+async fn mac_tickets_for_relays_that_ask(store: Store) {
+    use starling_proto::ticket_mac::{ParentTicketKeys, TICKET_MAC_VERSION, verify_any_ticket};
+    use starling_proto::token::TokenVerifier;
+    let h = Harness::start(store).await;
+    let join_as = |id: String, addr: &'static str, upload: u32, mac: bool| {
+        let mut v = h.viewer();
+        async move {
+            v.join(JoinRequest {
+                broadcast_id: id,
+                client_version: "stream-test".into(),
+                peer_addr: addr.into(),
+                upload_kbps: upload,
+                mac_tickets: mac,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let now = starling_proto::time::unix_ms();
+    let g = live_grid(&h, 4).await;
+    let a = join_as(g.id.clone(), "10.0.0.1:7001", 1000, true).await;
+    assert_eq!(a.peer_id & 1, 1, "the peer id says: version 2");
+    assert_eq!(a.ticket_keys.len(), 1, "{:?}", a.ticket_keys.len());
+    assert_eq!(a.ticket_keys[0].key.len(), 32);
+    assert_eq!(a.ticket_keys[0].key_id, a.token_keys[0].key_id);
+    let ours = ParentTicketKeys::from_raw(a.ticket_keys.iter().map(|k| (k.key_id, &k.key[..])));
+    let mut public = TokenVerifier::new();
+    for k in &a.token_keys {
+        public.add_key(k.key_id, &k.ed25519).unwrap();
+    }
+    let b = join_as(g.id.clone(), "", 0, false).await;
+    assert_eq!(b.peer_id & 1, 0);
+    assert!(b.ticket_keys.is_empty(), "only for those who ask");
+    for p in &b.parents {
+        assert_eq!(peer_of(p), Some(a.peer_id));
+        assert_eq!(p.ticket[0], TICKET_MAC_VERSION);
+        let c = ours
+            .verify_ticket(&p.ticket, &g.id, b.peer_id, a.peer_id, now, 5_000)
+            .unwrap();
+        assert_ne!(c.substream_mask & (1 << p.substream), 0);
+        // The public keys cannot check it: it is for A alone.
+        let refused = verify_any_ticket(
+            &p.ticket,
+            &public,
+            &ParentTicketKeys::default(),
+            &g.id,
+            b.peer_id,
+            a.peer_id,
+            now,
+            5_000,
+        );
+        assert!(refused.is_err());
+    }
+    // The heartbeat and the stream's first message carry A's keys again.
+    let hb = h
+        .viewer()
+        .heartbeat(HeartbeatRequest {
+            session_id: a.session_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hb.ticket_keys, a.ticket_keys);
+    let mut sa = Stream::attach(&h, &a.session_id, 0).await;
+    assert_eq!(sa.message().await.ticket_keys, a.ticket_keys);
+
+    // A relay that does not ask: version-1 tickets, checked with the public keys.
+    let g2 = live_grid(&h, 4).await;
+    let r = join_as(g2.id.clone(), "10.0.0.2:7001", 1000, false).await;
+    assert!(r.ticket_keys.is_empty());
+    let v = join_as(g2.id.clone(), "", 0, true).await;
+    for p in &v.parents {
+        assert_eq!(peer_of(p), Some(r.peer_id));
+        assert_eq!(p.ticket[0], starling_proto::ticket::TICKET_VERSION);
+        public
+            .verify_ticket(&p.ticket, &g2.id, v.peer_id, r.peer_id, now, 5_000)
+            .unwrap();
+    }
+    drop(sa);
+    h.shutdown().await;
+}
+
 on_both_backends!(
+    mac_tickets_for_relays_that_ask,
     first_message_is_complete_and_keys_version_resumes,
     parent_leaving_pushes_only_the_changed_substreams,
     token_renewal_is_pushed,

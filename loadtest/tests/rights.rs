@@ -364,6 +364,7 @@ async fn revocation_cuts_off_data_plane_at_once_and_peers_within_a_token_lifetim
             client_version: "rights-test-shadow".into(),
             peer_addr: String::new(),
             upload_kbps: 0,
+            mac_tickets: false,
         })
         .await
         .expect("shadow join")
@@ -928,6 +929,7 @@ async fn polluter_cannot_reach_a_player() {
             client_version: "rights-test-polluter".into(),
             peer_addr: listen_addr.to_string(),
             upload_kbps: 8 * stream_kbps,
+            mac_tickets: false,
         })
         .await
         .expect("polluter join")

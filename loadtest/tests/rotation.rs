@@ -162,6 +162,7 @@ async fn chunk_token_key_rotation_drops_nobody() {
             client_version: "rotation-test-observer".into(),
             peer_addr: String::new(),
             upload_kbps: 0,
+            mac_tickets: false,
         })
         .await
         .expect("observer join")

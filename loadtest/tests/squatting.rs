@@ -80,6 +80,7 @@ async fn join_raw(dep: &Deployment) -> Joined {
             client_version: "squatting-test".into(),
             peer_addr: String::new(),
             upload_kbps: 0,
+            mac_tickets: false,
         })
         .await
         .expect("join")

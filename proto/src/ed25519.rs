@@ -79,6 +79,19 @@ pub(crate) fn check_envelope(
     fixed_len: usize,
     max_id: usize,
 ) -> Result<usize, EnvelopeError> {
+    check_envelope_with_tail(buf, max_len, version, fixed_len, max_id, SIGNATURE_LEN)
+}
+
+/// [`check_envelope`] for a layout that ends in `tail_len` bytes of authenticator
+/// instead of an Ed25519 signature (the MAC of a version-2 parent ticket).
+pub(crate) fn check_envelope_with_tail(
+    buf: &[u8],
+    max_len: usize,
+    version: u8,
+    fixed_len: usize,
+    max_id: usize,
+    tail_len: usize,
+) -> Result<usize, EnvelopeError> {
     if buf.len() > max_len {
         return Err(EnvelopeError::Oversized);
     }
@@ -99,7 +112,7 @@ pub(crate) fn check_envelope(
         return Err(EnvelopeError::Malformed("broadcast id too long"));
     }
     let body_len = fixed_len + id_len;
-    let total = body_len + SIGNATURE_LEN;
+    let total = body_len + tail_len;
     if buf.len() < total {
         return Err(EnvelopeError::Truncated);
     }

@@ -19,6 +19,7 @@ pub mod codec;
 mod ed25519;
 pub mod integrity;
 pub mod ticket;
+pub mod ticket_mac;
 pub mod time;
 pub mod token;
 pub mod wire;

@@ -118,21 +118,7 @@ impl TokenSigner {
     /// Encodes and signs a parent ticket with this token-signing key. Fails on an empty
     /// or over-long broadcast id, an empty mask, or `expires_at_ms <= issued_at_ms`.
     pub fn sign_ticket(&self, claims: &TicketClaims) -> Result<Bytes, TicketError> {
-        let id = claims.broadcast_id.as_bytes();
-        if id.is_empty() {
-            return Err(TicketError::Encode("empty broadcast id"));
-        }
-        if id.len() > MAX_BROADCAST_ID {
-            return Err(TicketError::Encode("broadcast id too long"));
-        }
-        if claims.substream_mask == 0 {
-            return Err(TicketError::Encode("empty substream mask"));
-        }
-        if claims.expires_at_ms <= claims.issued_at_ms {
-            return Err(TicketError::Encode(
-                "expires_at_ms must be after issued_at_ms",
-            ));
-        }
+        let id = check_signable(claims)?;
         let body_len = FIXED_LEN + id.len();
         let mut msg = BytesMut::with_capacity(SIGNING_CONTEXT.len() + body_len + SIGNATURE_LEN);
         msg.put_slice(SIGNING_CONTEXT);
@@ -150,6 +136,27 @@ impl TokenSigner {
         let _context = msg.split_to(SIGNING_CONTEXT.len());
         Ok(msg.freeze())
     }
+}
+
+/// The claims' broadcast id bytes, once the claims can be encoded: a non-empty id of at
+/// most [`MAX_BROADCAST_ID`] bytes, a non-empty mask, `expires_at_ms > issued_at_ms`.
+pub(crate) fn check_signable(claims: &TicketClaims) -> Result<&[u8], TicketError> {
+    let id = claims.broadcast_id.as_bytes();
+    if id.is_empty() {
+        return Err(TicketError::Encode("empty broadcast id"));
+    }
+    if id.len() > MAX_BROADCAST_ID {
+        return Err(TicketError::Encode("broadcast id too long"));
+    }
+    if claims.substream_mask == 0 {
+        return Err(TicketError::Encode("empty substream mask"));
+    }
+    if claims.expires_at_ms <= claims.issued_at_ms {
+        return Err(TicketError::Encode(
+            "expires_at_ms must be after issued_at_ms",
+        ));
+    }
+    Ok(id)
 }
 
 /// The parsed but not yet verified parts of a ticket.
@@ -213,35 +220,57 @@ impl TokenVerifier {
         msg[SIGNING_CONTEXT.len()..n].copy_from_slice(p.signed);
         key.verify(&msg[..n], p.signature)
             .map_err(|_| TicketError::BadSignature)?;
-        let c = p.claims;
-        if c.substream_mask == 0 {
-            return Err(TicketError::Malformed("empty substream mask"));
-        }
-        if c.expires_at_ms <= c.issued_at_ms {
-            return Err(TicketError::Malformed(
-                "expires_at_ms not after issued_at_ms",
-            ));
-        }
-        if std::str::from_utf8(&p.signed[FIXED_LEN..]).is_err() {
-            return Err(TicketError::Malformed("broadcast id is not UTF-8"));
-        }
-        if c.issued_at_ms > now_unix_ms.saturating_add(skew_ms) {
-            return Err(TicketError::NotYetValid);
-        }
-        if now_unix_ms >= c.expires_at_ms.saturating_add(skew_ms) {
-            return Err(TicketError::Expired);
-        }
-        if c.broadcast_id != expected_broadcast {
-            return Err(TicketError::WrongBroadcast);
-        }
-        if c.child_peer_id != child_peer_id {
-            return Err(TicketError::WrongChild);
-        }
-        if c.parent_peer_id != parent_peer_id {
-            return Err(TicketError::WrongParent);
-        }
-        Ok(c)
+        check_claims(
+            p.claims,
+            &p.signed[FIXED_LEN..],
+            expected_broadcast,
+            child_peer_id,
+            parent_peer_id,
+            now_unix_ms,
+            skew_ms,
+        )
     }
+}
+
+/// The checks after authentication, shared by both ticket versions: field sanity
+/// (`Malformed`), `NotYetValid`, `Expired`, `WrongBroadcast`, `WrongChild`,
+/// `WrongParent`. `broadcast` is the id's raw bytes.
+pub(crate) fn check_claims(
+    c: TicketClaims,
+    broadcast: &[u8],
+    expected_broadcast: &str,
+    child_peer_id: u64,
+    parent_peer_id: u64,
+    now_unix_ms: u64,
+    skew_ms: u64,
+) -> Result<TicketClaims, TicketError> {
+    if c.substream_mask == 0 {
+        return Err(TicketError::Malformed("empty substream mask"));
+    }
+    if c.expires_at_ms <= c.issued_at_ms {
+        return Err(TicketError::Malformed(
+            "expires_at_ms not after issued_at_ms",
+        ));
+    }
+    if std::str::from_utf8(broadcast).is_err() {
+        return Err(TicketError::Malformed("broadcast id is not UTF-8"));
+    }
+    if c.issued_at_ms > now_unix_ms.saturating_add(skew_ms) {
+        return Err(TicketError::NotYetValid);
+    }
+    if now_unix_ms >= c.expires_at_ms.saturating_add(skew_ms) {
+        return Err(TicketError::Expired);
+    }
+    if c.broadcast_id != expected_broadcast {
+        return Err(TicketError::WrongBroadcast);
+    }
+    if c.child_peer_id != child_peer_id {
+        return Err(TicketError::WrongChild);
+    }
+    if c.parent_peer_id != parent_peer_id {
+        return Err(TicketError::WrongParent);
+    }
+    Ok(c)
 }
 
 #[cfg(test)]

@@ -155,11 +155,13 @@ pub struct TokenSigner {
     /// parent on every join, so this is its hottest code under a flash crowd.
     #[cfg(feature = "fast-signing")]
     fast: Option<ed25519_dalek::SigningKey>,
+    /// The key version-2 parent tickets' keys are derived from
+    /// ([`crate::ticket_mac`]); present when the key came as PKCS#8.
+    ticket_master: Option<ring::hmac::Key>,
 }
 
 /// The 32-byte seed of an Ed25519 PKCS#8 document (v1 as written by OpenSSL, v2 as
 /// written by ring: both put it at the same place), `None` for any other layout.
-#[cfg(feature = "fast-signing")]
 fn pkcs8_seed(pkcs8: &[u8]) -> Option<[u8; 32]> {
     // SEQUENCE { INTEGER 0|1, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING (32) } ...
     const ALGORITHM_AND_KEY: [u8; 11] = [
@@ -178,14 +180,18 @@ fn pkcs8_seed(pkcs8: &[u8]) -> Option<[u8; 32]> {
 impl TokenSigner {
     /// From a PKCS#8 document (see [`generate_pkcs8`]).
     pub fn new(key_id: u32, pkcs8: &[u8]) -> Result<Self, KeyError> {
-        #[allow(unused_mut)]
         let mut signer = Self::from_key_pair(key_id, key_pair_from_pkcs8(pkcs8)?);
+        let Some(seed) = pkcs8_seed(pkcs8) else {
+            return Ok(signer);
+        };
         #[cfg(feature = "fast-signing")]
         {
-            signer.fast = pkcs8_seed(pkcs8)
-                .map(|seed| ed25519_dalek::SigningKey::from_bytes(&seed))
-                .filter(|fast| fast.verifying_key().as_bytes() == signer.key.public_key().as_ref());
+            let fast = ed25519_dalek::SigningKey::from_bytes(&seed);
+            if fast.verifying_key().as_bytes() == signer.key.public_key().as_ref() {
+                signer.fast = Some(fast);
+            }
         }
+        signer.ticket_master = Some(ticket_master_from_seed(&seed));
         Ok(signer)
     }
 
@@ -196,6 +202,7 @@ impl TokenSigner {
             key,
             #[cfg(feature = "fast-signing")]
             fast: None,
+            ticket_master: None,
         }
     }
 
@@ -214,6 +221,12 @@ impl TokenSigner {
 
     pub fn key_id(&self) -> u32 {
         self.key_id
+    }
+
+    /// The derivation key of version-2 parent tickets, `None` for a signer made from a
+    /// bare ring key pair ([`TokenSigner::from_key_pair`]).
+    pub(crate) fn ticket_master(&self) -> Option<&ring::hmac::Key> {
+        self.ticket_master.as_ref()
     }
 
     /// The 32-byte public key to distribute (with [`Self::key_id`]) to verifiers.
@@ -399,6 +412,19 @@ impl TokenVerifier {
         }
         Ok(claims)
     }
+}
+
+/// Input of the ticket master's derivation from a signing key's seed
+/// ([`crate::ticket_mac`]; here so that this module needs nothing from that one).
+const TICKET_MASTER_CONTEXT: &[u8] = b"starling/ticket-master/v2\0";
+
+/// The master key of a token-signing key's ticket keys.
+fn ticket_master_from_seed(seed: &[u8; 32]) -> ring::hmac::Key {
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed),
+        TICKET_MASTER_CONTEXT,
+    );
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, tag.as_ref())
 }
 
 #[cfg(test)]

@@ -73,6 +73,7 @@ pub(super) async fn heartbeat_loop(
                     continue;
                 }
                 shared.rights.update_keys(&hb.token_keys, &hb.chunk_keys);
+                shared.rights.set_ticket_keys(&hb.ticket_keys, false);
                 shared.rights.keys_refreshed(ticket);
                 if !hb.token.is_empty() {
                     shared.rights.set_token(OwnToken {

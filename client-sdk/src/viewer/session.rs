@@ -354,6 +354,7 @@ impl Run<'_> {
         }
         if d.keys_version != 0 {
             shared.rights.update_keys(&d.token_keys, &d.chunk_keys);
+            shared.rights.set_ticket_keys(&d.ticket_keys, false);
             self.mirror.keys_version = d.keys_version;
             if let Some(t) = self.pending_refresh.take() {
                 shared.rights.keys_refreshed(t);

@@ -324,6 +324,9 @@ fn new_shared(config: &ViewerConfig, started: Instant, join: Option<&JoinInfo>) 
             None,
         ),
     };
+    if let Some(j) = join {
+        rights.set_ticket_keys(&j.ticket_keys, false);
+    }
     let session = join.map(|j| Session {
         id: j.session_id.clone(),
         heartbeat: j.heartbeat,

@@ -451,6 +451,7 @@ impl ViewerService for MiniCp {
             } else {
                 plan.child_slots
             },
+            ticket_keys: Vec::new(),
         }))
     }
 
@@ -475,6 +476,7 @@ impl ViewerService for MiniCp {
             revoked_peer_ids: vec![],
             token_keys: self.token_keys(),
             chunk_keys: self.chunk_keys(),
+            ticket_keys: Vec::new(),
         }))
     }
 

@@ -1,6 +1,7 @@
 //! Sessions entering, living in and leaving a broadcast's grid: join (creating the
 //! grid), heartbeat (counters, upload budget), token state, re-search, leave and expiry.
 
+use crate::tokens::peer_id_with_ticket_version;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,9 +79,10 @@ impl LiveGrids {
         if st.closed {
             return Err(JoinRefused::Stopped);
         }
-        let mut peer_id = random_peer_id();
-        while st.peers.contains_key(&peer_id) {
-            peer_id = random_peer_id();
+        let fresh = || peer_id_with_ticket_version(random_peer_id(), input.mac_tickets);
+        let mut peer_id = fresh();
+        while peer_id == 0 || st.peers.contains_key(&peer_id) {
+            peer_id = fresh();
         }
         let upload = UploadTrust::new(
             input.upload_kbps,

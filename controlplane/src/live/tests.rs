@@ -23,6 +23,7 @@ fn input<'a>(session: &'a str, addr: &str, upload: u32) -> JoinInput<'a> {
         addr_prefix: 0,
         subject: None,
         credential_expires_at: None,
+        mac_tickets: false,
     }
 }
 

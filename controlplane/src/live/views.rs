@@ -178,6 +178,9 @@ pub struct JoinInput<'a> {
     /// Expiry of that credential (unix seconds), to know how long a revocation by
     /// subject must refuse it.
     pub credential_expires_at: Option<u64>,
+    /// The viewer checks version-2 parent tickets: its peer id gets
+    /// [`crate::tokens::MAC_TICKETS_BIT`].
+    pub mac_tickets: bool,
 }
 
 /// A session removed from the grid by expiry.

@@ -11,7 +11,7 @@
 
 use starling_proto::token::Scopes;
 use starling_proto::v1::{
-    BroadcastState, JoinRequest, JoinResponse, StreamParams, SubstreamParent,
+    BroadcastState, JoinRequest, JoinResponse, StreamParams, SubstreamParent, TicketKey,
 };
 
 use tonic::Status;
@@ -21,6 +21,7 @@ use super::{ApiError, ApiResult, Core, now_ms};
 use crate::auth::ViewerIdentity;
 use crate::live::{self, JoinInput, JoinRefused, TokenState};
 use crate::store::NewSession;
+use crate::tokens::takes_mac_tickets;
 use crate::validate;
 use starling_grid::assign::GridError;
 
@@ -140,6 +141,7 @@ impl Core {
                 remote_ip: remote.map(|r| r.ip()),
                 subject: subject.clone(),
                 credential_expires_at,
+                mac_tickets: req.mac_tickets,
             })
             .map_err(|e| match e {
                 JoinRefused::Grid(GridError::NoCapacity) => ApiError::Unavailable(format!(
@@ -250,6 +252,7 @@ impl Core {
             child_slots: grid.child_slots,
             token_expires_at_unix_ms: token.expires_at_ms,
             token_keys: self.tokens.public_keys(),
+            ticket_keys: self.ticket_keys(&b.id, grid.peer_id),
             chunk_keys,
             report_interval_ms: u32::try_from(self.config.report_interval.as_millis())
                 .unwrap_or(u32::MAX),
@@ -257,6 +260,16 @@ impl Core {
     }
 
     /// `parents` with a parent ticket on each peer entry ([`crate::tickets`]).
+    /// Viewer `peer_id`'s keys for the version-2 tickets naming it, if it asked for them
+    /// (its peer id says so: [`crate::tokens::MAC_TICKETS_BIT`]).
+    pub(super) fn ticket_keys(&self, broadcast_id: &str, peer_id: u64) -> Vec<TicketKey> {
+        if takes_mac_tickets(peer_id) {
+            self.tokens.ticket_keys(broadcast_id, peer_id)
+        } else {
+            Vec::new()
+        }
+    }
+
     pub(super) fn with_tickets(
         &self,
         broadcast_id: &str,

@@ -541,6 +541,9 @@ impl State {
             down.keys_version = version;
             down.token_keys = token_keys;
             down.chunk_keys = chunk_keys;
+            if let Some(a) = &self.grid {
+                down.ticket_keys = core.ticket_keys(&a.broadcast_id, a.peer_id);
+            }
             core.metrics.pushed(Pushed::Keys);
         }
     }

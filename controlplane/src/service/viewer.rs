@@ -78,6 +78,7 @@ impl Core {
                     revoked_peer_ids: self.revocations.list(&view.broadcast_id, now),
                     token_keys,
                     chunk_keys,
+                    ticket_keys: self.ticket_keys(&view.broadcast_id, view.peer_id),
                 })
             }
             None => {

@@ -65,6 +65,8 @@ pub fn join_request(cfg: &BenchConfig, broadcast_id: &str, i: usize) -> JoinRequ
         client_version: "starling-control-bench/0".into(),
         peer_addr,
         upload_kbps,
+        // As the SDK does: version-2 (MAC) parent tickets.
+        mac_tickets: true,
     }
 }
 
