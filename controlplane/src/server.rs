@@ -323,7 +323,7 @@ impl ControlPlane {
                 AdminServiceServer::new(api.clone()).max_decoding_message_size(max_msg),
                 admin_guard,
             ))
-            .add_service(ViewerServiceServer::new(api.clone()).max_decoding_message_size(max_msg))
+            .add_service(api.viewer_service(max_msg))
             // Data-plane nodes: node key or admin credential (see `crate::auth`).
             .add_service(InterceptedService::new(
                 EdgeServiceServer::new(api).max_decoding_message_size(max_msg),

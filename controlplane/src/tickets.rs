@@ -11,12 +11,19 @@
 //! peer parent, not per substream.
 //!
 //! Heartbeats answer every viewer's parents each interval, so tickets are cached per
-//! (child, substream) and re-signed only when the parent changes, when less than half
-//! of the lifetime is left, or when the signing key changed (a rotation: the old key is
-//! unpublished [`crate::tokens::RETIRE_AFTER`] later, long before a ticket it signed
-//! would expire, so a ticket must move to the new key at once). A steady viewer thus
-//! costs one signature per substream per half lifetime; a viewer moved to a new parent
-//! gets its ticket in the same answer that names the parent.
+//! (child, parent peer), with the mask they cover, and re-signed only when a substream
+//! moves to a parent outside the cached mask, when less than half of the lifetime is
+//! left, or when the signing key changed (a rotation: the old key is unpublished
+//! [`crate::tokens::RETIRE_AFTER`] later, long before a ticket it signed would expire,
+//! so a ticket must move to the new key at once). A steady viewer thus costs one
+//! signature per parent per half lifetime; a viewer moved to a new parent gets its
+//! ticket in the same answer that names the parent.
+//!
+//! Session streams do not need the cache (they push tickets only when parents change,
+//! and re-sign at half the lifetime on their own timer): a stream's first message takes
+//! the tickets its join cached out of the cache ([`Caching::Take`]), later ones are
+//! signed without touching it ([`Caching::Bypass`]), so a held stream costs no cache
+//! entry.
 
 use crate::tokens::takes_mac_tickets;
 use std::collections::HashMap;
@@ -43,20 +50,36 @@ const MAX_CACHED: usize = 1 << 20;
 /// Expired entries are pruned after this many insertions.
 const PRUNE_EVERY: u32 = 4096;
 
+/// How [`ParentTickets::attach_with`] uses the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caching {
+    /// Look up, and store what was signed (`Join`, `Heartbeat`, `Reparent`).
+    Keep,
+    /// Look up and remove what was found; store nothing (a session stream's first
+    /// message: from then on the stream keeps its tickets current itself).
+    Take,
+    /// Neither look up nor store (a session stream's later messages).
+    Bypass,
+}
+
+/// One cached ticket: `ticket` covers the substreams in `mask` of one (child, parent).
 #[derive(Debug)]
 struct Cached {
-    broadcast_id: String,
-    parent: u64,
+    /// FNV-32 of the broadcast id (peer ids are random 63-bit numbers: a child id shared
+    /// by two broadcasts is already unlikely; this makes a mix-up impossible in practice).
+    broadcast: u32,
     key_id: u32,
+    mask: u64,
     /// Unix ms after which the ticket is re-signed (half its lifetime).
     renew_at_ms: i64,
     expires_at_ms: i64,
-    ticket: Vec<u8>,
+    ticket: Box<[u8]>,
 }
 
 #[derive(Debug, Default)]
 struct Cache {
-    entries: HashMap<(u64, u32), Cached>,
+    /// By (child, parent).
+    entries: HashMap<(u64, u64), Cached>,
     inserts: u32,
 }
 
@@ -77,6 +100,13 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// FNV-1a, 32 bit.
+fn fnv32(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
 impl ParentTickets {
     /// `ttl` is clamped to [`MIN_TICKET_TTL`]..=[`MAX_TICKET_TTL`].
     pub fn new(ttl: Duration) -> ParentTickets {
@@ -91,13 +121,7 @@ impl ParentTickets {
         self.ttl
     }
 
-    /// Fills in `ticket` of every entry of `parents` that names a peer (the data plane
-    /// needs none), for `child` of `broadcast_id`. A ticket that cannot be signed (an
-    /// over-long broadcast id: refused at creation anyway) is left empty and logged.
-    /// Returns the earliest time (unix ms) one of these tickets will be re-signed (half
-    /// its lifetime), `None` when no entry names a peer.
-    /// The cache's lock is held only to look up and to store: signatures (a flash crowd
-    /// of joins needs K each) are made outside it.
+    /// [`ParentTickets::attach_with`], caching ([`Caching::Keep`]).
     pub fn attach(
         &self,
         keys: &TokenKeys,
@@ -106,30 +130,82 @@ impl ParentTickets {
         parents: &mut [SubstreamParent],
         now_ms: i64,
     ) -> Option<i64> {
+        self.attach_with(keys, broadcast_id, child, parents, now_ms, Caching::Keep)
+    }
+
+    /// Fills in `ticket` of every entry of `parents` that names a peer (the data plane
+    /// needs none), for `child` of `broadcast_id`. A ticket that cannot be signed (an
+    /// over-long broadcast id: refused at creation anyway) is left empty and logged.
+    /// Returns the earliest time (unix ms) one of these tickets will be re-signed (half
+    /// its lifetime), `None` when no entry names a peer.
+    /// The cache's lock is held only to look up and to store: signatures (a flash crowd
+    /// of joins needs one per parent each) are made outside it.
+    pub fn attach_with(
+        &self,
+        keys: &TokenKeys,
+        broadcast_id: &str,
+        child: u64,
+        parents: &mut [SubstreamParent],
+        now_ms: i64,
+        caching: Caching,
+    ) -> Option<i64> {
         let key_id = keys.signing_key_id();
+        let broadcast = fnv32(broadcast_id);
         // The earliest time (unix ms) one of the tickets handed out here gets re-signed:
         // a session stream re-sends its parents then ([`crate::service`]).
         let mut renew_at: Option<i64> = None;
         // (index in `parents`, parent peer) of the entries the cache cannot answer.
         let mut misses: Vec<(usize, u64)> = Vec::new();
-        {
-            let cache = self.cache.lock();
+        if caching == Caching::Bypass {
             for (i, p) in parents.iter_mut().enumerate() {
+                p.ticket.clear();
+                if let Some(r) = p.peer.as_ref() {
+                    misses.push((i, r.peer_id));
+                }
+            }
+        } else {
+            let mut cache = self.cache.lock();
+            // Per parent peer named: whether the cache answers all its substreams here.
+            let mut answered: Vec<(u64, bool)> = Vec::new();
+            for p in parents.iter() {
                 let Some(parent) = p.peer.as_ref().map(|r| r.peer_id) else {
-                    p.ticket.clear();
                     continue;
                 };
-                match cache.entries.get(&(child, p.substream)) {
-                    Some(c)
-                        if c.parent == parent
-                            && c.key_id == key_id
-                            && c.broadcast_id == broadcast_id
-                            && now_ms < c.renew_at_ms =>
-                    {
-                        p.ticket.clone_from(&c.ticket);
+                let bit = 1u64.checked_shl(p.substream).unwrap_or(0);
+                let hit = cache.entries.get(&(child, parent)).is_some_and(|c| {
+                    c.mask & bit != 0
+                        && c.key_id == key_id
+                        && c.broadcast == broadcast
+                        && now_ms < c.renew_at_ms
+                });
+                match answered.iter_mut().find(|(q, _)| *q == parent) {
+                    Some((_, all)) => *all &= hit,
+                    None => answered.push((parent, hit)),
+                }
+            }
+            // A parent with one substream the cache cannot answer is signed again for
+            // all its substreams here, so its one entry keeps covering all of them.
+            for (i, p) in parents.iter_mut().enumerate() {
+                p.ticket.clear();
+                let Some(parent) = p.peer.as_ref().map(|r| r.peer_id) else {
+                    continue;
+                };
+                let cached = answered
+                    .iter()
+                    .any(|&(q, all)| q == parent && all)
+                    .then(|| cache.entries.get(&(child, parent)))
+                    .flatten();
+                match cached {
+                    Some(c) => {
+                        p.ticket.extend_from_slice(&c.ticket);
                         renew_at = Some(renew_at.map_or(c.renew_at_ms, |r| r.min(c.renew_at_ms)));
                     }
-                    _ => misses.push((i, parent)),
+                    None => misses.push((i, parent)),
+                }
+            }
+            if caching == Caching::Take {
+                for (parent, _) in answered.iter().filter(|(_, all)| *all) {
+                    cache.entries.remove(&(child, *parent));
                 }
             }
         }
@@ -143,10 +219,9 @@ impl ParentTickets {
         // substream (a relay checks its substream's bit in the mask).
         let mut by_parent: Vec<(u64, u64, Vec<usize>)> = Vec::new();
         for (i, parent) in misses {
-            let Some(p) = parents.get_mut(i) else {
+            let Some(p) = parents.get(i) else {
                 continue;
             };
-            p.ticket.clear();
             let Some(bit) = 1u64.checked_shl(p.substream) else {
                 continue;
             };
@@ -158,7 +233,7 @@ impl ParentTickets {
                 None => by_parent.push((parent, bit, vec![i])),
             }
         }
-        let mut signed: Vec<((u64, u32), Cached)> = Vec::with_capacity(parents.len());
+        let mut signed: Vec<((u64, u64), Cached)> = Vec::new();
         for (parent, mask, at) in by_parent {
             let claims = TicketClaims {
                 broadcast_id: broadcast_id.to_string(),
@@ -173,19 +248,20 @@ impl ParentTickets {
                     let renew = now_ms.saturating_add(ms(self.ttl) / 2);
                     renew_at = Some(renew_at.map_or(renew, |r| r.min(renew)));
                     for i in at {
-                        let Some(p) = parents.get_mut(i) else {
-                            continue;
-                        };
-                        p.ticket.clone_from(&t);
+                        if let Some(p) = parents.get_mut(i) {
+                            p.ticket.clone_from(&t);
+                        }
+                    }
+                    if caching == Caching::Keep {
                         signed.push((
-                            (child, p.substream),
+                            (child, parent),
                             Cached {
-                                broadcast_id: broadcast_id.to_string(),
-                                parent,
+                                broadcast,
                                 key_id,
+                                mask,
                                 renew_at_ms: renew,
                                 expires_at_ms: i64::try_from(expires).unwrap_or(i64::MAX),
-                                ticket: t.clone(),
+                                ticket: t.into_boxed_slice(),
                             },
                         ));
                     }
@@ -194,6 +270,9 @@ impl ParentTickets {
                     tracing::error!(broadcast_id, child, parent, error = %e, "cannot sign a parent ticket");
                 }
             }
+        }
+        if signed.is_empty() {
+            return renew_at;
         }
         let mut cache = self.cache.lock();
         for (k, c) in signed {
@@ -208,7 +287,7 @@ impl ParentTickets {
         renew_at
     }
 
-    /// Tickets cached now.
+    /// Tickets cached now (one per child and parent peer).
     pub fn cached(&self) -> usize {
         self.cache.lock().entries.len()
     }
@@ -271,7 +350,8 @@ mod tests {
         t.attach(&keys, "b", 5, &mut moved, 301_001);
         v.verify_ticket(&moved[1].ticket, "b", 5, 10, 301_001, 0)
             .unwrap();
-        assert_eq!(t.cached(), 1);
+        // One entry per (child, parent): the former parent's stays until it expires.
+        assert_eq!(t.cached(), 2);
     }
 
     #[test]
@@ -303,13 +383,47 @@ mod tests {
         assert_eq!(c.substream_mask, 0b1011);
         let c = v.verify_ticket(&p[2].ticket, "b", 5, 6, 1_000, 0).unwrap();
         assert_eq!(c.substream_mask, 0b0100);
-        assert_eq!(t.cached(), 4);
-        // Substream 1 moves to parent 6: only it is re-signed, for its new parent.
+        assert_eq!(t.cached(), 2, "one entry per parent peer");
+        // Substream 1 moves to parent 6: only parent 6's ticket is re-signed, for both
+        // its substreams (its one cache entry covers both).
         p[1].peer = peer(6);
         let before = p[0].ticket.clone();
         t.attach(&keys, "b", 5, &mut p, 2_000);
         assert_eq!(p[0].ticket, before);
+        assert_eq!(p[1].ticket, p[2].ticket);
         let c = v.verify_ticket(&p[1].ticket, "b", 5, 6, 2_000, 0).unwrap();
-        assert_eq!(c.substream_mask, 0b0010);
+        assert_eq!(c.substream_mask, 0b0110);
+        assert_eq!(t.cached(), 2);
+        // Answered from the cache from now on.
+        let again = p[1].ticket.clone();
+        t.attach(&keys, "b", 5, &mut p, 3_000);
+        assert_eq!(p[1].ticket, again);
+    }
+
+    #[test]
+    fn a_stream_takes_its_joins_tickets_and_caches_nothing() {
+        let keys = keys();
+        let t = ParentTickets::new(Duration::from_secs(600));
+        let mut joined = parents();
+        t.attach(&keys, "b", 5, &mut joined, 1_000);
+        assert_eq!(t.cached(), 1);
+        // The stream's first message: the join's ticket, taken out of the cache.
+        let mut first = parents();
+        let renew = t.attach_with(&keys, "b", 5, &mut first, 2_000, Caching::Take);
+        assert_eq!(first[1].ticket, joined[1].ticket);
+        assert_eq!(renew, Some(301_000));
+        assert_eq!(t.cached(), 0);
+        // Later messages: signed, never cached.
+        let mut later = parents();
+        let renew = t.attach_with(&keys, "b", 5, &mut later, 3_000, Caching::Bypass);
+        assert!(!later[1].ticket.is_empty());
+        assert_ne!(later[1].ticket, joined[1].ticket);
+        assert_eq!(renew, Some(303_000));
+        assert_eq!(t.cached(), 0);
+        // Another broadcast's cached ticket for the same peer ids is not handed out.
+        t.attach(&keys, "b", 5, &mut joined, 4_000);
+        let mut other = parents();
+        t.attach(&keys, "c", 5, &mut other, 4_000);
+        assert_ne!(other[1].ticket, joined[1].ticket);
     }
 }

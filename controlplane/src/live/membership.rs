@@ -53,6 +53,7 @@ impl LiveGrids {
             "peer grid created"
         );
         let grid = Arc::new(BroadcastGrid {
+            id: Arc::from(input.broadcast_id),
             state: Mutex::new(GridState {
                 assigner,
                 peers: HashMap::new(),
@@ -96,12 +97,13 @@ impl LiveGrids {
                 now,
             },
         )?;
+        let session_id: Arc<str> = Arc::from(input.session_id);
         st.peers.insert(
             peer_id,
             PeerSlot {
-                session_id: input.session_id.to_string(),
-                addr: input.peer_addr,
-                neighbours: Vec::new(),
+                session_id: session_id.clone(),
+                addr: input.peer_addr.into_boxed_str(),
+                neighbours: Box::new([]),
                 wake: None,
             },
         );
@@ -113,7 +115,7 @@ impl LiveGrids {
             .collect();
         st.top_up_neighbours(peer_id, &mut neighbours);
         if let Some(slot) = st.peers.get_mut(&peer_id) {
-            slot.neighbours.clone_from(&neighbours);
+            slot.neighbours = neighbours.as_slice().into();
         }
         let view = JoinView {
             peer_id,
@@ -132,7 +134,6 @@ impl LiveGrids {
             moved: st.wake_moved(&plan.moved),
         };
         let mut entry = SessionEntry {
-            broadcast_id: input.broadcast_id.to_string(),
             grid: grid.clone(),
             peer_id,
             last_seen: now,
@@ -149,9 +150,7 @@ impl LiveGrids {
         };
         entry.remember(assigned(&view.parents, &view.neighbours), now);
         // Still under the grid lock: `drop_broadcast` sees either no peer or both maps.
-        self.sessions
-            .lock()
-            .insert(input.session_id.to_string(), entry);
+        self.sessions.lock().insert(session_id, Box::new(entry));
         Ok(view)
     }
 
@@ -177,7 +176,7 @@ impl LiveGrids {
             let covered_ms =
                 u64::try_from(now.saturating_sub(e.last_seen).as_millis()).unwrap_or(u64::MAX);
             e.last_seen = now;
-            let bounds = Bounds::new(self.rate(&e.broadcast_id), self.limits);
+            let bounds = Bounds::new(self.rate(e.broadcast_id()), self.limits);
             let credits = e.credits.get_or_insert_with(|| bounds.start());
             let raw: [u64; 3] =
                 std::array::from_fn(|i| clamp::raw_delta(counters[i], e.counters[i]));
@@ -225,7 +224,12 @@ impl LiveGrids {
         let (grid, peer_id, broadcast_id, token) = {
             let sessions = self.sessions.lock();
             let e = sessions.get(session_id)?;
-            (e.grid.clone(), e.peer_id, e.broadcast_id.clone(), e.token)
+            (
+                e.grid.clone(),
+                e.peer_id,
+                e.broadcast_id().to_string(),
+                e.token,
+            )
         };
         let (parents, neighbours) = self.refresh(session_id, &grid, peer_id, true)?;
         Some(HeartbeatView {
@@ -261,14 +265,14 @@ impl LiveGrids {
     ) -> Option<(Vec<SubstreamParent>, Vec<PeerRef>)> {
         let now = self.now();
         let mut st = grid.state.lock();
-        let mut neighbours = st.peers.get(&peer_id)?.neighbours.clone();
+        let mut neighbours = st.peers.get(&peer_id)?.neighbours.to_vec();
         let before = neighbours.len();
         neighbours.retain(|n| st.peers.contains_key(n));
         st.top_up_neighbours(peer_id, &mut neighbours);
         if neighbours.len() != before
             && let Some(slot) = st.peers.get_mut(&peer_id)
         {
-            slot.neighbours.clone_from(&neighbours);
+            slot.neighbours = neighbours.as_slice().into();
         }
         let parents = if parents {
             st.parents_of(peer_id)
@@ -333,7 +337,7 @@ impl LiveGrids {
         self.sessions
             .lock()
             .get(session_id)
-            .map(|e| (e.peer_id, e.broadcast_id.clone()))
+            .map(|e| (e.peer_id, e.broadcast_id().to_string()))
     }
 
     /// A new parent for one substream of a session (quality re-search).
@@ -404,8 +408,8 @@ impl LiveGrids {
             .map(|(session_id, e)| {
                 let moved = e.grid.state.lock().remove_peer(e.peer_id, now);
                 Expired {
-                    session_id,
-                    broadcast_id: e.broadcast_id,
+                    session_id: session_id.to_string(),
+                    broadcast_id: e.broadcast_id().to_string(),
                     peer_id: e.peer_id,
                     moved,
                 }

@@ -54,7 +54,8 @@ mod views;
 pub use addr::{addr_prefix, dialable_addr, ip_prefix};
 pub use state::BroadcastGrid;
 use state::{GridState, PeerSlot, SessionEntry, assigned, random_peer_id, seed_of};
-pub use streams::{Attached, StreamWake};
+use streams::StreamRegistry;
+pub use streams::{Attached, MOVED, RIGHTS, StreamWake};
 pub use views::*;
 
 /// Stream rate assumed for slot accounting when the ingesting node has not reported a
@@ -82,7 +83,9 @@ pub struct LiveGrids {
     epoch: Instant,
     trust: TrustConfig,
     broadcasts: Mutex<HashMap<String, Arc<BroadcastGrid>>>,
-    sessions: Mutex<HashMap<String, SessionEntry>>,
+    /// Sessions in a grid, by id (the key is shared with the session's peer slot).
+    /// Boxed: the table's slots stay small (a hash table is up to half empty).
+    sessions: Mutex<HashMap<Arc<str>, Box<SessionEntry>>>,
     rates: Mutex<HashMap<String, u32>>,
     bad_peer_reports: AtomicU64,
     limits: CounterLimits,
@@ -90,6 +93,8 @@ pub struct LiveGrids {
     uploads_confirmed: AtomicU64,
     /// Generation of the last session stream attached ([`LiveGrids::attach`]).
     next_stream: AtomicU64,
+    /// Every open session stream, for rights changes.
+    streams: StreamRegistry,
 }
 
 impl Default for LiveGrids {
@@ -117,6 +122,7 @@ impl LiveGrids {
             peers_demoted: AtomicU64::new(0),
             uploads_confirmed: AtomicU64::new(0),
             next_stream: AtomicU64::new(0),
+            streams: StreamRegistry::default(),
         }
     }
 
@@ -142,15 +148,15 @@ impl LiveGrids {
     fn take_sessions(
         &self,
         pick: impl Fn(&str, &SessionEntry) -> bool,
-    ) -> Vec<(String, SessionEntry)> {
+    ) -> Vec<(Arc<str>, SessionEntry)> {
         let mut sessions = self.sessions.lock();
-        let ids: Vec<String> = sessions
+        let ids: Vec<Arc<str>> = sessions
             .iter()
-            .filter(|(id, e)| pick(id.as_str(), e))
+            .filter(|(id, e)| pick(id, e))
             .map(|(id, _)| id.clone())
             .collect();
         ids.into_iter()
-            .filter_map(|id| sessions.remove(&id).map(|e| (id, e)))
+            .filter_map(|id| sessions.remove(&id).map(|e| (id, *e)))
             .collect()
     }
 
@@ -161,7 +167,7 @@ impl LiveGrids {
         let Some(grid) = self.broadcasts.lock().remove(broadcast_id) else {
             return 0;
         };
-        let session_ids: Vec<String> = {
+        let session_ids: Vec<Arc<str>> = {
             let mut st = grid.state.lock();
             st.closed = true;
             // Their streams learn that the sessions are over.

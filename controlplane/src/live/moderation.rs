@@ -18,7 +18,7 @@ impl LiveGrids {
     pub fn revoke(&self, broadcast_id: &str, target: RevokeTarget<'_>) -> Vec<Revoked> {
         let now = self.now();
         let removed = self.take_sessions(|id, e| {
-            e.broadcast_id == broadcast_id
+            &**e.broadcast_id() == broadcast_id
                 && match target {
                     RevokeTarget::Subject(sub) => e.subject.as_deref() == Some(sub),
                     RevokeTarget::Session(s) => id == s,
@@ -28,7 +28,7 @@ impl LiveGrids {
             .into_iter()
             .map(|(session_id, e)| Revoked {
                 moved: e.grid.state.lock().remove_peer(e.peer_id, now),
-                session_id,
+                session_id: session_id.to_string(),
                 peer_id: e.peer_id,
                 credential_expires_at: e.credential_expires_at,
             })
@@ -84,7 +84,7 @@ impl LiveGrids {
             (
                 e.grid.clone(),
                 e.peer_id,
-                e.broadcast_id.clone(),
+                e.broadcast_id().to_string(),
                 e.addr
                     .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
             )

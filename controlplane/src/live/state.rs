@@ -36,9 +36,10 @@ pub(super) fn random_peer_id() -> PeerId {
 
 #[derive(Debug)]
 pub(super) struct PeerSlot {
-    pub(super) session_id: String,
-    pub(super) addr: String,
-    pub(super) neighbours: Vec<PeerId>,
+    /// The session's id (the same allocation as its key in the session map).
+    pub(super) session_id: Arc<str>,
+    pub(super) addr: Box<str>,
+    pub(super) neighbours: Box<[PeerId]>,
     /// The session stream attached to this peer, woken (under the grid lock) when the
     /// grid moves the peer or removes it ([`super::StreamWake`]).
     pub(super) wake: Option<Arc<StreamWake>>,
@@ -75,7 +76,7 @@ impl GridState {
             addr: self
                 .peers
                 .get(&id)
-                .map(|p| p.addr.clone())
+                .map(|p| String::from(&*p.addr))
                 .unwrap_or_default(),
         }
     }
@@ -142,6 +143,8 @@ impl GridState {
 /// One broadcast's grid plus its delivered-byte totals.
 #[derive(Debug)]
 pub struct BroadcastGrid {
+    /// The broadcast's id (shared by its sessions and their streams).
+    pub(super) id: Arc<str>,
     pub(super) state: Mutex<GridState>,
     pub(super) from_server: AtomicU64,
     pub(super) from_peers: AtomicU64,
@@ -150,7 +153,7 @@ pub struct BroadcastGrid {
 
 #[derive(Debug, Clone)]
 pub(super) struct SessionEntry {
-    pub(super) broadcast_id: String,
+    /// Its broadcast's grid (which names the broadcast).
     pub(super) grid: Arc<BroadcastGrid>,
     pub(super) peer_id: PeerId,
     pub(super) last_seen: Duration,
@@ -170,47 +173,88 @@ pub(super) struct SessionEntry {
     pub(super) addr: Option<IpAddr>,
     /// Claimed and granted upload budget.
     pub(super) upload: UploadTrust,
-    /// Peers handed to this session recently: (peer, last time as a parent, last time
-    /// as a parent or neighbour).
-    pub(super) reportable: Vec<(PeerId, Option<Duration>, Duration)>,
+    /// Peers handed to this session recently.
+    pub(super) reportable: Vec<Reportable>,
     /// Generation of the session stream attached now (0 = none): a session with a
     /// stream never expires by silence ([`LiveGrids::expire`](super::LiveGrids::expire)).
     pub(super) stream: u64,
 }
 
+/// A peer handed to a session recently: when last as a parent and when last as a parent
+/// or neighbour, in [`tick`]s (0 = never).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Reportable {
+    peer: PeerId,
+    parent_at: u32,
+    seen_at: u32,
+}
+
+/// Tenths of a second since the grids' epoch, plus one (0 is "never"): 13 years fit.
+fn tick(now: Duration) -> u32 {
+    u32::try_from(now.as_millis() / 100)
+        .unwrap_or(u32::MAX)
+        .saturating_add(1)
+}
+
 impl SessionEntry {
+    /// Its broadcast's id.
+    pub(super) fn broadcast_id(&self) -> &Arc<str> {
+        &self.grid.id
+    }
+
     pub(super) fn remember(
         &mut self,
         peers: impl IntoIterator<Item = (PeerId, bool)>,
         now: Duration,
     ) {
+        let t = tick(now);
+        let window = tick(REPORTABLE_FOR) - 1;
+        let peers = peers.into_iter();
+        if self.reportable.is_empty() {
+            // What a join hands out, without growth slack.
+            self.reportable
+                .reserve_exact(peers.size_hint().0.min(MAX_REPORTABLE));
+        }
+        let mut added = false;
         for (id, parent) in peers {
-            let as_parent = parent.then_some(now);
-            match self.reportable.iter_mut().find(|(p, _, _)| *p == id) {
+            let parent_at = if parent { t } else { 0 };
+            match self.reportable.iter_mut().find(|r| r.peer == id) {
                 Some(e) => {
-                    e.1 = as_parent.or(e.1);
-                    e.2 = now;
+                    e.parent_at = e.parent_at.max(parent_at);
+                    e.seen_at = t;
                 }
-                None => self.reportable.push((id, as_parent, now)),
+                None => {
+                    added = true;
+                    self.reportable.push(Reportable {
+                        peer: id,
+                        parent_at,
+                        seen_at: t,
+                    });
+                }
             }
         }
         self.reportable
-            .retain(|(_, _, t)| now.saturating_sub(*t) <= REPORTABLE_FOR);
+            .retain(|r| t.saturating_sub(r.seen_at) <= window);
         if self.reportable.len() > MAX_REPORTABLE {
             self.reportable
-                .sort_by_key(|&(_, _, t)| std::cmp::Reverse(t));
+                .sort_by_key(|r| std::cmp::Reverse(r.seen_at));
             self.reportable.truncate(MAX_REPORTABLE);
+        }
+        if added && self.reportable.capacity() > self.reportable.len() + 4 {
+            self.reportable.shrink_to_fit();
         }
     }
 
     pub(super) fn may_report(&self, id: PeerId, as_parent: bool, now: Duration) -> bool {
-        let recent = |t: Duration| now.saturating_sub(t) <= REPORTABLE_FOR;
-        self.reportable.iter().any(|&(p, parent_at, seen_at)| {
-            p == id
+        let t = tick(now);
+        let window = tick(REPORTABLE_FOR) - 1;
+        let recent = |at: u32| at != 0 && t.saturating_sub(at) <= window;
+        self.reportable.iter().any(|r| {
+            r.peer == id
                 && if as_parent {
-                    parent_at.is_some_and(recent)
+                    recent(r.parent_at)
                 } else {
-                    recent(seen_at)
+                    recent(r.seen_at)
                 }
         })
     }

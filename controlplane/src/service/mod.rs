@@ -12,6 +12,7 @@
 //! * `join`: `ViewerService.Join`; `join_cache`: the broadcast and node rows it reads,
 //!   in memory; `join_batch`: group commit of its session rows;
 //! * `session_stream`: `ViewerService.Session`, the per-viewer stream of pushed deltas;
+//!   `session_route`: the served `ViewerService`, with `Session`'s own response body;
 //! * `scrape`: the state a `/metrics` scrape reads ([`crate::metrics::Snapshot`]).
 //!
 //! Invariants:
@@ -54,6 +55,7 @@ mod join_cache;
 mod keys;
 mod nodes;
 mod scrape;
+mod session_route;
 mod session_stream;
 mod sessions;
 mod viewer;
@@ -276,6 +278,8 @@ impl Core {
 fn respond<T>(rpc: &'static str, result: ApiResult<T>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(|e| e.into_status(rpc))
 }
+
+pub use session_route::ViewerRoutes;
 
 /// The tonic service implementation (all three services share one [`Core`]).
 #[derive(Debug, Clone)]

@@ -9,15 +9,20 @@
 //! * neighbours: recomputed at every counters message and wake, sent when changed;
 //! * the chunk token: renewed by a per-stream timer when less than half its life is left;
 //! * revocations and key sets: a process-wide version
-//!   ([`crate::tokens::Revocations::subscribe`]) wakes
-//!   every stream, which compares with what it last sent (key sets by fingerprint, the
-//!   `keys_version`).
+//!   ([`crate::tokens::Revocations::subscribe`]), watched by one task per process, wakes
+//!   every stream ([`crate::live::LiveGrids::announce_rights`]), which compares with what
+//!   it last sent (key sets by fingerprint, the `keys_version`).
 //!
 //! Each later `SessionUp` records the viewer's counters exactly as a heartbeat does. No
-//! task or channel per stream: the response stream itself (polled by the HTTP/2
-//! connection) waits on its wake handle, its inbound messages, the rights version and
-//! one timer. Liveness is the stream: the session is detached when the stream ends
-//! (dropped with its connection) and expires after the detach grace unless taken up.
+//! task, channel or per-message allocation per stream: the response stream is the
+//! [`SessionStream`] state itself, a hand-written [`Stream`](tokio_stream::Stream) that
+//! the HTTP/2 connection polls (through `session_route`'s response body); each poll
+//! looks at its wake handle (grid moves first), its inbound messages, the wake handle's
+//! rights flag and one timer, in that order. Only rarely used parts are boxed: the first
+//! message until it is sent, and the database write of a session without grid state
+//! while it is in flight. Liveness is the stream: the session is detached when the
+//! stream ends (dropped with its connection) and expires after the detach grace unless
+//! taken up.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,12 +32,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use starling_proto::v1::{PublicKey, SessionDown, SessionUp, SubstreamParent};
-use tokio::sync::watch;
+use tokio_stream::Stream;
 use tonic::Status;
 
+use super::session_route::Inbound;
 use super::{ApiError, ApiResult, Core, now_ms};
-use crate::live::{StreamWake, TokenState};
+use crate::live::{MOVED, RIGHTS, StreamWake, TokenState};
 use crate::metrics::Pushed;
+use crate::store::StoreError;
+use crate::tickets::Caching;
 use crate::validate;
 
 /// How long the first `SessionUp` may take after the stream opened.
@@ -41,47 +49,14 @@ const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// "No time": a deadline that never comes.
 const NEVER: i64 = i64::MAX;
 
-/// The response stream of one `Session` call.
-pub type SessionStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<SessionDown, Status>> + Send + 'static>>;
-
-type Step = Pin<Box<dyn Future<Output = Option<(Result<SessionDown, Status>, State)>> + Send>>;
-
-/// The stream: one boxed step future at a time (a step ends when a message is ready).
-struct Steps {
-    step: Option<Step>,
-}
-
-impl tokio_stream::Stream for Steps {
-    type Item = Result<SessionDown, Status>;
-
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<SessionDown, Status>>> {
-        let Some(step) = self.step.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match step.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => {
-                self.step = None;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some((item, state))) => {
-                self.step = Some(Box::pin(state.step()));
-                Poll::Ready(Some(item))
-            }
-        }
-    }
-}
+/// A database write in flight (the counters of a session without grid state).
+type Touch = Pin<Box<dyn Future<Output = Result<bool, StoreError>> + Send>>;
 
 /// A session held in this process's grid, as the stream last described it.
 struct Attachment {
-    wake: Arc<StreamWake>,
     generation: u64,
     peer_id: u64,
-    broadcast_id: String,
+    broadcast_id: Arc<str>,
     /// The parent last sent per substream (0 = the data plane).
     parents: Box<[u64]>,
     /// Fingerprint of the neighbour list last sent.
@@ -95,37 +70,168 @@ struct Attachment {
     tickets_renew_at: i64,
 }
 
-/// Everything one stream holds between messages.
-struct State {
+/// The response stream of one `Session` call: everything one stream holds between
+/// messages (see the module docs).
+pub struct SessionStream {
     core: Arc<Core>,
-    inbound: tonic::Streaming<SessionUp>,
-    session_id: Box<str>,
+    inbound: Inbound,
+    session_id: Arc<str>,
     /// `None`: the session is active in the database but not in this process's grid.
-    grid: Option<Box<Attachment>>,
-    rights: watch::Receiver<u64>,
+    grid: Option<Attachment>,
+    /// Its wake handle: the grid's moves, rights changes ([`crate::live::StreamWake`]).
+    wake: Arc<StreamWake>,
+    /// Flags taken from the wake handle and not acted on yet ([`MOVED`], [`RIGHTS`]).
+    raised: u8,
     /// The key sets' fingerprint last sent.
     keys_version: u64,
     timer: Pin<Box<tokio::time::Sleep>>,
     /// The unix ms the timer is set for.
     armed_at: i64,
-    /// Counted in the open-streams gauge.
-    counted: bool,
     /// The first message, sent before anything else.
-    first: Option<SessionDown>,
-    /// The stream ends at the next step (after an `active = false` or an error).
-    done: bool,
-    /// The viewer closed its sending side (the stream stays: it still gets pushes).
-    inbound_closed: bool,
+    first: Option<Box<SessionDown>>,
+    /// The database write of a counters message (session without grid state) and
+    /// whether that message asked for the key sets.
+    touch: Option<(Touch, bool)>,
     /// Unix ms of the last counters message recorded (0 = none yet): a viewer sending
     /// faster than a quarter of the counters interval has the extra messages' counters
     /// skipped (they are cumulative, the next one carries them), so a flood of
     /// `SessionUp`s costs neither grid-lock time nor database writes.
     counters_at_ms: i64,
+    /// Counted in the open-streams gauge.
+    counted: bool,
+    /// The stream ends at the next poll (after an `active = false` or an error).
+    done: bool,
+    /// The viewer closed its sending side (the stream stays: it still gets pushes).
+    inbound_closed: bool,
 }
 
-impl Drop for State {
+/// What a poll of the stream's sources found.
+enum Next {
+    Send(SessionDown),
+    Fail(Status),
+    End,
+}
+
+impl Stream for SessionStream {
+    type Item = Result<SessionDown, Status>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<SessionDown, Status>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(*first)));
+        }
+        if this.done {
+            this.finish();
+            return Poll::Ready(None);
+        }
+        match this.poll_sources(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Next::Send(down)) => Poll::Ready(Some(Ok(down))),
+            Poll::Ready(Next::Fail(status)) => {
+                this.finish();
+                Poll::Ready(Some(Err(status)))
+            }
+            Poll::Ready(Next::End) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl Drop for SessionStream {
     fn drop(&mut self) {
-        if self.counted {
+        self.finish();
+    }
+}
+
+impl SessionStream {
+    /// Polls the stream's sources until one has something to send, the stream is
+    /// over, or none is ready (their wakers registered).
+    fn poll_sources(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
+        loop {
+            let down = if let Some((touch, refresh_keys)) = self.touch.as_mut() {
+                // The write in flight goes first (as the message that started it).
+                let Poll::Ready(result) = touch.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                let refresh_keys = *refresh_keys;
+                self.touch = None;
+                self.on_touched(result, refresh_keys)
+            } else if self.raised == 0
+                && let Poll::Ready(raised) = self.wake.poll_woken(cx)
+            {
+                self.raised = raised;
+                continue;
+            } else if self.raised & MOVED != 0 {
+                self.raised &= !MOVED;
+                if self.grid.is_none() {
+                    continue;
+                }
+                if self.wake.superseded() {
+                    // Detaching is the newer stream's business now.
+                    self.grid = None;
+                    return Poll::Ready(Next::Fail(Status::aborted(
+                        "another Session stream took this session over",
+                    )));
+                }
+                self.on_wake()
+            } else if let Some(up) = self.poll_inbound(cx) {
+                match up {
+                    Ok(Some(up)) => self.on_up(&up),
+                    Ok(None) => {
+                        self.inbound_closed = true;
+                        None
+                    }
+                    Err(status) => {
+                        tracing::debug!(session_id = %self.session_id, code = ?status.code(), error = status.message(), "session stream broken");
+                        return Poll::Ready(Next::End);
+                    }
+                }
+            } else if self.raised & RIGHTS != 0 {
+                self.raised &= !RIGHTS;
+                if self.core.shutting_down.load(Ordering::SeqCst) {
+                    return Poll::Ready(Next::Fail(Status::unavailable(
+                        "the control plane is shutting down; open the stream again",
+                    )));
+                }
+                self.on_rights()
+            } else if self.timer.as_mut().poll(cx).is_ready() {
+                self.on_timer()
+            } else {
+                return Poll::Pending;
+            };
+            self.arm_timer();
+            if let Some(down) = down {
+                if !down.active {
+                    self.done = true;
+                }
+                return Poll::Ready(Next::Send(down));
+            }
+        }
+    }
+
+    /// The next inbound message, `None` when none is ready (or the viewer closed its
+    /// side earlier).
+    fn poll_inbound(&mut self, cx: &mut Context<'_>) -> Option<Result<Option<SessionUp>, Status>> {
+        if self.inbound_closed {
+            return None;
+        }
+        match Pin::new(&mut self.inbound).poll_next(cx) {
+            Poll::Pending => None,
+            Poll::Ready(None) => Some(Ok(None)),
+            Poll::Ready(Some(r)) => Some(r.map(Some)),
+        }
+    }
+
+    /// The stream is over: not counted any more, its session detached (once).
+    fn finish(&mut self) {
+        self.done = true;
+        self.touch = None;
+        if std::mem::take(&mut self.counted) {
             self.core.metrics.stream_closed();
         }
         if let Some(a) = self.grid.take() {
@@ -133,7 +239,7 @@ impl Drop for State {
             let detached = core.grids.detach(
                 &self.session_id,
                 a.generation,
-                &a.wake,
+                &self.wake,
                 core.session_timeout(),
                 core.config.session_detach_grace,
             );
@@ -184,17 +290,18 @@ impl Core {
     /// first `SessionDown`.
     pub(super) async fn open_session(
         self: &Arc<Self>,
-        mut inbound: tonic::Streaming<SessionUp>,
+        mut inbound: Inbound,
         remote: Option<std::net::SocketAddr>,
     ) -> ApiResult<SessionStream> {
-        let up = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(up))) => up,
-            Ok(Ok(None)) => {
+        let first = std::future::poll_fn(|cx| Pin::new(&mut inbound).poll_next(cx));
+        let up = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, first).await {
+            Ok(Some(Ok(up))) => up,
+            Ok(None) => {
                 return Err(ApiError::InvalidArgument(
                     "the stream ended before its first SessionUp".into(),
                 ));
             }
-            Ok(Err(status)) => {
+            Ok(Some(Err(status))) => {
                 return Err(ApiError::InvalidArgument(format!(
                     "unreadable first SessionUp: {}",
                     status.message()
@@ -214,30 +321,33 @@ impl Core {
             ));
         }
         let wake = Arc::new(StreamWake::default());
-        let mut state = State {
+        // Registered before reading the current state: a change from now on wakes us.
+        self.forward_rights();
+        self.grids.register_stream(&wake);
+        let mut state = SessionStream {
             core: self.clone(),
             inbound,
-            session_id: up.session_id.clone().into_boxed_str(),
+            session_id: Arc::from(up.session_id.as_str()),
             grid: None,
-            rights: self.revocations.subscribe(),
+            wake: wake.clone(),
+            raised: 0,
             keys_version: up.keys_version,
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(86_400))),
             armed_at: NEVER,
-            counted: false,
             first: None,
+            touch: None,
+            counters_at_ms: 0,
+            counted: false,
             done: false,
             inbound_closed: false,
-            counters_at_ms: 0,
         };
-        // Marked seen before reading the current state: a change from now on wakes us.
-        state.rights.borrow_and_update();
         let interval_ms =
             u32::try_from(self.config.session_counters_interval.as_millis()).unwrap_or(u32::MAX);
         let first = match self.grids.attach(&up.session_id, &wake) {
             Some(att) => {
                 state.open();
-                state.grid = Some(Box::new(Attachment {
-                    wake,
+                state.session_id = att.session_id;
+                state.grid = Some(Attachment {
                     generation: att.generation,
                     peer_id: att.peer_id,
                     broadcast_id: att.broadcast_id,
@@ -247,7 +357,7 @@ impl Core {
                     signing_key: self.tokens.signing_key_id(),
                     token_renew_at: NEVER,
                     tickets_renew_at: NEVER,
-                }));
+                });
                 if up.bytes_from_server | up.bytes_from_peers | up.bytes_uploaded != 0
                     || up.upload_kbps != 0
                 {
@@ -287,11 +397,29 @@ impl Core {
             }
         };
         self.metrics.pushed(Pushed::First);
-        state.first = Some(first);
+        state.first = Some(Box::new(first));
         state.arm_timer();
-        Ok(Box::pin(Steps {
-            step: Some(Box::pin(state.step())),
-        }))
+        Ok(state)
+    }
+
+    /// Starts (once) the task that wakes every session stream when the rights version
+    /// changes ([`crate::tokens::Revocations::subscribe`]: key sets, revocations,
+    /// shutdown). It ends with the core.
+    fn forward_rights(self: &Arc<Self>) {
+        if !self.grids.claim_rights_forwarder() {
+            return;
+        }
+        let mut rights = self.revocations.subscribe();
+        let core = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while rights.changed().await.is_ok() {
+                let Some(core) = core.upgrade() else {
+                    break;
+                };
+                let woken = core.grids.announce_rights();
+                tracing::debug!(streams = woken, "rights changed; session streams woken");
+            }
+        });
     }
 
     /// Ends every session stream (graceful shutdown): each ends with UNAVAILABLE, its
@@ -373,84 +501,7 @@ impl Core {
     }
 }
 
-enum Next {
-    Send(SessionDown),
-    Fail(Status),
-    End,
-}
-
-impl State {
-    async fn step(mut self) -> Option<(Result<SessionDown, Status>, State)> {
-        if let Some(first) = self.first.take() {
-            return Some((Ok(first), self));
-        }
-        if self.done {
-            return None;
-        }
-        match self.next().await {
-            Next::Send(down) => Some((Ok(down), self)),
-            Next::Fail(status) => {
-                self.done = true;
-                Some((Err(status), self))
-            }
-            Next::End => None,
-        }
-    }
-
-    /// Waits for the next thing to send.
-    async fn next(&mut self) -> Next {
-        loop {
-            let wake = self.grid.as_ref().map(|a| a.wake.clone());
-            let woken = async {
-                match &wake {
-                    Some(w) => w.woken().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let inbound_open = !self.inbound_closed;
-            let down = tokio::select! {
-                biased;
-                () = woken => {
-                    if wake.as_ref().is_some_and(|w| w.superseded()) {
-                        // Detaching is the newer stream's business now.
-                        self.grid = None;
-                        return Next::Fail(Status::aborted(
-                            "another Session stream took this session over",
-                        ));
-                    }
-                    self.on_wake()
-                }
-                up = self.inbound.message(), if inbound_open => match up {
-                    Ok(Some(up)) => self.on_up(&up).await,
-                    Ok(None) => {
-                        self.inbound_closed = true;
-                        None
-                    }
-                    Err(status) => {
-                        tracing::debug!(session_id = %self.session_id, code = ?status.code(), error = status.message(), "session stream broken");
-                        return Next::End;
-                    }
-                },
-                changed = self.rights.changed() => {
-                    if changed.is_err() {
-                        return Next::End;
-                    }
-                    if self.core.shutting_down.load(Ordering::SeqCst) {
-                        return Next::Fail(Status::unavailable(
-                            "the control plane is shutting down; open the stream again",
-                        ));
-                    }
-                    self.on_rights()
-                }
-                () = &mut self.timer => self.on_timer(),
-            };
-            self.arm_timer();
-            if let Some(down) = down {
-                return Next::Send(down);
-            }
-        }
-    }
-
+impl SessionStream {
     /// Counts the stream as open (gauge).
     fn open(&mut self) {
         self.counted = true;
@@ -494,14 +545,16 @@ impl State {
             .collect();
         down.parents = view.parents;
         a.signing_key = core.tokens.signing_key_id();
+        // The tickets the join cached are taken: from now on this stream keeps them current.
         a.tickets_renew_at = core
             .tickets
-            .attach(
+            .attach_with(
                 &core.tokens,
                 &a.broadcast_id,
                 a.peer_id,
                 &mut down.parents,
                 now,
+                Caching::Take,
             )
             .unwrap_or(NEVER);
         a.neighbours = neighbours_fingerprint(view.neighbours.iter().map(|n| n.peer_id));
@@ -575,10 +628,14 @@ impl State {
             .collect();
         a.parents = current;
         if !changed.is_empty() {
-            if let Some(r) =
-                core.tickets
-                    .attach(&core.tokens, &a.broadcast_id, a.peer_id, &mut changed, now)
-            {
+            if let Some(r) = core.tickets.attach_with(
+                &core.tokens,
+                &a.broadcast_id,
+                a.peer_id,
+                &mut changed,
+                now,
+                Caching::Bypass,
+            ) {
                 a.tickets_renew_at = a.tickets_renew_at.min(r);
             }
             down.parents = changed;
@@ -609,15 +666,15 @@ impl State {
     }
 
     /// A counters message: recorded; neighbours recomputed; keys if asked.
-    async fn on_up(&mut self, up: &SessionUp) -> Option<SessionDown> {
-        let mut down = SessionDown {
-            active: true,
-            ..Default::default()
-        };
+    fn on_up(&mut self, up: &SessionUp) -> Option<SessionDown> {
         let core = self.core.clone();
         let now = now_ms();
         let min_gap_ms =
             i64::try_from(core.config.session_counters_interval.as_millis() / 4).unwrap_or(0);
+        let mut down = SessionDown {
+            active: true,
+            ..Default::default()
+        };
         if now.saturating_sub(self.counters_at_ms) < min_gap_ms {
             // Too soon after the last counters: only a lowered upload budget and a key
             // refresh are taken (both cheap and idempotent).
@@ -635,20 +692,46 @@ impl State {
             }
         } else {
             // Without grid state: the database keeps the session alive (one write per
-            // counters interval) and says when it is over.
+            // counters interval) and says when it is over; the rest of this message
+            // waits for the write ([`SessionStream::on_touched`]).
             self.counters_at_ms = now;
             core.metrics.counters_received();
-            match core.store.touch_session(&self.session_id, now_ms()).await {
-                Ok(true) => {}
-                Ok(false) => return Some(self.end()),
-                Err(e) => {
-                    tracing::warn!(session_id = %self.session_id, error = %e, "cannot record a session stream's counters");
-                }
-            }
+            let id = self.session_id.clone();
+            let write: Touch = Box::pin(async move { core.store.touch_session(&id, now).await });
+            self.touch = Some((write, up.refresh_keys));
+            return None;
         }
         if up.refresh_keys {
             self.add_keys(&mut down, true);
         }
+        Self::unless_empty(down)
+    }
+
+    /// The database write of a counters message (session without grid state) is done.
+    fn on_touched(
+        &mut self,
+        written: Result<bool, StoreError>,
+        refresh_keys: bool,
+    ) -> Option<SessionDown> {
+        match written {
+            Ok(true) => {}
+            Ok(false) => return Some(self.end()),
+            Err(e) => {
+                tracing::warn!(session_id = %self.session_id, error = %e, "cannot record a session stream's counters");
+            }
+        }
+        let mut down = SessionDown {
+            active: true,
+            ..Default::default()
+        };
+        if refresh_keys {
+            self.add_keys(&mut down, true);
+        }
+        Self::unless_empty(down)
+    }
+
+    /// `down` unless it says nothing (`active` only).
+    fn unless_empty(down: SessionDown) -> Option<SessionDown> {
         let empty = SessionDown {
             active: true,
             ..Default::default()
@@ -659,7 +742,6 @@ impl State {
     /// The rights version changed: new revocations, changed key sets (then tickets move
     /// to the new signing key too).
     fn on_rights(&mut self) -> Option<SessionDown> {
-        self.rights.borrow_and_update();
         let core = self.core.clone();
         let now = now_ms();
         let mut down = SessionDown {
@@ -712,7 +794,14 @@ impl State {
         a.signing_key = core.tokens.signing_key_id();
         a.tickets_renew_at = core
             .tickets
-            .attach(&core.tokens, &a.broadcast_id, a.peer_id, &mut parents, now)
+            .attach_with(
+                &core.tokens,
+                &a.broadcast_id,
+                a.peer_id,
+                &mut parents,
+                now,
+                Caching::Bypass,
+            )
             .unwrap_or(NEVER);
         for p in &parents {
             if let (Some(slot), Some(r)) =

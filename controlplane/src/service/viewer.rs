@@ -5,8 +5,7 @@
 use starling_proto::v1::viewer_service_server::ViewerService;
 use starling_proto::v1::{
     HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, LeaveRequest, LeaveResponse,
-    ReparentRequest, ReparentResponse, ReportPeerRequest, ReportPeerResponse, SessionDown,
-    SessionUp,
+    ReparentRequest, ReparentResponse, ReportPeerRequest, ReportPeerResponse, SessionUp,
 };
 use tonic::{Request, Response, Status};
 
@@ -267,9 +266,7 @@ impl Core {
 
 #[tonic::async_trait]
 impl ViewerService for Api {
-    type SessionStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<SessionDown, Status>> + Send + 'static>,
-    >;
+    type SessionStream = super::session_stream::SessionStream;
 
     async fn session(
         &self,
@@ -278,7 +275,12 @@ impl ViewerService for Api {
         let remote = request.remote_addr();
         respond(
             "Session",
-            self.core.open_session(request.into_inner(), remote).await,
+            self.core
+                .open_session(
+                    super::session_route::Inbound::Tonic(Box::new(request.into_inner())),
+                    remote,
+                )
+                .await,
         )
     }
 
