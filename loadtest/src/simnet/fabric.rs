@@ -35,8 +35,19 @@ const MIN_UPLINK_KBPS: u32 = 128;
 const MAX_TICKS_AT_ONCE: u32 = 50;
 /// Server requests waiting for a chunk not yet cut (in-process server).
 pub(super) const MAX_WAITING: usize = 100_000;
+/// Links waiting for a viewer's join answer to reach the fabric.
+pub(super) const MAX_PENDING: usize = 100_000;
 /// Chunks the in-process server keeps.
 pub(super) const SERVER_WINDOW: usize = 256;
+
+/// A link to a viewer the fabric does not know yet.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Pending {
+    /// Viewer (index) takes substream `s` from it.
+    Child(usize, u16),
+    /// Viewer (index) has it as a mesh neighbour.
+    Neighbour(usize),
+}
 
 #[derive(Debug)]
 pub(super) enum Ev {
@@ -127,6 +138,8 @@ pub struct Fabric {
     pub(super) window: BTreeMap<u64, Arc<SimChunk>>,
     pub(super) waiting: BTreeMap<u64, Vec<usize>>,
     pub(super) waiting_len: usize,
+    pub(super) pending: HashMap<PeerId, Vec<Pending>>,
+    pub(super) pending_len: usize,
     pub(super) up: mpsc::Sender<Up>,
     pub(super) rng: SimRng,
     pub(super) upcalls: Vec<Upcall>,
@@ -179,6 +192,8 @@ impl Fabric {
             window: BTreeMap::new(),
             waiting: BTreeMap::new(),
             waiting_len: 0,
+            pending: HashMap::new(),
+            pending_len: 0,
             up,
             rng,
             upcalls: Vec::new(),
@@ -334,11 +349,10 @@ impl Fabric {
                 self.set_parent(index, substream, parent, now);
                 self.after(index, now);
             }
-            Input::Neighbour { index, neighbour } => {
-                if let Some(&b) = self.ids.get(&neighbour) {
-                    self.link_neighbours(index, b, now);
-                }
-            }
+            Input::Neighbour { index, neighbour } => match self.ids.get(&neighbour) {
+                Some(&b) => self.link_neighbours(index, b, now),
+                None => self.pending_link(neighbour, Pending::Neighbour(index)),
+            },
             Input::ServerChunk { index, chunk } => {
                 let len = self.sizes.chunk_frame();
                 self.deliver(
@@ -453,10 +467,12 @@ impl Fabric {
             self.set_parent(index, s as u16, parent, now);
         }
         for nb in neighbours {
-            if let Some(&b) = self.ids.get(&nb) {
-                self.link_neighbours(index, b, now);
+            match self.ids.get(&nb) {
+                Some(&b) => self.link_neighbours(index, b, now),
+                None => self.pending_link(nb, Pending::Neighbour(index)),
             }
         }
+        self.take_pending(peer_id, index, now);
         self.after(index, now);
     }
 

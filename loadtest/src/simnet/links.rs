@@ -12,7 +12,7 @@ use starling_grid::peer::PeerId;
 use starling_grid::sim::{Endpoint, Frame, Life};
 use std::time::Duration;
 
-use super::fabric::{Ev, Fabric, MAX_WAITING, SERVER_WINDOW, us};
+use super::fabric::{Ev, Fabric, MAX_PENDING, MAX_WAITING, Pending, SERVER_WINDOW, us};
 use super::msg::{ServerMode, SimChunk, Up};
 
 impl Fabric {
@@ -220,6 +220,9 @@ impl Fabric {
                                 add,
                             },
                         );
+                    } else if add {
+                        // Its join's answer has not reached the fabric yet.
+                        self.pending_link(id, Pending::Child(child, s));
                     }
                 }
                 None => {}
@@ -238,6 +241,48 @@ impl Fabric {
             .enumerate()
             .filter(|(_, subs)| subs.contains(&i))
             .fold(0, |m, (s, _)| m | (1u64 << s))
+    }
+
+    /// Remembers a link to `id`, a viewer whose join the control plane answered but
+    /// whose answer has not reached the fabric yet (bounded; dropped beyond).
+    pub(super) fn pending_link(&mut self, id: PeerId, p: Pending) {
+        if self.pending_len < MAX_PENDING {
+            self.pending.entry(id).or_default().push(p);
+            self.pending_len += 1;
+        }
+    }
+
+    /// `id` (viewer `index`) joined: the links others wait to make to it.
+    pub(super) fn take_pending(&mut self, id: PeerId, index: usize, now: u64) {
+        let Some(list) = self.pending.remove(&id) else {
+            return;
+        };
+        self.pending_len -= list.len();
+        let net = self.cfg.net.clone();
+        for p in list {
+            match p {
+                Pending::Child(child, s) => {
+                    let Some(n) = self.node_mut(child) else {
+                        continue;
+                    };
+                    if n.parents.get(usize::from(s)).copied().flatten() != Some(Parent::Peer(id)) {
+                        continue;
+                    }
+                    let me = n.peer.me();
+                    let at = now + net.latency.link_us(net.seed, me, id);
+                    self.schedule(
+                        at,
+                        Ev::Link {
+                            parent: index,
+                            child: me,
+                            substream: s,
+                            add: true,
+                        },
+                    );
+                }
+                Pending::Neighbour(other) => self.link_neighbours(other, index, now),
+            }
+        }
     }
 
     pub(super) fn link_neighbours(&mut self, a: usize, b: usize, now: u64) {

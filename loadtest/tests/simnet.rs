@@ -1,0 +1,146 @@
+//! `--net sim`: simulated viewers (grid nodes in one process, peer-to-peer frames
+//! through the in-process fabric) against the real servers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use starling_loadtest::pattern::Pattern;
+use starling_loadtest::simnet::control::{self, ControlConfig};
+use starling_loadtest::simnet::{Fabric, FabricConfig, ServerMode, SimNetConfig};
+use starling_loadtest::{Deployment, DeploymentConfig, UploadProfile};
+use tokio::sync::mpsc;
+
+/// 200 simulated viewers join a real control plane over gRPC (sharing one HTTP/2
+/// connection), hold their session streams and get their parents and neighbours from
+/// it; then 20 leave, and their children get new parents pushed on their streams; the
+/// source's chunks are cut in process. Every viewer joins and plays, every played byte
+/// is the source's, the grid carries the stream, and every session leaves at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_viewers_hold_real_sessions() {
+    common::init_tracing();
+    let dep = Deployment::start(DeploymentConfig {
+        bitrate_kbps: 64,
+        chunk_ms: 250,
+        substreams: 4,
+        behind_proxy: true,
+        ..DeploymentConfig::default()
+    })
+    .await
+    .unwrap();
+    let peers = 200;
+    let (up_tx, up_rx) = mpsc::channel(65_536);
+    let fabric = Fabric::spawn(
+        FabricConfig {
+            net: SimNetConfig::new(64, 4, Duration::from_millis(250)),
+            upload: UploadProfile::mixed(),
+            index_offset: 0,
+            pattern: Some(Pattern::new(dep.config().seed)),
+            server: ServerMode::InProcess,
+        },
+        up_tx,
+    );
+    let (cc, control) = control::spawn(
+        ControlConfig::new(dep.control_url(), dep.broadcast_id().to_owned()),
+        up_rx,
+        fabric.sender(),
+        None,
+    );
+    fabric.add(peers).await;
+    // Wait (conditions only, generous bound) until every viewer has been due 40 chunks.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let snap = loop {
+        let snap = fabric.snapshot(true).await.unwrap();
+        let done = snap.sample.active == peers
+            && snap
+                .records
+                .iter()
+                .all(|r| r.chunks_played + r.chunks_skipped >= 40);
+        if done || tokio::time::Instant::now() > deadline {
+            break snap;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let s = &snap.sample;
+    eprintln!(
+        "active {} played {} skipped {} share {:.3} continuity {:.4} net {:?} control {cc:?} errors {:?}",
+        s.active,
+        s.chunks_played,
+        s.chunks_skipped,
+        snap.peer_share(),
+        snap.continuity(),
+        snap.net,
+        snap.errors
+    );
+    assert_eq!(s.active, peers, "every viewer joined: {:?}", snap.errors);
+    assert_eq!(cc.sessions.load(Ordering::Relaxed), peers as u64);
+    assert_eq!(
+        cc.connections.load(Ordering::Relaxed),
+        1,
+        "200 sessions per connection"
+    );
+    assert_eq!(cc.streams_open.load(Ordering::Relaxed), peers as u64);
+    assert!(
+        cc.downs.load(Ordering::Relaxed) >= peers as u64,
+        "every stream said something"
+    );
+    let worst: Vec<_> = snap
+        .records
+        .iter()
+        .filter(|r| r.chunks_played < 30)
+        .take(3)
+        .collect();
+    assert!(worst.is_empty(), "viewers that hardly played: {worst:?}");
+    assert_eq!(s.not_identical, 0, "every played byte is the source's");
+    assert_eq!(snap.played_without_bytes, 0);
+    assert!(
+        snap.continuity() >= 0.99,
+        "continuity {}",
+        snap.continuity()
+    );
+    assert!(snap.peer_share() >= 0.9, "peer share {}", snap.peer_share());
+    // 20 leave: the control plane re-parents their children over the streams.
+    let downs = cc.downs.load(Ordering::Relaxed);
+    fabric.leave(20).await;
+    let played: u64 = snap.sample.chunks_played;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let snap = loop {
+        let snap = fabric.snapshot(false).await.unwrap();
+        // 180 viewers, 20 more chunks each.
+        if snap.sample.chunks_played >= played + 180 * 20 || tokio::time::Instant::now() > deadline
+        {
+            break snap;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!(
+        "after the leaves: active {} continuity {:.4} share {:.3} control {cc:?}",
+        snap.sample.active,
+        snap.continuity(),
+        snap.peer_share()
+    );
+    assert_eq!(snap.sample.active, peers - 20);
+    assert_eq!(snap.sample.left, 20);
+    assert!(
+        cc.downs.load(Ordering::Relaxed) > downs,
+        "deltas were pushed"
+    );
+    assert_eq!(cc.leaves.load(Ordering::Relaxed), 20);
+    assert_eq!(snap.sample.not_identical, 0);
+    assert!(
+        snap.continuity() >= 0.99,
+        "continuity {}",
+        snap.continuity()
+    );
+    fabric.stop().await;
+    tokio::time::timeout(Duration::from_secs(120), control)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cc.leaves.load(Ordering::Relaxed), peers as u64);
+    assert_eq!(cc.streams_open.load(Ordering::Relaxed), 0);
+    dep.shutdown().await;
+}
