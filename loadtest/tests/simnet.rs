@@ -5,11 +5,13 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use starling_loadtest::pattern::Pattern;
 use starling_loadtest::simnet::control::{self, ControlConfig};
+use starling_loadtest::simnet::dataplane::DpShared;
 use starling_loadtest::simnet::{Fabric, FabricConfig, ServerMode, SimNetConfig};
 use starling_loadtest::{Deployment, DeploymentConfig, UploadProfile};
 use tokio::sync::mpsc;
@@ -47,7 +49,6 @@ async fn sim_viewers_hold_real_sessions() {
         ControlConfig::new(dep.control_url(), dep.broadcast_id().to_owned()),
         up_rx,
         fabric.sender(),
-        None,
     );
     fabric.add(peers).await;
     // Wait (conditions only, generous bound) until every viewer has been due 40 chunks.
@@ -142,5 +143,109 @@ async fn sim_viewers_hold_real_sessions() {
         .unwrap();
     assert_eq!(cc.leaves.load(Ordering::Relaxed), peers as u64);
     assert_eq!(cc.streams_open.load(Ordering::Relaxed), 0);
+    dep.shutdown().await;
+}
+
+/// 100 simulated viewers against the real control plane and the real data plane: each
+/// holds one wire connection to the data plane (its chunk token, a subscription to
+/// the substreams the grid gives the server, its last-resort requests), every chunk
+/// from it verified; the peers relay the rest through the fabric. Every viewer joins
+/// and plays, every played byte is the source's, and the grid carries the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_viewers_use_the_real_data_plane() {
+    common::init_tracing();
+    let dep = Deployment::start(DeploymentConfig {
+        bitrate_kbps: 64,
+        chunk_ms: 250,
+        substreams: 4,
+        behind_proxy: true,
+        ..DeploymentConfig::default()
+    })
+    .await
+    .unwrap();
+    let peers = 100;
+    let (up_tx, up_rx) = mpsc::channel(65_536);
+    let fabric = Fabric::spawn(
+        FabricConfig {
+            net: SimNetConfig::new(64, 4, Duration::from_millis(250)),
+            upload: UploadProfile::mixed(),
+            index_offset: 0,
+            pattern: Some(Pattern::new(dep.config().seed)),
+            server: ServerMode::Wire,
+        },
+        up_tx,
+    );
+    let dp = Arc::new(DpShared::new(250, 4096));
+    let (cc, control) = control::spawn(
+        ControlConfig {
+            data_plane: Some(dp.clone()),
+            ..ControlConfig::new(dep.control_url(), dep.broadcast_id().to_owned())
+        },
+        up_rx,
+        fabric.sender(),
+    );
+    fabric.add(peers).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let snap = loop {
+        let snap = fabric.snapshot(true).await.unwrap();
+        let done = snap.sample.active == peers
+            && snap
+                .records
+                .iter()
+                .all(|r| r.chunks_played + r.chunks_skipped >= 40);
+        if done || tokio::time::Instant::now() > deadline {
+            break snap;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let s = &snap.sample;
+    eprintln!(
+        "active {} played {} skipped {} share {:.3} continuity {:.4} server {} B net {:?} control {cc:?} data plane: open {} chunks {} requests {} errors {:?}",
+        s.active,
+        s.chunks_played,
+        s.chunks_skipped,
+        snap.peer_share(),
+        snap.continuity(),
+        s.bytes_from_server,
+        snap.net,
+        dp.open.load(Ordering::Relaxed),
+        dp.chunks.load(Ordering::Relaxed),
+        dp.requests.load(Ordering::Relaxed),
+        snap.errors
+    );
+    assert_eq!(s.active, peers, "every viewer joined: {:?}", snap.errors);
+    assert_eq!(
+        dp.open.load(Ordering::Relaxed),
+        peers as u64,
+        "one connection each"
+    );
+    assert_eq!(dp.failed.load(Ordering::Relaxed), 0);
+    assert_eq!(dp.bad_chunks.load(Ordering::Relaxed), 0);
+    assert!(dp.chunks.load(Ordering::Relaxed) > 0);
+    assert!(
+        s.bytes_from_server > 0,
+        "the server's share came over the wire"
+    );
+    let worst: Vec<_> = snap
+        .records
+        .iter()
+        .filter(|r| r.chunks_played < 30)
+        .take(3)
+        .collect();
+    assert!(worst.is_empty(), "viewers that hardly played: {worst:?}");
+    assert_eq!(s.not_identical, 0, "every played byte is the source's");
+    assert_eq!(snap.played_without_bytes, 0);
+    assert!(
+        snap.continuity() >= 0.99,
+        "continuity {}",
+        snap.continuity()
+    );
+    assert!(snap.peer_share() >= 0.9, "peer share {}", snap.peer_share());
+    fabric.stop().await;
+    tokio::time::timeout(Duration::from_secs(120), control)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cc.leaves.load(Ordering::Relaxed), peers as u64);
     dep.shutdown().await;
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use starling_grid::Parent;
 use starling_grid::peer::PeerId;
 use starling_proto::v1::viewer_service_client::ViewerServiceClient;
@@ -29,6 +30,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+use super::dataplane::{self, DpCmd, DpSetup, DpShared};
 use super::msg::{Input, Up};
 use crate::swarm::peer_ip;
 
@@ -42,6 +44,8 @@ const JOIN_ATTEMPTS: u32 = 5;
 const DEFAULT_PUSHBACK_MS: u64 = 250;
 /// Per-session command queue.
 const SESSION_QUEUE: usize = 16;
+/// Per-viewer data-plane command queue.
+const DP_QUEUE: usize = 64;
 /// The port simulated viewers advertise (nobody dials it).
 const SIM_PORT: u16 = 9;
 
@@ -58,6 +62,9 @@ pub struct ControlConfig {
     pub index_offset: usize,
     /// Per-call timeout of unary calls.
     pub call_timeout: Duration,
+    /// Real data-plane connections, one per viewer (`None`: the fabric's in-process
+    /// server plays the data plane).
+    pub data_plane: Option<Arc<DpShared>>,
 }
 
 impl ControlConfig {
@@ -69,6 +76,7 @@ impl ControlConfig {
             sessions_per_channel: 200,
             index_offset: 0,
             call_timeout: Duration::from_secs(30),
+            data_plane: None,
         }
     }
 }
@@ -126,13 +134,19 @@ struct Ctx {
     counters: Arc<ControlCounters>,
 }
 
+/// A session's queues, as the dispatcher holds them.
+struct Queues {
+    cmd: mpsc::Sender<Cmd>,
+    dp: Option<mpsc::Sender<DpCmd>>,
+}
+
 /// Starts the dispatcher: reads the fabric's `up` until it closes. `Subscribe` and
-/// `ServerRequest` go to `server` (the data-plane connections), if any.
+/// `ServerRequest` go to the viewer's data-plane connection
+/// ([`ControlConfig::data_plane`]).
 pub fn spawn(
     cfg: ControlConfig,
     mut up: mpsc::Receiver<Up>,
     fabric: mpsc::Sender<Input>,
-    server: Option<mpsc::Sender<Up>>,
 ) -> (Arc<ControlCounters>, JoinHandle<()>) {
     let counters = Arc::new(ControlCounters::default());
     let ctx = Arc::new(Ctx {
@@ -142,7 +156,7 @@ pub fn spawn(
     });
     let task = tokio::spawn(async move {
         let mut channels: Vec<Channel> = Vec::new();
-        let mut sessions: BTreeMap<usize, mpsc::Sender<Cmd>> = BTreeMap::new();
+        let mut sessions: BTreeMap<usize, Queues> = BTreeMap::new();
         let mut tasks = Vec::new();
         while let Some(m) = up.recv().await {
             let (index, cmd) = match m {
@@ -158,13 +172,16 @@ pub fn spawn(
                         continue;
                     };
                     let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-                    sessions.insert(index, tx);
+                    let dp = ctx.cfg.data_plane.as_ref().map(|_| mpsc::channel(DP_QUEUE));
+                    let dp_tx = dp.as_ref().map(|(t, _)| t.clone());
+                    sessions.insert(index, Queues { cmd: tx, dp: dp_tx });
                     tasks.push(tokio::spawn(session(
                         ctx.clone(),
                         ch,
                         index,
                         upload_kbps,
                         rx,
+                        dp,
                     )));
                     continue;
                 }
@@ -175,15 +192,21 @@ pub fn spawn(
                 } => (index, Cmd::ReSearch { substream, exclude }),
                 Up::Report { index, parent } => (index, Cmd::Report { parent }),
                 Up::Leave { index } => (index, Cmd::Leave),
-                m @ (Up::Subscribe { .. } | Up::ServerRequest { .. }) => {
-                    if let Some(s) = &server {
-                        let _ = s.try_send(m);
+                Up::Subscribe { index, mask } => {
+                    if let Some(dp) = sessions.get(&index).and_then(|q| q.dp.as_ref()) {
+                        let _ = dp.send(DpCmd::Subscribe(mask)).await;
+                    }
+                    continue;
+                }
+                Up::ServerRequest { index, seq } => {
+                    if let Some(dp) = sessions.get(&index).and_then(|q| q.dp.as_ref()) {
+                        let _ = dp.try_send(DpCmd::Request(seq));
                     }
                     continue;
                 }
             };
             let leave = matches!(cmd, Cmd::Leave);
-            if let Some(tx) = sessions.get(&index) {
+            if let Some(tx) = sessions.get(&index).map(|q| &q.cmd) {
                 // Leaves wait for room; re-searches and reports are dropped when the
                 // session is not keeping up (the node asks again).
                 if leave {
@@ -284,6 +307,7 @@ async fn session(
     index: usize,
     upload_kbps: u32,
     mut cmds: mpsc::Receiver<Cmd>,
+    dp: Option<(mpsc::Sender<DpCmd>, mpsc::Receiver<DpCmd>)>,
 ) {
     let mut client = ViewerServiceClient::new(channel);
     let global = ctx.cfg.index_offset + index;
@@ -305,14 +329,41 @@ async fn session(
     ctx.counters.sessions.fetch_add(1, Ordering::Relaxed);
     let session_id = resp.session_id.clone();
     let bytes = Arc::new(ViewerBytes::default());
+    let parents = full_parents(
+        &resp.parents,
+        resp.params.as_ref().map_or(0, |p| p.substreams),
+    );
+    let dp_tx = match (dp, &ctx.cfg.data_plane) {
+        (Some((tx, rx)), Some(shared)) => {
+            let mask = parents
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| **p == Parent::Server)
+                .fold(0u64, |m, (s, _)| m | (1u64 << s));
+            let setup = DpSetup {
+                index,
+                addr: resp.dataplane_wire_addr.clone(),
+                token: Bytes::from(resp.chunk_token.clone()),
+                broadcast_id: ctx.cfg.broadcast_id.clone(),
+                mask,
+                chunk_keys: resp
+                    .chunk_keys
+                    .iter()
+                    .map(|k| (k.key_id, k.ed25519.clone()))
+                    .collect(),
+                fabric: ctx.fabric.clone(),
+                shared: shared.clone(),
+            };
+            tokio::spawn(dataplane::connection(setup, rx));
+            Some(tx)
+        }
+        _ => None,
+    };
     let joined = Input::Joined {
         index,
         peer_id: resp.peer_id,
         child_slots: resp.child_slots,
-        parents: full_parents(
-            &resp.parents,
-            resp.params.as_ref().map_or(0, |p| p.substreams),
-        ),
+        parents,
         neighbours: resp.neighbours.iter().map(|n| n.peer_id).collect(),
         rpc_ms: Some(rpc_ms),
         bytes: Some(bytes.clone()),
@@ -328,8 +379,10 @@ async fn session(
         upload_kbps,
         &bytes,
         &mut cmds,
+        dp_tx.as_ref(),
     )
     .await;
+    drop(dp_tx);
     if let Err(error) = &end {
         let _ = ctx
             .fabric
@@ -362,6 +415,7 @@ fn full_parents(parents: &[SubstreamParent], k: u32) -> Vec<Parent> {
 }
 
 /// The session stream until the viewer leaves (`Ok`) or the session ends (`Err`).
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     ctx: &Ctx,
     client: &mut ViewerServiceClient<Channel>,
@@ -370,6 +424,7 @@ async fn stream(
     upload_kbps: u32,
     bytes: &ViewerBytes,
     cmds: &mut mpsc::Receiver<Cmd>,
+    dp: Option<&mpsc::Sender<DpCmd>>,
 ) -> Result<(), String> {
     let counters = |b: &ViewerBytes| SessionUp {
         bytes_from_server: b.from_server.load(Ordering::Relaxed),
@@ -415,6 +470,11 @@ async fn stream(
                     }
                     if !down.active {
                         break Err("the control plane ended the session".into());
+                    }
+                    if !down.chunk_token.is_empty()
+                        && let Some(dp) = dp
+                    {
+                        let _ = dp.try_send(DpCmd::Token(Bytes::from(down.chunk_token.clone())));
                     }
                     if !apply(ctx, index, &down, &mut neighbours).await {
                         break Ok(());

@@ -140,6 +140,12 @@ pub struct Fabric {
     pub(super) waiting_len: usize,
     pub(super) pending: HashMap<PeerId, Vec<Pending>>,
     pub(super) pending_len: usize,
+    /// Under [`ServerMode::Wire`], whether [`Input::Origin`] came.
+    origin_known: bool,
+    /// What waits for the origin.
+    held: Vec<Input>,
+    /// Fabric time at its start (moved with the origin).
+    pub(super) started_us: u64,
     pub(super) up: mpsc::Sender<Up>,
     pub(super) rng: SimRng,
     pub(super) upcalls: Vec<Upcall>,
@@ -194,6 +200,9 @@ impl Fabric {
             waiting_len: 0,
             pending: HashMap::new(),
             pending_len: 0,
+            origin_known: cfg.server == ServerMode::InProcess,
+            held: Vec::new(),
+            started_us: 0,
             up,
             rng,
             upcalls: Vec::new(),
@@ -207,6 +216,26 @@ impl Fabric {
         }
         f.schedule(1_000_000, Ev::Sample);
         f
+    }
+
+    /// Moves the origin to the stream's chunk 0 (see [`Input::Origin`]): fabric times
+    /// taken so far shift with it.
+    fn set_origin(&mut self, unix_ms: u64) {
+        self.origin_known = true;
+        let behind = starling_proto::time::unix_ms().saturating_sub(unix_ms);
+        let Some(origin) = Instant::now().checked_sub(Duration::from_millis(behind)) else {
+            return;
+        };
+        let shift = us(self.origin.saturating_duration_since(origin));
+        self.origin = origin;
+        self.started_us += shift;
+        for p in &mut self.peers {
+            p.join_sent += Duration::from_micros(shift);
+        }
+        // Only the sampler is scheduled before any node exists.
+        self.heap.clear();
+        let at = self.now_us() + 1_000_000;
+        self.schedule(at, Ev::Sample);
     }
 
     /// Fabric time now, µs since its start.
@@ -296,7 +325,43 @@ impl Fabric {
     /// `false`: stop.
     fn input(&mut self, m: Input) -> bool {
         let now = self.now_us();
+        if !self.origin_known {
+            match m {
+                Input::Origin { unix_ms } => {
+                    self.set_origin(unix_ms);
+                    for m in std::mem::take(&mut self.held) {
+                        if !self.input(m) {
+                            return false;
+                        }
+                    }
+                    return true;
+                }
+                m @ (Input::Joined { .. }
+                | Input::Failed { .. }
+                | Input::Assign { .. }
+                | Input::ResearchFailed { .. }
+                | Input::Neighbour { .. }) => {
+                    self.held.push(m);
+                    return true;
+                }
+                // Nothing can be held before the origin is known.
+                Input::ServerChunk { .. } | Input::ServerNotFound { .. } => return true,
+                _ => {}
+            }
+        }
         match m {
+            Input::Origin { .. } => {}
+            Input::ServerNotFound { index, seq } => {
+                let len = self.sizes.control_frame();
+                self.deliver(
+                    index,
+                    Endpoint::Server,
+                    Frame::NotFound(seq),
+                    None,
+                    len,
+                    now,
+                );
+            }
             Input::Joined {
                 index,
                 peer_id,

@@ -13,6 +13,8 @@
 //! * [`msg`]: the fabric's messages ([`Up`], [`Input`]) and setup.
 //! * [`links`]: uplinks, link latency, the in-process server, parent and neighbour
 //!   links.
+//! * [`dataplane`]: real data-plane traffic: one wire connection per viewer (token,
+//!   subscription to the server's substreams, requests), every chunk verified.
 //! * [`local`]: the in-process stand-in for the control plane (the grid's own
 //!   [`ControlPlane`](starling_grid::sim::ControlPlane) around the real assigner), for
 //!   tests of the fabric alone.
@@ -24,6 +26,7 @@
 //! tickets and peer tokens on peer links (the control plane still issues them).
 
 pub mod control;
+pub mod dataplane;
 pub mod fabric;
 pub mod links;
 pub mod local;

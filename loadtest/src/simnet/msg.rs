@@ -131,6 +131,21 @@ pub enum Input {
         /// The chunk.
         chunk: Arc<SimChunk>,
     },
+    /// The data plane's `NOT_FOUND` for one viewer's request (wire server).
+    ServerNotFound {
+        /// Local peer index.
+        index: usize,
+        /// The chunk.
+        seq: u64,
+    },
+    /// When the data plane's chunk 0 was due (unix ms; chunk `seq` is due at
+    /// `(seq + 1)·d` after it). Under [`ServerMode::Wire`] the fabric holds every
+    /// viewer's join answer until it knows this, so that its nodes' clocks are the
+    /// stream's.
+    Origin {
+        /// Unix ms.
+        unix_ms: u64,
+    },
     /// `count` more viewers join.
     Add {
         /// How many.

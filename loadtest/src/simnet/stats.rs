@@ -2,6 +2,8 @@
 //! whole fabric, a [`PeerRecord`] per viewer and the lag histogram, so that the
 //! coordinator's progress, merge and report code show a simulated run unchanged.
 
+use std::time::Duration;
+
 use super::fabric::{Fabric, NetCounters};
 use super::peer::Phase;
 use crate::worker::{PeerRecord, ProcStats, WorkerSample};
@@ -53,7 +55,7 @@ impl Snapshot {
 impl Fabric {
     pub(super) fn snapshot(&self, records: bool) -> Snapshot {
         let mut s = WorkerSample {
-            elapsed_s: self.now_us() as f64 / 1e6,
+            elapsed_s: self.now_us().saturating_sub(self.started_us) as f64 / 1e6,
             peers_total: self.peers.len(),
             process: ProcStats::current(),
             ..WorkerSample::default()
@@ -92,7 +94,7 @@ impl Fabric {
                 }
             }
             if records {
-                record(p, &mut out);
+                record(p, Duration::from_micros(self.started_us), &mut out);
             }
         }
         out.sample = s;
@@ -100,13 +102,14 @@ impl Fabric {
     }
 }
 
-fn record(p: &super::peer::SimPeer, out: &mut Snapshot) {
+/// One viewer's record; times since `base` (the fabric's start).
+fn record(p: &super::peer::SimPeer, base: Duration, out: &mut Snapshot) {
     let stats = p.node.as_ref().map(|n| n.peer.stats()).unwrap_or_default();
     out.records.push(PeerRecord {
         index: p.index,
         upload_kbps: p.upload_kbps,
-        joined_s: p.joined.map(|d| d.as_secs_f64()),
-        left_s: p.left.map(|d| d.as_secs_f64()),
+        joined_s: p.joined.map(|d| d.saturating_sub(base).as_secs_f64()),
+        left_s: p.left.map(|d| d.saturating_sub(base).as_secs_f64()),
         join_rpc_ms: p.join_rpc_ms,
         startup_ms: p.startup.map(|d| d.as_secs_f64() * 1000.0),
         chunks_played: stats.played,
