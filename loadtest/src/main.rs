@@ -232,6 +232,14 @@ struct RunArgs {
     /// Number of peers.
     #[arg(long, env = "STARLING_LOADTEST_PEERS", default_value_t = 10_000)]
     peers: usize,
+    /// How peers run: `sim` (simulated peers in one worker process: the grid's peer
+    /// logic per peer, real control-plane and data-plane traffic per peer, peer-to-peer
+    /// frames through an in-process network with per-link latency and per-peer upload
+    /// serialization) or `sockets` (real SDK peers on loopback, over --workers
+    /// processes).
+    #[arg(long, env = "STARLING_LOADTEST_NET", default_value = "sim",
+          value_parser = ["sim", "sockets"])]
+    net: String,
     /// Worker processes (default: ceil(peers / 700); a process holds ~20 open files
     /// per peer and the open-file limit is 20,000).
     #[arg(long, env = "STARLING_LOADTEST_WORKERS")]
@@ -326,6 +334,11 @@ struct WorkerArgs {
     /// The coordinator's HOST:PORT (printed by `run`).
     #[arg(long, env = "STARLING_LOADTEST_COORDINATOR")]
     coordinator: String,
+    /// `sockets`: real SDK peers; `sim`: the simulated peers of `run --net sim` (the
+    /// coordinator passes it to the worker it spawns).
+    #[arg(long, env = "STARLING_LOADTEST_WORKER_NET", default_value = "sockets",
+          value_parser = ["sim", "sockets"])]
+    net: String,
     /// How long to keep trying to connect, seconds.
     #[arg(
         long,
@@ -450,12 +463,19 @@ fn main() -> ExitCode {
             .map_err(Into::into),
         Command::Demo(args) => rt.block_on(demo(args)),
         Command::Run(args) => rt.block_on(run(*args)),
-        Command::Worker(args) => rt
-            .block_on(starling_loadtest::worker::run_worker(WorkerConfig {
+        Command::Worker(args) => {
+            let cfg = WorkerConfig {
                 coordinator: args.coordinator,
                 connect_timeout: Duration::from_secs(args.connect_timeout_s),
-            }))
-            .map_err(Into::into),
+            };
+            if args.net == "sim" {
+                rt.block_on(starling_loadtest::simnet::worker::run_sim_worker(cfg))
+                    .map_err(Into::into)
+            } else {
+                rt.block_on(starling_loadtest::worker::run_worker(cfg))
+                    .map_err(Into::into)
+            }
+        }
         Command::Dataplane(args) => {
             drop(rt);
             starling_loadtest::run::dataplane_child(
@@ -606,6 +626,11 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         exe: None,
         external,
         progress: true,
+        net: if args.net == "sockets" {
+            starling_loadtest::run::Net::Sockets
+        } else {
+            starling_loadtest::run::Net::Sim
+        },
     };
     let report = starling_loadtest::run::run(cfg).await?;
     println!("=== starling run report ===\n{report}");

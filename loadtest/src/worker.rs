@@ -90,6 +90,12 @@ pub struct Hello {
     /// ([`SwarmConfig::shared_signature_cache`]).
     #[serde(default = "yes")]
     pub shared_signature_cache: bool,
+    /// Chunk duration, ms (simulated peers need it before their joins).
+    #[serde(default)]
+    pub chunk_ms: Option<u32>,
+    /// Substreams (K), likewise.
+    #[serde(default)]
+    pub substreams: Option<u32>,
 }
 
 fn yes() -> bool {
@@ -273,7 +279,7 @@ pub struct WorkerConfig {
     pub connect_timeout: Duration,
 }
 
-async fn send(w: &mut OwnedWriteHalf, msg: &FromWorker) -> std::io::Result<()> {
+pub(crate) async fn send(w: &mut OwnedWriteHalf, msg: &FromWorker) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await

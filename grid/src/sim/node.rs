@@ -133,6 +133,10 @@ pub struct Node {
     pub due_before_measure: (u64, u64),
     /// Emit [`Upcall::Play`] for every chunk played (a host that checks the output).
     pub report_plays: bool,
+    /// The cut time (ms, on the node's clock) of the next chunk given to
+    /// [`Node::on_frame`], when the host knows it (a real data plane's timestamps);
+    /// otherwise a chunk `seq` counts as cut at `(seq + 1)·d`.
+    pub next_cut_ms: Option<u64>,
     k: u64,
 }
 
@@ -160,6 +164,7 @@ impl Node {
             bytes_from_server: 0,
             due_before_measure: (0, 0),
             report_plays: false,
+            next_cut_ms: None,
             k,
         }
     }
@@ -266,8 +271,12 @@ impl Node {
                     Endpoint::Server => self.bytes_from_server += len,
                     Endpoint::Peer(_) => self.bytes_from_peers += len,
                 }
-                // Cut at its availability at the source (the play clock's rate input).
-                let cut_ms = (seq + 1).saturating_mul(chunk_ms);
+                // Cut at its availability at the source (the play clock's rate input),
+                // unless the host knows better.
+                let cut_ms = self
+                    .next_cut_ms
+                    .take()
+                    .unwrap_or_else(|| (seq + 1).saturating_mul(chunk_ms));
                 return self.peer.handle_chunk(seq, src, len, cut_ms, now);
             }
             Frame::BufferMap(map) => {

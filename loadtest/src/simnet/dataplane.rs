@@ -205,6 +205,7 @@ async fn run(s: DpSetup, mut cmds: mpsc::Receiver<DpCmd>) -> Result<(), String> 
                 }
                 let chunk = Arc::new(SimChunk {
                     seq: c.seq,
+                    cut_ms: c.timestamp_ms,
                     payload: c.payload,
                 });
                 let m = Input::ServerChunk {

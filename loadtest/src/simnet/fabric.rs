@@ -142,6 +142,8 @@ pub struct Fabric {
     pub(super) pending_len: usize,
     /// Under [`ServerMode::Wire`], whether [`Input::Origin`] came.
     origin_known: bool,
+    /// The origin in unix ms (0: the in-process server's chunks carry fabric times).
+    pub(super) origin_unix_ms: u64,
     /// What waits for the origin.
     held: Vec<Input>,
     /// Fabric time at its start (moved with the origin).
@@ -202,6 +204,7 @@ impl Fabric {
             pending_len: 0,
             origin_known: cfg.server == ServerMode::InProcess,
             held: Vec::new(),
+            origin_unix_ms: 0,
             started_us: 0,
             up,
             rng,
@@ -222,6 +225,7 @@ impl Fabric {
     /// taken so far shift with it.
     fn set_origin(&mut self, unix_ms: u64) {
         self.origin_known = true;
+        self.origin_unix_ms = unix_ms;
         let behind = starling_proto::time::unix_ms().saturating_sub(unix_ms);
         let Some(origin) = Instant::now().checked_sub(Duration::from_millis(behind)) else {
             return;
@@ -419,7 +423,8 @@ impl Fabric {
                 None => self.pending_link(neighbour, Pending::Neighbour(index)),
             },
             Input::ServerChunk { index, chunk } => {
-                let len = self.sizes.chunk_frame();
+                let len =
+                    self.sizes.chunk_frame() - self.sizes.payload + chunk.payload.len() as u64;
                 self.deliver(
                     index,
                     Endpoint::Server,
@@ -610,6 +615,9 @@ impl Fabric {
         let Some(n) = p.node.as_mut().filter(|n| n.receives()) else {
             return;
         };
+        n.next_cut_ms = chunk
+            .as_ref()
+            .map(|c| c.cut_ms.saturating_sub(self.origin_unix_ms));
         let is_new = n.on_frame(from, frame, len, chunk_ms, Duration::from_micros(now));
         if is_new && let Some(c) = chunk {
             match from {
@@ -673,8 +681,9 @@ impl Fabric {
                 }),
                 Upcall::Report { parent } => self.send_up(Up::Report { index: i, parent }),
                 Upcall::Play { seq } => {
+                    let origin = self.origin_unix_ms;
                     if let Some(p) = self.peers.get_mut(i) {
-                        p.played(seq, pattern.as_ref(), Duration::from_micros(now));
+                        p.played(seq, pattern.as_ref(), origin, Duration::from_micros(now));
                     }
                 }
             }

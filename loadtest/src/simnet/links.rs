@@ -42,7 +42,13 @@ impl Fabric {
             _ => None,
         };
         let len = match &frame {
-            Frame::Chunk(_) => self.sizes.chunk_frame(),
+            // The wire's frame for this chunk's actual payload.
+            Frame::Chunk(_) => {
+                let payload = chunk
+                    .as_ref()
+                    .map_or(self.sizes.payload, |c| c.payload.len() as u64);
+                self.sizes.chunk_frame() - self.sizes.payload + payload
+            }
             Frame::BufferMap(m) => self.sizes.buffer_map_frame(m.len()),
             Frame::Request(_) | Frame::NotFound(_) => self.sizes.control_frame(),
         };
@@ -152,7 +158,11 @@ impl Fabric {
             Some(p) => Bytes::from(p.bytes(seq * len as u64, len)),
             None => Bytes::from(vec![0u8; len]),
         };
-        let c = Arc::new(SimChunk { seq, payload });
+        let c = Arc::new(SimChunk {
+            seq,
+            cut_ms: at / 1000,
+            payload,
+        });
         self.window.insert(seq, c.clone());
         while self.window.len() > SERVER_WINDOW {
             self.window.pop_first();

@@ -19,6 +19,7 @@
 //!   [`ControlPlane`](starling_grid::sim::ControlPlane) around the real assigner), for
 //!   tests of the fabric alone.
 //! * [`peer`]: one simulated viewer's bytes and figures around its node.
+//! * [`worker`]: the `--net sim` worker process of `starling-loadtest run`.
 //! * [`stats`]: the fabric's figures in the worker protocol's shapes
 //!   ([`crate::worker::WorkerSample`], [`crate::worker::PeerRecord`]).
 //!
@@ -35,6 +36,7 @@ pub mod peer;
 pub mod stats;
 #[cfg(test)]
 mod tests;
+pub mod worker;
 
 use std::time::Duration;
 
@@ -42,6 +44,7 @@ use starling_grid::sim::Latency;
 
 pub use fabric::{Fabric, FabricHandle};
 pub use msg::{FabricConfig, Input, ServerMode, SimChunk, Up};
+pub use stats::Snapshot;
 
 /// How the simulated network and its peers behave.
 #[derive(Debug, Clone)]

@@ -19,6 +19,9 @@ use crate::swarm::UploadProfile;
 pub struct SimChunk {
     /// Sequence number.
     pub seq: u64,
+    /// When it was cut, ms: unix ms for the data plane's chunks, fabric ms for the
+    /// in-process server's.
+    pub cut_ms: u64,
     /// Payload (shared, never copied per hop).
     pub payload: Bytes,
 }

@@ -117,9 +117,21 @@ impl SimPeer {
     }
 
     /// Chunk `seq` was played at `now`: its bytes go through the check.
-    pub fn played(&mut self, seq: u64, pattern: Option<&Pattern>, now: Duration) {
+    /// Its lag is `now` − the chunk's cut time (`origin_unix_ms` is the fabric's
+    /// origin on the chunks' clock).
+    pub fn played(
+        &mut self,
+        seq: u64,
+        pattern: Option<&Pattern>,
+        origin_unix_ms: u64,
+        now: Duration,
+    ) {
         if self.startup.is_none() {
             self.startup = Some(now.saturating_sub(self.join_sent));
+        }
+        if let (Some(c), Some(n)) = (self.store.get(&seq), self.node.as_mut()) {
+            let cut = Duration::from_millis(c.cut_ms.saturating_sub(origin_unix_ms));
+            n.lag_us = Some(u64::try_from(now.saturating_sub(cut).as_micros()).unwrap_or(u64::MAX));
         }
         match (self.store.get(&seq), pattern) {
             (Some(c), Some(p)) => self.check.feed(p, &c.payload),

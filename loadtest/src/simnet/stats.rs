@@ -94,7 +94,8 @@ impl Fabric {
                 }
             }
             if records {
-                record(p, Duration::from_micros(self.started_us), &mut out);
+                let base = Duration::from_micros(self.started_us);
+                record(p, self.cfg.index_offset, base, &mut out);
             }
         }
         out.sample = s;
@@ -103,10 +104,10 @@ impl Fabric {
 }
 
 /// One viewer's record; times since `base` (the fabric's start).
-fn record(p: &super::peer::SimPeer, base: Duration, out: &mut Snapshot) {
+fn record(p: &super::peer::SimPeer, offset: usize, base: Duration, out: &mut Snapshot) {
     let stats = p.node.as_ref().map(|n| n.peer.stats()).unwrap_or_default();
     out.records.push(PeerRecord {
-        index: p.index,
+        index: offset + p.index,
         upload_kbps: p.upload_kbps,
         joined_s: p.joined.map(|d| d.saturating_sub(base).as_secs_f64()),
         left_s: p.left.map(|d| d.saturating_sub(base).as_secs_f64()),
