@@ -88,6 +88,8 @@ pub struct RunConfig {
     pub progress: bool,
     /// Simulated or socket peers.
     pub net: Net,
+    /// The simulated network's links (`--net sim`).
+    pub sim: crate::worker::SimLinks,
 }
 
 impl Default for RunConfig {
@@ -114,6 +116,7 @@ impl Default for RunConfig {
             external: None,
             progress: true,
             net: Net::Sim,
+            sim: crate::worker::SimLinks::default(),
         }
     }
 }

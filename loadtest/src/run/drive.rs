@@ -159,6 +159,7 @@ pub(super) async fn drive(
             shared_signature_cache: cfg.shared_signature_cache,
             chunk_ms: Some(cfg.chunk_ms),
             substreams: Some(cfg.substreams),
+            sim: Some(cfg.sim),
         };
         if !tell(link, &ToWorker::Hello(hello)).await {
             report_errors.push(format!("worker {w}: hello not delivered"));

@@ -75,6 +75,15 @@ pub async fn run_sim_worker(config: WorkerConfig) -> Result<(), HarnessError> {
     let k = u16::try_from(h.substreams.unwrap_or(4).clamp(1, 64)).unwrap_or(4);
     let mut net = SimNetConfig::new(h.stream_kbps, k, Duration::from_millis(u64::from(chunk_ms)));
     net.target_lag = h.target_lag_ms.map(Duration::from_millis);
+    if let Some(l) = h.sim {
+        net.latency = starling_grid::sim::Latency::Uniform {
+            min: Duration::from_millis(l.latency_min_ms),
+            max: Duration::from_millis(l.latency_max_ms.max(l.latency_min_ms)),
+        };
+        net.jitter = Duration::from_millis(l.jitter_ms);
+        net.loss = l.loss.clamp(0.0, 1.0);
+        net.uplink_factor = l.uplink_factor.max(1.0);
+    }
     net.queue = net.queue.max(h.peers * 8);
     let upload = if h.upload_profile.is_empty() {
         UploadProfile::mixed()
