@@ -192,9 +192,13 @@ pub fn spawn(
                 } => (index, Cmd::ReSearch { substream, exclude }),
                 Up::Report { index, parent } => (index, Cmd::Report { parent }),
                 Up::Leave { index } => (index, Cmd::Leave),
-                Up::Subscribe { index, mask } => {
+                Up::Subscribe {
+                    index,
+                    mask,
+                    resume,
+                } => {
                     if let Some(dp) = sessions.get(&index).and_then(|q| q.dp.as_ref()) {
-                        let _ = dp.send(DpCmd::Subscribe(mask)).await;
+                        let _ = dp.send(DpCmd::Subscribe(mask, resume)).await;
                     }
                     continue;
                 }

@@ -28,8 +28,8 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 /// What a viewer's session asks of its data-plane connection.
 #[derive(Debug)]
 pub enum DpCmd {
-    /// Push these substreams (mask).
-    Subscribe(u64),
+    /// Push these substreams (mask), resuming at this chunk (`None`: the live edge).
+    Subscribe(u64, Option<u64>),
     /// A last-resort request.
     Request(u64),
     /// A renewed chunk token.
@@ -151,11 +151,11 @@ async fn run(s: DpSetup, mut cmds: mpsc::Receiver<DpCmd>) -> Result<(), String> 
                 cmd = cmds.recv() => {
                     let f = match cmd {
                         None => return Ok(()),
-                        Some(DpCmd::Subscribe(m)) => {
+                        Some(DpCmd::Subscribe(m, resume)) => {
                             mask = m;
                             Frame::Subscribe(Subscribe {
                                 broadcast_id: s.broadcast_id.clone(),
-                                start: StartAt::Live,
+                                start: resume.map_or(StartAt::Live, StartAt::Seq),
                                 substream_mask: m,
                             })
                         }

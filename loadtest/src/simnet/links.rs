@@ -240,7 +240,17 @@ impl Fabric {
         }
         if server_changed && self.cfg.server == ServerMode::Wire {
             let mask = self.server_mask(child);
-            self.send_up(Up::Subscribe { index: child, mask });
+            let resume = self.peers.get(child).and_then(|p| {
+                p.store
+                    .last_key_value()
+                    .map(|(&n, _)| n + 1)
+                    .or_else(|| p.node.as_ref().and_then(|n| n.peer.play_next()))
+            });
+            self.send_up(Up::Subscribe {
+                index: child,
+                mask,
+                resume,
+            });
         }
     }
 

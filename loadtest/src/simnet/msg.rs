@@ -64,6 +64,9 @@ pub enum Up {
         index: usize,
         /// Substream mask.
         mask: u64,
+        /// Where the pushes resume, as the SDK's engine does: after the newest chunk
+        /// held, else at the next chunk to play (`None`: the live edge).
+        resume: Option<u64>,
     },
     /// A last-resort request to the data plane (wire server).
     ServerRequest {
