@@ -65,6 +65,7 @@ pub use error::SdkError;
 pub use hub::Subscription;
 pub use relay::keys::KeyHoldLimits;
 pub use relay::listener_limits::PeerLimits;
+pub use relay::sched_config::scheduler_config;
 pub use reorder::ReorderConfig;
 pub use starling_proto::wire::ErrorCode;
 pub use stats::Stats;

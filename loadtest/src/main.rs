@@ -232,6 +232,32 @@ struct RunArgs {
     /// Number of peers.
     #[arg(long, env = "STARLING_LOADTEST_PEERS", default_value_t = 10_000)]
     peers: usize,
+    /// How peers run: `sim` (simulated peers in one worker process: the grid's peer
+    /// logic per peer, real control-plane and data-plane traffic per peer, peer-to-peer
+    /// frames through an in-process network with per-link latency and per-peer upload
+    /// serialization) or `sockets` (real SDK peers on loopback, over --workers
+    /// processes).
+    #[arg(long, env = "STARLING_LOADTEST_NET", default_value = "sim",
+          value_parser = ["sim", "sockets"])]
+    net: String,
+    /// `--net sim`: one-way peer-to-peer latency, ms, as MIN-MAX (each link draws once,
+    /// uniformly; the default is one country).
+    #[arg(long, env = "STARLING_LOADTEST_SIM_LATENCY_MS", default_value = "5-40")]
+    sim_latency_ms: String,
+    /// `--net sim`: extra delay per frame, uniform in [0, this], ms.
+    #[arg(long, env = "STARLING_LOADTEST_SIM_JITTER_MS", default_value_t = 0)]
+    sim_jitter_ms: u64,
+    /// `--net sim`: probability that a peer-to-peer frame is lost.
+    #[arg(long, env = "STARLING_LOADTEST_SIM_LOSS", default_value_t = 0.0)]
+    sim_loss: f64,
+    /// `--net sim`: a peer's physical uplink as a multiple of its relay budget (frames
+    /// queue on it; at least 1).
+    #[arg(
+        long,
+        env = "STARLING_LOADTEST_SIM_UPLINK_FACTOR",
+        default_value_t = 2.0
+    )]
+    sim_uplink_factor: f64,
     /// Worker processes (default: ceil(peers / 700); a process holds ~20 open files
     /// per peer and the open-file limit is 20,000).
     #[arg(long, env = "STARLING_LOADTEST_WORKERS")]
@@ -326,6 +352,11 @@ struct WorkerArgs {
     /// The coordinator's HOST:PORT (printed by `run`).
     #[arg(long, env = "STARLING_LOADTEST_COORDINATOR")]
     coordinator: String,
+    /// `sockets`: real SDK peers; `sim`: the simulated peers of `run --net sim` (the
+    /// coordinator passes it to the worker it spawns).
+    #[arg(long, env = "STARLING_LOADTEST_WORKER_NET", default_value = "sockets",
+          value_parser = ["sim", "sockets"])]
+    net: String,
     /// How long to keep trying to connect, seconds.
     #[arg(
         long,
@@ -450,12 +481,19 @@ fn main() -> ExitCode {
             .map_err(Into::into),
         Command::Demo(args) => rt.block_on(demo(args)),
         Command::Run(args) => rt.block_on(run(*args)),
-        Command::Worker(args) => rt
-            .block_on(starling_loadtest::worker::run_worker(WorkerConfig {
+        Command::Worker(args) => {
+            let cfg = WorkerConfig {
                 coordinator: args.coordinator,
                 connect_timeout: Duration::from_secs(args.connect_timeout_s),
-            }))
-            .map_err(Into::into),
+            };
+            if args.net == "sim" {
+                rt.block_on(starling_loadtest::simnet::worker::run_sim_worker(cfg))
+                    .map_err(Into::into)
+            } else {
+                rt.block_on(starling_loadtest::worker::run_worker(cfg))
+                    .map_err(Into::into)
+            }
+        }
         Command::Dataplane(args) => {
             drop(rt);
             starling_loadtest::run::dataplane_child(
@@ -573,8 +611,38 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The `--sim-*` flags.
+fn sim_links(
+    args: &RunArgs,
+) -> Result<starling_loadtest::worker::SimLinks, Box<dyn std::error::Error>> {
+    let (lo, hi) = match args.sim_latency_ms.split_once('-') {
+        Some((a, b)) => (a.trim().parse::<u64>()?, b.trim().parse::<u64>()?),
+        None => {
+            let v = args.sim_latency_ms.trim().parse::<u64>()?;
+            (v, v)
+        }
+    };
+    if hi < lo {
+        return Err("--sim-latency-ms: MIN-MAX with MIN <= MAX".into());
+    }
+    if !(0.0..=1.0).contains(&args.sim_loss) {
+        return Err("--sim-loss: a probability in [0, 1]".into());
+    }
+    if args.sim_uplink_factor.is_nan() || args.sim_uplink_factor < 1.0 {
+        return Err("--sim-uplink-factor: at least 1".into());
+    }
+    Ok(starling_loadtest::worker::SimLinks {
+        latency_min_ms: lo,
+        latency_max_ms: hi,
+        jitter_ms: args.sim_jitter_ms,
+        loss: args.sim_loss,
+        uplink_factor: args.sim_uplink_factor,
+    })
+}
+
 async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let upload = UploadProfile::parse(&args.upload_profile)?;
+    let sim = sim_links(&args)?;
     let external = match (args.control, args.broadcast) {
         (Some(control_url), Some(broadcast_id)) => Some(External {
             control_url,
@@ -606,6 +674,12 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         exe: None,
         external,
         progress: true,
+        net: if args.net == "sockets" {
+            starling_loadtest::run::Net::Sockets
+        } else {
+            starling_loadtest::run::Net::Sim
+        },
+        sim,
     };
     let report = starling_loadtest::run::run(cfg).await?;
     println!("=== starling run report ===\n{report}");

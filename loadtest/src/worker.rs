@@ -40,6 +40,8 @@ pub const LAG_BUCKET_MS: u64 = 10;
 /// What the coordinator tells a worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// A handful of messages per run: the size of `Hello` does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum ToWorker {
     /// The worker's share and where the broadcast is.
     Hello(Hello),
@@ -90,6 +92,43 @@ pub struct Hello {
     /// ([`SwarmConfig::shared_signature_cache`]).
     #[serde(default = "yes")]
     pub shared_signature_cache: bool,
+    /// Chunk duration, ms (simulated peers need it before their joins).
+    #[serde(default)]
+    pub chunk_ms: Option<u32>,
+    /// Substreams (K), likewise.
+    #[serde(default)]
+    pub substreams: Option<u32>,
+    /// The simulated network (`--net sim` only; `None`: its defaults).
+    #[serde(default)]
+    pub sim: Option<SimLinks>,
+}
+
+/// The simulated network's links, as `run --net sim` is told them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SimLinks {
+    /// Shortest one-way peer-to-peer latency, ms (each link draws once, uniformly).
+    pub latency_min_ms: u64,
+    /// Longest, ms.
+    pub latency_max_ms: u64,
+    /// Extra delay per frame, uniform in `[0, jitter]`, ms.
+    pub jitter_ms: u64,
+    /// Probability that a peer-to-peer frame is lost.
+    pub loss: f64,
+    /// A peer's physical uplink as a multiple of its relay budget.
+    pub uplink_factor: f64,
+}
+
+impl Default for SimLinks {
+    /// One country: 5–40 ms, no jitter or loss, uplinks twice the budget.
+    fn default() -> SimLinks {
+        SimLinks {
+            latency_min_ms: 5,
+            latency_max_ms: 40,
+            jitter_ms: 0,
+            loss: 0.0,
+            uplink_factor: 2.0,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -273,7 +312,7 @@ pub struct WorkerConfig {
     pub connect_timeout: Duration,
 }
 
-async fn send(w: &mut OwnedWriteHalf, msg: &FromWorker) -> std::io::Result<()> {
+pub(crate) async fn send(w: &mut OwnedWriteHalf, msg: &FromWorker) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await

@@ -19,6 +19,8 @@ fn a_saturated_machine_holds_then_closes_the_ramp() {
     let out = Command::new(env!("CARGO_BIN_EXE_starling-loadtest"))
         .args([
             "run",
+            "--net",
+            "sockets",
             "--peers",
             &peers.to_string(),
             "--workers",

@@ -74,6 +74,8 @@ fn run_500_peers_over_2_workers() {
     let out = Command::new(env!("CARGO_BIN_EXE_starling-loadtest"))
         .args([
             "run",
+            "--net",
+            "sockets",
             "--peers",
             &peers.to_string(),
             "--workers",

@@ -49,7 +49,7 @@ mod link_table;
 pub(crate) mod listener_limits;
 mod peer_rights;
 mod reparent;
-mod sched_config;
+pub(crate) mod sched_config;
 mod upload;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

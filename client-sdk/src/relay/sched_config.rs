@@ -6,7 +6,7 @@ use starling_grid::peer::SchedulerConfig;
 
 /// The scheduler's tunables for a stream and a target lag: the defaults are tuned for a
 /// 2 s lag; the lag-relative ones are scaled with it.
-pub(crate) fn scheduler_config(k: u16, chunk: Duration, lag: Duration) -> SchedulerConfig {
+pub fn scheduler_config(k: u16, chunk: Duration, lag: Duration) -> SchedulerConfig {
     let def = SchedulerConfig::default();
     let f = lag.as_secs_f64() / def.target_lag.as_secs_f64();
     let scale = |d: Duration| d.mul_f64(f);

@@ -13,7 +13,7 @@ use crate::peer::PeerId;
 
 /// A message from a peer to the control plane.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum ToControl {
+pub enum ToControl {
     Join {
         id: PeerId,
         info: PeerInfo,
@@ -33,7 +33,7 @@ pub(crate) enum ToControl {
 
 /// A message from the control plane to one peer.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum ToPeer {
+pub enum ToPeer {
     /// The join's answer.
     Joined {
         parents: Vec<Parent>,
@@ -50,7 +50,7 @@ pub(crate) enum ToPeer {
 /// The real assigner plus the report counting the control plane does before demoting a
 /// peer.
 #[derive(Debug)]
-pub(crate) struct ControlPlane {
+pub struct ControlPlane {
     assigner: GridAssigner,
     /// Distinct reporters per reported peer.
     reports: BTreeMap<PeerId, BTreeSet<PeerId>>,

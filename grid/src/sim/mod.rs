@@ -53,8 +53,9 @@ use std::time::Duration;
 use crate::assign::GridConfig;
 use crate::peer::SchedulerConfig;
 
+pub use control::{ControlPlane, ToControl, ToPeer};
 pub use network::{Sim, SimError};
-pub use node::Endpoint;
+pub use node::{Endpoint, Frame, Life, Node, Upcall};
 pub use report::SimReport;
 pub use rng::{Latency, SimRng};
 pub use scenario::UploadProfile;

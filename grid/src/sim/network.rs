@@ -508,6 +508,7 @@ impl Sim {
                     reporter: id,
                     parent,
                 }),
+                Upcall::Play { .. } => {}
             }
         }
         self.upcalls = up;

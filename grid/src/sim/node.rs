@@ -40,30 +40,49 @@ impl From<Parent> for Endpoint {
 
 /// A data-plane frame between peers (or a peer and the server), by kind.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Frame {
+pub enum Frame {
+    /// A chunk, by sequence number (its bytes are the host's).
     Chunk(u64),
+    /// A neighbour's buffer map.
     BufferMap(BufferMap),
+    /// A repair request.
     Request(u64),
+    /// A refused request, or a push skipped over the sender's budget.
     NotFound(u64),
 }
 
 /// What a node asks of the rest of the simulation.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Upcall {
+pub enum Upcall {
     /// Put a frame on this node's uplink.
-    Send { to: Endpoint, frame: Frame },
+    Send {
+        /// Its destination.
+        to: Endpoint,
+        /// The frame.
+        frame: Frame,
+    },
     /// Ask the control plane for a new parent.
     ReSearch {
+        /// The substream whose parent is lost, late or silent.
         substream: u16,
+        /// Parents the control plane must not give again.
         exclude: Vec<PeerId>,
     },
     /// Report a parent that did not deliver.
-    Report { parent: PeerId },
+    Report {
+        /// The parent.
+        parent: PeerId,
+    },
+    /// Chunk `seq` was handed to the player (only with [`Node::report_plays`]).
+    Play {
+        /// The chunk.
+        seq: u64,
+    },
 }
 
 /// Where a node is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Life {
+pub enum Life {
     /// Join sent, no assignment yet.
     Joining,
     /// Assigned and running.
@@ -76,11 +95,16 @@ pub(crate) enum Life {
 
 /// One simulated peer.
 #[derive(Debug, Clone)]
-pub(crate) struct Node {
+pub struct Node {
+    /// The peer's state machine.
     pub peer: Peer,
+    /// Where it is in its life.
     pub life: Life,
+    /// Declared relay budget, kbit/s.
     pub budget_kbps: u32,
+    /// Physical uplink, kbit/s.
     pub uplink_kbps: u32,
+    /// Address prefix (locality).
     pub addr_prefix: u32,
     /// Added to everything this node sends ("slow" peer).
     pub extra_latency_us: u64,
@@ -90,6 +114,7 @@ pub(crate) struct Node {
     pub parents: Vec<Option<Parent>>,
     /// Its children's subscriptions (substream masks).
     children: BTreeMap<PeerId, u64>,
+    /// Its mesh neighbours.
     pub neighbours: BTreeSet<PeerId>,
     requested: BTreeSet<(Endpoint, u64)>,
     /// Re-searches sent: (when, substream, excluded parents).
@@ -100,14 +125,23 @@ pub(crate) struct Node {
     pub ticks_now: (u64, u32),
     /// Lag of its latest play: play time − the chunk's availability at the source.
     pub lag_us: Option<u64>,
+    /// Chunk frame bytes received from peers.
     pub bytes_from_peers: u64,
+    /// Chunk frame bytes received from the data plane.
     pub bytes_from_server: u64,
     /// (played, skipped) when the report's measured window began.
     pub due_before_measure: (u64, u64),
+    /// Emit [`Upcall::Play`] for every chunk played (a host that checks the output).
+    pub report_plays: bool,
+    /// The cut time (ms, on the node's clock) of the next chunk given to
+    /// [`Node::on_frame`], when the host knows it (a real data plane's timestamps);
+    /// otherwise a chunk `seq` counts as cut at `(seq + 1)·d`.
+    pub next_cut_ms: Option<u64>,
     k: u64,
 }
 
 impl Node {
+    /// A node around `peer`, joining.
     pub fn new(peer: Peer, budget_kbps: u32, uplink_kbps: u32, addr_prefix: u32) -> Node {
         let k = u64::from(peer.substreams().max(1));
         Node {
@@ -129,6 +163,8 @@ impl Node {
             bytes_from_peers: 0,
             bytes_from_server: 0,
             due_before_measure: (0, 0),
+            report_plays: false,
+            next_cut_ms: None,
             k,
         }
     }
@@ -211,7 +247,8 @@ impl Node {
             .collect()
     }
 
-    /// A frame of `len` bytes arrived from `from`.
+    /// A frame of `len` bytes arrived from `from`. `true` for a chunk that is new (the
+    /// host keeps its bytes while [`Peer::has`] says so).
     pub fn on_frame(
         &mut self,
         from: Endpoint,
@@ -219,7 +256,7 @@ impl Node {
         len: u64,
         chunk_ms: u64,
         now: Duration,
-    ) {
+    ) -> bool {
         match frame {
             Frame::Chunk(seq) => {
                 let s = (seq % self.k) as u16;
@@ -234,9 +271,13 @@ impl Node {
                     Endpoint::Server => self.bytes_from_server += len,
                     Endpoint::Peer(_) => self.bytes_from_peers += len,
                 }
-                // Cut at its availability at the source (the play clock's rate input).
-                let cut_ms = (seq + 1).saturating_mul(chunk_ms);
-                self.peer.handle_chunk(seq, src, len, cut_ms, now);
+                // Cut at its availability at the source (the play clock's rate input),
+                // unless the host knows better.
+                let cut_ms = self
+                    .next_cut_ms
+                    .take()
+                    .unwrap_or_else(|| (seq + 1).saturating_mul(chunk_ms));
+                return self.peer.handle_chunk(seq, src, len, cut_ms, now);
             }
             Frame::BufferMap(map) => {
                 if let Endpoint::Peer(id) = from {
@@ -260,6 +301,7 @@ impl Node {
                 }
             }
         }
+        false
     }
 
     /// Runs the `Peer`'s pending actions.
@@ -311,6 +353,9 @@ impl Node {
                     // Chunk `seq` is available at the source at (seq + 1)·d.
                     let avail = (seq + 1).saturating_mul(chunk_us);
                     self.lag_us = Some(now_us.saturating_sub(avail));
+                    if self.report_plays {
+                        out.push(Upcall::Play { seq });
+                    }
                 }
                 PeerAction::Skip { .. } => {}
             }

@@ -58,7 +58,7 @@ pub enum Latency {
 
 impl Latency {
     /// The latency of the link `{a, b}` (symmetric) in microseconds.
-    pub(crate) fn link_us(&self, seed: u64, a: u64, b: u64) -> u64 {
+    pub fn link_us(&self, seed: u64, a: u64, b: u64) -> u64 {
         match *self {
             Latency::Fixed(d) => us(d),
             Latency::Uniform { min, max } => {

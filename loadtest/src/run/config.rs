@@ -10,6 +10,18 @@ use std::time::Duration;
 /// 20,000-file limit, with headroom.
 pub const PEERS_PER_WORKER: usize = 700;
 
+/// How the peers are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Net {
+    /// Simulated peers ([`crate::simnet`]): grid nodes in ONE worker process, their
+    /// peer-to-peer frames through an in-process network; every peer's control-plane
+    /// and data-plane traffic is real.
+    #[default]
+    Sim,
+    /// Real SDK peers on loopback sockets, spread over worker processes.
+    Sockets,
+}
+
 /// An existing deployment to drive instead of starting one.
 #[derive(Debug, Clone)]
 pub struct External {
@@ -74,6 +86,10 @@ pub struct RunConfig {
     pub external: Option<External>,
     /// Print a progress line every second on stderr.
     pub progress: bool,
+    /// Simulated or socket peers.
+    pub net: Net,
+    /// The simulated network's links (`--net sim`).
+    pub sim: crate::worker::SimLinks,
 }
 
 impl Default for RunConfig {
@@ -99,6 +115,8 @@ impl Default for RunConfig {
             exe: None,
             external: None,
             progress: true,
+            net: Net::Sim,
+            sim: crate::worker::SimLinks::default(),
         }
     }
 }
@@ -106,7 +124,9 @@ impl Default for RunConfig {
 impl RunConfig {
     /// Worker processes this config uses.
     pub fn worker_count(&self) -> usize {
-        if self.workers > 0 {
+        if self.net == Net::Sim {
+            1
+        } else if self.workers > 0 {
             self.workers
         } else {
             self.peers.div_ceil(PEERS_PER_WORKER).max(1)

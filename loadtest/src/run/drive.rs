@@ -2,7 +2,7 @@
 //! their shares of the peers, starting, sampling, churning and stopping them.
 
 use super::admission::{ADMISSION_CLOSE, MachineBusy};
-use super::config::RunConfig;
+use super::config::{Net, RunConfig};
 use super::merge::merge;
 use super::progress::progress_line;
 use super::report::RunReport;
@@ -68,6 +68,10 @@ pub(super) async fn drive(
     for _ in 0..local {
         match Command::new(&exe)
             .args(["worker", "--coordinator", &connect_to.to_string()])
+            .args(match cfg.net {
+                Net::Sim => &["--net", "sim"][..],
+                Net::Sockets => &[][..],
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -153,6 +157,9 @@ pub(super) async fn drive(
             target_lag_ms: cfg.target_lag.map(|d| d.as_millis() as u64),
             sample_ms: 1000,
             shared_signature_cache: cfg.shared_signature_cache,
+            chunk_ms: Some(cfg.chunk_ms),
+            substreams: Some(cfg.substreams),
+            sim: Some(cfg.sim),
         };
         if !tell(link, &ToWorker::Hello(hello)).await {
             report_errors.push(format!("worker {w}: hello not delivered"));

@@ -26,7 +26,7 @@ mod report;
 mod stack;
 
 pub use admission::ADMISSION_CLOSE;
-pub use config::{External, PEERS_PER_WORKER, RunConfig};
+pub use config::{External, Net, PEERS_PER_WORKER, RunConfig};
 pub use dataplane::{dataplane_child, scrape_wire_egress};
 pub use report::{P2, P3, ProcessReport, RunReport};
 

@@ -93,6 +93,14 @@ impl Stack {
             heartbeat_interval: cfg.heartbeat,
             ..ServiceConfig::default()
         };
+        if cfg.net == super::Net::Sim {
+            // Simulated peers share HTTP/2 connections from one address: the
+            // advertised-address check and the per-address limits cannot hold.
+            use starling_controlplane::limits::RateLimit;
+            cp.service.trust.peer_addr_check = starling_controlplane::trust::PeerAddrCheck::Off;
+            cp.service.limits.join = RateLimit::per_second(0.0, 1);
+            cp.service.limits.unknown_session_lookups = RateLimit::per_second(0.0, 1);
+        }
         let control = ControlPlane::bind(cp)
             .await
             .map_err(|e| HarnessError::Start(format!("control plane: {e}")))?

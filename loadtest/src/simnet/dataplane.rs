@@ -1,0 +1,235 @@
+//! Real data-plane traffic for the fabric's viewers: one wire connection (TCP) per
+//! viewer to the data plane its `Join` named, authenticated with its chunk token
+//! (`HELLO`, renewed with `TOKEN`), subscribed to the substreams the grid gives to the
+//! server (`SUBSCRIBE`, replaced when they change), carrying its last-resort
+//! `REQUEST`s. Every chunk is verified as a device does (the data plane's signature,
+//! with the process's shared [`VerifiedSignatures`] cache) before it reaches the node.
+//! The first chunk of any connection tells the fabric when the stream's chunk 0 was
+//! due ([`Input::Origin`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use starling_proto::integrity::{ChunkMeta, ChunkVerifier, VerifiedSignatures};
+use starling_proto::wire::{
+    self, Decoder, Frame, Hello, Limits, Role, StartAt, Subscribe, chunk_flags,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::msg::{Input, SimChunk};
+
+/// Handshake deadline.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// What a viewer's session asks of its data-plane connection.
+#[derive(Debug)]
+pub enum DpCmd {
+    /// Push these substreams (mask), resuming at this chunk (`None`: the live edge).
+    Subscribe(u64, Option<u64>),
+    /// A last-resort request.
+    Request(u64),
+    /// A renewed chunk token.
+    Token(Bytes),
+}
+
+/// Shared by every data-plane connection of the process.
+#[derive(Debug)]
+pub struct DpShared {
+    /// Authentic signature blocks already checked.
+    pub cache: Arc<VerifiedSignatures>,
+    /// Chunk duration, ms (for [`Input::Origin`]).
+    pub chunk_ms: u64,
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// Connections that failed (dial, handshake, or later).
+    pub failed: AtomicU64,
+    /// Chunks received and verified.
+    pub chunks: AtomicU64,
+    /// Chunks refused by the signature check.
+    pub bad_chunks: AtomicU64,
+    /// Requests sent.
+    pub requests: AtomicU64,
+    /// Whether the origin was sent.
+    origin_sent: AtomicBool,
+}
+
+impl DpShared {
+    /// Counters at zero and a signature cache of `cache` entries.
+    pub fn new(chunk_ms: u64, cache: usize) -> DpShared {
+        DpShared {
+            cache: Arc::new(VerifiedSignatures::new(cache)),
+            chunk_ms,
+            open: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            chunks: AtomicU64::new(0),
+            bad_chunks: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            origin_sent: AtomicBool::new(false),
+        }
+    }
+}
+
+/// One viewer's connection.
+pub struct DpSetup {
+    /// Local peer index.
+    pub index: usize,
+    /// The data plane's wire address.
+    pub addr: String,
+    /// The chunk token.
+    pub token: Bytes,
+    /// The broadcast.
+    pub broadcast_id: String,
+    /// The substreams the server pushes at first.
+    pub mask: u64,
+    /// The data plane's chunk keys.
+    pub chunk_keys: Vec<(u32, Vec<u8>)>,
+    /// Where chunks go.
+    pub fabric: mpsc::Sender<Input>,
+    /// Shared state.
+    pub shared: Arc<DpShared>,
+}
+
+/// Runs one viewer's connection until its commands end or the connection fails.
+pub async fn connection(s: DpSetup, cmds: mpsc::Receiver<DpCmd>) {
+    let shared = s.shared.clone();
+    shared.open.fetch_add(1, Ordering::Relaxed);
+    let r = run(s, cmds).await;
+    shared.open.fetch_sub(1, Ordering::Relaxed);
+    if let Err(e) = r {
+        shared.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("data-plane connection: {e}");
+    }
+}
+
+async fn send(stream: &mut TcpStream, f: &Frame) -> Result<(), String> {
+    let b = wire::encode_to_bytes(f).map_err(|e| e.to_string())?;
+    stream.write_all(&b).await.map_err(|e| e.to_string())
+}
+
+async fn run(s: DpSetup, mut cmds: mpsc::Receiver<DpCmd>) -> Result<(), String> {
+    let mut verifier =
+        ChunkVerifier::new(s.broadcast_id.clone()).with_cache(s.shared.cache.clone());
+    for (id, k) in &s.chunk_keys {
+        verifier
+            .add_key(*id, k)
+            .map_err(|e| format!("chunk key {id}: {e}"))?;
+    }
+    let mut stream = tokio::time::timeout(HANDSHAKE, TcpStream::connect(&s.addr))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| format!("connect {}: {e}", s.addr))?;
+    let _ = stream.set_nodelay(true);
+    send(
+        &mut stream,
+        &Frame::Hello(Hello {
+            min_version: wire::MIN_PROTOCOL_VERSION,
+            max_version: wire::PROTOCOL_VERSION,
+            role: Role::Viewer,
+            token: s.token.clone(),
+        }),
+    )
+    .await?;
+    let mut decoder = Decoder::new(Limits::default());
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut subscribed = false;
+    let mut mask = s.mask;
+    loop {
+        let frame = loop {
+            if let Some(f) = decoder.decode(&mut buf).map_err(|e| e.to_string())? {
+                break Some(f);
+            }
+            tokio::select! {
+                n = stream.read_buf(&mut buf) => {
+                    if n.map_err(|e| e.to_string())? == 0 {
+                        return Err("closed by the data plane".into());
+                    }
+                }
+                cmd = cmds.recv() => {
+                    let f = match cmd {
+                        None => return Ok(()),
+                        Some(DpCmd::Subscribe(m, resume)) => {
+                            mask = m;
+                            Frame::Subscribe(Subscribe {
+                                broadcast_id: s.broadcast_id.clone(),
+                                start: resume.map_or(StartAt::Live, StartAt::Seq),
+                                substream_mask: m,
+                            })
+                        }
+                        Some(DpCmd::Request(seq)) => {
+                            s.shared.requests.fetch_add(1, Ordering::Relaxed);
+                            Frame::Request(seq)
+                        }
+                        Some(DpCmd::Token(t)) => Frame::Token(t),
+                    };
+                    if subscribed {
+                        send(&mut stream, &f).await?;
+                    }
+                    break None;
+                }
+            }
+        };
+        let Some(frame) = frame else { continue };
+        match frame {
+            Frame::HelloAck(_) if !subscribed => {
+                subscribed = true;
+                let sub = Frame::Subscribe(Subscribe {
+                    broadcast_id: s.broadcast_id.clone(),
+                    start: StartAt::Live,
+                    substream_mask: mask,
+                });
+                send(&mut stream, &sub).await?;
+            }
+            Frame::Chunk(c) => {
+                let meta = ChunkMeta {
+                    seq: c.seq,
+                    flags: c.flags & !chunk_flags::DISCONTINUITY,
+                    timestamp_ms: c.timestamp_ms,
+                    duration_ms: c.duration_ms,
+                };
+                let now = starling_proto::time::unix_ms();
+                if let Err(e) = verifier.verify(&meta, &c.payload, &c.signature, now) {
+                    s.shared.bad_chunks.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(seq = c.seq, "data-plane chunk refused: {e}");
+                    continue;
+                }
+                s.shared.chunks.fetch_add(1, Ordering::Relaxed);
+                if !s.shared.origin_sent.swap(true, Ordering::Relaxed) {
+                    // Chunk `seq` is due at (seq + 1)·d after the origin.
+                    let due = (c.seq + 1).saturating_mul(s.shared.chunk_ms);
+                    let origin = c.timestamp_ms.saturating_sub(due);
+                    let _ = s.fabric.send(Input::Origin { unix_ms: origin }).await;
+                }
+                let chunk = Arc::new(SimChunk {
+                    seq: c.seq,
+                    cut_ms: c.timestamp_ms,
+                    payload: c.payload,
+                });
+                let m = Input::ServerChunk {
+                    index: s.index,
+                    chunk,
+                };
+                if s.fabric.send(m).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Frame::NotFound(seq) => {
+                let m = Input::ServerNotFound {
+                    index: s.index,
+                    seq,
+                };
+                if s.fabric.send(m).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Frame::Ping(n) => send(&mut stream, &Frame::Pong(n)).await?,
+            Frame::Error(r) | Frame::Goodbye(r) => {
+                return Err(format!("data plane: {r:?}"));
+            }
+            _ => {}
+        }
+    }
+}
