@@ -321,6 +321,9 @@ async fn session(
         client_version: concat!("starling-loadtest-sim/", env!("CARGO_PKG_VERSION")).into(),
         peer_addr: format!("{}:{SIM_PORT}", peer_ip(global)),
         upload_kbps,
+        // As the SDK asks: the control plane then makes this peer's children version-2
+        // tickets (its cost as in production; simulated links check no tickets).
+        mac_tickets: true,
     };
     let (resp, rpc_ms) = match join(&ctx, &mut client, req).await {
         Ok(r) => r,
