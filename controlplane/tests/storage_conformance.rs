@@ -371,7 +371,7 @@ async fn sessions_lifecycle(store: Store) {
         let got = store.get_session(id).await.unwrap().unwrap().last_seen_ms;
         assert_eq!(got, want, "{why}");
     }
-    assert_eq!(store.touch_sessions(&[]).await.unwrap(), 0);
+    assert_eq!(store.touch_sessions::<String>(&[]).await.unwrap(), 0);
 
     assert_eq!(store.end_broadcast_sessions("a", 4_000).await.unwrap(), 1);
     assert_eq!(store.count_active_sessions("a").await.unwrap(), 0);

@@ -172,7 +172,7 @@ pub struct Core {
     /// id → time): liveness itself is decided in memory (the grid), so the database
     /// only gets `last_seen_ms` in one batch per liveness tick instead of one write per
     /// heartbeat. At most one entry per session in a grid.
-    touches: parking_lot::Mutex<HashMap<String, i64>>,
+    touches: parking_lot::Mutex<HashMap<Arc<str>, i64>>,
     /// Flood limits ([`crate::limits`]), one lock held for one table operation.
     guards: parking_lot::Mutex<Guards>,
     /// Broadcast and node rows for `Join`, kept exact by this process's writes.

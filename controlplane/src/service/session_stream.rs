@@ -476,7 +476,7 @@ impl Core {
     /// grid of this process.
     pub(super) fn record_counters(
         &self,
-        session_id: &str,
+        session_id: &Arc<str>,
         counters: [u64; 3],
         upload_kbps: u32,
     ) -> Option<bool> {
@@ -485,7 +485,7 @@ impl Core {
             let n = self.metrics.counters_clamped_heartbeat();
             if n == 1 || n.is_multiple_of(1_000) {
                 tracing::warn!(
-                    session_id,
+                    session_id = &**session_id,
                     clamped_total = n,
                     "heartbeat counters beyond what is physically possible; clamped"
                 );
@@ -496,7 +496,8 @@ impl Core {
             // (children beyond them are re-parented; their streams are woken).
             self.grids.set_upload(session_id, upload_kbps);
         }
-        self.touches.lock().insert(session_id.to_string(), now_ms());
+        // The stream's own id, shared: a touch costs no allocation.
+        self.touches.lock().insert(Arc::clone(session_id), now_ms());
         Some(clamped)
     }
 }

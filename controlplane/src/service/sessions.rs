@@ -1,6 +1,7 @@
 //! Viewer session bookkeeping outside the RPCs: batched heartbeat writes (touches) and
 //! the expiry of silent sessions.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Core, now_ms};
@@ -11,7 +12,7 @@ impl Core {
     /// On failure they are put back (newer heartbeats win) and retried on the next call.
     /// Returns how many sessions were written.
     pub async fn flush_touches(&self) -> Result<usize, StoreError> {
-        let batch: Vec<(String, i64)> = std::mem::take(&mut *self.touches.lock())
+        let batch: Vec<(Arc<str>, i64)> = std::mem::take(&mut *self.touches.lock())
             .into_iter()
             .collect();
         if batch.is_empty() {

@@ -29,7 +29,11 @@ impl Core {
         // the broadcast all take it out of the grid): its heartbeat is recorded in
         // memory and written to the database in a batch ([`Core::flush_touches`]).
         let view = self
-            .record_counters(&req.session_id, counters, req.upload_kbps)
+            .record_counters(
+                &std::sync::Arc::from(req.session_id.as_str()),
+                counters,
+                req.upload_kbps,
+            )
             .and_then(|_| self.grids.view(&req.session_id));
         if view.is_none() {
             // Not in this process's grid: the negative cache, else the database decides

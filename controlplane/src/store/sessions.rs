@@ -192,7 +192,10 @@ impl Store {
     /// Records many heartbeats at once (session id, time), in one statement on Postgres
     /// and one transaction on SQLite; ended and unknown sessions are skipped and a time
     /// never moves backwards. Returns how many sessions were updated.
-    pub async fn touch_sessions(&self, touches: &[(String, i64)]) -> Result<u64, StoreError> {
+    pub async fn touch_sessions<S: AsRef<str>>(
+        &self,
+        touches: &[(S, i64)],
+    ) -> Result<u64, StoreError> {
         if touches.is_empty() {
             return Ok(0);
         }
@@ -201,7 +204,7 @@ impl Store {
                 const SQL: &str = "UPDATE sessions AS s SET last_seen_ms = v.t \
                      FROM UNNEST($1::text[], $2::bigint[]) AS v(id, t) \
                      WHERE s.id = v.id AND s.left_at_ms IS NULL AND s.last_seen_ms < v.t";
-                let ids: Vec<&str> = touches.iter().map(|(id, _)| id.as_str()).collect();
+                let ids: Vec<&str> = touches.iter().map(|(id, _)| id.as_ref()).collect();
                 let times: Vec<i64> = touches.iter().map(|&(_, t)| t).collect();
                 let done = sqlx::query(SQL).bind(ids).bind(times).execute(pool).await?;
                 Ok(done.rows_affected())
@@ -213,7 +216,7 @@ impl Store {
                 let mut n = 0;
                 for (id, t) in touches {
                     n += sqlx::query(SQL)
-                        .bind(id)
+                        .bind(id.as_ref())
                         .bind(*t)
                         .execute(&mut *tx)
                         .await?
