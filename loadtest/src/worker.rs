@@ -287,6 +287,12 @@ pub struct PeerRecord {
     /// The same as sent (frames with their signature blocks).
     #[serde(default)]
     pub wire_bytes_uploaded: u64,
+    /// Lag behind live over the peer's stay, p50 and p99, ms (`--net sim`; `None` for
+    /// SDK peers, whose lag is sampled into the run's histogram only).
+    #[serde(default)]
+    pub lag_p50_ms: Option<u64>,
+    #[serde(default)]
+    pub lag_p99_ms: Option<u64>,
 }
 
 /// A worker's figures at stop.
@@ -301,6 +307,19 @@ pub struct WorkerFinal {
     pub lag_hist: Vec<(u64, u64)>,
     /// What went wrong (bounded).
     pub errors: Vec<String>,
+    /// How the worker's sessions reached the control plane (`None`: one HTTP/2
+    /// connection per SDK viewer, `--net sockets`).
+    #[serde(default)]
+    pub control: Option<ControlTraffic>,
+}
+
+/// A worker's traffic to the control plane (`--net sim`: sessions share connections).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlTraffic {
+    /// Sessions joined (re-joins included).
+    pub sessions: u64,
+    /// HTTP/2 connections that carried them.
+    pub connections: u64,
 }
 
 /// Where a worker connects.
@@ -377,6 +396,8 @@ impl Sampler {
                     bytes_from_peers: st.bytes_from_peers,
                     bytes_uploaded: st.bytes_uploaded,
                     wire_bytes_uploaded: st.wire_bytes_uploaded,
+                    lag_p50_ms: None,
+                    lag_p99_ms: None,
                 });
             }
         }
@@ -530,6 +551,7 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), HarnessError> {
             peers,
             lag_hist: sampler.lag.iter().map(|(b, n)| (*b, *n)).collect(),
             errors: report.errors,
+            control: None,
         };
         send(&mut wr, &FromWorker::Final(fin)).await.map_err(io)?;
         let _ = wr.flush().await;

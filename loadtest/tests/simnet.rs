@@ -308,4 +308,27 @@ fn run_net_sim_end_to_end() {
     assert!(continuity >= 0.995, "continuity {continuity}");
     assert!(share >= 0.9, "peer share {share}");
     assert!(r["output_bytes_checked"].as_u64().unwrap() > 0);
+    // The report says how the sessions reached the control plane: shared connections.
+    let sessions = r["control_traffic"]["sessions"].as_u64().unwrap();
+    let connections = r["control_traffic"]["connections"].as_u64().unwrap();
+    assert_eq!(sessions, peers, "sessions joined");
+    assert!(
+        (1..sessions).contains(&connections),
+        "{sessions} sessions over {connections} connections"
+    );
+    assert!(stdout.contains(&format!(
+        "control plane: {sessions} sessions over {connections} shared HTTP/2 connections"
+    )));
+    // Each peer's stay carries its start-up and lag figures; every peer played, so
+    // every one has them, and p99 >= p50.
+    let stays = r["stays"].as_array().unwrap();
+    assert_eq!(stays.len() as u64, peers);
+    for s in stays {
+        let startup = s[3].as_f64().expect("startup_ms");
+        let (p50, p99) = (
+            s[4].as_u64().expect("lag p50"),
+            s[5].as_u64().expect("lag p99"),
+        );
+        assert!(startup > 0.0 && p50 <= p99, "stay {s}");
+    }
 }

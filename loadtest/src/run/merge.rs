@@ -95,6 +95,7 @@ pub(super) fn merge(
         reparent_answer_ms: LatencyFigures::default(),
         grid: None,
         stays: Vec::new(),
+        control_traffic: None,
         errors: Vec::new(),
         error_count: 0,
     };
@@ -171,6 +172,11 @@ pub(super) fn merge(
         for e in &fin.errors {
             worker_errors.push(format!("worker {w}: {e}"));
         }
+        if let Some(c) = fin.control {
+            let t = r.control_traffic.get_or_insert_default();
+            t.sessions += c.sessions;
+            t.connections += c.connections;
+        }
     }
     let mut budget_sum = 0.0;
     let mut wire_uploaded = 0u64;
@@ -191,7 +197,14 @@ pub(super) fn merge(
         if let Some(j) = p.joined_s {
             r.peers_joined += 1;
             budget_sum += f64::from(p.upload_kbps);
-            r.stays.push((j, p.left_s, p.upload_kbps));
+            r.stays.push((
+                j,
+                p.left_s,
+                p.upload_kbps,
+                p.startup_ms,
+                p.lag_p50_ms,
+                p.lag_p99_ms,
+            ));
         }
     }
     let all = r.bytes_from_server + r.bytes_from_peers;
@@ -231,7 +244,7 @@ pub(super) fn merge(
     let stays: Vec<Stay> = r
         .stays
         .iter()
-        .map(|&(joined_s, left_s, upload_kbps)| Stay {
+        .map(|&(joined_s, left_s, upload_kbps, ..)| Stay {
             joined_s,
             left_s,
             upload_kbps,

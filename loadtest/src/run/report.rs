@@ -2,6 +2,7 @@
 //! percentiles) and its text form.
 
 use crate::report::{LatencyFigures, Percentiles};
+use crate::worker::ControlTraffic;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -176,9 +177,15 @@ pub struct RunReport {
     pub reparent_answer_ms: LatencyFigures,
     /// The control plane's grid figures at the end, when readable.
     pub grid: Option<serde_json::Value>,
-    /// Every peer's stay: `[joined_s, left_s or null, upload_kbps]` (times from the
-    /// start of the joins), the input of `fluid_bound_bytes`.
-    pub stays: Vec<(f64, Option<f64>, u32)>,
+    /// Every peer's stay: `[joined_s, left_s or null, upload_kbps, startup_ms,
+    /// lag_p50_ms, lag_p99_ms]` (times from the start of the joins; the last three
+    /// null when not measured: no first chunk, or per-peer lag with `--net sockets`).
+    /// The first three are the input of `fluid_bound_bytes`.
+    pub stays: Vec<Stay6>,
+    /// How the sessions reached the control plane: sessions joined and the HTTP/2
+    /// connections that carried them (`--net sim` shares connections); `None`: one
+    /// connection per SDK viewer.
+    pub control_traffic: Option<ControlTraffic>,
     /// What went wrong, bounded.
     pub errors: Vec<String>,
     /// How many things went wrong (may exceed `errors.len()`).
@@ -186,6 +193,9 @@ pub struct RunReport {
 }
 
 pub(super) const MAX_ERRORS: usize = 100;
+
+/// One peer's stay in the JSON (see [`RunReport::stays`]).
+pub type Stay6 = (f64, Option<f64>, u32, Option<f64>, Option<u64>, Option<u64>);
 
 impl RunReport {
     pub(super) fn error(&mut self, e: String) {
@@ -271,6 +281,14 @@ impl std::fmt::Display for RunReport {
             "reparent_ms {} (parent lost or re-searched -> first chunk from the new parent); to the Reparent answer {}",
             self.reparent_ms, self.reparent_answer_ms
         )?;
+        match self.control_traffic {
+            Some(c) => writeln!(
+                f,
+                "control plane: {} sessions over {} shared HTTP/2 connections (real gRPC: joins, session streams, re-parents, reports, leaves)",
+                c.sessions, c.connections
+            )?,
+            None => writeln!(f, "control plane: one HTTP/2 connection per SDK viewer")?,
+        }
         for p in &self.processes {
             writeln!(
                 f,

@@ -120,6 +120,8 @@ fn record(p: &super::peer::SimPeer, offset: usize, base: Duration, out: &mut Sna
         bytes_from_peers: p.payload_from_peers,
         bytes_uploaded: p.payload_uploaded,
         wire_bytes_uploaded: p.wire_uploaded,
+        lag_p50_ms: p.lag.quantile_ms(0.5),
+        lag_p99_ms: p.lag.quantile_ms(0.99),
     });
     out.lag_ms
         .push((p.index, p.lag.quantile_ms(0.5), p.lag.quantile_ms(0.99)));

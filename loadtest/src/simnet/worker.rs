@@ -21,7 +21,7 @@ use super::{SimNetConfig, Snapshot};
 use crate::error::HarnessError;
 use crate::pattern::Pattern;
 use crate::swarm::UploadProfile;
-use crate::worker::{FromWorker, Hello, ToWorker, WorkerConfig, WorkerFinal, send};
+use crate::worker::{ControlTraffic, FromWorker, Hello, ToWorker, WorkerConfig, WorkerFinal, send};
 
 /// Verified signature blocks remembered (a few minutes of stream).
 const SIGNATURE_CACHE: usize = 4096;
@@ -175,6 +175,10 @@ pub async fn run_sim_worker(config: WorkerConfig) -> Result<(), HarnessError> {
             peers: snap.records,
             lag_hist: snap.lag_hist,
             errors,
+            control: Some(ControlTraffic {
+                sessions: cc.sessions.load(Ordering::Relaxed),
+                connections: cc.connections.load(Ordering::Relaxed),
+            }),
         };
         send(&mut wr, &FromWorker::Final(fin)).await.map_err(io)?;
         let _ = wr.flush().await;
