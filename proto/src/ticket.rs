@@ -122,15 +122,7 @@ impl TokenSigner {
         let body_len = FIXED_LEN + id.len();
         let mut msg = BytesMut::with_capacity(SIGNING_CONTEXT.len() + body_len + SIGNATURE_LEN);
         msg.put_slice(SIGNING_CONTEXT);
-        msg.put_u8(TICKET_VERSION);
-        msg.put_u32(self.key_id());
-        msg.put_u64(claims.child_peer_id);
-        msg.put_u64(claims.parent_peer_id);
-        msg.put_u64(claims.substream_mask);
-        msg.put_u64(claims.issued_at_ms);
-        msg.put_u64(claims.expires_at_ms);
-        msg.put_u8(id.len() as u8);
-        msg.put_slice(id);
+        put_body(&mut msg, TICKET_VERSION, self.key_id(), claims, id);
         let sig = self.sign_bytes(&msg);
         msg.put_slice(sig.as_ref());
         let _context = msg.split_to(SIGNING_CONTEXT.len());
@@ -176,21 +168,41 @@ fn parse(ticket: &[u8]) -> Result<Parsed<'_>, TicketError> {
         FIXED_LEN,
         MAX_BROADCAST_ID,
     )?;
-    let broadcast = &ticket[FIXED_LEN..body_len];
     Ok(Parsed {
         key_id: be_u32(ticket, 1),
-        claims: TicketClaims {
-            // Checked (UTF-8) only once the signature is; lossy here.
-            broadcast_id: String::from_utf8_lossy(broadcast).into_owned(),
-            child_peer_id: be_u64(ticket, 5),
-            parent_peer_id: be_u64(ticket, 13),
-            substream_mask: be_u64(ticket, 21),
-            issued_at_ms: be_u64(ticket, 29),
-            expires_at_ms: be_u64(ticket, 37),
-        },
+        claims: claims_of(&ticket[..body_len]),
         signed: &ticket[..body_len],
         signature: &ticket[body_len..],
     })
+}
+
+/// Writes the part both ticket versions share (everything before the signature or
+/// MAC): `version`, `key_id`, the claims and the broadcast id `id` (checked by
+/// [`check_signable`]).
+pub(crate) fn put_body(msg: &mut BytesMut, version: u8, key_id: u32, c: &TicketClaims, id: &[u8]) {
+    msg.put_u8(version);
+    msg.put_u32(key_id);
+    msg.put_u64(c.child_peer_id);
+    msg.put_u64(c.parent_peer_id);
+    msg.put_u64(c.substream_mask);
+    msg.put_u64(c.issued_at_ms);
+    msg.put_u64(c.expires_at_ms);
+    msg.put_u8(id.len() as u8);
+    msg.put_slice(id);
+}
+
+/// The claims of a ticket body whose envelope is checked (at least [`FIXED_LEN`]
+/// bytes); the broadcast id is checked (UTF-8) only once the ticket is authentic, lossy
+/// here.
+pub(crate) fn claims_of(body: &[u8]) -> TicketClaims {
+    TicketClaims {
+        broadcast_id: String::from_utf8_lossy(&body[FIXED_LEN..]).into_owned(),
+        child_peer_id: be_u64(body, 5),
+        parent_peer_id: be_u64(body, 13),
+        substream_mask: be_u64(body, 21),
+        issued_at_ms: be_u64(body, 29),
+        expires_at_ms: be_u64(body, 37),
+    }
 }
 
 impl TokenVerifier {

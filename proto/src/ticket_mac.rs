@@ -35,8 +35,10 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use ring::hmac;
 
-use crate::ed25519::{be_u32, be_u64, check_envelope_with_tail};
-use crate::ticket::{FIXED_LEN, TicketClaims, TicketError, check_claims, check_signable};
+use crate::ed25519::{be_u32, check_envelope_with_tail};
+use crate::ticket::{
+    FIXED_LEN, TicketClaims, TicketError, check_claims, check_signable, claims_of, put_body,
+};
 use crate::token::{MAX_BROADCAST_ID, TokenSigner, TokenVerifier};
 
 /// Version byte of a MAC-authenticated ticket.
@@ -107,15 +109,7 @@ impl TokenSigner {
             .ticket_key(&claims.broadcast_id, claims.parent_peer_id)
             .ok_or(TicketError::Encode("signer has no ticket master"))?;
         let mut msg = BytesMut::with_capacity(FIXED_LEN + id.len() + MAC_LEN);
-        msg.put_u8(TICKET_MAC_VERSION);
-        msg.put_u32(self.key_id());
-        msg.put_u64(claims.child_peer_id);
-        msg.put_u64(claims.parent_peer_id);
-        msg.put_u64(claims.substream_mask);
-        msg.put_u64(claims.issued_at_ms);
-        msg.put_u64(claims.expires_at_ms);
-        msg.put_u8(id.len() as u8);
-        msg.put_slice(id);
+        put_body(&mut msg, TICKET_MAC_VERSION, self.key_id(), claims, id);
         let tag = mac(&hmac::Key::new(hmac::HMAC_SHA256, &key.key), &msg);
         msg.put_slice(tag.as_ref());
         Ok(msg.freeze())
@@ -192,22 +186,15 @@ impl ParentTicketKeys {
         let key_id = be_u32(ticket, 1);
         let key = self.get(key_id).ok_or(TicketError::UnknownKeyId(key_id))?;
         let (body, tag) = ticket.split_at(body_len);
-        let mut ctx_msg = Vec::with_capacity(MAC_CONTEXT.len() + body.len());
-        ctx_msg.extend_from_slice(MAC_CONTEXT);
-        ctx_msg.extend_from_slice(body);
-        hmac::verify(key, &ctx_msg, tag).map_err(|_| TicketError::BadSignature)?;
-        let broadcast = &body[FIXED_LEN..];
-        let claims = TicketClaims {
-            broadcast_id: String::from_utf8_lossy(broadcast).into_owned(),
-            child_peer_id: be_u64(body, 5),
-            parent_peer_id: be_u64(body, 13),
-            substream_mask: be_u64(body, 21),
-            issued_at_ms: be_u64(body, 29),
-            expires_at_ms: be_u64(body, 37),
-        };
+        // On the stack, as version 1 does (the envelope bounds the body).
+        let mut msg = [0u8; MAC_CONTEXT.len() + FIXED_LEN + MAX_BROADCAST_ID];
+        let n = MAC_CONTEXT.len() + body.len();
+        msg[..MAC_CONTEXT.len()].copy_from_slice(MAC_CONTEXT);
+        msg[MAC_CONTEXT.len()..n].copy_from_slice(body);
+        hmac::verify(key, &msg[..n], tag).map_err(|_| TicketError::BadSignature)?;
         check_claims(
-            claims,
-            broadcast,
+            claims_of(body),
+            &body[FIXED_LEN..],
             expected_broadcast,
             child_peer_id,
             parent_peer_id,
