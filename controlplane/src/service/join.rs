@@ -259,7 +259,6 @@ impl Core {
         })
     }
 
-    /// `parents` with a parent ticket on each peer entry ([`crate::tickets`]).
     /// Viewer `peer_id`'s keys for the version-2 tickets naming it, if it asked for them
     /// (its peer id says so: [`crate::tokens::MAC_TICKETS_BIT`]).
     pub(super) fn ticket_keys(&self, broadcast_id: &str, peer_id: u64) -> Vec<TicketKey> {
@@ -270,6 +269,7 @@ impl Core {
         }
     }
 
+    /// `parents` with a parent ticket on each peer entry ([`crate::tickets`]).
     pub(super) fn with_tickets(
         &self,
         broadcast_id: &str,
