@@ -247,6 +247,26 @@ impl WireConn {
         Ok(())
     }
 
+    /// Closes after a refusal so the peer can read it: our side is shut (FIN after the
+    /// refusal already written), then whatever the peer still sends is read and dropped
+    /// until it closes too, for at most `within` and 64 KiB. Dropping the socket with
+    /// its frames unread would answer them with a reset, and a reset can reach the peer
+    /// before it has read our `ERROR`: it would see a broken pipe instead of the reason.
+    pub(crate) async fn linger(mut self, within: Duration) {
+        let _ = self.stream.shutdown().await;
+        let mut left = 64 * 1024usize;
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(within, async {
+            while left > 0 {
+                match self.stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+    }
+
     /// Says goodbye (best effort) and closes.
     pub(crate) async fn close(mut self) {
         let bye = Frame::Goodbye(wire::Reason {

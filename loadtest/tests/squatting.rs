@@ -111,25 +111,26 @@ async fn dial(
         .await
         .map_err(|e| DialError::Io(e.to_string()))?;
     let mut c = RawConn::new(stream);
-    let io = |e: std::io::Error| DialError::Io(e.to_string());
-    c.send(&Frame::Hello(Hello {
+    let mut frames = vec![Frame::Hello(Hello {
         min_version: wire::MIN_PROTOCOL_VERSION,
         max_version: wire::PROTOCOL_VERSION,
         role: Role::Peer,
         token: token.clone(),
-    }))
-    .await
-    .map_err(io)?;
-    for t in tickets {
-        c.send(&Frame::Ticket(t.clone())).await.map_err(io)?;
-    }
-    c.send(&Frame::Subscribe(Subscribe {
+    })];
+    frames.extend(tickets.iter().map(|t| Frame::Ticket(t.clone())));
+    frames.push(Frame::Subscribe(Subscribe {
         broadcast_id: broadcast.into(),
         start: StartAt::Live,
         substream_mask: mask,
-    }))
-    .await
-    .map_err(io)?;
+    }));
+    for f in &frames {
+        // A relay refuses as soon as it knows (on HELLO or on a TICKET) and closes: a
+        // later frame may then meet a closed socket. The refusal it wrote first is
+        // still ours to read below.
+        if c.send(f).await.is_err() {
+            break;
+        }
+    }
     let answer = tokio::time::timeout(GUARD, async {
         loop {
             match c.next().await {

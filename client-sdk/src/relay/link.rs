@@ -48,6 +48,12 @@ pub(crate) const LINK_QUEUE: usize = 96;
 /// already proves the link alive. (A child sends its parent nothing but these pings; at
 /// 3 s with a `PONG` each they were a quarter of a grid's frames.)
 const PING_EVERY: Duration = Duration::from_secs(5);
+/// How long a refused handshake waits for the peer to read our `ERROR` and close
+/// ([`WireConn::linger`]).
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+/// Refused sockets lingering at once, at most (their connection slots are already
+/// free: this bounds the sockets a refusal flood can hold).
+const MAX_LINGERING: usize = 32;
 
 /// What an accepted connection holds while it lives: a place under [`PeerLimits::max_incoming`]
 /// and one under its address's cap.
@@ -430,6 +436,7 @@ pub(crate) struct AcceptCtx {
 pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
     let slots = Arc::new(Semaphore::new(ctx.peer.max_incoming));
     let handshakes = Arc::new(Mutex::new(Handshakes::new(ctx.peer.max_handshakes)));
+    let lingering = Arc::new(Semaphore::new(MAX_LINGERING));
     let mut stop = ctx.shared.stop_signal();
     loop {
         let r = tokio::select! {
@@ -482,6 +489,7 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
         }
         let ctx = ctx.clone();
         let handshakes = handshakes.clone();
+        let lingering = lingering.clone();
         tokio::spawn(async move {
             // Until admitted, a peer can make us buffer control frames only.
             let before = Limits {
@@ -550,7 +558,13 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
                     tokio::time::timeout(Duration::from_millis(500), conn.send(&Frame::Error(r)))
                         .await;
             }
+            // Every refusal has written its ERROR by now: free the slot, then let the
+            // peer read the refusal (a few lingering sockets at most; beyond them, the
+            // socket is dropped at once as before).
             drop(permit);
+            if let Ok(_lingering) = lingering.try_acquire_owned() {
+                conn.linger(REFUSAL_LINGER).await;
+            }
         });
     }
 }
