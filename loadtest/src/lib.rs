@@ -39,6 +39,7 @@ mod error;
 pub mod pattern;
 pub mod report;
 pub mod run;
+pub mod sim_demo;
 pub mod simnet;
 pub mod source;
 pub mod swarm;

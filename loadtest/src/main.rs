@@ -384,6 +384,13 @@ struct DemoArgs {
     /// Number of peers.
     #[arg(long, env = "STARLING_LOADTEST_PEERS", default_value_t = 200)]
     peers: usize,
+    /// How viewers run: `sim` (the grid's peer logic per viewer, real control-plane and
+    /// data-plane traffic per viewer, peer-to-peer frames through an in-process network
+    /// with per-link latency and per-peer upload serialization) or `sockets` (real SDK
+    /// viewers relaying to each other over loopback sockets).
+    #[arg(long, env = "STARLING_LOADTEST_NET", default_value = "sim",
+          value_parser = ["sim", "sockets"])]
+    net: String,
     /// Stop after this long (e.g. `20s`, `5m`, `90`); default: until Ctrl-C.
     #[arg(long, env = "STARLING_LOADTEST_DURATION", value_parser = starling_proto::time::parse_duration)]
     duration: Option<Duration>,
@@ -516,13 +523,20 @@ fn main() -> ExitCode {
 
 async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
     let upload = UploadProfile::parse(&args.upload_profile)?;
+    let sim = args.net == "sim";
     let dep = Deployment::start(DeploymentConfig {
         bitrate_kbps: args.bitrate_kbps,
         chunk_ms: args.chunk_ms,
         substreams: args.substreams,
+        // Simulated viewers all reach the servers from 127.0.0.1 and say who they are
+        // in the addresses they advertise: per-address limits cannot hold.
+        behind_proxy: sim,
         ..DeploymentConfig::default()
     })
     .await?;
+    if sim {
+        return demo_sim(args, upload, dep).await;
+    }
     eprintln!(
         "starling demo: control plane {}, data plane {}, source {} ({} kbps), broadcast {}",
         dep.control_url(),
@@ -608,6 +622,65 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     swarm.shutdown().await;
     dep.shutdown().await;
+    Ok(())
+}
+
+/// `demo --net sim`: simulated viewers against the in-process deployment.
+async fn demo_sim(
+    args: DemoArgs,
+    upload: UploadProfile,
+    dep: Deployment,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use starling_loadtest::sim_demo::{self, SimDemoConfig};
+    eprintln!(
+        "starling demo: control plane {}, data plane {}, source {} ({} kbps), broadcast {}",
+        dep.control_url(),
+        dep.node()
+            .map(|n| n.wire_addr().to_string())
+            .unwrap_or_default(),
+        dep.source().url(),
+        args.bitrate_kbps,
+        dep.broadcast_id()
+    );
+    eprintln!(
+        "joining {} simulated viewers at {}/s, upload profile {:?} x stream rate (mean {:.2}x); Ctrl-C to stop",
+        args.peers,
+        args.join_rate,
+        upload.multiples,
+        upload.mean()
+    );
+    let cfg = SimDemoConfig {
+        peers: args.peers,
+        duration: args.duration,
+        upload,
+        join_rate: args.join_rate,
+        check_identity: !args.no_identity_check,
+    };
+    let tty = std::io::stderr().is_terminal();
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let report = sim_demo::run(&dep, &cfg, stop, |line| {
+        if tty {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
+    })
+    .await;
+    if tty {
+        eprintln!();
+    }
+    dep.shutdown().await;
+    let report = report?;
+    println!("=== starling demo report ===\n{report}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("report written to {}", path.display());
+    }
+    if !report.errors.is_empty() || report.not_identical > 0 {
+        return Err("the demo saw errors (see the report)".into());
+    }
     Ok(())
 }
 
