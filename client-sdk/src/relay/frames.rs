@@ -57,7 +57,7 @@ impl Engine {
                     self.misbehaved(l, "unexpected SUBSCRIBE");
                     return;
                 }
-                self.resubscribe(l, sub.substream_mask & self.all_mask());
+                self.resubscribe(l, sub.substream_mask & self.all_mask(), sub.start);
             }
             Frame::StreamInfo(info) => {
                 if info.broadcast_id != self.shared.broadcast_id {

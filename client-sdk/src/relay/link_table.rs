@@ -72,7 +72,7 @@ impl Engine {
                     link.want_neighbour = neighbour;
                     self.links.insert(l, link);
                     self.peer_links.insert(id, l);
-                    let mut d = self.dial_params(&peer.addr, Role::Peer, mask, self.resume_at());
+                    let mut d = self.dial_params(&peer.addr, Role::Peer, mask, self.peer_start());
                     d.tickets = self.book.for_parent(id, mask);
                     tokio::spawn(link::dial(l, d, self.events.clone(), self.shared.clone()));
                 }
@@ -95,7 +95,7 @@ impl Engine {
     }
 
     pub(super) fn set_out_mask(&mut self, l: LinkId, mask: u64) {
-        let resume = self.resume_at();
+        let resume = self.peer_start();
         let Some(link) = self.links.get_mut(&l) else {
             return;
         };
@@ -126,7 +126,15 @@ impl Engine {
         }
     }
 
-    /// Where a (re)subscription should start: after the newest chunk held.
+    /// Where a (re)subscription to a peer parent starts: at the next chunk to play once
+    /// playing, else live (the parent then sends its start-up back-fill); see
+    /// `Peer::resume_from`.
+    pub(super) fn peer_start(&self) -> StartAt {
+        self.peer.resume_from().map_or(StartAt::Live, StartAt::Seq)
+    }
+
+    /// Where a (re)subscription to the data plane should start: after the newest chunk
+    /// held.
     pub(super) fn resume_at(&self) -> StartAt {
         match self.store.last_key_value() {
             Some((&n, _)) => StartAt::Seq(n + 1),
@@ -243,19 +251,19 @@ impl Engine {
         link.tickets = tickets;
         tracing::debug!(l, addr, mask, "peer link accepted");
         self.links.insert(l, link);
-        self.admit(l, mask);
+        self.admit(l, mask, start_of(sub.start));
         self.count_links();
     }
 
-    /// Registers an incoming link's (new) mask: a child for `mask ≠ 0`, a neighbour for
-    /// `mask == 0`.
-    pub(super) fn admit(&mut self, l: LinkId, mask: u64) {
+    /// Registers an incoming link's (new) mask, subscribed from `start` (`None`: live):
+    /// a child for `mask ≠ 0`, a neighbour for `mask == 0`.
+    pub(super) fn admit(&mut self, l: LinkId, mask: u64, start: Option<u64>) {
         let Some(link) = self.links.get_mut(&l) else {
             return;
         };
         link.mask = mask;
         if mask != 0 {
-            self.peer.add_child(l, mask);
+            self.peer.add_child(l, mask, start);
             if link.neighbour {
                 link.neighbour = false;
                 self.peer.remove_neighbour(l);
@@ -331,7 +339,7 @@ impl Engine {
         self.count_links();
     }
 
-    pub(super) fn resubscribe(&mut self, l: LinkId, mask: u64) {
+    pub(super) fn resubscribe(&mut self, l: LinkId, mask: u64, start: StartAt) {
         let Some(link) = self.links.get(&l) else {
             return;
         };
@@ -350,7 +358,15 @@ impl Engine {
         if old != 0 {
             self.peer.remove_child(l);
         }
-        self.admit(l, mask);
+        self.admit(l, mask, start_of(start));
         self.count_links();
+    }
+}
+
+/// A `SUBSCRIBE`'s start as the grid's peer takes it (`None`: live).
+fn start_of(start: StartAt) -> Option<u64> {
+    match start {
+        StartAt::Live => None,
+        StartAt::Seq(s) => Some(s),
     }
 }

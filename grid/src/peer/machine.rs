@@ -172,6 +172,15 @@ impl Peer {
         self.sched.play_next()
     }
 
+    /// Where a subscription to a new parent starts (what a child's `SUBSCRIBE` to a
+    /// peer says): at the next chunk to play once playing (what came before is of no
+    /// use; what comes after may be missing on the new parent's substreams, whatever
+    /// the other substreams brought), else live (`None`: the parent sends a starting
+    /// viewer its back-fill).
+    pub fn resume_from(&self) -> Option<u64> {
+        self.sched.play_next()
+    }
+
     /// Our buffer map now.
     pub fn buffer_map(&self) -> BufferMap {
         self.sched.buffer_map()
@@ -298,15 +307,16 @@ impl Peer {
         self.slots.fits(mask, others_used, ticketed)
     }
 
-    /// Child `child` subscribed to `mask` (≠ 0).
-    pub fn add_child(&mut self, child: PeerId, mask: u64) {
+    /// Child `child` subscribed to `mask` (≠ 0), from `start` (`None`: live, a viewer
+    /// starting up; see [`PeerScheduler::on_child_added`] for what it is sent at once).
+    pub fn add_child(&mut self, child: PeerId, mask: u64, start: Option<u64>) {
         let subs: Vec<u16> = (0..self.k).filter(|s| mask & (1u64 << s) != 0).collect();
         // A new mask replaces the old one in the slot count too.
         if let Some(old) = self.children.get(&child) {
             self.slots.remove(old.mask);
         }
         self.slots.add(mask);
-        self.sched.on_child_added(child, &subs);
+        self.sched.on_child_added(child, &subs, start);
         self.children.entry(child).or_default().mask = mask;
     }
 

@@ -35,7 +35,7 @@ fn pushes_beyond_a_childs_share_are_announced_as_skipped() {
     // 8 kbit/s = 1000 B/s, one child on substream 0: its share is the whole budget,
     // with 2 s of debt (2000 B): 1000-byte chunks, two go out on debt, then skips.
     let mut p = peer(8, 1);
-    p.add_child(9, 0b1);
+    p.add_child(9, 0b1, None);
     let mut sent = 0;
     let mut skipped = 0;
     for i in 0..4u64 {
@@ -111,7 +111,7 @@ fn slots_need_a_relay_budget_and_are_lowered_with_it() {
     assert!(!peer(0, 4).child_fits(1, 0, false));
     let mut p = peer(800, 4);
     assert!(p.child_fits(0b1111, 0, false));
-    p.add_child(3, 0b11);
+    p.add_child(3, 0b11, None);
     assert_eq!(p.slots().used(), 2);
     // 200 kbit/s per slot: 400 kbit/s buys 2.
     assert_eq!(p.lower_budget(400), 2);
@@ -159,9 +159,9 @@ fn timeouts_are_given_in_real_time() {
 #[test]
 fn a_child_changing_its_mask_holds_only_the_new_one() {
     let mut p = peer(1000, 8);
-    p.add_child(7, 0b0011);
+    p.add_child(7, 0b0011, None);
     assert_eq!(p.slots().used(), 2);
-    p.add_child(7, 0b0111);
+    p.add_child(7, 0b0111, None);
     assert_eq!(p.slots().used(), 3);
     p.remove_child(7);
     assert_eq!(p.slots().used(), 0);

@@ -371,9 +371,11 @@ impl Sim {
                 substream,
                 add,
             } => {
+                // The child's SUBSCRIBE says where it starts.
+                let start = self.nodes.get(&child).and_then(|c| c.peer.resume_from());
                 if let Some(n) = self.nodes.get_mut(&parent).filter(|n| n.receives()) {
                     if add {
-                        n.add_child(child, substream);
+                        n.add_child(child, substream, start);
                     } else {
                         n.remove_child(child, substream);
                     }

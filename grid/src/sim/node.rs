@@ -188,9 +188,10 @@ impl Node {
         }
     }
 
-    /// A child subscribed to `substream` of this node (the `Peer` takes a child's
-    /// whole mask: a changed one is removed and added again, pacing kept).
-    pub fn add_child(&mut self, child: PeerId, substream: u16) {
+    /// A child subscribed to `substream` of this node, from `start` (what its
+    /// `SUBSCRIBE` says: [`Peer::resume_from`]; the `Peer` takes a child's whole mask: a
+    /// changed one is removed and added again, pacing kept).
+    pub fn add_child(&mut self, child: PeerId, substream: u16, start: Option<u64>) {
         let m = self.children.entry(child).or_insert(0);
         let old = *m;
         *m |= 1u64 << substream;
@@ -199,7 +200,7 @@ impl Node {
             if old != 0 {
                 self.peer.remove_child(child);
             }
-            self.peer.add_child(child, mask);
+            self.peer.add_child(child, mask, start);
         }
     }
 
@@ -218,7 +219,8 @@ impl Node {
         if mask == 0 {
             self.children.remove(&child);
         } else {
-            self.peer.add_child(child, mask);
+            // The same child, fewer substreams: nothing to send it again.
+            self.peer.add_child(child, mask, Some(u64::MAX));
         }
     }
 

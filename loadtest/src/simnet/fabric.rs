@@ -574,11 +574,18 @@ impl Fabric {
                 substream,
                 add,
             } => {
+                // The child's SUBSCRIBE says where it starts.
+                let start = self
+                    .ids
+                    .get(&child)
+                    .and_then(|&i| self.peers.get(i))
+                    .and_then(|p| p.node.as_ref())
+                    .and_then(|c| c.peer.resume_from());
                 let Some(n) = self.node_mut(parent) else {
                     return;
                 };
                 if add {
-                    n.add_child(child, substream);
+                    n.add_child(child, substream, start);
                 } else {
                     n.remove_child(child, substream);
                 }

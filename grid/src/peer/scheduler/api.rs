@@ -118,6 +118,14 @@ pub struct SchedulerConfig {
     /// child's pushes (`wire::slots_for`), which the relay spreads evenly over its
     /// children; a parent that fails every other push (16 of 32) is caught.
     pub parent_max_missed: u16,
+    /// What a parent pushes a new child at once: the chunks it holds of the child's
+    /// substreams from this far behind its newest (at least the newest of each). A
+    /// viewer starting up plays its oldest chunk once that chunk's deadline comes, a
+    /// target lag after the earliest arrival: with this much of the stream already
+    /// there, it starts `target_lag − start_backfill` after its first chunk instead of
+    /// about a target lag. A child re-subscribing from a sequence number (it holds what
+    /// came before) gets only what it lacks within the same span. Default 1.5 s.
+    pub start_backfill: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -142,6 +150,7 @@ impl Default for SchedulerConfig {
             window: 64,
             parent_window: 32,
             parent_max_missed: 10,
+            start_backfill: Duration::from_millis(1500),
         }
     }
 }

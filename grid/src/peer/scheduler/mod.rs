@@ -14,6 +14,8 @@ pub use api::{Action, SchedulerConfig, SchedulerError, SchedulerStats, Source};
 struct Repair {
     tried: Vec<PeerId>,
     server_tries: u8,
+    /// Neighbours asked within the server lead.
+    late_tries: u8,
     /// In flight: to a neighbour (`Some`) or the server (`None`), until the deadline.
     outstanding: Option<(Option<PeerId>, i64)>,
 }
@@ -181,6 +183,11 @@ impl PeerScheduler {
         self.have.contains(&seq)
     }
 
+    /// The newest chunk held.
+    pub fn newest(&self) -> Option<u64> {
+        self.newest
+    }
+
     /// The next sequence number to be played, once playing has started.
     pub fn play_next(&self) -> Option<u64> {
         self.play_next
@@ -281,16 +288,24 @@ impl PeerScheduler {
         }
     }
 
-    /// A child subscribed to `substreams`. The newest held chunk of each of those
-    /// substreams is pushed to it at once (the one its re-parenting most likely missed;
-    /// older gaps are left to its mesh repair, so as not to flood this peer's uplink).
-    pub fn on_child_added(&mut self, child: PeerId, substreams: &[u16]) {
+    /// A child subscribed to `substreams`, from `start` (`None`: live, a viewer
+    /// starting up). What it lacks of the last [`SchedulerConfig::start_backfill`] (at
+    /// least the newest held chunk of each of its substreams) is pushed to it at once:
+    /// a starting viewer's first second or so of stream, or what a re-parented child
+    /// missed meanwhile. Older gaps are left to its mesh repair, so as not to flood this
+    /// peer's uplink.
+    pub fn on_child_added(&mut self, child: PeerId, substreams: &[u16], start: Option<u64>) {
         let mask = self.mask(substreams);
         *self.children.entry(child).or_insert(0) |= mask;
-        let from = self
+        let backfill = u64::try_from(ms(self.cfg.start_backfill).div_euclid(self.d_ms.max(1)))
+            .unwrap_or(0)
+            .min(u64::from(self.cfg.window));
+        let span = backfill.max(self.k);
+        let oldest = self
             .newest
-            .map_or(0, |n| n.saturating_sub(self.k - 1))
+            .map_or(0, |n| n.saturating_sub(span - 1))
             .max(self.play_next.unwrap_or(0));
+        let from = start.map_or(oldest, |s| s.max(oldest));
         for &seq in self.have.range(from..) {
             if mask & (1u64 << (seq % self.k)) != 0 {
                 self.actions.push_back(Action::Push { child, seq });
@@ -827,8 +842,13 @@ impl PeerScheduler {
     }
 
     /// Requests missing chunk `seq` unless a request is in flight: from a neighbour
-    /// whose map holds it first, then one predicted to hold it, else from the server
-    /// if `server` (at most three times).
+    /// whose map holds it first, then one predicted to hold it. Once `server` (within
+    /// the server lead): one more neighbour whose map holds it, then the server (at
+    /// most three times). At the last moment a prediction is not worth a request
+    /// timeout, nor is a second neighbour: a neighbour holding the chunk still answers
+    /// `NOT_FOUND` when its upload budget is spent, and the siblings of a failed
+    /// parent, predicted to hold what none of them got, are often all of a peer's
+    /// neighbours (a viewer then asked one after the other until the deadline passed).
     fn repair(&mut self, seq: u64, now_ms: i64, server: bool) {
         let timeout = ms(self.cfg.request_timeout);
         let (d_ms, max_per) = (self.d_ms, self.cfg.max_per_neighbour);
@@ -836,17 +856,24 @@ impl PeerScheduler {
         if r.outstanding.is_some() {
             return;
         }
-        let pick = self
-            .neighbours
-            .iter()
-            .filter(|(id, n)| n.outstanding < max_per && !r.tried.contains(id))
-            .filter_map(|(id, n)| {
-                let (actual, predicted) = n.predicts(seq, now_ms, d_ms);
-                (actual || predicted).then_some((!actual, n.outstanding, *id))
-            })
-            .min()
-            .map(|(_, _, id)| id);
+        let late = server && r.late_tries > 0;
+        let pick = if late {
+            None
+        } else {
+            self.neighbours
+                .iter()
+                .filter(|(id, n)| n.outstanding < max_per && !r.tried.contains(id))
+                .filter_map(|(id, n)| {
+                    let (actual, predicted) = n.predicts(seq, now_ms, d_ms);
+                    (actual || (predicted && !server)).then_some((!actual, n.outstanding, *id))
+                })
+                .min()
+                .map(|(_, _, id)| id)
+        };
         if let Some(nb) = pick {
+            if server {
+                r.late_tries += 1;
+            }
             r.outstanding = Some((Some(nb), now_ms.saturating_add(timeout)));
             self.outstanding += 1;
             if let Some(n) = self.neighbours.get_mut(&nb) {

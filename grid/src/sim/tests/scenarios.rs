@@ -165,27 +165,32 @@ fn no_child_starves_when_its_parent_leaves() {
 
 #[test]
 fn no_child_starves_when_its_parent_goes_silent() {
-    let mut sim = Sim::new(cfg(13, 20_000)).unwrap();
-    sim.flash_crowd(
-        100,
-        Duration::ZERO,
-        ms(5_000),
-        &UploadProfile::new(&[1.5], UPLINK),
-    );
-    sim.run_until(ms(20_000));
-    let (parent, kids) = busiest_interior(&sim);
-    sim.silence_at(ms(20_000), parent);
-    sim.run_until(ms(50_000));
-    no_one_starves(&sim, &kids, 20_000);
-    // The control plane never heard of it: its children re-searched it away.
-    for &k in &kids {
-        assert!(
-            sim.researches(k).iter().any(|r| r.2.contains(&parent)),
-            "child {k} did not re-search its silent parent"
+    // Several seeds: the siblings of a silent parent's children are their neighbours
+    // too, predicted to hold what none of them got (seeds 14 and 16 starved a child
+    // before the server lead stopped trusting predictions).
+    for seed in [13, 14, 15, 16, 17] {
+        let mut sim = Sim::new(cfg(seed, 20_000)).unwrap();
+        sim.flash_crowd(
+            100,
+            Duration::ZERO,
+            ms(5_000),
+            &UploadProfile::new(&[1.5], UPLINK),
         );
-        assert!(!sim.parents(k).contains(&Some(Parent::Peer(parent))));
+        sim.run_until(ms(20_000));
+        let (parent, kids) = busiest_interior(&sim);
+        sim.silence_at(ms(20_000), parent);
+        sim.run_until(ms(50_000));
+        no_one_starves(&sim, &kids, 20_000);
+        // The control plane never heard of it: its children re-searched it away.
+        for &k in &kids {
+            assert!(
+                sim.researches(k).iter().any(|r| r.2.contains(&parent)),
+                "seed {seed}: child {k} did not re-search its silent parent"
+            );
+            assert!(!sim.parents(k).contains(&Some(Parent::Peer(parent))));
+        }
+        show("parent silent", &sim.report());
     }
-    show("parent silent", &sim.report());
 }
 
 #[test]

@@ -237,8 +237,8 @@ fn unanswered_request_is_retried_elsewhere_then_skipped_at_the_deadline() {
 #[test]
 fn pushes_to_children_and_answers_requests() {
     let mut s = started();
-    s.on_child_added(50, &[0, 2]);
-    s.on_child_added(51, &[1]);
+    s.on_child_added(50, &[0, 2], None);
+    s.on_child_added(51, &[1], None);
     drain(&mut s);
     s.on_chunk(4, Source::Parent(0), at(4020));
     s.on_chunk(5, Source::Parent(1), at(5020));
@@ -503,4 +503,113 @@ fn a_parent_that_skips_a_push_is_not_silent_but_one_that_keeps_skipping_is_repla
         substream: 0,
         exclude: Some(3)
     }));
+}
+
+#[test]
+fn within_the_server_lead_one_neighbour_then_the_server() {
+    // Seq 4 is due at 6000; the server lead (400 ms) opens at 5600. Four neighbours'
+    // maps hold it; each answers NOT_FOUND (its upload budget spent).
+    let mut s = started();
+    for nb in [7, 8, 9, 10] {
+        s.on_neighbour_added(nb);
+        let mut map = BufferMap::new(0, 16);
+        map.set(4);
+        s.on_buffer_map(nb, map, at(4000));
+    }
+    drain(&mut s);
+    s.tick(at(5000));
+    assert!(drain(&mut s).contains(&Action::Request {
+        neighbour: 7,
+        seq: 4
+    }));
+    s.on_not_found(7, 4, at(5050));
+    // Before the server lead, neighbours whose maps hold it are asked in turn.
+    s.tick(at(5100));
+    assert!(drain(&mut s).contains(&Action::Request {
+        neighbour: 8,
+        seq: 4
+    }));
+    s.on_not_found(8, 4, at(5650));
+    // Within it: one more neighbour…
+    s.tick(at(5650));
+    assert!(drain(&mut s).contains(&Action::Request {
+        neighbour: 9,
+        seq: 4
+    }));
+    s.on_not_found(9, 4, at(5700));
+    // …then the server, before the deadline (not neighbour 10).
+    s.tick(at(5700));
+    let acts = drain(&mut s);
+    assert!(
+        acts.contains(&Action::RequestFromServer { seq: 4 }),
+        "{acts:?}"
+    );
+    assert!(s.on_chunk(4, Source::Server, at(5750)));
+    s.tick(at(6000));
+    assert!(drain(&mut s).contains(&Action::Play { seq: 4 }));
+    assert_eq!(s.stats().skipped, 0);
+}
+
+#[test]
+fn within_the_server_lead_a_prediction_is_not_worth_a_try() {
+    // Neighbour 7 was flowing when it sent its map (chunks 0..=3): seq 4 is predicted
+    // there from 5000 on. Inside the server lead the server is asked instead.
+    let mut s = started();
+    s.on_neighbour_added(7);
+    let mut map = BufferMap::new(0, 16);
+    for seq in 0..4 {
+        map.set(seq);
+    }
+    s.on_buffer_map(7, map, at(4000));
+    drain(&mut s);
+    s.tick(at(5700));
+    let acts = drain(&mut s);
+    assert!(
+        acts.contains(&Action::RequestFromServer { seq: 4 }),
+        "{acts:?}"
+    );
+    assert!(
+        !acts
+            .iter()
+            .any(|a| matches!(a, Action::Request { seq: 4, .. })),
+        "{acts:?}"
+    );
+}
+
+#[test]
+fn a_new_child_gets_the_start_backfill_and_a_resuming_one_what_it_lacks() {
+    // 250 ms chunks, K = 4, back-fill 1.5 s = 6 chunks: seqs 0..=23 held.
+    let mut s = PeerScheduler::new(SchedulerConfig {
+        chunk_duration: Duration::from_millis(250),
+        ..SchedulerConfig::default()
+    })
+    .unwrap();
+    for sub in 0..4u16 {
+        s.on_parent_changed(sub, Some(Parent::Server), at(0));
+    }
+    for seq in 0..24u64 {
+        assert!(s.on_chunk(seq, Source::Parent((seq % 4) as u16), at(seq * 250)));
+    }
+    drain(&mut s);
+    let pushed = |s: &mut PeerScheduler, child: PeerId| -> Vec<u64> {
+        drain(s)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Push { child: c, seq } if c == child => Some(seq),
+                _ => None,
+            })
+            .collect()
+    };
+    // A starting viewer (live): the last 1.5 s of its substreams (0 and 2).
+    s.on_child_added(50, &[0, 2], None);
+    assert_eq!(pushed(&mut s, 50), vec![18, 20, 22]);
+    // A re-parented child playing from 21: only what it lacks from there.
+    s.on_child_added(51, &[1, 3], Some(21));
+    assert_eq!(pushed(&mut s, 51), vec![21, 23]);
+    // A resume point older than the back-fill is capped to it.
+    s.on_child_added(52, &[1], Some(3));
+    assert_eq!(pushed(&mut s, 52), vec![21]);
+    // Nothing new: nothing sent.
+    s.on_child_added(53, &[0, 1, 2, 3], Some(24));
+    assert_eq!(pushed(&mut s, 53), Vec::<u64>::new());
 }
