@@ -34,7 +34,7 @@ pub struct LagHistogram {
     /// The buckets' names.
     pub labels: Vec<String>,
     /// Peers by their lag p99 over their stay (a histogram bucket's upper bound, as the
-    /// stays' `lag_p99_ms`); sums to the peers with a measured lag (`--net sim`).
+    /// stays' `lag_p99_ms`); sums to the peers with a measured lag.
     pub peers_by_p99: Vec<u64>,
     /// Peers with a measured lag p99.
     pub peers: u64,
@@ -122,7 +122,7 @@ pub struct GroupFigures {
     /// Of which with a start-up time.
     pub with_startup: usize,
     /// Lag, ms: p50 is the median of the peers' lag p50, p99 the 99th percentile of
-    /// their lag p99; `null` without per-peer lag (`--net sockets`).
+    /// their lag p99; `null` when no peer of the group measured a lag.
     pub lag_ms: Option<P2>,
     /// Chunks played on time / chunks due, over the group's peers.
     pub continuity: f64,

@@ -191,7 +191,7 @@ pub struct RunReport {
     pub grid: Option<serde_json::Value>,
     /// Every peer's stay: `[joined_s, left_s or null, upload_kbps, startup_ms,
     /// lag_p50_ms, lag_p99_ms]` (times from the start of the joins; the last three
-    /// null when not measured: no first chunk, or per-peer lag with `--net sockets`).
+    /// null when not measured: no first chunk, or no lag sample).
     /// The first three are the input of `fluid_bound_bytes`.
     pub stays: Vec<Stay6>,
     /// Lag behind live in buckets (<=1 s, 1-2, 2-3, 3-5, >5 s): peers by their lag p99
