@@ -287,8 +287,9 @@ pub struct PeerRecord {
     /// The same as sent (frames with their signature blocks).
     #[serde(default)]
     pub wire_bytes_uploaded: u64,
-    /// Lag behind live over the peer's stay, p50 and p99, ms (`--net sim`; `None` for
-    /// SDK peers, whose lag is sampled into the run's histogram only).
+    /// Lag behind live over the peer's stay, p50 and p99, ms (sampled once a second
+    /// while it played; histogram bucket bounds capped at the max; `None` when never
+    /// sampled).
     #[serde(default)]
     pub lag_p50_ms: Option<u64>,
     #[serde(default)]
@@ -341,6 +342,8 @@ struct Sampler {
     worker: usize,
     offset: usize,
     lag: BTreeMap<u64, u64>,
+    /// Each peer's lag samples, by local index (a few hundred bytes a peer).
+    peer_lag: Vec<starling_grid::peer::LatencySummary>,
 }
 
 impl Sampler {
@@ -380,6 +383,12 @@ impl Sampler {
             if let (true, Some(lag)) = (present && ps.state == PeerState::Active, st.lag) {
                 let b = lag.as_millis() as u64 / LAG_BUCKET_MS;
                 *self.lag.entry(b).or_default() += 1;
+                if self.peer_lag.len() <= ps.index {
+                    self.peer_lag.resize(ps.index + 1, Default::default());
+                }
+                if let Some(l) = self.peer_lag.get_mut(ps.index) {
+                    l.record(lag);
+                }
             }
             if with_records {
                 records.push(PeerRecord {
@@ -396,8 +405,11 @@ impl Sampler {
                     bytes_from_peers: st.bytes_from_peers,
                     bytes_uploaded: st.bytes_uploaded,
                     wire_bytes_uploaded: st.wire_bytes_uploaded,
-                    lag_p50_ms: None,
-                    lag_p99_ms: None,
+                    lag_p50_ms: self.peer_lag.get(ps.index).and_then(|l| l.quantile_ms(0.5)),
+                    lag_p99_ms: self
+                        .peer_lag
+                        .get(ps.index)
+                        .and_then(|l| l.quantile_ms(0.99)),
                 });
             }
         }
@@ -494,6 +506,7 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), HarnessError> {
         worker: hello.worker,
         offset: hello.index_offset,
         lag: BTreeMap::new(),
+        peer_lag: Vec::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(hello.sample_ms.max(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

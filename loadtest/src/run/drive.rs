@@ -6,6 +6,8 @@ use super::config::{Net, RunConfig};
 use super::merge::merge;
 use super::progress::progress_line;
 use super::report::RunReport;
+use super::rss::{RSS_EVERY, RssSampler, RssSource};
+use super::series::{Reduce, Series};
 use super::stack::{Stack, exe};
 use crate::error::HarnessError;
 use crate::worker::{
@@ -43,6 +45,29 @@ pub(super) async fn tell(w: &mut WorkerLink, msg: &ToWorker) -> bool {
     };
     line.push(b'\n');
     w.writer.write_all(&line).await.is_ok()
+}
+
+/// Points of the machine-busy series (one a second: over an hour before pairs merge).
+const BUSY_POINTS: usize = 4096;
+
+/// The RSS sampler of this run's processes: this one, the data plane, every worker
+/// (read from `/proc` when on this machine, from its own reports otherwise).
+fn rss_sampler(stack: &Stack, links: &[WorkerLink]) -> RssSampler {
+    let mut rss = RssSampler::new(RSS_EVERY);
+    rss.track("coordinator".into(), std::process::id(), RssSource::Local);
+    if let Some(pid) = stack.dataplane_pid() {
+        rss.track("dataplane".into(), pid, RssSource::Local);
+    }
+    let here = crate::worker::hostname();
+    for (w, l) in links.iter().enumerate() {
+        let source = if l.host.is_empty() || l.host == here {
+            RssSource::Local
+        } else {
+            RssSource::Worker(w)
+        };
+        rss.track(format!("worker-{w}"), l.pid, source);
+    }
+    rss
 }
 
 pub(super) fn share(peers: usize, workers: usize, w: usize) -> usize {
@@ -182,6 +207,14 @@ pub(super) async fn drive(
             0.0
         }) + Duration::from_secs(120);
     let mut busy = MachineBusy::new();
+    let mut busy_series = Series::new(BUSY_POINTS, Reduce::Mean);
+    let mut rss = rss_sampler(stack, &links);
+    let latest_rss = |links: &[WorkerLink], w: usize| {
+        links
+            .get(w)
+            .and_then(|l| l.latest.as_ref())
+            .map(|s| s.process.rss_bytes)
+    };
     let mut held_since: Option<Instant> = None;
     // What the workers were last told (a closed ramp stays held: no resume is sent).
     let mut holding = false;
@@ -229,6 +262,13 @@ pub(super) async fn drive(
         let total: usize = samples.iter().map(|s| s.peers_total).sum();
         let joining: usize = samples.iter().map(|s| s.joining).sum();
         let load = busy.sample();
+        let t_s = (now - t0).as_secs_f64();
+        if let Some(b) = load {
+            busy_series.push(t_s, b);
+        }
+        if rss.due(t_s) {
+            rss.sample(t_s, steady_from.is_some(), |w| latest_rss(&links, w));
+        }
         if steady_from.is_none() && cfg.max_busy > 0.0 {
             match (held_since, load) {
                 (None, Some(b)) if b >= cfg.max_busy => held_since = Some(now),
@@ -313,6 +353,9 @@ pub(super) async fn drive(
     // Stop: egress and the end of the window first, then the workers' finals.
     let egress1 = stack.egress().await;
     let end = Instant::now();
+    rss.sample((end - t0).as_secs_f64(), steady_from.is_some(), |w| {
+        latest_rss(&links, w)
+    });
     let dp_proc = stack.dataplane_pid().map(ProcStats::of_pid);
     for link in links.iter_mut() {
         if !link.gone {
@@ -364,7 +407,9 @@ pub(super) async fn drive(
         egress0.zip(egress1).map(|(a, b)| b.saturating_sub(a)),
         coordinator,
         dp_proc,
+        busy_series,
     );
+    r.rss = rss.figures();
     r.grid = grid;
     r.ramp_held_s = ramp_held.as_secs_f64();
     r.admission_closed_at_peers = admission_closed_at;

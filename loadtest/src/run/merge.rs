@@ -3,7 +3,10 @@
 
 use super::config::RunConfig;
 use super::drive::WorkerLink;
+use super::perpeer::{JoinGroups, LagHistogram, MACHINE_BOUND_BUSY};
 use super::report::{P2, P3, ProcessReport, RunReport};
+use super::rss::RSS_EVERY;
+use super::series::{Reduce, Series};
 use crate::bound::{Stay, fluid_bound_bytes};
 use crate::report::{LatencyFigures, Percentiles};
 use crate::worker::{ADDRESS_BLOCK, LAG_BUCKET_MS, PeerRecord, ProcStats};
@@ -41,6 +44,7 @@ pub(super) fn merge(
     dataplane_egress: Option<u64>,
     coordinator: ProcStats,
     dataplane: Option<ProcStats>,
+    machine_busy: Series,
 ) -> RunReport {
     let mut r = RunReport {
         peers: cfg.peers,
@@ -86,8 +90,11 @@ pub(super) fn merge(
         cpu_cores: 0,
         cpu_utilization: 0.0,
         machine_bound: false,
+        machine_busy: Series::new(2, Reduce::Mean),
         max_rss_bytes: BTreeMap::new(),
         processes: Vec::new(),
+        rss_every_s: RSS_EVERY.as_secs_f64(),
+        rss: Vec::new(),
         not_identical: 0,
         output_bytes_checked: 0,
         parent_changes: 0,
@@ -95,6 +102,8 @@ pub(super) fn merge(
         reparent_answer_ms: LatencyFigures::default(),
         grid: None,
         stays: Vec::new(),
+        lag_histogram: LagHistogram::default(),
+        join_groups: JoinGroups::default(),
         control_traffic: None,
         errors: Vec::new(),
         error_count: 0,
@@ -225,6 +234,9 @@ pub(super) fn merge(
         p50: nearest_rank(&joins, 0.50),
         p99: nearest_rank(&joins, 0.99),
     };
+    r.lag_histogram = LagHistogram::of(&records, &lag);
+    r.join_groups = JoinGroups::of(&records, &machine_busy, MACHINE_BOUND_BUSY);
+    r.machine_busy = machine_busy;
     if !lag.is_empty() {
         r.lag_ms = Some(P2 {
             p50: hist_percentile(&lag, 0.50),
@@ -284,7 +296,7 @@ pub(super) fn merge(
     if duration_s > 0.0 {
         r.cpu_utilization = local_cpu / (duration_s * r.cpu_cores as f64);
     }
-    r.machine_bound = r.cpu_utilization >= 0.85;
+    r.machine_bound = r.cpu_utilization >= MACHINE_BOUND_BUSY;
     r.max_rss_bytes.insert("max".into(), max_rss);
     if r.initial_peers_joined < cfg.peers {
         r.error(format!(

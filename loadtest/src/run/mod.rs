@@ -14,21 +14,30 @@
 //!    peers (hello), then starts them all at once;
 //! 3. prints a progress line every second from the workers' samples and the data
 //!    plane's egress counter, sends churn commands during the steady phase, stops the
-//!    workers after `duration`, and merges their final figures into one [`RunReport`].
+//!    workers after `duration`, and merges their final figures into one [`RunReport`];
+//!    meanwhile it samples this machine's busy fraction every second and every
+//!    process's RSS every [`RSS_EVERY`] (`rss.rs`), for the per-peer join groups and
+//!    lag histogram (`perpeer.rs`) and the RSS lines of the report.
 
 mod admission;
 mod config;
 mod dataplane;
 mod drive;
 mod merge;
+mod perpeer;
 mod progress;
 mod report;
+mod rss;
+mod series;
 mod stack;
 
 pub use admission::ADMISSION_CLOSE;
 pub use config::{External, Net, PEERS_PER_WORKER, RunConfig};
 pub use dataplane::{dataplane_child, scrape_wire_egress};
+pub use perpeer::{GroupFigures, JoinGroups, LAG_BOUNDS_MS, LagHistogram, MACHINE_BOUND_BUSY};
 pub use report::{P2, P3, ProcessReport, RunReport};
+pub use rss::{RSS_EVERY, RSS_FLAT_WITHIN, RSS_POINTS, RssFigures};
+pub use series::Series;
 
 use crate::error::HarnessError;
 use drive::drive;

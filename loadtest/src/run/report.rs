@@ -1,6 +1,9 @@
 //! The merged report of a run ([`RunReport`], with its per-process lines and
 //! percentiles) and its text form.
 
+use super::perpeer::{JoinGroups, LagHistogram};
+use super::rss::RssFigures;
+use super::series::Series;
 use crate::report::{LatencyFigures, Percentiles};
 use crate::worker::ControlTraffic;
 use serde::Serialize;
@@ -156,13 +159,22 @@ pub struct RunReport {
     /// over `duration_s × cpu_cores`: near 1, the machine, not the design, limits the
     /// run (everything is late because nothing gets scheduled in time).
     pub cpu_utilization: f64,
-    /// `cpu_utilization ≥ 0.85`, or the admission guard closed the ramp: the figures
-    /// describe this machine's limit.
+    /// `cpu_utilization ≥ 0.85` ([`super::MACHINE_BOUND_BUSY`]), or the admission guard
+    /// closed the ramp: the figures describe this machine's limit.
     pub machine_bound: bool,
+    /// This machine's busy fraction (all cores, `/proc/stat`), sampled every second by
+    /// the coordinator: `[[t_s, busy], ...]` (seconds since the start of the joins; a
+    /// point covers the time since the previous one; bounded, long runs average pairs).
+    pub machine_busy: Series,
     /// Peak RSS per process and `max`.
     pub max_rss_bytes: BTreeMap<String, u64>,
     /// Per process.
     pub processes: Vec<ProcessReport>,
+    /// Interval of the RSS samples, seconds.
+    pub rss_every_s: f64,
+    /// Per process (the order of `processes`): RSS sampled over the run, after warm-up,
+    /// at the end, max, flat after warm-up, and the series.
+    pub rss: Vec<RssFigures>,
     /// Active peers whose output is not byte-identical to the source.
     pub not_identical: usize,
     /// Output bytes checked against the source.
@@ -179,9 +191,15 @@ pub struct RunReport {
     pub grid: Option<serde_json::Value>,
     /// Every peer's stay: `[joined_s, left_s or null, upload_kbps, startup_ms,
     /// lag_p50_ms, lag_p99_ms]` (times from the start of the joins; the last three
-    /// null when not measured: no first chunk, or per-peer lag with `--net sockets`).
+    /// null when not measured: no first chunk, or no lag sample).
     /// The first three are the input of `fluid_bound_bytes`.
     pub stays: Vec<Stay6>,
+    /// Lag behind live in buckets (<=1 s, 1-2, 2-3, 3-5, >5 s): peers by their lag p99
+    /// and every lag sample.
+    pub lag_histogram: LagHistogram,
+    /// The joined peers split by how busy this machine was when each joined (the
+    /// ramp's effect): start-up, lag and continuity of both groups.
+    pub join_groups: JoinGroups,
     /// How the sessions reached the control plane: sessions joined and the HTTP/2
     /// connections that carried them (`--net sim` shares connections); `None`: one
     /// connection per SDK viewer.
@@ -271,6 +289,8 @@ impl std::fmt::Display for RunReport {
             self.join_rpc_ms.p50,
             self.join_rpc_ms.p99
         )?;
+        writeln!(f, "{}", self.lag_histogram)?;
+        writeln!(f, "{}", self.join_groups)?;
         writeln!(
             f,
             "identity: {} bytes checked, {} peers not byte-identical; parent changes {} (all causes, the control plane's own moves included)",
@@ -304,6 +324,9 @@ impl std::fmt::Display for RunReport {
                     format!("  ({})", p.host)
                 }
             )?;
+        }
+        for r in &self.rss {
+            writeln!(f, "{r}")?;
         }
         if self.ramp_held_s > 0.0 || self.admission_closed_at_peers.is_some() {
             writeln!(
