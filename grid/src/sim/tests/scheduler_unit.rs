@@ -581,6 +581,7 @@ fn a_new_child_gets_the_start_backfill_and_a_resuming_one_what_it_lacks() {
     // 250 ms chunks, K = 4, back-fill 1.5 s = 6 chunks: seqs 0..=23 held.
     let mut s = PeerScheduler::new(SchedulerConfig {
         chunk_duration: Duration::from_millis(250),
+        start_backfill: Duration::from_millis(1500),
         ..SchedulerConfig::default()
     })
     .unwrap();
