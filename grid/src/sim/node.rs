@@ -133,6 +133,11 @@ pub struct Node {
     pub due_before_measure: (u64, u64),
     /// Emit [`Upcall::Play`] for every chunk played (a host that checks the output).
     pub report_plays: bool,
+    /// Stalls: runs of chunks skipped at their play-out deadline (a run of skips is
+    /// one stall, as the SDK counts them).
+    pub stalls: u64,
+    /// The last chunk due was skipped (a stall is going on).
+    skipping: bool,
     /// The cut time (ms, on the node's clock) of the next chunk given to
     /// [`Node::on_frame`], when the host knows it (a real data plane's timestamps);
     /// otherwise a chunk `seq` counts as cut at `(seq + 1)·d`.
@@ -164,6 +169,8 @@ impl Node {
             bytes_from_server: 0,
             due_before_measure: (0, 0),
             report_plays: false,
+            stalls: 0,
+            skipping: false,
             next_cut_ms: None,
             k,
         }
@@ -231,6 +238,18 @@ impl Node {
         }
         self.children.remove(&gone);
         self.peer.link_closed(gone);
+    }
+
+    /// Distinct peers it has a link with (parents, children, neighbours).
+    pub fn peer_links(&self) -> usize {
+        let mut peers: BTreeSet<PeerId> = self.neighbours.clone();
+        peers.extend(self.children.keys().copied());
+        for p in self.parents.iter().flatten() {
+            if let Parent::Peer(id) = p {
+                peers.insert(*id);
+            }
+        }
+        peers.len()
     }
 
     /// A mesh neighbour was linked.
@@ -352,6 +371,7 @@ impl Node {
                 }
                 PeerAction::ReportParent { parent, .. } => out.push(Upcall::Report { parent }),
                 PeerAction::Play { seq } => {
+                    self.skipping = false;
                     // Chunk `seq` is available at the source at (seq + 1)·d.
                     let avail = (seq + 1).saturating_mul(chunk_us);
                     self.lag_us = Some(now_us.saturating_sub(avail));
@@ -359,7 +379,12 @@ impl Node {
                         out.push(Upcall::Play { seq });
                     }
                 }
-                PeerAction::Skip { .. } => {}
+                PeerAction::Skip { .. } => {
+                    if !self.skipping {
+                        self.stalls += 1;
+                    }
+                    self.skipping = true;
+                }
             }
         }
     }

@@ -1,43 +1,39 @@
-//! Real control-plane traffic for the fabric's viewers: every viewer joins over gRPC
-//! (`ViewerService.Join`, honouring the server's retry pushback), holds its
-//! `ViewerService.Session` stream (counters every `counters_interval_ms`, the SDK's
-//! production default), applies every pushed delta (parents per substream, neighbours,
-//! the end of the session) to its node, and calls `Reparent`, `ReportPeer` and `Leave`
-//! when its node asks. Sessions share HTTP/2 connections
-//! ([`ControlConfig::sessions_per_channel`] per `tonic` channel).
+//! Real control-plane traffic for the fabric's viewers: the dispatcher that routes the
+//! fabric's [`Up`] messages to one task per session ([`super::session`]), fed by a small
+//! bounded queue, and what those tasks share: the control plane's address, the
+//! HTTP/2 connections (sessions share them, [`ControlConfig::sessions_per_channel`]
+//! per `tonic` channel, with the SDK's keep-alive), `Join` with the server's retry
+//! pushback, and the counters ([`ControlCounters`]).
 //!
-//! One task per session (as the SDK has), fed by a small bounded queue; the dispatcher
-//! routes the fabric's [`Up`] messages to them. Not done here (the SDK does it):
-//! key refreshes, chunk-token renewal on peer links and revocations (peer links are
-//! simulated and carry no tokens), re-opening a broken stream, quality reports.
+//! Each session mirrors the SDK's control-plane client rules (`client-sdk`'s
+//! `viewer::session`, `report`): it joins, holds its `ViewerService.Session` stream
+//! (counters every `counters_interval_ms`, reopened with the SDK's back-off when it
+//! breaks), applies every pushed delta (parents, neighbours, key sets, chunk tokens,
+//! revocations, the end of the session), sends quality reports (`ViewerService.Report`,
+//! [`super::reports`]) at the interval `Join` names, and calls `Reparent`, `ReportPeer`
+//! and `Leave` when its node asks. Not done here: the SDK's fall-back to unary
+//! heartbeats for a control plane without session streams (a stream refused as
+//! `UNIMPLEMENTED` ends the viewer), and parent tickets and peer tokens on peer links
+//! (peer links are simulated and carry none).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use starling_grid::Parent;
 use starling_grid::peer::PeerId;
 use starling_proto::v1::viewer_service_client::ViewerServiceClient;
-use starling_proto::v1::{
-    JoinRequest, JoinResponse, LeaveRequest, PeerRef, PeerReportKind, ReparentRequest,
-    ReportPeerRequest, SessionDown, SessionUp, SubstreamParent,
-};
+use starling_proto::v1::{JoinRequest, JoinResponse, PeerRef, SubstreamParent};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use super::dataplane::{self, DpCmd, DpSetup, DpShared};
+use super::dataplane::{DpCmd, DpShared};
 use super::msg::{Input, Up};
-use crate::swarm::peer_ip;
+use super::session::session;
 
-/// Counters interval when the control plane names none (the SDK's default).
-const DEFAULT_COUNTERS_INTERVAL: Duration = Duration::from_secs(10);
-/// Shortest counters interval accepted (the SDK's floor).
-const MIN_COUNTERS_INTERVAL: Duration = Duration::from_millis(50);
 /// Join attempts per viewer.
 const JOIN_ATTEMPTS: u32 = 5;
 /// A busy control plane that names no pushback: wait this long.
@@ -46,8 +42,10 @@ const DEFAULT_PUSHBACK_MS: u64 = 250;
 const SESSION_QUEUE: usize = 16;
 /// Per-viewer data-plane command queue.
 const DP_QUEUE: usize = 64;
-/// The port simulated viewers advertise (nobody dials it).
-const SIM_PORT: u16 = 9;
+/// HTTP/2 keep-alive PING interval and timeout (the SDK's defaults: a dead control
+/// plane or path fails the session streams, which are reopened).
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where and how to reach the control plane.
 #[derive(Debug, Clone)]
@@ -98,26 +96,33 @@ pub struct ControlCounters {
     pub ups: AtomicU64,
     /// `Reparent` calls answered.
     pub reparents: AtomicU64,
-    /// `ReportPeer` calls made.
-    pub reports: AtomicU64,
+    /// `ReportPeer` calls made (bad peers).
+    pub peer_reports: AtomicU64,
+    /// `Report` calls made (quality reports, in batches).
+    pub report_calls: AtomicU64,
+    /// Quality reports the control plane acknowledged (committed).
+    pub quality_reports: AtomicU64,
+    /// Quality reports dropped unsent (queue full while the control plane was away).
+    pub reports_dropped: AtomicU64,
+    /// Session streams opened again after one broke.
+    pub streams_reopened: AtomicU64,
+    /// Key sets applied (`SessionDown.keys_version` non-zero).
+    pub key_sets: AtomicU64,
+    /// Key refreshes asked for (`SessionUp.refresh_keys`: a chunk named an unknown key).
+    pub key_refreshes: AtomicU64,
+    /// Renewed chunk tokens received.
+    pub token_renewals: AtomicU64,
+    /// Sessions the control plane ended (`active = false`: left, expired, revoked, the
+    /// broadcast stopped).
+    pub ended: AtomicU64,
     /// `Leave` calls made.
     pub leaves: AtomicU64,
     /// Calls that failed (any RPC).
     pub errors: AtomicU64,
 }
 
-/// One viewer's byte counters as its session reports them (written by the fabric).
-#[derive(Debug, Default)]
-pub struct ViewerBytes {
-    /// Payload bytes from the data plane.
-    pub from_server: AtomicU64,
-    /// Payload bytes from peers.
-    pub from_peers: AtomicU64,
-    /// Payload bytes uploaded.
-    pub uploaded: AtomicU64,
-}
-
-enum Cmd {
+/// What the dispatcher hands a session.
+pub(super) enum Cmd {
     ReSearch {
         substream: u16,
         exclude: Vec<PeerId>,
@@ -128,10 +133,11 @@ enum Cmd {
     Leave,
 }
 
-struct Ctx {
-    cfg: ControlConfig,
-    fabric: mpsc::Sender<Input>,
-    counters: Arc<ControlCounters>,
+/// What every session task shares.
+pub(super) struct Ctx {
+    pub(super) cfg: ControlConfig,
+    pub(super) fabric: mpsc::Sender<Input>,
+    pub(super) counters: Arc<ControlCounters>,
 }
 
 /// A session's queues, as the dispatcher holds them.
@@ -237,7 +243,8 @@ fn channel_for(ctx: &Ctx, channels: &mut Vec<Channel>, index: usize) -> Option<C
         let ep = tonic::transport::Endpoint::from_shared(ctx.cfg.control_url.clone()).ok()?;
         let ep = ep
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_interval(KEEP_ALIVE)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
         channels.push(ep.connect_lazy());
         ctx.counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -245,7 +252,7 @@ fn channel_for(ctx: &Ctx, channels: &mut Vec<Channel>, index: usize) -> Option<C
     channels.get(c).cloned()
 }
 
-fn pushback_ms(status: &tonic::Status) -> Option<u64> {
+pub(super) fn pushback_ms(status: &tonic::Status) -> Option<u64> {
     status
         .metadata()
         .get("grpc-retry-pushback-ms")
@@ -263,7 +270,17 @@ fn jitter(ms: u64) -> u64 {
     n % (ms / 2 + 1)
 }
 
-async fn join(
+/// `base` plus a random extra of 0..50 % of it (the SDK's `jittered`: never shorter
+/// than `base`, so a pushback is honoured, and a crowd refused together spreads out).
+pub(super) fn jittered(base: Duration) -> Duration {
+    use std::hash::BuildHasher;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let h = std::hash::RandomState::new().hash_one(N.fetch_add(1, Ordering::Relaxed));
+    // 53 random bits as a fraction.
+    base + base.mul_f64((h >> 11) as f64 / (1u64 << 53) as f64 * 0.5)
+}
+
+pub(super) async fn join(
     ctx: &Ctx,
     client: &mut ViewerServiceClient<Channel>,
     req: JoinRequest,
@@ -295,7 +312,7 @@ async fn join(
 }
 
 /// A wire `SubstreamParent` as a grid parent: no peer is the data plane.
-fn parent_of(p: &SubstreamParent) -> Option<(u16, Parent)> {
+pub(super) fn parent_of(p: &SubstreamParent) -> Option<(u16, Parent)> {
     let s = u16::try_from(p.substream).ok().filter(|s| *s < 64)?;
     let parent = match &p.peer {
         Some(PeerRef { peer_id, .. }) if *peer_id != 0 => Parent::Peer(*peer_id),
@@ -304,113 +321,8 @@ fn parent_of(p: &SubstreamParent) -> Option<(u16, Parent)> {
     Some((s, parent))
 }
 
-/// One viewer's session: join, the stream, its commands, leave.
-async fn session(
-    ctx: Arc<Ctx>,
-    channel: Channel,
-    index: usize,
-    upload_kbps: u32,
-    mut cmds: mpsc::Receiver<Cmd>,
-    dp: Option<(mpsc::Sender<DpCmd>, mpsc::Receiver<DpCmd>)>,
-) {
-    let mut client = ViewerServiceClient::new(channel);
-    let global = ctx.cfg.index_offset + index;
-    let req = JoinRequest {
-        broadcast_id: ctx.cfg.broadcast_id.clone(),
-        credential: String::new(),
-        client_version: concat!("starling-loadtest-sim/", env!("CARGO_PKG_VERSION")).into(),
-        peer_addr: format!("{}:{SIM_PORT}", peer_ip(global)),
-        upload_kbps,
-        // As the SDK asks: the control plane then makes this peer's children version-2
-        // tickets (its cost as in production; simulated links check no tickets).
-        mac_tickets: true,
-    };
-    let (resp, rpc_ms) = match join(&ctx, &mut client, req).await {
-        Ok(r) => r,
-        Err(error) => {
-            ctx.counters.join_failures.fetch_add(1, Ordering::Relaxed);
-            let _ = ctx.fabric.send(Input::Failed { index, error }).await;
-            return;
-        }
-    };
-    ctx.counters.sessions.fetch_add(1, Ordering::Relaxed);
-    let session_id = resp.session_id.clone();
-    let bytes = Arc::new(ViewerBytes::default());
-    let parents = full_parents(
-        &resp.parents,
-        resp.params.as_ref().map_or(0, |p| p.substreams),
-    );
-    let dp_tx = match (dp, &ctx.cfg.data_plane) {
-        (Some((tx, rx)), Some(shared)) => {
-            let mask = parents
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| **p == Parent::Server)
-                .fold(0u64, |m, (s, _)| m | (1u64 << s));
-            let setup = DpSetup {
-                index,
-                addr: resp.dataplane_wire_addr.clone(),
-                token: Bytes::from(resp.chunk_token.clone()),
-                broadcast_id: ctx.cfg.broadcast_id.clone(),
-                mask,
-                chunk_keys: resp
-                    .chunk_keys
-                    .iter()
-                    .map(|k| (k.key_id, k.ed25519.clone()))
-                    .collect(),
-                fabric: ctx.fabric.clone(),
-                shared: shared.clone(),
-            };
-            tokio::spawn(dataplane::connection(setup, rx));
-            Some(tx)
-        }
-        _ => None,
-    };
-    let joined = Input::Joined {
-        index,
-        peer_id: resp.peer_id,
-        child_slots: resp.child_slots,
-        parents,
-        neighbours: resp.neighbours.iter().map(|n| n.peer_id).collect(),
-        rpc_ms: Some(rpc_ms),
-        bytes: Some(bytes.clone()),
-    };
-    if ctx.fabric.send(joined).await.is_err() {
-        return;
-    }
-    let end = stream(
-        &ctx,
-        &mut client,
-        index,
-        &session_id,
-        upload_kbps,
-        &bytes,
-        &mut cmds,
-        dp_tx.as_ref(),
-    )
-    .await;
-    drop(dp_tx);
-    if let Err(error) = &end {
-        let _ = ctx
-            .fabric
-            .send(Input::Failed {
-                index,
-                error: error.clone(),
-            })
-            .await;
-    }
-    ctx.counters.leaves.fetch_add(1, Ordering::Relaxed);
-    let leave = client.leave(LeaveRequest { session_id });
-    if !matches!(
-        tokio::time::timeout(ctx.cfg.call_timeout, leave).await,
-        Ok(Ok(_))
-    ) {
-        ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 /// Parents of every substream (the data plane where `Join` names none).
-fn full_parents(parents: &[SubstreamParent], k: u32) -> Vec<Parent> {
+pub(super) fn full_parents(parents: &[SubstreamParent], k: u32) -> Vec<Parent> {
     let k = usize::try_from(k.clamp(1, 64)).unwrap_or(1);
     let mut out = vec![Parent::Server; k];
     for (s, p) in parents.iter().filter_map(parent_of) {
@@ -419,177 +331,4 @@ fn full_parents(parents: &[SubstreamParent], k: u32) -> Vec<Parent> {
         }
     }
     out
-}
-
-/// The session stream until the viewer leaves (`Ok`) or the session ends (`Err`).
-#[allow(clippy::too_many_arguments)]
-async fn stream(
-    ctx: &Ctx,
-    client: &mut ViewerServiceClient<Channel>,
-    index: usize,
-    session_id: &str,
-    upload_kbps: u32,
-    bytes: &ViewerBytes,
-    cmds: &mut mpsc::Receiver<Cmd>,
-    dp: Option<&mpsc::Sender<DpCmd>>,
-) -> Result<(), String> {
-    let counters = |b: &ViewerBytes| SessionUp {
-        bytes_from_server: b.from_server.load(Ordering::Relaxed),
-        bytes_from_peers: b.from_peers.load(Ordering::Relaxed),
-        bytes_uploaded: b.uploaded.load(Ordering::Relaxed),
-        upload_kbps,
-        ..SessionUp::default()
-    };
-    let (tx, rx) = mpsc::channel::<SessionUp>(4);
-    let first = SessionUp {
-        session_id: session_id.to_owned(),
-        ..counters(bytes)
-    };
-    if tx.try_send(first).is_err() {
-        return Err("session queue".into());
-    }
-    let opened = tokio::time::timeout(
-        ctx.cfg.call_timeout,
-        client.session(ReceiverStream::new(rx)),
-    )
-    .await;
-    let mut inbound = match opened {
-        Ok(Ok(r)) => r.into_inner(),
-        Ok(Err(s)) => return Err(format!("session: {}: {}", s.code(), s.message())),
-        Err(_) => return Err("session: open timed out".into()),
-    };
-    ctx.counters.streams_open.fetch_add(1, Ordering::Relaxed);
-    let mut interval = DEFAULT_COUNTERS_INTERVAL;
-    let mut next = Instant::now() + interval;
-    let mut neighbours: Vec<PeerId> = Vec::new();
-    let result = loop {
-        tokio::select! {
-            msg = inbound.message() => match msg {
-                Ok(Some(down)) => {
-                    ctx.counters.downs.fetch_add(1, Ordering::Relaxed);
-                    if down.counters_interval_ms > 0 {
-                        let d = Duration::from_millis(u64::from(down.counters_interval_ms))
-                            .max(MIN_COUNTERS_INTERVAL);
-                        if d != interval {
-                            interval = d;
-                            next = Instant::now() + d;
-                        }
-                    }
-                    if !down.active {
-                        break Err("the control plane ended the session".into());
-                    }
-                    if !down.chunk_token.is_empty()
-                        && let Some(dp) = dp
-                    {
-                        let _ = dp.try_send(DpCmd::Token(Bytes::from(down.chunk_token.clone())));
-                    }
-                    if !apply(ctx, index, &down, &mut neighbours).await {
-                        break Ok(());
-                    }
-                }
-                Ok(None) => break Err("session stream ended".into()),
-                Err(s) => break Err(format!("session: {}: {}", s.code(), s.message())),
-            },
-            () = tokio::time::sleep_until(next) => {
-                // A full queue means the stream is not draining: skip this one.
-                if tx.try_send(counters(bytes)).is_ok() {
-                    ctx.counters.ups.fetch_add(1, Ordering::Relaxed);
-                }
-                next += interval;
-                let now = Instant::now();
-                if next < now {
-                    next = now + interval;
-                }
-            }
-            cmd = cmds.recv() => match cmd {
-                None | Some(Cmd::Leave) => break Ok(()),
-                Some(Cmd::ReSearch { substream, exclude }) => {
-                    reparent(ctx, client, index, session_id, substream, exclude).await;
-                }
-                Some(Cmd::Report { parent }) => {
-                    ctx.counters.reports.fetch_add(1, Ordering::Relaxed);
-                    let req = ReportPeerRequest {
-                        session_id: session_id.to_owned(),
-                        peer_id: parent,
-                        reason: "non-delivery".into(),
-                        kind: PeerReportKind::NonDelivery as i32,
-                    };
-                    let call = client.report_peer(req);
-                    if !matches!(tokio::time::timeout(ctx.cfg.call_timeout, call).await, Ok(Ok(_))) {
-                        ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            },
-        }
-    };
-    ctx.counters.streams_open.fetch_sub(1, Ordering::Relaxed);
-    result
-}
-
-/// Applies one `SessionDown` to the viewer's node; `false` when the fabric is gone.
-async fn apply(ctx: &Ctx, index: usize, down: &SessionDown, neighbours: &mut Vec<PeerId>) -> bool {
-    for (substream, parent) in down.parents.iter().filter_map(parent_of) {
-        let m = Input::Assign {
-            index,
-            substream,
-            parent,
-            research: false,
-        };
-        if ctx.fabric.send(m).await.is_err() {
-            return false;
-        }
-    }
-    if down.neighbours_changed {
-        let now: Vec<PeerId> = down.neighbours.iter().map(|n| n.peer_id).collect();
-        for &n in now.iter().filter(|n| !neighbours.contains(n)) {
-            let m = Input::Neighbour {
-                index,
-                neighbour: n,
-            };
-            if ctx.fabric.send(m).await.is_err() {
-                return false;
-            }
-        }
-        *neighbours = now;
-    }
-    true
-}
-
-async fn reparent(
-    ctx: &Ctx,
-    client: &mut ViewerServiceClient<Channel>,
-    index: usize,
-    session_id: &str,
-    substream: u16,
-    exclude: Vec<PeerId>,
-) {
-    let req = ReparentRequest {
-        session_id: session_id.to_owned(),
-        substream: u32::from(substream),
-        exclude_peer_ids: exclude,
-    };
-    let answer = tokio::time::timeout(ctx.cfg.call_timeout, client.reparent(req)).await;
-    let parent = match answer {
-        Ok(Ok(r)) => r
-            .into_inner()
-            .parent
-            .as_ref()
-            .and_then(parent_of)
-            .map(|(_, p)| p),
-        _ => {
-            ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
-            None
-        }
-    };
-    ctx.counters.reparents.fetch_add(1, Ordering::Relaxed);
-    let m = match parent {
-        Some(parent) => Input::Assign {
-            index,
-            substream,
-            parent,
-            research: true,
-        },
-        None => Input::ResearchFailed { index, substream },
-    };
-    let _ = ctx.fabric.send(m).await;
 }

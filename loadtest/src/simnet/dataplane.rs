@@ -3,27 +3,41 @@
 //! (`HELLO`, renewed with `TOKEN`), subscribed to the substreams the grid gives to the
 //! server (`SUBSCRIBE`, replaced when they change), carrying its last-resort
 //! `REQUEST`s. Every chunk is verified as a device does (the data plane's signature,
-//! with the process's shared [`VerifiedSignatures`] cache) before it reaches the node.
+//! with the process's shared [`VerifiedSignatures`] cache) before it reaches the node,
+//! with the chunk keys the session last received (`Join`'s, then each key set the
+//! session stream pushes, [`DpCmd::Keys`]). A chunk signed with a key id not held is
+//! held (at most [`HOLD`] of them, for at most [`HOLD_FOR`], the SDK's
+//! `KeyHoldLimits`) while the session asks for the current key sets, and checked again
+//! when they come; one whose key id is still unknown then is refused. A token renewed
+//! before the handshake is answered is sent right after it.
 //! The first chunk of any connection tells the fabric when the stream's chunk 0 was
 //! due ([`Input::Origin`]).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use starling_proto::integrity::{ChunkMeta, ChunkVerifier, VerifiedSignatures};
+use starling_proto::integrity::{ChunkMeta, ChunkVerifier, IntegrityError, VerifiedSignatures};
 use starling_proto::wire::{
-    self, Decoder, Frame, Hello, Limits, Role, StartAt, Subscribe, chunk_flags,
+    self, Chunk, Decoder, Frame, Hello, Limits, Role, StartAt, Subscribe, chunk_flags,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::msg::{Input, SimChunk};
+use super::reports::ViewerFigures;
 
 /// Handshake deadline.
 const HANDSHAKE: Duration = Duration::from_secs(10);
+/// Chunks held for a key id not known yet (the SDK's `KeyHoldLimits::per_link`).
+pub const HOLD: usize = 4;
+/// A held chunk whose key has not come after this long is dropped (the SDK's
+/// `KeyHoldLimits::max_wait`).
+pub const HOLD_FOR: Duration = Duration::from_secs(10);
 
 /// What a viewer's session asks of its data-plane connection.
 #[derive(Debug)]
@@ -34,6 +48,8 @@ pub enum DpCmd {
     Request(u64),
     /// A renewed chunk token.
     Token(Bytes),
+    /// The current chunk keys (the full set: replaces the one held).
+    Keys(Vec<(u32, Vec<u8>)>),
 }
 
 /// Shared by every data-plane connection of the process.
@@ -53,6 +69,10 @@ pub struct DpShared {
     pub bad_chunks: AtomicU64,
     /// Requests sent.
     pub requests: AtomicU64,
+    /// Key sets taken (each replaces a connection's chunk keys).
+    pub key_sets: AtomicU64,
+    /// Chunks held for a key id not known yet.
+    pub held: AtomicU64,
     /// Whether the origin was sent.
     origin_sent: AtomicBool,
 }
@@ -68,6 +88,8 @@ impl DpShared {
             chunks: AtomicU64::new(0),
             bad_chunks: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            key_sets: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             origin_sent: AtomicBool::new(false),
         }
     }
@@ -91,6 +113,8 @@ pub struct DpSetup {
     pub fabric: mpsc::Sender<Input>,
     /// Shared state.
     pub shared: Arc<DpShared>,
+    /// The viewer's figures (its key-refresh signal).
+    pub figures: Arc<ViewerFigures>,
 }
 
 /// Runs one viewer's connection until its commands end or the connection fails.
@@ -108,6 +132,58 @@ pub async fn connection(s: DpSetup, cmds: mpsc::Receiver<DpCmd>) {
 async fn send(stream: &mut TcpStream, f: &Frame) -> Result<(), String> {
     let b = wire::encode_to_bytes(f).map_err(|e| e.to_string())?;
     stream.write_all(&b).await.map_err(|e| e.to_string())
+}
+
+/// A verifier of `keys` (a key that does not parse is left out).
+fn verifier_of(s: &DpSetup, keys: &[(u32, Vec<u8>)]) -> ChunkVerifier {
+    let mut v = ChunkVerifier::new(s.broadcast_id.clone()).with_cache(s.shared.cache.clone());
+    for (id, k) in keys {
+        if let Err(e) = v.add_key(*id, k) {
+            tracing::warn!("chunk key {id} left out: {e}");
+        }
+    }
+    v
+}
+
+fn verify(v: &ChunkVerifier, c: &Chunk) -> Result<(), IntegrityError> {
+    let meta = ChunkMeta {
+        seq: c.seq,
+        flags: c.flags & !chunk_flags::DISCONTINUITY,
+        timestamp_ms: c.timestamp_ms,
+        duration_ms: c.duration_ms,
+    };
+    v.verify(
+        &meta,
+        &c.payload,
+        &c.signature,
+        starling_proto::time::unix_ms(),
+    )
+}
+
+/// A verified chunk to the fabric; `false` when the fabric is gone.
+async fn forward(s: &DpSetup, c: Chunk) -> bool {
+    s.shared.chunks.fetch_add(1, Ordering::Relaxed);
+    if !s.shared.origin_sent.swap(true, Ordering::Relaxed) {
+        // Chunk `seq` is due at (seq + 1)·d after the origin.
+        let due = (c.seq + 1).saturating_mul(s.shared.chunk_ms);
+        let origin = c.timestamp_ms.saturating_sub(due);
+        let _ = s.fabric.send(Input::Origin { unix_ms: origin }).await;
+    }
+    let chunk = Arc::new(SimChunk {
+        seq: c.seq,
+        cut_ms: c.timestamp_ms,
+        payload: c.payload,
+    });
+    let m = Input::ServerChunk {
+        index: s.index,
+        chunk,
+    };
+    s.fabric.send(m).await.is_ok()
+}
+
+fn refuse(s: &DpSetup, seq: u64, e: &IntegrityError) {
+    s.shared.bad_chunks.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(seq, "data-plane chunk refused: {e}");
 }
 
 async fn run(s: DpSetup, mut cmds: mpsc::Receiver<DpCmd>) -> Result<(), String> {
@@ -137,6 +213,10 @@ async fn run(s: DpSetup, mut cmds: mpsc::Receiver<DpCmd>) -> Result<(), String> 
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut subscribed = false;
     let mut mask = s.mask;
+    // A token renewed before the handshake was answered.
+    let mut token: Option<Bytes> = None;
+    // Chunks signed with a key id not held yet, and when they came.
+    let mut held: VecDeque<(Instant, Chunk)> = VecDeque::new();
     loop {
         let frame = loop {
             if let Some(f) = decoder.decode(&mut buf).map_err(|e| e.to_string())? {
@@ -163,7 +243,28 @@ async fn run(s: DpSetup, mut cmds: mpsc::Receiver<DpCmd>) -> Result<(), String> 
                             s.shared.requests.fetch_add(1, Ordering::Relaxed);
                             Frame::Request(seq)
                         }
+                        Some(DpCmd::Token(t)) if !subscribed => {
+                            token = Some(t);
+                            break None;
+                        }
                         Some(DpCmd::Token(t)) => Frame::Token(t),
+                        Some(DpCmd::Keys(keys)) => {
+                            verifier = verifier_of(&s, &keys);
+                            s.shared.key_sets.fetch_add(1, Ordering::Relaxed);
+                            // The held chunks again: played if their key came, else
+                            // refused (a key the control plane does not publish).
+                            for (_, c) in std::mem::take(&mut held) {
+                                match verify(&verifier, &c) {
+                                    Ok(()) => {
+                                        if !forward(&s, c).await {
+                                            return Ok(());
+                                        }
+                                    }
+                                    Err(e) => refuse(&s, c.seq, &e),
+                                }
+                            }
+                            break None;
+                        }
                     };
                     if subscribed {
                         send(&mut stream, &f).await?;
@@ -182,40 +283,31 @@ async fn run(s: DpSetup, mut cmds: mpsc::Receiver<DpCmd>) -> Result<(), String> 
                     substream_mask: mask,
                 });
                 send(&mut stream, &sub).await?;
-            }
-            Frame::Chunk(c) => {
-                let meta = ChunkMeta {
-                    seq: c.seq,
-                    flags: c.flags & !chunk_flags::DISCONTINUITY,
-                    timestamp_ms: c.timestamp_ms,
-                    duration_ms: c.duration_ms,
-                };
-                let now = starling_proto::time::unix_ms();
-                if let Err(e) = verifier.verify(&meta, &c.payload, &c.signature, now) {
-                    s.shared.bad_chunks.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(seq = c.seq, "data-plane chunk refused: {e}");
-                    continue;
-                }
-                s.shared.chunks.fetch_add(1, Ordering::Relaxed);
-                if !s.shared.origin_sent.swap(true, Ordering::Relaxed) {
-                    // Chunk `seq` is due at (seq + 1)·d after the origin.
-                    let due = (c.seq + 1).saturating_mul(s.shared.chunk_ms);
-                    let origin = c.timestamp_ms.saturating_sub(due);
-                    let _ = s.fabric.send(Input::Origin { unix_ms: origin }).await;
-                }
-                let chunk = Arc::new(SimChunk {
-                    seq: c.seq,
-                    cut_ms: c.timestamp_ms,
-                    payload: c.payload,
-                });
-                let m = Input::ServerChunk {
-                    index: s.index,
-                    chunk,
-                };
-                if s.fabric.send(m).await.is_err() {
-                    return Ok(());
+                if let Some(t) = token.take() {
+                    send(&mut stream, &Frame::Token(t)).await?;
                 }
             }
+            Frame::Chunk(c) => match verify(&verifier, &c) {
+                Ok(()) => {
+                    if !forward(&s, c).await {
+                        return Ok(());
+                    }
+                }
+                Err(IntegrityError::UnknownKeyId(id)) => {
+                    // Held while the session asks for the current keys (the node
+                    // repairs what is dropped here).
+                    let now = Instant::now();
+                    held.retain(|(at, _)| now.duration_since(*at) < HOLD_FOR);
+                    if held.len() < HOLD {
+                        s.shared.held.fetch_add(1, Ordering::Relaxed);
+                        held.push_back((now, c));
+                    } else {
+                        refuse(&s, c.seq, &IntegrityError::UnknownKeyId(id));
+                    }
+                    s.figures.key_refresh.notify_one();
+                }
+                Err(e) => refuse(&s, c.seq, &e),
+            },
             Frame::NotFound(seq) => {
                 let m = Input::ServerNotFound {
                     index: s.index,

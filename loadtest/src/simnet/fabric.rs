@@ -282,6 +282,9 @@ impl Fabric {
         let now = Duration::from_micros(self.now_us());
         for i in 0..self.peers.len() {
             let active = self.peers.get(i).is_some_and(SimPeer::active);
+            if active && let Some(p) = self.peers.get(i) {
+                p.publish(self.chunk_us / 1000);
+            }
             self.stop_peer(i);
             if active {
                 if let Some(p) = self.peers.get_mut(i) {
@@ -418,6 +421,16 @@ impl Fabric {
                 self.set_parent(index, substream, parent, now);
                 self.after(index, now);
             }
+            Input::Revoked { index, peers } => {
+                let Some(n) = self.node_mut(index) else {
+                    return true;
+                };
+                let me = n.peer.me();
+                for p in peers.into_iter().filter(|&p| p != me) {
+                    n.link_closed(p);
+                }
+                self.after(index, now);
+            }
             Input::Neighbour { index, neighbour } => match self.ids.get(&neighbour) {
                 Some(&b) => self.link_neighbours(index, b, now),
                 None => self.pending_link(neighbour, Pending::Neighbour(index)),
@@ -459,6 +472,9 @@ impl Fabric {
                 for _ in 0..count.min(active.len()) {
                     let i = self.rng.below(active.len() as u64) as usize;
                     let index = active.swap_remove(i);
+                    if let Some(p) = self.peers.get(index) {
+                        p.publish(self.chunk_us / 1000);
+                    }
                     self.stop_peer(index);
                     if let Some(p) = self.peers.get_mut(index) {
                         p.phase = Phase::Left;
@@ -719,12 +735,15 @@ impl Fabric {
         self.schedule(t, Ev::Tick(i));
     }
 
-    /// Once a second: every active viewer's lag behind live.
+    /// Once a second: every active viewer's lag behind live, and its figures for its
+    /// session's quality reports.
     fn sample_lag(&mut self) {
+        let chunk_ms = self.chunk_us / 1000;
         for p in &mut self.peers {
             if !p.active() {
                 continue;
             }
+            p.publish(chunk_ms);
             if let Some(lag) = p.node.as_ref().and_then(|n| n.lag_us) {
                 let d = Duration::from_micros(lag);
                 p.lag.record(d);

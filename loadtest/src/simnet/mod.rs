@@ -8,8 +8,11 @@
 //!   and node deadlines in real time, per-link latency, per-peer uplink serialization,
 //!   loss and jitter, wire-sized frames carrying shared [`bytes::Bytes`] payloads; every
 //!   played byte checked against the source's pattern.
-//! * [`control`]: real control-plane traffic: joins, session streams, re-parents,
-//!   reports and leaves over gRPC, many sessions per HTTP/2 connection.
+//! * [`control`]: real control-plane traffic: the dispatcher, many sessions per HTTP/2
+//!   connection; [`session`]: one task per viewer's session (join, the session stream
+//!   reopened as the SDK does, pushed parents, neighbours, key sets, tokens and
+//!   revocations applied, re-parents, bad-peer reports, leave); [`reports`]: its
+//!   quality reports (`ViewerService.Report`) at the SDK's cadence.
 //! * [`msg`]: the fabric's messages ([`Up`], [`Input`]) and setup.
 //! * [`links`]: uplinks, link latency, the in-process server, parent and neighbour
 //!   links.
@@ -33,6 +36,8 @@ pub mod links;
 pub mod local;
 pub mod msg;
 pub mod peer;
+pub mod reports;
+pub mod session;
 pub mod stats;
 #[cfg(test)]
 mod tests;

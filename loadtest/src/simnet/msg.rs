@@ -9,7 +9,7 @@ use starling_grid::peer::PeerId;
 use tokio::sync::oneshot;
 
 use super::SimNetConfig;
-use super::control::ViewerBytes;
+use super::reports::ViewerFigures;
 use super::stats::Snapshot;
 use crate::pattern::Pattern;
 use crate::swarm::UploadProfile;
@@ -94,8 +94,8 @@ pub enum Input {
         neighbours: Vec<PeerId>,
         /// The join call's duration, ms.
         rpc_ms: Option<u64>,
-        /// Where its session reads its byte counters (`None`: no session).
-        bytes: Option<Arc<ViewerBytes>>,
+        /// Where its session reads its figures (`None`: no session).
+        bytes: Option<Arc<ViewerFigures>>,
     },
     /// A re-search went unanswered (the node may ask again).
     ResearchFailed {
@@ -122,6 +122,14 @@ pub enum Input {
         parent: Parent,
         /// The answer to this viewer's own re-search.
         research: bool,
+    },
+    /// Peers the control plane revoked: the viewer closes its links to them (as the
+    /// SDK does; the control plane moves its substreams elsewhere).
+    Revoked {
+        /// Local peer index.
+        index: usize,
+        /// The revoked peers.
+        peers: Vec<PeerId>,
     },
     /// A new mesh neighbour.
     Neighbour {

@@ -10,8 +10,8 @@ use starling_grid::sim::Node;
 
 use crate::pattern::{OutputCheck, Pattern};
 
-use super::control::ViewerBytes;
 use super::msg::SimChunk;
+use super::reports::ViewerFigures;
 
 /// Where a simulated viewer is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +65,8 @@ pub struct SimPeer {
     pub lag: LatencySummary,
     /// Parent changes received.
     pub parent_changes: u64,
-    /// Its session's view of its byte counters (real control plane only).
-    pub bytes: Option<Arc<ViewerBytes>>,
+    /// Its session's view of its figures (real control plane only).
+    pub bytes: Option<Arc<ViewerFigures>>,
 }
 
 impl SimPeer {
@@ -98,6 +98,33 @@ impl SimPeer {
     /// Joined and not gone.
     pub fn active(&self) -> bool {
         self.phase == Phase::Active
+    }
+
+    /// Publishes its figures to its session (for its quality reports); `chunk_ms`: the
+    /// chunk duration (a skipped chunk is that long a stall).
+    pub fn publish(&self, chunk_ms: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (Some(f), Some(n)) = (&self.bytes, &self.node) else {
+            return;
+        };
+        let st = n.peer.stats();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let buffered = n
+            .peer
+            .play_next()
+            .map_or(0, |p| self.store.range(p..).count() as u64);
+        f.startup_ms
+            .store(self.startup.map_or(0, |d| ms(d).max(1)), Relaxed);
+        f.stalls.store(n.stalls, Relaxed);
+        f.stall_ms
+            .store(st.skipped.saturating_mul(chunk_ms), Relaxed);
+        f.lag_ms.store(n.lag_us.map_or(0, |l| l / 1000), Relaxed);
+        f.buffer_ms
+            .store(buffered.saturating_mul(chunk_ms), Relaxed);
+        f.parent_changes.store(self.parent_changes, Relaxed);
+        f.peers.store(n.peer_links() as u64, Relaxed);
+        f.chunks_played.store(st.played, Relaxed);
+        f.chunks_skipped.store(st.skipped, Relaxed);
     }
 
     /// Keeps the bytes of a chunk its node took as new.

@@ -187,20 +187,29 @@ pub async fn run_sim_worker(config: WorkerConfig) -> Result<(), HarnessError> {
     let _ = tokio::time::timeout(Duration::from_secs(60), control).await;
     eprintln!(
         "sim worker: {} sessions over {} HTTP/2 connections to the control plane \
-         ({} session messages down, {} up, {} re-parents, {} reports, {} leaves, {} \
-         failed calls); {} data-plane connections failed, {} chunks from the data plane \
-         verified ({} refused), {} requests to it",
+         ({} session messages down, {} up, {} streams reopened, {} key sets, {} token \
+         renewals, {} re-parents, {} bad-peer reports, {} quality reports acknowledged \
+         in {} Report calls ({} dropped), {} leaves, {} failed calls); {} data-plane \
+         connections failed, {} chunks from the data plane verified ({} refused, {} held \
+         for a key), {} requests to it",
         cc.sessions.load(Ordering::Relaxed),
         cc.connections.load(Ordering::Relaxed),
         cc.downs.load(Ordering::Relaxed),
         cc.ups.load(Ordering::Relaxed),
+        cc.streams_reopened.load(Ordering::Relaxed),
+        cc.key_sets.load(Ordering::Relaxed),
+        cc.token_renewals.load(Ordering::Relaxed),
         cc.reparents.load(Ordering::Relaxed),
-        cc.reports.load(Ordering::Relaxed),
+        cc.peer_reports.load(Ordering::Relaxed),
+        cc.quality_reports.load(Ordering::Relaxed),
+        cc.report_calls.load(Ordering::Relaxed),
+        cc.reports_dropped.load(Ordering::Relaxed),
         cc.leaves.load(Ordering::Relaxed),
         cc.errors.load(Ordering::Relaxed),
         dp.failed.load(Ordering::Relaxed),
         dp.chunks.load(Ordering::Relaxed),
         dp.bad_chunks.load(Ordering::Relaxed),
+        dp.held.load(Ordering::Relaxed),
         dp.requests.load(Ordering::Relaxed),
     );
     Ok(())
