@@ -20,8 +20,9 @@ use tokio::sync::mpsc;
 use crate::bound::{Stay, fluid_bound_bytes};
 use crate::deployment::Deployment;
 use crate::error::HarnessError;
-use crate::simnet::control::{self, ControlConfig};
+use crate::simnet::control::ControlConfig;
 use crate::simnet::dataplane::DpShared;
+use crate::simnet::dispatch;
 use crate::simnet::{Fabric, FabricConfig, ServerMode, SimNetConfig, Snapshot};
 use crate::swarm::UploadProfile;
 use crate::worker::{LAG_BUCKET_MS, PeerRecord};
@@ -210,7 +211,7 @@ pub async fn run(
         up_tx,
     );
     let dp = Arc::new(DpShared::new(u64::from(d.chunk_ms), SIGNATURE_CACHE));
-    let (cc, control) = control::spawn(
+    let (cc, control) = dispatch::spawn(
         ControlConfig {
             data_plane: Some(dp.clone()),
             ..ControlConfig::new(dep.control_url(), dep.broadcast_id().to_owned())

@@ -12,8 +12,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use starling_loadtest::pattern::Pattern;
-use starling_loadtest::simnet::control::{self, ControlConfig};
+use starling_loadtest::simnet::control::ControlConfig;
 use starling_loadtest::simnet::dataplane::DpShared;
+use starling_loadtest::simnet::dispatch;
 use starling_loadtest::simnet::{Fabric, FabricConfig, ServerMode, SimNetConfig};
 use starling_loadtest::{Deployment, DeploymentConfig, UploadProfile};
 use tokio::sync::mpsc;
@@ -47,7 +48,7 @@ async fn sim_viewers_hold_real_sessions() {
         },
         up_tx,
     );
-    let (cc, control) = control::spawn(
+    let (cc, control) = dispatch::spawn(
         ControlConfig::new(dep.control_url(), dep.broadcast_id().to_owned()),
         up_rx,
         fabric.sender(),
@@ -178,7 +179,7 @@ async fn sim_viewers_use_the_real_data_plane() {
         up_tx,
     );
     let dp = Arc::new(DpShared::new(250, 4096));
-    let (cc, control) = control::spawn(
+    let (cc, control) = dispatch::spawn(
         ControlConfig {
             data_plane: Some(dp.clone()),
             ..ControlConfig::new(dep.control_url(), dep.broadcast_id().to_owned())

@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use starling_controlplane::BearerInterceptor;
 use starling_loadtest::pattern::Pattern;
-use starling_loadtest::simnet::control::{self, ControlConfig, ControlCounters};
+use starling_loadtest::simnet::control::{ControlConfig, ControlCounters};
 use starling_loadtest::simnet::dataplane::DpShared;
+use starling_loadtest::simnet::dispatch;
 use starling_loadtest::simnet::{
     Fabric, FabricConfig, FabricHandle, ServerMode, SimNetConfig, Snapshot, Up,
 };
@@ -63,7 +64,7 @@ fn start(
         },
         up_tx,
     );
-    let (cc, control) = control::spawn(
+    let (cc, control) = dispatch::spawn(
         ControlConfig {
             data_plane: dp,
             ..ControlConfig::new(control_url, dep.broadcast_id().to_owned())
@@ -335,7 +336,7 @@ async fn sim_viewers_reopen_broken_session_streams() {
         },
         up_tx,
     );
-    let (cc, control) = control::spawn(
+    let (cc, control) = dispatch::spawn(
         ControlConfig {
             sessions_per_channel: 30,
             ..ControlConfig::new(proxy.url.clone(), dep.broadcast_id().to_owned())

@@ -1,9 +1,7 @@
-//! Real control-plane traffic for the fabric's viewers: the dispatcher that routes the
-//! fabric's [`Up`] messages to one task per session ([`super::session`]), fed by a small
-//! bounded queue, and what those tasks share: the control plane's address, the
-//! HTTP/2 connections (sessions share them, [`ControlConfig::sessions_per_channel`]
-//! per `tonic` channel, with the SDK's keep-alive), `Join` with the server's retry
-//! pushback, and the counters ([`ControlCounters`]).
+//! Real control-plane traffic for the fabric's viewers: what the dispatcher
+//! ([`super::dispatch`]) and the session tasks ([`super::session`]) share: the control
+//! plane's address and how sessions share HTTP/2 connections ([`ControlConfig`]),
+//! `Join` with the server's retry pushback, the counters ([`ControlCounters`]).
 //!
 //! Each session mirrors the SDK's control-plane client rules (`client-sdk`'s
 //! `viewer::session`, `report`): it joins, holds its `ViewerService.Session` stream
@@ -16,7 +14,6 @@
 //! `UNIMPLEMENTED` ends the viewer), and parent tickets and peer tokens on peer links
 //! (peer links are simulated and carry none).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,26 +23,16 @@ use starling_grid::peer::PeerId;
 use starling_proto::v1::viewer_service_client::ViewerServiceClient;
 use starling_proto::v1::{JoinRequest, JoinResponse, PeerRef, SubstreamParent};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use super::dataplane::{DpCmd, DpShared};
-use super::msg::{Input, Up};
-use super::session::session;
+use super::dataplane::DpShared;
+use super::msg::Input;
 
 /// Join attempts per viewer.
 const JOIN_ATTEMPTS: u32 = 5;
 /// A busy control plane that names no pushback: wait this long.
 const DEFAULT_PUSHBACK_MS: u64 = 250;
-/// Per-session command queue.
-const SESSION_QUEUE: usize = 16;
-/// Per-viewer data-plane command queue.
-const DP_QUEUE: usize = 64;
-/// HTTP/2 keep-alive PING interval and timeout (the SDK's defaults: a dead control
-/// plane or path fails the session streams, which are reopened).
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where and how to reach the control plane.
 #[derive(Debug, Clone)]
@@ -138,118 +125,6 @@ pub(super) struct Ctx {
     pub(super) cfg: ControlConfig,
     pub(super) fabric: mpsc::Sender<Input>,
     pub(super) counters: Arc<ControlCounters>,
-}
-
-/// A session's queues, as the dispatcher holds them.
-struct Queues {
-    cmd: mpsc::Sender<Cmd>,
-    dp: Option<mpsc::Sender<DpCmd>>,
-}
-
-/// Starts the dispatcher: reads the fabric's `up` until it closes. `Subscribe` and
-/// `ServerRequest` go to the viewer's data-plane connection
-/// ([`ControlConfig::data_plane`]).
-pub fn spawn(
-    cfg: ControlConfig,
-    mut up: mpsc::Receiver<Up>,
-    fabric: mpsc::Sender<Input>,
-) -> (Arc<ControlCounters>, JoinHandle<()>) {
-    let counters = Arc::new(ControlCounters::default());
-    let ctx = Arc::new(Ctx {
-        cfg,
-        fabric,
-        counters: counters.clone(),
-    });
-    let task = tokio::spawn(async move {
-        let mut channels: Vec<Channel> = Vec::new();
-        let mut sessions: BTreeMap<usize, Queues> = BTreeMap::new();
-        let mut tasks = Vec::new();
-        while let Some(m) = up.recv().await {
-            let (index, cmd) = match m {
-                Up::Join { index, upload_kbps } => {
-                    let Some(ch) = channel_for(&ctx, &mut channels, index) else {
-                        let _ = ctx
-                            .fabric
-                            .send(Input::Failed {
-                                index,
-                                error: "bad control-plane URL".into(),
-                            })
-                            .await;
-                        continue;
-                    };
-                    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-                    let dp = ctx.cfg.data_plane.as_ref().map(|_| mpsc::channel(DP_QUEUE));
-                    let dp_tx = dp.as_ref().map(|(t, _)| t.clone());
-                    sessions.insert(index, Queues { cmd: tx, dp: dp_tx });
-                    tasks.push(tokio::spawn(session(
-                        ctx.clone(),
-                        ch,
-                        index,
-                        upload_kbps,
-                        rx,
-                        dp,
-                    )));
-                    continue;
-                }
-                Up::ReSearch {
-                    index,
-                    substream,
-                    exclude,
-                } => (index, Cmd::ReSearch { substream, exclude }),
-                Up::Report { index, parent } => (index, Cmd::Report { parent }),
-                Up::Leave { index } => (index, Cmd::Leave),
-                Up::Subscribe {
-                    index,
-                    mask,
-                    resume,
-                } => {
-                    if let Some(dp) = sessions.get(&index).and_then(|q| q.dp.as_ref()) {
-                        let _ = dp.send(DpCmd::Subscribe(mask, resume)).await;
-                    }
-                    continue;
-                }
-                Up::ServerRequest { index, seq } => {
-                    if let Some(dp) = sessions.get(&index).and_then(|q| q.dp.as_ref()) {
-                        let _ = dp.try_send(DpCmd::Request(seq));
-                    }
-                    continue;
-                }
-            };
-            let leave = matches!(cmd, Cmd::Leave);
-            if let Some(tx) = sessions.get(&index).map(|q| &q.cmd) {
-                // Leaves wait for room; re-searches and reports are dropped when the
-                // session is not keeping up (the node asks again).
-                if leave {
-                    let _ = tx.send(cmd).await;
-                } else {
-                    let _ = tx.try_send(cmd);
-                }
-            }
-            if leave {
-                sessions.remove(&index);
-            }
-        }
-        drop(sessions);
-        for t in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
-        }
-    });
-    (counters, task)
-}
-
-fn channel_for(ctx: &Ctx, channels: &mut Vec<Channel>, index: usize) -> Option<Channel> {
-    let c = index / ctx.cfg.sessions_per_channel.max(1);
-    while channels.len() <= c {
-        let ep = tonic::transport::Endpoint::from_shared(ctx.cfg.control_url.clone()).ok()?;
-        let ep = ep
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEP_ALIVE)
-            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        channels.push(ep.connect_lazy());
-        ctx.counters.connections.fetch_add(1, Ordering::Relaxed);
-    }
-    channels.get(c).cloned()
 }
 
 pub(super) fn pushback_ms(status: &tonic::Status) -> Option<u64> {

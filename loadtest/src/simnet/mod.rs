@@ -8,8 +8,9 @@
 //!   and node deadlines in real time, per-link latency, per-peer uplink serialization,
 //!   loss and jitter, wire-sized frames carrying shared [`bytes::Bytes`] payloads; every
 //!   played byte checked against the source's pattern.
-//! * [`control`]: real control-plane traffic: the dispatcher, many sessions per HTTP/2
-//!   connection; [`session`]: one task per viewer's session (join, the session stream
+//! * [`dispatch`]: real control-plane traffic: the dispatcher, many sessions per
+//!   HTTP/2 connection; [`control`]: what the sessions share (config, counters, `Join`);
+//!   [`session`]: one task per viewer's session (join, the session stream
 //!   reopened as the SDK does, pushed parents, neighbours, key sets, tokens and
 //!   revocations applied, re-parents, bad-peer reports, leave); [`reports`]: its
 //!   quality reports (`ViewerService.Report`) at the SDK's cadence.
@@ -31,6 +32,7 @@
 
 pub mod control;
 pub mod dataplane;
+pub mod dispatch;
 pub mod fabric;
 pub mod links;
 pub mod local;

@@ -13,8 +13,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::control::{self, ControlConfig};
+use super::control::ControlConfig;
 use super::dataplane::DpShared;
+use super::dispatch;
 use super::fabric::Fabric;
 use super::msg::{FabricConfig, ServerMode};
 use super::{SimNetConfig, Snapshot};
@@ -104,7 +105,7 @@ pub async fn run_sim_worker(config: WorkerConfig) -> Result<(), HarnessError> {
         up_tx,
     );
     let dp = Arc::new(DpShared::new(u64::from(chunk_ms), SIGNATURE_CACHE));
-    let (cc, control) = control::spawn(
+    let (cc, control) = dispatch::spawn(
         ControlConfig {
             index_offset: h.index_offset,
             data_plane: Some(dp.clone()),
