@@ -456,7 +456,17 @@ fn main() -> ExitCode {
     // A worker is one of several processes sharing the machine's cores: one thread
     // each spares the cross-thread wake-ups of a work-stealing runtime (its peers are
     // many small tasks that mostly wait on sockets and timers).
-    let mut builder = if matches!(cli.command, Command::Worker(_)) {
+    let mut builder = if matches!(&cli.command, Command::Worker(w) if w.net == "sim") {
+        // The `--net sim` worker holds every simulated viewer: the fabric (one task
+        // that owns every node) on one thread, their gRPC sessions, quality reports
+        // and data-plane connections on another. On one thread, 10,000 viewers'
+        // reports at the SDK's cadence left the fabric's timers late (a worker at
+        // 100 % of its thread while the machine looked 60 % busy) and the grid spiralled
+        // into re-searches after 6 minutes.
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    } else if matches!(cli.command, Command::Worker(_)) {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
