@@ -420,10 +420,11 @@ struct DemoArgs {
     /// Skip the byte-identity check of every peer's output (saves CPU).
     #[arg(long, env = "STARLING_LOADTEST_NO_IDENTITY_CHECK")]
     no_identity_check: bool,
-    /// Every peer checks every chunk signature itself, as a device does. By default the
-    /// peers of one worker share a cache of signatures already found authentic (each
-    /// still checks every chunk's header and SHA-256): the Ed25519 check is the largest
-    /// per-chunk cost and, on a real audience, is spread over the devices.
+    /// `--net sockets` only: every peer checks every chunk signature itself, as a device
+    /// does. By default the peers share a cache of signatures already found authentic
+    /// (each still checks every chunk's header and SHA-256): the Ed25519 check is the
+    /// largest per-chunk cost and, on a real audience, is spread over the devices.
+    /// Simulated viewers always share one cache (they verify what the data plane sends).
     #[arg(long, env = "STARLING_LOADTEST_NO_SIGNATURE_CACHE")]
     no_signature_cache: bool,
     /// Also write the final report as JSON to this file.
@@ -534,6 +535,13 @@ fn main() -> ExitCode {
 async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
     let upload = UploadProfile::parse(&args.upload_profile)?;
     let sim = args.net == "sim";
+    if sim && args.no_signature_cache {
+        return Err(
+            "--no-signature-cache needs --net sockets (simulated viewers share one \
+                    cache of verified signatures)"
+                .into(),
+        );
+    }
     let dep = Deployment::start(DeploymentConfig {
         bitrate_kbps: args.bitrate_kbps,
         chunk_ms: args.chunk_ms,
@@ -544,9 +552,6 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         ..DeploymentConfig::default()
     })
     .await?;
-    if sim {
-        return demo_sim(args, upload, dep).await;
-    }
     eprintln!(
         "starling demo: control plane {}, data plane {}, source {} ({} kbps), broadcast {}",
         dep.control_url(),
@@ -558,12 +563,20 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         dep.broadcast_id()
     );
     eprintln!(
-        "joining {} peers at {}/s, upload profile {:?} x stream rate (mean {:.2}x); Ctrl-C to stop",
+        "joining {} {} at {}/s, upload profile {:?} x stream rate (mean {:.2}x); Ctrl-C to stop",
         args.peers,
+        if sim {
+            "simulated viewers"
+        } else {
+            "SDK viewers"
+        },
         args.join_rate,
         upload.multiples,
         upload.mean()
     );
+    if sim {
+        return demo_sim(args, upload, dep).await;
+    }
     let config = SwarmConfig {
         peers: args.peers,
         upload,
@@ -642,23 +655,6 @@ async fn demo_sim(
     dep: Deployment,
 ) -> Result<(), Box<dyn std::error::Error>> {
     use starling_loadtest::sim_demo::{self, SimDemoConfig};
-    eprintln!(
-        "starling demo: control plane {}, data plane {}, source {} ({} kbps), broadcast {}",
-        dep.control_url(),
-        dep.node()
-            .map(|n| n.wire_addr().to_string())
-            .unwrap_or_default(),
-        dep.source().url(),
-        args.bitrate_kbps,
-        dep.broadcast_id()
-    );
-    eprintln!(
-        "joining {} simulated viewers at {}/s, upload profile {:?} x stream rate (mean {:.2}x); Ctrl-C to stop",
-        args.peers,
-        args.join_rate,
-        upload.multiples,
-        upload.mean()
-    );
     let cfg = SimDemoConfig {
         peers: args.peers,
         duration: args.duration,

@@ -9,6 +9,7 @@
 //! viewer plays is checked against the source. A progress line every second; a
 //! [`SimDemoReport`] at the end.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,12 +21,13 @@ use tokio::sync::mpsc;
 use crate::bound::{Stay, fluid_bound_bytes};
 use crate::deployment::Deployment;
 use crate::error::HarnessError;
+use crate::report::Percentiles;
 use crate::simnet::control::ControlConfig;
 use crate::simnet::dataplane::DpShared;
 use crate::simnet::dispatch;
 use crate::simnet::{Fabric, FabricConfig, ServerMode, SimNetConfig, Snapshot};
 use crate::swarm::UploadProfile;
-use crate::worker::{LAG_BUCKET_MS, PeerRecord};
+use crate::worker::{PeerRecord, lag_percentile};
 
 /// Verified signature blocks remembered by the viewers' shared cache.
 const SIGNATURE_CACHE: usize = 4096;
@@ -317,12 +319,9 @@ fn report_of(snap: &Snapshot, peers: usize, stream_kbps: u32, egress: u64) -> Si
             })
         })
         .collect();
-    let mut startup: Vec<u64> = snap
-        .records
-        .iter()
-        .filter_map(|r| r.startup_ms.map(|v| v.max(0.0) as u64))
-        .collect();
-    startup.sort_unstable();
+    let startup = Percentiles::of(snap.records.iter().filter_map(|r| r.startup_ms).collect());
+    let lag: BTreeMap<u64, u64> = snap.lag_hist.iter().copied().collect();
+    let ms = |v: f64| (v > 0.0).then_some(v as u64);
     let mut errors = snap.errors.clone();
     if snap.played_without_bytes > 0 {
         errors.push(format!(
@@ -343,10 +342,10 @@ fn report_of(snap: &Snapshot, peers: usize, stream_kbps: u32, egress: u64) -> Si
         stalls: s.stalls,
         server_egress_bytes: egress,
         fluid_bound_bytes: fluid_bound_bytes(stream_kbps, &stays, s.elapsed_s),
-        startup_ms: [quantile(&startup, 0.5), quantile(&startup, 0.95)],
+        startup_ms: [ms(startup.p50), ms(startup.p95)],
         lag_ms: [
-            hist_quantile(&snap.lag_hist, 0.5),
-            hist_quantile(&snap.lag_hist, 0.99),
+            ms(lag_percentile(&lag, 0.5)),
+            ms(lag_percentile(&lag, 0.99)),
         ],
         bytes_checked: s.output_bytes,
         not_identical: s.not_identical,
@@ -355,57 +354,5 @@ fn report_of(snap: &Snapshot, peers: usize, stream_kbps: u32, egress: u64) -> Si
         connections: 0,
         grid: None,
         errors,
-    }
-}
-
-/// The `q` quantile of sorted values (nearest rank).
-fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted.get(rank - 1).copied()
-}
-
-/// The `q` quantile of a `(bucket, count)` lag histogram, in ms (a bucket's upper end).
-fn hist_quantile(hist: &[(u64, u64)], q: f64) -> Option<u64> {
-    let mut h = hist.to_vec();
-    h.sort_unstable();
-    let total: u64 = h.iter().map(|(_, c)| c).sum();
-    if total == 0 {
-        return None;
-    }
-    let want = ((q * total as f64).ceil() as u64).clamp(1, total);
-    let mut seen = 0;
-    for (b, c) in h {
-        seen += c;
-        if seen >= want {
-            return Some((b + 1) * LAG_BUCKET_MS);
-        }
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantiles_take_the_nearest_rank() {
-        assert_eq!(quantile(&[], 0.5), None);
-        assert_eq!(quantile(&[5], 0.99), Some(5));
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(quantile(&v, 0.5), Some(50));
-        assert_eq!(quantile(&v, 0.95), Some(95));
-    }
-
-    #[test]
-    fn histogram_quantiles_answer_a_buckets_upper_end() {
-        assert_eq!(hist_quantile(&[], 0.5), None);
-        // 90 samples in bucket 10 (100-110 ms), 10 in bucket 300 (3000-3010 ms).
-        let h = [(300, 10), (10, 90)];
-        assert_eq!(hist_quantile(&h, 0.5), Some(110));
-        assert_eq!(hist_quantile(&h, 0.9), Some(110));
-        assert_eq!(hist_quantile(&h, 0.99), Some(3010));
     }
 }

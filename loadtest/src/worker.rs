@@ -37,6 +37,21 @@ pub const ADDRESS_BLOCK: usize = 62_500;
 /// Lag histogram bucket width, ms.
 pub const LAG_BUCKET_MS: u64 = 10;
 
+/// The `q` quantile (nearest rank) of a lag histogram (`bucket → count`, bucket = lag
+/// ms / [`LAG_BUCKET_MS`]), ms: the bucket's upper end; 0 when empty.
+pub fn lag_percentile(hist: &BTreeMap<u64, u64>, q: f64) -> f64 {
+    let total: u64 = hist.values().sum();
+    let rank = ((q * total as f64).ceil() as u64).clamp(1, total.max(1));
+    let mut seen = 0;
+    for (b, n) in hist {
+        seen += n;
+        if seen >= rank {
+            return ((b + 1) * LAG_BUCKET_MS) as f64;
+        }
+    }
+    0.0
+}
+
 /// What the coordinator tells a worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -242,14 +242,25 @@ impl Node {
 
     /// Distinct peers it has a link with (parents, children, neighbours).
     pub fn peer_links(&self) -> usize {
-        let mut peers: BTreeSet<PeerId> = self.neighbours.clone();
-        peers.extend(self.children.keys().copied());
-        for p in self.parents.iter().flatten() {
-            if let Parent::Peer(id) = p {
-                peers.insert(*id);
-            }
-        }
-        peers.len()
+        let children = self
+            .children
+            .keys()
+            .filter(|c| !self.neighbours.contains(c))
+            .count();
+        let parents = self
+            .parents
+            .iter()
+            .enumerate()
+            .filter(|&(i, p)| match p {
+                Some(Parent::Peer(id)) => {
+                    !self.neighbours.contains(id)
+                        && !self.children.contains_key(id)
+                        && !self.parents[..i].contains(p)
+                }
+                _ => false,
+            })
+            .count();
+        self.neighbours.len() + children + parents
     }
 
     /// A mesh neighbour was linked.
@@ -394,5 +405,49 @@ impl Node {
             self.requested.pop_first();
         }
         self.requested.insert((to, seq));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::peer::{PeerConfig, SchedulerConfig};
+
+    #[test]
+    fn peer_links_count_each_peer_once() {
+        let peer = Peer::new(
+            PeerConfig {
+                me: 1,
+                scheduler: SchedulerConfig::default(),
+                upload_kbps: 1000,
+                budget_kbps: 1000,
+                stream_kbps: 500,
+                child_slots: 8,
+            },
+            Duration::ZERO,
+        )
+        .unwrap();
+        let mut n = Node::new(peer, 1000, 2000, 0);
+        assert_eq!(n.peer_links(), 0);
+        // Parents 7 (two substreams), 8 and the server; 8 is also a neighbour.
+        for (s, p) in [
+            (0, Parent::Peer(7)),
+            (1, Parent::Peer(7)),
+            (2, Parent::Peer(8)),
+        ] {
+            n.set_parent(s, p, Duration::ZERO);
+        }
+        n.set_parent(3, Parent::Server, Duration::ZERO);
+        n.add_neighbour(8);
+        n.add_neighbour(9);
+        // Children 9 (also a neighbour) and 10 (two substreams).
+        n.add_child(9, 0, None);
+        n.add_child(10, 1, None);
+        n.add_child(10, 2, None);
+        // 7, 8, 9, 10.
+        assert_eq!(n.peer_links(), 4);
     }
 }

@@ -9,7 +9,7 @@ use super::rss::RSS_EVERY;
 use super::series::{Reduce, Series};
 use crate::bound::{Stay, fluid_bound_bytes};
 use crate::report::{LatencyFigures, Percentiles};
-use crate::worker::{ADDRESS_BLOCK, LAG_BUCKET_MS, PeerRecord, ProcStats};
+use crate::worker::{ADDRESS_BLOCK, PeerRecord, ProcStats, lag_percentile};
 use std::collections::BTreeMap;
 
 pub(super) fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
@@ -18,19 +18,6 @@ pub(super) fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
     }
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
-}
-
-pub(super) fn hist_percentile(hist: &BTreeMap<u64, u64>, q: f64) -> f64 {
-    let total: u64 = hist.values().sum();
-    let rank = ((q * total as f64).ceil() as u64).clamp(1, total.max(1));
-    let mut seen = 0;
-    for (b, n) in hist {
-        seen += n;
-        if seen >= rank {
-            return ((b + 1) * LAG_BUCKET_MS) as f64;
-        }
-    }
-    0.0
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -239,8 +226,8 @@ pub(super) fn merge(
     r.machine_busy = machine_busy;
     if !lag.is_empty() {
         r.lag_ms = Some(P2 {
-            p50: hist_percentile(&lag, 0.50),
-            p99: hist_percentile(&lag, 0.99),
+            p50: lag_percentile(&lag, 0.50),
+            p99: lag_percentile(&lag, 0.99),
         });
     }
     match dataplane_egress {
@@ -324,7 +311,7 @@ mod tests {
         let mut h = BTreeMap::new();
         h.insert(5, 50); // 50..60 ms
         h.insert(100, 50); // 1000..1010 ms
-        assert_eq!(hist_percentile(&h, 0.5), 60.0);
-        assert_eq!(hist_percentile(&h, 0.99), 1010.0);
+        assert_eq!(lag_percentile(&h, 0.5), 60.0);
+        assert_eq!(lag_percentile(&h, 0.99), 1010.0);
     }
 }

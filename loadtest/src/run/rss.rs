@@ -45,6 +45,23 @@ struct Track {
 }
 
 impl Track {
+    fn new(role: String, pid: u32, source: RssSource) -> Track {
+        Track {
+            role,
+            pid,
+            source,
+            series: Series::new(RSS_POINTS, Reduce::Max),
+            samples: 0,
+            warm: None,
+            after_warm: 0,
+            max_after_warm: 0,
+            last: None,
+            max: 0,
+        }
+    }
+}
+
+impl Track {
     fn record(&mut self, t_s: f64, bytes: u64, warmed_up: bool) {
         self.series.push(t_s, bytes as f64);
         self.samples += 1;
@@ -100,18 +117,7 @@ impl RssSampler {
 
     /// Samples process `pid` as `role` from now on.
     pub(super) fn track(&mut self, role: String, pid: u32, source: RssSource) {
-        self.tracks.push(Track {
-            role,
-            pid,
-            source,
-            series: Series::new(RSS_POINTS, Reduce::Max),
-            samples: 0,
-            warm: None,
-            after_warm: 0,
-            max_after_warm: 0,
-            last: None,
-            max: 0,
-        });
+        self.tracks.push(Track::new(role, pid, source));
     }
 
     /// Whether a sample is due at `t_s` (seconds since the start of the joins).
@@ -203,18 +209,7 @@ mod tests {
     use super::*;
 
     fn track() -> Track {
-        Track {
-            role: "worker-0".into(),
-            pid: 1,
-            source: RssSource::Worker(0),
-            series: Series::new(RSS_POINTS, Reduce::Max),
-            samples: 0,
-            warm: None,
-            after_warm: 0,
-            max_after_warm: 0,
-            last: None,
-            max: 0,
-        }
+        Track::new("worker-0".into(), 1, RssSource::Worker(0))
     }
 
     const MIB: u64 = 1_048_576;

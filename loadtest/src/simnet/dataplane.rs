@@ -134,7 +134,8 @@ async fn send(stream: &mut TcpStream, f: &Frame) -> Result<(), String> {
     stream.write_all(&b).await.map_err(|e| e.to_string())
 }
 
-/// A verifier of `keys` (a key that does not parse is left out).
+/// A verifier of `keys` (a key that does not parse is left out, and logged: chunks it
+/// signed are then refused, as those of any unknown key).
 fn verifier_of(s: &DpSetup, keys: &[(u32, Vec<u8>)]) -> ChunkVerifier {
     let mut v = ChunkVerifier::new(s.broadcast_id.clone()).with_cache(s.shared.cache.clone());
     for (id, k) in keys {
@@ -187,13 +188,7 @@ fn refuse(s: &DpSetup, seq: u64, e: &IntegrityError) {
 }
 
 async fn run(s: DpSetup, mut cmds: mpsc::Receiver<DpCmd>) -> Result<(), String> {
-    let mut verifier =
-        ChunkVerifier::new(s.broadcast_id.clone()).with_cache(s.shared.cache.clone());
-    for (id, k) in &s.chunk_keys {
-        verifier
-            .add_key(*id, k)
-            .map_err(|e| format!("chunk key {id}: {e}"))?;
-    }
+    let mut verifier = verifier_of(&s, &s.chunk_keys);
     let mut stream = tokio::time::timeout(HANDSHAKE, TcpStream::connect(&s.addr))
         .await
         .map_err(|_| "connect timed out".to_owned())?
