@@ -5,9 +5,11 @@
 #     server binaries are present);
 #   - a throwaway PostgreSQL cluster when DATABASE_URL is unset (stopped on exit).
 # Then: rustfmt check, clippy -D warnings, every unit/integration test (against both
-# SQLite and Postgres), and the media end-to-end test (scripts/e2e-media.sh).
+# SQLite and Postgres), every fuzz target briefly (scripts/fuzz.sh), and the media
+# end-to-end test (scripts/e2e-media.sh).
 #
 # Environment: DATABASE_URL (use this Postgres instead of a throwaway one),
+# STARLING_FUZZ_SECS (seconds per fuzz target, default 5),
 # STARLING_SKIP_E2E=1 (skip the media end-to-end test), CI=true (set by CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +64,9 @@ cargo build --workspace --bins --locked
 
 log "cargo test"
 cargo test --workspace --locked
+
+log "fuzz targets, 5 s each (scripts/fuzz.sh; longer runs: scripts/fuzz.sh SECS)"
+scripts/fuzz.sh "${STARLING_FUZZ_SECS:-5}"
 
 if [ "${STARLING_SKIP_E2E:-0}" != 1 ]; then
   log "media end-to-end (icecast2 + ffmpeg + control plane + data plane + SDK viewers)"

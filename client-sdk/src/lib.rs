@@ -49,6 +49,9 @@ mod conn;
 mod control;
 mod control_url;
 mod error;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzz_api;
 mod http;
 mod hub;
 mod rejoin;

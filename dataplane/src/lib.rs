@@ -51,6 +51,18 @@ pub mod node;
 pub mod ring;
 mod serve;
 
+/// Entry points for the fuzz targets in `fuzz/` (only with `--cfg fuzzing`, which
+/// `cargo fuzz` sets).
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzz_api {
+    /// Parses an HTTP request head as the plain-HTTP listener does: `None` while
+    /// incomplete, else what the listener would do with it.
+    pub fn http_head(buf: &[u8]) -> Option<String> {
+        crate::serve::http::parse_head(buf).map(|h| format!("{h:?}"))
+    }
+}
+
 pub use config::{
     ChunkKey, Config, ConnLimits, NodeKey, RateLimit, StaticBroadcast, Timeouts, TokenKey,
 };

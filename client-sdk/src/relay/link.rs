@@ -21,7 +21,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use starling_proto::integrity::IntegrityError;
 use starling_proto::wire::{
-    self, Chunk, ErrorCode, Frame, HelloAck, Limits, Reason, Role, StartAt, StreamInfo, Subscribe,
+    self, Chunk, ErrorCode, Frame, Limits, Reason, Role, StartAt, StreamInfo, Subscribe,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -30,7 +30,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use super::Ev;
-use super::admission::{IpLimiter, IpPermit, MAX_HANDSHAKE_TICKETS, Tickets};
+use super::admission::{IpLimiter, IpPermit, Tickets};
+use super::handshake::{PeerHandshake, Step, Us};
 use super::listener_limits::{Handshakes, PeerLimits};
 use crate::conn::{self, FrameReader, OpenParams, WireConn};
 use crate::error::SdkError;
@@ -569,82 +570,43 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
     }
 }
 
-/// `HELLO(peer)` with a valid chunk token → `HELLO_ACK`, then any `TICKET`s, then
-/// `SUBSCRIBE` for our broadcast. Refusals are sent as `ERROR` before failing (as
-/// [`SdkError::Protocol`]): `UNAUTHORIZED` for a missing, invalid or expired token or
-/// ticket, `REVOKED` for a revoked peer. Which substreams the tickets must cover is the
-/// engine's decision ([`super::admission`]). Decoding errors are returned as they are
-/// (the caller answers them).
+/// Runs the handshake ([`super::handshake`]) on an accepted link. Refusals are sent
+/// as `ERROR` before failing (as [`SdkError::Protocol`]): `UNAUTHORIZED` for a missing,
+/// invalid or expired token or ticket, `REVOKED` for a revoked peer. Decoding errors
+/// are returned as they are (the caller answers them).
 async fn handshake(
     conn: &mut WireConn,
     ctx: &AcceptCtx,
 ) -> Result<(Subscribe, Grant, Option<Tickets>), SdkError> {
-    async fn refuse(conn: &mut WireConn, code: ErrorCode, msg: &str) -> SdkError {
-        let _ = conn.send(&Frame::Error(reason(code, msg))).await;
-        SdkError::Protocol(msg.to_string())
-    }
-    let hello = match conn.next_frame().await? {
-        Frame::Hello(h) => h,
-        _ => return Err(refuse(conn, ErrorCode::UnexpectedFrame, "expected HELLO").await),
-    };
-    if hello.role != Role::Peer {
-        return Err(refuse(conn, ErrorCode::UnexpectedFrame, "peer links only").await);
-    }
-    let Some(version) = wire::negotiate(hello.min_version, hello.max_version) else {
-        return Err(refuse(conn, ErrorCode::UnsupportedVersion, "no common version").await);
-    };
-    let grant = match ctx.shared.rights.check_peer_token(&hello.token) {
-        Ok(g) => g,
-        Err(r) => {
-            ctx.shared.stats_mut().peers_refused += 1;
-            tracing::info!(addr = conn.addr, code = ?r.code, "peer refused: {}", r.message);
-            return Err(refuse(conn, r.code, &r.message).await);
-        }
-    };
-    conn.send(&Frame::HelloAck(HelloAck { version })).await?;
-    let mut tickets: Option<Tickets> = None;
-    let mut presented = 0usize;
-    let sub = loop {
-        match conn.next_frame().await? {
-            Frame::Subscribe(s) => break s,
-            Frame::Ticket(t) => {
-                presented += 1;
-                if presented > MAX_HANDSHAKE_TICKETS {
+    let mut hs = PeerHandshake::default();
+    loop {
+        let frame = conn.next_frame().await?;
+        let me = ctx.shared.stats_mut().peer_id;
+        let us = Us {
+            rights: &ctx.shared.rights,
+            me,
+            broadcast_id: &ctx.shared.broadcast_id,
+        };
+        match hs.on_frame(frame, us, unix_ms()) {
+            Step::Send(f) => conn.send(&f).await?,
+            Step::Read => {}
+            Step::Refuse { refusal, counted } => {
+                if counted {
                     ctx.shared.stats_mut().peers_refused += 1;
-                    return Err(refuse(conn, ErrorCode::ServerBusy, "too many tickets").await);
+                    tracing::info!(addr = conn.addr, code = ?refusal.code, "peer refused: {}", refusal.message);
                 }
-                let me = ctx.shared.stats_mut().peer_id;
-                // Without rights management (no peer id) tickets cannot be checked.
-                let (Some(child), Some(me)) = (grant.peer_id, me) else {
-                    continue;
-                };
-                match ctx.shared.rights.check_ticket(&t, child, me) {
-                    Ok(c) => tickets
-                        .get_or_insert_with(|| Tickets::new(me, unix_ms()))
-                        .add(&c),
-                    Err(r) => {
-                        ctx.shared.stats_mut().peers_refused += 1;
-                        tracing::info!(addr = conn.addr, child, "peer refused: {}", r.message);
-                        return Err(refuse(conn, r.code, &r.message).await);
-                    }
-                }
+                let _ = conn
+                    .send(&Frame::Error(reason(refusal.code, &refusal.message)))
+                    .await;
+                return Err(SdkError::Protocol(refusal.message));
             }
-            Frame::Ping(n) => conn.send(&Frame::Pong(n)).await?,
-            Frame::Pong(_) => {}
-            _ => {
-                return Err(refuse(conn, ErrorCode::UnexpectedFrame, "expected SUBSCRIBE").await);
-            }
+            Step::Done {
+                sub,
+                grant,
+                tickets,
+            } => return Ok((sub, grant, tickets)),
         }
-    };
-    if sub.broadcast_id != ctx.shared.broadcast_id {
-        return Err(refuse(
-            conn,
-            ErrorCode::UnknownBroadcast,
-            "not relaying that broadcast",
-        )
-        .await);
     }
-    Ok((sub, grant, tickets))
 }
 
 /// `STREAM_INFO` for an accepted link.

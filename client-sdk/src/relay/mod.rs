@@ -43,6 +43,7 @@ mod convert;
 mod data_plane;
 mod engine_loop;
 mod frames;
+pub(crate) mod handshake;
 pub(crate) mod keys;
 pub(crate) mod link;
 mod link_table;

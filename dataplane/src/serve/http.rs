@@ -77,7 +77,8 @@ pub(crate) async fn http_conn(mut s: TcpStream, ctx: Arc<ServeCtx>) {
     let _ = s.close().await;
 }
 
-enum Head {
+#[derive(Debug)]
+pub(crate) enum Head {
     Healthz,
     Metrics,
     /// Broadcast id and the chunk token shown (`?token=` or `Authorization: Bearer`):
@@ -117,7 +118,7 @@ fn request_token(
     Some(crate::config::decode_base64(&raw).ok_or(()))
 }
 
-fn parse_head(buf: &[u8]) -> Option<Head> {
+pub(crate) fn parse_head(buf: &[u8]) -> Option<Head> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {

@@ -58,7 +58,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
-mod http;
+pub(crate) mod http;
 pub(crate) use http::http_conn;
 
 /// What every connection handler needs.
