@@ -50,6 +50,7 @@ pub mod metrics;
 pub mod node;
 pub mod ring;
 mod serve;
+pub mod source_policy;
 
 /// Entry points for the fuzz targets in `fuzz/` (only with `--cfg fuzzing`, which
 /// `cargo fuzz` sets).
