@@ -7,8 +7,9 @@
 #   CLI; three SDK viewers (starling-play, relaying to each other) and one plain-HTTP
 #   viewer (the data plane's /live/ID) each decode >= 20 s with zero ffmpeg errors
 #   (`-v error` prints nothing), and the viewers' -o files decode the same way. Two cases,
-#   one after the other: MPEG-TS segments and fMP4 segments (-hls_segment_type fmp4,
-#   EXT-X-MAP init segment). Then bad sources: a playlist URL that does not exist and a
+#   one after the other: MPEG-TS segments (the source is a master playlist naming the
+#   live playlist as its best variant) and fMP4 segments (-hls_segment_type fmp4,
+#   EXT-X-MAP init segment, the media playlist itself). Then bad sources: a playlist URL that does not exist and a
 #   playlist that is not one are reported down.
 #
 # Needs: ffmpeg, python3, curl, and the binaries in $STARLING_BIN_DIR (default
@@ -92,6 +93,14 @@ WWW_PORT=$(free_port); CP_PORT=$(free_port); WIRE_PORT=$(free_port); HTTP_PORT=$
 CONTROL=http://127.0.0.1:$CP_PORT
 mkdir -p "$WORK/www/ts" "$WORK/www/fmp4"
 printf 'this is not a playlist\n' >"$WORK/www/garbage.m3u8"
+# The TS case goes through a master playlist: the highest-bandwidth variant is followed.
+cat >"$WORK/www/master.m3u8" <<'M3U8'
+#EXTM3U
+#EXT-X-STREAM-INF:BANDWIDTH=150000,RESOLUTION=160x120
+low/does-not-exist.m3u8
+#EXT-X-STREAM-INF:BANDWIDTH=600000,RESOLUTION=320x240,CODECS="avc1.42c00d,mp4a.40.2"
+ts/live.m3u8
+M3U8
 
 # --- the origin: a plain HTTP server over the directory ffmpeg writes into -----------
 bg www python3 -m http.server "$WWW_PORT" --bind 127.0.0.1 --directory "$WORK/www"
@@ -106,9 +115,9 @@ wait_port 127.0.0.1 "$HTTP_PORT" 30 || { fail "data plane did not start"; exit 1
 log "origin :$WWW_PORT, control plane :$CP_PORT, data plane wire :$WIRE_PORT http :$HTTP_PORT"
 admin() { "$BIN/starling-admin" --control-url "$CONTROL" --admin-key-file "$WORK/cp-data/admin.key" "$@"; }
 
-# hls_case NAME FORMAT(mpegts|mov) FFMPEG_HLS_ARGS...
+# hls_case NAME PLAYLIST FORMAT(mpegts|mov) FFMPEG_HLS_ARGS...
 hls_case() {
-  local name=$1 want_format=$2; shift 2
+  local name=$1 playlist=$2 want_format=$3; shift 3
   local dir="$WORK/www/$name"
   bg "ffmpeg-$name" ffmpeg -nostdin -hide_banner -loglevel error -re \
     -f lavfi -i "testsrc=size=320x240:rate=25" -f lavfi -i "sine=frequency=440:sample_rate=44100" \
@@ -118,7 +127,7 @@ hls_case() {
   local enc_pid=$!
   for _ in $(seq 1 100); do [ -s "$dir/live.m3u8" ] && break; sleep 0.1; done
   local id
-  id=$(admin create --name "e2e-hls-$name" --source "http://127.0.0.1:$WWW_PORT/$name/live.m3u8" --public --id-only)
+  id=$(admin create --name "e2e-hls-$name" --source "http://127.0.0.1:$WWW_PORT/$playlist" --public --id-only)
   admin start "$id" >/dev/null
   if ! admin wait "$id" --health up --timeout 40s >/dev/null; then
     fail "$name: HLS source never came up"
@@ -167,8 +176,8 @@ hls_case() {
   kill "$enc_pid" 2>/dev/null || true
 }
 
-hls_case ts mpegts
-hls_case fmp4 mov -hls_segment_type fmp4 -hls_fmp4_init_filename init.mp4
+hls_case ts master.m3u8 mpegts
+hls_case fmp4 fmp4/live.m3u8 mov -hls_segment_type fmp4 -hls_fmp4_init_filename init.mp4
 grep -E 'HLS segments lost|HLS segment skipped' "$WORK/dataplane.log" | head -5 >&2 || true
 
 # --- bad sources --------------------------------------------------------------------
