@@ -73,4 +73,10 @@ if [ "${STARLING_SKIP_E2E:-0}" != 1 ]; then
   STARLING_BIN_DIR="$ROOT/target/debug" scripts/e2e-media.sh
 fi
 
+# --- HLS ingest end-to-end (issue 19 item 2; STARLING_SKIP_E2E=1 skips it too) ---
+if [ "${STARLING_SKIP_E2E:-0}" != 1 ]; then
+  log "HLS end-to-end (ffmpeg HLS muxer, TS and fMP4 + http.server + control plane + data plane + SDK viewers)"
+  STARLING_BIN_DIR="$ROOT/target/debug" scripts/e2e-hls.sh
+fi
+
 log "all tests passed"

@@ -45,4 +45,21 @@ pub enum IngestError {
     Body(String),
     #[error("source ended the stream")]
     Eof,
+    #[error("invalid HLS playlist: {0}")]
+    Playlist(#[from] crate::hls::PlaylistError),
+    #[error("HLS variant {0} is not a media playlist")]
+    NotMediaPlaylist(String),
+    #[error("{what} larger than {limit} bytes")]
+    TooLarge { what: &'static str, limit: usize },
+    #[error("more than {0} redirects")]
+    TooManyRedirects(usize),
+    #[error("HLS playlist has not changed for {0:?}")]
+    Stale(std::time::Duration),
+    #[error("HLS segment {seq} ({url}): {source}")]
+    Segment {
+        seq: u64,
+        url: String,
+        #[source]
+        source: Box<IngestError>,
+    },
 }

@@ -1,10 +1,12 @@
 //! Starling data plane (the ICD server).
 //!
 //! * [`chunker`]: sans-IO chunking of progressive live streams (MPEG-TS, MP3, ADTS,
-//!   Ogg, WebM, raw) into numbered chunks.
+//!   Ogg, WebM, fragmented MP4, raw) into numbered chunks.
 //! * [`ring`]: per-broadcast window of recent chunks shared by all executors, viewer
 //!   cursors, source health.
-//! * [`ingest`]: HTTP ingest with reconnect/backoff (tokio, hyper-util).
+//! * [`ingest`]: HTTP ingest with reconnect/backoff (tokio, hyper-util): progressive
+//!   streams, and live HLS playlists (MPEG-TS or fMP4 segments) followed with [`hls`].
+//! * [`hls`]: sans-IO HLS playlist parsing and the live playlist follower.
 //! * [`control`]: control-plane link (tonic `EdgeService`).
 //! * [`auth`]: chunk-token checks (offline, Ed25519) and revocations.
 //! * [`limits`]: connection caps per node and per source address, per-connection
@@ -44,6 +46,7 @@ pub mod config;
 pub mod control;
 pub mod counters;
 pub mod error;
+pub mod hls;
 pub mod ingest;
 pub mod limits;
 pub mod metrics;

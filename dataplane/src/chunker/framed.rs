@@ -104,7 +104,7 @@ impl FramedChunker {
                 Format::Adts => parse_adts(&self.inbuf),
                 Format::Ogg => self.parse_ogg(),
                 Format::WebM => self.parse_webm(),
-                Format::MpegTs | Format::Raw => Parse::Skip(self.inbuf.len()),
+                Format::MpegTs | Format::Mp4 | Format::Raw => Parse::Skip(self.inbuf.len()),
             };
             match parsed {
                 Parse::NeedMore => break,

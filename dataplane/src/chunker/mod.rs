@@ -17,6 +17,10 @@
 //!   `RANDOM_ACCESS` chunk, which begin at Cluster boundaries. Not verified: that the
 //!   Cluster starts with a key frame (live muxers such as ffmpeg's start clusters at
 //!   video key frames). Durations are wall clock.
+//! * Fragmented MP4 ([`mp4`]): the init segment (`ftyp` + `moov`) is kept and inserted at
+//!   the start of every `RANDOM_ACCESS` chunk, which begin at a fragment (`moof`, with the
+//!   `styp`/`sidx` boxes before it) whose video track starts with a sync sample;
+//!   durations from the `trun` sample durations.
 //! * Anything else: cut by wall-clock duration and size; every chunk is marked
 //!   `RANDOM_ACCESS` since nothing better is known.
 //!
@@ -24,6 +28,7 @@
 //! reconnect), whose first chunk carries `DISCONTINUITY`.
 
 pub mod framed;
+pub mod mp4;
 pub mod ts;
 
 use bytes::{Bytes, BytesMut};
@@ -62,6 +67,8 @@ pub enum Format {
     Adts,
     Ogg,
     WebM,
+    /// Fragmented MP4 (fMP4 HLS segments, CMAF).
+    Mp4,
     Raw,
 }
 
@@ -86,6 +93,8 @@ impl Format {
             "video/webm" | "audio/webm" | "video/x-matroska" | "audio/x-matroska" => {
                 Some(Format::WebM)
             }
+            "video/mp4" | "audio/mp4" | "application/mp4" | "video/iso.segment"
+            | "audio/iso.segment" => Some(Format::Mp4),
             _ => None,
         }
     }
@@ -97,6 +106,9 @@ impl Format {
         }
         if data.len() >= 4 && data[..4] == [0x1A, 0x45, 0xDF, 0xA3] {
             return Some(Format::WebM);
+        }
+        if data.len() >= 8 && matches!(&data[4..8], b"ftyp" | b"styp" | b"moof") {
+            return Some(Format::Mp4);
         }
         if data.len() >= 3 && &data[..3] == b"ID3" {
             return Some(Format::Mp3);
@@ -124,6 +136,7 @@ impl Format {
             Format::Adts => "audio/aac",
             Format::Ogg => "application/ogg",
             Format::WebM => "video/webm",
+            Format::Mp4 => "video/mp4",
             Format::Raw => "application/octet-stream",
         }
     }
@@ -208,6 +221,7 @@ enum Inner {
     Undecided(Vec<u8>),
     Ts(Box<ts::TsChunker>),
     Framed(Box<framed::FramedChunker>),
+    Mp4(Box<mp4::Mp4Chunker>),
 }
 
 /// The chunker for one broadcast. Feed with [`Chunker::push`].
@@ -259,6 +273,7 @@ impl Chunker {
     fn make(&self, f: Format) -> Inner {
         match f {
             Format::MpegTs => Inner::Ts(Box::new(ts::TsChunker::new(self.cfg))),
+            Format::Mp4 => Inner::Mp4(Box::new(mp4::Mp4Chunker::new(self.cfg))),
             other => Inner::Framed(Box::new(framed::FramedChunker::new(other, self.cfg))),
         }
     }
@@ -301,6 +316,7 @@ impl Chunker {
         match &mut self.inner {
             Inner::Ts(t) => t.push(data, now_ms, &mut self.numbering, out),
             Inner::Framed(f) => f.push(data, now_ms, &mut self.numbering, out),
+            Inner::Mp4(m) => m.push(data, now_ms, &mut self.numbering, out),
             Inner::Undecided(_) => {}
         }
     }
@@ -311,6 +327,7 @@ impl Chunker {
         match &mut self.inner {
             Inner::Ts(t) => t.flush(now_ms, &mut self.numbering, out),
             Inner::Framed(f) => f.flush(now_ms, &mut self.numbering, out),
+            Inner::Mp4(m) => m.flush(now_ms, &mut self.numbering, out),
             Inner::Undecided(buf) => {
                 if !buf.is_empty() {
                     let b = BytesMut::from(&buf[..]);
@@ -330,5 +347,7 @@ fn is_generic(ct: &str) -> bool {
     ct.is_empty() || ct.starts_with("application/octet-stream") || ct.starts_with("text/")
 }
 
+#[cfg(test)]
+mod mp4_tests;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,11 @@
 //! Ingest: HTTP GET of a progressive live stream (tokio + hyper-util legacy client,
 //! http/1, no TLS), fed through the [`Chunker`] into the broadcast's ring. Reconnects
 //! forever with capped exponential backoff until stopped; never panics on a bad source.
+//! A source that is an HLS playlist (URL ending in `.m3u8`, or an HLS content type) is
+//! followed by [`hls`] instead: segments are fetched in order and fed to the same
+//! chunker as one continuous stream.
+
+mod hls;
 
 use crate::chunker::{Chunker, ChunkerConfig};
 use crate::config::Timeouts;
@@ -197,6 +202,8 @@ impl IngestTask {
         let mut backoff = Backoff::new(self.timeouts.backoff_min, self.timeouts.backoff_max);
         let id = &self.spec.broadcast_id;
         let mut first = true;
+        // Kept across sessions: an HLS reconnect does not fetch a segment twice.
+        let mut hls_state = hls::HlsState::new();
         loop {
             if *cancel.borrow() {
                 break;
@@ -208,7 +215,7 @@ impl IngestTask {
             let started = tokio::time::Instant::now();
             let mut got_data = false;
             let result = tokio::select! {
-                r = self.session(&mut chunker, &mut got_data) => r,
+                r = self.session(&mut chunker, &mut got_data, &mut hls_state) => r,
                 _ = cancel.changed() => break,
             };
             let mut out = Vec::new();
@@ -252,17 +259,15 @@ impl IngestTask {
         self.broadcast.push(c);
     }
 
-    async fn session(&self, chunker: &mut Chunker, got_data: &mut bool) -> Result<(), IngestError> {
-        let uri: hyper::Uri = self
-            .spec
-            .source_url
-            .parse()
-            .map_err(|e: hyper::http::uri::InvalidUri| IngestError::BadUrl(e.to_string()))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(IngestError::BadUrl(format!(
-                "{}: only http:// URLs are supported",
-                self.spec.source_url
-            )));
+    async fn session(
+        &self,
+        chunker: &mut Chunker,
+        got_data: &mut bool,
+        hls_state: &mut hls::HlsState,
+    ) -> Result<(), IngestError> {
+        let uri = http_uri(&self.spec.source_url)?;
+        if crate::hls::is_hls_url(&self.spec.source_url) {
+            return self.hls_session(None, chunker, got_data, hls_state).await;
         }
         let req = hyper::Request::get(uri)
             .header(hyper::header::USER_AGENT, "starling-dataplane/0.1")
@@ -281,9 +286,15 @@ impl IngestTask {
             .get(hyper::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        if ct.as_deref().is_some_and(crate::hls::is_hls_content_type) {
+            let text = self.read_body(resp, hls::MAX_PLAYLIST, "playlist").await?;
+            let first = (self.spec.source_url.clone(), text);
+            return self
+                .hls_session(Some(first), chunker, got_data, hls_state)
+                .await;
+        }
         chunker.reset(ct.as_deref());
         let mut body = resp.into_body();
-        let mut out = Vec::new();
         loop {
             let frame = tokio::time::timeout(self.timeouts.source_idle, body.frame())
                 .await
@@ -295,24 +306,54 @@ impl IngestTask {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if data.is_empty() {
-                continue;
-            }
-            if !*got_data {
-                *got_data = true;
-                self.broadcast.set_health(SourceHealth::Up, "");
-            }
-            chunker.push(&data, now_ms(), &mut out);
-            if let Some(ct) = chunker.content_type()
-                && self.broadcast.params().content_type != ct
-            {
-                self.broadcast.set_params(|p| p.content_type = ct);
-            }
-            for c in out.drain(..) {
-                self.push(c);
-            }
+            self.feed(chunker, &data, got_data);
         }
     }
+
+    /// Feeds source bytes to the chunker and the chunks it cuts into the ring.
+    fn feed(&self, chunker: &mut Chunker, data: &[u8], got_data: &mut bool) {
+        if data.is_empty() {
+            return;
+        }
+        if !*got_data {
+            *got_data = true;
+            self.broadcast.set_health(SourceHealth::Up, "");
+        }
+        let mut out = Vec::new();
+        chunker.push(data, now_ms(), &mut out);
+        if let Some(ct) = chunker.content_type()
+            && self.broadcast.params().content_type != ct
+        {
+            self.broadcast.set_params(|p| p.content_type = ct);
+        }
+        for c in out {
+            self.push(c);
+        }
+    }
+
+    /// Ends a chunker session (buffered bytes go out as a chunk, the next chunk is a
+    /// discontinuity) and starts the next with `content_type`.
+    fn restart_chunker(&self, chunker: &mut Chunker, content_type: Option<&str>) {
+        let mut out = Vec::new();
+        chunker.flush(now_ms(), &mut out);
+        for c in out {
+            self.push(c);
+        }
+        chunker.reset(content_type);
+    }
+}
+
+/// An `http://host...` URL as a request URI.
+fn http_uri(url: &str) -> Result<hyper::Uri, IngestError> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| IngestError::BadUrl(format!("{url}: {e}")))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(IngestError::BadUrl(format!(
+            "{url}: only http:// URLs are supported"
+        )));
+    }
+    Ok(uri)
 }
 
 /// The signature block of a chunk, made once when it enters the ring. The signed
