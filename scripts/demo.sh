@@ -76,6 +76,7 @@ mkdir -p "$DATA"
 PIDS+=($!)
 wait_port "$CP_ADDR" 30
 "$B/starling-dataplane" --control-url "http://$CP_ADDR" --node-key-file "$DATA/admin.key" --wire-listen "$WIRE_ADDR" \
+  --allow-source-net 127.0.0.0/8 \
   --http-listen "$HTTP_ADDR" --advertise-host 127.0.0.1 >"$RUN/dataplane.log" 2>&1 &
 DP_PID=$!
 PIDS+=($DP_PID)

@@ -110,6 +110,7 @@ wait_port 127.0.0.1 "$WWW_PORT" 15 || { fail "http.server did not start"; exit 1
 bg controlplane "$BIN/starling-controlplane" --listen "127.0.0.1:$CP_PORT" --data-dir "$WORK/cp-data"
 wait_port 127.0.0.1 "$CP_PORT" 30 || { fail "control plane did not start"; exit 1; }
 bg dataplane "$BIN/starling-dataplane" --control-url "$CONTROL" --node-key-file "$WORK/cp-data/admin.key" \
+  --allow-source-net 127.0.0.0/8 \
   --wire-listen "127.0.0.1:$WIRE_PORT" --http-listen "127.0.0.1:$HTTP_PORT" --advertise-host 127.0.0.1
 wait_port 127.0.0.1 "$HTTP_PORT" 30 || { fail "data plane did not start"; exit 1; }
 log "origin :$WWW_PORT, control plane :$CP_PORT, data plane wire :$WIRE_PORT http :$HTTP_PORT"

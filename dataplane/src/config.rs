@@ -1,5 +1,6 @@
 //! Typed configuration of a data-plane node (the binary maps its flags onto this).
 
+use crate::source_policy::SourcePolicy;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -318,6 +319,9 @@ pub struct Config {
     /// lifetime the control plane issues; extended to the expiry of any of the peer's
     /// tokens this node has seen).
     pub revocation_hold: Duration,
+    /// Which addresses sources may be pulled from (after DNS resolution, every request
+    /// and redirect): public ones, plus the allow-list. Default: public only.
+    pub source_policy: SourcePolicy,
 }
 
 impl Default for Config {
@@ -344,6 +348,7 @@ impl Default for Config {
             static_public: true,
             token_skew: Duration::from_secs(5),
             revocation_hold: Duration::from_secs(300),
+            source_policy: SourcePolicy::default(),
         }
     }
 }

@@ -48,6 +48,19 @@ struct Args {
     )]
     static_broadcasts: Vec<StaticBroadcast>,
 
+    /// Networks sources may be pulled from besides public addresses, e.g. 127.0.0.0/8
+    /// or 10.0.0.0/8 (a bare address is one host). Without it, loopback, private,
+    /// link-local, CGNAT, multicast and reserved addresses are refused: checked after DNS
+    /// resolution, on every request and redirect. Repeatable; comma-separated in the
+    /// env var.
+    #[arg(
+        long = "allow-source-net",
+        env = "STARLING_ALLOW_SOURCE_NET",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    allow_source_nets: Vec<starling_dataplane::source_policy::IpNet>,
+
     /// Target chunk duration (ms) for --static-broadcast broadcasts.
     #[arg(long, env = "STARLING_STATIC_CHUNK_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(100..=10000))]
@@ -265,6 +278,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         control_url: args.control_url,
         node_key,
         static_broadcasts: args.static_broadcasts,
+        source_policy: starling_dataplane::source_policy::SourcePolicy::new(args.allow_source_nets),
         static_chunk_ms: args.static_chunk_ms,
         static_substreams: args.static_substreams,
         wire_listen: args.wire_listen,

@@ -395,6 +395,7 @@ async fn tokio_main(
         cfg.max_chunk_bytes,
         cfg.timeouts,
         signer,
+        cfg.source_policy.clone(),
     ));
     for sb in &cfg.static_broadcasts {
         ingest.start(IngestSpec {

@@ -135,6 +135,20 @@ impl SourcePolicy {
         SourcePolicy { allow }
     }
 
+    /// Public addresses and loopback (127.0.0.0/8, ::1): for demos and tests on one
+    /// machine.
+    pub fn with_loopback() -> Self {
+        let v4 = IpNet {
+            addr: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)),
+            prefix: 8,
+        };
+        let v6 = IpNet {
+            addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            prefix: 128,
+        };
+        SourcePolicy::new(vec![v4, v6])
+    }
+
     /// Public addresses and anything in `allow`.
     pub fn permits(&self, ip: IpAddr) -> bool {
         !is_internal(ip) || self.allow.iter().any(|n| n.contains(ip))

@@ -195,6 +195,7 @@ fn control_plane_link() -> Result<()> {
         control_url: Some(format!("http://{cp_addr}")),
         wire_listen: "127.0.0.1:0".parse()?,
         http_listen: "127.0.0.1:0".parse()?,
+        source_policy: starling_dataplane::source_policy::SourcePolicy::with_loopback(),
         advertise_host: "10.1.2.3".into(),
         node_name: "test-node".into(),
         cores: 1,
@@ -283,6 +284,7 @@ fn stop_command_removes_broadcast() -> Result<()> {
         control_url: Some(format!("http://{cp_addr}")),
         wire_listen: "127.0.0.1:0".parse()?,
         http_listen: "127.0.0.1:0".parse()?,
+        source_policy: starling_dataplane::source_policy::SourcePolicy::with_loopback(),
         cores: 1,
         io_memory_kib: 256,
         ..Config::default()
@@ -357,6 +359,7 @@ fn revoke_and_key_rotation_from_the_control_plane() -> Result<()> {
         control_url: Some(format!("http://{cp_addr}")),
         wire_listen: "127.0.0.1:0".parse()?,
         http_listen: "127.0.0.1:0".parse()?,
+        source_policy: starling_dataplane::source_policy::SourcePolicy::with_loopback(),
         cores: 2,
         io_memory_kib: 256,
         ..Config::default()
@@ -448,6 +451,7 @@ fn node_key_is_sent_and_a_refusal_is_retried() -> Result<()> {
             node_key: node_key.map(NodeKey::new).transpose()?,
             wire_listen: "127.0.0.1:0".parse()?,
             http_listen: "127.0.0.1:0".parse()?,
+            source_policy: starling_dataplane::source_policy::SourcePolicy::with_loopback(),
             node_name: "keyed".into(),
             cores: 1,
             io_memory_kib: 256,

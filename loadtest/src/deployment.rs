@@ -219,6 +219,8 @@ impl Deployment {
             cores: config.dataplane_cores.max(1),
             io_memory_kib: config.io_memory_kib,
             limits: loopback_limits(),
+            // The synthetic source (and any test's own) is on loopback.
+            source_policy: starling_dataplane::source_policy::SourcePolicy::with_loopback(),
             ..starling_dataplane::Config::default()
         };
         let node = tokio::task::spawn_blocking(move || starling_dataplane::Node::start(node_cfg))

@@ -12,10 +12,15 @@ use crate::config::Timeouts;
 use crate::counters::Metrics;
 use crate::error::IngestError;
 use crate::ring::{Broadcast, Registry, SourceHealth, StreamParams};
+use crate::source_policy::{GuardedConnector, SourcePolicy};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+
+/// The HTTP client every source fetch goes through (the source policy checks each
+/// connection's address).
+pub(crate) type SourceClient = Client<GuardedConnector, Empty<Bytes>>;
 use hyper_util::rt::TokioExecutor;
 use parking_lot::Mutex;
 use starling_proto::integrity::{ChunkMeta, ChunkSigner};
@@ -76,7 +81,7 @@ pub struct IngestManager {
     max_chunk_bytes: usize,
     timeouts: Timeouts,
     running: Mutex<HashMap<String, Running>>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: SourceClient,
     signer: Arc<ChunkSigner>,
 }
 
@@ -87,6 +92,7 @@ impl IngestManager {
         max_chunk_bytes: usize,
         timeouts: Timeouts,
         signer: Arc<ChunkSigner>,
+        policy: SourcePolicy,
     ) -> Self {
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(timeouts.source_connect));
@@ -94,7 +100,7 @@ impl IngestManager {
         conn.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
-            .build(conn);
+            .build(GuardedConnector::new(policy, conn));
         IngestManager {
             registry,
             window_ms,
@@ -187,7 +193,7 @@ struct IngestTask {
     spec: IngestSpec,
     broadcast: Arc<Broadcast>,
     metrics: Arc<Metrics>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: SourceClient,
     signer: Arc<ChunkSigner>,
     cfg: ChunkerConfig,
     timeouts: Timeouts,

@@ -77,6 +77,7 @@ pub fn config(static_broadcasts: Vec<StaticBroadcast>, cores: usize) -> Config {
         http_listen: "127.0.0.1:0".parse().unwrap(),
         cores,
         io_memory_kib: 256,
+        source_policy: starling_dataplane::source_policy::SourcePolicy::with_loopback(),
         timeouts: Timeouts {
             backoff_max: Duration::from_secs(1),
             ..Timeouts::default()
