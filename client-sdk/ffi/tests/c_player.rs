@@ -248,7 +248,7 @@ async fn c_player_plays_a_live_broadcast_that_ffmpeg_decodes_without_errors() {
         .expect("run ffmpeg");
     let errors = String::from_utf8_lossy(&decode.stderr);
     eprintln!(
-        "ffmpeg -v error -i out.ts -f null -: exit {}, {} bytes of error output{}",
+        "ffmpeg -v error -i out.ts -f null -: {}, {} bytes of error output{}",
         decode.status,
         errors.len(),
         if errors.trim().is_empty() {
