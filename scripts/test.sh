@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Starling test on a fresh Debian machine, installing what it needs:
-#   - Debian packages: ffmpeg (makes and decodes test streams), icecast2 (the broadcaster's
+#   - Debian packages: ffmpeg (makes and decodes test streams), gcc (builds the C example
+#     player), icecast2 (the broadcaster's
 #     media server in the end-to-end test), prometheus (promtool), postgresql (only when no
 #     server binaries are present);
 #   - a throwaway PostgreSQL cluster when DATABASE_URL is unset (stopped on exit).
@@ -25,6 +26,8 @@ command -v ffmpeg >/dev/null || need_pkgs+=(ffmpeg)
 command -v icecast2 >/dev/null || need_pkgs+=(icecast2)
 command -v promtool >/dev/null || need_pkgs+=(prometheus)
 command -v curl >/dev/null || need_pkgs+=(curl)
+# the C example player is built with the system C compiler (client-sdk/ffi/tests/c_player.rs)
+command -v cc >/dev/null || need_pkgs+=(gcc libc6-dev)
 command -v python3 >/dev/null || need_pkgs+=(python3)
 # the e2e's generic gRPC client (grpcio + reflection from PyPI) needs venv or pip
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)

@@ -192,6 +192,16 @@ fn sdk_never_depends_on_servers() {
 }
 
 #[test]
+fn sdk_ffi_never_depends_on_servers() {
+    let m = metadata();
+    check(m.never_depends_on(
+        "starling-sdk-ffi",
+        &["starling-controlplane", "starling-dataplane", "sqlx", "sqlx-*", "glommio"],
+        "C apps link the SDK's C ABI: no server, storage or glommio code (the servers are dev-dependencies of its tests only)",
+    ));
+}
+
+#[test]
 fn proto_never_depends_on_storage_or_glommio() {
     let m = metadata();
     check(m.never_depends_on(
