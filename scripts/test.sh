@@ -23,6 +23,7 @@ command -v ffmpeg >/dev/null || need_pkgs+=(ffmpeg)
 command -v icecast2 >/dev/null || need_pkgs+=(icecast2)
 command -v promtool >/dev/null || need_pkgs+=(prometheus)
 command -v curl >/dev/null || need_pkgs+=(curl)
+command -v script >/dev/null || need_pkgs+=(bsdutils)  # a pty for `starling-admin top` (controlplane/tests/cli.rs)
 command -v python3 >/dev/null || need_pkgs+=(python3)
 # the e2e's generic gRPC client (grpcio + reflection from PyPI) needs venv or pip
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)

@@ -684,6 +684,11 @@ async fn audience_and_top_show_a_broadcast_with_viewers() {
 fn top_on_a_terminal(url: &str, key_file: &std::path::Path, id: &str) {
     use std::io::{Read as _, Write as _};
     if Command::new("script").arg("--version").output().is_err() {
+        let required = std::env::var("STARLING_REQUIRE_MEDIA").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "util-linux `script` is required (STARLING_REQUIRE_MEDIA=1)"
+        );
         println!("SKIPPED: top on a terminal (util-linux `script` not installed)");
         return;
     }
