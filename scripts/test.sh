@@ -28,6 +28,7 @@ command -v promtool >/dev/null || need_pkgs+=(prometheus)
 command -v curl >/dev/null || need_pkgs+=(curl)
 # the C example player is built with the system C compiler (client-sdk/ffi/tests/c_player.rs)
 command -v cc >/dev/null || need_pkgs+=(gcc libc6-dev)
+command -v script >/dev/null || need_pkgs+=(bsdutils)  # a pty for `starling-admin top` (controlplane/tests/cli.rs)
 command -v python3 >/dev/null || need_pkgs+=(python3)
 # the e2e's generic gRPC client (grpcio + reflection from PyPI) needs venv or pip
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)

@@ -1,23 +1,26 @@
 //! `starling-admin`: command-line client of the Starling AdminService.
 
-use std::path::PathBuf;
+mod audience;
+mod client;
+mod show;
+mod table;
+mod top;
+mod when;
+
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use starling_proto::v1::admin_service_client::AdminServiceClient;
 use starling_proto::v1::{
-    Broadcast, BroadcastRef, BroadcastState, CreateBroadcastRequest, ListBroadcastsRequest,
+    BroadcastRef, BroadcastState, CreateBroadcastRequest, ListBroadcastsRequest,
     RevokeViewerRequest, SourceHealth,
 };
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 
-/// Where the control plane writes its zero-setup admin key by default.
-const DEFAULT_ADMIN_KEY_FILE: &str = "./starling-data/admin.key";
+use client::{Client, ConnArgs, Failure, connect};
+use show::{health_str, print_broadcast, print_details, state_str, to_json};
 
-/// Starling admin CLI: create, start, stop, inspect and wait for broadcasts.
+/// Starling admin CLI: create, start, stop, inspect and wait for broadcasts; watch them
+/// live (`top`) and read their audience (`audience`).
 ///
 /// Exit status: 0 on success, 1 when a call fails (the gRPC status is printed on
 /// stderr), 2 on bad usage, 3 when `wait` times out.
@@ -31,42 +34,8 @@ const DEFAULT_ADMIN_KEY_FILE: &str = "./starling-data/admin.key";
 #[derive(Debug, Parser)]
 #[command(name = "starling-admin", version, about, long_about)]
 struct Args {
-    /// Control-plane gRPC URL.
-    #[arg(
-        long,
-        env = "STARLING_CONTROL_URL",
-        default_value = "http://127.0.0.1:7000",
-        global = true
-    )]
-    control_url: String,
-
-    /// Deadline of each gRPC call (e.g. 10s, 500ms).
-    #[arg(long, env = "STARLING_ADMIN_CALL_TIMEOUT", default_value = "10s", value_parser = starling_proto::time::parse_duration, global = true)]
-    call_timeout: Duration,
-
-    /// An admin JWT (`role: "admin"`, signed with a key the control plane trusts via
-    /// --admin-jwt-key). Takes precedence over the admin key.
-    #[arg(
-        long,
-        env = "STARLING_ADMIN_JWT",
-        hide_env_values = true,
-        global = true
-    )]
-    admin_jwt: Option<String>,
-
-    /// The control plane's static admin key (zero-setup mode).
-    #[arg(
-        long,
-        env = "STARLING_ADMIN_KEY",
-        hide_env_values = true,
-        global = true
-    )]
-    admin_key: Option<String>,
-
-    /// File holding the static admin key [default: ./starling-data/admin.key when it
-    /// exists].
-    #[arg(long, env = "STARLING_ADMIN_KEY_FILE", global = true)]
-    admin_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    conn: ConnArgs,
 
     #[command(subcommand)]
     command: Cmd,
@@ -146,6 +115,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Audience roll-ups of a broadcast from viewer reports, per step: viewers (average
+    /// and peak), watch time, peer share, server egress, peer bytes, rebuffer ratio,
+    /// start-up p50/p95, then a total row over the whole range. Times are printed in UTC.
+    Audience(audience::AudienceArgs),
+    /// Live broadcasts and their peer-grid figures, refreshed every --interval: full
+    /// screen on a terminal (Ctrl-C quits), repeated tables otherwise.
+    Top(top::TopArgs),
     /// Poll a broadcast until its source health (and optionally state) matches, e.g.
     /// `wait ID --health up --timeout 30s`. Connection errors are retried until the
     /// timeout. Exits 3 on timeout.
@@ -206,190 +182,6 @@ impl StateArg {
     }
 }
 
-fn state_str(v: i32) -> &'static str {
-    match BroadcastState::try_from(v) {
-        Ok(BroadcastState::Created) => "created",
-        Ok(BroadcastState::Live) => "live",
-        Ok(BroadcastState::Stopped) => "stopped",
-        _ => "unspecified",
-    }
-}
-
-fn health_str(v: i32) -> &'static str {
-    match SourceHealth::try_from(v) {
-        Ok(SourceHealth::Unknown) => "unknown",
-        Ok(SourceHealth::Connecting) => "connecting",
-        Ok(SourceHealth::Up) => "up",
-        Ok(SourceHealth::Down) => "down",
-        _ => "unspecified",
-    }
-}
-
-fn to_json(b: &Broadcast) -> serde_json::Value {
-    serde_json::json!({
-        "id": b.id,
-        "name": b.name,
-        "source_url": b.source_url,
-        "chunk_duration_ms": b.chunk_duration_ms,
-        "substreams": b.substreams,
-        "state": state_str(b.state),
-        "source_health": health_str(b.source_health),
-        "source_error": b.source_error,
-        "node_id": b.node_id,
-        "node_wire_addr": b.node_wire_addr,
-        "node_http_addr": b.node_http_addr,
-        "viewers_now": b.viewers_now,
-        "last_seq": b.last_seq,
-        "content_type": b.content_type,
-        "created_at_unix_ms": b.created_at_unix_ms,
-        "updated_at_unix_ms": b.updated_at_unix_ms,
-        "stream_kbps": b.stream_kbps,
-        "peers": b.peers,
-        "demand_slots": b.demand_slots,
-        "peer_supply_slots": b.peer_supply_slots,
-        "booster_slots": b.booster_slots,
-        "booster_kbps": b.booster_kbps,
-        "peer_share": b.peer_share,
-        "max_depth": b.max_depth,
-        "fluid_bound_kbps": b.fluid_bound_kbps,
-        "public": b.public,
-    })
-}
-
-fn print_details(b: &Broadcast) {
-    let dash = |s: &str| {
-        if s.is_empty() {
-            "-".to_string()
-        } else {
-            s.to_string()
-        }
-    };
-    println!("id:            {}", b.id);
-    println!("name:          {}", b.name);
-    println!("source_url:    {}", b.source_url);
-    println!("state:         {}", state_str(b.state));
-    println!(
-        "public:        {}",
-        if b.public {
-            "yes"
-        } else {
-            "no (viewer credential needed)"
-        }
-    );
-    println!("source_health: {}", health_str(b.source_health));
-    if !b.source_error.is_empty() {
-        println!("source_error:  {}", b.source_error);
-    }
-    println!("node:          {}", dash(&b.node_id));
-    println!("node_wire:     {}", dash(&b.node_wire_addr));
-    println!("node_http:     {}", dash(&b.node_http_addr));
-    println!("chunk_ms:      {}", b.chunk_duration_ms);
-    println!("substreams:    {}", b.substreams);
-    println!("viewers_now:   {}", b.viewers_now);
-    println!("last_seq:      {}", b.last_seq);
-    println!("content_type:  {}", dash(&b.content_type));
-    println!("stream_kbps:   {}", b.stream_kbps);
-    println!(
-        "grid:          {} peers, demand {} slots, peer supply {} slots, booster {} slots ({} kbps, fluid bound {} kbps), max depth {}",
-        b.peers,
-        b.demand_slots,
-        b.peer_supply_slots,
-        b.booster_slots,
-        b.booster_kbps,
-        b.fluid_bound_kbps,
-        b.max_depth
-    );
-    println!("peer_share:    {:.1} %", b.peer_share * 100.0);
-}
-
-fn print_broadcast(b: &Broadcast, json: bool) {
-    if json {
-        println!("{}", to_json(b));
-    } else {
-        print_details(b);
-    }
-}
-
-enum Failure {
-    Status(tonic::Status),
-    Connect(String),
-    Timeout(String),
-}
-
-impl From<tonic::Status> for Failure {
-    fn from(s: tonic::Status) -> Self {
-        Failure::Status(s)
-    }
-}
-
-/// Adds `authorization: Bearer …` to every call (nothing when no token was found: the
-/// control plane then answers UNAUTHENTICATED with a hint).
-#[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            request.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(request)
-    }
-}
-
-type Client = AdminServiceClient<InterceptedService<Channel, Bearer>>;
-
-/// The bearer token: --admin-jwt, else --admin-key, else the key file.
-fn bearer(args: &Args) -> Result<Bearer, Failure> {
-    let token = if let Some(jwt) = args.admin_jwt.as_deref().filter(|s| !s.trim().is_empty()) {
-        Some(jwt.trim().to_string())
-    } else if let Some(key) = args.admin_key.as_deref().filter(|s| !s.trim().is_empty()) {
-        Some(key.trim().to_string())
-    } else {
-        let (path, explicit) = match &args.admin_key_file {
-            Some(p) => (p.clone(), true),
-            None => (PathBuf::from(DEFAULT_ADMIN_KEY_FILE), false),
-        };
-        match std::fs::read_to_string(&path) {
-            Ok(s) => Some(s.trim().to_string()),
-            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return Err(Failure::Connect(format!(
-                    "cannot read admin key file {}: {e}",
-                    path.display()
-                )));
-            }
-        }
-    };
-    match token {
-        None => Ok(Bearer(None)),
-        Some(t) => {
-            let mut v: MetadataValue<Ascii> = format!("Bearer {t}").parse().map_err(|_| {
-                Failure::Connect("the admin key/JWT must be printable ASCII".into())
-            })?;
-            v.set_sensitive(true);
-            Ok(Bearer(Some(v)))
-        }
-    }
-}
-
-async fn connect(args: &Args) -> Result<Client, Failure> {
-    let bearer = bearer(args)?;
-    let endpoint = Endpoint::from_shared(args.control_url.clone())
-        .map_err(|e| {
-            Failure::Connect(format!("invalid --control-url {:?}: {e}", args.control_url))
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(args.call_timeout);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Failure::Connect(format!("cannot connect to {}: {e}", args.control_url)))?;
-    Ok(AdminServiceClient::with_interceptor(channel, bearer))
-}
-
 async fn run(args: Args) -> Result<(), Failure> {
     match &args.command {
         Cmd::Create {
@@ -401,7 +193,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             id_only,
             json,
         } => {
-            let mut client = connect(&args).await?;
+            let mut client = connect(&args.conn).await?;
             let b = client
                 .create_broadcast(CreateBroadcastRequest {
                     name: name.clone(),
@@ -422,7 +214,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             }
         }
         Cmd::Start { id, json } => {
-            let mut client = connect(&args).await?;
+            let mut client = connect(&args.conn).await?;
             let b = client
                 .start_broadcast(BroadcastRef { id: id.clone() })
                 .await?
@@ -430,7 +222,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             print_broadcast(&b, *json);
         }
         Cmd::Stop { id, json } => {
-            let mut client = connect(&args).await?;
+            let mut client = connect(&args.conn).await?;
             let b = client
                 .stop_broadcast(BroadcastRef { id: id.clone() })
                 .await?
@@ -438,7 +230,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             print_broadcast(&b, *json);
         }
         Cmd::Get { id, json } => {
-            let mut client = connect(&args).await?;
+            let mut client = connect(&args.conn).await?;
             let b = client
                 .get_broadcast(BroadcastRef { id: id.clone() })
                 .await?
@@ -450,7 +242,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             subject,
             session,
         } => {
-            let mut client = connect(&args).await?;
+            let mut client = connect(&args.conn).await?;
             let r = client
                 .revoke_viewer(RevokeViewerRequest {
                     broadcast_id: id.clone(),
@@ -462,7 +254,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             println!("revoked {} session(s)", r.revoked_sessions);
         }
         Cmd::List { all, json } => {
-            let mut client = connect(&args).await?;
+            let mut client = connect(&args.conn).await?;
             let list = client
                 .list_broadcasts(ListBroadcastsRequest {
                     include_stopped: *all,
@@ -495,6 +287,8 @@ async fn run(args: Args) -> Result<(), Failure> {
                 }
             }
         }
+        Cmd::Audience(a) => audience::run(&args.conn, a).await?,
+        Cmd::Top(t) => top::run(&args.conn, t).await?,
         Cmd::Wait {
             id,
             health,
@@ -508,7 +302,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             let mut last = String::from("no answer yet");
             loop {
                 if client.is_none() {
-                    match connect(&args).await {
+                    match connect(&args.conn).await {
                         Ok(c) => client = Some(c),
                         Err(Failure::Connect(m)) => last = m,
                         Err(other) => return Err(other),
@@ -566,17 +360,13 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Status(s)) => {
-            eprintln!("starling-admin: {:?}: {}", s.code(), s.message());
-            ExitCode::from(1)
-        }
-        Err(Failure::Connect(m)) => {
-            eprintln!("starling-admin: {m}");
-            ExitCode::from(1)
-        }
-        Err(Failure::Timeout(m)) => {
-            eprintln!("starling-admin: {m}");
-            ExitCode::from(3)
+        Err(f) => {
+            eprintln!("starling-admin: {f}");
+            ExitCode::from(match f {
+                Failure::Status(_) | Failure::Connect(_) => 1,
+                Failure::Usage(_) => 2,
+                Failure::Timeout(_) => 3,
+            })
         }
     }
 }
