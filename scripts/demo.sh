@@ -6,7 +6,8 @@
 # Builds the workspace (release), then starts:
 #   - a built-in test source: an ffmpeg test pattern (H.264 + AAC in MPEG-TS) served over
 #     HTTP at real time (ffmpeg is installed with apt-get if missing);
-#   - starling-controlplane on embedded SQLite (a fresh database in the run folder);
+#   - starling-controlplane on embedded SQLite (a fresh database in the run folder),
+#     with its dashboard on (the URL to open is printed);
 #   - starling-dataplane, registered with it;
 #   - a broadcast created and started through the gRPC admin API;
 #   - three SDK viewers (starling-play), joining a few seconds apart;
@@ -21,6 +22,7 @@ CP_ADDR=${STARLING_DEMO_CONTROL:-127.0.0.1:7000}
 WIRE_ADDR=${STARLING_DEMO_WIRE:-127.0.0.1:7100}
 HTTP_ADDR=${STARLING_DEMO_HTTP:-127.0.0.1:7180}
 SRC_PORT=${STARLING_DEMO_SOURCE_PORT:-7190}
+DASH_ADDR=${STARLING_DEMO_DASHBOARD:-127.0.0.1:7092}
 DATA=${STARLING_DEMO_DATA_DIR:-}
 RUN=$(mktemp -d /tmp/starling-demo.XXXXXX)
 # A fresh SQLite database per run (previous demos' broadcasts would compete for the
@@ -72,7 +74,8 @@ wait_port() { # addr seconds
 PIDS+=($!)
 
 mkdir -p "$DATA"
-"$B/starling-controlplane" --listen "$CP_ADDR" --data-dir "$DATA" --metrics-listen "${STARLING_DEMO_METRICS:-127.0.0.1:7091}" >"$RUN/controlplane.log" 2>&1 &
+"$B/starling-controlplane" --listen "$CP_ADDR" --data-dir "$DATA" --metrics-listen "${STARLING_DEMO_METRICS:-127.0.0.1:7091}" \
+  --dashboard-listen "$DASH_ADDR" >"$RUN/controlplane.log" 2>&1 &
 PIDS+=($!)
 wait_port "$CP_ADDR" 30
 "$B/starling-dataplane" --control-url "http://$CP_ADDR" --node-key-file "$DATA/admin.key" --wire-listen "$WIRE_ADDR" \
@@ -100,6 +103,7 @@ say "SDK viewers' local URLs (open one in a player, e.g. ffplay URL):"
 grep -ho 'http://127.0.0.1:[0-9]*/live/[^ ]*' "$RUN"/viewer*.log | sed 's/^/    /' >&2 || true
 say "plain HTTP from the data plane: ffplay http://$HTTP_ADDR/live/$ID"
 say "admin: $B/starling-admin --control-url http://$CP_ADDR get $ID"
+say "dashboard: http://$DASH_ADDR/#key=$(cat "$DATA/admin.key")"
 
 START=$(date +%s)
 while true; do

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs every Starling test on a fresh Debian machine, installing what it needs:
 #   - Debian packages: ffmpeg (makes and decodes test streams), gcc (builds the C example
-#     player), icecast2 (the broadcaster's
-#     media server in the end-to-end test), prometheus (promtool), postgresql (only when no
-#     server binaries are present);
+#     player), icecast2 (the broadcaster's media server in the end-to-end tests), prometheus
+#     (promtool), chromium-headless-shell (the dashboard test), bsdutils (`script`, a pty),
+#     postgresql (only when no server binaries are present);
 #   - a throwaway PostgreSQL cluster when DATABASE_URL is unset (stopped on exit).
 # Then: rustfmt check, clippy -D warnings, every unit/integration test (against both
 # SQLite and Postgres), every fuzz target briefly (scripts/fuzz.sh), and the media
@@ -30,6 +30,9 @@ command -v curl >/dev/null || need_pkgs+=(curl)
 command -v cc >/dev/null || need_pkgs+=(gcc libc6-dev)
 command -v script >/dev/null || need_pkgs+=(bsdutils)  # a pty for `starling-admin top` (controlplane/tests/cli.rs)
 command -v python3 >/dev/null || need_pkgs+=(python3)
+# the dashboard test (loadtest/tests/dashboard.rs) opens the page in headless Chromium
+command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null \
+  || need_pkgs+=(chromium-headless-shell)
 # the e2e's generic gRPC client (grpcio + reflection from PyPI) needs venv or pip
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 python3 -m pip --version >/dev/null 2>&1 || need_pkgs+=(python3-pip)

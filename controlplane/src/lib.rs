@@ -25,11 +25,14 @@
 //!   retention ([`ReportConfig`]).
 //! * [`metrics`]: Prometheus metrics (`/metrics` on a separate listener), gRPC metrics
 //!   layer.
+//! * [`dashboard`]: the operator's web page (embedded) and its JSON API, behind the
+//!   admin credential, on its own listener.
 //! * [`server`]: wiring and in-process serving ([`ControlPlane`], [`serve`]).
 
 pub mod assign;
 pub mod auth;
 pub mod credential;
+pub mod dashboard;
 pub mod limits;
 pub mod live;
 pub mod metrics;

@@ -86,6 +86,9 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Where to serve Prometheus `GET /metrics` over HTTP; `None` = not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve the operator's dashboard ([`crate::dashboard`]); `None` = not
+    /// served.
+    pub dashboard_listen: Option<SocketAddr>,
     /// gRPC server limits (concurrency per connection, timeout, message size).
     pub server_limits: ServerLimits,
 }
@@ -103,6 +106,7 @@ impl Config {
             service: ServiceConfig::default(),
             auth: AuthConfig::with_random_admin_key(),
             metrics_listen: None,
+            dashboard_listen: None,
             server_limits: ServerLimits::default(),
         }
     }
@@ -144,6 +148,8 @@ pub struct ControlPlane {
     core: Arc<Core>,
     /// The bound `/metrics` listener, if any.
     metrics: Option<(TcpListener, SocketAddr)>,
+    /// The bound dashboard listener, if any.
+    dashboard: Option<(TcpListener, SocketAddr)>,
     limits: ServerLimits,
 }
 
@@ -157,7 +163,26 @@ impl ControlPlane {
         if let Some(addr) = config.metrics_listen {
             cp.bind_metrics(addr).await?;
         }
+        if let Some(addr) = config.dashboard_listen {
+            cp.bind_dashboard(addr).await?;
+        }
         Ok(cp)
+    }
+
+    /// Binds the dashboard's HTTP listener (served by [`ControlPlane::run`]); returns
+    /// its address (with the real port when `addr`'s was 0).
+    pub async fn bind_dashboard(&mut self, addr: SocketAddr) -> Result<SocketAddr, ServeError> {
+        let bound = crate::dashboard::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        let local = bound.1;
+        self.dashboard = Some(bound);
+        Ok(local)
+    }
+
+    /// The bound dashboard address, if any (the page is `http://{addr}/`).
+    pub fn dashboard_addr(&self) -> Option<SocketAddr> {
+        self.dashboard.as_ref().map(|(_, a)| *a)
     }
 
     /// Binds the Prometheus `/metrics` HTTP listener (served by [`ControlPlane::run`]);
@@ -214,6 +239,7 @@ impl ControlPlane {
             local_addr,
             core: Core::new(store, service, authenticator, tokens),
             metrics: None,
+            dashboard: None,
             limits: ServerLimits::default(),
         })
     }
@@ -241,6 +267,7 @@ impl ControlPlane {
             local_addr,
             core,
             metrics,
+            dashboard,
             limits,
         } = self;
         let report_tasks = core.reports().spawn();
@@ -251,6 +278,14 @@ impl ControlPlane {
                 let core = core.clone();
                 async move { core.render_metrics().await }
             }))
+        });
+        let dashboard_task = dashboard.map(|(l, addr)| {
+            tracing::info!(%addr, "serving the dashboard on http://{addr}/");
+            tokio::spawn(crate::dashboard::serve(
+                l,
+                core.authenticator().clone(),
+                core.clone(),
+            ))
         });
         let api = Api::new(core.clone());
         let admin_guard = AdminInterceptor::new(core.authenticator().clone());
@@ -355,6 +390,9 @@ impl ControlPlane {
         liveness.abort();
         core.close_streams();
         if let Some(t) = metrics_task {
+            t.abort();
+        }
+        if let Some(t) = dashboard_task {
             t.abort();
         }
         // Queued reports get a few seconds to reach the database.

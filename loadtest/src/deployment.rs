@@ -96,6 +96,9 @@ pub struct DeploymentConfig {
     /// Serve the control plane's Prometheus `/metrics` on a loopback port
     /// ([`Deployment::control_metrics_url`]).
     pub control_metrics: bool,
+    /// Serve the control plane's dashboard on this address (port 0: a free one;
+    /// [`Deployment::dashboard_url`]); `None` = not served.
+    pub dashboard_listen: Option<SocketAddr>,
     /// Viewers reach the control plane through a proxy (`tests/reports.rs`), so every
     /// call comes from the proxy's address: the control plane's peer address check and
     /// its per-address rate limits are turned off (they cannot hold behind a proxy).
@@ -121,6 +124,7 @@ impl Default for DeploymentConfig {
             token_ttl: None,
             report_interval: None,
             control_metrics: false,
+            dashboard_listen: None,
             behind_proxy: false,
         }
     }
@@ -138,6 +142,7 @@ pub struct Deployment {
     broadcast: Broadcast,
     reports: Arc<Reports>,
     control_metrics: Option<SocketAddr>,
+    dashboard: Option<SocketAddr>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -197,11 +202,13 @@ impl Deployment {
         if config.control_metrics {
             cp_config.metrics_listen = Some(([127, 0, 0, 1], 0).into());
         }
+        cp_config.dashboard_listen = config.dashboard_listen;
         let cp = ControlPlane::bind(cp_config)
             .await
             .map_err(|e| HarnessError::Start(format!("control plane: {e}")))?;
         let reports = cp.reports();
         let control_metrics = cp.metrics_addr();
+        let dashboard = cp.dashboard_addr();
         let control = cp.spawn();
         let control_url = control.url();
 
@@ -257,6 +264,7 @@ impl Deployment {
             broadcast: created,
             reports,
             control_metrics,
+            dashboard,
             _dir: dir,
         };
         dep.wait_ready().await?;
@@ -331,6 +339,13 @@ impl Deployment {
     /// [`DeploymentConfig::control_metrics`] is set.
     pub fn control_metrics_url(&self) -> Option<String> {
         self.control_metrics.map(|a| format!("http://{a}/metrics"))
+    }
+
+    /// `http://addr/`, the control plane's dashboard, when
+    /// [`DeploymentConfig::dashboard_listen`] is set (sign in with
+    /// [`Deployment::admin_key`], or append `#key=` and the key).
+    pub fn dashboard_url(&self) -> Option<String> {
+        self.dashboard.map(|a| format!("http://{a}/"))
     }
 
     /// "postgres" or "sqlite".

@@ -430,6 +430,15 @@ struct DemoArgs {
     /// Also write the final report as JSON to this file.
     #[arg(long, env = "STARLING_LOADTEST_JSON")]
     json: Option<PathBuf>,
+    /// Where the control plane serves its dashboard (live charts of the broadcast;
+    /// the URL to open, admin key included, is printed at start); port 0 picks a free
+    /// one; "" or `off` disables it.
+    #[arg(
+        long,
+        env = "STARLING_LOADTEST_DASHBOARD_LISTEN",
+        default_value = "127.0.0.1:0"
+    )]
+    dashboard_listen: String,
 }
 
 fn main() -> ExitCode {
@@ -542,10 +551,18 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
                 .into(),
         );
     }
+    let dashboard_listen = match args.dashboard_listen.trim() {
+        "" | "off" => None,
+        a => Some(
+            a.parse::<std::net::SocketAddr>()
+                .map_err(|_| format!("--dashboard-listen {a:?} is not host:port, \"\" or off"))?,
+        ),
+    };
     let dep = Deployment::start(DeploymentConfig {
         bitrate_kbps: args.bitrate_kbps,
         chunk_ms: args.chunk_ms,
         substreams: args.substreams,
+        dashboard_listen,
         // Simulated viewers all reach the servers from 127.0.0.1 and say who they are
         // in the addresses they advertise: per-address limits cannot hold.
         behind_proxy: sim,
@@ -562,6 +579,9 @@ async fn demo(args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
         args.bitrate_kbps,
         dep.broadcast_id()
     );
+    if let Some(url) = dep.dashboard_url() {
+        eprintln!("dashboard: {url}#key={}", dep.admin_key());
+    }
     eprintln!(
         "joining {} {} at {}/s, upload profile {:?} x stream rate (mean {:.2}x); Ctrl-C to stop",
         args.peers,

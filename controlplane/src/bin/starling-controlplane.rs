@@ -154,6 +154,14 @@ struct Args {
     )]
     metrics_listen: String,
 
+    /// Address of the operator's dashboard (a web page with live charts of every
+    /// broadcast, and its JSON API under /api/), e.g. `127.0.0.1:9180`; "" or `off` (the
+    /// default) disables it. The page asks for the admin key or an admin JWT (or takes
+    /// it from the URL fragment, `http://ADDR/#key=KEY`); every API call needs it. Plain
+    /// HTTP: keep it on loopback or put it behind a TLS proxy.
+    #[arg(long, env = "STARLING_DASHBOARD_LISTEN", default_value = "")]
+    dashboard_listen: String,
+
     /// Most viewer reports held in memory while waiting to be written to the database
     /// (e.g. while it is unavailable). Beyond it, Report calls are refused (UNAVAILABLE)
     /// and their reports counted in starling_cp_reports_dropped_total.
@@ -366,13 +374,14 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
-fn metrics_addr(s: &str) -> anyhow::Result<Option<SocketAddr>> {
+/// An optional listener address: `host:port`, or "" / `off` for none.
+fn listen_addr(flag: &str, s: &str) -> anyhow::Result<Option<SocketAddr>> {
     let s = s.trim();
     if s.is_empty() || s.eq_ignore_ascii_case("off") {
         return Ok(None);
     }
     Ok(Some(s.parse().with_context(|| {
-        format!("--metrics-listen {s:?} is not host:port, \"\" or off")
+        format!("--{flag} {s:?} is not host:port, \"\" or off")
     })?))
 }
 
@@ -528,7 +537,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let metrics_listen = metrics_addr(&args.metrics_listen)?;
+    let metrics_listen = listen_addr("metrics-listen", &args.metrics_listen)?;
+    let dashboard_listen = listen_addr("dashboard-listen", &args.dashboard_listen)?;
 
     let database =
         DatabaseConfig::from_url_or_data_dir(args.database_url.as_deref(), &args.data_dir);
@@ -595,6 +605,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         database: database.clone(),
         service,
         metrics_listen,
+        dashboard_listen,
         auth,
         server_limits: ServerLimits {
             concurrency_per_connection: usize::try_from(args.grpc_concurrency_per_connection)
@@ -618,6 +629,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cp.backend_name(),
         cp.local_addr()
     );
+    if let Some(addr) = cp.dashboard_addr() {
+        eprintln!(
+            "starling-controlplane: dashboard on http://{addr}/ (sign in with the admin key or \
+             an admin JWT, or open http://{addr}/#key=KEY)"
+        );
+    }
     cp.run(shutdown_signal()).await.with_context(failed)?;
     eprintln!("starling-controlplane: stopped");
     Ok(())

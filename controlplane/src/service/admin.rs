@@ -176,7 +176,10 @@ impl Core {
         self.broadcast_view(b).await
     }
 
-    async fn list_broadcasts(&self, include_stopped: bool) -> ApiResult<ListBroadcastsResponse> {
+    pub(super) async fn list_broadcasts(
+        &self,
+        include_stopped: bool,
+    ) -> ApiResult<ListBroadcastsResponse> {
         let list = self.store.list_broadcasts(include_stopped).await?;
         let nodes: HashMap<String, NodeRecord> = self
             .store
@@ -295,7 +298,7 @@ impl Core {
         })
     }
 
-    async fn get_audience(
+    pub(super) async fn get_audience(
         &self,
         req: starling_proto::v1::GetAudienceRequest,
     ) -> ApiResult<starling_proto::v1::GetAudienceResponse> {

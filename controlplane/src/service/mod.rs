@@ -13,7 +13,8 @@
 //!   in memory; `join_batch`: group commit of its session rows;
 //! * `session_stream`: `ViewerService.Session`, the per-viewer stream of pushed deltas;
 //!   `session_route`: the served `ViewerService`, with `Session`'s own response body;
-//! * `scrape`: the state a `/metrics` scrape reads ([`crate::metrics::Snapshot`]).
+//! * `scrape`: the state a `/metrics` scrape reads ([`crate::metrics::Snapshot`]);
+//! * `dashboard`: the figures the dashboard polls ([`crate::dashboard::Source`]).
 //!
 //! Invariants:
 //! * Every change of a broadcast's state or node assignment happens while holding
@@ -46,6 +47,7 @@ use crate::tokens::{Revocations, TokenKeys};
 
 mod admin;
 mod chunk_keys;
+mod dashboard;
 mod edge;
 mod errors;
 mod guards;
