@@ -29,70 +29,12 @@ FORMAT_DECODE_SECS=${E2E_FORMAT_DECODE_SECS:-10}
 GRPC_PY_DIR=${E2E_GRPC_PY_DIR:-$(pwd)/target/e2e-grpc-py}
 WORK=$(mktemp -d /tmp/starling-e2e.XXXXXX)
 chmod 755 "$WORK"
-PIDS=()
 DECODERS=()
-FAILED=0
+E2E_NAME=e2e
+E2E_EXTRA_LOGS="$WORK/ice/log/error.log"
+# shellcheck source=scripts/e2e-common.sh
+source scripts/e2e-common.sh  # (the working directory is the repository root)
 
-log() { printf '[e2e %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-# fail is also called from background subshells: failures are recorded in a file.
-fail() { log "FAIL: $*"; echo "$*" >>"$WORK/FAILURES"; FAILED=1; }
-failed() { [ "$FAILED" = 1 ] || [ -s "$WORK/FAILURES" ]; }
-cleanup() {
-  set +e
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
-  wait 2>/dev/null
-  if failed; then
-    log "logs kept in $WORK"
-    for f in "$WORK"/*.log "$WORK"/ice/log/error.log; do
-      [ -f "$f" ] || continue
-      echo "----- $f (last 40 lines)" >&2
-      tail -n 40 "$f" >&2
-    done
-  else
-    rm -rf "$WORK"
-  fi
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_port() { # host port seconds
-  for _ in $(seq 1 $(($3 * 10))); do
-    if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  return 1
-}
-bg() { # name cmd... : start in background, log to $WORK/name.log
-  local name=$1; shift
-  "$@" >"$WORK/$name.log" 2>&1 &
-  PIDS+=($!)
-  local var=${name//[^a-zA-Z0-9]/_}
-  eval "PID_$var=$!"
-}
-# decode_check NAME URL [SECS]: decodes URL (SECS, default DECODE_SECS, plus 2 s of
-# margin); asserts no error line and that at least the full SECS seconds were decoded.
-decode_check() {
-  local name=$1 url=$2 want=${3:-$DECODE_SECS}
-  local err="$WORK/decode-$name.err" prog="$WORK/decode-$name.progress"
-  timeout $((want + 40)) ffmpeg -nostdin -hide_banner -v error -i "$url" \
-    -t $((want + 2)) -f null - -progress "$prog" 2>"$err" || true
-  local us
-  us=$(grep '^out_time_us=' "$prog" 2>/dev/null | tail -1 | cut -d= -f2)
-  [[ "$us" =~ ^[0-9]+$ ]] || us=0
-  local secs
-  secs=$(printf '%d.%03d' $((us / 1000000)) $((us % 1000000 / 1000)))
-  if [ -s "$err" ]; then
-    fail "$name: ffmpeg printed $(wc -l <"$err") error lines, first: $(head -3 "$err")"
-  elif [ "$us" -lt $((want * 1000000)) ]; then
-    fail "$name: decoded only ${secs}s of media (wanted >= ${want}s)"
-  else
-    log "ok: $name decoded ${secs}s (>= ${want}s) with zero errors"
-  fi
-}
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 for b in starling-controlplane starling-dataplane starling-admin starling-play; do
