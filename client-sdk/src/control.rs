@@ -202,6 +202,8 @@ pub(crate) struct ControlOptions {
     pub join_attempts: u32,
     /// No `Join` retry starts later than this after the first attempt.
     pub join_deadline: Duration,
+    /// A `Join` answer without chunk keys is an error ([`SdkError::Unverifiable`]).
+    pub require_chunk_keys: bool,
 }
 
 /// First own back-off of a `Join` refused as busy without a pushback; doubled per
@@ -336,6 +338,7 @@ pub(crate) struct Control {
     client_version: String,
     join_attempts: u32,
     join_deadline: Duration,
+    require_chunk_keys: bool,
 }
 
 /// The local IP the control channel binds to: the relay listener's IP when it is a
@@ -405,6 +408,7 @@ impl Control {
             client_version: client_version.to_string(),
             join_attempts: opts.join_attempts.max(1),
             join_deadline: opts.join_deadline,
+            require_chunk_keys: opts.require_chunk_keys,
         })
     }
 
@@ -419,6 +423,19 @@ impl Control {
         loop {
             let e = match self.join_once(offer).await {
                 Err(e @ SdkError::ControlBusy { .. }) => e,
+                Ok(j) if self.require_chunk_keys && j.chunk_keys.is_empty() => {
+                    // Leave the session politely; the error stands whatever happens.
+                    let _ = tokio::time::timeout(
+                        self.join_deadline.min(Duration::from_secs(3)),
+                        self.leave(&j.session_id),
+                    )
+                    .await;
+                    return Err(SdkError::Unverifiable(
+                        "the control plane's Join answer carries no chunk keys: nothing could be \
+                         verified (set allow_unverified to play anyway)"
+                            .into(),
+                    ));
+                }
                 r => return r,
             };
             let SdkError::ControlBusy { retry_after, .. } = &e else {

@@ -33,6 +33,10 @@ pub enum SdkError {
         message: String,
         retry_after: Option<std::time::Duration>,
     },
+    /// The stream could not be verified (e.g. `Join` returned no chunk keys) and
+    /// [`ViewerConfig::allow_unverified`](crate::ViewerConfig::allow_unverified) is off.
+    #[error("refusing to play unverified: {0}")]
+    Unverifiable(String),
     /// The control plane's answer is unusable (e.g. no data-plane address).
     #[error("bad control plane response: {0}")]
     ControlResponse(String),
@@ -128,6 +132,7 @@ impl SdkError {
             | SdkError::VersionMismatch(_)
             | SdkError::BroadcastEnded(_)
             | SdkError::SessionInactive
+            | SdkError::Unverifiable(_)
             | SdkError::HttpBind { .. }
             | SdkError::PeerBind { .. } => true,
             SdkError::ControlRejected { code, .. } => matches!(
@@ -219,6 +224,7 @@ impl SdkError {
             SdkError::BroadcastEnded(_)
             | SdkError::Config(_)
             | SdkError::SessionInactive
+            | SdkError::Unverifiable(_)
             | SdkError::HttpBind { .. }
             | SdkError::PeerBind { .. } => Recovery::Fatal,
             SdkError::ControlRejected { .. } if self.is_fatal() => Recovery::Fatal,

@@ -358,3 +358,37 @@ async fn join_gives_up_after_its_attempts() {
     assert_eq!(s.cp.log.lock().join_attempts.len(), 2);
     s.stop();
 }
+
+/// A `Join` answer without chunk keys (a legacy control plane, or a man in the middle
+/// who stripped them) is an error, not a fallback to unverified play; the session is
+/// left. With `allow_unverified` the viewer plays, and counts its chunks unverified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_without_chunk_keys_is_refused_unless_unverified_play_is_allowed() {
+    let s = Setup::start_with("ss9", false, 60_000, |cp| {
+        cp.join_chunk_keys = Some(Vec::new());
+    })
+    .await;
+    let e = match Viewer::join(config("ss9", &s.url)).await {
+        Ok(_) => panic!("a viewer joined without chunk keys"),
+        Err(e) => e,
+    };
+    assert!(matches!(e, SdkError::Unverifiable(_)), "{e}");
+    assert!(e.is_fatal(), "{e}");
+    wait_until("the refused session left", || s.cp.leaves() >= 1).await;
+    s.stop();
+
+    // The fake control plane has one plan per Join: a second one for the second viewer.
+    let s = Setup::start_with("ss10", false, 60_000, |cp| {
+        cp.join_chunk_keys = Some(Vec::new());
+    })
+    .await;
+    let mut insecure = config("ss10", &s.url);
+    insecure.allow_unverified = true;
+    insecure.session_stream = false; // the stream's first message would bring keys
+    let v = Viewer::join(insecure).await.unwrap();
+    let st = wait_stats(&v, "playing unverified", |st| st.chunks_played >= 5).await;
+    assert!(st.chunks_unverified >= 5, "{st}");
+    assert_eq!(st.chunks_verified, 0, "{st}");
+    v.leave().await.unwrap();
+    s.stop();
+}

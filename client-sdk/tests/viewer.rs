@@ -24,6 +24,9 @@ fn config(broadcast: &str) -> ViewerConfig {
     c.http_listen = None;
     c.reconnect_initial = Duration::from_millis(10);
     c.reconnect_max = Duration::from_millis(200);
+    // The fixture's stream is unsigned and its fake control plane hands out no chunk
+    // keys (the default refusal of such a Join is tested in session.rs).
+    c.allow_unverified = true;
     c
 }
 

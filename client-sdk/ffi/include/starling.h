@@ -97,6 +97,9 @@ enum StarlingStatus
   STARLING_ERR_INTERNAL = -11,
   // The caller's buffer is too small; the message says how many bytes are needed.
   STARLING_ERR_BUFFER_TOO_SMALL = -12,
+  // The stream cannot be verified (the control plane's `Join` answer carried no chunk
+  // keys) and `allow_unverified` is false.
+  STARLING_ERR_UNVERIFIED = -13,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -135,6 +138,10 @@ typedef struct StarlingConfig {
   // (starts at 2,000 and is only ever lowered by measuring the uplink). Ignored when
   // `relay` is false.
   uint32_t upload_kbps;
+  // Insecure: play (and relay) even when the control plane hands out no chunk keys,
+  // so nothing can be verified. Default false: `starling_viewer_start` then fails
+  // with `STARLING_ERR_UNVERIFIED`.
+  bool allow_unverified;
   // Where to accept peer connections. Default "0.0.0.0:0"; NULL = default.
   const char *peer_listen;
   // Host (name or IP) other peers should connect to; NULL (default) = the local IP

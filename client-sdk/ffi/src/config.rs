@@ -36,6 +36,10 @@ pub struct StarlingConfig {
     /// (starts at 2,000 and is only ever lowered by measuring the uplink). Ignored when
     /// `relay` is false.
     pub upload_kbps: u32,
+    /// Insecure: play (and relay) even when the control plane hands out no chunk keys,
+    /// so nothing can be verified. Default false: `starling_viewer_start` then fails
+    /// with `STARLING_ERR_UNVERIFIED`.
+    pub allow_unverified: bool,
     /// Where to accept peer connections. Default "0.0.0.0:0"; NULL = default.
     pub peer_listen: *const c_char,
     /// Host (name or IP) other peers should connect to; NULL (default) = the local IP
@@ -73,6 +77,7 @@ pub fn default_config() -> StarlingConfig {
         http_listen: c"127.0.0.1:0".as_ptr(),
         relay: true,
         upload_kbps: 0,
+        allow_unverified: false,
         peer_listen: c"0.0.0.0:0".as_ptr(),
         advertise_host: std::ptr::null(),
         max_peer_links_per_ip: RelayConfig::DEFAULT_MAX_LINKS_PER_IP,
@@ -96,6 +101,7 @@ pub fn zeroed() -> StarlingConfig {
         http_listen: std::ptr::null(),
         relay: false,
         upload_kbps: 0,
+        allow_unverified: false,
         peer_listen: std::ptr::null(),
         advertise_host: std::ptr::null(),
         max_peer_links_per_ip: 0,
@@ -175,6 +181,7 @@ pub unsafe fn settings(c: &StarlingConfig) -> Result<Settings, Failure> {
         Some(s) => Some(addr(&s, "http_listen")?),
         None => None,
     };
+    v.allow_unverified = c.allow_unverified;
     if !c.relay {
         v.relay = RelayConfig::disabled();
     } else {

@@ -47,10 +47,13 @@ pub enum StarlingStatus {
     StarlingErrInternal = -11,
     /// The caller's buffer is too small; the message says how many bytes are needed.
     StarlingErrBufferTooSmall = -12,
+    /// The stream cannot be verified (the control plane's `Join` answer carried no chunk
+    /// keys) and `allow_unverified` is false.
+    StarlingErrUnverified = -13,
 }
 
 /// Every code, for `starling_status_name` and the tests.
-pub(crate) const ALL: [StarlingStatus; 15] = [
+pub(crate) const ALL: [StarlingStatus; 16] = [
     StarlingStatus::StarlingOk,
     StarlingStatus::StarlingTimeout,
     StarlingStatus::StarlingEndOfStream,
@@ -66,6 +69,7 @@ pub(crate) const ALL: [StarlingStatus; 15] = [
     StarlingStatus::StarlingErrRuntime,
     StarlingStatus::StarlingErrInternal,
     StarlingStatus::StarlingErrBufferTooSmall,
+    StarlingStatus::StarlingErrUnverified,
 ];
 
 impl StarlingStatus {
@@ -87,6 +91,7 @@ impl StarlingStatus {
             StarlingStatus::StarlingErrRuntime => c"STARLING_ERR_RUNTIME",
             StarlingStatus::StarlingErrInternal => c"STARLING_ERR_INTERNAL",
             StarlingStatus::StarlingErrBufferTooSmall => c"STARLING_ERR_BUFFER_TOO_SMALL",
+            StarlingStatus::StarlingErrUnverified => c"STARLING_ERR_UNVERIFIED",
         }
     }
 }
@@ -154,6 +159,7 @@ pub fn status_of(e: &SdkError) -> StarlingStatus {
             S::StarlingErrNetwork
         }
         SdkError::HttpBind { .. } | SdkError::PeerBind { .. } => S::StarlingErrBind,
+        SdkError::Unverifiable(_) => S::StarlingErrUnverified,
     }
 }
 

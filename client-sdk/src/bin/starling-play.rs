@@ -43,6 +43,11 @@ struct Args {
     #[arg(long, env = "STARLING_CREDENTIAL", hide_env_values = true)]
     credential: Option<String>,
 
+    /// Insecure: play even when the control plane hands out no chunk keys, so nothing
+    /// can be verified (by default such a Join is an error).
+    #[arg(long, env = "STARLING_ALLOW_UNVERIFIED")]
+    allow_unverified: bool,
+
     /// Address of the local HTTP endpoint for media players (port 0 = any free port).
     #[arg(long, env = "STARLING_HTTP_LISTEN", default_value = "127.0.0.1:0")]
     http_listen: SocketAddr,
@@ -213,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = ViewerConfig::new(args.broadcast.clone());
     cfg.control_url = args.control_url.clone();
     cfg.credential = args.credential.clone();
+    cfg.allow_unverified = args.allow_unverified;
     cfg.http_listen = Some(args.http_listen);
     cfg.relay.listen = args.peer_listen;
     cfg.relay.advertise_host = args.advertise_host.clone();

@@ -72,6 +72,13 @@ pub struct ViewerConfig {
     /// (`None`, the default: this viewer checks every signature itself, as a device
     /// does). Only the Ed25519 check of a block already seen is skipped.
     pub verified_signatures: Option<Arc<starling_proto::integrity::VerifiedSignatures>>,
+    /// Insecure mode: play and relay even when `Join`'s answer carries no chunk keys, so
+    /// nothing can be verified (a legacy control plane, or a man in the middle who
+    /// stripped them). Default false: such a `Join` fails with
+    /// [`SdkError::Unverifiable`](crate::SdkError::Unverifiable). Direct connections
+    /// ([`Viewer::connect_direct`](crate::Viewer::connect_direct)) have no control plane
+    /// and are never verified.
+    pub allow_unverified: bool,
     /// Limits on the connections other peers open to this viewer's peer listener
     /// (handshake deadline and cap, connection cap, request rate).
     pub peer_limits: crate::PeerLimits,
@@ -204,6 +211,7 @@ impl ViewerConfig {
             report_queue: 64,
             token_skew: Duration::from_secs(5),
             verified_signatures: None,
+            allow_unverified: false,
             peer_limits: crate::PeerLimits::default(),
             key_hold: crate::KeyHoldLimits::default(),
             parent_window: starling_grid::peer::SchedulerConfig::default().parent_window,
@@ -250,6 +258,7 @@ impl ViewerConfig {
             keep_alive_timeout: self.control_keep_alive_timeout,
             join_attempts: self.join_attempts,
             join_deadline: self.join_deadline,
+            require_chunk_keys: !self.allow_unverified,
         }
     }
 

@@ -56,6 +56,8 @@ pub struct Log {
     pub reparents: Vec<(String, u32, Vec<u64>)>,
     /// When each Join call arrived (refused ones included).
     pub join_attempts: Vec<Instant>,
+    /// The session id of every Leave.
+    pub leaves: Vec<String>,
 }
 
 /// A push queue of one open session stream.
@@ -141,6 +143,11 @@ impl MiniCp {
 
     pub fn heartbeats(&self) -> usize {
         self.log.lock().heartbeats.len()
+    }
+
+    /// Leave calls so far.
+    pub fn leaves(&self) -> usize {
+        self.log.lock().leaves.len()
     }
 
     /// SessionUps (after the first of a stream) that asked for the current keys.
@@ -480,7 +487,8 @@ impl ViewerService for MiniCp {
         }))
     }
 
-    async fn leave(&self, _req: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+        self.log.lock().leaves.push(req.into_inner().session_id);
         Ok(Response::new(LeaveResponse {}))
     }
 
