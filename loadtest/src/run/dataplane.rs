@@ -57,6 +57,8 @@ pub fn dataplane_child(
         io_memory_kib: 512,
         capacity_viewers,
         limits: crate::deployment::loopback_limits(),
+        // The run's synthetic source is on loopback.
+        source_policy: starling_dataplane::source_policy::SourcePolicy::with_loopback(),
         ..starling_dataplane::Config::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
