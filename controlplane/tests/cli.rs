@@ -696,7 +696,9 @@ fn top_on_a_terminal(url: &str, key_file: &std::path::Path, id: &str) {
     let mut child = Command::new("script")
         .args([
             "-qfec",
-            &format!("{admin} top --interval 100ms"),
+            // `exec`: no shell in between (dash, CI's /bin/sh, dies of the SIGINT that
+            // top handles, and `script -e` then reports 130).
+            &format!("exec {admin} top --interval 100ms"),
             "/dev/null",
         ])
         .env("STARLING_CONTROL_URL", url)

@@ -89,15 +89,20 @@ impl Drop for Screen {
 /// Runs `top`.
 pub async fn run(conn: &ConnArgs, a: &TopArgs) -> Result<(), Failure> {
     let limit = if a.once { Some(1) } else { a.iterations };
-    let screen = (std::io::stdout().is_terminal() && !a.once && !a.json).then(Screen::enter);
     // Ctrl-C ends the loop (the screen is given back); if no handler can be installed,
     // the default action (the process ends) stays.
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+    // The handler is installed here, before the first frame, not on first poll.
+    let sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+    let ctrl_c = async move {
+        match sigint {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
         }
     };
     tokio::pin!(ctrl_c);
+    let screen = (std::io::stdout().is_terminal() && !a.once && !a.json).then(Screen::enter);
     let mut ticks = tokio::time::interval(a.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut client: Option<Client> = None;
