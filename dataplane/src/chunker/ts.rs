@@ -306,6 +306,9 @@ impl TsChunker {
     }
 
     fn update_clock(&mut self, c: u64) {
+        // A PCR extension above 299 (invalid, but on the wire) puts the clock past the
+        // wrap; reduce it so every difference below stays in range.
+        let c = c % CLOCK_WRAP;
         if let Some(prev) = self.last_clock {
             let step = (c + CLOCK_WRAP - prev) % CLOCK_WRAP;
             if step > MAX_CLOCK_STEP {
@@ -501,5 +504,27 @@ impl TsChunker {
         self.cur_has_rap_pid = false;
         self.run_last_pat = None;
         self.run_pat_pmt = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `ts_chunker` fuzz target: a PCR with an out-of-range extension
+    /// (511 > 299) at the top of the base range is past the clock's wrap, and the next
+    /// clock's step was computed with an overflowing subtraction.
+    #[test]
+    fn a_clock_past_the_wrap_is_reduced() {
+        let mut c = TsChunker::new(ChunkerConfig::default());
+        let past = ((1u64 << 33) - 1) * 300 + 511;
+        assert!(past >= CLOCK_WRAP);
+        c.update_clock(past);
+        assert_eq!(c.last_clock, Some(past - CLOCK_WRAP));
+        c.update_clock(0);
+        c.update_clock(past);
+        c.update_clock(27_000);
+        assert!(c.last_clock.is_some_and(|v| v < CLOCK_WRAP));
+        assert!(c.elapsed_clock_ms().is_some_and(|ms| ms < 60_000));
     }
 }
