@@ -107,8 +107,11 @@ async fn start_broadcast(dep: &Deployment, source_url: String) -> String {
         .create_broadcast(CreateBroadcastRequest {
             name: "c-player".into(),
             source_url,
-            // One chunk per GOP (1 s): the grid schedules play-out by this duration.
-            chunk_duration_ms: 1000,
+            // Deliberately half the source's key-frame interval: the TS chunker cuts at
+            // key frames (1 s chunks), and the play-out clock must follow the chunks'
+            // own timestamps within a few chunks (it ran at double speed for 16 chunks
+            // once: 15 skipped, continuity 0.29; checked below).
+            chunk_duration_ms: 500,
             substreams: 4,
             public: true,
         })
@@ -237,6 +240,13 @@ async fn c_player_plays_a_live_broadcast_that_ffmpeg_decodes_without_errors() {
         stderr.contains("starling-player: read "),
         "no stats line: {stderr}"
     );
+    let continuity: f64 = stderr
+        .split("continuity ")
+        .nth(1)
+        .and_then(|t| t.split(|c: char| c == ';' || c.is_whitespace()).next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no continuity in the stats line: {stderr}"));
+    assert!(continuity >= 0.9, "continuity {continuity}: {stderr}");
     let bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
     assert!(bytes > 0, "the C player wrote nothing");
 

@@ -27,6 +27,10 @@ pub struct PlayClock {
 impl PlayClock {
     /// Chunk timestamps over this many chunks set the rate.
     const STAMPS: usize = 64;
+    /// The shortest span of sequence numbers that sets a rate at all.
+    const FIRST_SPAN: u64 = 4;
+    /// From this span on, the rate follows changes above 2 %.
+    const FULL_SPAN: u64 = 16;
 
     /// A clock for chunks of `nominal` duration, reading zero at `now`.
     pub fn new(nominal: Duration, now: Duration) -> PlayClock {
@@ -75,13 +79,18 @@ impl PlayClock {
         else {
             return;
         };
-        if s1.saturating_sub(s0) < 16 || t1 <= t0 {
+        let span = s1.saturating_sub(s0);
+        if span < Self::FIRST_SPAN || t1 <= t0 {
             return;
         }
-        let measured = (t1 - t0) as f64 / (s1 - s0) as f64;
+        let measured = (t1 - t0) as f64 / span as f64;
         let rate = (self.nominal_ms / measured).clamp(0.25, 4.0);
+        // Over a short span only a gross mismatch (a broadcast configured with another
+        // chunk duration than its key-frame interval cuts) moves the clock; from
+        // `FULL_SPAN` chunks on, anything above the noise does.
+        let noise = if span < Self::FULL_SPAN { 0.2 } else { 0.02 };
         // Bring the clock up to date at the old rate before changing it; ignore noise.
-        if (rate - self.rate).abs() > 0.02 {
+        if (rate - self.rate).abs() > noise {
             self.read(now);
             self.rate = if (rate - 1.0).abs() <= 0.02 {
                 1.0
@@ -110,6 +119,29 @@ mod tests {
             d.observe(s, 1_000_000 + s * 1005, Duration::ZERO);
         }
         assert_eq!(d.rate(), 1.0);
+    }
+
+    #[test]
+    fn a_gross_mismatch_is_followed_within_a_few_chunks_noise_is_not() {
+        // Configured 500 ms, cut every 1 s (the key-frame interval): half speed after
+        // five chunks, before the clock has run far ahead of the stream.
+        let mut c = PlayClock::new(MS(500), Duration::ZERO);
+        for s in 0..4u64 {
+            c.observe(s, 1_000_000 + s * 1000, Duration::ZERO);
+            assert_eq!(c.rate(), 1.0, "after {} chunks", s + 1);
+        }
+        c.observe(4, 1_004_000, Duration::ZERO);
+        assert!((c.rate() - 0.5).abs() < 1e-9, "{}", c.rate());
+        // 10 % off over a short span is noise; over 16+ chunks it is the rate.
+        let mut d = PlayClock::new(MS(1000), Duration::ZERO);
+        for s in 0..10u64 {
+            d.observe(s, 1_000_000 + s * 1100, Duration::ZERO);
+        }
+        assert_eq!(d.rate(), 1.0);
+        for s in 10..20u64 {
+            d.observe(s, 1_000_000 + s * 1100, Duration::ZERO);
+        }
+        assert!((d.rate() - 1.0 / 1.1).abs() < 1e-9, "{}", d.rate());
     }
 
     #[test]
