@@ -36,6 +36,7 @@ pub mod dashboard;
 pub mod limits;
 pub mod live;
 pub mod metrics;
+pub mod reachability;
 pub mod reports;
 pub mod server;
 pub mod service;

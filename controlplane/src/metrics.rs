@@ -235,6 +235,8 @@ pub struct Metrics {
     refusals: [AtomicU64; Refusal::ALL.len()],
     unknown_session_lookups: AtomicU64,
     upload_capped_joins: AtomicU64,
+    /// Reachability probes of relays' advertised addresses: [reachable, unreachable].
+    probes: [AtomicU64; 2],
     /// Session streams open now (a gauge kept by open/close).
     session_streams: AtomicU64,
     /// Parts pushed on session streams, by [`Pushed`] kind.
@@ -274,6 +276,7 @@ impl Metrics {
             refusals: Default::default(),
             unknown_session_lookups: AtomicU64::new(0),
             upload_capped_joins: AtomicU64::new(0),
+            probes: Default::default(),
             session_streams: AtomicU64::new(0),
             session_pushes: Default::default(),
             session_counters: AtomicU64::new(0),
@@ -308,6 +311,16 @@ impl Metrics {
     /// Joins whose upload claim was capped so far.
     pub fn upload_capped_joins(&self) -> u64 {
         get(&self.upload_capped_joins)
+    }
+
+    /// One reachability probe finished ([`crate::reachability`]).
+    pub fn probed(&self, reachable: bool) {
+        add(&self.probes[usize::from(!reachable)], 1);
+    }
+
+    /// Reachability probes so far: (reachable, unreachable).
+    pub fn probes(&self) -> (u64, u64) {
+        (get(&self.probes[0]), get(&self.probes[1]))
     }
 
     /// A session stream opened.
@@ -627,6 +640,15 @@ pub fn render(m: &Metrics, s: Snapshot) -> String {
         "Joins whose claimed upload was capped until heartbeats confirm it.",
         get(&m.upload_capped_joins),
     );
+    let name = "starling_cp_reachability_probes_total";
+    out.family(
+        name,
+        Kind::Counter,
+        "Probes of the addresses relays advertise (a relay gets children only once reachable), by result.",
+    );
+    for (i, result) in ["reachable", "unreachable"].into_iter().enumerate() {
+        out.sample(name, &[("result", result)], get(&m.probes[i]));
+    }
     out.counter(
         "starling_cp_upload_confirmations_total",
         "Granted upload budgets raised because heartbeats confirmed the uploads.",

@@ -129,6 +129,9 @@ impl TrustConfig {
 pub struct UploadTrust {
     claimed: u32,
     granted: u32,
+    /// Not yet known to be reachable at its advertised address: nothing is granted
+    /// ([`UploadTrust::on_probation`], [`UploadTrust::reachable`]).
+    probation: bool,
     /// Start of the current confirmation window: time and cumulative bytes uploaded.
     window: Option<(Duration, u64)>,
 }
@@ -139,8 +142,39 @@ impl UploadTrust {
         UploadTrust {
             claimed,
             granted: claimed.min(ceiling),
+            probation: false,
             window: None,
         }
+    }
+
+    /// A join claiming `claimed` kbit/s from an address not yet probed: nothing is
+    /// granted until [`UploadTrust::reachable`].
+    pub fn on_probation(claimed: u32) -> Self {
+        UploadTrust {
+            claimed,
+            granted: 0,
+            probation: true,
+            window: None,
+        }
+    }
+
+    /// True while the address has not been found reachable.
+    pub fn on_probation_now(&self) -> bool {
+        self.probation
+    }
+
+    /// The advertised address answered: the claim is granted up to `ceiling`, as at a
+    /// join without probation. Returns the new granted budget when it changed.
+    pub fn reachable(&mut self, ceiling: u32) -> Option<u32> {
+        if !self.probation {
+            return None;
+        }
+        self.probation = false;
+        let g = self.claimed.min(ceiling);
+        (g != self.granted).then(|| {
+            self.granted = g;
+            g
+        })
     }
 
     /// The budget the grid counts slots with.
@@ -174,6 +208,9 @@ impl UploadTrust {
         window: Duration,
         carried_kbps: impl FnOnce() -> u64,
     ) -> Option<u32> {
+        if self.probation {
+            return None;
+        }
         let Some((start, start_bytes)) = self.window else {
             self.window = Some((now, uploaded));
             return None;

@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use starling_controlplane::limits::{LimitsConfig, RateLimit};
+use starling_controlplane::reachability::ReachabilityConfig;
 use starling_controlplane::trust::{PeerAddrCheck, TrustConfig};
 use starling_controlplane::{
     AuthConfig, BearerInterceptor, ControlPlane, ControlPlaneHandle, ServerLimits, ServiceConfig,
@@ -400,14 +401,32 @@ async fn sybil_upload_is_capped_and_peer_addr_must_be_the_callers(store: Store) 
     assert_eq!(peer_slots_used(&g), 16);
     assert!(g.booster_slots >= 64, "{g:?}");
 
-    // peer_addr on someone else's address, or a name, is refused and counted.
+    // peer_addr on someone else's address, or a name, is refused and counted; the
+    // viewer still plays (behind a NAT its own private address looks just like this),
+    // as one that relays to nobody, and nobody is ever pointed at that address.
+    let supply = h.get(&b).await.peer_supply_slots;
     for addr in ["127.0.9.9:7000", "victim.example:7000"] {
-        let e = join_from(&h, &b, [127, 0, 6, 2], addr, 2000)
+        let j = join_from(&h, &b, [127, 0, 6, 2], addr, 2000)
             .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::PermissionDenied, "{addr}: {e:?}");
+            .unwrap_or_else(|e| panic!("{addr}: {e:?}"));
+        assert_eq!(j.child_slots, 0, "{addr}");
     }
     assert_eq!(metric(&h, &refusals("peer_addr")).await, 2);
+    assert_eq!(h.get(&b).await.peer_supply_slots, supply);
+    for i in 1..=10u8 {
+        let j = join_from(&h, &b, [127, 0, 8, i], "", 0).await.unwrap();
+        let addrs = j
+            .parents
+            .iter()
+            .filter_map(|p| p.peer.as_ref())
+            .chain(&j.neighbours);
+        for r in addrs {
+            assert!(
+                !r.addr.contains("127.0.9.9") && !r.addr.contains("victim"),
+                "{r:?}"
+            );
+        }
+    }
     // Its own address, or an unspecified one (replaced by the caller's), is fine.
     join_from(&h, &b, [127, 0, 6, 2], "127.0.6.2:7000", 2000)
         .await
@@ -415,6 +434,62 @@ async fn sybil_upload_is_capped_and_peer_addr_must_be_the_callers(store: Store) 
     join_from(&h, &b, [127, 0, 6, 3], "0.0.0.0:7000", 2000)
         .await
         .unwrap();
+    h.shutdown().await;
+}
+
+/// Reachability before responsibility: with probes on, a relay gets children only once
+/// a TCP connection to its advertised address opens; one whose address does not answer
+/// (a NAT without a port mapping) plays but is nobody's parent.
+async fn relays_get_children_only_once_reachable(store: Store) {
+    let mut cfg = service(TrustConfig::default(), LimitsConfig::default());
+    cfg.reachability = ReachabilityConfig {
+        enabled: true,
+        timeout: Duration::from_secs(5),
+        ..ReachabilityConfig::default()
+    };
+    let h = Harness::start_with(store, cfg).await;
+    let b = h.live_broadcast("probed").await;
+    let listening = tokio::net::TcpListener::bind("127.0.6.1:0").await.unwrap();
+    let open = listening.local_addr().unwrap().to_string();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.6.2:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let reachable = join_from(&h, &b, [127, 0, 6, 1], &open, 2000)
+        .await
+        .unwrap();
+    let unreachable = join_from(&h, &b, [127, 0, 6, 2], &closed, 2000)
+        .await
+        .unwrap();
+    // Both are told what their claim buys; the grid counts neither until probed.
+    assert_eq!(reachable.child_slots, 8);
+    assert_eq!(unreachable.child_slots, 8);
+    let series = |r: &str| format!("starling_cp_reachability_probes_total{{result=\"{r}\"}}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while metric(&h, &series("reachable")).await + metric(&h, &series("unreachable")).await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the probes never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&h, &series("reachable")).await, 1);
+    assert_eq!(metric(&h, &series("unreachable")).await, 1);
+    // Only the reachable one's 8 slots are supply; viewers land under it, never under
+    // the other.
+    assert_eq!(h.get(&b).await.peer_supply_slots, 8);
+    let mut under_reachable = 0;
+    for i in 1..=4u8 {
+        let j = join_from(&h, &b, [127, 0, 7, i], "", 0).await.unwrap();
+        assert!(!has_parent(&j.parents, unreachable.peer_id), "{j:?}");
+        under_reachable += j
+            .parents
+            .iter()
+            .filter(|p| fed_by(p, reachable.peer_id))
+            .count();
+    }
+    assert!(under_reachable > 0);
+    drop(listening);
     h.shutdown().await;
 }
 
@@ -639,6 +714,7 @@ on_both_backends!(
     free_sessions_cannot_exclude_relays,
     sybil_upload_is_capped_and_peer_addr_must_be_the_callers,
     peer_addr_check_off_accepts_any_address,
+    relays_get_children_only_once_reachable,
     non_delivery_from_three_children_demotes_the_parent,
     floods_are_limited_per_address_and_cost_no_database_writes,
 );

@@ -298,6 +298,20 @@ struct Args {
           value_parser = ["strict", "off"])]
     peer_addr_check: String,
 
+    /// Give a relaying viewer children only once a TCP connection to the address it
+    /// advertised opens (reachability before responsibility: a viewer behind a NAT
+    /// without a port mapping plays, but nobody is told to connect to it). `false` for
+    /// deployments whose control plane cannot reach viewers the way viewers reach each
+    /// other.
+    #[arg(long, env = "STARLING_REACHABILITY_PROBE", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    reachability_probe: bool,
+
+    /// A reachability probe that has not connected by then failed (e.g. 3s).
+    #[arg(long, env = "STARLING_REACHABILITY_PROBE_TIMEOUT", default_value = "3s",
+          value_parser = starling_proto::time::parse_duration)]
+    reachability_probe_timeout: Duration,
+
     /// Most upload a join's claim buys until the viewer's heartbeats confirm it, in
     /// copies of the stream rate (0 = no ceiling). Confirmation: over each 10 s window,
     /// the upload rate the heartbeats report (counted at most at 5/4 of what the
@@ -593,6 +607,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             report_threshold: usize::try_from(args.report_threshold).unwrap_or(3),
             demote_threshold: usize::try_from(args.demote_threshold).unwrap_or(3),
             ..TrustConfig::default()
+        },
+        reachability: starling_controlplane::reachability::ReachabilityConfig {
+            enabled: args.reachability_probe,
+            timeout: args.reachability_probe_timeout,
+            ..Default::default()
         },
         parent_ticket_ttl: Duration::from_secs(args.parent_ticket_ttl),
         session_counters_interval: args.session_counters_interval,

@@ -85,10 +85,14 @@ impl LiveGrids {
         while peer_id == 0 || st.peers.contains_key(&peer_id) {
             peer_id = fresh();
         }
-        let upload = UploadTrust::new(
-            input.upload_kbps,
-            self.trust.upload_ceiling(st.assigner.config().stream_kbps),
-        );
+        let upload = if input.probe_first && input.upload_kbps > 0 {
+            UploadTrust::on_probation(input.upload_kbps)
+        } else {
+            UploadTrust::new(
+                input.upload_kbps,
+                self.trust.upload_ceiling(st.assigner.config().stream_kbps),
+            )
+        };
         let plan = st.assigner.join(
             peer_id,
             PeerInfo {
@@ -318,6 +322,39 @@ impl LiveGrids {
             tracing::info!(peer_id, upload_kbps, moved, "peer upload budget changed");
         }
         Some(moved)
+    }
+
+    /// The result of probing a session's `peer_addr` ([`crate::reachability`]).
+    /// Reachable: its claimed upload is granted as at a join without probation, and the
+    /// grid may give it children (server-fed peers move under it). Unreachable: it stays
+    /// a viewer that relays to nobody. Returns how many assignments moved; `None` when
+    /// the session is gone or was not on probation.
+    pub fn probed(&self, session_id: &str, reachable: bool) -> Option<usize> {
+        let now = self.now();
+        let (grid, peer_id) = {
+            let sessions = self.sessions.lock();
+            let e = sessions.get(session_id)?;
+            if !e.upload.on_probation_now() {
+                return None;
+            }
+            (e.grid.clone(), e.peer_id)
+        };
+        if !reachable {
+            return Some(0);
+        }
+        let mut st = grid.state.lock();
+        let ceiling = self.trust.upload_ceiling(st.assigner.config().stream_kbps);
+        // Under the grid lock, as `join` and `set_upload` change budgets.
+        let granted = self
+            .sessions
+            .lock()
+            .get_mut(session_id)
+            .and_then(|e| e.upload.reachable(ceiling))?;
+        if st.peers.get(&peer_id).is_none_or(|p| p.addr.is_empty()) {
+            return Some(0);
+        }
+        let moved = st.assigner.set_upload(peer_id, granted, now);
+        Some(st.wake_moved(&moved))
     }
 
     /// Records the chunk token issued to a session (join or renewal). Returns false when

@@ -24,6 +24,7 @@ fn input<'a>(session: &'a str, addr: &str, upload: u32) -> JoinInput<'a> {
         subject: None,
         credential_expires_at: None,
         mac_tickets: false,
+        probe_first: false,
     }
 }
 

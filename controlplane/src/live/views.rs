@@ -181,6 +181,9 @@ pub struct JoinInput<'a> {
     /// The viewer checks version-2 parent tickets: its peer id gets
     /// [`crate::tokens::MAC_TICKETS_BIT`].
     pub mac_tickets: bool,
+    /// Grant no upload (no children) until [`LiveGrids::probed`] says the viewer's
+    /// `peer_addr` is reachable ([`crate::reachability`]).
+    pub probe_first: bool,
 }
 
 /// A session removed from the grid by expiry.

@@ -57,14 +57,21 @@ impl Core {
         validate::id("broadcast_id", &req.broadcast_id)?;
         validate::short_text("client_version", &req.client_version, false)?;
         validate::peer_addr(&req.peer_addr)?;
-        if let Err(e) = crate::trust::check_peer_addr(
+        // An address the caller cannot have (not on its IP: behind a NAT it advertises
+        // its private address; or someone else's) is never handed to other viewers: the
+        // viewer joins as one that relays to nobody.
+        let advertised = match crate::trust::check_peer_addr(
             req.peer_addr.trim(),
             remote,
             self.config.trust.peer_addr_check,
         ) {
-            self.metrics.refused(crate::metrics::Refusal::PeerAddr);
-            return Err(ApiError::PermissionDenied(e.to_string()));
-        }
+            Ok(()) => req.peer_addr.trim(),
+            Err(e) => {
+                self.metrics.refused(crate::metrics::Refusal::PeerAddr);
+                tracing::debug!(error = %e, "peer_addr ignored: the viewer joins without relaying");
+                ""
+            }
+        };
         let id = req.broadcast_id.as_str();
         let b = self
             .join_cache
@@ -121,13 +128,16 @@ impl Core {
             0 => u64::MAX,
             c => u64::from(c).saturating_mul(u64::from(substreams)),
         };
-        let peer_addr = live::dialable_addr(req.peer_addr.trim(), remote);
+        let peer_addr = live::dialable_addr(advertised, remote);
         let upload_kbps = if peer_addr.is_empty() {
             0
         } else {
             req.upload_kbps
         };
         let session_id = validate::new_session_id();
+        let probe_addr = (self.prober.enabled() && upload_kbps > 0)
+            .then(|| peer_addr.parse::<std::net::SocketAddr>().ok())
+            .flatten();
         let grid = self
             .grids
             .join(JoinInput {
@@ -142,6 +152,7 @@ impl Core {
                 subject: subject.clone(),
                 credential_expires_at,
                 mac_tickets: req.mac_tickets,
+                probe_first: self.prober.enabled(),
             })
             .map_err(|e| match e {
                 JoinRefused::Grid(GridError::NoCapacity) => ApiError::Unavailable(format!(
@@ -157,7 +168,14 @@ impl Core {
                     ApiError::FailedPrecondition(format!("broadcast {id} is stopped"))
                 }
             })?;
-        if grid.granted_kbps < upload_kbps {
+        if let Some(addr) = probe_addr {
+            self.prober.probe(
+                self.grids.clone(),
+                self.metrics.clone(),
+                session_id.clone(),
+                addr,
+            );
+        } else if grid.granted_kbps < upload_kbps {
             self.metrics.upload_capped_join();
         }
         // The row goes into the next group commit now; the signatures below overlap it.

@@ -104,6 +104,9 @@ pub struct ServiceConfig {
     /// Trust rules: peer address check, upload cap, report thresholds
     /// ([`crate::trust`]).
     pub trust: crate::trust::TrustConfig,
+    /// Relays get children only once their advertised address answers
+    /// ([`crate::reachability`]).
+    pub reachability: crate::reachability::ReachabilityConfig,
     /// Most session rows written by one group commit of joins (`join_batch`).
     pub session_batch_max: usize,
     /// How long the join path trusts its in-memory copy of a broadcast or node row
@@ -135,6 +138,7 @@ impl Default for ServiceConfig {
             reports: crate::reports::ReportConfig::default(),
             limits: crate::limits::LimitsConfig::default(),
             trust: crate::trust::TrustConfig::default(),
+            reachability: crate::reachability::ReachabilityConfig::default(),
             session_batch_max: join_batch::DEFAULT_SESSION_BATCH_MAX,
             join_cache_ttl: Duration::from_secs(2),
             session_counters_interval: Duration::from_secs(10),
@@ -153,7 +157,9 @@ pub struct Core {
     links: parking_lot::Mutex<HashMap<String, NodeLink>>,
     assign_lock: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
-    grids: LiveGrids,
+    grids: Arc<LiveGrids>,
+    /// Reachability probes of relays' addresses ([`crate::reachability`]).
+    prober: crate::reachability::Prober,
     auth: Arc<Authenticator>,
     tokens: TokenKeys,
     /// Parent tickets for every peer assignment handed out.
@@ -212,7 +218,8 @@ impl Core {
         );
         let reports =
             crate::reports::Reports::new(config.reports.clone(), store.clone(), metrics.clone());
-        let grids = LiveGrids::with_config(config.reports.limits, config.trust);
+        let grids = Arc::new(LiveGrids::with_config(config.reports.limits, config.trust));
+        let prober = crate::reachability::Prober::new(config.reachability);
         Arc::new(Core {
             reports,
             metrics,
@@ -222,6 +229,7 @@ impl Core {
             assign_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             grids,
+            prober,
             guards,
             touches: parking_lot::Mutex::new(HashMap::new()),
             join_cache,
