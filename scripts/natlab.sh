@@ -2,7 +2,9 @@
 # The NAT lab: real viewers behind real NAT routers, on this one machine, with network
 # namespaces (needs root: CAP_NET_ADMIN, and nftables; miniupnpd for the UPnP router).
 #
-#   public namespace (198.18.0.0/15, "the internet"): the control plane (embedded
+#   public namespace (11.0.0.0/16 stands for the internet: an ordinary unicast range,
+#   so that miniupnpd hands out mappings on it; the namespaces are isolated from the
+#   host's network): the control plane (embedded
 #   SQLite), one data plane and the source (ffmpeg through a tiny HTTP server), plus
 #   the public viewers, each in its own namespace on the same bridge;
 #   homes: each viewer behind its own router namespace doing NAT with nftables:
@@ -14,15 +16,17 @@
 #   routers do.
 #
 # Each viewer is a real `starling-play` (relaying, upload 1.25x the stream) that plays
-# for NATLAB_SECS seconds. The lab prints, per NAT type: viewers, how many relayed
-# (uploaded to a child), peer share, continuity, stalls, parent changes. With
-# NATLAB_CHECK=1 it fails on the issue-17 bars (it does not by default: today's SDK does
-# not traverse NAT yet and the lab is how we see it).
+# for NATLAB_SECS seconds. The lab prints, per NAT type: viewers, how many played,
+# relayed (uploaded to a child) and got a router mapping, peer share, continuity,
+# stalls, parent changes. With NATLAB_CHECK=1 (CI) it fails unless: everyone played at
+# continuity >= 0.99, every public and UPnP viewer relayed (the latter mapped), and no
+# viewer behind a NAT without a mapping uploaded (nobody can reach it yet: hole
+# punching is not built).
 #
 # Usage: scripts/natlab.sh [VIEWERS] (default 40: 25 % public, 25 % upnp, 30 % eim,
 # 20 % sym). Env: NATLAB_SECS (default 40), STARLING_BIN_DIR (default target/debug),
-# NATLAB_KEEP=1 keeps the namespaces and logs for inspection (remove them with
-# `scripts/natlab.sh --clean`).
+# NATLAB_KEEP=1 keeps the namespaces and a copy of the logs for inspection (remove the
+# namespaces with `scripts/natlab.sh --clean`); logs are kept on failure anyway.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${STARLING_BIN_DIR:-$(pwd)/target/debug}
@@ -68,11 +72,11 @@ trap 'cleanup; [ "${NATLAB_KEEP:-0}" = 1 ] || clean_netns' EXIT
 inns() { local ns=$1; shift; ip netns exec "$P-$ns" "$@"; }
 
 # --- the public network ----------------------------------------------------------
-PUB_IP=198.18.0.1
+PUB_IP=11.0.0.1
 ip netns add "$P-pub"
 inns pub ip link set lo up
 inns pub ip link add br0 type bridge
-inns pub ip addr add "$PUB_IP/15" dev br0
+inns pub ip addr add "$PUB_IP/16" dev br0
 inns pub ip link set br0 up
 LINK=0
 # plug NS IFNAME ADDR/PLEN: a veth from namespace NS (named IFNAME there) to the bridge.
@@ -103,12 +107,12 @@ for i in $(seq 0 $((N - 1))); do
   ip netns add "$P-v$i"
   inns "v$i" ip link set lo up
   if [ "$t" = public ]; then
-    plug "v$i" eth0 "198.18.1.$((i + 1))/15"
+    plug "v$i" eth0 "11.0.1.$((i + 1))/16"
     continue
   fi
   ip netns add "$P-r$i"
   inns "r$i" ip link set lo up
-  plug "r$i" wan "198.18.2.$((i + 1))/15"
+  plug "r$i" wan "11.0.2.$((i + 1))/16"
   ip link add "nlc$i" type veth peer name "nld$i"
   ip link set "nlc$i" netns "$P-r$i"
   ip link set "nld$i" netns "$P-v$i"
@@ -154,8 +158,6 @@ ext_ifname=wan
 listening_ip=lan
 http_port=5000
 enable_natpmp=yes
-enable_pcp_pmp=yes
-ext_allow_private_ipv4=yes
 secure_mode=yes
 system_uptime=yes
 upnp_table_name=filter
@@ -187,7 +189,7 @@ for i in $(seq 0 $((N - 1))); do [ "${TYPES[$i]}" != public ] && { home=$i; brea
 if [ "$home" -ge 0 ]; then
   seen=$(inns "v$home" python3 -c "
 import socket; s=socket.create_connection(('$PUB_IP', 9), 5); print(s.recv(64).decode())")
-  [ "$seen" = "198.18.2.$((home + 1))" ] || { fail "NAT: the server saw $seen, not the router's address"; exit 1; }
+  [ "$seen" = "11.0.2.$((home + 1))" ] || { fail "NAT: the server saw $seen, not the router's address"; exit 1; }
   log "ok: a home viewer (192.168.$((home + 1)).2) reaches the public side as $seen"
 fi
 
@@ -223,7 +225,7 @@ bg controlplane ip netns exec "$P-pub" "$BIN/starling-controlplane" --listen "$P
 sleep 0.5
 for _ in $(seq 1 300); do [ -s "$WORK/cp-data/admin.key" ] && break; sleep 0.1; done
 bg dataplane ip netns exec "$P-pub" "$BIN/starling-dataplane" --control-url "$CONTROL" \
-  --node-key-file "$WORK/cp-data/admin.key" --allow-source-net 198.18.0.0/15 \
+  --node-key-file "$WORK/cp-data/admin.key" --allow-source-net 11.0.0.0/16 \
   --wire-listen "$PUB_IP:$WIRE_PORT" --http-listen "$PUB_IP:$HTTP_PORT" --advertise-host "$PUB_IP"
 admin() { ip netns exec "$P-pub" "$BIN/starling-admin" --control-url "$CONTROL" \
   --admin-key-file "$WORK/cp-data/admin.key" "$@"; }
@@ -249,42 +251,64 @@ done
 
 # --- the table --------------------------------------------------------------------------
 for i in $(seq 0 $((N - 1))); do echo "${TYPES[$i]} $WORK/viewer-$i.log"; done >"$WORK/index"
-python3 - "$WORK/index" <<'PY' | tee "$WORK/table"
+python3 - "$WORK/index" "${NATLAB_CHECK:-0}" <<'PY' >"$WORK/table" || CHECK_FAILED=1
 import re, sys
 rows = {}
 def num(pat, text, default=0):
     m = re.search(pat, text)
     return int(m.group(1)) if m else default
+keys = ["n", "ok", "relayed", "mapped", "server", "peers", "played", "skipped", "stalls", "changes"]
 for line in open(sys.argv[1]):
     t, path = line.split()
     text = open(path, errors="replace").read()
-    r = rows.setdefault(t, dict(n=0, ok=0, relayed=0, server=0, peers=0, played=0,
-                                skipped=0, stalls=0, changes=0, failed=0))
+    r = rows.setdefault(t, dict.fromkeys(keys, 0))
     r["n"] += 1
     if "starling-play: received" not in text:
-        r["failed"] += 1
         continue
     r["ok"] += 1
-    up = num(r"uploaded (\d+) bytes", text)
-    r["relayed"] += up > 0
+    r["relayed"] += num(r"uploaded (\d+) bytes", text) > 0
+    r["mapped"] += "(mapped by the router, UPnP)" in text
     r["server"] += num(r"from server (\d+) bytes", text)
     r["peers"] += num(r"from peers (\d+) bytes", text)
     r["played"] += num(r"played (\d+), skipped", text)
     r["skipped"] += num(r"skipped (\d+)", text)
     r["stalls"] += num(r"stalls (\d+) \(", text)
     r["changes"] += num(r"parent changes (\d+)", text)
-print(f"{'NAT':8} {'VIEWERS':>7} {'PLAYED':>6} {'RELAYED':>7} {'PEER_SHARE':>10} {'CONTINUITY':>10} {'STALLS':>6} {'PARENT_CHANGES':>14}")
-tot = dict(n=0, ok=0, relayed=0, server=0, peers=0, played=0, skipped=0, stalls=0, changes=0)
-for t in ["public", "upnp", "eim", "sym"]:
-    if t not in rows: continue
-    r = rows[t]
-    for k in tot: tot[k] += r[k]
-    share = r["peers"] / max(1, r["peers"] + r["server"])
-    cont = r["played"] / max(1, r["played"] + r["skipped"])
-    print(f"{t:8} {r['n']:>7} {r['ok']:>6} {r['relayed']:>7} {share:>10.1%} {cont:>10.4f} {r['stalls']:>6} {r['changes']:>14}")
-share = tot["peers"] / max(1, tot["peers"] + tot["server"])
-cont = tot["played"] / max(1, tot["played"] + tot["skipped"])
-print(f"{'all':8} {tot['n']:>7} {tot['ok']:>6} {tot['relayed']:>7} {share:>10.1%} {cont:>10.4f} {tot['stalls']:>6} {tot['changes']:>14}")
+def share(r): return r["peers"] / max(1, r["peers"] + r["server"])
+def cont(r): return r["played"] / max(1, r["played"] + r["skipped"])
+print(f"{'NAT':8} {'VIEWERS':>7} {'PLAYED':>6} {'RELAYED':>7} {'MAPPED':>6} {'PEER_SHARE':>10} {'CONTINUITY':>10} {'STALLS':>6} {'PARENT_CHANGES':>14}")
+tot = dict.fromkeys(keys, 0)
+for t in ["public", "upnp", "eim", "sym", "all"]:
+    if t == "all":
+        r = tot
+    elif t in rows:
+        r = rows[t]
+        for k in keys: tot[k] += r[k]
+    else:
+        continue
+    print(f"{t:8} {r['n']:>7} {r['ok']:>6} {r['relayed']:>7} {r['mapped']:>6} {share(r):>10.1%} {cont(r):>10.4f} {r['stalls']:>6} {r['changes']:>14}")
+if sys.argv[2] == "1":
+    # What holds today (no hole punching yet): everyone plays; every public viewer and
+    # every viewer behind the UPnP router relays (the latter through its mapping); no
+    # viewer behind a NAT without a mapping is ever a relay (it cannot be reached).
+    bad = []
+    if tot["ok"] != tot["n"]: bad.append(f"{tot['n'] - tot['ok']} viewers did not play")
+    if cont(tot) < 0.99: bad.append(f"continuity {cont(tot):.4f} < 0.99")
+    for t in ["public", "upnp"]:
+        if t in rows and rows[t]["relayed"] != rows[t]["n"]:
+            bad.append(f"{t}: {rows[t]['relayed']} of {rows[t]['n']} relayed")
+    if "upnp" in rows and rows["upnp"]["mapped"] != rows["upnp"]["n"]:
+        bad.append(f"upnp: {rows['upnp']['mapped']} of {rows['upnp']['n']} got a mapping")
+    for t in ["eim", "sym"]:
+        if t in rows and rows[t]["relayed"] > 0:
+            bad.append(f"{t}: {rows[t]['relayed']} unreachable viewers uploaded")
+    for b in bad: print("CHECK FAILED:", b)
+    sys.exit(1 if bad else 0)
 PY
-log "logs in $WORK (kept with NATLAB_KEEP=1)"
-if [ "${NATLAB_KEEP:-0}" = 1 ]; then FAILED=1; fi
+cat "$WORK/table"
+[ "${CHECK_FAILED:-0}" = 1 ] && fail "the lab's checks failed (see above)"
+if failed; then exit 1; fi
+if [ "${NATLAB_KEEP:-0}" = 1 ]; then
+  cp -a "$WORK" "$WORK.kept"
+  log "logs kept in $WORK.kept; namespaces kept (remove them with scripts/natlab.sh --clean)"
+fi

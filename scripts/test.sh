@@ -30,6 +30,10 @@ command -v curl >/dev/null || need_pkgs+=(curl)
 command -v cc >/dev/null || need_pkgs+=(gcc libc6-dev)
 command -v script >/dev/null || need_pkgs+=(bsdutils)  # a pty for `starling-admin top` (controlplane/tests/cli.rs)
 command -v python3 >/dev/null || need_pkgs+=(python3)
+# the NAT lab (scripts/natlab.sh): routers in network namespaces, NAT by nftables,
+# UPnP-IGD by miniupnpd
+command -v nft >/dev/null || need_pkgs+=(nftables)
+command -v miniupnpd >/dev/null || need_pkgs+=(miniupnpd-nftables)
 # the dashboard test (loadtest/tests/dashboard.rs) opens the page in headless Chromium
 command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null \
   || need_pkgs+=(chromium-headless-shell)
@@ -84,6 +88,12 @@ fi
 if [ "${STARLING_SKIP_E2E:-0}" != 1 ]; then
   log "HLS end-to-end (ffmpeg HLS muxer, TS and fMP4 + http.server + control plane + data plane + SDK viewers)"
   STARLING_BIN_DIR="$ROOT/target/debug" scripts/e2e-hls.sh
+fi
+
+# --- the NAT lab, short (issue 17; STARLING_SKIP_E2E=1 skips it too) ---------------
+if [ "${STARLING_SKIP_E2E:-0}" != 1 ]; then
+  log "NAT lab (12 viewers in network namespaces: public, UPnP router, NAT, symmetric NAT)"
+  STARLING_BIN_DIR="$ROOT/target/debug" NATLAB_SECS=20 NATLAB_CHECK=1 scripts/natlab.sh 12
 fi
 
 log "all tests passed"

@@ -54,6 +54,7 @@ mod error;
 pub mod fuzz_api;
 mod http;
 mod hub;
+pub mod portmap;
 mod rejoin;
 mod relay;
 pub mod reorder;

@@ -390,6 +390,7 @@ fn config(broadcast: &str, control_url: &str, upload_kbps: u32) -> ViewerConfig 
         advertise_host: None,
         max_upload_kbps: Some(upload_kbps),
         max_links_per_ip: 0,
+        ..RelayConfig::new()
     };
     // Several of these grid tests run unsigned sources behind a fake control plane that
     // hands out no chunk keys; where it does, this changes nothing. The refusal of such

@@ -63,6 +63,7 @@ impl Relay {
             // Every attacker here dials from 127.0.0.1: the per-address cap (tested in
             // loadtest/tests/squatting.rs) would refuse them before the limits under test.
             max_links_per_ip: 0,
+            ..RelayConfig::new()
         };
         c.peer_limits = limits;
         // The source is unsigned and the fake control plane hands out no chunk keys:

@@ -420,6 +420,7 @@ impl Swarm {
             max_upload_kbps: Some(peer.upload_kbps),
             // Every in-process peer connects from 127.0.0.1: no per-address cap.
             max_links_per_ip: 0,
+            ..RelayConfig::new()
         };
         if let Some(lag) = config.target_lag {
             vc.target_lag = lag;

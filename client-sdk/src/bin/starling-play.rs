@@ -80,6 +80,12 @@ struct Args {
     #[arg(long, env = "STARLING_ADVERTISE_HOST", value_name = "HOST")]
     advertise_host: Option<String>,
 
+    /// Do not ask the home router (UPnP-IGD) to forward a public port to the peer
+    /// listener. By default a relaying viewer whose address is a private one asks, and
+    /// advertises the router's public address (the search gives up after 500 ms).
+    #[arg(long, env = "STARLING_NO_PORT_MAPPING")]
+    no_port_mapping: bool,
+
     /// Most peer connections accepted from one source address at once (0 = unlimited);
     /// beyond, they are refused with SERVER_BUSY.
     #[arg(
@@ -222,6 +228,7 @@ async fn main() -> anyhow::Result<()> {
     cfg.http_listen = Some(args.http_listen);
     cfg.relay.listen = args.peer_listen;
     cfg.relay.advertise_host = args.advertise_host.clone();
+    cfg.relay.port_mapping.enabled = !args.no_port_mapping;
     cfg.relay.max_upload_kbps = args.upload_kbps;
     cfg.relay.max_links_per_ip = args.max_peer_links_per_ip;
     if let Some(lag) = args.target_lag {
@@ -268,7 +275,12 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     if let Some(addr) = viewer.peer_addr() {
-        eprintln!("starling-play: relaying to other viewers from {addr}");
+        match viewer.port_mapping() {
+            Some(_) => eprintln!(
+                "starling-play: relaying to other viewers from {addr} (mapped by the router, UPnP)"
+            ),
+            None => eprintln!("starling-play: relaying to other viewers from {addr}"),
+        }
     }
 
     let deadline = async {

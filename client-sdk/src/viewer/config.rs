@@ -143,6 +143,10 @@ pub struct RelayConfig {
     /// [`RelayConfig::DEFAULT_MAX_LINKS_PER_IP`]; 0 = unlimited (e.g. many peers of one
     /// host on loopback, which all connect from 127.0.0.1).
     pub max_links_per_ip: u32,
+    /// Ask the home router (UPnP-IGD) to forward a public port to the peer listener when
+    /// the advertised address would be a private one ([`crate::portmap`]); the viewer
+    /// then advertises the router's public address. Not used with `advertise_host`.
+    pub port_mapping: crate::portmap::PortMapConfig,
 }
 
 impl RelayConfig {
@@ -161,6 +165,7 @@ impl RelayConfig {
             advertise_host: None,
             max_upload_kbps: None,
             max_links_per_ip: Self::DEFAULT_MAX_LINKS_PER_IP,
+            port_mapping: crate::portmap::PortMapConfig::default(),
         }
     }
 

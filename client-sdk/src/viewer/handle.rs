@@ -21,6 +21,8 @@ pub struct Viewer {
     pub(super) local_addr: Option<SocketAddr>,
     pub(super) peer_addr: Option<String>,
     pub(super) tasks: Vec<JoinHandle<()>>,
+    /// The router's port forwarding to the peer listener, removed on leave.
+    pub(super) port_mapping: Option<crate::portmap::PortMapping>,
     /// `leave` ran (then drop does not `Leave` again).
     pub(super) left: bool,
 }
@@ -63,6 +65,14 @@ impl Viewer {
     /// control plane (`None` when it does not relay or has no grid assignment).
     pub fn peer_addr(&self) -> Option<&str> {
         self.peer_addr.as_deref()
+    }
+
+    /// The public address a router forwards to this viewer's peer listener (UPnP), when
+    /// it advertised one ([`crate::portmap`]).
+    pub fn port_mapping(&self) -> Option<std::net::SocketAddr> {
+        self.port_mapping
+            .as_ref()
+            .map(crate::portmap::PortMapping::external)
     }
 
     /// This viewer's id in the peer grid (`None` without a grid assignment).
@@ -128,6 +138,9 @@ impl Viewer {
                 abort.abort();
             }
         }
+        if let Some(m) = self.port_mapping.take() {
+            m.remove(Duration::from_secs(1)).await;
+        }
         if let Some(c) = &self.control {
             // The final report, then whatever is still queued (bounded in time).
             crate::report::enqueue(&self.shared, true);
@@ -158,6 +171,12 @@ impl Drop for Viewer {
         }
         if self.left {
             return;
+        }
+        if let (Some(m), Ok(rt)) = (
+            self.port_mapping.take(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            rt.spawn(async move { m.remove(Duration::from_secs(1)).await });
         }
         if let (Some(c), Some(s), Ok(rt)) = (
             self.control.clone(),

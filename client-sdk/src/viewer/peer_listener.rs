@@ -1,5 +1,7 @@
 //! The peer listener a relaying viewer binds before `Join`, and the address and upload
-//! budget it offers there (the advertised host is found out when not configured).
+//! budget it offers there (the advertised host is found out when not configured; a
+//! private one is replaced by a router's port mapping when the router grants one,
+//! [`crate::portmap`]).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -9,15 +11,26 @@ use tokio::net::TcpListener;
 use super::config::ViewerConfig;
 use crate::control::Offer;
 use crate::error::SdkError;
+use crate::portmap::{PortMapping, needs_mapping};
+
+/// What a relaying viewer prepared before `Join`.
+pub(super) struct RelayPrep {
+    pub listener: Option<TcpListener>,
+    pub offer: Offer,
+    /// The router forwards [`PortMapping::external`] to the listener.
+    pub mapping: Option<PortMapping>,
+}
 
 /// Binds the peer listener (unless relaying is off) and works out what to offer in
 /// `Join`.
-pub(super) async fn prepare_relay(
-    config: &ViewerConfig,
-) -> Result<(Option<TcpListener>, Offer), SdkError> {
+pub(super) async fn prepare_relay(config: &ViewerConfig) -> Result<RelayPrep, SdkError> {
     let upload = config.relay.upload_kbps();
     if upload == 0 {
-        return Ok((None, Offer::default()));
+        return Ok(RelayPrep {
+            listener: None,
+            offer: Offer::default(),
+            mapping: None,
+        });
     }
     let listen = config.relay.listen;
     let l = TcpListener::bind(listen)
@@ -27,22 +40,39 @@ pub(super) async fn prepare_relay(
             source: e.into(),
         })?;
     let port = l.local_addr()?.port();
+    let mut mapping = None;
     let host = match &config.relay.advertise_host {
         Some(h) if !h.is_empty() => h.clone(),
-        _ => local_ip(listen, &config.control_url).await.to_string(),
+        _ => {
+            let ip = local_ip(listen, &config.control_url).await;
+            let pm = &config.relay.port_mapping;
+            if pm.enabled && needs_mapping(ip) {
+                match PortMapping::map(SocketAddr::new(ip, port), pm).await {
+                    Ok(m) => {
+                        tracing::info!(local = %SocketAddr::new(ip, port), external = %m.external(),
+                            "the router maps a public port to the peer listener (UPnP)");
+                        mapping = Some(m);
+                    }
+                    Err(e) => tracing::info!(local = %ip, error = %e,
+                        "no port mapping: peers outside this network may not reach this viewer"),
+                }
+            }
+            ip.to_string()
+        }
     };
-    let peer_addr = if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
+    let peer_addr = match &mapping {
+        Some(m) => m.external().to_string(),
+        None if host.contains(':') && !host.starts_with('[') => format!("[{host}]:{port}"),
+        None => format!("{host}:{port}"),
     };
-    Ok((
-        Some(l),
-        Offer {
+    Ok(RelayPrep {
+        listener: Some(l),
+        offer: Offer {
             peer_addr,
             upload_kbps: upload,
         },
-    ))
+        mapping,
+    })
 }
 
 /// The IP other peers should use: the listener's if it is bound to one, else the local

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::config::{ViewerConfig, report_interval};
 use super::handle::Viewer;
-use super::peer_listener::prepare_relay;
+use super::peer_listener::{RelayPrep, prepare_relay};
 use super::receiver::{Receiver, Target, open_conn};
 use super::session::{Upkeep, upkeep};
 use crate::conn::WireConn;
@@ -51,8 +51,18 @@ impl Viewer {
                 &config.control_url,
             )),
         )?;
-        let (peer_listener, offer) = prepare_relay(&config).await?;
-        let join = control.join(&offer).await?;
+        let RelayPrep {
+            listener: peer_listener,
+            offer,
+            mapping,
+        } = prepare_relay(&config).await?;
+        let join = match control.join(&offer).await {
+            Ok(j) => j,
+            Err(e) => {
+                unmap(mapping).await;
+                return Err(e);
+            }
+        };
         let target = Target {
             wire_addr: join.wire_addr.clone(),
         };
@@ -70,11 +80,13 @@ impl Viewer {
                 let _ =
                     tokio::time::timeout(config.connect_timeout, control.leave(&join.session_id))
                         .await;
+                unmap(mapping).await;
                 return Err(e);
             }
         };
         if !grid {
             drop(peer_listener);
+            unmap(mapping).await;
             return Ok(Viewer::start(
                 config,
                 started,
@@ -92,6 +104,7 @@ impl Viewer {
             join,
             offer,
             peer_listener,
+            mapping,
             first,
             first_mask,
             k,
@@ -107,6 +120,7 @@ impl Viewer {
         join: JoinInfo,
         offer: Offer,
         peer_listener: Option<TcpListener>,
+        mapping: Option<crate::portmap::PortMapping>,
         first: WireConn,
         first_mask: u64,
         k: u16,
@@ -176,6 +190,9 @@ impl Viewer {
             },
             seed,
         )));
+        if let Some(m) = &mapping {
+            tasks.push(tokio::spawn(crate::portmap::renew_loop(m.clone())));
+        }
         tasks.push(tokio::spawn(crate::report::report_loop(
             control.clone(),
             shared.clone(),
@@ -187,6 +204,7 @@ impl Viewer {
             local_addr,
             peer_addr,
             tasks,
+            port_mapping: mapping,
             left: false,
         })
     }
@@ -271,6 +289,7 @@ impl Viewer {
             local_addr,
             peer_addr: None,
             tasks,
+            port_mapping: None,
             left: false,
         }
     }
@@ -388,5 +407,12 @@ async fn bind_http(config: &ViewerConfig) -> Result<Option<TcpListener>, SdkErro
                 addr: addr.to_string(),
                 source: e.into(),
             }),
+    }
+}
+
+/// Removes a port mapping made for a relay that will not relay after all.
+async fn unmap(mapping: Option<crate::portmap::PortMapping>) {
+    if let Some(m) = mapping {
+        m.remove(Duration::from_secs(1)).await;
     }
 }
