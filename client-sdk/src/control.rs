@@ -564,6 +564,7 @@ impl Control {
         session_id: &str,
         substream: u16,
         exclude: Vec<PeerId>,
+        unreachable: Vec<PeerId>,
     ) -> Result<(AssignedParent, Option<Ticket>), SdkError> {
         let resp = self
             .client
@@ -572,6 +573,7 @@ impl Control {
                 session_id: session_id.to_string(),
                 substream: u32::from(substream),
                 exclude_peer_ids: exclude,
+                unreachable_peer_ids: unreachable,
             })
             .await
             .map_err(|s| SdkError::from_status("Reparent", s))?

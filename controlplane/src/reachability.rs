@@ -8,7 +8,9 @@
 //! The probe is a bare TCP connect, closed at once: it proves that something accepts
 //! connections there, not that it is this viewer's SDK (the address is on the caller's
 //! own IP already, see [`crate::trust::check_peer_addr`]; a child's parent ticket still
-//! names the parent). Probes run off the join path, at most
+//! names the parent). A child that cannot connect to its parent says so in `Reparent`
+//! (`unreachable_peer_ids`): the parent is probed again (at most every 30 s) and loses
+//! its children if that fails too, until it joins again. Probes run off the join path, at most
 //! [`ReachabilityConfig::concurrency`] at once; each ends after
 //! [`ReachabilityConfig::timeout`].
 
@@ -72,14 +74,7 @@ impl Prober {
         session_id: String,
         addr: SocketAddr,
     ) {
-        let permits = self.permits.clone();
-        let timeout = self.config.timeout;
-        tokio::spawn(async move {
-            let Ok(_permit) = permits.acquire_owned().await else {
-                return;
-            };
-            let reachable = connects(addr, timeout).await;
-            metrics.probed(reachable);
+        self.spawn(addr, metrics, move |reachable| {
             match grids.probed(&session_id, reachable) {
                 Some(moved) if reachable => {
                     tracing::debug!(%session_id, %addr, moved, "relay reachable: upload granted");
@@ -89,6 +84,44 @@ impl Prober {
                 }
                 None => {}
             }
+        });
+    }
+
+    /// Probes a relay's address again after a child could not connect to it
+    /// ([`LiveGrids::reprobe_target`]); unreachable, it loses its children and its
+    /// upload goes back on probation ([`LiveGrids::unreachable`]).
+    pub fn reprobe(
+        &self,
+        grids: Arc<LiveGrids>,
+        metrics: Arc<Metrics>,
+        session_id: String,
+        addr: SocketAddr,
+    ) {
+        self.spawn(addr, metrics, move |reachable| {
+            if reachable {
+                tracing::debug!(%session_id, %addr, "relay reachable again on a child's complaint");
+            } else if let Some(moved) = grids.unreachable(&session_id) {
+                tracing::info!(%session_id, %addr, moved,
+                    "relay no longer reachable: its children were re-parented");
+            }
+        });
+    }
+
+    fn spawn(
+        &self,
+        addr: SocketAddr,
+        metrics: Arc<Metrics>,
+        then: impl FnOnce(bool) + Send + 'static,
+    ) {
+        let permits = self.permits.clone();
+        let timeout = self.config.timeout;
+        tokio::spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
+            let reachable = connects(addr, timeout).await;
+            metrics.probed(reachable);
+            then(reachable);
         });
     }
 }

@@ -158,6 +158,14 @@ impl UploadTrust {
         }
     }
 
+    /// A probe found the address unreachable after all (children could not connect to
+    /// it): nothing is granted any more.
+    pub fn back_on_probation(&mut self) {
+        self.probation = true;
+        self.granted = 0;
+        self.window = None;
+    }
+
     /// True while the address has not been found reachable.
     pub fn on_probation_now(&self) -> bool {
         self.probation

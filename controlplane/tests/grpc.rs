@@ -1090,6 +1090,7 @@ async fn grid_missed_heartbeats_expire_a_session_and_reparent_its_children(store
             session_id: a.session_id.clone(),
             substream: 0,
             exclude_peer_ids: vec![],
+            unreachable_peer_ids: vec![],
         })
         .await
         .unwrap_err();
@@ -1112,6 +1113,7 @@ async fn grid_reparent_excludes_the_given_peer(store: Store) {
             session_id: b.session_id.clone(),
             substream: 2,
             exclude_peer_ids: vec![old],
+            unreachable_peer_ids: vec![],
         })
         .await
         .unwrap()
@@ -1133,6 +1135,7 @@ async fn grid_reparent_excludes_the_given_peer(store: Store) {
             session_id: b.session_id.clone(),
             substream: 2,
             exclude_peer_ids: vec![a.peer_id, f.peer_id],
+            unreachable_peer_ids: vec![],
         })
         .await
         .unwrap()
@@ -1147,6 +1150,7 @@ async fn grid_reparent_excludes_the_given_peer(store: Store) {
                 session_id: b.session_id.clone(),
                 substream: 4,
                 exclude_peer_ids: vec![],
+                unreachable_peer_ids: vec![],
             },
             Code::InvalidArgument,
             "substream 4 out of range",
@@ -1156,6 +1160,7 @@ async fn grid_reparent_excludes_the_given_peer(store: Store) {
                 session_id: b.session_id.clone(),
                 substream: u32::MAX,
                 exclude_peer_ids: vec![],
+                unreachable_peer_ids: vec![],
             },
             Code::InvalidArgument,
             "out of range",
@@ -1165,6 +1170,7 @@ async fn grid_reparent_excludes_the_given_peer(store: Store) {
                 session_id: b.session_id.clone(),
                 substream: 0,
                 exclude_peer_ids: vec![1; 65],
+                unreachable_peer_ids: vec![],
             },
             Code::InvalidArgument,
             "exclude_peer_ids",
@@ -1174,6 +1180,7 @@ async fn grid_reparent_excludes_the_given_peer(store: Store) {
                 session_id: "s-ghost".into(),
                 substream: 0,
                 exclude_peer_ids: vec![],
+                unreachable_peer_ids: vec![],
             },
             Code::NotFound,
             "s-ghost",
@@ -1230,6 +1237,7 @@ async fn grid_peer_share_from_heartbeats_and_stop_drops_the_grid(store: Store) {
             session_id: b.session_id.clone(),
             substream: 0,
             exclude_peer_ids: vec![],
+            unreachable_peer_ids: vec![],
         })
         .await
         .unwrap_err();

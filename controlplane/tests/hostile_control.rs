@@ -23,7 +23,7 @@ use starling_proto::v1::viewer_service_client::ViewerServiceClient;
 use starling_proto::v1::{
     Broadcast, BroadcastRef, CommandsRequest, CreateBroadcastRequest, HeartbeatRequest,
     JoinRequest, JoinResponse, LeaveRequest, NodeCommand, PeerReportKind, RegisterNodeRequest,
-    ReportPeerRequest, ReportRequest, SubstreamParent,
+    ReparentRequest, ReportPeerRequest, ReportRequest, SubstreamParent,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -493,6 +493,75 @@ async fn relays_get_children_only_once_reachable(store: Store) {
     h.shutdown().await;
 }
 
+/// A child that cannot connect to its parent says so in `Reparent`: the parent is
+/// probed again and, unreachable now, loses its children. A session that never had it
+/// as a parent cannot trigger that.
+async fn a_parent_children_cannot_reach_is_probed_again_and_loses_them(store: Store) {
+    let mut cfg = service(TrustConfig::default(), LimitsConfig::default());
+    cfg.reachability = ReachabilityConfig {
+        enabled: true,
+        timeout: Duration::from_secs(5),
+        ..ReachabilityConfig::default()
+    };
+    let h = Harness::start_with(store, cfg).await;
+    let b = h.live_broadcast("reprobed").await;
+    let listening = tokio::net::TcpListener::bind("127.0.6.1:0").await.unwrap();
+    let addr = listening.local_addr().unwrap().to_string();
+    let relay = join_from(&h, &b, [127, 0, 6, 1], &addr, 2000)
+        .await
+        .unwrap();
+    let series = |r: &str| format!("starling_cp_reachability_probes_total{{result=\"{r}\"}}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while h.get(&b).await.peer_supply_slots == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay never got its slots"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let child = join_from(&h, &b, [127, 0, 7, 1], "", 0).await.unwrap();
+    let s = child
+        .parents
+        .iter()
+        .find(|p| fed_by(p, relay.peer_id))
+        .map(|p| p.substream)
+        .expect("the child has a substream under the relay");
+    let stranger = join_from(&h, &b, [127, 0, 7, 2], "", 0).await.unwrap();
+    // The relay's listener goes away (its router dropped the mapping, say).
+    drop(listening);
+    let complain = |session: String| ReparentRequest {
+        session_id: session,
+        substream: s,
+        exclude_peer_ids: vec![relay.peer_id],
+        unreachable_peer_ids: vec![relay.peer_id],
+    };
+    if !has_parent(&stranger.parents, relay.peer_id) {
+        h.viewer([127, 0, 7, 2])
+            .await
+            .reparent(complain(stranger.session_id.clone()))
+            .await
+            .unwrap();
+    }
+    h.viewer([127, 0, 7, 1])
+        .await
+        .reparent(complain(child.session_id.clone()))
+        .await
+        .unwrap();
+    while h.get(&b).await.peer_supply_slots != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay kept its slots"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&h, &series("reachable")).await, 1);
+    assert_eq!(metric(&h, &series("unreachable")).await, 1);
+    for p in parents_now(&h, &child.session_id).await {
+        assert!(!fed_by(&p, relay.peer_id), "{p:?}");
+    }
+    h.shutdown().await;
+}
+
 async fn peer_addr_check_off_accepts_any_address(store: Store) {
     let trust = TrustConfig {
         peer_addr_check: PeerAddrCheck::Off,
@@ -715,6 +784,7 @@ on_both_backends!(
     sybil_upload_is_capped_and_peer_addr_must_be_the_callers,
     peer_addr_check_off_accepts_any_address,
     relays_get_children_only_once_reachable,
+    a_parent_children_cannot_reach_is_probed_again_and_loses_them,
     non_delivery_from_three_children_demotes_the_parent,
     floods_are_limited_per_address_and_cost_no_database_writes,
 );

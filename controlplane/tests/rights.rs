@@ -876,6 +876,7 @@ async fn reported_peer_is_never_a_parent_again(store: Store) {
                 session_id: j.session_id.clone(),
                 substream: 0,
                 exclude_peer_ids: vec![],
+                unreachable_peer_ids: vec![],
             })
             .await
             .unwrap()

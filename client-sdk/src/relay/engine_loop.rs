@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::convert::from_buffer_map;
 use super::link::{LinkId, QueueError, reason};
-use super::{Engine, Ev, HOUSEKEEPING_EVERY, feed_source};
+use super::{Engine, Ev, HOUSEKEEPING_EVERY, Kind, MAX_UNREACHABLE, feed_source};
 use crate::error::SdkError;
 use crate::shared::stopped;
 
@@ -114,8 +114,17 @@ impl Engine {
             }
             Ev::Connected { link, handle, info } => self.on_connected(link, handle, info),
             Ev::ConnectFailed { link, err } => {
-                if self.links.contains_key(&link) {
+                if let Some(l) = self.links.get(&link) {
                     tracing::info!(link, "grid dial failed: {err}");
+                    if let Kind::Out(peer) = &l.kind
+                        && matches!(err, SdkError::Connect { .. } | SdkError::Timeout(_))
+                        && !self.unreachable.contains(&peer.id)
+                    {
+                        if self.unreachable.len() >= MAX_UNREACHABLE {
+                            self.unreachable.remove(0);
+                        }
+                        self.unreachable.push(peer.id);
+                    }
                     self.drop_link(link, None, Some(err));
                 }
             }

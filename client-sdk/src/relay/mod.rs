@@ -329,6 +329,7 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
             .then(|| UploadEstimator::new(budget_kbps, UploadEstimatorConfig::default())),
         drained,
         epoch,
+        unreachable: Vec::new(),
     };
     // The first data-plane connection is already up.
     let dp = engine.new_id();
@@ -405,7 +406,13 @@ struct Engine {
     drained: Arc<AtomicU64>,
     /// The origin of the grid core's clock (and the estimator's).
     epoch: Instant,
+    /// Parents whose dial failed at the TCP connect (refused or timed out), told to the
+    /// control plane with the next `Reparent` that excludes them (bounded).
+    unreachable: Vec<PeerId>,
 }
+
+/// Most parents remembered as unreachable until a `Reparent` carries them.
+const MAX_UNREACHABLE: usize = 16;
 
 /// The parent identity a feed stands for (`None` = the data plane; pending = no one).
 fn feed_source(f: &Feed) -> Option<Option<PeerId>> {

@@ -84,8 +84,19 @@ impl Engine {
         let control = self.control.clone();
         let session = self.session_id.clone();
         let events = self.events.clone();
+        // The excluded parents we could not even connect to: the control plane probes
+        // them again.
+        let unreachable: Vec<PeerId> = exclude
+            .iter()
+            .copied()
+            .filter(|id| self.unreachable.contains(id))
+            .collect();
+        self.unreachable.retain(|id| !unreachable.contains(id));
         tokio::spawn(async move {
-            let (result, ticket) = match control.reparent(&session, s, exclude.clone()).await {
+            let (result, ticket) = match control
+                .reparent(&session, s, exclude.clone(), unreachable)
+                .await
+            {
                 Ok((p, t)) => (Ok(p), t),
                 Err(e) => (Err(e), None),
             };

@@ -13,8 +13,8 @@ use starling_proto::v1::{PeerRef, SubstreamParent};
 
 use super::{
     BroadcastGrid, DEFAULT_STREAM_KBPS, Expired, GridState, HeartbeatView, JoinInput, JoinRefused,
-    JoinView, LiveGrids, PeerSlot, ReparentRefused, SessionEntry, TokenState, assigned,
-    random_peer_id, seed_of,
+    JoinView, LiveGrids, PeerSlot, REPROBE_EVERY, ReparentRefused, SessionEntry, TokenState,
+    assigned, random_peer_id, seed_of,
 };
 use crate::reports::clamp::{self, Bounds};
 use crate::trust::{ReportLedger, UploadTrust};
@@ -151,6 +151,7 @@ impl LiveGrids {
             upload,
             reportable: Vec::new(),
             stream: 0,
+            last_reprobe: None,
         };
         entry.remember(assigned(&view.parents, &view.neighbours), now);
         // Still under the grid lock: `drop_broadcast` sees either no peer or both maps.
@@ -354,6 +355,56 @@ impl LiveGrids {
             return Some(0);
         }
         let moved = st.assigner.set_upload(peer_id, granted, now);
+        Some(st.wake_moved(&moved))
+    }
+
+    /// A child could not connect to `peer_id`, one of its parents of the last minute:
+    /// that parent's session id and address to probe again, unless it is not a relay
+    /// (on probation, no address) or was probed again less than [`REPROBE_EVERY`] ago.
+    pub fn reprobe_target(
+        &self,
+        child_session: &str,
+        peer_id: PeerId,
+    ) -> Option<(Arc<str>, std::net::SocketAddr)> {
+        let now = self.now();
+        let grid = {
+            let sessions = self.sessions.lock();
+            let e = sessions.get(child_session)?;
+            if e.peer_id == peer_id || !e.may_report(peer_id, true, now) {
+                return None;
+            }
+            e.grid.clone()
+        };
+        let (parent_session, addr) = {
+            let st = grid.state.lock();
+            let slot = st.peers.get(&peer_id)?;
+            (slot.session_id.clone(), slot.addr.parse().ok()?)
+        };
+        let mut sessions = self.sessions.lock();
+        let p = sessions.get_mut(&parent_session)?;
+        if p.upload.on_probation_now()
+            || p.last_reprobe
+                .is_some_and(|t| now.saturating_sub(t) < REPROBE_EVERY)
+        {
+            return None;
+        }
+        p.last_reprobe = Some(now);
+        Some((parent_session, addr))
+    }
+
+    /// A second probe of a relay's address failed (after a child could not connect):
+    /// its upload goes back on probation and its children are re-parented. Returns how
+    /// many assignments moved; `None` for an unknown session.
+    pub fn unreachable(&self, session_id: &str) -> Option<usize> {
+        let now = self.now();
+        let (grid, peer_id) = {
+            let mut sessions = self.sessions.lock();
+            let e = sessions.get_mut(session_id)?;
+            e.upload.back_on_probation();
+            (e.grid.clone(), e.peer_id)
+        };
+        let mut st = grid.state.lock();
+        let moved = st.assigner.set_upload(peer_id, 0, now);
         Some(st.wake_moved(&moved))
     }
 

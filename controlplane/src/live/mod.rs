@@ -65,6 +65,9 @@ pub const DEFAULT_STREAM_KBPS: u32 = 1000;
 
 /// Longest `exclude_peer_ids` list a re-search may carry.
 pub const MAX_EXCLUDE: usize = 64;
+/// A relay's address is probed again on a child's complaint at most this often
+/// ([`LiveGrids::reprobe_target`]).
+pub const REPROBE_EVERY: Duration = Duration::from_secs(30);
 
 /// Most distinct peers one session may report bad (`ReportPeer`): an honest viewer meets
 /// few polluters, and a malicious one cannot exclude the whole grid from relaying.

@@ -178,6 +178,8 @@ pub(super) struct SessionEntry {
     /// Generation of the session stream attached now (0 = none): a session with a
     /// stream never expires by silence ([`LiveGrids::expire`](super::LiveGrids::expire)).
     pub(super) stream: u64,
+    /// When a child's complaint last had this session's address probed again.
+    pub(super) last_reprobe: Option<Duration>,
 }
 
 /// A peer handed to a session recently: when last as a parent and when last as a parent

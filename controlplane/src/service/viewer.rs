@@ -139,6 +139,27 @@ impl Core {
                 live::MAX_EXCLUDE
             )));
         }
+        // Parents the viewer could not connect to: probed again (each at most every 30 s,
+        // only the viewer's own recent parents); one that does not answer loses its
+        // children.
+        if self.prober.enabled() {
+            for &id in req
+                .unreachable_peer_ids
+                .iter()
+                .filter(|id| req.exclude_peer_ids.contains(id))
+                .take(live::MAX_EXCLUDE)
+            {
+                if let Some((parent_session, addr)) = self.grids.reprobe_target(&req.session_id, id)
+                {
+                    self.prober.reprobe(
+                        self.grids.clone(),
+                        self.metrics.clone(),
+                        parent_session.to_string(),
+                        addr,
+                    );
+                }
+            }
+        }
         let (parent, moved) = self
             .grids
             .reparent(&req.session_id, req.substream, &req.exclude_peer_ids)

@@ -478,6 +478,7 @@ impl Session<'_> {
             session_id: self.session_id.clone(),
             substream: u32::from(substream),
             exclude_peer_ids: exclude,
+            unreachable_peer_ids: vec![],
         };
         let answer = tokio::time::timeout(ctx.cfg.call_timeout, self.client.reparent(req)).await;
         let parent = match answer {
