@@ -19,7 +19,8 @@
 # for NATLAB_SECS seconds. The lab prints, per NAT type: viewers, how many played,
 # relayed (uploaded to a child) and got a router mapping, peer share, continuity,
 # stalls, parent changes. With NATLAB_CHECK=1 (CI) it fails unless: everyone played at
-# continuity >= 0.99, every public and UPnP viewer relayed (the latter mapped), and no
+# continuity >= 0.99, each learnt its public (server-reflexive) address from the control
+# plane, every public and UPnP viewer relayed (the latter mapped), and no
 # viewer behind a NAT without a mapping uploaded (nobody can reach it yet: hole
 # punching is not built).
 #
@@ -250,7 +251,11 @@ for i in $(seq 0 $((N - 1))); do
 done
 
 # --- the table --------------------------------------------------------------------------
-for i in $(seq 0 $((N - 1))); do echo "${TYPES[$i]} $WORK/viewer-$i.log"; done >"$WORK/index"
+for i in $(seq 0 $((N - 1))); do
+  # the address the control plane should see: the viewer's own, or its router's
+  if [ "${TYPES[$i]}" = public ]; then seen=11.0.1.$((i + 1)); else seen=11.0.2.$((i + 1)); fi
+  echo "${TYPES[$i]} $WORK/viewer-$i.log $seen"
+done >"$WORK/index"
 python3 - "$WORK/index" "${NATLAB_CHECK:-0}" <<'PY' >"$WORK/table" || CHECK_FAILED=1
 import re, sys
 rows = {}
@@ -258,14 +263,18 @@ def num(pat, text, default=0):
     m = re.search(pat, text)
     return int(m.group(1)) if m else default
 keys = ["n", "ok", "relayed", "mapped", "server", "peers", "played", "skipped", "stalls", "changes"]
+wrong_seen = []
 for line in open(sys.argv[1]):
-    t, path = line.split()
+    t, path, seen = line.split()
     text = open(path, errors="replace").read()
     r = rows.setdefault(t, dict.fromkeys(keys, 0))
     r["n"] += 1
     if "starling-play: received" not in text:
         continue
     r["ok"] += 1
+    m = re.search(r"the control plane sees this viewer at ([0-9.]+):", text)
+    if not m or m.group(1) != seen:
+        wrong_seen.append(f"{path}: seen at {m.group(1) if m else '?'}, not {seen}")
     r["relayed"] += num(r"uploaded (\d+) bytes", text) > 0
     r["mapped"] += "(mapped by the router, UPnP)" in text
     r["server"] += num(r"from server (\d+) bytes", text)
@@ -302,6 +311,7 @@ if sys.argv[2] == "1":
     for t in ["eim", "sym"]:
         if t in rows and rows[t]["relayed"] > 0:
             bad.append(f"{t}: {rows[t]['relayed']} unreachable viewers uploaded")
+    bad += wrong_seen
     for b in bad: print("CHECK FAILED:", b)
     sys.exit(1 if bad else 0)
 PY

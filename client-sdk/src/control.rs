@@ -140,6 +140,9 @@ pub(crate) struct JoinInfo {
     pub ticket_keys: TicketKeys,
     /// How often to report (`None`: the control plane did not say).
     pub report_interval: Option<Duration>,
+    /// Where the control plane saw the `Join` come from (the server-reflexive address
+    /// behind a NAT); `None` if it did not say.
+    pub observed_addr: Option<std::net::SocketAddr>,
 }
 
 fn keys(v: Vec<PublicKey>) -> Vec<KeyMaterial> {
@@ -524,6 +527,7 @@ impl Control {
             ticket_keys: ticket_keys(resp.ticket_keys),
             report_interval: (resp.report_interval_ms > 0)
                 .then(|| Duration::from_millis(u64::from(resp.report_interval_ms).max(100))),
+            observed_addr: resp.observed_addr.parse().ok(),
         })
     }
 

@@ -78,6 +78,9 @@ pub struct Stats {
     pub neighbours: usize,
     /// This viewer's id in the peer grid (`None` without a grid assignment).
     pub peer_id: Option<u64>,
+    /// Where the control plane saw this viewer's `Join` come from: behind a NAT, the
+    /// router's public address and the port it mapped that connection to.
+    pub observed_addr: Option<std::net::SocketAddr>,
     /// Peer links open now (parents, children, neighbours; the data plane excluded).
     pub peer_links: usize,
     /// Stalls: times the output was starved. In the peer grid, each run of consecutive

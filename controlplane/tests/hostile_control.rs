@@ -461,6 +461,15 @@ async fn relays_get_children_only_once_reachable(store: Store) {
     let unreachable = join_from(&h, &b, [127, 0, 6, 2], &closed, 2000)
         .await
         .unwrap();
+    // Each learns the address its join came from (its server-reflexive address).
+    assert!(
+        reachable.observed_addr.starts_with("127.0.6.1:"),
+        "{reachable:?}"
+    );
+    assert!(
+        unreachable.observed_addr.starts_with("127.0.6.2:"),
+        "{unreachable:?}"
+    );
     // Both are told what their claim buys; the grid counts neither until probed.
     assert_eq!(reachable.child_slots, 8);
     assert_eq!(unreachable.child_slots, 8);

@@ -274,6 +274,9 @@ async fn main() -> anyhow::Result<()> {
             viewer.broadcast_id()
         );
     }
+    if let Some(seen) = viewer.stats().observed_addr {
+        eprintln!("starling-play: the control plane sees this viewer at {seen}");
+    }
     if let Some(addr) = viewer.peer_addr() {
         match viewer.port_mapping() {
             Some(_) => eprintln!(

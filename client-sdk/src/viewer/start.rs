@@ -351,14 +351,16 @@ fn new_shared(config: &ViewerConfig, started: Instant, join: Option<&JoinInfo>) 
         heartbeat: j.heartbeat,
         baseline: Baseline::default(),
     });
-    Arc::new(Shared::new(
+    let shared = Arc::new(Shared::new(
         config.broadcast_id.clone(),
         hub,
         started,
         rights,
         session,
         config.report_queue,
-    ))
+    ));
+    shared.stats_mut().observed_addr = join.and_then(|j| j.observed_addr);
+    shared
 }
 
 /// Number of substreams of a grid assignment: the stream parameters', else as many as

@@ -271,6 +271,7 @@ impl Core {
             token_expires_at_unix_ms: token.expires_at_ms,
             token_keys: self.tokens.public_keys(),
             ticket_keys: self.ticket_keys(&b.id, grid.peer_id),
+            observed_addr: remote.map(|r| r.to_string()).unwrap_or_default(),
             chunk_keys,
             report_interval_ms: u32::try_from(self.config.report_interval.as_millis())
                 .unwrap_or(u32::MAX),
