@@ -459,6 +459,7 @@ impl ViewerService for MiniCp {
                 plan.child_slots
             },
             ticket_keys: Vec::new(),
+            observed_addr: String::new(),
         }))
     }
 
