@@ -257,6 +257,7 @@ mod fake_grid {
                     plan.child_slots
                 },
                 ticket_keys: Vec::new(),
+                observed_addr: String::new(),
             }))
         }
 
