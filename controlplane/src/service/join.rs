@@ -57,6 +57,19 @@ impl Core {
         validate::id("broadcast_id", &req.broadcast_id)?;
         validate::short_text("client_version", &req.client_version, false)?;
         validate::peer_addr(&req.peer_addr)?;
+        let holder_key: [u8; 32] = req
+            .holder_key
+            .as_slice()
+            .try_into()
+            .ok()
+            .filter(|k| *k != [0u8; 32])
+            .ok_or_else(|| {
+                ApiError::InvalidArgument(
+                    "holder_key: a 32-byte Ed25519 public key is required (chunk tokens are \
+                     bound to it: docs/PROTOCOL.md, proof of possession; is the SDK too old?)"
+                        .into(),
+                )
+            })?;
         if let Err(e) = crate::trust::check_peer_addr(
             req.peer_addr.trim(),
             remote,
@@ -186,7 +199,10 @@ impl Core {
         } else {
             Scopes::PLAY
         };
-        let token = match self.tokens.issue(id, grid.peer_id, scopes, now_ms()) {
+        let token = match self
+            .tokens
+            .issue(id, grid.peer_id, scopes, holder_key, now_ms())
+        {
             Ok(t) => t,
             Err(e) => {
                 self.grids.leave(&session_id);
@@ -206,6 +222,7 @@ impl Core {
             TokenState {
                 scopes,
                 expires_at_ms: token.expires_at_ms,
+                holder_key,
             },
         );
         let parents = self.with_tickets(id, grid.peer_id, grid.parents);
