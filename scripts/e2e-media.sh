@@ -319,7 +319,7 @@ ok = closed_after(os.urandom(4096))
 # A CHUNK header declaring 4 GiB, then some bytes.
 ok = closed_after(struct.pack(">BBHI", 5, 0, 0, 0xFFFFFFFF) + b"x" * 100) and ok
 # A valid HELLO followed by a SUBSCRIBE declaring a 1 MiB control payload.
-hello = b"STRL" + struct.pack(">HHBH", 1, 1, 1, 0)
+hello = b"STRL" + struct.pack(">HHBH", 2, 2, 1, 0)  # wire protocol version 2
 ok = closed_after(struct.pack(">BBHI", 1, 0, 0, len(hello)) + hello + struct.pack(">BBHI", 3, 0, 0, 1 << 20)) and ok
 print("garbage closed:", ok)
 sys.exit(0 if ok else 1)

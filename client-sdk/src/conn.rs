@@ -1,11 +1,13 @@
 //! One wire-protocol session with a data-plane node: connect, `HELLO` / `HELLO_ACK`,
-//! `SUBSCRIBE` / `STREAM_INFO`, then frames.
+//! `PROOF` (the holder key's signature over the ack's nonce: chunk tokens are bound to
+//! it, see `starling_proto::holder`), `SUBSCRIBE` / `STREAM_INFO`, then frames.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use starling_proto::holder::{HolderKey, Verifier};
 use starling_proto::wire::{
     self, Decoder, ErrorCode, Frame, Hello, Limits, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Role,
     StartAt, StreamInfo, Subscribe,
@@ -46,6 +48,12 @@ pub(crate) struct OpenParams<'a> {
     /// Parent tickets sent as `TICKET` frames between `HELLO_ACK` and `SUBSCRIBE`
     /// (peer links to a parent; empty otherwise).
     pub tickets: &'a [Bytes],
+    /// The key `token` names: a `PROOF` made with it follows `HELLO_ACK` (none without
+    /// a key or a token).
+    pub holder: Option<&'a HolderKey>,
+    /// Who we are talking to, as the proof names it (the data plane, or the peer id the
+    /// control plane gave for `addr`).
+    pub verifier: Verifier,
 }
 
 /// Connects and runs the handshake up to `STREAM_INFO`. Any `ERROR` from the server is
@@ -72,17 +80,24 @@ async fn open_inner(p: &OpenParams<'_>) -> Result<WireConn, SdkError> {
         token: p.token.clone(),
     }))
     .await?;
-    loop {
+    let nonce = loop {
         match conn.next_frame().await? {
             Frame::HelloAck(ack) => {
                 if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&ack.version) {
                     return Err(SdkError::VersionMismatch(ack.version));
                 }
-                break;
+                break ack.nonce;
             }
             Frame::Ping(n) => conn.send(&Frame::Pong(n)).await?,
             other => return Err(unexpected(other, "HELLO_ACK")),
         }
+    };
+    if let Some(h) = p.holder
+        && !p.token.is_empty()
+    {
+        let proof = h.prove(&nonce, p.token, p.verifier);
+        conn.send(&Frame::Proof(Bytes::copy_from_slice(&proof)))
+            .await?;
     }
     for t in p.tickets {
         conn.send(&Frame::Ticket(t.clone())).await?;

@@ -207,6 +207,9 @@ pub(crate) struct ControlOptions {
     pub join_deadline: Duration,
     /// A `Join` answer without chunk keys is an error ([`SdkError::Unverifiable`]).
     pub require_chunk_keys: bool,
+    /// Our holder key's public half, sent in every `Join` (`JoinRequest.holder_key`):
+    /// the chunk tokens are bound to it, re-joins included.
+    pub holder_key: [u8; 32],
 }
 
 /// First own back-off of a `Join` refused as busy without a pushback; doubled per
@@ -342,6 +345,7 @@ pub(crate) struct Control {
     join_attempts: u32,
     join_deadline: Duration,
     require_chunk_keys: bool,
+    holder_key: [u8; 32],
 }
 
 /// The local IP the control channel binds to: the relay listener's IP when it is a
@@ -412,6 +416,7 @@ impl Control {
             join_attempts: opts.join_attempts.max(1),
             join_deadline: opts.join_deadline,
             require_chunk_keys: opts.require_chunk_keys,
+            holder_key: opts.holder_key,
         })
     }
 
@@ -498,6 +503,7 @@ impl Control {
                 peer_addr: offer.peer_addr.clone(),
                 upload_kbps: offer.upload_kbps,
                 mac_tickets: true,
+                holder_key: self.holder_key.to_vec(),
             })
             .await
             .map_err(|s| SdkError::from_status("Join", s))?

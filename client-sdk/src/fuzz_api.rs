@@ -10,6 +10,10 @@ use starling_proto::wire::{Decoder, Limits};
 use crate::relay::handshake::{PeerHandshake, Step, Us};
 use crate::rights::{OwnToken, Rights};
 
+/// The nonce every fuzzed handshake's `HELLO_ACK` carries (fixed, so that seeds can
+/// hold a valid `PROOF`).
+pub const NONCE: [u8; starling_proto::holder::NONCE_LEN] = [0x42; 32];
+
 /// A relay's listener for broadcast `broadcast_id`, trusting one token key.
 pub struct PeerListener {
     rights: Rights,
@@ -48,7 +52,7 @@ impl PeerListener {
     pub fn handshake(&self, data: &[u8], now_ms: u64) -> Outcome {
         let mut dec = Decoder::new(Limits::control_only());
         let mut buf = BytesMut::from(data);
-        let mut hs = PeerHandshake::default();
+        let mut hs = PeerHandshake::new(NONCE);
         let us = Us {
             rights: &self.rights,
             me: Some(self.me),

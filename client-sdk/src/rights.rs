@@ -1,5 +1,6 @@
 //! Rights and integrity on the SDK side: this viewer's own chunk token (sent in `HELLO`
-//! on every link, renewed with `TOKEN` frames), the checks of the tokens of peers that
+//! on every link, renewed with `TOKEN` frames) and the holder key it is bound to (a
+//! `PROOF` made with it follows every `HELLO_ACK`), the checks of the tokens of peers that
 //! connect to us, the revoked peers, and the verification of every chunk against the
 //! data plane's signature block.
 //!
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
+use starling_proto::holder::HolderKey;
 use starling_proto::integrity::{
     self, ChunkMeta, ChunkVerifier, IntegrityError, VerifiedSignatures,
 };
@@ -68,6 +70,9 @@ pub(crate) struct Grant {
     pub peer_id: Option<u64>,
     /// Unix ms after which (plus the skew) the link is closed unless renewed.
     pub expires_at_ms: Option<u64>,
+    /// The key the token names: the peer must prove it holds it (`PROOF`), and its
+    /// renewals must name the same key. `None` when tokens are not enforced.
+    pub holder_key: Option<[u8; 32]>,
 }
 
 /// Why a peer is refused.
@@ -103,6 +108,9 @@ pub(crate) struct Rights {
     keys: RwLock<Arc<Keys>>,
     revoked: Mutex<(HashSet<u64>, VecDeque<u64>)>,
     token: watch::Sender<OwnToken>,
+    /// The key our token names (set once the viewer has one; a session keeps it across
+    /// renewals and re-joins).
+    holder: Mutex<Option<Arc<HolderKey>>>,
     /// Shared with the process's other viewers (see [`VerifiedSignatures`]).
     cache: Option<Arc<VerifiedSignatures>>,
     /// The key id of the first chunk key `Join` returned: the control plane lists the
@@ -201,6 +209,7 @@ impl Rights {
             keys: RwLock::new(Arc::new(keys)),
             revoked: Mutex::new((HashSet::new(), VecDeque::new())),
             token: tx,
+            holder: Mutex::new(None),
             cache,
             pinned: Mutex::new(pinned),
             refresh: KeyRefresh {
@@ -345,6 +354,15 @@ impl Rights {
         self.token.subscribe()
     }
 
+    /// The key our token names (`None`: not set, no `PROOF` is sent).
+    pub(crate) fn holder(&self) -> Option<Arc<HolderKey>> {
+        self.holder.lock().clone()
+    }
+
+    pub(crate) fn set_holder(&self, key: Option<Arc<HolderKey>>) {
+        *self.holder.lock() = key;
+    }
+
     // ----- peers' tokens and revocation --------------------------------------------
 
     /// Checks the token a peer presents (in `HELLO` or a `TOKEN` frame).
@@ -354,6 +372,7 @@ impl Rights {
             return Ok(Grant {
                 peer_id: None,
                 expires_at_ms: None,
+                holder_key: None,
             });
         }
         if token.is_empty() {
@@ -384,6 +403,7 @@ impl Rights {
         Ok(Grant {
             peer_id: Some(claims.peer_id),
             expires_at_ms: Some(claims.expires_at_ms),
+            holder_key: Some(claims.holder_key),
         })
     }
 
@@ -627,6 +647,7 @@ mod tests {
                     scopes: Scopes::PLAY | Scopes::RELAY,
                     issued_at_ms: now - 60_000,
                     expires_at_ms: exp,
+                    holder_key: [3; 32],
                 })
                 .unwrap()
         };

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::live::{LiveServer, Opts, RAP_EVERY, Source};
 use common::payload;
+use starling_proto::holder::Verifier;
 use starling_proto::wire::{
     self, Decoder, ErrorCode, Frame, Hello, Limits, Role, StartAt, Subscribe,
 };
@@ -32,6 +33,13 @@ mod fake_grid {
     use starling_proto::v1::viewer_service_server::{ViewerService, ViewerServiceServer};
     use starling_proto::v1::*;
     use tonic::{Request, Response, Status};
+
+    /// The key of the raw peers the tests drive by hand.
+    pub fn holder() -> &'static starling_proto::holder::HolderKey {
+        static K: std::sync::OnceLock<starling_proto::holder::HolderKey> =
+            std::sync::OnceLock::new();
+        K.get_or_init(|| starling_proto::holder::HolderKey::from_seed(&[7; 32]).unwrap())
+    }
 
     pub fn now_ms() -> u64 {
         std::time::SystemTime::now()
@@ -63,7 +71,20 @@ mod fake_grid {
             }
         }
 
+        /// A token bound to the test's raw peers' key ([`holder`]).
         pub fn token(&self, broadcast: &str, peer_id: u64, iat: u64, exp: u64) -> bytes::Bytes {
+            self.token_for(broadcast, peer_id, iat, exp, &holder().public_key())
+        }
+
+        /// A token bound to `holder_key` (a viewer's, from its join).
+        pub fn token_for(
+            &self,
+            broadcast: &str,
+            peer_id: u64,
+            iat: u64,
+            exp: u64,
+            holder_key: &[u8],
+        ) -> bytes::Bytes {
             self.tokens
                 .sign(&TokenClaims {
                     broadcast_id: broadcast.into(),
@@ -72,6 +93,7 @@ mod fake_grid {
                     scopes: Scopes::PLAY | Scopes::RELAY,
                     issued_at_ms: iat,
                     expires_at_ms: exp,
+                    holder_key: holder_key.try_into().unwrap_or([1; 32]),
                 })
                 .unwrap()
         }
@@ -230,7 +252,9 @@ mod fake_grid {
             st.neighbours.insert(session.clone(), ns.clone());
             let now = now_ms();
             let exp = now + self.keys.token_ms;
-            let token = self.keys.token(&self.broadcast, i as u64 + 1, now, exp);
+            let token =
+                self.keys
+                    .token_for(&self.broadcast, i as u64 + 1, now, exp, &req.holder_key);
             Ok(Response::new(JoinResponse {
                 session_id: session,
                 params: Some(StreamParams {
@@ -276,9 +300,15 @@ mod fake_grid {
             let active = !st.leaves.contains(&req.session_id);
             let now = now_ms();
             let exp = now + self.keys.token_ms;
+            let peer = session_peer(&req.session_id);
+            let holder_key = st
+                .joins
+                .get((peer as usize).wrapping_sub(1))
+                .map(|j| j.holder_key.clone())
+                .unwrap_or_default();
             let token = self
                 .keys
-                .token(&self.broadcast, session_peer(&req.session_id), now, exp);
+                .token_for(&self.broadcast, peer, now, exp, &holder_key);
             let revoked = st.revoked.clone();
             let child = session_peer(&req.session_id);
             st.heartbeats.push(req);
@@ -489,61 +519,25 @@ async fn raw_subscribe_stream(
     token: bytes::Bytes,
     tickets: &[bytes::Bytes],
 ) -> (Frame, tokio::net::TcpStream, Decoder, BytesMut) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut out = BytesMut::new();
-    wire::encode(
-        &Frame::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
-            role: Role::Peer,
-            token,
-        }),
-        &mut out,
-    )
-    .unwrap();
-    for t in tickets {
-        wire::encode(&Frame::Ticket(t.clone()), &mut out).unwrap();
-    }
-    wire::encode(
-        &Frame::Subscribe(Subscribe {
-            broadcast_id: broadcast.into(),
-            start: StartAt::Live,
-            substream_mask: mask,
-        }),
-        &mut out,
-    )
-    .unwrap();
-    s.write_all(&out).await.unwrap();
-    let mut dec = Decoder::new(Limits::default());
-    let mut buf = BytesMut::new();
-    let mut frames = Vec::new();
-    tokio::time::timeout(GUARD, async {
-        while frames.len() < 2 {
-            while frames.len() < 2
-                && let Some(f) = dec.decode(&mut buf).unwrap()
-            {
-                // The link's keep-alive PING may come before the answer.
-                if !matches!(f, Frame::Ping(_)) {
-                    frames.push(f);
-                }
-            }
-            if frames.len() >= 2 || s.read_buf(&mut buf).await.unwrap() == 0 {
-                break;
-            }
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        matches!(frames.first(), Some(Frame::HelloAck(_))),
-        "{frames:?}"
-    );
-    (
-        frames.into_iter().nth(1).expect("no answer to SUBSCRIBE"),
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut p = RawPeer {
         s,
-        dec,
-        buf,
-    )
+        dec: Decoder::new(Limits::default()),
+        buf: BytesMut::new(),
+        pending: None,
+    };
+    p.handshake(broadcast, mask, token, tickets).await;
+    let ack = p.next().await;
+    assert!(matches!(ack, Some(Frame::HelloAck(_))), "{ack:?}");
+    // The link's keep-alive PING may come before the answer.
+    let answer = loop {
+        match p.next().await {
+            Some(Frame::Ping(_)) => {}
+            Some(f) => break f,
+            None => panic!("no answer to SUBSCRIBE"),
+        }
+    };
+    (answer, p.s, p.dec, p.buf)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -784,30 +778,55 @@ struct RawPeer {
     s: tokio::net::TcpStream,
     dec: Decoder,
     buf: BytesMut,
+    /// A frame read during the handshake, to be returned by the next `next()`.
+    pending: Option<Frame>,
 }
 
 impl RawPeer {
-    /// Connects and sends HELLO(peer, token) and SUBSCRIBE(mask) at once.
+    /// Connects and sends HELLO(peer, token), then (once HELLO_ACK names its nonce) the
+    /// PROOF of the test holder key for peer 1 (the viewer under test) and
+    /// SUBSCRIBE(mask). A refusal of the HELLO is left for `next()`.
     async fn connect(addr: &str, broadcast: &str, mask: u64, token: Bytes) -> RawPeer {
         let mut p = RawPeer {
             s: tokio::net::TcpStream::connect(addr).await.unwrap(),
             dec: Decoder::new(Limits::default()),
             buf: BytesMut::new(),
+            pending: None,
         };
-        p.send(&Frame::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
+        p.handshake(broadcast, mask, token, &[]).await;
+        p
+    }
+
+    /// HELLO; on HELLO_ACK (kept for `next()`): PROOF, TICKETs, SUBSCRIBE.
+    async fn handshake(&mut self, broadcast: &str, mask: u64, token: Bytes, tickets: &[Bytes]) {
+        self.send(&Frame::Hello(Hello {
+            min_version: wire::PROTOCOL_VERSION,
+            max_version: wire::PROTOCOL_VERSION,
             role: Role::Peer,
-            token,
+            token: token.clone(),
         }))
         .await;
-        p.send(&Frame::Subscribe(Subscribe {
+        let first = self.next().await;
+        let nonce = match &first {
+            Some(Frame::HelloAck(a)) => Some(a.nonce),
+            _ => None,
+        };
+        self.pending = first;
+        let Some(nonce) = nonce else {
+            return;
+        };
+        let proof = fake_grid::holder().prove(&nonce, &token, Verifier::Peer(1));
+        self.send(&Frame::Proof(Bytes::copy_from_slice(&proof)))
+            .await;
+        for t in tickets {
+            self.send(&Frame::Ticket(t.clone())).await;
+        }
+        self.send(&Frame::Subscribe(Subscribe {
             broadcast_id: broadcast.into(),
             start: StartAt::Live,
             substream_mask: mask,
         }))
         .await;
-        p
     }
 
     /// Connects and sends HELLO(peer, token), TICKET and SUBSCRIBE(mask) at once.
@@ -822,21 +841,9 @@ impl RawPeer {
             s: tokio::net::TcpStream::connect(addr).await.unwrap(),
             dec: Decoder::new(Limits::default()),
             buf: BytesMut::new(),
+            pending: None,
         };
-        let hello = Frame::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
-            role: Role::Peer,
-            token,
-        });
-        p.send(&hello).await;
-        p.send(&Frame::Ticket(ticket)).await;
-        p.send(&Frame::Subscribe(Subscribe {
-            broadcast_id: broadcast.into(),
-            start: StartAt::Live,
-            substream_mask: mask,
-        }))
-        .await;
+        p.handshake(broadcast, mask, token, &[ticket]).await;
         p
     }
 
@@ -847,6 +854,9 @@ impl RawPeer {
 
     /// The next frame; `None` at EOF or on a reset.
     async fn next(&mut self) -> Option<Frame> {
+        if let Some(f) = self.pending.take() {
+            return Some(f);
+        }
         tokio::time::timeout(GUARD, async {
             loop {
                 if let Some(f) = self.dec.decode(&mut self.buf).unwrap() {

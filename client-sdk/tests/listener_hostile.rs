@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use common::live::{LiveServer, Opts, RAP_EVERY, Source};
 use common::mini_cp::{self, MiniCp, Plan, Ref};
+use starling_proto::holder::{HolderKey, Verifier};
 use starling_proto::wire::{
     self, Chunk, Decoder, ErrorCode, Frame, Hello, Limits, Role, StartAt, Subscribe,
 };
@@ -119,12 +120,27 @@ impl Raw {
 
     async fn hello(&mut self, token: Bytes) {
         self.send(&Frame::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: wire::PROTOCOL_VERSION,
+            max_version: wire::PROTOCOL_VERSION,
             role: Role::Peer,
             token,
         }))
         .await;
+    }
+
+    /// Reads `HELLO_ACK` and answers it with the `PROOF` of `key` for `token` on a
+    /// link to `verifier`.
+    async fn prove(&mut self, token: &[u8], key: &HolderKey, verifier: Verifier) {
+        let nonce = loop {
+            match self.next().await {
+                Some(Frame::HelloAck(a)) => break a.nonce,
+                Some(Frame::Ping(_)) => {}
+                other => panic!("expected HELLO_ACK, got {other:?}"),
+            }
+        };
+        let proof = key.prove(&nonce, token, verifier);
+        self.send(&Frame::Proof(Bytes::copy_from_slice(&proof)))
+            .await;
     }
 
     async fn subscribe(&mut self, broadcast: &str, mask: u64) {
@@ -172,7 +188,10 @@ impl Raw {
     /// is the first joiner: peer 1) and `SUBSCRIBE`: waits for `STREAM_INFO`.
     async fn admitted(addr: &str, cp: &MiniCp, peer_id: u64, mask: u64) -> Raw {
         let mut r = Raw::connect(addr).await;
-        r.hello(cp.token(peer_id)).await;
+        let token = cp.token(peer_id);
+        r.hello(token.clone()).await;
+        r.prove(&token, mini_cp::test_holder(), Verifier::Peer(1))
+            .await;
         for s in (0..64).filter(|s| mask & (1u64 << s) != 0) {
             r.send(&Frame::Ticket(Bytes::from(cp.ticket(peer_id, 1, s))))
                 .await;
@@ -182,7 +201,7 @@ impl Raw {
             loop {
                 match r.next().await {
                     Some(Frame::StreamInfo(_)) => return,
-                    Some(Frame::HelloAck(_)) | Some(Frame::Ping(_)) => {}
+                    Some(Frame::Ping(_)) => {}
                     other => panic!("not admitted: {other:?}"),
                 }
             }
@@ -214,7 +233,8 @@ async fn a_chunk_before_admission_is_refused_before_anything_is_buffered() {
     // After HELLO, instead of SUBSCRIBE.
     let mut b = Raw::connect(&relay.addr()).await;
     b.hello(relay.cp.token(50)).await;
-    assert!(matches!(b.next().await, Some(Frame::HelloAck(_))));
+    let f = b.next().await;
+    assert!(matches!(f, Some(Frame::HelloAck(_))), "{f:?}");
     b.s.write_all(&big_chunk_header()).await.unwrap();
     let (code, _) = b.end(Duration::from_secs(8)).await;
     assert_eq!(code, Some(ErrorCode::FrameTooLarge));

@@ -32,7 +32,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Status};
 
 use crate::credential::{
-    AuthStatus, CredentialError, CredentialKey, CredentialVerifier, DEFAULT_LEEWAY_SECS,
+    AuthStatus, CredentialError, CredentialKey, CredentialVerifier, DEFAULT_LEEWAY_SECS, JwtPolicy,
     KeyConfigError, ViewerClaims,
 };
 
@@ -62,6 +62,11 @@ pub struct AuthConfig {
     pub viewer_jwt_keys: Vec<CredentialKey>,
     /// Clock skew tolerated on `exp`/`nbf`/`iat` of JWTs.
     pub leeway: Duration,
+    /// The `aud`, `iss` and longest lifetime viewer JWTs must have (audience and issuer
+    /// required when `viewer_jwt_keys` is not empty).
+    pub viewer_jwt: JwtPolicy,
+    /// The same for admin JWTs (required when `admin_jwt_keys` is not empty).
+    pub admin_jwt: JwtPolicy,
     /// Start by adding a new chunk-token signing key (the previous ones stay valid for one
     /// token lifetime); see [`crate::tokens`].
     pub rotate_token_key: bool,
@@ -80,6 +85,8 @@ impl std::fmt::Debug for AuthConfig {
             .field("admin_jwt_keys", &self.admin_jwt_keys)
             .field("viewer_jwt_keys", &self.viewer_jwt_keys)
             .field("leeway", &self.leeway)
+            .field("viewer_jwt", &self.viewer_jwt)
+            .field("admin_jwt", &self.admin_jwt)
             .field("rotate_token_key", &self.rotate_token_key)
             .field("node_key", &self.node_key.as_ref().map(|_| "<redacted>"))
             .finish()
@@ -95,6 +102,8 @@ impl Default for AuthConfig {
             admin_jwt_keys: Vec::new(),
             viewer_jwt_keys: Vec::new(),
             leeway: Duration::from_secs(DEFAULT_LEEWAY_SECS),
+            viewer_jwt: JwtPolicy::viewer_default(),
+            admin_jwt: JwtPolicy::admin_default(),
             rotate_token_key: false,
             node_key: None,
         }
@@ -121,6 +130,17 @@ pub enum AuthConfigError {
     /// The static admin key is too short.
     #[error("the admin key must be at least {MIN_ADMIN_KEY_LEN} characters")]
     WeakAdminKey,
+    /// JWT keys of a kind are configured, but not the audience or issuer its JWTs must
+    /// name: a credential minted for any other service would be accepted.
+    #[error(
+        "{kind} JWT keys are configured but no {claim} is: set {flag} (the `{claim}` every \
+         {kind} JWT must carry)"
+    )]
+    JwtClaimUnset {
+        kind: &'static str,
+        claim: &'static str,
+        flag: &'static str,
+    },
     /// The static admin key cannot travel in an HTTP header.
     #[error("the admin key must be printable ASCII without spaces")]
     BadAdminKey,
@@ -306,6 +326,41 @@ impl Authenticator {
     /// A weak or unprintable admin key, or too many keys.
     pub fn new(config: &AuthConfig) -> Result<Authenticator, AuthConfigError> {
         let mut verifier = CredentialVerifier::new(config.leeway.as_secs());
+        for (kind, keys, policy, flags) in [
+            (
+                "viewer",
+                &config.viewer_jwt_keys,
+                &config.viewer_jwt,
+                ["--viewer-jwt-audience", "--viewer-jwt-issuer"],
+            ),
+            (
+                "admin",
+                &config.admin_jwt_keys,
+                &config.admin_jwt,
+                ["--admin-jwt-audience", "--admin-jwt-issuer"],
+            ),
+        ] {
+            if keys.is_empty() {
+                continue;
+            }
+            let unset = |v: &Option<String>| v.as_deref().is_none_or(|s| s.trim().is_empty());
+            if unset(&policy.audience) {
+                return Err(AuthConfigError::JwtClaimUnset {
+                    kind,
+                    claim: "aud",
+                    flag: flags[0],
+                });
+            }
+            if unset(&policy.issuer) {
+                return Err(AuthConfigError::JwtClaimUnset {
+                    kind,
+                    claim: "iss",
+                    flag: flags[1],
+                });
+            }
+        }
+        verifier.set_viewer_policy(config.viewer_jwt.clone());
+        verifier.set_admin_policy(config.admin_jwt.clone());
         for k in &config.admin_jwt_keys {
             verifier.add_admin_key(k.clone())?;
         }

@@ -11,6 +11,12 @@
 //! - admin: `sub`, `role: "admin"`, `exp`; optional `nbf`, `iat`. Admin tokens are
 //!   checked against the admin key set only (which may hold the same key as the
 //!   viewer set: the `role` claim is always required).
+//! - both, per kind ([`JwtPolicy`]): `aud` (a string, or an array holding it) and `iss`
+//!   equal to the configured audience and issuer (required once configured; the
+//!   control plane refuses to start with keys but no audience or issuer), and a bounded
+//!   lifetime: `exp - iat` (or `exp - now` without `iat`) at most `max_lifetime`
+//!   (default 24 h for viewers, 1 h for admins). A credential minted for another
+//!   service, by another issuer, or for ever, is refused.
 //!
 //! `jsonwebtoken` checks the JWS structure, the algorithm and the signature; time and
 //! claim checks are done here against an explicit `now` (testable, and each failure
@@ -27,6 +33,10 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
+mod policy;
+pub use policy::JwtPolicy;
+use policy::check_policy;
+
 /// Longest credential accepted (bytes); longer input is refused before decoding.
 pub const MAX_JWT_LEN: usize = 8 * 1024;
 /// Most keys per key set.
@@ -39,6 +49,10 @@ pub const MAX_BROADCAST_ID: usize = 128;
 pub const ANY_BROADCAST: &str = "*";
 /// Default clock-skew leeway, seconds.
 pub const DEFAULT_LEEWAY_SECS: u64 = 60;
+/// Default longest lifetime (`exp - iat`) of a viewer credential: 24 h.
+pub const DEFAULT_VIEWER_MAX_LIFETIME_SECS: u64 = 24 * 3600;
+/// Default longest lifetime of an admin credential: 1 h.
+pub const DEFAULT_ADMIN_MAX_LIFETIME_SECS: u64 = 3600;
 
 /// How a failure should be reported to the caller (gRPC status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +100,15 @@ pub enum CredentialError {
     WrongBroadcast,
     #[error("credential does not carry role \"admin\"")]
     NotAdmin,
+    /// `aud` does not name this service's configured audience.
+    #[error("credential is for another audience (aud must be the configured audience)")]
+    WrongAudience,
+    /// `iss` is not the configured issuer.
+    #[error("credential is from another issuer (iss must be the configured issuer)")]
+    WrongIssuer,
+    /// `exp - iat` (or `exp - now`) is beyond the configured maximum.
+    #[error("credential lives {lifetime}s, longer than the {max}s allowed")]
+    LifetimeTooLong { lifetime: u64, max: u64 },
     #[error("no key is configured for this kind of credential")]
     NoKeyConfigured,
 }
@@ -247,6 +270,8 @@ pub struct CredentialVerifier {
     viewer_keys: Vec<CredentialKey>,
     admin_keys: Vec<CredentialKey>,
     leeway_secs: u64,
+    viewer_policy: JwtPolicy,
+    admin_policy: JwtPolicy,
 }
 
 impl Default for CredentialVerifier {
@@ -272,7 +297,19 @@ impl CredentialVerifier {
             viewer_keys: Vec::new(),
             admin_keys: Vec::new(),
             leeway_secs,
+            viewer_policy: JwtPolicy::viewer_default(),
+            admin_policy: JwtPolicy::admin_default(),
         }
+    }
+
+    /// What viewer credentials must say about audience, issuer and lifetime.
+    pub fn set_viewer_policy(&mut self, policy: JwtPolicy) {
+        self.viewer_policy = policy;
+    }
+
+    /// What admin credentials must say about audience, issuer and lifetime.
+    pub fn set_admin_policy(&mut self, policy: JwtPolicy) {
+        self.admin_policy = policy;
     }
 
     pub fn add_viewer_key(&mut self, key: CredentialKey) -> Result<(), KeyConfigError> {
@@ -310,7 +347,7 @@ impl CredentialVerifier {
         broadcast_id: &str,
         now_unix_secs: u64,
     ) -> Result<ViewerClaims, CredentialError> {
-        let v = self.verify(jwt, &self.viewer_keys, now_unix_secs)?;
+        let v = self.verify(jwt, &self.viewer_keys, &self.viewer_policy, now_unix_secs)?;
         let grant = match v.claims.get("broadcast") {
             None | Some(Value::Null) => return Err(CredentialError::MissingClaim("broadcast")),
             Some(Value::String(s)) if s == ANY_BROADCAST => BroadcastGrant::Any,
@@ -350,7 +387,7 @@ impl CredentialVerifier {
         jwt: &str,
         now_unix_secs: u64,
     ) -> Result<AdminClaims, CredentialError> {
-        let v = self.verify(jwt, &self.admin_keys, now_unix_secs)?;
+        let v = self.verify(jwt, &self.admin_keys, &self.admin_policy, now_unix_secs)?;
         match v.claims.get("role") {
             Some(Value::String(r)) if r == "admin" => {}
             _ => return Err(CredentialError::NotAdmin),
@@ -369,6 +406,7 @@ impl CredentialVerifier {
         &self,
         jwt: &str,
         keys: &[CredentialKey],
+        policy: &JwtPolicy,
         now: u64,
     ) -> Result<Verified, CredentialError> {
         let jwt = jwt.trim();
@@ -459,6 +497,7 @@ impl CredentialVerifier {
                 });
             }
         }
+        check_policy(&claims, policy, expires_at, issued_at, now)?;
         let subject = match claims.get("sub") {
             None | Some(Value::Null) => return Err(CredentialError::MissingClaim("sub")),
             Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_SUBJECT => s.clone(),

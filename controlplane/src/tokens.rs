@@ -234,7 +234,8 @@ impl TokenKeys {
             .collect()
     }
 
-    /// Signs a token for `peer_id` of `broadcast_id`, valid from `now_ms` for the TTL.
+    /// Signs a token for `peer_id` of `broadcast_id`, valid from `now_ms` for the TTL,
+    /// bound to the session's `holder_key` (`JoinRequest.holder_key`; renewals keep it).
     /// The token's `session_id` is the peer id (unique per session, never reused).
     ///
     /// # Errors
@@ -244,6 +245,7 @@ impl TokenKeys {
         broadcast_id: &str,
         peer_id: u64,
         scopes: Scopes,
+        holder_key: [u8; 32],
         now_ms: i64,
     ) -> Result<IssuedToken, TokenError> {
         let issued = u64::try_from(now_ms).unwrap_or(0);
@@ -256,6 +258,7 @@ impl TokenKeys {
             scopes,
             issued_at_ms: issued,
             expires_at_ms: expires,
+            holder_key,
         })?;
         Ok(IssuedToken {
             token: token.to_vec(),

@@ -126,6 +126,7 @@ async fn ingesting_node_key_is_always_in_the_viewers_key_set(store: Store) {
 
     let j = viewer
         .join(JoinRequest {
+            holder_key: vec![7; 32],
             broadcast_id: b.clone(),
             credential: String::new(),
             client_version: "chunk-keys-test".into(),

@@ -434,6 +434,7 @@ async fn audience_and_top_show_a_broadcast_with_viewers() {
     for i in 0..3u16 {
         let s = viewer
             .join(JoinRequest {
+                holder_key: vec![7; 32],
                 broadcast_id: id.clone(),
                 client_version: "cli-test".into(),
                 peer_addr: format!("127.0.0.1:{}", 41_000 + i),

@@ -361,6 +361,7 @@ async fn join_errors(store: Store) {
     let h = Harness::start(store).await;
     let mut viewer = h.viewer();
     let join = |id: &str| JoinRequest {
+        holder_key: vec![7; 32],
         broadcast_id: id.into(),
         credential: "ignored".into(),
         client_version: "test".into(),
@@ -394,6 +395,7 @@ async fn join_errors(store: Store) {
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = viewer
         .join(JoinRequest {
+            holder_key: vec![7; 32],
             peer_addr: "no-port".into(),
             upload_kbps: 1000,
             ..join(&id)
@@ -482,6 +484,7 @@ async fn node_ingests_viewers_join_and_stop(store: Store) {
     let mut viewer = h.viewer();
     let joined = viewer
         .join(JoinRequest {
+            holder_key: vec![7; 32],
             broadcast_id: id.clone(),
             credential: String::new(),
             client_version: "starling-sdk/test".into(),
@@ -712,6 +715,7 @@ async fn last_node_dies_broadcast_waits_unassigned(store: Store) {
     let err = h
         .viewer()
         .join(JoinRequest {
+            holder_key: vec![7; 32],
             broadcast_id: id.clone(),
             ..Default::default()
         })
@@ -865,6 +869,7 @@ async fn live_grid(h: &Harness, substreams: u32, kbps: u32) -> LiveGrid {
 async fn join_peer(h: &Harness, id: &str, peer_addr: &str, upload_kbps: u32) -> JoinResponse {
     h.viewer()
         .join(JoinRequest {
+            holder_key: vec![7; 32],
             broadcast_id: id.into(),
             client_version: "grid-test".into(),
             peer_addr: peer_addr.into(),

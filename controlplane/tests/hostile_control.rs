@@ -194,6 +194,7 @@ async fn join_from(
     h.viewer(from)
         .await
         .join(JoinRequest {
+            holder_key: vec![7; 32],
             broadcast_id: b.into(),
             client_version: "hostile-test".into(),
             peer_addr: peer_addr.into(),
@@ -778,6 +779,7 @@ async fn floods_are_limited_per_address_and_cost_no_database_writes(store: Store
         .viewer([127, 0, 12, 1])
         .await
         .join(JoinRequest {
+            holder_key: vec![7; 32],
             broadcast_id: b.clone(),
             credential: "x".repeat(64 * 1024),
             ..Default::default()

@@ -225,6 +225,7 @@ async fn live_broadcast(h: &Harness, node: &FakeNode, name: &str) -> String {
 async fn join(h: &Harness, broadcast: &str) -> String {
     h.viewer()
         .join(JoinRequest {
+            holder_key: vec![7; 32],
             broadcast_id: broadcast.into(),
             client_version: "hostile-test".into(),
             ..Default::default()

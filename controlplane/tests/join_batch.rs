@@ -136,6 +136,7 @@ impl Harness {
 
     fn join_req(&self, i: usize) -> JoinRequest {
         JoinRequest {
+            holder_key: vec![7; 32],
             broadcast_id: self.broadcast.clone(),
             client_version: "join-batch-test".into(),
             peer_addr: format!("10.0.{}.{}:7000", i / 200, i % 200 + 1),

@@ -194,6 +194,7 @@ async fn edge_calls_need_the_node_key(store: Store) {
     // Viewers get the authenticated node's chunk key only.
     let joined = ViewerServiceClient::new(h.channel.clone())
         .join(JoinRequest {
+            holder_key: vec![7; 32],
             broadcast_id: id.clone(),
             client_version: "test".into(),
             ..Default::default()
@@ -279,6 +280,7 @@ async fn chunk_key_id_clash_is_refused(store: Store) {
         .unwrap();
     let joined = ViewerServiceClient::new(h.channel.clone())
         .join(JoinRequest {
+            holder_key: vec![7; 32],
             broadcast_id: id,
             client_version: "test".into(),
             ..Default::default()

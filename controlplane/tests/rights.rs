@@ -11,6 +11,7 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use starling_controlplane::auth::{self, NEEDS_BEARER};
+use starling_controlplane::credential::JwtPolicy;
 use starling_controlplane::tokens::{RETIRE_AFTER, SIGN_LEAD, TokenKeys};
 use starling_controlplane::{
     AuthConfig, BearerInterceptor, ControlPlane, ControlPlaneHandle, ServiceConfig, Store,
@@ -99,14 +100,42 @@ fn now_ms() -> u64 {
     .unwrap()
 }
 
+/// The audience and issuer the harness's control plane requires of viewer JWTs, and
+/// of admin JWTs.
+const VIEWER_AUD: &str = "starling-rights-test";
+const ADMIN_AUD: &str = "starling-rights-test-admin";
+const ISSUER: &str = "rights-test-backend";
+
+/// `claims` with the configured `aud` (the admin one for `role: "admin"`) and `iss`
+/// added where absent.
+fn addressed(claims: &serde_json::Value) -> serde_json::Value {
+    let mut c = claims.clone();
+    if let Some(m) = c.as_object_mut() {
+        let aud = if m.get("role").and_then(|r| r.as_str()) == Some("admin") {
+            ADMIN_AUD
+        } else {
+            VIEWER_AUD
+        };
+        m.entry("aud").or_insert_with(|| json!(aud));
+        m.entry("iss").or_insert_with(|| json!(ISSUER));
+    }
+    c
+}
+
+/// An EdDSA JWT with `claims` (plus the configured `aud` and `iss` where absent).
 fn ed_jwt(claims: &serde_json::Value) -> String {
+    ed_jwt_exact(&addressed(claims))
+}
+
+/// An EdDSA JWT with exactly `claims`.
+fn ed_jwt_exact(claims: &serde_json::Value) -> String {
     let key = EncodingKey::from_ed_pem(ED_PRIVATE_PEM.as_bytes()).unwrap();
     jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), claims, &key).unwrap()
 }
 
 fn rsa_jwt(claims: &serde_json::Value) -> String {
     let key = EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap();
-    jsonwebtoken::encode(&Header::new(Algorithm::RS256), claims, &key).unwrap()
+    jsonwebtoken::encode(&Header::new(Algorithm::RS256), &addressed(claims), &key).unwrap()
 }
 
 /// A viewer JWT for `broadcast` with subject `sub`, valid for an hour.
@@ -153,6 +182,8 @@ impl Harness {
                 auth::parse_jwt_key_pem(RSA_PUBLIC_PEM.as_bytes()).unwrap(),
             ],
             leeway: Duration::from_secs(5),
+            viewer_jwt: JwtPolicy::new(VIEWER_AUD, ISSUER, 24 * 3600),
+            admin_jwt: JwtPolicy::new(ADMIN_AUD, ISSUER, 3600),
             rotate_token_key: false,
             node_key: None,
         };
@@ -236,6 +267,7 @@ impl Harness {
     ) -> Result<JoinResponse, tonic::Status> {
         self.viewer()
             .join(JoinRequest {
+                holder_key: vec![7; 32],
                 broadcast_id: broadcast.into(),
                 credential: credential.into(),
                 client_version: "rights-test".into(),
@@ -358,17 +390,19 @@ async fn admin_calls_need_admin_credentials(store: Store) {
     let jwt = ed_jwt(&json!({"sub": "ops", "role": "admin", "exp": now_secs() + 600}));
     h.admin_with(&jwt).list_broadcasts(list).await.unwrap();
 
-    // An authentic JWT without the admin role: permission denied.
-    let jwt = ed_jwt(&json!({"sub": "ops", "exp": now_secs() + 600}));
+    // An authentic JWT for the admin audience without the admin role: permission denied.
+    let jwt = ed_jwt(&json!({"sub": "ops", "aud": ADMIN_AUD, "exp": now_secs() + 600}));
     let e = h.admin_with(&jwt).list_broadcasts(list).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
-    // A viewer credential is not an admin credential either.
+    // A viewer credential is not an admin credential either: it is for the viewers'
+    // audience.
     let e = h
         .admin_with(&viewer_jwt("alice", "*"))
         .list_broadcasts(list)
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("another audience"), "{}", e.message());
 
     // Expired admin JWT.
     let jwt = ed_jwt(&json!({"sub": "ops", "role": "admin", "exp": now_secs() - 3600}));
@@ -478,6 +512,155 @@ async fn viewer_credentials_on_join(store: Store) {
     h.shutdown().await;
 }
 
+/// Issue 18 part 4: viewer and admin JWTs must name the configured audience and
+/// issuer, carry `exp`, and live at most the configured maximum (24 h viewers, 1 h
+/// admins here); each refusal is UNAUTHENTICATED with its reason, and a good one works.
+async fn jwt_audience_issuer_and_lifetime_are_required(store: Store) {
+    let h = Harness::start(store).await;
+    let _node = FakeNode::register(&h, "edge", 9).await;
+    let b = h.live_broadcast("scoped", false).await;
+    let now = now_secs();
+    let viewer = |extra: serde_json::Value| {
+        let mut c = json!({"sub": "v", "broadcast": b, "aud": VIEWER_AUD, "iss": ISSUER,
+                           "iat": now, "exp": now + 600});
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        ed_jwt_exact(&c)
+    };
+    h.join(&b, &viewer(json!({})), "", 0).await.unwrap();
+    // `aud` as an array that holds ours is fine.
+    h.join(&b, &viewer(json!({"aud": ["cdn", VIEWER_AUD]})), "", 0)
+        .await
+        .unwrap();
+    for (what, extra, reason) in [
+        ("no aud", json!({"aud": null}), "lacks the \"aud\" claim"),
+        (
+            "another aud",
+            json!({"aud": "some-other-service"}),
+            "another audience",
+        ),
+        (
+            "the admin aud",
+            json!({"aud": ADMIN_AUD}),
+            "another audience",
+        ),
+        ("no iss", json!({"iss": null}), "lacks the \"iss\" claim"),
+        ("another iss", json!({"iss": "mallory"}), "another issuer"),
+        ("no exp", json!({"exp": null}), "lacks the \"exp\" claim"),
+        (
+            "25 h",
+            json!({"exp": now + 25 * 3600}),
+            "longer than the 86400s allowed",
+        ),
+        (
+            "25 h without iat",
+            json!({"iat": null, "exp": now + 25 * 3600}),
+            "longer than the 86400s allowed",
+        ),
+    ] {
+        let e = h.join(&b, &viewer(extra), "", 0).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        assert!(e.message().contains(reason), "{what}: {}", e.message());
+    }
+
+    let list = ListBroadcastsRequest::default();
+    let admin = |extra: serde_json::Value| {
+        let mut c = json!({"sub": "ops", "role": "admin", "aud": ADMIN_AUD, "iss": ISSUER,
+                           "iat": now, "exp": now + 600});
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        ed_jwt_exact(&c)
+    };
+    h.admin_with(&admin(json!({})))
+        .list_broadcasts(list)
+        .await
+        .unwrap();
+    for (what, extra, reason) in [
+        (
+            "the viewer aud",
+            json!({"aud": VIEWER_AUD}),
+            "another audience",
+        ),
+        ("no aud", json!({"aud": null}), "lacks the \"aud\" claim"),
+        ("another iss", json!({"iss": "mallory"}), "another issuer"),
+        (
+            "2 h",
+            json!({"exp": now + 7200}),
+            "longer than the 3600s allowed",
+        ),
+    ] {
+        let e = h
+            .admin_with(&admin(extra))
+            .list_broadcasts(list)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e:?}");
+        assert!(e.message().contains(reason), "{what}: {}", e.message());
+    }
+    h.shutdown().await;
+}
+
+/// Keys without an audience or issuer: the control plane does not start, and says which
+/// flag is missing.
+#[test]
+fn jwt_keys_without_audience_or_issuer_refuse_to_start() {
+    let key = || auth::parse_jwt_key_pem(ED_PUBLIC_PEM.as_bytes()).unwrap();
+    let cases = [
+        (
+            AuthConfig {
+                viewer_jwt_keys: vec![key()],
+                ..AuthConfig::default()
+            },
+            "--viewer-jwt-audience",
+        ),
+        (
+            AuthConfig {
+                viewer_jwt_keys: vec![key()],
+                viewer_jwt: JwtPolicy {
+                    issuer: None,
+                    ..JwtPolicy::new(VIEWER_AUD, ISSUER, 60)
+                },
+                ..AuthConfig::default()
+            },
+            "--viewer-jwt-issuer",
+        ),
+        (
+            AuthConfig {
+                admin_jwt_keys: vec![key()],
+                ..AuthConfig::default()
+            },
+            "--admin-jwt-audience",
+        ),
+        (
+            AuthConfig {
+                admin_jwt_keys: vec![key()],
+                admin_jwt: JwtPolicy {
+                    issuer: Some(" ".into()),
+                    ..JwtPolicy::new(ADMIN_AUD, ISSUER, 60)
+                },
+                ..AuthConfig::default()
+            },
+            "--admin-jwt-issuer",
+        ),
+    ];
+    for (config, flag) in cases {
+        let e = auth::Authenticator::new(&config).unwrap_err().to_string();
+        assert!(e.contains(flag), "{flag}: {e}");
+    }
+    // Without keys nothing is needed.
+    auth::Authenticator::new(&AuthConfig::default()).unwrap();
+}
+
 fn base64_url(v: &serde_json::Value) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
@@ -527,6 +710,25 @@ async fn join_issues_verifiable_chunk_token(store: Store) {
     assert_eq!(claims.peer_id, relay.peer_id);
     assert_eq!(claims.session_id, relay.peer_id);
     assert_eq!(claims.broadcast_id, b);
+    // Bound to the key the join named (docs/PROTOCOL.md, proof of possession).
+    assert_eq!(claims.holder_key, [7; 32]);
+    // A join without a usable holder key is refused: an SDK that cannot prove fails
+    // here, clearly, rather than at every link.
+    for key in [vec![], vec![7; 31], vec![0; 32]] {
+        let e = h
+            .viewer()
+            .join(JoinRequest {
+                holder_key: key.clone(),
+                broadcast_id: b.clone(),
+                credential: viewer_jwt("carol", &b),
+                client_version: "rights-test".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{key:?}: {e:?}");
+        assert!(e.message().contains("holder_key"), "{e:?}");
+    }
     assert_eq!(
         i64::try_from(claims.expires_at_ms).unwrap(),
         relay.token_expires_at_unix_ms
@@ -597,6 +799,8 @@ async fn heartbeat_renews_token_near_expiry(store: Store) {
         .unwrap();
     assert_eq!(claims.peer_id, j.peer_id);
     assert_eq!(claims.scopes, first.scopes);
+    // Renewals keep the key the session joined with.
+    assert_eq!(claims.holder_key, first.holder_key);
     assert!(claims.expires_at_ms > first.expires_at_ms);
     assert_eq!(
         i64::try_from(claims.expires_at_ms).unwrap(),
@@ -806,6 +1010,7 @@ async fn reported_peer_is_never_a_parent_again(store: Store) {
         let mut v = h.viewer_from([127, 0, 0, i]).await;
         let j = v
             .join(JoinRequest {
+                holder_key: vec![7; 32],
                 broadcast_id: b.clone(),
                 client_version: "rights-test".into(),
                 ..Default::default()
@@ -935,7 +1140,7 @@ async fn token_keys_rotate_without_dropping_anyone(store: Store) {
     assert!(other.refresh(&replica, signing_at).await.unwrap());
     assert_eq!(other.signing_key_id(), new_id);
     let fresh = other
-        .issue(&b, 77, Scopes::PLAY, signing_at)
+        .issue(&b, 77, Scopes::PLAY, [7; 32], signing_at)
         .expect("sign with the new key");
     assert_eq!(peek_unverified(&fresh.token).unwrap().0, new_id);
     let v = verifier(&other.public_keys());
@@ -960,6 +1165,7 @@ async fn token_keys_rotate_without_dropping_anyone(store: Store) {
 on_both_backends!(
     admin_calls_need_admin_credentials,
     viewer_credentials_on_join,
+    jwt_audience_issuer_and_lifetime_are_required,
     join_issues_verifiable_chunk_token,
     heartbeat_renews_token_near_expiry,
     revoke_viewer_by_subject_and_session,

@@ -172,6 +172,7 @@ async fn live_grid(h: &Harness, substreams: u32) -> LiveGrid {
 async fn join(h: &Harness, id: &str, peer_addr: &str, upload_kbps: u32) -> JoinResponse {
     h.viewer()
         .join(JoinRequest {
+            holder_key: vec![7; 32],
             broadcast_id: id.into(),
             client_version: "stream-test".into(),
             peer_addr: peer_addr.into(),
@@ -351,6 +352,15 @@ async fn token_renewal_is_pushed(store: Store) {
     assert!(renewed.active);
     assert!(renewed.token_expires_at_unix_ms > b.token_expires_at_unix_ms);
     assert_ne!(renewed.chunk_token, b.chunk_token);
+    // The session stream's renewals keep the key the session joined with.
+    let holder = |t: &[u8]| {
+        starling_proto::token::peek_unverified(t)
+            .unwrap()
+            .1
+            .holder_key
+    };
+    assert_eq!(holder(&renewed.chunk_token), holder(&b.chunk_token));
+    assert_eq!(holder(&b.chunk_token), [7; 32]);
     // And again: the timer follows the new expiry.
     let again = sb.until(|m| !m.chunk_token.is_empty()).await;
     assert!(again.last().unwrap().token_expires_at_unix_ms > renewed.token_expires_at_unix_ms);
@@ -660,6 +670,7 @@ async fn mac_tickets_for_relays_that_ask(store: Store) {
         let mut v = h.viewer();
         async move {
             v.join(JoinRequest {
+                holder_key: vec![7; 32],
                 broadcast_id: id,
                 client_version: "stream-test".into(),
                 peer_addr: addr.into(),

@@ -14,7 +14,8 @@
 //!   it wakes up (one relaxed atomic load) and looks itself up only when it changed.
 
 use parking_lot::{Mutex, RwLock};
-use starling_proto::token::{Scopes, TokenClaims, TokenError, TokenVerifier};
+use starling_proto::holder::{self, NONCE_LEN, ProofError, Verifier};
+use starling_proto::token::{self, Scopes, TokenClaims, TokenError, TokenVerifier};
 use starling_proto::v1::PublicKey;
 use starling_proto::wire::ErrorCode;
 use std::collections::HashMap;
@@ -32,6 +33,11 @@ pub enum Denied {
     WrongPeer,
     /// The token's peer was revoked on this broadcast.
     Revoked,
+    /// The connection did not prove it holds the key the token names
+    /// ([`starling_proto::holder`]): no `PROOF`, or a bad one (a harvested token).
+    Proof(ProofError),
+    /// A renewal (`TOKEN`) names another holder key than the connection proved.
+    WrongHolder,
 }
 
 impl Denied {
@@ -41,6 +47,9 @@ impl Denied {
             Denied::Missing => "missing",
             Denied::WrongPeer => "wrong_peer",
             Denied::Revoked => "revoked",
+            Denied::WrongHolder => "wrong_holder",
+            Denied::Proof(ProofError::Missing) => "no_proof",
+            Denied::Proof(_) => "bad_proof",
             Denied::Token(e) => match e {
                 TokenError::Truncated => "truncated",
                 TokenError::Oversized => "oversized",
@@ -57,7 +66,7 @@ impl Denied {
     }
 
     /// Every label, in metric order.
-    pub const LABELS: [&'static str; 13] = [
+    pub const LABELS: [&'static str; 16] = [
         "missing",
         "truncated",
         "oversized",
@@ -71,6 +80,9 @@ impl Denied {
         "malformed",
         "wrong_peer",
         "revoked",
+        "no_proof",
+        "bad_proof",
+        "wrong_holder",
     ];
 
     /// Index of [`Self::label`] in [`Self::LABELS`].
@@ -93,6 +105,12 @@ impl Denied {
             Denied::Missing => "a chunk token is required for this broadcast".to_owned(),
             Denied::WrongPeer => "the renewed token is for another peer".to_owned(),
             Denied::Revoked => "this viewer was revoked".to_owned(),
+            Denied::WrongHolder => "the renewed token names another holder key".to_owned(),
+            Denied::Proof(ProofError::Missing) => "the chunk token is bound to its holder's \
+                key: send PROOF after HELLO_ACK (wire protocol version 2); HTTP cannot \
+                prove it and serves public broadcasts only"
+                .to_owned(),
+            Denied::Proof(e) => e.to_string(),
             Denied::Token(e) => e.to_string(),
         };
         format!("{}: {why}", self.label())
@@ -104,6 +122,7 @@ impl Denied {
         match self {
             Denied::Token(TokenError::WrongBroadcast | TokenError::MissingScope)
             | Denied::WrongPeer
+            | Denied::WrongHolder
             | Denied::Revoked => "403 Forbidden",
             _ => "401 Unauthorized",
         }
@@ -118,6 +137,55 @@ pub struct Grant {
     /// The connection is closed with `GOODBYE(TOKEN_EXPIRED)` at `expires_at_ms + skew`
     /// unless renewed (`None`: public broadcast, nothing to renew).
     pub expires_at_ms: Option<u64>,
+    /// The holder key the connection proved it holds (`None`: anonymous); renewals
+    /// must name it.
+    pub holder_key: Option<[u8; 32]>,
+}
+
+impl Grant {
+    /// An anonymous viewer of a public broadcast.
+    pub const ANONYMOUS: Grant = Grant {
+        peer_id: None,
+        expires_at_ms: None,
+        holder_key: None,
+    };
+}
+
+/// What a connection's handshake established about its key ([`starling_proto::holder`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Possession {
+    /// No `PROOF` was sent.
+    Unproven,
+    /// A `PROOF` valid for the holder key of the `HELLO` token: that key. The token is
+    /// verified later (at `SUBSCRIBE`) and must name the same key.
+    Proven([u8; 32]),
+    /// A `PROOF` that did not verify.
+    Failed(ProofError),
+}
+
+impl Possession {
+    /// Checks a `PROOF` made for this data plane over `nonce` (ours, from `HELLO_ACK`)
+    /// and `token` (the one to be admitted), against the holder key the token names
+    /// (read unverified here; [`Auth::admit`] verifies the token and compares keys).
+    pub fn check(nonce: &[u8; NONCE_LEN], token: &[u8], proof: &[u8]) -> Possession {
+        let Ok((_, claims)) = token::peek_unverified(token) else {
+            return Possession::Failed(ProofError::BadProof);
+        };
+        match holder::verify(&claims.holder_key, nonce, token, Verifier::DataPlane, proof) {
+            Ok(()) => Possession::Proven(claims.holder_key),
+            Err(e) => Possession::Failed(e),
+        }
+    }
+
+    /// Whether this proves the holder of `claims`.
+    fn binds(&self, claims: &TokenClaims) -> Result<(), Denied> {
+        match self {
+            Possession::Proven(k) if *k == claims.holder_key => Ok(()),
+            Possession::Proven(_) => Err(Denied::Proof(ProofError::BadProof)),
+            Possession::Unproven => Err(Denied::Proof(ProofError::Missing)),
+            Possession::Failed(e) => Err(Denied::Proof(e.clone())),
+        }
+    }
 }
 
 /// Token keys, revocations and the clock-skew tolerance of one node.
@@ -208,31 +276,36 @@ impl Auth {
     }
 
     /// The check made when a connection subscribes: public broadcasts accept anyone
-    /// (a valid token still identifies the peer, for revocation; an invalid one is
-    /// ignored, but a revoked peer's valid token is refused); others need a valid token.
+    /// (a valid token with a valid proof still identifies the peer, for revocation; an
+    /// invalid or unproven one is ignored, but a revoked peer's valid token is
+    /// refused); others need a valid token and `possession` of the key it names.
     pub fn admit(
         &self,
         token: &[u8],
+        possession: &Possession,
         broadcast: &str,
         public: bool,
         now_ms: u64,
     ) -> Result<Grant, Denied> {
-        match self.verify(token, broadcast, now_ms) {
+        match self
+            .verify(token, broadcast, now_ms)
+            .and_then(|c| possession.binds(&c).map(|()| c))
+        {
             Ok(c) => Ok(Grant {
                 peer_id: Some(c.peer_id),
                 expires_at_ms: (!public).then_some(c.expires_at_ms),
+                holder_key: Some(c.holder_key),
             }),
             Err(Denied::Revoked) => Err(Denied::Revoked),
-            Err(_) if public => Ok(Grant {
-                peer_id: None,
-                expires_at_ms: None,
-            }),
+            Err(_) if public => Ok(Grant::ANONYMOUS),
             Err(e) => Err(e),
         }
     }
 
-    /// A `TOKEN` frame on a connection holding `current`: the new token must be valid
-    /// and, when the connection already has a peer id, name the same peer.
+    /// A `TOKEN` frame on a connection holding `current`: the new token must be valid,
+    /// name the holder key the connection proved (renewals keep the session's key; an
+    /// anonymous connection cannot become someone by a `TOKEN`) and, when the
+    /// connection already has a peer id, the same peer.
     pub fn renew(
         &self,
         current: Grant,
@@ -242,12 +315,16 @@ impl Auth {
         now_ms: u64,
     ) -> Result<Grant, Denied> {
         let c = self.verify(token, broadcast, now_ms)?;
+        if current.holder_key != Some(c.holder_key) {
+            return Err(Denied::WrongHolder);
+        }
         if current.peer_id.is_some_and(|p| p != c.peer_id) {
             return Err(Denied::WrongPeer);
         }
         Ok(Grant {
             peer_id: Some(c.peer_id),
             expires_at_ms: (!public).then_some(c.expires_at_ms),
+            holder_key: Some(c.holder_key),
         })
     }
 
@@ -303,6 +380,8 @@ mod tests {
     use starling_proto::token::{TokenSigner, generate_pkcs8};
 
     const NOW: u64 = 1_700_000_000_000;
+    const HOLDER: [u8; 32] = [4; 32];
+    const P: Possession = Possession::Proven(HOLDER);
 
     fn setup() -> (TokenSigner, Auth) {
         let s = TokenSigner::new(7, &generate_pkcs8().unwrap()).unwrap();
@@ -318,6 +397,7 @@ mod tests {
             scopes: Scopes::PLAY,
             issued_at_ms: NOW - 1000,
             expires_at_ms: exp,
+            holder_key: HOLDER,
         })
         .unwrap()
     }
@@ -326,44 +406,107 @@ mod tests {
     fn admit_public_and_private() {
         let (s, a) = setup();
         let t = token(&s, "b", 5, NOW + 10_000);
-        assert_eq!(a.admit(b"", "b", false, NOW), Err(Denied::Missing));
+        assert_eq!(a.admit(b"", &P, "b", false, NOW), Err(Denied::Missing));
+        assert_eq!(a.admit(b"", &P, "b", true, NOW), Ok(Grant::ANONYMOUS));
         assert_eq!(
-            a.admit(b"", "b", true, NOW),
-            Ok(Grant {
-                peer_id: None,
-                expires_at_ms: None
-            })
-        );
-        assert_eq!(
-            a.admit(&t, "b", false, NOW),
+            a.admit(&t, &P, "b", false, NOW),
             Ok(Grant {
                 peer_id: Some(5),
-                expires_at_ms: Some(NOW + 10_000)
+                expires_at_ms: Some(NOW + 10_000),
+                holder_key: Some(HOLDER),
             })
         );
         assert_eq!(
-            a.admit(&t, "b", true, NOW).unwrap().expires_at_ms,
+            a.admit(&t, &P, "b", true, NOW).unwrap().expires_at_ms,
             None,
             "public: no expiry enforced"
         );
-        let e = a.admit(&t, "c", false, NOW).unwrap_err();
+        let e = a.admit(&t, &P, "c", false, NOW).unwrap_err();
         assert_eq!(e.label(), "wrong_broadcast");
         assert_eq!(e.http_status(), "403 Forbidden");
         assert!(
-            a.admit(&t, "c", true, NOW).is_ok(),
+            a.admit(&t, &P, "c", true, NOW).is_ok(),
             "public ignores bad tokens"
         );
-        let e = a.admit(&t, "b", false, NOW + 11_000).unwrap_err();
+        let e = a.admit(&t, &P, "b", false, NOW + 11_000).unwrap_err();
         assert_eq!(e.label(), "expired");
         assert!(e.message().starts_with("expired: "));
         assert_eq!(Denied::LABELS[e.index()], "expired");
     }
 
     #[test]
+    fn a_token_is_good_only_with_a_proof_of_its_holder_key() {
+        let (s, a) = setup();
+        let t = token(&s, "b", 5, NOW + 10_000);
+        let harvested = Possession::Proven([5; 32]);
+        let e = a.admit(&t, &harvested, "b", false, NOW).unwrap_err();
+        assert_eq!(
+            (e.label(), e.code()),
+            ("bad_proof", ErrorCode::Unauthorized)
+        );
+        let e = a
+            .admit(&t, &Possession::Unproven, "b", false, NOW)
+            .unwrap_err();
+        assert_eq!(e.label(), "no_proof");
+        assert_eq!(e.http_status(), "401 Unauthorized");
+        let failed = Possession::Failed(ProofError::BadProof);
+        assert_eq!(
+            a.admit(&t, &failed, "b", false, NOW).unwrap_err().label(),
+            "bad_proof"
+        );
+        // Public: the unproven token is ignored, not refused.
+        assert_eq!(
+            a.admit(&t, &harvested, "b", true, NOW),
+            Ok(Grant::ANONYMOUS)
+        );
+        // The real PROOF check, end to end.
+        let k = holder::HolderKey::generate().unwrap();
+        let t = s
+            .sign(&TokenClaims {
+                holder_key: k.public_key(),
+                ..token_claims(5)
+            })
+            .unwrap();
+        let nonce = [9u8; NONCE_LEN];
+        let proof = k.prove(&nonce, &t, Verifier::DataPlane);
+        let ok = Possession::check(&nonce, &t, &proof);
+        assert_eq!(ok, Possession::Proven(k.public_key()));
+        assert!(a.admit(&t, &ok, "b", false, NOW).is_ok());
+        assert_eq!(
+            Possession::check(&[8; NONCE_LEN], &t, &proof),
+            Possession::Failed(ProofError::BadProof)
+        );
+        let for_a_peer = k.prove(&nonce, &t, Verifier::Peer(3));
+        assert_eq!(
+            Possession::check(&nonce, &t, &for_a_peer),
+            Possession::Failed(ProofError::BadProof)
+        );
+        assert_eq!(
+            Possession::check(&nonce, b"junk", &proof),
+            Possession::Failed(ProofError::BadProof)
+        );
+        for l in Denied::LABELS {
+            assert!(!l.is_empty());
+        }
+    }
+
+    fn token_claims(peer: u64) -> TokenClaims {
+        TokenClaims {
+            broadcast_id: "b".into(),
+            peer_id: peer,
+            session_id: 1,
+            scopes: Scopes::PLAY,
+            issued_at_ms: NOW - 1000,
+            expires_at_ms: NOW + 10_000,
+            holder_key: HOLDER,
+        }
+    }
+
+    #[test]
     fn renew_same_peer_only() {
         let (s, a) = setup();
         let g = a
-            .admit(&token(&s, "b", 5, NOW + 1000), "b", false, NOW)
+            .admit(&token(&s, "b", 5, NOW + 1000), &P, "b", false, NOW)
             .unwrap();
         let g2 = a
             .renew(g, &token(&s, "b", 5, NOW + 50_000), "b", false, NOW)
@@ -372,6 +515,27 @@ mod tests {
         assert_eq!(
             a.renew(g, &token(&s, "b", 6, NOW + 50_000), "b", false, NOW),
             Err(Denied::WrongPeer)
+        );
+        // Renewals keep the session's holder key.
+        let other_key = s
+            .sign(&TokenClaims {
+                holder_key: [6; 32],
+                ..token_claims(5)
+            })
+            .unwrap();
+        assert_eq!(
+            a.renew(g, &other_key, "b", false, NOW),
+            Err(Denied::WrongHolder)
+        );
+        assert_eq!(
+            a.renew(
+                Grant::ANONYMOUS,
+                &token(&s, "b", 5, NOW + 50_000),
+                "b",
+                true,
+                NOW
+            ),
+            Err(Denied::WrongHolder)
         );
     }
 
@@ -382,14 +546,14 @@ mod tests {
         let g0 = a.generation();
         a.revoke("b", &[5], NOW);
         assert!(a.generation() > g0);
-        assert_eq!(a.admit(&t, "b", false, NOW), Err(Denied::Revoked));
-        assert_eq!(a.admit(&t, "b", true, NOW), Err(Denied::Revoked));
+        assert_eq!(a.admit(&t, &P, "b", false, NOW), Err(Denied::Revoked));
+        assert_eq!(a.admit(&t, &P, "b", true, NOW), Err(Denied::Revoked));
         assert!(
-            a.admit(&token(&s, "b", 6, NOW + 10_000), "b", false, NOW)
+            a.admit(&token(&s, "b", 6, NOW + 10_000), &P, "b", false, NOW)
                 .is_ok()
         );
         assert!(
-            a.admit(&token(&s, "c", 5, NOW + 10_000), "c", false, NOW)
+            a.admit(&token(&s, "c", 5, NOW + 10_000), &P, "c", false, NOW)
                 .is_ok()
         );
         assert!(a.is_revoked("b", 5, NOW + 59_999));
@@ -413,10 +577,11 @@ mod tests {
                 scopes: Scopes::PLAY,
                 issued_at_ms: NOW,
                 expires_at_ms: NOW + 1000,
+                holder_key: HOLDER,
             })
             .unwrap();
         assert_eq!(
-            a.admit(&t2, "b", false, NOW).unwrap_err().label(),
+            a.admit(&t2, &P, "b", false, NOW).unwrap_err().label(),
             "unknown_key"
         );
         a.set_keys(&[
@@ -430,9 +595,9 @@ mod tests {
             },
         ]);
         assert_eq!(a.key_ids(), vec![7, 8]);
-        assert!(a.admit(&t2, "b", false, NOW).is_ok());
+        assert!(a.admit(&t2, &P, "b", false, NOW).is_ok());
         assert!(
-            a.admit(&token(&s, "b", 1, NOW + 1000), "b", false, NOW)
+            a.admit(&token(&s, "b", 1, NOW + 1000), &P, "b", false, NOW)
                 .is_ok()
         );
         a.set_keys(&[]);

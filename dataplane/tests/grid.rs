@@ -236,8 +236,8 @@ fn request_flood_is_bounded_and_answered_in_order() -> Result<()> {
     sock.connect(&node.wire_addr().into())?;
     let mut c = Client::from_stream(sock.into())?;
     c.send(&Frame::Hello(wire::Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: wire::PROTOCOL_VERSION,
+        max_version: wire::PROTOCOL_VERSION,
         role: wire::Role::Peer,
         token: Bytes::new(),
     }))?;
@@ -335,8 +335,8 @@ fn frames_out_of_place_close_only_that_connection() -> Result<()> {
     // REQUEST before SUBSCRIBE.
     let mut c = Client::connect(node.wire_addr())?;
     c.send(&Frame::Hello(wire::Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: wire::PROTOCOL_VERSION,
+        max_version: wire::PROTOCOL_VERSION,
         role: wire::Role::Peer,
         token: Bytes::new(),
     }))?;

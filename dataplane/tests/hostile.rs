@@ -97,8 +97,8 @@ fn connect_from(from: IpAddr, addr: SocketAddr) -> Result<TcpStream> {
 
 fn hello(token: Bytes) -> Frame {
     Frame::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: wire::PROTOCOL_VERSION,
+        max_version: wire::PROTOCOL_VERSION,
         role: Role::Viewer,
         token,
     })
@@ -115,8 +115,13 @@ fn subscribe(mask: u64) -> Frame {
 /// HELLO (with `token`) and SUBSCRIBE from `from`, up to STREAM_INFO.
 fn viewer_from(from: IpAddr, addr: SocketAddr, mask: u64, token: Bytes) -> Result<Client> {
     let mut c = Client::from_stream(connect_from(from, addr)?)?;
-    c.send(&hello(token))?;
+    c.send(&hello(token.clone()))?;
     match c.recv()? {
+        Frame::HelloAck(a) if !token.is_empty() => {
+            let v = starling_proto::holder::Verifier::DataPlane;
+            let proof = holder().prove(&a.nonce, &token, v);
+            c.send(&Frame::Proof(Bytes::copy_from_slice(&proof)))?;
+        }
         Frame::HelloAck(_) => {}
         other => bail!("expected HELLO_ACK, got {other:?}"),
     }

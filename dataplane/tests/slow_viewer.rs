@@ -128,8 +128,8 @@ fn small_buffer_subscriber(addr: SocketAddr) -> Result<std::net::TcpStream> {
     let mut s: std::net::TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.write_all(&wire::encode_to_bytes(&Frame::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: wire::PROTOCOL_VERSION,
+        max_version: wire::PROTOCOL_VERSION,
         role: Role::Viewer,
         token: bytes::Bytes::new(),
     }))?)?;

@@ -7,7 +7,10 @@
 use std::path::Path;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use starling_fuzz::{BROADCAST, CHILD, NOW_MS, PARENT, chunk_signer, token_signer};
+use starling_fuzz::{
+    BROADCAST, CHILD, HANDSHAKE_NONCE, NOW_MS, PARENT, chunk_signer, holder, token_signer,
+};
+use starling_proto::holder::Verifier;
 use starling_proto::integrity::ChunkMeta;
 use starling_proto::ticket::TicketClaims;
 use starling_proto::token::{Scopes, TokenClaims};
@@ -39,6 +42,7 @@ fn token(peer_id: u64, broadcast: &str, exp: u64) -> Bytes {
             scopes: Scopes::PLAY | Scopes::RELAY,
             issued_at_ms: Y2020,
             expires_at_ms: exp,
+            holder_key: holder().public_key(),
         })
         .unwrap_or_else(|e| panic!("token: {e}"))
 }
@@ -69,6 +73,12 @@ fn hello(tok: Bytes) -> Frame {
         role: Role::Peer,
         token: tok,
     })
+}
+
+/// The PROOF of the seeds' holder key for `tok` to the fuzzed listener (peer PARENT).
+fn proof(tok: &[u8]) -> Frame {
+    let p = holder().prove(&HANDSHAKE_NONCE, tok, Verifier::Peer(PARENT));
+    Frame::Proof(Bytes::copy_from_slice(&p))
 }
 
 fn subscribe(mask: u64) -> Frame {
@@ -125,7 +135,11 @@ fn main() {
     let mut all = vec![0u8];
     all.extend(frames(&[
         hello(tok.clone()),
-        Frame::HelloAck(HelloAck { version: 1 }),
+        Frame::HelloAck(HelloAck {
+            version: PROTOCOL_VERSION,
+            nonce: HANDSHAKE_NONCE,
+        }),
+        proof(&tok),
         subscribe(0b1),
         Frame::StreamInfo(StreamInfo {
             broadcast_id: BROADCAST.into(),
@@ -165,6 +179,7 @@ fn main() {
         "child",
         &frames(&[
             hello(tok.clone()),
+            proof(&tok),
             Frame::Ticket(v1),
             Frame::Ticket(v2),
             Frame::Ping(5),
@@ -174,7 +189,7 @@ fn main() {
     write(
         "peer_handshake",
         "neighbour",
-        &frames(&[hello(tok), subscribe(0)]),
+        &frames(&[hello(tok.clone()), proof(&tok), subscribe(0)]),
     );
 
     for (name, head) in [

@@ -19,6 +19,21 @@ pub const CHUNK_KEY_ID: u32 = 2;
 pub const CHILD: u64 = 0x700;
 pub const PARENT: u64 = 0x901;
 
+/// The nonce the fuzzed listener's `HELLO_ACK` carries (`starling_sdk::fuzz_api::NONCE`):
+/// the `peer_handshake` seeds hold a `PROOF` over it.
+pub const HANDSHAKE_NONCE: [u8; 32] = [0x42; 32];
+
+/// The key the seeds' chunk tokens are bound to (a fixed seed, so seeds stay valid).
+pub fn holder() -> &'static starling_proto::holder::HolderKey {
+    static K: OnceLock<starling_proto::holder::HolderKey> = OnceLock::new();
+    K.get_or_init(
+        || match starling_proto::holder::HolderKey::from_seed(&[0x33; 32]) {
+            Ok(k) => k,
+            Err(e) => panic!("holder key: {e}"),
+        },
+    )
+}
+
 /// The control plane's token key (test key, committed).
 pub fn token_signer() -> &'static TokenSigner {
     static S: OnceLock<TokenSigner> = OnceLock::new();

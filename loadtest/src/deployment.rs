@@ -22,6 +22,11 @@ use tonic::transport::Channel;
 /// An admin API client that sends the admin key as `authorization: Bearer <key>`.
 pub type AdminClient = AdminServiceClient<InterceptedService<Channel, BearerInterceptor>>;
 
+/// The `aud` viewer JWTs must carry in a deployment with viewer keys.
+pub const VIEWER_JWT_AUDIENCE: &str = "starling-loadtest";
+/// The `iss` viewer JWTs must carry in a deployment with viewer keys.
+pub const VIEWER_JWT_ISSUER: &str = "starling-loadtest-backend";
+
 /// Connects an [`AdminClient`] to `control_url` with `admin_key`.
 pub async fn admin_client(control_url: &str, admin_key: &str) -> Result<AdminClient, HarnessError> {
     let bearer = BearerInterceptor::new(admin_key)
@@ -84,7 +89,8 @@ pub struct DeploymentConfig {
     /// Create the broadcast public (joined without a credential). `false` needs
     /// [`DeploymentConfig::viewer_jwt_keys`] for anyone to join.
     pub public: bool,
-    /// Keys that verify viewer JWTs (the broadcaster's backend's public keys).
+    /// Keys that verify viewer JWTs (the broadcaster's backend's public keys). Their
+    /// JWTs must carry `aud` [`VIEWER_JWT_AUDIENCE`] and `iss` [`VIEWER_JWT_ISSUER`].
     pub viewer_jwt_keys: Vec<CredentialKey>,
     /// PostgreSQL URL for the control plane; `None` = embedded SQLite in
     /// [`DeploymentConfig::data_dir`].
@@ -185,6 +191,11 @@ impl Deployment {
         );
         let admin_key = cp_config.auth.admin_key.clone().unwrap_or_default();
         cp_config.auth.viewer_jwt_keys = config.viewer_jwt_keys.clone();
+        cp_config.auth.viewer_jwt = starling_controlplane::credential::JwtPolicy::new(
+            VIEWER_JWT_AUDIENCE,
+            VIEWER_JWT_ISSUER,
+            starling_controlplane::credential::DEFAULT_VIEWER_MAX_LIFETIME_SECS,
+        );
         let defaults = ServiceConfig::default();
         cp_config.service = ServiceConfig {
             heartbeat_interval: config.heartbeat_interval,

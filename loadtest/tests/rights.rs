@@ -34,10 +34,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{DialError, Issuer, RawConn, env_or, init_tracing, unix_ms, write_frame};
+use common::{DialError, Issuer, RawConn, env_or, init_tracing, raw_holder, unix_ms, write_frame};
 use starling_loadtest::{
     Deployment, DeploymentConfig, OutputCheck, Report, Swarm, SwarmConfig, UploadProfile, peer_ip,
 };
+use starling_proto::holder::Verifier;
 use starling_proto::integrity::{ChunkMeta, ChunkSigner, parse_block};
 use starling_proto::v1::admin_service_client::AdminServiceClient;
 use starling_proto::v1::viewer_service_client::ViewerServiceClient;
@@ -110,6 +111,17 @@ async fn credentials_and_admin_bearer() {
             "expired",
             Some(issuer.mint(&serde_json::json!({
                 "sub": "late", "broadcast": bid, "iat": now - 7200, "exp": now - 3600,
+                "aud": starling_loadtest::deployment::VIEWER_JWT_AUDIENCE,
+                "iss": starling_loadtest::deployment::VIEWER_JWT_ISSUER,
+            }))),
+            tonic::Code::Unauthenticated,
+        ),
+        (
+            "for another service",
+            Some(issuer.mint(&serde_json::json!({
+                "sub": "elsewhere", "broadcast": bid, "iat": now, "exp": now + 600,
+                "aud": "some-other-service",
+                "iss": starling_loadtest::deployment::VIEWER_JWT_ISSUER,
             }))),
             tonic::Code::Unauthenticated,
         ),
@@ -237,6 +249,7 @@ struct Shadow {
     renewals_after_revoke: AtomicU64,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn shadow_link(
     sh: Arc<Shadow>,
     addr: String,
@@ -245,11 +258,12 @@ async fn shadow_link(
     mask: u64,
     tickets: Vec<Bytes>,
     mut token: watch::Receiver<Bytes>,
+    verifier: Verifier,
 ) {
     let is_dp = role == Role::Viewer;
     loop {
         let tok = token.borrow_and_update().clone();
-        match RawConn::dial_ticketed(&addr, role, tok, &bid, mask, &tickets).await {
+        match RawConn::dial_ticketed(&addr, role, tok, &bid, mask, &tickets, verifier).await {
             Ok((mut c, _info)) => {
                 if sh.revoked_at_ms.load(Ordering::SeqCst) != 0 {
                     if is_dp {
@@ -359,6 +373,7 @@ async fn revocation_cuts_off_data_plane_at_once_and_peers_within_a_token_lifetim
         .expect("viewer client");
     let join = vs
         .join(JoinRequest {
+            holder_key: raw_holder().public_key().to_vec(),
             broadcast_id: bid.clone(),
             credential: issuer.viewer(&subject, &bid),
             client_version: "rights-test-shadow".into(),
@@ -387,10 +402,12 @@ async fn revocation_cuts_off_data_plane_at_once_and_peers_within_a_token_lifetim
     let k = join.params.as_ref().map_or(4, |p| p.substreams.max(1));
     // Its parents, with the tickets the control plane signed for it (an assigned child).
     let mut by_parent: BTreeMap<String, (u64, Vec<Bytes>)> = BTreeMap::new();
+    let mut parent_ids: BTreeMap<String, u64> = BTreeMap::new();
     let mut dp_mask = 0u64;
     for p in &join.parents {
         match &p.peer {
             Some(peer) => {
+                parent_ids.insert(peer.addr.clone(), peer.peer_id);
                 let e = by_parent.entry(peer.addr.clone()).or_default();
                 e.0 |= 1 << p.substream;
                 e.1.push(Bytes::from(p.ticket.clone()));
@@ -415,6 +432,7 @@ async fn revocation_cuts_off_data_plane_at_once_and_peers_within_a_token_lifetim
         wire::ALL_SUBSTREAMS,
         Vec::new(),
         tok_rx.clone(),
+        Verifier::DataPlane,
     )));
     for (addr, (mask, tickets)) in &by_parent {
         tasks.push(tokio::spawn(shadow_link(
@@ -425,6 +443,7 @@ async fn revocation_cuts_off_data_plane_at_once_and_peers_within_a_token_lifetim
             *mask,
             tickets.clone(),
             tok_rx.clone(),
+            Verifier::Peer(parent_ids.get(addr).copied().unwrap_or(0)),
         )));
     }
     {
@@ -737,6 +756,7 @@ async fn polluter_dp(p: Arc<Polluter>, addr: String, token: Bytes, ready: mpsc::
             token.clone(),
             &p.bid,
             wire::ALL_SUBSTREAMS,
+            Verifier::DataPlane,
         )
         .await
         {
@@ -780,10 +800,12 @@ async fn polluter_conn(p: Arc<Polluter>, stream: tokio::net::TcpStream, conn_id:
     let peer = starling_proto::token::peek_unverified(&hello.token)
         .ok()
         .map(|(_, claims)| claims.peer_id);
-    if c.send(&Frame::HelloAck(HelloAck { version: 1 }))
-        .await
-        .is_err()
-    {
+    // The child's PROOF that follows is not checked (nor answered) here.
+    let ack = HelloAck {
+        version: wire::PROTOCOL_VERSION,
+        nonce: [0; 32],
+    };
+    if c.send(&Frame::HelloAck(ack)).await.is_err() {
         return;
     }
     p.links.fetch_add(1, Ordering::SeqCst);
@@ -924,6 +946,7 @@ async fn polluter_cannot_reach_a_player() {
     let mut vs = ViewerServiceClient::new(channel);
     let join = vs
         .join(JoinRequest {
+            holder_key: raw_holder().public_key().to_vec(),
             broadcast_id: bid.clone(),
             credential: String::new(),
             client_version: "rights-test-polluter".into(),
@@ -1255,6 +1278,7 @@ fn check_costs() {
             peer_id: 1,
             session_id: 2,
             scopes: Scopes::ALL,
+            holder_key: [1; 32],
             issued_at_ms: 1_000,
             expires_at_ms: 121_000,
         })

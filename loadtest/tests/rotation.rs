@@ -157,6 +157,7 @@ async fn chunk_token_key_rotation_drops_nobody() {
         .expect("viewer client");
     let join = vs
         .join(JoinRequest {
+            holder_key: vec![7; 32],
             broadcast_id: bid.clone(),
             credential: issuer.viewer("rotation-observer", &bid),
             client_version: "rotation-test-observer".into(),

@@ -23,8 +23,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{DialError, RawConn, init_tracing};
+use common::{DialError, RawConn, init_tracing, raw_holder};
 use starling_loadtest::{Deployment, DeploymentConfig, peer_ip};
+use starling_proto::holder::Verifier;
 use starling_proto::v1::JoinRequest;
 use starling_proto::v1::viewer_service_client::ViewerServiceClient;
 use starling_proto::wire::{
@@ -75,6 +76,7 @@ async fn join_raw(dep: &Deployment) -> Joined {
         .expect("viewer client");
     let j = vs
         .join(JoinRequest {
+            holder_key: raw_holder().public_key().to_vec(),
             broadcast_id: dep.broadcast_id().into(),
             credential: String::new(),
             client_version: "squatting-test".into(),
@@ -102,6 +104,7 @@ async fn join_raw(dep: &Deployment) -> Joined {
 /// `HELLO(peer)`, `TICKET`s, `SUBSCRIBE(mask)`; `Ok` with the link on `STREAM_INFO`.
 async fn dial(
     addr: &str,
+    relay_id: u64,
     broadcast: &str,
     token: &Bytes,
     tickets: &[Bytes],
@@ -111,12 +114,33 @@ async fn dial(
         .await
         .map_err(|e| DialError::Io(e.to_string()))?;
     let mut c = RawConn::new(stream);
-    let mut frames = vec![Frame::Hello(Hello {
+    c.send(&Frame::Hello(Hello {
         min_version: wire::MIN_PROTOCOL_VERSION,
         max_version: wire::PROTOCOL_VERSION,
         role: Role::Peer,
         token: token.clone(),
-    })];
+    }))
+    .await
+    .map_err(|e| DialError::Io(e.to_string()))?;
+    // HELLO_ACK's nonce, answered with the PROOF of the token's key; a refusal of the
+    // HELLO itself is the answer.
+    let ack = tokio::time::timeout(GUARD, async {
+        loop {
+            match c.next().await {
+                Ok(Some(Frame::Ping(_) | Frame::Pong(_))) => {}
+                other => return other,
+            }
+        }
+    })
+    .await
+    .map_err(|_| DialError::Io("no HELLO_ACK".into()))?;
+    let nonce = match ack {
+        Ok(Some(Frame::HelloAck(a))) => a.nonce,
+        Ok(Some(Frame::Error(r) | Frame::Goodbye(r))) => return Err(DialError::Refused(r)),
+        other => return Err(DialError::Protocol(format!("{other:?}"))),
+    };
+    let proof = raw_holder().prove(&nonce, token, Verifier::Peer(relay_id));
+    let mut frames = vec![Frame::Proof(Bytes::copy_from_slice(&proof))];
     frames.extend(tickets.iter().map(|t| Frame::Ticket(t.clone())));
     frames.push(Frame::Subscribe(Subscribe {
         broadcast_id: broadcast.into(),
@@ -216,7 +240,7 @@ async fn a_relay_admits_only_ticketed_children_and_caps_links_per_peer_and_addre
     );
 
     // 1. No ticket: UNAUTHORIZED (before tickets: STREAM_INFO, and the slots taken).
-    let r = refused(dial(&relay_addr, &bid, &a.token, &[], full).await);
+    let r = refused(dial(&relay_addr, relay_id, &bid, &a.token, &[], full).await);
     assert_eq!(r.code, ErrorCode::Unauthorized, "{r:?}");
     assert!(r.message.starts_with("ticket_missing"), "{r:?}");
 
@@ -228,7 +252,7 @@ async fn a_relay_admits_only_ticketed_children_and_caps_links_per_peer_and_addre
         .map(|(_, _, t)| t.clone())
         .collect();
     assert!(!b_tickets.is_empty(), "B got no ticket for the relay");
-    let r = refused(dial(&relay_addr, &bid, &a.token, &b_tickets, full).await);
+    let r = refused(dial(&relay_addr, relay_id, &bid, &a.token, &b_tickets, full).await);
     assert_eq!(r.code, ErrorCode::Unauthorized, "{r:?}");
     assert!(r.message.starts_with("ticket_wrong_child"), "{r:?}");
 
@@ -255,16 +279,16 @@ async fn a_relay_admits_only_ticketed_children_and_caps_links_per_peer_and_addre
     let mut must_refuse = 3;
     if mask != full {
         must_refuse += 1;
-        let r = refused(dial(&relay_addr, &bid, &a.token, &tickets, full).await);
+        let r = refused(dial(&relay_addr, relay_id, &bid, &a.token, &tickets, full).await);
         assert_eq!(r.code, ErrorCode::Unauthorized, "{r:?}");
     }
     // Half a ticket set covers only its half (when the control plane signed several).
     if tickets.len() > 1 {
         must_refuse += 1;
-        let r = refused(dial(&relay_addr, &bid, &a.token, &tickets[..1], mask).await);
+        let r = refused(dial(&relay_addr, relay_id, &bid, &a.token, &tickets[..1], mask).await);
         assert_eq!(r.code, ErrorCode::Unauthorized, "{r:?}");
     }
-    let (mut genuine, _) = dial(&relay_addr, &bid, &a.token, &tickets, mask)
+    let (mut genuine, _) = dial(&relay_addr, relay_id, &bid, &a.token, &tickets, mask)
         .await
         .expect("a child with genuine tickets is admitted");
     first_chunk(&mut genuine).await;
@@ -272,10 +296,10 @@ async fn a_relay_admits_only_ticketed_children_and_caps_links_per_peer_and_addre
     wait_for("three children at the relay", &relay, |s| s.children == 3).await;
 
     // 4. One link per peer id: a second one (even as a mere neighbour) is refused.
-    let r = refused(dial(&relay_addr, &bid, &a.token, &[], 0).await);
+    let r = refused(dial(&relay_addr, relay_id, &bid, &a.token, &[], 0).await);
     assert_eq!(r.code, ErrorCode::ServerBusy, "{r:?}");
     // B, another peer id, may be a neighbour (mask 0 needs a token, no ticket).
-    let (_b_neighbour, _) = dial(&relay_addr, &bid, &b.token, &[], 0)
+    let (_b_neighbour, _) = dial(&relay_addr, relay_id, &bid, &b.token, &[], 0)
         .await
         .expect("a neighbour with a valid token is admitted");
 

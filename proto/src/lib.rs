@@ -12,11 +12,13 @@
 //!   that a child may subscribe to some substreams at a given relaying peer.
 //! * [`integrity`]: per-chunk signatures made by the data plane and checked by every
 //!   viewer before it plays or relays a chunk.
+//! * [`holder`]: proof of possession of the key a chunk token names (bound tokens).
 //! * [`codec`]: the gRPC codec of the generated services and clients (prost, with
 //!   small per-call buffers).
 
 pub mod codec;
 mod ed25519;
+pub mod holder;
 pub mod integrity;
 pub mod ticket;
 pub mod ticket_mac;

@@ -405,6 +405,7 @@ mod tests {
                 scopes: Scopes::PLAY | Scopes::RELAY,
                 issued_at_ms: NOW,
                 expires_at_ms: NOW + 120_000,
+                holder_key: [1; 32],
             })
             .unwrap();
         assert!(check(&v, &token).is_err());

@@ -9,12 +9,17 @@
 //! Layout (big endian, specified byte by byte in `docs/PROTOCOL.md`):
 //!
 //! ```text
-//! version u8 = 1 | key_id u32 | scopes u8 | peer_id u64 | session_id u64
-//! | issued_at_ms u64 | expires_at_ms u64 | broadcast_len u8 (1..=128) | broadcast utf-8
-//! | signature [64]      (Ed25519 over "starling/token/v1\0" ++ every byte before it)
+//! version u8 = 2 | key_id u32 | scopes u8 | peer_id u64 | session_id u64
+//! | issued_at_ms u64 | expires_at_ms u64 | holder_key [32] | broadcast_len u8 (1..=128)
+//! | broadcast utf-8
+//! | signature [64]      (Ed25519 over "starling/token/v2\0" ++ every byte before it)
 //! ```
 //!
-//! 104 to 231 bytes; anything longer than [`MAX_TOKEN_LEN`] is rejected before parsing.
+//! `holder_key` is the viewer's per-session Ed25519 public key: the token is only good
+//! on a link together with a proof made with its private half ([`crate::holder`]).
+//! Version-1 tokens (no holder key) are refused as `UnsupportedVersion(1)`.
+//!
+//! 136 to 263 bytes; anything longer than [`MAX_TOKEN_LEN`] is rejected before parsing.
 //! Verification never panics and returns a typed [`TokenError`] for every failure.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,13 +29,13 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 use crate::ed25519::{EnvelopeError, KeySet, be_u32, be_u64, check_envelope};
 
 /// Token format version produced and accepted by this build.
-pub const TOKEN_VERSION: u8 = 1;
+pub const TOKEN_VERSION: u8 = 2;
 /// Longest broadcast id a token may name (same as the wire's `MAX_BROADCAST_ID`).
 pub const MAX_BROADCAST_ID: usize = 128;
 /// Length of the Ed25519 signature that ends every token.
 pub const SIGNATURE_LEN: usize = crate::ed25519::SIGNATURE_LEN;
 /// Length of the fixed part before the broadcast id (version .. broadcast_len).
-pub const FIXED_LEN: usize = 39;
+pub const FIXED_LEN: usize = 71;
 /// Shortest well-formed token (one-byte broadcast id).
 pub const MIN_TOKEN_LEN: usize = FIXED_LEN + 1 + SIGNATURE_LEN;
 /// Longest well-formed token; longer input is [`TokenError::Oversized`]. Well under the
@@ -39,7 +44,7 @@ pub const MAX_TOKEN_LEN: usize = FIXED_LEN + MAX_BROADCAST_ID + SIGNATURE_LEN;
 /// Most public keys a [`TokenVerifier`] holds at once (rotation needs two or three).
 pub const MAX_KEYS: usize = 16;
 /// Domain-separation prefix of the signed message (not on the wire).
-pub const SIGNING_CONTEXT: &[u8] = b"starling/token/v1\0";
+pub const SIGNING_CONTEXT: &[u8] = b"starling/token/v2\0";
 
 /// What a token allows. Unknown bits are rejected on both sign and verify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -89,6 +94,9 @@ pub struct TokenClaims {
     pub scopes: Scopes,
     pub issued_at_ms: u64,
     pub expires_at_ms: u64,
+    /// The holder's public key ([`crate::holder`]): links accept the token only with a
+    /// proof made with its private half.
+    pub holder_key: [u8; 32],
 }
 
 /// Every reason a token is refused (or cannot be made).
@@ -249,6 +257,9 @@ impl TokenSigner {
         if claims.scopes.is_empty() || Scopes::from_bits(claims.scopes.bits()).is_none() {
             return Err(TokenError::Encode("empty or unknown scopes"));
         }
+        if claims.holder_key == [0u8; 32] {
+            return Err(TokenError::Encode("no holder key"));
+        }
         if claims.expires_at_ms <= claims.issued_at_ms {
             return Err(TokenError::Encode(
                 "expires_at_ms must be after issued_at_ms",
@@ -264,6 +275,7 @@ impl TokenSigner {
         msg.put_u64(claims.session_id);
         msg.put_u64(claims.issued_at_ms);
         msg.put_u64(claims.expires_at_ms);
+        msg.put_slice(&claims.holder_key);
         msg.put_u8(id.len() as u8);
         msg.put_slice(id);
         let sig = self.sign_bytes(&msg);
@@ -287,6 +299,7 @@ struct Parsed<'a> {
     session_id: u64,
     issued_at_ms: u64,
     expires_at_ms: u64,
+    holder_key: [u8; 32],
     broadcast: &'a [u8],
     signed: &'a [u8],
     signature: &'a [u8],
@@ -308,6 +321,7 @@ fn parse(token: &[u8]) -> Result<Parsed<'_>, TokenError> {
         session_id: be_u64(token, 14),
         issued_at_ms: be_u64(token, 22),
         expires_at_ms: be_u64(token, 30),
+        holder_key: holder_at(token, 38),
         broadcast: &token[FIXED_LEN..body_len],
         signed: &token[..body_len],
         signature: &token[body_len..],
@@ -328,6 +342,9 @@ fn claims_of(p: &Parsed<'_>) -> Result<TokenClaims, TokenError> {
     if scopes.is_empty() {
         return Err(TokenError::Malformed("no scope"));
     }
+    if p.holder_key == [0u8; 32] {
+        return Err(TokenError::Malformed("no holder key"));
+    }
     if p.expires_at_ms <= p.issued_at_ms {
         return Err(TokenError::Malformed(
             "expires_at_ms not after issued_at_ms",
@@ -343,7 +360,15 @@ fn claims_of(p: &Parsed<'_>) -> Result<TokenClaims, TokenError> {
         scopes,
         issued_at_ms: p.issued_at_ms,
         expires_at_ms: p.expires_at_ms,
+        holder_key: p.holder_key,
     })
+}
+
+/// The 32 bytes at `at`; the caller has checked the length.
+fn holder_at(b: &[u8], at: usize) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    k.copy_from_slice(&b[at..at + 32]);
+    k
 }
 
 impl TokenVerifier {
@@ -477,6 +502,7 @@ mod tests {
             scopes: Scopes::PLAY | Scopes::RELAY,
             issued_at_ms: NOW,
             expires_at_ms: NOW + 120_000,
+            holder_key: [9; 32],
         }
     }
 
@@ -621,8 +647,10 @@ mod tests {
     fn unsupported_version_rejected() {
         let (s, v) = setup();
         let mut t = s.sign(&claims()).unwrap().to_vec();
-        t[0] = 2;
-        assert_eq!(check(&v, &t), Err(TokenError::UnsupportedVersion(2)));
+        t[0] = 1;
+        assert_eq!(check(&v, &t), Err(TokenError::UnsupportedVersion(1)));
+        t[0] = 3;
+        assert_eq!(check(&v, &t), Err(TokenError::UnsupportedVersion(3)));
     }
 
     #[test]
@@ -655,6 +683,9 @@ mod tests {
         assert!(matches!(s.sign(&c), Err(TokenError::Encode(_))));
         let mut c = claims();
         c.expires_at_ms = c.issued_at_ms;
+        assert!(matches!(s.sign(&c), Err(TokenError::Encode(_))));
+        let mut c = claims();
+        c.holder_key = [0; 32];
         assert!(matches!(s.sign(&c), Err(TokenError::Encode(_))));
         assert_eq!(Scopes::from_bits(0x04), None);
     }
@@ -767,7 +798,7 @@ mod tests {
         fn sign_verify_roundtrip(id in "\\PC{1,32}", peer in any::<u64>(), session in any::<u64>(), scopes in 1u8..=3, iat in 0u64..u64::MAX / 2, life in 1u64..1_000_000) {
             prop_assume!(id.len() <= MAX_BROADCAST_ID);
             let (s, v) = setup();
-            let c = TokenClaims { broadcast_id: id.clone(), peer_id: peer, session_id: session, scopes: Scopes::from_bits(scopes).unwrap(), issued_at_ms: iat, expires_at_ms: iat + life };
+            let c = TokenClaims { broadcast_id: id.clone(), peer_id: peer, session_id: session, scopes: Scopes::from_bits(scopes).unwrap(), issued_at_ms: iat, expires_at_ms: iat + life, holder_key: [peer as u8 | 1; 32] };
             let t = s.sign(&c).unwrap();
             prop_assert_eq!(v.verify(&t, &id, Scopes::from_bits(scopes).unwrap(), iat, 0).unwrap(), c);
         }

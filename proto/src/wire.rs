@@ -12,9 +12,11 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// Protocol magic sent in `HELLO`.
 pub const MAGIC: [u8; 4] = *b"STRL";
 /// The highest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The lowest protocol version this build speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The lowest protocol version this build speaks. Version 2 added proof of possession
+/// (`HELLO_ACK.nonce`, `PROOF`; see [`crate::holder`]); a version-1 peer is refused with
+/// `ERROR(UNSUPPORTED_VERSION)` rather than let in without a proof.
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// Length of every frame header.
 pub const HEADER_LEN: usize = 8;
 /// Length of the fixed part of a `CHUNK` payload (seq, timestamp, duration).
@@ -48,6 +50,7 @@ pub mod frame_type {
     pub const NOT_FOUND: u8 = 0x0C;
     pub const TOKEN: u8 = 0x0D;
     pub const TICKET: u8 = 0x0E;
+    pub const PROOF: u8 = 0x0F;
 }
 
 /// `substream_mask` value meaning "every substream" (the whole stream).
@@ -178,10 +181,13 @@ pub struct Hello {
     pub token: Bytes,
 }
 
-/// `HELLO_ACK`: the accepting side's answer, with the chosen version.
+/// `HELLO_ACK`: the accepting side's answer, with the chosen version and the nonce the
+/// connecting side signs in its `PROOF` (see [`crate::holder`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloAck {
     pub version: u16,
+    /// Fresh random bytes, one per connection.
+    pub nonce: [u8; crate::holder::NONCE_LEN],
 }
 
 /// Where a subscription starts.
@@ -294,6 +300,10 @@ pub enum Frame {
     /// A parent ticket (see `ticket`), child → parent on peer links: the control
     /// plane's word that the sender may subscribe to the substreams it covers.
     Ticket(Bytes),
+    /// Proof of possession of the key the `HELLO` token names: an Ed25519 signature
+    /// (exactly 64 bytes) over the `HELLO_ACK` nonce, the token and the verifier
+    /// ([`crate::holder`]); connecting side → accepting side, right after `HELLO_ACK`.
+    Proof(Bytes),
 }
 
 impl Frame {
@@ -315,6 +325,7 @@ impl Frame {
             Frame::NotFound(_) => NOT_FOUND,
             Frame::Token(_) => TOKEN,
             Frame::Ticket(_) => TICKET,
+            Frame::Proof(_) => PROOF,
         }
     }
 }
@@ -404,7 +415,7 @@ impl Decoder {
         match ty {
             CHUNK => Ok(self.limits.max_chunk_payload.min(ABSOLUTE_MAX_CHUNK)),
             HELLO | HELLO_ACK | SUBSCRIBE | STREAM_INFO | PING | PONG | ERROR | GOODBYE
-            | BUFFER_MAP | REQUEST | NOT_FOUND | TOKEN | TICKET => {
+            | BUFFER_MAP | REQUEST | NOT_FOUND | TOKEN | TICKET | PROOF => {
                 Ok(self.limits.max_control_payload)
             }
             other => Err(WireError::UnknownFrameType(other)),
@@ -552,7 +563,19 @@ fn parse_payload(h: Header, payload: Bytes) -> Result<Frame, WireError> {
                 token,
             })
         }
-        HELLO_ACK => Frame::HelloAck(HelloAck { version: r.u16()? }),
+        HELLO_ACK => {
+            let version = r.u16()?;
+            let raw = r.bytes(crate::holder::NONCE_LEN)?;
+            let mut nonce = [0u8; crate::holder::NONCE_LEN];
+            nonce.copy_from_slice(&raw);
+            Frame::HelloAck(HelloAck { version, nonce })
+        }
+        PROOF => {
+            if r.b.len() != crate::holder::PROOF_LEN {
+                return Err(r.err("proof must be 64 bytes"));
+            }
+            Frame::Proof(r.bytes(crate::holder::PROOF_LEN)?)
+        }
         SUBSCRIBE => {
             let broadcast_id = r.str8(MAX_BROADCAST_ID)?;
             if broadcast_id.is_empty() {
@@ -806,7 +829,15 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
         }
         Frame::HelloAck(a) => {
             body.put_u16(a.version);
+            body.put_slice(&a.nonce);
             (HELLO_ACK, 0)
+        }
+        Frame::Proof(p) => {
+            if p.len() != crate::holder::PROOF_LEN {
+                return Err(WireError::Encode("proof must be 64 bytes"));
+            }
+            body.put_slice(p);
+            (PROOF, 0)
         }
         Frame::Subscribe(s) => {
             if s.broadcast_id.is_empty() {

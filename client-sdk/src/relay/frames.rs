@@ -78,7 +78,7 @@ impl Engine {
                 tracing::debug!(l, "link closed by the other side: {err}");
                 self.drop_link(l, None, Some(err));
             }
-            Frame::Hello(_) | Frame::HelloAck(_) => {
+            Frame::Hello(_) | Frame::HelloAck(_) | Frame::Proof(_) => {
                 self.misbehaved(l, "handshake frame mid-stream");
             }
             Frame::Token(t) => {

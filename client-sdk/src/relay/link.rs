@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use starling_proto::holder::{self, HolderKey, Verifier};
 use starling_proto::integrity::IntegrityError;
 use starling_proto::wire::{
     self, Chunk, ErrorCode, Frame, Limits, Reason, Role, StartAt, StreamInfo, Subscribe,
@@ -384,6 +385,10 @@ pub(crate) struct Dial {
     pub mask: u64,
     /// Parent tickets for the substreams of `mask` (sent before `SUBSCRIBE`).
     pub tickets: Vec<Bytes>,
+    /// The key our token names (a `PROOF` follows `HELLO_ACK`).
+    pub holder: Option<Arc<HolderKey>>,
+    /// Who `addr` is, as the proof names it.
+    pub verifier: Verifier,
 }
 
 /// Connects, handshakes and reports `Connected` or `ConnectFailed`.
@@ -398,6 +403,8 @@ pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>, shared
         role: d.role,
         mask: d.mask,
         tickets: &d.tickets,
+        holder: d.holder.as_deref(),
+        verifier: d.verifier,
     })
     .await;
     let ev = match r {
@@ -578,7 +585,8 @@ async fn handshake(
     conn: &mut WireConn,
     ctx: &AcceptCtx,
 ) -> Result<(Subscribe, Grant, Option<Tickets>), SdkError> {
-    let mut hs = PeerHandshake::default();
+    let mut hs =
+        PeerHandshake::new(holder::new_nonce().map_err(|e| SdkError::Protocol(e.to_string()))?);
     loop {
         let frame = conn.next_frame().await?;
         let me = ctx.shared.stats_mut().peer_id;

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use starling_proto::holder::Verifier;
 use starling_proto::wire::{self, ErrorCode, Frame, Role, StartAt, StreamInfo, Subscribe};
 
 use super::admission::{self, Tickets};
@@ -74,6 +75,7 @@ impl Engine {
                     self.peer_links.insert(id, l);
                     let mut d = self.dial_params(&peer.addr, Role::Peer, mask, self.peer_start());
                     d.tickets = self.book.for_parent(id, mask);
+                    d.verifier = Verifier::Peer(id);
                     tokio::spawn(link::dial(l, d, self.events.clone(), self.shared.clone()));
                 }
             }
@@ -154,6 +156,8 @@ impl Engine {
             role,
             mask,
             tickets: Vec::new(),
+            holder: self.shared.rights.holder(),
+            verifier: Verifier::DataPlane,
         }
     }
 

@@ -109,13 +109,16 @@ impl Engine {
         }
     }
 
-    /// A peer connected to us renews its token: same peer id only.
+    /// A peer connected to us renews its token: same peer id and holder key only.
     pub(super) fn on_peer_token(&mut self, l: LinkId, token: &[u8]) {
         let Some(old) = self.links.get(&l).and_then(|link| link.grant) else {
             return;
         };
         match self.shared.rights.check_peer_token(token) {
-            Ok(g) if old.peer_id.is_none() || g.peer_id == old.peer_id => {
+            Ok(g)
+                if (old.peer_id.is_none() || g.peer_id == old.peer_id)
+                    && g.holder_key == old.holder_key =>
+            {
                 if let Some(link) = self.links.get_mut(&l) {
                     link.grant = Some(g);
                 }
@@ -126,7 +129,7 @@ impl Engine {
                     l,
                     Some(Frame::Error(reason(
                         ErrorCode::Unauthorized,
-                        "renewed token names another peer",
+                        "renewed token names another peer or holder key",
                     ))),
                     None,
                 );

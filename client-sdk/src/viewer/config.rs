@@ -79,6 +79,12 @@ pub struct ViewerConfig {
     /// ([`Viewer::connect_direct`](crate::Viewer::connect_direct)) have no control plane
     /// and are never verified.
     pub allow_unverified: bool,
+    /// The key this viewer's chunk tokens are bound to (`JoinRequest.holder_key`; a
+    /// `PROOF` made with it follows every `HELLO_ACK`, see `starling_proto::holder`).
+    /// `None`, the default: [`Viewer::join`](crate::Viewer::join) makes a fresh one.
+    /// Set it for [`Viewer::connect_direct`](crate::Viewer::connect_direct) with a
+    /// token minted for this key.
+    pub holder: Option<Arc<starling_proto::holder::HolderKey>>,
     /// Limits on the connections other peers open to this viewer's peer listener
     /// (handshake deadline and cap, connection cap, request rate).
     pub peer_limits: crate::PeerLimits,
@@ -217,6 +223,7 @@ impl ViewerConfig {
             token_skew: Duration::from_secs(5),
             verified_signatures: None,
             allow_unverified: false,
+            holder: None,
             peer_limits: crate::PeerLimits::default(),
             key_hold: crate::KeyHoldLimits::default(),
             parent_window: starling_grid::peer::SchedulerConfig::default().parent_window,
@@ -264,6 +271,11 @@ impl ViewerConfig {
             join_attempts: self.join_attempts,
             join_deadline: self.join_deadline,
             require_chunk_keys: !self.allow_unverified,
+            holder_key: self
+                .holder
+                .as_ref()
+                .map(|h| h.public_key())
+                .unwrap_or_default(),
         }
     }
 

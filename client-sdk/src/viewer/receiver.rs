@@ -42,6 +42,8 @@ pub(super) async fn open_conn(
         role: starling_proto::wire::Role::Viewer,
         mask,
         tickets: &[],
+        holder: config.holder.as_deref(),
+        verifier: starling_proto::holder::Verifier::DataPlane,
     })
     .await
 }
@@ -323,7 +325,7 @@ impl Receiver {
                     });
                 }
                 Frame::Goodbye(r) => break SessionEnd::Ended(SdkError::goodbye(r)),
-                Frame::Hello(_) | Frame::HelloAck(_) | Frame::Subscribe(_) => {
+                Frame::Hello(_) | Frame::HelloAck(_) | Frame::Subscribe(_) | Frame::Proof(_) => {
                     break SessionEnd::Ended(SdkError::Protocol(
                         "unexpected handshake frame mid-stream".into(),
                     ));

@@ -37,8 +37,13 @@ impl Viewer {
     /// substream from its assigned parent, repairs gaps from mesh neighbours and plays
     /// out [`ViewerConfig::target_lag`] behind live. Without one (an older control
     /// plane), it receives the whole stream from the data plane as before.
-    pub async fn join(config: ViewerConfig) -> Result<Viewer, SdkError> {
+    pub async fn join(mut config: ViewerConfig) -> Result<Viewer, SdkError> {
         config.validate()?;
+        if config.holder.is_none() {
+            let key = starling_proto::holder::HolderKey::generate()
+                .map_err(|e| SdkError::Config(format!("cannot make a holder key: {e}")))?;
+            config.holder = Some(Arc::new(key));
+        }
         let started = Instant::now();
         let listener = bind_http(&config).await?;
         let control = Control::new(
@@ -343,6 +348,7 @@ fn new_shared(config: &ViewerConfig, started: Instant, join: Option<&JoinInfo>) 
             None,
         ),
     };
+    rights.set_holder(config.holder.clone());
     if let Some(j) = join {
         rights.set_ticket_keys(&j.ticket_keys, false);
     }

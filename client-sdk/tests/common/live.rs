@@ -310,12 +310,19 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
         .await;
         return;
     }
-    send(&mut w, &Frame::HelloAck(HelloAck { version: 1 })).await;
+    send(
+        &mut w,
+        &Frame::HelloAck(HelloAck {
+            version: 2,
+            nonce: [0; 32],
+        }),
+    )
+    .await;
     // A child sends its parent tickets first (not checked here).
     let sub = loop {
         match read_frame(&mut r, &mut dec, &mut buf).await {
             Some(Frame::Subscribe(sub)) => break sub,
-            Some(Frame::Ticket(_)) => {}
+            Some(Frame::Ticket(_) | Frame::Proof(_)) => {}
             _ => return,
         }
     };

@@ -104,8 +104,28 @@ pub struct MiniCp {
     pub join_busy: Arc<Mutex<(u32, u64)>>,
 }
 
+/// The key of the raw test peers (tokens for peers that never joined name it).
+pub fn test_holder() -> &'static starling_proto::holder::HolderKey {
+    static K: std::sync::OnceLock<starling_proto::holder::HolderKey> = std::sync::OnceLock::new();
+    K.get_or_init(|| starling_proto::holder::HolderKey::from_seed(&[9; 32]).unwrap())
+}
+
 impl MiniCp {
+    /// A token for `peer_id`, bound to the holder key its join sent, or for a peer
+    /// that never joined (a raw test peer) to [`test_holder`].
     pub fn token(&self, peer_id: u64) -> bytes::Bytes {
+        let holder = self
+            .log
+            .lock()
+            .joins
+            .get((peer_id as usize).wrapping_sub(1))
+            .map(|j| j.holder_key.clone())
+            .unwrap_or_else(|| test_holder().public_key().to_vec());
+        self.token_for(peer_id, &holder)
+    }
+
+    /// A token for `peer_id` bound to `holder` (`[1; 32]` if that is not a key).
+    pub fn token_for(&self, peer_id: u64, holder: &[u8]) -> bytes::Bytes {
         let now = now_ms();
         self.tokens
             .sign(&TokenClaims {
@@ -115,6 +135,7 @@ impl MiniCp {
                 scopes: Scopes::PLAY | Scopes::RELAY,
                 issued_at_ms: now,
                 expires_at_ms: now + 60_000,
+                holder_key: holder.try_into().unwrap_or([1; 32]),
             })
             .unwrap()
     }
@@ -424,6 +445,7 @@ impl ViewerService for MiniCp {
         log.joins.push(req.clone());
         let peer_id = i as u64 + 1;
         let parents = self.parents(peer_id, &log.joins, &plan);
+        let chunk_token = self.token_for(peer_id, &req.holder_key).to_vec();
         Ok(Response::new(JoinResponse {
             session_id: format!("s{}", i + 1),
             params: Some(StreamParams {
@@ -434,7 +456,7 @@ impl ViewerService for MiniCp {
             }),
             dataplane_wire_addr: self.wire_addr.clone(),
             dataplane_http_addr: String::new(),
-            chunk_token: self.token(peer_id).to_vec(),
+            chunk_token,
             token_expires_at_unix_ms: (now_ms() + 60_000) as i64,
             token_keys: self.token_keys(),
             chunk_keys: match &self.join_chunk_keys {

@@ -195,9 +195,21 @@ async fn serve_conn(mut s: TcpStream, script: Script, log: Arc<Mutex<Log>>, firs
     let Some(version) = wire::negotiate(hello.min_version, hello.max_version) else {
         return;
     };
-    send(&mut s, &Frame::HelloAck(HelloAck { version })).await;
-    let Some(Frame::Subscribe(sub)) = read_frame(&mut s, &mut dec, &mut buf).await else {
-        return;
+    send(
+        &mut s,
+        &Frame::HelloAck(HelloAck {
+            version,
+            nonce: [0; 32],
+        }),
+    )
+    .await;
+    // The SDK proves its token's key first (not checked by this fake).
+    let sub = loop {
+        match read_frame(&mut s, &mut dec, &mut buf).await {
+            Some(Frame::Proof(_)) => {}
+            Some(Frame::Subscribe(sub)) => break sub,
+            _ => return,
+        }
     };
     log.lock().subscribes.push(sub.start);
     if sub.broadcast_id != script.broadcast {

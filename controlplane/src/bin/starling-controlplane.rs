@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use starling_controlplane::auth::{self, AuthConfig};
+use starling_controlplane::credential::JwtPolicy;
 use starling_controlplane::limits::{LimitsConfig, RateLimit};
 use starling_controlplane::trust::{PeerAddrCheck, TrustConfig};
 use starling_controlplane::{Config, ControlPlane, DatabaseConfig, ServerLimits, ServiceConfig};
@@ -24,8 +25,10 @@ use tracing::Instrument as _;
 /// with neither --admin-key nor --admin-jwt-key, a random admin key is generated at the
 /// first start into <data-dir>/admin.key (mode 0600) and reused afterwards;
 /// `starling-admin` run from the same directory finds it. Use admin JWT keys in
-/// production. Viewers of non-public broadcasts need a JWT verified with a
-/// --viewer-jwt-key. Data-plane nodes (EdgeService) need `authorization: Bearer <node
+/// production (with --admin-jwt-audience and --admin-jwt-issuer). Viewers of non-public
+/// broadcasts need a JWT verified with a --viewer-jwt-key, carrying the configured
+/// --viewer-jwt-audience and --viewer-jwt-issuer and living at most
+/// --viewer-jwt-max-lifetime. Data-plane nodes (EdgeService) need `authorization: Bearer <node
 /// key>` (--node-key / --node-key-file; by default the static admin key, so in
 /// zero-setup mode give nodes `--node-key-file <data-dir>/admin.key`). Whoever holds
 /// the node key can register a node and sign chunks that viewers accept.
@@ -113,6 +116,34 @@ struct Args {
         value_delimiter = ','
     )]
     viewer_jwt_keys: Vec<PathBuf>,
+
+    /// The `aud` every viewer JWT must carry (a string, or an array holding it).
+    /// Required with --viewer-jwt-key: the control plane refuses to start without it.
+    #[arg(long, env = "STARLING_VIEWER_JWT_AUDIENCE", value_name = "AUD")]
+    viewer_jwt_audience: Option<String>,
+
+    /// The `iss` every viewer JWT must carry. Required with --viewer-jwt-key.
+    #[arg(long, env = "STARLING_VIEWER_JWT_ISSUER", value_name = "ISS")]
+    viewer_jwt_issuer: Option<String>,
+
+    /// Longest viewer JWT accepted: `exp - iat` (or `exp - now` without `iat`), e.g.
+    /// `24h`, `90m`. A longer-lived credential is refused (UNAUTHENTICATED).
+    #[arg(long, env = "STARLING_VIEWER_JWT_MAX_LIFETIME", default_value = "24h",
+          value_name = "DURATION", value_parser = starling_proto::time::parse_nonzero_duration)]
+    viewer_jwt_max_lifetime: Duration,
+
+    /// The `aud` every admin JWT must carry. Required with --admin-jwt-key.
+    #[arg(long, env = "STARLING_ADMIN_JWT_AUDIENCE", value_name = "AUD")]
+    admin_jwt_audience: Option<String>,
+
+    /// The `iss` every admin JWT must carry. Required with --admin-jwt-key.
+    #[arg(long, env = "STARLING_ADMIN_JWT_ISSUER", value_name = "ISS")]
+    admin_jwt_issuer: Option<String>,
+
+    /// Longest admin JWT accepted (`exp - iat`, or `exp - now` without `iat`).
+    #[arg(long, env = "STARLING_ADMIN_JWT_MAX_LIFETIME", default_value = "1h",
+          value_name = "DURATION", value_parser = starling_proto::time::parse_nonzero_duration)]
+    admin_jwt_max_lifetime: Duration,
 
     /// Clock skew tolerated on JWT `exp`/`nbf`/`iat`, in seconds.
     #[arg(long, env = "STARLING_JWT_LEEWAY_S", default_value_t = 60,
@@ -497,6 +528,16 @@ fn auth_config(args: &Args) -> anyhow::Result<AuthConfig> {
         admin_jwt_keys,
         viewer_jwt_keys,
         leeway: Duration::from_secs(args.jwt_leeway_s),
+        viewer_jwt: JwtPolicy {
+            audience: args.viewer_jwt_audience.clone(),
+            issuer: args.viewer_jwt_issuer.clone(),
+            max_lifetime_secs: args.viewer_jwt_max_lifetime.as_secs(),
+        },
+        admin_jwt: JwtPolicy {
+            audience: args.admin_jwt_audience.clone(),
+            issuer: args.admin_jwt_issuer.clone(),
+            max_lifetime_secs: args.admin_jwt_max_lifetime.as_secs(),
+        },
         rotate_token_key: args.rotate_token_key,
         node_key: Some(node_key),
     })

@@ -140,7 +140,8 @@ fn revoke_by_subject_or_session_and_report_bad_peer() {
         "sb",
         TokenState {
             scopes: Scopes::PLAY,
-            expires_at_ms: 5
+            expires_at_ms: 5,
+            holder_key: [1; 32]
         }
     ));
     let hb = g.heartbeat("sb", [0; 3]).unwrap();
@@ -205,7 +206,8 @@ fn revoke_by_subject_or_session_and_report_bad_peer() {
         "sa",
         TokenState {
             scopes: Scopes::PLAY,
-            expires_at_ms: 9
+            expires_at_ms: 9,
+            holder_key: [1; 32]
         }
     ));
     let gone = g.revoke("b", RevokeTarget::Session("sc"));

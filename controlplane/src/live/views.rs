@@ -52,6 +52,8 @@ pub struct TokenState {
     pub scopes: Scopes,
     /// Its expiry, unix ms.
     pub expires_at_ms: i64,
+    /// The session's holder key (`JoinRequest.holder_key`): renewals are bound to it.
+    pub holder_key: [u8; 32],
 }
 
 /// Which sessions an admin revokes.

@@ -57,6 +57,19 @@ impl Core {
         validate::id("broadcast_id", &req.broadcast_id)?;
         validate::short_text("client_version", &req.client_version, false)?;
         validate::peer_addr(&req.peer_addr)?;
+        let holder_key: [u8; 32] = req
+            .holder_key
+            .as_slice()
+            .try_into()
+            .ok()
+            .filter(|k| *k != [0u8; 32])
+            .ok_or_else(|| {
+                ApiError::InvalidArgument(
+                    "holder_key: a 32-byte Ed25519 public key is required (chunk tokens are \
+                     bound to it: docs/PROTOCOL.md, proof of possession; is the SDK too old?)"
+                        .into(),
+                )
+            })?;
         // An address the caller cannot have (not on its IP: behind a NAT it advertises
         // its private address; or someone else's) is never handed to other viewers: the
         // viewer joins as one that relays to nobody.
@@ -204,7 +217,10 @@ impl Core {
         } else {
             Scopes::PLAY
         };
-        let token = match self.tokens.issue(id, grid.peer_id, scopes, now_ms()) {
+        let token = match self
+            .tokens
+            .issue(id, grid.peer_id, scopes, holder_key, now_ms())
+        {
             Ok(t) => t,
             Err(e) => {
                 self.grids.leave(&session_id);
@@ -224,6 +240,7 @@ impl Core {
             TokenState {
                 scopes,
                 expires_at_ms: token.expires_at_ms,
+                holder_key,
             },
         );
         let parents = self.with_tickets(id, grid.peer_id, grid.parents);

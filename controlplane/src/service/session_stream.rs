@@ -443,7 +443,10 @@ impl Core {
         if !self.tokens.needs_renewal(t.expires_at_ms, now) {
             return None;
         }
-        match self.tokens.issue(broadcast_id, peer_id, t.scopes, now) {
+        match self
+            .tokens
+            .issue(broadcast_id, peer_id, t.scopes, t.holder_key, now)
+        {
             // Recorded only if the session is still in its grid: a session revoked
             // meanwhile gets nothing.
             Ok(renewed)
@@ -452,6 +455,7 @@ impl Core {
                     TokenState {
                         scopes: t.scopes,
                         expires_at_ms: renewed.expires_at_ms,
+                        holder_key: t.holder_key,
                     },
                 ) =>
             {

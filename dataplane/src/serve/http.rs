@@ -202,9 +202,13 @@ async fn http_session(
     let auth = ctx.registry.auth();
     let mut auth_gen = auth.generation();
     let admitted = match token {
-        None => auth.admit(&[], b.id(), b.is_public(), now_ms()),
-        Some(Ok(t)) => auth.admit(&t, b.id(), b.is_public(), now_ms()),
-        Some(Err(())) if b.is_public() => auth.admit(&[], b.id(), true, now_ms()),
+        None => auth.admit(&[], &Possession::Unproven, b.id(), b.is_public(), now_ms()),
+        // A plain GET cannot answer a nonce: bound tokens do not open a non-public
+        // broadcast here (`401 no_proof`); public ones are served anonymously.
+        Some(Ok(t)) => auth.admit(&t, &Possession::Unproven, b.id(), b.is_public(), now_ms()),
+        Some(Err(())) if b.is_public() => {
+            auth.admit(&[], &Possession::Unproven, b.id(), true, now_ms())
+        }
         Some(Err(())) => Err(Denied::Token(starling_proto::token::TokenError::Malformed(
             "token is not base64url",
         ))),

@@ -32,15 +32,19 @@
 //! `ERROR(SERVER_BUSY)`. Refusals an attacker can cause en masse are logged through a
 //! [`LogGate`] (one line per second per kind, with the count suppressed).
 //!
-//! Rights ([`crate::auth`]): the token of `HELLO` (or of a `TOKEN` frame sent before
-//! `SUBSCRIBE`) is checked when the connection subscribes; a `TOKEN` frame later
-//! replaces it (same peer only). A connection whose token expired (+ skew) gets
+//! Rights ([`crate::auth`]): `HELLO_ACK` carries a fresh random nonce; the client
+//! sends `PROOF` before `SUBSCRIBE`: its signature, with the key its token names, over
+//! that nonce, the token and "data plane" ([`starling_proto::holder`]). The token of
+//! `HELLO` (or of a `TOKEN` frame sent before `SUBSCRIBE`) and the proof of it are
+//! checked when the connection subscribes (`ERROR(UNAUTHORIZED)` `no_proof` /
+//! `bad_proof` for a token without its holder's proof); a `TOKEN` frame later replaces
+//! it (same peer and holder key only). A connection whose token expired (+ skew) gets
 //! `GOODBYE(TOKEN_EXPIRED)`; one whose peer is revoked gets `GOODBYE(REVOKED)`, noticed
 //! when the task wakes up and the node's revocation generation has moved. Chunks go
 //! out with their signature block (`chunk_prefix_signed`: prefix + signature from the
 //! ring, then the shared payload).
 
-use crate::auth::{Denied, Grant};
+use crate::auth::{Denied, Grant, Possession};
 use crate::chunker::Chunk;
 use crate::config::{RateLimit, Timeouts};
 use crate::counters::{ChunkKind, CloseReason, Listener, Metrics, SentKind};
@@ -265,9 +269,10 @@ fn io_reason(e: &std::io::Error) -> CloseReason {
     }
 }
 
-/// The handshake's outcome: the token and `SUBSCRIBE` to check, or the end.
+/// The handshake's outcome: the token, whether the client holds its key and
+/// `SUBSCRIBE` to check, or the end.
 enum Handshake {
-    Subscribe(bytes::Bytes, wire::Subscribe),
+    Subscribe(bytes::Bytes, Possession, wire::Subscribe),
     End(CloseReason),
 }
 
@@ -296,18 +301,32 @@ async fn handshake(
         send_reason(s, m, true, ErrorCode::UnsupportedVersion, &msg).await;
         return Ok(Handshake::End(CloseReason::UnsupportedVersion));
     };
+    let Ok(nonce) = starling_proto::holder::new_nonce() else {
+        send_reason(s, m, true, ErrorCode::Internal, "no randomness for a nonce").await;
+        return Ok(Handshake::End(CloseReason::IoError));
+    };
     send(
         s,
         m,
         SentKind::WireControl,
-        &Frame::HelloAck(HelloAck { version }),
+        &Frame::HelloAck(HelloAck { version, nonce }),
     )
     .await?;
 
-    // SUBSCRIBE (PING answered, PONG and BUFFER_MAP ignored meanwhile).
+    // PROOF (optional for anonymous viewers of public broadcasts) and SUBSCRIBE (PING
+    // answered, PONG and BUFFER_MAP ignored meanwhile). The proof is checked against
+    // the token in force at SUBSCRIBE.
+    let mut proof: Option<bytes::Bytes> = None;
     loop {
         match read_frame(s, buf, dec).await? {
-            Frame::Subscribe(sub) => return Ok(Handshake::Subscribe(hello.token, sub)),
+            Frame::Subscribe(sub) => {
+                let possession = match &proof {
+                    Some(p) => Possession::check(&nonce, &hello.token, p),
+                    None => Possession::Unproven,
+                };
+                return Ok(Handshake::Subscribe(hello.token, possession, sub));
+            }
+            Frame::Proof(p) if proof.is_none() => proof = Some(p),
             // A renewed token before SUBSCRIBE replaces the one from HELLO (checked
             // only once, at SUBSCRIBE).
             Frame::Token(t) => hello.token = t,
@@ -338,8 +357,8 @@ async fn wire_session(
     // One deadline from accept to subscribed: PINGs, TOKENs or a trickle of bytes do
     // not extend it.
     let hs = handshake(s, m, &mut buf, &mut dec);
-    let (token, sub) = match with_timeout(ctx.timeouts.handshake, hs).await? {
-        Handshake::Subscribe(token, sub) => (token, sub),
+    let (token, possession, sub) = match with_timeout(ctx.timeouts.handshake, hs).await? {
+        Handshake::Subscribe(token, possession, sub) => (token, possession, sub),
         Handshake::End(r) => return Ok(r),
     };
     let Some(b) = ctx.registry.get(&sub.broadcast_id) else {
@@ -350,7 +369,7 @@ async fn wire_session(
     let auth = ctx.registry.auth();
     // Read before the check: a revocation racing with it is seen by the stream loop.
     let auth_gen = auth.generation();
-    let grant = match auth.admit(&token, b.id(), b.is_public(), now_ms()) {
+    let grant = match auth.admit(&token, &possession, b.id(), b.is_public(), now_ms()) {
         Ok(g) => g,
         Err(d) => {
             m.token_rejected(&d);
@@ -458,6 +477,7 @@ fn unexpected(f: &Frame, wanted: &str) -> String {
         Frame::NotFound(_) => "NOT_FOUND",
         Frame::Token(_) => "TOKEN",
         Frame::Ticket(_) => "TICKET",
+        Frame::Proof(_) => "PROOF",
     };
     format!("expected {wanted}, got {name}")
 }
@@ -728,7 +748,8 @@ impl Stream<'_> {
             | Frame::HelloAck(_)
             | Frame::StreamInfo(_)
             | Frame::Chunk(_)
-            | Frame::Ticket(_)) => {
+            | Frame::Ticket(_)
+            | Frame::Proof(_)) => {
                 let msg = unexpected(&other, "PING, PONG, SUBSCRIBE, REQUEST or BUFFER_MAP");
                 send_reason(s, self.m, true, ErrorCode::UnexpectedFrame, &msg).await;
                 return Ok(After::End(CloseReason::UnexpectedFrame));

@@ -156,16 +156,37 @@ impl Client {
         substream_mask: u64,
         token: bytes::Bytes,
     ) -> Result<Client> {
+        Self::handshake_proven(addr, id, start, substream_mask, token, Some(holder()))
+    }
+
+    /// HELLO with `token`, PROOF with `key` (none: no PROOF), then SUBSCRIBE.
+    pub fn handshake_proven(
+        addr: SocketAddr,
+        id: &str,
+        start: StartAt,
+        substream_mask: u64,
+        token: bytes::Bytes,
+        key: Option<&starling_proto::holder::HolderKey>,
+    ) -> Result<Client> {
         let mut c = Client::connect(addr)?;
         c.send(&Frame::Hello(Hello {
-            min_version: 1,
-            max_version: 1,
+            min_version: wire::PROTOCOL_VERSION,
+            max_version: wire::PROTOCOL_VERSION,
             role: Role::Viewer,
-            token,
+            token: token.clone(),
         }))?;
-        match c.recv()? {
-            Frame::HelloAck(a) => assert_eq!(a.version, 1),
+        let nonce = match c.recv()? {
+            Frame::HelloAck(a) => {
+                assert_eq!(a.version, wire::PROTOCOL_VERSION);
+                a.nonce
+            }
             other => bail!("expected HELLO_ACK, got {other:?}"),
+        };
+        if let Some(k) = key
+            && !token.is_empty()
+        {
+            let proof = k.prove(&nonce, &token, starling_proto::holder::Verifier::DataPlane);
+            c.send(&Frame::Proof(bytes::Bytes::copy_from_slice(&proof)))?;
         }
         c.send(&Frame::Subscribe(Subscribe {
             broadcast_id: id.into(),
@@ -239,8 +260,15 @@ pub fn play_token(
             scopes: starling_proto::token::Scopes::PLAY,
             issued_at_ms: now - 1000,
             expires_at_ms: now + ttl_ms,
+            holder_key: holder().public_key(),
         })
         .unwrap()
+}
+
+/// The holder key of the test viewers ([`play_token`]s name it).
+pub fn holder() -> &'static starling_proto::holder::HolderKey {
+    static K: std::sync::OnceLock<starling_proto::holder::HolderKey> = std::sync::OnceLock::new();
+    K.get_or_init(|| starling_proto::holder::HolderKey::from_seed(&[3; 32]).unwrap())
 }
 
 /// A chunk verifier for `broadcast` trusting the node's chunk key.

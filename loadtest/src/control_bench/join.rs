@@ -67,6 +67,8 @@ pub fn join_request(cfg: &BenchConfig, broadcast_id: &str, i: usize) -> JoinRequ
         upload_kbps,
         // As the SDK does: version-2 (MAC) parent tickets.
         mac_tickets: true,
+        // Any non-zero 32 bytes: the control plane only copies it into the token.
+        holder_key: vec![(i % 255) as u8 + 1; 32],
     }
 }
 

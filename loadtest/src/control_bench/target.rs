@@ -450,6 +450,7 @@ async fn wait_joinable(running: &mut Running, channel: Channel) -> Result<(), Be
             .join(JoinRequest {
                 broadcast_id: running.broadcast_id.clone(),
                 client_version: "starling-control-bench/probe".into(),
+                holder_key: vec![1; 32],
                 ..JoinRequest::default()
             })
             .await;

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use starling_proto::holder::{HolderKey, Verifier};
 use starling_proto::integrity::{ChunkMeta, ChunkVerifier, IntegrityError, VerifiedSignatures};
 use starling_proto::wire::{
     self, Chunk, Decoder, Frame, Hello, Limits, Role, StartAt, Subscribe, chunk_flags,
@@ -103,6 +104,9 @@ pub struct DpSetup {
     pub addr: String,
     /// The chunk token.
     pub token: Bytes,
+    /// The simulated viewer's holder key (the token names it): its `PROOF` follows
+    /// `HELLO_ACK`, as the SDK's does.
+    pub holder: Arc<HolderKey>,
     /// The broadcast.
     pub broadcast_id: String,
     /// The substreams the server pushes at first.
@@ -270,8 +274,10 @@ async fn run(s: DpSetup, mut cmds: mpsc::Receiver<DpCmd>) -> Result<(), String> 
         };
         let Some(frame) = frame else { continue };
         match frame {
-            Frame::HelloAck(_) if !subscribed => {
+            Frame::HelloAck(ack) if !subscribed => {
                 subscribed = true;
+                let proof = s.holder.prove(&ack.nonce, &s.token, Verifier::DataPlane);
+                send(&mut stream, &Frame::Proof(Bytes::copy_from_slice(&proof))).await?;
                 let sub = Frame::Subscribe(Subscribe {
                     broadcast_id: s.broadcast_id.clone(),
                     start: StartAt::Live,

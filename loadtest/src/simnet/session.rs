@@ -72,7 +72,18 @@ pub(super) async fn session(
 ) {
     let mut client = ViewerServiceClient::new(channel);
     let global = ctx.cfg.index_offset + index;
+    // One holder key per simulated viewer (its chunk tokens are bound to it).
+    let holder = match starling_proto::holder::HolderKey::generate() {
+        Ok(k) => Arc::new(k),
+        Err(e) => {
+            ctx.counters.join_failures.fetch_add(1, Ordering::Relaxed);
+            let error = format!("holder key: {e}");
+            let _ = ctx.fabric.send(Input::Failed { index, error }).await;
+            return;
+        }
+    };
     let req = JoinRequest {
+        holder_key: holder.public_key().to_vec(),
         broadcast_id: ctx.cfg.broadcast_id.clone(),
         credential: String::new(),
         client_version: concat!("starling-loadtest-sim/", env!("CARGO_PKG_VERSION")).into(),
@@ -107,6 +118,7 @@ pub(super) async fn session(
                 index,
                 addr: resp.dataplane_wire_addr.clone(),
                 token: Bytes::from(resp.chunk_token.clone()),
+                holder: holder.clone(),
                 broadcast_id: ctx.cfg.broadcast_id.clone(),
                 mask,
                 chunk_keys: resp

@@ -3,6 +3,7 @@
 //! that are not the SDK (a polluter, a revoked viewer that keeps trying).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use starling_proto::holder::{HolderKey, Verifier};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -70,12 +71,15 @@ impl Issuer {
         format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
     }
 
-    /// A viewer credential for `broadcast` (or `"*"`), valid for an hour.
+    /// A viewer credential for `broadcast` (or `"*"`), valid for an hour, for the
+    /// deployment's audience, from its issuer.
     pub fn viewer(&self, subject: &str, broadcast: &str) -> String {
         let now = unix_secs();
         self.mint(&serde_json::json!({
             "sub": subject,
             "broadcast": broadcast,
+            "aud": starling_loadtest::deployment::VIEWER_JWT_AUDIENCE,
+            "iss": starling_loadtest::deployment::VIEWER_JWT_ISSUER,
             "iat": now,
             "exp": now + 3600,
         }))
@@ -142,8 +146,9 @@ impl RawConn {
         token: Bytes,
         broadcast: &str,
         mask: u64,
+        verifier: Verifier,
     ) -> Result<(RawConn, StreamInfo), DialError> {
-        Self::dial_ticketed(addr, role, token, broadcast, mask, &[]).await
+        Self::dial_ticketed(addr, role, token, broadcast, mask, &[], verifier).await
     }
 
     /// [`RawConn::dial`], sending parent `tickets` (`TICKET` frames) before `SUBSCRIBE`.
@@ -154,6 +159,7 @@ impl RawConn {
         broadcast: &str,
         mask: u64,
         tickets: &[Bytes],
+        verifier: Verifier,
     ) -> Result<(RawConn, StreamInfo), DialError> {
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
             .await
@@ -165,7 +171,7 @@ impl RawConn {
             min_version: wire::MIN_PROTOCOL_VERSION,
             max_version: wire::PROTOCOL_VERSION,
             role,
-            token,
+            token: token.clone(),
         }))
         .await
         .map_err(io)?;
@@ -177,8 +183,14 @@ impl RawConn {
                 .map_err(DialError::Protocol)?;
             match f {
                 None => return Err(DialError::Io("closed during the handshake".into())),
-                Some(Frame::HelloAck(_)) if !subscribed => {
+                Some(Frame::HelloAck(ack)) if !subscribed => {
                     subscribed = true;
+                    if !token.is_empty() {
+                        let proof = raw_holder().prove(&ack.nonce, &token, verifier);
+                        c.send(&Frame::Proof(Bytes::copy_from_slice(&proof)))
+                            .await
+                            .map_err(io)?;
+                    }
                     for t in tickets {
                         c.send(&Frame::Ticket(t.clone())).await.map_err(io)?;
                     }
@@ -299,4 +311,11 @@ pub fn metric_sum(text: &str, name: &str, label_part: &str) -> f64 {
         .filter(|l| l.starts_with(name) && l.contains(label_part))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The key of the raw wire clients the tests write by hand: their raw joins send its
+/// public half (`JoinRequest.holder_key`), their dials prove it.
+pub fn raw_holder() -> &'static HolderKey {
+    static K: std::sync::OnceLock<HolderKey> = std::sync::OnceLock::new();
+    K.get_or_init(|| HolderKey::from_seed(&[11; 32]).expect("holder key"))
 }

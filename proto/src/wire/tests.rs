@@ -30,7 +30,11 @@ fn roundtrip_every_frame() {
         role: Role::Viewer,
         token: Bytes::from_static(b"tok"),
     }));
-    roundtrip(Frame::HelloAck(HelloAck { version: 1 }));
+    roundtrip(Frame::HelloAck(HelloAck {
+        version: 2,
+        nonce: [0xA5; 32],
+    }));
+    roundtrip(Frame::Proof(Bytes::from(vec![3u8; 64])));
     roundtrip(Frame::Subscribe(Subscribe {
         broadcast_id: "b-1".into(),
         start: StartAt::Live,
@@ -215,10 +219,34 @@ fn substream_masks() {
 
 #[test]
 fn version_negotiation() {
-    assert_eq!(negotiate(1, 1), Some(1));
+    // Version 1 (no proof of possession) is no longer spoken.
+    assert_eq!(negotiate(1, 1), None);
+    assert_eq!(negotiate(1, 2), Some(2));
     assert_eq!(negotiate(1, 9), Some(PROTOCOL_VERSION));
-    assert_eq!(negotiate(2, 9), None);
+    assert_eq!(negotiate(3, 9), None);
     assert_eq!(negotiate(0, 0), None);
+}
+
+#[test]
+fn proof_and_ack_lengths_are_exact() {
+    let mut dec = Decoder::default();
+    for n in [0usize, 63, 65] {
+        let mut b = BytesMut::new();
+        b.put_slice(&[frame_type::PROOF, 0, 0, 0, 0, 0, 0, n as u8]);
+        b.put_slice(&vec![1u8; n]);
+        assert!(
+            matches!(dec.decode(&mut b), Err(WireError::Malformed { .. })),
+            "{n}"
+        );
+    }
+    assert!(encode_to_bytes(&Frame::Proof(Bytes::from_static(b"short"))).is_err());
+    // A version-1 HELLO_ACK (no nonce) is malformed.
+    let mut b = BytesMut::new();
+    b.put_slice(&[frame_type::HELLO_ACK, 0, 0, 0, 0, 0, 0, 2, 0, 1]);
+    assert!(matches!(
+        dec.decode(&mut b),
+        Err(WireError::Malformed { .. })
+    ));
 }
 
 #[test]
