@@ -257,6 +257,8 @@ mod fake_grid {
                     plan.child_slots
                 },
                 ticket_keys: Vec::new(),
+                run_epoch: 0,
+                server_time_unix_ms: 0,
             }))
         }
 
@@ -291,6 +293,8 @@ mod fake_grid {
                 token_keys: self.keys.token_keys(),
                 chunk_keys: self.keys.chunk_keys(),
                 ticket_keys: Vec::new(),
+                run_epoch: 0,
+                server_time_unix_ms: 0,
             }))
         }
 
