@@ -607,6 +607,28 @@ impl Rights {
         }
         match v.verify(&meta, &c.payload, &c.signature, self.now_ms()) {
             Ok(()) => ChunkCheck::Verified { flags: meta.flags },
+            // An authentic chunk of a later run than ours: only a node the control
+            // plane assigned to the broadcast signs one, and only once that run
+            // started, so a replay can never bring it. Our run is out of date (a `Join`
+            // answered from a replica's cache just after a restart): adopt it.
+            Err(IntegrityError::WrongRun { signed, current }) if signed > current => {
+                tracing::info!(
+                    run = signed,
+                    previous = current,
+                    "a newer run of the broadcast"
+                );
+                self.set_run(signed);
+                let keys = self.keys();
+                match keys
+                    .chunks
+                    .as_ref()
+                    .map(|v| v.verify(&meta, &c.payload, &c.signature, self.now_ms()))
+                {
+                    Some(Ok(())) => ChunkCheck::Verified { flags: meta.flags },
+                    Some(Err(e)) => ChunkCheck::Bad(e),
+                    None => ChunkCheck::Unverified,
+                }
+            }
             Err(e @ IntegrityError::WrongRun { signed, .. }) => {
                 let excused =
                     self.run.lock().previous.is_some_and(|(p, since)| {
@@ -707,15 +729,22 @@ mod tests {
         assert!(matches!(r.check_chunk(&fresh), ChunkCheck::Verified { .. }));
         r.set_run(0);
         assert_eq!(r.run(), Some(1), "0 changes nothing");
+        // An older run is refused; a newer one (authentic: only an assigned node signs
+        // it, once it started) is adopted, as a re-join would learn it.
         let run2 = chunk_at(1, 2, NOW, &signer);
+        r.set_run(3);
         assert_eq!(
             r.check_chunk(&run2),
             ChunkCheck::Bad(IntegrityError::WrongRun {
                 signed: 2,
-                current: 1
+                current: 3
             })
         );
-        // A re-join learns run 2: run 1 is excused for a while, run 0 never.
+        r.set_run(1);
+        assert!(matches!(r.check_chunk(&run2), ChunkCheck::Verified { .. }));
+        assert_eq!(r.run(), Some(2));
+        // A re-join learns run 2 (here already adopted): run 1 is excused for a while,
+        // run 0 never.
         r.rejoined(OwnToken::default(), &[], &[], 2);
         assert!(matches!(r.check_chunk(&run2), ChunkCheck::Verified { .. }));
         assert_eq!(
