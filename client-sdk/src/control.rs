@@ -18,6 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use starling_grid::{Parent, PeerId};
 
+use crate::clock::ServerTime;
 use crate::error::SdkError;
 use crate::rights::{KeyMaterial, TicketKeys};
 
@@ -143,6 +144,10 @@ pub(crate) struct JoinInfo {
     /// Where the control plane saw the `Join` come from (the server-reflexive address
     /// behind a NAT); `None` if it did not say.
     pub observed_addr: Option<std::net::SocketAddr>,
+    /// The broadcast's current run (0: not said; no run check).
+    pub run_epoch: u64,
+    /// The control plane's clock as it answered.
+    pub server_time: Option<ServerTime>,
 }
 
 fn keys(v: Vec<PublicKey>) -> Vec<KeyMaterial> {
@@ -188,6 +193,9 @@ pub(crate) struct HeartbeatInfo {
     pub chunk_keys: Vec<KeyMaterial>,
     /// Our keys for version-2 parent tickets (secret; see [`Rights::set_ticket_keys`]).
     pub ticket_keys: TicketKeys,
+    /// The broadcast's current run (0: not said).
+    pub run_epoch: u64,
+    pub server_time: Option<ServerTime>,
 }
 
 /// How the control-plane channel is set up and how `Join` is retried.
@@ -254,6 +262,9 @@ pub(crate) struct SessionDelta {
     /// Our keys for version-2 parent tickets (secret; see [`Rights::set_ticket_keys`]).
     pub ticket_keys: TicketKeys,
     pub counters_interval: Option<Duration>,
+    /// The broadcast's current run (0: unchanged).
+    pub run_epoch: u64,
+    pub server_time: Option<ServerTime>,
 }
 
 impl SessionDelta {
@@ -271,6 +282,8 @@ impl SessionDelta {
             ticket_keys: ticket_keys(d.ticket_keys),
             counters_interval: (d.counters_interval_ms > 0)
                 .then(|| Duration::from_millis(u64::from(d.counters_interval_ms))),
+            run_epoch: d.run_epoch,
+            server_time: ServerTime::now(d.server_time_unix_ms, Duration::ZERO),
         }
     }
 }
@@ -493,6 +506,7 @@ impl Control {
     }
 
     async fn join_once(&self, offer: &Offer) -> Result<JoinInfo, SdkError> {
+        let sent = std::time::Instant::now();
         let resp = self
             .client
             .clone()
@@ -508,6 +522,7 @@ impl Control {
             .await
             .map_err(|s| SdkError::from_status("Join", s))?
             .into_inner();
+        let server_time = ServerTime::now(resp.server_time_unix_ms, sent.elapsed());
         if resp.dataplane_wire_addr.is_empty() {
             return Err(SdkError::ControlResponse(
                 "Join returned no data-plane wire address".into(),
@@ -534,6 +549,8 @@ impl Control {
             report_interval: (resp.report_interval_ms > 0)
                 .then(|| Duration::from_millis(u64::from(resp.report_interval_ms).max(100))),
             observed_addr: resp.observed_addr.parse().ok(),
+            run_epoch: resp.run_epoch,
+            server_time,
         })
     }
 
@@ -543,6 +560,7 @@ impl Control {
         session_id: &str,
         counters: Counters,
     ) -> Result<HeartbeatInfo, SdkError> {
+        let sent = std::time::Instant::now();
         let resp = self
             .client
             .clone()
@@ -556,6 +574,7 @@ impl Control {
             .await
             .map_err(|s| SdkError::from_status("Heartbeat", s))?
             .into_inner();
+        let server_time = ServerTime::now(resp.server_time_unix_ms, sent.elapsed());
         Ok(HeartbeatInfo {
             active: resp.active,
             assignment: assignment(resp.parents, resp.neighbours),
@@ -565,6 +584,8 @@ impl Control {
             token_keys: keys(resp.token_keys),
             chunk_keys: keys(resp.chunk_keys),
             ticket_keys: ticket_keys(resp.ticket_keys),
+            run_epoch: resp.run_epoch,
+            server_time,
         })
     }
 

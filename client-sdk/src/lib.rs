@@ -45,6 +45,7 @@
 //! # }
 //! ```
 
+mod clock;
 mod conn;
 mod control;
 mod control_url;
@@ -65,6 +66,7 @@ mod shared;
 mod stats;
 mod viewer;
 
+pub use clock::WallClock;
 pub use error::SdkError;
 pub use hub::Subscription;
 pub use relay::keys::KeyHoldLimits;

@@ -30,7 +30,9 @@ pub(crate) fn adopt(shared: &Shared, control: &Control, join: &JoinInfo) {
         },
         &join.token_keys,
         &join.chunk_keys,
+        join.run_epoch,
     );
+    shared.rights.observe_server_time(join.server_time);
     shared.rights.set_ticket_keys(&join.ticket_keys, true);
     shared.stats_mut().rejoins += 1;
 }

@@ -7,6 +7,14 @@
 //! Key sets come from `Join` and are replaced by heartbeats (rotation). They are held as
 //! an immutable snapshot behind an `Arc`, so that link readers verify chunks without
 //! holding a lock.
+//!
+//! Replays (issue 18, part 3): the verifier accepts only the broadcast's current run
+//! (from `Join`, [`Rights::set_run`]) and, with an age limit, only chunks signed
+//! recently by the control plane's clock as measured here ([`crate::clock`]). A chunk
+//! of another run is a bad chunk (its sender is dropped and reported), except one of
+//! the run this viewer itself held until it learned of the new one less than
+//! [`RUN_CHANGE_GRACE`] ago ([`ChunkCheck::Excused`]): links opened before a re-join
+//! may still carry it honestly.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -24,6 +32,12 @@ use starling_proto::ticket_mac::{ParentTicketKeys, verify_any_ticket};
 use starling_proto::token::{Scopes, TokenError, TokenVerifier};
 use starling_proto::wire::{Chunk, ErrorCode, chunk_flags};
 use tokio::sync::{Notify, watch};
+
+use crate::clock::{ClockOffset, ServerTime, WallClock};
+
+/// How long after this viewer learned of a new run chunks of the run it held before
+/// are dropped without blaming their sender.
+pub(crate) const RUN_CHANGE_GRACE: Duration = Duration::from_secs(30);
 
 /// Most revoked peer ids remembered (oldest forgotten first; their tokens expire soon
 /// after revocation anyway, since the control plane stops renewing them).
@@ -90,6 +104,9 @@ pub(crate) enum ChunkCheck {
     Verified { flags: u8 },
     /// No chunk keys: accepted without a check.
     Unverified,
+    /// Drop it, without blaming its sender: a chunk of the run this viewer held until
+    /// it learned of the current one, less than [`RUN_CHANGE_GRACE`] ago.
+    Excused(IntegrityError),
     /// Drop it (and the link it came from, unless that is the data plane).
     Bad(IntegrityError),
 }
@@ -119,6 +136,20 @@ pub(crate) struct Rights {
     pinned: Mutex<Option<u32>>,
     /// Key refreshes asked for (a chunk named a key id we do not hold) and done.
     refresh: KeyRefresh,
+    /// This viewer's clock, corrected to the control plane's.
+    clock: ClockOffset,
+    /// `(max age, max future)` of a chunk's signed timestamp, ms; `None`: no limit.
+    age_limit: Option<(u64, u64)>,
+    /// The broadcast's run, and the one held before with when it was left.
+    run: Mutex<RunState>,
+}
+
+/// The run chunks must be signed for.
+#[derive(Debug, Clone, Copy, Default)]
+struct RunState {
+    /// `None`: not known (no run check).
+    current: Option<u64>,
+    previous: Option<(u64, std::time::Instant)>,
 }
 
 /// Early key refreshes: the engine asks ([`Rights::ask_key_refresh`]), the heartbeat
@@ -150,8 +181,12 @@ fn build_chunks(
     keys: &[KeyMaterial],
     pinned: Option<u32>,
     cache: Option<&Arc<VerifiedSignatures>>,
+    (age_limit, run): (Option<(u64, u64)>, Option<u64>),
 ) -> ChunkVerifier {
-    let mut v = ChunkVerifier::new(broadcast_id);
+    let mut v = ChunkVerifier::new(broadcast_id).with_run(run);
+    if let Some((max_age, max_future)) = age_limit {
+        v = v.with_age_limit(max_age, max_future);
+    }
     if let Some(c) = cache {
         v = v.with_cache(c.clone());
     }
@@ -198,8 +233,15 @@ impl Rights {
         let keys = Keys {
             tokens: build_tokens(token_keys),
             enforce_tokens: !token.token.is_empty() || !token_keys.is_empty(),
-            chunks: (!chunk_keys.is_empty())
-                .then(|| build_chunks(broadcast_id, chunk_keys, pinned, cache.as_ref())),
+            chunks: (!chunk_keys.is_empty()).then(|| {
+                build_chunks(
+                    broadcast_id,
+                    chunk_keys,
+                    pinned,
+                    cache.as_ref(),
+                    (None, None),
+                )
+            }),
             tickets: ParentTicketKeys::default(),
         };
         let (tx, _) = watch::channel(token);
@@ -217,7 +259,87 @@ impl Rights {
                 done: watch::channel(0).0,
                 wake: Notify::new(),
             },
+            clock: ClockOffset::new(WallClock::system()),
+            age_limit: None,
+            run: Mutex::new(RunState::default()),
         }
+    }
+
+    /// The clock this viewer reads and the chunk age limit (`max_age`: `None` = none;
+    /// `max_future`: how far ahead a signed timestamp may be).
+    pub(crate) fn with_chunk_clock(
+        mut self,
+        clock: WallClock,
+        max_age: Option<Duration>,
+        max_future: Duration,
+    ) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.clock = ClockOffset::new(clock);
+        self.age_limit = max_age.map(|a| (ms(a), ms(max_future)));
+        self.rebuild_chunks();
+        self
+    }
+
+    fn checks(&self) -> (Option<(u64, u64)>, Option<u64>) {
+        (self.age_limit, self.run.lock().current)
+    }
+
+    /// Rebuilds the chunk verifier with the current age limit and run.
+    fn rebuild_chunks(&self) {
+        let checks = self.checks();
+        let mut guard = self.keys.write();
+        if let Some(v) = &guard.chunks {
+            let mut v = v.clone().with_run(checks.1);
+            if let Some((max_age, max_future)) = checks.0 {
+                v = v.with_age_limit(max_age, max_future);
+            }
+            let mut k = Keys::clone(&guard);
+            k.chunks = Some(v);
+            *guard = Arc::new(k);
+        }
+    }
+
+    /// The broadcast's current run, from `Join` or the session stream (0: not said,
+    /// nothing changes). A change remembers the run held before for
+    /// [`RUN_CHANGE_GRACE`].
+    pub(crate) fn set_run(&self, epoch: u64) {
+        if epoch == 0 {
+            return;
+        }
+        {
+            let mut r = self.run.lock();
+            if r.current == Some(epoch) {
+                return;
+            }
+            tracing::info!(run = epoch, previous = ?r.current, "broadcast run");
+            r.previous = r.current.map(|c| (c, std::time::Instant::now()));
+            r.current = Some(epoch);
+        }
+        self.rebuild_chunks();
+    }
+
+    /// The run chunks must be signed for, if known.
+    #[cfg(test)]
+    pub(crate) fn run(&self) -> Option<u64> {
+        self.run.lock().current
+    }
+
+    /// A control-plane clock reading: adopts the offset it gives.
+    pub(crate) fn observe_server_time(&self, t: Option<ServerTime>) {
+        if let Some(t) = t {
+            self.clock.observe(t);
+        }
+    }
+
+    /// The control plane's time as estimated here (unix ms): chunk ages, token and
+    /// ticket expiries are judged by it.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// The measured offset to the control plane's clock, ms.
+    pub(crate) fn clock_offset_ms(&self) -> i64 {
+        self.clock.offset_ms()
     }
 
     fn pinned(&self) -> Option<u32> {
@@ -283,6 +405,7 @@ impl Rights {
                 chunk_keys,
                 self.pinned(),
                 self.cache.as_ref(),
+                self.checks(),
             ));
         }
         *guard = Arc::new(k);
@@ -307,7 +430,9 @@ impl Rights {
         token: OwnToken,
         token_keys: &[KeyMaterial],
         chunk_keys: &[KeyMaterial],
+        run: u64,
     ) {
+        self.set_run(run);
         {
             let mut guard = self.keys.write();
             let mut k = Keys::clone(&guard);
@@ -325,6 +450,7 @@ impl Rights {
                     chunk_keys,
                     self.pinned(),
                     self.cache.as_ref(),
+                    self.checks(),
                 ));
             }
             *guard = Arc::new(k);
@@ -387,7 +513,7 @@ impl Rights {
                 token,
                 &self.broadcast_id,
                 Scopes::PLAY,
-                unix_ms(),
+                self.now_ms(),
                 self.skew_ms,
             )
             .map_err(|e: TokenError| Refusal {
@@ -442,7 +568,7 @@ impl Rights {
             &self.broadcast_id,
             child,
             parent,
-            unix_ms(),
+            self.now_ms(),
             self.skew_ms,
         )
         .map_err(|e| Refusal {
@@ -499,8 +625,41 @@ impl Rights {
         {
             meta.flags = b.meta.flags;
         }
-        match v.verify(&meta, &c.payload, &c.signature, unix_ms()) {
+        match v.verify(&meta, &c.payload, &c.signature, self.now_ms()) {
             Ok(()) => ChunkCheck::Verified { flags: meta.flags },
+            // An authentic chunk of a later run than ours: only a node the control
+            // plane assigned to the broadcast signs one, and only once that run
+            // started, so a replay can never bring it. Our run is out of date (a `Join`
+            // answered from a replica's cache just after a restart): adopt it.
+            Err(IntegrityError::WrongRun { signed, current }) if signed > current => {
+                tracing::info!(
+                    run = signed,
+                    previous = current,
+                    "a newer run of the broadcast"
+                );
+                self.set_run(signed);
+                let keys = self.keys();
+                match keys
+                    .chunks
+                    .as_ref()
+                    .map(|v| v.verify(&meta, &c.payload, &c.signature, self.now_ms()))
+                {
+                    Some(Ok(())) => ChunkCheck::Verified { flags: meta.flags },
+                    Some(Err(e)) => ChunkCheck::Bad(e),
+                    None => ChunkCheck::Unverified,
+                }
+            }
+            Err(e @ IntegrityError::WrongRun { signed, .. }) => {
+                let excused =
+                    self.run.lock().previous.is_some_and(|(p, since)| {
+                        p == signed && since.elapsed() < RUN_CHANGE_GRACE
+                    });
+                if excused {
+                    ChunkCheck::Excused(e)
+                } else {
+                    ChunkCheck::Bad(e)
+                }
+            }
             Err(e) => ChunkCheck::Bad(e),
         }
     }
@@ -529,6 +688,104 @@ mod tests {
             signature: signer.sign("b", &meta, &payload).unwrap(),
             payload,
         }
+    }
+
+    fn chunk_at(seq: u64, run: u64, ts: u64, signer: &ChunkSigner) -> Chunk {
+        let payload = Bytes::from(vec![seq as u8; 100]);
+        let meta = ChunkMeta {
+            seq,
+            flags: 0,
+            timestamp_ms: ts,
+            duration_ms: 100,
+        };
+        Chunk {
+            seq,
+            flags: 0,
+            timestamp_ms: ts,
+            duration_ms: 100,
+            signature: signer.sign_in_run("b", run, &meta, &payload).unwrap(),
+            payload,
+        }
+    }
+
+    #[test]
+    fn runs_ages_and_the_device_clock() {
+        const NOW: u64 = 1_700_000_000_000;
+        let signer = ChunkSigner::new(4, &generate_pkcs8().unwrap()).unwrap();
+        // The device is an hour ahead; the control plane says it is NOW.
+        let r = Rights::new(
+            "b",
+            Duration::from_secs(5),
+            OwnToken::default(),
+            &[],
+            &[(4, signer.public_key().to_vec())],
+            None,
+        )
+        .with_chunk_clock(
+            WallClock::from_fn(|| NOW + 3_600_000),
+            Some(Duration::from_secs(30)),
+            Duration::from_secs(10),
+        );
+        let fresh = chunk_at(1, 1, NOW, &signer);
+        // Without the offset the chunk looks an hour old.
+        assert!(matches!(
+            r.check_chunk(&fresh),
+            ChunkCheck::Bad(IntegrityError::Stale { .. })
+        ));
+        r.observe_server_time(Some(ServerTime {
+            server_ms: NOW,
+            received: std::time::Instant::now(),
+            rtt: Duration::ZERO,
+        }));
+        assert!(matches!(r.check_chunk(&fresh), ChunkCheck::Verified { .. }));
+        let old = chunk_at(2, 1, NOW - 31_000, &signer);
+        assert!(matches!(
+            r.check_chunk(&old),
+            ChunkCheck::Bad(IntegrityError::Stale { .. })
+        ));
+        // No run known yet: any run passes; once known, only it.
+        assert_eq!(r.run(), None);
+        r.set_run(1);
+        assert!(matches!(r.check_chunk(&fresh), ChunkCheck::Verified { .. }));
+        r.set_run(0);
+        assert_eq!(r.run(), Some(1), "0 changes nothing");
+        // An older run is refused; a newer one (authentic: only an assigned node signs
+        // it, once it started) is adopted, as a re-join would learn it.
+        let run2 = chunk_at(1, 2, NOW, &signer);
+        r.set_run(3);
+        assert_eq!(
+            r.check_chunk(&run2),
+            ChunkCheck::Bad(IntegrityError::WrongRun {
+                signed: 2,
+                current: 3
+            })
+        );
+        r.set_run(1);
+        assert!(matches!(r.check_chunk(&run2), ChunkCheck::Verified { .. }));
+        assert_eq!(r.run(), Some(2));
+        // A re-join learns run 2 (here already adopted): run 1 is excused for a while,
+        // run 0 never.
+        r.rejoined(OwnToken::default(), &[], &[], 2);
+        assert!(matches!(r.check_chunk(&run2), ChunkCheck::Verified { .. }));
+        assert_eq!(
+            r.check_chunk(&fresh),
+            ChunkCheck::Excused(IntegrityError::WrongRun {
+                signed: 1,
+                current: 2
+            })
+        );
+        let run0 = chunk_at(1, 0, NOW, &signer);
+        assert!(matches!(
+            r.check_chunk(&run0),
+            ChunkCheck::Bad(IntegrityError::WrongRun { signed: 0, .. })
+        ));
+        // New keys keep the run and the age limit.
+        r.update_keys(&[], &[(4, signer.public_key().to_vec())]);
+        assert!(matches!(r.check_chunk(&run0), ChunkCheck::Bad(_)));
+        assert!(matches!(
+            r.check_chunk(&chunk_at(3, 2, NOW - 31_000, &signer)),
+            ChunkCheck::Bad(IntegrityError::Stale { .. })
+        ));
     }
 
     #[test]

@@ -128,6 +128,10 @@ impl Shared {
         match &r {
             ChunkCheck::Verified { .. } => self.stats_mut().chunks_verified += 1,
             ChunkCheck::Unverified => self.stats_mut().chunks_unverified += 1,
+            ChunkCheck::Excused(e) => {
+                tracing::debug!(seq = c.seq, "dropped a chunk of the previous run: {e}");
+                self.stats_mut().chunks_previous_run += 1;
+            }
             ChunkCheck::Bad(_) => {}
         }
         r

@@ -125,6 +125,13 @@ pub struct Stats {
     pub chunks_unknown_key: u64,
     /// Early heartbeats made to fetch the current keys (a chunk named an unknown key).
     pub key_refreshes: u64,
+    /// Chunks of the run this viewer held before a re-join told it of a new run,
+    /// dropped without blaming their sender (see `ViewerConfig::chunk_max_age` and
+    /// docs/SECURITY.md, "Replays").
+    pub chunks_previous_run: u64,
+    /// The measured offset of the control plane's clock to this device's, ms (what
+    /// chunk ages and token expiries are corrected by).
+    pub clock_offset_ms: i64,
     /// Parents reported (`ReportPeer`, `NON_DELIVERY`) and left for skipping or
     /// delaying too many of their pushes.
     pub parents_reported_non_delivery: u64,

@@ -282,6 +282,8 @@ mod fake_grid {
                 },
                 ticket_keys: Vec::new(),
                 observed_addr: String::new(),
+                run_epoch: 0,
+                server_time_unix_ms: 0,
             }))
         }
 
@@ -322,6 +324,8 @@ mod fake_grid {
                 token_keys: self.keys.token_keys(),
                 chunk_keys: self.keys.chunk_keys(),
                 ticket_keys: Vec::new(),
+                run_epoch: 0,
+                server_time_unix_ms: 0,
             }))
         }
 

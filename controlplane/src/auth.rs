@@ -9,7 +9,12 @@
 //!   Missing or bad → `UNAUTHENTICATED`; an authentic JWT without the admin role →
 //!   `PERMISSION_DENIED`. Messages never echo the token or the key.
 //! * **Data-plane nodes** (every `EdgeService` call: `Register`, `Commands`,
-//!   `ReportHealth`) need `authorization: Bearer <node key>`: the static node key
+//!   `ReportHealth`) need `authorization: Bearer <credential>`. Preferably a **per-node
+//!   credential** (`stn1.NAME.SECRET`, made by `starling-admin node add NAME`, stored as
+//!   a SHA-256 of the secret, revocable): this interceptor only parses it
+//!   ([`NodeIdentity::Credential`]); the service checks it against the database and
+//!   binds it to the node named NAME (`crate::service`). **Legacy / zero-setup mode**:
+//!   the static node key
 //!   ([`AuthConfig::node_key`], compared in constant time) or any admin credential (an
 //!   admin can already point a broadcast at any source, so it loses nothing by being
 //!   allowed to act as a node). The binary falls back to the static admin key as the node
@@ -299,10 +304,75 @@ pub enum AdminIdentity {
     Jwt(String),
 }
 
-/// Who made an `EdgeService` call.
+/// Prefix of a per-node credential: `stn1.NAME.SECRET` (SECRET: 32 random bytes,
+/// base64url).
+pub const NODE_CREDENTIAL_PREFIX: &str = "stn1.";
+/// Longest node name a credential may carry.
+pub const MAX_NODE_NAME: usize = 64;
+
+/// A per-node credential as presented: the node name it claims and the SHA-256 of its
+/// secret. Not checked yet: the service compares it with the stored hash.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NodeClaim {
+    /// The node name the credential was made for.
+    pub name: String,
+    /// SHA-256 of the secret part.
+    pub secret_sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for NodeClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeClaim")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `name` can name a node credential: 1..=[`MAX_NODE_NAME`] of
+/// `[A-Za-z0-9._-]`, not starting with a dot.
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NODE_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A new credential for node `name` and the SHA-256 of its secret (what the database
+/// keeps). `None` for an invalid name.
+pub fn new_node_credential(name: &str) -> Option<(String, [u8; 32])> {
+    if !valid_node_name(name) {
+        return None;
+    }
+    let secret = generate_admin_key();
+    let mut h = [0u8; 32];
+    h.copy_from_slice(digest(&SHA256, secret.as_bytes()).as_ref());
+    Some((format!("{NODE_CREDENTIAL_PREFIX}{name}.{secret}"), h))
+}
+
+/// Parses a presented per-node credential (`None`: not one).
+pub fn parse_node_credential(token: &str) -> Option<NodeClaim> {
+    let rest = token.strip_prefix(NODE_CREDENTIAL_PREFIX)?;
+    let (name, secret) = rest.rsplit_once('.')?;
+    if !valid_node_name(name) || secret.len() < MIN_ADMIN_KEY_LEN {
+        return None;
+    }
+    let mut h = [0u8; 32];
+    h.copy_from_slice(digest(&SHA256, secret.as_bytes()).as_ref());
+    Some(NodeClaim {
+        name: name.to_string(),
+        secret_sha256: h,
+    })
+}
+
+/// Who made an `EdgeService` call (the node interceptor adds it to the request's
+/// extensions).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeIdentity {
-    /// The static node key.
+    /// A per-node credential, to be checked against the database by the service.
+    Credential(NodeClaim),
+    /// The static node key (legacy / zero-setup mode).
     NodeKey,
     /// An admin credential.
     Admin(AdminIdentity),
@@ -451,6 +521,15 @@ impl Authenticator {
     pub fn check_node(&self, authorization: Option<&[u8]>) -> Result<NodeIdentity, Status> {
         let token = bearer_token(authorization)
             .ok_or_else(|| Status::unauthenticated(NEEDS_NODE_BEARER))?;
+        if token.starts_with(NODE_CREDENTIAL_PREFIX) {
+            return parse_node_credential(token)
+                .map(NodeIdentity::Credential)
+                .ok_or_else(|| {
+                    Status::unauthenticated(
+                        "node credential rejected: malformed `stn1.` credential",
+                    )
+                });
+        }
         if let Some(want) = &self.node_key_digest {
             let got = digest(&SHA256, token.as_bytes());
             if constant_time_eq(got.as_ref(), want) {
@@ -580,7 +659,7 @@ impl NodeInterceptor {
 }
 
 impl tonic::service::Interceptor for NodeInterceptor {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let header = request
             .metadata()
             .get("authorization")
@@ -588,6 +667,8 @@ impl tonic::service::Interceptor for NodeInterceptor {
         match self.auth.check_node(header) {
             Ok(who) => {
                 tracing::debug!(node = ?who, "node call authenticated");
+                // The service checks a per-node credential and binds it to the node.
+                request.extensions_mut().insert(who);
                 Ok(request)
             }
             Err(status) => {

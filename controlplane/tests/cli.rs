@@ -309,6 +309,40 @@ async fn binaries_end_to_end_on_sqlite() {
     let out = admin(&url, &["list", "--all"]);
     assert!(stdout(&out).contains(&id), "{}", stdout(&out));
 
+    // Per-node credentials: `node add` prints one (once), a node registers with it
+    // under its name; `node revoke` shuts it out; `node list` shows no secret.
+    let out = admin(&url, &["node", "add", "edge-cli"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cred = stdout(&out).trim().to_string();
+    assert!(cred.starts_with("stn1.edge-cli."), "{cred:?}");
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut named = EdgeServiceClient::with_interceptor(
+        channel,
+        starling_controlplane::BearerInterceptor::new(&cred).unwrap(),
+    );
+    let reg = RegisterNodeRequest {
+        node_name: "edge-cli".into(),
+        wire_addr: "127.0.0.1:9001".into(),
+        http_addr: "127.0.0.1:9081".into(),
+        cores: 1,
+        capacity_viewers: 10,
+        chunk_signing_key: None,
+    };
+    named.register(reg.clone()).await.unwrap();
+    let out = admin(&url, &["node", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("edge-cli"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains(&cred[14..]), "{}", stdout(&out));
+    let out = admin(&url, &["node", "revoke", "edge-cli"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("revoked"), "{}", stdout(&out));
+    let e = named.register(reg).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
     // SIGTERM: graceful shutdown (the node's command stream is open) and exit 0.
     let kill = Command::new("kill")
         .args(["-TERM", &pid.to_string()])

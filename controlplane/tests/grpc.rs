@@ -448,8 +448,11 @@ async fn node_ingests_viewers_join_and_stop(store: Store) {
             chunk_duration_ms: 1000,
             substreams: 8,
             public: true,
+            // The first run.
+            run_epoch: 1,
         }
     );
+    assert_eq!(started.run_epoch, 1);
 
     let ack = h
         .edge()

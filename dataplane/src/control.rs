@@ -227,6 +227,7 @@ async fn session(
                                 chunk_duration_ms: chunk_ms,
                                 substreams,
                                 public: c.public,
+                                run_epoch: c.run_epoch,
                             });
                         }
                         Some(node_command::Command::Stop(s)) => ingest.stop(&s.broadcast_id),

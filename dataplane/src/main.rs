@@ -21,11 +21,26 @@ struct Args {
     #[arg(long, env = "STARLING_CONTROL_URL")]
     control_url: Option<String>,
 
-    /// The control plane's node key, sent as `authorization: Bearer <key>` on every
-    /// EdgeService call (the control plane refuses nodes without it). Whoever holds it
-    /// can register a node and sign chunks viewers accept: keep it secret. Zero-setup
-    /// control planes use their admin key (<data-dir>/admin.key) as the node key. Unset:
-    /// the node is refused, logs an error and keeps retrying.
+    /// File holding this node's own credential (`stn1.NAME.SECRET`, printed by
+    /// `starling-admin node add NAME`), sent as `authorization: Bearer <credential>` on
+    /// every EdgeService call. The node registers under NAME (the default --node-name)
+    /// and can act for no other node; revoking the credential shuts it out. Preferred
+    /// over the shared --node-key.
+    #[arg(
+        long,
+        env = "STARLING_NODE_CREDENTIAL_FILE",
+        value_name = "PATH",
+        conflicts_with_all = ["node_key", "node_key_file"]
+    )]
+    node_credential_file: Option<std::path::PathBuf>,
+
+    /// Legacy / zero-setup mode: the control plane's shared node key, sent as
+    /// `authorization: Bearer <key>` on every EdgeService call (the control plane
+    /// refuses nodes without a credential). Whoever holds it can register any node and
+    /// sign chunks for the broadcasts assigned to it: keep it secret, prefer
+    /// --node-credential-file. Zero-setup control planes use their admin key
+    /// (<data-dir>/admin.key) as the node key. Unset: the node is refused, logs an error
+    /// and keeps retrying.
     #[arg(
         long,
         env = "STARLING_NODE_KEY",
@@ -252,26 +267,55 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let node_name = args.node_name.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_owned())
-            .ok()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "dataplane".into())
+    let credential = match &args.node_credential_file {
+        Some(p) => Some(NodeKey::read_file(p)?),
+        None => None,
+    };
+    // A per-node credential names its node: `stn1.NAME.SECRET`.
+    let credential_name = credential.as_ref().and_then(|c| {
+        c.expose()
+            .strip_prefix("stn1.")
+            .and_then(|r| r.rsplit_once('.'))
+            .map(|(name, _)| name.to_owned())
     });
+    if credential.is_some() && credential_name.is_none() {
+        anyhow::bail!("--node-credential-file: not a node credential (stn1.NAME.SECRET)");
+    }
+    if let (Some(n), Some(asked)) = (&credential_name, &args.node_name)
+        && n != asked
+    {
+        anyhow::bail!("--node-name {asked:?} differs from the credential's node name {n:?}");
+    }
+    let node_name = args
+        .node_name
+        .clone()
+        .or(credential_name)
+        .unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_owned())
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "dataplane".into())
+        });
     let chunk_key = match &args.chunk_key_file {
         Some(p) => Some(ChunkKey::load_or_create(p)?),
         None => None,
     };
-    let node_key = match (&args.node_key, &args.node_key_file) {
-        (Some(k), _) => Some(NodeKey::new(k).context("--node-key")?),
-        (None, Some(p)) => Some(NodeKey::read_file(p)?),
-        (None, None) => None,
+    let node_key = match (&args.node_key, &args.node_key_file, credential) {
+        (_, _, Some(c)) => Some(c),
+        (Some(k), _, None) => Some(NodeKey::new(k).context("--node-key")?),
+        (None, Some(p), None) => Some(NodeKey::read_file(p)?),
+        (None, None, None) => None,
     };
     if args.control_url.is_some() && node_key.is_none() {
         tracing::warn!(
-            "no --node-key / --node-key-file: the control plane will refuse this node until \
-             one is given"
+            "no --node-credential-file / --node-key / --node-key-file: the control plane \
+             will refuse this node until one is given"
+        );
+    } else if args.node_credential_file.is_none() && args.control_url.is_some() {
+        tracing::warn!(
+            "authenticating with the shared node key (legacy / zero-setup mode): prefer a \
+             per-node credential (starling-admin node add NAME, --node-credential-file)"
         );
     }
     let cfg = Config {

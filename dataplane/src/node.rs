@@ -404,6 +404,7 @@ async fn tokio_main(
             chunk_duration_ms: cfg.static_chunk_ms,
             substreams: cfg.static_substreams.clamp(1, 64),
             public: cfg.static_public,
+            run_epoch: 0,
         });
     }
     let control = cfg.control_url.clone().map(|url| {

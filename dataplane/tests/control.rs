@@ -24,6 +24,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+/// The run the fake control plane names in its ingest command.
+const RUN: u64 = 7;
+
 #[derive(Default)]
 struct Fake {
     registers: AtomicU32,
@@ -96,6 +99,7 @@ impl EdgeService for Svc {
                     chunk_duration_ms: 1000,
                     substreams: 4,
                     public: !self.0.private,
+                    run_epoch: RUN,
                 })),
             }))
             .await;
@@ -394,8 +398,13 @@ fn revoke_and_key_rotation_from_the_control_plane() -> Result<()> {
     let (is_error, r) = common::until_close(&mut a)?;
     assert!(!is_error, "{r:?}");
     assert_eq!(r.code, ErrorCode::Revoked);
-    // The other viewer keeps receiving.
-    let v = common::chunk_verifier(&node, "cp");
+    // The other viewer keeps receiving, chunks signed for the run the command named
+    // (another run is refused).
+    let v = common::chunk_verifier(&node, "cp").with_run(Some(RUN));
+    let c = common::next_chunk(&mut b)?;
+    common::verify_chunk(&v, &c)?;
+    let other_run = common::chunk_verifier(&node, "cp").with_run(Some(RUN + 1));
+    assert!(common::verify_chunk(&other_run, &c).is_err());
     for _ in 0..2 {
         common::verify_chunk(&v, &common::next_chunk(&mut b)?)?;
     }

@@ -260,6 +260,7 @@ fn unreachable_source_goes_down_then_up() -> Result<()> {
         chunk_duration_ms: 1000,
         substreams: 1,
         public: true,
+        run_epoch: 0,
     });
     wait_for("404 reported", || {
         node.status("missing")

@@ -123,6 +123,16 @@ fn main() {
     cs.extend_from_slice(&payload);
     cs.extend_from_slice(&block);
     write("chunk_signature", "valid", &cs);
+    // A block of run RUN (version 2 with a run epoch); `v1` (committed) is a version-1
+    // block from before runs existed.
+    let run_block = chunk_signer()
+        .sign_in_run(BROADCAST, starling_fuzz::RUN, &meta, &payload)
+        .unwrap_or_else(|e| panic!("sign: {e}"));
+    let mut cs = Vec::new();
+    cs.put_u16(payload.len() as u16);
+    cs.extend_from_slice(&payload);
+    cs.extend_from_slice(&run_block);
+    write("chunk_signature", "run", &cs);
 
     let chunk = Frame::Chunk(Chunk {
         seq: 9,

@@ -1,10 +1,11 @@
 //! Chunk signature blocks: `[payload_len u16 BE][payload][block]` through
-//! `parse_block` and `ChunkVerifier::verify` (with an age limit) under the seeds' key.
-//! An accepted chunk must be the one the block signs, for this broadcast.
+//! `parse_block` and `ChunkVerifier::verify` (with an age limit) under the seeds' key,
+//! without a run and with run [`RUN`]. An accepted chunk must be the one the block
+//! signs, for this broadcast (and, with a run, that run).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use starling_fuzz::{BROADCAST, CHUNK_KEY_ID, NOW_MS, chunk_signer};
+use starling_fuzz::{BROADCAST, CHUNK_KEY_ID, NOW_MS, RUN, chunk_signer};
 use starling_proto::integrity::{ChunkVerifier, parse_block, payload_hash};
 
 fuzz_target!(|data: &[u8]| {
@@ -29,5 +30,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(f.payload_sha256, payload_hash(payload).as_slice());
         assert!(meta.timestamp_ms <= NOW_MS + 10_000);
         assert!(NOW_MS - meta.timestamp_ms.min(NOW_MS) <= 120_000);
+    }
+    let v = v.with_run(Some(RUN));
+    if v.verify(&meta, payload, block, NOW_MS).is_ok() {
+        assert_eq!(fields.run_epoch, RUN);
+        assert_eq!(fields.version, starling_proto::integrity::BLOCK_VERSION);
     }
 });

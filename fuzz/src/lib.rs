@@ -15,6 +15,8 @@ pub const NOW_MS: u64 = 1_893_456_000_000;
 pub const TOKEN_KEY_ID: u32 = 1;
 /// Chunk key id of [`chunk_signer`].
 pub const CHUNK_KEY_ID: u32 = 2;
+/// The broadcast run of the `run` chunk-signature seed.
+pub const RUN: u64 = 3;
 /// The child and parent peer ids the ticket seeds name.
 pub const CHILD: u64 = 0x700;
 pub const PARENT: u64 = 0x901;

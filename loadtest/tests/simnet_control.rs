@@ -197,13 +197,13 @@ async fn sim_viewers_quality_reports_reach_the_control_plane() {
     dep.shutdown().await;
 }
 
-/// 40 simulated viewers with real data-plane connections; while they play, another
-/// node registers with its own chunk-signing key, so the control plane pushes new
-/// chunk key sets (`keys_version`) on every session stream. Every viewer's session
-/// takes them and its data-plane connection checks chunks with the new set from then
-/// on; nobody refuses a chunk or stops playing.
+/// 40 simulated viewers with real data-plane connections, each checking chunks with
+/// the key set, run and age limit of its `Join` and session stream. While they play,
+/// another node registers with its own chunk-signing key: it is not assigned to the
+/// broadcast, so its key is not trusted for it (issue 18) and no new key set is pushed;
+/// nobody refuses a chunk or stops playing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sim_viewers_follow_a_key_set_change() {
+async fn sim_viewers_keep_their_keys_when_an_unassigned_node_registers() {
     common::init_tracing();
     let dep = deployment().await;
     let peers = 40;
@@ -241,10 +241,7 @@ async fn sim_viewers_follow_a_key_set_change() {
     })
     .await
     .unwrap();
-    let snap = wait_playing(&fabric, peers, 20, Some(&snap), || {
-        load(&dp.key_sets) >= 2 * peers as u64
-    })
-    .await;
+    let snap = wait_playing(&fabric, peers, 20, Some(&snap), || true).await;
     eprintln!(
         "after the change: control {cc:?}; data plane: {} key sets, {} chunks verified, {} refused, {} held, {} failed",
         load(&dp.key_sets),
@@ -253,14 +250,12 @@ async fn sim_viewers_follow_a_key_set_change() {
         load(&dp.held),
         load(&dp.failed)
     );
-    assert!(
-        load(&cc.key_sets) >= 2 * peers as u64,
-        "every session took the new key sets: {cc:?}"
+    assert_eq!(
+        load(&cc.key_sets),
+        peers as u64,
+        "the unassigned node's key reached no session: {cc:?}"
     );
-    assert!(
-        load(&dp.key_sets) >= 2 * peers as u64,
-        "every data-plane connection checks with them"
-    );
+    assert_eq!(load(&dp.key_sets), peers as u64);
     assert_playing(&snap, peers, "after the change");
     assert_eq!(load(&dp.bad_chunks), 0, "no chunk refused");
     assert_eq!(load(&dp.failed), 0, "no data-plane connection lost");

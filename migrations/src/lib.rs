@@ -28,6 +28,7 @@ pub fn postgres() -> Migrator {
         (1, "initial", "0001_initial.sql"),
         (2, "reports", "0002_reports.sql"),
         (3, "broadcast_public", "0003_broadcast_public.sql"),
+        (4, "runs_and_node_credentials", "0004_runs_and_node_credentials.sql"),
     ))
 }
 
@@ -37,6 +38,7 @@ pub fn sqlite() -> Migrator {
         (1, "initial", "0001_initial.sql"),
         (2, "reports", "0002_reports.sql"),
         (3, "broadcast_public", "0003_broadcast_public.sql"),
+        (4, "runs_and_node_credentials", "0004_runs_and_node_credentials.sql"),
     ))
 }
 

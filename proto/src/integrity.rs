@@ -21,16 +21,25 @@
 //!   or manifests awaiting chunks to bound, and nothing to evict under attack;
 //! - a bad chunk is pinned on the peer that sent it, immediately.
 //!
-//! The price is 127 + broadcast-id bytes per chunk (≈ 0.25 % of a 64 KiB chunk)
+//! The price is 135 + broadcast-id bytes per chunk (≈ 0.25 % of a 64 KiB chunk)
 //! and one Ed25519 signature per chunk on the ingesting node.
 //!
 //! # Block layout (big endian, byte by byte in `docs/PROTOCOL.md`)
 //!
 //! ```text
-//! version u8 = 1 | key_id u32 | seq u64 | flags u8 | timestamp_ms u64 | duration_ms u32
-//! | payload_len u32 | payload_sha256 [32] | broadcast_len u8 (1..=128) | broadcast utf-8
-//! | signature [64]   (Ed25519 over "starling/chunk/v1\0" ++ every byte before it)
+//! version u8 = 2 | key_id u32 | run_epoch u64 | seq u64 | flags u8 | timestamp_ms u64
+//! | duration_ms u32 | payload_len u32 | payload_sha256 [32] | broadcast_len u8 (1..=128)
+//! | broadcast utf-8 | signature [64]
+//!   (Ed25519 over "starling/chunk/v2\0" ++ every byte before it)
 //! ```
+//!
+//! `run_epoch` names the broadcast's *run* (the control plane counts every
+//! `StartBroadcast`; 0 = the node was told none). A stopped and restarted broadcast
+//! starts again at sequence 0 with the same node key: the epoch is what tells its
+//! chunks from the previous run's, so a verifier that knows the current run
+//! ([`ChunkVerifier::with_run`]) refuses the others ([`IntegrityError::WrongRun`]).
+//! Version 1 (the same without `run_epoch`, context `starling/chunk/v1\0`) is still
+//! parsed, as run 0: only a verifier without a run (a legacy control plane) accepts it.
 //!
 //! Checks are ordered cheapest first and the payload is hashed last, so a forged block
 //! costs a verifier one signature check and no hashing.
@@ -43,22 +52,28 @@ use crate::ed25519::{EnvelopeError, KeySet, be_u32, be_u64, check_envelope};
 use crate::token::key_pair_from_pkcs8;
 pub use crate::token::{KeyError, generate_pkcs8};
 
-/// Signature block version produced and accepted by this build.
-pub const BLOCK_VERSION: u8 = 1;
+/// Signature block version produced by this build (version 1 is still parsed).
+pub const BLOCK_VERSION: u8 = 2;
+/// The previous block version (no run epoch), parsed as run 0.
+pub const BLOCK_VERSION_V1: u8 = 1;
 /// Longest broadcast id a block may name.
 pub const MAX_BROADCAST_ID: usize = 128;
 pub const SIGNATURE_LEN: usize = crate::ed25519::SIGNATURE_LEN;
 pub const HASH_LEN: usize = 32;
-/// Fixed part before the broadcast id (version .. broadcast_len).
-pub const FIXED_LEN: usize = 63;
-/// Shortest block (one-byte broadcast id).
+/// Fixed part before the broadcast id (version .. broadcast_len), version 2.
+pub const FIXED_LEN: usize = 71;
+/// Fixed part of a version-1 block (no run epoch).
+pub const FIXED_LEN_V1: usize = 63;
+/// Shortest version-2 block (one-byte broadcast id).
 pub const MIN_BLOCK_LEN: usize = FIXED_LEN + 1 + SIGNATURE_LEN;
-/// Longest block; longer input is rejected before parsing.
+/// Longest block of any version; longer input is rejected before parsing.
 pub const MAX_BLOCK_LEN: usize = FIXED_LEN + MAX_BROADCAST_ID + SIGNATURE_LEN;
 /// Most public keys a [`ChunkVerifier`] holds at once.
 pub const MAX_KEYS: usize = 16;
-/// Domain-separation prefix of the signed message (not on the wire).
-pub const SIGNING_CONTEXT: &[u8] = b"starling/chunk/v1\0";
+/// Domain-separation prefix of the signed message (not on the wire), version 2.
+pub const SIGNING_CONTEXT: &[u8] = b"starling/chunk/v2\0";
+/// The version-1 prefix (same length as [`SIGNING_CONTEXT`]).
+pub const SIGNING_CONTEXT_V1: &[u8] = b"starling/chunk/v1\0";
 /// Largest payload a block may describe (the wire's `ABSOLUTE_MAX_CHUNK`).
 pub const MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
 
@@ -99,6 +114,11 @@ pub enum IntegrityError {
     /// The payload is not the one that was signed (polluted).
     #[error("chunk payload does not match its signed hash")]
     HashMismatch,
+    /// Authentic, but signed for another run of the broadcast than the verifier's
+    /// current one (a replay of an earlier run after a restart; `signed` is 0 for a
+    /// version-1 block or a node that was told no run).
+    #[error("chunk is from run {signed} of the broadcast, not the current run {current}")]
+    WrongRun { signed: u64, current: u64 },
     /// Authentic but older than the verifier's age limit (replay of an earlier run).
     #[error("chunk is stale ({age_ms} ms old)")]
     Stale { age_ms: u64 },
@@ -158,10 +178,23 @@ impl ChunkSigner {
         out
     }
 
-    /// Hashes `payload` and returns the signature block for this chunk.
+    /// Hashes `payload` and returns the signature block for this chunk, in run 0 (no
+    /// run: see [`Self::sign_in_run`]).
     pub fn sign(
         &self,
         broadcast_id: &str,
+        meta: &ChunkMeta,
+        payload: &[u8],
+    ) -> Result<Bytes, IntegrityError> {
+        self.sign_in_run(broadcast_id, 0, meta, payload)
+    }
+
+    /// Hashes `payload` and returns the signature block for this chunk of run
+    /// `run_epoch` of the broadcast.
+    pub fn sign_in_run(
+        &self,
+        broadcast_id: &str,
+        run_epoch: u64,
         meta: &ChunkMeta,
         payload: &[u8],
     ) -> Result<Bytes, IntegrityError> {
@@ -169,14 +202,26 @@ impl ChunkSigner {
             .ok()
             .filter(|&n| n <= MAX_PAYLOAD)
             .ok_or(IntegrityError::Encode("payload too large"))?;
-        self.sign_hash(broadcast_id, meta, len, &payload_hash(payload))
+        self.sign_hash_in_run(broadcast_id, run_epoch, meta, len, &payload_hash(payload))
     }
 
     /// Signs a chunk whose SHA-256 was computed elsewhere (e.g. incrementally while
-    /// the chunk was being cut).
+    /// the chunk was being cut), in run 0.
     pub fn sign_hash(
         &self,
         broadcast_id: &str,
+        meta: &ChunkMeta,
+        payload_len: u32,
+        hash: &[u8; HASH_LEN],
+    ) -> Result<Bytes, IntegrityError> {
+        self.sign_hash_in_run(broadcast_id, 0, meta, payload_len, hash)
+    }
+
+    /// [`Self::sign_hash`] for run `run_epoch`.
+    pub fn sign_hash_in_run(
+        &self,
+        broadcast_id: &str,
+        run_epoch: u64,
         meta: &ChunkMeta,
         payload_len: u32,
         hash: &[u8; HASH_LEN],
@@ -196,6 +241,7 @@ impl ChunkSigner {
         msg.put_slice(SIGNING_CONTEXT);
         msg.put_u8(BLOCK_VERSION);
         msg.put_u32(self.key_id);
+        msg.put_u64(run_epoch);
         msg.put_u64(meta.seq);
         msg.put_u8(meta.flags);
         msg.put_u64(meta.timestamp_ms);
@@ -214,7 +260,11 @@ impl ChunkSigner {
 /// A signature block's fields (see [`parse_block`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockFields<'a> {
+    /// [`BLOCK_VERSION`] or [`BLOCK_VERSION_V1`].
+    pub version: u8,
     pub key_id: u32,
+    /// The run the chunk was signed for (0 for a version-1 block).
+    pub run_epoch: u64,
     pub meta: ChunkMeta,
     pub payload_len: u32,
     pub payload_sha256: &'a [u8],
@@ -223,26 +273,34 @@ pub struct BlockFields<'a> {
     signature: &'a [u8],
 }
 
-/// Structural parse of a block, WITHOUT checking its signature.
+/// Structural parse of a block (version 2, or version 1 as run 0), WITHOUT checking
+/// its signature.
 pub fn parse_block(block: &[u8]) -> Result<BlockFields<'_>, IntegrityError> {
-    let body_len = check_envelope(
-        block,
-        MAX_BLOCK_LEN,
-        BLOCK_VERSION,
-        FIXED_LEN,
-        MAX_BROADCAST_ID,
-    )?;
+    let (version, fixed, max_len, epoch_len) = match block.first() {
+        Some(&BLOCK_VERSION_V1) => (
+            BLOCK_VERSION_V1,
+            FIXED_LEN_V1,
+            FIXED_LEN_V1 + MAX_BROADCAST_ID + SIGNATURE_LEN,
+            0,
+        ),
+        _ => (BLOCK_VERSION, FIXED_LEN, MAX_BLOCK_LEN, 8),
+    };
+    let body_len = check_envelope(block, max_len, version, fixed, MAX_BROADCAST_ID)?;
+    // Offsets after the key id shift by the run epoch's 8 bytes in version 2.
+    let at = 5 + epoch_len;
     Ok(BlockFields {
+        version,
         key_id: be_u32(block, 1),
+        run_epoch: if epoch_len == 0 { 0 } else { be_u64(block, 5) },
         meta: ChunkMeta {
-            seq: be_u64(block, 5),
-            flags: block[13],
-            timestamp_ms: be_u64(block, 14),
-            duration_ms: be_u32(block, 22),
+            seq: be_u64(block, at),
+            flags: block[at + 8],
+            timestamp_ms: be_u64(block, at + 9),
+            duration_ms: be_u32(block, at + 17),
         },
-        payload_len: be_u32(block, 26),
-        payload_sha256: &block[30..30 + HASH_LEN],
-        broadcast_id: &block[FIXED_LEN..body_len],
+        payload_len: be_u32(block, at + 21),
+        payload_sha256: &block[at + 25..at + 25 + HASH_LEN],
+        broadcast_id: &block[fixed..body_len],
         signed: &block[..body_len],
         signature: &block[body_len..],
     })
@@ -320,17 +378,20 @@ impl VerifiedSignatures {
 pub struct ChunkVerifier {
     broadcast_id: String,
     keys: KeySet,
+    run_epoch: Option<u64>,
     max_age_ms: Option<u64>,
     max_future_ms: u64,
     cache: Option<std::sync::Arc<VerifiedSignatures>>,
 }
 
 impl ChunkVerifier {
-    /// A verifier for chunks of `broadcast_id`, with no key yet and no age limit.
+    /// A verifier for chunks of `broadcast_id`, with no key yet, no run and no age
+    /// limit.
     pub fn new(broadcast_id: impl Into<String>) -> Self {
         ChunkVerifier {
             broadcast_id: broadcast_id.into(),
             keys: KeySet::default(),
+            run_epoch: None,
             max_age_ms: None,
             max_future_ms: 30_000,
             cache: None,
@@ -353,6 +414,19 @@ impl ChunkVerifier {
         self
     }
 
+    /// Accept only chunks signed for run `run_epoch` of the broadcast (the control
+    /// plane's current run, from `Join`); others are [`IntegrityError::WrongRun`].
+    /// `None` (the default): any run, version-1 blocks included.
+    pub fn with_run(mut self, run_epoch: Option<u64>) -> Self {
+        self.run_epoch = run_epoch;
+        self
+    }
+
+    /// The run this verifier accepts, if any.
+    pub fn run(&self) -> Option<u64> {
+        self.run_epoch
+    }
+
     pub fn broadcast_id(&self) -> &str {
         &self.broadcast_id
     }
@@ -370,7 +444,8 @@ impl ChunkVerifier {
 
     /// Checks a chunk against its signature block. Order: structure (`Oversized`,
     /// `Truncated`, `UnsupportedVersion`, `Malformed`), `UnknownKeyId`, `BadSignature`,
-    /// then, on an authentic block: `WrongBroadcast`, `SeqMismatch`, `HeaderMismatch`,
+    /// then, on an authentic block: `WrongBroadcast`, `WrongRun` (with a run),
+    /// `SeqMismatch`, `HeaderMismatch`,
     /// `Stale` / `FromFuture` (with an age limit), and last `HashMismatch` (length,
     /// then SHA-256 of the payload).
     pub fn verify(
@@ -410,8 +485,8 @@ impl ChunkVerifier {
         Ok(())
     }
 
-    /// Checks that a block is authentic and names this broadcast, without a payload.
-    /// Returns its fields.
+    /// Checks that a block is authentic and names this broadcast (and this verifier's
+    /// run, if it has one), without a payload. Returns its fields.
     pub fn verify_block<'a>(&self, block: &'a [u8]) -> Result<BlockFields<'a>, IntegrityError> {
         let b = parse_block(block)?;
         let key = self
@@ -420,7 +495,12 @@ impl ChunkVerifier {
             .ok_or(IntegrityError::UnknownKeyId(b.key_id))?;
         let mut msg = [0u8; SIGNING_CONTEXT.len() + FIXED_LEN + MAX_BROADCAST_ID];
         let n = SIGNING_CONTEXT.len() + b.signed.len();
-        msg[..SIGNING_CONTEXT.len()].copy_from_slice(SIGNING_CONTEXT);
+        let context = if b.version == BLOCK_VERSION_V1 {
+            SIGNING_CONTEXT_V1
+        } else {
+            SIGNING_CONTEXT
+        };
+        msg[..SIGNING_CONTEXT.len()].copy_from_slice(context);
         msg[SIGNING_CONTEXT.len()..n].copy_from_slice(b.signed);
         match &self.cache {
             Some(cache) => {
@@ -437,6 +517,14 @@ impl ChunkVerifier {
         }
         if b.broadcast_id != self.broadcast_id.as_bytes() {
             return Err(IntegrityError::WrongBroadcast);
+        }
+        if let Some(current) = self.run_epoch
+            && b.run_epoch != current
+        {
+            return Err(IntegrityError::WrongRun {
+                signed: b.run_epoch,
+                current,
+            });
         }
         Ok(b)
     }
@@ -579,7 +667,7 @@ mod tests {
         let mut b = s.sign("b-1", &meta(5), &p).unwrap().to_vec();
         let mut bad = p.clone();
         bad[0] ^= 1;
-        b[30..62].copy_from_slice(&payload_hash(&bad));
+        b[38..70].copy_from_slice(&payload_hash(&bad));
         assert_eq!(
             v.verify(&meta(5), &bad, &b, NOW),
             Err(IntegrityError::BadSignature)
@@ -750,6 +838,118 @@ mod tests {
         }
     }
 
+    /// A version-1 block (no run epoch), as a node of an earlier build signs it.
+    fn sign_v1(s: &ChunkSigner, broadcast: &str, m: &ChunkMeta, p: &[u8]) -> Vec<u8> {
+        let mut msg = SIGNING_CONTEXT_V1.to_vec();
+        msg.push(BLOCK_VERSION_V1);
+        msg.extend_from_slice(&s.key_id.to_be_bytes());
+        msg.extend_from_slice(&m.seq.to_be_bytes());
+        msg.push(m.flags);
+        msg.extend_from_slice(&m.timestamp_ms.to_be_bytes());
+        msg.extend_from_slice(&m.duration_ms.to_be_bytes());
+        msg.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        msg.extend_from_slice(&payload_hash(p));
+        msg.push(broadcast.len() as u8);
+        msg.extend_from_slice(broadcast.as_bytes());
+        let sig = s.key.sign(&msg);
+        msg.extend_from_slice(sig.as_ref());
+        msg.split_off(SIGNING_CONTEXT_V1.len())
+    }
+
+    #[test]
+    fn block_v2_layout_carries_the_run_epoch() {
+        let (s, _) = setup();
+        let p = payload(5);
+        let b = s
+            .sign_in_run("b-1", 0x0102_0304_0506_0708, &meta(5), &p)
+            .unwrap();
+        assert_eq!(b[0], 2);
+        assert_eq!(&b[1..5], &9u32.to_be_bytes());
+        assert_eq!(&b[5..13], &0x0102_0304_0506_0708u64.to_be_bytes());
+        assert_eq!(&b[13..21], &5u64.to_be_bytes());
+        assert_eq!(b[21], 0x01);
+        assert_eq!(&b[38..70], payload_hash(&p).as_slice());
+        assert_eq!(b[70], 3);
+        assert_eq!(&b[71..74], b"b-1");
+        assert_eq!(b.len(), FIXED_LEN + 3 + SIGNATURE_LEN);
+        let f = parse_block(&b).unwrap();
+        assert_eq!(
+            (f.version, f.run_epoch, f.meta),
+            (2, 0x0102_0304_0506_0708, meta(5))
+        );
+    }
+
+    #[test]
+    fn another_run_is_refused_once_the_verifier_knows_the_run() {
+        let (s, v) = setup();
+        let p = payload(0);
+        let run1 = s.sign_in_run("b-1", 1, &meta(0), &p).unwrap();
+        let run2 = s.sign_in_run("b-1", 2, &meta(0), &p).unwrap();
+        // No run known (legacy control plane): any run passes.
+        v.verify(&meta(0), &p, &run1, NOW).unwrap();
+        let v2 = v.clone().with_run(Some(2));
+        assert_eq!(v2.run(), Some(2));
+        v2.verify(&meta(0), &p, &run2, NOW).unwrap();
+        assert_eq!(
+            v2.verify(&meta(0), &p, &run1, NOW),
+            Err(IntegrityError::WrongRun {
+                signed: 1,
+                current: 2
+            })
+        );
+        assert!(matches!(
+            v2.verify_block(&run1),
+            Err(IntegrityError::WrongRun { .. })
+        ));
+        // A block signed with no run (0) is not the current run either.
+        let unnamed = s.sign("b-1", &meta(0), &p).unwrap();
+        assert_eq!(
+            v2.verify(&meta(0), &p, &unnamed, NOW),
+            Err(IntegrityError::WrongRun {
+                signed: 0,
+                current: 2
+            })
+        );
+        // The epoch is signed: rewriting it breaks the signature.
+        let mut forged = run1.to_vec();
+        forged[12] = 2;
+        assert_eq!(
+            v2.verify(&meta(0), &p, &forged, NOW),
+            Err(IntegrityError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn version_1_blocks_are_run_0() {
+        let (s, v) = setup();
+        let p = payload(3);
+        let b = sign_v1(&s, "b-1", &meta(3), &p);
+        assert_eq!(b.len(), FIXED_LEN_V1 + 3 + SIGNATURE_LEN);
+        let f = parse_block(&b).unwrap();
+        assert_eq!(
+            (f.version, f.run_epoch, f.key_id, f.meta),
+            (1, 0, 9, meta(3))
+        );
+        v.verify(&meta(3), &p, &b, NOW).unwrap();
+        assert_eq!(
+            v.clone().with_run(Some(1)).verify(&meta(3), &p, &b, NOW),
+            Err(IntegrityError::WrongRun {
+                signed: 0,
+                current: 1
+            })
+        );
+        // A v1 body under the v2 context (or the reverse) does not verify.
+        let mut as_v2 = b.clone();
+        as_v2[0] = BLOCK_VERSION;
+        assert!(v.verify(&meta(3), &p, &as_v2, NOW).is_err());
+        let mut too_long = b.clone();
+        too_long.extend_from_slice(&[0; 8]);
+        assert_eq!(
+            v.verify(&meta(3), &p, &too_long, NOW),
+            Err(IntegrityError::Malformed("trailing bytes"))
+        );
+    }
+
     /// `cargo test --release -- --ignored --nocapture chunk_cost`
     #[test]
     #[ignore]
@@ -853,6 +1053,20 @@ mod tests {
             let m = ChunkMeta { seq, flags, timestamp_ms: ts, duration_ms: d };
             let b = s.sign("b-1", &m, &p).unwrap();
             prop_assert_eq!(v.verify(&m, &p, &b, 0), Ok(()));
+            let b1 = sign_v1(&s, "b-1", &m, &p);
+            prop_assert_eq!(v.verify(&m, &p, &b1, 0), Ok(()));
+        }
+
+        #[test]
+        fn v2_run_roundtrip(run in any::<u64>(), other in any::<u64>(), seq in any::<u64>(), ts in any::<u64>(), p in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let (s, v) = setup();
+            let m = ChunkMeta { seq, flags: 0, timestamp_ms: ts, duration_ms: 40 };
+            let b = s.sign_in_run("b-1", run, &m, &p).unwrap();
+            let f = parse_block(&b).unwrap();
+            prop_assert_eq!((f.version, f.run_epoch, f.meta), (BLOCK_VERSION, run, m));
+            prop_assert_eq!(v.clone().with_run(Some(run)).verify(&m, &p, &b, 0), Ok(()));
+            let expect = if other == run { Ok(()) } else { Err(IntegrityError::WrongRun { signed: run, current: other }) };
+            prop_assert_eq!(v.with_run(Some(other)).verify(&m, &p, &b, 0), expect);
         }
     }
 }

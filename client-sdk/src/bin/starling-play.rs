@@ -48,6 +48,15 @@ struct Args {
     #[arg(long, env = "STARLING_ALLOW_UNVERIFIED")]
     allow_unverified: bool,
 
+    /// Refuse chunks whose signature is older than this (a replay; judged by the
+    /// control plane's clock as measured at Join, not this machine's). 0 = no limit.
+    #[arg(long, env = "STARLING_CHUNK_MAX_AGE", default_value = "30s", value_parser = starling_proto::time::parse_duration)]
+    chunk_max_age: std::time::Duration,
+
+    /// Refuse chunks whose signed timestamp is further ahead than this.
+    #[arg(long, env = "STARLING_CHUNK_MAX_FUTURE", default_value = "10s", value_parser = starling_proto::time::parse_duration)]
+    chunk_max_future: std::time::Duration,
+
     /// Address of the local HTTP endpoint for media players (port 0 = any free port).
     #[arg(long, env = "STARLING_HTTP_LISTEN", default_value = "127.0.0.1:0")]
     http_listen: SocketAddr,
@@ -225,6 +234,8 @@ async fn main() -> anyhow::Result<()> {
     cfg.control_url = args.control_url.clone();
     cfg.credential = args.credential.clone();
     cfg.allow_unverified = args.allow_unverified;
+    cfg.chunk_max_age = (!args.chunk_max_age.is_zero()).then_some(args.chunk_max_age);
+    cfg.chunk_max_future = args.chunk_max_future;
     cfg.http_listen = Some(args.http_listen);
     cfg.relay.listen = args.peer_listen;
     cfg.relay.advertise_host = args.advertise_host.clone();

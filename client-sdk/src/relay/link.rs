@@ -36,7 +36,7 @@ use super::handshake::{PeerHandshake, Step, Us};
 use super::listener_limits::{Handshakes, PeerLimits};
 use crate::conn::{self, FrameReader, OpenParams, WireConn};
 use crate::error::SdkError;
-use crate::rights::{ChunkCheck, Grant, unix_ms};
+use crate::rights::{ChunkCheck, Grant};
 use crate::shared::Shared;
 
 /// Engine-local identity of one connection (never reused).
@@ -236,6 +236,9 @@ async fn read_loop(
                         link,
                         frame: Frame::Chunk(c),
                     },
+                    // Dropped without blame (counted); a request for it times out
+                    // and goes elsewhere.
+                    ChunkCheck::Excused(_) => continue,
                     // Not a verdict yet: the engine refreshes the keys first.
                     ChunkCheck::Bad(IntegrityError::UnknownKeyId(_)) => {
                         Ev::UnknownKey { link, chunk: c }
@@ -595,7 +598,7 @@ async fn handshake(
             me,
             broadcast_id: &ctx.shared.broadcast_id,
         };
-        match hs.on_frame(frame, us, unix_ms()) {
+        match hs.on_frame(frame, us, ctx.shared.rights.now_ms()) {
             Step::Send(f) => conn.send(&f).await?,
             Step::Read => {}
             Step::Refuse { refusal, counted } => {

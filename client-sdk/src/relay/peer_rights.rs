@@ -10,7 +10,7 @@ use super::admission::{self, Ask, Tickets};
 use super::link::{LinkId, reason};
 use super::{Engine, Kind};
 use crate::error::SdkError;
-use crate::rights::{OwnToken, unix_ms};
+use crate::rights::OwnToken;
 use starling_grid::PeerId;
 
 /// How often the tokens of incoming links are checked for expiry.
@@ -44,7 +44,7 @@ impl Engine {
                 "no key refresh came for held chunks: dropped them"
             );
         }
-        let now_ms = unix_ms();
+        let now_ms = self.shared.rights.now_ms();
         let unticketed: Vec<LinkId> = self
             .links
             .iter()
@@ -154,7 +154,7 @@ impl Engine {
             me: self.me,
             mask,
             tickets,
-            now_ms: unix_ms(),
+            now_ms: self.shared.rights.now_ms(),
             skew_ms: self.shared.rights.skew_ms(),
             others_used,
             slots: self.peer.slots().slots(),
@@ -164,7 +164,7 @@ impl Engine {
     /// A peer connected to us presents a parent ticket (new substreams, or a renewal).
     pub(super) fn on_peer_ticket(&mut self, l: LinkId, ticket: &[u8]) {
         let me = self.me;
-        let now = unix_ms();
+        let now = self.shared.rights.now_ms();
         let Some(link) = self.links.get_mut(&l) else {
             return;
         };

@@ -68,6 +68,19 @@ pub struct ViewerConfig {
     /// Clock-skew tolerance when checking the chunk tokens of peers that connect to us
     /// (not yet valid / expired). Default 5 s.
     pub token_skew: Duration,
+    /// Chunks whose signed timestamp is older than this are refused (a replay of an
+    /// earlier run or of a recording: a sender is reported like for any bad chunk).
+    /// Ages are judged by the control plane's clock as measured from `Join` and the
+    /// session stream ([`Self::clock`]), not by the device's own. Default 30 s: ten
+    /// times the lag bar, beyond any buffer, key-refresh hold (10 s) and backfill a
+    /// chunk spends before it is checked. `None`: no age limit.
+    pub chunk_max_age: Option<Duration>,
+    /// How far in the future a signed timestamp may be (data-plane clock ahead of the
+    /// control plane's). Default 10 s.
+    pub chunk_max_future: Duration,
+    /// The device clock the SDK corrects ([`crate::WallClock`]; default the system
+    /// clock). Tests inject a skewed one.
+    pub clock: crate::WallClock,
     /// Signature blocks found authentic, shared with the other viewers of this process
     /// (`None`, the default: this viewer checks every signature itself, as a device
     /// does). Only the Ed25519 check of a block already seen is skipped.
@@ -122,6 +135,10 @@ pub struct ViewerConfig {
 
 /// Report interval when neither the config nor `Join` says.
 const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// Default [`ViewerConfig::chunk_max_age`].
+pub const DEFAULT_CHUNK_MAX_AGE: Duration = Duration::from_secs(30);
+/// Default [`ViewerConfig::chunk_max_future`].
+pub const DEFAULT_CHUNK_MAX_FUTURE: Duration = Duration::from_secs(10);
 
 /// Peer relaying settings ([`ViewerConfig::relay`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,6 +238,9 @@ impl ViewerConfig {
             report_interval: None,
             report_queue: 64,
             token_skew: Duration::from_secs(5),
+            chunk_max_age: Some(DEFAULT_CHUNK_MAX_AGE),
+            chunk_max_future: DEFAULT_CHUNK_MAX_FUTURE,
+            clock: crate::WallClock::system(),
             verified_signatures: None,
             allow_unverified: false,
             holder: None,

@@ -104,6 +104,7 @@ impl Viewer {
             .consumer_drops
             .load(std::sync::atomic::Ordering::Relaxed);
         s.consumers = self.shared.hub.consumers();
+        s.clock_offset_ms = self.shared.rights.clock_offset_ms();
         s
     }
 

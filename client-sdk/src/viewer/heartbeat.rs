@@ -73,6 +73,8 @@ pub(super) async fn heartbeat_loop(
                     continue;
                 }
                 shared.rights.update_keys(&hb.token_keys, &hb.chunk_keys);
+                shared.rights.set_run(hb.run_epoch);
+                shared.rights.observe_server_time(hb.server_time);
                 shared.rights.set_ticket_keys(&hb.ticket_keys, false);
                 shared.rights.keys_refreshed(ticket);
                 if !hb.token.is_empty() {

@@ -286,6 +286,7 @@ impl Receiver {
                                 | (c.flags & starling_proto::wire::chunk_flags::DISCONTINUITY);
                         }
                         ChunkCheck::Unverified => {}
+                        ChunkCheck::Excused(_) => continue,
                         ChunkCheck::Bad(e) => {
                             tracing::warn!(
                                 seq = c.seq,

@@ -349,6 +349,8 @@ impl Run<'_> {
             shared.finish(Err(SdkError::SessionInactive));
             return Some(StreamEnd::Stop);
         }
+        shared.rights.observe_server_time(d.server_time);
+        shared.rights.set_run(d.run_epoch);
         if let Some(i) = d.counters_interval {
             *self.interval = i.max(MIN_COUNTERS_INTERVAL);
         }

@@ -348,9 +348,16 @@ fn new_shared(config: &ViewerConfig, started: Instant, join: Option<&JoinInfo>) 
             None,
         ),
     };
+    let rights = rights.with_chunk_clock(
+        config.clock.clone(),
+        config.chunk_max_age,
+        config.chunk_max_future,
+    );
     rights.set_holder(config.holder.clone());
     if let Some(j) = join {
         rights.set_ticket_keys(&j.ticket_keys, false);
+        rights.set_run(j.run_epoch);
+        rights.observe_server_time(j.server_time);
     }
     let session = join.map(|j| Session {
         id: j.session_id.clone(),

@@ -24,6 +24,14 @@ use tokio::sync::watch;
 
 use super::payload;
 
+/// Chunk `seq` of run `run`: `<run RUN>` then [`payload`]`(seq)`, so a player's
+/// output tells which run each chunk came from.
+pub fn payload_in_run(seq: u64, run: u64) -> Bytes {
+    let mut v = format!("<run {run}>").into_bytes();
+    v.extend_from_slice(&payload(seq));
+    Bytes::from(v)
+}
+
 /// Every `RAP_EVERY`-th chunk is a random access point.
 pub const RAP_EVERY: u64 = 5;
 
@@ -40,15 +48,73 @@ pub struct Source {
 impl Source {
     /// Cuts chunk 0 now and one more every `chunk_ms` (unsigned chunks).
     pub fn start(k: u16, chunk_ms: u64) -> Source {
-        Source::start_inner(k, chunk_ms, None)
+        Source::start_inner(k, chunk_ms, None, 0)
     }
 
     /// Like [`Source::start`], every chunk signed for `broadcast` with `signer`.
     pub fn signed(k: u16, chunk_ms: u64, broadcast: &str, signer: Arc<ChunkSigner>) -> Source {
-        Source::start_inner(k, chunk_ms, Some((broadcast.to_string(), signer)))
+        Source::signed_in_run(k, chunk_ms, broadcast, signer, 0)
     }
 
-    fn start_inner(k: u16, chunk_ms: u64, signer: Option<(String, Arc<ChunkSigner>)>) -> Source {
+    /// Like [`Source::signed`], for run `run` of the broadcast.
+    pub fn signed_in_run(
+        k: u16,
+        chunk_ms: u64,
+        broadcast: &str,
+        signer: Arc<ChunkSigner>,
+        run: u64,
+    ) -> Source {
+        Source::start_inner(k, chunk_ms, Some((broadcast.to_string(), signer, run)), 0)
+    }
+
+    /// Like [`Source::signed_in_run`], every chunk stamped `age_ms` in the past (a
+    /// recording replayed later).
+    pub fn signed_aged(
+        k: u16,
+        chunk_ms: u64,
+        broadcast: &str,
+        signer: Arc<ChunkSigner>,
+        run: u64,
+        age_ms: u64,
+    ) -> Source {
+        Source::start_inner(
+            k,
+            chunk_ms,
+            Some((broadcast.to_string(), signer, run)),
+            age_ms,
+        )
+    }
+
+    /// Emits `recorded` again from its first chunk, one every `chunk_ms`, unchanged
+    /// (signatures, timestamps and all): a relay replaying a recording.
+    pub fn replaying(k: u16, chunk_ms: u64, recorded: Vec<Chunk>) -> Source {
+        let chunks = Arc::new(Mutex::new(Vec::new()));
+        let (tx, newest) = watch::channel(None);
+        let c2 = chunks.clone();
+        let task = tokio::spawn(async move {
+            let mut iv = tokio::time::interval(Duration::from_millis(chunk_ms));
+            for c in recorded {
+                iv.tick().await;
+                let seq = c.seq;
+                c2.lock().push(c);
+                let _ = tx.send(Some(seq));
+            }
+        });
+        Source {
+            chunks,
+            newest,
+            k,
+            chunk_ms,
+            task: Arc::new(task),
+        }
+    }
+
+    fn start_inner(
+        k: u16,
+        chunk_ms: u64,
+        signer: Option<(String, Arc<ChunkSigner>, u64)>,
+        age_ms: u64,
+    ) -> Source {
         let chunks = Arc::new(Mutex::new(Vec::new()));
         let (tx, newest) = watch::channel(None);
         let c2 = chunks.clone();
@@ -58,17 +124,22 @@ impl Source {
                 iv.tick().await;
                 let ts = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
+                    .map_or(0, |d| d.as_millis() as u64)
+                    .saturating_sub(age_ms);
                 let flags = if seq % RAP_EVERY == 0 {
                     chunk_flags::RANDOM_ACCESS
                 } else {
                     0
                 };
-                let p = payload(seq);
+                let p = match &signer {
+                    Some((_, _, run)) if *run != 0 => payload_in_run(seq, *run),
+                    _ => payload(seq),
+                };
                 let signature = match &signer {
-                    Some((b, s)) => s
-                        .sign(
+                    Some((b, s, run)) => s
+                        .sign_in_run(
                             b,
+                            *run,
                             &ChunkMeta {
                                 seq,
                                 flags,

@@ -102,6 +102,8 @@ pub struct MiniCp {
     pub session: Arc<Mutex<SessionFake>>,
     /// (Join calls still to refuse with RESOURCE_EXHAUSTED, pushback ms; 0 = none).
     pub join_busy: Arc<Mutex<(u32, u64)>>,
+    /// The broadcast's run in Join, Heartbeat and a stream's first message (0: none).
+    pub run_epoch: u64,
 }
 
 /// The key of the raw test peers (tokens for peers that never joined name it).
@@ -374,6 +376,8 @@ impl ViewerService for MiniCp {
                     neighbours: vec![],
                     revoked_peer_ids: st.revoked.clone(),
                     counters_interval_ms: st.counters_interval_ms,
+                    run_epoch: self.run_epoch,
+                    server_time_unix_ms: now_ms() as i64,
                     ..SessionDown::default()
                 };
                 if first.keys_version != st.keys_version {
@@ -482,6 +486,8 @@ impl ViewerService for MiniCp {
             },
             ticket_keys: Vec::new(),
             observed_addr: String::new(),
+            run_epoch: self.run_epoch,
+            server_time_unix_ms: now_ms() as i64,
         }))
     }
 
@@ -507,6 +513,8 @@ impl ViewerService for MiniCp {
             token_keys: self.token_keys(),
             chunk_keys: self.chunk_keys(),
             ticket_keys: Vec::new(),
+            run_epoch: self.run_epoch,
+            server_time_unix_ms: now_ms() as i64,
         }))
     }
 
@@ -596,5 +604,6 @@ pub fn new(
             ..SessionFake::default()
         })),
         join_busy: Arc::new(Mutex::new((0, 0))),
+        run_epoch: 0,
     }
 }

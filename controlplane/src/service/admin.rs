@@ -6,8 +6,11 @@ use std::collections::HashMap;
 use starling_proto::v1::admin_service_server::AdminService;
 use starling_proto::v1::node_command::Command;
 use starling_proto::v1::{
-    Broadcast, BroadcastRef, BroadcastState, CreateBroadcastRequest, ListBroadcastsRequest,
-    ListBroadcastsResponse, RevokeCommand, RevokeViewerRequest, RevokeViewerResponse,
+    AddNodeCredentialRequest, AddNodeCredentialResponse, Broadcast, BroadcastRef, BroadcastState,
+    CreateBroadcastRequest, ListBroadcastsRequest, ListBroadcastsResponse,
+    ListNodeCredentialsRequest, ListNodeCredentialsResponse, RevokeCommand,
+    RevokeNodeCredentialRequest, RevokeNodeCredentialResponse, RevokeViewerRequest,
+    RevokeViewerResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -44,6 +47,7 @@ impl Core {
             created_at_unix_ms: b.created_at_ms,
             updated_at_unix_ms: b.updated_at_ms,
             public: b.public,
+            run_epoch: b.run_epoch,
             ..Default::default()
         }
     }
@@ -324,6 +328,40 @@ impl Core {
 
 #[tonic::async_trait]
 impl AdminService for Api {
+    async fn add_node_credential(
+        &self,
+        request: Request<AddNodeCredentialRequest>,
+    ) -> Result<Response<AddNodeCredentialResponse>, Status> {
+        respond(
+            "AddNodeCredential",
+            self.core
+                .add_node_credential(&request.into_inner().name)
+                .await,
+        )
+    }
+
+    async fn revoke_node_credential(
+        &self,
+        request: Request<RevokeNodeCredentialRequest>,
+    ) -> Result<Response<RevokeNodeCredentialResponse>, Status> {
+        respond(
+            "RevokeNodeCredential",
+            self.core
+                .revoke_node_credential(&request.into_inner().name)
+                .await,
+        )
+    }
+
+    async fn list_node_credentials(
+        &self,
+        _request: Request<ListNodeCredentialsRequest>,
+    ) -> Result<Response<ListNodeCredentialsResponse>, Status> {
+        respond(
+            "ListNodeCredentials",
+            self.core.list_node_credentials().await,
+        )
+    }
+
     async fn create_broadcast(
         &self,
         request: Request<CreateBroadcastRequest>,

@@ -14,14 +14,21 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{Api, ApiError, ApiResult, Core, NodeLink, now_ms, respond};
+use crate::auth::NodeIdentity;
 use crate::store::{BroadcastRecord, IngestReport, NewNode, NodeKey};
 use crate::validate;
 
 impl Core {
     // ------------------------------------------------------------------ edge
 
-    async fn register(&self, req: RegisterNodeRequest) -> ApiResult<RegisterNodeResponse> {
+    async fn register(
+        &self,
+        req: RegisterNodeRequest,
+        who: Option<&NodeIdentity>,
+    ) -> ApiResult<RegisterNodeResponse> {
+        let auth = self.authorize_node(who).await?;
         validate::short_text("node_name", &req.node_name, false)?;
+        let node_name = self.registered_name(&auth, &req.node_name).await?;
         validate::short_text("wire_addr", &req.wire_addr, true)?;
         validate::short_text("http_addr", &req.http_addr, true)?;
         let chunk_key = match &req.chunk_signing_key {
@@ -62,7 +69,7 @@ impl Core {
             .register_node(
                 &NewNode {
                     id: validate::new_node_id(),
-                    name: req.node_name.clone(),
+                    name: node_name,
                     wire_addr: req.wire_addr.clone(),
                     http_addr: req.http_addr.clone(),
                     cores: req.cores,
@@ -105,8 +112,11 @@ impl Core {
     async fn commands(
         &self,
         req: CommandsRequest,
+        who: Option<&NodeIdentity>,
     ) -> ApiResult<ReceiverStream<Result<NodeCommand, Status>>> {
         validate::id("node_id", &req.node_id)?;
+        let auth = self.authorize_node(who).await?;
+        self.check_node_binding(&auth, &req.node_id).await?;
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ApiError::Unavailable(
                 "control plane is shutting down".into(),
@@ -161,8 +171,14 @@ impl Core {
         Ok(ReceiverStream::new(rx))
     }
 
-    async fn report_health(&self, req: HealthReport) -> ApiResult<HealthReportAck> {
+    async fn report_health(
+        &self,
+        req: HealthReport,
+        who: Option<&NodeIdentity>,
+    ) -> ApiResult<HealthReportAck> {
         validate::id("node_id", &req.node_id)?;
+        let auth = self.authorize_node(who).await?;
+        self.check_node_binding(&auth, &req.node_id).await?;
         let node_id = req.node_id.as_str();
         let now = now_ms();
         if let Some(link) = self.links.lock().get_mut(node_id) {
@@ -224,7 +240,11 @@ impl EdgeService for Api {
         &self,
         request: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
-        respond("Register", self.core.register(request.into_inner()).await)
+        let who = request.extensions().get::<NodeIdentity>().cloned();
+        respond(
+            "Register",
+            self.core.register(request.into_inner(), who.as_ref()).await,
+        )
     }
 
     type CommandsStream = ReceiverStream<Result<NodeCommand, Status>>;
@@ -233,16 +253,23 @@ impl EdgeService for Api {
         &self,
         request: Request<CommandsRequest>,
     ) -> Result<Response<Self::CommandsStream>, Status> {
-        respond("Commands", self.core.commands(request.into_inner()).await)
+        let who = request.extensions().get::<NodeIdentity>().cloned();
+        respond(
+            "Commands",
+            self.core.commands(request.into_inner(), who.as_ref()).await,
+        )
     }
 
     async fn report_health(
         &self,
         request: Request<HealthReport>,
     ) -> Result<Response<HealthReportAck>, Status> {
+        let who = request.extensions().get::<NodeIdentity>().cloned();
         respond(
             "ReportHealth",
-            self.core.report_health(request.into_inner()).await,
+            self.core
+                .report_health(request.into_inner(), who.as_ref())
+                .await,
         )
     }
 }

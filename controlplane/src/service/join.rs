@@ -263,10 +263,12 @@ impl Core {
             token_key_id = self.tokens.signing_key_id(),
             "viewer joined"
         );
-        if self.ingest_nodes.read().get(&b.id) != Some(&node.id) {
-            self.set_ingest_node(&b.id, Some(&node.id));
+        if self.ingest_node(&b.id).as_deref() != Some(node.id.as_str())
+            || self.run_epoch(&b.id) != b.run_epoch
+        {
+            self.set_ingest_node(&b.id, b.run_epoch, Some(&node.id));
         }
-        let chunk_keys = self.chunk_keys(Some(&node.id));
+        let chunk_keys = self.chunk_keys_for(&b.id);
         Ok(JoinResponse {
             session_id,
             params: Some(StreamParams {
@@ -292,6 +294,8 @@ impl Core {
             chunk_keys,
             report_interval_ms: u32::try_from(self.config.report_interval.as_millis())
                 .unwrap_or(u32::MAX),
+            run_epoch: b.run_epoch,
+            server_time_unix_ms: now_ms(),
         })
     }
 

@@ -34,6 +34,8 @@ pub(super) struct BroadcastView {
     pub(super) substreams: u32,
     pub(super) chunk_duration_ms: u32,
     pub(super) content_type: String,
+    /// The current run (`broadcasts.run_epoch`).
+    pub(super) run_epoch: u64,
 }
 
 impl From<BroadcastRecord> for BroadcastView {
@@ -46,6 +48,7 @@ impl From<BroadcastRecord> for BroadcastView {
             substreams: b.substreams,
             chunk_duration_ms: b.chunk_duration_ms,
             content_type: b.content_type,
+            run_epoch: b.run_epoch,
         }
     }
 }

@@ -5,8 +5,11 @@
 //! * `admin`, `viewer`, `edge`: the RPCs of each service and its tonic trait impl;
 //! * `errors`: [`ApiError`] and its mapping to a gRPC status;
 //! * `nodes`: node command links, broadcast assignment, node liveness;
+//! * `node_auth`: per-node credentials (admin RPCs, the check binding a caller to its
+//!   node);
 //! * `keys`: chunk-token key rotation (rights housekeeping);
-//! * `chunk_keys`: the alive nodes' chunk-signing keys and each broadcast's ingesting node;
+//! * `chunk_keys`: the alive nodes' chunk-signing keys, each broadcast's run and the
+//!   nodes assigned to it (whose keys only its viewers trust);
 //! * `sessions`: batched heartbeat writes and session expiry;
 //! * `guards`: the viewer API's flood limits, negative cache and join admission;
 //! * `join`: `ViewerService.Join`; `join_cache`: the broadcast and node rows it reads,
@@ -55,6 +58,7 @@ mod join;
 mod join_batch;
 mod join_cache;
 mod keys;
+mod node_auth;
 mod nodes;
 mod scrape;
 mod session_route;
@@ -168,10 +172,12 @@ pub struct Core {
     /// Chunk-signing keys of the alive nodes (node id, key), refreshed whenever the alive
     /// nodes are listed (registration, liveness check).
     chunk_keys: parking_lot::RwLock<Vec<(String, PublicKey)>>,
-    /// The node ingesting each live broadcast (broadcast id → node id), refreshed with
-    /// the chunk keys and at every `Join`: heartbeats list that node's chunk key first,
-    /// so a viewer's capped key set always holds it, however many nodes there are.
-    ingest_nodes: parking_lot::RwLock<HashMap<String, String>>,
+    /// Each live broadcast's run and the nodes assigned to it in that run (the
+    /// ingesting node first), refreshed with the chunk keys and at every `Join`: the
+    /// chunk keys a broadcast's viewers trust are those nodes' only.
+    runs: parking_lot::RwLock<chunk_keys::Runs>,
+    /// The node credentials table, cached ([`node_auth::CREDENTIAL_CACHE_TTL`]).
+    node_credentials: node_auth::CredentialCache,
     /// Viewer reports: write queue, batch writer, roll-ups ([`crate::reports`]).
     reports: Arc<crate::reports::Reports>,
     /// Prometheus counters ([`crate::metrics`]).
@@ -239,7 +245,8 @@ impl Core {
             tickets,
             revocations: Revocations::new(),
             chunk_keys: parking_lot::RwLock::new(Vec::new()),
-            ingest_nodes: parking_lot::RwLock::new(HashMap::new()),
+            runs: parking_lot::RwLock::new(HashMap::new()),
+            node_credentials: parking_lot::Mutex::new(None),
         })
     }
 

@@ -88,6 +88,7 @@ impl Core {
             chunk_duration_ms: b.chunk_duration_ms,
             substreams: b.substreams,
             public: b.public,
+            run_epoch: b.run_epoch,
         })
     }
 
@@ -105,16 +106,11 @@ impl Core {
             .store
             .list_broadcasts_in_state(BroadcastState::Live)
             .await?;
-        {
-            // Rebuilt from the database's view of the live broadcasts (changes below
-            // update it as they are made).
-            let mut m = self.ingest_nodes.write();
-            m.clear();
-            for b in &live {
-                if let Some(n) = &b.node_id {
-                    m.insert(b.id.clone(), n.clone());
-                }
-            }
+        // Refreshed from the database's view of the live broadcasts (changes below
+        // update it as they are made).
+        self.retain_runs(&live.iter().map(|b| b.id.as_str()).collect::<Vec<_>>());
+        for b in &live {
+            self.set_ingest_node(&b.id, b.run_epoch, b.node_id.as_deref());
         }
         let live_in: Vec<LiveBroadcast> = live
             .iter()
@@ -139,8 +135,8 @@ impl Core {
                 .await;
             self.join_cache.forget_broadcast(&change.broadcast_id);
             let updated = updated?;
-            if updated.is_some() {
-                self.set_ingest_node(&change.broadcast_id, change.to.as_deref());
+            if let Some(b) = &updated {
+                self.set_ingest_node(&b.id, b.run_epoch, change.to.as_deref());
             }
             match (&change.to, updated) {
                 (Some(node_id), Some(b)) => {

@@ -120,7 +120,8 @@ impl Stream for SessionStream {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<SessionDown, Status>>> {
         let this = self.get_mut();
-        if let Some(first) = this.first.take() {
+        if let Some(mut first) = this.first.take() {
+            first.server_time_unix_ms = now_ms();
             return Poll::Ready(Some(Ok(*first)));
         }
         if this.done {
@@ -129,7 +130,11 @@ impl Stream for SessionStream {
         }
         match this.poll_sources(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Next::Send(down)) => Poll::Ready(Some(Ok(down))),
+            Poll::Ready(Next::Send(mut down)) => {
+                // Every message carries the control plane's clock (the SDK's offset).
+                down.server_time_unix_ms = now_ms();
+                Poll::Ready(Some(Ok(down)))
+            }
             Poll::Ready(Next::Fail(status)) => {
                 this.finish();
                 Poll::Ready(Some(Err(status)))
@@ -549,6 +554,7 @@ impl SessionStream {
             .map(|p| p.peer.as_ref().map_or(0, |r| r.peer_id))
             .collect();
         down.parents = view.parents;
+        down.run_epoch = core.run_epoch(&a.broadcast_id);
         a.signing_key = core.tokens.signing_key_id();
         // The tickets the join cached are taken: from now on this stream keeps them current.
         a.tickets_renew_at = core
@@ -587,12 +593,12 @@ impl SessionStream {
     /// always, with `force`).
     fn add_keys(&mut self, down: &mut SessionDown, force: bool) {
         let core = &self.core;
-        let ingest = self
+        let token_keys = core.tokens.public_keys();
+        let chunk_keys = self
             .grid
             .as_ref()
-            .and_then(|a| core.ingest_node(&a.broadcast_id));
-        let token_keys = core.tokens.public_keys();
-        let chunk_keys = core.chunk_keys(ingest.as_deref());
+            .map(|a| core.chunk_keys_for(&a.broadcast_id))
+            .unwrap_or_default();
         let version = keys_version(&token_keys, &chunk_keys);
         if force || version != self.keys_version {
             self.keys_version = version;

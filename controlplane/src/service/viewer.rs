@@ -53,12 +53,12 @@ impl Core {
             }
         }
         let token_keys = self.tokens.public_keys();
-        // The ingesting node's key first: beyond `MAX_KEYS` alive nodes, the others'
-        // keys are what a viewer leaves out.
-        let ingest = view
+        // Only the keys of the nodes assigned to the viewer's broadcast.
+        let chunk_keys = view
             .as_ref()
-            .and_then(|v| self.ingest_node(&v.broadcast_id));
-        let chunk_keys = self.chunk_keys(ingest.as_deref());
+            .map(|v| self.chunk_keys_for(&v.broadcast_id))
+            .unwrap_or_default();
+        let run_epoch = view.as_ref().map_or(0, |v| self.run_epoch(&v.broadcast_id));
         match view {
             Some(view) => {
                 let now = now_ms();
@@ -82,6 +82,8 @@ impl Core {
                     token_keys,
                     chunk_keys,
                     ticket_keys: self.ticket_keys(&view.broadcast_id, view.peer_id),
+                    run_epoch,
+                    server_time_unix_ms: now,
                 })
             }
             None => {
@@ -94,6 +96,7 @@ impl Core {
                     active: true,
                     token_keys,
                     chunk_keys,
+                    server_time_unix_ms: now_ms(),
                     ..Default::default()
                 })
             }

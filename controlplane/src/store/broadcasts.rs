@@ -38,6 +38,8 @@ pub struct BroadcastRecord {
     pub updated_at_ms: i64,
     /// Viewers may join without a credential.
     pub public: bool,
+    /// The current run: how many times the broadcast entered LIVE (0 = never).
+    pub run_epoch: u64,
 }
 
 /// Input of [`Store::create_broadcast`].
@@ -78,7 +80,7 @@ macro_rules! broadcast_cols {
     () => {
         "id, name, source_url, chunk_duration_ms, substreams, state, source_health, \
          source_error, node_id, last_seq, content_type, viewers_now, created_at_ms, \
-         updated_at_ms, public"
+         updated_at_ms, public, run_epoch"
     };
 }
 
@@ -114,6 +116,10 @@ where
         created_at_ms: get(row, "created_at_ms")?,
         updated_at_ms: get(row, "updated_at_ms")?,
         public: get(row, "public")?,
+        run_epoch: {
+            let r: i64 = get(row, "run_epoch")?;
+            u64::try_from(r).map_err(|_| StoreError::Corrupt(format!("negative run_epoch {r}")))?
+        },
     })
 }
 
@@ -208,7 +214,8 @@ impl Store {
         })
     }
 
-    /// Sets the lifecycle state. Leaving LIVE (to CREATED or STOPPED) also clears the
+    /// Sets the lifecycle state. Entering LIVE from another state starts a new run
+    /// (`run_epoch` + 1). Leaving LIVE (to CREATED or STOPPED) also clears the
     /// node assignment and the ingest-reported fields (health UNKNOWN, no error, no
     /// viewers). Returns the updated broadcast, `None` when the id is unknown.
     pub async fn set_broadcast_state(
@@ -218,7 +225,8 @@ impl Store {
         now_ms: i64,
     ) -> Result<Option<BroadcastRecord>, StoreError> {
         const LIVE: &str = concat!(
-            "UPDATE broadcasts SET state = $2, updated_at_ms = $3 WHERE id = $1 RETURNING ",
+            "UPDATE broadcasts SET state = $2, updated_at_ms = $3, run_epoch = CASE WHEN \
+             state = $2 THEN run_epoch ELSE run_epoch + 1 END WHERE id = $1 RETURNING ",
             broadcast_cols!()
         );
         const NOT_LIVE: &str = concat!(

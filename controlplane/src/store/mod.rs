@@ -8,7 +8,7 @@
 
 //!
 //! One submodule per table family, each adding its part of `impl Store`: `broadcasts`,
-//! `nodes`, `sessions`, `token_keys`.
+//! `nodes`, `node_credentials`, `sessions`, `token_keys`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -116,11 +116,13 @@ macro_rules! on_pool {
 }
 
 mod broadcasts;
+mod node_credentials;
 mod nodes;
 mod sessions;
 mod token_keys;
 
 pub use broadcasts::{BroadcastRecord, IngestReport, NewBroadcast};
+pub use node_credentials::NodeCredentialRecord;
 pub use nodes::{NewNode, NodeKey, NodeRecord};
 pub use sessions::{NewSession, SessionRecord};
 pub use token_keys::TokenKeyRecord;

@@ -40,6 +40,9 @@ pub struct IngestSpec {
     pub substreams: u16,
     /// Viewers need no chunk token (`IngestCommand.public`).
     pub public: bool,
+    /// The broadcast's run (`IngestCommand.run_epoch`; 0 = none given): every chunk is
+    /// signed with it, so viewers can refuse a previous run's chunks.
+    pub run_epoch: u64,
 }
 
 pub(crate) use starling_proto::time::unix_ms as now_ms;
@@ -114,8 +117,18 @@ impl IngestManager {
 
     /// Starts ingesting (idempotent: the same spec again is a no-op; a changed spec
     /// restarts the ingest, keeping the window and the numbering; a change of `public`
-    /// alone only updates the broadcast).
+    /// alone only updates the broadcast; a new run starts afresh: the previous run's
+    /// window and viewers are dropped, as by [`Self::stop`]).
     pub fn start(&self, spec: IngestSpec) {
+        let new_run = self
+            .running
+            .lock()
+            .get(&spec.broadcast_id)
+            .is_some_and(|r| r.spec.run_epoch != spec.run_epoch);
+        if new_run {
+            info!(broadcast = %spec.broadcast_id, run = spec.run_epoch, "new run: dropping the previous run's window");
+            self.stop(&spec.broadcast_id);
+        }
         let mut running = self.running.lock();
         let make = || {
             let b = Broadcast::new(
@@ -251,7 +264,12 @@ impl IngestTask {
     fn push(&self, mut c: crate::chunker::Chunk) {
         self.metrics.chunk_ingested(c.payload.len());
         let started = Instant::now();
-        match sign_chunk(&self.signer, &self.spec.broadcast_id, &c) {
+        match sign_chunk(
+            &self.signer,
+            &self.spec.broadcast_id,
+            self.spec.run_epoch,
+            &c,
+        ) {
             Ok(sig) => {
                 c.signature = sig;
                 let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -362,12 +380,14 @@ fn http_uri(url: &str) -> Result<hyper::Uri, IngestError> {
     Ok(uri)
 }
 
-/// The signature block of a chunk, made once when it enters the ring. The signed
-/// flags are the chunk's flags without `DISCONTINUITY`, which is receiver-specific
-/// (a server sets it for a receiver it skipped chunks for): verifiers clear it too.
+/// The signature block of a chunk of run `run_epoch`, made once when it enters the
+/// ring. The signed flags are the chunk's flags without `DISCONTINUITY`, which is
+/// receiver-specific (a server sets it for a receiver it skipped chunks for):
+/// verifiers clear it too.
 pub fn sign_chunk(
     signer: &ChunkSigner,
     broadcast_id: &str,
+    run_epoch: u64,
     c: &crate::chunker::Chunk,
 ) -> Result<Bytes, starling_proto::integrity::IntegrityError> {
     let meta = ChunkMeta {
@@ -376,7 +396,7 @@ pub fn sign_chunk(
         timestamp_ms: c.timestamp_ms,
         duration_ms: c.duration_ms,
     };
-    signer.sign(broadcast_id, &meta, &c.payload)
+    signer.sign_in_run(broadcast_id, run_epoch, &meta, &c.payload)
 }
 
 /// The flags a chunk signature covers: everything but `DISCONTINUITY` (and `SIGNED`,

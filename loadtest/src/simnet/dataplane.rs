@@ -12,6 +12,9 @@
 //! before the handshake is answered is sent right after it.
 //! The first chunk of any connection tells the fabric when the stream's chunk 0 was
 //! due ([`Input::Origin`]).
+//! As the SDK does, the verifier accepts only the broadcast's run that `Join` named
+//! and, with [`DpShared::age_limit`] (on by default, the SDK's defaults), only chunks
+//! signed recently by the control plane's clock (the offset measured at `Join`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -76,6 +79,9 @@ pub struct DpShared {
     pub held: AtomicU64,
     /// Whether the origin was sent.
     origin_sent: AtomicBool,
+    /// `(max age, max future)` of a chunk's signed timestamp, ms (`None`: no limit).
+    /// Default: the SDK's (30 s, 10 s).
+    pub age_limit: Option<(u64, u64)>,
 }
 
 impl DpShared {
@@ -92,6 +98,7 @@ impl DpShared {
             key_sets: AtomicU64::new(0),
             held: AtomicU64::new(0),
             origin_sent: AtomicBool::new(false),
+            age_limit: Some((30_000, 10_000)),
         }
     }
 }
@@ -113,6 +120,10 @@ pub struct DpSetup {
     pub mask: u64,
     /// The data plane's chunk keys.
     pub chunk_keys: Vec<(u32, Vec<u8>)>,
+    /// The broadcast's run from `Join` (0: not said, no run check).
+    pub run_epoch: u64,
+    /// The control plane's clock minus this process's, ms (measured at `Join`).
+    pub clock_offset_ms: i64,
     /// Where chunks go.
     pub fabric: mpsc::Sender<Input>,
     /// Shared state.
@@ -141,7 +152,12 @@ async fn send(stream: &mut TcpStream, f: &Frame) -> Result<(), String> {
 /// A verifier of `keys` (a key that does not parse is left out, and logged: chunks it
 /// signed are then refused, as those of any unknown key).
 fn verifier_of(s: &DpSetup, keys: &[(u32, Vec<u8>)]) -> ChunkVerifier {
-    let mut v = ChunkVerifier::new(s.broadcast_id.clone()).with_cache(s.shared.cache.clone());
+    let mut v = ChunkVerifier::new(s.broadcast_id.clone())
+        .with_cache(s.shared.cache.clone())
+        .with_run((s.run_epoch != 0).then_some(s.run_epoch));
+    if let Some((max_age, max_future)) = s.shared.age_limit {
+        v = v.with_age_limit(max_age, max_future);
+    }
     for (id, k) in keys {
         if let Err(e) = v.add_key(*id, k) {
             tracing::warn!("chunk key {id} left out: {e}");
@@ -150,7 +166,7 @@ fn verifier_of(s: &DpSetup, keys: &[(u32, Vec<u8>)]) -> ChunkVerifier {
     v
 }
 
-fn verify(v: &ChunkVerifier, c: &Chunk) -> Result<(), IntegrityError> {
+fn verify(s: &DpSetup, v: &ChunkVerifier, c: &Chunk) -> Result<(), IntegrityError> {
     let meta = ChunkMeta {
         seq: c.seq,
         flags: c.flags & !chunk_flags::DISCONTINUITY,
@@ -161,7 +177,7 @@ fn verify(v: &ChunkVerifier, c: &Chunk) -> Result<(), IntegrityError> {
         &meta,
         &c.payload,
         &c.signature,
-        starling_proto::time::unix_ms(),
+        starling_proto::time::unix_ms().saturating_add_signed(s.clock_offset_ms),
     )
 }
 
@@ -253,7 +269,7 @@ async fn run(s: DpSetup, mut cmds: mpsc::Receiver<DpCmd>) -> Result<(), String> 
                             // The held chunks again: played if their key came, else
                             // refused (a key the control plane does not publish).
                             for (_, c) in std::mem::take(&mut held) {
-                                match verify(&verifier, &c) {
+                                match verify(&s, &verifier, &c) {
                                     Ok(()) => {
                                         if !forward(&s, c).await {
                                             return Ok(());
@@ -288,7 +304,7 @@ async fn run(s: DpSetup, mut cmds: mpsc::Receiver<DpCmd>) -> Result<(), String> 
                     send(&mut stream, &Frame::Token(t)).await?;
                 }
             }
-            Frame::Chunk(c) => match verify(&verifier, &c) {
+            Frame::Chunk(c) => match verify(&s, &verifier, &c) {
                 Ok(()) => {
                     if !forward(&s, c).await {
                         return Ok(());

@@ -61,6 +61,17 @@ const LEAVE_FLUSH: Duration = Duration::from_secs(3);
 /// The port simulated viewers advertise (nobody dials it).
 const SIM_PORT: u16 = 9;
 
+/// The control plane's clock minus ours, from a `Join` answered at `server_ms` after
+/// a round trip of `rpc_ms` (0 when the control plane sent no time).
+fn clock_offset_ms(server_ms: i64, rpc_ms: impl TryInto<i64>) -> i64 {
+    if server_ms <= 0 {
+        return 0;
+    }
+    let half = rpc_ms.try_into().unwrap_or(0) / 2;
+    let local = i64::try_from(starling_proto::time::unix_ms()).unwrap_or(i64::MAX);
+    server_ms.saturating_add(half).saturating_sub(local)
+}
+
 /// One viewer's session: join, the stream, its commands, reports, leave.
 pub(super) async fn session(
     ctx: Arc<Ctx>,
@@ -126,6 +137,8 @@ pub(super) async fn session(
                     .iter()
                     .map(|k| (k.key_id, k.ed25519.clone()))
                     .collect(),
+                run_epoch: resp.run_epoch,
+                clock_offset_ms: clock_offset_ms(resp.server_time_unix_ms, rpc_ms),
                 fabric: ctx.fabric.clone(),
                 shared: shared.clone(),
                 figures: figures.clone(),

@@ -2,6 +2,7 @@
 
 mod audience;
 mod client;
+mod node;
 mod show;
 mod table;
 mod top;
@@ -115,6 +116,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Per-node credentials of data-plane nodes: `node add NAME` prints a new one,
+    /// `node revoke NAME`, `node list`.
+    #[command(subcommand)]
+    Node(node::NodeCmd),
     /// Audience roll-ups of a broadcast from viewer reports, per step: viewers (average
     /// and peak), watch time, peer share, server egress, peer bytes, rebuffer ratio,
     /// start-up p50/p95, then a total row over the whole range. Times are printed in UTC.
@@ -288,6 +293,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             }
         }
         Cmd::Audience(a) => audience::run(&args.conn, a).await?,
+        Cmd::Node(n) => node::run(&args.conn, n).await?,
         Cmd::Top(t) => top::run(&args.conn, t).await?,
         Cmd::Wait {
             id,

@@ -38,6 +38,7 @@ pub fn to_json(b: &Broadcast) -> serde_json::Value {
         "node_http_addr": b.node_http_addr,
         "viewers_now": b.viewers_now,
         "last_seq": b.last_seq,
+        "run_epoch": b.run_epoch,
         "content_type": b.content_type,
         "created_at_unix_ms": b.created_at_unix_ms,
         "updated_at_unix_ms": b.updated_at_unix_ms,
@@ -85,6 +86,7 @@ pub fn print_details(b: &Broadcast) {
     println!("substreams:    {}", b.substreams);
     println!("viewers_now:   {}", b.viewers_now);
     println!("last_seq:      {}", b.last_seq);
+    println!("run_epoch:     {}", b.run_epoch);
     println!("content_type:  {}", dash(&b.content_type));
     println!("stream_kbps:   {}", b.stream_kbps);
     println!(
