@@ -14,6 +14,10 @@
 # and shows a live progress line until Ctrl-C. Environment: DEMO_VIEWERS (default 3),
 # DEMO_PROFILE (release|debug, default release), STARLING_* ports (see below).
 set -euo pipefail
+# Plaintext gRPC between the processes on loopback (the explicit, insecure opt-in of
+# every binary; TLS is covered by `cargo test -p starling-controlplane --test tls`
+# and the load test's demo).
+export STARLING_INSECURE_PLAINTEXT=1
 cd "$(dirname "$0")/.."
 DURATION=${1:-0}
 VIEWERS=${DEMO_VIEWERS:-3}

@@ -12,6 +12,8 @@
 //!   that a child may subscribe to some substreams at a given relaying peer.
 //! * [`integrity`]: per-chunk signatures made by the data plane and checked by every
 //!   viewer before it plays or relays a chunk.
+//! * [`transport`]: how clients reach the control plane (TLS and its trust, or the
+//!   explicit plaintext opt-in).
 //! * [`codec`]: the gRPC codec of the generated services and clients (prost, with
 //!   small per-call buffers).
 
@@ -22,6 +24,7 @@ pub mod ticket;
 pub mod ticket_mac;
 pub mod time;
 pub mod token;
+pub mod transport;
 pub mod wire;
 
 /// Generated gRPC types and services for package `starling.v1`.

@@ -79,6 +79,11 @@ pub struct ViewerConfig {
     /// ([`Viewer::connect_direct`](crate::Viewer::connect_direct)) have no control plane
     /// and are never verified.
     pub allow_unverified: bool,
+    /// How the control plane is reached: TLS (the default, trusting the built-in web
+    /// PKI roots; `Transport::Tls(ClientTls::with_ca_pem(..))` trusts a private CA
+    /// instead), or `Transport::Plaintext`, the explicit insecure opt-in that alone
+    /// allows an `http://` [`ViewerConfig::control_url`] (a WARN line is logged).
+    pub transport: starling_proto::transport::Transport,
     /// Limits on the connections other peers open to this viewer's peer listener
     /// (handshake deadline and cap, connection cap, request rate).
     pub peer_limits: crate::PeerLimits,
@@ -212,6 +217,7 @@ impl ViewerConfig {
             token_skew: Duration::from_secs(5),
             verified_signatures: None,
             allow_unverified: false,
+            transport: starling_proto::transport::Transport::default(),
             peer_limits: crate::PeerLimits::default(),
             key_hold: crate::KeyHoldLimits::default(),
             parent_window: starling_grid::peer::SchedulerConfig::default().parent_window,
@@ -259,6 +265,7 @@ impl ViewerConfig {
             join_attempts: self.join_attempts,
             join_deadline: self.join_deadline,
             require_chunk_keys: !self.allow_unverified,
+            transport: self.transport.clone(),
         }
     }
 
