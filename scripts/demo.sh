@@ -106,7 +106,7 @@ sleep 1
 say "SDK viewers' local URLs (open one in a player, e.g. ffplay URL):"
 grep -ho 'http://127.0.0.1:[0-9]*/live/[^ ]*' "$RUN"/viewer*.log | sed 's/^/    /' >&2 || true
 say "plain HTTP from the data plane: ffplay http://$HTTP_ADDR/live/$ID"
-say "admin: $B/starling-admin --control-url http://$CP_ADDR get $ID"
+say "admin: $B/starling-admin --insecure-plaintext --control-url http://$CP_ADDR get $ID"
 say "dashboard: http://$DASH_ADDR/#key=$(cat "$DATA/admin.key")"
 
 START=$(date +%s)
