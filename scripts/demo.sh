@@ -14,6 +14,10 @@
 # and shows a live progress line until Ctrl-C. Environment: DEMO_VIEWERS (default 3),
 # DEMO_PROFILE (release|debug, default release), STARLING_* ports (see below).
 set -euo pipefail
+# Plaintext gRPC between the processes on loopback (the explicit, insecure opt-in of
+# every binary; TLS is covered by `cargo test -p starling-controlplane --test tls`
+# and the load test's demo).
+export STARLING_INSECURE_PLAINTEXT=1
 cd "$(dirname "$0")/.."
 DURATION=${1:-0}
 VIEWERS=${DEMO_VIEWERS:-3}
@@ -102,7 +106,7 @@ sleep 1
 say "SDK viewers' local URLs (open one in a player, e.g. ffplay URL):"
 grep -ho 'http://127.0.0.1:[0-9]*/live/[^ ]*' "$RUN"/viewer*.log | sed 's/^/    /' >&2 || true
 say "plain HTTP from the data plane: ffplay http://$HTTP_ADDR/live/$ID"
-say "admin: $B/starling-admin --control-url http://$CP_ADDR get $ID"
+say "admin: $B/starling-admin --insecure-plaintext --control-url http://$CP_ADDR get $ID"
 say "dashboard: http://$DASH_ADDR/#key=$(cat "$DATA/admin.key")"
 
 START=$(date +%s)

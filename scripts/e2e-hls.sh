@@ -17,6 +17,10 @@
 # The helpers below repeat a few of scripts/e2e-media.sh's on purpose (that script is
 # left untouched).
 set -euo pipefail
+# Plaintext gRPC between the processes on loopback (the explicit, insecure opt-in of
+# every binary; TLS is covered by `cargo test -p starling-controlplane --test tls`
+# and the load test's demo).
+export STARLING_INSECURE_PLAINTEXT=1
 cd "$(dirname "$0")/.."
 BIN=${STARLING_BIN_DIR:-$(pwd)/target/debug}
 DECODE_SECS=${E2E_DECODE_SECS:-20}

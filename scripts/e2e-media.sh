@@ -21,6 +21,10 @@
 # $STARLING_BIN_DIR (default target/debug). Run through scripts/test.sh, or directly
 # after `cargo build`.
 set -euo pipefail
+# Plaintext gRPC between the processes on loopback (the explicit, insecure opt-in of
+# every binary; TLS is covered by `cargo test -p starling-controlplane --test tls`
+# and the load test's demo).
+export STARLING_INSECURE_PLAINTEXT=1
 cd "$(dirname "$0")/.."
 BIN=${STARLING_BIN_DIR:-$(pwd)/target/debug}
 DECODE_SECS=${E2E_DECODE_SECS:-20}

@@ -34,6 +34,8 @@ BIN=${STARLING_BIN_DIR:-$(pwd)/target/debug}
 SECS=${NATLAB_SECS:-40}
 P=nl # namespace prefix
 E2E_NAME=natlab
+# The lab is about NAT, not TLS: the control plane serves plaintext here (a WARN line).
+export STARLING_INSECURE_PLAINTEXT=1
 WORK=$(mktemp -d /tmp/starling-natlab.XXXXXX)
 chmod 755 "$WORK"
 # shellcheck source=scripts/e2e-common.sh

@@ -14,7 +14,7 @@ use starling_proto::v1::{
     ReparentRequest, ReportPeerRequest, ReportRequest, SessionDown, SessionUp, StreamParams,
     SubstreamParent, TicketKey, ViewerReport,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use starling_grid::{Parent, PeerId};
 
@@ -218,6 +218,8 @@ pub(crate) struct ControlOptions {
     /// Our holder key's public half, sent in every `Join` (`JoinRequest.holder_key`):
     /// the chunk tokens are bound to it, re-joins included.
     pub holder_key: [u8; 32],
+    /// TLS or the plaintext opt-in ([`crate::ViewerConfig::transport`]).
+    pub transport: starling_proto::transport::Transport,
 }
 
 /// First own back-off of a `Join` refused as busy without a pushback; doubled per
@@ -403,8 +405,8 @@ impl Control {
         client_version: &str,
         opts: &ControlOptions,
     ) -> Result<Control, SdkError> {
-        let mut endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| SdkError::Config(format!("control URL {url:?}: {e}")))?
+        let mut endpoint = starling_proto::transport::endpoint(url, &opts.transport)
+            .map_err(|e| SdkError::Config(e.to_string()))?
             .connect_timeout(opts.timeout)
             // Bounds a unary call, and a stream's opening (up to its response
             // headers), not the life of a stream.

@@ -100,7 +100,12 @@ impl SdkError {
     pub(crate) fn from_status(call: &'static str, s: tonic::Status) -> SdkError {
         match s.code() {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
-                SdkError::ControlUnavailable(format!("{call}: {}", s.message()))
+                // A transport failure's reason (e.g. the server's certificate is not
+                // trusted) is in the status's source chain, not its message.
+                let why = std::error::Error::source(&s)
+                    .map(|e| format!(" ({})", starling_proto::transport::error_chain(e)))
+                    .unwrap_or_default();
+                SdkError::ControlUnavailable(format!("{call}: {}{why}", s.message()))
             }
             tonic::Code::ResourceExhausted => SdkError::ControlBusy {
                 call,

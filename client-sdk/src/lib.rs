@@ -73,6 +73,7 @@ pub use relay::keys::KeyHoldLimits;
 pub use relay::listener_limits::PeerLimits;
 pub use relay::sched_config::scheduler_config;
 pub use reorder::ReorderConfig;
+pub use starling_proto::transport::{ClientIdentity, ClientTls, Transport, TransportError};
 pub use starling_proto::wire::ErrorCode;
 pub use stats::Stats;
 pub use viewer::{RelayConfig, Viewer, ViewerConfig};

@@ -416,6 +416,7 @@ use fake_grid::{Keys, Plan, Ref, now_ms};
 fn config(broadcast: &str, control_url: &str, upload_kbps: u32) -> ViewerConfig {
     let mut c = ViewerConfig::new(broadcast);
     c.control_url = control_url.into();
+    c.transport = starling_proto::transport::Transport::Plaintext;
     c.http_listen = None;
     c.reconnect_initial = Duration::from_millis(10);
     c.reconnect_max = Duration::from_millis(200);

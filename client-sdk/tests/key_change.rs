@@ -34,6 +34,7 @@ fn key(s: &ChunkSigner) -> (u32, Vec<u8>) {
 fn config(broadcast: &str, url: &str) -> ViewerConfig {
     let mut c = ViewerConfig::new(broadcast);
     c.control_url = url.into();
+    c.transport = starling_proto::transport::Transport::Plaintext;
     c.http_listen = None;
     c.reconnect_initial = Duration::from_millis(10);
     c.reconnect_max = Duration::from_millis(200);

@@ -53,6 +53,7 @@ impl Relay {
         let url = mini_cp::start(cp.clone()).await;
         let mut c = ViewerConfig::new(broadcast);
         c.control_url = url;
+        c.transport = starling_proto::transport::Transport::Plaintext;
         c.http_listen = None;
         c.reconnect_initial = Duration::from_millis(10);
         c.reconnect_max = Duration::from_millis(200);

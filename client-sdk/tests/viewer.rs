@@ -416,6 +416,7 @@ async fn join_via_control_plane_heartbeats_and_leaves() {
     let (url, fake) = fake_control::start(fx.addr).await;
     let mut cfg = config("cp");
     cfg.control_url = url;
+    cfg.transport = starling_proto::transport::Transport::Plaintext;
     cfg.credential = Some("jwt".into());
     let viewer = Viewer::join(cfg).await.unwrap();
     assert_eq!(viewer.session_id().as_deref(), Some("s1"));
@@ -442,6 +443,7 @@ async fn inactive_session_stops_the_viewer() {
     let (url, fake) = fake_control::start(fx.addr).await;
     let mut cfg = config("cp");
     cfg.control_url = url;
+    cfg.transport = starling_proto::transport::Transport::Plaintext;
     let viewer = Viewer::join(cfg).await.unwrap();
     let mut sub = viewer.subscribe();
     fake.active.store(false, Ordering::SeqCst);
@@ -462,6 +464,7 @@ async fn join_errors_are_typed() {
     let (url, _fake) = fake_control::start(fx.addr).await;
     let mut cfg = config("missing");
     cfg.control_url = url;
+    cfg.transport = starling_proto::transport::Transport::Plaintext;
     let err = Viewer::join(cfg).await.unwrap_err();
     assert!(
         matches!(
@@ -481,6 +484,7 @@ async fn join_errors_are_typed() {
     drop(l);
     let mut cfg = config("cp");
     cfg.control_url = dead;
+    cfg.transport = starling_proto::transport::Transport::Plaintext;
     let err = Viewer::join(cfg).await.unwrap_err();
     assert!(matches!(err, SdkError::ControlUnavailable(_)), "{err:?}");
 }
@@ -503,6 +507,7 @@ async fn reports_are_numbered_retried_without_gaps_and_final_on_leave() {
     let (url, fake) = fake_control::start(fx.addr).await;
     let mut cfg = config("cp");
     cfg.control_url = url;
+    cfg.transport = starling_proto::transport::Transport::Plaintext;
     // Overrides the 100 ms that Join says.
     cfg.report_interval = Some(Duration::from_millis(30));
     let viewer = Viewer::join(cfg).await.unwrap();
@@ -569,6 +574,7 @@ async fn report_queue_is_bounded_while_the_control_plane_fails() {
     fake.fail_reports.store(true, Ordering::SeqCst);
     let mut cfg = config("cp");
     cfg.control_url = url;
+    cfg.transport = starling_proto::transport::Transport::Plaintext;
     cfg.report_interval = Some(Duration::from_millis(20));
     cfg.report_queue = 3;
     let viewer = Viewer::join(cfg).await.unwrap();

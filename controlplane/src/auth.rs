@@ -649,17 +649,39 @@ impl tonic::service::Interceptor for AdminInterceptor {
 #[derive(Debug, Clone)]
 pub struct NodeInterceptor {
     auth: Arc<Authenticator>,
+    require_client_cert: bool,
 }
 
 impl NodeInterceptor {
     /// Guards with `auth`.
     pub fn new(auth: Arc<Authenticator>) -> Self {
-        NodeInterceptor { auth }
+        NodeInterceptor {
+            auth,
+            require_client_cert: false,
+        }
+    }
+
+    /// Also refuses calls that came without a verified TLS client certificate
+    /// (`--require-node-client-cert`; the handshake verified any certificate sent).
+    pub fn require_client_cert(mut self, require: bool) -> Self {
+        self.require_client_cert = require;
+        self
     }
 }
 
+/// Message of the UNAUTHENTICATED status of a node call without a client certificate.
+pub const NODE_CLIENT_CERT_REQUIRED: &str =
+    "a verified TLS client certificate is required for data-plane nodes (mutual TLS)";
+
 impl tonic::service::Interceptor for NodeInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if self.require_client_cert && request.peer_certs().is_none_or(|c| c.is_empty()) {
+            tracing::warn!(
+                remote = ?request.remote_addr(),
+                "data-plane node call refused: no verified TLS client certificate"
+            );
+            return Err(Status::unauthenticated(NODE_CLIENT_CERT_REQUIRED));
+        }
         let header = request
             .metadata()
             .get("authorization")

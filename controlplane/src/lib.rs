@@ -27,6 +27,8 @@
 //!   layer.
 //! * [`dashboard`]: the operator's web page (embedded) and its JSON API, behind the
 //!   admin credential, on its own listener.
+//! * [`tls`]: gRPC over TLS (rustls acceptor, hot-reloadable certificate, optional
+//!   client certificates for data-plane nodes).
 //! * [`server`]: wiring and in-process serving ([`ControlPlane`], [`serve`]).
 
 pub mod assign;
@@ -42,6 +44,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod tickets;
+pub mod tls;
 pub mod tokens;
 pub mod trust;
 pub mod validate;
@@ -51,3 +54,4 @@ pub use reports::ReportConfig;
 pub use server::{Config, ControlPlane, ControlPlaneHandle, ServeError, ServerLimits, serve};
 pub use service::ServiceConfig;
 pub use store::{DatabaseConfig, Store, StoreError};
+pub use tls::{ServerTls, TlsIdentity};

@@ -1,5 +1,6 @@
-//! Wiring: database, gRPC server (three services + health + reflection), liveness
-//! task, graceful shutdown. Usable in-process by tests and the load generator.
+//! Wiring: database, gRPC server (three services + health + reflection; over TLS with
+//! [`crate::tls`], or plaintext when the configuration says so), liveness task,
+//! graceful shutdown. Usable in-process by tests and the load generator.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::auth::{AdminInterceptor, AuthConfig, AuthConfigError, Authenticator, NodeInterceptor};
 use crate::service::{Api, Core, ServiceConfig, now_ms};
 use crate::store::{DatabaseConfig, Store, StoreError};
+use crate::tls::{ServerTls, TlsError, TlsServer};
 use crate::tokens::{TokenKeyError, TokenKeys};
 
 /// How long graceful shutdown waits for in-flight calls before giving up.
@@ -91,6 +93,9 @@ pub struct Config {
     pub dashboard_listen: Option<SocketAddr>,
     /// gRPC server limits (concurrency per connection, timeout, message size).
     pub server_limits: ServerLimits,
+    /// TLS of the gRPC listener; `None`: plaintext (insecure; logged as a warning).
+    /// The binary refuses to start without it unless `--insecure-plaintext` is given.
+    pub tls: Option<ServerTls>,
 }
 
 impl Config {
@@ -108,6 +113,7 @@ impl Config {
             metrics_listen: None,
             dashboard_listen: None,
             server_limits: ServerLimits::default(),
+            tls: None,
         }
     }
 }
@@ -138,6 +144,9 @@ pub enum ServeError {
     /// The chunk-token signing keys could not be loaded or created.
     #[error("chunk-token keys: {0}")]
     TokenKeys(#[from] TokenKeyError),
+    /// The TLS certificate, key or client CA is unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// A control plane with its database open and its socket bound, not yet serving.
@@ -151,6 +160,7 @@ pub struct ControlPlane {
     /// The bound dashboard listener, if any.
     dashboard: Option<(TcpListener, SocketAddr)>,
     limits: ServerLimits,
+    tls: Option<TlsServer>,
 }
 
 impl ControlPlane {
@@ -160,6 +170,9 @@ impl ControlPlane {
         let mut cp =
             Self::bind_with_store(config.listen, store, config.service, &config.auth).await?;
         cp.limits = config.server_limits;
+        if let Some(tls) = &config.tls {
+            cp.set_tls(tls)?;
+        }
         if let Some(addr) = config.metrics_listen {
             cp.bind_metrics(addr).await?;
         }
@@ -194,6 +207,25 @@ impl ControlPlane {
         let local = bound.1;
         self.metrics = Some(bound);
         Ok(local)
+    }
+
+    /// Serves gRPC over TLS as `tls` says (instead of plaintext).
+    ///
+    /// # Errors
+    /// The certificate, key or client CA does not load.
+    pub fn set_tls(&mut self, tls: &ServerTls) -> Result<(), ServeError> {
+        self.tls = Some(TlsServer::new(tls)?);
+        Ok(())
+    }
+
+    /// The gRPC listener's TLS, if any (e.g. to reload its certificate).
+    pub fn tls(&self) -> Option<&TlsServer> {
+        self.tls.as_ref()
+    }
+
+    /// `https://addr` with TLS, else `http://addr`.
+    pub fn url(&self) -> String {
+        url(self.tls.is_some(), self.local_addr)
     }
 
     /// Replaces the gRPC server limits ([`ControlPlane::bind_with_store`] starts with
@@ -241,6 +273,7 @@ impl ControlPlane {
             metrics: None,
             dashboard: None,
             limits: ServerLimits::default(),
+            tls: None,
         })
     }
 
@@ -269,6 +302,7 @@ impl ControlPlane {
             metrics,
             dashboard,
             limits,
+            tls,
         } = self;
         let report_tasks = core.reports().spawn();
         let metrics_task = metrics.map(|(l, addr)| {
@@ -289,7 +323,10 @@ impl ControlPlane {
         });
         let api = Api::new(core.clone());
         let admin_guard = AdminInterceptor::new(core.authenticator().clone());
-        let node_guard = NodeInterceptor::new(core.authenticator().clone());
+        let node_guard = NodeInterceptor::new(core.authenticator().clone()).require_client_cert(
+            tls.as_ref()
+                .is_some_and(TlsServer::require_node_client_cert),
+        );
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -336,9 +373,23 @@ impl ControlPlane {
             let _ = stop_tx.send(true);
         };
 
-        tracing::info!(%local_addr, backend = core.store().backend_name(), "control plane serving");
+        let reloader = tls.as_ref().and_then(TlsServer::spawn_reloader);
+        match &tls {
+            Some(t) => tracing::info!(
+                %local_addr,
+                backend = core.store().backend_name(),
+                client_certs = t.require_node_client_cert(),
+                "control plane serving gRPC over TLS"
+            ),
+            None => tracing::warn!(
+                %local_addr,
+                backend = core.store().backend_name(),
+                "control plane serving gRPC in PLAINTEXT (insecure): credentials cross the \
+                 network in clear"
+            ),
+        }
         let max_msg = limits.max_message_bytes.max(1024);
-        let server = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(limits.concurrency_per_connection.max(1))
             .timeout(limits.request_timeout.max(Duration::from_millis(100)))
             .http2_keepalive_interval(limits.http2_keepalive_interval)
@@ -363,11 +414,18 @@ impl ControlPlane {
             .add_service(InterceptedService::new(
                 EdgeServiceServer::new(api).max_decoding_message_size(max_msg),
                 node_guard,
-            ))
-            .serve_with_incoming_shutdown(
+            ));
+        let server: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send + '_>,
+        > = match &tls {
+            Some(t) => {
+                Box::pin(router.serve_with_incoming_shutdown(t.incoming(listener), shutdown_signal))
+            }
+            None => Box::pin(router.serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown_signal,
-            );
+            )),
+        };
 
         let mut stop_rx_grace = stop_rx.clone();
         let grace = async move {
@@ -388,6 +446,9 @@ impl ControlPlane {
             }
         };
         liveness.abort();
+        if let Some(t) = reloader {
+            t.abort();
+        }
         core.close_streams();
         if let Some(t) = metrics_task {
             t.abort();
@@ -414,12 +475,14 @@ impl ControlPlane {
     /// stop it.
     pub fn spawn(self) -> ControlPlaneHandle {
         let local_addr = self.local_addr;
+        let tls = self.tls.is_some();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(self.run(async move {
             let _ = rx.await;
         }));
         ControlPlaneHandle {
             local_addr,
+            tls,
             shutdown: Some(tx),
             task,
         }
@@ -442,6 +505,7 @@ pub async fn serve(
 #[derive(Debug)]
 pub struct ControlPlaneHandle {
     local_addr: SocketAddr,
+    tls: bool,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
@@ -452,9 +516,9 @@ impl ControlPlaneHandle {
         self.local_addr
     }
 
-    /// `http://addr`, ready for a tonic client.
+    /// `https://addr` when serving TLS, else `http://addr`, ready for a tonic client.
     pub fn url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        url(self.tls, self.local_addr)
     }
 
     /// Shuts down gracefully and waits for the server to finish.
@@ -477,6 +541,14 @@ impl Drop for ControlPlaneHandle {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+fn url(tls: bool, addr: SocketAddr) -> String {
+    if tls {
+        format!("https://{addr}")
+    } else {
+        format!("http://{addr}")
     }
 }
 

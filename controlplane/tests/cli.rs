@@ -27,7 +27,9 @@ fn admin(url: &str, args: &[&str]) -> Output {
 /// `starling-admin ARGS` against `url`, authenticated by `key_file` (none: no key).
 fn admin_with(url: &str, key_file: Option<&std::path::Path>, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_starling-admin"));
+    // These tests run plaintext gRPC (tests/tls.rs covers TLS).
     cmd.env("STARLING_CONTROL_URL", url)
+        .env("STARLING_INSECURE_PLAINTEXT", "1")
         .env_remove("STARLING_ADMIN_KEY")
         .env_remove("STARLING_ADMIN_JWT")
         .env_remove("STARLING_ADMIN_KEY_FILE");
@@ -59,6 +61,7 @@ impl Server {
     fn start(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let mut server = Command::new(env!("CARGO_BIN_EXE_starling-controlplane"))
+            .env("STARLING_INSECURE_PLAINTEXT", "1")
             // Port 0 for metrics too: tests run side by side.
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(extra)
@@ -138,6 +141,7 @@ async fn binaries_end_to_end_on_sqlite() {
     let key = std::fs::read_to_string(&key_file).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_starling-admin"))
         .env("STARLING_CONTROL_URL", &url)
+        .env("STARLING_INSECURE_PLAINTEXT", "1")
         .env("STARLING_ADMIN_KEY", key.trim())
         .args(["list"])
         .output()
@@ -737,6 +741,7 @@ fn top_on_a_terminal(url: &str, key_file: &std::path::Path, id: &str) {
             "/dev/null",
         ])
         .env("STARLING_CONTROL_URL", url)
+        .env("STARLING_INSECURE_PLAINTEXT", "1")
         .env("STARLING_ADMIN_KEY_FILE", key_file)
         .env_remove("STARLING_ADMIN_KEY")
         .env_remove("STARLING_ADMIN_JWT")

@@ -35,6 +35,7 @@ fn the_binary_serves_the_dashboard_behind_the_admin_key() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut server = Command::new(env!("CARGO_BIN_EXE_starling-controlplane"))
+        .env("STARLING_INSECURE_PLAINTEXT", "1")
         .args([
             "--listen",
             "127.0.0.1:0",

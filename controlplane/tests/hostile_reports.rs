@@ -732,6 +732,7 @@ struct Binary {
 fn start_binary(dir: &std::path::Path, database_url: Option<&str>) -> Binary {
     use std::io::BufRead as _;
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_starling-controlplane"));
+    cmd.env("STARLING_INSECURE_PLAINTEXT", "1");
     cmd.args([
         "--listen",
         "127.0.0.1:0",

@@ -90,6 +90,7 @@ struct Server {
 impl Server {
     fn start(data_dir: &std::path::Path, otlp_args: &[&str], bsp_delay_ms: u64) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_starling-controlplane"))
+            .env("STARLING_INSECURE_PLAINTEXT", "1")
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
             .args(["--admin-key", ADMIN_KEY])
             .arg("--data-dir")

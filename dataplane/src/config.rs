@@ -279,8 +279,12 @@ impl Default for ConnLimits {
 /// Everything a node needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// gRPC URL of the control plane (`http://host:port`); `None` = standalone.
+    /// gRPC URL of the control plane (`https://host:port`); `None` = standalone.
     pub control_url: Option<String>,
+    /// How the control plane is reached: TLS (the default: built-in roots, or a CA and
+    /// a client certificate for mutual TLS), or plaintext for an `http://` URL (the
+    /// explicit, insecure opt-in).
+    pub control_transport: starling_proto::transport::Transport,
     /// Credential sent on every call to the control plane (its node key, or an admin
     /// key); `None` = none, and a control plane refuses the node (logged, retried).
     pub node_key: Option<NodeKey>,
@@ -328,6 +332,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             control_url: None,
+            control_transport: starling_proto::transport::Transport::default(),
             node_key: None,
             static_broadcasts: Vec::new(),
             static_chunk_ms: 1000,

@@ -34,6 +34,8 @@ pub struct NodeInfo {
     pub chunk_public_key: [u8; 32],
     /// Sent as `authorization: Bearer <key>` on every call; `None` = no credential.
     pub node_key: Option<NodeKey>,
+    /// TLS (and the client certificate) or plaintext, for the control URL.
+    pub transport: starling_proto::transport::Transport,
 }
 
 /// Why a control-plane session ended badly.
@@ -52,7 +54,10 @@ enum LinkError {
 fn call_error(call: &str, status: &tonic::Status, node: &NodeInfo) -> LinkError {
     match status.code() {
         Code::Unauthenticated | Code::PermissionDenied => {
-            let fix = if node.node_key.is_none() {
+            let fix = if status.message().contains("client certificate") {
+                "start the node with --tls-client-cert and --tls-client-key (a certificate \
+                 issued by the control plane's --tls-client-ca)"
+            } else if node.node_key.is_none() {
                 "this node has no node key: start it with --node-key or --node-key-file \
                  (env STARLING_NODE_KEY) set to the control plane's node key (zero-setup: \
                  the control plane's <data-dir>/admin.key)"
@@ -162,15 +167,17 @@ async fn session(
     registry: &Registry,
     ingest: &IngestManager,
 ) -> Result<(), LinkError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|e| LinkError::Other(format!("bad control URL: {e}")))?
+    let endpoint = starling_proto::transport::endpoint(url, &node.transport)
+        .map_err(|e| LinkError::Refused(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| LinkError::Other(format!("connect: {e}")))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        LinkError::Other(format!(
+            "connect: {}",
+            starling_proto::transport::error_chain(&e)
+        ))
+    })?;
     let authorization = bearer(node)?;
     let mut client =
         EdgeServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {

@@ -17,7 +17,8 @@ use std::net::SocketAddr;
 #[derive(Debug, Parser)]
 #[command(name = "starling-dataplane", version)]
 struct Args {
-    /// gRPC URL of the control plane (EdgeService), e.g. http://127.0.0.1:7000.
+    /// gRPC URL of the control plane (EdgeService), e.g. https://cp.example:7000
+    /// (http:// only with --insecure-plaintext).
     #[arg(long, env = "STARLING_CONTROL_URL")]
     control_url: Option<String>,
 
@@ -33,6 +34,35 @@ struct Args {
         conflicts_with_all = ["node_key", "node_key_file"]
     )]
     node_credential_file: Option<std::path::PathBuf>,
+
+    /// CA certificates (PEM) that verify the control plane's TLS certificate, instead
+    /// of the built-in web PKI roots.
+    #[arg(long, env = "STARLING_CA_FILE", value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
+
+    /// Client certificate chain (PEM) presented to the control plane (mutual TLS; the
+    /// control plane's --tls-client-ca must have issued it).
+    #[arg(
+        long,
+        env = "STARLING_TLS_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "tls_client_key"
+    )]
+    tls_client_cert: Option<std::path::PathBuf>,
+
+    /// Private key of --tls-client-cert (PEM).
+    #[arg(
+        long,
+        env = "STARLING_TLS_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "tls_client_cert"
+    )]
+    tls_client_key: Option<std::path::PathBuf>,
+
+    /// Allow an http:// --control-url: INSECURE, the node key and the chunk-token keys
+    /// cross the network in clear.
+    #[arg(long, env = "STARLING_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_plaintext: bool,
 
     /// Legacy / zero-setup mode: the control plane's shared node key, sent as
     /// `authorization: Bearer <key>` on every EdgeService call (the control plane
@@ -318,8 +348,25 @@ fn run(args: Args) -> anyhow::Result<()> {
              per-node credential (starling-admin node add NAME, --node-credential-file)"
         );
     }
+    let control_transport = match &args.control_url {
+        Some(url) => starling_proto::transport::Transport::from_flags(
+            url,
+            args.ca_file.as_deref(),
+            args.tls_client_cert.as_deref(),
+            args.tls_client_key.as_deref(),
+            args.insecure_plaintext,
+        )?,
+        None => starling_proto::transport::Transport::default(),
+    };
+    if control_transport.is_plaintext() {
+        tracing::warn!(
+            "--insecure-plaintext: talking to the control plane WITHOUT TLS; the node key and \
+             chunk-token keys cross the network in clear"
+        );
+    }
     let cfg = Config {
         control_url: args.control_url,
+        control_transport,
         node_key,
         static_broadcasts: args.static_broadcasts,
         source_policy: starling_dataplane::source_policy::SourcePolicy::new(args.allow_source_nets),

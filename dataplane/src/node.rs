@@ -58,6 +58,12 @@ impl Node {
         if cfg.control_url.is_none() && cfg.static_broadcasts.is_empty() {
             return Err(Error::NothingToDo);
         }
+        if let Some(url) = &cfg.control_url {
+            // A URL whose scheme does not match the transport (http:// without the
+            // plaintext opt-in) is a configuration error, not something to retry.
+            starling_proto::transport::endpoint(url, &cfg.control_transport)
+                .map_err(|e| Error::Config(e.to_string()))?;
+        }
         if !(1..=64).contains(&cfg.static_substreams) {
             return Err(Error::Config("--static-substreams must be 1..=64".into()));
         }
@@ -188,6 +194,7 @@ impl Node {
             chunk_key_id,
             chunk_public_key,
             node_key: cfg.node_key.clone(),
+            transport: cfg.control_transport.clone(),
         };
         let reg = Arc::clone(&registry);
         let t = std::thread::Builder::new()

@@ -197,6 +197,7 @@ fn control_plane_link() -> Result<()> {
 
     let node = Node::start(Config {
         control_url: Some(format!("http://{cp_addr}")),
+        control_transport: starling_proto::transport::Transport::Plaintext,
         wire_listen: "127.0.0.1:0".parse()?,
         http_listen: "127.0.0.1:0".parse()?,
         source_policy: starling_dataplane::source_policy::SourcePolicy::with_loopback(),
@@ -286,6 +287,7 @@ fn stop_command_removes_broadcast() -> Result<()> {
     });
     let node = Node::start(Config {
         control_url: Some(format!("http://{cp_addr}")),
+        control_transport: starling_proto::transport::Transport::Plaintext,
         wire_listen: "127.0.0.1:0".parse()?,
         http_listen: "127.0.0.1:0".parse()?,
         source_policy: starling_dataplane::source_policy::SourcePolicy::with_loopback(),
@@ -361,6 +363,7 @@ fn revoke_and_key_rotation_from_the_control_plane() -> Result<()> {
     });
     let node = Node::start(Config {
         control_url: Some(format!("http://{cp_addr}")),
+        control_transport: starling_proto::transport::Transport::Plaintext,
         wire_listen: "127.0.0.1:0".parse()?,
         http_listen: "127.0.0.1:0".parse()?,
         source_policy: starling_dataplane::source_policy::SourcePolicy::with_loopback(),
@@ -457,6 +460,7 @@ fn node_key_is_sent_and_a_refusal_is_retried() -> Result<()> {
     let config = |node_key: Option<&str>| -> Result<Config> {
         Ok(Config {
             control_url: Some(format!("http://{cp_addr}")),
+            control_transport: starling_proto::transport::Transport::Plaintext,
             node_key: node_key.map(NodeKey::new).transpose()?,
             wire_listen: "127.0.0.1:0".parse()?,
             http_listen: "127.0.0.1:0".parse()?,

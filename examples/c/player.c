@@ -40,7 +40,8 @@ static double now_s(void) {
 
 static void usage(const char *argv0) {
     fprintf(stderr,
-            "usage: %s --broadcast ID [--control-url URL] [--dataplane HOST:PORT]\n"
+            "usage: %s --broadcast ID [--control-url URL] [--ca-file PEM]\n"
+            "          [--insecure-plaintext] [--dataplane HOST:PORT]\n"
             "          [--credential JWT] [--no-relay] [--target-lag-ms MS]\n"
             "          [-o PATH|-] [--seconds N]\n",
             argv0);
@@ -65,6 +66,10 @@ int main(int argc, char **argv) {
             config.relay = false;
             continue;
         }
+        if (strcmp(a, "--insecure-plaintext") == 0) {
+            config.insecure_plaintext = true;
+            continue;
+        }
         if (val == NULL) {
             usage(argv[0]);
             return 2;
@@ -73,6 +78,8 @@ int main(int argc, char **argv) {
             config.broadcast_id = val;
         } else if (strcmp(a, "--control-url") == 0) {
             config.control_url = val;
+        } else if (strcmp(a, "--ca-file") == 0) {
+            config.ca_file = val;
         } else if (strcmp(a, "--dataplane") == 0) {
             config.dataplane_addr = val;
         } else if (strcmp(a, "--credential") == 0) {

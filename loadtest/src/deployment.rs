@@ -14,6 +14,7 @@ use starling_controlplane::reports::Reports;
 use starling_controlplane::{
     BearerInterceptor, ControlPlane, ControlPlaneHandle, DatabaseConfig, ServiceConfig,
 };
+use starling_proto::transport::Transport;
 use starling_proto::v1::admin_service_client::AdminServiceClient;
 use starling_proto::v1::{Broadcast, BroadcastRef, CreateBroadcastRequest, SourceHealth};
 use tonic::service::interceptor::InterceptedService;
@@ -27,13 +28,16 @@ pub const VIEWER_JWT_AUDIENCE: &str = "starling-loadtest";
 /// The `iss` viewer JWTs must carry in a deployment with viewer keys.
 pub const VIEWER_JWT_ISSUER: &str = "starling-loadtest-backend";
 
-/// Connects an [`AdminClient`] to `control_url` with `admin_key`.
-pub async fn admin_client(control_url: &str, admin_key: &str) -> Result<AdminClient, HarnessError> {
+/// Connects an [`AdminClient`] to `control_url` (secured as `transport` says) with
+/// `admin_key`.
+pub async fn admin_client(
+    control_url: &str,
+    admin_key: &str,
+    transport: &Transport,
+) -> Result<AdminClient, HarnessError> {
     let bearer = BearerInterceptor::new(admin_key)
         .map_err(|e| HarnessError::Config(format!("admin key: {e}")))?;
-    let channel = tonic::transport::Endpoint::from_shared(control_url.to_owned())
-        .map_err(|e| HarnessError::Config(format!("control URL {control_url:?}: {e}")))?
-        .connect()
+    let channel = crate::tls::channel(control_url, transport)
         .await
         .map_err(|e| HarnessError::Start(format!("admin client: {e}")))?;
     Ok(AdminServiceClient::with_interceptor(channel, bearer))
@@ -110,6 +114,9 @@ pub struct DeploymentConfig {
     /// its per-address rate limits are turned off (they cannot hold behind a proxy).
     /// Otherwise SDK peers call from their own 127.x.y.z relay address and both stay on.
     pub behind_proxy: bool,
+    /// Serve gRPC over TLS with a throwaway CA made at start (default); `false`:
+    /// plaintext (insecure opt-in; every client then uses `Transport::Plaintext`).
+    pub tls: bool,
 }
 
 impl Default for DeploymentConfig {
@@ -132,6 +139,7 @@ impl Default for DeploymentConfig {
             control_metrics: false,
             dashboard_listen: None,
             behind_proxy: false,
+            tls: true,
         }
     }
 }
@@ -145,6 +153,7 @@ pub struct Deployment {
     node: Option<starling_dataplane::Node>,
     admin: AdminClient,
     admin_key: String,
+    transport: Transport,
     broadcast: Broadcast,
     reports: Arc<Reports>,
     control_metrics: Option<SocketAddr>,
@@ -214,6 +223,13 @@ impl Deployment {
             cp_config.metrics_listen = Some(([127, 0, 0, 1], 0).into());
         }
         cp_config.dashboard_listen = config.dashboard_listen;
+        let transport = if config.tls {
+            let tls = crate::tls::ThrowawayTls::new()?;
+            cp_config.tls = Some(tls.server_tls());
+            tls.transport()
+        } else {
+            Transport::Plaintext
+        };
         let cp = ControlPlane::bind(cp_config)
             .await
             .map_err(|e| HarnessError::Start(format!("control plane: {e}")))?;
@@ -229,6 +245,7 @@ impl Deployment {
             .map_err(|e| HarnessError::Start(format!("node key: {e}")))?;
         let node_cfg = starling_dataplane::Config {
             control_url: Some(control_url.clone()),
+            control_transport: transport.clone(),
             node_key: Some(node_key),
             wire_listen: ([127, 0, 0, 1], 0).into(),
             http_listen: ([127, 0, 0, 1], 0).into(),
@@ -246,7 +263,7 @@ impl Deployment {
             .map_err(|e| HarnessError::Start(format!("data plane: {e}")))?
             .map_err(|e| HarnessError::Start(format!("data plane: {e}")))?;
 
-        let mut admin = admin_client(&control_url, &admin_key).await?;
+        let mut admin = admin_client(&control_url, &admin_key, &transport).await?;
         let created = admin
             .create_broadcast(CreateBroadcastRequest {
                 name: "loadtest".into(),
@@ -272,6 +289,7 @@ impl Deployment {
             node: Some(node),
             admin,
             admin_key,
+            transport,
             broadcast: created,
             reports,
             control_metrics,
@@ -315,9 +333,35 @@ impl Deployment {
         &self.broadcast.id
     }
 
-    /// The control plane's gRPC URL (for SDK viewers).
+    /// The control plane's gRPC URL (for SDK viewers): `https://` unless
+    /// [`DeploymentConfig::tls`] is off.
     pub fn control_url(&self) -> String {
         self.control.as_ref().map(|c| c.url()).unwrap_or_default()
+    }
+
+    /// How clients reach the control plane: TLS trusting the throwaway root CA only
+    /// (or plaintext when [`DeploymentConfig::tls`] is off).
+    pub fn transport(&self) -> Transport {
+        self.transport.clone()
+    }
+
+    /// The throwaway root CA (PEM) clients trust, when serving TLS.
+    pub fn ca_pem(&self) -> Option<String> {
+        match &self.transport {
+            Transport::Tls(t) => t
+                .ca_pem
+                .as_ref()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            Transport::Plaintext => None,
+        }
+    }
+
+    /// A connected gRPC channel to the control plane.
+    ///
+    /// # Errors
+    /// The connection failed.
+    pub async fn channel(&self) -> Result<Channel, HarnessError> {
+        crate::tls::channel(&self.control_url(), &self.transport).await
     }
 
     /// The synthetic source.

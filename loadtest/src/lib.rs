@@ -43,6 +43,7 @@ pub mod sim_demo;
 pub mod simnet;
 pub mod source;
 pub mod swarm;
+pub mod tls;
 pub mod worker;
 
 pub use deployment::{Deployment, DeploymentConfig};

@@ -57,6 +57,37 @@ enum Command {
     /// The library control plane as control-bench's child process (internal).
     #[command(name = "bench-controlplane", hide = true)]
     BenchControlplane(BenchControlplaneArgs),
+    /// Writes a THROWAWAY certificate authority and certificates into DIR, to try TLS
+    /// without a real CA: ca.pem (what clients trust: --ca-file), server.crt and
+    /// server.key (--tls-cert, --tls-key: leaf and intermediate, for --name), node.crt
+    /// and node.key (a data-plane client certificate: --tls-client-cert/--tls-client-key;
+    /// the control plane's --tls-client-ca is ca.pem). Never for production.
+    TlsCerts(TlsCertsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TlsCertsArgs {
+    /// Directory to write the files into (created if missing).
+    dir: PathBuf,
+    /// Names (DNS names or IP addresses) the server certificate is valid for.
+    #[arg(long = "name", default_values = ["localhost", "127.0.0.1", "::1"])]
+    names: Vec<String>,
+}
+
+fn tls_certs(a: &TlsCertsArgs) -> Result<(), Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(&a.dir)?;
+    let pki = starling_testpki::Pki::new("starling throwaway")?;
+    let names: Vec<&str> = a.names.iter().map(String::as_str).collect();
+    pki.server(&names, 1)?.write_to(&a.dir, "server")?;
+    pki.client("starling-node", 2)?.write_to(&a.dir, "node")?;
+    starling_testpki::write(&a.dir.join("ca.pem"), &pki.root_pem())?;
+    eprintln!(
+        "wrote {}/{{ca.pem,server.crt,server.key,node.crt,node.key}} (server names {:?}); \
+         THROWAWAY, never for production",
+        a.dir.display(),
+        a.names
+    );
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -122,10 +153,17 @@ struct ControlBenchArgs {
     /// Heartbeat interval the started control plane announces, ms.
     #[arg(long, env = "STARLING_BENCH_HEARTBEAT_MS", default_value_t = 1000)]
     heartbeat_ms: u64,
-    /// Measure this already running control plane (http://HOST:PORT; needs
-    /// --controlplane-pid and the admin and node keys).
+    /// Measure this already running control plane (https://HOST:PORT; needs
+    /// --controlplane-pid and the admin and node keys). A started one serves TLS with
+    /// a throwaway CA.
     #[arg(long, env = "STARLING_BENCH_CONTROL", requires_all = ["controlplane_pid", "admin_key"])]
     control: Option<String>,
+    /// With --control: CA certificates (PEM) that verify its TLS certificate.
+    #[arg(long, env = "STARLING_CA_FILE", requires = "control")]
+    ca_file: Option<PathBuf>,
+    /// With --control: allow an http:// URL (INSECURE: plaintext gRPC).
+    #[arg(long, env = "STARLING_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_plaintext: bool,
     /// With --control: its process id (CPU and RSS are read from /proc).
     #[arg(long, env = "STARLING_BENCH_CONTROLPLANE_PID")]
     controlplane_pid: Option<u32>,
@@ -173,6 +211,13 @@ struct BenchControlplaneArgs {
     database_url: Option<String>,
     #[arg(long, env = "STARLING_ADMIN_KEY", hide_env_values = true)]
     admin_key: String,
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Accepted for the spawned binary's flag set; plaintext is what no --tls-cert means.
+    #[arg(long, env = "STARLING_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_plaintext: bool,
 }
 
 fn control_bench_config(
@@ -181,6 +226,13 @@ fn control_bench_config(
     use starling_loadtest::control_bench::{BenchConfig, Mode, PeerAddrs, Target};
     let target = match a.control {
         Some(url) => Target::External {
+            transport: starling_proto::transport::Transport::from_flags(
+                &url,
+                a.ca_file.as_deref(),
+                None,
+                None,
+                a.insecure_plaintext,
+            )?,
             url,
             pid: a
                 .controlplane_pid
@@ -325,9 +377,17 @@ struct RunArgs {
     /// the load generator's own capacity every peer would starve. 0 = never hold.
     #[arg(long, env = "STARLING_LOADTEST_MAX_BUSY", default_value_t = 85.0)]
     max_busy: f64,
-    /// Use this control plane instead of starting a deployment (needs --broadcast).
+    /// Use this control plane instead of starting a deployment (needs --broadcast):
+    /// https://HOST:PORT (http:// only with --insecure-plaintext).
     #[arg(long, env = "STARLING_LOADTEST_CONTROL")]
     control: Option<String>,
+    /// With --control: CA certificates (PEM) that verify its TLS certificate, instead
+    /// of the built-in web PKI roots (handed to the worker processes too).
+    #[arg(long, env = "STARLING_CA_FILE", requires = "control")]
+    ca_file: Option<PathBuf>,
+    /// With --control: allow an http:// URL (INSECURE: plaintext gRPC).
+    #[arg(long, env = "STARLING_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_plaintext: bool,
     /// With --control: the live, public broadcast to join.
     #[arg(long, env = "STARLING_LOADTEST_BROADCAST", requires = "control")]
     broadcast: Option<String>,
@@ -370,6 +430,12 @@ struct WorkerArgs {
 struct DataplaneArgs {
     #[arg(long)]
     control: String,
+    /// CA certificates (PEM) that verify the control plane's certificate.
+    #[arg(long, env = "STARLING_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Allow an http:// --control (INSECURE).
+    #[arg(long, env = "STARLING_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_plaintext: bool,
     #[arg(long, default_value_t = 1)]
     cores: usize,
     #[arg(long, default_value_t = 20_000)]
@@ -503,6 +569,7 @@ fn main() -> ExitCode {
                     database_url: a.database_url,
                     admin_key: a.admin_key,
                     heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms),
+                    tls: a.tls_cert.zip(a.tls_key),
                 },
             ))
             .map_err(Into::into),
@@ -521,10 +588,25 @@ fn main() -> ExitCode {
                     .map_err(Into::into)
             }
         }
+        Command::TlsCerts(args) => tls_certs(&args),
         Command::Dataplane(args) => {
             drop(rt);
+            let transport = match starling_proto::transport::Transport::from_flags(
+                &args.control,
+                args.ca_file.as_deref(),
+                None,
+                None,
+                args.insecure_plaintext,
+            ) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             starling_loadtest::run::dataplane_child(
                 args.control,
+                transport,
                 args.cores,
                 args.capacity_viewers,
                 args.node_key.as_deref(),
@@ -744,6 +826,13 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let sim = sim_links(&args)?;
     let external = match (args.control, args.broadcast) {
         (Some(control_url), Some(broadcast_id)) => Some(External {
+            transport: starling_proto::transport::Transport::from_flags(
+                &control_url,
+                args.ca_file.as_deref(),
+                None,
+                None,
+                args.insecure_plaintext,
+            )?,
             control_url,
             broadcast_id,
             admin_key: args.admin_key,

@@ -216,7 +216,11 @@ pub async fn run(
     let (cc, control) = dispatch::spawn(
         ControlConfig {
             data_plane: Some(dp.clone()),
-            ..ControlConfig::new(dep.control_url(), dep.broadcast_id().to_owned())
+            ..ControlConfig::new(
+                dep.control_url(),
+                dep.transport(),
+                dep.broadcast_id().to_owned(),
+            )
         },
         up_rx,
         fabric.sender(),

@@ -2,6 +2,7 @@
 //! per-peer counters and a byte-identity check of every peer's output.
 
 use parking_lot::Mutex;
+use starling_proto::transport::Transport;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -217,6 +218,7 @@ struct Inner {
     pattern: Pattern,
     stream_kbps: u32,
     control_url: String,
+    transport: Transport,
     broadcast_id: String,
     started: Instant,
     egress: Mutex<Option<EgressProbe>>,
@@ -257,6 +259,7 @@ impl Swarm {
             .unwrap_or_else(|| deployment.source().bitrate_kbps());
         let swarm = Swarm::for_broadcast(
             deployment.control_url(),
+            deployment.transport(),
             deployment.broadcast_id().to_owned(),
             stream_kbps,
             deployment.source().pattern(),
@@ -268,11 +271,12 @@ impl Swarm {
     }
 
     /// An empty swarm for broadcast `broadcast_id` of the control plane at
-    /// `control_url`, streamed at `stream_kbps` from a synthetic source with `pattern`
+    /// `control_url` (reached as `transport` says), streamed at `stream_kbps` from a synthetic source with `pattern`
     /// (used only when [`SwarmConfig::check_identity`] is set): a deployment elsewhere,
     /// e.g. in another process.
     pub fn for_broadcast(
         control_url: String,
+        transport: Transport,
         broadcast_id: String,
         stream_kbps: u32,
         pattern: Pattern,
@@ -283,6 +287,7 @@ impl Swarm {
                 pattern,
                 stream_kbps,
                 control_url,
+                transport,
                 broadcast_id,
                 started: Instant::now(),
                 egress: Mutex::new(None),
@@ -411,6 +416,7 @@ impl Swarm {
     fn viewer_config(&self, peer: &PeerShared, config: &SwarmConfig) -> ViewerConfig {
         let mut vc = ViewerConfig::new(self.inner.broadcast_id.clone());
         vc.control_url = self.inner.control_url.clone();
+        vc.transport = self.inner.transport.clone();
         // No local HTTP endpoint: the harness reads a subscription (one socket less).
         vc.http_listen = None;
         vc.client_version = concat!("starling-loadtest/", env!("CARGO_PKG_VERSION")).into();

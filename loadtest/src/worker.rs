@@ -84,6 +84,13 @@ pub struct Hello {
     pub worker: usize,
     /// The control plane's gRPC URL.
     pub control_url: String,
+    /// The CA certificate (PEM) that verifies the control plane's TLS certificate;
+    /// `None`: the built-in web PKI roots.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
+    /// The coordinator's explicit plaintext opt-in (an `http://` control URL).
+    #[serde(default)]
+    pub insecure_plaintext: bool,
     /// The broadcast to join.
     pub broadcast_id: String,
     /// Stream rate, kbit/s.
@@ -495,6 +502,7 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), HarnessError> {
     };
     let swarm = Swarm::for_broadcast(
         hello.control_url.clone(),
+        crate::tls::hello_transport(hello.ca_pem.as_deref(), hello.insecure_plaintext),
         hello.broadcast_id.clone(),
         hello.stream_kbps,
         Pattern::new(hello.pattern_seed.unwrap_or(0)),

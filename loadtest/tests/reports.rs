@@ -223,9 +223,7 @@ async fn reports_end_up_in_the_database(database_url: Option<String>) {
     // The proxy in front of the control plane's ViewerService.
     let log = Arc::new(Mutex::new(Log::default()));
     let proxy = Proxy {
-        up: ViewerServiceClient::connect(dep.control_url())
-            .await
-            .expect("upstream"),
+        up: ViewerServiceClient::new(dep.channel().await.expect("upstream")),
         log: log.clone(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -238,8 +236,10 @@ async fn reports_end_up_in_the_database(database_url: Option<String>) {
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
 
+    // The in-test proxy serves plaintext (its upstream hop is TLS).
     let swarm = Swarm::for_broadcast(
         proxy_url,
+        starling_proto::transport::Transport::Plaintext,
         dep.broadcast_id().to_string(),
         dep.source().bitrate_kbps(),
         dep.source().pattern(),

@@ -62,6 +62,7 @@ fn check(failures: &mut Vec<String>, ok: bool, what: String) {
 fn viewer_config(dep: &Deployment, credential: Option<String>) -> ViewerConfig {
     let mut vc = ViewerConfig::new(dep.broadcast_id());
     vc.control_url = dep.control_url();
+    vc.transport = dep.transport();
     vc.http_listen = None;
     vc.credential = credential;
     vc
@@ -185,9 +186,7 @@ async fn credentials_and_admin_bearer() {
     let _ = viewer.leave().await;
 
     // Admin calls: no bearer, a wrong bearer, then the right one.
-    let mut bare = AdminServiceClient::connect(dep.control_url())
-        .await
-        .expect("connect");
+    let mut bare = AdminServiceClient::new(dep.channel().await.expect("connect"));
     match bare.get_broadcast(BroadcastRef { id: bid.clone() }).await {
         Ok(_) => failures.push("admin call without bearer succeeded".into()),
         Err(s) => {
@@ -202,6 +201,7 @@ async fn credentials_and_admin_bearer() {
     let mut wrong = starling_loadtest::deployment::admin_client(
         &dep.control_url(),
         "this-is-not-the-admin-key-0123456789",
+        &dep.transport(),
     )
     .await
     .expect("client");
@@ -368,9 +368,7 @@ async fn revocation_cuts_off_data_plane_at_once_and_peers_within_a_token_lifetim
     let subject = format!("viewer-{target}");
 
     // The shadow: same subject, raw wire, not relaying.
-    let mut vs = ViewerServiceClient::connect(dep.control_url())
-        .await
-        .expect("viewer client");
+    let mut vs = ViewerServiceClient::new(dep.channel().await.expect("viewer client"));
     let join = vs
         .join(JoinRequest {
             holder_key: raw_holder().public_key().to_vec(),
@@ -937,7 +935,7 @@ async fn polluter_cannot_reach_a_player() {
     let listen_addr = listener.local_addr().expect("addr");
     // Its gRPC channel calls from its relay address, as the SDK's does: the control
     // plane checks that `peer_addr` is on the caller's address.
-    let channel = tonic::transport::Endpoint::from_shared(dep.control_url())
+    let channel = starling_proto::transport::endpoint(&dep.control_url(), &dep.transport())
         .expect("control URL")
         .local_address(Some(std::net::IpAddr::V4(ip)))
         .connect()

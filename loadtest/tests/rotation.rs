@@ -152,9 +152,7 @@ async fn chunk_token_key_rotation_drops_nobody() {
 
     // The observer: a session of its own (not relaying, never dialled), heartbeating
     // like the SDK, that decodes every token it is handed.
-    let mut vs = ViewerServiceClient::connect(dep.control_url())
-        .await
-        .expect("viewer client");
+    let mut vs = ViewerServiceClient::new(dep.channel().await.expect("viewer client"));
     let join = vs
         .join(JoinRequest {
             holder_key: vec![7; 32],

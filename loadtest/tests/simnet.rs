@@ -49,7 +49,11 @@ async fn sim_viewers_hold_real_sessions() {
         up_tx,
     );
     let (cc, control) = dispatch::spawn(
-        ControlConfig::new(dep.control_url(), dep.broadcast_id().to_owned()),
+        ControlConfig::new(
+            dep.control_url(),
+            dep.transport(),
+            dep.broadcast_id().to_owned(),
+        ),
         up_rx,
         fabric.sender(),
     );
@@ -182,7 +186,11 @@ async fn sim_viewers_use_the_real_data_plane() {
     let (cc, control) = dispatch::spawn(
         ControlConfig {
             data_plane: Some(dp.clone()),
-            ..ControlConfig::new(dep.control_url(), dep.broadcast_id().to_owned())
+            ..ControlConfig::new(
+                dep.control_url(),
+                dep.transport(),
+                dep.broadcast_id().to_owned(),
+            )
         },
         up_rx,
         fabric.sender(),

@@ -67,7 +67,7 @@ fn start(
     let (cc, control) = dispatch::spawn(
         ControlConfig {
             data_plane: dp,
-            ..ControlConfig::new(control_url, dep.broadcast_id().to_owned())
+            ..ControlConfig::new(control_url, dep.transport(), dep.broadcast_id().to_owned())
         },
         up_rx,
         fabric.sender(),
@@ -219,11 +219,7 @@ async fn sim_viewers_keep_their_keys_when_an_unassigned_node_registers() {
     assert_eq!(load(&cc.key_sets), peers as u64, "{cc:?}");
     assert_eq!(load(&dp.key_sets), peers as u64);
 
-    let channel = tonic::transport::Endpoint::from_shared(dep.control_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = dep.channel().await.unwrap();
     let mut edge = EdgeServiceClient::with_interceptor(
         channel,
         BearerInterceptor::new(dep.admin_key()).unwrap(),
@@ -276,7 +272,8 @@ struct Proxy {
 impl Proxy {
     async fn start(target: String) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", l.local_addr().unwrap());
+        // A TCP proxy: TLS passes through it end to end.
+        let url = format!("https://{}", l.local_addr().unwrap());
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let c = conns.clone();
         let task = tokio::spawn(async move {
@@ -315,7 +312,7 @@ async fn sim_viewers_reopen_broken_session_streams() {
     let dep = deployment().await;
     let target = dep
         .control_url()
-        .trim_start_matches("http://")
+        .trim_start_matches("https://")
         .trim_end_matches('/')
         .to_owned();
     let proxy = Proxy::start(target).await;
@@ -334,7 +331,11 @@ async fn sim_viewers_reopen_broken_session_streams() {
     let (cc, control) = dispatch::spawn(
         ControlConfig {
             sessions_per_channel: 30,
-            ..ControlConfig::new(proxy.url.clone(), dep.broadcast_id().to_owned())
+            ..ControlConfig::new(
+                proxy.url.clone(),
+                dep.transport(),
+                dep.broadcast_id().to_owned(),
+            )
         },
         up_rx,
         fabric.sender(),

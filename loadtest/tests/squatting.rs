@@ -39,6 +39,7 @@ const GUARD: Duration = Duration::from_secs(60);
 fn viewer_config(dep: &Deployment, listen: Option<IpAddr>, upload_kbps: u32) -> ViewerConfig {
     let mut vc = ViewerConfig::new(dep.broadcast_id());
     vc.control_url = dep.control_url();
+    vc.transport = dep.transport();
     vc.http_listen = None;
     if let Some(ip) = listen {
         vc.relay.listen = SocketAddr::new(ip, 0);
@@ -71,9 +72,7 @@ struct Joined {
 }
 
 async fn join_raw(dep: &Deployment) -> Joined {
-    let mut vs = ViewerServiceClient::connect(dep.control_url())
-        .await
-        .expect("viewer client");
+    let mut vs = ViewerServiceClient::new(dep.channel().await.expect("viewer client"));
     let j = vs
         .join(JoinRequest {
             holder_key: raw_holder().public_key().to_vec(),

@@ -13,6 +13,8 @@
 //! * [`integrity`]: per-chunk signatures made by the data plane and checked by every
 //!   viewer before it plays or relays a chunk.
 //! * [`holder`]: proof of possession of the key a chunk token names (bound tokens).
+//! * [`transport`]: how clients reach the control plane (TLS and its trust, or the
+//!   explicit plaintext opt-in).
 //! * [`codec`]: the gRPC codec of the generated services and clients (prost, with
 //!   small per-call buffers).
 
@@ -24,6 +26,7 @@ pub mod ticket;
 pub mod ticket_mac;
 pub mod time;
 pub mod token;
+pub mod transport;
 pub mod wire;
 
 /// Generated gRPC types and services for package `starling.v1`.

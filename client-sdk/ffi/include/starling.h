@@ -142,6 +142,12 @@ typedef struct StarlingConfig {
   // so nothing can be verified. Default false: `starling_viewer_start` then fails
   // with `STARLING_ERR_UNVERIFIED`.
   bool allow_unverified;
+  // PEM file of the CA certificates that verify the control plane's TLS certificate;
+  // NULL (default) = the built-in web PKI roots.
+  const char *ca_file;
+  // Insecure: allow an http:// `control_url` (plaintext gRPC: the credential and the
+  // chunk keys cross the network in clear). Default false: such a URL is refused.
+  bool insecure_plaintext;
   // Where to accept peer connections. Default "0.0.0.0:0"; NULL = default.
   const char *peer_listen;
   // Host (name or IP) other peers should connect to; NULL (default) = the local IP

@@ -40,6 +40,12 @@ pub struct StarlingConfig {
     /// so nothing can be verified. Default false: `starling_viewer_start` then fails
     /// with `STARLING_ERR_UNVERIFIED`.
     pub allow_unverified: bool,
+    /// PEM file of the CA certificates that verify the control plane's TLS certificate;
+    /// NULL (default) = the built-in web PKI roots.
+    pub ca_file: *const c_char,
+    /// Insecure: allow an http:// `control_url` (plaintext gRPC: the credential and the
+    /// chunk keys cross the network in clear). Default false: such a URL is refused.
+    pub insecure_plaintext: bool,
     /// Where to accept peer connections. Default "0.0.0.0:0"; NULL = default.
     pub peer_listen: *const c_char,
     /// Host (name or IP) other peers should connect to; NULL (default) = the local IP
@@ -70,7 +76,7 @@ pub struct StarlingConfig {
 pub fn default_config() -> StarlingConfig {
     let sdk = ViewerConfig::new("");
     StarlingConfig {
-        control_url: c"http://127.0.0.1:7000".as_ptr(),
+        control_url: c"https://127.0.0.1:7000".as_ptr(),
         broadcast_id: std::ptr::null(),
         credential: std::ptr::null(),
         dataplane_addr: std::ptr::null(),
@@ -78,6 +84,8 @@ pub fn default_config() -> StarlingConfig {
         relay: true,
         upload_kbps: 0,
         allow_unverified: false,
+        ca_file: std::ptr::null(),
+        insecure_plaintext: false,
         peer_listen: c"0.0.0.0:0".as_ptr(),
         advertise_host: std::ptr::null(),
         max_peer_links_per_ip: RelayConfig::DEFAULT_MAX_LINKS_PER_IP,
@@ -102,6 +110,8 @@ pub fn zeroed() -> StarlingConfig {
         relay: false,
         upload_kbps: 0,
         allow_unverified: false,
+        ca_file: std::ptr::null(),
+        insecure_plaintext: false,
         peer_listen: std::ptr::null(),
         advertise_host: std::ptr::null(),
         max_peer_links_per_ip: 0,
@@ -182,6 +192,17 @@ pub unsafe fn settings(c: &StarlingConfig) -> Result<Settings, Failure> {
         None => None,
     };
     v.allow_unverified = c.allow_unverified;
+    let ca_file = unsafe { opt_str(c.ca_file, "ca_file") }?;
+    if dataplane.is_none() {
+        v.transport = starling_sdk::Transport::from_flags(
+            &v.control_url,
+            ca_file.as_deref().map(std::path::Path::new),
+            None,
+            None,
+            c.insecure_plaintext,
+        )
+        .map_err(|e| config_error(format!("config: {e}")))?;
+    }
     if !c.relay {
         v.relay = RelayConfig::disabled();
     } else {
@@ -239,7 +260,7 @@ mod tests {
             Err(f) => panic!("{f:?}"),
         };
         assert_eq!(s.viewer.broadcast_id, "demo");
-        assert_eq!(s.viewer.control_url, "http://127.0.0.1:7000");
+        assert_eq!(s.viewer.control_url, "https://127.0.0.1:7000");
         assert_eq!(
             s.viewer.http_listen,
             Some("127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()))

@@ -31,10 +31,19 @@ fn name(s: StarlingStatus) -> String {
         .into_owned()
 }
 
-/// A viewer of `broadcast` at `control_url`; panics when creation fails.
-fn new_viewer(control_url: &CStr, broadcast: &CStr, relay: bool) -> *mut StarlingViewer {
+/// A viewer of `broadcast` at `control_url` (an https:// one verified with the PEM
+/// file `ca_file`; an http:// one with the plaintext opt-in); panics when creation
+/// fails.
+fn new_viewer(
+    control_url: &CStr,
+    ca_file: Option<&CStr>,
+    broadcast: &CStr,
+    relay: bool,
+) -> *mut StarlingViewer {
     let config = StarlingConfig {
         control_url: control_url.as_ptr(),
+        ca_file: ca_file.map_or(std::ptr::null(), CStr::as_ptr),
+        insecure_plaintext: control_url.to_bytes().starts_with(b"http://"),
         broadcast_id: broadcast.as_ptr(),
         relay,
         worker_threads: 1,
@@ -85,6 +94,17 @@ fn null_pointers_and_bad_configs_are_errors_with_messages() {
         StarlingStatus::StarlingErrConfig
     );
     assert!(last_error().contains("peer_listen"), "{}", last_error());
+    // An http:// control URL without the plaintext opt-in.
+    let plain = StarlingConfig {
+        broadcast_id: c"b".as_ptr(),
+        control_url: c"http://127.0.0.1:7000".as_ptr(),
+        ..config
+    };
+    assert_eq!(
+        unsafe { starling_viewer_new(&plain, &mut v) },
+        StarlingStatus::StarlingErrConfig
+    );
+    assert!(last_error().contains("plaintext"), "{}", last_error());
 
     let mut n = 7usize;
     let mut buf = [0u8; 16];
@@ -122,7 +142,7 @@ fn null_pointers_and_bad_configs_are_errors_with_messages() {
 #[test]
 fn an_unreachable_control_plane_fails_start_and_state_errors_are_reported() {
     // Port 1 on loopback: nothing listens there.
-    let v = new_viewer(c"http://127.0.0.1:1", c"nope", false);
+    let v = new_viewer(c"http://127.0.0.1:1", None, c"nope", false);
     let mut buf = [0u8; 16];
     let mut n = 0usize;
     // SAFETY (this test): `v` is live until freed at the end; buffers are valid.
@@ -195,11 +215,16 @@ fn pull_and_callback_viewers_play_a_live_broadcast_and_stop_cleanly() {
         .expect("deployment");
     let control = CString::new(dep.control_url()).unwrap();
     let broadcast = CString::new(dep.broadcast_id()).unwrap();
+    // TLS with the deployment's throwaway CA.
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_path = ca_dir.path().join("ca.pem");
+    std::fs::write(&ca_path, dep.ca_pem().unwrap()).unwrap();
+    let ca = CString::new(ca_path.to_str().unwrap()).unwrap();
 
     // The callback viewer.
     let collected = Box::new(Mutex::new(Collected::default()));
     let user = &*collected as *const Mutex<Collected> as *mut c_void;
-    let cbv = new_viewer(&control, &broadcast, true);
+    let cbv = new_viewer(&control, Some(&ca), &broadcast, true);
     // SAFETY (this test): the viewers are live until freed at the end; `user` outlives
     // them; buffers are valid.
     let s = unsafe { starling_viewer_set_data_callback(cbv, Some(on_data), user) };
@@ -224,7 +249,7 @@ fn pull_and_callback_viewers_play_a_live_broadcast_and_stop_cleanly() {
     );
 
     // The pulling viewer, read on another thread with no time limit.
-    let pull = new_viewer(&control, &broadcast, true);
+    let pull = new_viewer(&control, Some(&ca), &broadcast, true);
     assert_eq!(
         unsafe { starling_viewer_start(pull) },
         StarlingStatus::StarlingOk,

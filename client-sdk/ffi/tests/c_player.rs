@@ -193,12 +193,16 @@ async fn c_player_plays_a_live_broadcast_that_ffmpeg_decodes_without_errors() {
 
     let output = dir.path().join("out.ts");
     let control_url = dep.control_url();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, dep.ca_pem().expect("TLS deployment")).unwrap();
     let run = {
         let (player, output, broadcast) = (player.clone(), output.clone(), broadcast.clone());
         let lib = lib.clone();
         tokio::task::spawn_blocking(move || {
             let mut child = Command::new(&player)
                 .args(["--control-url", &control_url, "--broadcast", &broadcast])
+                .arg("--ca-file")
+                .arg(&ca_file)
                 .arg("-o")
                 .arg(&output)
                 .args(["--seconds", &PLAY_SECS.to_string()])

@@ -22,11 +22,11 @@ use starling_sdk::{Viewer, ViewerConfig};
 #[derive(Debug, Parser)]
 #[command(name = "starling-play", version, verbatim_doc_comment)]
 struct Args {
-    /// gRPC URL of the control plane.
+    /// gRPC URL of the control plane (https://; http:// only with --insecure-plaintext).
     #[arg(
         long,
         env = "STARLING_CONTROL_URL",
-        default_value = "http://127.0.0.1:7000"
+        default_value = "https://127.0.0.1:7000"
     )]
     control_url: String,
 
@@ -56,6 +56,15 @@ struct Args {
     /// Refuse chunks whose signed timestamp is further ahead than this.
     #[arg(long, env = "STARLING_CHUNK_MAX_FUTURE", default_value = "10s", value_parser = starling_proto::time::parse_duration)]
     chunk_max_future: std::time::Duration,
+    /// CA certificates (PEM) that verify the control plane's TLS certificate, instead
+    /// of the built-in web PKI roots.
+    #[arg(long, env = "STARLING_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+
+    /// Allow an http:// --control-url: INSECURE, the credential and the chunk keys
+    /// cross the network in clear (a man in the middle can replace them).
+    #[arg(long, env = "STARLING_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_plaintext: bool,
 
     /// Address of the local HTTP endpoint for media players (port 0 = any free port).
     #[arg(long, env = "STARLING_HTTP_LISTEN", default_value = "127.0.0.1:0")]
@@ -236,6 +245,15 @@ async fn main() -> anyhow::Result<()> {
     cfg.allow_unverified = args.allow_unverified;
     cfg.chunk_max_age = (!args.chunk_max_age.is_zero()).then_some(args.chunk_max_age);
     cfg.chunk_max_future = args.chunk_max_future;
+    if args.dataplane.is_none() {
+        cfg.transport = starling_proto::transport::Transport::from_flags(
+            &args.control_url,
+            args.ca_file.as_deref(),
+            None,
+            None,
+            args.insecure_plaintext,
+        )?;
+    }
     cfg.http_listen = Some(args.http_listen);
     cfg.relay.listen = args.peer_listen;
     cfg.relay.advertise_host = args.advertise_host.clone();

@@ -98,6 +98,11 @@ pub struct ViewerConfig {
     /// Set it for [`Viewer::connect_direct`](crate::Viewer::connect_direct) with a
     /// token minted for this key.
     pub holder: Option<Arc<starling_proto::holder::HolderKey>>,
+    /// How the control plane is reached: TLS (the default, trusting the built-in web
+    /// PKI roots; `Transport::Tls(ClientTls::with_ca_pem(..))` trusts a private CA
+    /// instead), or `Transport::Plaintext`, the explicit insecure opt-in that alone
+    /// allows an `http://` [`ViewerConfig::control_url`] (a WARN line is logged).
+    pub transport: starling_proto::transport::Transport,
     /// Limits on the connections other peers open to this viewer's peer listener
     /// (handshake deadline and cap, connection cap, request rate).
     pub peer_limits: crate::PeerLimits,
@@ -244,6 +249,7 @@ impl ViewerConfig {
             verified_signatures: None,
             allow_unverified: false,
             holder: None,
+            transport: starling_proto::transport::Transport::default(),
             peer_limits: crate::PeerLimits::default(),
             key_hold: crate::KeyHoldLimits::default(),
             parent_window: starling_grid::peer::SchedulerConfig::default().parent_window,
@@ -296,6 +302,7 @@ impl ViewerConfig {
                 .as_ref()
                 .map(|h| h.public_key())
                 .unwrap_or_default(),
+            transport: self.transport.clone(),
         }
     }
 

@@ -10,7 +10,9 @@ use starling_controlplane::auth::{self, AuthConfig};
 use starling_controlplane::credential::JwtPolicy;
 use starling_controlplane::limits::{LimitsConfig, RateLimit};
 use starling_controlplane::trust::{PeerAddrCheck, TrustConfig};
-use starling_controlplane::{Config, ControlPlane, DatabaseConfig, ServerLimits, ServiceConfig};
+use starling_controlplane::{
+    Config, ControlPlane, DatabaseConfig, ServerLimits, ServerTls, ServiceConfig, TlsIdentity,
+};
 use starling_telemetry::logging::{Guard, LogConfig, LoggingError};
 use tracing::Instrument as _;
 
@@ -19,7 +21,10 @@ use tracing::Instrument as _;
 /// Stores broadcasts, data-plane nodes and viewer sessions in PostgreSQL when
 /// --database-url is given, otherwise in an embedded SQLite file
 /// (<data-dir>/starling.db, created if missing). Serves gRPC health checking and
-/// server reflection, so `grpcurl -plaintext ADDR list` works without the .proto.
+/// server reflection, so `grpcurl -cacert CA ADDR list` works without the .proto.
+///
+/// gRPC is served over TLS (--tls-cert, --tls-key; reloaded on SIGHUP or when either file
+/// changes); plaintext only with --insecure-plaintext.
 ///
 /// Admin calls need `authorization: Bearer <admin JWT or admin key>`. ZERO-SETUP MODE:
 /// with neither --admin-key nor --admin-jwt-key, a random admin key is generated at the
@@ -407,6 +412,77 @@ struct Args {
     #[arg(long, env = "STARLING_GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     grpc_max_concurrent_streams: u32,
+
+    /// TLS certificate chain of the gRPC listener (PEM, leaf first). Reloaded on SIGHUP
+    /// and when the file changes; a new pair that does not load is logged and the old
+    /// one kept.
+    #[arg(
+        long,
+        env = "STARLING_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+
+    /// Private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long,
+        env = "STARLING_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that verify client certificates: the server then asks
+    /// every client for one (mutual TLS for data-plane nodes; viewers send none).
+    #[arg(
+        long,
+        env = "STARLING_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
+
+    /// Refuse EdgeService calls (data-plane nodes) that came without a client
+    /// certificate verified against --tls-client-ca (UNAUTHENTICATED).
+    #[arg(long, env = "STARLING_REQUIRE_NODE_CLIENT_CERT", requires = "tls_client_ca",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    require_node_client_cert: bool,
+
+    /// Serve gRPC in plaintext (no --tls-cert): INSECURE, admin keys, node keys and
+    /// chunk keys cross the network in clear. Without it, the server refuses to start
+    /// without a certificate.
+    #[arg(long, env = "STARLING_INSECURE_PLAINTEXT", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_plaintext: bool,
+}
+
+/// The gRPC listener's TLS from the flags: `None` only with --insecure-plaintext.
+fn server_tls(args: &Args) -> anyhow::Result<Option<ServerTls>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        if args.insecure_plaintext {
+            tracing::warn!("--insecure-plaintext: serving gRPC WITHOUT TLS");
+            return Ok(None);
+        }
+        anyhow::bail!(
+            "no TLS certificate: give --tls-cert FILE --tls-key FILE (STARLING_TLS_CERT, \
+             STARLING_TLS_KEY), or --insecure-plaintext (STARLING_INSECURE_PLAINTEXT=1) to serve \
+             plaintext gRPC"
+        );
+    };
+    let client_ca_pem = match &args.tls_client_ca {
+        Some(p) => Some(
+            std::fs::read(p).with_context(|| format!("reading --tls-client-ca {}", p.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Some(ServerTls {
+        client_ca_pem,
+        require_node_client_cert: args.require_node_client_cert,
+        ..ServerTls::new(TlsIdentity::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        })
+    }))
 }
 
 /// A rate per second: a finite number, 0 or more (0 = no limit).
@@ -594,6 +670,7 @@ async fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let metrics_listen = listen_addr("metrics-listen", &args.metrics_listen)?;
     let dashboard_listen = listen_addr("dashboard-listen", &args.dashboard_listen)?;
+    let tls = server_tls(&args)?;
 
     let database =
         DatabaseConfig::from_url_or_data_dir(args.database_url.as_deref(), &args.data_dir);
@@ -677,6 +754,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             http2_keepalive_timeout: args.grpc_keepalive_timeout,
             max_concurrent_streams: args.grpc_max_concurrent_streams,
         },
+        tls,
     };
     eprintln!("starling-controlplane: database {}", database.describe());
     let failed = || format!("control plane failed ({})", database.describe());
@@ -685,9 +763,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(failed)?;
     eprintln!(
-        "starling-controlplane: backend {}, listening on {} (gRPC)",
+        "starling-controlplane: backend {}, listening on {} (gRPC{})",
         cp.backend_name(),
-        cp.local_addr()
+        cp.local_addr(),
+        if cp.tls().is_some() {
+            " over TLS"
+        } else {
+            ", PLAINTEXT"
+        }
     );
     if let Some(addr) = cp.dashboard_addr() {
         eprintln!(

@@ -52,8 +52,10 @@ pub enum Target {
     },
     /// An already running control plane.
     External {
-        /// Its gRPC URL (http://HOST:PORT).
+        /// Its gRPC URL (https://HOST:PORT; http:// with the plaintext transport).
         url: String,
+        /// How it is reached (TLS and the CA to trust, or the plaintext opt-in).
+        transport: starling_proto::transport::Transport,
         /// Its process id, for /proc (must be on this machine).
         pid: u32,
         /// Admin key (bearer) for AdminService.

@@ -26,6 +26,9 @@ pub struct EmbeddedConfig {
     pub admin_key: String,
     /// Viewer heartbeat / node report interval.
     pub heartbeat_interval: Duration,
+    /// TLS certificate chain and key files (PEM); `None`: plaintext (the bench's
+    /// explicit opt-in).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Serves until the process is killed.
@@ -40,6 +43,12 @@ pub async fn serve(cfg: EmbeddedConfig) -> Result<(), BenchError> {
     config.service.trust.peer_addr_check = PeerAddrCheck::Off;
     config.service.limits.join = RateLimit::per_second(0.0, 1);
     config.service.limits.unknown_session_lookups = RateLimit::per_second(0.0, 1);
+    config.tls = cfg.tls.map(|(cert, key)| {
+        starling_controlplane::ServerTls::new(starling_controlplane::TlsIdentity::Files {
+            cert,
+            key,
+        })
+    });
     let cp = ControlPlane::bind(config)
         .await
         .map_err(|e| BenchError::Setup(format!("control plane: {e}")))?;

@@ -166,11 +166,11 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
     let pid = running.pid;
     let mut join_channels = Vec::new();
     for _ in 0..cfg.join_connections {
-        join_channels.push(target::connect(&running.url).await?);
+        join_channels.push(target::connect(&running.url, &running.transport).await?);
     }
     let mut steady_channels = Vec::new();
     for _ in 0..cfg.steady_connections() {
-        steady_channels.push(target::connect(&running.url).await?);
+        steady_channels.push(target::connect(&running.url, &running.transport).await?);
     }
     let steady_channels: Arc<Vec<Channel>> = Arc::new(steady_channels);
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rand::Rng;
 use starling_controlplane::BearerInterceptor;
+use starling_proto::transport::Transport;
 use starling_proto::v1::edge_service_client::EdgeServiceClient;
 use starling_proto::v1::viewer_service_client::ViewerServiceClient;
 use starling_proto::v1::{
@@ -18,7 +19,7 @@ use starling_proto::v1::{
     LeaveRequest, NodeCommand, PublicKey, RegisterNodeRequest, SourceHealth,
 };
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::BenchError;
 use super::config::{BenchConfig, Target};
@@ -33,6 +34,8 @@ const LOG_TAIL: usize = 40;
 pub struct Running {
     /// gRPC URL.
     pub url: String,
+    /// How it is reached (a started one: TLS trusting the throwaway root).
+    pub transport: Transport,
     /// Its process id (for /proc).
     pub pid: u32,
     /// The live public broadcast.
@@ -95,16 +98,21 @@ fn random_key() -> String {
         .collect()
 }
 
-/// A gRPC channel to `url` (one HTTP/2 connection).
-pub async fn connect(url: &str) -> Result<Channel, BenchError> {
-    Endpoint::from_shared(url.to_owned())
-        .map_err(|e| BenchError::Config(format!("control URL {url:?}: {e}")))?
+/// A gRPC channel to `url` (one HTTP/2 connection), secured as `transport` says.
+pub async fn connect(url: &str, transport: &Transport) -> Result<Channel, BenchError> {
+    starling_proto::transport::endpoint(url, transport)
+        .map_err(|e| BenchError::Config(e.to_string()))?
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
         .connect()
         .await
-        .map_err(|e| BenchError::Setup(format!("connecting to {url}: {e}")))
+        .map_err(|e| {
+            BenchError::Setup(format!(
+                "connecting to {url}: {}",
+                starling_proto::transport::error_chain(&e)
+            ))
+        })
 }
 
 /// Starts (or attaches to) the control plane, creates and starts a public broadcast,
@@ -128,6 +136,14 @@ pub async fn start(cfg: &BenchConfig) -> Result<Running, BenchError> {
             } else {
                 admin_key.clone()
             };
+            // TLS with a throwaway CA (the bench measures what a deployment runs).
+            let tls =
+                crate::tls::ThrowawayTls::new().map_err(|e| BenchError::Setup(e.to_string()))?;
+            let (cert_file, key_file) = tls
+                .server_leaf()
+                .write_to(dir.path(), "server")
+                .map_err(|e| BenchError::Setup(e.to_string()))?;
+            let transport = tls.transport();
             let mut cmd = match bin {
                 Some(bin) => {
                     let mut cmd = Command::new(bin);
@@ -159,6 +175,10 @@ pub async fn start(cfg: &BenchConfig) -> Result<Running, BenchError> {
                 .arg(dir.path())
                 .arg("--heartbeat-interval-ms")
                 .arg(cfg.heartbeat_interval_ms.to_string())
+                .arg("--tls-cert")
+                .arg(&cert_file)
+                .arg("--tls-key")
+                .arg(&key_file)
                 .args(extra_args)
                 .env("STARLING_ADMIN_KEY", &admin_key)
                 .env_remove("DATABASE_URL")
@@ -206,6 +226,7 @@ pub async fn start(cfg: &BenchConfig) -> Result<Running, BenchError> {
             });
             let running = Running {
                 url: String::new(),
+                transport,
                 pid,
                 broadcast_id: String::new(),
                 backend: backend.into(),
@@ -228,17 +249,19 @@ pub async fn start(cfg: &BenchConfig) -> Result<Running, BenchError> {
                 ))
             })?;
             let mut running = running;
-            running.url = format!("http://{addr}");
+            running.url = format!("https://{addr}");
             (running, admin_key, node_key)
         }
         Target::External {
             url,
+            transport,
             pid,
             admin_key,
             node_key,
         } => (
             Running {
                 url: url.clone(),
+                transport: transport.clone(),
                 pid: *pid,
                 broadcast_id: String::new(),
                 backend: "external".into(),
@@ -252,7 +275,7 @@ pub async fn start(cfg: &BenchConfig) -> Result<Running, BenchError> {
             node_key.clone(),
         ),
     };
-    let mut admin = crate::deployment::admin_client(&running.url, &admin_key)
+    let mut admin = crate::deployment::admin_client(&running.url, &admin_key, &running.transport)
         .await
         .map_err(|e| BenchError::Setup(e.to_string()))?;
     let created = admin
@@ -273,7 +296,7 @@ pub async fn start(cfg: &BenchConfig) -> Result<Running, BenchError> {
         .await
         .map_err(|s| BenchError::Setup(format!("StartBroadcast: {s}")))?;
     running.broadcast_id = created.id.clone();
-    let channel = connect(&running.url).await?;
+    let channel = connect(&running.url, &running.transport).await?;
     emulate_node(
         channel.clone(),
         &node_key,

@@ -27,6 +27,8 @@ pub enum Net {
 pub struct External {
     /// The control plane's gRPC URL.
     pub control_url: String,
+    /// How it is reached (TLS and the CA to trust, or the plaintext opt-in).
+    pub transport: starling_proto::transport::Transport,
     /// A live broadcast (created with `public: true`, or viewers cannot join).
     pub broadcast_id: String,
     /// The admin key (`authorization: Bearer`), to read the broadcast's state.

@@ -34,10 +34,11 @@ pub async fn scrape_wire_egress(hostport: &str, host: &str) -> Option<u64> {
 }
 
 /// The data-plane child process (`starling-loadtest dataplane`): starts a node
-/// registered with `control_url`, prints `ready wire=ADDR http=ADDR` on stdout, and
+/// registered with `control_url` (reached as `transport` says), prints `ready wire=ADDR http=ADDR` on stdout, and
 /// runs until its stdin closes (the coordinator stopped or died).
 pub fn dataplane_child(
     control_url: String,
+    transport: starling_proto::transport::Transport,
     cores: usize,
     capacity_viewers: u32,
     node_key: Option<&str>,
@@ -49,6 +50,7 @@ pub fn dataplane_child(
     let cfg = starling_dataplane::Config {
         node_key,
         control_url: Some(control_url),
+        control_transport: transport,
         wire_listen: ([127, 0, 0, 1], 0).into(),
         http_listen: ([127, 0, 0, 1], 0).into(),
         advertise_host: "127.0.0.1".into(),

@@ -172,6 +172,8 @@ pub(super) async fn drive(
         let hello = Hello {
             worker: w,
             control_url: stack.control_url.clone(),
+            ca_pem: crate::tls::hello_fields(&stack.transport).0,
+            insecure_plaintext: crate::tls::hello_fields(&stack.transport).1,
             broadcast_id: stack.broadcast_id.clone(),
             stream_kbps: stack.stream_kbps.unwrap_or(cfg.bitrate_kbps),
             pattern_seed: stack.pattern_seed,

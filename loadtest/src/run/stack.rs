@@ -18,6 +18,7 @@ use tokio::time::Instant;
 /// The deployment a run drives.
 pub(super) struct Stack {
     pub(super) control_url: String,
+    pub(super) transport: starling_proto::transport::Transport,
     pub(super) broadcast_id: String,
     /// Delivered stream rate measured by the data plane (see [`RunReport::stream_kbps`]).
     pub(super) stream_kbps: Option<u32>,
@@ -58,11 +59,12 @@ impl Stack {
     pub(super) async fn start(cfg: &RunConfig) -> Result<Stack, HarnessError> {
         if let Some(ext) = &cfg.external {
             let admin = match &ext.admin_key {
-                Some(k) => Some(admin_client(&ext.control_url, k).await?),
+                Some(k) => Some(admin_client(&ext.control_url, k, &ext.transport).await?),
                 None => None,
             };
             return Ok(Stack {
                 control_url: ext.control_url.clone(),
+                transport: ext.transport.clone(),
                 broadcast_id: ext.broadcast_id.clone(),
                 stream_kbps: None,
                 admin,
@@ -101,6 +103,14 @@ impl Stack {
             cp.service.limits.join = RateLimit::per_second(0.0, 1);
             cp.service.limits.unknown_session_lookups = RateLimit::per_second(0.0, 1);
         }
+        // gRPC over TLS with a throwaway CA; the data-plane child trusts its root
+        // through --ca-file, the workers through their hello.
+        let tls = crate::tls::ThrowawayTls::new()?;
+        cp.tls = Some(tls.server_tls());
+        let transport = tls.transport();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, tls.root_pem())
+            .map_err(|e| HarnessError::Start(format!("writing {}: {e}", ca_file.display())))?;
         let control = ControlPlane::bind(cp)
             .await
             .map_err(|e| HarnessError::Start(format!("control plane: {e}")))?
@@ -119,6 +129,8 @@ impl Stack {
                 "--capacity-viewers",
                 &capacity,
             ])
+            .arg("--ca-file")
+            .arg(&ca_file)
             // The node key travels in the environment, not on the command line.
             .env("STARLING_NODE_KEY", &admin_key)
             .stdin(Stdio::piped())
@@ -155,7 +167,7 @@ impl Stack {
             dataplane: child,
             _dir: dir,
         };
-        let mut admin = admin_client(&control_url, &admin_key).await?;
+        let mut admin = admin_client(&control_url, &admin_key, &transport).await?;
         let source_url = local._source.url();
         let created = admin
             .create_broadcast(CreateBroadcastRequest {
@@ -189,6 +201,7 @@ impl Stack {
         }
         let mut stack = Stack {
             control_url,
+            transport,
             broadcast_id: created.id.clone(),
             stream_kbps: None,
             admin: Some(admin),

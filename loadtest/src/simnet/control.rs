@@ -39,6 +39,8 @@ const DEFAULT_PUSHBACK_MS: u64 = 250;
 pub struct ControlConfig {
     /// The control plane's gRPC URL.
     pub control_url: String,
+    /// How it is reached (TLS and the CA to trust, or the plaintext opt-in).
+    pub transport: starling_proto::transport::Transport,
     /// The broadcast.
     pub broadcast_id: String,
     /// Sessions per HTTP/2 connection.
@@ -54,9 +56,14 @@ pub struct ControlConfig {
 
 impl ControlConfig {
     /// 200 sessions per connection, 30 s call timeout.
-    pub fn new(control_url: String, broadcast_id: String) -> ControlConfig {
+    pub fn new(
+        control_url: String,
+        transport: starling_proto::transport::Transport,
+        broadcast_id: String,
+    ) -> ControlConfig {
         ControlConfig {
             control_url,
+            transport,
             broadcast_id,
             sessions_per_channel: 200,
             index_offset: 0,

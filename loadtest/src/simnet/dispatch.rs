@@ -128,7 +128,9 @@ pub fn spawn(
 fn channel_for(ctx: &Ctx, channels: &mut Vec<Channel>, index: usize) -> Option<Channel> {
     let c = index / ctx.cfg.sessions_per_channel.max(1);
     while channels.len() <= c {
-        let ep = tonic::transport::Endpoint::from_shared(ctx.cfg.control_url.clone()).ok()?;
+        let ep = starling_proto::transport::endpoint(&ctx.cfg.control_url, &ctx.cfg.transport)
+            .map_err(|e| tracing::error!(error = %e, "control channel"))
+            .ok()?;
         let ep = ep
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEP_ALIVE)

@@ -109,7 +109,11 @@ pub async fn run_sim_worker(config: WorkerConfig) -> Result<(), HarnessError> {
         ControlConfig {
             index_offset: h.index_offset,
             data_plane: Some(dp.clone()),
-            ..ControlConfig::new(h.control_url.clone(), h.broadcast_id.clone())
+            ..ControlConfig::new(
+                h.control_url.clone(),
+                crate::tls::hello_transport(h.ca_pem.as_deref(), h.insecure_plaintext),
+                h.broadcast_id.clone(),
+            )
         },
         up_rx,
         fabric.sender(),

@@ -5,10 +5,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use starling_proto::transport::{Transport, endpoint, error_chain};
 use starling_proto::v1::admin_service_client::AdminServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Where the control plane writes its zero-setup admin key by default.
 const DEFAULT_ADMIN_KEY_FILE: &str = "./starling-data/admin.key";
@@ -21,7 +22,7 @@ pub struct ConnArgs {
     #[arg(
         long,
         env = "STARLING_CONTROL_URL",
-        default_value = "http://127.0.0.1:7000",
+        default_value = "https://127.0.0.1:7000",
         global = true
     )]
     pub control_url: String,
@@ -53,6 +54,17 @@ pub struct ConnArgs {
     /// exists].
     #[arg(long, env = "STARLING_ADMIN_KEY_FILE", global = true)]
     pub admin_key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) that verify the control plane's TLS certificate, instead
+    /// of the built-in web PKI roots.
+    #[arg(long, env = "STARLING_CA_FILE", value_name = "FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+
+    /// Allow an http:// --control-url: INSECURE, the admin credential crosses the
+    /// network in clear.
+    #[arg(long, env = "STARLING_INSECURE_PLAINTEXT", global = true,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure_plaintext: bool,
 }
 
 /// Why a command failed; `main` maps it to the exit status.
@@ -137,18 +149,37 @@ fn bearer(args: &ConnArgs) -> Result<Bearer, Failure> {
     }
 }
 
-/// Connects to --control-url with the bearer token.
+static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Connects to --control-url (TLS, or plaintext with --insecure-plaintext) with the
+/// bearer token.
 pub async fn connect(args: &ConnArgs) -> Result<Client, Failure> {
     let bearer = bearer(args)?;
-    let endpoint = Endpoint::from_shared(args.control_url.clone())
-        .map_err(|e| {
-            Failure::Connect(format!("invalid --control-url {:?}: {e}", args.control_url))
-        })?
+    let transport = Transport::from_flags(
+        &args.control_url,
+        args.ca_file.as_deref(),
+        None,
+        None,
+        args.insecure_plaintext,
+    )
+    .map_err(|e| Failure::Connect(e.to_string()))?;
+    if transport.is_plaintext() && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!(
+            "starling-admin: WARNING: plaintext connection to {} (--insecure-plaintext): the \
+             admin credential crosses the network in clear",
+            args.control_url
+        );
+    }
+    let endpoint = endpoint(&args.control_url, &transport)
+        .map_err(|e| Failure::Connect(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(args.call_timeout);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Failure::Connect(format!("cannot connect to {}: {e}", args.control_url)))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        Failure::Connect(format!(
+            "cannot connect to {}: {}",
+            args.control_url,
+            error_chain(&e)
+        ))
+    })?;
     Ok(AdminServiceClient::with_interceptor(channel, bearer))
 }
