@@ -74,7 +74,7 @@ log "cargo build (binaries for the end-to-end tests)"
 cargo build --workspace --bins --locked
 
 log "cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
 
 log "fuzz targets, 5 s each (scripts/fuzz.sh; longer runs: scripts/fuzz.sh SECS)"
 scripts/fuzz.sh "${STARLING_FUZZ_SECS:-5}"

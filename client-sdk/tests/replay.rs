@@ -29,6 +29,8 @@ const RELAY: u64 = 77;
 fn config(broadcast: &str, url: &str) -> ViewerConfig {
     let mut c = ViewerConfig::new(broadcast);
     c.control_url = url.into();
+    // The mini control plane of these tests serves plaintext on loopback.
+    c.transport = starling_proto::transport::Transport::Plaintext;
     c.http_listen = None;
     c.reconnect_initial = Duration::from_millis(10);
     c.reconnect_max = Duration::from_millis(200);

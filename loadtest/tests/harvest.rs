@@ -46,6 +46,7 @@ fn viewer_config(
 ) -> ViewerConfig {
     let mut vc = ViewerConfig::new(dep.broadcast_id());
     vc.control_url = dep.control_url();
+    vc.transport = dep.transport();
     vc.http_listen = None;
     vc.credential = Some(credential);
     if let Some(ip) = listen {
@@ -140,7 +141,7 @@ async fn harvested_tokens_are_refused_and_their_holder_plays_on() {
     let ip = peer_ip(249);
     let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
     let listen_addr = listener.local_addr().expect("addr");
-    let channel = tonic::transport::Endpoint::from_shared(dep.control_url())
+    let channel = starling_proto::transport::endpoint(&dep.control_url(), &dep.transport())
         .expect("control URL")
         .local_address(Some(IpAddr::V4(ip)))
         .connect()
