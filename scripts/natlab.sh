@@ -36,6 +36,9 @@ P=nl # namespace prefix
 E2E_NAME=natlab
 # The lab is about NAT, not TLS: the control plane serves plaintext here (a WARN line).
 export STARLING_INSECURE_PLAINTEXT=1
+# The control plane runs on its embedded SQLite: a DATABASE_URL (CI's throwaway Postgres
+# listens on the host's loopback) is unreachable from the lab's namespaces.
+unset DATABASE_URL
 WORK=$(mktemp -d /tmp/starling-natlab.XXXXXX)
 chmod 755 "$WORK"
 # shellcheck source=scripts/e2e-common.sh
@@ -234,7 +237,7 @@ admin() { ip netns exec "$P-pub" "$BIN/starling-admin" --control-url "$CONTROL" 
   --admin-key-file "$WORK/cp-data/admin.key" "$@"; }
 for _ in $(seq 1 300); do admin list >/dev/null 2>&1 && break; sleep 0.1; done
 ID=$(admin create --name natlab --source "http://$PUB_IP:$SRC_PORT/live.ts" --public \
-  --chunk-ms 1000 --substreams 4 --id-only)
+  --chunk-ms 1000 --substreams 4 --id-only) || { fail "the control plane did not answer"; exit 1; }
 admin start "$ID" >/dev/null
 admin wait "$ID" --health up --timeout 60s >/dev/null || { fail "the source never came up"; exit 1; }
 log "broadcast $ID is live: control plane $CONTROL, data plane $PUB_IP:$WIRE_PORT"
