@@ -78,13 +78,13 @@ run_one() {
     -rss_limit_mb=2048 -artifact_prefix="artifacts/$t/" ${FUZZ_RUNS:+-runs=$FUZZ_RUNS} \
     >"../$logf" 2>&1) || rc=$?
   local execs
-  execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$logf" | grep -o '[0-9]*$' | tail -1)
+  execs=$(grep -ao 'stat::number_of_executed_units: *[0-9]*' "$logf" | grep -o '[0-9]*$' | tail -1)
   local cov
-  cov=$(grep -o 'cov: [0-9]*' "$logf" | tail -1 | grep -o '[0-9]*')
+  cov=$(grep -ao 'cov: [0-9]*' "$logf" | tail -1 | grep -o '[0-9]*')
   printf '%s %s %s %s\n' "$t" "${execs:-0}" "${cov:-0}" "$rc" >>"$RESULTS"
   if [ "$rc" != 0 ]; then
     log "CRASH in $t (exit $rc): see $logf and fuzz/artifacts/$t/"
-    grep -A20 -m1 'panicked\|ERROR: libFuzzer' "$logf" >&2 || tail -30 "$logf" >&2
+    grep -a -A20 -m1 'panicked\|ERROR: libFuzzer' "$logf" >&2 || tail -30 "$logf" >&2
   else
     log "$t: ${execs:-0} executions, coverage ${cov:-0}"
   fi
