@@ -1185,6 +1185,16 @@ async fn grid_reparent_excludes_the_given_peer(store: Store) {
         ),
         (
             ReparentRequest {
+                session_id: b.session_id.clone(),
+                substream: 0,
+                exclude_peer_ids: vec![],
+                unreachable_peer_ids: vec![1; 65],
+            },
+            Code::InvalidArgument,
+            "unreachable_peer_ids",
+        ),
+        (
+            ReparentRequest {
                 session_id: "s-ghost".into(),
                 substream: 0,
                 exclude_peer_ids: vec![],

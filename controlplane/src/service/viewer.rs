@@ -142,6 +142,13 @@ impl Core {
                 live::MAX_EXCLUDE
             )));
         }
+        if req.unreachable_peer_ids.len() > live::MAX_EXCLUDE {
+            return Err(ApiError::InvalidArgument(format!(
+                "unreachable_peer_ids has {} entries, at most {} allowed",
+                req.unreachable_peer_ids.len(),
+                live::MAX_EXCLUDE
+            )));
+        }
         // Parents the viewer could not connect to: probed again (each at most every 30 s,
         // only the viewer's own recent parents); one that does not answer loses its
         // children.
@@ -150,7 +157,6 @@ impl Core {
                 .unreachable_peer_ids
                 .iter()
                 .filter(|id| req.exclude_peer_ids.contains(id))
-                .take(live::MAX_EXCLUDE)
             {
                 if let Some((parent_session, addr)) = self.grids.reprobe_target(&req.session_id, id)
                 {
