@@ -54,6 +54,10 @@ pub(crate) struct OpenParams<'a> {
     /// Who we are talking to, as the proof names it (the data plane, or the peer id the
     /// control plane gave for `addr`).
     pub verifier: Verifier,
+    /// Dial by hole punching from this address (our peer listener's, whose
+    /// rendezvous is given): `addr` is reachable only that way
+    /// ([`crate::punch::connect_from`]).
+    pub punch_from: Option<(std::net::SocketAddr, &'a crate::punch::Rendezvous)>,
 }
 
 /// Connects and runs the handshake up to `STREAM_INFO`. Any `ERROR` from the server is
@@ -66,12 +70,24 @@ pub(crate) async fn open(p: OpenParams<'_>) -> Result<WireConn, SdkError> {
 }
 
 async fn open_inner(p: &OpenParams<'_>) -> Result<WireConn, SdkError> {
-    let stream = TcpStream::connect(p.addr)
-        .await
-        .map_err(|e| SdkError::Connect {
-            addr: p.addr.to_string(),
-            source: e.into(),
-        })?;
+    let connect_err = |e: std::io::Error| SdkError::Connect {
+        addr: p.addr.to_string(),
+        source: e.into(),
+    };
+    let stream = match p.punch_from {
+        Some((local, rendezvous)) => {
+            let remote = p.addr.parse().map_err(|_| {
+                connect_err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a punched peer's address must be ip:port",
+                ))
+            })?;
+            crate::punch::connect_from(local, remote, crate::punch::PUNCH_WINDOW, rendezvous)
+                .await
+                .map_err(connect_err)?
+        }
+        None => TcpStream::connect(p.addr).await.map_err(connect_err)?,
+    };
     let mut conn = WireConn::new(stream, p.limits, p.addr.to_string());
     conn.send(&Frame::Hello(Hello {
         min_version: MIN_PROTOCOL_VERSION,

@@ -30,6 +30,9 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 pub(crate) struct PeerAddr {
     pub id: PeerId,
     pub addr: String,
+    /// Reachable only by hole punching (`PeerRef.punch`): dial from the peer
+    /// listener's port ([`crate::punch`]).
+    pub punch: bool,
 }
 
 impl PeerAddr {
@@ -38,6 +41,7 @@ impl PeerAddr {
         (!r.addr.is_empty()).then_some(PeerAddr {
             id: r.peer_id,
             addr: r.addr,
+            punch: r.punch,
         })
     }
 }
@@ -49,6 +53,8 @@ pub(crate) struct AssignedParent {
     pub parent: Parent,
     /// Where to dial a peer parent (empty for the data plane).
     pub addr: String,
+    /// The peer parent is reachable only by hole punching ([`PeerAddr::punch`]).
+    pub punch: bool,
 }
 
 impl AssignedParent {
@@ -58,10 +64,12 @@ impl AssignedParent {
             Some(p) => AssignedParent {
                 parent: Parent::Peer(p.id),
                 addr: p.addr,
+                punch: p.punch,
             },
             None => AssignedParent {
                 parent: Parent::Server,
                 addr: String::new(),
+                punch: false,
             },
         }
     }
@@ -72,6 +80,7 @@ impl AssignedParent {
             Parent::Peer(id) => Some(PeerAddr {
                 id,
                 addr: self.addr.clone(),
+                punch: self.punch,
             }),
             Parent::Server => None,
         }
@@ -168,6 +177,9 @@ pub(crate) struct Offer {
     /// `host:port` of the peer listener; empty = does not relay.
     pub peer_addr: String,
     pub upload_kbps: u32,
+    /// The peer listener's own `ip:port` (the host candidate, `JoinRequest.host_addr`);
+    /// empty without a listener.
+    pub host_addr: String,
 }
 
 /// Cumulative counters reported in `Heartbeat`.
@@ -205,6 +217,10 @@ pub(crate) struct ControlOptions {
     pub timeout: Duration,
     /// Bind the channel's sockets to this IP ([`control_bind_ip`]).
     pub local: Option<IpAddr>,
+    /// Connect from this address: the peer listener's, so that the control plane
+    /// observes the listener port's public mapping ([`crate::punch::BoundConnector`]).
+    /// Overrides `local`.
+    pub bind_from: Option<std::net::SocketAddr>,
     /// HTTP/2 PING interval (`None`: no keep-alive).
     pub keep_alive: Option<Duration>,
     /// A PING unanswered this long closes the connection (its streams fail).
@@ -267,6 +283,11 @@ pub(crate) struct SessionDelta {
     /// The broadcast's current run (0: unchanged).
     pub run_epoch: u64,
     pub server_time: Option<ServerTime>,
+    /// Children to punch towards now (`SessionDown.punch`), each with its reflexive
+    /// address.
+    pub punch: Vec<PeerAddr>,
+    /// Our child slots, re-counted (0: unchanged).
+    pub child_slots: u32,
 }
 
 impl SessionDelta {
@@ -286,6 +307,8 @@ impl SessionDelta {
                 .then(|| Duration::from_millis(u64::from(d.counters_interval_ms))),
             run_epoch: d.run_epoch,
             server_time: ServerTime::now(d.server_time_unix_ms, Duration::ZERO),
+            punch: d.punch.into_iter().filter_map(PeerAddr::from_ref).collect(),
+            child_slots: d.child_slots,
         }
     }
 }
@@ -422,7 +445,12 @@ impl Control {
         }
         // Lazy: the channel (re)connects on use, so a control plane that is down now
         // and back later is picked up by the next heartbeat or re-join.
-        let channel = endpoint.connect_lazy();
+        let channel = match opts.bind_from {
+            Some(local) => {
+                endpoint.connect_with_connector_lazy(crate::punch::BoundConnector { local })
+            }
+            None => endpoint.connect_lazy(),
+        };
         Ok(Control {
             client: ViewerServiceClient::new(channel),
             broadcast_id: broadcast_id.to_string(),
@@ -517,6 +545,7 @@ impl Control {
                 credential: self.credential.clone(),
                 client_version: self.client_version.clone(),
                 peer_addr: offer.peer_addr.clone(),
+                host_addr: offer.host_addr.clone(),
                 upload_kbps: offer.upload_kbps,
                 mac_tickets: true,
                 holder_key: self.holder_key.to_vec(),
@@ -697,6 +726,7 @@ mod tests {
         let r = |id, addr: &str| PeerRef {
             peer_id: id,
             addr: addr.into(),
+            punch: false,
         };
         let p = AssignedParent::from_ref(Some(r(7, "10.0.0.7:9000")));
         assert_eq!(p.parent, Parent::Peer(7));
@@ -704,7 +734,8 @@ mod tests {
             p.peer(),
             Some(PeerAddr {
                 id: 7,
-                addr: "10.0.0.7:9000".into()
+                addr: "10.0.0.7:9000".into(),
+                punch: false,
             })
         );
         for q in [

@@ -56,6 +56,7 @@ pub mod fuzz_api;
 mod http;
 mod hub;
 pub mod portmap;
+mod punch;
 mod rejoin;
 mod relay;
 pub mod reorder;

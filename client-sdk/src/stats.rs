@@ -137,6 +137,20 @@ pub struct Stats {
     pub parents_reported_non_delivery: u64,
     /// Renewed chunk tokens received from the control plane.
     pub token_renewals: u64,
+    /// Peer links opened by hole punching: to punch-only parents, and children's links
+    /// our own punch opened (`PeerRef.punch`).
+    pub punched_links: u64,
+    /// Child subscriptions admitted (a peer subscribing to at least one substream).
+    pub children_admitted: u64,
+    /// Children the control plane told this viewer to punch towards
+    /// (`SessionDown.punch`: it is reachable only that way).
+    pub punch_requests: u64,
+    /// Dials to peers (parents, neighbours) that did not open or handshake.
+    pub peer_dials_failed: u64,
+    /// The longest dial that could not open a connection at all (refused, timed out,
+    /// or a punch that never met), from its start to giving up: how long a child
+    /// waited on a parent it could not reach.
+    pub peer_dial_fail_max: std::time::Duration,
     /// Quality reports acknowledged by the control plane.
     pub reports_sent: u64,
     /// Quality reports dropped unsent because the queue was full (control plane
@@ -176,7 +190,9 @@ impl std::fmt::Display for Stats {
              from server {} bytes, from peers {} bytes, uploaded {} bytes, played {}, skipped {}, \
              parent changes {}, re-parents timed {} (p50 {}, max {} ms), stalls {} ({} ms); \
              chunks verified {}, unverified {}, \
-             bad from peers {}, bad from server {}, peers reported {}, peers refused {}",
+             bad from peers {}, bad from server {}, peers reported {}, peers refused {}; \
+             children admitted {}, punched links {}, punch requests {}, \
+             peer dials failed {} (longest {} ms)",
             self.bytes_received,
             self.chunks_received,
             self.duplicates,
@@ -209,6 +225,11 @@ impl std::fmt::Display for Stats {
             self.bad_chunks_from_server,
             self.peers_reported,
             self.peers_refused,
+            self.children_admitted,
+            self.punched_links,
+            self.punch_requests,
+            self.peer_dials_failed,
+            self.peer_dial_fail_max.as_millis(),
         )
     }
 }

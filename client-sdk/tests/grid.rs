@@ -184,10 +184,12 @@ mod fake_grid {
             Ref::Joiner(i) => Some(PeerRef {
                 peer_id: *i as u64 + 1,
                 addr: st.joins[*i].peer_addr.clone(),
+                punch: false,
             }),
             Ref::Fixed(id, addr) => Some(PeerRef {
                 peer_id: *id,
                 addr: addr.clone(),
+                punch: false,
             }),
         }
     }

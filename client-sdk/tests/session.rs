@@ -155,6 +155,7 @@ async fn a_parent_delta_moves_that_substream_to_the_new_parent() {
                 peer: Some(PeerRef {
                     peer_id: PARENT,
                     addr: peer.addr.to_string(),
+                    punch: false,
                 }),
                 ticket: s.cp.ticket(1, PARENT, 1),
             }],

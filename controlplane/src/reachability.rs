@@ -80,7 +80,9 @@ impl Prober {
                     tracing::debug!(%session_id, %addr, moved, "relay reachable: upload granted");
                 }
                 Some(_) => {
-                    tracing::info!(%session_id, %addr, "relay address unreachable: it gets no children");
+                    tracing::info!(%session_id, %addr,
+                        "relay address unreachable: it gets children only by hole punching, \
+                         if its router keeps ports");
                 }
                 None => {}
             }

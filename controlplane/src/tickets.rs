@@ -316,6 +316,7 @@ mod tests {
                 peer: Some(PeerRef {
                     peer_id: 8,
                     addr: "127.0.0.9:1".into(),
+                    punch: false,
                 }),
                 ticket: Vec::new(),
             },
@@ -365,6 +366,7 @@ mod tests {
             Some(PeerRef {
                 peer_id: id,
                 addr: "127.0.0.9:1".into(),
+                punch: false,
             })
         };
         let mut p: Vec<SubstreamParent> = [(0, 8), (1, 8), (2, 6), (3, 8)]

@@ -155,6 +155,21 @@ pub fn short_text(field: &str, value: &str, required: bool) -> Result<(), Invali
 
 /// Validates a viewer's `peer_addr`: empty (does not relay) or `host:port` with a
 /// non-empty host (name, IPv4, or bracketed IPv6) and a port in 1..=65535.
+/// `JoinRequest.host_addr`: empty, or an IP socket address (the listener's bound
+/// address; only its port is used). Returns the parsed address.
+pub fn host_addr(value: &str) -> Result<Option<std::net::SocketAddr>, Invalid> {
+    short_text("host_addr", value, false)?;
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| {
+        Invalid(format!(
+            "host_addr {value:?} is not ip:port (e.g. 192.168.1.20:7000 or [2001:db8::1]:7000)"
+        ))
+    })
+}
+
 pub fn peer_addr(value: &str) -> Result<(), Invalid> {
     short_text("peer_addr", value, false)?;
     let value = value.trim();

@@ -133,6 +133,7 @@ async fn ingesting_node_key_is_always_in_the_viewers_key_set(store: Store) {
             peer_addr: String::new(),
             upload_kbps: 0,
             mac_tickets: false,
+            host_addr: String::new(),
         })
         .await
         .unwrap()

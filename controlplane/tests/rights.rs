@@ -274,6 +274,7 @@ impl Harness {
                 peer_addr: peer_addr.into(),
                 upload_kbps,
                 mac_tickets: false,
+                host_addr: String::new(),
             })
             .await
             .map(tonic::Response::into_inner)

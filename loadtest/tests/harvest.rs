@@ -157,6 +157,7 @@ async fn harvested_tokens_are_refused_and_their_holder_plays_on() {
             peer_addr: listen_addr.to_string(),
             upload_kbps: 8 * stream_kbps,
             mac_tickets: false,
+            host_addr: String::new(),
         })
         .await
         .expect("malicious relay joins")

@@ -378,6 +378,7 @@ async fn revocation_cuts_off_data_plane_at_once_and_peers_within_a_token_lifetim
             peer_addr: String::new(),
             upload_kbps: 0,
             mac_tickets: false,
+            host_addr: String::new(),
         })
         .await
         .expect("shadow join")
@@ -951,6 +952,7 @@ async fn polluter_cannot_reach_a_player() {
             peer_addr: listen_addr.to_string(),
             upload_kbps: 8 * stream_kbps,
             mac_tickets: false,
+            host_addr: String::new(),
         })
         .await
         .expect("polluter join")

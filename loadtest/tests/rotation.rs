@@ -162,6 +162,7 @@ async fn chunk_token_key_rotation_drops_nobody() {
             peer_addr: String::new(),
             upload_kbps: 0,
             mac_tickets: false,
+            host_addr: String::new(),
         })
         .await
         .expect("observer join")

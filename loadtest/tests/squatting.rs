@@ -82,6 +82,7 @@ async fn join_raw(dep: &Deployment) -> Joined {
             peer_addr: String::new(),
             upload_kbps: 0,
             mac_tickets: false,
+            host_addr: String::new(),
         })
         .await
         .expect("join")

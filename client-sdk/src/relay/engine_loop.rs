@@ -157,6 +157,13 @@ impl Engine {
                 self.on_reparented(substream, excluded, result)
             }
             Ev::Rejoined(r) => self.on_rejoined(r),
+            Ev::ChildSlots(n) => {
+                tracing::debug!(
+                    child_slots = n,
+                    "child slots re-counted by the control plane"
+                );
+                self.peer.set_child_slots(n);
+            }
         }
     }
 

@@ -392,10 +392,13 @@ pub(crate) struct Dial {
     pub holder: Option<Arc<HolderKey>>,
     /// Who `addr` is, as the proof names it.
     pub verifier: Verifier,
+    /// Dial by hole punching from our listener's address ([`crate::punch`]).
+    pub punch_from: Option<(std::net::SocketAddr, Arc<crate::punch::Rendezvous>)>,
 }
 
 /// Connects, handshakes and reports `Connected` or `ConnectFailed`.
 pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>, shared: Arc<Shared>) {
+    let started = std::time::Instant::now();
     let r = conn::open(OpenParams {
         addr: &d.addr,
         token: &d.token,
@@ -408,8 +411,23 @@ pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>, shared
         tickets: &d.tickets,
         holder: d.holder.as_deref(),
         verifier: d.verifier,
+        punch_from: d.punch_from.as_ref().map(|(a, r)| (*a, &**r)),
     })
     .await;
+    if d.role == Role::Peer {
+        let mut s = shared.stats_mut();
+        match &r {
+            Ok(_) if d.punch_from.is_some() => s.punched_links += 1,
+            Ok(_) => {}
+            Err(e) => {
+                s.peer_dials_failed += 1;
+                // How long we waited on a peer we could not reach at all.
+                if matches!(e, SdkError::Connect { .. }) {
+                    s.peer_dial_fail_max = s.peer_dial_fail_max.max(started.elapsed());
+                }
+            }
+        }
+    }
     let ev = match r {
         Ok(c) if c.info.broadcast_id != d.broadcast_id => Ev::ConnectFailed {
             link,
@@ -441,10 +459,16 @@ pub(crate) struct AcceptCtx {
     pub drained: Arc<AtomicU64>,
     /// Connections per source address.
     pub per_ip: Arc<IpLimiter>,
+    /// Silent connections from a parent we punch towards go to our dial.
+    pub rendezvous: Arc<crate::punch::Rendezvous>,
 }
 
 /// Accepts peer connections until the task is aborted.
-pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
+pub(crate) async fn listen(
+    listener: TcpListener,
+    mut punched: Option<mpsc::Receiver<(tokio::net::TcpStream, std::net::SocketAddr)>>,
+    ctx: AcceptCtx,
+) {
     let slots = Arc::new(Semaphore::new(ctx.peer.max_incoming));
     let handshakes = Arc::new(Mutex::new(Handshakes::new(ctx.peer.max_handshakes)));
     let lingering = Arc::new(Semaphore::new(MAX_LINGERING));
@@ -453,6 +477,16 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
         let r = tokio::select! {
             _ = crate::shared::stopped(&mut stop) => return,
             r = listener.accept() => r,
+            // A link our punch towards a child opened: handled as accepted.
+            Some(p) = async {
+                match punched.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                ctx.shared.stats_mut().punched_links += 1;
+                Ok(p)
+            }
         };
         let (stream, addr) = match r {
             Ok(x) => x,
@@ -507,6 +541,28 @@ pub(crate) async fn listen(listener: TcpListener, ctx: AcceptCtx) {
                 max_chunk_payload: 0,
                 ..ctx.limits
             };
+            // A peer that connected to us sends HELLO at once; a punch-only parent whose
+            // own dial reached us sends nothing and waits for ours: while nothing
+            // arrived, a dial of ours towards it claims the connection.
+            let claimed = tokio::time::timeout(ctx.peer.handshake_timeout, async {
+                // `peek`, not `readable`: the latter may report a fresh socket readable
+                // with nothing to read.
+                let mut first = [0u8; 1];
+                tokio::select! {
+                    _ = stream.peek(&mut first) => None,
+                    tx = ctx.rendezvous.claim(addr) => Some(tx),
+                }
+            })
+            .await
+            .ok()
+            .flatten();
+            tracing::trace!(%addr, claimed = claimed.is_some(), "incoming peer connection");
+            if let Some(tx) = claimed {
+                handshakes.lock().finish(hs);
+                tracing::debug!(%addr, "a punching parent's connection handed to our dial");
+                let _ = tx.send(stream);
+                return;
+            }
             let mut conn = WireConn::accepted(stream, before, addr.to_string());
             let outcome = tokio::select! {
                 r = tokio::time::timeout(ctx.peer.handshake_timeout, handshake(&mut conn, &ctx)) => r.ok(),

@@ -76,6 +76,9 @@ impl Engine {
                     let mut d = self.dial_params(&peer.addr, Role::Peer, mask, self.peer_start());
                     d.tickets = self.book.for_parent(id, mask);
                     d.verifier = Verifier::Peer(id);
+                    if peer.punch {
+                        d.punch_from.clone_from(&self.punch_from);
+                    }
                     tokio::spawn(link::dial(l, d, self.events.clone(), self.shared.clone()));
                 }
             }
@@ -158,6 +161,7 @@ impl Engine {
             tickets: Vec::new(),
             holder: self.shared.rights.holder(),
             verifier: Verifier::DataPlane,
+            punch_from: None,
         }
     }
 
@@ -267,6 +271,7 @@ impl Engine {
         };
         link.mask = mask;
         if mask != 0 {
+            self.shared.stats_mut().children_admitted += 1;
             self.peer.add_child(l, mask, start);
             if link.neighbour {
                 link.neighbour = false;

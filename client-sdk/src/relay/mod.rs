@@ -126,6 +126,8 @@ pub(crate) enum Ev {
     },
     /// Answer to a re-`Join`.
     Rejoined(Result<JoinInfo, SdkError>),
+    /// The control plane re-counted our child slots (`SessionDown.child_slots`).
+    ChildSlots(u32),
 }
 
 /// Who feeds a substream now.
@@ -228,6 +230,9 @@ pub(crate) struct GridSetup {
     pub rejoin_after_failures: u32,
     /// Most peer connections accepted per source address (0 = unlimited).
     pub max_links_per_ip: u32,
+    /// Connections our own punches opened towards children ([`crate::punch::Puncher`]),
+    /// handed to the peer listener as if it had accepted them.
+    pub punched: Option<mpsc::Receiver<(tokio::net::TcpStream, std::net::SocketAddr)>>,
 }
 
 /// Starts the engine (and the peer listener). Returns the event sender (for the
@@ -248,11 +253,19 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
     if !may_relay && setup.listener.is_some() {
         tracing::warn!("our chunk token lacks the RELAY scope: not accepting peers");
     }
+    // Punched links to parents leave from the listener's port.
+    let rendezvous = Arc::new(crate::punch::Rendezvous::default());
+    let punch_from = setup
+        .listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| (a, rendezvous.clone()));
     let listener = setup.listener.filter(|_| may_relay);
     let relaying = listener.is_some() && setup.upload_kbps > 0;
     if let Some(l) = listener {
         tasks.push(tokio::spawn(link::listen(
             l,
+            setup.punched,
             AcceptCtx {
                 shared: setup.shared.clone(),
                 limits: setup.limits,
@@ -262,6 +275,7 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
                 ids: ids.clone(),
                 drained: drained.clone(),
                 per_ip: IpLimiter::new(setup.max_links_per_ip),
+                rendezvous,
             },
         )));
     }
@@ -330,6 +344,7 @@ pub(crate) fn start(setup: GridSetup) -> Result<(mpsc::Sender<Ev>, Vec<JoinHandl
         drained,
         epoch,
         unreachable: Vec::new(),
+        punch_from,
     };
     // The first data-plane connection is already up.
     let dp = engine.new_id();
@@ -409,6 +424,9 @@ struct Engine {
     /// Parents whose dial failed at the TCP connect (refused or timed out), told to the
     /// control plane with the next `Reparent` that excludes them (bounded).
     unreachable: Vec<PeerId>,
+    /// Our peer listener's address (and its rendezvous): links to punch-only parents
+    /// are dialled from it.
+    punch_from: Option<(std::net::SocketAddr, Arc<crate::punch::Rendezvous>)>,
 }
 
 /// Most parents remembered as unreachable until a `Reparent` carries them.

@@ -292,6 +292,7 @@ impl ViewerConfig {
         ControlOptions {
             timeout: self.connect_timeout,
             local,
+            bind_from: None,
             keep_alive: self.control_keep_alive.filter(|d| !d.is_zero()),
             keep_alive_timeout: self.control_keep_alive_timeout,
             join_attempts: self.join_attempts,

@@ -33,18 +33,18 @@ pub(super) async fn prepare_relay(config: &ViewerConfig) -> Result<RelayPrep, Sd
         });
     }
     let listen = config.relay.listen;
-    let l = TcpListener::bind(listen)
-        .await
-        .map_err(|e| SdkError::PeerBind {
-            addr: listen.to_string(),
-            source: e.into(),
-        })?;
+    // Bound for port reuse: the control-plane connection and punched links leave from
+    // this port ([`crate::punch`]).
+    let l = crate::punch::bind_listener(listen).map_err(|e| SdkError::PeerBind {
+        addr: listen.to_string(),
+        source: e.into(),
+    })?;
     let port = l.local_addr()?.port();
     let mut mapping = None;
+    let ip = local_ip(listen, &config.control_url).await;
     let host = match &config.relay.advertise_host {
         Some(h) if !h.is_empty() => h.clone(),
         _ => {
-            let ip = local_ip(listen, &config.control_url).await;
             let pm = &config.relay.port_mapping;
             if pm.enabled && needs_mapping(ip) {
                 match PortMapping::map(SocketAddr::new(ip, port), pm).await {
@@ -70,6 +70,7 @@ pub(super) async fn prepare_relay(config: &ViewerConfig) -> Result<RelayPrep, Sd
         offer: Offer {
             peer_addr,
             upload_kbps: upload,
+            host_addr: SocketAddr::new(ip, port).to_string(),
         },
         mapping,
     })

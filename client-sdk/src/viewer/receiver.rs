@@ -44,6 +44,7 @@ pub(super) async fn open_conn(
         tickets: &[],
         holder: config.holder.as_deref(),
         verifier: starling_proto::holder::Verifier::DataPlane,
+        punch_from: None,
     })
     .await
 }

@@ -51,6 +51,8 @@ pub(super) struct Upkeep {
     pub reconnect_max: Duration,
     /// `false`: unary heartbeats only.
     pub stream: bool,
+    /// Punches towards children when the control plane asks (`SessionDown.punch`).
+    pub puncher: Option<crate::punch::Puncher>,
 }
 
 /// Runs until the viewer stops or its session is over: the session stream, or the
@@ -351,6 +353,28 @@ impl Run<'_> {
         }
         shared.rights.observe_server_time(d.server_time);
         shared.rights.set_run(d.run_epoch);
+        if d.child_slots != 0 && !self.feed(Ev::ChildSlots(d.child_slots)).await {
+            return Some(StreamEnd::Stop);
+        }
+        if !d.punch.is_empty() {
+            shared.stats_mut().punch_requests += d.punch.len() as u64;
+            match &self.u.puncher {
+                Some(p) => {
+                    for child in &d.punch {
+                        tracing::debug!(
+                            child = child.id,
+                            addr = child.addr,
+                            "punching towards a child"
+                        );
+                        p.punch(&child.addr);
+                    }
+                }
+                None => tracing::info!(
+                    children = d.punch.len(),
+                    "asked to punch towards children, but this viewer has no peer listener"
+                ),
+            }
+        }
         if let Some(i) = d.counters_interval {
             *self.interval = i.max(MIN_COUNTERS_INTERVAL);
         }
@@ -422,6 +446,7 @@ mod tests {
         AssignedParent {
             parent: Parent::Peer(id),
             addr: format!("10.0.0.{id}:9000"),
+            punch: false,
         }
     }
 
@@ -437,6 +462,7 @@ mod tests {
         AssignedParent {
             parent: Parent::Server,
             addr: String::new(),
+            punch: false,
         }
     }
 
@@ -447,6 +473,7 @@ mod tests {
             neighbours: vec![PeerAddr {
                 id: 5,
                 addr: "n".into(),
+                punch: false,
             }],
             tickets: vec![ticket(0, 1), ticket(1, 2)],
         });

@@ -46,21 +46,31 @@ impl Viewer {
         }
         let started = Instant::now();
         let listener = bind_http(&config).await?;
-        let control = Control::new(
-            &config.control_url,
-            &config.broadcast_id,
-            config.credential.as_deref(),
-            &config.client_version,
-            &config.control_options(crate::control::control_bind_ip(
-                config.relay.listen.ip(),
-                &config.control_url,
-            )),
-        )?;
         let RelayPrep {
             listener: peer_listener,
             offer,
             mapping,
         } = prepare_relay(&config).await?;
+        let mut control_options = config.control_options(crate::control::control_bind_ip(
+            config.relay.listen.ip(),
+            &config.control_url,
+        ));
+        // The control plane observes the peer listener port's public mapping (hole
+        // punching, [`crate::punch`]).
+        control_options.bind_from = peer_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let control = match Control::new(
+            &config.control_url,
+            &config.broadcast_id,
+            config.credential.as_deref(),
+            &config.client_version,
+            &control_options,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                unmap(mapping).await;
+                return Err(e);
+            }
+        };
         let join = match control.join(&offer).await {
             Ok(j) => j,
             Err(e) => {
@@ -156,6 +166,13 @@ impl Viewer {
         );
         let peer_addr = (!offer.peer_addr.is_empty()).then(|| offer.peer_addr.clone());
         let seed = join.assignment.clone();
+        // Hole punching towards children, when the control plane asks (we are then
+        // reachable only that way): links it opens go to the peer listener.
+        let (punched_tx, punched_rx) = tokio::sync::mpsc::channel(crate::punch::PUNCHED_QUEUE);
+        let puncher = peer_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|local| crate::punch::Puncher::new(local, punched_tx));
         let (events, engine_tasks) = crate::relay::start(crate::relay::GridSetup {
             shared: shared.clone(),
             control: control.clone(),
@@ -180,6 +197,7 @@ impl Viewer {
             reconnect_max: config.reconnect_max,
             rejoin_after_failures: config.rejoin_after_failures,
             max_links_per_ip: config.relay.max_links_per_ip,
+            punched: Some(punched_rx),
         })?;
         tasks.extend(engine_tasks);
         tasks.push(tokio::spawn(upkeep(
@@ -192,6 +210,7 @@ impl Viewer {
                 reconnect_initial: config.reconnect_initial,
                 reconnect_max: config.reconnect_max,
                 stream: config.session_stream,
+                puncher,
             },
             seed,
         )));
@@ -268,6 +287,7 @@ impl Viewer {
                     reconnect_initial: config.reconnect_initial,
                     reconnect_max: config.reconnect_max,
                     stream: config.session_stream,
+                    puncher: None,
                 },
                 seed,
             )));

@@ -305,10 +305,12 @@ impl MiniCp {
                     Ref::Joiner(i) => Some(PeerRef {
                         peer_id: *i as u64 + 1,
                         addr: joins[*i].peer_addr.clone(),
+                        punch: false,
                     }),
                     Ref::Fixed(id, addr) => Some(PeerRef {
                         peer_id: *id,
                         addr: addr.clone(),
+                        punch: false,
                     }),
                 };
                 SubstreamParent {

@@ -99,6 +99,7 @@ impl LiveGrids {
                 upload_kbps: upload.granted(),
                 addr_prefix: input.addr_prefix,
                 now,
+                can_punch: input.reflexive.is_some(),
             },
         )?;
         let session_id: Arc<str> = Arc::from(input.session_id);
@@ -107,15 +108,24 @@ impl LiveGrids {
             PeerSlot {
                 session_id: session_id.clone(),
                 addr: input.peer_addr.into_boxed_str(),
+                punch: false,
+                punch_failed: false,
+                reflexive: input
+                    .reflexive
+                    .map(|a| a.to_string().into_boxed_str())
+                    .unwrap_or_default(),
                 neighbours: Box::new([]),
                 wake: None,
             },
         );
+        for &p in &plan.parents {
+            st.wake_punch_parent(p);
+        }
         let mut neighbours: Vec<PeerId> = plan
             .neighbours
             .iter()
             .copied()
-            .filter(|n| st.peers.get(n).is_some_and(|p| !p.addr.is_empty()))
+            .filter(|&n| st.dialable(n))
             .collect();
         st.top_up_neighbours(peer_id, &mut neighbours);
         if let Some(slot) = st.peers.get_mut(&peer_id) {
@@ -226,7 +236,7 @@ impl LiveGrids {
     /// The viewer's current parents and neighbours (neighbours that left are dropped and
     /// the list topped up); `None` when the session is not in a grid of this process.
     pub fn view(&self, session_id: &str) -> Option<HeartbeatView> {
-        let (grid, peer_id, broadcast_id, token) = {
+        let (grid, peer_id, broadcast_id, token, claimed) = {
             let sessions = self.sessions.lock();
             let e = sessions.get(session_id)?;
             (
@@ -234,9 +244,23 @@ impl LiveGrids {
                 e.peer_id,
                 e.broadcast_id().to_string(),
                 e.token,
+                e.upload.claimed(),
             )
         };
         let (parents, neighbours) = self.refresh(session_id, &grid, peer_id, true)?;
+        let (punch, child_slots) = {
+            let st = grid.state.lock();
+            let relays = st
+                .peers
+                .get(&peer_id)
+                .is_some_and(|p| !p.addr.is_empty() || !p.reflexive.is_empty());
+            let slots = if relays {
+                st.assigner.slots_for(claimed)
+            } else {
+                0
+            };
+            (st.punch_children(peer_id), slots)
+        };
         Some(HeartbeatView {
             parents,
             neighbours,
@@ -244,6 +268,8 @@ impl LiveGrids {
             broadcast_id,
             token,
             clamped: false,
+            punch,
+            child_slots,
         })
     }
 
@@ -327,9 +353,12 @@ impl LiveGrids {
 
     /// The result of probing a session's `peer_addr` ([`crate::reachability`]).
     /// Reachable: its claimed upload is granted as at a join without probation, and the
-    /// grid may give it children (server-fed peers move under it). Unreachable: it stays
-    /// a viewer that relays to nobody. Returns how many assignments moved; `None` when
-    /// the session is gone or was not on probation.
+    /// grid may give it children (server-fed peers move under it). Unreachable: when its
+    /// router keeps ports (it joined with a [`JoinInput::reflexive`] address), it becomes
+    /// a relay reachable by hole punching at that address, a parent only of peers that
+    /// can punch ([`GridAssigner::set_punch_only`]); otherwise it stays a viewer that
+    /// relays to nobody. Returns how many assignments moved; `None` when the session is
+    /// gone or was not on probation.
     pub fn probed(&self, session_id: &str, reachable: bool) -> Option<usize> {
         let now = self.now();
         let (grid, peer_id) = {
@@ -340,32 +369,70 @@ impl LiveGrids {
             }
             (e.grid.clone(), e.peer_id)
         };
-        if !reachable {
-            return Some(0);
-        }
         let mut st = grid.state.lock();
+        let mut moved = Vec::new();
+        if !reachable {
+            let Some(slot) = st.peers.get_mut(&peer_id) else {
+                return Some(0);
+            };
+            if slot.reflexive.is_empty() || slot.punch_failed {
+                return Some(0);
+            }
+            slot.addr = slot.reflexive.clone();
+            slot.punch = true;
+            let attached = slot.wake.is_some();
+            moved = st.assigner.set_punch_only(peer_id, true, now);
+            if !attached {
+                // Children only once it can be told to punch: when its session stream
+                // is attached ([`LiveGrids::attach`] grants it then).
+                return Some(st.wake_moved(&moved));
+            }
+        } else if let Some(slot) = st.peers.get_mut(&peer_id)
+            && slot.punch
+        {
+            slot.punch = false;
+            moved = st.assigner.set_punch_only(peer_id, false, now);
+        }
+        Some(self.grant_locked(&mut st, session_id, peer_id, moved))
+    }
+
+    /// Grants a session on probation its claimed upload (capped by the trust
+    /// ceiling), under its grid's lock; `moved` are earlier reassignments to wake with
+    /// those this makes. Returns how many assignments moved.
+    pub(super) fn grant_locked(
+        &self,
+        st: &mut GridState,
+        session_id: &str,
+        peer_id: PeerId,
+        mut moved: Vec<starling_grid::assign::Reassignment>,
+    ) -> usize {
+        let now = self.now();
         let ceiling = self.trust.upload_ceiling(st.assigner.config().stream_kbps);
         // Under the grid lock, as `join` and `set_upload` change budgets.
         let granted = self
             .sessions
             .lock()
             .get_mut(session_id)
-            .and_then(|e| e.upload.reachable(ceiling))?;
-        if st.peers.get(&peer_id).is_none_or(|p| p.addr.is_empty()) {
-            return Some(0);
+            .and_then(|e| e.upload.reachable(ceiling));
+        if let Some(granted) = granted
+            && st.peers.get(&peer_id).is_some_and(|p| !p.addr.is_empty())
+        {
+            moved.extend(st.assigner.set_upload(peer_id, granted, now));
         }
-        let moved = st.assigner.set_upload(peer_id, granted, now);
-        Some(st.wake_moved(&moved))
+        st.wake_moved(&moved)
     }
 
     /// A child could not connect to `peer_id`, one of its parents of the last minute:
     /// that parent's session id and address to probe again, unless it is not a relay
     /// (on probation, no address) or was probed again less than [`REPROBE_EVERY`] ago.
+    /// The address is `None` for a parent reachable only by hole punching: a probe
+    /// cannot tell (its router lets in only what it dialled), so the failed punch is the
+    /// verdict and the caller takes its children away ([`LiveGrids::unreachable`]).
     pub fn reprobe_target(
         &self,
         child_session: &str,
         peer_id: PeerId,
-    ) -> Option<(Arc<str>, std::net::SocketAddr)> {
+    ) -> Option<(Arc<str>, Option<std::net::SocketAddr>)> {
         let now = self.now();
         let grid = {
             let sessions = self.sessions.lock();
@@ -378,7 +445,12 @@ impl LiveGrids {
         let (parent_session, addr) = {
             let st = grid.state.lock();
             let slot = st.peers.get(&peer_id)?;
-            (slot.session_id.clone(), slot.addr.parse().ok()?)
+            let addr = if slot.punch {
+                None
+            } else {
+                Some(slot.addr.parse().ok()?)
+            };
+            (slot.session_id.clone(), addr)
         };
         let mut sessions = self.sessions.lock();
         let p = sessions.get_mut(&parent_session)?;
@@ -404,6 +476,12 @@ impl LiveGrids {
             (e.grid.clone(), e.peer_id)
         };
         let mut st = grid.state.lock();
+        if let Some(slot) = st.peers.get_mut(&peer_id)
+            && slot.punch
+        {
+            // A failed punch is the verdict: not granted again until it joins again.
+            slot.punch_failed = true;
+        }
         let moved = st.assigner.set_upload(peer_id, 0, now);
         Some(st.wake_moved(&moved))
     }

@@ -65,6 +65,9 @@ pub const DEFAULT_STREAM_KBPS: u32 = 1000;
 
 /// Longest `exclude_peer_ids` list a re-search may carry.
 pub const MAX_EXCLUDE: usize = 64;
+/// A measured stream rate this far (percent) from the one a grid counts slots with
+/// re-rates the grid ([`LiveGrids::set_rate`]); smaller drifts are left alone.
+pub const RERATE_BEYOND_PERCENT: u32 = 20;
 /// A relay's address is probed again on a child's complaint at most this often
 /// ([`LiveGrids::reprobe_target`]).
 pub const REPROBE_EVERY: Duration = Duration::from_secs(30);
@@ -134,11 +137,38 @@ impl LiveGrids {
         self.epoch.elapsed()
     }
 
-    /// Records the stream rate the ingesting node measured (ignored when 0).
+    /// Records the stream rate the ingesting node measured (ignored when 0). A grid
+    /// whose slots were counted with a rate more than [`RERATE_BEYOND_PERCENT`] off
+    /// (the default, before the first measurement) is re-rated: every peer's child
+    /// slots are recomputed, the peers moved are woken, and so is every session
+    /// stream of the broadcast, which then pushes the new `child_slots`.
     pub fn set_rate(&self, broadcast_id: &str, kbps: u32) {
-        if kbps > 0 {
-            self.rates.lock().insert(broadcast_id.to_string(), kbps);
+        if kbps == 0 {
+            return;
         }
+        let grid = self.broadcasts.lock().get(broadcast_id).cloned();
+        if let Some(grid) = grid {
+            let now = self.now();
+            let mut st = grid.state.lock();
+            let current = st.assigner.config().stream_kbps;
+            if u64::from(current.abs_diff(kbps)) * 100
+                > u64::from(current) * u64::from(RERATE_BEYOND_PERCENT)
+            {
+                let moved = st.assigner.set_stream_kbps(kbps, now);
+                let moved = st.wake_moved(&moved);
+                for w in st.peers.values().filter_map(|p| p.wake.as_ref()) {
+                    w.wake();
+                }
+                tracing::info!(
+                    broadcast_id,
+                    from_kbps = current,
+                    to_kbps = kbps,
+                    moved,
+                    "peer grid re-rated with the measured stream rate"
+                );
+            }
+        }
+        self.rates.lock().insert(broadcast_id.to_string(), kbps);
     }
 
     /// The latest measured stream rate of a broadcast, if any.

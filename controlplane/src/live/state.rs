@@ -39,6 +39,14 @@ pub(super) struct PeerSlot {
     /// The session's id (the same allocation as its key in the session map).
     pub(super) session_id: Arc<str>,
     pub(super) addr: Box<str>,
+    /// `addr` is the peer's server-reflexive address, reachable only by hole punching
+    /// (its children dial it while it dials them: `PeerRef.punch`).
+    pub(super) punch: bool,
+    /// A child could not punch through to it: it relays to nobody until it joins again.
+    pub(super) punch_failed: bool,
+    /// The peer's server-reflexive address when its NAT keeps ports (it can punch):
+    /// what a punch-only parent dials to let it in. Empty otherwise.
+    pub(super) reflexive: Box<str>,
     pub(super) neighbours: Box<[PeerId]>,
     /// The session stream attached to this peer, woken (under the grid lock) when the
     /// grid moves the peer or removes it ([`super::StreamWake`]).
@@ -71,13 +79,58 @@ impl GridState {
     }
 
     pub(super) fn peer_ref(&self, id: PeerId) -> PeerRef {
+        let slot = self.peers.get(&id);
         PeerRef {
             peer_id: id,
-            addr: self
-                .peers
-                .get(&id)
-                .map(|p| String::from(&*p.addr))
-                .unwrap_or_default(),
+            addr: slot.map(|p| String::from(&*p.addr)).unwrap_or_default(),
+            punch: slot.is_some_and(|p| p.punch),
+        }
+    }
+
+    /// True when others can open a connection to `id` on their own (a mesh neighbour
+    /// must be: only parents and children are coordinated for hole punching).
+    pub(super) fn dialable(&self, id: PeerId) -> bool {
+        self.peers
+            .get(&id)
+            .is_some_and(|p| !p.addr.is_empty() && !p.punch)
+    }
+
+    /// The children a punch-only peer must punch towards: each with its reflexive
+    /// address. Empty for any other peer.
+    pub(super) fn punch_children(&self, id: PeerId) -> Vec<PeerRef> {
+        if !self.peers.get(&id).is_some_and(|p| p.punch) {
+            return Vec::new();
+        }
+        let mut kids: Vec<PeerId> = self
+            .assigner
+            .children(id)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        kids.sort_unstable();
+        kids.dedup();
+        kids.into_iter()
+            .filter_map(|c| {
+                let slot = self.peers.get(&c)?;
+                (!slot.reflexive.is_empty()).then(|| PeerRef {
+                    peer_id: c,
+                    addr: String::from(&*slot.reflexive),
+                    punch: true,
+                })
+            })
+            .collect()
+    }
+
+    /// Wakes the session stream of `parent` when it is reachable only by punching: a
+    /// new child needs it to punch ([`GridState::punch_children`]).
+    pub(super) fn wake_punch_parent(&self, parent: Parent) {
+        if let Parent::Peer(p) = parent
+            && let Some(slot) = self.peers.get(&p)
+            && slot.punch
+            && let Some(w) = &slot.wake
+        {
+            w.wake();
         }
     }
 
@@ -103,8 +156,7 @@ impl GridState {
             if current.len() >= want {
                 break;
             }
-            let dialable = self.peers.get(&n).is_some_and(|p| !p.addr.is_empty());
-            if dialable && !current.contains(&n) {
+            if self.dialable(n) && !current.contains(&n) {
                 current.push(n);
             }
         }
@@ -129,6 +181,7 @@ impl GridState {
             if let Some(w) = self.peers.get(&r.child).and_then(|p| p.wake.as_ref()) {
                 w.wake();
             }
+            self.wake_punch_parent(r.parent);
         }
         moved.len()
     }

@@ -165,14 +165,28 @@ impl LiveGrids {
             let mut st = grid.state.lock();
             let slot = st.peers.get_mut(&peer_id)?;
             let old = slot.wake.replace(wake.clone());
+            let punch_pending = slot.punch && !slot.punch_failed;
             // Grid → sessions is the allowed nesting.
-            let mut sessions = self.sessions.lock();
-            match sessions.get_mut(session_id) {
-                Some(e) => {
-                    e.stream = generation;
-                    e.last_seen = now;
+            let on_probation = {
+                let mut sessions = self.sessions.lock();
+                match sessions.get_mut(session_id) {
+                    Some(e) => {
+                        e.stream = generation;
+                        e.last_seen = now;
+                        e.upload.on_probation_now()
+                    }
+                    None => return None,
                 }
-                None => return None,
+            };
+            if punch_pending && on_probation {
+                // A relay reachable only by hole punching gets children once it can be
+                // told to punch ([`LiveGrids::probed`]).
+                let moved = self.grant_locked(&mut st, session_id, peer_id, Vec::new());
+                tracing::debug!(
+                    session_id,
+                    moved,
+                    "punch-only relay attached: children granted"
+                );
             }
             old
         };

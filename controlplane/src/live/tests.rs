@@ -25,6 +25,7 @@ fn input<'a>(session: &'a str, addr: &str, upload: u32) -> JoinInput<'a> {
         credential_expires_at: None,
         mac_tickets: false,
         probe_first: false,
+        reflexive: None,
     }
 }
 

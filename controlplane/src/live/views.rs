@@ -43,6 +43,12 @@ pub struct HeartbeatView {
     pub token: Option<TokenState>,
     /// A counter of this heartbeat grew beyond its physical bound and was clamped.
     pub clamped: bool,
+    /// When this viewer is reachable only by hole punching: its children, each with
+    /// the server-reflexive address to punch towards (`SessionDown.punch`).
+    pub punch: Vec<PeerRef>,
+    /// The child slots its claimed upload buys at the grid's current rate (0 when it
+    /// does not relay).
+    pub child_slots: u32,
 }
 
 /// The chunk token a session holds.
@@ -186,6 +192,13 @@ pub struct JoinInput<'a> {
     /// Grant no upload (no children) until [`LiveGrids::probed`] says the viewer's
     /// `peer_addr` is reachable ([`crate::reachability`]).
     pub probe_first: bool,
+    /// The viewer's server-reflexive address when its router keeps its listener's port
+    /// (`JoinRequest.host_addr`'s port is the port this process observed): it can
+    /// reach parents by hole punching, and a parent punches towards this address. With
+    /// [`JoinInput::probe_first`], a viewer whose `peer_addr` is unusable or does not
+    /// answer becomes a relay reachable by punching at this address
+    /// ([`LiveGrids::probed`]).
+    pub reflexive: Option<std::net::SocketAddr>,
 }
 
 /// A session removed from the grid by expiry.

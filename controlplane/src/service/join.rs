@@ -57,6 +57,7 @@ impl Core {
         validate::id("broadcast_id", &req.broadcast_id)?;
         validate::short_text("client_version", &req.client_version, false)?;
         validate::peer_addr(&req.peer_addr)?;
+        let host_addr = validate::host_addr(&req.host_addr)?;
         let holder_key: [u8; 32] = req
             .holder_key
             .as_slice()
@@ -142,13 +143,22 @@ impl Core {
             c => u64::from(c).saturating_mul(u64::from(substreams)),
         };
         let peer_addr = live::dialable_addr(advertised, remote);
-        let upload_kbps = if peer_addr.is_empty() {
+        // Server-reflexive candidate: the SDK opens this connection from its peer
+        // listener's port; observed with that same port, its router keeps ports (an
+        // endpoint-independent mapping, or no NAT) and it can be punched to.
+        let reflexive = remote.filter(|r| {
+            host_addr.is_some_and(|h| h.port() == r.port() && h.is_ipv4() == r.is_ipv4())
+        });
+        // Behind a NAT without a usable address, a viewer whose router keeps ports may
+        // still relay: by hole punching (decided right after the join, below).
+        let punch_only = self.prober.enabled() && peer_addr.is_empty() && reflexive.is_some();
+        let upload_kbps = if peer_addr.is_empty() && !punch_only {
             0
         } else {
             req.upload_kbps
         };
         let session_id = validate::new_session_id();
-        let probe_addr = (self.prober.enabled() && upload_kbps > 0)
+        let probe_addr = (self.prober.enabled() && upload_kbps > 0 && !punch_only)
             .then(|| peer_addr.parse::<std::net::SocketAddr>().ok())
             .flatten();
         let grid = self
@@ -166,6 +176,7 @@ impl Core {
                 credential_expires_at,
                 mac_tickets: req.mac_tickets,
                 probe_first: self.prober.enabled(),
+                reflexive,
             })
             .map_err(|e| match e {
                 JoinRefused::Grid(GridError::NoCapacity) => ApiError::Unavailable(format!(
@@ -181,7 +192,13 @@ impl Core {
                     ApiError::FailedPrecondition(format!("broadcast {id} is stopped"))
                 }
             })?;
-        if let Some(addr) = probe_addr {
+        if punch_only && upload_kbps > 0 {
+            // Nothing to probe: the address it can be reached at opens only to hole
+            // punching, and its router keeps ports, so it relays that way.
+            if let Some(moved) = self.grids.probed(&session_id, false) {
+                tracing::debug!(%session_id, moved, "relay reachable by hole punching only");
+            }
+        } else if let Some(addr) = probe_addr {
             self.prober.probe(
                 self.grids.clone(),
                 self.metrics.clone(),

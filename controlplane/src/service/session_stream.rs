@@ -31,7 +31,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use starling_proto::v1::{PublicKey, SessionDown, SessionUp, SubstreamParent};
+use starling_proto::v1::{PeerRef, PublicKey, SessionDown, SessionUp, SubstreamParent};
 use tokio_stream::Stream;
 use tonic::Status;
 
@@ -61,6 +61,10 @@ struct Attachment {
     parents: Box<[u64]>,
     /// Fingerprint of the neighbour list last sent.
     neighbours: u64,
+    /// The children last told to punch towards (`SessionDown.punch`), sorted.
+    punched: Vec<u64>,
+    /// The child slots last sent (the join's, at first).
+    child_slots: u32,
     /// The revocation list last sent.
     revoked: Vec<u64>,
     /// The key that signed the tickets last sent.
@@ -107,7 +111,7 @@ pub struct SessionStream {
 
 /// What a poll of the stream's sources found.
 enum Next {
-    Send(SessionDown),
+    Send(Box<SessionDown>),
     Fail(Status),
     End,
 }
@@ -133,7 +137,7 @@ impl Stream for SessionStream {
             Poll::Ready(Next::Send(mut down)) => {
                 // Every message carries the control plane's clock (the SDK's offset).
                 down.server_time_unix_ms = now_ms();
-                Poll::Ready(Some(Ok(down)))
+                Poll::Ready(Some(Ok(*down)))
             }
             Poll::Ready(Next::Fail(status)) => {
                 this.finish();
@@ -214,7 +218,7 @@ impl SessionStream {
                 if !down.active {
                     self.done = true;
                 }
-                return Poll::Ready(Next::Send(down));
+                return Poll::Ready(Next::Send(Box::new(down)));
             }
         }
     }
@@ -358,6 +362,8 @@ impl Core {
                     broadcast_id: att.broadcast_id,
                     parents: Box::new([]),
                     neighbours: 0,
+                    punched: Vec::new(),
+                    child_slots: 0,
                     revoked: Vec::new(),
                     signing_key: self.tokens.signing_key_id(),
                     token_renew_at: NEVER,
@@ -570,6 +576,9 @@ impl SessionStream {
             .unwrap_or(NEVER);
         a.neighbours = neighbours_fingerprint(view.neighbours.iter().map(|n| n.peer_id));
         down.neighbours = view.neighbours;
+        Self::punch_delta(a, &mut down, view.punch);
+        a.child_slots = view.child_slots;
+        down.child_slots = view.child_slots;
         a.revoked = core.revocations.list(&a.broadcast_id, now);
         down.revoked_peer_ids.clone_from(&a.revoked);
         down.token_expires_at_unix_ms = view.token.map_or(0, |t| t.expires_at_ms);
@@ -653,12 +662,28 @@ impl SessionStream {
             core.metrics.pushed(Pushed::Parents);
         }
         Self::neighbours_delta(a, &mut down, &view.neighbours, &core);
+        Self::punch_delta(a, &mut down, view.punch);
+        if view.child_slots != a.child_slots {
+            a.child_slots = view.child_slots;
+            down.child_slots = view.child_slots;
+        }
         (down
             != SessionDown {
                 active: true,
                 ..Default::default()
             })
         .then_some(down)
+    }
+
+    /// Children assigned since the last message that need this (punch-only) viewer to
+    /// punch towards them: those not told before.
+    fn punch_delta(a: &mut Attachment, down: &mut SessionDown, children: Vec<PeerRef>) {
+        let ids: Vec<u64> = children.iter().map(|c| c.peer_id).collect();
+        down.punch = children
+            .into_iter()
+            .filter(|c| a.punched.binary_search(&c.peer_id).is_err())
+            .collect();
+        a.punched = ids;
     }
 
     fn neighbours_delta(

@@ -158,14 +158,22 @@ impl Core {
                 .iter()
                 .filter(|id| req.exclude_peer_ids.contains(id))
             {
-                if let Some((parent_session, addr)) = self.grids.reprobe_target(&req.session_id, id)
-                {
-                    self.prober.reprobe(
+                match self.grids.reprobe_target(&req.session_id, id) {
+                    Some((parent_session, Some(addr))) => self.prober.reprobe(
                         self.grids.clone(),
                         self.metrics.clone(),
                         parent_session.to_string(),
                         addr,
-                    );
+                    ),
+                    Some((parent_session, None)) => {
+                        if let Some(moved) = self.grids.unreachable(&parent_session) {
+                            self.metrics.probed(false);
+                            tracing::info!(%parent_session, peer_id = id, moved,
+                                "a child could not punch through to its parent: the parent \
+                                 relays to nobody from now on");
+                        }
+                    }
+                    None => {}
                 }
             }
         }

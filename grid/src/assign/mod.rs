@@ -37,6 +37,10 @@
 //! * **Re-search and bad peers.** A re-search excludes the named parents for
 //!   [`GridConfig::avoid_ttl`]; a peer reported bad never gets children again and its current
 //!   children are re-parented.
+//! * **Reachability.** A peer reachable only by hole punching
+//!   ([`GridAssigner::set_punch_only`]) is a parent only of peers that
+//!   [`PeerInfo::can_punch`]; the others look further down the free-slot index (within
+//!   the scan bound) or take the server.
 //! * **Server slot limit.** [`GridConfig::server_slots`] is an admission limit: a join that
 //!   would need more server slots than remain fails with [`GridError::NoCapacity`].
 //!   Re-parenting already admitted viewers may exceed it (a viewer never stalls while the
@@ -68,6 +72,10 @@ pub struct PeerInfo {
     pub addr_prefix: u32,
     /// Time of the join, on the caller's monotonic clock.
     pub now: Duration,
+    /// The peer can open a link to a parent that is reachable only by hole punching
+    /// ([`GridAssigner::set_punch_only`]): its NAT keeps its listener's port, or it has
+    /// none. A peer behind a symmetric NAT cannot, and never gets such a parent.
+    pub can_punch: bool,
 }
 
 /// The answer to a join.

@@ -25,6 +25,7 @@ fn info(upload_kbps: u32, prefix: u32, t: u64) -> PeerInfo {
         upload_kbps,
         addr_prefix: prefix,
         now: Duration::from_millis(t),
+        can_punch: true,
     }
 }
 
@@ -449,6 +450,8 @@ enum Op {
     Reparent(usize, u16, bool),
     Bad(usize),
     SetUpload(usize, u32),
+    PunchOnly(usize, bool),
+    Rate(u32),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -460,6 +463,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Bad),
         2 => (any::<usize>(), prop_oneof![Just(0u32), 0u32..3000, Just(1000)])
             .prop_map(|(i, u)| Op::SetUpload(i, u)),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(i, b)| Op::PunchOnly(i, b)),
+        1 => prop_oneof![Just(0u32), 100u32..3000].prop_map(Op::Rate),
     ]
 }
 
@@ -477,7 +482,7 @@ proptest! {
             let now = Duration::from_millis(t as u64 * 100);
             match o {
                 Op::Join(u, p) => {
-                    g.join(next_id, PeerInfo { upload_kbps: u, addr_prefix: u32::from(p), now }).unwrap();
+                    g.join(next_id, PeerInfo { upload_kbps: u, addr_prefix: u32::from(p), now, can_punch: p != 3 }).unwrap();
                     alive.push(next_id);
                     next_id += 1;
                 }
@@ -518,6 +523,17 @@ proptest! {
                         }
                     }
                 }
+                Op::Rate(r) => {
+                    g.set_stream_kbps(r, now);
+                    if r > 0 {
+                        prop_assert_eq!(g.stats().stream_kbps, r);
+                    }
+                }
+                Op::PunchOnly(i, b) if !alive.is_empty() => {
+                    let id = alive[i % alive.len()];
+                    g.set_punch_only(id, b, now);
+                    prop_assert_eq!(g.is_punch_only(id), Some(b));
+                }
                 _ => {}
             }
             check(&g);
@@ -551,7 +567,7 @@ proptest! {
             }
             if action < 2 || alive.is_empty() {
                 let id = t as u64;
-                let plan = g.join(id, PeerInfo { upload_kbps: u, addr_prefix: 0, now }).unwrap();
+                let plan = g.join(id, PeerInfo { upload_kbps: u, addr_prefix: 0, now, can_punch: true }).unwrap();
                 prop_assert_eq!(plan.parents.len(), usize::from(k));
                 reported.insert(id, plan.parents);
                 for m in plan.moved {
@@ -682,4 +698,91 @@ fn on_the_simulated_network_peers_end_up_where_the_assigner_put_them() {
             );
         }
     }
+}
+
+/// A parent reachable only by hole punching never parents a peer that cannot punch (a
+/// symmetric NAT): marking it punch-only re-parents such children, later searches skip
+/// it for them, and peers that can punch still use it.
+#[test]
+fn a_punch_only_parent_parents_only_peers_that_can_punch() {
+    let mut g = grid(4);
+    // One big relay, then leaves: half of them behind symmetric NATs.
+    g.join(1, info(4000, 0, 0)).unwrap();
+    for id in 2..10u64 {
+        let mut i = info(0, 0, id);
+        i.can_punch = id % 2 == 0;
+        g.join(id, i).unwrap();
+    }
+    check(&g);
+    let under_relay = |g: &GridAssigner| {
+        g.children(1)
+            .unwrap()
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert!(
+        under_relay(&g).iter().any(|c| c % 2 == 1),
+        "before: some child that cannot punch sits under the relay"
+    );
+    let moved = g.set_punch_only(1, true, Duration::from_secs(1));
+    check(&g);
+    assert!(!moved.is_empty());
+    assert!(moved.iter().any(|m| m.child % 2 == 1), "{moved:?}");
+    for m in moved.iter().filter(|m| m.child % 2 == 1) {
+        assert_ne!(m.parent, Parent::Peer(1), "{m:?}");
+    }
+    let kids = under_relay(&g);
+    assert!(kids.iter().all(|c| c % 2 == 0), "{kids:?}");
+    assert!(!kids.is_empty(), "peers that can punch keep the relay");
+    // A later joiner that cannot punch never gets it; one that can does.
+    let mut sym = info(0, 0, 20);
+    sym.can_punch = false;
+    let plan = g.join(20, sym).unwrap();
+    assert!(!plan.parents.contains(&Parent::Peer(1)), "{plan:?}");
+    check(&g);
+    // Reachable directly again (say, a port mapping appeared): anyone may use it.
+    g.set_punch_only(1, false, Duration::from_secs(2));
+    check(&g);
+    assert_eq!(g.is_punch_only(1), Some(false));
+}
+
+/// A grid created with the default rate learns the measured one: relays' slots are
+/// recomputed (more slots for a slower stream), the booster shrinks, and every peer's
+/// children fit its new slots.
+#[test]
+fn a_measured_rate_recomputes_every_peers_slots() {
+    let mut g = GridAssigner::new(GridConfig {
+        substreams: 4,
+        stream_kbps: 1000,
+        ..GridConfig::default()
+    })
+    .unwrap();
+    for id in 1..=20u64 {
+        g.join(id, info(600, 0, id)).unwrap();
+    }
+    check(&g);
+    let before = g.stats();
+    assert_eq!(g.slots_for(600), 3);
+    let moved = g.set_stream_kbps(480, Duration::from_secs(1));
+    check(&g);
+    let after = g.stats();
+    assert_eq!(after.stream_kbps, 480);
+    assert_eq!(g.slots_for(600), 5);
+    assert!(
+        after.peer_supply > before.peer_supply,
+        "{before:?} -> {after:?}"
+    );
+    assert!(
+        after.server_slots_used < before.server_slots_used,
+        "{before:?} -> {after:?}"
+    );
+    assert!(!moved.is_empty());
+    // Back to a faster stream: slots shrink, children beyond them move.
+    g.set_stream_kbps(2000, Duration::from_secs(2));
+    check(&g);
+    for id in 1..=20u64 {
+        assert!(g.children(id).unwrap().len() <= g.slots_for(600) as usize);
+    }
+    assert!(g.set_stream_kbps(0, Duration::from_secs(3)).is_empty());
 }

@@ -390,6 +390,7 @@ impl Sim {
                     upload_kbps: n.budget_kbps,
                     addr_prefix: n.addr_prefix,
                     now,
+                    can_punch: true,
                 };
                 let at = self.now + us(self.cfg.control_latency);
                 self.schedule(at, Ev::ToControl(ToControl::Join { id, info }));

@@ -69,6 +69,7 @@ pub fn join_request(cfg: &BenchConfig, broadcast_id: &str, i: usize) -> JoinRequ
         mac_tickets: true,
         // Any non-zero 32 bytes: the control plane only copies it into the token.
         holder_key: vec![(i % 255) as u8 + 1; 32],
+        host_addr: String::new(),
     }
 }
 

@@ -48,6 +48,7 @@ pub fn spawn(
                                 upload_kbps,
                                 addr_prefix: 0,
                                 now,
+                                can_punch: true,
                             },
                         },
                         now,

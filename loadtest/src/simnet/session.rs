@@ -103,6 +103,7 @@ pub(super) async fn session(
         // As the SDK asks: the control plane then makes this peer's children version-2
         // tickets (its cost as in production; simulated links check no tickets).
         mac_tickets: true,
+        host_addr: String::new(),
     };
     let (resp, rpc_ms) = match join(&ctx, &mut client, req).await {
         Ok(r) => r,

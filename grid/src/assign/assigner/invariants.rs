@@ -46,6 +46,23 @@ impl GridAssigner {
                 if self.peer(c).parents[usize::from(s)] != idx {
                     return Err(format!("child link of {} in {s} not mirrored", p.id));
                 }
+                if p.punch_only && !self.peer(c).can_punch {
+                    return Err(format!(
+                        "punch-only {} parents {} that cannot punch",
+                        p.id,
+                        self.peer(c).id
+                    ));
+                }
+                if p.punch_only
+                    && self.peer(c).punch_only
+                    && self.peer(c).children.iter().any(|&(x, _)| x == idx)
+                {
+                    return Err(format!(
+                        "punch-only {} and {} parent each other",
+                        p.id,
+                        self.peer(c).id
+                    ));
+                }
             }
             for s in 0..k {
                 let su = usize::from(s);

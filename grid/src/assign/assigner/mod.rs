@@ -44,6 +44,10 @@ struct Peer {
     upload_kbps: u32,
     home: u16,
     bad: bool,
+    /// Reachable only by hole punching: a parent of `can_punch` peers only.
+    punch_only: bool,
+    /// Can dial a `punch_only` parent.
+    can_punch: bool,
     /// In the free/leaf indexes (false while being built or torn down).
     indexed: bool,
     live_pos: u32,
@@ -89,6 +93,8 @@ pub struct GridAssigner {
     server_used: u64,
     upload_total: u64,
     rng: u64,
+    /// Peers marked punch-only (0 in a grid without NAT: the release scan stays short).
+    punch_only_peers: u32,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -128,6 +134,7 @@ impl GridAssigner {
             server_used: 0,
             upload_total: 0,
             rng: cfg.seed ^ 0x9E37_79B9_7F4A_7C15,
+            punch_only_peers: 0,
         })
     }
 
@@ -184,6 +191,8 @@ impl GridAssigner {
             upload_kbps: info.upload_kbps,
             home,
             bad: false,
+            punch_only: false,
+            can_punch: info.can_punch,
             indexed: false,
             live_pos: u32::try_from(self.live.len()).unwrap_or(u32::MAX),
             parents: vec![NONE; k].into_boxed_slice(),
@@ -215,6 +224,7 @@ impl GridAssigner {
                 && self.peer(idx).used < cap
                 && let Some(&(leaf_depth, leaf)) = self.leaf_idx[usize::from(s)].first()
                 && best_depth.is_none_or(|d| leaf_depth <= d)
+                && self.may_parent(self.peer(leaf).parents[usize::from(s)], idx)
             {
                 let leaf_parent = self.peer(leaf).parents[usize::from(s)];
                 self.detach(leaf, s);
@@ -346,7 +356,42 @@ impl GridAssigner {
         if self.peer(idx).upload_kbps == upload_kbps {
             return Vec::new();
         }
+        let mut moved = Vec::new();
+        self.resize(idx, upload_kbps, ms(now), &mut moved);
+        self.release_booster(ms(now), &mut moved);
+        finish_moved(moved, None)
+    }
+
+    /// The stream's rate as delivered changed (the first measurement replaces the
+    /// default a grid is created with): every peer's child slots are recomputed as
+    /// [`GridAssigner::set_upload`] does for one. Returns every reassignment. A zero or
+    /// unchanged rate is ignored.
+    pub fn set_stream_kbps(&mut self, stream_kbps: u32, now: Duration) -> Vec<Reassignment> {
+        if stream_kbps == 0 || stream_kbps == self.cfg.stream_kbps {
+            return Vec::new();
+        }
+        self.cfg.stream_kbps = stream_kbps;
+        self.substream_kbps = crate::slot_kbps(stream_kbps, self.k);
         let now_ms = ms(now);
+        let mut moved = Vec::new();
+        let peers: Vec<u32> = self.live.clone();
+        for idx in peers {
+            let (cap, upload) = {
+                let p = self.peer(idx);
+                (p.cap, p.upload_kbps)
+            };
+            if self.slots_for(upload) != cap {
+                self.resize(idx, upload, now_ms, &mut moved);
+            }
+        }
+        self.release_booster(now_ms, &mut moved);
+        finish_moved(moved, None)
+    }
+
+    /// Gives peer `idx` the child slots `upload_kbps` buys at the current rate (see
+    /// [`GridAssigner::set_upload`]); its excess children are re-parented into `moved`.
+    fn resize(&mut self, idx: u32, upload_kbps: u32, now_ms: u64, moved: &mut Vec<Reassignment>) {
+        let peer_id = self.peer(idx).id;
         let new_cap = self.slots_for(upload_kbps);
         // 1. Detach the children beyond the new capacity (the peer stays indexed and
         //    consistent with its old capacity meanwhile).
@@ -411,7 +456,6 @@ impl GridAssigner {
         }
         self.index_peer(idx);
         // 3. Re-parent the orphans elsewhere (never under this peer again right now).
-        let mut moved = Vec::new();
         for (c, cs) in orphans {
             let target = self
                 .best_parent(c, cs, &[peer_id], now_ms, true)
@@ -419,8 +463,56 @@ impl GridAssigner {
             self.attach(c, cs, target);
             moved.push(self.reassignment(c, cs));
         }
+    }
+
+    /// Marks a peer as reachable only by hole punching (`true`) or directly. From now
+    /// on it is chosen as a parent only for peers that [`PeerInfo::can_punch`]; when it
+    /// becomes punch-only, its children that cannot punch are re-parented (returned, as
+    /// [`GridAssigner::set_upload`] does). Unknown peers and unchanged flags are ignored.
+    pub fn set_punch_only(
+        &mut self,
+        peer_id: PeerId,
+        punch_only: bool,
+        now: Duration,
+    ) -> Vec<Reassignment> {
+        let Some(&idx) = self.ids.get(&peer_id) else {
+            return Vec::new();
+        };
+        if self.peer(idx).punch_only == punch_only {
+            return Vec::new();
+        }
+        if punch_only {
+            self.punch_only_peers += 1;
+        } else {
+            self.punch_only_peers -= 1;
+        }
+        self.peer_mut(idx).punch_only = punch_only;
+        let now_ms = ms(now);
+        let mut moved = Vec::new();
+        if punch_only {
+            let orphans: Vec<(u32, u16)> = self
+                .peer(idx)
+                .children
+                .iter()
+                .copied()
+                .filter(|&(c, _)| !self.punch_compatible(idx, c) || !self.punch_compatible(c, idx))
+                .collect();
+            for (c, cs) in orphans {
+                self.detach(c, cs);
+                let target = self
+                    .best_parent(c, cs, &[peer_id], now_ms, true)
+                    .unwrap_or(SERVER);
+                self.attach(c, cs, target);
+                moved.push(self.reassignment(c, cs));
+            }
+        }
         self.release_booster(now_ms, &mut moved);
         finish_moved(moved, None)
+    }
+
+    /// Whether a peer is reachable only by hole punching; `None` for an unknown peer.
+    pub fn is_punch_only(&self, peer_id: PeerId) -> Option<bool> {
+        self.ids.get(&peer_id).map(|&idx| self.peer(idx).punch_only)
     }
 
     /// Whether a peer is marked bad (demoted); `None` for an unknown peer.
@@ -569,6 +661,9 @@ impl GridAssigner {
             unreachable!("grid: removing vacant slot {idx}");
         };
         self.ids.remove(&p.id);
+        if p.punch_only {
+            self.punch_only_peers -= 1;
+        }
         let pos = p.live_pos as usize;
         self.live.swap_remove(pos);
         if let Some(&moved) = self.live.get(pos) {
@@ -666,6 +761,23 @@ impl GridAssigner {
         }
     }
 
+    /// Whether `link` (a peer index or [`SERVER`]) may parent `child` as far as hole
+    /// punching goes ([`GridAssigner::punch_compatible`]).
+    fn may_parent(&self, link: u32, child: u32) -> bool {
+        link == SERVER || self.punch_compatible(link, child)
+    }
+
+    /// A punch-only `parent` only parents peers that can punch; and two punch-only
+    /// peers are never each other's parents (in any substreams): a punched link joins
+    /// the two listeners' ports, and only one TCP connection can join them.
+    fn punch_compatible(&self, parent: u32, child: u32) -> bool {
+        let (p, c) = (self.peer(parent), self.peer(child));
+        if !p.punch_only {
+            return true;
+        }
+        c.can_punch && !(c.punch_only && c.children.iter().any(|&(x, _)| x == parent))
+    }
+
     /// The best peer with a free slot to parent `child` in `s`, if any.
     fn best_parent(
         &self,
@@ -693,7 +805,8 @@ impl GridAssigner {
                 continue;
             }
             let cand = self.peer(x);
-            if exclude.contains(&cand.id)
+            if !self.punch_compatible(x, child)
+                || exclude.contains(&cand.id)
                 || c.avoid
                     .iter()
                     .any(|a| a.substream == s && a.parent == cand.id && a.until_ms > now_ms)
@@ -890,9 +1003,16 @@ impl GridAssigner {
                         continue;
                     }
                     // Leaves first (moving them deepens nothing else), lowest capacity first.
+                    // With punch-only parents about, peers that cannot punch may find
+                    // no usable slot: look further so that they do not hide the others.
+                    let tries_max = if self.punch_only_peers > 0 {
+                        RELEASE_TRIES * 4
+                    } else {
+                        RELEASE_TRIES
+                    };
                     let tries: Vec<u32> = self.server_fed[su]
                         .iter()
-                        .take(RELEASE_TRIES)
+                        .take(tries_max)
                         .map(|&(_, _, q)| q)
                         .collect();
                     for q in tries {
