@@ -29,13 +29,14 @@
 # share and continuity bars (scripts/test.sh).
 #
 # Usage: scripts/natlab.sh [VIEWERS] (default 40: 25 % public, 25 % upnp, 30 % eim,
-# 20 % sym). Env: NATLAB_SECS (default 40), STARLING_BIN_DIR (default target/debug),
+# 20 % sym). Env: NATLAB_SECS (default 90), NATLAB_CHUNK_MS (default 500: chunk and
+# key-frame interval), STARLING_BIN_DIR (default target/debug),
 # NATLAB_KEEP=1 keeps the namespaces and a copy of the logs for inspection (remove the
 # namespaces with `scripts/natlab.sh --clean`); logs are kept on failure anyway.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${STARLING_BIN_DIR:-$(pwd)/target/debug}
-SECS=${NATLAB_SECS:-40}
+SECS=${NATLAB_SECS:-90}
 P=nl # namespace prefix
 E2E_NAME=natlab
 # The lab is about NAT, not TLS: the control plane serves plaintext here (a WARN line).
@@ -214,14 +215,14 @@ CP_PORT=7000; WIRE_PORT=7100; HTTP_PORT=7200; SRC_PORT=8000
 CONTROL=http://$PUB_IP:$CP_PORT
 cat >"$WORK/source.py" <<'PY'
 # A live MPEG-TS source: every GET starts a real-time ffmpeg test pattern (400 kbit/s
-# H.264, 1 s GOP) and streams its output.
+# H.264, a key frame every argv[3] frames: one per chunk) and streams its output.
 import http.server, subprocess, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200); self.send_header("Content-Type", "video/mp2t"); self.end_headers()
         p = subprocess.Popen(["ffmpeg", "-nostdin", "-v", "error", "-re", "-f", "lavfi", "-i",
             "testsrc=size=320x240:rate=25", "-c:v", "libx264", "-preset", "ultrafast",
-            "-tune", "zerolatency", "-g", "25", "-b:v", "400k", "-maxrate", "400k",
+            "-tune", "zerolatency", "-g", sys.argv[3], "-b:v", "400k", "-maxrate", "400k",
             "-bufsize", "400k", "-f", "mpegts", "pipe:1"], stdout=subprocess.PIPE)
         try:
             while True:
@@ -235,7 +236,8 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
 PY
-bg source ip netns exec "$P-pub" python3 "$WORK/source.py" "$PUB_IP" "$SRC_PORT"
+CHUNK_MS=${NATLAB_CHUNK_MS:-500} # chunk (and key-frame interval) of the broadcast
+bg source ip netns exec "$P-pub" python3 "$WORK/source.py" "$PUB_IP" "$SRC_PORT" "$((25 * CHUNK_MS / 1000))"
 bg controlplane ip netns exec "$P-pub" "$BIN/starling-controlplane" --listen "$PUB_IP:$CP_PORT" \
   --data-dir "$WORK/cp-data"
 sleep 0.5
@@ -247,7 +249,7 @@ admin() { ip netns exec "$P-pub" "$BIN/starling-admin" --control-url "$CONTROL" 
   --admin-key-file "$WORK/cp-data/admin.key" "$@"; }
 for _ in $(seq 1 300); do admin list >/dev/null 2>&1 && break; sleep 0.1; done
 ID=$(admin create --name natlab --source "http://$PUB_IP:$SRC_PORT/live.ts" --public \
-  --chunk-ms 1000 --substreams 4 --id-only) || { fail "the control plane did not answer"; exit 1; }
+  --chunk-ms "$CHUNK_MS" --substreams 4 --id-only) || { fail "the control plane did not answer"; exit 1; }
 admin start "$ID" >/dev/null
 admin wait "$ID" --health up --timeout 60s >/dev/null || { fail "the source never came up"; exit 1; }
 log "broadcast $ID is live: control plane $CONTROL, data plane $PUB_IP:$WIRE_PORT"
