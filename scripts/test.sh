@@ -76,6 +76,11 @@ cargo build --workspace --bins --locked
 log "cargo test"
 cargo test --workspace --locked --no-fail-fast
 
+# --- issue 16: 2,000 simulated peers for 30 s, alone on the machine (the test is
+# #[ignore]d so that `cargo test`, which runs suites side by side, leaves it out) ------
+log "2,000 simulated peers for 30 s against the real control plane and data plane (loadtest/tests/sim_bars.rs)"
+cargo test --locked -p starling-loadtest --test sim_bars -- --ignored
+
 log "fuzz targets, 5 s each (scripts/fuzz.sh; longer runs: scripts/fuzz.sh SECS)"
 scripts/fuzz.sh "${STARLING_FUZZ_SECS:-5}"
 

@@ -31,6 +31,8 @@ pub(crate) struct WireConn {
     buf: BytesMut,
     pub(crate) info: StreamInfo,
     pub(crate) addr: String,
+    /// The protocol version the handshake chose (0 before it).
+    pub(crate) version: u16,
 }
 
 /// Parameters of one connection attempt.
@@ -102,6 +104,7 @@ async fn open_inner(p: &OpenParams<'_>) -> Result<WireConn, SdkError> {
                 if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&ack.version) {
                     return Err(SdkError::VersionMismatch(ack.version));
                 }
+                conn.version = ack.version;
                 break ack.nonce;
             }
             Frame::Ping(n) => conn.send(&Frame::Pong(n)).await?,
@@ -240,6 +243,7 @@ impl WireConn {
             stream,
             decoder: Decoder::new(limits),
             buf: BytesMut::with_capacity(READ_CHUNK),
+            version: 0,
             info: StreamInfo {
                 broadcast_id: String::new(),
                 content_type: String::new(),

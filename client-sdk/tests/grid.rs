@@ -1352,3 +1352,75 @@ async fn a_relay_over_its_budget_announces_the_pushes_it_skips() {
     a.leave().await.unwrap();
     src.stop();
 }
+
+/// A relay tells each parent link what it relays (`RELAYING`, protocol version 3) once
+/// it has a child, so that the parent pushes to it before its leaves; a parent that
+/// chose version 2 is never sent the frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_tells_its_parents_what_it_relays_on_version_3_links_only() {
+    for version in [3u16, 2] {
+        let b = format!("rl{version}");
+        let src = Source::start(K, CHUNK_MS);
+        let dp = LiveServer::start(src.clone(), Opts::data_plane(&b)).await;
+        let parent = LiveServer::start(
+            src.clone(),
+            Opts {
+                version,
+                ..Opts::peer(&b)
+            },
+        )
+        .await;
+        src.wait_for(2 * RAP_EVERY).await;
+        let p = Ref::Fixed(98, parent.addr.to_string());
+        let plans = vec![Plan {
+            parents: vec![p; K as usize],
+            neighbours: vec![],
+            child_slots: 8,
+        }];
+        let (url, cp) = fake_grid::start(&b, dp.addr, plans).await;
+        let a = Viewer::join(config(&b, &url, 10_000)).await.unwrap();
+        wait_played(&a, 10).await;
+        assert!(
+            parent.log.lock().relaying.is_empty(),
+            "nothing to tell before a child"
+        );
+        // A child on substreams 0 and 1.
+        let tok = cp.keys.token(&b, 77, now_ms(), now_ms() + 60_000);
+        let ticket = cp.keys.ticket(&b, 77, 1, 0b0011);
+        let (first, s, mut dec, mut buf) =
+            raw_subscribe_stream(a.peer_addr().unwrap(), &b, 0b0011, tok, &[ticket]).await;
+        assert!(matches!(first, Frame::StreamInfo(_)), "{first:?}");
+        let (mut s, _w) = s.into_split();
+        // Wait until the relay pushes it 20 chunks: it has taken the child.
+        let mut pushed = 0;
+        tokio::time::timeout(GUARD, async {
+            while pushed < 20 {
+                while let Some(f) = dec.decode(&mut buf).unwrap() {
+                    if matches!(f, Frame::Chunk(_)) {
+                        pushed += 1;
+                    }
+                }
+                if s.read_buf(&mut buf).await.unwrap() == 0 {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("the relay pushed to its child");
+        assert_eq!(pushed, 20, "the relay closed the child's link");
+        if version >= wire::RELAYING_VERSION {
+            wait_until("RELAYING at the parent", || {
+                !parent.log.lock().relaying.is_empty()
+            })
+            .await;
+            let masks: Vec<u64> = parent.log.lock().relaying.iter().map(|r| r.1).collect();
+            assert_eq!(masks, vec![0b0011], "version {version}");
+        } else {
+            let relaying = parent.log.lock().relaying.clone();
+            assert!(relaying.is_empty(), "version {version}: {relaying:?}");
+        }
+        drop(s);
+        a.leave().await.unwrap();
+        src.stop();
+    }
+}

@@ -10,8 +10,12 @@
 //!   children can take, *confirms* twice that rate (slow start: the granted budget at
 //!   most doubles per window, never beyond the claim).
 //! * [`ReportLedger`]: complaints about a peer count once per distinct reporter address
-//!   ([`crate::limits::addr_key`]); the peer is excluded or demoted when a threshold of
-//!   distinct addresses is reached.
+//!   ([`crate::limits::addr_key`]) and only for [`TrustConfig::report_window`]; the peer
+//!   is excluded or demoted when a threshold of distinct addresses complained within
+//!   the window. A parent that withholds fails all its children at once and is reported
+//!   by them within seconds; an honest one that is now and then late collects one
+//!   complaint every few minutes, which without the window would add up over a long
+//!   broadcast until every good relay is demoted.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -28,6 +32,8 @@ pub const DEFAULT_CONFIRM_WINDOW: Duration = Duration::from_secs(10);
 pub const DEFAULT_REPORT_THRESHOLD: usize = 3;
 /// Default distinct children's addresses that demote a parent (NON_DELIVERY reports).
 pub const DEFAULT_DEMOTE_THRESHOLD: usize = 3;
+/// Default time a complaint counts towards a threshold.
+pub const DEFAULT_REPORT_WINDOW: Duration = Duration::from_secs(60);
 
 /// Whether `Join.peer_addr` must be on the caller's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -100,6 +106,9 @@ pub struct TrustConfig {
     pub report_threshold: usize,
     /// Distinct children's addresses whose NON_DELIVERY reports demote a parent.
     pub demote_threshold: usize,
+    /// How long a complaint counts towards [`TrustConfig::report_threshold`] and
+    /// [`TrustConfig::demote_threshold`] (`ZERO`: for the peer's whole session).
+    pub report_window: Duration,
 }
 
 impl Default for TrustConfig {
@@ -110,6 +119,7 @@ impl Default for TrustConfig {
             confirm_window: DEFAULT_CONFIRM_WINDOW,
             report_threshold: DEFAULT_REPORT_THRESHOLD,
             demote_threshold: DEFAULT_DEMOTE_THRESHOLD,
+            report_window: DEFAULT_REPORT_WINDOW,
         }
     }
 }
@@ -251,25 +261,41 @@ impl UploadTrust {
     }
 }
 
-/// Complaints of one kind about peers of one grid, by distinct reporter address.
+/// Complaints of one kind about peers of one grid, by distinct reporter address, each
+/// counted for a window.
 #[derive(Debug, Default)]
 pub struct ReportLedger {
-    by_peer: HashMap<PeerId, Vec<IpAddr>>,
+    /// Per peer: each complaining address and when it last complained.
+    by_peer: HashMap<PeerId, Vec<(IpAddr, Duration)>>,
 }
 
 impl ReportLedger {
-    /// Records a complaint about `peer` from `reporter`; returns how many distinct
-    /// addresses have complained (at most `threshold` are remembered).
-    pub fn add(&mut self, peer: PeerId, reporter: IpAddr, threshold: usize) -> usize {
+    /// Records a complaint about `peer` from `reporter` at `now`; returns how many
+    /// distinct addresses have complained within `window` of `now` (`ZERO`: ever), at
+    /// most `threshold` (no more are remembered).
+    pub fn add(
+        &mut self,
+        peer: PeerId,
+        reporter: IpAddr,
+        threshold: usize,
+        window: Duration,
+        now: Duration,
+    ) -> usize {
         let key = addr_key(reporter);
         let v = self.by_peer.entry(peer).or_default();
-        if !v.contains(&key) && v.len() < threshold.max(1) {
-            v.push(key);
+        if !window.is_zero() {
+            v.retain(|&(_, at)| now.saturating_sub(at) < window);
+        }
+        if let Some(e) = v.iter_mut().find(|(a, _)| *a == key) {
+            e.1 = now;
+        } else if v.len() < threshold.max(1) {
+            v.push((key, now));
         }
         v.len()
     }
 
-    /// Distinct addresses that complained about `peer`.
+    /// Distinct addresses whose complaints about `peer` are remembered (as of the last
+    /// [`ReportLedger::add`] about it).
     pub fn count(&self, peer: PeerId) -> usize {
         self.by_peer.get(&peer).map_or(0, Vec::len)
     }
@@ -358,14 +384,50 @@ mod tests {
         let mut l = ReportLedger::default();
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        assert_eq!(l.add(7, a, 3), 1);
-        assert_eq!(l.add(7, a, 3), 1);
-        assert_eq!(l.add(7, "::ffff:10.0.0.1".parse().unwrap(), 3), 1);
-        assert_eq!(l.add(7, b, 3), 2);
-        assert_eq!(l.add(7, "10.0.0.3".parse().unwrap(), 3), 3);
-        assert_eq!(l.add(7, "10.0.0.4".parse().unwrap(), 3), 3, "bounded");
+        let w = DEFAULT_REPORT_WINDOW;
+        let t = s(1);
+        assert_eq!(l.add(7, a, 3, w, t), 1);
+        assert_eq!(l.add(7, a, 3, w, t), 1);
+        assert_eq!(l.add(7, "::ffff:10.0.0.1".parse().unwrap(), 3, w, t), 1);
+        assert_eq!(l.add(7, b, 3, w, t), 2);
+        assert_eq!(l.add(7, "10.0.0.3".parse().unwrap(), 3, w, t), 3);
+        assert_eq!(l.add(7, "10.0.0.4".parse().unwrap(), 3, w, t), 3, "bounded");
         assert_eq!(l.count(8), 0);
         l.forget(7);
         assert_eq!(l.count(7), 0);
+    }
+
+    #[test]
+    fn complaints_count_only_within_the_window() {
+        let mut l = ReportLedger::default();
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        let w = Duration::from_secs(60);
+        // An honest relay, late now and then: one complaint every 40 s never adds up.
+        for i in 0..30u8 {
+            let n = l.add(7, ip(i), 3, w, s(40 * u64::from(i)));
+            assert!(n <= 2, "complaint {i}: {n} within the window");
+        }
+        // A withholding one: its children complain within seconds.
+        assert_eq!(l.add(8, ip(1), 3, w, s(100)), 1);
+        assert_eq!(l.add(8, ip(2), 3, w, s(103)), 2);
+        assert_eq!(l.add(8, ip(3), 3, w, s(105)), 3);
+        // The same address complaining again keeps its complaint fresh.
+        assert_eq!(l.add(9, ip(1), 3, w, s(0)), 1);
+        assert_eq!(l.add(9, ip(1), 3, w, s(50)), 1);
+        assert_eq!(
+            l.add(9, ip(2), 3, w, s(100)),
+            2,
+            "ip 1's complaint of 50 s ago counts"
+        );
+        assert_eq!(
+            l.add(9, ip(3), 3, w, s(155)),
+            2,
+            "ip 1's has expired, ip 2's not"
+        );
+        // Window ZERO: complaints count for the whole session (the old behaviour).
+        for i in 0..3u8 {
+            l.add(10, ip(i), 3, Duration::ZERO, s(1000 * u64::from(i)));
+        }
+        assert_eq!(l.count(10), 3);
     }
 }

@@ -11,8 +11,11 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Protocol magic sent in `HELLO`.
 pub const MAGIC: [u8; 4] = *b"STRL";
-/// The highest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The highest protocol version this build speaks. Version 3 added `RELAYING` (peer
+/// links only; sent only on a link that negotiated version 3 or more).
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The first protocol version with `RELAYING`.
+pub const RELAYING_VERSION: u16 = 3;
 /// The lowest protocol version this build speaks. Version 2 added proof of possession
 /// (`HELLO_ACK.nonce`, `PROOF`; see [`crate::holder`]); a version-1 peer is refused with
 /// `ERROR(UNSUPPORTED_VERSION)` rather than let in without a proof.
@@ -51,6 +54,7 @@ pub mod frame_type {
     pub const TOKEN: u8 = 0x0D;
     pub const TICKET: u8 = 0x0E;
     pub const PROOF: u8 = 0x0F;
+    pub const RELAYING: u8 = 0x10;
 }
 
 /// `substream_mask` value meaning "every substream" (the whole stream).
@@ -304,6 +308,10 @@ pub enum Frame {
     /// (exactly 64 bytes) over the `HELLO_ACK` nonce, the token and the verifier
     /// ([`crate::holder`]); connecting side → accepting side, right after `HELLO_ACK`.
     Proof(Bytes),
+    /// Child → parent on peer links (version 3+): the substreams (a mask) the sender
+    /// relays on to children of its own, so that the parent pushes those to it before
+    /// its leaves. Sent after `SUBSCRIBE` and whenever it changes.
+    Relaying(u64),
 }
 
 impl Frame {
@@ -326,6 +334,7 @@ impl Frame {
             Frame::Token(_) => TOKEN,
             Frame::Ticket(_) => TICKET,
             Frame::Proof(_) => PROOF,
+            Frame::Relaying(_) => RELAYING,
         }
     }
 }
@@ -415,7 +424,7 @@ impl Decoder {
         match ty {
             CHUNK => Ok(self.limits.max_chunk_payload.min(ABSOLUTE_MAX_CHUNK)),
             HELLO | HELLO_ACK | SUBSCRIBE | STREAM_INFO | PING | PONG | ERROR | GOODBYE
-            | BUFFER_MAP | REQUEST | NOT_FOUND | TOKEN | TICKET | PROOF => {
+            | BUFFER_MAP | REQUEST | NOT_FOUND | TOKEN | TICKET | PROOF | RELAYING => {
                 Ok(self.limits.max_control_payload)
             }
             other => Err(WireError::UnknownFrameType(other)),
@@ -632,6 +641,7 @@ fn parse_payload(h: Header, payload: Bytes) -> Result<Frame, WireError> {
         PING => Frame::Ping(r.u64()?),
         REQUEST => Frame::Request(r.u64()?),
         NOT_FOUND => Frame::NotFound(r.u64()?),
+        RELAYING => Frame::Relaying(r.u64()?),
         TOKEN => {
             let n = r.b.len();
             if n > MAX_TOKEN {
@@ -909,6 +919,10 @@ pub fn encode(frame: &Frame, dst: &mut BytesMut) -> Result<(), WireError> {
         Frame::NotFound(n) => {
             body.put_u64(*n);
             (NOT_FOUND, 0)
+        }
+        Frame::Relaying(m) => {
+            body.put_u64(*m);
+            (RELAYING, 0)
         }
         Frame::BufferMap(m) => {
             if m.len > MAX_BUFFER_MAP_BITS || m.bits.len() != usize::from(m.len).div_ceil(8) {

@@ -112,7 +112,12 @@ impl Engine {
                     self.drop_link(link, None, Some(reason));
                 }
             }
-            Ev::Connected { link, handle, info } => self.on_connected(link, handle, info),
+            Ev::Connected {
+                link,
+                handle,
+                info,
+                version,
+            } => self.on_connected(link, handle, info, version),
             Ev::ConnectFailed { link, err } => {
                 if let Some(l) = self.links.get(&link) {
                     tracing::info!(link, "grid dial failed: {err}");
@@ -247,6 +252,7 @@ impl Engine {
                 }
                 self.skipping = true;
             }
+            PeerAction::Relaying { .. } => self.tell_relaying(),
         }
     }
 

@@ -94,6 +94,14 @@ impl Engine {
                     self.misbehaved(l, "TICKET from a parent");
                 }
             }
+            // A child's word on what it relays: its pushes go out first.
+            Frame::Relaying(m) => {
+                if kind == Kind::In {
+                    self.peer.set_child_relaying(l, m & self.all_mask());
+                } else {
+                    self.misbehaved(l, "RELAYING from a parent");
+                }
+            }
             Frame::Ping(_) | Frame::Pong(_) => {}
         }
     }

@@ -438,8 +438,14 @@ pub(crate) async fn dial(link: LinkId, d: Dial, events: mpsc::Sender<Ev>, shared
         },
         Ok(c) => {
             let info = c.info.clone();
+            let version = c.version;
             let handle = spawn_link(link, c, events.clone(), d.idle, None, shared, None, None);
-            Ev::Connected { link, handle, info }
+            Ev::Connected {
+                link,
+                handle,
+                info,
+                version,
+            }
         }
         Err(err) => Ev::ConnectFailed { link, err },
     };

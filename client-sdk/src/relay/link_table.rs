@@ -126,8 +126,47 @@ impl Engine {
                 Err(_) => {
                     // Cannot even queue a control frame: the link is useless.
                     self.drop_link(l, None, Some(SdkError::Timeout("link queue full")));
+                    return;
                 }
             }
+        }
+        self.sync_relaying(l);
+    }
+
+    /// Our children changed what we relay (`PeerAction::Relaying`): every parent link
+    /// is told.
+    pub(super) fn tell_relaying(&mut self) {
+        let outs: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| matches!(l.kind, Kind::Out(_)) && l.sent_mask != 0)
+            .map(|(&id, _)| id)
+            .collect();
+        for l in outs {
+            self.sync_relaying(l);
+        }
+    }
+
+    /// Tells parent link `l` what we relay (a `RELAYING` frame), if it speaks version
+    /// 3, feeds us something and was not told this already: it then pushes to us
+    /// before its leaves.
+    fn sync_relaying(&mut self, l: LinkId) {
+        let relaying = self.peer.relaying();
+        let Some(link) = self.links.get_mut(&l) else {
+            return;
+        };
+        let parent = matches!(link.kind, Kind::Out(_)) && link.sent_mask != 0;
+        if !parent
+            || link.version < wire::RELAYING_VERSION
+            || link.told_relaying.unwrap_or(0) == relaying
+        {
+            return;
+        }
+        let Some(h) = &link.handle else {
+            return;
+        };
+        if h.send_frame(&Frame::Relaying(relaying)).is_ok() {
+            link.told_relaying = Some(relaying);
         }
     }
 
@@ -165,7 +204,13 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_connected(&mut self, l: LinkId, handle: LinkHandle, info: StreamInfo) {
+    pub(super) fn on_connected(
+        &mut self,
+        l: LinkId,
+        handle: LinkHandle,
+        info: StreamInfo,
+        version: u16,
+    ) {
         let Some(link) = self.links.get_mut(&l) else {
             // Dropped while dialling.
             handle.close(Frame::Goodbye(reason(
@@ -175,6 +220,7 @@ impl Engine {
             return;
         };
         link.handle = Some(handle);
+        link.version = version;
         let kind = link.kind.clone();
         let mask = link.mask;
         if kind == Kind::DataPlane {
@@ -192,6 +238,7 @@ impl Engine {
         }
         // The wanted mask may have changed while dialling.
         self.set_out_mask(l, mask);
+        self.sync_relaying(l);
         self.sync_neighbour(l);
         self.count_links();
     }

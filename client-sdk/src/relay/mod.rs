@@ -89,6 +89,8 @@ pub(crate) enum Ev {
         link: LinkId,
         handle: LinkHandle,
         info: StreamInfo,
+        /// The protocol version the handshake chose.
+        version: u16,
     },
     /// An outgoing dial failed.
     ConnectFailed { link: LinkId, err: SdkError },
@@ -172,6 +174,10 @@ struct Link {
     mask: u64,
     /// Outgoing: the mask of the last `SUBSCRIBE` sent.
     sent_mask: u64,
+    /// Outgoing: the protocol version the handshake chose (0 while dialling).
+    version: u16,
+    /// Outgoing: the last `RELAYING` mask sent (`None`: none yet).
+    told_relaying: Option<u64>,
     /// Wanted as a mesh neighbour (outgoing) / registered with the scheduler.
     want_neighbour: bool,
     neighbour: bool,
@@ -192,6 +198,8 @@ impl Link {
             handle: None,
             mask,
             sent_mask: mask,
+            version: 0,
+            told_relaying: None,
             want_neighbour: false,
             neighbour: false,
             requested: BTreeSet::new(),

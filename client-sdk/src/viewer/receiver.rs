@@ -306,9 +306,9 @@ impl Receiver {
                     }
                     self.flush();
                 }
-                // We are the client on this link: a TOKEN or TICKET from the server
-                // means nothing.
-                Frame::Token(_) | Frame::Ticket(_) => {}
+                // We are the client on this link: a TOKEN, TICKET or RELAYING from the
+                // server means nothing.
+                Frame::Token(_) | Frame::Ticket(_) | Frame::Relaying(_) => {}
                 Frame::Ping(n) => {
                     if let Err(e) = conn.send(&Frame::Pong(n)).await {
                         break SessionEnd::Ended(e);

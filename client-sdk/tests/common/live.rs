@@ -205,6 +205,8 @@ pub struct LiveLog {
     pub closes: Vec<ErrorCode>,
     /// Bad chunks sent (corrupted or forged).
     pub bad_sent: Vec<u64>,
+    /// (connection number, mask) for every `RELAYING` received.
+    pub relaying: Vec<(usize, u64)>,
 }
 
 pub struct LiveServer {
@@ -232,6 +234,8 @@ pub struct Opts {
     pub corrupt: BTreeSet<u64>,
     /// Chunks sent with a signature block made with a key of the attacker's.
     pub forge: BTreeSet<u64>,
+    /// The protocol version `HELLO_ACK` chooses.
+    pub version: u16,
 }
 
 impl Opts {
@@ -243,6 +247,7 @@ impl Opts {
             window: 300,
             corrupt: BTreeSet::new(),
             forge: BTreeSet::new(),
+            version: 2,
         }
     }
 
@@ -384,7 +389,7 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
     send(
         &mut w,
         &Frame::HelloAck(HelloAck {
-            version: 2,
+            version: opts.version,
             nonce: [0; 32],
         }),
     )
@@ -491,6 +496,7 @@ async fn serve(s: TcpStream, _n: usize, src: Source, opts: Opts, log: Arc<Mutex<
                     }
                 }
                 Some(Frame::Token(t)) => log.lock().token_frames.push(t),
+                Some(Frame::Relaying(m)) => log.lock().relaying.push((conn_no, m)),
                 Some(Frame::Goodbye(r)) | Some(Frame::Error(r)) => {
                     log.lock().closes.push(r.code);
                     break;

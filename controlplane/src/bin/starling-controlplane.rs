@@ -366,6 +366,14 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=64))]
     demote_threshold: u64,
 
+    /// Seconds a BAD_CHUNK or NON_DELIVERY report counts towards those thresholds
+    /// (0: for the reported peer's whole session). A withholding parent is reported by
+    /// its children within seconds; an honest one that is late now and then collects a
+    /// report every few minutes, which must not add up to a demotion.
+    #[arg(long, env = "STARLING_REPORT_WINDOW_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    report_window_secs: u64,
+
     /// Most requests in progress per client connection.
     #[arg(long, env = "STARLING_GRPC_CONCURRENCY_PER_CONNECTION", default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -724,6 +732,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             unconfirmed_upload_copies: args.unconfirmed_upload_copies,
             report_threshold: usize::try_from(args.report_threshold).unwrap_or(3),
             demote_threshold: usize::try_from(args.demote_threshold).unwrap_or(3),
+            report_window: Duration::from_secs(args.report_window_secs),
             ..TrustConfig::default()
         },
         reachability: starling_controlplane::reachability::ReachabilityConfig {

@@ -42,7 +42,8 @@ impl LiveGrids {
     /// parents). A report counts once per distinct reporter address
     /// ([`crate::limits::addr_key`] of the IP the reporter joined from); at
     /// [`TrustConfig::report_threshold`] (bad chunks) or
-    /// [`TrustConfig::demote_threshold`] (non-delivery) distinct addresses the peer is
+    /// [`TrustConfig::demote_threshold`] (non-delivery) distinct addresses within
+    /// [`TrustConfig::report_window`] the peer is
     /// demoted: never assigned as a parent again in that broadcast, its children
     /// re-parented (they learn it at their next heartbeat).
     ///
@@ -104,10 +105,12 @@ impl LiveGrids {
         }
         let (reporters, threshold) = if as_parent {
             let t = self.trust.demote_threshold;
-            (st.non_delivery.add(peer_id, addr, t), t)
+            let w = self.trust.report_window;
+            (st.non_delivery.add(peer_id, addr, t, w, now), t)
         } else {
             let t = self.trust.report_threshold;
-            (st.bad_chunk.add(peer_id, addr, t), t)
+            let w = self.trust.report_window;
+            (st.bad_chunk.add(peer_id, addr, t, w, now), t)
         };
         let excluded = reporters >= threshold.max(1) && st.assigner.is_bad(peer_id) == Some(false);
         let moved = if excluded {

@@ -246,6 +246,33 @@ fn upload_budget_changes_move_children_through_heartbeats() {
 }
 
 #[test]
+fn reports_further_apart_than_the_window_never_demote() {
+    let trust = TrustConfig {
+        report_window: Duration::from_millis(200),
+        ..TrustConfig::default()
+    };
+    let g = LiveGrids::with_config(CounterLimits::default(), trust);
+    let p = g.join(input("sp", "10.0.0.1:1", 4000)).unwrap();
+    for (i, k) in ["k1", "k2", "k3"].into_iter().enumerate() {
+        let ip = [10, 1, 0, u8::try_from(i).unwrap() + 1];
+        let v = g.join(from(input(k, "", 0), ip)).unwrap();
+        assert!(
+            v.parents
+                .iter()
+                .any(|x| x.peer.as_ref().is_some_and(|r| r.peer_id == p.peer_id))
+        );
+    }
+    // Three distinct children, each complaint expired before the next (the sleeps only
+    // lengthen under load): never more than one counts.
+    for k in ["k1", "k2", "k3"] {
+        let r = g.report_bad_peer(k, p.peer_id, SILENT).unwrap();
+        assert!(!r.excluded && r.reporters == 1, "{k}: {r:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(g.is_demoted("b", p.peer_id), Some(false));
+}
+
+#[test]
 fn non_delivery_demotes_only_on_three_distinct_children() {
     let g = LiveGrids::new();
     let p = g.join(input("sp", "10.0.0.1:1", 4000)).unwrap();

@@ -478,6 +478,7 @@ fn unexpected(f: &Frame, wanted: &str) -> String {
         Frame::Token(_) => "TOKEN",
         Frame::Ticket(_) => "TICKET",
         Frame::Proof(_) => "PROOF",
+        Frame::Relaying(_) => "RELAYING",
     };
     format!("expected {wanted}, got {name}")
 }
@@ -749,7 +750,8 @@ impl Stream<'_> {
             | Frame::StreamInfo(_)
             | Frame::Chunk(_)
             | Frame::Ticket(_)
-            | Frame::Proof(_)) => {
+            | Frame::Proof(_)
+            | Frame::Relaying(_)) => {
                 let msg = unexpected(&other, "PING, PONG, SUBSCRIBE, REQUEST or BUFFER_MAP");
                 send_reason(s, self.m, true, ErrorCode::UnexpectedFrame, &msg).await;
                 return Ok(After::End(CloseReason::UnexpectedFrame));

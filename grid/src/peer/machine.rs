@@ -77,6 +77,10 @@ pub enum PeerAction {
     Play { seq: u64 },
     /// Chunk `seq` missed its play-out deadline.
     Skip { seq: u64 },
+    /// The substreams this peer relays on to children of its own changed: tell every
+    /// peer parent (a `RELAYING` frame), so that it pushes to us before its leaves. A
+    /// link to a new parent is told [`Peer::relaying`] right after its `SUBSCRIBE`.
+    Relaying { substreams: u64 },
 }
 
 /// A child of ours: what it subscribed to and its share of the pushes.
@@ -110,6 +114,10 @@ pub struct Peer {
     /// A re-search of the substream is under way.
     researching: Vec<bool>,
     memory: ParentMemory,
+    /// What our parents were last told we relay ([`PeerAction::Relaying`]).
+    told_relaying: u64,
+    /// Children changed since [`Peer::told_relaying`] was compared.
+    children_changed: bool,
 }
 
 impl Peer {
@@ -133,6 +141,8 @@ impl Peer {
             now,
             slots: ChildSlots::new(cfg.child_slots, cfg.budget_kbps, cfg.stream_kbps, k),
             children: HashMap::new(),
+            told_relaying: 0,
+            children_changed: false,
             held: BTreeMap::new(),
             parents: vec![Some(Parent::Server); usize::from(k)],
             researching: vec![false; usize::from(k)],
@@ -318,6 +328,7 @@ impl Peer {
         self.slots.add(mask);
         self.sched.on_child_added(child, &subs, start);
         self.children.entry(child).or_default().mask = mask;
+        self.children_changed = true;
     }
 
     /// Child `child` let go of all its substreams (its pacing is kept until
@@ -326,6 +337,7 @@ impl Peer {
         if let Some(c) = self.children.get_mut(&child) {
             self.slots.remove(c.mask);
             c.mask = 0;
+            self.children_changed = true;
         }
         self.sched.on_child_removed(child, &[]);
     }
@@ -340,8 +352,22 @@ impl Peer {
         self.sched.on_neighbour_removed(neighbour);
     }
 
+    /// Child `child` relays `substreams` (a mask, from its `RELAYING` frame) on to
+    /// children of its own: it is pushed those before children that do not.
+    pub fn set_child_relaying(&mut self, child: PeerId, substreams: u64) {
+        self.sched.on_child_relaying(child, substreams);
+    }
+
+    /// The substreams this peer relays on to children of its own (what its parents
+    /// are told, so that they push to it first).
+    pub fn relaying(&self) -> u64 {
+        self.children.values().fold(0, |m, c| m | c.mask)
+    }
+
     /// The link keyed `key` is gone for good: forget its pacing.
     pub fn link_closed(&mut self, key: PeerId) {
+        self.sched.on_link_closed(key);
+        self.children_changed = true;
         if let Some(c) = self.children.remove(&key)
             && c.mask != 0
         {
@@ -424,6 +450,16 @@ impl Peer {
 
     /// The next decision, if any.
     pub fn poll_action(&mut self) -> Option<PeerAction> {
+        if self.children_changed {
+            self.children_changed = false;
+            let relaying = self.relaying();
+            if relaying != self.told_relaying {
+                self.told_relaying = relaying;
+                return Some(PeerAction::Relaying {
+                    substreams: relaying,
+                });
+            }
+        }
         loop {
             let Some(a) = self.sched.poll_action() else {
                 self.refill_due = true;

@@ -166,3 +166,57 @@ fn a_child_changing_its_mask_holds_only_the_new_one() {
     p.remove_child(7);
     assert_eq!(p.slots().used(), 0);
 }
+
+#[test]
+fn children_that_relay_a_substream_are_pushed_it_first() {
+    let mut p = peer(8000, 16);
+    // Four children on substream 0 (keys 9..=12: the scheduler's own order is by key),
+    // one on substream 1.
+    for c in 9..=12 {
+        p.add_child(c, 0b01, None);
+    }
+    p.add_child(13, 0b10, None);
+    // We relay substreams 0 and 1 now: our parents are told so, once.
+    let told: Vec<u64> = drain(&mut p)
+        .into_iter()
+        .filter_map(|a| match a {
+            PeerAction::Relaying { substreams } => Some(substreams),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(told, vec![0b11]);
+    // Child 11 relays substream 0, child 12 relays only substream 1 (a leaf in 0).
+    p.set_child_relaying(11, 0b01);
+    p.set_child_relaying(12, 0b10);
+    let pushes = |p: &mut Peer, seq: u64| -> Vec<u64> {
+        assert!(p.handle_chunk(seq, Source::Parent(0), 100, 0, MS(1)));
+        drain(p)
+            .into_iter()
+            .filter_map(|a| match a {
+                PeerAction::Send { to, push: true, .. } => {
+                    p.on_uploaded(100);
+                    Some(to)
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(pushes(&mut p, 0), vec![11, 9, 10, 12]);
+    // A re-subscription (new mask) keeps what the child said; its link closing forgets it.
+    p.remove_child(11);
+    p.add_child(11, 0b01, Some(u64::MAX));
+    assert_eq!(pushes(&mut p, 4), vec![11, 9, 10, 12]);
+    p.link_closed(11);
+    p.add_child(11, 0b01, Some(u64::MAX));
+    assert_eq!(pushes(&mut p, 8), vec![9, 10, 11, 12]);
+    // No children left on substream 1: the parents hear the new mask.
+    p.link_closed(13);
+    let told: Vec<u64> = drain(&mut p)
+        .into_iter()
+        .filter_map(|a| match a {
+            PeerAction::Relaying { substreams } => Some(substreams),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(told, vec![0b01]);
+}

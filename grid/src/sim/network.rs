@@ -371,11 +371,14 @@ impl Sim {
                 substream,
                 add,
             } => {
-                // The child's SUBSCRIBE says where it starts.
+                // The child's SUBSCRIBE says where it starts, and the RELAYING right
+                // after it what it relays.
                 let start = self.nodes.get(&child).and_then(|c| c.peer.resume_from());
+                let relaying = self.nodes.get(&child).map_or(0, |c| c.peer.relaying());
                 if let Some(n) = self.nodes.get_mut(&parent).filter(|n| n.receives()) {
                     if add {
                         n.add_child(child, substream, start);
+                        n.peer.set_child_relaying(child, relaying);
                     } else {
                         n.remove_child(child, substream);
                     }
@@ -528,7 +531,9 @@ impl Sim {
         let len = match &frame {
             Frame::Chunk(_) => self.sizes.chunk_frame(),
             Frame::BufferMap(m) => self.sizes.buffer_map_frame(m.len()),
-            Frame::Request(_) | Frame::NotFound(_) => self.sizes.control_frame(),
+            Frame::Request(_) | Frame::NotFound(_) | Frame::Relaying(_) => {
+                self.sizes.control_frame()
+            }
         };
         let now = self.now;
         let (free_at, kbps, extra) = match from {

@@ -49,6 +49,8 @@ pub enum Frame {
     Request(u64),
     /// A refused request, or a push skipped over the sender's budget.
     NotFound(u64),
+    /// The substreams the sender relays on to children of its own (to its parents).
+    Relaying(u64),
 }
 
 /// What a node asks of the rest of the simulation.
@@ -332,6 +334,11 @@ impl Node {
                     self.peer.handle_parent_skipped(seq, now);
                 }
             }
+            Frame::Relaying(mask) => {
+                if let Endpoint::Peer(id) = from {
+                    self.peer.set_child_relaying(id, mask);
+                }
+            }
         }
         false
     }
@@ -395,6 +402,19 @@ impl Node {
                         self.stalls += 1;
                     }
                     self.skipping = true;
+                }
+                PeerAction::Relaying { substreams } => {
+                    let mut told = BTreeSet::new();
+                    for p in self.parents.iter().flatten() {
+                        if let Parent::Peer(id) = *p
+                            && told.insert(id)
+                        {
+                            out.push(Upcall::Send {
+                                to: Endpoint::Peer(id),
+                                frame: Frame::Relaying(substreams),
+                            });
+                        }
+                    }
                 }
             }
         }

@@ -590,18 +590,21 @@ impl Fabric {
                 substream,
                 add,
             } => {
-                // The child's SUBSCRIBE says where it starts.
-                let start = self
+                // The child's SUBSCRIBE says where it starts, and the RELAYING right
+                // after it what it relays.
+                let c = self
                     .ids
                     .get(&child)
                     .and_then(|&i| self.peers.get(i))
-                    .and_then(|p| p.node.as_ref())
-                    .and_then(|c| c.peer.resume_from());
+                    .and_then(|p| p.node.as_ref());
+                let start = c.and_then(|c| c.peer.resume_from());
+                let relaying = c.map_or(0, |c| c.peer.relaying());
                 let Some(n) = self.node_mut(parent) else {
                     return;
                 };
                 if add {
                     n.add_child(child, substream, start);
+                    n.peer.set_child_relaying(child, relaying);
                 } else {
                     n.remove_child(child, substream);
                 }

@@ -50,7 +50,9 @@ impl Fabric {
                 self.sizes.chunk_frame() - self.sizes.payload + payload
             }
             Frame::BufferMap(m) => self.sizes.buffer_map_frame(m.len()),
-            Frame::Request(_) | Frame::NotFound(_) => self.sizes.control_frame(),
+            Frame::Request(_) | Frame::NotFound(_) | Frame::Relaying(_) => {
+                self.sizes.control_frame()
+            }
         };
         let Some(p) = self.peers.get_mut(i) else {
             return;

@@ -47,6 +47,8 @@ fn roundtrip_every_frame() {
     }));
     roundtrip(Frame::Request(17));
     roundtrip(Frame::NotFound(18));
+    roundtrip(Frame::Relaying(0b1010));
+    roundtrip(Frame::Relaying(u64::MAX));
     roundtrip(Frame::BufferMap(BufferMapFrame {
         base: 100,
         len: 12,
@@ -223,7 +225,10 @@ fn version_negotiation() {
     assert_eq!(negotiate(1, 1), None);
     assert_eq!(negotiate(1, 2), Some(2));
     assert_eq!(negotiate(1, 9), Some(PROTOCOL_VERSION));
-    assert_eq!(negotiate(3, 9), None);
+    // Version 3 added RELAYING; a version-2 peer still meets a version-3 one at 2.
+    assert_eq!(negotiate(2, 3), Some(3));
+    assert_eq!(negotiate(3, 3), Some(3));
+    assert_eq!(negotiate(4, 9), None);
     assert_eq!(negotiate(0, 0), None);
 }
 

@@ -98,6 +98,9 @@ pub struct PeerScheduler {
     outstanding: usize,
     neighbours: BTreeMap<PeerId, Neighbour>,
     children: BTreeMap<PeerId, u64>,
+    /// Per child: the substreams it relays on to children of its own (what it last
+    /// said; pushed to first, see [`PeerScheduler::on_child_relaying`]).
+    relaying: BTreeMap<PeerId, u64>,
     subs: Vec<Substream>,
     next_map_at: i64,
     /// When the neighbours were last sent a map, and the newest chunk of that map if
@@ -158,6 +161,7 @@ impl PeerScheduler {
             outstanding: 0,
             neighbours: BTreeMap::new(),
             children: BTreeMap::new(),
+            relaying: BTreeMap::new(),
             subs: vec![Substream::default(); usize::from(cfg.substreams)],
             next_map_at: 0,
             map_sent_at: 0,
@@ -253,11 +257,17 @@ impl PeerScheduler {
             Source::Neighbour(_) => self.stats.from_neighbour += 1,
             Source::Server => self.stats.from_server += 1,
         }
+        // Children that relay this substream on first: on an uplink that sends one copy
+        // after another, the chunk then reaches their subtrees a few copies earlier,
+        // and every hop's wait adds up down the tree; a leaf waits the same either way.
         let bit = 1u64 << (seq % self.k);
-        for (&child, &mask) in &self.children {
-            if mask & bit != 0 {
-                self.actions.push_back(Action::Push { child, seq });
-                self.stats.pushed += 1;
+        for first in [true, false] {
+            for (&child, &mask) in &self.children {
+                let relays = self.relaying.get(&child).is_some_and(|r| r & bit != 0);
+                if mask & bit != 0 && relays == first {
+                    self.actions.push_back(Action::Push { child, seq });
+                    self.stats.pushed += 1;
+                }
             }
         }
         true
@@ -327,6 +337,27 @@ impl PeerScheduler {
                 self.children.remove(&child);
             }
         }
+    }
+
+    /// Child `child` says it relays `substreams` (a mask) on to children of its own:
+    /// its pushes of those go out before those of children that do not. Bits of
+    /// substreams it is no child in are kept but unused (a child that changes its mask
+    /// is removed and added again, and keeps them) until
+    /// [`PeerScheduler::on_link_closed`].
+    pub fn on_child_relaying(&mut self, child: PeerId, substreams: u64) {
+        if !self.children.contains_key(&child) {
+            return;
+        }
+        if substreams == 0 {
+            self.relaying.remove(&child);
+        } else {
+            self.relaying.insert(child, substreams);
+        }
+    }
+
+    /// The link keyed `key` is gone for good: what it said it relays is forgotten.
+    pub fn on_link_closed(&mut self, key: PeerId) {
+        self.relaying.remove(&key);
     }
 
     /// A mesh neighbour was added; it is sent a buffer map at once.
