@@ -513,7 +513,8 @@ impl PeerScheduler {
         if !self.neighbours.is_empty() {
             consider(self.next_map_at);
         }
-        let (Some(base), Some(start), true) = (self.live_base, self.play_next, self.started) else {
+        let (Some(base), Some(start), true) = (self.judge_base(), self.play_next, self.started)
+        else {
             // Start-up: the schedule follows the live estimate until the first chunk is
             // played; tick as a fixed ticker would (gaps in the start-up burst are
             // repaired before the first deadline).
@@ -614,6 +615,18 @@ impl PeerScheduler {
             .fold(0, |m, &s| m | (1u64 << s))
     }
 
+    /// Where parents are judged from (a chunk's lateness, a substream's silence): the
+    /// play-out base once playing, the live base before. Not the live base for good:
+    /// that is the earliest `arrival − seq·d` ever seen, and one chunk that comes
+    /// straight from the source (a repair from the data plane, a neighbour high in its
+    /// tree) moves it for the rest of the session. Every parent in a deep tree would
+    /// then look late, be re-searched and reported, its children fall back on repairs
+    /// from the data plane, which bring more such early chunks to more peers: the
+    /// server's share crept up for minutes before this (issue 16's ten-minute run).
+    fn judge_base(&self) -> Option<i64> {
+        self.play_base.or(self.live_base)
+    }
+
     fn seq_ms(&self, seq: u64) -> i64 {
         i64::try_from(seq)
             .unwrap_or(i64::MAX)
@@ -639,7 +652,7 @@ impl PeerScheduler {
 
     fn monitor_parent(&mut self, s: u16, seq: u64, now_ms: i64) {
         let late_ms = ms(self.cfg.late_threshold);
-        let lateness = self.live_base.map_or(0, |b| {
+        let lateness = self.judge_base().map_or(0, |b| {
             now_ms.saturating_sub(b.saturating_add(self.seq_ms(seq)))
         });
         let strikes_needed = self.cfg.late_strikes;
@@ -669,7 +682,7 @@ impl PeerScheduler {
     /// or late), if it owed it; re-searches and reports the parent when the window
     /// holds more misses than allowed.
     fn record_delivery(&mut self, s: u16, seq: u64, missed: bool, now_ms: i64) {
-        let since_seq = self.live_base.map(|base| {
+        let since_seq = self.judge_base().map(|base| {
             let sub = &self.subs[usize::from(s)];
             u64::try_from((sub.since_ms.saturating_sub(base) + self.d_ms - 1).div_euclid(self.d_ms))
                 .unwrap_or(0)
@@ -792,7 +805,7 @@ impl PeerScheduler {
     }
 
     fn check_parents(&mut self, now_ms: i64) {
-        let (Some(base), Some(start)) = (self.live_base, self.play_next) else {
+        let (Some(base), Some(start)) = (self.judge_base(), self.play_next) else {
             return;
         };
         let silence = ms(self.cfg.silence_timeout);

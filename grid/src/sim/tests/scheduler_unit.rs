@@ -614,3 +614,51 @@ fn a_new_child_gets_the_start_backfill_and_a_resuming_one_what_it_lacks() {
     s.on_child_added(53, &[0, 1, 2, 3], Some(24));
     assert_eq!(pushed(&mut s, 53), Vec::<u64>::new());
 }
+
+/// A parent that always takes 1.2 s is judged against the play-out base, not against
+/// the earliest arrival ever seen: one chunk straight from the source must not make it
+/// late from then on (the ten-minute creep of issue 16).
+#[test]
+fn one_early_chunk_does_not_make_a_steady_parent_late() {
+    let mut s = PeerScheduler::new(SchedulerConfig::default()).unwrap();
+    s.on_parent_changed(0, Some(Parent::Peer(50)), at(0));
+    for sub in 1..4u16 {
+        s.on_parent_changed(sub, Some(Parent::Server), at(0));
+    }
+    s.on_neighbour_added(8);
+    let mut acts = Vec::new();
+    for seq in 0..40u64 {
+        let when = seq * 1000 + 1200;
+        if seq == 9 {
+            // From a neighbour, right at the chunk's availability (the parent's push
+            // follows at its usual time).
+            s.tick(at(seq * 1000));
+            acts.extend(drain(&mut s));
+            s.on_chunk(seq, Source::Neighbour(8), at(seq * 1000));
+        }
+        let from = Source::Parent((seq % 4) as u16);
+        if seq == 6 {
+            // The neighbour holds everything (so a late parent could be left for it).
+            let mut map = BufferMap::new(0, 64);
+            for i in 0..64 {
+                map.set(i);
+            }
+            s.on_buffer_map(8, map, at(when - 1));
+        }
+        s.tick(at(when - 1));
+        acts.extend(drain(&mut s));
+        s.on_chunk(seq, from, at(when));
+        s.tick(at(when));
+        acts.extend(drain(&mut s));
+    }
+    assert!(s.stats().played > 30, "{:?}", s.stats());
+    assert!(
+        !acts
+            .iter()
+            .any(|a| matches!(a, Action::ReSearch { .. } | Action::ReportParent { .. })),
+        "{:?}",
+        acts.iter()
+            .filter(|a| matches!(a, Action::ReSearch { .. } | Action::ReportParent { .. }))
+            .collect::<Vec<_>>()
+    );
+}
