@@ -334,6 +334,32 @@ pub struct WorkerFinal {
     /// connection per SDK viewer, `--net sockets`).
     #[serde(default)]
     pub control: Option<ControlTraffic>,
+    /// `--net sim`: how far the simulated network fell behind its own schedule.
+    #[serde(default)]
+    pub sim_fabric: Option<FabricLateness>,
+}
+
+/// A simulated network's events run behind their due time (`--net sim`): the process
+/// was short of CPU, so the network it simulated was slower than the one configured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FabricLateness {
+    /// Events run more than 50 ms after they were due.
+    pub late_events: u64,
+    /// The latest of them, ms.
+    pub max_late_ms: u64,
+    /// Node deadlines run in all (the scale `late_events` is read against).
+    pub deadlines: u64,
+}
+
+impl FabricLateness {
+    /// Beyond this share of late events among the deadlines run, a run measured the
+    /// machine, not the grid.
+    pub const BOUND_SHARE: f64 = 0.01;
+
+    /// The simulated network did not keep time.
+    pub fn machine_bound(&self) -> bool {
+        self.late_events as f64 > Self::BOUND_SHARE * self.deadlines.max(1) as f64
+    }
 }
 
 /// A worker's traffic to the control plane (`--net sim`: sessions share connections).
@@ -588,6 +614,7 @@ pub async fn run_worker(config: WorkerConfig) -> Result<(), HarnessError> {
             lag_hist: sampler.lag.iter().map(|(b, n)| (*b, *n)).collect(),
             errors: report.errors,
             control: None,
+            sim_fabric: None,
         };
         send(&mut wr, &FromWorker::Final(fin)).await.map_err(io)?;
         let _ = wr.flush().await;
@@ -612,5 +639,21 @@ mod tests {
         let p = ProcStats::current();
         assert_eq!(p.pid, std::process::id());
         assert!(p.max_rss_bytes > 0 && p.rss_bytes > 0);
+    }
+
+    #[test]
+    fn a_fabric_that_ran_late_more_than_rarely_is_machine_bound() {
+        let l = |late_events, deadlines| FabricLateness {
+            late_events,
+            max_late_ms: 60,
+            deadlines,
+        };
+        assert!(!l(0, 0).machine_bound());
+        assert!(!l(10, 1000).machine_bound(), "1 % is noise");
+        assert!(l(11, 1000).machine_bound());
+        assert!(
+            l(2_689_142, 15_682_696).machine_bound(),
+            "the 10,000-peer scarce run"
+        );
     }
 }

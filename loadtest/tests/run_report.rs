@@ -110,6 +110,11 @@ fn run_report_has_lag_histogram_join_groups_and_rss_series() {
         );
     }
     assert_eq!(r["rss_every_s"].as_f64().unwrap(), 10.0);
+    // The simulated network says whether it kept time.
+    let fabric = &r["sim_fabric"];
+    assert!(fabric["deadlines"].as_u64().unwrap() > 0, "{fabric}");
+    assert!(fabric["late_events"].is_u64(), "{fabric}");
+    assert!(stdout.contains("sim fabric: "), "{stdout}");
     // The kernel's peaks are still reported.
     assert!(r["max_rss_bytes"]["max"].as_u64().unwrap() > 0);
 }

@@ -92,6 +92,7 @@ pub(super) fn merge(
         lag_histogram: LagHistogram::default(),
         join_groups: JoinGroups::default(),
         control_traffic: None,
+        sim_fabric: None,
         errors: Vec::new(),
         error_count: 0,
     };
@@ -172,6 +173,12 @@ pub(super) fn merge(
             let t = r.control_traffic.get_or_insert_default();
             t.sessions += c.sessions;
             t.connections += c.connections;
+        }
+        if let Some(l) = fin.sim_fabric {
+            let t = r.sim_fabric.get_or_insert_default();
+            t.late_events += l.late_events;
+            t.max_late_ms = t.max_late_ms.max(l.max_late_ms);
+            t.deadlines += l.deadlines;
         }
     }
     let mut budget_sum = 0.0;
@@ -283,7 +290,9 @@ pub(super) fn merge(
     if duration_s > 0.0 {
         r.cpu_utilization = local_cpu / (duration_s * r.cpu_cores as f64);
     }
-    r.machine_bound = r.cpu_utilization >= MACHINE_BOUND_BUSY;
+    // A simulated network that fell behind its schedule measured this machine too.
+    r.machine_bound =
+        r.cpu_utilization >= MACHINE_BOUND_BUSY || r.sim_fabric.is_some_and(|l| l.machine_bound());
     r.max_rss_bytes.insert("max".into(), max_rss);
     if r.initial_peers_joined < cfg.peers {
         r.error(format!(

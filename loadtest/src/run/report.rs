@@ -5,7 +5,7 @@ use super::perpeer::{JoinGroups, LagHistogram};
 use super::rss::RssFigures;
 use super::series::Series;
 use crate::report::{LatencyFigures, Percentiles};
-use crate::worker::ControlTraffic;
+use crate::worker::{ControlTraffic, FabricLateness};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -204,6 +204,9 @@ pub struct RunReport {
     /// connections that carried them (`--net sim` shares connections); `None`: one
     /// connection per SDK viewer.
     pub control_traffic: Option<ControlTraffic>,
+    /// `--net sim`: the simulated network's events run late (over
+    /// [`FabricLateness::BOUND_SHARE`] of its deadlines: MACHINE-BOUND).
+    pub sim_fabric: Option<FabricLateness>,
     /// What went wrong, bounded.
     pub errors: Vec<String>,
     /// How many things went wrong (may exceed `errors.len()`).
@@ -308,6 +311,20 @@ impl std::fmt::Display for RunReport {
                 c.sessions, c.connections
             )?,
             None => writeln!(f, "control plane: one HTTP/2 connection per SDK viewer")?,
+        }
+        if let Some(l) = self.sim_fabric {
+            writeln!(
+                f,
+                "sim fabric: {} of {} node deadlines' events run more than 50 ms late (the latest by {} ms){}",
+                l.late_events,
+                l.deadlines,
+                l.max_late_ms,
+                if l.machine_bound() {
+                    ": the simulated network did not keep time"
+                } else {
+                    ""
+                }
+            )?;
         }
         for p in &self.processes {
             writeln!(

@@ -22,7 +22,9 @@ use super::{SimNetConfig, Snapshot};
 use crate::error::HarnessError;
 use crate::pattern::Pattern;
 use crate::swarm::UploadProfile;
-use crate::worker::{ControlTraffic, FromWorker, Hello, ToWorker, WorkerConfig, WorkerFinal, send};
+use crate::worker::{
+    ControlTraffic, FabricLateness, FromWorker, Hello, ToWorker, WorkerConfig, WorkerFinal, send,
+};
 
 /// Verified signature blocks remembered (a few minutes of stream).
 const SIGNATURE_CACHE: usize = 4096;
@@ -189,6 +191,11 @@ pub async fn run_sim_worker(config: WorkerConfig) -> Result<(), HarnessError> {
             control: Some(ControlTraffic {
                 sessions: cc.sessions.load(Ordering::Relaxed),
                 connections: cc.connections.load(Ordering::Relaxed),
+            }),
+            sim_fabric: Some(FabricLateness {
+                late_events: last_net.late_events,
+                max_late_ms: last_net.max_late_us / 1000,
+                deadlines: last_net.ticks,
             }),
         };
         send(&mut wr, &FromWorker::Final(fin)).await.map_err(io)?;
