@@ -252,7 +252,7 @@ impl Engine {
                 }
                 self.skipping = true;
             }
-            PeerAction::Relaying { .. } => self.tell_relaying(),
+            PeerAction::Relaying { substreams } => self.tell_relaying(substreams),
         }
     }
 

@@ -130,12 +130,12 @@ impl Engine {
                 }
             }
         }
-        self.sync_relaying(l);
+        self.sync_relaying(l, self.peer.relaying());
     }
 
     /// Our children changed what we relay (`PeerAction::Relaying`): every parent link
     /// is told.
-    pub(super) fn tell_relaying(&mut self) {
+    pub(super) fn tell_relaying(&mut self, relaying: u64) {
         let outs: Vec<LinkId> = self
             .links
             .iter()
@@ -143,15 +143,14 @@ impl Engine {
             .map(|(&id, _)| id)
             .collect();
         for l in outs {
-            self.sync_relaying(l);
+            self.sync_relaying(l, relaying);
         }
     }
 
-    /// Tells parent link `l` what we relay (a `RELAYING` frame), if it speaks version
-    /// 3, feeds us something and was not told this already: it then pushes to us
-    /// before its leaves.
-    fn sync_relaying(&mut self, l: LinkId) {
-        let relaying = self.peer.relaying();
+    /// Tells parent link `l` that we relay `relaying` (a `RELAYING` frame), if it
+    /// speaks version 3, feeds us something and was not told this already: it then
+    /// pushes to us before its leaves.
+    fn sync_relaying(&mut self, l: LinkId, relaying: u64) {
         let Some(link) = self.links.get_mut(&l) else {
             return;
         };
@@ -238,7 +237,7 @@ impl Engine {
         }
         // The wanted mask may have changed while dialling.
         self.set_out_mask(l, mask);
-        self.sync_relaying(l);
+        self.sync_relaying(l, self.peer.relaying());
         self.sync_neighbour(l);
         self.count_links();
     }

@@ -176,15 +176,17 @@ fn children_that_relay_a_substream_are_pushed_it_first() {
         p.add_child(c, 0b01, None);
     }
     p.add_child(13, 0b10, None);
+    let told = |p: &mut Peer| -> Vec<u64> {
+        drain(p)
+            .into_iter()
+            .filter_map(|a| match a {
+                PeerAction::Relaying { substreams } => Some(substreams),
+                _ => None,
+            })
+            .collect()
+    };
     // We relay substreams 0 and 1 now: our parents are told so, once.
-    let told: Vec<u64> = drain(&mut p)
-        .into_iter()
-        .filter_map(|a| match a {
-            PeerAction::Relaying { substreams } => Some(substreams),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(told, vec![0b11]);
+    assert_eq!(told(&mut p), vec![0b11]);
     // Child 11 relays substream 0, child 12 relays only substream 1 (a leaf in 0).
     p.set_child_relaying(11, 0b01);
     p.set_child_relaying(12, 0b10);
@@ -211,12 +213,5 @@ fn children_that_relay_a_substream_are_pushed_it_first() {
     assert_eq!(pushes(&mut p, 8), vec![9, 10, 11, 12]);
     // No children left on substream 1: the parents hear the new mask.
     p.link_closed(13);
-    let told: Vec<u64> = drain(&mut p)
-        .into_iter()
-        .filter_map(|a| match a {
-            PeerAction::Relaying { substreams } => Some(substreams),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(told, vec![0b01]);
+    assert_eq!(told(&mut p), vec![0b01]);
 }

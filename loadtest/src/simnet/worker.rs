@@ -167,13 +167,7 @@ pub async fn run_sim_worker(config: WorkerConfig) -> Result<(), HarnessError> {
             }
         }
     }
-    let final_snap = if stopped {
-        fabric.snapshot(true).await.or(last)
-    } else {
-        last
-    };
-    let last_net = final_snap.as_ref().map(|s| s.net).unwrap_or_default();
-    if stopped && let Some(snap) = final_snap {
+    if stopped && let Some(snap) = fabric.snapshot(true).await.or(last) {
         let mut sample = snap.sample;
         sample.worker = h.worker;
         let mut errors = snap.errors;
@@ -193,26 +187,16 @@ pub async fn run_sim_worker(config: WorkerConfig) -> Result<(), HarnessError> {
                 connections: cc.connections.load(Ordering::Relaxed),
             }),
             sim_fabric: Some(FabricLateness {
-                late_events: last_net.late_events,
-                max_late_ms: last_net.max_late_us / 1000,
-                deadlines: last_net.ticks,
+                late_events: snap.net.late_events,
+                max_late_ms: snap.net.max_late_us / 1000,
+                deadlines: snap.net.ticks,
             }),
         };
         send(&mut wr, &FromWorker::Final(fin)).await.map_err(io)?;
         let _ = wr.flush().await;
     }
-    let net = last_net;
     fabric.stop().await;
     let _ = tokio::time::timeout(Duration::from_secs(60), control).await;
-    // The fabric's own lateness: events run behind their due time mean the simulated
-    // network was slower than the one configured (this process was short of CPU).
-    eprintln!(
-        "sim fabric: {} events run more than 50 ms late (the latest by {} ms), {} node \
-         deadlines",
-        net.late_events,
-        net.max_late_us / 1000,
-        net.ticks
-    );
     eprintln!(
         "sim worker: {} sessions over {} HTTP/2 connections to the control plane \
          ({} session messages down, {} up, {} streams reopened, {} key sets, {} token \
