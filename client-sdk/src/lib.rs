@@ -72,7 +72,7 @@ pub use error::SdkError;
 pub use hub::Subscription;
 pub use relay::keys::KeyHoldLimits;
 pub use relay::listener_limits::PeerLimits;
-pub use relay::sched_config::scheduler_config;
+pub use relay::sched_config::{DEFAULT_TARGET_LAG, scheduler_config};
 pub use reorder::ReorderConfig;
 pub use starling_proto::transport::{ClientIdentity, ClientTls, Transport, TransportError};
 pub use starling_proto::wire::ErrorCode;

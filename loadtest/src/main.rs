@@ -358,7 +358,7 @@ struct RunArgs {
     /// SDK heartbeat interval, ms.
     #[arg(long, env = "STARLING_LOADTEST_HEARTBEAT_MS", default_value_t = 2000)]
     heartbeat_ms: u64,
-    /// Play-out lag behind live, ms (default: the SDK's, 2 s).
+    /// Play-out lag behind live, ms (default: the SDK's, 1.5 s).
     #[arg(long, env = "STARLING_LOADTEST_TARGET_LAG_MS")]
     target_lag_ms: Option<u64>,
     /// Data-plane executors.

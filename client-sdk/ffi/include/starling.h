@@ -156,7 +156,7 @@ typedef struct StarlingConfig {
   // Most peer connections accepted from one source address at once; 0 = unlimited.
   // Default 8.
   uint32_t max_peer_links_per_ip;
-  // Play-out lag behind live in the peer grid, ms (1..=60000). Default 2000.
+  // Play-out lag behind live in the peer grid, ms (1..=60000). Default 1500.
   uint32_t target_lag_ms;
   // Chunks queued for this viewer's reader (or data callback) before a slow reader
   // skips to the next random-access chunk (1..=4096). Default 64.

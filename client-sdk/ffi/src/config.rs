@@ -54,7 +54,7 @@ pub struct StarlingConfig {
     /// Most peer connections accepted from one source address at once; 0 = unlimited.
     /// Default 8.
     pub max_peer_links_per_ip: u32,
-    /// Play-out lag behind live in the peer grid, ms (1..=60000). Default 2000.
+    /// Play-out lag behind live in the peer grid, ms (1..=60000). Default 1500.
     pub target_lag_ms: u32,
     /// Chunks queued for this viewer's reader (or data callback) before a slow reader
     /// skips to the next random-access chunk (1..=4096). Default 64.
@@ -244,7 +244,7 @@ mod tests {
     #[test]
     fn defaults_mirror_the_sdk_and_need_a_broadcast() {
         let c = default_config();
-        assert_eq!(c.target_lag_ms, 2000);
+        assert_eq!(c.target_lag_ms, 1500);
         assert_eq!(c.read_queue_chunks, 64);
         assert!(c.relay);
         // SAFETY: the defaults' strings are static.

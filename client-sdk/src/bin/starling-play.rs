@@ -114,7 +114,7 @@ struct Args {
     )]
     max_peer_links_per_ip: u32,
 
-    /// Play-out lag behind live in the peer grid (e.g. 2s, 1500ms).
+    /// Play-out lag behind live in the peer grid (e.g. 2s, 1500ms; default 1.5 s).
     #[arg(long, env = "STARLING_TARGET_LAG", value_parser = starling_proto::time::parse_duration)]
     target_lag: Option<Duration>,
 

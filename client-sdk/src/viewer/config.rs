@@ -55,7 +55,9 @@ pub struct ViewerConfig {
     /// Play-out lag behind the live edge in the peer grid: chunk `seq` is handed to the
     /// player at its earliest observed availability plus this much, which leaves time
     /// for tree delivery, mesh repair and a last-resort fetch from the data plane.
-    /// Default 2 s (the scheduler's default; the p99 lag bar is 3 s). Viewers without a
+    /// Default [`crate::DEFAULT_TARGET_LAG`], 1.5 s (the p99 lag bar is 3 s; the
+    /// schedule catches up at up to 1.1x speed when the stream arrives sooner,
+    /// [`starling_grid::peer::SchedulerConfig::catch_up`]). Viewers without a
     /// grid assignment ([`Viewer::connect_direct`](crate::Viewer::connect_direct), older control planes) play as soon
     /// as chunks are in order, as before.
     pub target_lag: Duration,
@@ -239,7 +241,7 @@ impl ViewerConfig {
             max_chunk_bytes: 4 * 1024 * 1024,
             client_version: concat!("starling-sdk/", env!("CARGO_PKG_VERSION")).into(),
             relay: RelayConfig::new(),
-            target_lag: starling_grid::peer::SchedulerConfig::default().target_lag,
+            target_lag: crate::DEFAULT_TARGET_LAG,
             report_interval: None,
             report_queue: 64,
             token_skew: Duration::from_secs(5),

@@ -374,6 +374,19 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     report_window_secs: u64,
 
+    /// One server-fed root per this many viewers in each substream's tree (at least
+    /// one, at most --grid-max-roots); 0: one root per substream. Every hop a chunk is
+    /// stored and forwarded on a viewer's uplink adds to the lag of everyone below it:
+    /// more roots make the trees shallower, at roots x the substream rate of data-plane
+    /// egress (0.5 % of the audience's stream at the default).
+    #[arg(long, env = "STARLING_GRID_PEERS_PER_ROOT", default_value_t = 200)]
+    grid_peers_per_root: u32,
+
+    /// Most server-fed roots per substream (see --grid-peers-per-root).
+    #[arg(long, env = "STARLING_GRID_MAX_ROOTS", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    grid_max_roots: u16,
+
     /// Most requests in progress per client connection.
     #[arg(long, env = "STARLING_GRPC_CONCURRENCY_PER_CONNECTION", default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -734,6 +747,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             demote_threshold: usize::try_from(args.demote_threshold).unwrap_or(3),
             report_window: Duration::from_secs(args.report_window_secs),
             ..TrustConfig::default()
+        },
+        grid_roots: starling_controlplane::live::GridRoots {
+            peers_per_root: args.grid_peers_per_root,
+            max_roots: args.grid_max_roots,
         },
         reachability: starling_controlplane::reachability::ReachabilityConfig {
             enabled: args.reachability_probe,

@@ -42,6 +42,8 @@ impl LiveGrids {
             stream_kbps,
             server_slots: input.server_slots,
             seed: seed_of(input.broadcast_id),
+            peers_per_root: self.roots.peers_per_root,
+            max_roots: self.roots.max_roots,
             ..GridConfig::default()
         };
         let assigner = GridAssigner::new(cfg)?;

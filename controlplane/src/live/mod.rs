@@ -101,6 +101,27 @@ pub struct LiveGrids {
     next_stream: AtomicU64,
     /// Every open session stream, for rights changes.
     streams: StreamRegistry,
+    /// Server-fed roots per substream of every new grid.
+    roots: GridRoots,
+}
+
+/// How many server-fed roots each substream's tree of a grid gets
+/// ([`starling_grid::assign::GridConfig::peers_per_root`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GridRoots {
+    /// One root per this many viewers (0: one root per substream). Default 200.
+    pub peers_per_root: u32,
+    /// Most roots per substream. Default 64.
+    pub max_roots: u16,
+}
+
+impl Default for GridRoots {
+    fn default() -> Self {
+        GridRoots {
+            peers_per_root: 200,
+            max_roots: 64,
+        }
+    }
 }
 
 impl Default for LiveGrids {
@@ -129,7 +150,15 @@ impl LiveGrids {
             uploads_confirmed: AtomicU64::new(0),
             next_stream: AtomicU64::new(0),
             streams: StreamRegistry::default(),
+            roots: GridRoots::default(),
         }
+    }
+
+    /// Grids created from now on get `roots` server-fed roots per substream.
+    #[must_use]
+    pub fn with_roots(mut self, roots: GridRoots) -> Self {
+        self.roots = roots;
+        self
     }
 
     /// Monotonic time of this process, the grids' clock.

@@ -108,6 +108,8 @@ pub struct ServiceConfig {
     /// Trust rules: peer address check, upload cap, report thresholds
     /// ([`crate::trust`]).
     pub trust: crate::trust::TrustConfig,
+    /// Server-fed roots per substream of each broadcast's grid ([`crate::live::GridRoots`]).
+    pub grid_roots: crate::live::GridRoots,
     /// Relays get children only once their advertised address answers
     /// ([`crate::reachability`]).
     pub reachability: crate::reachability::ReachabilityConfig,
@@ -142,6 +144,7 @@ impl Default for ServiceConfig {
             reports: crate::reports::ReportConfig::default(),
             limits: crate::limits::LimitsConfig::default(),
             trust: crate::trust::TrustConfig::default(),
+            grid_roots: crate::live::GridRoots::default(),
             reachability: crate::reachability::ReachabilityConfig::default(),
             session_batch_max: join_batch::DEFAULT_SESSION_BATCH_MAX,
             join_cache_ttl: Duration::from_secs(2),
@@ -224,7 +227,10 @@ impl Core {
         );
         let reports =
             crate::reports::Reports::new(config.reports.clone(), store.clone(), metrics.clone());
-        let grids = Arc::new(LiveGrids::with_config(config.reports.limits, config.trust));
+        let grids = Arc::new(
+            LiveGrids::with_config(config.reports.limits, config.trust)
+                .with_roots(config.grid_roots),
+        );
         let prober = crate::reachability::Prober::new(config.reachability);
         Arc::new(Core {
             reports,

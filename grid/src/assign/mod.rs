@@ -123,7 +123,7 @@ pub struct GridStats {
     pub peer_slots_used: u64,
     /// Substream subscriptions fed by the data plane (roots + booster).
     pub server_slots_used: u64,
-    /// Server slots beyond one root per substream: the booster.
+    /// Server slots beyond the roots of each substream ([`GridConfig::peers_per_root`]): the booster.
     pub booster_slots: u64,
     /// Deepest peer over all substream trees (server-fed = 1).
     pub max_depth: u16,
@@ -179,6 +179,16 @@ pub struct GridConfig {
     pub avoid_ttl: Duration,
     /// Seed of the neighbour-sampling RNG.
     pub seed: u64,
+    /// One root per this many peers: each substream's tree may have that many
+    /// server-fed peers (at least one, at most [`GridConfig::max_roots`]) before the
+    /// server counts as a booster. More roots make every tree shallower, and each hop
+    /// a chunk is stored and forwarded on a relay's uplink adds to every viewer's lag
+    /// below it; they cost the data plane `roots·r` while peers would carry it.
+    /// Joiners (then re-parented peers) take a free root first; relays homed in a
+    /// substream displace leaves from its roots. 0: one root per substream. Default 0.
+    pub peers_per_root: u32,
+    /// Most roots per substream. Default 64.
+    pub max_roots: u16,
 }
 
 impl Default for GridConfig {
@@ -191,6 +201,8 @@ impl Default for GridConfig {
             max_slots_per_peer: 256,
             avoid_ttl: Duration::from_secs(60),
             seed: 0x5EED,
+            peers_per_root: 0,
+            max_roots: 64,
         }
     }
 }

@@ -43,8 +43,19 @@ fn check_booster_exact(g: &GridAssigner) {
         return;
     }
     let k = u64::from(g.config().substreams);
+    let roots = match g.config().peers_per_root {
+        0 => 1,
+        per => (st.peers / u64::from(per)).clamp(1, u64::from(g.config().max_roots)),
+    };
     assert_eq!(st.server_slots_used + st.peer_slots_used, st.demand);
-    if st.peer_supply > st.peer_slots_used {
+    if st.peer_supply > st.peer_slots_used && roots > 1 {
+        assert_eq!(st.booster_slots, 0, "{st:?}");
+        assert!(
+            (k..=k * roots).contains(&st.server_slots_used),
+            "{} server slots used, {roots} roots per substream",
+            st.server_slots_used
+        );
+    } else if st.peer_supply > st.peer_slots_used {
         assert_eq!(
             st.server_slots_used,
             k,
@@ -57,6 +68,65 @@ fn check_booster_exact(g: &GridAssigner) {
     } else {
         assert_eq!(st.server_slots_used, st.demand - st.peer_supply);
     }
+}
+
+/// One root per `peers_per_root` peers (at most `max_roots`) in every substream: joiners
+/// take free roots, relays displace leaves from them, the trees get shallower, and
+/// roots beyond what a shrinking audience warrants go back to peer slots.
+#[test]
+fn roots_scale_with_the_audience_and_make_trees_shallower() {
+    let build = |peers_per_root: u32| {
+        let mut g = GridAssigner::new(GridConfig {
+            substreams: 4,
+            stream_kbps: R,
+            peers_per_root,
+            max_roots: 3,
+            ..GridConfig::default()
+        })
+        .unwrap();
+        for id in 1..=200u64 {
+            // Two in three relay 1.75 r (7 slots); the others none.
+            let up = if id % 3 == 0 { 0 } else { 1750 };
+            g.join(id, info(up, 0, id)).unwrap();
+            check(&g);
+            check_booster_exact(&g);
+        }
+        g
+    };
+    let one = build(0);
+    let mut three = build(10);
+    let (a, b) = (one.stats(), three.stats());
+    assert_eq!(
+        (a.server_slots_used, b.server_slots_used),
+        (4, 12),
+        "{a:?} {b:?}"
+    );
+    assert_eq!(b.booster_slots, 0);
+    assert!(
+        b.max_depth < a.max_depth,
+        "{} vs {}",
+        b.max_depth,
+        a.max_depth
+    );
+    // Every root is a relay of that substream once relays joined.
+    for id in 1..=200u64 {
+        for (s, p) in three.parents(id).unwrap().iter().enumerate() {
+            if *p == Parent::Server {
+                let children = three.children(id).unwrap();
+                assert!(
+                    children.iter().any(|&(_, cs)| usize::from(cs) == s),
+                    "root {id} of {s} relays nothing"
+                );
+            }
+        }
+    }
+    // Down to 15 peers: one root per substream again.
+    for id in 16..=200u64 {
+        three.leave(id, Duration::from_millis(1000 + id));
+        check(&three);
+        check_booster_exact(&three);
+    }
+    assert_eq!(three.stats().server_slots_used, 4);
 }
 
 #[test]

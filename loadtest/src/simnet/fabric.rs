@@ -179,9 +179,7 @@ impl Fabric {
     fn new(cfg: FabricConfig, up: mpsc::Sender<Up>) -> Fabric {
         let net = &cfg.net;
         let k = net.substreams.clamp(1, 64);
-        let lag = net
-            .target_lag
-            .unwrap_or_else(|| SchedulerConfig::default().target_lag);
+        let lag = net.target_lag.unwrap_or(starling_sdk::DEFAULT_TARGET_LAG);
         let sched = starling_sdk::scheduler_config(k, net.chunk_duration, lag);
         let sizes = FrameSizes::signed(net.payload_len() as u64);
         let chunk_us = us(net.chunk_duration).max(1);

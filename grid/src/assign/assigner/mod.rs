@@ -216,6 +216,10 @@ impl GridAssigner {
             .into_iter()
             .chain((0..self.k).filter(|&s| s != home));
         for s in order {
+            if self.root_free(s) {
+                self.attach(idx, s, SERVER);
+                continue;
+            }
             let best = self.best_parent(idx, s, &[], now_ms, false);
             let best_depth = best.map(|b| self.peer(b).depth[usize::from(s)]);
             // Displacement: take the place of the shallowest leaf not homed here and
@@ -283,7 +287,7 @@ impl GridAssigner {
         }
         let mut moved = Vec::new();
         for (c, s) in orphans {
-            let target = self.best_parent(c, s, &[], now_ms, true).unwrap_or(SERVER);
+            let target = self.pick_parent(c, s, &[], now_ms);
             self.attach(c, s, target);
             moved.push(self.reassignment(c, s));
         }
@@ -324,9 +328,7 @@ impl GridAssigner {
             });
         }
         self.detach(idx, substream);
-        let target = self
-            .best_parent(idx, substream, exclude, now_ms, true)
-            .unwrap_or(SERVER);
+        let target = self.pick_parent(idx, substream, exclude, now_ms);
         self.attach(idx, substream, target);
         let mut moved = Vec::new();
         self.release_booster(now_ms, &mut moved);
@@ -457,9 +459,7 @@ impl GridAssigner {
         self.index_peer(idx);
         // 3. Re-parent the orphans elsewhere (never under this peer again right now).
         for (c, cs) in orphans {
-            let target = self
-                .best_parent(c, cs, &[peer_id], now_ms, true)
-                .unwrap_or(SERVER);
+            let target = self.pick_parent(c, cs, &[peer_id], now_ms);
             self.attach(c, cs, target);
             moved.push(self.reassignment(c, cs));
         }
@@ -495,7 +495,7 @@ impl GridAssigner {
         let mut moved = Vec::new();
         for (c, s) in children {
             self.detach(c, s);
-            let target = self.best_parent(c, s, &[], now_ms, true).unwrap_or(SERVER);
+            let target = self.pick_parent(c, s, &[], now_ms);
             self.attach(c, s, target);
             moved.push(self.reassignment(c, s));
         }
@@ -563,7 +563,12 @@ impl GridAssigner {
             .iter()
             .rposition(|&c| c > 0)
             .map_or(0, |d| u16::try_from(d).unwrap_or(u16::MAX));
-        let roots = self.server_fed.iter().filter(|s| !s.is_empty()).count() as u64;
+        let r = self.roots();
+        let roots = self
+            .server_fed
+            .iter()
+            .map(|s| s.len().min(r) as u64)
+            .sum::<u64>();
         GridStats {
             peers,
             demand: peers * u64::from(self.k),
@@ -916,7 +921,39 @@ impl GridAssigner {
         }
     }
 
-    /// While peer slots are free, moves server-fed peers beyond one root per substream
+    /// Server-fed peers each substream may have beyond the booster
+    /// ([`GridConfig::peers_per_root`]): one per that many peers, at least one, at most
+    /// [`GridConfig::max_roots`].
+    fn roots(&self) -> usize {
+        let per = self.cfg.peers_per_root as usize;
+        let n = self.live.len();
+        if per == 0 {
+            return 1;
+        }
+        (n / per).clamp(1, usize::from(self.cfg.max_roots.max(1)))
+    }
+
+    /// Substream `s` has a root slot free beyond its first (and the data plane's slot
+    /// limit room for it). The first root is whoever the server ends up feeding: a
+    /// substream without one takes the server when no peer slot can be used.
+    fn root_free(&self, s: u16) -> bool {
+        let roots = self.roots();
+        roots > 1
+            && self.server_fed[usize::from(s)].len() < roots
+            && self.server_used.saturating_add(u64::from(self.k)) < self.cfg.server_slots
+    }
+
+    /// The parent for `child` in substream `s`: a free root slot, else the best peer
+    /// slot ([`GridAssigner::best_parent`], cycles checked), else the server (booster).
+    fn pick_parent(&self, child: u32, s: u16, exclude: &[PeerId], now_ms: u64) -> u32 {
+        if self.root_free(s) {
+            return SERVER;
+        }
+        self.best_parent(child, s, exclude, now_ms, true)
+            .unwrap_or(SERVER)
+    }
+
+    /// While peer slots are free, moves server-fed peers beyond the roots of a substream
     /// under peers with free slots (lowest capacity first).
     fn release_booster(&mut self, now_ms: u64, moved: &mut Vec<Reassignment>) {
         // Pass 0 only uses parents homed in the substream (their slots build that tree's
@@ -929,7 +966,7 @@ impl GridAssigner {
                         return;
                     }
                     let su = usize::from(s);
-                    if self.server_fed[su].len() < 2 {
+                    if self.server_fed[su].len() <= self.roots() {
                         continue;
                     }
                     if home_only && self.free_idx[su].first().is_none_or(|key| key.0) {

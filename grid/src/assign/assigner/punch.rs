@@ -41,9 +41,7 @@ impl GridAssigner {
                 .collect();
             for (c, cs) in orphans {
                 self.detach(c, cs);
-                let target = self
-                    .best_parent(c, cs, &[peer_id], now_ms, true)
-                    .unwrap_or(SERVER);
+                let target = self.pick_parent(c, cs, &[peer_id], now_ms);
                 self.attach(c, cs, target);
                 moved.push(self.reassignment(c, cs));
             }

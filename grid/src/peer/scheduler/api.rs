@@ -128,6 +128,15 @@ pub struct SchedulerConfig {
     /// p95, and raised their lag p99 from 3.5 to 4.2 s: the back-fill queues on the
     /// parents' uplinks ahead of live chunks.)
     pub start_backfill: Duration,
+    /// How much earlier the play-out schedule may move per second of play when the
+    /// stream arrives sooner than it was set for (a player catching up at up to
+    /// `1 + catch_up/1 s` speed, as low-latency players do). The start-up schedule
+    /// follows the first chunks, which come in behind a parent's back-fill; the
+    /// fastest substream's own pace shows only seconds later. It moves no earlier
+    /// than the fastest substream's recent arrivals, nor than would put the slowest
+    /// substream's beyond [`SchedulerConfig::late_threshold`]. Default 100 ms
+    /// (1.1x); zero keeps the start-up schedule for good.
+    pub catch_up: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -153,6 +162,7 @@ impl Default for SchedulerConfig {
             parent_window: 32,
             parent_max_missed: 10,
             start_backfill: Duration::from_millis(1000),
+            catch_up: Duration::from_millis(100),
         }
     }
 }
@@ -192,4 +202,7 @@ pub struct SchedulerStats {
     pub buffer_maps_sent: u64,
     /// Pushes a parent skipped (over its upload budget).
     pub parent_skips: u64,
+    /// How much earlier the play-out schedule moved after start-up
+    /// ([`SchedulerConfig::catch_up`]), ms.
+    pub caught_up_ms: u64,
 }

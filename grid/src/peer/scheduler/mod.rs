@@ -66,7 +66,32 @@ struct Substream {
     delivery: DeliveryWindow,
     /// This parent was reported for non-delivery.
     reported: bool,
+    /// `arrival − seq·d` of the parent's last [`ARRIVALS`] in-order chunks (a ring):
+    /// how far behind the source this substream runs (see
+    /// [`PeerScheduler::catch_up_target`]).
+    arrivals: [i64; ARRIVALS],
+    arrivals_len: u8,
+    arrivals_next: u8,
 }
+
+impl Substream {
+    fn record_arrival(&mut self, avail: i64) {
+        self.arrivals[usize::from(self.arrivals_next)] = avail;
+        self.arrivals_next = (self.arrivals_next + 1) % ARRIVALS as u8;
+        self.arrivals_len = (self.arrivals_len + 1).min(ARRIVALS as u8);
+    }
+
+    /// The latest of the recent arrivals, once the ring is full.
+    fn settled_arrival(&self) -> Option<i64> {
+        (usize::from(self.arrivals_len) == ARRIVALS)
+            .then(|| self.arrivals.iter().copied().max())
+            .flatten()
+    }
+}
+
+/// Recent parent arrivals per substream that say where it runs (see
+/// [`PeerScheduler::catch_up_target`]).
+const ARRIVALS: usize = 6;
 
 /// A re-search this many [`SchedulerConfig::research_retry`]s after the previous one
 /// starts the back-off afresh.
@@ -107,6 +132,8 @@ pub struct PeerScheduler {
     /// this peer was flowing then (its last `K` chunks held): what they predict from.
     map_sent_at: i64,
     map_sent_flowing: Option<u64>,
+    /// When the play-out schedule last moved earlier, or found nothing to catch up.
+    caught_up_at: Option<i64>,
     /// When `tick` last ran: the periodic fallback of `next_timeout` counts from it
     /// (counting from each event instead would let a busy link postpone it forever).
     last_tick_ms: Option<i64>,
@@ -167,6 +194,7 @@ impl PeerScheduler {
             map_sent_at: 0,
             map_sent_flowing: None,
             last_tick_ms: None,
+            caught_up_at: None,
             actions: VecDeque::new(),
             stats: SchedulerStats::default(),
         })
@@ -293,6 +321,7 @@ impl PeerScheduler {
             sub.delivery = DeliveryWindow::default();
             sub.reported = false;
             sub.since_ms = ms(now);
+            sub.arrivals_len = 0;
             // `research_at` is kept: the next re-search of this substream waits out the
             // back-off from the last one (mesh repair covers the gap meanwhile).
         }
@@ -661,9 +690,11 @@ impl PeerScheduler {
         // grid is late (the source, the data plane or this machine's CPU), changing
         // parents cannot help and would only add load.
         let elsewhere = lateness > late_ms && self.available_elsewhere(seq);
+        let avail = now_ms.saturating_sub(self.seq_ms(seq));
         let sub = &mut self.subs[usize::from(s)];
         if sub.last_seq.is_none_or(|l| seq > l) {
             sub.last_seq = Some(seq);
+            sub.record_arrival(avail);
         }
         sub.skipped_last = false;
         if elsewhere {
@@ -764,7 +795,51 @@ impl PeerScheduler {
         self.stats.researches += 1;
     }
 
+    /// Where the play-out base may move to: no earlier than the fastest substream
+    /// (the target lag stays behind it), and no earlier than leaves the slowest one's
+    /// chunks within half the [`SchedulerConfig::late_threshold`] (catching up never
+    /// makes a steady parent late, nor sends its chunks to repair). `None` until every substream has a parent and
+    /// [`ARRIVALS`] in-order chunks from it since it was assigned.
+    fn catch_up_target(&self) -> Option<i64> {
+        let late = ms(self.cfg.late_threshold);
+        let (mut fastest, mut slowest) = (i64::MAX, i64::MIN);
+        for sub in &self.subs {
+            sub.parent?;
+            let at = sub.settled_arrival()?;
+            fastest = fastest.min(at);
+            slowest = slowest.max(at);
+        }
+        Some(fastest.max(slowest.saturating_sub(late / 2)))
+    }
+
+    /// Moves the play-out schedule earlier, by at most [`SchedulerConfig::catch_up`]
+    /// per second, while it is later than [`PeerScheduler::catch_up_target`]: the
+    /// start-up base is taken from the first chunks, before the fastest substream's
+    /// pace is known, and a parent change can bring the stream in sooner.
+    fn catch_up(&mut self, now_ms: i64) {
+        let per_s = ms(self.cfg.catch_up);
+        let Some(base) = self.play_base.filter(|_| self.started && per_s > 0) else {
+            return;
+        };
+        let since = *self.caught_up_at.get_or_insert(now_ms);
+        let excess = self.catch_up_target().map_or(0, |t| base.saturating_sub(t));
+        if excess <= 0 {
+            self.caught_up_at = Some(now_ms);
+            return;
+        }
+        let step = now_ms.saturating_sub(since).saturating_mul(per_s) / 1000;
+        if step > 0 {
+            self.play_base = Some(base - step.min(excess));
+            self.caught_up_at = Some(now_ms);
+            self.stats.caught_up_ms = self
+                .stats
+                .caught_up_ms
+                .saturating_add(step.min(excess) as u64);
+        }
+    }
+
     fn play_out(&mut self, now_ms: i64) {
+        self.catch_up(now_ms);
         if !self.started {
             // Until the first deadline the schedule follows the best estimate: the live
             // base only moves earlier as fresher chunks arrive, and the first chunk

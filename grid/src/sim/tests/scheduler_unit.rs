@@ -662,3 +662,90 @@ fn one_early_chunk_does_not_make_a_steady_parent_late() {
             .collect::<Vec<_>>()
     );
 }
+
+/// Runs one peer fed by the server on every substream: chunk `seq` (1 s chunks, K = 4)
+/// arrives `delay(seq)` ms after its availability; ticks every 50 ms. Returns each
+/// played chunk's lag (play time − `seq`·1 s) and every action.
+fn play_with_delays(
+    catch_up: Duration,
+    delay: impl Fn(u64) -> u64,
+) -> (Vec<(u64, u64)>, Vec<Action>) {
+    let mut s = PeerScheduler::new(SchedulerConfig {
+        catch_up,
+        ..SchedulerConfig::default()
+    })
+    .unwrap();
+    for sub in 0..4u16 {
+        s.on_parent_changed(sub, Some(Parent::Server), at(0));
+    }
+    let mut arrivals: Vec<(u64, u64)> = (0..60u64).map(|q| (q * 1000 + delay(q), q)).collect();
+    arrivals.sort();
+    let (mut lags, mut acts) = (Vec::new(), Vec::new());
+    let mut next = 0;
+    // Until chunk 59 has played (later ones never come).
+    for now in (0..61_000u64).step_by(50) {
+        while next < arrivals.len() && arrivals[next].0 <= now {
+            let seq = arrivals[next].1;
+            s.on_chunk(seq, Source::Parent((seq % 4) as u16), at(now));
+            next += 1;
+        }
+        s.tick(at(now));
+        for a in drain(&mut s) {
+            if let Action::Play { seq } = a {
+                lags.push((seq, now - seq * 1000));
+            }
+            acts.push(a);
+        }
+    }
+    (lags, acts)
+}
+
+/// The start-up schedule follows the first chunks (here 1.5 s behind the source, as a
+/// parent's back-fill queues them); once every substream shows it runs 0.3 s behind,
+/// play-out catches up at 1.1x to that plus the target lag, and plays every chunk.
+#[test]
+fn the_schedule_catches_up_with_a_stream_that_arrives_sooner() {
+    let delay = |q: u64| if q < 4 { 1500 } else { 300 };
+    let (lags, acts) = play_with_delays(Duration::from_millis(100), delay);
+    let first = lags.first().unwrap().1;
+    let last = lags.last().unwrap().1;
+    assert!((3450..=3550).contains(&first), "{lags:?}");
+    assert!((2250..=2350).contains(&last), "{lags:?}");
+    // No faster than 1.1x: 100 ms a second.
+    for w in lags.windows(2) {
+        assert!(w[0].1 - w[1].1 <= 150, "{w:?}");
+    }
+    assert!(
+        !acts.iter().any(|a| matches!(a, Action::Skip { .. })),
+        "{acts:?}"
+    );
+    // Without catching up the start-up schedule holds for good.
+    let (lags, _) = play_with_delays(Duration::ZERO, delay);
+    assert!(
+        lags.iter().all(|&(_, l)| (3450..=3550).contains(&l)),
+        "{lags:?}"
+    );
+}
+
+/// Catching up stops where the slowest substream's chunks would come later than half
+/// the late threshold (1 s) after the schedule's base: its parent is not made late,
+/// nothing is skipped or re-searched.
+#[test]
+fn catching_up_never_makes_the_slowest_substream_late() {
+    let delay = |q: u64| match (q < 4, q % 4) {
+        (true, _) => 1500,
+        (false, 3) => 1200,
+        _ => 300,
+    };
+    let (lags, acts) = play_with_delays(Duration::from_millis(100), delay);
+    let last = lags.last().unwrap().1;
+    // Base 1200 − 500 = 700 behind the source, plus the 2 s target lag.
+    assert!((2650..=2750).contains(&last), "{lags:?}");
+    assert!(
+        !acts.iter().any(|a| matches!(
+            a,
+            Action::Skip { .. } | Action::ReSearch { .. } | Action::RequestFromServer { .. }
+        )),
+        "{acts:?}"
+    );
+}
