@@ -253,8 +253,11 @@ impl Peer {
         now: Duration,
     ) -> bool {
         self.now = self.now.max(now);
-        self.clock.observe(seq, timestamp_ms, now);
+        let ahead = self.clock.observe(seq, timestamp_ms, now);
         let t = self.read(now);
+        if let Some(ahead) = ahead {
+            self.sched.delay_schedule(ahead);
+        }
         if !self.sched.on_chunk(seq, from, t) {
             return false;
         }

@@ -22,6 +22,8 @@ pub struct PlayClock {
     rate: f64,
     nominal_ms: f64,
     stamps: BTreeMap<u64, u64>,
+    /// Real time at creation, until the first correction of the rate (then `None`).
+    born: Option<Duration>,
 }
 
 impl PlayClock {
@@ -40,6 +42,7 @@ impl PlayClock {
             rate: 1.0,
             nominal_ms: nominal.as_secs_f64() * 1000.0,
             stamps: BTreeMap::new(),
+            born: Some(now),
         }
     }
 
@@ -65,10 +68,15 @@ impl PlayClock {
     }
 
     /// Chunk `seq` was cut at `timestamp_ms` (data-plane clock; 0 = unknown), seen at
-    /// `now`.
-    pub fn observe(&mut self, seq: u64, timestamp_ms: u64, now: Duration) {
+    /// `now`. Returns, at the clock's first correction to a slower rate, how much stream
+    /// time it counted too much since it was created: a schedule set on it came that
+    /// much too early (chunks longer than nominal, e.g. cut at key frames twice as far
+    /// apart), and the caller moves it later by as much ([`PeerScheduler::delay_schedule`]).
+    ///
+    /// [`PeerScheduler::delay_schedule`]: super::PeerScheduler::delay_schedule
+    pub fn observe(&mut self, seq: u64, timestamp_ms: u64, now: Duration) -> Option<Duration> {
         if timestamp_ms == 0 {
-            return;
+            return None;
         }
         self.stamps.insert(seq, timestamp_ms);
         while self.stamps.len() > Self::STAMPS {
@@ -77,11 +85,11 @@ impl PlayClock {
         let (Some((&s0, &t0)), Some((&s1, &t1))) =
             (self.stamps.first_key_value(), self.stamps.last_key_value())
         else {
-            return;
+            return None;
         };
         let span = s1.saturating_sub(s0);
         if span < Self::FIRST_SPAN || t1 <= t0 {
-            return;
+            return None;
         }
         let measured = (t1 - t0) as f64 / span as f64;
         let rate = (self.nominal_ms / measured).clamp(0.25, 4.0);
@@ -90,14 +98,18 @@ impl PlayClock {
         // `FULL_SPAN` chunks on, anything above the noise does.
         let noise = if span < Self::FULL_SPAN { 0.2 } else { 0.02 };
         // Bring the clock up to date at the old rate before changing it; ignore noise.
-        if (rate - self.rate).abs() > noise {
-            self.read(now);
-            self.rate = if (rate - 1.0).abs() <= 0.02 {
-                1.0
-            } else {
-                rate
-            };
+        if (rate - self.rate).abs() <= noise {
+            return None;
         }
+        self.read(now);
+        let old = self.rate;
+        self.rate = if (rate - 1.0).abs() <= 0.02 {
+            1.0
+        } else {
+            rate
+        };
+        let born = self.born.take()?;
+        (self.rate < old).then(|| now.saturating_sub(born).mul_f64(old - self.rate))
     }
 }
 
@@ -159,5 +171,28 @@ mod tests {
         assert_eq!(c.real_at(MS(1000)), MS(5500));
         // Time never runs backwards.
         assert_eq!(c.read(MS(100)), MS(4000));
+    }
+
+    #[test]
+    fn the_first_correction_to_a_slower_rate_says_how_far_the_clock_ran_ahead() {
+        // Nominal 500 ms chunks, cut every 1000 ms (key frames twice as far apart).
+        let mut c = PlayClock::new(MS(500), MS(0));
+        let mut ahead = Vec::new();
+        for s in 0..12u64 {
+            ahead.push(c.observe(s, 1_000_000 + s * 1000, MS(s * 1000)));
+        }
+        // At chunk 4 (the first span that sets a rate) the clock had read 4 s where 2 s
+        // of stream had passed.
+        assert_eq!(ahead[4], Some(MS(2000)), "{ahead:?}");
+        assert!(
+            ahead.iter().enumerate().all(|(i, a)| i == 4 || a.is_none()),
+            "{ahead:?}"
+        );
+        assert!((c.rate() - 0.5).abs() < 1e-9);
+        // Faster chunks than nominal: the schedule was late, not early; nothing to undo.
+        let mut d = PlayClock::new(MS(1000), MS(0));
+        for s in 0..12u64 {
+            assert_eq!(d.observe(s, 1_000_000 + s * 500, MS(s * 500)), None);
+        }
     }
 }

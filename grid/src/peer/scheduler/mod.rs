@@ -225,6 +225,18 @@ impl PeerScheduler {
         self.play_next
     }
 
+    /// Moves the play-out schedule (and the live estimate it is set from) `by` later:
+    /// the play clock found it had counted that much stream time too much (see
+    /// [`super::PlayClock::observe`]), so every deadline set on it came too early.
+    pub fn delay_schedule(&mut self, by: Duration) {
+        let by = ms(by);
+        self.live_base = self.live_base.map(|b| b.saturating_add(by));
+        self.play_base = self.play_base.map(|b| b.saturating_add(by));
+        for sub in &mut self.subs {
+            sub.arrivals_len = 0;
+        }
+    }
+
     /// The current buffer map (the window behind the newest chunk held).
     pub fn buffer_map(&self) -> BufferMap {
         let window = u64::from(self.cfg.window);
